@@ -1,0 +1,58 @@
+"""Typed configuration of the data stages: ingestion, tokenizer training, tokenization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class IngestConfig:
+    text_field: str = "text"
+    """Field holding the document text in .jsonl/.json/.parquet/.csv sources."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation, chosen by document hash (stable as data grows)."""
+    min_chars: int = 1
+    """Documents shorter than this (after stripping whitespace) are skipped and counted."""
+    shard_bytes: int = 64 * 1024 * 1024
+    """Approximate text bytes per raw Arrow shard; bounds memory when ingesting large files."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.text_field), "data.text_field must be a non-empty field name")
+        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        _require(self.min_chars >= 1, f"data.min_chars must be >= 1, got {self.min_chars}")
+        _require(self.shard_bytes >= 1024, f"data.shard_bytes must be >= 1024, got {self.shard_bytes}")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    """Tokens in the trained byte-level BPE vocabulary, special tokens included."""
+    sample_bytes: int = 8 * 1024 * 1024
+    """Bound on the training-split text the tokenizer is trained on (a deterministic sample)."""
+    min_frequency: int = 2
+    """Pairs seen fewer times than this are not merged."""
+
+    def __post_init__(self) -> None:
+        _require(
+            512 <= self.vocab_size <= 1 << 20,
+            f"tokenizer.vocab_size must be between 512 and 1048576, got {self.vocab_size}",
+        )
+        _require(self.sample_bytes >= 1024, f"tokenizer.sample_bytes must be >= 1024, got {self.sample_bytes}")
+        _require(self.min_frequency >= 1, f"tokenizer.min_frequency must be >= 1, got {self.min_frequency}")
+
+
+@dataclass
+class TokenizeConfig:
+    batch_bytes: int = 4 * 1024 * 1024
+    """Text bytes encoded per tokenizer call: bounds memory, big enough to keep all threads busy."""
+    workers: int = 0
+    """Tokenizer threads (``RAYON_NUM_THREADS``); 0 uses every core."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_bytes >= 1024, f"tokenize.batch_bytes must be >= 1024, got {self.batch_bytes}")
+        _require(self.workers >= 0, f"tokenize.workers must be >= 0, got {self.workers}")

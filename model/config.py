@@ -1,0 +1,132 @@
+"""Typed configuration of the model, the training loop and evaluation.
+
+Every field is documented where it is declared and validated in ``__post_init__``, so a bad
+``--set`` override fails before any work starts, with the field's name in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VOCAB_MULTIPLE = 128
+
+
+def pad_vocab_size(n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Embedding rows to allocate for a tokenizer of ``n_tokens``: a multiple of 128 keeps the
+    output matmul on fast tensor-core shapes; the extra rows are never targets."""
+    return ((n_tokens + multiple - 1) // multiple) * multiple
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide ``n_embd``."""
+    n_embd: int = 256
+    """Width of the residual stream."""
+    block_size: int = 256
+    """Context length in tokens."""
+    vocab_size: int | None = None
+    """Embedding rows. ``None`` in presets: the pipeline fills it from the trained tokenizer,
+    padded to a multiple of 128."""
+    dropout: float = 0.0
+    """Dropout on attention weights and residual branches; 0 for pretraining on enough data."""
+    bias: bool = False
+    """Biases in linear layers and LayerNorms (GPT-2 had them; without is slightly better)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})",
+        )
+        _require(
+            self.vocab_size is None or self.vocab_size > 0,
+            f"model.vocab_size must be positive, got {self.vocab_size}",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step; tokens/step = micro_batch * accum * block."""
+    learning_rate: float = 1e-3
+    """Peak learning rate, reached after warmup."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of the peak."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to the peak learning rate."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not norms, biases)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 1337
+    """Seeds initialisation and the data order: the same seed gives the same run."""
+    device: str = "auto"
+    """``auto`` (CUDA, then MPS, then CPU), or an explicit torch device string."""
+    dtype: str = "auto"
+    """Autocast dtype: ``auto`` (bf16 on CUDA, float32 elsewhere), ``bfloat16`` or ``float32``."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile`` (worth it on GPU for long runs)."""
+    log_interval: int = 10
+    """Steps between training-metric reports (the loss is read from the device only then)."""
+    eval_interval: int = 250
+    """Steps between validation passes; 0 disables periodic validation."""
+    eval_tokens: int = 65536
+    """Validation tokens per periodic validation pass."""
+    checkpoint_interval: int = 250
+    """Steps between checkpoints; the final step always writes one."""
+    keep_checkpoints: int = 2
+    """Most recent periodic checkpoints to keep on disk."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_tokens",
+                     "checkpoint_interval", "keep_checkpoints"):
+            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(
+            self.dtype in ("auto", "bfloat16", "float32"),
+            f"train.dtype must be auto, bfloat16 or float32, got {self.dtype!r}",
+        )
+
+
+@dataclass
+class EvalConfig:
+    eval_tokens: int = 262144
+    """Validation tokens scored for the final loss, perplexity and bits per byte."""
+    prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class Parser:\n    def "])
+    """Prompts for sample generations."""
+    max_new_tokens: int = 96
+    """Tokens generated per prompt."""
+    temperature: float = 0.8
+    """Sampling temperature; lower is more conservative."""
+    top_k: int = 50
+    """Sample only among the k most likely tokens; 0 disables the cut."""
+    seed: int = 0
+    """Seeds sampling, so sample generations are reproducible."""
+
+    def __post_init__(self) -> None:
+        _require(self.eval_tokens > 0, f"eval.eval_tokens must be positive, got {self.eval_tokens}")
+        _require(self.max_new_tokens >= 0, f"eval.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        _require(self.temperature > 0, f"eval.temperature must be positive, got {self.temperature}")
+        _require(self.top_k >= 0, f"eval.top_k must be >= 0, got {self.top_k}")
