@@ -1,0 +1,73 @@
+"""Stage cache keys and the one way a flow runs a stage: through Prefect's cache, verified.
+
+A stage's key is the hash of its name, its config, the code version of every module that
+computes its output (not only the task function's source) and the content hashes of its inputs.
+Prefect stores each stage's small result (paths + hashes + counts) under that key in the
+workspace, so a second process finds it. Before trusting a cached record, the flow checks that
+the artifacts it points to are still complete on disk; if not, the stage is recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Generic, Literal, TypeVar
+
+from prefect import Task
+from prefect.filesystems import LocalFileSystem
+from prefect.results import ResultStore
+
+from data.store import code_version, hash_json
+from tasks.workspace import Workspace
+
+Result = TypeVar("Result")
+StageStatus = Literal["executed", "cached"]
+
+
+def stage_key(stage: str, *, config: Any, modules: Iterable[ModuleType], inputs: dict[str, Any]) -> str:
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    return hash_json({"stage": stage, "config": config, "code": code_version(*modules), "inputs": inputs})
+
+
+@dataclass
+class StageOutcome(Generic[Result]):
+    result: Result
+    status: StageStatus
+
+
+def run_stage(
+    stage_task: Task[..., Result],
+    *,
+    key: str,
+    workspace: Workspace,
+    is_valid: Callable[[Result], bool],
+    **parameters: Any,
+) -> StageOutcome[Result]:
+    """Run ``stage_task`` under ``key``; a cached result is reused only if ``is_valid`` says so.
+
+    The task's exception, if any, propagates to the caller.
+    """
+    storage = LocalFileSystem(basepath=str(workspace.prefect_results))
+    refresh = _cached_result_is_stale(ResultStore(result_storage=storage), key, is_valid)
+    configured = stage_task.with_options(
+        cache_key_fn=lambda *_: key,
+        result_storage=workspace.prefect_results,
+        persist_result=True,
+        refresh_cache=refresh,
+    )
+    state = configured(**parameters, return_state=True)
+    result = state.result()
+    return StageOutcome(result=result, status="cached" if state.name == "Cached" else "executed")
+
+
+def _cached_result_is_stale(store: ResultStore, key: str, is_valid: Callable[[Any], bool]) -> bool:
+    if not store.exists(key):
+        return False
+    try:
+        cached = store.read(key).result
+    except Exception:  # a record from an older gptflow that no longer unpickles: recompute it
+        return True
+    return not is_valid(cached)

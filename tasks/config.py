@@ -1,0 +1,197 @@
+"""The whole pipeline's configuration: presets, config files and ``--set`` overrides.
+
+A run's config is built in three layers, each overriding the last: the dataclass defaults, a
+named preset, an optional TOML/JSON file, then ``section.field=value`` overrides. Values from
+files and overrides are coerced to the declared field type and validated by the dataclasses, so
+a typo fails before any stage runs, naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data.config import IngestConfig, TokenizeConfig, TokenizerConfig
+from model.config import EvalConfig, ModelConfig, TrainConfig
+
+DEFAULT_PRESET = "cpu"
+
+
+@dataclass
+class PipelineConfig:
+    data: IngestConfig = field(default_factory=IngestConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def flatten(self) -> dict[str, Any]:
+        """``{"model.n_layer": 4, ...}``: one entry per field, as MLflow params are logged."""
+        return {
+            f"{section}.{name}": value
+            for section, fields in self.to_dict().items()
+            for name, value in fields.items()
+        }
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Seconds on a laptop: exercises every stage; for tests and smoke runs, learns little.
+    "tiny": {
+        "tokenizer": {"vocab_size": 512, "sample_bytes": 256 * 1024},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
+        "train": {
+            "max_steps": 30, "micro_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 5,
+            "log_interval": 5, "eval_interval": 15, "eval_tokens": 2048, "checkpoint_interval": 15,
+        },
+        "eval": {"eval_tokens": 4096, "max_new_tokens": 16},
+    },
+    # The default: about 10 minutes on 2 CPU cores, val loss far below the unigram baseline.
+    "cpu": {
+        "tokenizer": {"vocab_size": 8192},
+        "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
+        "train": {
+            "max_steps": 1500, "micro_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 100,
+            "log_interval": 25, "eval_interval": 500, "eval_tokens": 32768, "checkpoint_interval": 500,
+        },
+        "eval": {"eval_tokens": 131072},
+    },
+    # GPT-2 small (124M) for one GPU: 12 layers x 12 heads x 768, context 1024, GPT-2's vocab
+    # size (the model pads it to 50304), ~0.5M tokens per optimizer step.
+    "gpt2-124m": {
+        "tokenizer": {"vocab_size": 50257, "sample_bytes": 256 * 1024 * 1024},
+        "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+        "train": {
+            "max_steps": 5000, "micro_batch_size": 32, "grad_accum_steps": 16, "learning_rate": 6e-4,
+            "warmup_steps": 500, "compile": True, "log_interval": 10, "eval_interval": 500,
+            "eval_tokens": 1 << 20, "checkpoint_interval": 1000,
+        },
+        "eval": {"eval_tokens": 1 << 22, "max_new_tokens": 128},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A preset, config file or override that cannot be applied; the message says which."""
+
+
+def build_config(
+    preset: str = DEFAULT_PRESET,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PipelineConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown preset {preset!r}. Available presets: {', '.join(PRESETS)}.")
+    layers: list[tuple[str, dict[str, dict[str, Any]]]] = [(f"preset {preset!r}", PRESETS[preset])]
+    if config_file is not None:
+        layers.append((f"config file {config_file}", _read_config_file(Path(config_file))))
+    if overrides:
+        layers.append(("--set overrides", _nest_overrides(overrides)))
+
+    sections = {f.name: dataclasses.asdict(f.default_factory()) for f in dataclasses.fields(PipelineConfig)}
+    for origin, layer in layers:
+        for section, values in layer.items():
+            if section not in sections:
+                raise ConfigError(f"{origin}: unknown section {section!r}; sections are {', '.join(sections)}.")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{origin}: section {section!r} must be a table of fields.")
+            section_type = _section_type(section)
+            for name, value in values.items():
+                sections[section][name] = _coerce(section_type, section, name, value, origin)
+    try:
+        return PipelineConfig(**{name: _section_type(name)(**values) for name, values in sections.items()})
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def parse_override_pairs(pairs: list[str]) -> dict[str, str]:
+    """``["train.max_steps=100"]`` → ``{"train.max_steps": "100"}`` (values are coerced later)."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"Override {pair!r} must look like section.field=value, e.g. train.max_steps=200.")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def _read_config_file(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text())
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"Config file {path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    raise ConfigError(f"Config file {path} must be .toml or .json.")
+
+
+def _nest_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"Override key {key!r} must look like section.field, e.g. train.max_steps.")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def _section_type(section: str) -> type:
+    return typing.get_type_hints(PipelineConfig)[section]
+
+
+def _coerce(section_type: type, section: str, name: str, value: Any, origin: str) -> Any:
+    hints = typing.get_type_hints(section_type)
+    if name not in hints:
+        raise ConfigError(
+            f"{origin}: {section}.{name} is not a setting; {section} has: {', '.join(hints)}."
+        )
+    target = hints[name]
+    try:
+        return _coerce_value(target, value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {section}.{name}={value!r} is not a valid {_type_name(target)}.") from None
+
+
+def _coerce_value(target: Any, value: Any) -> Any:
+    origin = typing.get_origin(target)
+    if origin in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(target) if arg is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce_value(options[0], value)
+    if origin is list:
+        items = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise TypeError
+        return [_coerce_value(typing.get_args(target)[0], item) for item in items]
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError
+    if target is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+    if target is float:
+        return float(value)
+    if target is str:
+        return str(value)
+    raise TypeError
+
+
+def _type_name(target: Any) -> str:
+    return getattr(target, "__name__", str(target))

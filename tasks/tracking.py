@@ -1,0 +1,132 @@
+"""MLflow conventions: one run per flow run, every config field a param, stage tags, batching.
+
+All logging goes through ``MlflowClient`` with an explicit run id rather than MLflow's fluent
+"active run", because Prefect may run tasks on other threads than the flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from tasks.workspace import Workspace
+
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+DEFAULT_EXPERIMENT = "gptflow"
+STAGE_TAG_PREFIX = "gptflow.stage."
+# MLflow's log_batch limits: 100 params/tags and 1000 metrics per call.
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+
+
+class PipelineRun:
+    """The MLflow run of one flow run; the flow and its tasks log through it."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    @classmethod
+    def attach(cls, workspace: Workspace, run_id: str) -> PipelineRun:
+        """The same run, from another thread or process (tasks receive the run id)."""
+        return cls(MlflowClient(workspace.tracking_uri), run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        entries = [Param(key, _param_value(value)) for key, value in sorted(params.items())]
+        for start in range(0, len(entries), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=entries[start:start + PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        entries = [RunTag(key, str(value)) for key, value in tags.items()]
+        for start in range(0, len(entries), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=entries[start:start + PARAMS_PER_BATCH])
+
+    def record_stage(self, stage: str, status: str) -> None:
+        self.set_tags({f"{STAGE_TAG_PREFIX}{stage}": status})
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        timestamp = int(time.time() * 1000)
+        entries = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        for start in range(0, len(entries), METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=entries[start:start + METRICS_PER_BATCH])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @property
+    def url(self) -> str | None:
+        """Link to the run in a tracking server's UI; None for a local SQLite store."""
+        uri = self.client.tracking_uri
+        if not uri.startswith("http"):
+            return None
+        run = self.client.get_run(self.run_id)
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+
+
+class BufferedMetrics:
+    """Collects per-step metrics and sends them in batches, so logging through a tracking
+    server (~50 ms per call) costs far below 1% of training time."""
+
+    def __init__(self, run: PipelineRun, flush_every_s: float = 10.0) -> None:
+        self.run = run
+        self.flush_every_s = flush_every_s
+        self.pending: list[Metric] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        timestamp = int(time.time() * 1000)
+        self.pending.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
+        if len(self.pending) >= METRICS_PER_BATCH or time.monotonic() - self.last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:METRICS_PER_BATCH], self.pending[METRICS_PER_BATCH:]
+            self.run.client.log_batch(self.run.run_id, metrics=batch)
+        self.last_flush = time.monotonic()
+
+
+@contextlib.contextmanager
+def pipeline_run(workspace: Workspace, run_name: str, tags: dict[str, Any]) -> Iterator[PipelineRun]:
+    """Open the flow run's MLflow run; it ends FINISHED, or FAILED if the block raises."""
+    client = MlflowClient(workspace.tracking_uri)
+    experiment_id = _experiment_id(client, workspace)
+    created = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    run = PipelineRun(client, created.info.run_id)
+    try:
+        yield run
+    except BaseException:
+        client.set_terminated(run.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.run_id, status="FINISHED")
+
+
+def _experiment_id(client: MlflowClient, workspace: Workspace) -> str:
+    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # With the workspace's own SQLite store, keep artifacts in the workspace too (MLflow's
+    # default would be ./mlruns under whatever directory the command ran from).
+    location = workspace.mlflow_artifacts.as_uri() if workspace.uses_local_tracking else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        # A concurrent run created it first.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
