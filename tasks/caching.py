@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Generic, Literal, TypeVar
 
@@ -19,17 +20,25 @@ from prefect import Task
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 
-from data.store import code_version, hash_json
+from data.store import code_version, hash_file, hash_json
 from tasks.workspace import Workspace
 
 Result = TypeVar("Result")
 StageStatus = Literal["executed", "cached"]
+PACKAGES = ("data", "model", "tasks", "flows")
 
 
 def stage_key(stage: str, *, config: Any, modules: Iterable[ModuleType], inputs: dict[str, Any]) -> str:
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
     return hash_json({"stage": stage, "config": config, "code": code_version(*modules), "inputs": inputs})
+
+
+def pipeline_code_version() -> str:
+    """One hash of every gptflow source file, tagged on MLflow runs to tell code versions apart."""
+    root = Path(__file__).resolve().parent.parent
+    sources = sorted(path for package in PACKAGES for path in (root / package).glob("*.py"))
+    return hash_json({path.relative_to(root).as_posix(): hash_file(path) for path in sources})
 
 
 @dataclass

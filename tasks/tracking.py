@@ -33,6 +33,7 @@ class PipelineRun:
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        self.stage_statuses: dict[str, str] = {}
 
     @classmethod
     def attach(cls, workspace: Workspace, run_id: str) -> PipelineRun:
@@ -50,6 +51,7 @@ class PipelineRun:
             self.client.log_batch(self.run_id, tags=entries[start:start + PARAMS_PER_BATCH])
 
     def record_stage(self, stage: str, status: str) -> None:
+        self.stage_statuses[stage] = status
         self.set_tags({f"{STAGE_TAG_PREFIX}{stage}": status})
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:

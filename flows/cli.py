@@ -1,0 +1,88 @@
+"""The ``gptflow`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from data.errors import CorpusError
+from data.sources import BUILTIN_CORPUS, resolve_sources
+from tasks.config import DEFAULT_PRESET, PRESETS, ConfigError, build_config, parse_override_pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, CorpusError) as error:
+        print(f"gptflow: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    overrides = parse_override_pairs(args.overrides)
+    corpus = args.corpus or [BUILTIN_CORPUS]
+    # Fail on a bad config or a missing path now, before Prefect and MLflow start up.
+    build_config(args.preset, args.config, overrides)
+    resolve_sources(corpus)
+
+    from flows.pretrain import pretrain  # imports Prefect: only once the input is known good
+
+    summary = pretrain(
+        corpus=corpus,
+        preset=args.preset,
+        config_file=args.config,
+        overrides=overrides,
+        workspace=args.workspace,
+        resume=args.resume,
+    )
+    print(summary.render())
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    for name, preset in PRESETS.items():
+        marker = " (default)" if name == DEFAULT_PRESET else ""
+        print(f"{name}{marker}")
+        for section, values in preset.items():
+            print(f"  {section}: {json.dumps(values)}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptflow",
+        description="Train your own GPT as a cached, tracked pipeline (Prefect + MLflow).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="ingest a corpus, train a tokenizer, tokenize, pretrain and evaluate",
+        description="Run the pretrain flow locally. Every stage is cached: rerunning the same "
+        "command executes nothing; changing a setting reruns that stage and those after it.",
+    )
+    pretrain.add_argument(
+        "--corpus", action="append", metavar="PATH",
+        help="a file, folder or glob of .txt/.md/.py/.jsonl/.json/.parquet/.csv (gzip/zstd too), "
+        f"or hf:owner/name; repeatable. Default: {BUILTIN_CORPUS} (the Python standard library's source)",
+    )
+    pretrain.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                          help=f"named configuration (default: {DEFAULT_PRESET}); see `gptflow presets`")
+    pretrain.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings, applied over the preset")
+    pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override one setting, e.g. --set train.max_steps=200; repeatable")
+    pretrain.add_argument("--workspace", metavar="DIR",
+                          help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
+    pretrain.add_argument("--resume", action="store_true",
+                          help="continue an interrupted training run from its latest checkpoint")
+    pretrain.set_defaults(handler=_pretrain)
+
+    presets = commands.add_parser("presets", help="list the named configurations")
+    presets.set_defaults(handler=_presets)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

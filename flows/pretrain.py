@@ -1,0 +1,126 @@
+"""The ``pretrain`` flow: ingest → tokenizer → tokenize → pretrain → evaluate, each stage cached."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from data.sources import BUILTIN_CORPUS, resolve_sources
+from flows.user_errors import hide_tracebacks_of_user_errors
+from tasks.caching import pipeline_code_version
+from tasks.config import DEFAULT_PRESET, build_config
+from tasks.evaluate import evaluate_model
+from tasks.ingest import ingest
+from tasks.pretrain import train_model
+from tasks.progress import human_count, human_duration
+from tasks.tokenize import tokenize
+from tasks.tokenizer import train_tokenizer
+from tasks.tracking import pipeline_run
+from tasks.workspace import Workspace
+
+
+@dataclass
+class PretrainSummary:
+    """What a user wants to read when the flow ends."""
+
+    stages: dict[str, str]
+    documents: int
+    train_tokens: int
+    val_tokens: int
+    steps: int
+    val_loss: float
+    unigram_loss: float
+    bits_per_byte: float
+    perplexity: float
+    elapsed_s: float
+    mlflow_run_id: str
+    tracking_uri: str
+    samples: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        stages = ", ".join(f"{name} {status}" for name, status in self.stages.items())
+        lines = [
+            "",
+            f"stages      {stages}",
+            f"data        {human_count(self.documents)} documents, {human_count(self.train_tokens)} train "
+            f"tokens, {human_count(self.val_tokens)} val tokens",
+            f"training    {self.steps} steps",
+            f"val loss    {self.val_loss:.3f} nats/token (unigram baseline {self.unigram_loss:.3f}), "
+            f"perplexity {self.perplexity:.1f}, {self.bits_per_byte:.3f} bits/byte",
+            f"wall time   {human_duration(self.elapsed_s)}",
+            f"mlflow      run {self.mlflow_run_id}",
+        ]
+        if self.tracking_uri.startswith("sqlite:///"):
+            lines.append(f"            see it: mlflow ui --backend-store-uri {self.tracking_uri}")
+        else:
+            lines.append(f"            tracking server: {self.tracking_uri}")
+        if self.samples:
+            first_sample = self.samples[0].strip().splitlines()[:6]
+            lines.append("sample      " + "\n            ".join(first_sample))
+        return "\n".join(lines)
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain(
+    corpus: list[str] | None = None,
+    preset: str = DEFAULT_PRESET,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    workspace: str | None = None,
+    resume: bool = False,
+) -> PretrainSummary:
+    """Train a GPT on ``corpus`` (default: the Python standard library's source).
+
+    Args:
+        corpus: files, folders, globs or ``hf:owner/name`` ids.
+        preset: a named configuration (``gptflow presets`` lists them).
+        config_file: a TOML/JSON file of settings applied over the preset.
+        overrides: ``{"section.field": value}`` applied last, e.g. ``{"train.max_steps": 200}``.
+        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
+        resume: continue an interrupted training run from its latest checkpoint.
+    """
+    started = time.monotonic()
+    hide_tracebacks_of_user_errors()
+    config = build_config(preset, config_file, overrides)
+    workspace_dir = Workspace.resolve(workspace)
+    corpus = corpus or [BUILTIN_CORPUS]
+    sources = resolve_sources(corpus)
+
+    tags = {
+        "gptflow.flow": "pretrain",
+        "gptflow.preset": preset,
+        "gptflow.code_version": pipeline_code_version(),
+        "prefect.flow_run_id": flow_run.id,
+        "prefect.flow_run_url": flow_run.ui_url,
+    }
+    with pipeline_run(workspace_dir, run_name=f"pretrain-{preset}", tags=tags) as run:
+        run.log_params({"preset": preset, "corpus": " ".join(corpus), "resume": resume, **config.flatten()})
+        corpus_manifest = ingest(sources, config.data, workspace_dir, run)
+        run.set_tags({
+            "mlflow.runName": f"pretrain-{preset}-{corpus_manifest.fingerprint[:8]}",
+            "gptflow.data_fingerprint": corpus_manifest.fingerprint,
+        })
+        tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run)
+        tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run)
+        trained = train_model(tokens, tokenizer, config.model, config.train, workspace_dir, run, resume=resume)
+        report = evaluate_model(trained, tokens, tokenizer, config.eval, workspace_dir, run)
+
+    return PretrainSummary(
+        stages=dict(run.stage_statuses),
+        documents=corpus_manifest.total_documents,
+        train_tokens=tokens.total_tokens("train"),
+        val_tokens=tokens.total_tokens("val"),
+        steps=trained.steps,
+        val_loss=report.val_loss,
+        unigram_loss=report.unigram_loss,
+        bits_per_byte=report.bits_per_byte,
+        perplexity=report.perplexity,
+        elapsed_s=time.monotonic() - started,
+        mlflow_run_id=run.run_id,
+        tracking_uri=workspace_dir.tracking_uri,
+        samples=report.samples,
+    )
