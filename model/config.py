@@ -104,6 +104,7 @@ class TrainConfig:
         _require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _require(
             self.dtype in ("auto", "bfloat16", "float32"),
             f"train.dtype must be auto, bfloat16 or float32, got {self.dtype!r}",
