@@ -1,0 +1,150 @@
+"""Training checkpoints and the exported model, as atomically committed directories.
+
+Layout under a run directory::
+
+    checkpoints/step-00000250/
+        model.safetensors   weights (the tied embedding / output matrix stored once)
+        config.json         ModelConfig
+        optimizer.pt        AdamW state, tensors and plain values only (loaded weights_only)
+        trainer.json        step, tokens seen, data seed, TrainConfig
+        contents.json       written by data.store.atomic_directory
+    final/
+        model.safetensors
+        config.json
+        contents.json
+
+Each directory is filled under a ``.tmp-*`` name and renamed into place when complete, so a
+process killed at any moment leaves either a loadable checkpoint or debris that nothing reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from data.store import atomic_directory, is_complete, remove_stale_temporaries, write_json_atomic
+from model.config import ModelConfig
+from model.gpt import GPT
+
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_FILE = "trainer.json"
+CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class TrainerState:
+    """Where training stands after ``step`` optimizer steps."""
+
+    step: int
+    tokens_seen: int
+    data_seed: int
+    train_config: dict[str, Any]
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
+
+
+def save_checkpoint(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
+    """Commit a checkpoint of ``state.step``; returns its directory."""
+    path = checkpoint_path(run_dir, state.step)
+    with atomic_directory(path) as tmp:
+        _save_model_files(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        write_json_atomic(tmp / TRAINER_FILE, asdict(state))
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    directory = Path(run_dir) / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return []
+    found = [path for path in directory.iterdir() if CHECKPOINT_NAME.match(path.name) and is_complete(path)]
+    return sorted(found, key=lambda path: path.name)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None; partial writes are never returned."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None = None) -> TrainerState:
+    """Load weights (and optimizer state, when given) in place; returns the trainer state."""
+    path = Path(path)
+    saved_config = _read_model_config(path)
+    if saved_config != model.config:
+        raise ValueError(
+            f"checkpoint {path} was written by a model with config {saved_config}, which differs from "
+            f"{model.config}: resume with the original model config, or start a new run"
+        )
+    _load_weights(model, path)
+    if optimizer is not None:
+        # weights_only: the file holds tensors and plain values; refusing pickled code means a
+        # tampered checkpoint cannot run anything on load.
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    return TrainerState(**json.loads((path / TRAINER_FILE).read_text()))
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recent complete checkpoints, plus any left incomplete.
+
+    Temporary directories are removed only once stale, since a recent one may belong to a
+    concurrent writer.
+    """
+    directory = Path(run_dir) / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return
+    kept = set(list_checkpoints(run_dir)[-keep:])
+    for path in directory.iterdir():
+        if CHECKPOINT_NAME.match(path.name) and path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+    remove_stale_temporaries(directory)
+
+
+def save_final(run_dir: Path, model: GPT) -> Path:
+    """Export the trained model to ``run_dir/final`` (weights + config), replacing an older export."""
+    path = Path(run_dir) / FINAL_DIR
+    # atomic_directory keeps an existing complete directory (it treats names as content keys),
+    # but a longer or continued run must replace its earlier export.
+    shutil.rmtree(path, ignore_errors=True)
+    with atomic_directory(path) as tmp:
+        _save_model_files(model, tmp)
+    return path
+
+
+def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
+    """A model from ``final/`` or any checkpoint directory, in eval mode on ``device``."""
+    directory = Path(directory)
+    if not is_complete(directory):
+        raise FileNotFoundError(f"{directory} is not a complete model directory (missing or altered files)")
+    model = GPT(_read_model_config(directory))
+    _load_weights(model, directory)
+    return model.to(device).eval()
+
+
+def _save_model_files(model: GPT, directory: Path) -> None:
+    # save_model (unlike save_file) drops the tied duplicate instead of refusing shared tensors.
+    safetensors.torch.save_model(model, str(directory / WEIGHTS_FILE))
+    write_json_atomic(directory / CONFIG_FILE, asdict(model.config))
+
+
+def _load_weights(model: GPT, directory: Path) -> None:
+    device = next(model.parameters()).device
+    safetensors.torch.load_model(model, directory / WEIGHTS_FILE, strict=True, device=str(device))
+
+
+def _read_model_config(directory: Path) -> ModelConfig:
+    return ModelConfig(**json.loads((directory / CONFIG_FILE).read_text()))

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from model.checkpoint import (
+    OPTIMIZER_FILE,
+    WEIGHTS_FILE,
+    TrainerState,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    prune_checkpoints,
+    save_checkpoint,
+    save_final,
+)
+from model.config import TrainConfig
+from model.gpt import GPT
+from model.optim import build_optimizer
+
+
+def trained_pair(config, steps: int = 3, seed: int = 0) -> tuple[GPT, torch.optim.Optimizer]:
+    """A model and optimizer a few steps in, so Adam's moments are non-trivial."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    optimizer = build_optimizer(model, TrainConfig(), torch.device("cpu"))
+    for _ in range(steps):
+        idx = torch.randint(0, config.vocab_size, (2, config.block_size))
+        model(idx, idx)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def state_at(step: int) -> TrainerState:
+    return TrainerState(step=step, tokens_seen=step * 64, data_seed=5, train_config=dataclasses.asdict(TrainConfig()))
+
+
+def test_round_trip_restores_weights_optimizer_and_step(tmp_path, tiny_config):
+    model, optimizer = trained_pair(tiny_config)
+    path = save_checkpoint(tmp_path, model, optimizer, state_at(3))
+    assert path == checkpoint_path(tmp_path, 3) == tmp_path / "checkpoints" / "step-00000003"
+
+    restored_model, restored_optimizer = trained_pair(tiny_config, steps=1, seed=1)
+    state = load_checkpoint(path, restored_model, restored_optimizer)
+    assert state == state_at(3)
+    for (name, expected), (_, actual) in zip(model.state_dict().items(), restored_model.state_dict().items()):
+        assert torch.equal(expected, actual), name
+    assert restored_model.lm_head.weight is restored_model.transformer.wte.weight
+    for expected, actual in zip(optimizer.state.values(), restored_optimizer.state.values()):
+        assert all(torch.equal(expected[key], actual[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+    assert restored_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+
+
+def test_tied_weights_are_stored_once(tmp_path, tiny_config):
+    model, optimizer = trained_pair(tiny_config, steps=0)
+    path = save_checkpoint(tmp_path, model, optimizer, state_at(0))
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:
+        names = set(weights.keys())
+    assert len({"lm_head.weight", "transformer.wte.weight"} & names) == 1
+
+
+def test_optimizer_state_is_never_unpickled_as_code(tmp_path, tiny_config):
+    model, optimizer = trained_pair(tiny_config, steps=0)
+    path = save_checkpoint(tmp_path, model, optimizer, state_at(0))
+    # A pickle that would run a command if loaded with weights_only=False.
+    (path / OPTIMIZER_FILE).write_bytes(pickle.dumps(_RunsCodeOnLoad(), protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path, model, optimizer)
+
+
+class _RunsCodeOnLoad:
+    def __reduce__(self):
+        return (print, ("code ran on load",))
+
+
+def test_latest_checkpoint_ignores_temporary_and_incomplete_directories(tmp_path, tiny_config):
+    assert latest_checkpoint(tmp_path) is None
+    model, optimizer = trained_pair(tiny_config, steps=0)
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, model, optimizer, state_at(step))
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / ".tmp-step-00000050-abc").mkdir()  # a killed write
+    shutil.copytree(checkpoints / "step-00000030", checkpoints / "step-00000040")
+    (checkpoints / "step-00000040" / OPTIMIZER_FILE).write_bytes(b"truncated")  # altered after commit
+    shutil.copytree(checkpoints / "step-00000030", checkpoints / "step-00000045")
+    (checkpoints / "step-00000045" / "contents.json").unlink()  # never committed
+    (checkpoints / "notes").mkdir()
+    assert latest_checkpoint(tmp_path) == checkpoints / "step-00000030"
+
+    prune_checkpoints(tmp_path, keep=2)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step-00000020", "step-00000030"]
+    assert not (checkpoints / "step-00000040").exists() and not (checkpoints / "step-00000045").exists()
+    assert (checkpoints / "notes").exists()
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path, tiny_config):
+    model, optimizer = trained_pair(tiny_config, steps=0)
+    path = save_checkpoint(tmp_path, model, optimizer, state_at(0))
+    wider = GPT(dataclasses.replace(tiny_config, n_embd=64))
+    with pytest.raises(ValueError, match="original model config"):
+        load_checkpoint(path, wider)
+
+
+def test_final_export_loads_as_an_eval_mode_model(tmp_path, tiny_config):
+    model, _ = trained_pair(tiny_config)
+    final = save_final(tmp_path, model)
+    assert sorted(path.name for path in final.iterdir()) == ["config.json", "contents.json", WEIGHTS_FILE]
+    loaded = load_model(final)
+    assert loaded.config == tiny_config and not loaded.training
+    idx = torch.randint(0, tiny_config.vocab_size, (2, tiny_config.block_size))
+    assert torch.equal(loaded(idx)[0], model.eval()(idx)[0])
+
+
+def test_a_new_export_replaces_the_old_one(tmp_path, tiny_config):
+    first, _ = trained_pair(tiny_config, steps=1)
+    second, _ = trained_pair(tiny_config, steps=2)
+    save_final(tmp_path, first)
+    final = save_final(tmp_path, second)
+    assert torch.equal(load_model(final).lm_head.weight, second.lm_head.weight)
+
+
+def test_load_model_refuses_an_altered_export(tmp_path, tiny_config):
+    model, _ = trained_pair(tiny_config, steps=0)
+    final = save_final(tmp_path, model)
+    with open(final / WEIGHTS_FILE, "r+b") as weights:
+        weights.seek(-4, 2)
+        weights.write(b"\x00\x00\x80\x7f")  # flip the last float: same size, new bytes
+    with pytest.raises(FileNotFoundError, match="not a complete model directory"):
+        load_model(final)
