@@ -1,0 +1,220 @@
+"""The pretraining loop: resumable, deterministic, reporting through a callback.
+
+Every random stream is a function of ``(seed, step)``: initial weights come from ``seed``, batch
+windows from ``(seed, step, micro_step)`` (see ``data.loader``), dropout from ``(seed, step)``.
+A checkpoint therefore needs only weights, optimizer state and the step to continue exactly, and
+on CPU a run killed at any moment and resumed ends with the same bits as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from data.loader import TokenWindows
+from model.checkpoint import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_final,
+)
+from model.config import ModelConfig, TrainConfig
+from model.device import autocast, peak_flops, resolve_autocast_dtype, resolve_device
+from model.evaluate import evaluate_loss
+from model.gpt import GPT
+from model.optim import build_optimizer, learning_rate_at
+
+# Leading entropy word that keeps the dropout stream apart from the data stream of the same step.
+DROPOUT_STREAM = 0x64726F70
+
+
+class TrainingCallback(Protocol):
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Called after optimizer step ``step`` (1-based) with the metrics measured there."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """Called once the checkpoint of ``step`` is committed at ``path``."""
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    """``run_dir/final``: model.safetensors + config.json, loadable with ``load_model``."""
+    steps: int
+    """Optimizer steps the exported model has taken."""
+    tokens_seen: int
+    """Training tokens consumed over the whole run, resumed parts included."""
+    final_train_loss: float | None
+    """Mean training loss over the last report interval; None if no step ran in this call."""
+    final_val_loss: float | None
+    """Validation loss after the last step; None without validation shards or steps."""
+    elapsed_s: float
+    """Wall time of this call (a resumed run counts only its own part)."""
+    resumed_from_step: int | None
+    """Step of the checkpoint this call continued from; None for a fresh start."""
+    peak_memory_bytes: int | None
+    """Peak CUDA memory allocated by tensors; None off CUDA."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "final_dir": str(self.final_dir)}
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> TrainResult:
+        return cls(**{**value, "final_dir": Path(value["final_dir"])})
+
+
+def pretrain(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    train_paths: Sequence[Path],
+    val_paths: Sequence[Path],
+    run_dir: Path,
+    callback: TrainingCallback | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train a GPT on the token shards ``train_paths``, checkpointing into ``run_dir``.
+
+    ``resume=True`` continues from the latest complete checkpoint of ``run_dir`` (or starts
+    fresh when there is none); ``resume=False`` deletes the run's checkpoints and export first.
+    Validation runs every ``eval_interval`` steps and after the last one, on up to
+    ``eval_tokens`` tokens of ``val_paths`` (skipped when empty). Seeds torch's global RNG.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    device = resolve_device(train_config.device)
+    autocast_dtype = resolve_autocast_dtype(train_config.dtype, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
+        torch.cuda.reset_peak_memory_stats(device)
+    train_windows = TokenWindows(train_paths, model_config.block_size)
+    val_windows = TokenWindows(val_paths, model_config.block_size) if val_paths else None
+
+    torch.manual_seed(train_config.seed)
+    model = GPT(model_config).to(device)  # initialised on the CPU: the same weights on any device
+    optimizer = build_optimizer(model, train_config, device)
+    restored = _restore_or_start_over(run_dir, model, optimizer, resume)
+    start_step = restored.step if restored else 0
+    tokens_seen = restored.tokens_seen if restored else 0
+    step_model = torch.compile(model) if train_config.compile else model
+
+    accum_steps = train_config.grad_accum_steps
+    tokens_per_step = train_config.micro_batch_size * accum_steps * model_config.block_size
+    flops_per_token = model.flops_per_token()
+    device_peak_flops = peak_flops(device)
+    max_grad_norm = train_config.grad_clip or math.inf
+    # Losses and gradient norms are summed on the device and read once per report, so steps in
+    # between never wait for the GPU.
+    loss_sum = torch.zeros((), device=device)
+    grad_norm_sum = torch.zeros((), device=device)
+    steps_since_report, report_clock, paused_s = 0, time.perf_counter(), 0.0
+    final_train_loss = final_val_loss = None
+    model.train()
+    for step in range(start_step, train_config.max_steps):
+        learning_rate = learning_rate_at(step, train_config)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        torch.manual_seed(_dropout_seed(train_config.seed, step))
+        for micro_step in range(accum_steps):
+            inputs, targets = train_windows.sample_batch(
+                train_config.seed, step, micro_step, train_config.micro_batch_size, pin_memory=device.type == "cuda"
+            )
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast(device, autocast_dtype):
+                _, loss = step_model(inputs, targets)
+            (loss / accum_steps).backward()
+            loss_sum += loss.detach()
+        grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_done = step + 1
+        tokens_seen += tokens_per_step
+        steps_since_report += 1
+        is_last = steps_done == train_config.max_steps
+
+        metrics: dict[str, float] = {}
+        if steps_done % train_config.log_interval == 0 or is_last:
+            final_train_loss = loss_sum.item() / (steps_since_report * accum_steps)
+            now = time.perf_counter()
+            tokens_per_sec = steps_since_report * tokens_per_step / (now - report_clock - paused_s)
+            metrics.update(
+                {
+                    "train/loss": final_train_loss,
+                    "train/lr": learning_rate,
+                    "train/grad_norm": grad_norm_sum.item() / steps_since_report,
+                    "train/tokens_per_sec": tokens_per_sec,
+                    "train/tokens": float(tokens_seen),
+                    "train/elapsed_s": now - started,
+                }
+            )
+            if device_peak_flops:
+                metrics["train/mfu"] = flops_per_token * tokens_per_sec / device_peak_flops
+            loss_sum.zero_()
+            grad_norm_sum.zero_()
+            steps_since_report, report_clock, paused_s = 0, now, 0.0
+        evaluate_now = val_windows is not None and (
+            (train_config.eval_interval and steps_done % train_config.eval_interval == 0) or is_last
+        )
+        checkpoint_now = steps_done % train_config.checkpoint_interval == 0 or is_last
+        if evaluate_now or checkpoint_now:
+            # Timed from an idle device, so throughput counts training alone.
+            _wait_for(device)
+            pause_started = time.perf_counter()
+            if evaluate_now:
+                final_val_loss, _ = evaluate_loss(
+                    model, val_windows, train_config.eval_tokens, train_config.micro_batch_size, device, autocast_dtype
+                )
+                metrics["val/loss"] = final_val_loss
+            if checkpoint_now:
+                state = TrainerState(steps_done, tokens_seen, train_config.seed, asdict(train_config))
+                checkpoint = save_checkpoint(run_dir, model, optimizer, state)
+                prune_checkpoints(run_dir, train_config.keep_checkpoints)
+            paused_s += time.perf_counter() - pause_started
+        if callback and metrics:
+            callback.on_metrics(steps_done, metrics)
+        if callback and checkpoint_now:
+            callback.on_checkpoint(steps_done, checkpoint)
+
+    final_dir = save_final(run_dir, model)
+    return TrainResult(
+        final_dir=final_dir,
+        steps=max(start_step, train_config.max_steps),
+        tokens_seen=tokens_seen,
+        final_train_loss=final_train_loss,
+        final_val_loss=final_val_loss,
+        elapsed_s=time.perf_counter() - started,
+        resumed_from_step=restored.step if restored else None,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    )
+
+
+def _restore_or_start_over(
+    run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, resume: bool
+) -> TrainerState | None:
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        return load_checkpoint(checkpoint, model, optimizer) if checkpoint else None
+    for name in (CHECKPOINTS_DIR, FINAL_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    return None
+
+
+def _wait_for(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dropout_seed(seed: int, step: int) -> int:
+    return int(np.random.SeedSequence([DROPOUT_STREAM, seed, step]).generate_state(1, np.uint64)[0])

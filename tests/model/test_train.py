@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.checkpoint import OPTIMIZER_FILE, TRAINER_FILE, WEIGHTS_FILE, latest_checkpoint, list_checkpoints, load_model
+from model.optim import learning_rate_at
+from model.train import TrainResult, pretrain
+
+TINY_TRAINING = Path(__file__).with_name("tiny_training.py")
+
+
+class RecordingCallback:
+    def __init__(self) -> None:
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.checkpoints: list[tuple[int, Path]] = []
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics[step] = metrics
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.checkpoints.append((step, path))
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    expected, actual = load_file(first / WEIGHTS_FILE), load_file(second / WEIGHTS_FILE)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_training_learns_a_repeated_phrase(tmp_path, tiny_config, tiny_train_config, pattern_shards):
+    train, val = pattern_shards
+    callback = RecordingCallback()
+    config = dataclasses.replace(tiny_train_config, max_steps=60, learning_rate=1e-2)
+    result = pretrain(tiny_config, config, train, val, tmp_path / "run", callback=callback)
+    first_loss = callback.metrics[5]["train/loss"]
+    assert first_loss > 4.0  # about ln(128) at the start
+    assert result.final_train_loss < first_loss / 3
+    assert result.final_val_loss < 1.5
+
+
+def test_reports_metrics_checkpoints_and_the_export(tmp_path, tiny_config, tiny_train_config, pattern_shards):
+    train, val = pattern_shards
+    callback = RecordingCallback()
+    result = pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "run", callback=callback)
+
+    assert sorted(callback.metrics) == [5, 10, 15, 20, 25, 30]
+    tokens_per_step = 4 * 2 * 16
+    for step, metrics in callback.metrics.items():
+        assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens", "train/elapsed_s"} <= metrics.keys()
+        assert "train/mfu" not in metrics  # no known peak on a CPU
+        assert metrics["train/tokens"] == step * tokens_per_step
+        assert metrics["train/lr"] == learning_rate_at(step - 1, tiny_train_config)
+        assert ("val/loss" in metrics) == (step % 10 == 0)
+        assert all(math.isfinite(value) for value in metrics.values())
+    assert [step for step, _ in callback.checkpoints] == [10, 20, 30]
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["step-00000020", "step-00000030"]
+    trainer = json.loads((tmp_path / "run/checkpoints/step-00000030" / TRAINER_FILE).read_text())
+    assert trainer["step"] == 30 and trainer["tokens_seen"] == 30 * tokens_per_step
+    assert trainer["train_config"]["max_steps"] == 30
+
+    assert result == TrainResult(
+        final_dir=tmp_path / "run" / "final",
+        steps=30,
+        tokens_seen=30 * tokens_per_step,
+        final_train_loss=callback.metrics[30]["train/loss"],
+        final_val_loss=callback.metrics[30]["val/loss"],
+        elapsed_s=result.elapsed_s,
+        resumed_from_step=None,
+        peak_memory_bytes=None,
+    )
+    assert TrainResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    assert_same_weights(result.final_dir, tmp_path / "run/checkpoints/step-00000030")
+    assert load_model(result.final_dir).config == tiny_config
+
+
+def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, tiny_config, tiny_train_config, pattern_shards):
+    train, val = pattern_shards
+    config = dataclasses.replace(tiny_train_config, keep_checkpoints=3)
+    uninterrupted = pretrain(tiny_config, config, train, val, tmp_path / "uninterrupted")
+
+    interrupted = tmp_path / "interrupted"
+    assert pretrain(tiny_config, config, train, val, interrupted, resume=True).resumed_from_step is None
+    for later in ("checkpoints/step-00000020", "checkpoints/step-00000030", "final"):
+        shutil.rmtree(interrupted / later)
+    resumed = pretrain(tiny_config, config, train, val, interrupted, resume=True)
+    assert resumed.resumed_from_step == 10
+    assert resumed.tokens_seen == uninterrupted.tokens_seen
+    assert resumed.final_val_loss == uninterrupted.final_val_loss
+    assert_same_weights(uninterrupted.final_dir, resumed.final_dir)
+
+    finished = pretrain(tiny_config, config, train, val, interrupted, resume=True)
+    assert finished.resumed_from_step == 30 and finished.steps == 30
+    assert_same_weights(uninterrupted.final_dir, finished.final_dir)
+
+
+def test_starting_over_discards_the_previous_run(tmp_path, tiny_config, tiny_train_config, pattern_shards):
+    train, val = pattern_shards
+    longer = dataclasses.replace(tiny_train_config, max_steps=40, seed=1)
+    pretrain(tiny_config, longer, train, val, tmp_path / "run")
+    result = pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "run", resume=False)
+    assert result.resumed_from_step is None
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["step-00000020", "step-00000030"]
+    fresh = pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "fresh")
+    assert_same_weights(fresh.final_dir, result.final_dir)
+
+
+def test_killed_runs_resume_to_bit_identical_weights(tmp_path, pattern_shards):
+    """SIGKILL at random moments (mostly mid-checkpoint: the helper saves every step), then resume:
+    every kill leaves a loadable latest checkpoint, and the end result equals an unkilled run."""
+    train, val = pattern_shards
+    shards = [str(train[0]), str(val[0])]
+    reference = subprocess.Popen([sys.executable, str(TINY_TRAINING), str(tmp_path / "reference"), *shards])
+
+    run_dir = tmp_path / "killed"
+    delays = random.Random(0)
+    reached_step = 0
+    for attempt in range(3):
+        command = [sys.executable, str(TINY_TRAINING), str(run_dir), *shards] + (["--resume"] if attempt else [])
+        process = subprocess.Popen(command)
+        deadline = time.monotonic() + 60
+        while _latest_step(run_dir) <= reached_step:
+            assert process.poll() is None and time.monotonic() < deadline, "training stopped before a new checkpoint"
+            time.sleep(0.005)
+        time.sleep(delays.uniform(0.0, 0.3))
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+        latest = latest_checkpoint(run_dir)
+        load_model(latest)
+        torch.load(latest / OPTIMIZER_FILE, weights_only=True)
+        reached_step = json.loads((latest / TRAINER_FILE).read_text())["step"]
+        assert reached_step == _latest_step(run_dir)
+        print(f"killed at step {reached_step}")
+
+    subprocess.run([sys.executable, str(TINY_TRAINING), str(run_dir), *shards, "--resume"], check=True)
+    assert reference.wait() == 0
+    assert_same_weights(tmp_path / "reference" / "final", run_dir / "final")
+    assert_same_weights(tmp_path / "reference/checkpoints/step-00000100", run_dir / "checkpoints/step-00000100")
+    reference_optimizer = torch.load(tmp_path / "reference/checkpoints/step-00000100" / OPTIMIZER_FILE, weights_only=True)
+    resumed_optimizer = torch.load(run_dir / "checkpoints/step-00000100" / OPTIMIZER_FILE, weights_only=True)
+    for index, expected in reference_optimizer["state"].items():
+        for key, value in expected.items():
+            assert torch.equal(value, resumed_optimizer["state"][index][key]), (index, key)
+
+
+def _latest_step(run_dir: Path) -> int:
+    latest = latest_checkpoint(run_dir)
+    return json.loads((latest / TRAINER_FILE).read_text())["step"] if latest else 0
+
+
+def test_zero_grad_clip_disables_clipping(tmp_path, tiny_config, tiny_train_config, pattern_shards):
+    train, _ = pattern_shards
+    finals = {}
+    for grad_clip in (0.0, 1e9, 0.01):
+        config = dataclasses.replace(tiny_train_config, max_steps=5, grad_clip=grad_clip)
+        finals[grad_clip] = pretrain(tiny_config, config, train, [], tmp_path / str(grad_clip)).final_dir
+    assert_same_weights(finals[0.0], finals[1e9])
+    with pytest.raises(AssertionError):
+        assert_same_weights(finals[0.0], finals[0.01])
+
+
+def test_without_validation_shards_there_is_no_val_loss(tmp_path, tiny_config, tiny_train_config, pattern_shards):
+    callback = RecordingCallback()
+    config = dataclasses.replace(tiny_train_config, max_steps=10)
+    result = pretrain(tiny_config, config, pattern_shards[0], [], tmp_path / "run", callback=callback)
+    assert result.final_val_loss is None
+    assert not any("val/loss" in metrics for metrics in callback.metrics.values())
