@@ -1,0 +1,95 @@
+"""The whole pretrain flow on a tiny corpus, with a real Prefect server and a real MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate")
+
+pytestmark = pytest.mark.slow
+
+
+def _gptflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture()
+def cli_env(prefect_api_url, tmp_path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update(PREFECT_API_URL=prefect_api_url, GPTFLOW_HOME=str(tmp_path / "workspace"))
+    return env
+
+
+def _runs_oldest_first(workspace: Path) -> list:
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gptflow")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tiny_corpus_dir):
+    args = ("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny")
+    first = _gptflow(*args, env=cli_env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _gptflow(*args, env=cli_env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "unigram baseline" in second.stdout
+
+    workspace = Path(cli_env["GPTFLOW_HOME"])
+    client, (first_run, second_run) = _runs_oldest_first(workspace)
+    for stage in STAGES:
+        assert first_run.data.tags[f"gptflow.stage.{stage}"] == "executed"
+        assert second_run.data.tags[f"gptflow.stage.{stage}"] == "cached"
+    assert first_run.info.status == second_run.info.status == "FINISHED"
+    assert second_run.data.tags["gptflow.trained_in_run"] == first_run.info.run_id
+
+    params = first_run.data.params
+    assert params["preset"] == "tiny"
+    assert params["model.n_layer"] == "2" and params["train.max_steps"] == "30"
+    assert params["tokenizer.vocab_size"] == "512" and params["model.padded_vocab_size"] == "512"
+    assert first_run.data.tags["prefect.flow_run_id"]
+
+    train_loss = client.get_metric_history(first_run.info.run_id, "train/loss")
+    assert [m.step for m in train_loss] == list(range(5, 31, 5))
+    assert train_loss[-1].value < train_loss[0].value
+    assert [m.step for m in client.get_metric_history(first_run.info.run_id, "val/loss")] == [15, 30]
+    for run in (first_run, second_run):
+        metrics = run.data.metrics
+        assert metrics["eval/val_loss"] > 0 and metrics["eval/bits_per_byte"] > 0
+        assert metrics["eval/perplexity"] == pytest.approx(2.718281828 ** metrics["eval/val_loss"], rel=1e-6)
+        assert metrics["data/train_tokens"] > 0 and metrics["data/documents"] > 0
+    assert first_run.data.metrics["eval/val_loss"] == second_run.data.metrics["eval/val_loss"]
+
+    first_artifacts = _artifact_paths(client, first_run.info.run_id)
+    for expected in ("tokenizer/tokenizer.json", "model/model.safetensors", "model/config.json",
+                     "eval/report.json", "eval/samples.md", "plots/loss_curve.png"):
+        assert expected in first_artifacts
+    assert any(path.startswith("data/corpus-") for path in first_artifacts)
+    assert any(path.startswith("data/tokens-") for path in first_artifacts)
+    # The cached run carries the small artifacts again but points to the first run for the weights.
+    second_artifacts = _artifact_paths(client, second_run.info.run_id)
+    assert "eval/report.json" in second_artifacts and "model/model.safetensors" not in second_artifacts
+    assert (workspace / "mlartifacts").is_dir()
+
+
+def test_missing_corpus_path_is_one_clear_line(cli_env, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    result = _gptflow("pretrain", "--corpus", str(missing), "--preset", "tiny", env=cli_env)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert not (Path(cli_env["GPTFLOW_HOME"]) / "store").exists()
+
+
+def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for entry in client.list_artifacts(run_id, path):
+        found |= _artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return found
