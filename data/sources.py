@@ -1,0 +1,199 @@
+"""Corpus sources: what the user named (files, folders, globs, the built-in corpus, hub datasets)
+resolved into the sorted, de-duplicated list of files to ingest.
+
+A file the user named explicitly must be readable, or resolution fails with a ``CorpusError``;
+files merely found inside a folder or by a glob that gptflow cannot read (unknown extension,
+hidden) are skipped and counted, since folders of real data always hold some of those.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.errors import CorpusError, SkipReport
+
+BUILTIN_CORPUS = "builtin:python-stdlib"
+"""The source of the running interpreter's standard library: ~12 MB of real text, always present."""
+HUB_PREFIX = "hf:"
+
+FORMAT_BY_SUFFIX = {
+    ".txt": "text", ".md": "text", ".rst": "text", ".py": "text",
+    ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+}
+"""File formats by extension; ``text`` is one document per file."""
+COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".zst": "zstd"}
+"""Outer compression by extension, named as pyarrow's codecs are."""
+UNCOMPRESSIBLE_FORMATS = {"parquet"}
+"""Formats that compress their own pages and need random access, so no outer compression."""
+HUB_FORMAT = "hub"
+
+SKIP_UNSUPPORTED = "unsupported file type"
+SKIP_HIDDEN = "hidden file or folder"
+
+_STDLIB_TEST_FOLDERS = {"test", "tests", "idle_test"}
+_STDLIB_EXCLUDED_FOLDERS = _STDLIB_TEST_FOLDERS | {"site-packages", "__pycache__"}
+_GLOB_CHARACTERS = set("*?[")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One unit of ingestion: a file (or a hub dataset at a pinned revision) and how to read it."""
+
+    path: Path
+    """Absolute path; for hub datasets ``hf:owner/name@<revision>``."""
+    format: str
+    """``text``, ``jsonl``, ``json``, ``parquet``, ``csv``, or ``hub``."""
+    compression: str | None = None
+    """``gzip`` or ``zstd`` (from a ``.gz`` / ``.zst`` suffix), else None."""
+
+
+@dataclass
+class SourceResolution:
+    files: list[SourceFile]
+    """Files to ingest, sorted by path, each once."""
+    skipped: SkipReport = field(default_factory=SkipReport)
+    """Files found in folders or globs that were not taken, by reason."""
+
+    def fingerprint_inputs(self) -> list[list[object]]:
+        """A cheap stand-in for the files' contents (path, size, mtime) for a stage cache key:
+        anything that changes a file's bytes changes one of these."""
+        inputs: list[list[object]] = []
+        for source in self.files:
+            if source.format == HUB_FORMAT:
+                inputs.append([str(source.path)])
+            else:
+                stat = source.path.stat()
+                inputs.append([str(source.path), stat.st_size, stat.st_mtime_ns])
+        return inputs
+
+
+def resolve_sources(specs: Sequence[str]) -> SourceResolution:
+    """Resolve ``specs`` (paths, folders searched recursively, globs with ``**``, ``hf:owner/name``,
+    or ``BUILTIN_CORPUS``) into files; raises ``CorpusError`` for a spec that names nothing usable."""
+    skipped = SkipReport()
+    files: dict[Path, SourceFile] = {}
+    for spec in specs:
+        for source in _resolve_spec(spec, skipped):
+            files.setdefault(source.path, source)
+    if not files:
+        raise CorpusError(
+            f"No readable files in {', '.join(repr(spec) for spec in specs)} ({skipped.summary()}). "
+            f"Supported extensions: {_supported_extensions()}."
+        )
+    return SourceResolution(files=sorted(files.values(), key=lambda source: str(source.path)), skipped=skipped)
+
+
+def detect_format(path: Path) -> tuple[str, str | None] | None:
+    """(format, compression) from the file name, e.g. ``a.jsonl.gz`` → ("jsonl", "gzip"); None if
+    gptflow cannot read it."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    compression = COMPRESSION_BY_SUFFIX.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes.pop()
+    file_format = FORMAT_BY_SUFFIX.get(suffixes[-1]) if suffixes else None
+    if file_format is None or (compression and file_format in UNCOMPRESSIBLE_FORMATS):
+        return None
+    return file_format, compression
+
+
+def builtin_corpus_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _resolve_spec(spec: str, skipped: SkipReport) -> Iterator[SourceFile]:
+    if spec == BUILTIN_CORPUS:
+        yield from _builtin_corpus()
+    elif spec.startswith(HUB_PREFIX):
+        yield _resolve_hub_dataset(spec[len(HUB_PREFIX):])
+    elif _GLOB_CHARACTERS & set(spec):
+        yield from _resolve_glob(spec, skipped)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise CorpusError(
+                f"Corpus path '{spec}' does not exist (resolved to {path.absolute()}). "
+                f"Check the path, or omit --corpus to use the built-in corpus."
+            )
+        if path.is_dir():
+            yield from _walk_folder(path.resolve(), skipped)
+        else:
+            yield _explicit_file(path.resolve(), spec)
+
+
+def _explicit_file(path: Path, spec: str) -> SourceFile:
+    detected = detect_format(path)
+    if detected is None:
+        raise CorpusError(
+            f"Corpus file '{spec}' has an unsupported type. Supported extensions: {_supported_extensions()}. "
+            f"Rename or convert the file, or leave it out of --corpus."
+        )
+    return SourceFile(path, *detected)
+
+
+def _candidate(path: Path, skipped: SkipReport) -> SourceFile | None:
+    detected = detect_format(path)
+    if detected is None:
+        skipped.add(SKIP_UNSUPPORTED, str(path))
+        return None
+    return SourceFile(path, *detected)
+
+
+def _walk_folder(root: Path, skipped: SkipReport) -> Iterator[SourceFile]:
+    for folder, subfolders, names in os.walk(root):
+        for hidden in [name for name in subfolders if name.startswith(".")]:
+            skipped.add(SKIP_HIDDEN, os.path.join(folder, hidden))
+            subfolders.remove(hidden)
+        for name in names:
+            path = Path(folder) / name
+            if name.startswith("."):
+                skipped.add(SKIP_HIDDEN, str(path))
+            elif (source := _candidate(path, skipped)) is not None:
+                yield source
+
+
+def _resolve_glob(pattern: str, skipped: SkipReport) -> Iterator[SourceFile]:
+    # glob leaves hidden files out unless the pattern names them, like a shell does.
+    matches = [Path(match) for match in glob.glob(os.path.expanduser(pattern), recursive=True)]
+    files = [match for match in matches if match.is_file()]
+    if not files:
+        raise CorpusError(
+            f"Corpus pattern '{pattern}' matches no files (searched from {Path.cwd()}). "
+            f"Check the pattern; quote it so the shell does not expand it first."
+        )
+    for path in files:
+        if (source := _candidate(path.resolve(), skipped)) is not None:
+            yield source
+
+
+def _builtin_corpus() -> Iterator[SourceFile]:
+    root = builtin_corpus_root()
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in _STDLIB_EXCLUDED_FOLDERS]
+        for name in names:
+            if name.endswith(".py"):
+                yield SourceFile(Path(folder) / name, "text")
+
+
+def _resolve_hub_dataset(name: str) -> SourceFile:
+    # Pinning the revision makes the dataset content-addressed like a file: the revision is
+    # its content hash, and ingest reads exactly that revision.
+    from huggingface_hub import HfApi
+
+    try:
+        revision = HfApi().dataset_info(name).sha
+    except Exception as error:  # offline, unknown id, private repo: each a different exception type
+        raise CorpusError(
+            f"Hub dataset '{HUB_PREFIX}{name}' could not be resolved ({type(error).__name__}: {error}). "
+            f"Check the id (hf:owner/name) and the network connection."
+        ) from error
+    return SourceFile(Path(f"{HUB_PREFIX}{name}@{revision}"), HUB_FORMAT)
+
+
+def _supported_extensions() -> str:
+    compressed = ", ".join(sorted(COMPRESSION_BY_SUFFIX))
+    return f"{', '.join(sorted(FORMAT_BY_SUFFIX))} (optionally compressed: {compressed}; not .parquet)"
