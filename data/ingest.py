@@ -1,0 +1,265 @@
+"""Stage 1, ingest: source files → raw Arrow shards, one cached unit per file, + a corpus manifest.
+
+Each source file becomes a unit directory ``raw/<key>/`` (``docs-*.arrow`` + ``unit.json``) whose
+key covers the file's content hash, the settings that change its documents and this code, not its
+path: a rerun over a grown corpus reuses every unchanged file's unit. Documents are split into
+train/val by their own hash, so adding files never moves an old document between splits.
+
+Exact duplicates are dropped within a file while ingesting, and across files when the manifest
+is built: a document already seen in an earlier unit (by sorted source path) goes on that unit's
+``drop_doc_hashes`` list, which tokenize honours. Units stay independent of each other that way,
+so one new file never invalidates the others.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+
+from data import errors, readers, shards, sources
+from data.config import IngestConfig
+from data.errors import CorpusError, SkipReport
+from data.readers import read_documents
+from data.shards import SPLITS, RawShardWriter, iter_raw_batches
+from data.sources import HUB_FORMAT, SourceFile, SourceResolution
+from data.store import atomic_directory, code_version, hash_bytes, hash_file, hash_json, is_complete, write_json_atomic
+
+UNIT_FILE = "unit.json"
+FILE_HASH_CACHE = "file-hashes.json"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class CorpusUnit:
+    """One source file's documents in the store."""
+
+    source: str
+    content_hash: str
+    key: str
+    directory: str
+    docs: dict[str, int]
+    """Documents per split that tokenize will read: written minus ``drop_doc_hashes``."""
+    bytes: dict[str, int]
+    """UTF-8 bytes of those documents, per split."""
+    drop_doc_hashes: list[str]
+    """Documents of this unit that an earlier unit already holds."""
+    duplicates: int
+    """Exact duplicates dropped: within the file at ingest, plus ``drop_doc_hashes``."""
+    reused: bool
+
+
+@dataclass
+class CorpusManifest:
+    units: list[CorpusUnit]
+    skips: SkipReport
+    fingerprint: str
+    """Hash of every unit's key and drop list: names exactly the documents tokenize will see."""
+    path: str = ""
+    """Where the manifest was written (``manifests/corpus-<fingerprint>.json``)."""
+
+    @property
+    def total_documents(self) -> int:
+        return sum(self.totals["docs"].values())
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        return {
+            "docs": {split: sum(unit.docs[split] for unit in self.units) for split in SPLITS},
+            "bytes": {split: sum(unit.bytes[split] for unit in self.units) for split in SPLITS},
+            "duplicates": sum(unit.duplicates for unit in self.units),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "units": [asdict(unit) for unit in self.units],
+            "skips": self.skips.to_dict(),
+            "fingerprint": self.fingerprint,
+            "path": self.path,
+            "totals": self.totals,
+        }
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> CorpusManifest:
+        return cls(
+            units=[CorpusUnit(**unit) for unit in value["units"]],
+            skips=SkipReport.from_dict(value["skips"]),
+            fingerprint=value["fingerprint"],
+            path=value["path"],
+        )
+
+
+def document_split(doc_hash: str, val_fraction: float) -> str:
+    """``val`` for a stable ``val_fraction`` of documents, decided by the document alone."""
+    return "val" if int(doc_hash[:8], 16) / 2**32 < val_fraction else "train"
+
+
+def ingest_corpus(
+    sources: SourceResolution | Sequence[SourceFile],
+    config: IngestConfig,
+    store_dir: Path,
+    progress: Progress | None = None,
+) -> CorpusManifest:
+    """Ingest every source into ``store_dir/raw/``; ``progress(done, total)`` counts source bytes.
+
+    ``sources`` is a ``SourceResolution`` (its skipped files join the manifest's report) or a
+    plain list of files. Raises ``CorpusError`` when no document survives.
+    """
+    skips = SkipReport()
+    if isinstance(sources, SourceResolution):
+        skips.merge(sources.skipped)
+        sources = sources.files
+    files = sorted(sources, key=lambda source: str(source.path))
+    code = _code_version()
+    content_hashes = _ContentHashes(store_dir / FILE_HASH_CACHE)
+    total_bytes = sum(_source_bytes(source) for source in files)
+    done_bytes = 0
+    units: list[CorpusUnit] = []
+    for source in files:
+        content_hash = content_hashes.of(source)
+        key = _unit_key(source, content_hash, config, code)
+        directory = store_dir / "raw" / key
+        reused = is_complete(directory)
+        written = _read_unit(directory) if reused else _ingest_unit(source, content_hash, config, directory)
+        skips.merge(SkipReport.from_dict(written["skips"]).relocated(written["source"], str(source.path)))
+        units.append(CorpusUnit(
+            source=str(source.path), content_hash=content_hash, key=key, directory=str(directory),
+            docs=written["docs"], bytes=written["bytes"], drop_doc_hashes=[], duplicates=written["duplicates"],
+            reused=reused,
+        ))
+        done_bytes += _source_bytes(source)
+        if progress:
+            progress(done_bytes, total_bytes)
+    content_hashes.save()
+    _drop_cross_file_duplicates(units)
+
+    manifest = CorpusManifest(
+        units=units,
+        skips=skips,
+        fingerprint=hash_json([[unit.key, unit.drop_doc_hashes] for unit in units]),
+    )
+    if manifest.total_documents == 0:
+        raise CorpusError(
+            f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}). "
+            f"Fix or replace the files listed, or point --corpus at other data."
+        )
+    manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
+    write_json_atomic(Path(manifest.path), manifest.to_dict())
+    return manifest
+
+
+def _code_version() -> str:
+    return code_version(sys.modules[__name__], errors, readers, shards, sources)
+
+
+def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code: str) -> str:
+    # shard_bytes only changes how documents are laid out in files, not which: left out, so
+    # changing it reuses every unit.
+    return hash_json({
+        "stage": "ingest",
+        "code": code,
+        "content": content_hash,
+        "format": source.format,
+        "compression": source.compression,
+        "text_field": None if source.format == "text" else config.text_field,
+        "val_fraction": config.val_fraction,
+        "min_chars": config.min_chars,
+    })
+
+
+def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, directory: Path) -> dict[str, Any]:
+    skips = SkipReport()
+    seen: set[str] = set()
+    duplicates = 0
+    docs = dict.fromkeys(SPLITS, 0)
+    text_bytes = dict.fromkeys(SPLITS, 0)
+    with atomic_directory(directory) as tmp:
+        writer = RawShardWriter(tmp, config.shard_bytes)
+        for text in read_documents(source, config.text_field, skips, config.min_chars):
+            data = text.encode()
+            doc_hash = hash_bytes(data)
+            if doc_hash in seen:
+                duplicates += 1
+                continue
+            seen.add(doc_hash)
+            split = document_split(doc_hash, config.val_fraction)
+            writer.write(text, doc_hash, split, len(data))
+            docs[split] += 1
+            text_bytes[split] += len(data)
+        written = {
+            "source": str(source.path),
+            "content_hash": content_hash,
+            "shards": writer.close(),
+            "docs": docs,
+            "bytes": text_bytes,
+            "duplicates": duplicates,
+            "skips": skips.to_dict(),
+        }
+        write_json_atomic(tmp / UNIT_FILE, written)
+    return written
+
+
+def _read_unit(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / UNIT_FILE).read_text())
+
+
+def _drop_cross_file_duplicates(units: list[CorpusUnit]) -> None:
+    """Give each unit the documents an earlier unit already holds, and take them off its counts.
+
+    Reads only the hash and split columns and the text offsets, never the texts.
+    """
+    seen: set[str] = set()
+    for unit in units:
+        for batch in iter_raw_batches(Path(unit.directory), ["text", "doc_hash", "split"]):
+            lengths = pc.binary_length(batch.column("text")).to_pylist()
+            for doc_hash, split, n_bytes in zip(batch.column("doc_hash").to_pylist(),
+                                                batch.column("split").to_pylist(), lengths):
+                if doc_hash in seen:
+                    unit.drop_doc_hashes.append(doc_hash)
+                    unit.docs[split] -= 1
+                    unit.bytes[split] -= n_bytes
+                else:
+                    seen.add(doc_hash)
+        unit.duplicates += len(unit.drop_doc_hashes)
+
+
+def _source_bytes(source: SourceFile) -> int:
+    return 0 if source.format == HUB_FORMAT else source.path.stat().st_size
+
+
+class _ContentHashes:
+    """Content hashes of source files, remembered by (size, mtime) across runs.
+
+    A file whose size and mtime are unchanged is taken to have unchanged bytes (as make and git
+    do), so a rerun over a large corpus hashes only new or touched files.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.entries: dict[str, dict[str, Any]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    def of(self, source: SourceFile) -> str:
+        if source.format == HUB_FORMAT:
+            return hash_bytes(str(source.path).encode())  # the path pins the dataset revision
+        stat = source.path.stat()
+        entry = self.entries.get(str(source.path))
+        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
+            return entry["hash"]
+        content_hash = hash_file(source.path)
+        self.entries[str(source.path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hash": content_hash}
+        self.changed = True
+        return content_hash
+
+    def save(self) -> None:
+        if self.changed:
+            write_json_atomic(self.path, self.entries)
