@@ -1,0 +1,332 @@
+"""Stage 3, tokenize: raw shards → memory-mappable token shards, one cached unit per source file.
+
+Each raw unit becomes ``tokens/<key>/`` (``train.arrow``, ``val.arrow``, ``unit.json``), keyed by
+the tokenizer's hash, the raw unit's key and its drop list, so a grown corpus re-tokenizes only
+its new files. Every document's tokens are followed by the end-of-text id.
+
+Speed is set by the tokenizer: the stage keeps within ~10% of what ``encode_batch_fast`` alone
+reaches on the same text (bench/tokenize_throughput.py measures it). Three things make that so:
+
+- Documents are joined into items of about ``PIECE_CHARS``, each document followed by the literal
+  end-of-text token, which the tokenizer's added-token matching turns into its id; items from many
+  small files fill one batch, so tiny files do not starve the tokenizer's threads, and long
+  documents are cut where the pre-tokenizer cuts anyway, so one huge file still uses every thread.
+- The next batch is encoded (in Rust, without the GIL) while Python turns the previous batch's
+  ids into numpy and writes them: the conversion, the costliest Python step, overlaps the encoding.
+- Batches are bounded (``TokenizeConfig.batch_bytes``), so memory is too.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+from tokenizers import Encoding, Tokenizer
+
+from data import shards
+from data.config import TokenizeConfig
+from data.ingest import CorpusManifest, CorpusUnit
+from data.shards import SPLITS, TokenShardWriter, iter_raw_batches, token_dtype
+from data.store import atomic_directory, code_version, hash_json, is_complete, write_json_atomic
+from data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
+
+UNIT_FILE = "unit.json"
+PIECE_CHARS = 16 * 1024
+"""Target size of one encode item: small enough that a batch holds many (the tokenizer
+parallelises over items), big enough that per-item overhead stays negligible."""
+ENCODE_AHEAD = 1
+"""Batches encoding while one is converted and written. One is enough to keep the tokenizer busy;
+each more holds another batch's encodings (~100 bytes per token) in memory."""
+
+# The byte-level pre-tokenizer (GPT-2's split pattern, which looks ahead but never behind) always
+# ends a token at a letter or digit followed by a space or newline, and splits what follows the
+# same way whatever came before: cutting a text there changes no token. ASCII only, so that no
+# disagreement between Python's and the tokenizer's idea of a letter or a space can matter.
+_TOKEN_BOUNDARY = re.compile(r"[A-Za-z0-9](?=[ \n])")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class TokenUnit:
+    """One source file's tokens in the store."""
+
+    source: str
+    key: str
+    directory: str
+    n_tokens: dict[str, int]
+    """Tokens per split, end-of-text tokens included."""
+    n_bytes: dict[str, int]
+    """UTF-8 bytes of the documents encoded, per split (for bits per byte)."""
+    n_docs: dict[str, int]
+    reused: bool
+
+
+@dataclass
+class TokenManifest:
+    units: list[TokenUnit]
+    dtype: str
+    vocab_size: int
+    eot_id: int
+    tokenizer_hash: str
+    corpus_fingerprint: str
+    fingerprint: str
+    """Hash of every unit's key: names exactly these token shards."""
+    path: str = ""
+    """Where the manifest was written (``manifests/tokens-<fingerprint>.json``)."""
+
+    def paths(self, split: str) -> list[Path]:
+        """The token shards holding ``split`` tokens, in source order (empty shards left out)."""
+        return [Path(unit.directory) / f"{split}.arrow" for unit in self.units if unit.n_tokens[split]]
+
+    def total_tokens(self, split: str) -> int:
+        return sum(unit.n_tokens[split] for unit in self.units)
+
+    def total_bytes(self, split: str) -> int:
+        return sum(unit.n_bytes[split] for unit in self.units)
+
+    def total_docs(self, split: str) -> int:
+        return sum(unit.n_docs[split] for unit in self.units)
+
+    def to_dict(self) -> dict[str, Any]:
+        value = asdict(self)
+        value["totals"] = {
+            split: {"tokens": self.total_tokens(split), "bytes": self.total_bytes(split), "docs": self.total_docs(split)}
+            for split in SPLITS
+        }
+        return value
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> TokenManifest:
+        fields = {name: item for name, item in value.items() if name not in ("units", "totals")}
+        return cls(units=[TokenUnit(**unit) for unit in value["units"]], **fields)
+
+
+def tokenize_corpus(
+    manifest: CorpusManifest,
+    tokenizer: TokenizerArtifact,
+    config: TokenizeConfig,
+    store_dir: Path,
+    progress: Progress | None = None,
+) -> TokenManifest:
+    """Tokenize every unit of ``manifest`` not already in the store; ``progress(done, total)``
+    counts document bytes."""
+    if config.workers:
+        # Read when the tokenizer first starts its thread pool; a pool already running keeps its size.
+        os.environ["RAYON_NUM_THREADS"] = str(config.workers)
+    code = code_version(sys.modules[__name__], shards)
+    keys = [_unit_key(unit, tokenizer, code) for unit in manifest.units]
+    directories = [store_dir / "tokens" / key for key in keys]
+    reused = {index for index, directory in enumerate(directories) if is_complete(directory)}
+    pending = [index for index in range(len(directories)) if index not in reused]
+    counts = {index: json.loads((directories[index] / UNIT_FILE).read_text()) for index in reused}
+
+    total_bytes = sum(sum(unit.bytes.values()) for unit in manifest.units)
+    done_bytes = total_bytes - sum(sum(manifest.units[index].bytes.values()) for index in pending)
+    if progress and not pending:
+        progress(done_bytes, total_bytes)
+
+    def advance(n_bytes: int) -> None:
+        nonlocal done_bytes
+        done_bytes += n_bytes
+        if progress:
+            progress(done_bytes, total_bytes)
+
+    counts.update(_tokenize_units(manifest.units, pending, directories, tokenizer, config, advance))
+
+    result = TokenManifest(
+        units=[
+            TokenUnit(
+                source=unit.source, key=keys[index], directory=str(directories[index]),
+                n_tokens=counts[index]["n_tokens"], n_bytes=counts[index]["n_bytes"],
+                n_docs=counts[index]["n_docs"], reused=index in reused,
+            )
+            for index, unit in enumerate(manifest.units)
+        ],
+        dtype=token_dtype(tokenizer.vocab_size).name,
+        vocab_size=tokenizer.vocab_size,
+        eot_id=tokenizer.eot_id,
+        tokenizer_hash=tokenizer.hash,
+        corpus_fingerprint=manifest.fingerprint,
+        fingerprint=hash_json(keys),
+    )
+    result.path = str(store_dir / "manifests" / f"tokens-{result.fingerprint}.json")
+    write_json_atomic(Path(result.path), result.to_dict())
+    return result
+
+
+def _tokenize_units(
+    units: list[CorpusUnit],
+    pending: list[int],
+    directories: list[Path],
+    tokenizer: TokenizerArtifact,
+    config: TokenizeConfig,
+    advance: Callable[[int], None],
+) -> dict[int, dict[str, Any]]:
+    """Write the token directory of each pending unit; returns each one's ``unit.json`` content.
+    ``advance(n)`` is called as each ``n`` bytes of documents are written."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    written = {}
+    encoded = _encoded(_batches(_pieces(units, pending), config.batch_bytes), load_tokenizer(tokenizer), dtype)
+    with contextlib.closing(encoded):
+        current = next(encoded, None)
+        for index in pending:
+            counts = {name: dict.fromkeys(SPLITS, 0) for name in ("n_tokens", "n_bytes", "n_docs")}
+            with atomic_directory(directories[index]) as tmp:
+                writers = {split: TokenShardWriter(tmp / f"{split}.arrow", dtype) for split in SPLITS}
+                while current is not None and current[0].unit == index:
+                    piece, tokens = current
+                    writers[piece.split].write(tokens)
+                    counts["n_bytes"][piece.split] += piece.n_bytes
+                    counts["n_docs"][piece.split] += piece.n_docs
+                    advance(piece.n_bytes)
+                    current = next(encoded, None)
+                for split, writer in writers.items():
+                    writer.close()
+                    counts["n_tokens"][split] = writer.n_tokens
+                written[index] = {
+                    "source": units[index].source,
+                    "raw_key": units[index].key,
+                    "tokenizer_hash": tokenizer.hash,
+                    "dtype": dtype.name,
+                    **counts,
+                }
+                write_json_atomic(tmp / UNIT_FILE, written[index])
+    return written
+
+
+def _unit_key(unit: CorpusUnit, tokenizer: TokenizerArtifact, code: str) -> str:
+    return hash_json({
+        "stage": "tokenize",
+        "code": code,
+        "tokenizer": tokenizer.hash,
+        "raw": unit.key,
+        "drop": hash_json(sorted(unit.drop_doc_hashes)),
+    })
+
+
+@dataclass
+class _Piece:
+    """One encode item: consecutive documents of one unit and split, each followed by the
+    end-of-text token, or a leading part of one long document (no end-of-text yet)."""
+
+    unit: int
+    split: str
+    text: str
+    n_docs: int
+    """Documents that end in this piece."""
+    n_bytes: int
+    """UTF-8 bytes of the documents that end in this piece."""
+
+
+class _PieceBuilder:
+    def __init__(self, unit: int, split: str) -> None:
+        self.unit = unit
+        self.split = split
+        self._reset()
+
+    def add(self, text: str, n_bytes: int) -> Iterator[_Piece]:
+        *leading, last = cut_at_token_boundaries(text, PIECE_CHARS)
+        if leading:
+            yield from self.flush()
+            yield from (_Piece(self.unit, self.split, part, 0, 0) for part in leading)
+        self.parts += (last, EOT_TOKEN)
+        self.chars += len(last)
+        self.n_docs += 1
+        self.n_bytes += n_bytes
+        if self.chars >= PIECE_CHARS:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[_Piece]:
+        if self.parts:
+            yield _Piece(self.unit, self.split, "".join(self.parts), self.n_docs, self.n_bytes)
+            self._reset()
+
+    def _reset(self) -> None:
+        self.parts: list[str] = []
+        self.chars = 0
+        self.n_docs = 0
+        self.n_bytes = 0
+
+
+def cut_at_token_boundaries(text: str, min_chars: int) -> list[str]:
+    """``text`` in parts of at least ``min_chars`` (the last may be shorter), cut only where the
+    byte-level pre-tokenizer puts a token boundary anyway, so the parts encode to exactly the
+    tokens of the whole. A text with no such place stays whole."""
+    parts = []
+    start = 0
+    while len(text) - start > 2 * min_chars:
+        cut = _TOKEN_BOUNDARY.search(text, start + min_chars)
+        if cut is None or len(text) - cut.end() < min_chars:
+            break
+        parts.append(text[start : cut.end()])
+        start = cut.end()
+    parts.append(text[start:])
+    return parts
+
+
+def _pieces(units: list[CorpusUnit], indices: list[int]) -> Iterator[_Piece]:
+    for index in indices:
+        dropped = set(units[index].drop_doc_hashes)
+        builders = {split: _PieceBuilder(index, split) for split in SPLITS}
+        for batch in iter_raw_batches(Path(units[index].directory), ["text", "doc_hash", "split"]):
+            texts = batch.column("text").to_pylist()
+            sizes = pc.binary_length(batch.column("text")).to_pylist()
+            hashes = batch.column("doc_hash").to_pylist() if dropped else itertools.repeat(None)
+            for text, n_bytes, doc_hash, split in zip(texts, sizes, hashes, batch.column("split").to_pylist()):
+                if doc_hash not in dropped:
+                    yield from builders[split].add(text, n_bytes)
+        for builder in builders.values():
+            yield from builder.flush()
+
+
+def _batches(pieces: Iterator[_Piece], batch_chars: int) -> Iterator[list[_Piece]]:
+    # Characters stand in for bytes: exact enough for sizing a batch, and free to count.
+    batch: list[_Piece] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece.text)
+        if chars >= batch_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded(batches: Iterator[list[_Piece]], tokenizer: Tokenizer, dtype: np.dtype) -> Iterator[tuple[_Piece, np.ndarray]]:
+    """Each piece with its token ids, in order. ``ENCODE_AHEAD`` batches are encoding (without the
+    GIL) while the oldest is converted to numpy and yielded, so the two overlap."""
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+    queued: collections.deque[tuple[list[_Piece], Future[list[Encoding]]]] = collections.deque()
+    try:
+        for batch in batches:
+            texts = [piece.text for piece in batch]
+            queued.append((batch, encoder.submit(tokenizer.encode_batch_fast, texts, add_special_tokens=False)))
+            if len(queued) > ENCODE_AHEAD:
+                yield from _with_ids(*queued.popleft(), dtype)
+        while queued:
+            yield from _with_ids(*queued.popleft(), dtype)
+    finally:
+        encoder.shutdown(cancel_futures=True)
+
+
+def _with_ids(batch: list[_Piece], encoded: Future[list[Encoding]], dtype: np.dtype) -> Iterator[tuple[_Piece, np.ndarray]]:
+    encodings = encoded.result()
+    lengths = [len(encoding) for encoding in encodings]
+    # One pass over all ids of the batch: the cheapest way found from Encoding.ids lists to numpy.
+    ids = np.fromiter(itertools.chain.from_iterable(encoding.ids for encoding in encodings), dtype, sum(lengths))
+    for piece, end, length in zip(batch, itertools.accumulate(lengths), lengths):
+        yield piece, ids[end - length : end]

@@ -1,0 +1,164 @@
+"""Stage 2, tokenizer: a byte-level BPE trained on a bounded, deterministic sample of the train split.
+
+Byte-level means every string encodes and decodes back to itself exactly, with no unknown token.
+The sample is the train documents with the smallest document hashes up to ``sample_bytes``: a
+uniform draw over the whole corpus (not its first files), the same on every run, and never
+touching the validation split.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data import shards
+from data.config import TokenizerConfig
+from data.ingest import CorpusManifest
+from data.shards import iter_raw_batches
+from data.store import atomic_directory, code_version, hash_file, hash_json, is_complete, write_json_atomic
+
+EOT_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = (EOT_TOKEN, PAD_TOKEN)
+"""Added first, so their ids are 0 and 1 in every gptflow tokenizer."""
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "tokenizer_meta.json"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class TokenizerArtifact:
+    path: str
+    """The ``tokenizer.json`` file; its directory holds ``tokenizer_meta.json`` too."""
+    hash: str
+    """Content hash of ``tokenizer.json``: part of every downstream cache key."""
+    vocab_size: int
+    """Ids in use, special tokens included (may fall short of the configured size on tiny corpora)."""
+    eot_id: int
+    pad_id: int
+    reused: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> TokenizerArtifact:
+        return cls(**value)
+
+
+def train_tokenizer(
+    manifest: CorpusManifest,
+    config: TokenizerConfig,
+    store_dir: Path,
+    progress: Progress | None = None,
+) -> TokenizerArtifact:
+    """Train (or reuse) the tokenizer for ``manifest``; ``progress(done, total)`` counts sample bytes."""
+    key = hash_json({
+        "stage": "tokenizer",
+        "code": code_version(sys.modules[__name__], shards),
+        "config": asdict(config),
+        "corpus": manifest.fingerprint,
+    })
+    directory = store_dir / "tokenizers" / key
+    reused = is_complete(directory)
+    if not reused:
+        sample = _training_sample(manifest, config.sample_bytes)
+        tokenizer = _untrained_tokenizer()
+        trainer = trainers.BpeTrainer(
+            vocab_size=config.vocab_size,
+            min_frequency=config.min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        with atomic_directory(directory) as tmp:
+            tokenizer.train_from_iterator(_reporting(sample, progress), trainer=trainer, length=len(sample))
+            tokenizer.save(str(tmp / TOKENIZER_FILE))
+            write_json_atomic(tmp / META_FILE, {
+                "config": asdict(config),
+                "corpus_fingerprint": manifest.fingerprint,
+                "sample_documents": len(sample),
+                "sample_bytes": sum(len(text.encode()) for text in sample),
+            })
+    return _artifact(directory / TOKENIZER_FILE, reused)
+
+
+def load_tokenizer(artifact_or_path: TokenizerArtifact | Path | str) -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` of an artifact, a ``tokenizer.json``, or its directory."""
+    path = Path(artifact_or_path.path if isinstance(artifact_or_path, TokenizerArtifact) else artifact_or_path)
+    return Tokenizer.from_file(str(path / TOKENIZER_FILE if path.is_dir() else path))
+
+
+def _untrained_tokenizer() -> Tokenizer:
+    # No prefix space: it would change the text, and decode(encode(x)) must give x back.
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _artifact(path: Path, reused: bool) -> TokenizerArtifact:
+    tokenizer = load_tokenizer(path)
+    eot_id, pad_id = (tokenizer.token_to_id(token) for token in SPECIAL_TOKENS)
+    return TokenizerArtifact(
+        path=str(path), hash=hash_file(path), vocab_size=tokenizer.get_vocab_size(),
+        eot_id=eot_id, pad_id=pad_id, reused=reused,
+    )
+
+
+def _training_sample(manifest: CorpusManifest, sample_bytes: int) -> list[str]:
+    """The train documents with the smallest hashes, ``sample_bytes`` of them in all (the last one
+    cut short), in hash order. Holding them is bounded by ``sample_bytes`` plus one document."""
+    chosen = _smallest_hashes_covering(manifest, sample_bytes)
+    texts: dict[str, str] = {}
+    for unit_index in sorted(set(chosen.values())):
+        for batch in iter_raw_batches(Path(manifest.units[unit_index].directory), ["text", "doc_hash"]):
+            for text, doc_hash in zip(batch.column("text").to_pylist(), batch.column("doc_hash").to_pylist()):
+                if doc_hash in chosen:
+                    texts[doc_hash] = text
+    sample = []
+    remaining = sample_bytes
+    for doc_hash in sorted(texts):
+        data = texts[doc_hash].encode()
+        sample.append(data[:remaining].decode(errors="ignore") if len(data) > remaining else texts[doc_hash])
+        remaining -= min(len(data), remaining)
+    return sample
+
+
+def _smallest_hashes_covering(manifest: CorpusManifest, sample_bytes: int) -> dict[str, int]:
+    """doc_hash → unit index of the smallest-hash train documents whose bytes first reach
+    ``sample_bytes``. A heap keeps only those, so memory scales with the sample, not the corpus."""
+    largest_first: list[tuple[int, str, int, int]] = []  # (-hash, doc_hash, bytes, unit index)
+    held_bytes = 0
+    for unit_index, unit in enumerate(manifest.units):
+        dropped = set(unit.drop_doc_hashes)
+        for batch in iter_raw_batches(Path(unit.directory), ["text", "doc_hash", "split"]):
+            lengths = pc.binary_length(batch.column("text")).to_pylist()
+            for doc_hash, split, n_bytes in zip(batch.column("doc_hash").to_pylist(),
+                                                batch.column("split").to_pylist(), lengths):
+                if split != "train" or doc_hash in dropped:
+                    continue
+                heapq.heappush(largest_first, (-int(doc_hash, 16), doc_hash, n_bytes, unit_index))
+                held_bytes += n_bytes
+                while held_bytes - largest_first[0][2] >= sample_bytes:
+                    held_bytes -= heapq.heappop(largest_first)[2]
+    return {doc_hash: unit_index for _, doc_hash, _, unit_index in largest_first}
+
+
+def _reporting(sample: list[str], progress: Progress | None) -> Iterator[str]:
+    sizes = [len(text.encode()) for text in sample]
+    total = sum(sizes)
+    done = 0
+    for text, size in zip(sample, sizes):
+        yield text
+        done += size
+        if progress:
+            progress(done, total)
