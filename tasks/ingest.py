@@ -48,7 +48,7 @@ def ingest(sources: SourceResolution, config: IngestConfig, workspace: Workspace
         "data/source_files": len(manifest.units),
         "data/skipped": manifest.skips.total,
     })
-    run.log_artifact(manifest.path, "data")
+    run.log_artifact(Path(manifest.path), "data")
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
     return manifest

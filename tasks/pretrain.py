@@ -102,11 +102,11 @@ def pretrain_model_task(
     train_config: TrainConfig,
     tokens: TokenManifest,
     run_dir: str,
-    workspace: Workspace,
+    tracking_uri: str,
     mlflow_run_id: str,
     resume: bool,
 ) -> TrainedModel:
-    run = PipelineRun.attach(workspace, mlflow_run_id)
+    run = PipelineRun.attach(tracking_uri, mlflow_run_id)
     reporter = TrainingReporter(run, train_config.max_steps)
     result = model.train.pretrain(
         model_config, train_config, tokens.paths("train"), tokens.paths("val"), Path(run_dir),
@@ -155,7 +155,7 @@ def train_model(
         train_config=train_config,
         tokens=tokens,
         run_dir=str(workspace.store / "runs" / key),
-        workspace=workspace,
+        tracking_uri=workspace.tracking_uri,
         mlflow_run_id=run.run_id,
         resume=resume,
     )

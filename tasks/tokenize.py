@@ -58,5 +58,5 @@ def tokenize(
         "data/train_tokens": tokens.total_tokens("train"),
         "data/val_tokens": tokens.total_tokens("val"),
     })
-    run.log_artifact(tokens.path, "data")
+    run.log_artifact(Path(tokens.path), "data")
     return tokens

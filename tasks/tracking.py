@@ -36,9 +36,9 @@ class PipelineRun:
         self.stage_statuses: dict[str, str] = {}
 
     @classmethod
-    def attach(cls, workspace: Workspace, run_id: str) -> PipelineRun:
+    def attach(cls, tracking_uri: str, run_id: str) -> PipelineRun:
         """The same run, from another thread or process (tasks receive the run id)."""
-        return cls(MlflowClient(workspace.tracking_uri), run_id)
+        return cls(MlflowClient(tracking_uri), run_id)
 
     def log_params(self, params: dict[str, Any]) -> None:
         entries = [Param(key, _param_value(value)) for key, value in sorted(params.items())]
