@@ -52,6 +52,14 @@ def test_training_learns_a_repeated_phrase(tmp_path, tiny_config, tiny_train_con
     assert result.final_val_loss < 1.5
 
 
+def test_bfloat16_autocast_trains_on_cpu(tmp_path, tiny_config, tiny_train_config, pattern_shards):
+    callback = RecordingCallback()
+    config = dataclasses.replace(tiny_train_config, dtype="bfloat16", max_steps=30, learning_rate=1e-2)
+    result = pretrain(tiny_config, config, *pattern_shards, tmp_path / "run", callback=callback)
+    assert result.final_train_loss < callback.metrics[5]["train/loss"] - 1.0
+    assert load_model(result.final_dir).lm_head.weight.dtype == torch.float32  # master weights stay float32
+
+
 def test_reports_metrics_checkpoints_and_the_export(tmp_path, tiny_config, tiny_train_config, pattern_shards):
     train, val = pattern_shards
     callback = RecordingCallback()
@@ -131,11 +139,13 @@ def test_killed_runs_resume_to_bit_identical_weights(tmp_path, pattern_shards):
     for attempt in range(3):
         command = [sys.executable, str(TINY_TRAINING), str(run_dir), *shards] + (["--resume"] if attempt else [])
         process = subprocess.Popen(command)
+        # Let it get a few checkpoints further, then kill it at a random moment of a later step.
+        target_step = reached_step + delays.randint(1, 10)
         deadline = time.monotonic() + 60
-        while _latest_step(run_dir) <= reached_step:
-            assert process.poll() is None and time.monotonic() < deadline, "training stopped before a new checkpoint"
-            time.sleep(0.005)
-        time.sleep(delays.uniform(0.0, 0.3))
+        while _latest_step(run_dir) < target_step:
+            assert process.poll() is None and time.monotonic() < deadline, "training stopped before the target step"
+            time.sleep(0.002)
+        time.sleep(delays.uniform(0.0, 0.03))
         process.send_signal(signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
 
@@ -149,9 +159,9 @@ def test_killed_runs_resume_to_bit_identical_weights(tmp_path, pattern_shards):
     subprocess.run([sys.executable, str(TINY_TRAINING), str(run_dir), *shards, "--resume"], check=True)
     assert reference.wait() == 0
     assert_same_weights(tmp_path / "reference" / "final", run_dir / "final")
-    assert_same_weights(tmp_path / "reference/checkpoints/step-00000100", run_dir / "checkpoints/step-00000100")
-    reference_optimizer = torch.load(tmp_path / "reference/checkpoints/step-00000100" / OPTIMIZER_FILE, weights_only=True)
-    resumed_optimizer = torch.load(run_dir / "checkpoints/step-00000100" / OPTIMIZER_FILE, weights_only=True)
+    assert_same_weights(tmp_path / "reference/checkpoints/step-00000050", run_dir / "checkpoints/step-00000050")
+    reference_optimizer = torch.load(tmp_path / "reference/checkpoints/step-00000050" / OPTIMIZER_FILE, weights_only=True)
+    resumed_optimizer = torch.load(run_dir / "checkpoints/step-00000050" / OPTIMIZER_FILE, weights_only=True)
     for index, expected in reference_optimizer["state"].items():
         for key, value in expected.items():
             assert torch.equal(value, resumed_optimizer["state"][index][key]), (index, key)

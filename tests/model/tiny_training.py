@@ -17,7 +17,7 @@ MODEL_CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_
 # A checkpoint every step: most of the run is spent writing one, so a random kill often lands
 # in the middle of a write.
 TRAIN_CONFIG = TrainConfig(
-    max_steps=100, micro_batch_size=4, grad_accum_steps=2, learning_rate=3e-3, warmup_steps=5,
+    max_steps=50, micro_batch_size=4, grad_accum_steps=2, learning_rate=3e-3, warmup_steps=5,
     log_interval=5, eval_interval=20, eval_tokens=128, checkpoint_interval=1, keep_checkpoints=2,
     device="cpu",
 )
