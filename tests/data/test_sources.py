@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from data.errors import CorpusError
+from data.sources import (
+    BUILTIN_CORPUS,
+    SKIP_HIDDEN,
+    SKIP_UNSUPPORTED,
+    builtin_corpus_root,
+    detect_format,
+    resolve_sources,
+)
+
+
+@pytest.fixture
+def mixed_folder(write_corpus) -> Path:
+    return write_corpus({
+        "a.txt": "plain text",
+        "notes.md": "# notes",
+        "sub/b.jsonl.gz": b"",
+        "sub/deeper/c.parquet": b"",
+        "sub/d.csv.zst": b"",
+        "report.docx": b"PK",
+        ".hidden.txt": "secret",
+        ".git/config": "[core]",
+    })
+
+
+def test_folder_is_searched_recursively_sorted_with_formats_and_compression(mixed_folder):
+    resolution = resolve_sources([str(mixed_folder)])
+    found = [(source.path.relative_to(mixed_folder).as_posix(), source.format, source.compression)
+             for source in resolution.files]
+    assert found == [
+        ("a.txt", "text", None),
+        ("notes.md", "text", None),
+        ("sub/b.jsonl.gz", "jsonl", "gzip"),
+        ("sub/d.csv.zst", "csv", "zstd"),
+        ("sub/deeper/c.parquet", "parquet", None),
+    ]
+    assert all(source.path.is_absolute() for source in resolution.files)
+
+
+def test_unsupported_and_hidden_files_inside_a_folder_are_counted_not_fatal(mixed_folder):
+    skipped = resolve_sources([str(mixed_folder)]).skipped
+    assert skipped.counts == {SKIP_UNSUPPORTED: 1, SKIP_HIDDEN: 2}
+    assert skipped.examples[SKIP_UNSUPPORTED] == [str(mixed_folder / "report.docx")]
+    assert sorted(skipped.examples[SKIP_HIDDEN]) == [str(mixed_folder / ".git"), str(mixed_folder / ".hidden.txt")]
+
+
+def test_file_named_twice_by_path_folder_and_glob_is_listed_once(mixed_folder):
+    resolution = resolve_sources([
+        str(mixed_folder / "a.txt"),
+        str(mixed_folder),
+        str(mixed_folder / "**" / "*.txt"),
+        os.path.relpath(mixed_folder / "a.txt"),
+    ])
+    paths = [source.path for source in resolution.files]
+    assert len(paths) == len(set(paths)) == 5
+
+
+def test_recursive_glob_matches_files_in_subfolders_only_of_its_pattern(mixed_folder):
+    resolution = resolve_sources([str(mixed_folder / "**" / "*.parquet"), str(mixed_folder / "*.md")])
+    assert [source.path.name for source in resolution.files] == ["notes.md", "c.parquet"]
+
+
+def test_missing_path_error_names_the_path_its_resolution_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CorpusError) as raised:
+        resolve_sources(["no/such/texts"])
+    message = str(raised.value)
+    assert "'no/such/texts' does not exist" in message
+    assert str(tmp_path / "no/such/texts") in message
+    assert "omit --corpus" in message
+
+
+def test_explicitly_named_file_of_unknown_type_is_an_error_listing_supported_extensions(write_corpus):
+    folder = write_corpus({"slides.pptx": b"PK"})
+    with pytest.raises(CorpusError) as raised:
+        resolve_sources([str(folder / "slides.pptx")])
+    message = str(raised.value)
+    assert "slides.pptx" in message and "unsupported type" in message
+    for extension in (".txt", ".jsonl", ".parquet", ".csv", ".gz", ".zst"):
+        assert extension in message
+
+
+def test_glob_matching_nothing_is_an_error(write_corpus):
+    folder = write_corpus({"a.txt": "x"})
+    with pytest.raises(CorpusError, match=r"matches no files"):
+        resolve_sources([str(folder / "*.jsonl")])
+
+
+def test_folder_without_any_readable_file_is_an_error_that_says_what_was_skipped(write_corpus):
+    folder = write_corpus({"image.png": b"\x89PNG", ".env": "KEY=1"})
+    with pytest.raises(CorpusError) as raised:
+        resolve_sources([str(folder)])
+    assert "No readable files" in str(raised.value)
+    assert f"1 {SKIP_UNSUPPORTED}" in str(raised.value) and "image.png" in str(raised.value)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("a.TXT", ("text", None)),
+    ("code.py", ("text", None)),
+    ("guide.rst", ("text", None)),
+    ("v1.2.jsonl.gz", ("jsonl", "gzip")),
+    ("rows.json.zst", ("json", "zstd")),
+    ("table.parquet.gz", None),  # parquet needs random access: no outer compression
+    ("archive.tar.gz", None),
+    ("README", None),
+])
+def test_format_and_compression_come_from_the_file_name(name, expected):
+    assert detect_format(Path(name)) == expected
+
+
+def test_builtin_corpus_is_the_standard_library_source_without_tests_or_site_packages():
+    files = resolve_sources([BUILTIN_CORPUS]).files
+    root = builtin_corpus_root()
+    relative = [source.path.relative_to(root) for source in files]
+    assert 500 < len(files) < 1500
+    assert all(source.format == "text" and source.path.suffix == ".py" for source in files)
+    assert not [path for path in relative if {"test", "tests", "idle_test", "site-packages"} & set(path.parts)]
+    assert Path("json/decoder.py") in relative
+    assert 5e6 < sum(source.path.stat().st_size for source in files) < 30e6
+
+
+def test_fingerprint_inputs_change_when_a_file_changes(write_corpus):
+    folder = write_corpus({"a.txt": "one", "b.txt": "two"})
+    before = resolve_sources([str(folder)]).fingerprint_inputs()
+    (folder / "b.txt").write_text("two, edited")
+    after = resolve_sources([str(folder)]).fingerprint_inputs()
+    assert before[0] == after[0] and before[1] != after[1]
