@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from data.config import IngestConfig
+from data.errors import CorpusError
+from data.ingest import CorpusManifest, document_split, ingest_corpus
+from data.readers import SKIP_BINARY, SKIP_TOO_SHORT
+from data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
+from data.sources import SKIP_UNSUPPORTED, resolve_sources
+from data.store import CONTENTS_FILE, hash_bytes, is_complete
+
+CONFIG = IngestConfig(val_fraction=0.3)
+
+
+def jsonl(texts: list[str]) -> str:
+    return "".join(json.dumps({"text": text}) + "\n" for text in texts)
+
+
+def ingest(folder: Path, store_dir: Path, config: IngestConfig = CONFIG, **kwargs) -> CorpusManifest:
+    return ingest_corpus(resolve_sources([str(folder)]), config, store_dir, **kwargs)
+
+
+def documents_by_split(manifest: CorpusManifest) -> dict[str, str]:
+    """doc_hash → split of every document tokenize will see."""
+    found = {}
+    for unit in manifest.units:
+        dropped = set(unit.drop_doc_hashes)
+        for batch in iter_raw_batches(Path(unit.directory), ["doc_hash", "split"]):
+            for doc_hash, split in zip(batch.column("doc_hash").to_pylist(), batch.column("split").to_pylist()):
+                if doc_hash not in dropped:
+                    found[doc_hash] = split
+    return found
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(directory.iterdir())}
+
+
+def test_each_file_becomes_a_committed_unit_of_hashed_split_documents(write_corpus, store_dir, make_documents):
+    texts = make_documents(40)
+    folder = write_corpus({"a.jsonl": jsonl(texts[:30]), "b.txt": texts[30]})
+    manifest = ingest(folder, store_dir)
+
+    assert [Path(unit.source).name for unit in manifest.units] == ["a.jsonl", "b.txt"]
+    assert all(is_complete(Path(unit.directory)) for unit in manifest.units)
+    batches = list(iter_raw_batches(Path(manifest.units[0].directory), ["text", "doc_hash", "split"]))
+    assert batches[0].schema == RAW_SCHEMA
+    rows = [row for batch in batches for row in zip(*(column.to_pylist() for column in batch.columns))]
+    assert [text for text, _, _ in rows] == texts[:30]
+    for text, doc_hash, split in rows:
+        assert doc_hash == hash_bytes(text.encode())
+        assert split == document_split(doc_hash, CONFIG.val_fraction)
+    assert {split for _, _, split in rows} == {"train", "val"}
+    assert manifest.totals["docs"]["train"] + manifest.totals["docs"]["val"] == manifest.total_documents == 31
+    assert manifest.totals["bytes"]["train"] + manifest.totals["bytes"]["val"] == sum(len(t.encode()) for t in texts[:31])
+
+
+def test_manifest_is_written_under_its_fingerprint_and_round_trips(write_corpus, store_dir, make_documents):
+    manifest = ingest(write_corpus({"a.jsonl": jsonl(make_documents(5))}), store_dir)
+    assert Path(manifest.path) == store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json"
+    assert CorpusManifest.from_dict(json.loads(Path(manifest.path).read_text())) == manifest
+
+
+def test_duplicates_are_dropped_within_a_file_and_across_files(write_corpus, store_dir, make_documents):
+    texts = make_documents(6)
+    folder = write_corpus({
+        "a.jsonl": jsonl([texts[0], texts[1], texts[0], texts[0]]),
+        "b.jsonl": jsonl([texts[1], texts[2], texts[3]]),
+        "c.txt": texts[2],
+    })
+    manifest = ingest(folder, store_dir)
+    first, second, third = manifest.units
+
+    assert first.duplicates == 2 and first.drop_doc_hashes == []
+    assert second.drop_doc_hashes == [hash_bytes(texts[1].encode())]
+    assert third.drop_doc_hashes == [hash_bytes(texts[2].encode())]
+    assert sum(unit.docs["train"] + unit.docs["val"] for unit in manifest.units) == 4
+    assert manifest.totals["duplicates"] == 4
+    assert set(documents_by_split(manifest)) == {hash_bytes(text.encode()) for text in texts[:4]}
+
+
+def test_adding_files_moves_no_document_between_splits(write_corpus, store_dir, make_documents):
+    folder = write_corpus({"a.jsonl": jsonl(make_documents(100, "old"))})
+    before = documents_by_split(ingest(folder, store_dir))
+    write_corpus({"b.jsonl": jsonl(make_documents(100, "new")), "0-first.jsonl": jsonl(make_documents(50, "more"))})
+    after = documents_by_split(ingest(folder, store_dir))
+    assert len(after) == 250
+    assert {doc_hash: after[doc_hash] for doc_hash in before} == before
+
+
+def test_second_ingest_reuses_every_unit_byte_for_byte(write_corpus, store_dir, make_documents):
+    folder = write_corpus({"a.jsonl": jsonl(make_documents(20)), "b.md": "# title\n\nbody"})
+    first = ingest(folder, store_dir)
+    files_before = [snapshot(Path(unit.directory)) for unit in first.units]
+    second = ingest(folder, store_dir)
+    assert [unit.reused for unit in first.units] == [False, False]
+    assert [unit.reused for unit in second.units] == [True, True]
+    assert [snapshot(Path(unit.directory)) for unit in second.units] == files_before
+    assert second.fingerprint == first.fingerprint
+
+
+def test_modified_file_gets_a_new_unit_and_the_others_are_reused(write_corpus, store_dir, make_documents):
+    folder = write_corpus({"a.jsonl": jsonl(make_documents(20)), "b.txt": "version one"})
+    first = ingest(folder, store_dir)
+    (folder / "b.txt").write_text("version two")
+    second = ingest(folder, store_dir)
+    assert second.units[0].key == first.units[0].key and second.units[0].reused
+    assert second.units[1].key != first.units[1].key and not second.units[1].reused
+    assert second.fingerprint != first.fingerprint
+
+
+def test_touched_but_unchanged_file_keeps_its_unit(write_corpus, store_dir):
+    folder = write_corpus({"a.txt": "same words"})
+    first = ingest(folder, store_dir)
+    os.utime(folder / "a.txt", ns=(1, 1))
+    assert ingest(folder, store_dir).units[0].key == first.units[0].key
+
+
+def test_changing_a_setting_that_changes_documents_changes_the_keys(write_corpus, store_dir, make_documents):
+    folder = write_corpus({"a.jsonl": jsonl(make_documents(20))})
+    first = ingest(folder, store_dir)
+    assert ingest(folder, store_dir, IngestConfig(val_fraction=0.1)).units[0].key != first.units[0].key
+    assert ingest(folder, store_dir, IngestConfig(val_fraction=0.3, shard_bytes=4096)).units[0].key == first.units[0].key
+
+
+def test_large_file_is_written_in_several_shards_in_document_order(write_corpus, store_dir, make_documents):
+    texts = make_documents(400)
+    folder = write_corpus({"a.jsonl": jsonl(texts)})
+    manifest = ingest(folder, store_dir, IngestConfig(val_fraction=0.3, shard_bytes=2048))
+    directory = Path(manifest.units[0].directory)
+    assert len(raw_shard_paths(directory)) > 5
+    read_back = [text for batch in iter_raw_batches(directory, ["text"]) for text in batch.column("text").to_pylist()]
+    assert read_back == texts
+
+
+def test_skips_are_reported_in_the_manifest_even_for_reused_units(write_corpus, store_dir):
+    folder = write_corpus({"good.txt": "words", "blob.txt": b"\x00\x01", "empty.md": "  \n", "x.docx": b"PK"})
+    for _ in range(2):
+        skips = ingest(folder, store_dir).skips
+        assert skips.counts == {SKIP_BINARY: 1, SKIP_TOO_SHORT: 1, SKIP_UNSUPPORTED: 1}
+        assert skips.examples[SKIP_BINARY] == [str(folder / "blob.txt")]
+
+
+def test_corpus_with_no_usable_document_is_an_error_naming_the_skipped_files(write_corpus, store_dir):
+    folder = write_corpus({"blob.txt": b"\x00\x01", "blank.txt": "\n\n"})
+    with pytest.raises(CorpusError) as raised:
+        ingest(folder, store_dir)
+    message = str(raised.value)
+    assert "no usable documents" in message
+    assert f"{folder / 'blob.txt'}" in message and SKIP_BINARY in message
+    assert f"{folder / 'blank.txt'}" in message and SKIP_TOO_SHORT in message
+
+
+def test_failed_file_leaves_no_unit_directory_behind(write_corpus, store_dir, make_documents):
+    folder = write_corpus({"a.jsonl": jsonl(make_documents(5)), "b.jsonl": '{"body": "wrong field"}\n'})
+    with pytest.raises(CorpusError, match="b.jsonl"):
+        ingest(folder, store_dir)
+    raw = store_dir / "raw"
+    assert [path.name for path in raw.iterdir() if path.name.startswith(".tmp-")] == []
+    assert len(list(raw.iterdir())) == 1  # a.jsonl's unit, committed before b.jsonl failed
+
+
+def test_interrupted_or_damaged_units_are_rebuilt_never_reused(write_corpus, store_dir, make_documents):
+    folder = write_corpus({"a.jsonl": jsonl(make_documents(30))})
+    directory = Path(ingest(folder, store_dir).units[0].directory)
+    shard = raw_shard_paths(directory)[0]
+
+    # A run killed before its commit leaves only a temporary directory, which must not count.
+    os.rename(directory, directory.parent / f".tmp-{directory.name}-killed")
+    rebuilt = ingest(folder, store_dir).units[0]
+    assert not rebuilt.reused and is_complete(directory)
+
+    # Damaged bytes in a committed unit: rebuilt too.
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert not is_complete(directory)
+    assert not ingest(folder, store_dir).units[0].reused
+    assert is_complete(directory) and (directory / CONTENTS_FILE).exists()
+    assert pa.ipc.open_file(pa.py_buffer(shard.read_bytes())).read_all().num_rows == 30
+
+
+def test_progress_counts_source_bytes_up_to_the_total(write_corpus, store_dir, make_documents):
+    folder = write_corpus({"a.jsonl": jsonl(make_documents(30)), "b.txt": "some text"})
+    calls = []
+    ingest(folder, store_dir, progress=lambda done, total: calls.append((done, total)))
+    total = sum(path.stat().st_size for path in folder.iterdir())
+    assert calls[-1] == (total, total)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from data.shards import TokenShardWriter
+from data.stats import token_counts, unigram_cross_entropy
+
+VOCAB = 512
+
+
+def write_shards(directory, name: str, tokens: np.ndarray, n_shards: int = 3) -> list:
+    paths = []
+    for index, chunk in enumerate(np.array_split(tokens.astype(np.uint16), n_shards)):
+        writer = TokenShardWriter(directory / f"{name}-{index}.arrow", np.dtype(np.uint16))
+        writer.write(chunk)
+        writer.close()
+        paths.append(directory / f"{name}-{index}.arrow")
+    return paths
+
+
+def test_counts_stream_over_every_shard(tmp_path):
+    tokens = np.array([0, 1, 1, 5, 5, 5, 511])
+    assert token_counts(write_shards(tmp_path, "t", tokens), VOCAB).tolist() == np.bincount(tokens, minlength=VOCAB).tolist()
+
+
+def test_hand_computed_example(tmp_path):
+    train = write_shards(tmp_path, "train", np.array([0, 0, 0, 1]), n_shards=1)
+    val = write_shards(tmp_path, "val", np.array([0, 2]), n_shards=1)
+    vocab = 512
+    expected = -(math.log(4 / (4 + vocab)) + math.log(1 / (4 + vocab))) / 2
+    assert unigram_cross_entropy(train, val, vocab) == pytest.approx(expected)
+
+
+def test_uniform_tokens_cost_about_log_vocab(tmp_path):
+    rng = np.random.default_rng(0)
+    train = write_shards(tmp_path, "train", rng.integers(0, VOCAB, 200_000))
+    val = write_shards(tmp_path, "val", rng.integers(0, VOCAB, 20_000))
+    assert unigram_cross_entropy(train, val, VOCAB) == pytest.approx(math.log(VOCAB), rel=0.01)
+
+
+def test_skewed_tokens_cost_their_entropy_far_below_log_vocab(tmp_path):
+    rng = np.random.default_rng(0)
+    probabilities = 1.0 / np.arange(1, VOCAB + 1) ** 1.5
+    probabilities /= probabilities.sum()
+    entropy = float(-(probabilities * np.log(probabilities)).sum())
+    train = write_shards(tmp_path, "train", rng.choice(VOCAB, 300_000, p=probabilities))
+    val = write_shards(tmp_path, "val", rng.choice(VOCAB, 30_000, p=probabilities))
+    loss = unigram_cross_entropy(train, val, VOCAB)
+    assert loss == pytest.approx(entropy, rel=0.03)
+    assert loss < 0.6 * math.log(VOCAB)
+
+
+def test_no_validation_tokens_is_a_clear_error(tmp_path):
+    train = write_shards(tmp_path, "train", np.array([1, 2, 3]), n_shards=1)
+    with pytest.raises(ValueError, match="No validation tokens"):
+        unigram_cross_entropy(train, [], VOCAB)

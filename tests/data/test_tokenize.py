@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.config import IngestConfig, TokenizeConfig
+from data.ingest import CorpusUnit, ingest_corpus
+from data.shards import TOKENS_PER_RECORD_BATCH, TokenShardWriter, iter_raw_batches, iter_token_arrays
+from data.sources import resolve_sources
+from data.tokenize import PIECE_CHARS, TokenManifest, cut_at_token_boundaries, tokenize_corpus
+from data.tokenizer import load_tokenizer
+
+
+def documents(unit: CorpusUnit, split: str) -> list[str]:
+    dropped = set(unit.drop_doc_hashes)
+    return [
+        text
+        for batch in iter_raw_batches(Path(unit.directory), ["text", "doc_hash", "split"])
+        for text, doc_hash, doc_split in zip(*(column.to_pylist() for column in batch.columns))
+        if doc_split == split and doc_hash not in dropped
+    ]
+
+
+def read_tokens(path: Path) -> np.ndarray:
+    arrays = list(iter_token_arrays(path)) if path.exists() else []
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens(tiny_manifest, tiny_tokenizer, tmp_path_factory) -> TokenManifest:
+    return tokenize_corpus(tiny_manifest, tiny_tokenizer, TokenizeConfig(), tmp_path_factory.mktemp("tokens"))
+
+
+def test_tokens_are_each_documents_direct_encoding_followed_by_end_of_text(tiny_manifest, tiny_tokenizer, tiny_tokens):
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    assert max(len(text) for unit in tiny_manifest.units for text in documents(unit, "train")) > 2 * PIECE_CHARS
+    for raw_unit, token_unit in zip(tiny_manifest.units, tiny_tokens.units):
+        for split in ("train", "val"):
+            texts = documents(raw_unit, split)
+            expected = [i for text in texts for i in [*tokenizer.encode(text).ids, tiny_tokenizer.eot_id]]
+            tokens = read_tokens(Path(token_unit.directory) / f"{split}.arrow")
+            assert tokens.tolist() == expected, (raw_unit.source, split)
+            assert token_unit.n_tokens[split] == len(expected)
+            assert token_unit.n_docs[split] == len(texts) == int((tokens == tiny_tokenizer.eot_id).sum())
+            assert token_unit.n_bytes[split] == sum(len(text.encode()) for text in texts)
+
+
+def test_small_vocabulary_is_stored_as_uint16(tiny_tokens):
+    assert tiny_tokens.dtype == "uint16"
+    assert {read_tokens(path).dtype for path in tiny_tokens.paths("train")} == {np.dtype(np.uint16)}
+
+
+def test_manifest_totals_paths_and_round_trip(tiny_manifest, tiny_tokens):
+    assert Path(tiny_tokens.path).name == f"tokens-{tiny_tokens.fingerprint}.json"
+    assert TokenManifest.from_dict(json.loads(Path(tiny_tokens.path).read_text())) == tiny_tokens
+    for split in ("train", "val"):
+        assert tiny_tokens.total_docs(split) == tiny_manifest.totals["docs"][split]
+        assert tiny_tokens.total_bytes(split) == tiny_manifest.totals["bytes"][split]
+        assert sum(len(read_tokens(path)) for path in tiny_tokens.paths(split)) == tiny_tokens.total_tokens(split)
+    # Most small files have no val document: their units hold no val file and are not listed.
+    without_val = [unit for unit in tiny_tokens.units if unit.n_tokens["val"] == 0]
+    assert without_val and not any((Path(unit.directory) / "val.arrow").exists() for unit in without_val)
+    assert len(tiny_tokens.paths("val")) == len(tiny_tokens.units) - len(without_val)
+
+
+def test_tiny_batches_spanning_many_units_give_identical_shards(tiny_manifest, tiny_tokenizer, tiny_tokens, tmp_path):
+    small = tokenize_corpus(tiny_manifest, tiny_tokenizer, TokenizeConfig(batch_bytes=1024), tmp_path)
+    assert small.fingerprint == tiny_tokens.fingerprint
+    for ours, theirs in zip(small.units, tiny_tokens.units):
+        for split in ("train", "val"):
+            assert np.array_equal(read_tokens(Path(ours.directory) / f"{split}.arrow"),
+                                  read_tokens(Path(theirs.directory) / f"{split}.arrow"))
+
+
+def test_second_run_reuses_every_unit_untouched(tiny_manifest, tiny_tokenizer, tmp_path):
+    first = tokenize_corpus(tiny_manifest, tiny_tokenizer, TokenizeConfig(), tmp_path)
+    stamps = {path: path.stat().st_mtime_ns for unit in first.units for path in Path(unit.directory).iterdir()}
+    calls = []
+    second = tokenize_corpus(tiny_manifest, tiny_tokenizer, TokenizeConfig(), tmp_path,
+                             progress=lambda done, total: calls.append((done, total)))
+    assert not any(unit.reused for unit in first.units) and all(unit.reused for unit in second.units)
+    assert second.units == [dataclasses.replace(unit, reused=True) for unit in first.units]
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+    total = tiny_manifest.totals["bytes"]["train"] + tiny_manifest.totals["bytes"]["val"]
+    assert calls == [(total, total)]
+
+
+def test_documents_dropped_as_cross_file_duplicates_are_not_tokenized(write_corpus, store_dir, tiny_tokenizer):
+    shared = "a paragraph that two files both contain"
+    folder = write_corpus({"a.txt": shared, "b.jsonl": json.dumps({"text": shared}) + "\n" + '{"text": "only b"}\n'})
+    manifest = ingest_corpus(resolve_sources([str(folder)]), IngestConfig(), store_dir)
+    progress = []
+    tokens = tokenize_corpus(manifest, tiny_tokenizer, TokenizeConfig(), store_dir,
+                             progress=lambda done, total: progress.append((done, total)))
+    assert tokens.total_docs("train") + tokens.total_docs("val") == 2
+    every_token = np.concatenate([read_tokens(path) for split in ("train", "val") for path in tokens.paths(split)])
+    assert int((every_token == tiny_tokenizer.eot_id).sum()) == 2
+    assert progress[-1] == (len(shared) + len("only b"), len(shared) + len("only b"))
+
+
+def test_changed_drop_list_retokenizes_only_that_unit(write_corpus, store_dir, tiny_tokenizer):
+    folder = write_corpus({"a.txt": "alpha text", "b.txt": "beta text"})
+    first = tokenize_corpus(ingest_corpus(resolve_sources([str(folder)]), IngestConfig(), store_dir),
+                            tiny_tokenizer, TokenizeConfig(), store_dir)
+    write_corpus({"0.jsonl": json.dumps({"text": "beta text"}) + "\n"})  # sorts first: b.txt now a duplicate
+    manifest = ingest_corpus(resolve_sources([str(folder)]), IngestConfig(), store_dir)
+    second = tokenize_corpus(manifest, tiny_tokenizer, TokenizeConfig(), store_dir)
+    by_source = {Path(unit.source).name: unit for unit in second.units}
+    assert by_source["a.txt"].reused and by_source["a.txt"].key == first.units[0].key
+    assert not by_source["b.txt"].reused and by_source["b.txt"].n_docs == {"train": 0, "val": 0}
+
+
+@pytest.mark.parametrize("min_chars", [8, 64, 1000])
+def test_cutting_at_token_boundaries_never_changes_the_tokens(tiny_manifest, tiny_tokenizer, min_chars):
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    texts = [text for unit in tiny_manifest.units[:10] for text in documents(unit, "train")] + [
+        "it's  two  spaces,\tтабы and \n\n\n  blank lines  \n  " * 40,
+        "digits 123 456\n789 x1 y2\n" * 60,
+        "naïve café ünïcödé 日本語 テキスト 🎉 done " * 50,
+    ]
+    cuts = 0
+    for text in texts:
+        parts = cut_at_token_boundaries(text, min_chars)
+        assert "".join(parts) == text
+        assert all(len(part) >= min_chars for part in parts[:-1])
+        cuts += len(parts) - 1
+        assert [i for part in parts for i in tokenizer.encode(part).ids] == tokenizer.encode(text).ids
+    assert cuts > len(texts)
+
+
+def test_token_shard_record_batches_hold_at_most_a_million_tokens(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 60_000, size=int(2.5 * TOKENS_PER_RECORD_BATCH), dtype=np.uint16)
+    writer = TokenShardWriter(tmp_path / "train.arrow", np.dtype(np.uint16))
+    for chunk in np.array_split(tokens, 37):
+        writer.write(chunk)
+    writer.close()
+    batches = list(iter_token_arrays(tmp_path / "train.arrow"))
+    assert [len(batch) for batch in batches] == [TOKENS_PER_RECORD_BATCH] * 2 + [TOKENS_PER_RECORD_BATCH // 2]
+    assert np.array_equal(np.concatenate(batches), tokens)
+    with pytest.raises(TypeError):
+        TokenShardWriter(tmp_path / "other.arrow", np.dtype(np.uint16)).write(tokens.astype(np.uint32))
+
