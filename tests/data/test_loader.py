@@ -20,18 +20,18 @@ def write_shard(path: Path, tokens: np.ndarray, batch_tokens: int = 100) -> Path
 
 @pytest.fixture
 def counting_shards(tmp_path) -> list[Path]:
-    """Two shards of consecutive integers from disjoint ranges, in record batches of 100: any
-    window that skips a token or crosses into the other shard shows a jump."""
+    """Two shards that continue one count, in record batches of 100: any window that skips or
+    repeats a token shows a jump."""
     return [
         write_shard(tmp_path / "a.arrow", np.arange(0, 1000, dtype=np.uint16)),
-        write_shard(tmp_path / "b.arrow", np.arange(30000, 33000, dtype=np.uint16)),
+        write_shard(tmp_path / "b.arrow", np.arange(1000, 4000, dtype=np.uint16)),
     ]
 
 
-def test_windows_are_contiguous_within_one_shard_across_record_batches(counting_shards):
+def test_windows_are_contiguous_across_record_batches_and_shards(counting_shards):
     windows = TokenWindows(counting_shards, block_size=64)
-    crossed_record_batch = False
-    for step in range(50):
+    crossed_record_batch = crossed_shard = False
+    for step in range(100):
         inputs, targets = windows.sample_batch(seed=0, step=step, micro_step=0, batch_size=16)
         assert inputs.shape == targets.shape == (16, 64)
         assert inputs.dtype == targets.dtype == torch.int64
@@ -39,7 +39,8 @@ def test_windows_are_contiguous_within_one_shard_across_record_batches(counting_
         assert torch.all(full[:, 1:] - full[:, :-1] == 1)
         assert torch.equal(targets[:, :-1], inputs[:, 1:])
         crossed_record_batch |= bool(torch.any(full[:, 0] // 100 != full[:, -1] // 100))
-    assert crossed_record_batch
+        crossed_shard |= bool(torch.any((full[:, 0] < 1000) & (full[:, -1] >= 1000)))
+    assert crossed_record_batch and crossed_shard
 
 
 def test_same_seed_and_step_give_the_same_batch(counting_shards):
@@ -56,27 +57,24 @@ def test_same_seed_and_step_give_the_same_batch(counting_shards):
         assert not torch.equal(windows.sample_batch(batch_size=8, **other)[0], first[0]), other
 
 
-def test_window_starts_are_weighted_by_shard_length(counting_shards):
+def test_window_starts_are_uniform_over_the_stream(counting_shards):
     windows = TokenWindows(counting_shards, block_size=100)
     starts = torch.cat([windows.sample_batch(0, step, 0, 64)[0][:, 0] for step in range(100)])
-    share_of_long_shard = (starts >= 30000).float().mean().item()
-    expected = (3000 - 100) / ((1000 - 100) + (3000 - 100))
-    assert abs(share_of_long_shard - expected) < 0.03
+    share_in_first_shard = (starts < 1000).float().mean().item()
+    assert abs(share_in_first_shard - 1000 / 3900) < 0.03
+    assert starts.max().item() <= 4000 - 101
 
 
-def test_sequential_batches_cover_each_shard_once_in_order(counting_shards):
+def test_sequential_batches_cover_the_stream_once_in_order(counting_shards):
     windows = TokenWindows(counting_shards, block_size=64)
     batches = list(windows.sequential_batches(batch_size=5, max_tokens=10**9))
     inputs = torch.cat([x for x, _ in batches])
     targets = torch.cat([y for _, y in batches])
-    expected_windows = (1000 - 1) // 64 + (3000 - 1) // 64
-    assert inputs.shape == (expected_windows, 64)
+    assert inputs.shape == ((4000 - 1) // 64, 64)
     assert all(len(x) == 5 for x, _ in batches[:-1])
     assert torch.equal(targets[:, :-1], inputs[:, 1:])
-    # Targets never overlap, so each token is scored at most once.
-    assert len(torch.unique(targets)) == targets.numel()
-    starts = inputs[:, 0].tolist()
-    assert starts == sorted(starts) and starts[0] == 0 and 30000 in starts
+    # Targets never overlap, so each token is scored at most once; together they tile the stream.
+    assert torch.equal(targets.flatten(), torch.arange(1, 1 + targets.numel()))
     again = torch.cat([x for x, _ in windows.sequential_batches(batch_size=5, max_tokens=10**9)])
     assert torch.equal(inputs, again)
 
@@ -95,22 +93,24 @@ def test_uint32_shards_load(tmp_path):
     assert inputs.min() >= 70000
 
 
-def test_too_short_shards_name_the_files_and_the_fix(tmp_path):
-    short = [write_shard(tmp_path / f"short-{i}.arrow", np.arange(50, dtype=np.uint16)) for i in range(2)]
+def test_too_little_text_names_a_file_and_the_fix(tmp_path):
+    short = [write_shard(tmp_path / f"short-{i}.arrow", np.arange(30, dtype=np.uint16)) for i in range(2)]
     with pytest.raises(ValueError) as error:
         TokenWindows(short, block_size=64)
     message = str(error.value)
-    assert "short-0.arrow" in message and "short-1.arrow" in message
+    assert "short-0.arrow" in message and "60 tokens" in message
     assert "block_size" in message and "65" in message
 
 
-def test_short_shards_are_skipped_when_others_are_long_enough(tmp_path, counting_shards):
-    short = write_shard(tmp_path / "short.arrow", np.arange(20000, 20010, dtype=np.uint16))
-    windows = TokenWindows([short, *counting_shards], block_size=64)
-    assert windows.short_shards == [short]
-    assert windows.num_tokens == 4000
-    samples = torch.cat([windows.sample_batch(0, step, 0, 32)[0] for step in range(20)])
-    assert not torch.any((samples >= 20000) & (samples < 20010))
+def test_shards_shorter_than_a_window_still_contribute_every_token(tmp_path):
+    tiny_files = [
+        write_shard(tmp_path / f"tiny-{i}.arrow", np.arange(10 * i, 10 * i + 10, dtype=np.uint16)) for i in range(20)
+    ]
+    windows = TokenWindows(tiny_files, block_size=64)
+    assert windows.num_tokens == 200
+    seen = torch.cat([torch.cat([x, y[:, -1:]], dim=1).flatten() for x, y in
+                      (windows.sample_batch(0, step, 0, 8) for step in range(50))])
+    assert set(seen.tolist()) == set(range(200))
 
 
 def test_a_shard_without_a_tokens_column_is_rejected(tmp_path):
