@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from data.errors import CorpusError
@@ -27,6 +28,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     build_config(args.preset, args.config, overrides)
     resolve_sources(corpus)
 
+    # Prefect's temporary server would otherwise log an error on every start on offline machines.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pretrain import pretrain  # imports Prefect: only once the input is known good
 
     summary = pretrain(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sysconfig
 from pathlib import Path
 
 import pytest
+
+# Telemetry from the test server fails offline and competes for its SQLite database.
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 # A few real standard-library packages: real text, present on every machine, ~300 KB.
 TINY_CORPUS_PACKAGES = ("json", "logging", "email", "collections", "importlib")

@@ -29,7 +29,7 @@ def cli_env(prefect_api_url, tmp_path) -> dict[str, str]:
     return env
 
 
-def _runs_oldest_first(workspace: Path) -> list:
+def _runs_oldest_first(workspace: Path) -> tuple[MlflowClient, list]:
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("gptflow")
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
