@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -96,10 +96,10 @@ class _TextField:
 
     def require_found(self) -> None:
         if self.records and not self.found:
-            raise missing_field_error(self.source, self.name, sorted(self.keys_seen))
+            raise _missing_field_error(self.source, self.name, sorted(self.keys_seen))
 
 
-def missing_field_error(source: SourceFile, field: str, keys: list[str]) -> CorpusError:
+def _missing_field_error(source: SourceFile, field: str, keys: list[str]) -> CorpusError:
     shown = ", ".join(keys[:20]) + (", ..." if len(keys) > 20 else "") if keys else "no named fields"
     return CorpusError(
         f"No record in {source.path} has the text field '{field}' (its records have: {shown}). "
@@ -173,11 +173,7 @@ def _read_json(source: SourceFile, field: _TextField) -> Iterator[Located]:
     except json.JSONDecodeError as error:
         field.skips.add(SKIP_INVALID_JSON, f"{source.path}:{error.lineno}")
         return
-    records = value if isinstance(value, list) else [value]
-    for index, record in enumerate(records, start=1):
-        location = f"{source.path}:record {index}"
-        if (text := field.from_record(record, location)) is not None:
-            yield location, text
+    yield from _numbered(source, value if isinstance(value, list) else [value], field.from_record)
 
 
 def _read_csv(source: SourceFile, field: _TextField) -> Iterator[Located]:
@@ -190,14 +186,8 @@ def _read_csv(source: SourceFile, field: _TextField) -> Iterator[Located]:
             reader = pa_csv.open_csv(stream, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                      convert_options=options)
         except pa.ArrowKeyError:
-            raise missing_field_error(source, field.name, _csv_column_names(source)) from None
-        record = 0
-        for batch in reader:
-            for value in batch.column(0).to_pylist():
-                record += 1
-                location = f"{source.path}:record {record}"
-                if (text := field.from_value(value, location)) is not None:
-                    yield location, text
+            raise _missing_field_error(source, field.name, _csv_column_names(source)) from None
+        yield from _numbered(source, _column_values(reader), field.from_value)
 
 
 def _csv_column_names(source: SourceFile) -> list[str]:
@@ -209,14 +199,9 @@ def _read_parquet(source: SourceFile, field: _TextField) -> Iterator[Located]:
     parquet = pq.ParquetFile(str(source.path))
     names = parquet.schema_arrow.names
     if field.name not in names:
-        raise missing_field_error(source, field.name, names)
-    record = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field.name]):
-        for value in batch.column(0).to_pylist():
-            record += 1
-            location = f"{source.path}:record {record}"
-            if (text := field.from_value(value, location)) is not None:
-                yield location, text
+        raise _missing_field_error(source, field.name, names)
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field.name])
+    yield from _numbered(source, _column_values(batches), field.from_value)
 
 
 def _read_hub(source: SourceFile, field: _TextField) -> Iterator[Located]:
@@ -224,10 +209,22 @@ def _read_hub(source: SourceFile, field: _TextField) -> Iterator[Located]:
 
     name, revision = str(source.path).removeprefix(HUB_PREFIX).rsplit("@", 1)
     records = datasets.load_dataset(name, split="train", streaming=True, revision=revision)
-    for index, record in enumerate(records, start=1):
+    yield from _numbered(source, records, field.from_record)
+
+
+def _numbered(
+    source: SourceFile, items: Iterable[Any], text_of: Callable[[Any, str], str | None]
+) -> Iterator[Located]:
+    """Texts of records or values, located as ``path:record N`` (1-based)."""
+    for index, item in enumerate(items, start=1):
         location = f"{source.path}:record {index}"
-        if (text := field.from_record(record, location)) is not None:
+        if (text := text_of(item, location)) is not None:
             yield location, text
+
+
+def _column_values(batches: Iterable[pa.RecordBatch]) -> Iterator[Any]:
+    for batch in batches:
+        yield from batch.column(0).to_pylist()
 
 
 _READERS: dict[str, Callable[[SourceFile, _TextField], Iterator[Located]]] = {

@@ -1,11 +1,12 @@
 """Stage 3, tokenize: raw shards → memory-mappable token shards, one cached unit per source file.
 
-Each raw unit becomes ``tokens/<key>/`` (``train.arrow``, ``val.arrow``, ``unit.json``), keyed by
-the tokenizer's hash, the raw unit's key and its drop list, so a grown corpus re-tokenizes only
-its new files. Every document's tokens are followed by the end-of-text id.
+Each raw unit becomes ``tokens/<key>/``: ``train.arrow`` and ``val.arrow`` (each only if that split
+has tokens) and ``unit.json`` (tokens, bytes and documents per split). The key covers the
+tokenizer's hash, the raw unit's key and its drop list, so a grown corpus re-tokenizes only its
+new files. Every document's tokens are followed by the end-of-text id.
 
-Speed is set by the tokenizer: the stage keeps within ~10% of what ``encode_batch_fast`` alone
-reaches on the same text (bench/tokenize_throughput.py measures it). Three things make that so:
+Speed is set by the tokenizer, and the stage adds little to it (bench/tokenize_throughput.py
+measures both on the same texts):
 
 - Documents are joined into items of about ``PIECE_CHARS``, each document followed by the literal
   end-of-text token, which the tokenizer's added-token matching turns into its id; items from many
@@ -14,6 +15,10 @@ reaches on the same text (bench/tokenize_throughput.py measures it). Three thing
 - The next batch is encoded (in Rust, without the GIL) while Python turns the previous batch's
   ids into numpy and writes them: the conversion, the costliest Python step, overlaps the encoding.
 - Batches are bounded (``TokenizeConfig.batch_bytes``), so memory is too.
+
+What it cannot hide is the fixed cost of committing one directory per source file (a few file
+creations each): negligible for large files, but on a corpus of many small files on a filesystem
+where creating files is slow it can rival the encoding itself.
 """
 
 from __future__ import annotations
@@ -103,7 +108,9 @@ class TokenManifest:
     def to_dict(self) -> dict[str, Any]:
         value = asdict(self)
         value["totals"] = {
-            split: {"tokens": self.total_tokens(split), "bytes": self.total_bytes(split), "docs": self.total_docs(split)}
+            split: {
+                "tokens": self.total_tokens(split), "bytes": self.total_bytes(split), "docs": self.total_docs(split)
+            }
             for split in SPLITS
         }
         return value
@@ -306,7 +313,9 @@ def _batches(pieces: Iterator[_Piece], batch_chars: int) -> Iterator[list[_Piece
         yield batch
 
 
-def _encoded(batches: Iterator[list[_Piece]], tokenizer: Tokenizer, dtype: np.dtype) -> Iterator[tuple[_Piece, np.ndarray]]:
+def _encoded(
+    batches: Iterator[list[_Piece]], tokenizer: Tokenizer, dtype: np.dtype
+) -> Iterator[tuple[_Piece, np.ndarray]]:
     """Each piece with its token ids, in order. ``ENCODE_AHEAD`` batches are encoding (without the
     GIL) while the oldest is converted to numpy and yielded, so the two overlap."""
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
@@ -323,7 +332,9 @@ def _encoded(batches: Iterator[list[_Piece]], tokenizer: Tokenizer, dtype: np.dt
         encoder.shutdown(cancel_futures=True)
 
 
-def _with_ids(batch: list[_Piece], encoded: Future[list[Encoding]], dtype: np.dtype) -> Iterator[tuple[_Piece, np.ndarray]]:
+def _with_ids(
+    batch: list[_Piece], encoded: Future[list[Encoding]], dtype: np.dtype
+) -> Iterator[tuple[_Piece, np.ndarray]]:
     encodings = encoded.result()
     lengths = [len(encoding) for encoding in encodings]
     # One pass over all ids of the batch: the cheapest way found from Encoding.ids lists to numpy.

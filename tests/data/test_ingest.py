@@ -57,8 +57,8 @@ def test_each_file_becomes_a_committed_unit_of_hashed_split_documents(write_corp
         assert doc_hash == hash_bytes(text.encode())
         assert split == document_split(doc_hash, CONFIG.val_fraction)
     assert {split for _, _, split in rows} == {"train", "val"}
-    assert manifest.totals["docs"]["train"] + manifest.totals["docs"]["val"] == manifest.total_documents == 31
-    assert manifest.totals["bytes"]["train"] + manifest.totals["bytes"]["val"] == sum(len(t.encode()) for t in texts[:31])
+    assert sum(manifest.totals["docs"].values()) == manifest.total_documents == 31
+    assert sum(manifest.totals["bytes"].values()) == sum(len(text.encode()) for text in texts[:31])
 
 
 def test_manifest_is_written_under_its_fingerprint_and_round_trips(write_corpus, store_dir, make_documents):
@@ -126,7 +126,8 @@ def test_changing_a_setting_that_changes_documents_changes_the_keys(write_corpus
     folder = write_corpus({"a.jsonl": jsonl(make_documents(20))})
     first = ingest(folder, store_dir)
     assert ingest(folder, store_dir, IngestConfig(val_fraction=0.1)).units[0].key != first.units[0].key
-    assert ingest(folder, store_dir, IngestConfig(val_fraction=0.3, shard_bytes=4096)).units[0].key == first.units[0].key
+    same_documents = IngestConfig(val_fraction=0.3, shard_bytes=4096)
+    assert ingest(folder, store_dir, same_documents).units[0].key == first.units[0].key
 
 
 def test_large_file_is_written_in_several_shards_in_document_order(write_corpus, store_dir, make_documents):
@@ -159,7 +160,7 @@ def test_corpus_with_no_usable_document_is_an_error_naming_the_skipped_files(wri
 
 def test_failed_file_leaves_no_unit_directory_behind(write_corpus, store_dir, make_documents):
     folder = write_corpus({"a.jsonl": jsonl(make_documents(5)), "b.jsonl": '{"body": "wrong field"}\n'})
-    with pytest.raises(CorpusError, match="b.jsonl"):
+    with pytest.raises(CorpusError, match=r"b\.jsonl"):
         ingest(folder, store_dir)
     raw = store_dir / "raw"
     assert [path.name for path in raw.iterdir() if path.name.startswith(".tmp-")] == []
