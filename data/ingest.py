@@ -109,7 +109,7 @@ def ingest_corpus(
     """Ingest every source into ``store_dir/raw/``; ``progress(done, total)`` counts source bytes.
 
     ``sources`` is a ``SourceResolution`` (its skipped files join the manifest's report) or a
-    plain list of files. Raises ``CorpusError`` when no document survives.
+    plain list of files. Raises ``CorpusError`` when no document survives, or either split is empty.
     """
     skips = SkipReport()
     if isinstance(sources, SourceResolution):
@@ -149,6 +149,15 @@ def ingest_corpus(
             f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}). "
             f"Fix or replace the files listed, or point --corpus at other data."
         )
+    for split, count in manifest.totals["docs"].items():
+        if count == 0:
+            # Training needs both splits; better to say so now than after training.
+            raise CorpusError(
+                f"The corpus's {split} split is empty (documents: {manifest.total_documents}; each goes to val by "
+                f"its hash, with probability {config.val_fraction}). Add documents (each text file is one "
+                f"document: split a large text file into several, or use .jsonl with one document per line), "
+                f"or change --set data.val_fraction=<fraction>."
+            )
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
     write_json_atomic(Path(manifest.path), manifest.to_dict())
     return manifest

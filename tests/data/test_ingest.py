@@ -115,8 +115,8 @@ def test_modified_file_gets_a_new_unit_and_the_others_are_reused(write_corpus, s
     assert second.fingerprint != first.fingerprint
 
 
-def test_touched_but_unchanged_file_keeps_its_unit(write_corpus, store_dir):
-    folder = write_corpus({"a.txt": "same words"})
+def test_touched_but_unchanged_file_keeps_its_unit(write_corpus, store_dir, make_documents):
+    folder = write_corpus({"a.txt": "same words", "b.jsonl": jsonl(make_documents(20))})
     first = ingest(folder, store_dir)
     os.utime(folder / "a.txt", ns=(1, 1))
     assert ingest(folder, store_dir).units[0].key == first.units[0].key
@@ -140,8 +140,9 @@ def test_large_file_is_written_in_several_shards_in_document_order(write_corpus,
     assert read_back == texts
 
 
-def test_skips_are_reported_in_the_manifest_even_for_reused_units(write_corpus, store_dir):
-    folder = write_corpus({"good.txt": "words", "blob.txt": b"\x00\x01", "empty.md": "  \n", "x.docx": b"PK"})
+def test_skips_are_reported_in_the_manifest_even_for_reused_units(write_corpus, store_dir, make_documents):
+    folder = write_corpus({"good.jsonl": jsonl(make_documents(20)), "blob.txt": b"\x00\x01", "empty.md": "  \n",
+                           "x.docx": b"PK"})
     for _ in range(2):
         skips = ingest(folder, store_dir).skips
         assert skips.counts == {SKIP_BINARY: 1, SKIP_TOO_SHORT: 1, SKIP_UNSUPPORTED: 1}
@@ -156,6 +157,15 @@ def test_corpus_with_no_usable_document_is_an_error_naming_the_skipped_files(wri
     assert "no usable documents" in message
     assert f"{folder / 'blob.txt'}" in message and SKIP_BINARY in message
     assert f"{folder / 'blank.txt'}" in message and SKIP_TOO_SHORT in message
+
+
+def test_corpus_too_small_for_a_validation_split_is_an_error_saying_what_to_do(write_corpus, store_dir):
+    folder = write_corpus({"book.txt": "one long text file is one document\n" * 1000})
+    with pytest.raises(CorpusError) as raised:
+        ingest(folder, store_dir)
+    message = str(raised.value)
+    assert "val split is empty (documents: 1;" in message
+    assert "each text file is one document" in message and "data.val_fraction" in message
 
 
 def test_failed_file_leaves_no_unit_directory_behind(write_corpus, store_dir, make_documents):

@@ -89,25 +89,32 @@ def test_second_run_reuses_every_unit_untouched(tiny_manifest, tiny_tokenizer, t
     assert calls == [(total, total)]
 
 
-def test_documents_dropped_as_cross_file_duplicates_are_not_tokenized(write_corpus, store_dir, tiny_tokenizer):
+def test_documents_dropped_as_cross_file_duplicates_are_not_tokenized(
+    write_corpus, store_dir, tiny_tokenizer, make_documents
+):
     shared = "a paragraph that two files both contain"
-    folder = write_corpus({"a.txt": shared, "b.jsonl": json.dumps({"text": shared}) + "\n" + '{"text": "only b"}\n'})
-    manifest = ingest_corpus(resolve_sources([str(folder)]), IngestConfig(), store_dir)
+    others = make_documents(20)
+    folder = write_corpus({"a.txt": shared, "b.jsonl": "".join(json.dumps({"text": text}) + "\n"
+                                                                for text in [shared, *others])})
+    manifest = ingest_corpus(resolve_sources([str(folder)]), IngestConfig(val_fraction=0.3), store_dir)
     progress = []
     tokens = tokenize_corpus(manifest, tiny_tokenizer, TokenizeConfig(), store_dir,
                              progress=lambda done, total: progress.append((done, total)))
-    assert tokens.total_docs("train") + tokens.total_docs("val") == 2
+    assert tokens.total_docs("train") + tokens.total_docs("val") == 21
     every_token = np.concatenate([read_tokens(path) for split in ("train", "val") for path in tokens.paths(split)])
-    assert int((every_token == tiny_tokenizer.eot_id).sum()) == 2
-    assert progress[-1] == (len(shared) + len("only b"), len(shared) + len("only b"))
+    assert int((every_token == tiny_tokenizer.eot_id).sum()) == 21
+    unique_bytes = len(shared) + sum(len(text) for text in others)
+    assert progress[-1] == (unique_bytes, unique_bytes)
 
 
-def test_changed_drop_list_retokenizes_only_that_unit(write_corpus, store_dir, tiny_tokenizer):
-    folder = write_corpus({"a.txt": "alpha text", "b.txt": "beta text"})
-    first = tokenize_corpus(ingest_corpus(resolve_sources([str(folder)]), IngestConfig(), store_dir),
+def test_changed_drop_list_retokenizes_only_that_unit(write_corpus, store_dir, tiny_tokenizer, make_documents):
+    config = IngestConfig(val_fraction=0.3)
+    folder = write_corpus({"a.txt": "alpha text", "b.txt": "beta text",
+                           "c.jsonl": "".join(json.dumps({"text": text}) + "\n" for text in make_documents(20))})
+    first = tokenize_corpus(ingest_corpus(resolve_sources([str(folder)]), config, store_dir),
                             tiny_tokenizer, TokenizeConfig(), store_dir)
     write_corpus({"0.jsonl": json.dumps({"text": "beta text"}) + "\n"})  # sorts first: b.txt now a duplicate
-    manifest = ingest_corpus(resolve_sources([str(folder)]), IngestConfig(), store_dir)
+    manifest = ingest_corpus(resolve_sources([str(folder)]), config, store_dir)
     second = tokenize_corpus(manifest, tiny_tokenizer, TokenizeConfig(), store_dir)
     by_source = {Path(unit.source).name: unit for unit in second.units}
     assert by_source["a.txt"].reused and by_source["a.txt"].key == first.units[0].key

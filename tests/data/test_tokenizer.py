@@ -89,10 +89,12 @@ def test_sample_is_bounded_train_only_and_drawn_from_the_whole_corpus(write_corp
     assert meta["sample_bytes"] == sampled_bytes and meta["corpus_fingerprint"] == manifest.fingerprint
 
 
-def test_one_document_larger_than_the_budget_is_cut_to_it(write_corpus, store_dir):
-    folder = write_corpus({"book.txt": "word " * 10_000})
-    manifest = ingest_corpus(resolve_sources([str(folder)]), IngestConfig(), store_dir)
-    assert _training_sample(manifest, 2048) == ["word " * 409 + "wor"]
+def test_a_document_larger_than_the_budget_is_cut_to_it(write_corpus, store_dir):
+    books = {f"book-{index}.txt": f"book {index} " + "word " * 1_000 for index in range(12)}
+    manifest = ingest_corpus(resolve_sources([str(write_corpus(books))]), IngestConfig(val_fraction=0.45), store_dir)
+    (sample,) = _training_sample(manifest, 2048)
+    assert len(sample.encode()) == 2048
+    assert any(book.startswith(sample) for book in books.values())
 
 
 def _hashes_of_split(directory: str, split: str) -> set[str]:
