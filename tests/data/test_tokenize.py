@@ -9,7 +9,13 @@ import pytest
 
 from data.config import IngestConfig, TokenizeConfig
 from data.ingest import CorpusUnit, ingest_corpus
-from data.shards import TOKENS_PER_RECORD_BATCH, TokenShardWriter, iter_raw_batches, iter_token_arrays
+from data.shards import (
+    TOKENS_PER_RECORD_BATCH,
+    TokenShardWriter,
+    iter_raw_batches,
+    iter_token_arrays,
+    token_dtype,
+)
 from data.sources import resolve_sources
 from data.tokenize import PIECE_CHARS, TokenManifest, cut_at_token_boundaries, tokenize_corpus
 from data.tokenizer import load_tokenizer
@@ -52,6 +58,11 @@ def test_tokens_are_each_documents_direct_encoding_followed_by_end_of_text(tiny_
 def test_small_vocabulary_is_stored_as_uint16(tiny_tokens):
     assert tiny_tokens.dtype == "uint16"
     assert {read_tokens(path).dtype for path in tiny_tokens.paths("train")} == {np.dtype(np.uint16)}
+
+
+def test_token_dtype_is_the_narrowest_that_holds_every_id():
+    assert token_dtype(512) == token_dtype(1 << 16) == np.uint16
+    assert token_dtype((1 << 16) + 1) == token_dtype(1 << 20) == np.uint32
 
 
 def test_manifest_totals_paths_and_round_trip(tiny_manifest, tiny_tokens):
