@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,10 @@ from data import errors, readers, shards, sources
 from data.config import IngestConfig
 from data.errors import CorpusError, SkipReport
 from data.readers import read_documents
-from data.shards import SPLITS, RawShardWriter, iter_raw_batches
+from data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
 from data.sources import HUB_FORMAT, SourceFile, SourceResolution
 from data.store import atomic_directory, code_version, hash_bytes, hash_file, hash_json, is_complete, write_json_atomic
 
-UNIT_FILE = "unit.json"
 FILE_HASH_CACHE = "file-hashes.json"
 
 Progress = Callable[[int, int], None]
@@ -78,7 +77,7 @@ class CorpusManifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "units": [asdict(unit) for unit in self.units],
+            "units": [dict(vars(unit)) for unit in self.units],  # asdict: a slow deep copy
             "skips": self.skips.to_dict(),
             "fingerprint": self.fingerprint,
             "path": self.path,
@@ -126,7 +125,7 @@ def ingest_corpus(
         key = _unit_key(source, content_hash, config, code)
         directory = store_dir / "raw" / key
         reused = is_complete(directory)
-        written = _read_unit(directory) if reused else _ingest_unit(source, content_hash, config, directory)
+        written = read_unit_file(directory) if reused else _ingest_unit(source, content_hash, config, directory)
         skips.merge(SkipReport.from_dict(written["skips"]).relocated(written["source"], str(source.path)))
         units.append(CorpusUnit(
             source=str(source.path), content_hash=content_hash, key=key, directory=str(directory),
@@ -210,12 +209,8 @@ def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, di
             "duplicates": duplicates,
             "skips": skips.to_dict(),
         }
-        write_json_atomic(tmp / UNIT_FILE, written)
+        write_unit_file(tmp, written)
     return written
-
-
-def _read_unit(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / UNIT_FILE).read_text())
 
 
 def _drop_cross_file_duplicates(units: list[CorpusUnit]) -> None:

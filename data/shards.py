@@ -9,20 +9,37 @@ uncompressed Arrow IPC files, so readers memory-map them and touch only the colu
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+UNIT_FILE = "unit.json"
 RAW_SCHEMA = pa.schema([("text", pa.large_string()), ("doc_hash", pa.string()), ("split", pa.string())])
-RAW_SHARD_PATTERN = "docs-*.arrow"
+RAW_SHARD_PREFIX = "docs-"
 RAW_BATCH_BYTES = 4 << 20
 """Text bytes per raw record batch: what a reader holds in memory at once."""
 TOKEN_COLUMN = "tokens"
 TOKENS_PER_RECORD_BATCH = 1 << 20
 SPLITS = ("train", "val")
 SMALL_FILE_BYTES = 1 << 20
+
+
+def write_unit_file(directory: Path, value: dict[str, Any]) -> None:
+    """Write a unit's ``unit.json`` (its counts) into the unit directory being filled.
+
+    A plain write: the directory is committed atomically as a whole. Compact JSON, since this is
+    written once per source file and the indenting encoder is ~10x slower.
+    """
+    (directory / UNIT_FILE).write_text(json.dumps(value, sort_keys=True))
+
+
+def read_unit_file(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / UNIT_FILE).read_text())
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -62,7 +79,7 @@ class RawShardWriter:
         if not self._columns[0]:
             return
         if self._writer is None:
-            name = f"docs-{len(self.shard_names):05d}.arrow"
+            name = f"{RAW_SHARD_PREFIX}{len(self.shard_names):05d}.arrow"
             self.shard_names.append(name)
             self._writer = pa.ipc.new_file(str(self.directory / name), RAW_SCHEMA)
         self._writer.write_batch(pa.record_batch([pa.array(column) for column in self._columns], schema=RAW_SCHEMA))
@@ -76,7 +93,7 @@ class RawShardWriter:
 
 
 def raw_shard_paths(directory: Path) -> list[Path]:
-    return sorted(directory.glob(RAW_SHARD_PATTERN))
+    return [directory / name for name in sorted(os.listdir(directory)) if name.startswith(RAW_SHARD_PREFIX)]
 
 
 def iter_raw_batches(directory: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:

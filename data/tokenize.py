@@ -26,13 +26,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-import json
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,17 @@ from tokenizers import Encoding, Tokenizer
 from data import shards
 from data.config import TokenizeConfig
 from data.ingest import CorpusManifest, CorpusUnit
-from data.shards import SPLITS, TokenShardWriter, iter_raw_batches, token_dtype
+from data.shards import (
+    SPLITS,
+    TokenShardWriter,
+    iter_raw_batches,
+    read_unit_file,
+    token_dtype,
+    write_unit_file,
+)
 from data.store import atomic_directory, code_version, hash_json, is_complete, write_json_atomic
 from data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
 
-UNIT_FILE = "unit.json"
 PIECE_CHARS = 16 * 1024
 """Target size of one encode item: small enough that a batch holds many (the tokenizer
 parallelises over items), big enough that per-item overhead stays negligible."""
@@ -106,7 +111,7 @@ class TokenManifest:
         return sum(unit.n_docs[split] for unit in self.units)
 
     def to_dict(self) -> dict[str, Any]:
-        value = asdict(self)
+        value = {**vars(self), "units": [dict(vars(unit)) for unit in self.units]}  # asdict: a slow deep copy
         value["totals"] = {
             split: {
                 "tokens": self.total_tokens(split), "bytes": self.total_bytes(split), "docs": self.total_docs(split)
@@ -138,7 +143,7 @@ def tokenize_corpus(
     directories = [store_dir / "tokens" / key for key in keys]
     reused = {index for index, directory in enumerate(directories) if is_complete(directory)}
     pending = [index for index in range(len(directories)) if index not in reused]
-    counts = {index: json.loads((directories[index] / UNIT_FILE).read_text()) for index in reused}
+    counts = {index: read_unit_file(directories[index]) for index in reused}
 
     total_bytes = sum(sum(unit.bytes.values()) for unit in manifest.units)
     done_bytes = total_bytes - sum(sum(manifest.units[index].bytes.values()) for index in pending)
@@ -210,7 +215,7 @@ def _tokenize_units(
                     "dtype": dtype.name,
                     **counts,
                 }
-                write_json_atomic(tmp / UNIT_FILE, written[index])
+                write_unit_file(tmp, written[index])
     return written
 
 
