@@ -1,10 +1,12 @@
-"""Arrow IPC shard formats: raw document shards (ingest's output) and token shards (tokenize's).
+"""The files of a unit directory: raw document shards (ingest's), token shards (tokenize's), and
+the ``unit.json`` of counts each unit carries.
 
 Raw shard ``docs-00000.arrow``: columns ``text: large_string``, ``doc_hash: string``,
 ``split: string``, written in record batches of bounded size and rolled over to a new file every
 ``shard_bytes`` of text. Token shard ``{train,val}.arrow``: one column ``tokens`` (uint16 when the
-vocabulary fits, else uint32) in record batches of at most ``TOKENS_PER_RECORD_BATCH``. Both are
-uncompressed Arrow IPC files, so readers memory-map them and touch only the columns they ask for.
+vocabulary fits, else uint32) in record batches of at most ``TOKENS_PER_RECORD_BATCH``, written
+only if it gets tokens. Both are uncompressed Arrow IPC files, so readers can memory-map them and
+touch only the columns they ask for.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ TOKEN_COLUMN = "tokens"
 TOKENS_PER_RECORD_BATCH = 1 << 20
 SPLITS = ("train", "val")
 SMALL_FILE_BYTES = 1 << 20
+"""Shards up to this size are read outright rather than memory-mapped (see ``_open_ipc_file``)."""
 
 
 def write_unit_file(directory: Path, value: dict[str, Any]) -> None:
