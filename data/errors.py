@@ -60,14 +60,14 @@ class SkipReport:
         return sum(self.counts.values())
 
     def summary(self) -> str:
-        """One line for people, e.g. ``skipped 3 inputs: 2 invalid JSON (a.jsonl:4, a.jsonl:9); …``."""
+        """One line for people, e.g. ``skipped 3 inputs: invalid JSON ×2 (a.jsonl:4, a.jsonl:9); …``."""
         if not self.counts:
             return "nothing skipped"
         parts = []
         for reason, count in sorted(self.counts.items(), key=lambda item: (-item[1], item[0])):
             shown = self.examples.get(reason, [])
             more = ", ..." if count > len(shown) else ""
-            parts.append(f"{count} {reason} ({', '.join(shown)}{more})")
+            parts.append(f"{reason} ×{count} ({', '.join(shown)}{more})")
         return f"skipped {self.total} inputs: " + "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

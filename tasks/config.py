@@ -55,13 +55,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "eval": {"eval_tokens": 4096, "max_new_tokens": 16},
     },
-    # The default: about 10 minutes on 2 CPU cores, val loss far below the unigram baseline.
+    # The default: about 10 minutes on 2 CPU cores (~5.5K tokens/s in float32, ~2.9M tokens:
+    # one pass over the built-in corpus), val loss far below the unigram baseline.
     "cpu": {
         "tokenizer": {"vocab_size": 8192},
-        "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
+        "model": {"n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 256},
         "train": {
-            "max_steps": 1500, "micro_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 100,
-            "log_interval": 25, "eval_interval": 500, "eval_tokens": 32768, "checkpoint_interval": 500,
+            "max_steps": 700, "micro_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 50,
+            "log_interval": 25, "eval_interval": 250, "eval_tokens": 32768, "checkpoint_interval": 250,
         },
         "eval": {"eval_tokens": 131072},
     },

@@ -47,7 +47,7 @@ class StageProgress:
         self.unit = unit
         self.logger = run_logger()
         self.started = time.monotonic()
-        self.last_report = 0.0
+        self.last_report = self.started  # the first line waits until a rate means something
         self.artifact_id = create_progress_artifact(progress=0.0, description=f"{stage}: starting")
 
     def __call__(self, done: int, total: int) -> None:

@@ -184,8 +184,8 @@ def test_skip_reports_merge_counts_cap_examples_and_survive_json():
     assert len(first.examples[SKIP_INVALID_JSON]) == MAX_EXAMPLES_PER_REASON
     assert SkipReport.from_dict(json.loads(json.dumps(first.to_dict()))) == first
     summary = first.summary()
-    assert summary.startswith("skipped 9 inputs: 8 invalid JSON (a.jsonl:0")
-    assert ", ...)" in summary and "1 binary file (blob.txt)" in summary
+    assert summary.startswith("skipped 9 inputs: invalid JSON ×8 (a.jsonl:0")
+    assert ", ...)" in summary and "binary file ×1 (blob.txt)" in summary
 
 
 def test_relocated_report_points_at_the_files_new_path():

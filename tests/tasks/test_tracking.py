@@ -1,0 +1,52 @@
+"""MLflow conventions against a real SQLite tracking store in a temp workspace."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from tasks.tracking import BufferedMetrics, pipeline_run
+from tasks.workspace import Workspace
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch) -> Workspace:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return Workspace.resolve(tmp_path / "ws")
+
+
+def test_run_logs_params_tags_stage_status_and_artifacts_into_the_workspace(workspace, tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    with pipeline_run(workspace, "pretrain-test", tags={"gptflow.flow": "pretrain"}) as run:
+        run.log_params({f"section.field_{i}": i for i in range(150)})  # more than one batch
+        run.record_stage("ingest", "cached")
+        run.log_metrics({"eval/val_loss": 2.5}, step=7)
+        run.log_artifact(report, "eval")
+    stored = MlflowClient(workspace.tracking_uri).get_run(run.run_id)
+    assert stored.info.status == "FINISHED" and stored.info.run_name == "pretrain-test"
+    assert len([k for k in stored.data.params if k.startswith("section.")]) == 150
+    assert stored.data.tags["gptflow.stage.ingest"] == "cached" and run.stage_statuses == {"ingest": "cached"}
+    assert stored.data.metrics["eval/val_loss"] == 2.5
+    assert stored.info.artifact_uri.startswith(workspace.mlflow_artifacts.as_uri())
+    assert (workspace.mlflow_artifacts / run.run_id / "artifacts/eval/report.json").exists()
+
+
+def test_run_is_marked_failed_when_the_flow_raises(workspace):
+    with pytest.raises(RuntimeError), pipeline_run(workspace, "doomed", tags={}) as run:
+        raise RuntimeError("stage exploded")
+    assert MlflowClient(workspace.tracking_uri).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_buffered_metrics_send_every_step_in_few_batches(workspace):
+    with pipeline_run(workspace, "metrics", tags={}) as run:
+        buffered = BufferedMetrics(run, flush_every_s=3600)
+        for step in range(1, 601):
+            buffered.add(step, {"train/loss": 10.0 / step, "train/lr": 1e-3})
+        assert len(buffered.pending) == 200  # 1200 metrics: one full batch of 1000 already sent
+        buffered.flush()
+        assert buffered.pending == []
+    history = MlflowClient(workspace.tracking_uri).get_metric_history(run.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 601))
+    assert history[-1].value == pytest.approx(10.0 / 600)
