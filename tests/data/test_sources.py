@@ -98,7 +98,7 @@ def test_folder_without_any_readable_file_is_an_error_that_says_what_was_skipped
     with pytest.raises(CorpusError) as raised:
         resolve_sources([str(folder)])
     assert "No readable files" in str(raised.value)
-    assert f"1 {SKIP_UNSUPPORTED}" in str(raised.value) and "image.png" in str(raised.value)
+    assert f"{SKIP_UNSUPPORTED} ×1" in str(raised.value) and "image.png" in str(raised.value)
 
 
 @pytest.mark.parametrize(("name", "expected"), [
