@@ -115,6 +115,40 @@ class TokenWindows:
             yield _to_inputs_and_targets(np.stack(batch), pin_memory)
 
 
+class MixedWindows:
+    """Windows drawn from several ``TokenWindows`` with fixed probabilities, e.g. new data at
+    50% and the data a model was already trained on at 50% when training continues on a grown
+    corpus. Like ``TokenWindows.sample_batch``, a pure function of its arguments."""
+
+    def __init__(self, parts: Sequence[tuple[TokenWindows, float]]) -> None:
+        parts = [(windows, weight) for windows, weight in parts if weight > 0]
+        if not parts:
+            raise ValueError("MixedWindows needs at least one part with a positive weight")
+        if len({windows.block_size for windows, _ in parts}) != 1:
+            raise ValueError("every part of a MixedWindows must have the same block_size")
+        self.parts = [windows for windows, _ in parts]
+        total = sum(weight for _, weight in parts)
+        self.probabilities = np.array([weight / total for _, weight in parts])
+        self.block_size = self.parts[0].block_size
+
+    def sample_batch(
+        self,
+        seed: int,
+        step: int,
+        micro_step: int,
+        batch_size: int,
+        rank: int = 0,
+        pin_memory: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([seed, step, micro_step, rank])
+        chosen = rng.choice(len(self.parts), size=batch_size, p=self.probabilities)
+        windows = []
+        for index in chosen:
+            part = self.parts[index]
+            windows.append(part.read(int(rng.integers(0, part.num_window_starts)), self.block_size + 1))
+        return _to_inputs_and_targets(np.stack(windows), pin_memory)
+
+
 def _to_inputs_and_targets(windows: np.ndarray, pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = torch.from_numpy(windows[:, :-1].astype(np.int64))  # (B, T)
     targets = torch.from_numpy(windows[:, 1:].astype(np.int64))  # (B, T)

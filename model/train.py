@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from data.loader import TokenWindows
+from data.loader import MixedWindows, TokenWindows
 from model.checkpoint import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
@@ -46,6 +46,19 @@ class TrainingCallback(Protocol):
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         """Called once the checkpoint of ``step`` is committed at ``path``."""
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """Continue a trained model on a grown corpus instead of starting from random weights."""
+
+    checkpoint: Path
+    """A checkpoint of the earlier run: its weights and optimizer state are the starting point
+    (the learning-rate schedule starts over: warmup, then decay over this run's steps)."""
+    new_train_paths: Sequence[Path]
+    """Token shards added since that run; ``train_paths`` holds the ones it already saw."""
+    new_data_fraction: float
+    """Share of training windows drawn from the new shards; the rest replays the old ones."""
 
 
 @dataclass
@@ -83,11 +96,14 @@ def pretrain(
     run_dir: Path,
     callback: TrainingCallback | None = None,
     resume: bool = False,
+    continuation: Continuation | None = None,
 ) -> TrainResult:
     """Train a GPT on the token shards ``train_paths``, checkpointing into ``run_dir``.
 
     ``resume=True`` continues from the latest complete checkpoint of ``run_dir`` (or starts
     fresh when there is none); ``resume=False`` deletes the run's checkpoints and export first.
+    A fresh start begins from random weights, or from ``continuation``'s checkpoint, sampling
+    its new shards at its ``new_data_fraction``.
     Validation runs every ``eval_interval`` steps and after the last one, on up to
     ``eval_tokens`` tokens of ``val_paths`` (skipped when empty). Seeds torch's global RNG.
     """
@@ -98,13 +114,15 @@ def pretrain(
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
         torch.cuda.reset_peak_memory_stats(device)
-    train_windows = TokenWindows(train_paths, model_config.block_size)
+    train_windows = _training_windows(train_paths, continuation, model_config.block_size)
     val_windows = TokenWindows(val_paths, model_config.block_size) if val_paths else None
 
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(device)  # initialised on the CPU: the same weights on any device
     optimizer = build_optimizer(model, train_config, device)
     restored = _restore_or_start_over(run_dir, model, optimizer, resume)
+    if restored is None and continuation is not None:
+        load_checkpoint(continuation.checkpoint, model, optimizer)
     start_step = restored.step if restored else 0
     tokens_seen = restored.tokens_seen if restored else 0
     step_model = torch.compile(model) if train_config.compile else model
@@ -198,6 +216,18 @@ def pretrain(
         resumed_from_step=restored.step if restored else None,
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     )
+
+
+def _training_windows(
+    train_paths: Sequence[Path], continuation: Continuation | None, block_size: int
+) -> TokenWindows | MixedWindows:
+    if continuation is None or not continuation.new_train_paths:
+        return TokenWindows(train_paths, block_size)
+    new = TokenWindows(continuation.new_train_paths, block_size)
+    if not train_paths:
+        return new
+    old = TokenWindows(train_paths, block_size)
+    return MixedWindows([(old, 1.0 - continuation.new_data_fraction), (new, continuation.new_data_fraction)])
 
 
 def _restore_or_start_over(

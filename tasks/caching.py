@@ -9,8 +9,10 @@ the artifacts it points to are still complete on disk; if not, the stage is reco
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable
+import fcntl
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +23,7 @@ from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 
 from data.store import code_version, hash_file, hash_json
+from tasks.progress import run_logger
 from tasks.workspace import Workspace
 
 Result = TypeVar("Result")
@@ -57,19 +60,40 @@ def run_stage(
 ) -> StageOutcome[Result]:
     """Run ``stage_task`` under ``key``; a cached result is reused only if ``is_valid`` says so.
 
-    The task's exception, if any, propagates to the caller.
+    Runs that reach the same key at the same time (two pipelines on one workspace) take turns:
+    the second waits for the first, then finds its result in the cache. The task's exception,
+    if any, propagates to the caller.
     """
-    storage = LocalFileSystem(basepath=str(workspace.prefect_results))
-    refresh = _cached_result_is_stale(ResultStore(result_storage=storage), key, is_valid)
-    configured = stage_task.with_options(
-        cache_key_fn=lambda *_: key,
-        result_storage=workspace.prefect_results,
-        persist_result=True,
-        refresh_cache=refresh,
-    )
-    state = configured(**parameters, return_state=True)
+    with _key_lock(workspace, key, stage_task.name):
+        storage = LocalFileSystem(basepath=str(workspace.prefect_results))
+        refresh = _cached_result_is_stale(ResultStore(result_storage=storage), key, is_valid)
+        configured = stage_task.with_options(
+            cache_key_fn=lambda *_: key,
+            result_storage=workspace.prefect_results,
+            persist_result=True,
+            refresh_cache=refresh,
+        )
+        state = configured(**parameters, return_state=True)
     result = state.result()
     return StageOutcome(result=result, status="cached" if state.name == "Cached" else "executed")
+
+
+@contextlib.contextmanager
+def _key_lock(workspace: Workspace, key: str, stage: str) -> Iterator[None]:
+    """An exclusive lock per cache key. ``flock`` locks die with their process, so a run killed
+    mid-stage never leaves a lock behind that blocks the next one (unlike lock files)."""
+    lock_dir = workspace.root / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{key}.lock", "a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            run_logger().info(f"{stage}: another run is computing this stage; waiting for its result")
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _cached_result_is_stale(store: ResultStore, key: str, is_valid: Callable[[Any], bool]) -> bool:

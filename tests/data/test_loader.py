@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data.loader import TokenWindows
+from data.loader import MixedWindows, TokenWindows
 
 
 def write_shard(path: Path, tokens: np.ndarray, batch_tokens: int = 100) -> Path:
@@ -120,3 +120,15 @@ def test_a_shard_without_a_tokens_column_is_rejected(tmp_path):
         writer.write_batch(pa.record_batch([pa.array(["hello"])], schema=schema))
     with pytest.raises(ValueError, match="'tokens' column"):
         TokenWindows([path], block_size=4)
+
+
+def test_mixed_windows_draw_each_part_at_its_share_deterministically(counting_shards, tmp_path):
+    old = TokenWindows(counting_shards, block_size=32)
+    new = TokenWindows([write_shard(tmp_path / "new.arrow", np.arange(50000, 51000, dtype=np.uint16))], 32)
+    mixed = MixedWindows([(old, 0.75), (new, 0.25)])
+    starts = torch.cat([mixed.sample_batch(3, step, 0, 64)[0][:, 0] for step in range(50)])
+    assert abs((starts >= 50000).float().mean().item() - 0.25) < 0.03
+    first = mixed.sample_batch(3, 7, 1, 16)[0]
+    assert torch.equal(first, MixedWindows([(old, 0.75), (new, 0.25)]).sample_batch(3, 7, 1, 16)[0])
+    only_new = MixedWindows([(old, 0.0), (new, 1.0)]).sample_batch(0, 0, 0, 32)[0]
+    assert bool(torch.all(only_new >= 50000))

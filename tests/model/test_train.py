@@ -11,13 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import OPTIMIZER_FILE, TRAINER_FILE, WEIGHTS_FILE, latest_checkpoint, list_checkpoints, load_model
 from model.optim import learning_rate_at
-from model.train import TrainResult, pretrain
+from data.loader import TokenWindows
+from model.evaluate import evaluate_loss
+from model.train import Continuation, TrainResult, pretrain
 
 TINY_TRAINING = Path(__file__).with_name("tiny_training.py")
 
@@ -189,3 +192,44 @@ def test_without_validation_shards_there_is_no_val_loss(tmp_path, tiny_config, t
     result = pretrain(tiny_config, config, pattern_shards[0], [], tmp_path / "run", callback=callback)
     assert result.final_val_loss is None
     assert not any("val/loss" in metrics for metrics in callback.metrics.values())
+
+
+def test_continuation_starts_from_the_earlier_checkpoint_and_learns_the_new_data(
+    tmp_path, tiny_config, tiny_train_config, pattern_shards, write_shard
+):
+    train, val = pattern_shards
+    first = pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "first")
+    checkpoint = latest_checkpoint(tmp_path / "first")
+    new_phrase = np.random.default_rng(1).integers(2, 128, size=40)
+    new_shard = write_shard(tmp_path / "new.arrow", np.tile(new_phrase, 150).astype(np.uint16))
+
+    # A near-zero learning rate leaves the weights where the continuation loaded them.
+    frozen = dataclasses.replace(tiny_train_config, max_steps=5, learning_rate=1e-12, warmup_steps=0)
+    continued = pretrain(
+        tiny_config, frozen, train, val, tmp_path / "frozen",
+        continuation=Continuation(checkpoint, [new_shard], new_data_fraction=0.5),
+    )
+    start = load_model(first.final_dir).state_dict()
+    for name, tensor in load_model(continued.final_dir).state_dict().items():
+        torch.testing.assert_close(tensor, start[name], atol=1e-6, rtol=0)
+
+    def loss_on(model_dir: Path, shards: list[Path]) -> float:
+        return evaluate_loss(load_model(model_dir), TokenWindows(shards, 16), 256, 4, "cpu")[0]
+
+    assert loss_on(first.final_dir, [new_shard]) > 4.0  # the first run never saw the new phrase
+    learning = dataclasses.replace(tiny_train_config, max_steps=60, learning_rate=1e-2)
+    learned = pretrain(
+        tiny_config, learning, train, val, tmp_path / "learning",
+        continuation=Continuation(checkpoint, [new_shard], new_data_fraction=0.5),
+    )
+    assert loss_on(learned.final_dir, [new_shard]) < 2.0  # the new phrase is learned...
+    assert loss_on(learned.final_dir, val) < 2.0  # ...and the old one, replayed at half the windows, is kept
+
+
+def test_continuation_from_a_different_model_shape_is_refused(tmp_path, tiny_config, tiny_train_config, pattern_shards):
+    train, val = pattern_shards
+    pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "small")
+    wider = dataclasses.replace(tiny_config, n_embd=64)
+    with pytest.raises(ValueError, match="differs"):
+        pretrain(wider, tiny_train_config, train, val, tmp_path / "wide",
+                 continuation=Continuation(latest_checkpoint(tmp_path / "small"), train, new_data_fraction=0.5))
