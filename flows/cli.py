@@ -39,6 +39,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides=overrides,
         workspace=args.workspace,
         resume=args.resume,
+        retrain_tokenizer=args.retrain_tokenizer,
+        from_scratch=args.from_scratch,
     )
     print(summary.render())
     return 0
@@ -80,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                           help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
     pretrain.add_argument("--resume", action="store_true",
                           help="continue an interrupted training run from its latest checkpoint")
+    pretrain.add_argument("--retrain-tokenizer", action="store_true",
+                          help="train a new tokenizer instead of keeping the one earlier runs over this "
+                          "corpus used (re-tokenizes every file)")
+    pretrain.add_argument("--from-scratch", action="store_true",
+                          help="train a new model instead of continuing the latest compatible one of this "
+                          "corpus on the data added since")
     pretrain.set_defaults(handler=_pretrain)
 
     presets = commands.add_parser("presets", help="list the named configurations")

@@ -15,6 +15,7 @@ from tasks.caching import pipeline_code_version
 from tasks.config import DEFAULT_PRESET, build_config
 from tasks.evaluate import evaluate_model
 from tasks.ingest import ingest
+from tasks.lineage import Lineage, data_delta
 from tasks.pretrain import train_model
 from tasks.progress import human_count, human_duration
 from tasks.tokenize import tokenize
@@ -32,6 +33,9 @@ class PretrainSummary:
     train_tokens: int
     val_tokens: int
     steps: int
+    training: str
+    """``from_scratch``, ``continued`` (from the run in ``continues_run``) or ``kept``."""
+    continues_run: str | None
     val_loss: float
     unigram_loss: float
     bits_per_byte: float
@@ -48,7 +52,8 @@ class PretrainSummary:
             f"stages      {stages}",
             f"data        {human_count(self.documents)} documents, {human_count(self.train_tokens)} train "
             f"tokens, {human_count(self.val_tokens)} val tokens",
-            f"training    {self.steps} steps",
+            f"training    {self.steps} steps, {self.training.replace('_', ' ')}"
+            + (f" (continues run {self.continues_run})" if self.continues_run else ""),
             f"val loss    {self.val_loss:.3f} nats/token (unigram baseline {self.unigram_loss:.3f}), "
             f"perplexity {self.perplexity:.1f}, {self.bits_per_byte:.3f} bits/byte",
             f"wall time   {human_duration(self.elapsed_s)}",
@@ -72,6 +77,8 @@ def pretrain(
     overrides: dict[str, Any] | None = None,
     workspace: str | None = None,
     resume: bool = False,
+    retrain_tokenizer: bool = False,
+    from_scratch: bool = False,
 ) -> PretrainSummary:
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
 
@@ -82,6 +89,10 @@ def pretrain(
         overrides: ``{"section.field": value}`` applied last, e.g. ``{"train.max_steps": 200}``.
         workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
         resume: continue an interrupted training run from its latest checkpoint.
+        retrain_tokenizer: train a new tokenizer instead of keeping the one earlier runs over this
+            corpus used (which re-tokenizes every file).
+        from_scratch: train a new model instead of continuing the latest compatible one of this
+            corpus on the data added since.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
@@ -97,17 +108,32 @@ def pretrain(
         "prefect.flow_run_id": flow_run.id,
         "prefect.flow_run_url": flow_run.ui_url,
     }
+    lineage = Lineage.load(workspace_dir, corpus)
     with pipeline_run(workspace_dir, run_name=f"pretrain-{preset}", tags=tags) as run:
-        run.log_params({"preset": preset, "corpus": " ".join(corpus), "resume": resume, **config.flatten()})
+        run.log_params({
+            "preset": preset, "corpus": " ".join(corpus), "resume": resume,
+            "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, **config.flatten(),
+        })
         corpus_manifest = ingest(sources, config.data, workspace_dir, run)
         run.set_tags({
             "mlflow.runName": f"pretrain-{preset}-{corpus_manifest.fingerprint[:8]}",
             "gptflow.data_fingerprint": corpus_manifest.fingerprint,
         })
-        tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run)
+        tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, retrain_tokenizer)
         tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run)
-        trained = train_model(tokens, tokenizer, config.model, config.train, workspace_dir, run, resume=resume)
+        delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)
+        if delta is not None:
+            run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}
+                         | {"gptflow.previous_run": lineage.last_mlflow_run_id})
+        trained = train_model(
+            tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
+            resume=resume, from_scratch=from_scratch,
+        )
         report = evaluate_model(trained, tokens, tokenizer, config.eval, workspace_dir, run)
+        lineage.last_corpus_manifest = corpus_manifest.path
+        lineage.last_tokens_manifest = tokens.path
+        lineage.last_mlflow_run_id = run.run_id
+        lineage.save()
 
     return PretrainSummary(
         stages=dict(run.stage_statuses),
@@ -115,6 +141,8 @@ def pretrain(
         train_tokens=tokens.total_tokens("train"),
         val_tokens=tokens.total_tokens("val"),
         steps=trained.steps,
+        training=run.tags["gptflow.training"],
+        continues_run=run.tags.get("gptflow.continues_run"),
         val_loss=report.val_loss,
         unigram_loss=report.unigram_loss,
         bits_per_byte=report.bits_per_byte,

@@ -9,10 +9,8 @@ the artifacts it points to are still complete on disk; if not, the stage is reco
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -64,7 +62,10 @@ def run_stage(
     the second waits for the first, then finds its result in the cache. The task's exception,
     if any, propagates to the caller.
     """
-    with _key_lock(workspace, key, stage_task.name):
+    def report_wait() -> None:
+        run_logger().info(f"{stage_task.name}: another run is computing this stage; waiting for its result")
+
+    with workspace.lock(key, on_wait=report_wait):
         storage = LocalFileSystem(basepath=str(workspace.prefect_results))
         refresh = _cached_result_is_stale(ResultStore(result_storage=storage), key, is_valid)
         configured = stage_task.with_options(
@@ -76,24 +77,6 @@ def run_stage(
         state = configured(**parameters, return_state=True)
     result = state.result()
     return StageOutcome(result=result, status="cached" if state.name == "Cached" else "executed")
-
-
-@contextlib.contextmanager
-def _key_lock(workspace: Workspace, key: str, stage: str) -> Iterator[None]:
-    """An exclusive lock per cache key. ``flock`` locks die with their process, so a run killed
-    mid-stage never leaves a lock behind that blocks the next one (unlike lock files)."""
-    lock_dir = workspace.root / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{key}.lock", "a") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            run_logger().info(f"{stage}: another run is computing this stage; waiting for its result")
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _cached_result_is_stale(store: ResultStore, key: str, is_valid: Callable[[Any], bool]) -> bool:

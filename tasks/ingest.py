@@ -36,13 +36,16 @@ def ingest(sources: SourceResolution, config: IngestConfig, workspace: Workspace
         ingest_corpus_task,
         key=key,
         workspace=workspace,
-        is_valid=lambda manifest: all(is_complete(Path(unit.directory)) for unit in manifest.units),
+        is_valid=lambda manifest: Path(manifest.path).exists()
+        and all(is_complete(Path(unit.directory)) for unit in manifest.units),
         sources=sources,
         config=config,
         store_dir=str(workspace.store),
     )
     manifest = outcome.result
     run.record_stage("ingest", outcome.status)
+    reused = len(manifest.units) if outcome.status == "cached" else sum(unit.reused for unit in manifest.units)
+    run.set_tags({"gptflow.ingest.files_reused": reused, "gptflow.ingest.files_ingested": len(manifest.units) - reused})
     run.log_metrics({
         "data/documents": manifest.total_documents,
         "data/source_files": len(manifest.units),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
@@ -18,11 +20,15 @@ import model.evaluate
 import model.gpt
 import model.optim
 import model.train
-from data.store import atomic_directory, is_complete, read_contents_hash
+from data.store import atomic_directory, hash_json, is_complete, read_contents_hash
 from data.tokenize import TokenManifest
 from data.tokenizer import TokenizerArtifact
+from model.checkpoint import latest_checkpoint
 from model.config import ModelConfig, TrainConfig, pad_vocab_size
+from model.train import Continuation
 from tasks.caching import run_stage, stage_key
+from tasks.config import IncrementalConfig
+from tasks.lineage import ContinuationSource, Lineage, ModelRecord
 from tasks.progress import human_count, human_duration, run_logger
 from tasks.tracking import BufferedMetrics, PipelineRun
 from tasks.workspace import Workspace
@@ -100,7 +106,9 @@ class TrainingReporter:
 def pretrain_model_task(
     model_config: ModelConfig,
     train_config: TrainConfig,
-    tokens: TokenManifest,
+    train_paths: list[Path],
+    val_paths: list[Path],
+    continuation: Continuation | None,
     run_dir: str,
     tracking_uri: str,
     mlflow_run_id: str,
@@ -109,8 +117,8 @@ def pretrain_model_task(
     run = PipelineRun.attach(tracking_uri, mlflow_run_id)
     reporter = TrainingReporter(run, train_config.max_steps)
     result = model.train.pretrain(
-        model_config, train_config, tokens.paths("train"), tokens.paths("val"), Path(run_dir),
-        callback=reporter, resume=resume,
+        model_config, train_config, train_paths, val_paths, Path(run_dir),
+        callback=reporter, resume=resume, continuation=continuation,
     )
     reporter.metrics.flush()
     with atomic_directory(Path(run_dir) / REPORT_DIR) as report_dir:
@@ -130,19 +138,101 @@ def pretrain_model_task(
     )
 
 
+@dataclass
+class TrainingPlan:
+    """From scratch, continuing an earlier model, or keeping one (nothing new to learn)."""
+
+    continue_from: ContinuationSource | None = None
+    keep: ModelRecord | None = None
+    note: str | None = None
+    """Why the plan is what it is, when the user might have expected otherwise."""
+
+
+def compatibility_key(model_config: dict[str, Any], tokenizer_hash: str) -> str:
+    """Models agreeing on this can continue one another: same shapes, same token ids."""
+    return hash_json({"model": model_config, "tokenizer": tokenizer_hash})
+
+
+def plan_training(
+    lineage: Lineage, model_config: dict[str, Any], tokenizer_hash: str, tokens: TokenManifest, from_scratch: bool
+) -> TrainingPlan:
+    if from_scratch or not lineage.models:
+        return TrainingPlan()
+    compatibility = compatibility_key(model_config, tokenizer_hash)
+    compatible = [record for record in lineage.models if record.compatibility == compatibility]
+    same_data = [record for record in compatible if record.tokens_fingerprint == tokens.fingerprint]
+    if same_data:
+        # This exact data was trained on before: plan the same way again (a cache hit, unless
+        # the training settings changed).
+        return TrainingPlan(continue_from=same_data[-1].continued_from)
+    if not compatible:
+        latest = lineage.models[-1]
+        if latest.tokens_fingerprint == tokens.fingerprint:
+            return TrainingPlan()  # same data, new model settings: an ordinary new model
+        changed = _describe_difference(latest, model_config, tokenizer_hash)
+        return TrainingPlan(note=f"pretrain: the previous model of this corpus cannot be continued on the new "
+                                 f"data ({changed}); training from scratch")
+    previous = compatible[-1]
+    checkpoint = latest_checkpoint(Path(previous.trained["run_dir"]))
+    if checkpoint is None or not Path(previous.tokens_manifest).exists():
+        return TrainingPlan(note=f"pretrain: the checkpoints or data manifest of run "
+                                 f"{previous.trained['trained_in_mlflow_run']} are gone from the store, so it cannot "
+                                 "be continued; training from scratch")
+    old_units = _unit_keys(previous.tokens_manifest)
+    if all(unit.key in old_units for unit in tokens.units if unit.n_tokens["train"]):
+        return TrainingPlan(keep=previous, note="pretrain: no new training data since run "
+                            f"{previous.trained['trained_in_mlflow_run']}; keeping its model")
+    return TrainingPlan(continue_from=ContinuationSource(
+        checkpoint=str(checkpoint),
+        weights_hash=read_contents_hash(checkpoint),
+        tokens_manifest=previous.tokens_manifest,
+        tokens_fingerprint=previous.tokens_fingerprint,
+        mlflow_run_id=previous.trained["trained_in_mlflow_run"],
+    ))
+
+
 def train_model(
     tokens: TokenManifest,
     tokenizer: TokenizerArtifact,
     model_config: ModelConfig,
     train_config: TrainConfig,
+    incremental: IncrementalConfig,
     workspace: Workspace,
     run: PipelineRun,
+    lineage: Lineage,
     resume: bool = False,
+    from_scratch: bool = False,
 ) -> TrainedModel:
     model_config = dataclasses.replace(model_config, vocab_size=pad_vocab_size(tokenizer.vocab_size))
+    plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch)
+    if plan.note:
+        run_logger().warning(plan.note) if plan.keep is None else run_logger().info(plan.note)
+    run.log_params({"model.padded_vocab_size": model_config.vocab_size})
+
+    if plan.keep is not None:
+        trained = TrainedModel(**plan.keep.trained)
+        run.record_stage("pretrain", "cached")
+        run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run})
+        return trained
+
+    train_paths, continuation = tokens.paths("train"), None
+    if plan.continue_from is not None:
+        old_units = _unit_keys(plan.continue_from.tokens_manifest)
+        train_paths = [path for unit, path in _train_shards(tokens) if unit in old_units]
+        new_paths = [path for unit, path in _train_shards(tokens) if unit not in old_units]
+        continuation = Continuation(Path(plan.continue_from.checkpoint), new_paths, incremental.new_data_fraction)
+        train_config = _continuation_schedule(train_config, incremental, tokens, new_paths, model_config)
     key = stage_key(
         "pretrain",
-        config={"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config)},
+        config={
+            "model": dataclasses.asdict(model_config),
+            "train": dataclasses.asdict(train_config),
+            "continuation": None if continuation is None else {
+                "weights": plan.continue_from.weights_hash,
+                "seen_tokens": plan.continue_from.tokens_fingerprint,
+                "new_data_fraction": incremental.new_data_fraction,
+            },
+        },
         modules=CODE,
         inputs={"tokens": tokens.fingerprint, "tokenizer": tokenizer.hash},
     )
@@ -153,7 +243,9 @@ def train_model(
         is_valid=lambda trained: is_complete(Path(trained.final_dir)) and is_complete(Path(trained.report_dir)),
         model_config=model_config,
         train_config=train_config,
-        tokens=tokens,
+        train_paths=train_paths,
+        val_paths=tokens.paths("val"),
+        continuation=continuation,
         run_dir=str(workspace.store / "runs" / key),
         tracking_uri=workspace.tracking_uri,
         mlflow_run_id=run.run_id,
@@ -161,13 +253,65 @@ def train_model(
     )
     trained = outcome.result
     run.record_stage("pretrain", outcome.status)
-    run.log_params({"model.padded_vocab_size": model_config.vocab_size})
-    run.set_tags({"gptflow.trained_in_run": trained.trained_in_mlflow_run})
+    tags = {
+        "gptflow.training": "continued" if continuation else "from_scratch",
+        "gptflow.trained_in_run": trained.trained_in_mlflow_run,
+    }
+    if plan.continue_from is not None:
+        tags["gptflow.continues_run"] = plan.continue_from.mlflow_run_id
+    run.set_tags(tags)
     run.log_artifact(Path(trained.report_dir), "plots")
     if outcome.status == "executed":
         run.log_artifact(Path(trained.final_dir), "model")
     # A cached model is not uploaded again: the tag above names the run whose artifacts hold it.
+    # The latest record of a key is the one to continue from; reruns move it to the end.
+    lineage.models = [record for record in lineage.models if record.stage_key != key]
+    lineage.models.append(ModelRecord(
+        stage_key=key,
+        compatibility=compatibility_key(dataclasses.asdict(model_config), tokenizer.hash),
+        model_config=dataclasses.asdict(model_config),
+        tokenizer_hash=tokenizer.hash,
+        tokens_fingerprint=tokens.fingerprint,
+        tokens_manifest=tokens.path,
+        trained=dataclasses.asdict(trained),
+        continued_from=plan.continue_from,
+    ))
     return trained
+
+
+def _train_shards(tokens: TokenManifest) -> list[tuple[str, Path]]:
+    return [(unit.key, Path(unit.directory) / "train.arrow") for unit in tokens.units if unit.n_tokens["train"]]
+
+
+def _unit_keys(tokens_manifest: str) -> set[str]:
+    return {unit["key"] for unit in json.loads(Path(tokens_manifest).read_text())["units"]}
+
+
+def _continuation_schedule(
+    train_config: TrainConfig,
+    incremental: IncrementalConfig,
+    tokens: TokenManifest,
+    new_paths: list[Path],
+    model_config: ModelConfig,
+) -> TrainConfig:
+    """Steps for the extra tokens; by default enough to show each new token about once."""
+    new_tokens = sum(unit.n_tokens["train"] for unit in tokens.units
+                     if Path(unit.directory) / "train.arrow" in set(new_paths))
+    extra_tokens = incremental.extra_tokens or round(new_tokens / incremental.new_data_fraction)
+    tokens_per_step = train_config.micro_batch_size * train_config.grad_accum_steps * model_config.block_size
+    steps = max(1, math.ceil(extra_tokens / tokens_per_step))
+    return dataclasses.replace(train_config, max_steps=steps, warmup_steps=min(train_config.warmup_steps, steps // 10))
+
+
+def _describe_difference(previous: ModelRecord, model_config: dict[str, Any], tokenizer_hash: str) -> str:
+    changes = [
+        f"model.{name} {previous.model_config.get(name)} → {value}"
+        for name, value in model_config.items()
+        if previous.model_config.get(name) != value
+    ]
+    if previous.tokenizer_hash != tokenizer_hash:
+        changes.append("a different tokenizer")
+    return ", ".join(changes)
 
 
 def _plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path) -> None:

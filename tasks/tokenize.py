@@ -46,7 +46,8 @@ def tokenize(
         tokenize_corpus_task,
         key=key,
         workspace=workspace,
-        is_valid=lambda manifest: all(is_complete(Path(unit.directory)) for unit in manifest.units),
+        is_valid=lambda manifest: Path(manifest.path).exists()
+        and all(is_complete(Path(unit.directory)) for unit in manifest.units),
         corpus=corpus,
         tokenizer=tokenizer,
         config=config,
@@ -54,6 +55,8 @@ def tokenize(
     )
     tokens = outcome.result
     run.record_stage("tokenize", outcome.status)
+    reused = len(tokens.units) if outcome.status == "cached" else sum(unit.reused for unit in tokens.units)
+    run.set_tags({"gptflow.tokenize.files_reused": reused, "gptflow.tokenize.files_tokenized": len(tokens.units) - reused})
     run.log_metrics({
         "data/train_tokens": tokens.total_tokens("train"),
         "data/val_tokens": tokens.total_tokens("val"),

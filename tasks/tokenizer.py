@@ -1,4 +1,8 @@
-"""Stage 2, tokenizer: a byte-level BPE trained on a bounded sample of the train split."""
+"""Stage 2, tokenizer: a byte-level BPE trained on a bounded sample of the train split.
+
+On a rerun over a grown corpus the lineage's tokenizer is kept: its hash keys every token
+shard, so a new tokenizer would re-tokenize every file. ``retrain=True`` trains a new one.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from data.ingest import CorpusManifest
 from data.store import is_complete
 from data.tokenizer import TokenizerArtifact
 from tasks.caching import run_stage, stage_key
-from tasks.progress import StageProgress
+from tasks.lineage import Lineage
+from tasks.progress import StageProgress, run_logger
 from tasks.tracking import PipelineRun
 from tasks.workspace import Workspace
 
@@ -26,9 +31,21 @@ def train_tokenizer_task(corpus: CorpusManifest, config: TokenizerConfig, store_
 
 
 def train_tokenizer(
-    corpus: CorpusManifest, config: TokenizerConfig, workspace: Workspace, run: PipelineRun
+    corpus: CorpusManifest,
+    config: TokenizerConfig,
+    workspace: Workspace,
+    run: PipelineRun,
+    lineage: Lineage,
+    retrain: bool = False,
 ) -> TokenizerArtifact:
-    key = stage_key("tokenizer", config=config, modules=CODE, inputs={"corpus": corpus.fingerprint})
+    # Same settings and code as the kept tokenizer: keep it, whatever the corpus became since.
+    settings_key = stage_key("tokenizer", config=config, modules=CODE, inputs={})
+    kept = None if retrain else lineage.tokenizers.get(settings_key)
+    if kept and not is_complete(Path(kept["artifact"]["path"]).parent):
+        run_logger().warning("tokenizer: the lineage's tokenizer was deleted or altered on disk; training a new one")
+        kept = None
+    key = kept["stage_key"] if kept else stage_key("tokenizer", config=config, modules=CODE,
+                                                    inputs={"corpus": corpus.fingerprint})
     outcome = run_stage(
         train_tokenizer_task,
         key=key,
@@ -40,6 +57,19 @@ def train_tokenizer(
     )
     tokenizer = outcome.result
     run.record_stage("tokenizer", outcome.status)
-    run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash})
+    if kept:
+        origin = f"reused from run {kept['mlflow_run_id']}"
+        run_logger().info(
+            f"tokenizer: keeping the tokenizer of run {kept['mlflow_run_id']} so unchanged files keep their "
+            "token shards; pass --retrain-tokenizer to train one on the current corpus"
+        )
+    else:
+        origin = "trained" if outcome.status == "executed" else "cached"
+    run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": origin})
     run.log_artifact(Path(tokenizer.path).parent, "tokenizer")
+    lineage.tokenizers[settings_key] = {
+        "stage_key": key,
+        "artifact": tokenizer.to_dict(),
+        "mlflow_run_id": kept["mlflow_run_id"] if kept else run.run_id,
+    }
     return tokenizer

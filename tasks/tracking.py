@@ -34,6 +34,7 @@ class PipelineRun:
         self.client = client
         self.run_id = run_id
         self.stage_statuses: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
 
     @classmethod
     def attach(cls, tracking_uri: str, run_id: str) -> PipelineRun:
@@ -46,6 +47,7 @@ class PipelineRun:
             self.client.log_batch(self.run_id, params=entries[start:start + PARAMS_PER_BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        self.tags.update({key: str(value) for key, value in tags.items()})
         entries = [RunTag(key, str(value)) for key, value in tags.items()]
         for start in range(0, len(entries), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=entries[start:start + PARAMS_PER_BATCH])
@@ -103,7 +105,9 @@ class BufferedMetrics:
 def pipeline_run(workspace: Workspace, run_name: str, tags: dict[str, Any]) -> Iterator[PipelineRun]:
     """Open the flow run's MLflow run; it ends FINISHED, or FAILED if the block raises."""
     client = MlflowClient(workspace.tracking_uri)
-    experiment_id = _experiment_id(client, workspace)
+    # The first use creates a SQLite store's tables; two runs starting at once must not both migrate.
+    with workspace.lock("mlflow-store"):
+        experiment_id = _experiment_id(client, workspace)
     created = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     run = PipelineRun(client, created.info.run_id)
     try:

@@ -61,3 +61,17 @@ def test_altered_artifact_is_recomputed(workspace_root):
     (Path(directory) / "artifact.txt").write_text("HELLO")  # same size, new bytes and mtime
     assert run_write_artifact(workspace_root, "hello")[0] == "executed"
     assert (Path(directory) / "artifact.txt").read_text() == "hello"
+
+
+def test_stage_key_follows_the_code_of_every_module_it_names(tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "stage_helper.py").write_text("def work():\n    return 1\n")
+    helper = importlib.import_module("stage_helper")
+    before = stage_key("write", config={"a": 1}, modules=[helper], inputs={"corpus": "x"})
+    assert stage_key("write", config={"a": 1}, modules=[helper], inputs={"corpus": "x"}) == before
+    assert stage_key("write", config={"a": 2}, modules=[helper], inputs={"corpus": "x"}) != before
+    assert stage_key("write", config={"a": 1}, modules=[helper], inputs={"corpus": "y"}) != before
+    (tmp_path / "stage_helper.py").write_text("def work():\n    return 2\n")
+    assert stage_key("write", config={"a": 1}, modules=[helper], inputs={"corpus": "x"}) != before

@@ -1,0 +1,209 @@
+"""Reruns over a corpus that changed: only what changed is recomputed, the rest is reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from data.shards import iter_raw_batches
+from data.store import hash_file, is_complete
+
+ROOT = Path(__file__).resolve().parents[2]
+EXTRA_FILE = Path(json.__file__).parent.parent / "argparse.py"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def corpus(tiny_corpus_dir, tmp_path) -> Path:
+    copy = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus_dir, copy)
+    return copy
+
+
+@pytest.fixture()
+def run_pipeline(prefect_api_url, tmp_path, monkeypatch):
+    """Runs the pretrain flow in this process on the tiny preset; returns (summary, MLflow tags)."""
+    from flows.pretrain import pretrain
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    workspace = tmp_path / "workspace"
+
+    def run(corpus: Path, **options):
+        summary = pretrain(corpus=[str(corpus)], preset="tiny", workspace=str(workspace), **options)
+        tags = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(summary.mlflow_run_id).data.tags
+        return summary, tags
+
+    run.workspace = workspace
+    return run
+
+
+def _token_units(summary_tags: dict[str, str], workspace: Path) -> dict[str, dict]:
+    """Token units of the run's manifest by source file: directory, file hashes and mtimes."""
+    manifests = sorted((workspace / "store" / "manifests").glob("tokens-*.json"), key=os.path.getmtime)
+    units = json.loads(manifests[-1].read_text())["units"]
+    described = {}
+    for unit in units:
+        files = sorted(Path(unit["directory"]).glob("*.arrow"))
+        described[Path(unit["source"]).name] = {
+            "directory": unit["directory"],
+            "files": {path.name: (hash_file(path), path.stat().st_mtime_ns) for path in files},
+        }
+    return described
+
+
+def _splits_by_document(workspace: Path) -> dict[str, str]:
+    splits = {}
+    for unit in (workspace / "store" / "raw").iterdir():
+        if is_complete(unit):
+            for batch in iter_raw_batches(unit, ["doc_hash", "split"]):
+                splits.update(zip(batch.column("doc_hash").to_pylist(), batch.column("split").to_pylist()))
+    return splits
+
+
+def test_unchanged_corpus_reruns_nothing(run_pipeline, corpus):
+    first, _ = run_pipeline(corpus)
+    second, tags = run_pipeline(corpus)
+    assert set(first.stages.values()) == {"executed"}
+    assert set(second.stages.values()) == {"cached"}
+    assert tags["gptflow.delta.files_added"] == tags["gptflow.delta.files_changed"] == "0"
+    assert tags["gptflow.delta.tokens_added"] == "0"
+    assert second.val_loss == first.val_loss
+
+
+def test_added_file_is_ingested_and_tokenized_alone_and_training_continues(run_pipeline, corpus):
+    first, first_tags = run_pipeline(corpus)
+    before = _token_units(first_tags, run_pipeline.workspace)
+    splits_before = _splits_by_document(run_pipeline.workspace)
+
+    shutil.copy(EXTRA_FILE, corpus / "argparse.py")
+    grown, tags = run_pipeline(corpus)
+
+    assert grown.stages == {"ingest": "executed", "tokenizer": "cached", "tokenize": "executed",
+                            "pretrain": "executed", "evaluate": "executed"}
+    assert tags["gptflow.ingest.files_ingested"] == "1" and tags["gptflow.tokenize.files_tokenized"] == "1"
+    assert tags["gptflow.tokenizer.origin"] == f"reused from run {first.mlflow_run_id}"
+    assert (tags["gptflow.delta.files_added"], tags["gptflow.delta.files_changed"],
+            tags["gptflow.delta.files_removed"]) == ("1", "0", "0")
+    assert int(tags["gptflow.delta.tokens_added"]) > 10_000
+    assert tags["gptflow.training"] == "continued" and tags["gptflow.continues_run"] == first.mlflow_run_id
+    assert grown.training == "continued" and grown.continues_run == first.mlflow_run_id
+
+    after = _token_units(tags, run_pipeline.workspace)
+    assert after.keys() - before.keys() == {"argparse.py"}
+    for source, unit in before.items():  # same directory, same bytes, never rewritten
+        assert after[source] == unit, source
+
+    splits_after = _splits_by_document(run_pipeline.workspace)
+    assert {doc: splits_after[doc] for doc in splits_before} == splits_before
+
+    again, _ = run_pipeline(corpus)
+    assert set(again.stages.values()) == {"cached"}
+
+
+def test_modified_file_replaces_its_shards_and_deleted_file_leaves_the_manifest(run_pipeline, corpus):
+    _, first_tags = run_pipeline(corpus)
+    before = _token_units(first_tags, run_pipeline.workspace)
+
+    modified = corpus / "json_decoder.py"
+    modified.write_text(modified.read_text() + "\n\ndef added_later():\n    return 'new text'\n")
+    (corpus / "json_encoder.py").unlink()
+    changed, tags = run_pipeline(corpus)
+
+    assert (tags["gptflow.delta.files_added"], tags["gptflow.delta.files_changed"],
+            tags["gptflow.delta.files_removed"]) == ("0", "1", "1")
+    assert tags["gptflow.ingest.files_ingested"] == "1" and tags["gptflow.tokenize.files_tokenized"] == "1"
+    after = _token_units(tags, run_pipeline.workspace)
+    assert "json_encoder.py" not in after
+    assert after["json_decoder.py"]["directory"] != before["json_decoder.py"]["directory"]
+    untouched = before.keys() - {"json_decoder.py", "json_encoder.py"}
+    assert all(after[source] == before[source] for source in untouched)
+    assert changed.stages["evaluate"] == "executed"
+
+
+def test_deleted_artifact_is_recomputed_and_only_its_stage_reruns(run_pipeline, corpus):
+    _, tags = run_pipeline(corpus)
+    unit = _token_units(tags, run_pipeline.workspace)["json_decoder.py"]
+    shutil.rmtree(unit["directory"])
+
+    repaired, repaired_tags = run_pipeline(corpus)
+    assert repaired.stages == {"ingest": "cached", "tokenizer": "cached", "tokenize": "executed",
+                               "pretrain": "cached", "evaluate": "cached"}
+    assert repaired_tags["gptflow.tokenize.files_tokenized"] == "1"
+    rebuilt = _token_units(repaired_tags, run_pipeline.workspace)["json_decoder.py"]
+    assert rebuilt["directory"] == unit["directory"] and is_complete(Path(unit["directory"]))
+    assert {name: digest for name, (digest, _) in rebuilt["files"].items()} == {
+        name: digest for name, (digest, _) in unit["files"].items()
+    }
+
+
+def test_a_config_change_reruns_its_stage_and_later_ones_only(run_pipeline, corpus):
+    run_pipeline(corpus)
+    sampling, _ = run_pipeline(corpus, overrides={"eval.max_new_tokens": 8})
+    assert sampling.stages == {"ingest": "cached", "tokenizer": "cached", "tokenize": "cached",
+                               "pretrain": "cached", "evaluate": "executed"}
+    training, tags = run_pipeline(corpus, overrides={"train.learning_rate": 1e-3})
+    assert training.stages == {"ingest": "cached", "tokenizer": "cached", "tokenize": "cached",
+                               "pretrain": "executed", "evaluate": "executed"}
+    assert tags["gptflow.training"] == "from_scratch"
+
+
+def test_retrain_tokenizer_and_from_scratch_are_honoured(run_pipeline, corpus):
+    run_pipeline(corpus)
+    shutil.copy(EXTRA_FILE, corpus / "argparse.py")
+    fresh, tags = run_pipeline(corpus, retrain_tokenizer=True, from_scratch=True)
+    assert fresh.stages["tokenizer"] == "executed" and tags["gptflow.tokenizer.origin"] == "trained"
+    assert tags["gptflow.training"] == "from_scratch" and "gptflow.continues_run" not in tags
+
+
+def test_two_runs_at_once_on_one_workspace_both_finish_consistently(prefect_api_url, corpus, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update(PREFECT_API_URL=prefect_api_url, GPTFLOW_HOME=str(tmp_path / "shared"))
+    command = [sys.executable, "-m", "flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny"]
+    runs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n\n".join(output[-3000:] for output in outputs)
+
+    store = tmp_path / "shared" / "store"
+    assert not list(store.rglob(".tmp-*"))
+    for kind in ("raw", "tokens", "tokenizers", "eval"):
+        assert all(is_complete(directory) for directory in (store / kind).iterdir()), kind
+    assert all(is_complete(run / "final") for run in (store / "runs").iterdir())
+    # Each stage was computed once: the run that waited found the other's result in the cache.
+    stage_lines = sorted(next(line for line in output.splitlines() if line.startswith("stages")) for output in outputs)
+    assert "pretrain cached" in stage_lines[0] and "pretrain executed" in stage_lines[1]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}")
+    finished = client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
+    assert sorted(run.info.status for run in finished) == ["FINISHED", "FINISHED"]
+    assert len(list((store / "runs").iterdir())) == 1
+
+
+def test_a_run_killed_mid_training_leaves_nothing_mistaken_for_complete(prefect_api_url, corpus, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update(PREFECT_API_URL=prefect_api_url, GPTFLOW_HOME=str(tmp_path / "killed"))
+    command = [sys.executable, "-m", "flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny",
+               "--set", "train.max_steps=1500", "--set", "train.checkpoint_interval=50",
+               "--set", "train.eval_interval=500"]
+    victim = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "killed" / "store" / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.glob("*/checkpoints/step-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not list(runs.glob("*/final")), "killed before the end, yet a final model exists"
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "pretrain executed" in rerun.stdout
+    assert all(is_complete(run / "final") for run in runs.iterdir())
