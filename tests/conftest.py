@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 # Telemetry from the test server fails offline and competes for its SQLite database.
@@ -35,3 +38,17 @@ def prefect_api_url() -> str:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def write_shard() -> Callable[[Path, np.ndarray, int], Path]:
+    """Writes tokens as the tokenize stage does: an Arrow IPC file of ``tokens`` record batches."""
+
+    def write(path: Path, tokens: np.ndarray, batch_tokens: int = 100) -> Path:
+        schema = pa.schema([("tokens", pa.from_numpy_dtype(tokens.dtype))])
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for start in range(0, len(tokens), batch_tokens):
+                writer.write_batch(pa.record_batch([pa.array(tokens[start : start + batch_tokens])], schema=schema))
+        return path
+
+    return write

@@ -10,16 +10,8 @@ import torch
 from data.loader import MixedWindows, TokenWindows
 
 
-def write_shard(path: Path, tokens: np.ndarray, batch_tokens: int = 100) -> Path:
-    schema = pa.schema([("tokens", pa.from_numpy_dtype(tokens.dtype))])
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for start in range(0, len(tokens), batch_tokens):
-            writer.write_batch(pa.record_batch([pa.array(tokens[start : start + batch_tokens])], schema=schema))
-    return path
-
-
 @pytest.fixture
-def counting_shards(tmp_path) -> list[Path]:
+def counting_shards(tmp_path, write_shard) -> list[Path]:
     """Two shards that continue one count, in record batches of 100: any window that skips or
     repeats a token shows a jump."""
     return [
@@ -86,14 +78,14 @@ def test_sequential_batches_stop_at_max_tokens(counting_shards):
     assert [len(x) for x, _ in batches] == [4, 4, 2]
 
 
-def test_uint32_shards_load(tmp_path):
+def test_uint32_shards_load(tmp_path, write_shard):
     tokens = np.arange(70000, 70500, dtype=np.uint32)
     windows = TokenWindows([write_shard(tmp_path / "big-vocab.arrow", tokens)], block_size=16)
     inputs, _ = windows.sample_batch(0, 0, 0, 4)
     assert inputs.min() >= 70000
 
 
-def test_too_little_text_names_a_file_and_the_fix(tmp_path):
+def test_too_little_text_names_a_file_and_the_fix(tmp_path, write_shard):
     short = [write_shard(tmp_path / f"short-{i}.arrow", np.arange(30, dtype=np.uint16)) for i in range(2)]
     with pytest.raises(ValueError) as error:
         TokenWindows(short, block_size=64)
@@ -102,7 +94,7 @@ def test_too_little_text_names_a_file_and_the_fix(tmp_path):
     assert "block_size" in message and "65" in message
 
 
-def test_shards_shorter_than_a_window_still_contribute_every_token(tmp_path):
+def test_shards_shorter_than_a_window_still_contribute_every_token(tmp_path, write_shard):
     tiny_files = [
         write_shard(tmp_path / f"tiny-{i}.arrow", np.arange(10 * i, 10 * i + 10, dtype=np.uint16)) for i in range(20)
     ]
@@ -122,7 +114,7 @@ def test_a_shard_without_a_tokens_column_is_rejected(tmp_path):
         TokenWindows([path], block_size=4)
 
 
-def test_mixed_windows_draw_each_part_at_its_share_deterministically(counting_shards, tmp_path):
+def test_mixed_windows_draw_each_part_at_its_share_deterministically(counting_shards, tmp_path, write_shard):
     old = TokenWindows(counting_shards, block_size=32)
     new = TokenWindows([write_shard(tmp_path / "new.arrow", np.arange(50000, 51000, dtype=np.uint16))], 32)
     mixed = MixedWindows([(old, 0.75), (new, 0.25)])

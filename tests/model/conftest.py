@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -37,20 +35,6 @@ def tiny_train_config() -> TrainConfig:
         log_interval=5, eval_interval=10, eval_tokens=256, checkpoint_interval=10, keep_checkpoints=2,
         device="cpu",
     )
-
-
-@pytest.fixture
-def write_shard() -> Callable[[Path, np.ndarray, int], Path]:
-    """Writes tokens as the tokenize stage does: an Arrow IPC file of ``tokens`` record batches."""
-
-    def write(path: Path, tokens: np.ndarray, batch_tokens: int = 1000) -> Path:
-        schema = pa.schema([("tokens", pa.from_numpy_dtype(tokens.dtype))])
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for start in range(0, len(tokens), batch_tokens):
-                writer.write_batch(pa.record_batch([pa.array(tokens[start : start + batch_tokens])], schema=schema))
-        return path
-
-    return write
 
 
 @pytest.fixture
