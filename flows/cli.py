@@ -9,6 +9,7 @@ import sys
 
 from data.errors import CorpusError
 from data.sources import BUILTIN_CORPUS, resolve_sources
+from flows.stack import StackError
 from tasks.config import DEFAULT_PRESET, PRESETS, ConfigError, build_config, parse_override_pairs
 
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, CorpusError) as error:
+    except (ConfigError, CorpusError, StackError) as error:
         print(f"gptflow: error: {error}", file=sys.stderr)
         return 2
 
@@ -43,6 +44,38 @@ def _pretrain(args: argparse.Namespace) -> int:
         from_scratch=args.from_scratch,
     )
     print(summary.render())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.deployments import serve_deployments
+
+    serve_deployments()
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from flows.stack import up
+    from tasks.workspace import Workspace
+
+    stack = up(Workspace.resolve(args.workspace), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+    print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
+    print(f"MLflow UI    {stack.mlflow_url}")
+    print(f"workspace    {stack.workspace} (databases, artifacts, logs/)")
+    print("\nPoint gptflow, prefect and mlflow commands at this stack:\n")
+    for name, value in stack.environment().items():
+        print(f"export {name}={value}")
+    print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/default' --watch)")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from flows.stack import down
+    from tasks.workspace import Workspace
+
+    stopped = down(Workspace.resolve(args.workspace))
+    print(f"stopped: {', '.join(stopped)}" if stopped else "no gptflow stack was running for this workspace")
     return 0
 
 
@@ -89,6 +122,23 @@ def _parser() -> argparse.ArgumentParser:
                           help="train a new model instead of continuing the latest compatible one of this "
                           "corpus on the data added since")
     pretrain.set_defaults(handler=_pretrain)
+
+    serve = commands.add_parser(
+        "serve", help="serve every deployment (e.g. pretrain/default) to a Prefect server until Ctrl-C",
+        description="Serve gptflow's deployments. Start runs with `prefect deployment run 'pretrain/default'`. "
+        "Needs PREFECT_API_URL pointing at a Prefect server (see `gptflow up`).",
+    )
+    serve.set_defaults(handler=_serve)
+
+    workspace_help = "workspace holding the servers' databases and artifacts (default: $GPTFLOW_HOME or ./.gptflow)"
+    stack_up = commands.add_parser("up", help="start a local Prefect server and MLflow server for this workspace")
+    stack_up.add_argument("--workspace", metavar="DIR", help=workspace_help)
+    stack_up.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default 4200)")
+    stack_up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default 5000)")
+    stack_up.set_defaults(handler=_up)
+    stack_down = commands.add_parser("down", help="stop the servers that `gptflow up` started")
+    stack_down.add_argument("--workspace", metavar="DIR", help=workspace_help)
+    stack_down.set_defaults(handler=_down)
 
     presets = commands.add_parser("presets", help="list the named configurations")
     presets.set_defaults(handler=_presets)

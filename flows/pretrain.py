@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from data.sources import BUILTIN_CORPUS, resolve_sources
 from flows.user_errors import hide_tracebacks_of_user_errors
 from tasks.caching import pipeline_code_version
-from tasks.config import DEFAULT_PRESET, build_config
+from tasks.config import DEFAULT_PRESET, PresetName, build_config
 from tasks.evaluate import evaluate_model
 from tasks.ingest import ingest
 from tasks.lineage import Lineage, data_delta
@@ -45,6 +46,20 @@ class PretrainSummary:
     tracking_uri: str
     samples: list[str] = field(default_factory=list)
 
+    def markdown(self, mlflow_run_url: str | None) -> str:
+        """The flow run's Prefect artifact: what ran, what it produced, where to look next."""
+        rows = [
+            *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
+            f"| documents | {self.documents:,} |",
+            f"| train / val tokens | {self.train_tokens:,} / {self.val_tokens:,} |",
+            f"| training | {self.steps} steps, {self.training.replace('_', ' ')} |",
+            f"| val loss (nats/token) | {self.val_loss:.4f} (unigram baseline {self.unigram_loss:.4f}) |",
+            f"| perplexity | {self.perplexity:.2f} |",
+            f"| bits per byte | {self.bits_per_byte:.4f} |",
+            f"| MLflow run | {f'[{self.mlflow_run_id}]({mlflow_run_url})' if mlflow_run_url else self.mlflow_run_id} |",
+        ]
+        return "\n".join(["# gptflow pretrain", "", "| | |", "|---|---|", *rows])
+
     def render(self) -> str:
         stages = ", ".join(f"{name} {status}" for name, status in self.stages.items())
         lines = [
@@ -72,7 +87,7 @@ class PretrainSummary:
 @flow(name="pretrain", log_prints=True)
 def pretrain(
     corpus: list[str] | None = None,
-    preset: str = DEFAULT_PRESET,
+    preset: PresetName = DEFAULT_PRESET,
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,
     workspace: str | None = None,
@@ -127,7 +142,7 @@ def pretrain(
                          | {"gptflow.previous_run": lineage.last_mlflow_run_id})
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
-            resume=resume, from_scratch=from_scratch,
+            registered_model_name=f"gptflow-{preset}", resume=resume, from_scratch=from_scratch,
         )
         report = evaluate_model(trained, tokens, tokenizer, config.eval, workspace_dir, run)
         lineage.last_corpus_manifest = corpus_manifest.path
@@ -135,7 +150,7 @@ def pretrain(
         lineage.last_mlflow_run_id = run.run_id
         lineage.save()
 
-    return PretrainSummary(
+    summary = PretrainSummary(
         stages=dict(run.stage_statuses),
         documents=corpus_manifest.total_documents,
         train_tokens=tokens.total_tokens("train"),
@@ -152,3 +167,6 @@ def pretrain(
         tracking_uri=workspace_dir.tracking_uri,
         samples=report.samples,
     )
+    create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
+                             description="Stages, data, training and evaluation of this run")
+    return summary

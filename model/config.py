@@ -126,6 +126,11 @@ class EvalConfig:
     seed: int = 0
     """Seeds sampling, so sample generations are reproducible."""
 
+    def sampling(self) -> dict[str, float | int]:
+        """The sampling settings, as the MLflow model's ``predict`` params take them."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_k": self.top_k, "seed": self.seed}
+
     def __post_init__(self) -> None:
         _require(self.eval_tokens > 0, f"eval.eval_tokens must be positive, got {self.eval_tokens}")
         _require(self.max_new_tokens >= 0, f"eval.max_new_tokens must be >= 0, got {self.max_new_tokens}")

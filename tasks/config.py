@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from data.config import IngestConfig, TokenizeConfig, TokenizerConfig
 from model.config import EvalConfig, ModelConfig, TrainConfig
@@ -96,6 +96,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"eval_tokens": 1 << 22, "max_new_tokens": 128},
     },
 }
+
+
+# The preset names as a type, so a deployment's `preset` parameter is validated and offered as a
+# choice in the Prefect UI.
+PresetName = Literal[tuple(PRESETS)]
 
 
 class ConfigError(ValueError):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 import data.loader
 import model.checkpoint
@@ -57,6 +58,9 @@ class TrainedModel:
     elapsed_s: float
     trained_in_mlflow_run: str
     """The MLflow run that executed the training (later cached runs point back to it)."""
+    registered_model: str
+    """``name/version`` in the MLflow model registry; the version's source is that run's
+    ``model`` artifact, an MLflow pyfunc model that generates text."""
 
 
 class TrainingReporter:
@@ -69,6 +73,7 @@ class TrainingReporter:
         self.started = time.monotonic()
         self.first_step: int | None = None
         self.history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
+        self.progress_artifact = create_progress_artifact(progress=0.0, description="pretrain: starting")
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics.add(step, metrics)
@@ -92,7 +97,9 @@ class TrainingReporter:
             parts.append(f"{human_count(metrics['train/tokens_per_sec'])} tok/s")
         if "train/mfu" in metrics:
             parts.append(f"MFU {metrics['train/mfu']:.1%}")
-        self.logger.info("pretrain: " + " · ".join(parts) + eta)
+        line = "pretrain: " + " · ".join(parts) + eta
+        self.logger.info(line)
+        update_progress_artifact(self.progress_artifact, progress=100.0 * step / self.max_steps, description=line)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.logger.info(f"pretrain: checkpoint of step {step} saved to {path}")
@@ -110,6 +117,8 @@ def pretrain_model_task(
     val_paths: list[Path],
     continuation: Continuation | None,
     run_dir: str,
+    tokenizer_file: str,
+    registered_model_name: str,
     tracking_uri: str,
     mlflow_run_id: str,
     resume: bool,
@@ -123,6 +132,7 @@ def pretrain_model_task(
     reporter.metrics.flush()
     with atomic_directory(Path(run_dir) / REPORT_DIR) as report_dir:
         reporter.write_report(report_dir)
+    version = run.log_text_generator(result.final_dir, Path(tokenizer_file), registered_model_name)
     return TrainedModel(
         run_dir=run_dir,
         final_dir=str(result.final_dir),
@@ -135,6 +145,7 @@ def pretrain_model_task(
         final_val_loss=result.final_val_loss,
         elapsed_s=result.elapsed_s,
         trained_in_mlflow_run=mlflow_run_id,
+        registered_model=f"{registered_model_name}/{version}",
     )
 
 
@@ -200,6 +211,7 @@ def train_model(
     workspace: Workspace,
     run: PipelineRun,
     lineage: Lineage,
+    registered_model_name: str,
     resume: bool = False,
     from_scratch: bool = False,
 ) -> TrainedModel:
@@ -212,7 +224,8 @@ def train_model(
     if plan.keep is not None:
         trained = TrainedModel(**plan.keep.trained)
         run.record_stage("pretrain", "cached")
-        run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run})
+        run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run,
+                      "gptflow.registered_model": trained.registered_model})
         return trained
 
     train_paths, continuation = tokens.paths("train"), None
@@ -247,6 +260,8 @@ def train_model(
         val_paths=tokens.paths("val"),
         continuation=continuation,
         run_dir=str(workspace.store / "runs" / key),
+        tokenizer_file=tokenizer.path,
+        registered_model_name=registered_model_name,
         tracking_uri=workspace.tracking_uri,
         mlflow_run_id=run.run_id,
         resume=resume,
@@ -256,14 +271,14 @@ def train_model(
     tags = {
         "gptflow.training": "continued" if continuation else "from_scratch",
         "gptflow.trained_in_run": trained.trained_in_mlflow_run,
+        "gptflow.registered_model": trained.registered_model,
     }
     if plan.continue_from is not None:
         tags["gptflow.continues_run"] = plan.continue_from.mlflow_run_id
     run.set_tags(tags)
+    # The model itself was logged and registered by the run that trained it (the tags name it);
+    # a cached run does not upload it again.
     run.log_artifact(Path(trained.report_dir), "plots")
-    if outcome.status == "executed":
-        run.log_artifact(Path(trained.final_dir), "model")
-    # A cached model is not uploaded again: the tag above names the run whose artifacts hold it.
     # The latest record of a key is the one to continue from; reruns move it to the end.
     lineage.models = [record for record in lineage.models if record.stage_key != key]
     lineage.models.append(ModelRecord(

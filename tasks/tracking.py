@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import mlflow.pyfunc
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+import data
+import model
+from model.config import EvalConfig
 
 from tasks.workspace import Workspace
 
+GENERATOR_CODE = Path(__file__).with_name("mlflow_model.py")
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "gptflow"
 STAGE_TAG_PREFIX = "gptflow.stage."
@@ -67,6 +77,30 @@ class PipelineRun:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text_generator(self, model_dir: Path, tokenizer_file: Path, registered_name: str) -> str:
+        """Log a trained model as an MLflow pyfunc model at artifact path ``model`` and register
+        it as a new version of ``registered_name``; returns the version."""
+        with tempfile.TemporaryDirectory() as tmp:
+            # Copies of the pure packages, without bytecode caches, travel inside the model.
+            code = [shutil.copytree(Path(package.__file__).parent, Path(tmp) / "code" / package.__name__,
+                                    ignore=shutil.ignore_patterns("__pycache__")) for package in (data, model)]
+            saved = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                path=saved,
+                python_model=str(GENERATOR_CODE),
+                artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_file)},
+                code_paths=[str(path) for path in code],
+                signature=infer_signature(["def parse("], ["def parse(text):"], params=EvalConfig().sampling()),
+                pip_requirements=[f"{name}=={metadata.version(name)}"
+                                  for name in ("torch", "tokenizers", "safetensors", "pyarrow", "numpy", "mlflow")],
+            )
+            self.client.log_artifacts(self.run_id, str(saved), "model")
+        with contextlib.suppress(MlflowException):  # it exists after the first version
+            self.client.create_registered_model(registered_name)
+        artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
+        version = self.client.create_model_version(registered_name, f"{artifact_uri}/model", run_id=self.run_id)
+        return version.version
 
     @property
     def url(self) -> str | None:

@@ -69,14 +69,17 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     assert first_run.data.metrics["eval/val_loss"] == second_run.data.metrics["eval/val_loss"]
 
     first_artifacts = _artifact_paths(client, first_run.info.run_id)
-    for expected in ("tokenizer/tokenizer.json", "model/model.safetensors", "model/config.json",
+    for expected in ("tokenizer/tokenizer.json", "model/MLmodel", "model/artifacts/final/model.safetensors",
+                     "model/artifacts/final/config.json", "model/artifacts/tokenizer.json",
                      "eval/report.json", "eval/samples.md", "plots/loss_curve.png"):
         assert expected in first_artifacts
     assert any(path.startswith("data/corpus-") for path in first_artifacts)
     assert any(path.startswith("data/tokens-") for path in first_artifacts)
     # The cached run carries the small artifacts again but points to the first run for the weights.
     second_artifacts = _artifact_paths(client, second_run.info.run_id)
-    assert "eval/report.json" in second_artifacts and "model/model.safetensors" not in second_artifacts
+    assert "eval/report.json" in second_artifacts and "model/MLmodel" not in second_artifacts
+    assert first_run.data.tags["gptflow.registered_model"] == second_run.data.tags["gptflow.registered_model"]
+    assert first_run.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"
     assert (workspace / "mlartifacts").is_dir()
 
 

@@ -1,0 +1,32 @@
+"""Every gptflow deployment, declared once: `gptflow serve` serves these, and prefect.yaml
+declares the same names and entrypoints for a work pool (a test keeps the two in step)."""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+
+from flows.pretrain import pretrain
+
+DEPLOYMENT_NAME = "default"
+FLOWS = (pretrain,)
+
+
+def deployments() -> list[RunnerDeployment]:
+    """One deployment per flow, with the flow's own defaults: a run without parameters trains on
+    the built-in corpus with the default preset."""
+    return [
+        flow.to_deployment(
+            name=DEPLOYMENT_NAME,
+            description=(flow.description or "").split("\n\n")[0],
+            tags=["gptflow"],
+            # By module, so the served runs import the installed package from any directory.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        for flow in FLOWS
+    ]
+
+
+def serve_deployments() -> None:
+    """Serve every deployment from this process until interrupted (Ctrl-C)."""
+    serve(*deployments())

@@ -1,0 +1,200 @@
+"""The local stack: a Prefect server and an MLflow server, started and stopped with the workspace.
+
+``gptflow up`` starts both on 127.0.0.1 as background processes whose state (SQLite databases,
+artifacts, logs) lives in the workspace, waits until they answer, and records their process ids
+in ``stack.json``; ``gptflow down`` stops them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tasks.workspace import Workspace
+
+HOST = "127.0.0.1"
+STACK_FILE = "stack.json"
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
+
+
+class StackError(RuntimeError):
+    """The stack cannot be started or stopped; the message says why and what to do."""
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    url: str
+    health_url: str
+    log: str
+
+
+@dataclass
+class Stack:
+    workspace: str
+    services: list[Service]
+
+    @property
+    def prefect_api_url(self) -> str:
+        return self._service("prefect").url + "/api"
+
+    @property
+    def mlflow_url(self) -> str:
+        return self._service("mlflow").url
+
+    def environment(self) -> dict[str, str]:
+        """The variables that point gptflow, Prefect and MLflow clients at this stack."""
+        return {
+            "PREFECT_API_URL": self.prefect_api_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "GPTFLOW_HOME": self.workspace,
+        }
+
+    def _service(self, name: str) -> Service:
+        return next(service for service in self.services if service.name == name)
+
+
+def up(workspace: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000) -> Stack:
+    existing = _read_stack(workspace)
+    if existing and all(_alive(service.pid) for service in existing.services):
+        return existing
+    for port, flag in ((prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")):
+        if _answers(f"http://{HOST}:{port}"):
+            raise StackError(f"Port {port} on {HOST} is already in use. Stop what listens there, or pick "
+                             f"another port with {flag}.")
+    logs = workspace.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    prefect_home = workspace.root / "prefect-server"
+    services = [
+        _start(
+            "prefect",
+            [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
+            # The server's own database lives in the workspace, beside the runs it describes.
+            env={"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+            url=f"http://{HOST}:{prefect_port}",
+            health_path="/api/health",
+            log=logs / "prefect-server.log",
+        ),
+        _start(
+            "mlflow",
+            [
+                _executable("mlflow"), "server",
+                "--backend-store-uri", f"sqlite:///{workspace.root / 'mlflow.db'}",
+                "--artifacts-destination", workspace.mlflow_artifacts.as_uri(),
+                "--host", HOST, "--port", str(mlflow_port),
+            ],
+            env={},
+            url=f"http://{HOST}:{mlflow_port}",
+            health_path="/health",
+            log=logs / "mlflow-server.log",
+        ),
+    ]
+    stack = Stack(workspace=str(workspace.root), services=services)
+    (workspace.root / STACK_FILE).write_text(json.dumps(asdict(stack), indent=2))
+    try:
+        for service in services:
+            _wait_until_healthy(service)
+    except StackError:
+        down(workspace)
+        raise
+    return stack
+
+
+def down(workspace: Workspace) -> list[str]:
+    """Stop the stack's servers; returns the names of those that were running."""
+    stack = _read_stack(workspace)
+    if stack is None:
+        return []
+    stopped = []
+    for service in stack.services:
+        if _alive(service.pid):
+            _stop(service.pid)
+            stopped.append(service.name)
+    (workspace.root / STACK_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+def _start(name: str, command: list[str], env: dict[str, str], url: str, health_path: str, log: Path) -> Service:
+    with open(log, "ab") as log_file:
+        # A new session, so the servers outlive this command and can be stopped as a group.
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **env}, start_new_session=True,
+        )
+    return Service(name=name, pid=process.pid, url=url, health_url=url + health_path, log=str(log))
+
+
+def _wait_until_healthy(service: Service) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if _answers(service.health_url):
+            return
+        if not _alive(service.pid):
+            raise StackError(f"The {service.name} server exited while starting; see {service.log}.")
+        time.sleep(0.5)
+    raise StackError(f"The {service.name} server did not answer at {service.health_url} within "
+                     f"{START_TIMEOUT_S:.0f} s; see {service.log}.")
+
+
+def _stop(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
+        if finished == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: started by an earlier `gptflow up`
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True  # something answers there, even if not with 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _read_stack(workspace: Workspace) -> Stack | None:
+    path = workspace.root / STACK_FILE
+    if not path.exists():
+        return None
+    value = json.loads(path.read_text())
+    return Stack(workspace=value["workspace"], services=[Service(**service) for service in value["services"]])
+
+
+def _executable(name: str) -> str:
+    """The console script installed beside this interpreter (the venv's), else one on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise StackError(f"Cannot find the `{name}` command; install gptflow's dependencies (make setup).")
+    return found

@@ -1,0 +1,57 @@
+"""A gptflow model as an MLflow pyfunc model that generates text.
+
+This file is an MLflow "model from code": it is copied into every logged model and executed when
+the model loads, with gptflow's pure packages (``model/``, ``data/``) copied beside it, so
+``mlflow.pyfunc.load_model(uri).predict(["def parse("])`` works with only torch, tokenizers,
+safetensors and pyarrow installed, gptflow itself not needed. It imports nothing from ``tasks/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class GptflowTextGenerator(PythonModel):
+    """Prompts in, prompt + continuation out; ``params`` set the sampling."""
+
+    def load_context(self, context: Any) -> None:
+        from data.tokenizer import EOT_TOKEN, load_tokenizer
+        from model.config import EvalConfig
+        from model.checkpoint import load_model
+
+        self.model = load_model(Path(context.artifacts["model"]))
+        self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
+        self.eot_id = self.tokenizer.token_to_id(EOT_TOKEN)
+        self.default_sampling = EvalConfig().sampling()
+
+    # model_input carries no type hint: MLflow would read one as an input schema of its own,
+    # where the logged signature already says "a column of strings".
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
+        from model.evaluate import generate_samples
+
+        settings = {**self.default_sampling, **(params or {})}
+        prompts = _prompts(model_input)
+        # Each prompt starts after an end-of-text token, as documents do in training.
+        prompt_ids = [[self.eot_id, *self.tokenizer.encode(prompt).ids] for prompt in prompts]
+        generated = generate_samples(
+            self.model, prompt_ids, int(settings["max_new_tokens"]), float(settings["temperature"]),
+            int(settings["top_k"]) or None, int(settings["seed"]), "cpu",
+        )
+        return [self.tokenizer.decode(ids[1:]) for ids in generated]
+
+
+def _prompts(model_input: Any) -> list[str]:
+    """Prompts from a string, a list of strings, or a DataFrame (its ``prompt`` or first column)."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        return [str(value) for value in model_input[column]]
+    return [str(value) for value in model_input]
+
+
+mlflow.models.set_model(GptflowTextGenerator())
