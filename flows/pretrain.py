@@ -131,7 +131,7 @@ def pretrain(
         })
         corpus_manifest = ingest(sources, config.data, workspace_dir, run)
         run.set_tags({
-            "mlflow.runName": f"pretrain-{preset}-{corpus_manifest.fingerprint[:8]}",
+            "mlflow.runName": _run_name(preset, corpus_manifest.fingerprint, overrides),
             "gptflow.data_fingerprint": corpus_manifest.fingerprint,
         })
         tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, retrain_tokenizer)
@@ -170,3 +170,10 @@ def pretrain(
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")
     return summary
+
+
+def _run_name(preset: str, data_fingerprint: str, overrides: dict[str, Any] | None) -> str:
+    """``pretrain-cpu-1a2b3c4d train.learning_rate=0.01``: runs that differ read differently in the
+    MLflow UI's run lists and comparisons."""
+    settings = " ".join(f"{key}={value}" for key, value in sorted((overrides or {}).items()))
+    return f"pretrain-{preset}-{data_fingerprint[:8]}" + (f" {settings}" if settings else "")
