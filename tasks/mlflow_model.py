@@ -28,8 +28,8 @@ class GptflowTextGenerator(PythonModel):
         self.eot_id = self.tokenizer.token_to_id(EOT_TOKEN)
         self.default_sampling = EvalConfig().sampling()
 
-    # model_input carries no type hint: MLflow would read one as an input schema of its own,
-    # where the logged signature already says "a column of strings".
+    # model_input has no type hint on purpose (MLflow warns about that): MLflow would build the
+    # input schema from it and drop the logged signature, whose params let callers set sampling.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
         from model.evaluate import generate_samples
 

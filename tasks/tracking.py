@@ -138,9 +138,10 @@ class BufferedMetrics:
 @contextlib.contextmanager
 def pipeline_run(workspace: Workspace, run_name: str, tags: dict[str, Any]) -> Iterator[PipelineRun]:
     """Open the flow run's MLflow run; it ends FINISHED, or FAILED if the block raises."""
-    client = MlflowClient(workspace.tracking_uri)
-    # The first use creates a SQLite store's tables; two runs starting at once must not both migrate.
+    # The first client of a SQLite store creates its tables; two runs starting at once must not
+    # both migrate it.
     with workspace.lock("mlflow-store"):
+        client = MlflowClient(workspace.tracking_uri)
         experiment_id = _experiment_id(client, workspace)
     created = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     run = PipelineRun(client, created.info.run_id)
