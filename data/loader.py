@@ -6,9 +6,9 @@ is no different from one that runs from one document into the next; and a corpus
 files (shorter than a window each) still contributes every token. A window is ``block_size + 1``
 consecutive tokens: the model reads the first ``block_size`` and predicts the last ``block_size``.
 
-Random windows are a pure function of ``(seed, step, micro_step, rank)``, so a run resumed from
-a checkpoint at step ``s`` sees exactly the batches an uninterrupted run sees from step ``s`` on,
-with no sampler state to save.
+Random windows are a pure function of ``(seed, step, micro_step, rank, world_size)``, so a run
+resumed from a checkpoint at step ``s`` sees exactly the batches an uninterrupted run sees from
+step ``s`` on, with no sampler state to save.
 """
 
 from __future__ import annotations
@@ -85,16 +85,20 @@ class TokenWindows:
         micro_step: int,
         batch_size: int,
         rank: int = 0,
+        world_size: int = 1,
         pin_memory: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, int64 of shape ``(batch_size, block_size)``, of random windows.
 
-        The windows depend only on the arguments. ``pin_memory`` allocates page-locked tensors so
-        the copy to a CUDA device can be asynchronous (``.to(device, non_blocking=True)``).
+        The windows depend only on the arguments. With ``world_size`` ranks, one global batch of
+        ``batch_size * world_size`` windows is drawn and ``rank`` takes its slice, so the ranks
+        together see exactly what one process with the whole batch would. ``pin_memory``
+        allocates page-locked tensors so the copy to a CUDA device can be asynchronous.
         """
-        rng = np.random.default_rng([seed, step, micro_step, rank])
-        starts = rng.integers(0, self.num_window_starts, size=batch_size)
-        windows = np.stack([self.read(int(start), self.block_size + 1) for start in starts])
+        rng = np.random.default_rng([seed, step, micro_step])
+        starts = rng.integers(0, self.num_window_starts, size=batch_size * world_size)
+        mine = starts[rank * batch_size : (rank + 1) * batch_size]
+        windows = np.stack([self.read(int(start), self.block_size + 1) for start in mine])
         return _to_inputs_and_targets(windows, pin_memory)
 
     def sequential_batches(
@@ -138,14 +142,18 @@ class MixedWindows:
         micro_step: int,
         batch_size: int,
         rank: int = 0,
+        world_size: int = 1,
         pin_memory: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([seed, step, micro_step, rank])
-        chosen = rng.choice(len(self.parts), size=batch_size, p=self.probabilities)
-        windows = []
-        for index in chosen:
-            part = self.parts[index]
-            windows.append(part.read(int(rng.integers(0, part.num_window_starts)), self.block_size + 1))
+        rng = np.random.default_rng([seed, step, micro_step])
+        total = batch_size * world_size
+        chosen = rng.choice(len(self.parts), size=total, p=self.probabilities)
+        fractions = rng.random(total)  # a uniform draw per window, scaled to its part's range
+        windows = [
+            self.parts[part].read(int(fraction * self.parts[part].num_window_starts), self.block_size + 1)
+            for part, fraction in zip(chosen[rank * batch_size : (rank + 1) * batch_size],
+                                      fractions[rank * batch_size : (rank + 1) * batch_size])
+        ]
         return _to_inputs_and_targets(np.stack(windows), pin_memory)
 
 

@@ -94,10 +94,13 @@ class TrainConfig:
     """Steps between checkpoints; the final step always writes one."""
     keep_checkpoints: int = 2
     """Most recent periodic checkpoints to keep on disk."""
+    nproc: int = 1
+    """Processes (one GPU each) training data-parallel, launched with torchrun; each takes
+    ``micro_batch_size`` sequences per micro-step, so the global batch grows with ``nproc``."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_tokens",
-                     "checkpoint_interval", "keep_checkpoints"):
+                     "checkpoint_interval", "keep_checkpoints", "nproc"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")

@@ -44,7 +44,7 @@ def test_same_seed_and_step_give_the_same_batch(counting_shards):
         dict(seed=8, step=3, micro_step=1),
         dict(seed=7, step=4, micro_step=1),
         dict(seed=7, step=3, micro_step=0),
-        dict(seed=7, step=3, micro_step=1, rank=1),
+        dict(seed=7, step=3, micro_step=1, rank=1, world_size=2),
     ):
         assert not torch.equal(windows.sample_batch(batch_size=8, **other)[0], first[0]), other
 
@@ -124,3 +124,15 @@ def test_mixed_windows_draw_each_part_at_its_share_deterministically(counting_sh
     assert torch.equal(first, MixedWindows([(old, 0.75), (new, 0.25)]).sample_batch(3, 7, 1, 16)[0])
     only_new = MixedWindows([(old, 0.0), (new, 1.0)]).sample_batch(0, 0, 0, 32)[0]
     assert bool(torch.all(only_new >= 50000))
+
+
+def test_ranks_take_slices_of_one_global_batch(counting_shards, tmp_path, write_shard):
+    whole = TokenWindows(counting_shards, block_size=32).sample_batch(5, 2, 1, batch_size=8)[0]
+    ranks = [TokenWindows(counting_shards, 32).sample_batch(5, 2, 1, batch_size=4, rank=r, world_size=2)[0]
+             for r in range(2)]
+    assert torch.equal(torch.cat(ranks), whole)
+    new = TokenWindows([write_shard(tmp_path / "new.arrow", np.arange(50000, 51000, dtype=np.uint16))], 32)
+    mixed = MixedWindows([(TokenWindows(counting_shards, 32), 0.5), (new, 0.5)])
+    whole = mixed.sample_batch(5, 2, 1, batch_size=8)[0]
+    ranks = [mixed.sample_batch(5, 2, 1, batch_size=4, rank=r, world_size=2)[0] for r in range(2)]
+    assert torch.equal(torch.cat(ranks), whole)
