@@ -13,7 +13,9 @@ step ``s`` on, with no sampler state to save.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +157,32 @@ class MixedWindows:
                                       fractions[rank * batch_size : (rank + 1) * batch_size])
         ]
         return _to_inputs_and_targets(np.stack(windows), pin_memory)
+
+
+def prefetch_batches(
+    windows: TokenWindows | MixedWindows,
+    seed: int,
+    steps: range,
+    accum_steps: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    depth: int = 2,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of every (step, micro-step) in order, sampled ``depth`` ahead on a background
+    thread, so reading windows and pinning them overlaps the device's work. Batches are the same
+    as ``sample_batch`` gives: prefetching changes when they are made, not what they are."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptflow-prefetch") as pool:
+        pending: collections.deque[Future] = collections.deque()
+        for step in steps:
+            for micro_step in range(accum_steps):
+                pending.append(pool.submit(windows.sample_batch, seed, step, micro_step, batch_size,
+                                           rank, world_size, pin_memory))
+                if len(pending) > depth:
+                    yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _to_inputs_and_targets(windows: np.ndarray, pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ on CPU a run killed at any moment and resumed ends with the same bits as an unin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -18,12 +19,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from data.loader import MixedWindows, TokenWindows
+from data.loader import MixedWindows, TokenWindows, prefetch_batches
 from model.checkpoint import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
     TrainerState,
+    checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -32,6 +35,7 @@ from model.checkpoint import (
 )
 from model.config import ModelConfig, TrainConfig
 from model.device import autocast, peak_flops, resolve_autocast_dtype, resolve_device
+from model.distributed import Ranks
 from model.evaluate import evaluate_loss
 from model.gpt import GPT
 from model.optim import build_optimizer, learning_rate_at
@@ -106,10 +110,39 @@ def pretrain(
     its new shards at its ``new_data_fraction``.
     Validation runs every ``eval_interval`` steps and after the last one, on up to
     ``eval_tokens`` tokens of ``val_paths`` (skipped when empty). Seeds torch's global RNG.
+
+    Under ``torchrun`` with ``train.nproc`` processes, trains data-parallel (``model.distributed``):
+    every rank calls this function with the same arguments; rank 0 reports and writes.
     """
+    ranks = Ranks.from_environment()
+    if ranks.world_size != train_config.nproc:
+        raise ValueError(
+            f"train.nproc is {train_config.nproc} but this process is one of {ranks.world_size} "
+            f"(WORLD_SIZE): launch it with torchrun --nproc_per_node {train_config.nproc}, as the pretrain task does"
+        )
+    device = ranks.device(resolve_device(train_config.device))
+    joined = ranks.join(device)
+    try:
+        return _train(model_config, train_config, train_paths, val_paths, Path(run_dir),
+                      callback if ranks.is_main else None, resume, continuation, ranks, device)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    train_paths: Sequence[Path],
+    val_paths: Sequence[Path],
+    run_dir: Path,
+    callback: TrainingCallback | None,
+    resume: bool,
+    continuation: Continuation | None,
+    ranks: Ranks,
+    device: torch.device,
+) -> TrainResult:
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    device = resolve_device(train_config.device)
     autocast_dtype = resolve_autocast_dtype(train_config.dtype, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
@@ -120,15 +153,16 @@ def pretrain(
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(device)  # initialised on the CPU: the same weights on any device
     optimizer = build_optimizer(model, train_config, device)
-    restored = _restore_or_start_over(run_dir, model, optimizer, resume)
+    restored = _restore_or_start_over(run_dir, model, optimizer, resume, ranks)
     if restored is None and continuation is not None:
         load_checkpoint(continuation.checkpoint, model, optimizer)
     start_step = restored.step if restored else 0
     tokens_seen = restored.tokens_seen if restored else 0
-    step_model = torch.compile(model) if train_config.compile else model
+    parallel_model = DistributedDataParallel(model) if ranks.is_distributed else model
+    step_model = torch.compile(parallel_model) if train_config.compile else parallel_model
 
     accum_steps = train_config.grad_accum_steps
-    tokens_per_step = train_config.micro_batch_size * accum_steps * model_config.block_size
+    tokens_per_step = train_config.micro_batch_size * accum_steps * ranks.world_size * model_config.block_size
     flops_per_token = model.flops_per_token()
     device_peak_flops = peak_flops(device)
     max_grad_norm = train_config.grad_clip or math.inf
@@ -138,6 +172,10 @@ def pretrain(
     grad_norm_sum = torch.zeros((), device=device)
     steps_since_report, report_clock, paused_s = 0, time.perf_counter(), 0.0
     final_train_loss = final_val_loss = None
+    batches = prefetch_batches(
+        train_windows, train_config.seed, range(start_step, train_config.max_steps), accum_steps,
+        train_config.micro_batch_size, ranks.rank, ranks.world_size, pin_memory=device.type == "cuda",
+    )
     model.train()
     for step in range(start_step, train_config.max_steps):
         learning_rate = learning_rate_at(step, train_config)
@@ -145,14 +183,15 @@ def pretrain(
             group["lr"] = learning_rate
         torch.manual_seed(_dropout_seed(train_config.seed, step))
         for micro_step in range(accum_steps):
-            inputs, targets = train_windows.sample_batch(
-                train_config.seed, step, micro_step, train_config.micro_batch_size, pin_memory=device.type == "cuda"
-            )
+            inputs, targets = next(batches)
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            with autocast(device, autocast_dtype):
-                _, loss = step_model(inputs, targets)
-            (loss / accum_steps).backward()
+            # Gradients are averaged across ranks once per step, on the last micro-step.
+            last_micro_step = micro_step == accum_steps - 1
+            with _gradient_sync(parallel_model, last_micro_step):
+                with autocast(device, autocast_dtype):
+                    _, loss = step_model(inputs, targets)
+                (loss / accum_steps).backward()
             loss_sum += loss.detach()
         grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
@@ -164,7 +203,7 @@ def pretrain(
 
         metrics: dict[str, float] = {}
         if steps_done % train_config.log_interval == 0 or is_last:
-            final_train_loss = loss_sum.item() / (steps_since_report * accum_steps)
+            final_train_loss = ranks.mean(loss_sum).item() / (steps_since_report * accum_steps)
             now = time.perf_counter()
             tokens_per_sec = steps_since_report * tokens_per_step / (now - report_clock - paused_s)
             metrics.update(
@@ -196,16 +235,22 @@ def pretrain(
                 )
                 metrics["val/loss"] = final_val_loss
             if checkpoint_now:
-                state = TrainerState(steps_done, tokens_seen, train_config.seed, asdict(train_config))
-                checkpoint = save_checkpoint(run_dir, model, optimizer, state)
-                prune_checkpoints(run_dir, train_config.keep_checkpoints)
+                checkpoint = checkpoint_path(run_dir, steps_done)
+                if ranks.is_main:
+                    state = TrainerState(steps_done, tokens_seen, train_config.seed, asdict(train_config))
+                    save_checkpoint(run_dir, model, optimizer, state)
+                    prune_checkpoints(run_dir, train_config.keep_checkpoints)
+                ranks.barrier()
             paused_s += time.perf_counter() - pause_started
         if callback and metrics:
             callback.on_metrics(steps_done, metrics)
         if callback and checkpoint_now:
             callback.on_checkpoint(steps_done, checkpoint)
 
-    final_dir = save_final(run_dir, model)
+    final_dir = run_dir / FINAL_DIR
+    if ranks.is_main:
+        save_final(run_dir, model)
+    ranks.barrier()
     return TrainResult(
         final_dir=final_dir,
         steps=max(start_step, train_config.max_steps),
@@ -231,14 +276,23 @@ def _training_windows(
 
 
 def _restore_or_start_over(
-    run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, resume: bool
+    run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, resume: bool, ranks: Ranks
 ) -> TrainerState | None:
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         return load_checkpoint(checkpoint, model, optimizer) if checkpoint else None
-    for name in (CHECKPOINTS_DIR, FINAL_DIR):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+    if ranks.is_main:
+        for name in (CHECKPOINTS_DIR, FINAL_DIR):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    ranks.barrier()
     return None
+
+
+def _gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` on all but the last micro-step: one all-reduce per optimizer step."""
+    if isinstance(model, DistributedDataParallel) and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def _wait_for(device: torch.device) -> None:

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data.loader import MixedWindows, TokenWindows
+from data.loader import MixedWindows, TokenWindows, prefetch_batches
 
 
 @pytest.fixture
@@ -136,3 +136,12 @@ def test_ranks_take_slices_of_one_global_batch(counting_shards, tmp_path, write_
     whole = mixed.sample_batch(5, 2, 1, batch_size=8)[0]
     ranks = [mixed.sample_batch(5, 2, 1, batch_size=4, rank=r, world_size=2)[0] for r in range(2)]
     assert torch.equal(torch.cat(ranks), whole)
+
+
+def test_prefetched_batches_are_the_sampled_batches_in_order(counting_shards):
+    windows = TokenWindows(counting_shards, block_size=16)
+    prefetched = list(prefetch_batches(windows, 3, range(2, 6), accum_steps=3, batch_size=4, rank=1, world_size=2))
+    expected = [windows.sample_batch(3, step, micro, 4, rank=1, world_size=2) for step in range(2, 6) for micro in range(3)]
+    assert len(prefetched) == len(expected) == 12
+    for (x, y), (ex, ey) in zip(prefetched, expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
