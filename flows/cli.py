@@ -15,6 +15,8 @@ from tasks.config import DEFAULT_PRESET, PRESETS, ConfigError, build_config, par
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # MLflow draws a progress bar per artifact copy, which floods logs of non-interactive runs.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return args.handler(args)
     except (ConfigError, CorpusError, StackError) as error:
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     overrides = parse_override_pairs(args.overrides)
+    if args.nproc is not None:
+        overrides["train.nproc"] = args.nproc
     corpus = args.corpus or [BUILTIN_CORPUS]
     # Fail on a bad config or a missing path now, before Prefect and MLflow start up.
     build_config(args.preset, args.config, overrides)
@@ -113,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="override one setting, e.g. --set train.max_steps=200; repeatable")
     pretrain.add_argument("--workspace", metavar="DIR",
                           help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
+    pretrain.add_argument("--nproc", type=int, metavar="N",
+                          help="train data-parallel on N GPUs (or CPU processes) via torchrun; "
+                          "same as --set train.nproc=N")
     pretrain.add_argument("--resume", action="store_true",
                           help="continue an interrupted training run from its latest checkpoint")
     pretrain.add_argument("--retrain-tokenizer", action="store_true",

@@ -24,7 +24,7 @@ from model.config import EvalConfig
 from model.device import resolve_device
 from model.evaluate import bits_per_byte, evaluate_loss, generate_samples, perplexity
 from tasks.caching import run_stage, stage_key
-from tasks.pretrain import TrainedModel
+from tasks.training_job import TrainedModel
 from tasks.progress import run_logger
 from tasks.tracking import PipelineRun
 from tasks.workspace import Workspace

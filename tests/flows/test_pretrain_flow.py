@@ -96,3 +96,14 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) 
     for entry in client.list_artifacts(run_id, path):
         found |= _artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
     return found
+
+
+def test_nproc_trains_data_parallel_through_torchrun(cli_env, tiny_corpus_dir):
+    result = _gptflow("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny", "--nproc", "2", env=cli_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "launching 2 processes" in result.stdout + result.stderr
+    client, (run,) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
+    assert run.data.params["train.nproc"] == "2"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == list(range(5, 31, 5))  # rank 0 alone reported
+    assert run.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"

@@ -1,0 +1,206 @@
+"""One training run of the pretrain stage, in this process or across ``torchrun`` ranks.
+
+A ``TrainingJob`` holds everything a training needs as plain JSON, so the pretrain task can run
+it in-process (one device) or hand it to ``torchrun`` (``train.nproc`` > 1), whose every rank runs
+``python -m tasks.training_job JOB.json RESULT.json``. Rank 0 reports to MLflow, writes the loss
+curve and registers the model; the task forwards the workers' console lines to its Prefect log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+import model.train
+from data.store import atomic_directory, read_contents_hash
+from model.config import ModelConfig, TrainConfig
+from model.distributed import Ranks
+from model.train import Continuation
+from tasks.progress import human_count, human_duration, run_logger
+from tasks.tracking import BufferedMetrics, PipelineRun
+
+REPORT_DIR = "report"
+
+
+@dataclass
+class TrainedModel:
+    run_dir: str
+    final_dir: str
+    """``model.safetensors`` + ``config.json``: ``model.checkpoint.load_model`` loads it."""
+    report_dir: str
+    """``loss_curve.png`` + ``history.json``."""
+    weights_hash: str
+    """Content hash of the final model: the input key of everything evaluated on it."""
+    model_config: dict
+    steps: int
+    tokens_seen: int
+    final_train_loss: float | None
+    final_val_loss: float | None
+    elapsed_s: float
+    trained_in_mlflow_run: str
+    """The MLflow run that executed the training (later cached runs point back to it)."""
+    registered_model: str
+    """``name/version`` in the MLflow model registry; the version's source is that run's
+    ``model`` artifact, an MLflow pyfunc model that generates text."""
+
+
+@dataclass
+class TrainingJob:
+    model_config: dict[str, Any]
+    train_config: dict[str, Any]
+    train_paths: list[str]
+    val_paths: list[str]
+    continuation: dict[str, Any] | None
+    """``model.train.Continuation`` fields, when continuing an earlier model."""
+    run_dir: str
+    tokenizer_file: str
+    registered_model_name: str
+    tracking_uri: str
+    mlflow_run_id: str
+    resume: bool
+
+    def run(self, prefect_progress: bool) -> TrainedModel | None:
+        """Train (this process's rank of it); rank 0 reports and returns the result, others None."""
+        train_config = TrainConfig(**self.train_config)
+        continuation = None if self.continuation is None else Continuation(
+            checkpoint=Path(self.continuation["checkpoint"]),
+            new_train_paths=[Path(path) for path in self.continuation["new_train_paths"]],
+            new_data_fraction=self.continuation["new_data_fraction"],
+        )
+        is_main = Ranks.from_environment().is_main
+        run = PipelineRun.attach(self.tracking_uri, self.mlflow_run_id)
+        reporter = TrainingReporter(run, train_config.max_steps, prefect_progress) if is_main else None
+        result = model.train.pretrain(
+            ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
+            [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=self.resume,
+            continuation=continuation,
+        )
+        if reporter is None:
+            return None
+        reporter.metrics.flush()
+        with atomic_directory(Path(self.run_dir) / REPORT_DIR) as report_dir:
+            reporter.write_report(report_dir)
+        version = run.log_text_generator(result.final_dir, Path(self.tokenizer_file), self.registered_model_name)
+        return TrainedModel(
+            run_dir=self.run_dir,
+            final_dir=str(result.final_dir),
+            report_dir=str(Path(self.run_dir) / REPORT_DIR),
+            weights_hash=read_contents_hash(result.final_dir),
+            model_config=self.model_config,
+            steps=result.steps,
+            tokens_seen=result.tokens_seen,
+            final_train_loss=result.final_train_loss,
+            final_val_loss=result.final_val_loss,
+            elapsed_s=result.elapsed_s,
+            trained_in_mlflow_run=self.mlflow_run_id,
+            registered_model=f"{self.registered_model_name}/{version}",
+        )
+
+    def run_with_torchrun(self, nproc: int) -> TrainedModel:
+        """Launch ``nproc`` ranks on this machine and wait; their output goes to the run log."""
+        logger = run_logger()
+        with tempfile.TemporaryDirectory(prefix="gptflow-job-") as tmp:
+            job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+            job_file.write_text(json.dumps(dataclasses.asdict(self)))
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       "-m", "tasks.training_job", str(job_file), str(result_file)]
+            logger.info(f"pretrain: launching {nproc} processes: {' '.join(command[1:])}")
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as workers:
+                for line in workers.stdout:
+                    logger.info(line.rstrip())
+            if workers.returncode != 0 or not result_file.exists():
+                raise RuntimeError(f"torchrun training failed (exit code {workers.returncode}); its output is above")
+            return TrainedModel(**json.loads(result_file.read_text()))
+
+
+class TrainingReporter:
+    """The training loop's callback: batched MLflow metrics, console progress, loss history."""
+
+    def __init__(self, run: PipelineRun, max_steps: int, prefect_progress: bool) -> None:
+        self.metrics = BufferedMetrics(run)
+        self.max_steps = max_steps
+        self.logger = run_logger()
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self.history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
+        # A torchrun worker has no Prefect run to attach an artifact to; its lines reach the
+        # Prefect logs through the task that launched it.
+        self.progress_artifact = (
+            create_progress_artifact(progress=0.0, description="pretrain: starting") if prefect_progress else None
+        )
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.add(step, metrics)
+        for name, series in self.history.items():
+            if name in metrics:
+                series.append((step, metrics[name]))
+        if self.first_step is None:
+            self.first_step, self.started = step, time.monotonic()
+            eta = ""
+        else:
+            seconds_per_step = (time.monotonic() - self.started) / (step - self.first_step)
+            eta = f" · ETA {human_duration(seconds_per_step * (self.max_steps - step))}"
+        parts = [f"step {step}/{self.max_steps}"]
+        if "train/loss" in metrics:
+            parts.append(f"loss {metrics['train/loss']:.3f}")
+        if "val/loss" in metrics:
+            parts.append(f"val {metrics['val/loss']:.3f}")
+        if "train/lr" in metrics:
+            parts.append(f"lr {metrics['train/lr']:.2e}")
+        if "train/tokens_per_sec" in metrics:
+            parts.append(f"{human_count(metrics['train/tokens_per_sec'])} tok/s")
+        if "train/mfu" in metrics:
+            parts.append(f"MFU {metrics['train/mfu']:.1%}")
+        line = "pretrain: " + " · ".join(parts) + eta
+        self.logger.info(line)
+        if self.progress_artifact:
+            update_progress_artifact(self.progress_artifact, progress=100.0 * step / self.max_steps, description=line)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.logger.info(f"pretrain: checkpoint of step {step} saved to {path}")
+
+    def write_report(self, directory: Path) -> None:
+        (directory / "history.json").write_text(json.dumps(self.history, indent=1))
+        _plot_loss_curve(self.history, directory / "loss_curve.png")
+
+
+def _plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; and never pick an interactive backend inside a worker
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, series in history.items():
+        if series:
+            steps, values = zip(*series)
+            axes.plot(steps, values, label=name, marker="o" if name.startswith("val") else None)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _run_rank(job_file: Path, result_file: Path) -> None:
+    """A torchrun worker: train this rank's part; rank 0 writes the result for the task."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    trained = TrainingJob(**json.loads(job_file.read_text())).run(prefect_progress=False)
+    if trained is not None:
+        result_file.write_text(json.dumps(dataclasses.asdict(trained)))
+
+
+if __name__ == "__main__":
+    _run_rank(Path(sys.argv[1]), Path(sys.argv[2]))
