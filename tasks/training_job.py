@@ -8,13 +8,16 @@ curve and registers the model; the task forwards the workers' console lines to i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,11 +83,12 @@ class TrainingJob:
         is_main = Ranks.from_environment().is_main
         run = PipelineRun.attach(self.tracking_uri, self.mlflow_run_id)
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress) if is_main else None
-        result = model.train.pretrain(
-            ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
-            [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=self.resume,
-            continuation=continuation,
-        )
+        with _system_metrics(run) if is_main else contextlib.nullcontext():
+            result = model.train.pretrain(
+                ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
+                [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=self.resume,
+                continuation=continuation,
+            )
         if reporter is None:
             return None
         reporter.metrics.flush()
@@ -192,6 +196,23 @@ def _plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path) ->
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+@contextlib.contextmanager
+def _system_metrics(run: PipelineRun) -> Iterator[None]:
+    """GPU utilisation, memory and power (and CPU, RAM) as MLflow ``system/*`` metrics while
+    training, when the optional nvidia-ml-py and psutil are installed (``pip install gptflow[gpu]``)."""
+    if not all(importlib.util.find_spec(module) for module in ("pynvml", "psutil")):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run.run_id, tracking_uri=run.client.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def _run_rank(job_file: Path, result_file: Path) -> None:
