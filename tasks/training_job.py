@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from tasks.progress import human_count, human_duration, run_logger
 from tasks.tracking import BufferedMetrics, PipelineRun
 
 REPORT_DIR = "report"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass
@@ -94,6 +96,8 @@ class TrainingJob:
         reporter.metrics.flush()
         with atomic_directory(Path(self.run_dir) / REPORT_DIR) as report_dir:
             reporter.write_report(report_dir)
+        # Beside checkpoints/ and final/, so a checkpoint directory alone names its tokenizer.
+        shutil.copyfile(self.tokenizer_file, Path(self.run_dir) / TOKENIZER_FILE)
         version = run.log_text_generator(result.final_dir, Path(self.tokenizer_file), self.registered_model_name)
         return TrainedModel(
             run_dir=self.run_dir,
