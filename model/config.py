@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 VOCAB_MULTIPLE = 128
+POSITIONS = ("learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2", "swiglu")
 
 
 def pad_vocab_size(n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -39,6 +42,35 @@ class ModelConfig:
     """Dropout on attention weights and residual branches; 0 for pretraining on enough data."""
     bias: bool = False
     """Biases in linear layers and LayerNorms (GPT-2 had them; without is slightly better)."""
+    position: str = "learned"
+    """``learned``: GPT-2's table of absolute position embeddings (``wpe``). ``rotary``: rotary
+    embeddings (RoPE) applied to queries and keys in every layer, so attention scores depend on
+    relative offsets only; no ``wpe`` table."""
+    norm: str = "layernorm"
+    """``layernorm`` (GPT-2) or ``rmsnorm``: scale by the root mean square only, no centring and
+    no bias; cheaper and as good in modern recipes."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (with a learned gain) before attention, which
+    bounds the attention logits and lets the hidden matrices take larger steps without spikes."""
+    mlp: str = "gelu"
+    """MLP activation: ``gelu`` (GPT-2), ``relu2`` (relu(x)², same shape as gelu, a little better
+    and cheaper) or ``swiglu`` (gated SiLU; its hidden width is ~8/3·n_embd so that its three
+    matrices hold as many parameters as the 4·n_embd MLP's two)."""
+    tie_embeddings: bool = True
+    """Share one matrix between the token embedding and the output projection (GPT-2). Untied,
+    the output projection ``lm_head`` has its own matrix: V·C more parameters, but the input and
+    output roles of a token no longer compete for one vector."""
+    zero_init_projections: bool = False
+    """Start the attention and MLP output projections (``c_proj``) at zero, so every block begins
+    as the identity and the stream is not perturbed by random branches; with untied embeddings
+    the output projection starts at zero too (the first predictions are uniform). The tied matrix
+    is also the input embedding, so it keeps its random initialisation."""
+    logit_softcap: float = 0.0
+    """Squash output logits smoothly into ``(-cap, cap)`` with ``cap·tanh(logits/cap)``, which
+    stops overconfident logits early in training; 0 disables it."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them: far less
+    activation memory for about a third more compute. Training only."""
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -52,6 +84,17 @@ class ModelConfig:
             f"model.vocab_size must be positive, got {self.vocab_size}",
         )
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name, choices in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            _require(
+                getattr(self, name) in choices,
+                f"model.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}",
+            )
+        _require(
+            self.position != "rotary" or (self.n_embd // self.n_head) % 2 == 0,
+            f"model.position=rotary rotates pairs of dimensions: the head size n_embd / n_head "
+            f"({self.n_embd} / {self.n_head}) must be even",
+        )
+        _require(self.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
 
 
 @dataclass

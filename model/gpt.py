@@ -1,9 +1,14 @@
-"""A GPT-2 style decoder-only transformer in one file.
+"""A decoder-only transformer in one file: GPT-2 by default, a modern recipe by switches.
 
-Pre-norm blocks (LayerNorm → causal self-attention → residual, LayerNorm → MLP → residual),
-learned position embeddings, and an output projection that shares its matrix with the token
-embedding. Shapes in comments use B = batch, T = time, C = n_embd, nh = n_head,
-hs = head size (C // nh), V = vocab_size.
+Pre-norm blocks (norm → causal self-attention → residual, norm → MLP → residual) and an output
+projection. The defaults are GPT-2's: LayerNorm, learned position embeddings, GELU MLP and an
+output projection that shares its matrix with the token embedding. ``ModelConfig`` switches
+each to its modern counterpart (RMSNorm, rotary embeddings, QK-norm, ReLU² or SwiGLU, untied
+head, zero-initialised output projections, logit soft-capping); the parameter names stay
+GPT-2's, so a default model's checkpoint maps one-to-one onto GPT-2's.
+
+Shapes in comments use B = batch, T = time, C = n_embd, nh = n_head, hs = head size (C // nh),
+H = MLP hidden width, V = vocab_size.
 """
 
 from __future__ import annotations
@@ -13,10 +18,56 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 
 INIT_STD = 0.02
+NORM_EPS = 1e-5
+ROTARY_BASE = 10000.0
+# Rows of logits turned into loss at a time: bounds the float32 working set of the loss (upcast,
+# soft-cap, log-softmax) to this many rows, e.g. 0.8 GB at V = 50304.
+LOSS_CHUNK_TOKENS = 4096
+
+
+class RMSNorm(nn.Module):
+    """Divide by the root mean square over the last dimension, times a learned gain.
+
+    Computed in float32 and returned in the input's dtype: autocast has no rule for
+    ``rms_norm``, and bf16 queries and keys must stay bf16 for the fused attention kernels.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), NORM_EPS).type_as(x)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, eps=NORM_EPS, bias=config.bias)
+
+
+def rotary_tables(head_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each (length, head_size / 2): pair i of a head turns by
+    ``position · ROTARY_BASE^(-2i / head_size)``, fast for the first pairs, slow for the last."""
+    inverse_frequencies = ROTARY_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inverse_frequencies)  # (length, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + hs/2]) of ``x`` (B, nh, T, hs) by the angles of its positions.
+
+    The dot product of a query rotated to position m and a key rotated to n depends on m - n
+    only. Computed in float32, returned in ``x``'s dtype.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # 2 × (B, nh, T, hs/2)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hs)
+    return rotated.type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -24,16 +75,21 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
+        head_size = config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.q_norm = RMSNorm(head_size) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_size) if config.qk_norm else nn.Identity()
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = self.q_norm(q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2))  # (B, nh, T, hs)
+        k = self.k_norm(k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2))  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )  # (B, nh, T, hs)
@@ -41,28 +97,45 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def swiglu_hidden_size(n_embd: int) -> int:
+    """Hidden width of a SwiGLU MLP with the parameters of a 4·n_embd two-matrix MLP: three
+    matrices of n_embd × H with H = 8/3 · n_embd, rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * n_embd / 3 / 64)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.activation = config.mlp
+        hidden = swiglu_hidden_size(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd
+        # SwiGLU's gate and value projections share one matmul, stacked [gate; value].
+        fc_outputs = 2 * hidden if config.mlp == "swiglu" else hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_outputs, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+        h = self.c_fc(x)  # (B, T, H), or (B, T, 2H) for swiglu
+        if self.activation == "swiglu":
+            gate, value = h.chunk(2, dim=-1)  # 2 × (B, T, H)
+            h = F.silu(gate) * value
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -75,36 +148,49 @@ class GPT(nn.Module):
                 "model.config.pad_vocab_size(tokenizer vocabulary size) before building the model"
             )
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.position == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config, config.n_embd),
         )
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Tying the input and output embeddings saves V × C parameters and trains at least as
-        # well at this scale (Press & Wolf, 2017).
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Saves V × C parameters and trains at least as well at GPT-2's scale (Press & Wolf, 2017).
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.position == "rotary":
+            # Not persistent: a function of the config, so checkpoints hold only learned weights.
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rotary_cos", cos, persistent=False)  # (block_size, hs/2)
+            self.register_buffer("rotary_sin", sin, persistent=False)  # (block_size, hs/2)
         self.apply(_init_weights)
-        # GPT-2: each residual branch adds to the stream, so scale the projections writing into it
-        # by 1/sqrt(2 · n_layer) to keep the stream's variance independent of depth.
         for name, parameter in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and config.zero_init_projections:
+                nn.init.zeros_(parameter)
+            elif name.endswith("c_proj.weight"):
+                # GPT-2: each residual branch adds to the stream, so scale the projections writing
+                # into it by 1/sqrt(2 · n_layer) to keep the stream's variance independent of depth.
                 nn.init.normal_(parameter, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
+        if config.zero_init_projections and not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights counted once.
 
-        ``exclude_embeddings`` leaves out the position embeddings, which are looked up rather
-        than multiplied. The token embedding stays in: tied, it is also the output projection,
-        which is the largest single matmul of a small model.
+        ``exclude_embeddings`` leaves out the tables that are looked up rather than multiplied:
+        the position embeddings, and the token embedding when the output projection has its own
+        matrix. Tied, the token embedding is also the output projection, the largest single
+        matmul of a small model, so it stays in.
         """
         total = sum(parameter.numel() for parameter in self.parameters())
         if exclude_embeddings:
-            total -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                total -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.transformer.wte.weight.numel()
         return total
 
     def flops_per_token(self) -> int:
@@ -114,34 +200,66 @@ class GPT(nn.Module):
         that in the backward), with N = ``num_parameters(exclude_embeddings=True)``, plus
         ``12 · n_layer · n_embd · block_size`` for the attention scores and the weighted sum of
         values (PaLM appendix B). The causal mask's skipped half is counted, as is customary, so
-        the figure is comparable with published MFU numbers.
+        the figure is comparable with published MFU numbers. Recomputation (activation
+        checkpointing) is not counted: MFU measures useful work.
         """
         config = self.config
         attention = 12 * config.n_layer * config.n_embd * config.block_size
         return 6 * self.num_parameters(exclude_embeddings=True) + attention
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits and mean cross-entropy loss of next-token prediction.
 
         ``idx`` and ``targets`` are int64 ``(B, T)`` with ``T <= block_size``; target -1 is
         ignored. Without targets only the last position's logits are computed, ``(B, 1, V)``,
-        which is all generation needs.
+        which is all generation needs. With targets, ``return_logits=False`` returns ``None``
+        for the logits: a training step needs only the loss, and under ``torch.compile`` the
+        soft-capped (B, T, V) logits then never need to be written out.
         """
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
-        positions = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.position == "learned":
+            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))  # (B, T, C)
+        x = self.transformer.drop(x)
+        rotary = (self.rotary_cos[:T], self.rotary_sin[:T]) if self.config.position == "rotary" else None
         for block in self.transformer.h:
-            x = block(x)  # (B, T, C)
+            if self.config.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rotary, use_reentrant=False)  # (B, T, C)
+            else:
+                x = block(x, rotary)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
-        return logits, loss
+            return self._softcapped(self.lm_head(x[:, [-1], :])), None  # (B, 1, V)
+        logits = self.lm_head(x)  # (B, T, V), in the autocast dtype
+        loss = self._cross_entropy(logits, targets)
+        return (self._softcapped(logits) if return_logits else None), loss
+
+    def _softcapped(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.config.logit_softcap
+        if not cap:
+            return logits
+        return cap * torch.tanh(logits.float() / cap)  # in float32: tanh saturates coarsely in bf16
+
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the targets that are not -1, ``LOSS_CHUNK_TOKENS`` rows at a
+        time. Each chunk's float32 intermediates are recomputed in the backward pass rather than
+        kept, so of the (B, T, V) tensors only the logits in their compute dtype stay alive
+        (2 bytes per entry under bf16 autocast instead of ~14)."""
+        logits = logits.view(-1, logits.size(-1))  # (B·T, V)
+        targets = targets.reshape(-1)  # (B·T,)
+        summed = sum(
+            checkpoint(self._summed_cross_entropy, logits_chunk, targets_chunk, use_reentrant=False)
+            for logits_chunk, targets_chunk in zip(logits.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))
+        )
+        return summed / (targets != -1).sum()
+
+    def _summed_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self._softcapped(logits).float()  # (rows, V)
+        return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
 
     @torch.no_grad()
     def generate(
