@@ -93,6 +93,8 @@ class TrainingJob:
             )
         if reporter is None:
             return None
+        if result.peak_memory_bytes is not None:
+            reporter.metrics.add(result.steps, {"train/peak_memory_gib": result.peak_memory_bytes / 2**30})
         reporter.metrics.flush()
         with atomic_directory(Path(self.run_dir) / REPORT_DIR) as report_dir:
             reporter.write_report(report_dir)
