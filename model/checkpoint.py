@@ -5,7 +5,8 @@ Layout under a run directory::
     checkpoints/step-00000250/
         model.safetensors   weights (the tied embedding / output matrix stored once)
         config.json         ModelConfig
-        optimizer.pt        AdamW state, tensors and plain values only (loaded weights_only)
+        optimizer.pt        optimizer state (AdamW, or Muon + AdamW), tensors and plain values
+                            only (loaded weights_only)
         trainer.json        step, tokens seen, data seed, TrainConfig
         contents.json       written by data.store.atomic_directory
     final/

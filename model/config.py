@@ -12,6 +12,7 @@ VOCAB_MULTIPLE = 128
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2", "swiglu")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def pad_vocab_size(n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -112,7 +113,19 @@ class TrainConfig:
     warmup_steps: int = 100
     """Steps of linear warmup from 0 to the peak learning rate."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay, applied to matrices only (not norms, biases)."""
+    """Decoupled weight decay of matrices (not norms, biases): each step shrinks them by
+    ``lr · weight_decay``, with ``lr`` the AdamW learning rate of the step, also for Muon's
+    matrices, whose larger steps would otherwise decay them far faster."""
+    optimizer: str = "adamw"
+    """``adamw`` for every parameter, or ``muon``: Muon (orthogonalised momentum) for the 2-D
+    matrices inside the transformer blocks, AdamW for embeddings, the output projection, norms
+    and biases."""
+    muon_learning_rate: float = 0.02
+    """Peak Muon learning rate, for ``optimizer=muon``. It follows the same warmup and decay as
+    ``learning_rate``. Updates are orthogonalised (every singular value ≈ 1) and scaled by
+    sqrt(max(1, fan_out / fan_in)), so this is roughly the spectral norm of a step."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum coefficient."""
     beta1: float = 0.9
     """AdamW first-moment decay."""
     beta2: float = 0.95
@@ -148,6 +161,12 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_interval"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
+        _require(
+            self.optimizer in OPTIMIZERS,
+            f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        _require(self.muon_learning_rate > 0, f"train.muon_learning_rate must be positive, got {self.muon_learning_rate}")
+        _require(0.0 <= self.muon_momentum < 1.0, f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
