@@ -108,13 +108,17 @@ class ConfigError(ValueError):
 
 
 def build_config(
-    preset: str = DEFAULT_PRESET,
+    preset: str | None = DEFAULT_PRESET,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> PipelineConfig:
-    if preset not in PRESETS:
-        raise ConfigError(f"Unknown preset {preset!r}. Available presets: {', '.join(PRESETS)}.")
-    layers: list[tuple[str, dict[str, dict[str, Any]]]] = [(f"preset {preset!r}", PRESETS[preset])]
+    """The layered config; ``preset=None`` starts from the dataclass defaults alone (the evaluate
+    flow's settings belong to no preset)."""
+    layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"Unknown preset {preset!r}. Available presets: {', '.join(PRESETS)}.")
+        layers.append((f"preset {preset!r}", PRESETS[preset]))
     if config_file is not None:
         layers.append((f"config file {config_file}", _read_config_file(Path(config_file))))
     if overrides:
