@@ -218,6 +218,16 @@ class GPT(nn.Module):
         for the logits: a training step needs only the loss, and under ``torch.compile`` the
         soft-capped (B, T, V) logits then never need to be written out.
         """
+        x = self.hidden_states(idx)  # (B, T, C)
+        if targets is None:
+            return self._softcapped(self.lm_head(x[:, [-1], :])), None  # (B, 1, V)
+        logits = self.lm_head(x)  # (B, T, V), in the autocast dtype
+        loss = self._cross_entropy(logits, targets)
+        return (self._softcapped(logits) if return_logits else None), loss
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The normalised residual stream after the last block, ``(B, T, C)``: what the LM head
+        reads, and what a task head (e.g. a classifier) reads instead."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
@@ -231,12 +241,7 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rotary, use_reentrant=False)  # (B, T, C)
             else:
                 x = block(x, rotary)  # (B, T, C)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        if targets is None:
-            return self._softcapped(self.lm_head(x[:, [-1], :])), None  # (B, 1, V)
-        logits = self.lm_head(x)  # (B, T, V), in the autocast dtype
-        loss = self._cross_entropy(logits, targets)
-        return (self._softcapped(logits) if return_logits else None), loss
+        return self.transformer.ln_f(x)  # (B, T, C)
 
     def _softcapped(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.logit_softcap
