@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,11 +104,13 @@ def ingest_corpus(
     config: IngestConfig,
     store_dir: Path,
     progress: Progress | None = None,
+    required_splits: Collection[str] = SPLITS,
 ) -> CorpusManifest:
     """Ingest every source into ``store_dir/raw/``; ``progress(done, total)`` counts source bytes.
 
     ``sources`` is a ``SourceResolution`` (its skipped files join the manifest's report) or a
-    plain list of files. Raises ``CorpusError`` when no document survives, or either split is empty.
+    plain list of files. Raises ``CorpusError`` when no document survives, or a split in
+    ``required_splits`` is empty (see ``require_splits``).
     """
     skips = SkipReport()
     if isinstance(sources, SourceResolution):
@@ -148,18 +150,23 @@ def ingest_corpus(
             f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}). "
             f"Fix or replace the files listed, or point --corpus at other data."
         )
-    for split, count in manifest.totals["docs"].items():
-        if count == 0:
-            # Training needs both splits; better to say so now than after training.
-            raise CorpusError(
-                f"The corpus's {split} split is empty (documents: {manifest.total_documents}; each goes to val by "
-                f"its hash, with probability {config.val_fraction}). Add documents (each text file is one "
-                f"document: split a large text file into several, or use .jsonl with one document per line), "
-                f"or change --set data.val_fraction=<fraction>."
-            )
+    require_splits(manifest, required_splits, config.val_fraction)
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
     write_json_atomic(Path(manifest.path), manifest.to_dict())
     return manifest
+
+
+def require_splits(manifest: CorpusManifest, splits: Collection[str], val_fraction: float) -> None:
+    """Raise ``CorpusError`` if a split in ``splits`` has no documents: training needs both, and
+    evaluating a split needs that one; better to say so now than after training."""
+    for split in splits:
+        if manifest.totals["docs"][split] == 0:
+            raise CorpusError(
+                f"The corpus's {split} split is empty (documents: {manifest.total_documents}; each goes to val by "
+                f"its hash, with probability {val_fraction}). Add documents (each text file is one "
+                f"document: split a large text file into several, or use .jsonl with one document per line), "
+                f"or change --set data.val_fraction=<fraction>."
+            )
 
 
 def _code_version() -> str:

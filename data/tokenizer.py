@@ -37,7 +37,8 @@ Progress = Callable[[int, int], None]
 @dataclass
 class TokenizerArtifact:
     path: str
-    """The ``tokenizer.json`` file; its directory holds ``tokenizer_meta.json`` too."""
+    """The ``tokenizer.json`` file; when the tokenizer stage trained it, its directory holds
+    ``tokenizer_meta.json`` too."""
     hash: str
     """Content hash of ``tokenizer.json``: part of every downstream cache key."""
     vocab_size: int
@@ -45,6 +46,7 @@ class TokenizerArtifact:
     eot_id: int
     pad_id: int
     reused: bool
+    """Found in the store (or described from an existing file) rather than trained by this call."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +90,7 @@ def train_tokenizer(
                 "sample_documents": len(sample),
                 "sample_bytes": sum(len(text.encode()) for text in sample),
             })
-    return _artifact(directory / TOKENIZER_FILE, reused)
+    return describe_tokenizer(directory / TOKENIZER_FILE, reused)
 
 
 def load_tokenizer(artifact_or_path: TokenizerArtifact | Path | str) -> Tokenizer:
@@ -105,9 +107,13 @@ def _untrained_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _artifact(path: Path, reused: bool) -> TokenizerArtifact:
+def describe_tokenizer(path: Path, reused: bool = True) -> TokenizerArtifact:
+    """The artifact of an existing gptflow ``tokenizer.json`` (e.g. the one a trained model carries),
+    so the stages that take a ``TokenizerArtifact`` can tokenize with it; nothing is trained."""
     tokenizer = load_tokenizer(path)
     eot_id, pad_id = (tokenizer.token_to_id(token) for token in SPECIAL_TOKENS)
+    if eot_id is None or pad_id is None:
+        raise ValueError(f"{path} is not a gptflow tokenizer: it lacks the special tokens {', '.join(SPECIAL_TOKENS)}.")
     return TokenizerArtifact(
         path=str(path), hash=hash_file(path), vocab_size=tokenizer.get_vocab_size(),
         eot_id=eot_id, pad_id=pad_id, reused=reused,

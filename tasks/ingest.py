@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from prefect import task
@@ -12,7 +13,8 @@ import data.readers
 import data.shards
 import data.sources
 from data.config import IngestConfig
-from data.ingest import CorpusManifest, ingest_corpus
+from data.ingest import CorpusManifest, ingest_corpus, require_splits
+from data.shards import SPLITS
 from data.sources import SourceResolution
 from data.store import is_complete
 from tasks.caching import run_stage, stage_key
@@ -25,10 +27,19 @@ CODE = (data.ingest, data.readers, data.shards, data.sources, sys.modules[__name
 
 @task(name="ingest-corpus")
 def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_dir: str) -> CorpusManifest:
-    return ingest_corpus(sources, config, Path(store_dir), progress=StageProgress("ingest", "B"))
+    # Which splits must be non-empty depends on the flow, not on the documents: checked outside the
+    # cached task, so a manifest cached for one flow is still checked for the next.
+    return ingest_corpus(sources, config, Path(store_dir), progress=StageProgress("ingest", "B"), required_splits=())
 
 
-def ingest(sources: SourceResolution, config: IngestConfig, workspace: Workspace, run: PipelineRun) -> CorpusManifest:
+def ingest(
+    sources: SourceResolution,
+    config: IngestConfig,
+    workspace: Workspace,
+    run: PipelineRun,
+    required_splits: Collection[str] = SPLITS,
+) -> CorpusManifest:
+    """Ingest (or find cached) ``sources``; a ``CorpusError`` if a split in ``required_splits`` is empty."""
     # Size and mtime stand in for content here: a touched file re-runs the stage, whose per-file
     # units are then found by content hash and reused.
     key = stage_key("ingest", config=config, modules=CODE, inputs={"sources": sources.fingerprint_inputs()})
@@ -54,4 +65,5 @@ def ingest(sources: SourceResolution, config: IngestConfig, workspace: Workspace
     run.log_artifact(Path(manifest.path), "data")
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
+    require_splits(manifest, required_splits, config.val_fraction)
     return manifest
