@@ -1,4 +1,5 @@
-"""Held-out loss, the metrics derived from it, and sample generations.
+"""Held-out loss, the metrics derived from it, zero-shot multiple-choice scoring, and sample
+generations.
 
 Token ids in, token ids out: decoding text is the caller's job, so this module needs only torch.
 """
@@ -6,6 +7,8 @@ Token ids in, token ids out: decoding text is the caller's job, so this module n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -85,3 +88,90 @@ def generate_samples(
         samples.append(sample[0].tolist())
     model.train(was_training)
     return samples
+
+
+@dataclass
+class ContinuationScores:
+    log_likelihoods: list[float]
+    """Per request: the summed log-probability (nats) of its continuation's tokens given its context."""
+    truncated: list[bool]
+    """Per request: whether context + continuation exceeded the window, so the context's start was cut."""
+
+
+@torch.no_grad()
+def score_continuations(
+    model: GPT,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_tokens: int,
+    device: torch.device | str,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ContinuationScores:
+    """log P(continuation | context) for each ``(context ids, continuation ids)`` request, as
+    lm-evaluation-harness computes a loglikelihood request.
+
+    A request longer than ``block_size + 1`` tokens keeps its last ``block_size + 1`` (the context
+    is cut from the left). Requests are sorted by length and batched up to ``batch_tokens``
+    padded tokens; padding sits after each sequence, where causal attention cannot see it, and
+    only continuation positions are scored. ``progress(done, total)`` counts requests scored.
+    """
+    device = torch.device(device)
+    block_size = model.config.block_size
+    windows = []
+    for index, (context, continuation) in enumerate(requests):
+        if not context or not continuation:
+            raise ValueError(f"request {index} needs at least one context token and one continuation token")
+        if len(continuation) > block_size:
+            raise ValueError(f"request {index}: its continuation of {len(continuation)} tokens does not fit "
+                             f"the model's block_size of {block_size}")
+        windows.append([*context, *continuation][-(block_size + 1):])
+    log_likelihoods = [0.0] * len(windows)
+    was_training = model.training
+    model.eval()
+    longest_first = sorted(range(len(windows)), key=lambda index: -len(windows[index]))
+    done = 0
+    for batch in _batches_of_tokens(longest_first, [len(window) - 1 for window in windows], batch_tokens):
+        length = len(windows[batch[0]]) - 1
+        inputs = torch.zeros((len(batch), length), dtype=torch.long)  # (B, T); 0 pads, never attended to
+        targets = torch.full((len(batch), length), -1, dtype=torch.long)  # (B, T); -1: not scored
+        for row, index in enumerate(batch):
+            window, n_scored = windows[index], len(requests[index][1])
+            inputs[row, : len(window) - 1] = torch.tensor(window[:-1])
+            targets[row, len(window) - 1 - n_scored : len(window) - 1] = torch.tensor(window[-n_scored:])
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, autocast_dtype):
+            logits, _ = model(inputs, targets)  # (B, T, V)
+        scored = targets >= 0  # (B, T)
+        # Log-softmax over the scored positions only: (N, V) instead of (B, T, V).
+        log_probs = logits[scored].float().log_softmax(dim=-1)  # (N, V)
+        token_log_probs = log_probs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)  # (N,)
+        rows = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(targets)[scored]  # (N,)
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_log_probs.double())
+        for row, index in enumerate(batch):
+            log_likelihoods[index] = sums[row].item()
+        done += len(batch)
+        if progress:
+            progress(done, len(windows))
+    model.train(was_training)
+    truncated = [len(context) + len(continuation) > block_size + 1 for context, continuation in requests]
+    return ContinuationScores(log_likelihoods=log_likelihoods, truncated=truncated)
+
+
+def predicted_choice(log_likelihoods: Sequence[float], lengths: Sequence[int] | None = None) -> int:
+    """The choice with the highest log-likelihood (``acc``), or with the highest log-likelihood per
+    unit of length when ``lengths`` are given (``acc_norm``: lm-evaluation-harness divides by each
+    choice's length in characters). The first wins a tie, as with ``numpy.argmax``."""
+    scores = log_likelihoods if lengths is None else [ll / length for ll, length in zip(log_likelihoods, lengths)]
+    return max(range(len(scores)), key=lambda index: (scores[index], -index))
+
+
+def _batches_of_tokens(order: list[int], lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """``order`` (longest first) cut into batches whose padded size, rows × first row's length,
+    stays within ``batch_tokens`` (a batch holds at least one row)."""
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches

@@ -2,11 +2,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from data.loader import TokenWindows
-from model.evaluate import bits_per_byte, evaluate_loss, generate_samples, perplexity
+from model.evaluate import (
+    bits_per_byte,
+    evaluate_loss,
+    generate_samples,
+    perplexity,
+    predicted_choice,
+    score_continuations,
+)
 from model.gpt import GPT
 
 
@@ -52,3 +60,69 @@ def test_generate_samples_are_reproducible_and_independent_of_other_prompts(mode
 def test_generate_samples_needs_a_token_to_start_from(model):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate_samples(model, [[1], []], 5, 1.0, None, seed=0, device="cpu")
+
+
+def _log_likelihood_alone(model: GPT, context: list[int], continuation: list[int]) -> float:
+    """The reference: one unpadded sequence, every position's log-probabilities computed."""
+    window = [*context, *continuation][-(model.config.block_size + 1):]
+    inputs, targets = torch.tensor([window[:-1]]), torch.tensor([window[1:]])
+    with torch.no_grad():
+        logits, _ = model(inputs, targets)
+    log_probs = logits[0].float().log_softmax(-1).gather(1, targets[0].unsqueeze(1)).squeeze(1)
+    return log_probs[-len(continuation):].sum().item()
+
+
+def test_batched_scores_equal_each_request_scored_alone(model, tiny_config):
+    rng = np.random.default_rng(1)
+    vocab = tiny_config.vocab_size
+    requests = [
+        (rng.integers(0, vocab, n_context).tolist(), rng.integers(0, vocab, n_continuation).tolist())
+        for n_context, n_continuation in [(1, 1), (5, 3), (12, 4), (3, 16), (30, 2), (8, 8)]
+    ]
+    model.train()
+    # A budget of 40 padded tokens: batches of several rows of unequal length, padded.
+    scores = score_continuations(model, requests, batch_tokens=40, device="cpu")
+    assert model.training  # mode restored
+    model.eval()
+    expected = [_log_likelihood_alone(model, *request) for request in requests]
+    assert scores.log_likelihoods == pytest.approx(expected, abs=1e-4)
+    # 30 + 2 and 3 + 16 tokens exceed block_size + 1 = 17: their contexts were cut from the left.
+    assert scores.truncated == [False, False, False, True, True, False]
+    assert all(value < 0 for value in scores.log_likelihoods)
+
+
+def test_requests_that_cannot_be_scored_are_refused(model):
+    with pytest.raises(ValueError, match="at least one context token"):
+        score_continuations(model, [([], [1, 2])], 64, "cpu")
+    with pytest.raises(ValueError, match="does not fit the model's block_size of 16"):
+        score_continuations(model, [([1], list(range(17)))], 64, "cpu")
+
+
+def test_a_model_trained_on_a_phrase_prefers_its_true_continuation(tiny_config):
+    torch.manual_seed(0)
+    phrase = np.random.default_rng(0).integers(2, tiny_config.vocab_size, size=40)
+    stream = np.tile(phrase, 20)
+    gpt = GPT(tiny_config)
+    optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-2)
+    for step in range(60):
+        starts = np.random.default_rng(step).integers(0, len(stream) - 17, size=16)
+        windows = torch.tensor(np.stack([stream[start:start + 17] for start in starts]))
+        _, loss = gpt(windows[:, :-1], windows[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    distractors = np.random.default_rng(5).integers(2, tiny_config.vocab_size, size=(3, 4)).tolist()
+    contexts = [phrase[start:start + 8].tolist() for start in (0, 10, 20, 28)]
+    truths = [phrase[start + 8:start + 12].tolist() for start in (0, 10, 20, 28)]
+    requests = [(context, ending) for context, truth in zip(contexts, truths) for ending in [*distractors, truth]]
+    scores = score_continuations(gpt, requests, batch_tokens=64, device="cpu").log_likelihoods
+    chosen = [predicted_choice(scores[index:index + 4]) for index in range(0, len(scores), 4)]
+    assert chosen == [3, 3, 3, 3]
+
+
+def test_acc_norm_divides_by_length_and_ties_go_to_the_first_choice():
+    # -4 over 2 characters is worse per character than -6 over 6: acc and acc_norm disagree.
+    assert predicted_choice([-4.0, -6.0]) == 0
+    assert predicted_choice([-4.0, -6.0], lengths=[2, 6]) == 1
+    assert predicted_choice([-3.0, -1.0, -1.0]) == 1
