@@ -140,6 +140,24 @@ def build_config(
         raise ConfigError(str(error)) from None
 
 
+EvalSplit = Literal["train", "val", "all"]
+"""Which documents of a corpus the evaluate flow scores: its train split, its val split, or both."""
+EVALUATE_SECTIONS = ("data", "tokenize", "eval")
+"""The settings the evaluate flow takes: how to read and tokenize the corpus, and what to score."""
+
+
+def build_evaluate_config(overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """The evaluate flow's settings: the dataclass defaults with ``overrides`` of the sections in
+    ``EVALUATE_SECTIONS`` (the model brings its own model settings, and nothing is trained)."""
+    foreign = sorted({key.partition(".")[0] for key in overrides or {}} - set(EVALUATE_SECTIONS))
+    if foreign:
+        raise ConfigError(
+            f"evaluate takes {', '.join(f'{name}.*' for name in EVALUATE_SECTIONS)} settings, not "
+            f"{', '.join(f'{name}.*' for name in foreign)}: the model's own settings come with the model."
+        )
+    return build_config(None, None, overrides)
+
+
 def parse_override_pairs(pairs: list[str]) -> dict[str, str]:
     """``["train.max_steps=100"]`` → ``{"train.max_steps": "100"}`` (values are coerced later)."""
     parsed = {}

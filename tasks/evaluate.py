@@ -1,4 +1,10 @@
-"""Stage 5, evaluate: val loss, perplexity, bits per byte, unigram baseline, sample generations."""
+"""Evaluation stages: loss, perplexity and bits per byte on a split of token shards, and sample
+generations.
+
+The pretrain flow's ``evaluate`` stage (val loss and samples of the model it trained, in one
+stage) and the evaluate flow's ``loss`` and ``samples`` stages (of any model, each cached on its
+own) compute their figures with the same functions: ``measure_loss`` and ``sample_texts``.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +13,126 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
+import torch
 from prefect import task
 
 import data.loader
 import data.stats
 import model.evaluate
 import model.gpt
+from data.errors import CorpusError
 from data.loader import TokenWindows
 from data.stats import unigram_cross_entropy
 from data.store import atomic_directory, is_complete
 from data.tokenize import TokenManifest
-from data.tokenizer import TokenizerArtifact, load_tokenizer
+from data.tokenizer import TokenizerArtifact, describe_tokenizer, load_tokenizer
 from model.checkpoint import load_model
 from model.config import EvalConfig
 from model.device import resolve_device
 from model.evaluate import bits_per_byte, evaluate_loss, generate_samples, perplexity
+from model.gpt import GPT
 from tasks.caching import run_stage, stage_key
-from tasks.training_job import TrainedModel
+from tasks.model_source import ModelSourceError, ResolvedModel
 from tasks.progress import run_logger
 from tasks.tracking import PipelineRun
+from tasks.training_job import TrainedModel
 from tasks.workspace import Workspace
 
 CODE = (data.loader, data.stats, model.evaluate, model.gpt, sys.modules[__name__])
 EVAL_BATCH_SIZE = 8
+SPLITS_OF: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val",), "all": ("train", "val")}
+"""The corpus splits each ``tasks.config.EvalSplit`` reads."""
+
+
+@dataclass
+class LossReport:
+    split: str
+    """``train``, ``val`` or ``all``."""
+    loss: float
+    """Mean cross-entropy, nats per token."""
+    tokens: int
+    """Tokens scored (up to ``eval.eval_tokens``)."""
+    perplexity: float
+    bits_per_byte: float
+    """Loss per UTF-8 byte of text (via the split's bytes per token): comparable across tokenizers."""
+    unigram_loss: float | None
+    """For the val split: its cross-entropy under the train split's token frequencies, the bar a
+    model that learned anything beyond token counts must clear. None for other splits."""
+
+    def metrics(self) -> dict[str, float]:
+        """``eval/<split>_loss`` and ``eval/<split>_tokens``, ``eval/perplexity``,
+        ``eval/bits_per_byte`` (and ``eval/unigram_loss`` for val): the pretrain flow's names."""
+        metrics = {
+            f"eval/{self.split}_loss": self.loss,
+            "eval/perplexity": self.perplexity,
+            "eval/bits_per_byte": self.bits_per_byte,
+            f"eval/{self.split}_tokens": self.tokens,
+        }
+        if self.unigram_loss is not None:
+            metrics["eval/unigram_loss"] = self.unigram_loss
+        return metrics
+
+
+def measure_loss(gpt: GPT, tokens: TokenManifest, split: str, eval_tokens: int, device: torch.device) -> LossReport:
+    """Loss of ``gpt`` on up to ``eval_tokens`` tokens of ``split``, read in order from its first shard."""
+    splits = SPLITS_OF[split]
+    paths = [path for name in splits for path in tokens.paths(name)]
+    n_tokens = sum(tokens.total_tokens(name) for name in splits)
+    if n_tokens < gpt.config.block_size + 1:
+        raise CorpusError(
+            f"The corpus's {split} split holds {n_tokens} tokens, fewer than one window of the model's context "
+            f"(block_size + 1 = {gpt.config.block_size + 1}). Evaluate on more text, or on --split all."
+        )
+    loss, scored = evaluate_loss(gpt, TokenWindows(paths, gpt.config.block_size), eval_tokens, EVAL_BATCH_SIZE, device)
+    train_paths = tokens.paths("train")
+    unigram = unigram_cross_entropy(train_paths, paths, tokens.vocab_size) if split == "val" and train_paths else None
+    return LossReport(
+        split=split,
+        loss=loss,
+        tokens=scored,
+        perplexity=perplexity(loss),
+        bits_per_byte=bits_per_byte(loss, n_tokens, sum(tokens.total_bytes(name) for name in splits)),
+        unigram_loss=unigram,
+    )
+
+
+def sample_texts(gpt: GPT, tokenizer: TokenizerArtifact, config: EvalConfig, device: torch.device) -> list[str]:
+    """One sample per ``config.prompts`` entry, each starting with its prompt. A prompt follows the
+    end-of-text token, as every document's start does in training."""
+    text_tokenizer = load_tokenizer(tokenizer)
+    prompt_ids = [[tokenizer.eot_id, *text_tokenizer.encode(prompt).ids] for prompt in config.prompts]
+    generated = generate_samples(
+        gpt, prompt_ids, config.max_new_tokens, config.temperature, config.top_k or None, config.seed, device
+    )
+    return [text_tokenizer.decode(ids[1:]) for ids in generated]
+
+
+def samples_markdown(prompts: list[str], samples: list[str]) -> str:
+    sections = [f"## Prompt {index + 1}\n\n```\n{sample}\n```\n" for index, sample in enumerate(samples)]
+    header = "# Samples\n\nEach block starts with its prompt: " + ", ".join(repr(p) for p in prompts) + "\n\n"
+    return header + "\n".join(sections)
+
+
+def model_tokenizer(source: ResolvedModel) -> TokenizerArtifact:
+    """The tokenizer ``source`` came with, as the artifact the tokenize stage takes."""
+    try:
+        return describe_tokenizer(source.tokenizer_file)
+    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ModelSourceError(f"Cannot use the tokenizer {source.tokenizer_file} of {source.source}: {error}") from None
+
+
+def load_source_model(source: ResolvedModel, tokenizer: TokenizerArtifact, device: torch.device) -> GPT:
+    """The model of ``source`` on ``device``, checked against the tokenizer it is evaluated with."""
+    gpt = load_model(source.model_dir, device=device)
+    if tokenizer.vocab_size > gpt.config.vocab_size:
+        raise ModelSourceError(
+            f"The tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the {gpt.config.vocab_size} "
+            f"embedding rows of the model {source.source}: it is not the tokenizer the model was trained with."
+        )
+    return gpt
+
+
+# --- the pretrain flow's evaluate stage -------------------------------------------------------
 
 
 @dataclass
@@ -50,13 +152,10 @@ class EvalReport:
     samples: list[str]
 
     def metrics(self) -> dict[str, float]:
-        return {
-            "eval/val_loss": self.val_loss,
-            "eval/perplexity": self.perplexity,
-            "eval/bits_per_byte": self.bits_per_byte,
-            "eval/unigram_loss": self.unigram_loss,
-            "eval/val_tokens": self.val_tokens,
-        }
+        return LossReport(
+            split="val", loss=self.val_loss, tokens=self.val_tokens, perplexity=self.perplexity,
+            bits_per_byte=self.bits_per_byte, unigram_loss=self.unigram_loss,
+        ).metrics()
 
 
 @task(name="evaluate-model")
@@ -69,29 +168,20 @@ def evaluate_model_task(
 ) -> EvalReport:
     device = resolve_device("auto")
     gpt = load_model(Path(trained.final_dir), device=device)
-    val_windows = TokenWindows(tokens.paths("val"), gpt.config.block_size)
-    val_loss, scored = evaluate_loss(gpt, val_windows, config.eval_tokens, EVAL_BATCH_SIZE, device)
-    unigram = unigram_cross_entropy(tokens.paths("train"), tokens.paths("val"), tokenizer.vocab_size)
-
-    text_tokenizer = load_tokenizer(tokenizer)
-    prompt_ids = [[tokenizer.eot_id, *text_tokenizer.encode(prompt).ids] for prompt in config.prompts]
-    generated = generate_samples(
-        gpt, prompt_ids, config.max_new_tokens, config.temperature, config.top_k or None, config.seed, device
-    )
-    samples = [text_tokenizer.decode(ids[1:]) for ids in generated]
-
+    loss = measure_loss(gpt, tokens, "val", config.eval_tokens, device)
+    samples = sample_texts(gpt, tokenizer, config, device)
     report = EvalReport(
         directory=out_dir,
-        val_loss=val_loss,
-        val_tokens=scored,
-        perplexity=perplexity(val_loss),
-        bits_per_byte=bits_per_byte(val_loss, tokens.total_tokens("val"), tokens.total_bytes("val")),
-        unigram_loss=unigram,
+        val_loss=loss.loss,
+        val_tokens=loss.tokens,
+        perplexity=loss.perplexity,
+        bits_per_byte=loss.bits_per_byte,
+        unigram_loss=loss.unigram_loss,
         samples=samples,
     )
     with atomic_directory(Path(out_dir)) as directory:
         (directory / "report.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
-        (directory / "samples.md").write_text(_samples_markdown(config.prompts, samples))
+        (directory / "samples.md").write_text(samples_markdown(config.prompts, samples))
     return report
 
 
@@ -131,7 +221,69 @@ def evaluate_model(
     return report
 
 
-def _samples_markdown(prompts: list[str], samples: list[str]) -> str:
-    sections = [f"## Prompt {index + 1}\n\n```\n{sample}\n```\n" for index, sample in enumerate(samples)]
-    header = "# Samples\n\nEach block starts with its prompt: " + ", ".join(repr(p) for p in prompts) + "\n\n"
-    return header + "\n".join(sections)
+# --- the evaluate flow's loss and samples stages ----------------------------------------------
+# Their results are a few numbers and texts, held whole in Prefect's cache record: no files in
+# the store that could go missing, so a cached record is always valid.
+
+
+@task(name="evaluate-loss")
+def evaluate_loss_task(
+    source: ResolvedModel, tokenizer: TokenizerArtifact, tokens: TokenManifest, split: str, eval_tokens: int
+) -> LossReport:
+    device = resolve_device("auto")
+    return measure_loss(load_source_model(source, tokenizer, device), tokens, split, eval_tokens, device)
+
+
+def evaluate_split(
+    source: ResolvedModel,
+    tokenizer: TokenizerArtifact,
+    tokens: TokenManifest,
+    split: str,
+    config: EvalConfig,
+    workspace: Workspace,
+    run: PipelineRun,
+) -> LossReport:
+    """The ``loss`` stage: loss, perplexity and bits per byte of ``source`` on ``split`` of ``tokens``."""
+    key = stage_key(
+        "loss",
+        config={"split": split, "eval_tokens": config.eval_tokens},
+        modules=CODE,
+        inputs={"model": source.weights_hash, "tokenizer": tokenizer.hash, "tokens": tokens.fingerprint},
+    )
+    outcome = run_stage(
+        evaluate_loss_task, key=key, workspace=workspace, is_valid=lambda _: True,
+        source=source, tokenizer=tokenizer, tokens=tokens, split=split, eval_tokens=config.eval_tokens,
+    )
+    report = outcome.result
+    run.record_stage("loss", outcome.status)
+    run.log_metrics(report.metrics())
+    baseline = f" vs unigram baseline {report.unigram_loss:.3f}" if report.unigram_loss is not None else ""
+    run_logger().info(
+        f"loss: {split} loss {report.loss:.3f} nats/token{baseline}; perplexity {report.perplexity:.1f}; "
+        f"{report.bits_per_byte:.3f} bits/byte over {report.tokens:,} tokens"
+    )
+    return report
+
+
+@task(name="generate-samples")
+def generate_samples_task(source: ResolvedModel, tokenizer: TokenizerArtifact, config: EvalConfig) -> list[str]:
+    device = resolve_device("auto")
+    return sample_texts(load_source_model(source, tokenizer, device), tokenizer, config, device)
+
+
+def sample_model(
+    source: ResolvedModel, tokenizer: TokenizerArtifact, config: EvalConfig, workspace: Workspace, run: PipelineRun
+) -> list[str]:
+    """The ``samples`` stage: a sample generation per ``eval.prompts`` entry."""
+    key = stage_key(
+        "samples",
+        config={"prompts": config.prompts, **config.sampling()},
+        modules=CODE,
+        inputs={"model": source.weights_hash, "tokenizer": tokenizer.hash},
+    )
+    outcome = run_stage(
+        generate_samples_task, key=key, workspace=workspace, is_valid=lambda _: True,
+        source=source, tokenizer=tokenizer, config=config,
+    )
+    run.record_stage("samples", outcome.status)
+    return outcome.result

@@ -78,6 +78,10 @@ class PipelineRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """``text`` as the artifact ``artifact_file`` (e.g. ``eval/report.json``)."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def log_text_generator(self, model_dir: Path, tokenizer_file: Path, registered_name: str) -> str:
         """Log a trained model as an MLflow pyfunc model at artifact path ``model`` and register
         it as a new version of ``registered_name``; returns the version."""
