@@ -6,11 +6,20 @@ import argparse
 import json
 import os
 import sys
+import typing
+from pathlib import Path
 
-from data.errors import CorpusError
+from data.multiple_choice import read_multiple_choice
 from data.sources import BUILTIN_CORPUS, resolve_sources
 from flows.stack import StackError
-from tasks.config import DEFAULT_PRESET, PRESETS, ConfigError, build_config, parse_override_pairs
+from tasks.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    EvalSplit,
+    build_config,
+    build_evaluate_config,
+    parse_override_pairs,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return args.handler(args)
-    except (ConfigError, CorpusError, StackError) as error:
+    except Exception as error:
+        # Imported only now: the list holds MLflow-backed errors, and MLflow takes a second to import.
+        from flows.user_errors import USER_ERRORS
+
+        if not isinstance(error, (*USER_ERRORS, StackError)):
+            raise
         print(f"gptflow: error: {error}", file=sys.stderr)
         return 2
 
@@ -46,6 +60,31 @@ def _pretrain(args: argparse.Namespace) -> int:
         resume=args.resume,
         retrain_tokenizer=args.retrain_tokenizer,
         from_scratch=args.from_scratch,
+    )
+    print(summary.render())
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    overrides = parse_override_pairs(args.overrides)
+    # Fail on a bad setting or a missing or malformed input now, before Prefect and MLflow start up.
+    build_evaluate_config(overrides)
+    if args.corpus:
+        resolve_sources(args.corpus)
+    if args.multiple_choice:
+        read_multiple_choice(Path(args.multiple_choice))
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.evaluate import evaluate  # imports Prefect: only once the input is known good
+
+    summary = evaluate(
+        model=args.model,
+        corpus=args.corpus,
+        split=args.split,
+        multiple_choice=args.multiple_choice,
+        tokenizer=args.tokenizer,
+        overrides=overrides,
+        workspace=args.workspace,
     )
     print(summary.render())
     return 0
@@ -130,8 +169,35 @@ def _parser() -> argparse.ArgumentParser:
                           "corpus on the data added since")
     pretrain.set_defaults(handler=_pretrain)
 
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a trained model: loss on a corpus split, multiple-choice accuracy, samples",
+        description="Run the evaluate flow locally. The corpus is tokenized with the model's own tokenizer, and "
+        "every stage is cached on the model's weights: rerunning the same command executes nothing.",
+    )
+    evaluate.add_argument("--model", required=True, metavar="SOURCE",
+                          help="models:/name/version, runs:/<run id>/model, an MLflow run id, or a directory "
+                          "holding model.safetensors and config.json")
+    evaluate.add_argument("--tokenizer", metavar="PATH",
+                          help="the model's tokenizer.json, for a model directory without one beside or above it")
+    evaluate.add_argument("--corpus", action="append", metavar="PATH",
+                          help="files, folders, globs or hf:owner/name to measure loss, perplexity and bits per "
+                          "byte on (read as pretrain reads --corpus); repeatable")
+    evaluate.add_argument("--split", default="val", choices=typing.get_args(EvalSplit),
+                          help="documents of the corpus to score: val (default; held out by document hash as "
+                          "pretraining holds them out), train, or all")
+    evaluate.add_argument("--multiple-choice", metavar="FILE",
+                          help='HellaSwag-format JSONL, a line per example {"ctx": ..., "endings": [...], '
+                          '"label": N}: zero-shot acc and acc_norm')
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a data.*, tokenize.* or eval.* setting, e.g. --set eval.eval_tokens=65536; "
+                          "repeatable")
+    evaluate.add_argument("--workspace", metavar="DIR",
+                          help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
+    evaluate.set_defaults(handler=_evaluate)
+
     serve = commands.add_parser(
-        "serve", help="serve every deployment (e.g. pretrain/default) to a Prefect server until Ctrl-C",
+        "serve", help="serve every deployment (pretrain/default, evaluate/default) to a Prefect server until Ctrl-C",
         description="Serve gptflow's deployments. Start runs with `prefect deployment run 'pretrain/default'`. "
         "Needs PREFECT_API_URL pointing at a Prefect server (see `gptflow up`).",
     )

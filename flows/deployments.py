@@ -6,15 +6,16 @@ from __future__ import annotations
 from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
+from flows.evaluate import evaluate
 from flows.pretrain import pretrain
 
 DEPLOYMENT_NAME = "default"
-FLOWS = (pretrain,)
+FLOWS = (pretrain, evaluate)
 
 
 def deployments() -> list[RunnerDeployment]:
-    """One deployment per flow, with the flow's own defaults: a run without parameters trains on
-    the built-in corpus with the default preset."""
+    """One deployment per flow, with the flow's own defaults: a pretrain run without parameters
+    trains on the built-in corpus with the default preset; an evaluate run needs its ``model``."""
     return [
         flow.to_deployment(
             name=DEPLOYMENT_NAME,

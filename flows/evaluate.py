@@ -1,0 +1,214 @@
+"""The ``evaluate`` flow: a trained gptflow model (MLflow model URI, run id or directory) scored on
+a corpus split (loss, perplexity, bits per byte), on a multiple-choice file (zero-shot accuracy)
+and by sample generations; each stage cached on the model's weights hash."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from data.multiple_choice import read_multiple_choice
+from data.sources import resolve_sources
+from data.store import hash_file
+from flows.user_errors import hide_tracebacks_of_user_errors
+from model.checkpoint import CONFIG_FILE
+from tasks.caching import pipeline_code_version
+from tasks.config import EVALUATE_SECTIONS, ConfigError, EvalSplit, build_evaluate_config
+from tasks.evaluate import LossReport, evaluate_split, model_tokenizer, sample_model, samples_markdown
+from tasks.ingest import ingest
+from tasks.model_source import resolve_model
+from tasks.multiple_choice import MultipleChoiceReport, score_multiple_choice
+from tasks.progress import human_duration
+from tasks.tokenize import tokenize
+from tasks.tracking import pipeline_run
+from tasks.workspace import Workspace
+
+ACC_NORM_DEFINITION = (
+    "lm-evaluation-harness multiple_choice scoring: each ending scored as the continuation ' ' + ending; "
+    "acc = argmax of summed log-probability; acc_norm = argmax of it divided by the ending's length in "
+    "characters (lm-eval's acc_norm); acc_bytes = the same per UTF-8 byte (lm-eval's acc_bytes)"
+)
+
+
+@dataclass
+class EvaluateSummary:
+    """What one evaluate run measured; ``report()`` is its ``eval/report.json``."""
+
+    model: str
+    weights_hash: str
+    tokenizer_hash: str
+    stages: dict[str, str]
+    corpus: list[str] | None
+    data_fingerprint: str | None
+    loss: LossReport | None
+    multiple_choice_file: str | None
+    multiple_choice: MultipleChoiceReport | None
+    prompts: list[str]
+    samples: list[str]
+    elapsed_s: float
+    mlflow_run_id: str
+    tracking_uri: str
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            **(self.loss.metrics() if self.loss else {}),
+            **(self.multiple_choice.metrics() if self.multiple_choice else {}),
+        }
+
+    def report(self) -> dict[str, Any]:
+        loss = self.loss and {"corpus": self.corpus, "data_fingerprint": self.data_fingerprint, **asdict(self.loss)}
+        multiple_choice = self.multiple_choice and {
+            "file": self.multiple_choice_file,
+            **{name: value for name, value in asdict(self.multiple_choice).items() if name != "directory"},
+            "scoring": ACC_NORM_DEFINITION,
+        }
+        return {
+            "model": {"source": self.model, "weights_hash": self.weights_hash, "tokenizer_hash": self.tokenizer_hash},
+            "loss": loss,
+            "multiple_choice": multiple_choice,
+            "samples": [{"prompt": prompt, "text": text} for prompt, text in zip(self.prompts, self.samples)],
+            "metrics": self.metrics(),
+            "stages": self.stages,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+    def markdown(self, mlflow_run_url: str | None) -> str:
+        """The flow run's Prefect artifact: one row per metric, then where to look next."""
+        rows = [
+            f"| model | `{self.model}` (weights {self.weights_hash[:12]}) |",
+            *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
+            *(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value:,} |"
+              for name, value in self.metrics().items()),
+            f"| MLflow run | {f'[{self.mlflow_run_id}]({mlflow_run_url})' if mlflow_run_url else self.mlflow_run_id} |",
+        ]
+        return "\n".join(["# gptflow evaluate", "", "| | |", "|---|---|", *rows])
+
+    def render(self) -> str:
+        lines = ["", f"stages      {', '.join(f'{name} {status}' for name, status in self.stages.items())}"]
+        if self.loss:
+            baseline = f" (unigram baseline {self.loss.unigram_loss:.3f})" if self.loss.unigram_loss is not None else ""
+            lines.append(
+                f"{self.loss.split + ' loss':<12}{self.loss.loss:.3f} nats/token{baseline}, perplexity "
+                f"{self.loss.perplexity:.1f}, {self.loss.bits_per_byte:.3f} bits/byte over {self.loss.tokens:,} tokens"
+            )
+        if self.multiple_choice:
+            report = self.multiple_choice
+            truncated = f"; {report.truncated} contexts truncated" if report.truncated else ""
+            lines.append(
+                f"choice      acc {report.acc:.4f}, acc_norm {report.acc_norm:.4f} on {report.examples:,} examples "
+                f"of {self.multiple_choice_file}{truncated}"
+            )
+        lines += [f"wall time   {human_duration(self.elapsed_s)}", f"mlflow      run {self.mlflow_run_id}"]
+        if self.tracking_uri.startswith("sqlite:///"):
+            lines.append(f"            see it: mlflow ui --backend-store-uri {self.tracking_uri}")
+        if self.samples:
+            lines.append("sample      " + "\n            ".join(self.samples[0].strip().splitlines()[:6]))
+        return "\n".join(lines)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    model: str,
+    corpus: list[str] | None = None,
+    split: EvalSplit = "val",
+    multiple_choice: str | None = None,
+    tokenizer: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    workspace: str | None = None,
+) -> EvaluateSummary:
+    """Evaluate a trained gptflow model on a corpus split and/or a multiple-choice file.
+
+    Args:
+        model: ``models:/name/version`` or ``runs:/<run id>/model``, an MLflow run id, or a
+            directory holding ``model.safetensors`` and ``config.json``.
+        corpus: files, folders, globs or ``hf:owner/name`` ids, tokenized with the model's own
+            tokenizer: loss, perplexity and bits per byte on ``split``.
+        split: ``val`` (default), ``train`` or ``all`` documents of the corpus (split by document
+            hash with ``data.val_fraction``, as pretraining splits them).
+        multiple_choice: a HellaSwag-format JSONL file: zero-shot acc and acc_norm.
+        tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
+        overrides: ``{"section.field": value}`` of the ``data``, ``tokenize`` and ``eval`` sections,
+            e.g. ``{"eval.eval_tokens": 65536}``.
+        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
+    """
+    started = time.monotonic()
+    hide_tracebacks_of_user_errors()
+    config = build_evaluate_config(overrides)
+    if not corpus and not multiple_choice:
+        raise ConfigError("Nothing to evaluate: pass a corpus (--corpus PATH: loss, perplexity, bits per byte) "
+                          "and/or a multiple-choice file (--multiple-choice FILE).")
+    # Bad input fails here, before any model is fetched or corpus ingested.
+    sources = resolve_sources(corpus) if corpus else None
+    choice_file = Path(multiple_choice).expanduser().resolve() if multiple_choice else None
+    if choice_file:
+        read_multiple_choice(choice_file)
+        choice_hash = hash_file(choice_file)
+    workspace_dir = Workspace.resolve(workspace)
+    source = resolve_model(model, workspace_dir, tokenizer)
+    text_tokenizer = model_tokenizer(source)
+
+    tags = {
+        "gptflow.flow": "evaluate",
+        "gptflow.code_version": pipeline_code_version(),
+        "gptflow.model_weights_hash": source.weights_hash,
+        "gptflow.tokenizer_hash": source.tokenizer_hash,
+        "prefect.flow_run_id": flow_run.id,
+        "prefect.flow_run_url": flow_run.ui_url,
+    }
+    run_name = f"evaluate-{source.weights_hash[:8]}"
+    with pipeline_run(workspace_dir, run_name=run_name, tags=tags) as run:
+        model_settings = json.loads((source.model_dir / CONFIG_FILE).read_text())
+        run.log_params({
+            "model_source": model,
+            "model_weights_hash": source.weights_hash,
+            "tokenizer_hash": source.tokenizer_hash,
+            **{f"model.{name}": value for name, value in model_settings.items()},
+            **{name: value for name, value in config.flatten().items() if name.split(".")[0] in EVALUATE_SECTIONS},
+            **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
+            **({"multiple_choice": str(choice_file), "multiple_choice_hash": choice_hash} if choice_file else {}),
+        })
+        loss = data_fingerprint = None
+        if sources:
+            # The split scored must have documents; with "all", either one may be empty.
+            required_splits = () if split == "all" else (split,)
+            corpus_manifest = ingest(sources, config.data, workspace_dir, run, required_splits=required_splits)
+            data_fingerprint = corpus_manifest.fingerprint
+            run_name += f" {split}-{data_fingerprint[:8]}"
+            tokens = tokenize(corpus_manifest, text_tokenizer, config.tokenize, workspace_dir, run)
+            loss = evaluate_split(source, text_tokenizer, tokens, split, config.eval, workspace_dir, run)
+        choices = None
+        if choice_file:
+            run_name += f" {choice_file.name}"
+            choices = score_multiple_choice(source, text_tokenizer, choice_file, choice_hash, workspace_dir, run)
+        samples = sample_model(source, text_tokenizer, config.eval, workspace_dir, run)
+        run.set_tags({"mlflow.runName": run_name} | ({"gptflow.data_fingerprint": data_fingerprint} if sources else {}))
+
+        summary = EvaluateSummary(
+            model=model,
+            weights_hash=source.weights_hash,
+            tokenizer_hash=source.tokenizer_hash,
+            stages=dict(run.stage_statuses),
+            corpus=corpus,
+            data_fingerprint=data_fingerprint,
+            loss=loss,
+            multiple_choice_file=str(choice_file) if choice_file else None,
+            multiple_choice=choices,
+            prompts=config.eval.prompts,
+            samples=samples,
+            elapsed_s=time.monotonic() - started,
+            mlflow_run_id=run.run_id,
+            tracking_uri=workspace_dir.tracking_uri,
+        )
+        run.log_text(json.dumps(summary.report(), indent=2), "eval/report.json")
+        run.log_text(samples_markdown(config.eval.prompts, samples), "eval/samples.md")
+
+    create_markdown_artifact(key="evaluate-summary", markdown=summary.markdown(run.url),
+                             description="What the model scored, and which stages ran")
+    return summary
