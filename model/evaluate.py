@@ -67,8 +67,10 @@ def generate_samples(
     top_k: int | None,
     seed: int,
     device: torch.device | str,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
-    """Each prompt followed by ``max_new_tokens`` sampled tokens.
+    """Each prompt followed by ``max_new_tokens`` sampled tokens, never an id at or above
+    ``vocab_limit`` (the tokenizer's vocabulary size; the embedding rows above it are padding).
 
     Prompts are sampled one at a time (they differ in length), each from a generator seeded by
     ``(seed, prompt index)``: a sample does not change when other prompts are added or removed.
@@ -84,7 +86,9 @@ def generate_samples(
         generator = torch.Generator(device=device)
         generator.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
         idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-        sample = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        sample = model.generate(
+            idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator, vocab_limit=vocab_limit
+        )
         samples.append(sample[0].tolist())
     model.train(was_training)
     return samples
@@ -147,8 +151,8 @@ def score_continuations(
         token_log_probs = log_probs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)  # (N,)
         rows = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(targets)[scored]  # (N,)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_log_probs.double())
-        for row, index in enumerate(batch):
-            log_likelihoods[index] = sums[row].item()
+        for index, value in zip(batch, sums.tolist()):  # one device sync per batch
+            log_likelihoods[index] = value
         done += len(batch)
         if progress:
             progress(done, len(windows))

@@ -118,7 +118,9 @@ def model_tokenizer(source: ResolvedModel) -> TokenizerArtifact:
     try:
         return describe_tokenizer(source.tokenizer_file)
     except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
-        raise ModelSourceError(f"Cannot use the tokenizer {source.tokenizer_file} of {source.source}: {error}") from None
+        raise ModelSourceError(
+            f"Cannot use the tokenizer {source.tokenizer_file} of {source.source}: {error}"
+        ) from None
 
 
 def load_source_model(source: ResolvedModel, tokenizer: TokenizerArtifact, device: torch.device) -> GPT:

@@ -77,7 +77,8 @@ def test_unusable_files_say_why(tmp_path, content, message):
 
 def test_endings_are_the_tokens_after_the_context_in_the_whole_text(tiny_tokenizer, tmp_path):
     tokenizer = load_tokenizer(tiny_tokenizer)
-    path = write_lines(tmp_path / "c.jsonl", [{"ctx": "def parse(text): ", "endings": ["return text", "pass"], "label": 0}])
+    record = {"ctx": "def parse(text): ", "endings": ["return text", "pass"], "label": 0}
+    path = write_lines(tmp_path / "c.jsonl", [record])
     [example] = read_multiple_choice(path)
     encoded = encode_example(tokenizer, example, start_id=tiny_tokenizer.eot_id)
     assert encoded.context_ids[0] == tiny_tokenizer.eot_id

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, models
 
 from data.config import IngestConfig, TokenizerConfig
 from data.ingest import ingest_corpus
@@ -17,6 +18,7 @@ from data.tokenizer import (
     PAD_TOKEN,
     TokenizerArtifact,
     _training_sample,
+    describe_tokenizer,
     load_tokenizer,
     train_tokenizer,
 )
@@ -104,3 +106,16 @@ def _hashes_of_split(directory: str, split: str) -> set[str]:
         for doc_hash, doc_split in zip(batch.column("doc_hash").to_pylist(), batch.column("split").to_pylist())
         if doc_split == split
     }
+
+
+def test_an_existing_tokenizer_file_is_described_as_the_stage_describes_it(tiny_tokenizer, tmp_path):
+    copy = shutil.copy(tiny_tokenizer.path, tmp_path / "tokenizer.json")
+    described = describe_tokenizer(copy)
+    assert described.to_dict() == {**tiny_tokenizer.to_dict(), "path": str(copy), "reused": True}
+
+
+def test_a_tokenizer_without_the_special_tokens_is_refused(tmp_path):
+    foreign = tmp_path / "tokenizer.json"
+    Tokenizer(models.BPE()).save(str(foreign))
+    with pytest.raises(ValueError, match="not a gptflow tokenizer: it lacks the special tokens"):
+        describe_tokenizer(foreign)

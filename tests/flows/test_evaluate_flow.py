@@ -10,6 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from data.errors import CorpusError
 from flows.cli import main
 from flows.evaluate import evaluate
 from flows.pretrain import pretrain
@@ -83,11 +84,16 @@ def test_registry_uri_then_run_id_score_the_same_model_and_the_rerun_is_cached(t
     assert all(len(row["log_likelihoods"]) == 4 for row in rows)
 
 
-def test_a_model_directory_on_every_document_of_the_corpus(trained, tiny_corpus_dir):
+def test_a_model_directory_on_every_document_of_a_held_out_file(trained, tmp_path):
     workspace, _ = trained
     [final_dir] = (workspace / "store" / "runs").glob("*/final")
-    summary = evaluate(model=str(final_dir), corpus=[str(tiny_corpus_dir)], split="all",
-                       overrides={"eval.eval_tokens": 1024, "eval.max_new_tokens": 4}, workspace=str(workspace))
+    held_out = tmp_path / "held_out.py"
+    held_out.write_text(Path(json.__file__).read_text())  # one file is one document: no val split
+    settings = {"eval.eval_tokens": 1024, "eval.max_new_tokens": 4}
+    with pytest.raises(CorpusError, match="val split is empty"):
+        evaluate(model=str(final_dir), corpus=[str(held_out)], overrides=settings, workspace=str(workspace))
+    summary = evaluate(model=str(final_dir), corpus=[str(held_out)], split="all", overrides=settings,
+                       workspace=str(workspace))
     assert summary.multiple_choice is None and summary.loss.unigram_loss is None
     assert set(summary.metrics()) == {"eval/all_loss", "eval/all_tokens", "eval/perplexity", "eval/bits_per_byte"}
     assert summary.metrics()["eval/all_tokens"] == 1024
@@ -112,7 +118,8 @@ def test_bad_input_is_one_line_and_exit_status_2(trained, capsys, arguments, mes
 def test_a_malformed_multiple_choice_line_is_reported_before_anything_runs(trained, tmp_path, capsys):
     workspace, _ = trained
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(SAMPLE.read_text().splitlines()[0] + "\n{\"ctx\": \"x\", \"endings\": [\"a\", \"b\"], \"label\": 7}\n")
+    out_of_range = {"ctx": "x", "endings": ["a", "b"], "label": 7}
+    bad.write_text(SAMPLE.read_text().splitlines()[0] + "\n" + json.dumps(out_of_range) + "\n")
     assert main(["evaluate", "--model", "anything", "--multiple-choice", str(bad), "--workspace", str(workspace)]) == 2
     error = capsys.readouterr().err
     assert f"{bad}:2: label 7 is out of range for 2 endings" in error and "Traceback" not in error
