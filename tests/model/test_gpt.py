@@ -128,7 +128,7 @@ SWITCHES = [
 ]
 
 
-@pytest.mark.parametrize("switches", SWITCHES, ids=lambda switches: ",".join(f"{k}={v}" for k, v in switches.items()) or "gpt2")
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "gpt2")
 def test_every_switch_trains_forward_and_backward(tiny_config, switches):
     config = dataclasses.replace(tiny_config, **switches)
     model = build(config).train()
@@ -195,7 +195,8 @@ def test_rmsnorm_divides_by_the_root_mean_square_in_the_input_dtype():
     expected = x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + NORM_EPS) * norm.weight
     torch.testing.assert_close(norm(x), expected)
     assert norm(x.bfloat16()).dtype == torch.bfloat16
-    assert not any(isinstance(m, torch.nn.LayerNorm) for m in build(ModelConfig(norm="rmsnorm", vocab_size=64)).modules())
+    rms_model = build(ModelConfig(norm="rmsnorm", vocab_size=64))
+    assert not any(isinstance(module, torch.nn.LayerNorm) for module in rms_model.modules())
 
 
 def test_qk_norm_gives_queries_and_keys_unit_rms_per_head(tiny_config):
@@ -257,7 +258,8 @@ def test_relu2_and_swiglu_keep_the_mlp_parameter_count():
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_config):
-    config = dataclasses.replace(tiny_config, **{**MODERN, "zero_init_projections": False})  # non-zero gradients everywhere
+    # Random projections, so that every parameter has a non-zero gradient to compare.
+    config = dataclasses.replace(tiny_config, **{**MODERN, "zero_init_projections": False})
     idx = torch.randint(0, config.vocab_size, (3, config.block_size))
     results = []
     for checkpointed in (False, True):
@@ -282,7 +284,9 @@ def test_chunked_loss_matches_plain_cross_entropy_and_can_skip_logits(tiny_confi
     targets = idx.clone()
     targets[1, 5:] = -1
     logits, loss = model(idx, targets)
-    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size), targets.reshape(-1), ignore_index=-1)
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, config.vocab_size), targets.reshape(-1), ignore_index=-1
+    )
     torch.testing.assert_close(loss, expected)
     (expected_grad,) = torch.autograd.grad(expected, model.lm_head.weight)
     no_logits, lean_loss = model(idx, targets, return_logits=False)

@@ -57,7 +57,8 @@ MODERN_MODEL = ModelConfig(
 def muon_setup(config: ModelConfig = MODERN_MODEL, **train_fields):
     torch.manual_seed(0)
     model = GPT(config)
-    train_config = TrainConfig(**{"optimizer": "muon", "learning_rate": 1e-3, "muon_learning_rate": 0.02, **train_fields})
+    train_fields = {"optimizer": "muon", "learning_rate": 1e-3, "muon_learning_rate": 0.02, **train_fields}
+    train_config = TrainConfig(**train_fields)
     return model, build_optimizer(model, train_config, torch.device("cpu"))
 
 
@@ -70,8 +71,11 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert {names[i] for i in in_muon} == {
         name for name, p in model.named_parameters() if name.startswith("transformer.h.") and p.dim() == 2
     }
-    assert {"transformer.wte.weight", "lm_head.weight", "transformer.h.0.attn.q_norm.weight"} <= {names[i] for i in in_adamw}
-    stacked = {names[id(p)]: group["stacked_matrices"] for group in optimizer.muon.param_groups for p in group["params"]}
+    adamw_names = {names[i] for i in in_adamw}
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.h.0.attn.q_norm.weight"} <= adamw_names
+    stacked = {
+        names[id(p)]: group["stacked_matrices"] for group in optimizer.muon.param_groups for p in group["params"]
+    }
     assert stacked["transformer.h.0.attn.c_attn.weight"] == 3
     assert stacked["transformer.h.0.mlp.c_fc.weight"] == 2  # swiglu's gate and value
     assert stacked["transformer.h.0.mlp.c_proj.weight"] == 1
@@ -87,7 +91,9 @@ def test_one_learning_rate_written_to_every_group_gives_muon_its_own_peak():
 
 
 def test_muon_run_overfits_a_batch():
-    train_config = TrainConfig(optimizer="muon", learning_rate=1e-2, muon_learning_rate=0.02, max_steps=40, warmup_steps=0)
+    train_config = TrainConfig(
+        optimizer="muon", learning_rate=1e-2, muon_learning_rate=0.02, max_steps=40, warmup_steps=0
+    )
     model, optimizer = muon_setup(**vars(train_config))
     idx = torch.randint(0, MODERN_MODEL.vocab_size, (4, MODERN_MODEL.block_size))
     losses = []

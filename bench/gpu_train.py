@@ -1,0 +1,482 @@
+"""GPU training benchmark: matmul peak, throughput against a nanoGPT-style baseline, and learning
+per token of the modern recipe against GPT-2's, on one device.
+
+    python bench/gpu_train.py                 # one CUDA GPU: under 4 minutes on an H200
+    python bench/gpu_train.py --smoke         # everything tiny, on the CPU, in under a minute
+    python bench/gpu_train.py --sections learning --device cpu --threads 1   # the recipe comparison alone
+
+Prints, last, a short table of:
+(a) the measured bf16 matmul peak (8192³, median of repeats), the denominator of every MFU here;
+(b) tokens/s, MFU (``GPT.flops_per_token()`` × tokens/s / measured peak) and peak memory
+    (``torch.cuda.max_memory_allocated``) of GPT-2 124M on synthetic tokens already on the
+    device, run as nanoGPT runs it (micro-batch 16, context 1024, bf16 autocast, torch.compile,
+    fused AdamW, logits returned) and along gptflow's fast path (micro-batch 64, loss without
+    logits), both at 65,536 tokens per optimizer step; and their ratio;
+(c) learning per token on real text: the built-in corpus (the interpreter's standard library)
+    is ingested, a BPE tokenizer trained and the corpus tokenized with ``data/`` into a temporary
+    store (in a separate process, while (a) and (b) run). Then the GPT-2 recipe and the modern
+    recipe (``model.config.MODERN_RECIPE``) train the ``cpu`` preset's model shape for one epoch
+    of the training split (a quarter in the smoke run) on the same windows, and a second modern run trains on half the
+    tokens with its own schedule. Reported: each final validation loss, the tokens at which the
+    full modern run first reaches the baseline's final loss (interpolated between evaluations),
+    as a fraction of the budget, and whether the half-budget run ends below it.
+
+The step loop is this script's own, built from ``model/`` pieces (``GPT``, ``build_optimizer``,
+``learning_rate_at``, ``evaluate_loss``) and ``data.loader.prefetch_batches``: it does what
+``model.train.pretrain`` does in a step (warmup + cosine schedule written into every group,
+gradient accumulation with the loss divided by the micro-steps, gradient clipping, no host
+syncs inside a step) but writes no checkpoints and reports nothing in between.
+
+Imports only torch, numpy, pyarrow, tokenizers and this repository's ``data/`` and ``model/``
+(no Prefect, no MLflow), so it runs on a bare GPU box. Writes ``gpu_train.json`` (every figure
+and setting) into ``$OUT`` when that is set, else the current directory, after each section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import gc
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# A bare GPU box has the repository but not the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from data.config import IngestConfig, TokenizeConfig, TokenizerConfig  # noqa: E402
+from data.ingest import ingest_corpus  # noqa: E402
+from data.loader import TokenWindows, prefetch_batches  # noqa: E402
+from data.sources import BUILTIN_CORPUS, resolve_sources  # noqa: E402
+from data.tokenize import tokenize_corpus  # noqa: E402
+from data.tokenizer import train_tokenizer  # noqa: E402
+from model.config import MODERN_RECIPE, ModelConfig, TrainConfig, pad_vocab_size  # noqa: E402
+from model.device import autocast  # noqa: E402
+from model.evaluate import evaluate_loss  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from model.optim import build_optimizer, learning_rate_at  # noqa: E402
+
+SECTIONS = ("matmul", "throughput", "learning")
+RESULTS_FILE = "gpu_train.json"
+# nanoGPT's published setting for GPT-2 124M: its vocabulary padded to 50304.
+GPT2_VOCAB_SIZE = 50304
+# Standard-library packages making up the smoke run's corpus: real text, ~300 KB.
+SMOKE_CORPUS_PACKAGES = ("json", "logging", "email", "collections", "importlib")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Sizes of one benchmark run: the GPU defaults, or the smoke run's tiny ones."""
+
+    matmul_size: int
+    matmul_repeats: int
+    throughput_model: ModelConfig
+    baseline_micro_batch: int
+    fast_micro_batch: int
+    tokens_per_step: int
+    compile: bool
+    warmup_steps: int
+    timed_steps: int
+    learning_model: ModelConfig
+    learning_micro_batch: int
+    learning_epochs: float
+    tokenizer: TokenizerConfig
+    sources: tuple[str, ...]
+    baseline_learning_rate: float
+    modern_learning_rate: float
+    muon_learning_rate: float
+    evaluations: int
+    eval_tokens: int
+
+
+GPU = Settings(
+    matmul_size=8192, matmul_repeats=5,
+    throughput_model=ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=GPT2_VOCAB_SIZE),
+    baseline_micro_batch=16, fast_micro_batch=64, tokens_per_step=65536, compile=True, warmup_steps=3,
+    timed_steps=15,
+    # The `cpu` preset's shape, so the recipes' settings are the ones tuned (and measured) on a CPU.
+    learning_model=ModelConfig(n_layer=4, n_head=4, n_embd=192, block_size=256),
+    learning_micro_batch=16, learning_epochs=1.0, tokenizer=TokenizerConfig(vocab_size=8192), sources=(BUILTIN_CORPUS,),
+    baseline_learning_rate=2e-3, modern_learning_rate=2e-3, muon_learning_rate=0.02, evaluations=15,
+    eval_tokens=32768,
+)
+SMOKE = dataclasses.replace(
+    GPU,
+    matmul_size=256, matmul_repeats=3,
+    throughput_model=ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512),
+    baseline_micro_batch=4, fast_micro_batch=8, tokens_per_step=512, compile=False, warmup_steps=1, timed_steps=2,
+    learning_model=ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64),
+    learning_micro_batch=8, learning_epochs=0.25, tokenizer=TokenizerConfig(vocab_size=512, sample_bytes=256 * 1024),
+    sources=tuple(str(Path(sysconfig.get_paths()["stdlib"]) / package) for package in SMOKE_CORPUS_PACKAGES),
+    evaluations=4, eval_tokens=2048,
+)
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    settings = SMOKE if args.smoke else GPU
+    device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    if args.threads or args.smoke:
+        torch.set_num_threads(args.threads or 1)  # tiny models run fastest on one thread
+    sections = args.sections or SECTIONS
+    results: dict[str, Any] = {"settings": _describe(settings, device, args)}
+    out_dir = Path(os.environ.get("OUT") or ".")
+
+    def save() -> None:
+        (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
+
+    def run_section(name: str, measure: Callable[[], dict[str, Any]]) -> None:
+        # A failed section is reported and the others still run: GPU time is scarce.
+        try:
+            results[name] = measure()
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc()
+            results.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"
+        save()
+
+    with tempfile.TemporaryDirectory(prefix="gptflow-gpu-bench-") as scratch, \
+            concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # Tokenizing is CPU work in its own process: it overlaps the GPU sections.
+        corpus = pool.submit(prepare_corpus, settings, Path(scratch)) if "learning" in sections else None
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        if "matmul" in sections:
+            run_section("matmul", lambda: measure_matmul_peak(device, settings.matmul_size, settings.matmul_repeats))
+        peak = results.get("matmul", {}).get("flops_per_s")
+        if "throughput" in sections:
+            run_section("throughput", lambda: compare_throughput(settings, device, peak))
+        if corpus is not None:
+            run_section("learning", lambda: compare_learning(settings, device, corpus.result(), args.seed))
+    print_table(results)
+    print(f"\ndetails: {out_dir / RESULTS_FILE}")
+    if "errors" in results:
+        sys.exit(f"sections failed: {', '.join(results['errors'])}")
+
+
+# --- (a) matmul peak -----------------------------------------------------------------------------
+
+
+def measure_matmul_peak(device: torch.device, size: int, repeats: int) -> dict[str, Any]:
+    """FLOP/s of ``size``³ matmuls of random data (bf16 on CUDA, float32 on a CPU): the median
+    over ``repeats`` rounds of 10 back-to-back products, after a warm-up round."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        _synchronize(device)
+        times.append((time.perf_counter() - started) / 10)
+    flops = 2 * size**3 / statistics.median(times[1:])
+    return {"size": size, "dtype": str(dtype), "rounds": repeats, "flops_per_s": flops}
+
+
+# --- (b) throughput -------------------------------------------------------------------------------
+
+
+class NanoGPTLossGPT(GPT):
+    """gptflow's GPT with nanoGPT's loss: one cross-entropy call over the whole (B, T, V) logits
+    (``model.py``: ``F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+    ignore_index=-1)``), so the baseline computes what nanoGPT computes."""
+
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+def compare_throughput(settings: Settings, device: torch.device, peak: float | None) -> dict[str, Any]:
+    runs = {
+        # nanoGPT's train.py: logits come back from the forward pass with the loss.
+        "nanogpt_baseline": dict(model_class=NanoGPTLossGPT, micro_batch=settings.baseline_micro_batch,
+                                 return_logits=True),
+        "gptflow_fast_path": dict(model_class=GPT, micro_batch=settings.fast_micro_batch, return_logits=False),
+    }
+    results: dict[str, Any] = {
+        name: measure_throughput(settings, device, peak, **run) for name, run in runs.items()
+    }
+    results["speedup"] = results["gptflow_fast_path"]["tokens_per_s"] / results["nanogpt_baseline"]["tokens_per_s"]
+    return results
+
+
+def measure_throughput(
+    settings: Settings,
+    device: torch.device,
+    peak: float | None,
+    model_class: type[GPT],
+    micro_batch: int,
+    return_logits: bool,
+) -> dict[str, Any]:
+    """Tokens/s of optimizer steps on one fixed batch of random tokens already on the device, at
+    ``settings.tokens_per_step`` per step."""
+    config = settings.throughput_model
+    accum_steps = settings.tokens_per_step // (micro_batch * config.block_size)
+    train_config = TrainConfig(
+        micro_batch_size=micro_batch, grad_accum_steps=accum_steps, learning_rate=6e-4, warmup_steps=10,
+        max_steps=1000, compile=settings.compile,
+    )
+    torch.manual_seed(0)
+    model = model_class(config).to(device)
+    optimizer = build_optimizer(model, train_config, device)
+    step_model = torch.compile(model) if settings.compile else model
+    inputs = torch.randint(0, config.vocab_size, (micro_batch, config.block_size), device=device)
+    targets = torch.randint(0, config.vocab_size, (micro_batch, config.block_size), device=device)
+    batches = itertools.repeat((inputs, targets))
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    _reset_peak_memory(device)
+
+    def run_steps(steps: range) -> float:
+        started = time.perf_counter()
+        for step in steps:
+            train_step(model, step_model, optimizer, train_config, step, batches, device, autocast_dtype,
+                       return_logits)
+        _synchronize(device)
+        return time.perf_counter() - started
+
+    warmup_s = run_steps(range(settings.warmup_steps))  # the first step compiles
+    timed_s = run_steps(range(settings.warmup_steps, settings.warmup_steps + settings.timed_steps))
+    tokens_per_s = settings.timed_steps * settings.tokens_per_step / timed_s
+    result = {
+        "micro_batch": micro_batch, "grad_accum_steps": accum_steps, "block_size": config.block_size,
+        "loss": "nanoGPT's" if model_class is NanoGPTLossGPT else "gptflow's chunked",
+        "return_logits": return_logits, "compile": settings.compile, "parameters": model.num_parameters(),
+        "flops_per_token": model.flops_per_token(), "tokens_per_s": tokens_per_s,
+        "mfu": model.flops_per_token() * tokens_per_s / peak if peak else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "warmup_s": warmup_s, "timed_s": timed_s,
+    }
+    # Compiled code holds on to the model: drop both before the next run measures its memory.
+    del model, optimizer, step_model
+    torch.compiler.reset()
+    gc.collect()
+    return result
+
+
+def train_step(
+    model: GPT,
+    step_model: Callable[..., Any],
+    optimizer: Any,
+    train_config: TrainConfig,
+    step: int,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    return_logits: bool = False,
+) -> torch.Tensor:
+    """One optimizer step as ``model.train.pretrain`` takes it; returns the summed micro-batch
+    losses on the device (reading it is the caller's choice, and a host sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate_at(step, train_config)
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(train_config.grad_accum_steps):
+        inputs, targets = next(batches)
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, autocast_dtype):
+            _, loss = step_model(inputs, targets, return_logits=return_logits)
+        (loss / train_config.grad_accum_steps).backward()
+        loss_sum += loss.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+# --- (c) learning per token --------------------------------------------------------------------------
+
+
+def prepare_corpus(settings: Settings, scratch: Path) -> dict[str, Any]:
+    """Ingest, train the tokenizer and tokenize into ``scratch``; the shards and counts."""
+    started = time.perf_counter()
+    manifest = ingest_corpus(resolve_sources(list(settings.sources)), IngestConfig(), scratch)
+    tokenizer = train_tokenizer(manifest, settings.tokenizer, scratch)
+    tokens = tokenize_corpus(manifest, tokenizer, TokenizeConfig(), scratch)
+    return {
+        "train_paths": [str(path) for path in tokens.paths("train")],
+        "val_paths": [str(path) for path in tokens.paths("val")],
+        "train_tokens": tokens.total_tokens("train"),
+        "val_tokens": tokens.total_tokens("val"),
+        "vocab_size": tokenizer.vocab_size,
+        "documents": manifest.total_documents,
+        "prepare_s": time.perf_counter() - started,
+    }
+
+
+def learning_recipes(settings: Settings, vocab_size: int, steps: int) -> dict[str, tuple[ModelConfig, TrainConfig]]:
+    model = dataclasses.replace(settings.learning_model, vocab_size=pad_vocab_size(vocab_size))
+    schedule = dict(
+        max_steps=steps, micro_batch_size=settings.learning_micro_batch, warmup_steps=max(1, steps // 15),
+    )
+    baseline = TrainConfig(**schedule, learning_rate=settings.baseline_learning_rate)
+    modern = TrainConfig(
+        **schedule, **MODERN_RECIPE["train"], learning_rate=settings.modern_learning_rate,
+        muon_learning_rate=settings.muon_learning_rate,
+    )
+    half = dataclasses.replace(modern, max_steps=steps // 2, warmup_steps=max(1, steps // 30))
+    modern_model = dataclasses.replace(model, **MODERN_RECIPE["model"])
+    return {"gpt2": (model, baseline), "modern": (modern_model, modern), "modern_half": (modern_model, half)}
+
+
+def compare_learning(settings: Settings, device: torch.device, corpus: dict[str, Any], seed: int) -> dict[str, Any]:
+    block_size = settings.learning_model.block_size
+    train_windows = TokenWindows([Path(p) for p in corpus["train_paths"]], block_size)
+    val_windows = TokenWindows([Path(p) for p in corpus["val_paths"]], block_size)
+    tokens_per_step = settings.learning_micro_batch * block_size
+    steps = int(settings.learning_epochs * corpus["train_tokens"]) // tokens_per_step
+    runs = {}
+    for name, (model_config, train_config) in learning_recipes(settings, corpus["vocab_size"], steps).items():
+        train_config = dataclasses.replace(train_config, seed=seed)
+        runs[name] = train_and_evaluate(model_config, train_config, train_windows, val_windows, settings, device)
+    target = runs["gpt2"]["final_val_loss"]
+    tokens_to_target = tokens_to_reach(runs["modern"]["curve"], target)
+    return {
+        "corpus": corpus,
+        "budget_tokens": steps * tokens_per_step,
+        "runs": runs,
+        "baseline_final_val_loss": target,
+        "modern_tokens_to_baseline_loss": tokens_to_target,
+        "modern_fraction_of_tokens": tokens_to_target / (steps * tokens_per_step) if tokens_to_target else None,
+        "modern_half_budget_beats_baseline": runs["modern_half"]["final_val_loss"] <= target,
+    }
+
+
+def train_and_evaluate(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    train_windows: TokenWindows,
+    val_windows: TokenWindows,
+    settings: Settings,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train eagerly, evaluating ``settings.evaluations`` times; the validation curve by tokens."""
+    torch.manual_seed(train_config.seed)
+    model = GPT(model_config).to(device)
+    optimizer = build_optimizer(model, train_config, device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    steps = train_config.max_steps
+    tokens_per_step = train_config.micro_batch_size * train_config.grad_accum_steps * model_config.block_size
+    eval_steps = {round(steps * (i + 1) / settings.evaluations) for i in range(settings.evaluations)}
+    batches = prefetch_batches(
+        train_windows, train_config.seed, range(steps), train_config.grad_accum_steps,
+        train_config.micro_batch_size, pin_memory=device.type == "cuda",
+    )
+    curve, training_s = [], 0.0
+    model.train()
+    started = time.perf_counter()
+    for step in range(steps):
+        train_step(model, model, optimizer, train_config, step, batches, device, autocast_dtype)
+        if step + 1 in eval_steps:
+            _synchronize(device)
+            training_s += time.perf_counter() - started
+            val_loss, _ = evaluate_loss(
+                model, val_windows, settings.eval_tokens, train_config.micro_batch_size, device, autocast_dtype
+            )
+            curve.append(((step + 1) * tokens_per_step, val_loss))
+            started = time.perf_counter()
+    return {
+        "model": dataclasses.asdict(model_config),
+        "train": dataclasses.asdict(train_config),
+        "parameters": model.num_parameters(),
+        "curve": curve,
+        "final_val_loss": curve[-1][1],
+        "tokens_per_s": steps * tokens_per_step / training_s,
+    }
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """Tokens at which a validation curve first reaches ``target``, linearly interpolated between
+    evaluations (from the start, taken as ln V's side of the first point); None if never."""
+    previous_tokens, previous_loss = 0, math.inf
+    for tokens, loss in curve:
+        if loss <= target:
+            if math.isinf(previous_loss):
+                return float(tokens)
+            return previous_tokens + (tokens - previous_tokens) * (previous_loss - target) / (previous_loss - loss)
+        previous_tokens, previous_loss = tokens, loss
+    return None
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows = []
+    if "matmul" in results:
+        m = results["matmul"]
+        dtype = m["dtype"].removeprefix("torch.")
+        rows.append(("matmul peak", f"{dtype} {m['size']}³", f"{m['flops_per_s'] / 1e12:.1f} TFLOP/s"))
+    if "throughput" in results:
+        t = results["throughput"]
+        for name in ("nanogpt_baseline", "gptflow_fast_path"):
+            r = t[name]
+            mfu = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "MFU n/a"
+            memory = f"peak {r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "peak n/a"
+            rows.append((name, f"mb {r['micro_batch']} x {r['grad_accum_steps']}",
+                         f"{r['tokens_per_s'] / 1e3:,.1f}K tok/s  {mfu}  {memory}"))
+        rows.append(("speedup", "fast / baseline", f"{t['speedup']:.2f}x"))
+    if "learning" in results:
+        learning = results["learning"]
+        for name, run in learning["runs"].items():
+            rows.append((f"val loss {name}", f"{run['curve'][-1][0] / 1e6:.2f}M tokens",
+                         f"{run['final_val_loss']:.4f}  ({run['tokens_per_s'] / 1e3:,.1f}K tok/s)"))
+        fraction = learning["modern_fraction_of_tokens"]
+        rows.append(("modern reaches gpt2's", "final val loss at",
+                     f"{100 * fraction:.0f}% of the tokens" if fraction else "not within the budget"))
+    width = max(len(row[0]) for row in rows)
+    middle = max(len(row[1]) for row in rows)
+    print()
+    for label, detail, value in rows:
+        print(f"{label:<{width}}  {detail:<{middle}}  {value}")
+
+
+def _describe(settings: Settings, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "smoke": args.smoke,
+        "settings": dataclasses.asdict(settings),
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks that every section runs")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="run only these sections (default: all)")
+    parser.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the learning runs' weights and data order")
+    return parser
+
+
+if __name__ == "__main__":
+    main()
