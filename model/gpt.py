@@ -7,8 +7,11 @@ each to its modern counterpart (RMSNorm, rotary embeddings, QK-norm, ReLU² or S
 head, zero-initialised output projections, logit soft-capping); the parameter names stay
 GPT-2's, so a default model's checkpoint maps one-to-one onto GPT-2's.
 
+Generation reads the prompt once and then feeds one token per step, attending to the keys and
+values of earlier positions kept in a ``KVCache``.
+
 Shapes in comments use B = batch, T = time, C = n_embd, nh = n_head, hs = head size (C // nh),
-H = MLP hidden width, V = vocab_size.
+H = MLP hidden width, V = vocab_size, S = positions cached so far.
 """
 
 from __future__ import annotations
@@ -70,6 +73,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.type_as(x)
 
 
+class LayerKVCache:
+    """One block's keys and values of the positions read so far, preallocated for ``capacity``
+    positions in the dtype and device of the first keys written (e.g. bf16 under autocast)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.keys: torch.Tensor | None = None  # (B, nh, capacity, hs)
+        self.values: torch.Tensor | None = None  # (B, nh, capacity, hs)
+        self.length = 0
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the (B, nh, T, hs) keys and values of the next T positions; returns the keys and
+        values of every position so far, (B, nh, S, hs)."""
+        B, nh, T, hs = k.shape
+        if self.keys is None:
+            self.keys = k.new_empty(B, nh, self.capacity, hs)
+            self.values = v.new_empty(B, nh, self.capacity, hs)
+        self.keys[:, :, self.length : self.length + T] = k
+        self.values[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
+class KVCache:
+    """The keys and values every block computed for the positions a model has read, so that the
+    next forward pass reads only the new tokens. Holds at most ``block_size`` positions."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.layers = [LayerKVCache(config.block_size) for _ in range(config.n_layer)]
+
+    @property
+    def length(self) -> int:
+        """Positions read so far: the position of the next token."""
+        return self.layers[0].length
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -82,7 +121,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerKVCache | None = None
+    ) -> torch.Tensor:
+        """``x`` (B, T, C) holds positions ``start .. start + T - 1``, with ``start`` the positions
+        already in ``cache`` (0 without one); ``rotary`` is the cos and sin of those positions."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
         q = self.q_norm(q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2))  # (B, nh, T, hs)
@@ -90,8 +133,17 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.extend(k, v)  # 2 × (B, nh, S, hs), S = start + T
+        # Query i sits at position start + i and sees keys 0 .. start + i: from position 0 that is the
+        # plain causal mask, and a single new token sees every key; only T > 1 new tokens after cached
+        # ones need the mask spelled out.
+        mask = None
+        if start > 0 and T > 1:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, S)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=start == 0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -134,8 +186,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rotary)
+    def forward(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerKVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rotary, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -208,7 +262,11 @@ class GPT(nn.Module):
         return 6 * self.num_parameters(exclude_embeddings=True) + attention
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        return_logits: bool = True,
+        kv_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits and mean cross-entropy loss of next-token prediction.
 
@@ -216,31 +274,36 @@ class GPT(nn.Module):
         ignored. Without targets only the last position's logits are computed, ``(B, 1, V)``,
         which is all generation needs. With targets, ``return_logits=False`` returns ``None``
         for the logits: a training step needs only the loss, and under ``torch.compile`` the
-        soft-capped (B, T, V) logits then never need to be written out.
+        soft-capped (B, T, V) logits then never need to be written out. With ``kv_cache``, ``idx``
+        continues the positions the cache holds, and the cache is extended by them.
         """
-        x = self.hidden_states(idx)  # (B, T, C)
+        x = self.hidden_states(idx, kv_cache)  # (B, T, C)
         if targets is None:
             return self._softcapped(self.lm_head(x[:, [-1], :])), None  # (B, 1, V)
         logits = self.lm_head(x)  # (B, T, V), in the autocast dtype
         loss = self._cross_entropy(logits, targets)
         return (self._softcapped(logits) if return_logits else None), loss
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """The normalised residual stream after the last block, ``(B, T, C)``: what the LM head
-        reads, and what a task head (e.g. a classifier) reads instead."""
+        reads, and what a task head (e.g. a classifier) reads instead. With ``kv_cache``, ``idx``
+        holds the positions after those the cache holds."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        start = kv_cache.length if kv_cache is not None else 0  # position of idx's first token
+        end = start + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of length {end} exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.position == "learned":
-            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))  # (B, T, C)
+            x = x + self.transformer.wpe(torch.arange(start, end, dtype=torch.long, device=idx.device))  # (B, T, C)
         x = self.transformer.drop(x)
-        rotary = (self.rotary_cos[:T], self.rotary_sin[:T]) if self.config.position == "rotary" else None
-        for block in self.transformer.h:
-            if self.config.activation_checkpointing and self.training:
+        rotary = (self.rotary_cos[start:end], self.rotary_sin[start:end]) if self.config.position == "rotary" else None
+        layer_caches = kv_cache.layers if kv_cache is not None else [None] * self.config.n_layer
+        for block, cache in zip(self.transformer.h, layer_caches):
+            if self.config.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, rotary, use_reentrant=False)  # (B, T, C)
             else:
-                x = block(x, rotary)  # (B, T, C)
+                x = block(x, rotary, cache)  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def _softcapped(self, logits: torch.Tensor) -> torch.Tensor:
@@ -274,19 +337,34 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        vocab_limit: int | None = None,
+        use_kv_cache: bool = True,
     ) -> torch.Tensor:
         """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens, returning (B, T + new).
 
         Logits are divided by ``temperature``; ``top_k`` (None or 0: no cut) keeps only the k most
-        likely tokens. The context is cropped to the last ``block_size`` tokens. Call
-        ``model.eval()`` first, or dropout stays active.
+        likely tokens; ``vocab_limit`` (the tokenizer's vocabulary size) never samples the padding
+        rows of the embedding above it. Call ``model.eval()`` first, or dropout stays active.
+
+        The context is the last ``block_size`` tokens. With the KV cache the prompt is read once and
+        each step reads only the token sampled last, until the sequence outgrows ``block_size``;
+        from then on the window slides by a token per step, every position in it changes, and each
+        step reads the whole window, as without the cache. Both ways compute the same logits, up to
+        float rounding.
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        block_size = self.config.block_size
+        kv_cache = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]  # (B, ≤ block_size)
-            logits, _ = self(context)
-            logits = logits[:, -1, :] / temperature  # (B, V)
+            if kv_cache is not None and kv_cache.length < block_size:
+                logits, _ = self(idx[:, -1:], kv_cache=kv_cache)  # (B, 1, V): the newest token only
+            else:
+                # The prompt, or the sliding window: read it whole, and cache it while there is room
+                # for the positions after it.
+                kv_cache = KVCache(self.config) if use_kv_cache and idx.size(1) < block_size else None
+                logits, _ = self(idx[:, -block_size:], kv_cache=kv_cache)  # (B, 1, V)
+            logits = logits[:, -1, :vocab_limit] / temperature  # (B, V), or (B, vocab_limit)
             if top_k:
                 kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
                 logits = logits.masked_fill(logits < kth_largest, float("-inf"))
