@@ -52,3 +52,22 @@ def write_shard() -> Callable[[Path, np.ndarray, int], Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_file(tmp_path_factory) -> Path:
+    """A gptflow tokenizer.json (byte-level BPE, special tokens first) of 300 ids, trained in a
+    moment on two standard-library modules: the 300 ids pad to 384 embedding rows."""
+    from tokenizers import pre_tokenizers, trainers
+
+    from data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, _untrained_tokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / "json" / name).read_text() for name in ("decoder.py", "encoder.py")]
+    tokenizer = _untrained_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    path = tmp_path_factory.mktemp("tokenizer") / TOKENIZER_FILE
+    tokenizer.save(str(path))
+    return path
