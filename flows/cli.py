@@ -12,6 +12,7 @@ from pathlib import Path
 from data.multiple_choice import read_multiple_choice
 from data.sources import BUILTIN_CORPUS, resolve_sources
 from flows.stack import StackError
+from model.config import EvalConfig
 from tasks.config import (
     DEFAULT_PRESET,
     PRESETS,
@@ -20,6 +21,17 @@ from tasks.config import (
     build_evaluate_config,
     parse_override_pairs,
 )
+
+if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
+    import torch
+    from tokenizers import Tokenizer
+
+    from model.gpt import GPT
+    from tasks.model_source import ResolvedModel
+
+
+SAMPLE_SEPARATOR = "-" * 40
+"""Printed between the samples of ``gptflow generate``, which may span many lines."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +100,58 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     print(summary.render())
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from model.device import resolve_device
+    from model.generate import generate_texts
+
+    device = resolve_device(args.device)
+    _, model, tokenizer = _load_model_source(args, device)
+    if args.prompts:
+        prompts = args.prompts
+    else:
+        if sys.stdin.isatty():
+            print("Type a prompt and press Enter; Ctrl-D ends.", file=sys.stderr)
+        prompts = (line.removesuffix("\n") for line in sys.stdin)  # each answered as soon as it is read
+    for index, prompt in enumerate(prompts):
+        # One prompt at a time, each seeded by --seed alone: a prompt's sample does not depend on
+        # the prompts before it.
+        (sample,) = generate_texts(model, tokenizer, [prompt], args.max_new_tokens, args.temperature,
+                                   args.top_k or None, args.seed, device)
+        print(f"{SAMPLE_SEPARATOR}\n{sample}" if index else sample, flush=True)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from model.export import export_to_transformers
+
+    source, model, _ = _load_model_source(args, "cpu")
+    out = Path(args.out).expanduser()
+    architecture = export_to_transformers(model, source.tokenizer_file, out)
+    print(f"exported {source.source} as {architecture} to {out}")
+    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+          f"AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _load_model_source(args: argparse.Namespace, device: torch.device | str) -> tuple[ResolvedModel, GPT, Tokenizer]:
+    """The model named by --model (with --tokenizer, --workspace): its resolved source, the model
+    in eval mode on ``device``, and its ``tokenizers.Tokenizer``."""
+    from data.tokenizer import load_tokenizer
+    from model.checkpoint import load_model
+    from tasks.model_source import ModelSourceError, resolve_model
+    from tasks.workspace import Workspace
+
+    source = resolve_model(args.model, Workspace.resolve(args.workspace), args.tokenizer)
+    model = load_model(source.model_dir, device)
+    tokenizer = load_tokenizer(source.tokenizer_file)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ModelSourceError(
+            f"{source.tokenizer_file} has {tokenizer.get_vocab_size()} tokens but the model only "
+            f"{model.config.vocab_size} embedding rows: pass the tokenizer the model was trained with (--tokenizer)."
+        )
+    return source, model, tokenizer
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -175,11 +239,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the evaluate flow locally. The corpus is tokenized with the model's own tokenizer, and "
         "every stage is cached on the model's weights: rerunning the same command executes nothing.",
     )
-    evaluate.add_argument("--model", required=True, metavar="SOURCE",
-                          help="models:/name/version, runs:/<run id>/model, an MLflow run id, or a directory "
-                          "holding model.safetensors and config.json")
-    evaluate.add_argument("--tokenizer", metavar="PATH",
-                          help="the model's tokenizer.json, for a model directory without one beside or above it")
+    _add_model_source_arguments(evaluate)
     evaluate.add_argument("--corpus", action="append", metavar="PATH",
                           help="files, folders, globs or hf:owner/name to measure loss, perplexity and bits per "
                           "byte on (read as pretrain reads --corpus); repeatable")
@@ -192,9 +252,40 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a data.*, tokenize.* or eval.* setting, e.g. --set eval.eval_tokens=65536; "
                           "repeatable")
-    evaluate.add_argument("--workspace", metavar="DIR",
-                          help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
     evaluate.set_defaults(handler=_evaluate)
+
+    sampling = EvalConfig()
+    generate = commands.add_parser(
+        "generate", help="sample continuations of prompts from a trained model",
+        description="Print a trained model's continuation of each prompt (the prompt included). Without --prompt, "
+        "each line of standard input is a prompt. Generation reads the prompt once and then one token per step "
+        "(KV cache); no Prefect flow is involved.",
+    )
+    _add_model_source_arguments(generate)
+    generate.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                          help="text to continue; repeatable. Default: one prompt per line of standard input")
+    generate.add_argument("--max-new-tokens", type=_non_negative_int, default=sampling.max_new_tokens, metavar="N",
+                          help=f"tokens to sample per prompt (default {sampling.max_new_tokens})")
+    generate.add_argument("--temperature", type=_positive_float, default=sampling.temperature, metavar="T",
+                          help=f"sampling temperature; lower is more conservative (default {sampling.temperature})")
+    generate.add_argument("--top-k", type=_non_negative_int, default=sampling.top_k, metavar="K",
+                          help=f"sample among the K most likely tokens only; 0: all (default {sampling.top_k})")
+    generate.add_argument("--seed", type=_non_negative_int, default=sampling.seed, metavar="S",
+                          help=f"sampling seed: the same prompt and seed give the same text (default {sampling.seed})")
+    generate.add_argument("--device", default="auto",
+                          help="auto (CUDA, then MPS, then CPU; the default) or a torch device such as cpu or cuda:1")
+    generate.set_defaults(handler=_generate)
+
+    export = commands.add_parser(
+        "export", help="write a trained model as a Hugging Face transformers folder",
+        description="Write the model, its tokenizer and a generation config as a folder that transformers loads "
+        "(AutoModelForCausalLM / AutoTokenizer.from_pretrained): GPT-2-recipe models as GPT2LMHeadModel, "
+        "rotary + RMSNorm + SwiGLU models as LlamaForCausalLM (Qwen3ForCausalLM with QK-norm). Other recipes "
+        "are refused with the switches in the way.",
+    )
+    _add_model_source_arguments(export)
+    export.add_argument("--out", required=True, metavar="DIR", help="the folder to create (new or empty)")
+    export.set_defaults(handler=_export)
 
     serve = commands.add_parser(
         "serve", help="serve every deployment (pretrain/default, evaluate/default) to a Prefect server until Ctrl-C",
@@ -216,6 +307,37 @@ def _parser() -> argparse.ArgumentParser:
     presets = commands.add_parser("presets", help="list the named configurations")
     presets.set_defaults(handler=_presets)
     return parser
+
+
+def _add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --tokenizer and --workspace: a trained model as ``tasks.model_source.resolve_model`` takes it."""
+    parser.add_argument("--model", required=True, metavar="SOURCE",
+                        help="models:/name/version, runs:/<run id>/model, an MLflow run id, or a directory "
+                        "holding model.safetensors and config.json")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="the model's tokenizer.json, for a model directory without one beside or above it")
+    parser.add_argument("--workspace", metavar="DIR",
+                        help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 if __name__ == "__main__":

@@ -19,29 +19,24 @@ class GptflowTextGenerator(PythonModel):
     """Prompts in, prompt + continuation out; ``params`` set the sampling."""
 
     def load_context(self, context: Any) -> None:
-        from data.tokenizer import EOT_TOKEN, load_tokenizer
+        from data.tokenizer import load_tokenizer
         from model.config import EvalConfig
         from model.checkpoint import load_model
 
         self.model = load_model(Path(context.artifacts["model"]))
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
-        self.eot_id = self.tokenizer.token_to_id(EOT_TOKEN)
         self.default_sampling = EvalConfig().sampling()
 
     # model_input has no type hint on purpose (MLflow warns about that): MLflow would build the
     # input schema from it and drop the logged signature, whose params let callers set sampling.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
-        from model.evaluate import generate_samples
+        from model.generate import generate_texts
 
         settings = {**self.default_sampling, **(params or {})}
-        prompts = _prompts(model_input)
-        # Each prompt starts after an end-of-text token, as documents do in training.
-        prompt_ids = [[self.eot_id, *self.tokenizer.encode(prompt).ids] for prompt in prompts]
-        generated = generate_samples(
-            self.model, prompt_ids, int(settings["max_new_tokens"]), float(settings["temperature"]),
-            int(settings["top_k"]) or None, int(settings["seed"]), "cpu",
+        return generate_texts(
+            self.model, self.tokenizer, _prompts(model_input), int(settings["max_new_tokens"]),
+            float(settings["temperature"]), int(settings["top_k"]) or None, int(settings["seed"]),
         )
-        return [self.tokenizer.decode(ids[1:]) for ids in generated]
 
 
 def _prompts(model_input: Any) -> list[str]:

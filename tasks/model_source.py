@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from data.store import atomic_directory, hash_bytes, hash_file, is_complete, read_contents_hash
+from data.tokenizer import TOKENIZER_FILE
 from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from tasks.training_job import TOKENIZER_FILE
 from tasks.workspace import Workspace
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -56,8 +56,8 @@ def write_shard() -> Callable[[Path, np.ndarray, int], Path]:
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer_file(tmp_path_factory) -> Path:
-    """A gptflow tokenizer.json (byte-level BPE, special tokens first) of 300 ids, trained in a
-    moment on two standard-library modules: the 300 ids pad to 384 embedding rows."""
+    """A gptflow tokenizer.json (byte-level BPE, special tokens first) of about 300 ids, trained in
+    a moment on two standard-library modules; they pad to 384 embedding rows."""
     from tokenizers import pre_tokenizers, trainers
 
     from data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, _untrained_tokenizer

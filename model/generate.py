@@ -1,0 +1,39 @@
+"""Text in, text out: a model's samples for prompts given as strings.
+
+``GPT.generate`` and ``model.evaluate.generate_samples`` work on token ids; this adds the
+tokenizer around them the way every gptflow entry point uses it (``gptflow generate``, the MLflow
+model's ``predict``).
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from data.tokenizer import EOT_TOKEN
+from model.evaluate import generate_samples
+from model.gpt import GPT
+
+
+def generate_texts(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """Each prompt followed by ``max_new_tokens`` sampled tokens, decoded.
+
+    A prompt is read after an end-of-text token, as every document starts in training, so an
+    empty prompt samples the start of a document. Only the tokenizer's own ids are sampled, never
+    the embedding's padding rows. Sampling is seeded by ``(seed, prompt index)``.
+    """
+    eot_id = tokenizer.token_to_id(EOT_TOKEN)
+    prompt_ids = [[eot_id, *tokenizer.encode(prompt).ids] for prompt in prompts]
+    generated = generate_samples(
+        model, prompt_ids, max_new_tokens, temperature, top_k, seed, device, vocab_limit=tokenizer.get_vocab_size()
+    )
+    return [tokenizer.decode(ids[1:]) for ids in generated]
