@@ -1,0 +1,379 @@
+"""Fine-tuning data: files of instruction pairs, chats or labelled texts → token examples in Arrow.
+
+Input, one record per JSONL line or CSV row (``.gz`` / ``.zst`` too):
+
+- ``sft``: ``{"prompt": ..., "response": ...}`` (optionally ``"system"``), or
+  ``{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}`` with at least
+  one assistant message. Encoded with the chat template; only assistant tokens are trained.
+- ``classification``: a text field and a label field (``text`` and ``label`` unless configured);
+  labels are strings (integers are read as their decimal text).
+
+Bad records are skipped and counted with their ``file:line`` (invalid JSON, a record without the
+fields, an empty response or text, a val label the train split lacks). Over-long examples are
+truncated or skipped, as configured, and counted. Only input that leaves nothing to train on
+(no usable record, an empty split, fewer than two labels) is a ``FinetuneDataError``.
+
+Output, one directory: ``train.arrow`` and ``val.arrow`` (columns ``input_ids: list<int32>``,
+``location: string``, and ``loss_mask: list<bool>`` for sft or ``label: int32`` for
+classification) and ``prepared.json`` (labels, counts, truncations, skips).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from data.chat import ROLES, ChatTemplate, Message
+from data.errors import SkipReport
+from data.sources import detect_format
+from data.store import atomic_directory, hash_json, read_contents_hash
+from data.tokenizer import EOT_TOKEN, load_tokenizer
+
+TASKS = ("sft", "classification")
+OVERLONG_POLICIES = ("truncate", "skip")
+FORMATS = ("jsonl", "csv")
+PREPARED_FILE = "prepared.json"
+ROWS_PER_BATCH = 1024
+
+SKIP_INVALID_UTF8 = "invalid UTF-8"
+SKIP_INVALID_JSON = "invalid JSON"
+SKIP_NOT_AN_OBJECT = "record not a JSON object"
+SKIP_MISSING_FIELDS = "record without the expected fields"
+SKIP_MALFORMED_MESSAGES = "malformed messages"
+SKIP_EMPTY_RESPONSE = "empty response"
+SKIP_EMPTY_TEXT = "empty text"
+SKIP_BAD_LABEL = "empty or non-text label"
+SKIP_TOO_LONG = "longer than max_length"
+SKIP_PROMPT_FILLS_MAX_LENGTH = "prompt leaves no response token within max_length"
+SKIP_UNSEEN_LABEL = "val label not seen in train"
+
+SFT_FORMAT = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "user", "content": "..."}, '
+              '{"role": "assistant", "content": "..."}]}')
+
+
+class FinetuneDataError(ValueError):
+    """Fine-tuning data that leaves nothing to train on; the message names the file and the fix."""
+
+
+@dataclass
+class PreparedData:
+    directory: str
+    fingerprint: str
+    """Hash of every file of ``directory``: the input key of the stages trained on it."""
+    task: str
+    labels: list[str]
+    """Classification labels in class-index order (sorted); empty for sft."""
+    examples: dict[str, int]
+    """Examples per split (``train``, ``val``) after skips."""
+    tokens: dict[str, int]
+    """Tokens per split."""
+    trained_tokens: dict[str, int]
+    """Tokens per split the loss is computed on: response tokens for sft, examples for classification."""
+    truncated: dict[str, int]
+    """Examples per split cut to ``max_length``."""
+    max_length: int
+    skips: dict[str, Any] = field(default_factory=dict)
+    """``SkipReport.to_dict()`` of everything skipped, both splits."""
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Classification: split → label → examples."""
+
+    def skip_report(self) -> SkipReport:
+        return SkipReport.from_dict(self.skips)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> PreparedData:
+        return cls(**value)
+
+
+@dataclass
+class PreparedSplit:
+    """One split read back for training: token ids per example, and its targets."""
+
+    input_ids: list[np.ndarray]
+    locations: list[str]
+    loss_mask: list[np.ndarray] | None = None
+    """sft: per token, whether it is trained on."""
+    labels: np.ndarray | None = None
+    """classification: class index per example."""
+
+
+@dataclass
+class _Example:
+    location: str
+    split: str
+    messages: list[Message] | None = None
+    text: str | None = None
+    label: str | None = None
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def check_data_file(path: Path) -> tuple[str, str | None]:
+    """(format, compression) of a fine-tuning data file; ``FinetuneDataError`` if it is missing or
+    not .jsonl / .csv."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneDataError(f"Fine-tuning data file {path} does not exist.")
+    detected = detect_format(path)
+    if detected is None or detected[0] not in FORMATS:
+        raise FinetuneDataError(f"Fine-tuning data file {path} must be .jsonl or .csv (optionally .gz or .zst).")
+    return detected
+
+
+def prepare_examples(
+    task: str,
+    train_file: Path,
+    val_file: Path | None,
+    tokenizer_file: Path,
+    out_dir: Path,
+    *,
+    max_length: int,
+    overlong: str,
+    val_fraction: float,
+    text_field: str = "text",
+    label_field: str = "label",
+    template: ChatTemplate | None = None,
+) -> PreparedData:
+    """Read, split, tokenize and write the examples of ``train_file`` (and ``val_file``, else a
+    ``val_fraction`` of ``train_file`` chosen by record hash, stable as the file grows).
+
+    ``max_length`` bounds the tokens of an example; ``overlong`` (``truncate`` or ``skip``) says
+    what happens to longer ones. ``template`` encodes sft conversations (default: ``ChatTemplate()``).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    skips = SkipReport()
+    examples = list(_read_examples(task, Path(train_file), "train" if val_file else None, val_fraction,
+                                   text_field, label_field, skips))
+    if val_file is not None:
+        examples += _read_examples(task, Path(val_file), "val", val_fraction, text_field, label_field, skips)
+    _require_both_splits(examples, train_file, val_file, skips)
+    labels: list[str] = []
+    if task == "classification":
+        labels = sorted({example.label for example in examples if example.split == "train"})
+        if len(labels) < 2:
+            raise FinetuneDataError(f"The train split of {train_file} has {len(labels)} label(s) ({', '.join(labels)}): "
+                                    "classification needs at least two.")
+        for example in examples:
+            if example.split == "val" and example.label not in labels:
+                skips.add(SKIP_UNSEEN_LABEL, f"{example.location} ({example.label!r})")
+        examples = [example for example in examples if example.split == "train" or example.label in labels]
+        _require_both_splits(examples, train_file, val_file, skips)
+
+    tokenizer = load_tokenizer(tokenizer_file)
+    template = template or ChatTemplate()
+    start_id = ChatTemplate.token_id(tokenizer, EOT_TOKEN)
+    label_index = {label: index for index, label in enumerate(labels)}
+    prepared = PreparedData(directory=str(out_dir), fingerprint="", task=task, labels=labels,
+                            examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length)
+    with atomic_directory(Path(out_dir)) as tmp:
+        for split in ("train", "val"):
+            rows = []
+            truncated = 0
+            for example in (example for example in examples if example.split == split):
+                if task == "sft":
+                    ids, mask = template.encode(tokenizer, example.messages)
+                else:
+                    ids, mask = encode_text(tokenizer, example.text, start_id), []
+                if len(ids) > max_length:
+                    if overlong == "skip":
+                        skips.add(SKIP_TOO_LONG, example.location)
+                        continue
+                    ids, mask = ids[:max_length], mask[:max_length]
+                    if task == "sft" and not any(mask[1:]):
+                        skips.add(SKIP_PROMPT_FILLS_MAX_LENGTH, example.location)
+                        continue
+                    truncated += 1
+                rows.append((ids, mask, label_index.get(example.label), example.location))
+            if not rows:
+                source = val_file if split == "val" and val_file else train_file
+                fix = "finetune.overlong=truncate, or " if overlong == "skip" else ""
+                raise FinetuneDataError(f"No {split} example of {source} fits max_length={max_length} tokens "
+                                        f"({skips.summary()}). Use {fix}a higher finetune.max_length (up to the "
+                                        "base model's block_size), or shorter prompts.")
+            _write_split(tmp / f"{split}.arrow", task, rows)
+            prepared.examples[split] = len(rows)
+            prepared.tokens[split] = sum(len(ids) for ids, _, _, _ in rows)
+            # The first token is never a target: the model reads it, it does not predict it.
+            prepared.trained_tokens[split] = (sum(sum(mask[1:]) for _, mask, _, _ in rows) if task == "sft"
+                                              else len(rows))
+            prepared.truncated[split] = truncated
+            if task == "classification":
+                prepared.label_counts[split] = dict(sorted(Counter(labels[row[2]] for row in rows).items()))
+        prepared.skips = skips.to_dict()
+        (tmp / PREPARED_FILE).write_text(json.dumps(prepared.to_dict(), indent=2))
+    prepared.fingerprint = read_contents_hash(Path(out_dir))
+    return prepared
+
+
+def encode_text(tokenizer: Any, text: str, start_id: int) -> list[int]:
+    """A text to classify as token ids: the start token (end-of-text, where every pretraining
+    document started), then the text's tokens. Training and the MLflow model share it."""
+    return [start_id, *tokenizer.encode(text, add_special_tokens=False).ids]
+
+
+def read_split(directory: Path, split: str) -> PreparedSplit:
+    """A split written by ``prepare_examples``, as numpy arrays per example."""
+    with pa.memory_map(str(Path(directory) / f"{split}.arrow")) as source:
+        table = pa.ipc.open_file(source).read_all()
+    return PreparedSplit(
+        input_ids=_lists(table.column("input_ids")),
+        locations=table.column("location").to_pylist(),
+        loss_mask=_lists(table.column("loss_mask")) if "loss_mask" in table.column_names else None,
+        labels=table.column("label").to_numpy() if "label" in table.column_names else None,
+    )
+
+
+def _lists(column: pa.ChunkedArray) -> list[np.ndarray]:
+    combined = column.combine_chunks()
+    offsets = combined.offsets.to_numpy()
+    values = combined.values.to_numpy(zero_copy_only=False)
+    return [values[start:end] for start, end in itertools.pairwise(offsets)]
+
+
+def _write_split(path: Path, task: str, rows: list[tuple[list[int], list[bool], int | None, str]]) -> None:
+    columns = [("input_ids", pa.list_(pa.int32())), ("location", pa.string())]
+    columns.append(("loss_mask", pa.list_(pa.bool_())) if task == "sft" else ("label", pa.int32()))
+    schema = pa.schema(columns)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for start in range(0, len(rows), ROWS_PER_BATCH):
+            batch = rows[start:start + ROWS_PER_BATCH]
+            arrays = [pa.array([ids for ids, _, _, _ in batch], pa.list_(pa.int32())),
+                      pa.array([location for _, _, _, location in batch], pa.string())]
+            arrays.append(pa.array([mask for _, mask, _, _ in batch], pa.list_(pa.bool_())) if task == "sft"
+                          else pa.array([label for _, _, label, _ in batch], pa.int32()))
+            writer.write_batch(pa.record_batch(arrays, schema=schema))
+
+
+def _require_both_splits(examples: list[_Example], train_file: Path, val_file: Path | None, skips: SkipReport) -> None:
+    found = Counter(example.split for example in examples)
+    if not found["train"]:
+        raise FinetuneDataError(f"No usable training example in {train_file} ({skips.summary()}). Expected one "
+                                f"record per line or row, e.g. {SFT_FORMAT} for sft.")
+    if not found["val"]:
+        where = str(val_file) if val_file else f"the val_fraction of {train_file} (raise finetune.val_fraction or pass a val file)"
+        raise FinetuneDataError(f"No usable validation example in {where} ({skips.summary()}).")
+
+
+def _read_examples(
+    task: str, path: Path, split: str | None, val_fraction: float, text_field: str, label_field: str,
+    skips: SkipReport,
+) -> Iterator[_Example]:
+    """Examples of one file; ``split`` None splits them by record hash."""
+    file_format, compression = check_data_file(path)
+    records = _jsonl_records(path, compression, skips) if file_format == "jsonl" else _csv_records(path, compression)
+    seen_keys: set[str] = set()
+    reasons: Counter[str] = Counter()
+    for location, record in records:
+        if not isinstance(record, dict):
+            skips.add(SKIP_NOT_AN_OBJECT, location)
+            continue
+        seen_keys.update(key for key in record if isinstance(key, str))  # csv puts surplus cells under None
+        try:
+            example = (_sft_example(record, location) if task == "sft"
+                       else _classification_example(record, location, text_field, label_field))
+        except _Skip as skip:
+            skips.add(skip.reason, location)
+            reasons[skip.reason] += 1
+            continue
+        reasons["usable"] += 1
+        example.split = split or _hash_split(record, val_fraction)
+        yield example
+    if reasons and set(reasons) == {SKIP_MISSING_FIELDS}:
+        # Not bad records but the wrong fields: a setting (or file) to fix, not data to skip.
+        expected = SFT_FORMAT if task == "sft" else f"fields {text_field!r} and {label_field!r}"
+        raise FinetuneDataError(f"No record of {path} has the {task} fields: expected {expected}; its records have "
+                                f"{', '.join(repr(key) for key in sorted(seen_keys))}. For classification, "
+                                "finetune.text_field and finetune.label_field name other fields.")
+
+
+def _sft_example(record: dict[str, Any], location: str) -> _Example:
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
+            for message in messages
+        ):
+            raise _Skip(SKIP_MALFORMED_MESSAGES)
+        parsed = [Message(message["role"], message["content"]) for message in messages]
+        responses = [message for message in parsed if message.role == "assistant"]
+        if not responses or not all(message.content.strip() for message in responses):
+            raise _Skip(SKIP_EMPTY_RESPONSE)
+        return _Example(location, "", messages=parsed)
+    if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
+        raise _Skip(SKIP_MISSING_FIELDS)
+    if not record["response"].strip():
+        raise _Skip(SKIP_EMPTY_RESPONSE)
+    system = record.get("system")
+    messages = [Message("system", system)] if isinstance(system, str) and system.strip() else []
+    messages += [Message("user", record["prompt"]), Message("assistant", record["response"])]
+    return _Example(location, "", messages=messages)
+
+
+def _classification_example(record: dict[str, Any], location: str, text_field: str, label_field: str) -> _Example:
+    if text_field not in record or label_field not in record:
+        raise _Skip(SKIP_MISSING_FIELDS)
+    text, label = record[text_field], record[label_field]
+    if not isinstance(text, str) or not text.strip():
+        raise _Skip(SKIP_EMPTY_TEXT)
+    if isinstance(label, int) and not isinstance(label, bool):
+        label = str(label)
+    if not isinstance(label, str) or not label.strip():
+        raise _Skip(SKIP_BAD_LABEL)
+    return _Example(location, "", text=text.replace("\r\n", "\n"), label=label.strip())
+
+
+def _hash_split(record: dict[str, Any], val_fraction: float) -> str:
+    """As the corpus is split: by content hash, so a record never changes split as the file grows."""
+    return "val" if int(hash_json(record)[:8], 16) / 2**32 < val_fraction else "train"
+
+
+def _open_binary(path: Path, compression: str | None) -> io.BufferedReader:
+    return io.BufferedReader(pa.input_stream(str(path), compression=compression))
+
+
+def _jsonl_records(path: Path, compression: str | None, skips: SkipReport) -> Iterator[tuple[str, Any]]:
+    with _open_binary(path, compression) as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            location = f"{path}:{number}"
+            try:
+                yield location, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                skips.add(SKIP_INVALID_UTF8, location)
+            except json.JSONDecodeError:
+                skips.add(SKIP_INVALID_JSON, location)
+
+
+def _csv_records(path: Path, compression: str | None) -> Iterator[tuple[str, Any]]:
+    with _open_binary(path, compression) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
+        reader = csv.DictReader(text)
+        try:
+            for record in reader:
+                # The row's first line: a quoted field may span several.
+                yield f"{path}:{reader.line_num - _newlines_in(record)}", record
+        except UnicodeDecodeError:
+            raise FinetuneDataError(f"{path} is not UTF-8 text (after line {reader.line_num}).") from None
+        except csv.Error as error:
+            raise FinetuneDataError(f"{path}:{reader.line_num}: malformed CSV ({error}).") from None
+
+
+def _newlines_in(record: dict[str, Any]) -> int:
+    return sum(value.count("\n") for value in record.values() if isinstance(value, str))
