@@ -1,0 +1,311 @@
+"""Fine-tuning a pretrained GPT: instruction tuning (sft) or classification, fully or with LoRA.
+
+Examples are independent sequences, batched with padding on the right: a micro-batch is as long
+as its longest example, padded inputs carry the pad id and padded targets -1, which the loss
+ignores. Packing several examples into one window would waste no compute on padding, but with
+the model's plain causal attention every example would attend to the ones before it in the pack;
+padding keeps each example's computation exactly what it is alone (and classification needs one
+sequence per row to pool anyway).
+
+sft trains on the assistant tokens only (targets -1 elsewhere), so the loss is the mean over
+response tokens. Batches are a pure function of ``(seed, step)``: epoch ``e`` visits the examples
+in the permutation drawn from ``(seed, e)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tokenizers import Tokenizer
+
+from data.chat import ChatTemplate, Message
+from data.finetune_data import TASKS, PreparedSplit
+from model.checkpoint import load_model, save_final
+from model.classifier import GPTClassifier, pad_right, save_head
+from model.device import autocast, resolve_autocast_dtype
+from model.finetune_config import FinetuneConfig
+from model.gpt import GPT
+from model.lora import apply_lora, merge_lora
+from model.optim import build_optimizer, learning_rate_at
+
+CLASSIFIER_DIR = "classifier"
+MetricsCallback = Callable[[int, dict[str, float]], None]
+"""Called with an optimizer step (0: before the first) and the metrics measured there."""
+
+
+@dataclass
+class FinetuneResult:
+    model_dir: Path
+    """The fine-tuned GPT (LoRA merged): ``model.safetensors`` + ``config.json``."""
+    classifier_dir: Path | None
+    """Classification: the head (``model.classifier.load_classifier`` reads both)."""
+    steps: int
+    trainable_parameters: int
+    total_parameters: int
+    initial_val_loss: float
+    """Validation loss before the first step (the base model's, for sft)."""
+    final_val_loss: float
+    final_train_loss: float
+    elapsed_s: float
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Metric name → (step, value) of every report."""
+
+
+def build_task_model(
+    base_dir: Path, task: str, labels: list[str], config: FinetuneConfig, device: torch.device
+) -> GPT | GPTClassifier:
+    """The base model with LoRA applied (``lora_rank`` > 0) and, for classification, a new head."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    torch.manual_seed(config.seed)
+    gpt = load_model(base_dir, device="cpu")  # LoRA and head initialised on the CPU: the same on any device
+    if config.lora_rank:
+        apply_lora(gpt, config.lora_rank, config.lora_alpha, config.lora_dropout)
+    model = GPTClassifier(gpt, labels) if task == "classification" else gpt
+    return model.to(device)
+
+
+def finetune(
+    model: GPT | GPTClassifier,
+    train: PreparedSplit,
+    val: PreparedSplit,
+    config: FinetuneConfig,
+    pad_id: int,
+    max_length: int,
+    run_dir: Path,
+    on_metrics: MetricsCallback | None = None,
+) -> FinetuneResult:
+    """Train ``model`` (from ``build_task_model``) on ``train``, validating on ``val``; then merge
+    LoRA and write the model to ``run_dir/final`` (and the head to ``run_dir/classifier``, with
+    ``max_length``, the tokens texts were cut to, so inference cuts them the same way)."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    autocast_dtype = resolve_autocast_dtype("auto", device)
+    task = _task_of(model)
+    train_config = config.train_config()
+    optimizer = build_optimizer(model, train_config, device)
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+
+    history: dict[str, list[tuple[int, float]]] = {"finetune/train_loss": [], "finetune/val_loss": []}
+
+    def validate(step: int) -> dict[str, float]:
+        scores = evaluate_split(model, val, pad_id, config.micro_batch_size, autocast_dtype)
+        metrics = {"finetune/val_loss": scores.loss}
+        if scores.accuracy is not None:
+            metrics["finetune/val_accuracy"] = scores.accuracy
+        history["finetune/val_loss"].append((step, scores.loss))
+        return metrics
+
+    initial = validate(0)
+    if on_metrics:
+        on_metrics(0, initial)
+    max_grad_norm = config.grad_clip or float("inf")
+    # Summed on the device and read once per report, so steps in between never wait for it.
+    loss_sum = torch.zeros((), device=device)
+    tokens_since_report, steps_since_report = 0, 0
+    report_clock = time.perf_counter()
+    final_train_loss = float("nan")
+    model.train()
+    for step in range(config.max_steps):
+        learning_rate = learning_rate_at(step, train_config)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0]))  # dropout
+        for micro_step in range(config.grad_accum_steps):
+            indices = example_indices(len(train.input_ids), config.seed,
+                                      (step * config.grad_accum_steps + micro_step) * config.micro_batch_size,
+                                      config.micro_batch_size)
+            batch = make_batch(task, train, indices, pad_id, device)
+            with autocast(device, autocast_dtype):
+                loss = batch_loss(model, batch)
+            (loss / config.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+            tokens_since_report += batch.real_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [parameter for parameter in model.parameters() if parameter.requires_grad], max_grad_norm
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_done = step + 1
+        steps_since_report += 1
+        is_last = steps_done == config.max_steps
+        metrics = {}
+        if steps_done % config.log_interval == 0 or is_last:
+            now = time.perf_counter()
+            final_train_loss = loss_sum.item() / (steps_since_report * config.grad_accum_steps)
+            metrics.update({
+                "finetune/train_loss": final_train_loss,
+                "finetune/lr": learning_rate,
+                "finetune/grad_norm": float(grad_norm),
+                "finetune/tokens_per_sec": tokens_since_report / (now - report_clock),
+            })
+            history["finetune/train_loss"].append((steps_done, final_train_loss))
+            loss_sum.zero_()
+            tokens_since_report, steps_since_report = 0, 0
+        if is_last or (config.eval_interval and steps_done % config.eval_interval == 0):
+            metrics.update(validate(steps_done))
+            model.train()
+        if metrics:
+            report_clock = time.perf_counter()  # validation time does not count against throughput
+            if on_metrics:
+                on_metrics(steps_done, metrics)
+    model.eval()
+    merge_lora(model)
+    gpt = model.gpt if isinstance(model, GPTClassifier) else model
+    model_dir = save_final(run_dir, gpt)
+    classifier_dir = None
+    if isinstance(model, GPTClassifier):
+        classifier_dir = save_head(Path(run_dir) / CLASSIFIER_DIR, model, max_length)
+    return FinetuneResult(
+        model_dir=model_dir, classifier_dir=classifier_dir, steps=config.max_steps, trainable_parameters=trainable,
+        total_parameters=total, initial_val_loss=initial["finetune/val_loss"],
+        final_val_loss=history["finetune/val_loss"][-1][1], final_train_loss=final_train_loss,
+        elapsed_s=time.perf_counter() - started, history=history,
+    )
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor
+    """(B, T) token ids, padded on the right."""
+    targets: torch.Tensor
+    """sft: (B, T) next-token targets, -1 where not trained; classification: (B,) class indices."""
+    lengths: torch.Tensor | None
+    """classification: (B,) real tokens per row."""
+    real_tokens: int
+    """Tokens that are not padding."""
+
+
+def make_batch(task: str, split: PreparedSplit, indices: np.ndarray, pad_id: int, device: torch.device) -> Batch:
+    """The examples ``indices`` of ``split`` as padded tensors on ``device``."""
+    sequences = [split.input_ids[index] for index in indices]
+    if task == "classification":
+        inputs, lengths = pad_right(sequences, pad_id)
+        targets = torch.as_tensor(split.labels[indices], dtype=torch.long)
+        return Batch(inputs.to(device), targets.to(device), lengths.to(device), int(lengths.sum()))
+    # The model reads tokens 0..L-2 and predicts 1..L-1; only assistant tokens are targets.
+    inputs, lengths = pad_right([sequence[:-1] for sequence in sequences], pad_id)
+    targets = torch.full_like(inputs, -1)
+    for row, index in enumerate(indices):
+        ids, mask = split.input_ids[index], split.loss_mask[index]
+        targets[row, : len(ids) - 1] = torch.as_tensor(np.where(mask[1:], ids[1:], -1), dtype=torch.long)
+    return Batch(inputs.to(device), targets.to(device), None, int(lengths.sum()))
+
+
+def batch_loss(model: GPT | GPTClassifier, batch: Batch) -> torch.Tensor:
+    if isinstance(model, GPTClassifier):
+        return model(batch.inputs, batch.lengths, batch.targets)[1]
+    return model(batch.inputs, batch.targets, return_logits=False)[1]
+
+
+def example_indices(n_examples: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Positions ``start .. start + count`` of the endless example order: epoch after epoch, each
+    a permutation drawn from ``(seed, epoch)``."""
+    taken: list[np.ndarray] = []
+    while count > 0:
+        epoch, offset = divmod(start, n_examples)
+        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        taken.append(order[offset : offset + count])
+        start += len(taken[-1])
+        count -= len(taken[-1])
+    return np.concatenate(taken)
+
+
+@dataclass
+class SplitScores:
+    loss: float
+    """sft: mean cross-entropy per response token (nats); classification: per example."""
+    predictions: list[int] | None = None
+    """classification: the predicted class of each example, in split order."""
+    accuracy: float | None = None
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: GPT | GPTClassifier, split: PreparedSplit, pad_id: int, batch_size: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> SplitScores:
+    """Loss over a whole split (and classification predictions), in eval mode. Batches group
+    examples of similar length, so little compute goes to padding."""
+    task = _task_of(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_loss, total_weight = 0.0, 0
+    predictions = np.zeros(len(split.input_ids), dtype=np.int64)
+    for indices in _by_length(split, batch_size):
+        batch = make_batch(task, split, indices, pad_id, device)
+        with autocast(device, autocast_dtype):
+            if isinstance(model, GPTClassifier):
+                logits, loss = model(batch.inputs, batch.lengths, batch.targets)
+                predictions[indices] = logits.argmax(dim=-1).cpu().numpy()
+                weight = len(indices)
+            else:
+                _, loss = model(batch.inputs, batch.targets, return_logits=False)
+                weight = int((batch.targets != -1).sum())
+        total_loss += loss.item() * weight
+        total_weight += weight
+    model.train(was_training)
+    scores = SplitScores(loss=total_loss / total_weight)
+    if task == "classification":
+        scores.predictions = predictions.tolist()
+        scores.accuracy = float((predictions == split.labels).mean())
+    return scores
+
+
+def _by_length(split: PreparedSplit, batch_size: int) -> Iterator[np.ndarray]:
+    order = np.argsort([len(ids) for ids in split.input_ids], kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _task_of(model: nn.Module) -> str:
+    return "classification" if isinstance(model, GPTClassifier) else "sft"
+
+
+STOP_CHECK_TOKENS = 16
+"""Tokens generated between checks for the end token."""
+
+
+@torch.no_grad()
+def generate_response(
+    gpt: GPT, prompt_ids: list[int], end_id: int, max_new_tokens: int, temperature: float, top_k: int | None,
+    seed: int,
+) -> list[int]:
+    """The tokens ``gpt`` (in eval mode) samples after ``prompt_ids``, up to the first ``end_id``
+    (left out) or ``max_new_tokens``; a pure function of ``seed``."""
+    device = next(gpt.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    produced: list[int] = []
+    while len(produced) < max_new_tokens:
+        count = min(STOP_CHECK_TOKENS, max_new_tokens - len(produced))
+        idx = gpt.generate(idx, count, temperature=temperature, top_k=top_k, generator=generator)
+        new = idx[0, -count:].tolist()
+        if end_id in new:
+            return produced + new[: new.index(end_id)]
+        produced += new
+    return produced
+
+
+def answer(
+    gpt: GPT, tokenizer: Tokenizer, template: ChatTemplate, conversations: list[list[Message]],
+    max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+) -> list[str]:
+    """The next assistant message of each conversation, as ``template`` prompts for it; the
+    conversation at index ``i`` is sampled with seed ``seed + i``."""
+    end_id = template.token_id(tokenizer, template.end_token)
+    answers = []
+    for index, conversation in enumerate(conversations):
+        prompt_ids, _ = template.encode(tokenizer, conversation, add_generation_prompt=True)
+        response = generate_response(gpt, prompt_ids, end_id, max_new_tokens, temperature, top_k, seed + index)
+        answers.append(tokenizer.decode(response))
+    return answers
