@@ -9,6 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
+from data.finetune_data import TASKS, check_data_file
 from data.multiple_choice import read_multiple_choice
 from data.sources import BUILTIN_CORPUS, resolve_sources
 from flows.stack import StackError
@@ -19,6 +20,7 @@ from tasks.config import (
     EvalSplit,
     build_config,
     build_evaluate_config,
+    build_finetune_config,
     parse_override_pairs,
 )
 
@@ -72,6 +74,31 @@ def _pretrain(args: argparse.Namespace) -> int:
         resume=args.resume,
         retrain_tokenizer=args.retrain_tokenizer,
         from_scratch=args.from_scratch,
+    )
+    print(summary.render())
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    overrides = parse_override_pairs(args.overrides)
+    # Fail on a bad setting or a missing data file now, before Prefect and MLflow start up.
+    build_finetune_config(args.config, overrides)
+    for path in (args.data, args.val_data):
+        if path not in (None, BUILTIN_CORPUS):
+            check_data_file(Path(path))
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.finetune import finetune  # imports Prefect: only once the input is known good
+
+    summary = finetune(
+        task=args.task,
+        model=args.model,
+        data=args.data,
+        val_data=args.val_data,
+        tokenizer=args.tokenizer,
+        config_file=args.config,
+        overrides=overrides,
+        workspace=args.workspace,
     )
     print(summary.render())
     return 0
@@ -233,6 +260,38 @@ def _parser() -> argparse.ArgumentParser:
                           "corpus on the data added since")
     pretrain.set_defaults(handler=_pretrain)
 
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model for instructions (sft) or classification, fully or with LoRA",
+        description="Run the finetune flow locally: prepare the data with the base model's tokenizer, fine-tune, "
+        "evaluate on the validation split, log and register the model in MLflow. Every stage is cached: rerunning "
+        "the same command executes nothing. Without --data, a built-in demo drawn from the Python standard "
+        "library's source.",
+    )
+    finetune.add_argument("--task", default="sft", choices=TASKS,
+                          help="sft: prompt/response pairs or chats, loss on the responses (default); "
+                          "classification: texts with labels, a head on the last token")
+    finetune.add_argument("--model", metavar="SOURCE",
+                          help="the base model: models:/name/version, runs:/<run id>/model, an MLflow run id, or a "
+                          "directory holding model.safetensors and config.json. Default: the latest registered "
+                          "gptflow-cpu (what `gptflow pretrain` trains)")
+    finetune.add_argument("--data", metavar="FILE",
+                          help='.jsonl or .csv (gzip/zstd too). sft: {"prompt": ..., "response": ...} or '
+                          '{"messages": [{"role": ..., "content": ...}, ...]} per line; classification: text and '
+                          "label fields. Default: the task's built-in demo (docstring → function; which "
+                          "standard-library package a function is from)")
+    finetune.add_argument("--val-data", metavar="FILE",
+                          help="validation examples in the same format; default: finetune.val_fraction of --data")
+    finetune.add_argument("--tokenizer", metavar="PATH",
+                          help="the base model's tokenizer.json, for a model directory without one beside or above it")
+    finetune.add_argument("--config", metavar="FILE", help="TOML or JSON file with a [finetune] table of settings")
+    finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a finetune.* setting, e.g. --set finetune.lora_rank=0 (full fine-tune); "
+                          "repeatable")
+    finetune.add_argument("--workspace", metavar="DIR",
+                          help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
+    finetune.set_defaults(handler=_finetune)
+
     evaluate = commands.add_parser(
         "evaluate",
         help="score a trained model: loss on a corpus split, multiple-choice accuracy, samples",
@@ -288,7 +347,8 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser(
-        "serve", help="serve every deployment (pretrain/default, evaluate/default) to a Prefect server until Ctrl-C",
+        "serve", help="serve every deployment (pretrain/default, finetune/default, evaluate/default) to a Prefect "
+        "server until Ctrl-C",
         description="Serve gptflow's deployments. Start runs with `prefect deployment run 'pretrain/default'`. "
         "Needs PREFECT_API_URL pointing at a Prefect server (see `gptflow up`).",
     )

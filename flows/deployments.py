@@ -7,15 +7,18 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from flows.evaluate import evaluate
+from flows.finetune import finetune
 from flows.pretrain import pretrain
 
 DEPLOYMENT_NAME = "default"
-FLOWS = (pretrain, evaluate)
+FLOWS = (pretrain, finetune, evaluate)
 
 
 def deployments() -> list[RunnerDeployment]:
     """One deployment per flow, with the flow's own defaults: a pretrain run without parameters
-    trains on the built-in corpus with the default preset; an evaluate run needs its ``model``."""
+    trains on the built-in corpus with the default preset; a finetune run without parameters
+    tunes the latest registered ``gptflow-cpu`` on the built-in sft demo; an evaluate run needs
+    its ``model``."""
     return [
         flow.to_deployment(
             name=DEPLOYMENT_NAME,

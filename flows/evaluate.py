@@ -149,7 +149,6 @@ def evaluate(
     choice_file = Path(multiple_choice).expanduser().resolve() if multiple_choice else None
     if choice_file:
         read_multiple_choice(choice_file)
-        choice_hash = hash_file(choice_file)
     workspace_dir = Workspace.resolve(workspace)
     source = resolve_model(model, workspace_dir, tokenizer)
     text_tokenizer = model_tokenizer(source)
@@ -162,9 +161,9 @@ def evaluate(
         "prefect.flow_run_id": flow_run.id,
         "prefect.flow_run_url": flow_run.ui_url,
     }
-    run_name = f"evaluate-{source.weights_hash[:8]}"
-    with pipeline_run(workspace_dir, run_name=run_name, tags=tags) as run:
-        model_settings = json.loads((source.model_dir / CONFIG_FILE).read_text())
+    choice_hash = hash_file(choice_file) if choice_file else None
+    model_settings = json.loads((source.model_dir / CONFIG_FILE).read_text())
+    with pipeline_run(workspace_dir, run_name=f"evaluate-{source.weights_hash[:8]}", tags=tags) as run:
         run.log_params({
             "model_source": model,
             "model_weights_hash": source.weights_hash,
@@ -174,21 +173,19 @@ def evaluate(
             **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
             **({"multiple_choice": str(choice_file), "multiple_choice_hash": choice_hash} if choice_file else {}),
         })
-        loss = data_fingerprint = None
+        loss = data_fingerprint = choices = None
         if sources:
             # The split scored must have documents; with "all", either one may be empty.
             required_splits = () if split == "all" else (split,)
             corpus_manifest = ingest(sources, config.data, workspace_dir, run, required_splits=required_splits)
             data_fingerprint = corpus_manifest.fingerprint
-            run_name += f" {split}-{data_fingerprint[:8]}"
+            run.set_tags({"gptflow.data_fingerprint": data_fingerprint})
             tokens = tokenize(corpus_manifest, text_tokenizer, config.tokenize, workspace_dir, run)
             loss = evaluate_split(source, text_tokenizer, tokens, split, config.eval, workspace_dir, run)
-        choices = None
         if choice_file:
-            run_name += f" {choice_file.name}"
             choices = score_multiple_choice(source, text_tokenizer, choice_file, choice_hash, workspace_dir, run)
         samples = sample_model(source, text_tokenizer, config.eval, workspace_dir, run)
-        run.set_tags({"mlflow.runName": run_name} | ({"gptflow.data_fingerprint": data_fingerprint} if sources else {}))
+        run.set_tags({"mlflow.runName": _run_name(source.weights_hash, split, data_fingerprint, choice_file)})
 
         summary = EvaluateSummary(
             model=model,
@@ -212,3 +209,13 @@ def evaluate(
     create_markdown_artifact(key="evaluate-summary", markdown=summary.markdown(run.url),
                              description="What the model scored, and which stages ran")
     return summary
+
+
+def _run_name(weights_hash: str, split: str, data_fingerprint: str | None, choice_file: Path | None) -> str:
+    """``evaluate-1a2b3c4d val-5e6f7a8b hellaswag_val.jsonl``: the model, then what it was scored on."""
+    parts = [f"evaluate-{weights_hash[:8]}"]
+    if data_fingerprint:
+        parts.append(f"{split}-{data_fingerprint[:8]}")
+    if choice_file:
+        parts.append(choice_file.name)
+    return " ".join(parts)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 from data.errors import CorpusError
+from data.finetune_data import FinetuneDataError
 from data.multiple_choice import MultipleChoiceError
 from model.export import ExportError
 from tasks.config import ConfigError
 from tasks.model_source import ModelSourceError
 
-USER_ERRORS = (CorpusError, ConfigError, ModelSourceError, MultipleChoiceError, ExportError)
+USER_ERRORS = (CorpusError, ConfigError, ModelSourceError, MultipleChoiceError, ExportError, FinetuneDataError)
 # The loggers through which Prefect's engines report a task's or a flow's exception.
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
 

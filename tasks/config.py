@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from data.config import IngestConfig, TokenizeConfig, TokenizerConfig
 from model.config import EvalConfig, ModelConfig, TrainConfig
+from model.finetune_config import FinetuneConfig
 
 DEFAULT_PRESET = "cpu"
 
@@ -124,18 +125,33 @@ def build_config(
     if overrides:
         layers.append(("--set overrides", _nest_overrides(overrides)))
 
-    sections = {f.name: dataclasses.asdict(f.default_factory()) for f in dataclasses.fields(PipelineConfig)}
+    return PipelineConfig(**_layered(typing.get_type_hints(PipelineConfig), layers))
+
+
+def build_finetune_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+    """The finetune flow's settings: ``FinetuneConfig``'s defaults, a config file's ``finetune``
+    table, then ``finetune.field=value`` overrides (the base model brings its own model settings)."""
+    layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    if config_file is not None:
+        layers.append((f"config file {config_file}", _read_config_file(Path(config_file))))
+    if overrides:
+        layers.append(("--set overrides", _nest_overrides(overrides)))
+    return _layered({"finetune": FinetuneConfig}, layers)["finetune"]
+
+
+def _layered(section_types: dict[str, type], layers: list[tuple[str, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
+    """Each section's dataclass, built from its defaults with every layer applied in turn."""
+    sections = {name: dataclasses.asdict(section_type()) for name, section_type in section_types.items()}
     for origin, layer in layers:
         for section, values in layer.items():
             if section not in sections:
                 raise ConfigError(f"{origin}: unknown section {section!r}; sections are {', '.join(sections)}.")
             if not isinstance(values, dict):
                 raise ConfigError(f"{origin}: section {section!r} must be a table of fields.")
-            section_type = _section_type(section)
             for name, value in values.items():
-                sections[section][name] = _coerce(section_type, section, name, value, origin)
+                sections[section][name] = _coerce(section_types[section], section, name, value, origin)
     try:
-        return PipelineConfig(**{name: _section_type(name)(**values) for name, values in sections.items()})
+        return {name: section_types[name](**values) for name, values in sections.items()}
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -190,10 +206,6 @@ def _nest_overrides(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"Override key {key!r} must look like section.field, e.g. train.max_steps.")
         nested.setdefault(section, {})[name] = value
     return nested
-
-
-def _section_type(section: str) -> type:
-    return typing.get_type_hints(PipelineConfig)[section]
 
 
 def _coerce(section_type: type, section: str, name: str, value: Any, origin: str) -> Any:

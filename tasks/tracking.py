@@ -20,7 +20,7 @@ import mlflow.pyfunc
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 
 import data
 import model
@@ -85,6 +85,19 @@ class PipelineRun:
     def log_text_generator(self, model_dir: Path, tokenizer_file: Path, registered_name: str) -> str:
         """Log a trained model as an MLflow pyfunc model at artifact path ``model`` and register
         it as a new version of ``registered_name``; returns the version."""
+        return self.log_pyfunc_model(
+            GENERATOR_CODE,
+            artifacts={"model": model_dir, "tokenizer": tokenizer_file},
+            signature=infer_signature(["def parse("], ["def parse(text):"], params=EvalConfig().sampling()),
+            registered_name=registered_name,
+        )
+
+    def log_pyfunc_model(
+        self, code_file: Path, artifacts: dict[str, Path], signature: ModelSignature, registered_name: str
+    ) -> str:
+        """Log ``code_file`` (an MLflow model from code) with ``artifacts`` and gptflow's pure packages
+        as the pyfunc model at artifact path ``model``, and register it as a new version of
+        ``registered_name``; returns the version."""
         with tempfile.TemporaryDirectory() as tmp:
             # Copies of the pure packages, without bytecode caches, travel inside the model.
             code = [shutil.copytree(Path(package.__file__).parent, Path(tmp) / "code" / package.__name__,
@@ -92,10 +105,10 @@ class PipelineRun:
             saved = Path(tmp) / "model"
             mlflow.pyfunc.save_model(
                 path=saved,
-                python_model=str(GENERATOR_CODE),
-                artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_file)},
+                python_model=str(code_file),
+                artifacts={name: str(path) for name, path in artifacts.items()},
                 code_paths=[str(path) for path in code],
-                signature=infer_signature(["def parse("], ["def parse(text):"], params=EvalConfig().sampling()),
+                signature=signature,
                 pip_requirements=[f"{name}=={metadata.version(name)}"
                                   for name in ("torch", "tokenizers", "safetensors", "pyarrow", "numpy", "mlflow")],
             )

@@ -181,10 +181,13 @@ class TrainingReporter:
 
     def write_report(self, directory: Path) -> None:
         (directory / "history.json").write_text(json.dumps(self.history, indent=1))
-        _plot_loss_curve(self.history, directory / "loss_curve.png")
+        plot_loss_curve(self.history, directory / "loss_curve.png")
 
 
-def _plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
+def plot_loss_curve(
+    history: dict[str, list[tuple[int, float]]], path: Path, y_label: str = "cross-entropy (nats/token)"
+) -> None:
+    """Each series of ``history`` (name → (step, value)) as a line, validation ones with markers."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; and never pick an interactive backend inside a worker
@@ -194,9 +197,9 @@ def _plot_loss_curve(history: dict[str, list[tuple[int, float]]], path: Path) ->
     for name, series in history.items():
         if series:
             steps, values = zip(*series)
-            axes.plot(steps, values, label=name, marker="o" if name.startswith("val") else None)
+            axes.plot(steps, values, label=name, marker="o" if "val" in name else None)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.set_ylabel(y_label)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

@@ -1,0 +1,247 @@
+"""The ``finetune`` flow: a pretrained gptflow model tuned to follow instructions (sft) or to
+classify texts, fully or with LoRA: demo data → prepare → finetune → evaluate, each stage cached;
+the fine-tuned model logged to MLflow as a pyfunc model and registered."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from data.finetune_data import TASKS, check_data_file
+from data.sources import BUILTIN_CORPUS
+from flows.user_errors import hide_tracebacks_of_user_errors
+from model.checkpoint import CONFIG_FILE
+from model.finetune_config import FinetuneConfig
+from tasks.caching import pipeline_code_version
+from tasks.config import ConfigError, build_finetune_config
+from tasks.evaluate import model_tokenizer
+from tasks.finetune import (
+    base_chat_template,
+    default_base_model,
+    demo_data,
+    evaluate_finetuned,
+    finetune_model,
+    prepare_data,
+)
+from tasks.model_source import ModelSourceError, resolve_model
+from tasks.progress import human_count, human_duration
+from tasks.tracking import pipeline_run
+from tasks.workspace import Workspace
+
+# A Literal, so a deployment's `task` parameter is validated and offered as a choice in the Prefect UI.
+FinetuneTask = Literal[TASKS]
+DEMO_DESCRIPTIONS = {
+    "sft": "built-in demo: docstring → function, from the standard library's source",
+    "classification": "built-in demo: which standard-library package a function is from",
+}
+
+
+@dataclass
+class FinetuneSummary:
+    """What a user wants to read when the flow ends."""
+
+    task: str
+    base_model: str
+    base_weights_hash: str
+    data: str
+    stages: dict[str, str]
+    examples: dict[str, int]
+    truncated: int
+    skipped: str
+    """``SkipReport.summary()`` of the prepared data."""
+    steps: int
+    lora_rank: int
+    trainable_parameters: int
+    total_parameters: int
+    initial_val_loss: float
+    final_val_loss: float
+    metrics: dict[str, float]
+    registered_model: str
+    elapsed_s: float
+    mlflow_run_id: str
+    tracking_uri: str
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def model_uri(self) -> str:
+        return "models:/" + self.registered_model
+
+    def markdown(self, mlflow_run_url: str | None) -> str:
+        """The flow run's Prefect artifact: what ran, what it scored, where the model is."""
+        rows = [
+            f"| task | {self.task} |",
+            f"| base model | `{self.base_model}` (weights {self.base_weights_hash[:12]}) |",
+            f"| data | {self.data} |",
+            *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
+            f"| train / val examples | {self.examples['train']:,} / {self.examples['val']:,} |",
+            f"| truncated / skipped | {self.truncated:,} / {self.skipped} |",
+            f"| training | {self.steps} steps, {self._method()} |",
+            f"| val loss | {self.initial_val_loss:.4f} → {self.final_val_loss:.4f} |",
+            *(f"| {name} | {value:.4f} |" for name, value in self.metrics.items() if not name.startswith("eval/f1/")),
+            f"| registered model | `{self.model_uri}` |",
+            f"| MLflow run | {f'[{self.mlflow_run_id}]({mlflow_run_url})' if mlflow_run_url else self.mlflow_run_id} |",
+        ]
+        return "\n".join(["# gptflow finetune", "", "| | |", "|---|---|", *rows])
+
+    def render(self) -> str:
+        lines = [
+            "",
+            f"stages      {', '.join(f'{name} {status}' for name, status in self.stages.items())}",
+            f"base model  {self.base_model} (weights {self.base_weights_hash[:8]})",
+            f"data        {self.data}: {self.examples['train']:,} train / {self.examples['val']:,} val examples, "
+            f"{self.truncated:,} truncated; {self.skipped}",
+            f"training    {self.steps} steps, {self._method()}",
+        ]
+        if self.task == "classification":
+            lines += [
+                f"val loss    {self.initial_val_loss:.3f} → {self.final_val_loss:.3f} nats/example",
+                f"accuracy    {self.metrics['eval/accuracy']:.3f}, macro-F1 {self.metrics['eval/macro_f1']:.3f} "
+                f"(majority baseline {self.metrics['eval/majority_accuracy']:.3f})",
+            ]
+        else:
+            lines.append(f"val loss    {self.initial_val_loss:.3f} (base model) → {self.final_val_loss:.3f} "
+                         "nats/response token")
+        lines += [
+            f"model       {self.model_uri}: mlflow.pyfunc.load_model(\"{self.model_uri}\").predict([...])",
+            f"wall time   {human_duration(self.elapsed_s)}",
+            f"mlflow      run {self.mlflow_run_id}",
+        ]
+        if self.tracking_uri.startswith("sqlite:///"):
+            lines.append(f"            see it: mlflow ui --backend-store-uri {self.tracking_uri}")
+        if self.samples:
+            sample = self.samples[0]
+            lines.append("sample      " + "\n            ".join(
+                [*sample["prompt"].strip().splitlines()[-4:], *sample["response"].strip().splitlines()[:8]]))
+        return "\n".join(lines)
+
+    def _method(self) -> str:
+        trained = (f"{human_count(self.trainable_parameters)} of {human_count(self.total_parameters)} parameters "
+                   "trained")
+        return f"LoRA rank {self.lora_rank}, {trained}" if self.lora_rank else f"full fine-tune, {trained}"
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(
+    task: FinetuneTask = "sft",
+    model: str | None = None,
+    data: str | None = None,
+    val_data: str | None = None,
+    tokenizer: str | None = None,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    workspace: str | None = None,
+) -> FinetuneSummary:
+    """Fine-tune a pretrained gptflow model for instructions (``sft``) or text ``classification``.
+
+    Args:
+        task: ``sft`` (prompt/response pairs or chats; loss on the responses only) or
+            ``classification`` (texts with labels; a linear head on the last token).
+        model: the base model: ``models:/name/version``, ``runs:/<run id>/model``, an MLflow run
+            id, or a directory with ``model.safetensors`` and ``config.json``. Default: the latest
+            version of ``gptflow-cpu`` (what ``gptflow pretrain`` registers).
+        data: a .jsonl or .csv file (``.gz``/``.zst`` too). Default: the built-in demo of the
+            task, extracted from the standard library's source.
+        val_data: a validation file in the same format; default: ``finetune.val_fraction`` of
+            ``data``, chosen by record hash.
+        tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
+        config_file: a TOML/JSON file with a ``finetune`` table of settings.
+        overrides: ``{"finetune.field": value}`` applied last, e.g. ``{"finetune.lora_rank": 0}``.
+        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
+    """
+    started = time.monotonic()
+    hide_tracebacks_of_user_errors()
+    config = build_finetune_config(config_file, overrides)
+    # Bad input fails here, before a model is fetched.
+    train_file = None if data in (None, BUILTIN_CORPUS) else _data_file(data)
+    val_file = _data_file(val_data) if val_data else None
+    workspace_dir = Workspace.resolve(workspace)
+    base = resolve_model(model or default_base_model(workspace_dir), workspace_dir, tokenizer)
+    base_settings = json.loads((base.model_dir / CONFIG_FILE).read_text())
+    config = _with_max_length(config, base_settings["block_size"])
+    if model_tokenizer(base).vocab_size > base_settings["vocab_size"]:
+        raise ModelSourceError(f"The tokenizer {base.tokenizer_file} has more tokens than the model {base.source} has "
+                               "embedding rows: pass the tokenizer it was trained with (--tokenizer).")
+    template = base_chat_template(base)
+    data_description = str(train_file) if train_file else DEMO_DESCRIPTIONS[task]
+
+    tags = {
+        "gptflow.flow": "finetune",
+        "gptflow.task": task,
+        "gptflow.code_version": pipeline_code_version(),
+        "gptflow.base_weights_hash": base.weights_hash,
+        "prefect.flow_run_id": flow_run.id,
+        "prefect.flow_run_url": flow_run.ui_url,
+    }
+    with pipeline_run(workspace_dir, run_name=f"finetune-{task}", tags=tags) as run:
+        run.log_params({
+            "task": task,
+            "base_model": base.source,
+            "base_weights_hash": base.weights_hash,
+            "base_tokenizer_hash": base.tokenizer_hash,
+            "data": data_description,
+            "val_data": str(val_file or ""),
+            **{f"model.{name}": value for name, value in base_settings.items()},
+            **{f"finetune.{name}": value for name, value in dataclasses.asdict(config).items()},
+        })
+        train_file = train_file or demo_data(task, workspace_dir, run)
+        prepared = prepare_data(task, train_file, val_file, base, template, config, workspace_dir, run)
+        run.set_tags({"mlflow.runName": _run_name(task, base.weights_hash, prepared.fingerprint, overrides)})
+        tuned = finetune_model(task, base, template, prepared, config, workspace_dir, run)
+        report = evaluate_finetuned(tuned, prepared, config, workspace_dir, run)
+
+    summary = FinetuneSummary(
+        task=task,
+        base_model=base.source,
+        base_weights_hash=base.weights_hash,
+        data=data_description,
+        stages=dict(run.stage_statuses),
+        examples=prepared.examples,
+        truncated=sum(prepared.truncated.values()),
+        skipped=prepared.skip_report().summary(),
+        steps=tuned.steps,
+        lora_rank=config.lora_rank,
+        trainable_parameters=tuned.trainable_parameters,
+        total_parameters=tuned.total_parameters,
+        initial_val_loss=tuned.initial_val_loss,
+        final_val_loss=tuned.final_val_loss,
+        metrics=report.metrics,
+        registered_model=tuned.registered_model,
+        elapsed_s=time.monotonic() - started,
+        mlflow_run_id=run.run_id,
+        tracking_uri=workspace_dir.tracking_uri,
+        samples=report.samples,
+    )
+    create_markdown_artifact(key="finetune-summary", markdown=summary.markdown(run.url),
+                             description="Data, training, evaluation and the registered model of this run")
+    return summary
+
+
+def _data_file(path: str) -> Path:
+    resolved = Path(path).expanduser().resolve()
+    check_data_file(resolved)
+    return resolved
+
+
+def _with_max_length(config: FinetuneConfig, block_size: int) -> FinetuneConfig:
+    """``config`` with ``max_length`` resolved against the base model's context."""
+    if config.max_length is None:
+        return dataclasses.replace(config, max_length=block_size)
+    if config.max_length > block_size:
+        raise ConfigError(f"finetune.max_length={config.max_length} exceeds the base model's context of {block_size} "
+                          "tokens (its block_size): lower it, or leave it unset to use the whole context.")
+    return config
+
+
+def _run_name(task: str, base_weights_hash: str, data_fingerprint: str, overrides: dict[str, Any] | None) -> str:
+    """``finetune-sft-1a2b3c4d-5e6f7a8b finetune.lora_rank=0``: base, data and settings at a glance."""
+    settings = " ".join(f"{key}={value}" for key, value in sorted((overrides or {}).items()))
+    name = f"finetune-{task}-{base_weights_hash[:8]}-{data_fingerprint[:8]}"
+    return name + (f" {settings}" if settings else "")

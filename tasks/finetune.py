@@ -1,0 +1,464 @@
+"""Fine-tuning stages: demo data, prepare (records → token examples), finetune (train, then log
+and register the MLflow model), evaluate (validation metrics and plots, or sample answers).
+
+Each stage runs through ``tasks.caching.run_stage``. Keys: the demo on the interpreter and the
+demo code; prepare on the data files' contents, the tokenizer, the chat template and the data
+settings; finetune on the base weights, the prepared data and the training settings; evaluate on
+the fine-tuned weights, the prepared data and the sampling settings. So the same base model, data
+and settings are a cache hit, and changing only the learning rate reprepares nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+import data.chat
+import data.finetune_data
+import data.finetune_demo
+import model.checkpoint
+import model.classifier
+import model.finetune
+import model.gpt
+import model.lora
+import model.optim
+from data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
+from data.finetune_data import PreparedData, PreparedSplit, prepare_examples, read_split
+from data.finetune_demo import write_demo
+from data.sources import builtin_corpus_root
+from data.store import atomic_directory, hash_file, hash_json, is_complete, read_contents_hash
+from data.tokenizer import PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
+from model.checkpoint import load_model
+from model.classifier import classification_metrics, load_classifier
+from model.device import resolve_device
+from model.finetune import build_task_model, evaluate_split, finetune, generate_response
+from model.gpt import GPT
+from model.finetune_config import FinetuneConfig
+from tasks.caching import run_stage, stage_key
+from tasks.config import DEFAULT_PRESET
+from tasks.model_source import ModelSourceError, ResolvedModel
+from tasks.progress import human_count, run_logger
+from tasks.tracking import BufferedMetrics, PipelineRun
+from tasks.training_job import plot_loss_curve
+from tasks.workspace import Workspace
+
+REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification"}
+"""The model registry name of each task's fine-tuned models."""
+# Not imported: each file sets the model of the MLflow model it is logged in, when that loads.
+MODEL_CODE = {"sft": Path(__file__).with_name("mlflow_chat_model.py"),
+              "classification": Path(__file__).with_name("mlflow_classifier.py")}
+PREPARE_CODE = (data.chat, data.finetune_data, sys.modules[__name__])
+FINETUNE_CODE = (data.finetune_data, model.checkpoint, model.classifier, model.finetune, model.gpt, model.lora,
+                 model.optim, sys.modules[__name__])
+EVALUATE_CODE = (model.classifier, model.finetune, model.gpt, sys.modules[__name__])
+TOKENIZER_DIR = "tokenizer"
+REPORT_DIR = "report"
+EVAL_BATCH_SIZE = 16
+
+
+def default_base_model(workspace: Workspace) -> str:
+    """The latest registered version of ``gptflow-<default preset>`` (what ``gptflow pretrain``
+    registers), as a ``models:/`` URI; a ``ModelSourceError`` saying what to do when there is none."""
+    name = f"gptflow-{DEFAULT_PRESET}"
+    client = MlflowClient(workspace.tracking_uri, registry_uri=workspace.tracking_uri)
+    versions = client.search_model_versions(f"name = '{name}'")
+    if versions:
+        return f"models:/{name}/{max(int(version.version) for version in versions)}"
+    others = sorted(registered.name for registered in client.search_registered_models()
+                    if registered.name.startswith("gptflow-") and registered.name not in REGISTERED_MODELS.values())
+    hint = f" Models registered there: {', '.join(others)} (e.g. --model models:/{others[0]}/1)." if others else ""
+    raise ModelSourceError(
+        f"No base model given and no {name} model is registered in {workspace.tracking_uri}. Train one first with "
+        f"`gptflow pretrain` (registers {name}; about 10 minutes on 2 CPU cores), or pass --model: an MLflow model "
+        f"URI, a run id or a model directory.{hint}"
+    )
+
+
+def base_chat_template(source: ResolvedModel) -> ChatTemplate:
+    """The chat template beside the base model's tokenizer (a model fine-tuned before keeps its
+    conversation format), else the default."""
+    path = source.tokenizer_file.with_name(CHAT_TEMPLATE_FILE)
+    return ChatTemplate.load(path) if path.is_file() else ChatTemplate()
+
+
+# --- demo data ------------------------------------------------------------------------------
+
+
+@task(name="write-demo-data")
+def write_demo_task(finetune_task: str, out_dir: str) -> str:
+    with atomic_directory(Path(out_dir)) as tmp:
+        count = write_demo(finetune_task, tmp / f"{finetune_task}.jsonl")
+    run_logger().info(f"demo-data: {count:,} {finetune_task} records extracted from the standard library's source")
+    return str(Path(out_dir) / f"{finetune_task}.jsonl")
+
+
+def demo_data(finetune_task: str, workspace: Workspace, run: PipelineRun) -> Path:
+    """The built-in demo of ``finetune_task`` as a JSONL file in the store (see ``data.finetune_demo``)."""
+    key = stage_key("finetune-demo", config={"task": finetune_task, "python": sys.version,
+                                             "stdlib": str(builtin_corpus_root())},
+                    modules=(data.finetune_demo,), inputs={})
+    outcome = run_stage(write_demo_task, key=key, workspace=workspace, is_valid=lambda path: is_complete(Path(path).parent),
+                        finetune_task=finetune_task, out_dir=str(workspace.store / "finetune-demo" / key))
+    run.record_stage("demo-data", outcome.status)
+    return Path(outcome.result)
+
+
+# --- prepare --------------------------------------------------------------------------------
+
+
+@task(name="prepare-finetune-data")
+def prepare_task(finetune_task: str, train_file: str, val_file: str | None, tokenizer_file: str,
+                 template: ChatTemplate, settings: dict[str, Any], out_dir: str) -> PreparedData:
+    return prepare_examples(finetune_task, Path(train_file), Path(val_file) if val_file else None,
+                            Path(tokenizer_file), Path(out_dir), template=template, **settings)
+
+
+def prepare_data(
+    finetune_task: str, train_file: Path, val_file: Path | None, base: ResolvedModel, template: ChatTemplate,
+    config: FinetuneConfig, workspace: Workspace, run: PipelineRun,
+) -> PreparedData:
+    """The ``prepare`` stage: tokenized train and val examples; logs their counts and skips."""
+    settings = config.data_settings(finetune_task)
+    key = stage_key(
+        "finetune-prepare",
+        config={"task": finetune_task, **settings,
+                "template": dataclasses.asdict(template) if finetune_task == "sft" else None},
+        modules=PREPARE_CODE,
+        inputs={"train": hash_file(train_file), "val": hash_file(val_file) if val_file else None,
+                "tokenizer": base.tokenizer_hash},
+    )
+    outcome = run_stage(
+        prepare_task, key=key, workspace=workspace, is_valid=lambda prepared: is_complete(Path(prepared.directory)),
+        finetune_task=finetune_task, train_file=str(train_file), val_file=str(val_file) if val_file else None,
+        tokenizer_file=str(base.tokenizer_file), template=template, settings=settings,
+        out_dir=str(workspace.store / "finetune-data" / key),
+    )
+    prepared = outcome.result
+    run.record_stage("prepare", outcome.status)
+    skips = prepared.skip_report()
+    run.log_metrics({
+        **{f"data/{split}_examples": count for split, count in prepared.examples.items()},
+        **{f"data/{split}_tokens": count for split, count in prepared.tokens.items()},
+        **{f"data/{split}_truncated": count for split, count in prepared.truncated.items()},
+        "data/skipped": skips.total,
+    })
+    run.set_tags({"gptflow.data_fingerprint": prepared.fingerprint})
+    run.log_artifact(Path(prepared.directory) / data.finetune_data.PREPARED_FILE, "data")
+    logger = run_logger()
+    logger.info(f"prepare: {prepared.examples['train']:,} train / {prepared.examples['val']:,} val examples, "
+                f"{human_count(prepared.tokens['train'])} train tokens"
+                + (f"; labels {', '.join(prepared.labels)}" if prepared.labels else ""))
+    truncated = sum(prepared.truncated.values())
+    if truncated:
+        logger.warning(f"prepare: {truncated:,} examples longer than max_length={prepared.max_length} tokens were "
+                       "truncated (finetune.overlong=skip leaves them out instead)")
+    if skips.total:
+        logger.warning(f"prepare: {skips.summary()}")
+    return prepared
+
+
+# --- finetune -------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetunedModel:
+    run_dir: str
+    model_dir: str
+    """The fine-tuned GPT, LoRA merged: ``model.checkpoint.load_model`` loads it."""
+    classifier_dir: str | None
+    """Classification: the head and its labels."""
+    tokenizer_dir: str
+    """``tokenizer.json``, and ``chat_template.json`` for sft."""
+    report_dir: str
+    """``history.json`` + ``loss_curve.png``."""
+    weights_hash: str
+    """Content hash of the model (and head): the input key of its evaluation."""
+    task: str
+    steps: int
+    trainable_parameters: int
+    total_parameters: int
+    initial_val_loss: float
+    final_val_loss: float
+    final_train_loss: float
+    elapsed_s: float
+    trained_in_mlflow_run: str
+    registered_model: str
+    """``name/version`` in the MLflow model registry."""
+
+
+class FinetuneReporter:
+    """The loop's metrics callback: batched MLflow metrics, console lines, a Prefect progress bar."""
+
+    def __init__(self, run: PipelineRun, max_steps: int) -> None:
+        self.metrics = BufferedMetrics(run)
+        self.max_steps = max_steps
+        self.logger = run_logger()
+        self.progress_artifact = create_progress_artifact(progress=0.0, description="finetune: starting")
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.add(step, metrics)
+        parts = [f"step {step}/{self.max_steps}"]
+        for name, label in (("finetune/train_loss", "loss"), ("finetune/val_loss", "val"),
+                            ("finetune/val_accuracy", "val acc")):
+            if name in metrics:
+                parts.append(f"{label} {metrics[name]:.3f}")
+        if "finetune/tokens_per_sec" in metrics:
+            parts.append(f"{human_count(metrics['finetune/tokens_per_sec'])} tok/s")
+        line = "finetune: " + " · ".join(parts)
+        self.logger.info(line)
+        update_progress_artifact(self.progress_artifact, progress=100.0 * step / self.max_steps, description=line)
+
+
+@task(name="finetune-model")
+def train_task(
+    finetune_task: str, base_model_dir: str, tokenizer_file: str, template: ChatTemplate, prepared: PreparedData,
+    config: FinetuneConfig, run_dir: str, tracking_uri: str, mlflow_run_id: str,
+) -> FinetunedModel:
+    run_dir_path = Path(run_dir)
+    train, val = read_split(Path(prepared.directory), "train"), read_split(Path(prepared.directory), "val")
+    pad_id = load_tokenizer(tokenizer_file).token_to_id(PAD_TOKEN)
+    task_model = build_task_model(Path(base_model_dir), finetune_task, prepared.labels, config, resolve_device("auto"))
+    run = PipelineRun.attach(tracking_uri, mlflow_run_id)
+    reporter = FinetuneReporter(run, config.max_steps)
+    result = finetune(task_model, train, val, config, pad_id, prepared.max_length, run_dir_path, reporter)
+    reporter.metrics.flush()
+    with _replaced_directory(run_dir_path / TOKENIZER_DIR) as tokenizer_dir:
+        shutil.copyfile(tokenizer_file, tokenizer_dir / TOKENIZER_FILE)
+        if finetune_task == "sft":
+            template.save(tokenizer_dir)
+    with _replaced_directory(run_dir_path / REPORT_DIR) as report_dir:
+        (report_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+        y_label = "cross-entropy (nats/response token)" if finetune_task == "sft" else "cross-entropy (nats/example)"
+        plot_loss_curve(result.history, report_dir / "loss_curve.png", y_label)
+    weights_hash = read_contents_hash(result.model_dir)
+    if result.classifier_dir:
+        weights_hash = hash_json([weights_hash, read_contents_hash(result.classifier_dir)])
+    version = _log_model(run, finetune_task, result.model_dir, result.classifier_dir, run_dir_path / TOKENIZER_DIR,
+                         config)
+    return FinetunedModel(
+        run_dir=run_dir, model_dir=str(result.model_dir),
+        classifier_dir=str(result.classifier_dir) if result.classifier_dir else None,
+        tokenizer_dir=str(run_dir_path / TOKENIZER_DIR), report_dir=str(run_dir_path / REPORT_DIR),
+        weights_hash=weights_hash, task=finetune_task, steps=result.steps,
+        trainable_parameters=result.trainable_parameters, total_parameters=result.total_parameters,
+        initial_val_loss=result.initial_val_loss, final_val_loss=result.final_val_loss,
+        final_train_loss=result.final_train_loss, elapsed_s=result.elapsed_s, trained_in_mlflow_run=mlflow_run_id,
+        registered_model=f"{REGISTERED_MODELS[finetune_task]}/{version}",
+    )
+
+
+def finetune_model(
+    finetune_task: str, base: ResolvedModel, template: ChatTemplate, prepared: PreparedData, config: FinetuneConfig,
+    workspace: Workspace, run: PipelineRun,
+) -> FinetunedModel:
+    """The ``finetune`` stage: the fine-tuned model, logged as an MLflow pyfunc model and
+    registered by the run that trained it (a cached run tags that run and version)."""
+    key = stage_key(
+        "finetune",
+        config={"task": finetune_task, **config.training_settings()},
+        modules=FINETUNE_CODE,
+        # The logged MLflow model runs this code: a change to it must log a new model.
+        inputs={"base": base.weights_hash, "data": prepared.fingerprint,
+                "mlflow_model_code": hash_file(MODEL_CODE[finetune_task])},
+    )
+    outcome = run_stage(
+        train_task, key=key, workspace=workspace,
+        is_valid=lambda tuned: all(is_complete(Path(path)) for path in
+                                   (tuned.model_dir, tuned.tokenizer_dir, tuned.report_dir, tuned.classifier_dir)
+                                   if path is not None),
+        finetune_task=finetune_task, base_model_dir=str(base.model_dir), tokenizer_file=str(base.tokenizer_file),
+        template=template, prepared=prepared, config=config, run_dir=str(workspace.store / "finetunes" / key),
+        tracking_uri=workspace.tracking_uri, mlflow_run_id=run.run_id,
+    )
+    tuned = outcome.result
+    run.record_stage("finetune", outcome.status)
+    run.set_tags({"gptflow.trained_in_run": tuned.trained_in_mlflow_run,
+                  "gptflow.registered_model": tuned.registered_model})
+    if outcome.status == "cached":
+        # The training run logged the per-step curve; a cached run gets its end points.
+        run.log_metrics({"finetune/val_loss": tuned.initial_val_loss}, step=0)
+        run.log_metrics({"finetune/val_loss": tuned.final_val_loss, "finetune/train_loss": tuned.final_train_loss},
+                        step=tuned.steps)
+    run.log_metrics({"finetune/trainable_parameters": tuned.trainable_parameters,
+                     "finetune/total_parameters": tuned.total_parameters})
+    run.log_artifact(Path(tuned.report_dir), "plots")
+    return tuned
+
+
+def _log_model(run: PipelineRun, finetune_task: str, model_dir: Path, classifier_dir: Path | None,
+               tokenizer_dir: Path, config: FinetuneConfig) -> str:
+    artifacts = {"model": model_dir, "tokenizer": tokenizer_dir / TOKENIZER_FILE}
+    if finetune_task == "sft":
+        artifacts["chat_template"] = tokenizer_dir / CHAT_TEMPLATE_FILE
+        signature = infer_signature(["Write a function that adds two numbers."], ["def add(a, b):"],
+                                    params=config.sampling())
+    else:
+        artifacts["classifier"] = classifier_dir
+        signature = infer_signature(["def parse(self, text):"], ["email"])
+    return run.log_pyfunc_model(MODEL_CODE[finetune_task], artifacts, signature, REGISTERED_MODELS[finetune_task])
+
+
+@contextlib.contextmanager
+def _replaced_directory(path: Path) -> Iterator[Path]:
+    """``atomic_directory`` that replaces an existing directory: a retrained model's files must
+    not be kept from an earlier, possibly different, training under the same key."""
+    shutil.rmtree(path, ignore_errors=True)
+    with atomic_directory(path) as tmp:
+        yield tmp
+
+
+# --- evaluate -------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneReport:
+    directory: str
+    """``report.json``, and ``samples.md`` (sft) or ``confusion_matrix.png`` + ``predictions.jsonl``."""
+    metrics: dict[str, float]
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """sft: ``location``, ``prompt``, ``reference`` and ``response`` of the first validation examples."""
+    classes: dict[str, Any] = field(default_factory=dict)
+    """classification: ``labels``, per-class ``f1``, ``confusion`` (rows true, columns predicted)
+    and the train split's ``majority_label``."""
+
+
+@task(name="evaluate-finetuned")
+def evaluate_task(tuned: FinetunedModel, prepared: PreparedData, config: FinetuneConfig, out_dir: str) -> FinetuneReport:
+    device = resolve_device("auto")
+    tokenizer = load_tokenizer(Path(tuned.tokenizer_dir) / TOKENIZER_FILE)
+    pad_id = tokenizer.token_to_id(PAD_TOKEN)
+    val = read_split(Path(prepared.directory), "val")
+    with _replaced_directory(Path(out_dir)) as directory:
+        if tuned.task == "classification":
+            classifier, _ = load_classifier(Path(tuned.model_dir), Path(tuned.classifier_dir), device)
+            scores = evaluate_split(classifier, val, pad_id, EVAL_BATCH_SIZE)
+            metrics, classes = _classification_scores(prepared, val.labels.tolist(), scores.predictions, scores.loss,
+                                                      directory / "confusion_matrix.png")
+            report = FinetuneReport(directory=out_dir, metrics=metrics, classes=classes)
+            with open(directory / "predictions.jsonl", "w") as out:
+                out.writelines(json.dumps({"location": location, "label": prepared.labels[label],
+                                           "predicted": prepared.labels[predicted]}) + "\n"
+                               for location, label, predicted in zip(val.locations, val.labels, scores.predictions))
+        else:
+            gpt = load_model(Path(tuned.model_dir), device)
+            scores = evaluate_split(gpt, val, pad_id, EVAL_BATCH_SIZE)
+            template = ChatTemplate.load(Path(tuned.tokenizer_dir))
+            samples = _sample_answers(gpt, tokenizer, template, val, config)
+            report = FinetuneReport(directory=out_dir, samples=samples, metrics={
+                "eval/val_loss": scores.loss, "eval/base_val_loss": tuned.initial_val_loss,
+                "eval/val_examples": len(val.input_ids), "eval/val_response_tokens": prepared.trained_tokens["val"],
+            })
+            (directory / "samples.md").write_text(_samples_markdown(samples))
+        (directory / "report.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
+    return report
+
+
+def evaluate_finetuned(
+    tuned: FinetunedModel, prepared: PreparedData, config: FinetuneConfig, workspace: Workspace, run: PipelineRun
+) -> FinetuneReport:
+    """The ``evaluate`` stage, on the saved (merged) model: val loss and sample answers (sft), or
+    accuracy, macro-F1, majority baseline and confusion matrix (classification)."""
+    key = stage_key(
+        "finetune-evaluate",
+        config={"task": tuned.task, **({**config.sampling(), "samples": config.samples} if tuned.task == "sft" else {})},
+        modules=EVALUATE_CODE,
+        inputs={"model": tuned.weights_hash, "data": prepared.fingerprint},
+    )
+    outcome = run_stage(
+        evaluate_task, key=key, workspace=workspace, is_valid=lambda report: is_complete(Path(report.directory)),
+        tuned=tuned, prepared=prepared, config=config, out_dir=str(workspace.store / "finetune-eval" / key),
+    )
+    report = outcome.result
+    run.record_stage("evaluate", outcome.status)
+    run.log_metrics(report.metrics, step=tuned.steps)
+    run.log_artifact(Path(report.directory), "eval")
+    metrics = report.metrics
+    if tuned.task == "classification":
+        run_logger().info(f"evaluate: accuracy {metrics['eval/accuracy']:.3f}, macro-F1 {metrics['eval/macro_f1']:.3f} "
+                          f"(majority baseline {metrics['eval/majority_accuracy']:.3f}) on "
+                          f"{int(metrics['eval/val_examples']):,} val examples")
+    else:
+        run_logger().info(f"evaluate: val loss {metrics['eval/val_loss']:.3f} nats/response token "
+                          f"(base model {metrics['eval/base_val_loss']:.3f})")
+    return report
+
+
+def _classification_scores(prepared: PreparedData, labels: list[int], predictions: list[int], loss: float,
+                           plot_path: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """The metrics and the per-class report of val predictions; draws the confusion matrix."""
+    scores = classification_metrics(labels, predictions, len(prepared.labels))
+    train_counts = prepared.label_counts["train"]
+    majority = max(train_counts, key=lambda label: (train_counts[label], label))
+    majority_accuracy = prepared.label_counts["val"].get(majority, 0) / len(labels)
+    _plot_confusion_matrix(scores.confusion, prepared.labels, plot_path,
+                           f"accuracy {scores.accuracy:.3f} · macro-F1 {scores.macro_f1:.3f} · "
+                           f"majority baseline {majority_accuracy:.3f}")
+    metrics = {"eval/accuracy": scores.accuracy, "eval/macro_f1": scores.macro_f1,
+               "eval/majority_accuracy": majority_accuracy, "eval/val_loss": loss, "eval/val_examples": len(labels),
+               **{f"eval/f1/{label}": f1 for label, f1 in zip(prepared.labels, scores.f1)}}
+    classes = {"labels": prepared.labels, "f1": scores.f1, "confusion": scores.confusion, "majority_label": majority}
+    return metrics, classes
+
+
+def _sample_answers(gpt: GPT, tokenizer: Any, template: ChatTemplate, val: PreparedSplit, config: FinetuneConfig) -> list[dict[str, str]]:
+    """The fine-tuned model's answer to each of the first ``config.samples`` val prompts, beside
+    the reference: the prompt is the example's tokens up to its first trained one (its assistant
+    header included), exactly as in training."""
+    end_id = template.token_id(tokenizer, template.end_token)
+    samples = []
+    for index in range(min(config.samples, len(val.input_ids))):
+        ids, mask = val.input_ids[index].tolist(), val.loss_mask[index].tolist()
+        start = mask.index(True)
+        end = mask.index(False, start) if False in mask[start:] else len(mask)
+        reference = [token for token in ids[start:end] if token != end_id]
+        response = generate_response(gpt, ids[:start], end_id, config.max_new_tokens, config.temperature,
+                                     config.top_k or None, config.seed + index)
+        samples.append({"location": val.locations[index], "prompt": tokenizer.decode(ids[:start]),
+                        "reference": tokenizer.decode(reference), "response": tokenizer.decode(response)})
+    return samples
+
+
+def _samples_markdown(samples: list[dict[str, str]]) -> str:
+    sections = [
+        f"## {sample['location']}\n\n### Prompt\n\n```\n{sample['prompt']}\n```\n\n### Reference\n\n"
+        f"```\n{sample['reference']}\n```\n\n### Fine-tuned model\n\n```\n{sample['response']}\n```\n"
+        for sample in samples
+    ]
+    return "# Sample answers on validation prompts\n\n" + "\n".join(sections)
+
+
+def _plot_confusion_matrix(confusion: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; and never pick an interactive backend inside a worker
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.6 * len(labels) + 2.5)
+    figure, axes = plt.subplots(figsize=(size, size), dpi=110)
+    image = axes.imshow(confusion, cmap="Blues")
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title, fontsize=8)
+    largest = max(max(row) for row in confusion) or 1
+    for row, counts in enumerate(confusion):
+        for column, count in enumerate(counts):
+            axes.text(column, row, str(count), ha="center", va="center",
+                      color="white" if count > largest / 2 else "black", fontsize=8)
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

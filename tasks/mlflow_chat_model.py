@@ -1,0 +1,57 @@
+"""A fine-tuned (sft) gptflow model as an MLflow pyfunc model that answers prompts.
+
+An MLflow "model from code", like ``tasks/mlflow_model.py``: copied into every logged model with
+gptflow's pure packages (``model/``, ``data/``) beside it, so ``mlflow.pyfunc.load_model(uri)
+.predict(["Write the function ..."])`` needs only torch, tokenizers, safetensors and pyarrow. Each
+prompt is encoded as a user message with the model's own ``chat_template.json`` (as in training)
+and answered until the template's end token. It imports nothing from ``tasks/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+DEFAULT_SAMPLING = {"max_new_tokens": 128, "temperature": 0.7, "top_k": 20, "seed": 0}
+"""``predict`` params when the caller sets none: the finetune config's defaults."""
+
+
+class GptflowChatModel(PythonModel):
+    """Prompts in, the model's answers out (prompt not repeated); ``params`` set the sampling."""
+
+    def load_context(self, context: Any) -> None:
+        from data.chat import ChatTemplate
+        from data.tokenizer import load_tokenizer
+        from model.checkpoint import load_model
+
+        self.model = load_model(Path(context.artifacts["model"]))
+        self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
+        self.template = ChatTemplate.load(Path(context.artifacts["chat_template"]))
+
+    # model_input has no type hint on purpose: MLflow would replace the logged signature (and its
+    # sampling params) with one built from the hint.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
+        from data.chat import Message
+        from model.finetune import answer
+
+        settings = {**DEFAULT_SAMPLING, **(params or {})}
+        conversations = [[Message("user", prompt)] for prompt in _prompts(model_input)]
+        return answer(
+            self.model, self.tokenizer, self.template, conversations, int(settings["max_new_tokens"]),
+            float(settings["temperature"]), int(settings["top_k"]) or None, int(settings["seed"]),
+        )
+
+def _prompts(model_input: Any) -> list[str]:
+    """Prompts from a string, a list of strings, or a DataFrame (its ``prompt`` or first column)."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        return [str(value) for value in model_input[column]]
+    return [str(value) for value in model_input]
+
+
+mlflow.models.set_model(GptflowChatModel())

@@ -1,0 +1,61 @@
+"""A fine-tuned gptflow classifier as an MLflow pyfunc model: texts in, labels out.
+
+An MLflow "model from code", like ``tasks/mlflow_model.py``: copied into every logged model with
+gptflow's pure packages (``model/``, ``data/``) beside it, so ``mlflow.pyfunc.load_model(uri)
+.predict(["def parse(self): ..."])`` needs only torch, tokenizers, safetensors and pyarrow. Texts
+are encoded and cut to the length the classifier was trained with, exactly as in training. It
+imports nothing from ``tasks/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+BATCH_SIZE = 16
+
+
+class GptflowClassifier(PythonModel):
+    def load_context(self, context: Any) -> None:
+        from data.tokenizer import EOT_TOKEN, PAD_TOKEN, load_tokenizer
+        from model.classifier import load_classifier
+
+        self.classifier, self.max_length = load_classifier(
+            Path(context.artifacts["model"]), Path(context.artifacts["classifier"])
+        )
+        self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
+        self.start_id = self.tokenizer.token_to_id(EOT_TOKEN)
+        self.pad_id = self.tokenizer.token_to_id(PAD_TOKEN)
+
+    # No type hint on model_input: MLflow would replace the logged signature with one built from it.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
+        import torch
+
+        from data.finetune_data import encode_text
+        from model.classifier import pad_right
+
+        texts = _texts(model_input)
+        labels: list[str] = []
+        with torch.no_grad():
+            for start in range(0, len(texts), BATCH_SIZE):
+                ids = [encode_text(self.tokenizer, text, self.start_id)[: self.max_length]
+                       for text in texts[start : start + BATCH_SIZE]]
+                logits, _ = self.classifier(*pad_right(ids, self.pad_id))
+                labels += [self.classifier.labels[index] for index in logits.argmax(dim=-1).tolist()]
+        return labels
+
+
+def _texts(model_input: Any) -> list[str]:
+    """Texts from a string, a list of strings, or a DataFrame (its ``text`` or first column)."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        return [str(value) for value in model_input[column]]
+    return [str(value) for value in model_input]
+
+
+mlflow.models.set_model(GptflowClassifier())

@@ -1,0 +1,148 @@
+"""The finetune flow on a model the pretrain flow trained, with a real Prefect server and a real
+MLflow store: sft with LoRA and classification on the built-in demo, MLflow runs, registered
+pyfunc models that load and predict, cached reruns, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from data.finetune_demo import CLASSIFICATION_PACKAGES
+from flows.cli import main
+from flows.finetune import finetune
+from flows.pretrain import pretrain
+
+BASE = "models:/gptflow-tiny/1"
+# A few steps of everything: these tests check the pipeline, not what a tiny model learns.
+QUICK = {"finetune.max_steps": 6, "finetune.log_interval": 2, "finetune.eval_interval": 3, "finetune.lora_rank": 4,
+         "finetune.micro_batch_size": 4, "finetune.samples": 2, "finetune.max_new_tokens": 6}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(prefect_api_url, tiny_corpus_dir, tmp_path_factory):
+    """A workspace holding a tiny model trained in this process by the pretrain flow (a context of
+    128 tokens, so an instruction and its answer fit)."""
+    root = tmp_path_factory.mktemp("finetune-flow")
+    threads = torch.get_num_threads()
+    # One thread: on a busy 2-core machine a second one slows tiny models by orders of magnitude.
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        pretrain(preset="tiny", corpus=[str(tiny_corpus_dir)], workspace=str(root),
+                 overrides={"model.block_size": 128, "train.max_steps": 10})
+        yield root
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def client(workspace):
+    return MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+
+
+def _load_registered(workspace: Path, uri: str):
+    """``mlflow.pyfunc.load_model(uri)`` as a user pointing MLflow at the workspace's store does."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+        return mlflow.pyfunc.load_model(uri)
+
+
+def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for entry in client.list_artifacts(run_id, path):
+        found |= _artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return found
+
+
+def _instructions(path: Path) -> Path:
+    records = [{"prompt": f"What is {index} plus 1?", "response": f"{index + 1}"} for index in range(40)]
+    records.append({"prompt": "Say nothing.", "response": ""})
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, client, tmp_path):
+    data = _instructions(tmp_path / "instructions.jsonl")
+    first = finetune(task="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
+    second = finetune(task="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
+
+    assert first.stages == {"prepare": "executed", "finetune": "executed", "evaluate": "executed"}
+    assert second.stages == {"prepare": "cached", "finetune": "cached", "evaluate": "cached"}
+    assert first.registered_model == second.registered_model == "gptflow-finetune-sft/1"
+    assert first.metrics == second.metrics
+    assert first.skipped.startswith("skipped 1 inputs: empty response ×1") and str(data) in first.skipped
+    assert 0 < first.trainable_parameters < first.total_parameters
+    # Evaluated on the saved, merged model: the loss the loop measured with LoRA modules in place.
+    assert first.metrics["eval/val_loss"] == pytest.approx(first.final_val_loss, rel=1e-4)
+    assert first.metrics["eval/base_val_loss"] == first.initial_val_loss
+    assert len(first.samples) == 2 and first.samples[0]["prompt"].endswith("### Assistant:\n")
+
+    first_run, second_run = client.get_run(first.mlflow_run_id), client.get_run(second.mlflow_run_id)
+    assert first_run.info.status == second_run.info.status == "FINISHED"
+    assert first_run.data.tags["gptflow.flow"] == "finetune" and first_run.data.tags["gptflow.task"] == "sft"
+    assert second_run.data.tags["gptflow.stage.finetune"] == "cached"
+    assert second_run.data.tags["gptflow.trained_in_run"] == first.mlflow_run_id
+    params = first_run.data.params
+    assert params["base_model"] == BASE and params["base_weights_hash"] == first.base_weights_hash
+    assert params["finetune.lora_rank"] == "4" and params["finetune.max_length"] == "128"
+    assert params["finetune.learning_rate"] and params["model.block_size"] == "128"
+    val_losses = client.get_metric_history(first.mlflow_run_id, "finetune/val_loss")
+    assert [metric.step for metric in val_losses] == [0, 3, 6]
+    assert [metric.step for metric in client.get_metric_history(first.mlflow_run_id, "finetune/train_loss")] == [2, 4, 6]
+    assert second_run.data.metrics["finetune/val_loss"] == pytest.approx(first.final_val_loss)
+    artifacts = _artifact_paths(client, first.mlflow_run_id)
+    for expected in ("model/MLmodel", "model/artifacts/final/model.safetensors", "model/artifacts/tokenizer.json",
+                     "model/artifacts/chat_template.json", "eval/report.json", "eval/samples.md",
+                     "plots/loss_curve.png", "data/prepared.json"):
+        assert expected in artifacts
+    assert "model/MLmodel" not in _artifact_paths(client, second.mlflow_run_id)
+
+    chat = _load_registered(workspace, "models:/gptflow-finetune-sft/1")
+    answers = chat.predict(["What is 3 plus 1?", "What is 7 plus 1?"], params={"max_new_tokens": 4})
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+
+
+def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspace, client):
+    summary = finetune(task="classification", model=BASE, overrides=QUICK, workspace=str(workspace))
+
+    assert summary.stages["demo-data"] == "executed" and summary.stages["finetune"] == "executed"
+    assert summary.data.startswith("built-in demo") and summary.truncated > 0  # functions longer than 128 tokens
+    metrics = summary.metrics
+    assert 0 <= metrics["eval/accuracy"] <= 1 and 0 <= metrics["eval/macro_f1"] <= 1
+    assert metrics["eval/majority_accuracy"] == pytest.approx(1 / len(CLASSIFICATION_PACKAGES), abs=0.1)
+    assert set(metrics) >= {f"eval/f1/{package}" for package in CLASSIFICATION_PACKAGES}
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.data.metrics["eval/accuracy"] == metrics["eval/accuracy"]
+    artifacts = _artifact_paths(client, summary.mlflow_run_id)
+    assert {"eval/confusion_matrix.png", "eval/predictions.jsonl", "eval/report.json",
+            "model/artifacts/classifier/head.safetensors"} <= artifacts
+    report = json.loads(Path(client.download_artifacts(summary.mlflow_run_id, "eval/report.json")).read_text())
+    assert report["classes"]["labels"] == sorted(CLASSIFICATION_PACKAGES)
+    assert sum(map(sum, report["classes"]["confusion"])) == metrics["eval/val_examples"]
+
+    classifier = _load_registered(workspace, "models:/" + summary.registered_model)
+    labels = classifier.predict(["def run_until_complete(self, future):\n    return future.result()", "import email"])
+    assert len(labels) == 2 and set(labels) <= set(CLASSIFICATION_PACKAGES)
+
+
+def test_bad_data_and_a_missing_default_model_are_one_line(workspace, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": ""}\n{"prompt": "b"}\nnot json\n')
+    assert main(["finetune", "--model", BASE, "--data", str(bad), "--workspace", str(workspace)]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert f"No usable training example in {bad}" in error and f"{bad}:3" in error
+
+    assert main(["finetune", "--workspace", str(workspace)]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "no gptflow-cpu model is registered" in error and "gptflow pretrain" in error and "gptflow-tiny" in error
+
+    assert main(["finetune", "--model", BASE, "--set", "finetune.max_length=4096", "--workspace", str(workspace)]) == 2
+    assert "exceeds the base model's context of 128" in capsys.readouterr().err

@@ -1,0 +1,73 @@
+"""The finetune flow's settings and its default base model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+
+from model.checkpoint import save_final
+from model.config import ModelConfig
+from model.finetune_config import FinetuneConfig
+from model.gpt import GPT
+from tasks.config import ConfigError, build_finetune_config
+from tasks.finetune import default_base_model
+from tasks.model_source import ModelSourceError
+from tasks.tracking import pipeline_run
+from tasks.workspace import Workspace
+
+
+def test_settings_are_coerced_validated_and_split_by_the_stage_that_reads_them(tmp_path):
+    config_file = tmp_path / "finetune.toml"
+    config_file.write_text("[finetune]\nlora_rank = 0\nlearning_rate = 1e-4\n")
+    config = build_finetune_config(config_file, {"finetune.max_length": "96", "finetune.learning_rate": "3e-4"})
+    assert (config.lora_rank, config.learning_rate, config.max_length) == (0, 3e-4, 96)
+    assert "learning_rate" in config.training_settings() and "max_length" not in config.training_settings()
+    assert set(config.data_settings("sft")) == {"max_length", "overlong", "val_fraction"}
+    assert set(config.data_settings("classification")) == {"max_length", "overlong", "val_fraction", "text_field",
+                                                           "label_field"}
+    assert "temperature" not in config.training_settings()
+    assert config.train_config().learning_rate == 3e-4
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"finetune.lr": "1"}, "finetune.lr is not a setting; finetune has: lora_rank"),
+    ({"train.max_steps": "1"}, "unknown section 'train'; sections are finetune"),
+    ({"finetune.overlong": "drop"}, "finetune.overlong must be one of truncate, skip"),
+    ({"finetune.lora_dropout": "1.5"}, "finetune.lora_dropout must be in [0, 1)"),
+])
+def test_bad_settings_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        build_finetune_config(None, overrides)
+
+
+def test_defaults_are_valid():
+    assert FinetuneConfig().lora_rank > 0
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return Workspace.resolve(tmp_path / "ws")
+
+
+def _register(workspace: Workspace, tmp_path, name: str) -> None:
+    torch.manual_seed(0)
+    final = save_final(tmp_path / name, GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)))
+    tokenizer_file = tmp_path / name / "tokenizer.json"
+    Tokenizer(models.BPE()).save(str(tokenizer_file))
+    with pipeline_run(workspace, "register", tags={}) as run:
+        run.log_text_generator(final, tokenizer_file, name)
+
+
+def test_the_default_base_model_is_the_latest_gptflow_cpu_version(workspace, tmp_path):
+    with pytest.raises(ModelSourceError, match="no gptflow-cpu model is registered.*gptflow pretrain") as error:
+        default_base_model(workspace)
+    assert "Models registered there" not in str(error.value)
+    _register(workspace, tmp_path, "gptflow-tiny")
+    with pytest.raises(ModelSourceError, match="Models registered there: gptflow-tiny"):
+        default_base_model(workspace)
+    _register(workspace, tmp_path, "gptflow-cpu")
+    _register(workspace, tmp_path, "gptflow-cpu")
+    assert default_base_model(workspace) == "models:/gptflow-cpu/2"
