@@ -271,16 +271,18 @@ def _task_of(model: nn.Module) -> str:
 
 
 STOP_CHECK_TOKENS = 16
-"""Tokens generated between checks for the end token."""
+"""Tokens generated between checks for the end token (each check starts ``GPT.generate`` again,
+which reads the context once more)."""
 
 
 @torch.no_grad()
 def generate_response(
     gpt: GPT, prompt_ids: list[int], end_id: int, max_new_tokens: int, temperature: float, top_k: int | None,
-    seed: int,
+    seed: int, vocab_limit: int,
 ) -> list[int]:
     """The tokens ``gpt`` (in eval mode) samples after ``prompt_ids``, up to the first ``end_id``
-    (left out) or ``max_new_tokens``; a pure function of ``seed``."""
+    (left out) or ``max_new_tokens``; a pure function of ``seed``. ``vocab_limit`` (the tokenizer's
+    size) keeps the embedding's padding rows from being sampled."""
     device = next(gpt.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
@@ -288,7 +290,8 @@ def generate_response(
     produced: list[int] = []
     while len(produced) < max_new_tokens:
         count = min(STOP_CHECK_TOKENS, max_new_tokens - len(produced))
-        idx = gpt.generate(idx, count, temperature=temperature, top_k=top_k, generator=generator)
+        idx = gpt.generate(idx, count, temperature=temperature, top_k=top_k, generator=generator,
+                           vocab_limit=vocab_limit)
         new = idx[0, -count:].tolist()
         if end_id in new:
             return produced + new[: new.index(end_id)]
@@ -306,6 +309,7 @@ def answer(
     answers = []
     for index, conversation in enumerate(conversations):
         prompt_ids, _ = template.encode(tokenizer, conversation, add_generation_prompt=True)
-        response = generate_response(gpt, prompt_ids, end_id, max_new_tokens, temperature, top_k, seed + index)
+        response = generate_response(gpt, prompt_ids, end_id, max_new_tokens, temperature, top_k, seed + index,
+                                     tokenizer.get_vocab_size())
         answers.append(tokenizer.decode(response))
     return answers

@@ -424,7 +424,7 @@ def _sample_answers(gpt: GPT, tokenizer: Any, template: ChatTemplate, val: Prepa
         end = mask.index(False, start) if False in mask[start:] else len(mask)
         reference = [token for token in ids[start:end] if token != end_id]
         response = generate_response(gpt, ids[:start], end_id, config.max_new_tokens, config.temperature,
-                                     config.top_k or None, config.seed + index)
+                                     config.top_k or None, config.seed + index, tokenizer.get_vocab_size())
         samples.append({"location": val.locations[index], "prompt": tokenizer.decode(ids[:start]),
                         "reference": tokenizer.decode(reference), "response": tokenizer.decode(response)})
     return samples

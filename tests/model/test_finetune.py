@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from data.finetune_data import PreparedSplit
 from model.checkpoint import load_model, save_final
 from model.classifier import load_classifier
-from model.finetune import build_task_model, evaluate_split, example_indices, finetune, make_batch
+from model.finetune import (
+    build_task_model,
+    evaluate_split,
+    example_indices,
+    finetune,
+    generate_response,
+    make_batch,
+)
 from model.finetune_config import FinetuneConfig
 from model.gpt import GPT
 
@@ -83,6 +90,10 @@ def test_sft_with_lora_learns_and_saves_a_merged_model(base_dir, tmp_path):
     assert result.trainable_parameters < 0.5 * result.total_parameters
     merged = load_model(result.model_dir)
     assert evaluate_split(merged, val, PAD_ID, 4).loss == pytest.approx(result.final_val_loss, rel=1e-4)
+    # Greedy (top_k=1) answer to a new prompt: the learned response, stopped at the end token.
+    answer = generate_response(merged, [0, 12, 13, 14, 5], end_id=0, max_new_tokens=40, temperature=1.0, top_k=1,
+                               seed=0, vocab_limit=128)
+    assert answer == [60, 61]
 
 
 def test_classification_learns_a_separable_task(base_dir, tmp_path):
