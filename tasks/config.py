@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data.config import IngestConfig, TokenizeConfig, TokenizerConfig
-from model.config import EvalConfig, ModelConfig, TrainConfig
+from model.config import MODERN_RECIPE, EvalConfig, ModelConfig, TrainConfig
 from model.finetune_config import FinetuneConfig
 
 DEFAULT_PRESET = "cpu"
@@ -62,6 +62,39 @@ class PipelineConfig:
         }
 
 
+def _with_modern_recipe(preset: dict[str, dict[str, Any]], **train: Any) -> dict[str, dict[str, Any]]:
+    """``preset`` switched to ``model.config.MODERN_RECIPE``, with ``train`` settings on top."""
+    return {
+        **preset,
+        "model": {**preset["model"], **MODERN_RECIPE["model"]},
+        "train": {**preset["train"], **MODERN_RECIPE["train"], **train},
+    }
+
+
+# The default: about 10 minutes on 2 CPU cores (~5.5K tokens/s in float32, ~2.9M tokens: one pass
+# over the built-in corpus), val loss far below the unigram baseline.
+_CPU = {
+    "tokenizer": {"vocab_size": 8192},
+    "model": {"n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 256},
+    "train": {
+        "max_steps": 700, "micro_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 50,
+        "log_interval": 25, "eval_interval": 250, "eval_tokens": 32768, "checkpoint_interval": 250,
+    },
+    "eval": {"eval_tokens": 131072},
+}
+# GPT-2 small (124M) for one GPU: 12 layers x 12 heads x 768, context 1024, GPT-2's vocab size
+# (the model pads it to 50304), ~0.5M tokens per optimizer step.
+_GPT2_124M = {
+    "tokenizer": {"vocab_size": 50257, "sample_bytes": 256 * 1024 * 1024},
+    "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+    "train": {
+        "max_steps": 5000, "micro_batch_size": 32, "grad_accum_steps": 16, "learning_rate": 6e-4,
+        "warmup_steps": 500, "compile": True, "log_interval": 10, "eval_interval": 500,
+        "eval_tokens": 1 << 20, "checkpoint_interval": 1000,
+    },
+    "eval": {"eval_tokens": 1 << 22, "max_new_tokens": 128},
+}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Seconds on a laptop: exercises every stage; for tests and smoke runs, learns little.
     "tiny": {
@@ -73,25 +106,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "eval": {"eval_tokens": 4096, "max_new_tokens": 16},
     },
-    # The default: about 10 minutes on 2 CPU cores (~5.5K tokens/s in float32, ~2.9M tokens:
-    # one pass over the built-in corpus), val loss far below the unigram baseline.
-    "cpu": {
-        "tokenizer": {"vocab_size": 8192},
-        "model": {"n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 256},
-        "train": {
-            "max_steps": 700, "micro_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 50,
-            "log_interval": 25, "eval_interval": 250, "eval_tokens": 32768, "checkpoint_interval": 250,
-        },
-        "eval": {"eval_tokens": 131072},
-    },
-    # GPT-2 small (124M) for one GPU: 12 layers x 12 heads x 768, context 1024, GPT-2's vocab
-    # size (the model pads it to 50304), ~0.5M tokens per optimizer step.
-    "gpt2-124m": {
+    "cpu": _CPU,
+    # The cpu preset with the modern recipe, to compare recipes on a CPU (same data and tokens).
+    "cpu-modern": _with_modern_recipe(_CPU, muon_learning_rate=0.02),
+    "gpt2-124m": _GPT2_124M,
+    # GPT-2 small's shape and token budget with the modern recipe. Muon at 0.02 (spectral-norm
+    # scale, the speedrun's value at this width); AdamW keeps 6e-4 for embeddings and the head.
+    "gpt2-124m-modern": _with_modern_recipe(_GPT2_124M, muon_learning_rate=0.02),
+    # GPT-2 medium (~355M: 24 layers x 16 heads x 1024, context 1024), ~0.5M tokens per step at
+    # GPT-3's learning rate for this size, ~7B tokens (~20 per parameter, like gpt2-124m's 2.6B).
+    # On a GPU with less memory, --set model.activation_checkpointing=true trades about a third
+    # more compute for most of the activation memory.
+    "gpt2-350m": {
         "tokenizer": {"vocab_size": 50257, "sample_bytes": 256 * 1024 * 1024},
-        "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+        "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},
         "train": {
-            "max_steps": 5000, "micro_batch_size": 32, "grad_accum_steps": 16, "learning_rate": 6e-4,
-            "warmup_steps": 500, "compile": True, "log_interval": 10, "eval_interval": 500,
+            "max_steps": 13500, "micro_batch_size": 16, "grad_accum_steps": 32, "learning_rate": 3e-4,
+            "warmup_steps": 700, "compile": True, "log_interval": 10, "eval_interval": 500,
             "eval_tokens": 1 << 20, "checkpoint_interval": 1000,
         },
         "eval": {"eval_tokens": 1 << 22, "max_new_tokens": 128},

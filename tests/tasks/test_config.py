@@ -1,7 +1,12 @@
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
+import pytest
+import torch
+
+from model.config import MODERN_RECIPE, pad_vocab_size
+from model.gpt import GPT
 from tasks.config import DEFAULT_PRESET, PRESETS, ConfigError, build_config, parse_override_pairs
 
 
@@ -75,3 +80,25 @@ def test_flatten_names_every_field_by_section():
     assert flat["model.n_layer"] == 2 and flat["train.max_steps"] == 30
     assert flat["data.text_field"] == "text" and "tokenizer.vocab_size" in flat
     assert all(key.count(".") == 1 for key in flat)
+
+
+@pytest.mark.parametrize(("modern", "twin"), [("cpu-modern", "cpu"), ("gpt2-124m-modern", "gpt2-124m")])
+def test_modern_presets_are_their_twins_with_the_modern_recipe(modern, twin):
+    modern_config, twin_config = build_config(modern), build_config(twin)
+    for name, value in MODERN_RECIPE["model"].items():
+        assert getattr(modern_config.model, name) == value
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        assert getattr(modern_config.model, name) == getattr(twin_config.model, name)
+    assert modern_config.train.optimizer == "muon" and twin_config.train.optimizer == "adamw"
+    for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "warmup_steps", "seed"):
+        assert getattr(modern_config.train, name) == getattr(twin_config.train, name)  # same data, same tokens
+    assert modern_config.tokenizer == twin_config.tokenizer
+
+
+def test_gpt2_350m_preset_has_about_350m_parameters():
+    config = build_config("gpt2-350m")
+    with torch.device("meta"):  # counts without allocating 1.4 GB
+        model = GPT(dataclasses.replace(config.model, vocab_size=pad_vocab_size(config.tokenizer.vocab_size)))
+    assert 340e6 < model.num_parameters() < 370e6
+    checkpointed = build_config("gpt2-350m", overrides={"model.activation_checkpointing": "true"})
+    assert checkpointed.model.activation_checkpointing
