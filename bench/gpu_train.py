@@ -10,8 +10,10 @@ Prints, last, a short table of:
 (b) tokens/s, MFU (``GPT.flops_per_token()`` × tokens/s / measured peak) and peak memory
     (``torch.cuda.max_memory_allocated``) of GPT-2 124M on synthetic tokens already on the
     device, run as nanoGPT runs it (micro-batch 16, context 1024, bf16 autocast, torch.compile,
-    fused AdamW, logits returned) and along gptflow's fast path (micro-batch 64, loss without
-    logits), both at 65,536 tokens per optimizer step; and their ratio;
+    fused AdamW, nanoGPT's loss over the whole logits, logits returned) and along gptflow's fast
+    path (micro-batch 64, gptflow's chunked loss, no logits returned, SDPA restricted to the
+    faster of FlashAttention and cuDNN attention as timed here), both at 65,536 tokens per
+    optimizer step; and their ratio;
 (c) learning per token on real text: the built-in corpus (the interpreter's standard library)
     is ingested, a BPE tokenizer trained and the corpus tokenized with ``data/`` into a temporary
     store (in a separate process, while (a) and (b) run). Then the GPT-2 recipe and the modern
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -59,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from data.config import IngestConfig, TokenizeConfig, TokenizerConfig  # noqa: E402
 from data.ingest import ingest_corpus  # noqa: E402
@@ -73,6 +77,7 @@ from model.gpt import GPT  # noqa: E402
 from model.optim import build_optimizer, learning_rate_at  # noqa: E402
 
 SECTIONS = ("matmul", "throughput", "learning")
+ATTENTION_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION")
 RESULTS_FILE = "gpu_train.json"
 # nanoGPT's published setting for GPT-2 124M: its vocabulary padded to 50304.
 GPT2_VOCAB_SIZE = 50304
@@ -203,17 +208,48 @@ class NanoGPTLossGPT(GPT):
 
 
 def compare_throughput(settings: Settings, device: torch.device, peak: float | None) -> dict[str, Any]:
-    runs = {
-        # nanoGPT's train.py: logits come back from the forward pass with the loss.
-        "nanogpt_baseline": dict(model_class=NanoGPTLossGPT, micro_batch=settings.baseline_micro_batch,
-                                 return_logits=True),
-        "gptflow_fast_path": dict(model_class=GPT, micro_batch=settings.fast_micro_batch, return_logits=False),
-    }
-    results: dict[str, Any] = {
-        name: measure_throughput(settings, device, peak, **run) for name, run in runs.items()
-    }
+    attention = time_attention_backends(settings, device)
+    results: dict[str, Any] = {"attention_backends_ms": attention}
+    # nanoGPT's train.py: logits come back from the forward pass with the loss; SDPA picks its
+    # backend by its own priority (FlashAttention first).
+    results["nanogpt_baseline"] = measure_throughput(
+        settings, device, peak, NanoGPTLossGPT, settings.baseline_micro_batch, return_logits=True,
+        attention_backend=None,
+    )
+    timed = {name: ms for name, ms in attention.items() if ms is not None}
+    results["gptflow_fast_path"] = measure_throughput(
+        settings, device, peak, GPT, settings.fast_micro_batch, return_logits=False,
+        attention_backend=min(timed, key=timed.get) if timed else None,
+    )
     results["speedup"] = results["gptflow_fast_path"]["tokens_per_s"] / results["nanogpt_baseline"]["tokens_per_s"]
     return results
+
+
+def time_attention_backends(settings: Settings, device: torch.device) -> dict[str, float | None]:
+    """Milliseconds of one causal attention forward + backward at the fast path's shape, per SDPA
+    backend (None where it cannot run). On Hopper, cuDNN's kernels are reported to beat
+    FlashAttention's, which SDPA tries first; the fast path takes the faster one measured here."""
+    if device.type != "cuda":
+        return {}
+    config = settings.throughput_model
+    shape = (settings.fast_micro_batch, config.n_head, config.block_size, config.n_embd // config.n_head)
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    timings: dict[str, float | None] = {}
+    for backend in ATTENTION_BACKENDS:
+        try:
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                for _ in range(3):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+                _synchronize(device)
+                started = time.perf_counter()
+                for _ in range(10):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+                _synchronize(device)
+            timings[backend] = (time.perf_counter() - started) / 10 * 1e3
+        except RuntimeError:  # this backend cannot serve the shape, dtype or device
+            timings[backend] = None
+    return timings
 
 
 def measure_throughput(
@@ -223,9 +259,11 @@ def measure_throughput(
     model_class: type[GPT],
     micro_batch: int,
     return_logits: bool,
+    attention_backend: str | None,
 ) -> dict[str, Any]:
     """Tokens/s of optimizer steps on one fixed batch of random tokens already on the device, at
-    ``settings.tokens_per_step`` per step."""
+    ``settings.tokens_per_step`` per step; ``attention_backend`` restricts SDPA to that backend
+    (None: SDPA's own choice)."""
     config = settings.throughput_model
     accum_steps = settings.tokens_per_step // (micro_batch * config.block_size)
     train_config = TrainConfig(
@@ -243,10 +281,12 @@ def measure_throughput(
     _reset_peak_memory(device)
 
     def run_steps(steps: range) -> float:
+        backend = sdpa_kernel(getattr(SDPBackend, attention_backend)) if attention_backend else contextlib.nullcontext()
         started = time.perf_counter()
-        for step in steps:
-            train_step(model, step_model, optimizer, train_config, step, batches, device, autocast_dtype,
-                       return_logits)
+        with backend:  # around compilation too: the backend is chosen when the graph is traced
+            for step in steps:
+                train_step(model, step_model, optimizer, train_config, step, batches, device, autocast_dtype,
+                           return_logits)
         _synchronize(device)
         return time.perf_counter() - started
 
@@ -256,7 +296,8 @@ def measure_throughput(
     result = {
         "micro_batch": micro_batch, "grad_accum_steps": accum_steps, "block_size": config.block_size,
         "loss": "nanoGPT's" if model_class is NanoGPTLossGPT else "gptflow's chunked",
-        "return_logits": return_logits, "compile": settings.compile, "parameters": model.num_parameters(),
+        "return_logits": return_logits, "attention_backend": attention_backend or "SDPA's choice",
+        "compile": settings.compile, "parameters": model.num_parameters(),
         "flops_per_token": model.flops_per_token(), "tokens_per_s": tokens_per_s,
         "mfu": model.flops_per_token() * tokens_per_s / peak if peak else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -423,6 +464,8 @@ def print_table(results: dict[str, Any]) -> None:
         rows.append(("matmul peak", f"{dtype} {m['size']}³", f"{m['flops_per_s'] / 1e12:.1f} TFLOP/s"))
     if "throughput" in results:
         t = results["throughput"]
+        for backend, ms in t["attention_backends_ms"].items():
+            rows.append(("attention fwd+bwd", backend.lower(), f"{ms:.2f} ms" if ms is not None else "unavailable"))
         for name in ("nanogpt_baseline", "gptflow_fast_path"):
             r = t[name]
             mfu = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "MFU n/a"
