@@ -216,6 +216,9 @@ def compare_throughput(settings: Settings, device: torch.device, peak: float | N
         settings, device, peak, NanoGPTLossGPT, settings.baseline_micro_batch, return_logits=True,
         attention_backend=None,
     )
+    # Compiled code holds on to the baseline's model: drop it before the fast path measures its memory.
+    torch.compiler.reset()
+    gc.collect()
     timed = {name: ms for name, ms in attention.items() if ms is not None}
     results["gptflow_fast_path"] = measure_throughput(
         settings, device, peak, GPT, settings.fast_micro_batch, return_logits=False,
@@ -303,10 +306,6 @@ def measure_throughput(
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "warmup_s": warmup_s, "timed_s": timed_s,
     }
-    # Compiled code holds on to the model: drop both before the next run measures its memory.
-    del model, optimizer, step_model
-    torch.compiler.reset()
-    gc.collect()
     return result
 
 

@@ -13,7 +13,10 @@ fields, an empty response or text, a val label the train split lacks). Over-long
 truncated or skipped, as configured, and counted. Only input that leaves nothing to train on
 (no usable record, an empty split, fewer than two labels) is a ``FinetuneDataError``.
 
-Output, one directory: ``train.arrow`` and ``val.arrow`` (columns ``input_ids: list<int32>``,
+A labelled file scored by an already trained classifier (``prepare_labelled``) becomes one
+``eval`` split: records with a label the classifier does not know are skipped and counted.
+
+Output, one directory: ``train.arrow`` and ``val.arrow``, or ``eval.arrow`` (columns ``input_ids: list<int32>``,
 ``location: string``, and ``loss_mask: list<bool>`` for sft or ``label: int32`` for
 classification) and ``prepared.json`` (labels, counts, truncations, skips).
 """
@@ -56,6 +59,9 @@ SKIP_BAD_LABEL = "empty or non-text label"
 SKIP_TOO_LONG = "longer than max_length"
 SKIP_PROMPT_FILLS_MAX_LENGTH = "prompt leaves no response token within max_length"
 SKIP_UNSEEN_LABEL = "val label not seen in train"
+SKIP_UNKNOWN_LABEL = "label the classifier was not trained on"
+EVAL_SPLIT = "eval"
+"""The one split of a labelled file prepared to score a trained classifier (``prepare_labelled``)."""
 
 SFT_FORMAT = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "user", "content": "..."}, '
               '{"role": "assistant", "content": "..."}]}')
@@ -178,48 +184,96 @@ def prepare_examples(
 
     tokenizer = load_tokenizer(tokenizer_file)
     template = template or ChatTemplate()
-    start_id = ChatTemplate.token_id(tokenizer, EOT_TOKEN)
-    label_index = {label: index for index, label in enumerate(labels)}
     prepared = PreparedData(directory=str(out_dir), fingerprint="", task=task, labels=labels,
                             examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length)
     with atomic_directory(Path(out_dir)) as tmp:
         for split in ("train", "val"):
-            rows = []
-            truncated = 0
-            for example in (example for example in examples if example.split == split):
-                if task == "sft":
-                    ids, mask = template.encode(tokenizer, example.messages)
-                else:
-                    ids, mask = encode_text(tokenizer, example.text, start_id), []
-                if len(ids) > max_length:
-                    if overlong == "skip":
-                        skips.add(SKIP_TOO_LONG, example.location)
-                        continue
-                    ids, mask = ids[:max_length], mask[:max_length]
-                    if task == "sft" and not any(mask[1:]):
-                        skips.add(SKIP_PROMPT_FILLS_MAX_LENGTH, example.location)
-                        continue
-                    truncated += 1
-                rows.append((ids, mask, label_index.get(example.label), example.location))
-            if not rows:
-                source = val_file if split == "val" and val_file else train_file
-                fix = "finetune.overlong=truncate, or " if overlong == "skip" else ""
-                raise FinetuneDataError(f"No {split} example of {source} fits max_length={max_length} tokens "
-                                        f"({skips.summary()}). Use {fix}a higher finetune.max_length (up to the "
-                                        "base model's block_size), or shorter prompts.")
-            _write_split(tmp / f"{split}.arrow", task, rows)
-            prepared.examples[split] = len(rows)
-            prepared.tokens[split] = sum(len(ids) for ids, _, _, _ in rows)
-            # The first token is never a target: the model reads it, it does not predict it.
-            prepared.trained_tokens[split] = (sum(sum(mask[1:]) for _, mask, _, _ in rows) if task == "sft"
-                                              else len(rows))
-            prepared.truncated[split] = truncated
-            if task == "classification":
-                prepared.label_counts[split] = dict(sorted(Counter(labels[row[2]] for row in rows).items()))
+            source = val_file if split == "val" and val_file else train_file
+            _write_examples(tmp, split, [example for example in examples if example.split == split], source,
+                            tokenizer, template, prepared, overlong, skips)
         prepared.skips = skips.to_dict()
         (tmp / PREPARED_FILE).write_text(json.dumps(prepared.to_dict(), indent=2))
     prepared.fingerprint = read_contents_hash(Path(out_dir))
     return prepared
+
+
+def prepare_labelled(
+    path: Path,
+    tokenizer_file: Path,
+    out_dir: Path,
+    *,
+    labels: list[str],
+    max_length: int,
+    text_field: str = "text",
+    label_field: str = "label",
+    field_settings: str = "text_field and label_field",
+) -> PreparedData:
+    """Every usable record of a labelled file as the ``eval`` split, to score a trained classifier
+    whose class order is ``labels``: texts are cut to ``max_length`` tokens (as the classifier's
+    own inputs are), records with a label it does not know are skipped and counted.
+    ``field_settings`` names the caller's settings for the two fields, for error messages."""
+    skips = SkipReport()
+    examples = []
+    for example in _read_examples("classification", Path(path), EVAL_SPLIT, 0.0, text_field, label_field, skips,
+                                  field_settings):
+        if example.label in labels:
+            examples.append(example)
+        else:
+            skips.add(SKIP_UNKNOWN_LABEL, f"{example.location} ({example.label!r})")
+    if not examples:
+        raise FinetuneDataError(f"No record of {path} can be scored by the classifier, whose labels are "
+                                f"{', '.join(labels)} ({skips.summary()}).")
+    prepared = PreparedData(directory=str(out_dir), fingerprint="", task="classification", labels=list(labels),
+                            examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length)
+    with atomic_directory(Path(out_dir)) as tmp:
+        _write_examples(tmp, EVAL_SPLIT, examples, Path(path), load_tokenizer(tokenizer_file), ChatTemplate(),
+                        prepared, "truncate", skips)
+        prepared.skips = skips.to_dict()
+        (tmp / PREPARED_FILE).write_text(json.dumps(prepared.to_dict(), indent=2))
+    prepared.fingerprint = read_contents_hash(Path(out_dir))
+    return prepared
+
+
+def _write_examples(
+    directory: Path, split: str, examples: list[_Example], source: Path, tokenizer: Any, template: ChatTemplate,
+    prepared: PreparedData, overlong: str, skips: SkipReport,
+) -> None:
+    """Encode ``examples`` into ``<split>.arrow`` in ``directory`` and record the split's counts in
+    ``prepared``; over-long examples are truncated or skipped as ``overlong`` says."""
+    task, max_length = prepared.task, prepared.max_length
+    start_id = ChatTemplate.token_id(tokenizer, EOT_TOKEN)
+    label_index = {label: index for index, label in enumerate(prepared.labels)}
+    rows = []
+    truncated = 0
+    for example in examples:
+        if task == "sft":
+            ids, mask = template.encode(tokenizer, example.messages)
+        else:
+            ids, mask = encode_text(tokenizer, example.text, start_id), []
+        if len(ids) > max_length:
+            if overlong == "skip":
+                skips.add(SKIP_TOO_LONG, example.location)
+                continue
+            ids, mask = ids[:max_length], mask[:max_length]
+            if task == "sft" and not any(mask[1:]):
+                skips.add(SKIP_PROMPT_FILLS_MAX_LENGTH, example.location)
+                continue
+            truncated += 1
+        rows.append((ids, mask, label_index.get(example.label), example.location))
+    if not rows:
+        fix = "finetune.overlong=truncate, or " if overlong == "skip" else ""
+        raise FinetuneDataError(f"No {split} example of {source} fits max_length={max_length} tokens "
+                                f"({skips.summary()}). Use {fix}a higher finetune.max_length (up to the "
+                                "base model's block_size), or shorter prompts.")
+    _write_split(directory / f"{split}.arrow", task, rows)
+    prepared.examples[split] = len(rows)
+    prepared.tokens[split] = sum(len(ids) for ids, _, _, _ in rows)
+    # The first token is never a target: the model reads it, it does not predict it.
+    prepared.trained_tokens[split] = (sum(sum(mask[1:]) for _, mask, _, _ in rows) if task == "sft"
+                                      else len(rows))
+    prepared.truncated[split] = truncated
+    if task == "classification":
+        prepared.label_counts[split] = dict(sorted(Counter(prepared.labels[row[2]] for row in rows).items()))
 
 
 def encode_text(tokenizer: Any, text: str, start_id: int) -> list[int]:
@@ -273,9 +327,10 @@ def _require_both_splits(examples: list[_Example], train_file: Path, val_file: P
 
 def _read_examples(
     task: str, path: Path, split: str | None, val_fraction: float, text_field: str, label_field: str,
-    skips: SkipReport,
+    skips: SkipReport, field_settings: str = "finetune.text_field and finetune.label_field",
 ) -> Iterator[_Example]:
-    """Examples of one file; ``split`` None splits them by record hash."""
+    """Examples of one file; ``split`` None splits them by record hash. ``field_settings`` names
+    the settings that choose other fields, for the error when no record has them."""
     file_format, compression = check_data_file(path)
     records = _jsonl_records(path, compression, skips) if file_format == "jsonl" else _csv_records(path, compression)
     seen_keys: set[str] = set()
@@ -300,7 +355,7 @@ def _read_examples(
         expected = SFT_FORMAT if task == "sft" else f"fields {text_field!r} and {label_field!r}"
         raise FinetuneDataError(f"No record of {path} has the {task} fields: expected {expected}; its records have "
                                 f"{', '.join(repr(key) for key in sorted(seen_keys))}. For classification, "
-                                "finetune.text_field and finetune.label_field name other fields.")
+                                f"{field_settings} name other fields.")
 
 
 def _sft_example(record: dict[str, Any], location: str) -> _Example:

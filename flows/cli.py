@@ -112,6 +112,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         resolve_sources(args.corpus)
     if args.multiple_choice:
         read_multiple_choice(Path(args.multiple_choice))
+    if args.classification:
+        check_data_file(Path(args.classification))
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.evaluate import evaluate  # imports Prefect: only once the input is known good
@@ -121,6 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         corpus=args.corpus,
         split=args.split,
         multiple_choice=args.multiple_choice,
+        classification=args.classification,
         tokenizer=args.tokenizer,
         overrides=overrides,
         workspace=args.workspace,
@@ -130,11 +133,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from data.chat import CHAT_TEMPLATE_FILE, ChatTemplate, Message
     from model.device import resolve_device
+    from model.finetune import answer
     from model.generate import generate_texts
+    from tasks.model_source import ModelSourceError
 
     device = resolve_device(args.device)
-    _, model, tokenizer = _load_model_source(args, device)
+    source, model, tokenizer = _load_model_source(args, device)
+    if source.classifier_dir:
+        raise ModelSourceError(
+            f"{args.model} is a classifier: it labels texts rather than writing them. Score it with `gptflow evaluate "
+            f"--model {args.model} --classification FILE`, or label texts with "
+            f"mlflow.pyfunc.load_model(...).predict([...])."
+        )
+    # A model fine-tuned for instructions carries its chat template: prompts are user messages.
+    template_file = source.tokenizer_file.with_name(CHAT_TEMPLATE_FILE)
+    template = ChatTemplate.load(template_file) if template_file.is_file() else None
     if args.prompts:
         prompts = args.prompts
     else:
@@ -144,16 +159,23 @@ def _generate(args: argparse.Namespace) -> int:
     for index, prompt in enumerate(prompts):
         # One prompt at a time, each seeded by --seed alone: a prompt's sample does not depend on
         # the prompts before it.
-        (sample,) = generate_texts(model, tokenizer, [prompt], args.max_new_tokens, args.temperature,
-                                   args.top_k or None, args.seed, device)
+        if template:
+            (sample,) = answer(model, tokenizer, template, [[Message("user", prompt)]], args.max_new_tokens,
+                               args.temperature, args.top_k or None, args.seed)
+        else:
+            (sample,) = generate_texts(model, tokenizer, [prompt], args.max_new_tokens, args.temperature,
+                                       args.top_k or None, args.seed, device)
         print(f"{SAMPLE_SEPARATOR}\n{sample}" if index else sample, flush=True)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from model.export import export_to_transformers
+    from model.export import ExportError, export_to_transformers
 
     source, model, _ = _load_model_source(args, "cpu")
+    if source.classifier_dir:
+        raise ExportError(f"{args.model} is a classifier: the export writes causal language models, and its "
+                          "classification head has no transformers counterpart here yet.")
     out = Path(args.out).expanduser()
     architecture = export_to_transformers(model, source.tokenizer_file, out)
     print(f"exported {source.source} as {architecture} to {out}")
@@ -294,7 +316,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="score a trained model: loss on a corpus split, multiple-choice accuracy, samples",
+        help="score a trained model: loss on a corpus split, multiple-choice accuracy, samples, classification",
         description="Run the evaluate flow locally. The corpus is tokenized with the model's own tokenizer, and "
         "every stage is cached on the model's weights: rerunning the same command executes nothing.",
     )
@@ -308,6 +330,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--multiple-choice", metavar="FILE",
                           help='HellaSwag-format JSONL, a line per example {"ctx": ..., "endings": [...], '
                           '"label": N}: zero-shot acc and acc_norm')
+    evaluate.add_argument("--classification", metavar="FILE",
+                          help="for a fine-tuned classifier: CSV or JSONL of text + label (fields data.text_field "
+                          "and eval.label_field): accuracy, macro-F1 and a confusion matrix")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a data.*, tokenize.* or eval.* setting, e.g. --set eval.eval_tokens=65536; "
                           "repeatable")
@@ -316,9 +341,10 @@ def _parser() -> argparse.ArgumentParser:
     sampling = EvalConfig()
     generate = commands.add_parser(
         "generate", help="sample continuations of prompts from a trained model",
-        description="Print a trained model's continuation of each prompt (the prompt included). Without --prompt, "
-        "each line of standard input is a prompt. Generation reads the prompt once and then one token per step "
-        "(KV cache); no Prefect flow is involved.",
+        description="Print a trained model's continuation of each prompt (the prompt included), or, for a model "
+        "fine-tuned with --task sft, its answer (up to its end token) to each prompt as a user message of its chat "
+        "template. Without --prompt, each line of standard input is a prompt. Generation reads the prompt once and "
+        "then one token per step (KV cache); no Prefect flow is involved.",
     )
     _add_model_source_arguments(generate)
     generate.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",

@@ -1,6 +1,7 @@
 """The ``evaluate`` flow: a trained gptflow model (MLflow model URI, run id or directory) scored on
 a corpus split (loss, perplexity, bits per byte), on a multiple-choice file (zero-shot accuracy)
-and by sample generations; each stage cached on the model's weights hash."""
+and by sample generations, or, for a fine-tuned classifier, on a labelled file (accuracy,
+macro-F1, confusion matrix); each stage cached on the model's weights hash."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from data.finetune_data import check_data_file
 from data.multiple_choice import read_multiple_choice
 from data.sources import resolve_sources
 from data.store import hash_file
 from flows.user_errors import hide_tracebacks_of_user_errors
 from model.checkpoint import CONFIG_FILE
 from tasks.caching import pipeline_code_version
+from tasks.classification import ClassificationReport, score_classifier
 from tasks.config import EVALUATE_SECTIONS, ConfigError, EvalSplit, build_evaluate_config
 from tasks.evaluate import LossReport, evaluate_split, model_tokenizer, sample_model, samples_markdown
 from tasks.ingest import ingest
-from tasks.model_source import resolve_model
+from tasks.model_source import ModelSourceError, resolve_model
 from tasks.multiple_choice import MultipleChoiceReport, score_multiple_choice
 from tasks.progress import human_duration
 from tasks.tokenize import tokenize
@@ -50,6 +53,8 @@ class EvaluateSummary:
     loss: LossReport | None
     multiple_choice_file: str | None
     multiple_choice: MultipleChoiceReport | None
+    classification_file: str | None
+    classification: ClassificationReport | None
     prompts: list[str]
     samples: list[str]
     elapsed_s: float
@@ -60,6 +65,7 @@ class EvaluateSummary:
         return {
             **(self.loss.metrics() if self.loss else {}),
             **(self.multiple_choice.metrics() if self.multiple_choice else {}),
+            **(self.classification.metrics if self.classification else {}),
         }
 
     def report(self) -> dict[str, Any]:
@@ -69,10 +75,14 @@ class EvaluateSummary:
             **{name: value for name, value in asdict(self.multiple_choice).items() if name != "directory"},
             "scoring": ACC_NORM_DEFINITION,
         }
+        classification = self.classification and {
+            "file": self.classification_file, **self.classification.classes, "skipped": self.classification.skipped,
+        }
         return {
             "model": {"source": self.model, "weights_hash": self.weights_hash, "tokenizer_hash": self.tokenizer_hash},
             "loss": loss,
             "multiple_choice": multiple_choice,
+            "classification": classification,
             "samples": [{"prompt": prompt, "text": text} for prompt, text in zip(self.prompts, self.samples)],
             "metrics": self.metrics(),
             "stages": self.stages,
@@ -105,6 +115,13 @@ class EvaluateSummary:
                 f"choice      acc {report.acc:.4f}, acc_norm {report.acc_norm:.4f} on {report.examples:,} examples "
                 f"of {self.multiple_choice_file}{truncated}"
             )
+        if self.classification:
+            metrics = self.classification.metrics
+            lines.append(
+                f"classify    accuracy {metrics['eval/accuracy']:.4f}, macro-F1 {metrics['eval/macro_f1']:.4f} "
+                f"(majority baseline {metrics['eval/majority_accuracy']:.4f}) on {int(metrics['eval/eval_examples']):,} "
+                f"examples of {self.classification_file}; confusion matrix in the run's eval/classification/"
+            )
         lines += [f"wall time   {human_duration(self.elapsed_s)}", f"mlflow      run {self.mlflow_run_id}"]
         if self.tracking_uri.startswith("sqlite:///"):
             lines.append(f"            see it: mlflow ui --backend-store-uri {self.tracking_uri}")
@@ -119,6 +136,7 @@ def evaluate(
     corpus: list[str] | None = None,
     split: EvalSplit = "val",
     multiple_choice: str | None = None,
+    classification: str | None = None,
     tokenizer: str | None = None,
     overrides: dict[str, Any] | None = None,
     workspace: str | None = None,
@@ -133,6 +151,9 @@ def evaluate(
         split: ``val`` (default), ``train`` or ``all`` documents of the corpus (split by document
             hash with ``data.val_fraction``, as pretraining splits them).
         multiple_choice: a HellaSwag-format JSONL file: zero-shot acc and acc_norm.
+        classification: a CSV or JSONL file of text + label (fields ``data.text_field`` and
+            ``eval.label_field``) to score a fine-tuned classifier on: accuracy, macro-F1 and a
+            confusion matrix. Language models get sample generations instead.
         tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
         overrides: ``{"section.field": value}`` of the ``data``, ``tokenize`` and ``eval`` sections,
             e.g. ``{"eval.eval_tokens": 65536}``.
@@ -141,16 +162,25 @@ def evaluate(
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     config = build_evaluate_config(overrides)
-    if not corpus and not multiple_choice:
-        raise ConfigError("Nothing to evaluate: pass a corpus (--corpus PATH: loss, perplexity, bits per byte) "
-                          "and/or a multiple-choice file (--multiple-choice FILE).")
+    if not corpus and not multiple_choice and not classification:
+        raise ConfigError("Nothing to evaluate: pass a corpus (--corpus PATH: loss, perplexity, bits per byte), "
+                          "a multiple-choice file (--multiple-choice FILE) and/or, for a classifier, a labelled file "
+                          "(--classification FILE).")
     # Bad input fails here, before any model is fetched or corpus ingested.
     sources = resolve_sources(corpus) if corpus else None
     choice_file = Path(multiple_choice).expanduser().resolve() if multiple_choice else None
     if choice_file:
         read_multiple_choice(choice_file)
+    labelled_file = Path(classification).expanduser().resolve() if classification else None
+    if labelled_file:
+        check_data_file(labelled_file)
     workspace_dir = Workspace.resolve(workspace)
     source = resolve_model(model, workspace_dir, tokenizer)
+    if labelled_file and source.classifier_dir is None:
+        raise ModelSourceError(
+            f"{model} is a language model, not a classifier: --classification scores models fine-tuned with "
+            "`gptflow finetune --task classification` (registered as gptflow-finetune-classification)."
+        )
     text_tokenizer = model_tokenizer(source)
 
     tags = {
@@ -172,8 +202,9 @@ def evaluate(
             **{name: value for name, value in config.flatten().items() if name.split(".")[0] in EVALUATE_SECTIONS},
             **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
             **({"multiple_choice": str(choice_file), "multiple_choice_hash": choice_hash} if choice_file else {}),
+            **({"classification": str(labelled_file)} if labelled_file else {}),
         })
-        loss = data_fingerprint = choices = None
+        loss = data_fingerprint = choices = classes = None
         if sources:
             # The split scored must have documents; with "all", either one may be empty.
             required_splits = () if split == "all" else (split,)
@@ -184,8 +215,13 @@ def evaluate(
             loss = evaluate_split(source, text_tokenizer, tokens, split, config.eval, workspace_dir, run)
         if choice_file:
             choices = score_multiple_choice(source, text_tokenizer, choice_file, choice_hash, workspace_dir, run)
-        samples = sample_model(source, text_tokenizer, config.eval, workspace_dir, run)
-        run.set_tags({"mlflow.runName": _run_name(source.weights_hash, split, data_fingerprint, choice_file)})
+        if labelled_file:
+            classes = score_classifier(source, labelled_file, config.data.text_field, config.eval.label_field,
+                                       workspace_dir, run)
+        # A classifier's trunk continues text it was never trained to write: only language models are sampled.
+        samples = [] if source.classifier_dir else sample_model(source, text_tokenizer, config.eval, workspace_dir, run)
+        run.set_tags({"mlflow.runName": _run_name(source.weights_hash, split, data_fingerprint,
+                                                  [file for file in (choice_file, labelled_file) if file])})
 
         summary = EvaluateSummary(
             model=model,
@@ -197,6 +233,8 @@ def evaluate(
             loss=loss,
             multiple_choice_file=str(choice_file) if choice_file else None,
             multiple_choice=choices,
+            classification_file=str(labelled_file) if labelled_file else None,
+            classification=classes,
             prompts=config.eval.prompts,
             samples=samples,
             elapsed_s=time.monotonic() - started,
@@ -204,18 +242,17 @@ def evaluate(
             tracking_uri=workspace_dir.tracking_uri,
         )
         run.log_text(json.dumps(summary.report(), indent=2), "eval/report.json")
-        run.log_text(samples_markdown(config.eval.prompts, samples), "eval/samples.md")
+        if samples:
+            run.log_text(samples_markdown(config.eval.prompts, samples), "eval/samples.md")
 
     create_markdown_artifact(key="evaluate-summary", markdown=summary.markdown(run.url),
                              description="What the model scored, and which stages ran")
     return summary
 
 
-def _run_name(weights_hash: str, split: str, data_fingerprint: str | None, choice_file: Path | None) -> str:
+def _run_name(weights_hash: str, split: str, data_fingerprint: str | None, files: list[Path]) -> str:
     """``evaluate-1a2b3c4d val-5e6f7a8b hellaswag_val.jsonl``: the model, then what it was scored on."""
     parts = [f"evaluate-{weights_hash[:8]}"]
     if data_fingerprint:
         parts.append(f"{split}-{data_fingerprint[:8]}")
-    if choice_file:
-        parts.append(choice_file.name)
-    return " ".join(parts)
+    return " ".join(parts + [file.name for file in files])

@@ -192,6 +192,8 @@ class EvalConfig:
     """Sample only among the k most likely tokens; 0 disables the cut."""
     seed: int = 0
     """Seeds sampling, so sample generations are reproducible."""
+    label_field: str = "label"
+    """The label field of a labelled file a classifier is scored on (its text field is ``data.text_field``)."""
 
     def sampling(self) -> dict[str, float | int]:
         """The sampling settings, as the MLflow model's ``predict`` params take them."""
@@ -203,6 +205,7 @@ class EvalConfig:
         _require(self.max_new_tokens >= 0, f"eval.max_new_tokens must be >= 0, got {self.max_new_tokens}")
         _require(self.temperature > 0, f"eval.temperature must be positive, got {self.temperature}")
         _require(self.top_k >= 0, f"eval.top_k must be >= 0, got {self.top_k}")
+        _require(bool(self.label_field), "eval.label_field must name a field")
 
 
 # The modern recipe, as ModelConfig and TrainConfig overrides: rotary positions, RMSNorm, QK-norm,

@@ -34,6 +34,7 @@ import model.finetune
 import model.gpt
 import model.lora
 import model.optim
+import tasks.classification
 from data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from data.finetune_data import PreparedData, PreparedSplit, prepare_examples, read_split
 from data.finetune_demo import write_demo
@@ -41,12 +42,13 @@ from data.sources import builtin_corpus_root
 from data.store import atomic_directory, hash_file, hash_json, is_complete, read_contents_hash
 from data.tokenizer import PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
 from model.checkpoint import load_model
-from model.classifier import classification_metrics, load_classifier
+from model.classifier import load_classifier
 from model.device import resolve_device
 from model.finetune import build_task_model, evaluate_split, finetune, generate_response
 from model.gpt import GPT
 from model.finetune_config import FinetuneConfig
 from tasks.caching import run_stage, stage_key
+from tasks.classification import EVAL_BATCH_SIZE, most_common_label, score_split
 from tasks.config import DEFAULT_PRESET
 from tasks.model_source import ModelSourceError, ResolvedModel
 from tasks.progress import human_count, run_logger
@@ -62,10 +64,9 @@ MODEL_CODE = {"sft": Path(__file__).with_name("mlflow_chat_model.py"),
 PREPARE_CODE = (data.chat, data.finetune_data, sys.modules[__name__])
 FINETUNE_CODE = (data.finetune_data, model.checkpoint, model.classifier, model.finetune, model.gpt, model.lora,
                  model.optim, sys.modules[__name__])
-EVALUATE_CODE = (model.classifier, model.finetune, model.gpt, sys.modules[__name__])
+EVALUATE_CODE = (model.classifier, model.finetune, model.gpt, tasks.classification, sys.modules[__name__])
 TOKENIZER_DIR = "tokenizer"
 REPORT_DIR = "report"
-EVAL_BATCH_SIZE = 16
 
 
 def default_base_model(workspace: Workspace) -> str:
@@ -343,14 +344,10 @@ def evaluate_task(tuned: FinetunedModel, prepared: PreparedData, config: Finetun
     with _replaced_directory(Path(out_dir)) as directory:
         if tuned.task == "classification":
             classifier, _ = load_classifier(Path(tuned.model_dir), Path(tuned.classifier_dir), device)
-            scores = evaluate_split(classifier, val, pad_id, EVAL_BATCH_SIZE)
-            metrics, classes = _classification_scores(prepared, val.labels.tolist(), scores.predictions, scores.loss,
-                                                      directory / "confusion_matrix.png")
+            # The baseline guesses what a model that learned only the train split's label counts would.
+            majority = most_common_label(prepared.label_counts["train"])
+            metrics, classes = score_split(classifier, val, "val", prepared.labels, majority, pad_id, directory)
             report = FinetuneReport(directory=out_dir, metrics=metrics, classes=classes)
-            with open(directory / "predictions.jsonl", "w") as out:
-                out.writelines(json.dumps({"location": location, "label": prepared.labels[label],
-                                           "predicted": prepared.labels[predicted]}) + "\n"
-                               for location, label, predicted in zip(val.locations, val.labels, scores.predictions))
         else:
             gpt = load_model(Path(tuned.model_dir), device)
             scores = evaluate_split(gpt, val, pad_id, EVAL_BATCH_SIZE)
@@ -395,23 +392,6 @@ def evaluate_finetuned(
     return report
 
 
-def _classification_scores(prepared: PreparedData, labels: list[int], predictions: list[int], loss: float,
-                           plot_path: Path) -> tuple[dict[str, float], dict[str, Any]]:
-    """The metrics and the per-class report of val predictions; draws the confusion matrix."""
-    scores = classification_metrics(labels, predictions, len(prepared.labels))
-    train_counts = prepared.label_counts["train"]
-    majority = max(train_counts, key=lambda label: (train_counts[label], label))
-    majority_accuracy = prepared.label_counts["val"].get(majority, 0) / len(labels)
-    _plot_confusion_matrix(scores.confusion, prepared.labels, plot_path,
-                           f"accuracy {scores.accuracy:.3f} · macro-F1 {scores.macro_f1:.3f} · "
-                           f"majority baseline {majority_accuracy:.3f}")
-    metrics = {"eval/accuracy": scores.accuracy, "eval/macro_f1": scores.macro_f1,
-               "eval/majority_accuracy": majority_accuracy, "eval/val_loss": loss, "eval/val_examples": len(labels),
-               **{f"eval/f1/{label}": f1 for label, f1 in zip(prepared.labels, scores.f1)}}
-    classes = {"labels": prepared.labels, "f1": scores.f1, "confusion": scores.confusion, "majority_label": majority}
-    return metrics, classes
-
-
 def _sample_answers(gpt: GPT, tokenizer: Any, template: ChatTemplate, val: PreparedSplit, config: FinetuneConfig) -> list[dict[str, str]]:
     """The fine-tuned model's answer to each of the first ``config.samples`` val prompts, beside
     the reference: the prompt is the example's tokens up to its first trained one (its assistant
@@ -437,28 +417,3 @@ def _samples_markdown(samples: list[dict[str, str]]) -> str:
         for sample in samples
     ]
     return "# Sample answers on validation prompts\n\n" + "\n".join(sections)
-
-
-def _plot_confusion_matrix(confusion: list[list[int]], labels: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; and never pick an interactive backend inside a worker
-    import matplotlib.pyplot as plt
-
-    size = max(4.0, 0.6 * len(labels) + 2.5)
-    figure, axes = plt.subplots(figsize=(size, size), dpi=110)
-    image = axes.imshow(confusion, cmap="Blues")
-    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    axes.set_yticks(range(len(labels)), labels)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title, fontsize=8)
-    largest = max(max(row) for row in confusion) or 1
-    for row, counts in enumerate(confusion):
-        for column, count in enumerate(counts):
-            axes.text(column, row, str(count), ha="center", va="center",
-                      color="white" if count > largest / 2 else "black", fontsize=8)
-    figure.colorbar(image, ax=axes, fraction=0.046)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)

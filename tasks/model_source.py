@@ -16,9 +16,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from data.store import atomic_directory, hash_bytes, hash_file, is_complete, read_contents_hash
+from data.store import atomic_directory, hash_bytes, hash_file, hash_json, is_complete, read_contents_hash
 from data.tokenizer import TOKENIZER_FILE
 from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from model.classifier import CLASSIFIER_FILE, HEAD_FILE
+from model.finetune import CLASSIFIER_DIR
 from tasks.workspace import Workspace
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -26,6 +28,7 @@ PINNED_VERSION = re.compile(r"^models:/[^/@]+/\d+$")
 # Inside a logged gptflow MLflow model (see tasks/tracking.py: log_text_generator).
 MLFLOW_MODEL_WEIGHTS = "artifacts/final"
 MLFLOW_MODEL_TOKENIZER = "artifacts/tokenizer.json"
+MLFLOW_MODEL_CLASSIFIER = f"artifacts/{CLASSIFIER_DIR}"
 
 
 class ModelSourceError(ValueError):
@@ -42,13 +45,17 @@ class ResolvedModel:
     weights_hash: str
     """Content hash of the weights: the input key of every stage computed from this model."""
     tokenizer_hash: str
+    classifier_dir: Path | None = None
+    """A fine-tuned classifier's head (``model.classifier.load_classifier`` reads it with
+    ``model_dir``); None for a language model."""
 
 
 def resolve_model(source: str, workspace: Workspace, tokenizer: str | None = None) -> ResolvedModel:
     """``models:/name/version`` or ``runs:/id/path`` (MLflow model URIs), a 32-hex MLflow run id
     (its logged model, or the model of the run it reused), or a directory holding
     ``model.safetensors`` and ``config.json`` (a checkpoint or ``final/``), whose tokenizer is
-    ``tokenizer`` or a ``tokenizer.json`` beside or above it."""
+    ``tokenizer`` or a ``tokenizer.json`` beside or above it. A classifier is recognised by its
+    head: ``classifier/`` in the MLflow model, or beside the directory."""
     if source.startswith(("models:/", "runs:/")):
         return _from_mlflow_model(source, _download(source, workspace))
     if RUN_ID.match(source):
@@ -66,7 +73,7 @@ def _from_mlflow_model(source: str, downloaded: Path) -> ResolvedModel:
     model_dir, tokenizer_file = downloaded / MLFLOW_MODEL_WEIGHTS, downloaded / MLFLOW_MODEL_TOKENIZER
     if not (model_dir / WEIGHTS_FILE).exists() or not tokenizer_file.exists():
         raise ModelSourceError(f"{source} is an MLflow model but not one gptflow logged (no {MLFLOW_MODEL_WEIGHTS}).")
-    return _resolved(source, model_dir, tokenizer_file)
+    return _resolved(source, model_dir, tokenizer_file, downloaded / MLFLOW_MODEL_CLASSIFIER)
 
 
 def _from_directory(source: str, directory: Path, tokenizer: str | None) -> ResolvedModel:
@@ -81,12 +88,24 @@ def _from_directory(source: str, directory: Path, tokenizer: str | None) -> Reso
     if not tokenizer_file.is_file():
         raise ModelSourceError(f"No {TOKENIZER_FILE} found beside {directory} or above it: pass the tokenizer "
                                "the model was trained with (--tokenizer PATH).")
-    return _resolved(source, directory, tokenizer_file)
+    return _resolved(source, directory, tokenizer_file, directory.parent / CLASSIFIER_DIR)
 
 
-def _resolved(source: str, model_dir: Path, tokenizer_file: Path) -> ResolvedModel:
-    weights_hash = read_contents_hash(model_dir) if is_complete(model_dir) else hash_file(model_dir / WEIGHTS_FILE)
-    return ResolvedModel(source, model_dir, tokenizer_file, weights_hash, hash_file(tokenizer_file))
+def _resolved(source: str, model_dir: Path, tokenizer_file: Path, classifier_dir: Path) -> ResolvedModel:
+    weights_hash = _contents_hash(model_dir, WEIGHTS_FILE)
+    if not (classifier_dir / CLASSIFIER_FILE).is_file():
+        return ResolvedModel(source, model_dir, tokenizer_file, weights_hash, hash_file(tokenizer_file))
+    # The same hash as the fine-tuning stage gives the classifier it trained.
+    weights_hash = hash_json([weights_hash, _contents_hash(classifier_dir, HEAD_FILE, CLASSIFIER_FILE)])
+    return ResolvedModel(source, model_dir, tokenizer_file, weights_hash, hash_file(tokenizer_file), classifier_dir)
+
+
+def _contents_hash(directory: Path, *files: str) -> str:
+    """The hash the stage that wrote ``directory`` recorded, or, for a directory put together by
+    hand, the hash of its ``files``."""
+    if is_complete(directory):
+        return read_contents_hash(directory)
+    return hash_json([hash_file(directory / name) for name in files])
 
 
 def _model_uri_of_run(run_id: str, workspace: Workspace) -> str:

@@ -17,10 +17,12 @@ from data.finetune_data import (
     SKIP_NOT_AN_OBJECT,
     SKIP_PROMPT_FILLS_MAX_LENGTH,
     SKIP_TOO_LONG,
+    SKIP_UNKNOWN_LABEL,
     SKIP_UNSEEN_LABEL,
     FinetuneDataError,
     check_data_file,
     prepare_examples,
+    prepare_labelled,
     read_split,
 )
 from data.tokenizer import load_tokenizer
@@ -122,6 +124,31 @@ def test_over_long_examples_are_truncated_or_skipped_and_counted(tiny_tokenizer,
     with pytest.raises(FinetuneDataError, match="fits max_length=4 tokens"):
         _prepare("sft", data, tiny_tokenizer, tmp_path / "tiny", max_length=4, overlong="skip")
     assert not list((tmp_path / "tiny").glob("*prepared*"))  # not even a half-written directory
+
+
+def test_a_labelled_file_for_a_trained_classifier_keeps_its_label_order_and_cut(tiny_tokenizer, tmp_path):
+    data = _jsonl(tmp_path / "labelled.jsonl", [
+        {"body": "def f(x):\n    return x", "kind": "code"}, {"body": "hello there, how are you today", "kind": "prose"},
+        {"body": "hi", "kind": "greeting"}, {"body": "", "kind": "code"}, {"body": "import os", "kind": "code"},
+    ])
+    prepared = prepare_labelled(data, Path(tiny_tokenizer.path), tmp_path / "eval", labels=["prose", "code"],
+                                max_length=4, text_field="body", label_field="kind")
+    # The classifier's class order, not the file's sorted labels; every record in the one split.
+    assert prepared.labels == ["prose", "code"] and prepared.examples == {"eval": 3}
+    assert prepared.label_counts == {"eval": {"code": 2, "prose": 1}}
+    split = read_split(Path(prepared.directory), "eval")
+    assert split.labels.tolist() == [1, 0, 1]
+    assert all(len(ids) <= 4 for ids in split.input_ids) and prepared.truncated["eval"] >= 1
+    skips = prepared.skip_report()
+    assert skips.examples[SKIP_UNKNOWN_LABEL] == [f"{data}:3 ('greeting')"] and skips.counts["empty text"] == 1
+
+    with pytest.raises(FinetuneDataError, match="whose labels are poem, song"):
+        prepare_labelled(data, Path(tiny_tokenizer.path), tmp_path / "none", labels=["poem", "song"],
+                         max_length=4, text_field="body", label_field="kind")
+    with pytest.raises(FinetuneDataError, match="expected fields 'body' and 'label'; its records have 'body', 'kind'"):
+        prepare_labelled(data, Path(tiny_tokenizer.path), tmp_path / "none", labels=["prose", "code"],
+                         max_length=4, text_field="body", label_field="label")
+    assert not (tmp_path / "none").exists()
 
 
 def test_classification_csv_with_a_val_file_skips_labels_train_lacks(tiny_tokenizer, tmp_path):

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from data.finetune_demo import CLASSIFICATION_PACKAGES
 from flows.cli import main
+from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.pretrain import pretrain
 
@@ -68,7 +69,7 @@ def _instructions(path: Path) -> Path:
     return path
 
 
-def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, client, tmp_path):
+def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, client, tmp_path, capsys):
     data = _instructions(tmp_path / "instructions.jsonl")
     first = finetune(task="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
     second = finetune(task="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
@@ -105,8 +106,15 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
     assert "model/MLmodel" not in _artifact_paths(client, second.mlflow_run_id)
 
     chat = _load_registered(workspace, "models:/gptflow-finetune-sft/1")
-    answers = chat.predict(["What is 3 plus 1?", "What is 7 plus 1?"], params={"max_new_tokens": 4})
+    sampling = {"max_new_tokens": 4, "temperature": 0.7, "top_k": 20, "seed": 3}
+    answers = chat.predict(["What is 3 plus 1?", "What is 7 plus 1?"], params=sampling)
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+    # gptflow generate answers through the same chat template as the MLflow model.
+    capsys.readouterr()
+    assert main(["generate", "--model", "models:/gptflow-finetune-sft/1", "--prompt", "What is 3 plus 1?",
+                 "--max-new-tokens", "4", "--temperature", "0.7", "--top-k", "20", "--seed", "3",
+                 "--workspace", str(workspace)]) == 0
+    assert capsys.readouterr().out == answers[0] + "\n"
 
 
 def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspace, client):
@@ -130,6 +138,49 @@ def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspac
     classifier = _load_registered(workspace, "models:/" + summary.registered_model)
     labels = classifier.predict(["def run_until_complete(self, future):\n    return future.result()", "import email"])
     assert len(labels) == 2 and set(labels) <= set(CLASSIFICATION_PACKAGES)
+
+
+def test_the_evaluate_flow_scores_a_registered_classifier_on_a_labelled_file(workspace, client, tmp_path, capsys):
+    tuned = finetune(task="classification", model=BASE, overrides=QUICK, workspace=str(workspace))  # cached
+    uri = "models:/" + tuned.registered_model
+    packages = sorted(CLASSIFICATION_PACKAGES)
+    rows = [(f"def handler_{index}(self, value):\n    return {packages[index % len(packages)]}.run(value)",
+             packages[index % len(packages)]) for index in range(12)]
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("snippet,package\n" + "".join(f'"{text}",{label}\n' for text, label in rows)
+                        + '"def other(): pass",no_such_package\n')
+    fields = {"data.text_field": "snippet", "eval.label_field": "package"}
+
+    first = evaluate(model=uri, classification=str(labelled), overrides=fields, workspace=str(workspace))
+    second = evaluate(model=uri, classification=str(labelled), overrides=fields, workspace=str(workspace))
+
+    assert first.stages == {"classification": "executed"} and second.stages == {"classification": "cached"}
+    assert first.samples == [] and first.metrics() == second.metrics()
+    metrics = first.metrics()
+    assert metrics["eval/eval_examples"] == 12 and metrics["eval/skipped"] == 1
+    assert "label the classifier was not trained on ×1" in first.classification.skipped
+    # The flow classifies exactly as the registered MLflow model does.
+    predicted = _load_registered(workspace, uri).predict([text for text, _ in rows])
+    assert metrics["eval/accuracy"] == pytest.approx(sum(p == label for p, (_, label) in zip(predicted, rows)) / 12)
+    confusion = first.classification.classes["confusion"]
+    assert sum(map(sum, confusion)) == 12
+    assert [sum(row) for row in confusion] == [sum(label == package for _, label in rows) for package in packages]
+    assert metrics["eval/majority_accuracy"] == pytest.approx(max(sum(row) for row in confusion) / 12)
+    artifacts = _artifact_paths(client, first.mlflow_run_id)
+    assert {"eval/classification/confusion_matrix.png", "eval/classification/predictions.jsonl",
+            "eval/report.json"} <= artifacts
+    report = json.loads(Path(client.download_artifacts(first.mlflow_run_id, "eval/report.json")).read_text())
+    assert report["classification"]["labels"] == packages and report["metrics"]["eval/accuracy"] == metrics["eval/accuracy"]
+    assert client.get_run(first.mlflow_run_id).data.metrics["eval/macro_f1"] == metrics["eval/macro_f1"]
+
+    assert main(["generate", "--model", uri, "--prompt", "def f():", "--workspace", str(workspace)]) == 2
+    assert "is a classifier" in capsys.readouterr().err
+    assert main(["export", "--model", uri, "--out", str(tmp_path / "hf"), "--workspace", str(workspace)]) == 2
+    assert "is a classifier" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    # The trunk alone is a language model: it has no head to classify with.
+    assert main(["evaluate", "--model", BASE, "--classification", str(labelled), "--workspace", str(workspace)]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "is a language model, not a classifier" in error
 
 
 def test_bad_data_and_a_missing_default_model_are_one_line(workspace, tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from model.checkpoint import save_final
+from model.checkpoint import load_model, save_final
+from model.classifier import GPTClassifier, save_head
 from model.config import ModelConfig
 from model.gpt import GPT
 from tasks.model_source import ModelSourceError, resolve_model
@@ -56,3 +57,17 @@ def test_a_directory_without_tokenizer_asks_for_one(logged_model, tmp_path):
     with pytest.raises(ModelSourceError, match="--tokenizer"):
         resolve_model(str(lonely), logged_model[0])
     assert resolve_model(str(lonely), logged_model[0], tokenizer=str(logged_model[3].parent / "tokenizer.json"))
+
+
+def test_a_head_beside_the_trunk_makes_a_classifier_with_its_own_hash(logged_model):
+    workspace, _, _, final = logged_model
+    language_model = resolve_model(str(final), workspace)
+    assert language_model.classifier_dir is None
+    head = save_head(final.parent / "classifier", GPTClassifier(load_model(final), ["a", "b"]), max_length=8)
+    classifier = resolve_model(str(final), workspace)
+    assert classifier.classifier_dir == head and classifier.model_dir == final
+    # Trunk and head together: a retrained head is a different model to every cached stage.
+    assert classifier.weights_hash != language_model.weights_hash
+    save_head(head, GPTClassifier(load_model(final), ["a", "b", "c"]), max_length=8)
+    assert resolve_model(str(final), workspace).weights_hash not in {classifier.weights_hash,
+                                                                      language_model.weights_hash}
