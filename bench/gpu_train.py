@@ -3,7 +3,7 @@ per token of the modern recipe against GPT-2's, on one device.
 
     python bench/gpu_train.py                 # one CUDA GPU: under 4 minutes on an H200
     python bench/gpu_train.py --smoke         # everything tiny, on the CPU, in under a minute
-    python bench/gpu_train.py --sections learning --device cpu --threads 1   # the recipe comparison alone
+    python bench/gpu_train.py --sections learning --device cpu   # the recipe comparison alone: ~45 min on 2 cores
 
 Prints, last, a short table of:
 (a) the measured bf16 matmul peak (8192³, median of repeats), the denominator of every MFU here;
@@ -77,6 +77,7 @@ from model.gpt import GPT  # noqa: E402
 from model.optim import build_optimizer, learning_rate_at  # noqa: E402
 
 SECTIONS = ("matmul", "throughput", "learning")
+LEARNING_RUNS = ("gpt2", "modern", "modern_half")
 ATTENTION_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION")
 RESULTS_FILE = "gpu_train.json"
 # nanoGPT's published setting for GPT-2 124M: its vocabulary padded to 50304.
@@ -116,9 +117,11 @@ GPU = Settings(
     baseline_micro_batch=16, fast_micro_batch=64, tokens_per_step=65536, compile=True, warmup_steps=3,
     timed_steps=15,
     # The `cpu` preset's shape, so the recipes' settings are the ones tuned (and measured) on a CPU.
+    # Learning rates: the best of each recipe's CPU sweep in bench/RESULTS.md (gpt2 2e-3 / 4e-3;
+    # modern AdamW 2e-3 / 4e-3 / 8e-3 with Muon 0.02 / 0.04), the same as the cpu-modern preset's.
     learning_model=ModelConfig(n_layer=4, n_head=4, n_embd=192, block_size=256),
     learning_micro_batch=16, learning_epochs=1.0, tokenizer=TokenizerConfig(vocab_size=8192), sources=(BUILTIN_CORPUS,),
-    baseline_learning_rate=2e-3, modern_learning_rate=2e-3, muon_learning_rate=0.02, evaluations=15,
+    baseline_learning_rate=4e-3, modern_learning_rate=8e-3, muon_learning_rate=0.02, evaluations=15,
     eval_tokens=32768,
 )
 SMOKE = dataclasses.replace(
@@ -136,6 +139,9 @@ SMOKE = dataclasses.replace(
 def main() -> None:
     args = _parser().parse_args()
     settings = SMOKE if args.smoke else GPU
+    learning_rates = {"baseline_learning_rate": args.baseline_lr, "modern_learning_rate": args.modern_lr,
+                      "muon_learning_rate": args.muon_lr}
+    settings = dataclasses.replace(settings, **{name: lr for name, lr in learning_rates.items() if lr is not None})
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     if args.threads or args.smoke:
         torch.set_num_threads(args.threads or 1)  # tiny models run fastest on one thread
@@ -167,7 +173,8 @@ def main() -> None:
         if "throughput" in sections:
             run_section("throughput", lambda: compare_throughput(settings, device, peak))
         if corpus is not None:
-            run_section("learning", lambda: compare_learning(settings, device, corpus.result(), args.seed))
+            run_section("learning", lambda: compare_learning(settings, device, corpus.result(), args.seed,
+                                                             tuple(args.runs)))
     print_table(results)
     print(f"\ndetails: {out_dir / RESULTS_FILE}")
     if "errors" in results:
@@ -373,7 +380,9 @@ def learning_recipes(settings: Settings, vocab_size: int, steps: int) -> dict[st
     return {"gpt2": (model, baseline), "modern": (modern_model, modern), "modern_half": (modern_model, half)}
 
 
-def compare_learning(settings: Settings, device: torch.device, corpus: dict[str, Any], seed: int) -> dict[str, Any]:
+def compare_learning(
+    settings: Settings, device: torch.device, corpus: dict[str, Any], seed: int, run_names: tuple[str, ...] = LEARNING_RUNS,
+) -> dict[str, Any]:
     block_size = settings.learning_model.block_size
     train_windows = TokenWindows([Path(p) for p in corpus["train_paths"]], block_size)
     val_windows = TokenWindows([Path(p) for p in corpus["val_paths"]], block_size)
@@ -381,22 +390,26 @@ def compare_learning(settings: Settings, device: torch.device, corpus: dict[str,
     steps = int(settings.learning_epochs * corpus["train_tokens"]) // tokens_per_step
     runs = {}
     for name, (model_config, train_config) in learning_recipes(settings, corpus["vocab_size"], steps).items():
+        if name not in run_names:
+            continue
         train_config = dataclasses.replace(train_config, seed=seed)
-        runs[name] = train_and_evaluate(model_config, train_config, train_windows, val_windows, settings, device)
+        runs[name] = train_and_evaluate(name, model_config, train_config, train_windows, val_windows, settings, device)
+    result: dict[str, Any] = {"corpus": corpus, "budget_tokens": steps * tokens_per_step, "runs": runs}
+    if "gpt2" not in runs:
+        return result
     target = runs["gpt2"]["final_val_loss"]
-    tokens_to_target = tokens_to_reach(runs["modern"]["curve"], target)
-    return {
-        "corpus": corpus,
-        "budget_tokens": steps * tokens_per_step,
-        "runs": runs,
-        "baseline_final_val_loss": target,
-        "modern_tokens_to_baseline_loss": tokens_to_target,
-        "modern_fraction_of_tokens": tokens_to_target / (steps * tokens_per_step) if tokens_to_target else None,
-        "modern_half_budget_beats_baseline": runs["modern_half"]["final_val_loss"] <= target,
-    }
+    result["baseline_final_val_loss"] = target
+    if "modern" in runs:
+        tokens_to_target = tokens_to_reach(runs["modern"]["curve"], target)
+        result["modern_tokens_to_baseline_loss"] = tokens_to_target
+        result["modern_fraction_of_tokens"] = tokens_to_target / (steps * tokens_per_step) if tokens_to_target else None
+    if "modern_half" in runs:
+        result["modern_half_budget_beats_baseline"] = runs["modern_half"]["final_val_loss"] <= target
+    return result
 
 
 def train_and_evaluate(
+    name: str,
     model_config: ModelConfig,
     train_config: TrainConfig,
     train_windows: TokenWindows,
@@ -404,7 +417,8 @@ def train_and_evaluate(
     settings: Settings,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Train eagerly, evaluating ``settings.evaluations`` times; the validation curve by tokens."""
+    """Train eagerly, evaluating ``settings.evaluations`` times; the validation curve by tokens.
+    Prints a line per evaluation (on a CPU this section takes most of an hour)."""
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(device)
     optimizer = build_optimizer(model, train_config, device)
@@ -428,6 +442,8 @@ def train_and_evaluate(
                 model, val_windows, settings.eval_tokens, train_config.micro_batch_size, device, autocast_dtype
             )
             curve.append(((step + 1) * tokens_per_step, val_loss))
+            print(f"learning {name}: step {step + 1}/{steps}, {curve[-1][0] / 1e6:.2f}M tokens, val loss {val_loss:.4f}, "
+                  f"{(step + 1) * tokens_per_step / training_s / 1e3:.1f}K tok/s", flush=True)
             started = time.perf_counter()
     return {
         "model": dataclasses.asdict(model_config),
@@ -477,9 +493,13 @@ def print_table(results: dict[str, Any]) -> None:
         for name, run in learning["runs"].items():
             rows.append((f"val loss {name}", f"{run['curve'][-1][0] / 1e6:.2f}M tokens",
                          f"{run['final_val_loss']:.4f}  ({run['tokens_per_s'] / 1e3:,.1f}K tok/s)"))
-        fraction = learning["modern_fraction_of_tokens"]
-        rows.append(("modern reaches gpt2's", "final val loss at",
-                     f"{100 * fraction:.0f}% of the tokens" if fraction else "not within the budget"))
+        if "modern_fraction_of_tokens" in learning:
+            fraction = learning["modern_fraction_of_tokens"]
+            rows.append(("modern reaches gpt2's", "final val loss at",
+                         f"{100 * fraction:.0f}% of the tokens" if fraction else "not within the budget"))
+        if "modern_half_budget_beats_baseline" in learning:
+            rows.append(("modern_half ends", "below gpt2's final",
+                         "yes" if learning["modern_half_budget_beats_baseline"] else "no"))
     width = max(len(row[0]) for row in rows)
     middle = max(len(row[1]) for row in rows)
     print()
@@ -517,6 +537,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the learning runs' weights and data order")
+    parser.add_argument("--runs", nargs="+", choices=LEARNING_RUNS, default=LEARNING_RUNS,
+                        help="learning runs to train (default: all three; comparisons need gpt2)")
+    parser.add_argument("--baseline-lr", type=float, help="the gpt2 run's peak learning rate")
+    parser.add_argument("--modern-lr", type=float, help="the modern runs' AdamW peak learning rate "
+                        "(embeddings, head, norms)")
+    parser.add_argument("--muon-lr", type=float, help="the modern runs' Muon peak learning rate (block matrices)")
     return parser
 
 
