@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
 
@@ -22,10 +22,10 @@ class IngestConfig:
     """Approximate text bytes per raw Arrow shard; bounds memory when ingesting large files."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.text_field), "data.text_field must be a non-empty field name")
-        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        _require(self.min_chars >= 1, f"data.min_chars must be >= 1, got {self.min_chars}")
-        _require(self.shard_bytes >= 1024, f"data.shard_bytes must be >= 1024, got {self.shard_bytes}")
+        require(bool(self.text_field), "data.text_field must be a non-empty field name")
+        require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        require(self.min_chars >= 1, f"data.min_chars must be >= 1, got {self.min_chars}")
+        require(self.shard_bytes >= 1024, f"data.shard_bytes must be >= 1024, got {self.shard_bytes}")
 
 
 @dataclass
@@ -38,12 +38,12 @@ class TokenizerConfig:
     """Pairs seen fewer times than this are not merged."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             512 <= self.vocab_size <= 1 << 20,
             f"tokenizer.vocab_size must be between 512 and 1048576, got {self.vocab_size}",
         )
-        _require(self.sample_bytes >= 1024, f"tokenizer.sample_bytes must be >= 1024, got {self.sample_bytes}")
-        _require(self.min_frequency >= 1, f"tokenizer.min_frequency must be >= 1, got {self.min_frequency}")
+        require(self.sample_bytes >= 1024, f"tokenizer.sample_bytes must be >= 1024, got {self.sample_bytes}")
+        require(self.min_frequency >= 1, f"tokenizer.min_frequency must be >= 1, got {self.min_frequency}")
 
 
 @dataclass
@@ -54,5 +54,5 @@ class TokenizeConfig:
     """Tokenizer threads (``RAYON_NUM_THREADS``); 0 uses every core."""
 
     def __post_init__(self) -> None:
-        _require(self.batch_bytes >= 1024, f"tokenize.batch_bytes must be >= 1024, got {self.batch_bytes}")
-        _require(self.workers >= 0, f"tokenize.workers must be >= 0, got {self.workers}")
+        require(self.batch_bytes >= 1024, f"tokenize.batch_bytes must be >= 1024, got {self.batch_bytes}")
+        require(self.workers >= 0, f"tokenize.workers must be >= 0, got {self.workers}")

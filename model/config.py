@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data.config import require
+
 VOCAB_MULTIPLE = 128
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
@@ -19,11 +21,6 @@ def pad_vocab_size(n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
     """Embedding rows to allocate for a tokenizer of ``n_tokens``: a multiple of 128 keeps the
     output matmul on fast tensor-core shapes; the extra rows are never targets."""
     return ((n_tokens + multiple - 1) // multiple) * multiple
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass
@@ -75,27 +72,27 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
-            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
-        _require(
+            require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+        require(
             self.n_embd % self.n_head == 0,
             f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})",
         )
-        _require(
+        require(
             self.vocab_size is None or self.vocab_size > 0,
             f"model.vocab_size must be positive, got {self.vocab_size}",
         )
-        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         for name, choices in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
-            _require(
+            require(
                 getattr(self, name) in choices,
                 f"model.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}",
             )
-        _require(
+        require(
             self.position != "rotary" or (self.n_embd // self.n_head) % 2 == 0,
             f"model.position=rotary rotates pairs of dimensions: the head size n_embd / n_head "
             f"({self.n_embd} / {self.n_head}) must be even",
         )
-        _require(self.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
+        require(self.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
 
 
 @dataclass
@@ -157,22 +154,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_tokens",
                      "checkpoint_interval", "keep_checkpoints", "nproc"):
-            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval"):
-            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
-        _require(
+            require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
+        require(
             self.optimizer in OPTIMIZERS,
             f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
         )
-        _require(
+        require(
             self.muon_learning_rate > 0, f"train.muon_learning_rate must be positive, got {self.muon_learning_rate}"
         )
-        _require(0.0 <= self.muon_momentum < 1.0, f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
-        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
-        _require(
+        require(0.0 <= self.muon_momentum < 1.0, f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        require(
             self.dtype in ("auto", "bfloat16", "float32"),
             f"train.dtype must be auto, bfloat16 or float32, got {self.dtype!r}",
         )
@@ -201,11 +198,11 @@ class EvalConfig:
                 "top_k": self.top_k, "seed": self.seed}
 
     def __post_init__(self) -> None:
-        _require(self.eval_tokens > 0, f"eval.eval_tokens must be positive, got {self.eval_tokens}")
-        _require(self.max_new_tokens >= 0, f"eval.max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        _require(self.temperature > 0, f"eval.temperature must be positive, got {self.temperature}")
-        _require(self.top_k >= 0, f"eval.top_k must be >= 0, got {self.top_k}")
-        _require(bool(self.label_field), "eval.label_field must name a field")
+        require(self.eval_tokens > 0, f"eval.eval_tokens must be positive, got {self.eval_tokens}")
+        require(self.max_new_tokens >= 0, f"eval.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        require(self.temperature > 0, f"eval.temperature must be positive, got {self.temperature}")
+        require(self.top_k >= 0, f"eval.top_k must be >= 0, got {self.top_k}")
+        require(bool(self.label_field), "eval.label_field must name a field")
 
 
 # The modern recipe, as ModelConfig and TrainConfig overrides: rotary positions, RMSNorm, QK-norm,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from data.config import require
 from data.finetune_data import OVERLONG_POLICIES
 from model.config import TrainConfig
 
@@ -18,11 +19,6 @@ CLASSIFICATION_DATA_FIELDS = (*DATA_FIELDS, "text_field", "label_field")
 """Fields read by data preparation for classification."""
 SAMPLING_FIELDS = ("samples", "max_new_tokens", "temperature", "top_k")
 """Fields read by the evaluation of sft models only."""
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass
@@ -82,22 +78,22 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval"):
-            _require(getattr(self, name) > 0, f"finetune.{name} must be positive, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"finetune.{name} must be positive, got {getattr(self, name)}")
         for name in ("lora_rank", "warmup_steps", "eval_interval", "samples", "max_new_tokens", "top_k", "seed"):
-            _require(getattr(self, name) >= 0, f"finetune.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {self.lora_alpha}")
-        _require(0.0 <= self.lora_dropout < 1.0, f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        _require(self.learning_rate > 0, f"finetune.learning_rate must be positive, got {self.learning_rate}")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, f"finetune.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.weight_decay >= 0, f"finetune.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.grad_clip >= 0, f"finetune.grad_clip must be >= 0, got {self.grad_clip}")
-        _require(self.max_length is None or self.max_length >= 2,
+            require(getattr(self, name) >= 0, f"finetune.{name} must be >= 0, got {getattr(self, name)}")
+        require(self.lora_alpha > 0, f"finetune.lora_alpha must be positive, got {self.lora_alpha}")
+        require(0.0 <= self.lora_dropout < 1.0, f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        require(self.learning_rate > 0, f"finetune.learning_rate must be positive, got {self.learning_rate}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"finetune.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.weight_decay >= 0, f"finetune.weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip >= 0, f"finetune.grad_clip must be >= 0, got {self.grad_clip}")
+        require(self.max_length is None or self.max_length >= 2,
                  f"finetune.max_length must be at least 2 tokens, got {self.max_length}")
-        _require(self.overlong in OVERLONG_POLICIES,
+        require(self.overlong in OVERLONG_POLICIES,
                  f"finetune.overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.overlong!r}")
-        _require(0.0 < self.val_fraction < 1.0, f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
-        _require(bool(self.text_field) and bool(self.label_field), "finetune.text_field and label_field must be set")
-        _require(self.temperature > 0, f"finetune.temperature must be positive, got {self.temperature}")
+        require(0.0 < self.val_fraction < 1.0, f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
+        require(bool(self.text_field) and bool(self.label_field), "finetune.text_field and label_field must be set")
+        require(self.temperature > 0, f"finetune.temperature must be positive, got {self.temperature}")
 
     def data_settings(self, task: str) -> dict[str, Any]:
         """The fields that shape ``task``'s prepared examples."""

@@ -7,6 +7,8 @@ model's ``predict``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer
 
@@ -37,3 +39,14 @@ def generate_texts(
         model, prompt_ids, max_new_tokens, temperature, top_k, seed, device, vocab_limit=tokenizer.get_vocab_size()
     )
     return [tokenizer.decode(ids[1:]) for ids in generated]
+
+
+def input_texts(model_input: Any, column: str) -> list[str]:
+    """The texts of an MLflow pyfunc model's input: a string, a list of strings, or a DataFrame
+    (its ``column``, else its first column)."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):
+        name = column if column in model_input.columns else model_input.columns[0]
+        return [str(value) for value in model_input[name]]
+    return [str(value) for value in model_input]

@@ -36,22 +36,13 @@ class GptflowChatModel(PythonModel):
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
         from data.chat import Message
         from model.finetune import answer
+        from model.generate import input_texts
 
         settings = {**DEFAULT_SAMPLING, **(params or {})}
-        conversations = [[Message("user", prompt)] for prompt in _prompts(model_input)]
+        conversations = [[Message("user", prompt)] for prompt in input_texts(model_input, "prompt")]
         return answer(
             self.model, self.tokenizer, self.template, conversations, int(settings["max_new_tokens"]),
             float(settings["temperature"]), int(settings["top_k"]) or None, int(settings["seed"]),
         )
-
-def _prompts(model_input: Any) -> list[str]:
-    """Prompts from a string, a list of strings, or a DataFrame (its ``prompt`` or first column)."""
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "columns"):
-        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(value) for value in model_input[column]]
-    return [str(value) for value in model_input]
-
 
 mlflow.models.set_model(GptflowChatModel())

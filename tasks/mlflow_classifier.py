@@ -36,8 +36,9 @@ class GptflowClassifier(PythonModel):
 
         from data.finetune_data import encode_text
         from model.classifier import pad_right
+        from model.generate import input_texts
 
-        texts = _texts(model_input)
+        texts = input_texts(model_input, "text")
         labels: list[str] = []
         with torch.no_grad():
             for start in range(0, len(texts), BATCH_SIZE):
@@ -46,16 +47,6 @@ class GptflowClassifier(PythonModel):
                 logits, _ = self.classifier(*pad_right(ids, self.pad_id))
                 labels += [self.classifier.labels[index] for index in logits.argmax(dim=-1).tolist()]
         return labels
-
-
-def _texts(model_input: Any) -> list[str]:
-    """Texts from a string, a list of strings, or a DataFrame (its ``text`` or first column)."""
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "columns"):
-        column = "text" if "text" in model_input.columns else model_input.columns[0]
-        return [str(value) for value in model_input[column]]
-    return [str(value) for value in model_input]
 
 
 mlflow.models.set_model(GptflowClassifier())

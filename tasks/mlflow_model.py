@@ -30,23 +30,13 @@ class GptflowTextGenerator(PythonModel):
     # model_input has no type hint on purpose (MLflow warns about that): MLflow would build the
     # input schema from it and drop the logged signature, whose params let callers set sampling.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
-        from model.generate import generate_texts
+        from model.generate import generate_texts, input_texts
 
         settings = {**self.default_sampling, **(params or {})}
         return generate_texts(
-            self.model, self.tokenizer, _prompts(model_input), int(settings["max_new_tokens"]),
+            self.model, self.tokenizer, input_texts(model_input, "prompt"), int(settings["max_new_tokens"]),
             float(settings["temperature"]), int(settings["top_k"]) or None, int(settings["seed"]),
         )
-
-
-def _prompts(model_input: Any) -> list[str]:
-    """Prompts from a string, a list of strings, or a DataFrame (its ``prompt`` or first column)."""
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "columns"):
-        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(value) for value in model_input[column]]
-    return [str(value) for value in model_input]
 
 
 mlflow.models.set_model(GptflowTextGenerator())
