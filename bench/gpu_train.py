@@ -41,6 +41,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gc
+import importlib.util
 import itertools
 import json
 import math
@@ -53,28 +54,32 @@ import sysconfig
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# A bare GPU box has the repository but not the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# A bare GPU box has the repository but not the installed package, whose root folder holds the
+# gptflow package's layers (pyproject.toml maps them so): name that folder the gptflow package.
+if importlib.util.find_spec("gptflow") is None:
+    sys.modules["gptflow"] = types.ModuleType("gptflow")
+    sys.modules["gptflow"].__path__ = [str(Path(__file__).resolve().parent.parent)]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from data.config import IngestConfig, TokenizeConfig, TokenizerConfig  # noqa: E402
-from data.ingest import ingest_corpus  # noqa: E402
-from data.loader import TokenWindows, prefetch_batches  # noqa: E402
-from data.sources import BUILTIN_CORPUS, resolve_sources  # noqa: E402
-from data.tokenize import tokenize_corpus  # noqa: E402
-from data.tokenizer import train_tokenizer  # noqa: E402
-from model.config import MODERN_RECIPE, ModelConfig, TrainConfig, pad_vocab_size  # noqa: E402
-from model.device import autocast  # noqa: E402
-from model.evaluate import evaluate_loss  # noqa: E402
-from model.gpt import GPT  # noqa: E402
-from model.optim import build_optimizer, learning_rate_at  # noqa: E402
+from gptflow.data.config import IngestConfig, TokenizeConfig, TokenizerConfig  # noqa: E402
+from gptflow.data.ingest import ingest_corpus  # noqa: E402
+from gptflow.data.loader import TokenWindows, prefetch_batches  # noqa: E402
+from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources  # noqa: E402
+from gptflow.data.tokenize import tokenize_corpus  # noqa: E402
+from gptflow.data.tokenizer import train_tokenizer  # noqa: E402
+from gptflow.model.config import MODERN_RECIPE, ModelConfig, TrainConfig, pad_vocab_size  # noqa: E402
+from gptflow.model.device import autocast  # noqa: E402
+from gptflow.model.evaluate import evaluate_loss  # noqa: E402
+from gptflow.model.gpt import GPT  # noqa: E402
+from gptflow.model.optim import build_optimizer, learning_rate_at  # noqa: E402
 
 SECTIONS = ("matmul", "throughput", "learning")
 LEARNING_RUNS = ("gpt2", "modern", "modern_half")

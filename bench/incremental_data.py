@@ -28,14 +28,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from data.sources import resolve_sources  # noqa: E402
-from tasks.config import build_config  # noqa: E402
-from tasks.ingest import ingest  # noqa: E402
-from tasks.lineage import Lineage  # noqa: E402
-from tasks.tokenize import tokenize  # noqa: E402
-from tasks.tokenizer import train_tokenizer  # noqa: E402
-from tasks.tracking import pipeline_run  # noqa: E402
-from tasks.workspace import Workspace  # noqa: E402
+from gptflow.data.sources import resolve_sources  # noqa: E402
+from gptflow.tasks.config import build_config  # noqa: E402
+from gptflow.tasks.ingest import ingest  # noqa: E402
+from gptflow.tasks.lineage import Lineage  # noqa: E402
+from gptflow.tasks.tokenize import tokenize  # noqa: E402
+from gptflow.tasks.tokenizer import train_tokenizer  # noqa: E402
+from gptflow.tasks.tracking import pipeline_run  # noqa: E402
+from gptflow.tasks.workspace import Workspace  # noqa: E402
 
 DOCUMENTS_PER_FILE = 100
 

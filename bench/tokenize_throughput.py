@@ -27,12 +27,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from data.config import IngestConfig, TokenizeConfig, TokenizerConfig
-from data.ingest import CorpusManifest, ingest_corpus
-from data.shards import iter_raw_batches
-from data.sources import BUILTIN_CORPUS, resolve_sources
-from data.tokenize import tokenize_corpus
-from data.tokenizer import load_tokenizer, train_tokenizer
+from gptflow.data.config import IngestConfig, TokenizeConfig, TokenizerConfig
+from gptflow.data.ingest import CorpusManifest, ingest_corpus
+from gptflow.data.shards import iter_raw_batches
+from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
+from gptflow.data.tokenize import tokenize_corpus
+from gptflow.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 def main() -> None:

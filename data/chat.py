@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from data.tokenizer import EOT_TOKEN
+from gptflow.data.tokenizer import EOT_TOKEN
 
 CHAT_TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")

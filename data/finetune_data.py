@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from data.chat import ROLES, ChatTemplate, Message
-from data.errors import SkipReport
-from data.sources import detect_format
-from data.store import atomic_directory, hash_json, read_contents_hash
-from data.tokenizer import EOT_TOKEN, load_tokenizer
+from gptflow.data.chat import ROLES, ChatTemplate, Message
+from gptflow.data.errors import SkipReport
+from gptflow.data.sources import detect_format
+from gptflow.data.store import atomic_directory, hash_json, read_contents_hash
+from gptflow.data.tokenizer import EOT_TOKEN, load_tokenizer
 
 TASKS = ("sft", "classification")
 OVERLONG_POLICIES = ("truncate", "skip")

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.sources import builtin_corpus_root
-from data.store import hash_json
+from gptflow.data.sources import builtin_corpus_root
+from gptflow.data.store import hash_json
 
 SFT_PACKAGES = ("asyncio", "collections", "concurrent", "email", "http", "importlib", "json", "logging",
                 "unittest", "urllib", "xml")

@@ -14,7 +14,6 @@ so one new file never invalidates the others.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,12 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from data import errors, readers, shards, sources
-from data.config import IngestConfig
-from data.errors import CorpusError, SkipReport
-from data.readers import read_documents
-from data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
-from data.sources import HUB_FORMAT, SourceFile, SourceResolution
-from data.store import atomic_directory, code_version, hash_bytes, hash_file, hash_json, is_complete, write_json_atomic
+from gptflow.data.config import IngestConfig
+from gptflow.data.errors import CorpusError, SkipReport
+from gptflow.data.readers import read_documents
+from gptflow.data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
+from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution
+from gptflow.data.store import atomic_directory, code_version, hash_bytes, hash_file, hash_json, is_complete, write_json_atomic
 
 FILE_HASH_CACHE = "file-hashes.json"
 
@@ -117,7 +115,7 @@ def ingest_corpus(
         skips.merge(sources.skipped)
         sources = sources.files
     files = sorted(sources, key=lambda source: str(source.path))
-    code = _code_version()
+    code = code_version(__name__)
     content_hashes = _ContentHashes(store_dir / FILE_HASH_CACHE)
     total_bytes = sum(_source_bytes(source) for source in files)
     done_bytes = 0
@@ -167,10 +165,6 @@ def require_splits(manifest: CorpusManifest, splits: Collection[str], val_fracti
                 f"document: split a large text file into several, or use .jsonl with one document per line), "
                 f"or change --set data.val_fraction=<fraction>."
             )
-
-
-def _code_version() -> str:
-    return code_version(sys.modules[__name__], errors, readers, shards, sources)
 
 
 def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code: str) -> str:

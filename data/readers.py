@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from data.errors import CorpusError, SkipReport
-from data.sources import HUB_PREFIX, SourceFile
+from gptflow.data.errors import CorpusError, SkipReport
+from gptflow.data.sources import HUB_PREFIX, SourceFile
 
 SKIP_BINARY = "binary file"
 SKIP_INVALID_UTF8 = "invalid UTF-8"

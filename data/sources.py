@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import CorpusError, SkipReport
+from gptflow.data.errors import CorpusError, SkipReport
 
 BUILTIN_CORPUS = "builtin:python-stdlib"
 """The source of the running interpreter's standard library: ~12 MB of real text, always present."""

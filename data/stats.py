@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.shards import iter_token_arrays
+from gptflow.data.shards import iter_token_arrays
 
 
 def token_counts(paths: Sequence[Path], vocab_size: int) -> np.ndarray:

@@ -28,7 +28,6 @@ import contextlib
 import itertools
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,10 +38,9 @@ import numpy as np
 import pyarrow.compute as pc
 from tokenizers import Encoding, Tokenizer
 
-from data import shards
-from data.config import TokenizeConfig
-from data.ingest import CorpusManifest, CorpusUnit
-from data.shards import (
+from gptflow.data.config import TokenizeConfig
+from gptflow.data.ingest import CorpusManifest, CorpusUnit
+from gptflow.data.shards import (
     SPLITS,
     TokenShardWriter,
     iter_raw_batches,
@@ -50,8 +48,8 @@ from data.shards import (
     token_dtype,
     write_unit_file,
 )
-from data.store import atomic_directory, code_version, hash_json, is_complete, write_json_atomic
-from data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
+from gptflow.data.store import atomic_directory, code_version, hash_json, is_complete, write_json_atomic
+from gptflow.data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
 
 PIECE_CHARS = 16 * 1024
 """Target size of one encode item: small enough that a batch holds many (the tokenizer
@@ -138,7 +136,7 @@ def tokenize_corpus(
     if config.workers:
         # Read when the tokenizer first starts its thread pool; a pool already running keeps its size.
         os.environ["RAYON_NUM_THREADS"] = str(config.workers)
-    code = code_version(sys.modules[__name__], shards)
+    code = code_version(__name__)
     keys = [_unit_key(unit, tokenizer, code) for unit in manifest.units]
     directories = [store_dir / "tokens" / key for key in keys]
     reused = {index for index, directory in enumerate(directories) if is_complete(directory)}

@@ -9,7 +9,6 @@ touching the validation split.
 from __future__ import annotations
 
 import heapq
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,11 +17,10 @@ from typing import Any
 import pyarrow.compute as pc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data import shards
-from data.config import TokenizerConfig
-from data.ingest import CorpusManifest
-from data.shards import iter_raw_batches
-from data.store import atomic_directory, code_version, hash_file, hash_json, is_complete, write_json_atomic
+from gptflow.data.config import TokenizerConfig
+from gptflow.data.ingest import CorpusManifest
+from gptflow.data.shards import iter_raw_batches
+from gptflow.data.store import atomic_directory, code_version, hash_file, hash_json, is_complete, write_json_atomic
 
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -65,7 +63,7 @@ def train_tokenizer(
     """Train (or reuse) the tokenizer for ``manifest``; ``progress(done, total)`` counts sample bytes."""
     key = hash_json({
         "stage": "tokenizer",
-        "code": code_version(sys.modules[__name__], shards),
+        "code": code_version(__name__),
         "config": asdict(config),
         "corpus": manifest.fingerprint,
     })

@@ -9,12 +9,12 @@ import sys
 import typing
 from pathlib import Path
 
-from data.finetune_data import TASKS, check_data_file
-from data.multiple_choice import read_multiple_choice
-from data.sources import BUILTIN_CORPUS, resolve_sources
-from flows.stack import StackError
-from model.config import EvalConfig
-from tasks.config import (
+from gptflow.data.finetune_data import TASKS, check_data_file
+from gptflow.data.multiple_choice import read_multiple_choice
+from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
+from gptflow.flows.stack import StackError
+from gptflow.model.config import EvalConfig
+from gptflow.tasks.config import (
     DEFAULT_PRESET,
     PRESETS,
     EvalSplit,
@@ -28,8 +28,8 @@ if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for t
     import torch
     from tokenizers import Tokenizer
 
-    from model.gpt import GPT
-    from tasks.model_source import ResolvedModel
+    from gptflow.model.gpt import GPT
+    from gptflow.tasks.model_source import ResolvedModel
 
 
 SAMPLE_SEPARATOR = "-" * 40
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except Exception as error:
         # Imported only now: the list holds MLflow-backed errors, and MLflow takes a second to import.
-        from flows.user_errors import USER_ERRORS
+        from gptflow.flows.user_errors import USER_ERRORS
 
         if not isinstance(error, (*USER_ERRORS, StackError)):
             raise
@@ -63,7 +63,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     # Prefect's temporary server would otherwise log an error on every start on offline machines.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.pretrain import pretrain  # imports Prefect: only once the input is known good
+    from gptflow.flows.pretrain import pretrain  # imports Prefect: only once the input is known good
 
     summary = pretrain(
         corpus=corpus,
@@ -88,7 +88,7 @@ def _finetune(args: argparse.Namespace) -> int:
             check_data_file(Path(path))
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.finetune import finetune  # imports Prefect: only once the input is known good
+    from gptflow.flows.finetune import finetune  # imports Prefect: only once the input is known good
 
     summary = finetune(
         task=args.task,
@@ -116,7 +116,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_data_file(Path(args.classification))
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.evaluate import evaluate  # imports Prefect: only once the input is known good
+    from gptflow.flows.evaluate import evaluate  # imports Prefect: only once the input is known good
 
     summary = evaluate(
         model=args.model,
@@ -133,11 +133,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from data.chat import CHAT_TEMPLATE_FILE, ChatTemplate, Message
-    from model.device import resolve_device
-    from model.finetune import answer
-    from model.generate import generate_texts
-    from tasks.model_source import ModelSourceError
+    from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate, Message
+    from gptflow.model.device import resolve_device
+    from gptflow.model.finetune import answer
+    from gptflow.model.generate import generate_texts
+    from gptflow.tasks.model_source import ModelSourceError
 
     device = resolve_device(args.device)
     source, model, tokenizer = _load_model_source(args, device)
@@ -170,7 +170,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from model.export import ExportError, export_to_transformers
+    from gptflow.model.export import ExportError, export_to_transformers
 
     source, model, _ = _load_model_source(args, "cpu")
     if source.classifier_dir:
@@ -187,10 +187,10 @@ def _export(args: argparse.Namespace) -> int:
 def _load_model_source(args: argparse.Namespace, device: torch.device | str) -> tuple[ResolvedModel, GPT, Tokenizer]:
     """The model named by --model (with --tokenizer, --workspace): its resolved source, the model
     in eval mode on ``device``, and its ``tokenizers.Tokenizer``."""
-    from data.tokenizer import load_tokenizer
-    from model.checkpoint import load_model
-    from tasks.model_source import ModelSourceError, resolve_model
-    from tasks.workspace import Workspace
+    from gptflow.data.tokenizer import load_tokenizer
+    from gptflow.model.checkpoint import load_model
+    from gptflow.tasks.model_source import ModelSourceError, resolve_model
+    from gptflow.tasks.workspace import Workspace
 
     source = resolve_model(args.model, Workspace.resolve(args.workspace), args.tokenizer)
     model = load_model(source.model_dir, device)
@@ -205,15 +205,15 @@ def _load_model_source(args: argparse.Namespace, device: torch.device | str) -> 
 
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.deployments import serve_deployments
+    from gptflow.flows.deployments import serve_deployments
 
     serve_deployments()
     return 0
 
 
 def _up(args: argparse.Namespace) -> int:
-    from flows.stack import up
-    from tasks.workspace import Workspace
+    from gptflow.flows.stack import up
+    from gptflow.tasks.workspace import Workspace
 
     stack = up(Workspace.resolve(args.workspace), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
     print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
@@ -227,8 +227,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from flows.stack import down
-    from tasks.workspace import Workspace
+    from gptflow.flows.stack import down
+    from gptflow.tasks.workspace import Workspace
 
     stopped = down(Workspace.resolve(args.workspace))
     print(f"stopped: {', '.join(stopped)}" if stopped else "no gptflow stack was running for this workspace")

@@ -6,9 +6,9 @@ from __future__ import annotations
 from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
-from flows.evaluate import evaluate
-from flows.finetune import finetune
-from flows.pretrain import pretrain
+from gptflow.flows.evaluate import evaluate
+from gptflow.flows.finetune import finetune
+from gptflow.flows.pretrain import pretrain
 
 DEPLOYMENT_NAME = "default"
 FLOWS = (pretrain, finetune, evaluate)

@@ -15,23 +15,23 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from data.finetune_data import check_data_file
-from data.multiple_choice import read_multiple_choice
-from data.sources import resolve_sources
-from data.store import hash_file
-from flows.user_errors import hide_tracebacks_of_user_errors
-from model.checkpoint import CONFIG_FILE
-from tasks.caching import pipeline_code_version
-from tasks.classification import ClassificationReport, score_classifier
-from tasks.config import EVALUATE_SECTIONS, ConfigError, EvalSplit, build_evaluate_config
-from tasks.evaluate import LossReport, evaluate_split, model_tokenizer, sample_model, samples_markdown
-from tasks.ingest import ingest
-from tasks.model_source import ModelSourceError, resolve_model
-from tasks.multiple_choice import MultipleChoiceReport, score_multiple_choice
-from tasks.progress import human_duration
-from tasks.tokenize import tokenize
-from tasks.tracking import pipeline_run
-from tasks.workspace import Workspace
+from gptflow.data.finetune_data import check_data_file
+from gptflow.data.multiple_choice import read_multiple_choice
+from gptflow.data.sources import resolve_sources
+from gptflow.data.store import hash_file
+from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
+from gptflow.model.checkpoint import CONFIG_FILE
+from gptflow.tasks.caching import pipeline_code_version
+from gptflow.tasks.classification import ClassificationReport, score_classifier
+from gptflow.tasks.config import EVALUATE_SECTIONS, ConfigError, EvalSplit, build_evaluate_config
+from gptflow.tasks.evaluate import LossReport, evaluate_split, model_tokenizer, sample_model, samples_markdown
+from gptflow.tasks.ingest import ingest
+from gptflow.tasks.model_source import ModelSourceError, resolve_model
+from gptflow.tasks.multiple_choice import MultipleChoiceReport, score_multiple_choice
+from gptflow.tasks.progress import human_duration
+from gptflow.tasks.tokenize import tokenize
+from gptflow.tasks.tracking import pipeline_run
+from gptflow.tasks.workspace import Workspace
 
 ACC_NORM_DEFINITION = (
     "lm-evaluation-harness multiple_choice scoring: each ending scored as the continuation ' ' + ending; "

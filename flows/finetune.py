@@ -15,15 +15,15 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from data.finetune_data import TASKS, check_data_file
-from data.sources import BUILTIN_CORPUS
-from flows.user_errors import hide_tracebacks_of_user_errors
-from model.checkpoint import CONFIG_FILE
-from model.finetune_config import FinetuneConfig
-from tasks.caching import pipeline_code_version
-from tasks.config import ConfigError, build_finetune_config
-from tasks.evaluate import model_tokenizer
-from tasks.finetune import (
+from gptflow.data.finetune_data import TASKS, check_data_file
+from gptflow.data.sources import BUILTIN_CORPUS
+from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
+from gptflow.model.checkpoint import CONFIG_FILE
+from gptflow.model.finetune_config import FinetuneConfig
+from gptflow.tasks.caching import pipeline_code_version
+from gptflow.tasks.config import ConfigError, build_finetune_config
+from gptflow.tasks.evaluate import model_tokenizer
+from gptflow.tasks.finetune import (
     base_chat_template,
     default_base_model,
     demo_data,
@@ -31,10 +31,10 @@ from tasks.finetune import (
     finetune_model,
     prepare_data,
 )
-from tasks.model_source import ModelSourceError, resolve_model
-from tasks.progress import human_count, human_duration
-from tasks.tracking import pipeline_run
-from tasks.workspace import Workspace
+from gptflow.tasks.model_source import ModelSourceError, resolve_model
+from gptflow.tasks.progress import human_count, human_duration
+from gptflow.tasks.tracking import pipeline_run
+from gptflow.tasks.workspace import Workspace
 
 # A Literal, so a deployment's `task` parameter is validated and offered as a choice in the Prefect UI.
 FinetuneTask = Literal[TASKS]

@@ -10,19 +10,19 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from data.sources import BUILTIN_CORPUS, resolve_sources
-from flows.user_errors import hide_tracebacks_of_user_errors
-from tasks.caching import pipeline_code_version
-from tasks.config import DEFAULT_PRESET, PresetName, build_config
-from tasks.evaluate import evaluate_model
-from tasks.ingest import ingest
-from tasks.lineage import Lineage, data_delta
-from tasks.pretrain import train_model
-from tasks.progress import human_count, human_duration
-from tasks.tokenize import tokenize
-from tasks.tokenizer import train_tokenizer
-from tasks.tracking import pipeline_run
-from tasks.workspace import Workspace
+from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
+from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
+from gptflow.tasks.caching import pipeline_code_version
+from gptflow.tasks.config import DEFAULT_PRESET, PresetName, build_config
+from gptflow.tasks.evaluate import evaluate_model
+from gptflow.tasks.ingest import ingest
+from gptflow.tasks.lineage import Lineage, data_delta
+from gptflow.tasks.pretrain import train_model
+from gptflow.tasks.progress import human_count, human_duration
+from gptflow.tasks.tokenize import tokenize
+from gptflow.tasks.tokenizer import train_tokenizer
+from gptflow.tasks.tracking import pipeline_run
+from gptflow.tasks.workspace import Workspace
 
 
 @dataclass

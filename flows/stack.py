@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.workspace import Workspace
+from gptflow.tasks.workspace import Workspace
 
 HOST = "127.0.0.1"
 STACK_FILE = "stack.json"

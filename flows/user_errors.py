@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from data.errors import CorpusError
-from data.finetune_data import FinetuneDataError
-from data.multiple_choice import MultipleChoiceError
-from model.export import ExportError
-from tasks.config import ConfigError
-from tasks.model_source import ModelSourceError
+from gptflow.data.errors import CorpusError
+from gptflow.data.finetune_data import FinetuneDataError
+from gptflow.data.multiple_choice import MultipleChoiceError
+from gptflow.model.export import ExportError
+from gptflow.tasks.config import ConfigError
+from gptflow.tasks.model_source import ModelSourceError
 
 USER_ERRORS = (CorpusError, ConfigError, ModelSourceError, MultipleChoiceError, ExportError, FinetuneDataError)
 # The loggers through which Prefect's engines report a task's or a flow's exception.

@@ -30,9 +30,9 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from data.store import atomic_directory, is_complete, remove_stale_temporaries, write_json_atomic
-from model.config import ModelConfig
-from model.gpt import GPT
+from gptflow.data.store import atomic_directory, is_complete, remove_stale_temporaries, write_json_atomic
+from gptflow.model.config import ModelConfig
+from gptflow.model.gpt import GPT
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"

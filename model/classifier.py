@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.store import atomic_directory
-from model.checkpoint import load_model
-from model.gpt import GPT, INIT_STD
+from gptflow.data.store import atomic_directory
+from gptflow.model.checkpoint import load_model
+from gptflow.model.gpt import GPT, INIT_STD
 
 HEAD_FILE = "head.safetensors"
 CLASSIFIER_FILE = "classifier.json"

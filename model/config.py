@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data.config import require
+from gptflow.data.config import require
 
 VOCAB_MULTIPLE = 128
 POSITIONS = ("learned", "rotary")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.loader import TokenWindows
-from model.device import autocast
-from model.gpt import GPT
+from gptflow.data.loader import TokenWindows
+from gptflow.model.device import autocast
+from gptflow.model.gpt import GPT
 
 
 @torch.no_grad()

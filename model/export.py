@@ -37,9 +37,9 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from data.tokenizer import EOT_TOKEN, PAD_TOKEN, load_tokenizer
-from model.config import EvalConfig, ModelConfig
-from model.gpt import GPT, INIT_STD, NORM_EPS, ROTARY_BASE, swiglu_hidden_size
+from gptflow.data.tokenizer import EOT_TOKEN, PAD_TOKEN, load_tokenizer
+from gptflow.model.config import EvalConfig, ModelConfig
+from gptflow.model.gpt import GPT, INIT_STD, NORM_EPS, ROTARY_BASE, swiglu_hidden_size
 
 WEIGHTS_FILE = "model.safetensors"
 Weights = dict[str, torch.Tensor]

@@ -24,15 +24,15 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer
 
-from data.chat import ChatTemplate, Message
-from data.finetune_data import TASKS, PreparedSplit
-from model.checkpoint import load_model, save_final
-from model.classifier import GPTClassifier, pad_right, save_head
-from model.device import autocast, resolve_autocast_dtype
-from model.finetune_config import FinetuneConfig
-from model.gpt import GPT
-from model.lora import apply_lora, merge_lora
-from model.optim import build_optimizer, learning_rate_at
+from gptflow.data.chat import ChatTemplate, Message
+from gptflow.data.finetune_data import TASKS, PreparedSplit
+from gptflow.model.checkpoint import load_model, save_final
+from gptflow.model.classifier import GPTClassifier, pad_right, save_head
+from gptflow.model.device import autocast, resolve_autocast_dtype
+from gptflow.model.finetune_config import FinetuneConfig
+from gptflow.model.gpt import GPT
+from gptflow.model.lora import apply_lora, merge_lora
+from gptflow.model.optim import build_optimizer, learning_rate_at
 
 CLASSIFIER_DIR = "classifier"
 MetricsCallback = Callable[[int, dict[str, float]], None]

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from data.config import require
-from data.finetune_data import OVERLONG_POLICIES
-from model.config import TrainConfig
+from gptflow.data.config import require
+from gptflow.data.finetune_data import OVERLONG_POLICIES
+from gptflow.model.config import TrainConfig
 
 DATA_FIELDS = ("max_length", "overlong", "val_fraction")
 """Fields read by data preparation."""

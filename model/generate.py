@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from data.tokenizer import EOT_TOKEN
-from model.evaluate import generate_samples
-from model.gpt import GPT
+from gptflow.data.tokenizer import EOT_TOKEN
+from gptflow.model.evaluate import generate_samples
+from gptflow.model.gpt import GPT
 
 
 def generate_texts(

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
+from gptflow.model.config import ModelConfig
 
 INIT_STD = 0.02
 NORM_EPS = 1e-5

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.gpt import GPT
+from gptflow.model.gpt import GPT
 
 ADAPTED_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 """Module paths, inside each transformer block, of the matrices LoRA adapts."""

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from model.config import TrainConfig
-from model.gpt import GPT
-from model.muon import Muon
+from gptflow.model.config import TrainConfig
+from gptflow.model.gpt import GPT
+from gptflow.model.muon import Muon
 
 
 class MuonWithAdamW:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data.loader import MixedWindows, TokenWindows, prefetch_batches
-from model.checkpoint import (
+from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
+from gptflow.model.checkpoint import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
     TrainerState,
@@ -33,12 +33,12 @@ from model.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from model.config import ModelConfig, TrainConfig
-from model.device import autocast, peak_flops, resolve_autocast_dtype, resolve_device
-from model.distributed import Ranks
-from model.evaluate import evaluate_loss
-from model.gpt import GPT
-from model.optim import build_optimizer, learning_rate_at
+from gptflow.model.config import ModelConfig, TrainConfig
+from gptflow.model.device import autocast, peak_flops, resolve_autocast_dtype, resolve_device
+from gptflow.model.distributed import Ranks
+from gptflow.model.evaluate import evaluate_loss
+from gptflow.model.gpt import GPT
+from gptflow.model.optim import build_optimizer, learning_rate_at
 
 # Leading entropy word that keeps the dropout stream apart from the data stream of the same step.
 DROPOUT_STREAM = 0x64726F70

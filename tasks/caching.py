@@ -10,26 +10,28 @@ the artifacts it points to are still complete on disk; if not, the stage is reco
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Generic, Literal, TypeVar
 
 from prefect import Task
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 
-from data.store import code_version, hash_file, hash_json
-from tasks.progress import run_logger
-from tasks.workspace import Workspace
+from gptflow.data.store import PACKAGE, code_version, hash_file, hash_json
+from gptflow.tasks.progress import run_logger
+from gptflow.tasks.workspace import Workspace
 
 Result = TypeVar("Result")
 StageStatus = Literal["executed", "cached"]
-PACKAGES = ("data", "model", "tasks", "flows")
+LAYERS = ("data", "model", "tasks", "flows")
 
 
-def stage_key(stage: str, *, config: Any, modules: Iterable[ModuleType], inputs: dict[str, Any]) -> str:
+def stage_key(stage: str, *, config: Any, modules: Iterable[str], inputs: dict[str, Any]) -> str:
+    """``modules``: the names of the modules that compute the stage (its task module, and any
+    module run from a file, such as an MLflow model's code); what they import is found for them."""
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
     return hash_json({"stage": stage, "config": config, "code": code_version(*modules), "inputs": inputs})
@@ -37,9 +39,8 @@ def stage_key(stage: str, *, config: Any, modules: Iterable[ModuleType], inputs:
 
 def pipeline_code_version() -> str:
     """One hash of every gptflow source file, tagged on MLflow runs to tell code versions apart."""
-    root = Path(__file__).resolve().parent.parent
-    sources = sorted(path for package in PACKAGES for path in (root / package).glob("*.py"))
-    return hash_json({path.relative_to(root).as_posix(): hash_file(path) for path in sources})
+    layers = [Path(importlib.import_module(f"{PACKAGE}.{layer}").__file__).parent for layer in LAYERS]
+    return hash_json({f"{layer.name}/{path.name}": hash_file(path) for layer in layers for path in sorted(layer.glob("*.py"))})
 
 
 @dataclass

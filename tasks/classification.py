@@ -7,30 +7,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-import data.finetune_data
-import model.classifier
-import model.finetune
-import model.gpt
-from data.finetune_data import EVAL_SPLIT, PreparedSplit, prepare_labelled, read_split
-from data.store import atomic_directory, hash_file, is_complete
-from data.tokenizer import PAD_TOKEN, load_tokenizer
-from model.classifier import classification_metrics, load_classifier
-from model.device import resolve_device
-from model.finetune import evaluate_split
-from tasks.caching import run_stage, stage_key
-from tasks.model_source import ResolvedModel
-from tasks.progress import run_logger
-from tasks.tracking import PipelineRun
-from tasks.workspace import Workspace
+from gptflow.data.finetune_data import EVAL_SPLIT, PreparedSplit, prepare_labelled, read_split
+from gptflow.data.store import atomic_directory, hash_file, is_complete
+from gptflow.data.tokenizer import PAD_TOKEN, load_tokenizer
+from gptflow.model.classifier import GPTClassifier, classification_metrics, load_classifier
+from gptflow.model.device import resolve_device
+from gptflow.model.finetune import evaluate_split
+from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.model_source import ResolvedModel
+from gptflow.tasks.progress import run_logger
+from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.workspace import Workspace
 
-CODE = (data.finetune_data, model.classifier, model.finetune, model.gpt, sys.modules[__name__])
 EVAL_BATCH_SIZE = 16
 CONFUSION_PLOT = "confusion_matrix.png"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -53,7 +47,7 @@ class ClassificationReport:
 
 
 def score_split(
-    classifier_model: model.classifier.GPTClassifier, split: PreparedSplit, split_name: str, labels: list[str],
+    classifier_model: GPTClassifier, split: PreparedSplit, split_name: str, labels: list[str],
     majority_label: str, pad_id: int, directory: Path,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Classify every example of ``split`` and write ``predictions.jsonl`` and the confusion matrix
@@ -114,7 +108,7 @@ def score_classifier(
     key = stage_key(
         "classification",
         config={"text_field": text_field, "label_field": label_field},
-        modules=CODE,
+        modules=(__name__,),
         inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash, "file": hash_file(path)},
     )
     outcome = run_stage(

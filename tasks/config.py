@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data.config import IngestConfig, TokenizeConfig, TokenizerConfig
-from model.config import MODERN_RECIPE, EvalConfig, ModelConfig, TrainConfig
-from model.finetune_config import FinetuneConfig
+from gptflow.data.config import IngestConfig, TokenizeConfig, TokenizerConfig
+from gptflow.model.config import MODERN_RECIPE, EvalConfig, ModelConfig, TrainConfig
+from gptflow.model.finetune_config import FinetuneConfig
 
 DEFAULT_PRESET = "cpu"
 

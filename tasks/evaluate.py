@@ -10,35 +10,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 from prefect import task
 
-import data.loader
-import data.stats
-import model.evaluate
-import model.gpt
-from data.errors import CorpusError
-from data.loader import TokenWindows
-from data.stats import unigram_cross_entropy
-from data.store import atomic_directory, is_complete
-from data.tokenize import TokenManifest
-from data.tokenizer import TokenizerArtifact, describe_tokenizer, load_tokenizer
-from model.checkpoint import load_model
-from model.config import EvalConfig
-from model.device import resolve_device
-from model.evaluate import bits_per_byte, evaluate_loss, generate_samples, perplexity
-from model.gpt import GPT
-from tasks.caching import run_stage, stage_key
-from tasks.model_source import ModelSourceError, ResolvedModel
-from tasks.progress import run_logger
-from tasks.tracking import PipelineRun
-from tasks.training_job import TrainedModel
-from tasks.workspace import Workspace
+from gptflow.data.errors import CorpusError
+from gptflow.data.loader import TokenWindows
+from gptflow.data.stats import unigram_cross_entropy
+from gptflow.data.store import atomic_directory, is_complete
+from gptflow.data.tokenize import TokenManifest
+from gptflow.data.tokenizer import TokenizerArtifact, describe_tokenizer, load_tokenizer
+from gptflow.model.checkpoint import load_model
+from gptflow.model.config import EvalConfig
+from gptflow.model.device import resolve_device
+from gptflow.model.evaluate import bits_per_byte, evaluate_loss, generate_samples, perplexity
+from gptflow.model.gpt import GPT
+from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
+from gptflow.tasks.progress import run_logger
+from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.training_job import TrainedModel
+from gptflow.tasks.workspace import Workspace
 
-CODE = (data.loader, data.stats, model.evaluate, model.gpt, sys.modules[__name__])
 EVAL_BATCH_SIZE = 8
 SPLITS_OF: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val",), "all": ("train", "val")}
 """The corpus splits each ``tasks.config.EvalSplit`` reads."""
@@ -198,7 +192,7 @@ def evaluate_model(
     key = stage_key(
         "evaluate",
         config=config,
-        modules=CODE,
+        modules=(__name__,),
         inputs={"model": trained.weights_hash, "tokens": tokens.fingerprint, "tokenizer": tokenizer.hash},
     )
     outcome = run_stage(
@@ -249,7 +243,7 @@ def evaluate_split(
     key = stage_key(
         "loss",
         config={"split": split, "eval_tokens": config.eval_tokens},
-        modules=CODE,
+        modules=(__name__,),
         inputs={"model": source.weights_hash, "tokenizer": tokenizer.hash, "tokens": tokens.fingerprint},
     )
     outcome = run_stage(
@@ -280,7 +274,7 @@ def sample_model(
     key = stage_key(
         "samples",
         config={"prompts": config.prompts, **config.sampling()},
-        modules=CODE,
+        modules=(__name__,),
         inputs={"model": source.weights_hash, "tokenizer": tokenizer.hash},
     )
     outcome = run_stage(

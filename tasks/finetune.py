@@ -25,46 +25,31 @@ from mlflow.models import infer_signature
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-import data.chat
-import data.finetune_data
-import data.finetune_demo
-import model.checkpoint
-import model.classifier
-import model.finetune
-import model.gpt
-import model.lora
-import model.optim
-import tasks.classification
-from data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
-from data.finetune_data import PreparedData, PreparedSplit, prepare_examples, read_split
-from data.finetune_demo import write_demo
-from data.sources import builtin_corpus_root
-from data.store import atomic_directory, hash_file, hash_json, is_complete, read_contents_hash
-from data.tokenizer import PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
-from model.checkpoint import load_model
-from model.classifier import load_classifier
-from model.device import resolve_device
-from model.finetune import build_task_model, evaluate_split, finetune, generate_response
-from model.gpt import GPT
-from model.finetune_config import FinetuneConfig
-from tasks.caching import run_stage, stage_key
-from tasks.classification import EVAL_BATCH_SIZE, most_common_label, score_split
-from tasks.config import DEFAULT_PRESET
-from tasks.model_source import ModelSourceError, ResolvedModel
-from tasks.progress import human_count, run_logger
-from tasks.tracking import BufferedMetrics, PipelineRun
-from tasks.training_job import plot_loss_curve
-from tasks.workspace import Workspace
+from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
+from gptflow.data.finetune_data import PREPARED_FILE, PreparedData, PreparedSplit, prepare_examples, read_split
+from gptflow.data.finetune_demo import write_demo
+from gptflow.data.sources import builtin_corpus_root
+from gptflow.data.store import atomic_directory, hash_file, hash_json, is_complete, read_contents_hash
+from gptflow.data.tokenizer import PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
+from gptflow.model.checkpoint import load_model
+from gptflow.model.classifier import load_classifier
+from gptflow.model.device import resolve_device
+from gptflow.model.finetune import build_task_model, evaluate_split, finetune, generate_response
+from gptflow.model.gpt import GPT
+from gptflow.model.finetune_config import FinetuneConfig
+from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.classification import EVAL_BATCH_SIZE, most_common_label, score_split
+from gptflow.tasks.config import DEFAULT_PRESET
+from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
+from gptflow.tasks.progress import human_count, run_logger
+from gptflow.tasks.tracking import BufferedMetrics, PipelineRun
+from gptflow.tasks.training_job import plot_loss_curve
+from gptflow.tasks.workspace import Workspace
 
 REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification"}
 """The model registry name of each task's fine-tuned models."""
-# Not imported: each file sets the model of the MLflow model it is logged in, when that loads.
-MODEL_CODE = {"sft": Path(__file__).with_name("mlflow_chat_model.py"),
-              "classification": Path(__file__).with_name("mlflow_classifier.py")}
-PREPARE_CODE = (data.chat, data.finetune_data, sys.modules[__name__])
-FINETUNE_CODE = (data.finetune_data, model.checkpoint, model.classifier, model.finetune, model.gpt, model.lora,
-                 model.optim, sys.modules[__name__])
-EVALUATE_CODE = (model.classifier, model.finetune, model.gpt, tasks.classification, sys.modules[__name__])
+MLFLOW_MODEL_MODULES = {"sft": "gptflow.tasks.mlflow_chat_model", "classification": "gptflow.tasks.mlflow_classifier"}
+"""Each task's MLflow model from code: run from its file when the model loads, never imported here."""
 TOKENIZER_DIR = "tokenizer"
 REPORT_DIR = "report"
 
@@ -109,7 +94,7 @@ def demo_data(finetune_task: str, workspace: Workspace, run: PipelineRun) -> Pat
     """The built-in demo of ``finetune_task`` as a JSONL file in the store (see ``data.finetune_demo``)."""
     key = stage_key("finetune-demo", config={"task": finetune_task, "python": sys.version,
                                              "stdlib": str(builtin_corpus_root())},
-                    modules=(data.finetune_demo,), inputs={})
+                    modules=(__name__,), inputs={})
     outcome = run_stage(write_demo_task, key=key, workspace=workspace, is_valid=lambda path: is_complete(Path(path).parent),
                         finetune_task=finetune_task, out_dir=str(workspace.store / "finetune-demo" / key))
     run.record_stage("demo-data", outcome.status)
@@ -136,7 +121,7 @@ def prepare_data(
         "finetune-prepare",
         config={"task": finetune_task, **settings,
                 "template": dataclasses.asdict(template) if finetune_task == "sft" else None},
-        modules=PREPARE_CODE,
+        modules=(__name__,),
         inputs={"train": hash_file(train_file), "val": hash_file(val_file) if val_file else None,
                 "tokenizer": base.tokenizer_hash},
     )
@@ -156,7 +141,7 @@ def prepare_data(
         "data/skipped": skips.total,
     })
     run.set_tags({"gptflow.data_fingerprint": prepared.fingerprint})
-    run.log_artifact(Path(prepared.directory) / data.finetune_data.PREPARED_FILE, "data")
+    run.log_artifact(Path(prepared.directory) / PREPARED_FILE, "data")
     logger = run_logger()
     logger.info(f"prepare: {prepared.examples['train']:,} train / {prepared.examples['val']:,} val examples, "
                 f"{human_count(prepared.tokens['train'])} train tokens"
@@ -269,10 +254,9 @@ def finetune_model(
     key = stage_key(
         "finetune",
         config={"task": finetune_task, **config.training_settings()},
-        modules=FINETUNE_CODE,
-        # The logged MLflow model runs this code: a change to it must log a new model.
-        inputs={"base": base.weights_hash, "data": prepared.fingerprint,
-                "mlflow_model_code": hash_file(MODEL_CODE[finetune_task])},
+        # The logged MLflow model runs its module's code: a change to it must log a new model.
+        modules=(__name__, MLFLOW_MODEL_MODULES[finetune_task]),
+        inputs={"base": base.weights_hash, "data": prepared.fingerprint},
     )
     outcome = run_stage(
         train_task, key=key, workspace=workspace,
@@ -308,7 +292,7 @@ def _log_model(run: PipelineRun, finetune_task: str, model_dir: Path, classifier
     else:
         artifacts["classifier"] = classifier_dir
         signature = infer_signature(["def parse(self, text):"], ["email"])
-    return run.log_pyfunc_model(MODEL_CODE[finetune_task], artifacts, signature, REGISTERED_MODELS[finetune_task])
+    return run.log_pyfunc_model(MLFLOW_MODEL_MODULES[finetune_task], artifacts, signature, REGISTERED_MODELS[finetune_task])
 
 
 @contextlib.contextmanager
@@ -370,7 +354,7 @@ def evaluate_finetuned(
     key = stage_key(
         "finetune-evaluate",
         config={"task": tuned.task, **({**config.sampling(), "samples": config.samples} if tuned.task == "sft" else {})},
-        modules=EVALUATE_CODE,
+        modules=(__name__,),
         inputs={"model": tuned.weights_hash, "data": prepared.fingerprint},
     )
     outcome = run_stage(

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Collection
 from pathlib import Path
 
 from prefect import task
 
-import data.ingest
-import data.readers
-import data.shards
-import data.sources
-from data.config import IngestConfig
-from data.ingest import CorpusManifest, ingest_corpus, require_splits
-from data.shards import SPLITS
-from data.sources import SourceResolution
-from data.store import is_complete
-from tasks.caching import run_stage, stage_key
-from tasks.progress import StageProgress, run_logger
-from tasks.tracking import PipelineRun
-from tasks.workspace import Workspace
+from gptflow.data.config import IngestConfig
+from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits
+from gptflow.data.shards import SPLITS
+from gptflow.data.sources import SourceResolution
+from gptflow.data.store import is_complete
+from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.progress import StageProgress, run_logger
+from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.workspace import Workspace
 
-CODE = (data.ingest, data.readers, data.shards, data.sources, sys.modules[__name__])
 
 
 @task(name="ingest-corpus")
@@ -42,7 +36,7 @@ def ingest(
     """Ingest (or find cached) ``sources``; a ``CorpusError`` if a split in ``required_splits`` is empty."""
     # Size and mtime stand in for content here: a touched file re-runs the stage, whose per-file
     # units are then found by content hash and reused.
-    key = stage_key("ingest", config=config, modules=CODE, inputs={"sources": sources.fingerprint_inputs()})
+    key = stage_key("ingest", config=config, modules=(__name__,), inputs={"sources": sources.fingerprint_inputs()})
     outcome = run_stage(
         ingest_corpus_task,
         key=key,

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data.ingest import CorpusManifest
-from data.sources import BUILTIN_CORPUS
-from data.store import hash_json, write_json_atomic
-from data.tokenize import TokenManifest
-from tasks.workspace import Workspace
+from gptflow.data.ingest import CorpusManifest
+from gptflow.data.sources import BUILTIN_CORPUS
+from gptflow.data.store import hash_json, write_json_atomic
+from gptflow.data.tokenize import TokenManifest
+from gptflow.tasks.workspace import Workspace
 
 LINEAGE_DIR = "lineages"
 

@@ -23,9 +23,9 @@ class GptflowChatModel(PythonModel):
     """Prompts in, the model's answers out (prompt not repeated); ``params`` set the sampling."""
 
     def load_context(self, context: Any) -> None:
-        from data.chat import ChatTemplate
-        from data.tokenizer import load_tokenizer
-        from model.checkpoint import load_model
+        from gptflow.data.chat import ChatTemplate
+        from gptflow.data.tokenizer import load_tokenizer
+        from gptflow.model.checkpoint import load_model
 
         self.model = load_model(Path(context.artifacts["model"]))
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
@@ -34,9 +34,9 @@ class GptflowChatModel(PythonModel):
     # model_input has no type hint on purpose: MLflow would replace the logged signature (and its
     # sampling params) with one built from the hint.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
-        from data.chat import Message
-        from model.finetune import answer
-        from model.generate import input_texts
+        from gptflow.data.chat import Message
+        from gptflow.model.finetune import answer
+        from gptflow.model.generate import input_texts
 
         settings = {**DEFAULT_SAMPLING, **(params or {})}
         conversations = [[Message("user", prompt)] for prompt in input_texts(model_input, "prompt")]

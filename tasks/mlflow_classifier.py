@@ -20,8 +20,8 @@ BATCH_SIZE = 16
 
 class GptflowClassifier(PythonModel):
     def load_context(self, context: Any) -> None:
-        from data.tokenizer import EOT_TOKEN, PAD_TOKEN, load_tokenizer
-        from model.classifier import load_classifier
+        from gptflow.data.tokenizer import EOT_TOKEN, PAD_TOKEN, load_tokenizer
+        from gptflow.model.classifier import load_classifier
 
         self.classifier, self.max_length = load_classifier(
             Path(context.artifacts["model"]), Path(context.artifacts["classifier"])
@@ -34,9 +34,9 @@ class GptflowClassifier(PythonModel):
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
         import torch
 
-        from data.finetune_data import encode_text
-        from model.classifier import pad_right
-        from model.generate import input_texts
+        from gptflow.data.finetune_data import encode_text
+        from gptflow.model.classifier import pad_right
+        from gptflow.model.generate import input_texts
 
         texts = input_texts(model_input, "text")
         labels: list[str] = []

@@ -19,9 +19,9 @@ class GptflowTextGenerator(PythonModel):
     """Prompts in, prompt + continuation out; ``params`` set the sampling."""
 
     def load_context(self, context: Any) -> None:
-        from data.tokenizer import load_tokenizer
-        from model.config import EvalConfig
-        from model.checkpoint import load_model
+        from gptflow.data.tokenizer import load_tokenizer
+        from gptflow.model.config import EvalConfig
+        from gptflow.model.checkpoint import load_model
 
         self.model = load_model(Path(context.artifacts["model"]))
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
@@ -30,7 +30,7 @@ class GptflowTextGenerator(PythonModel):
     # model_input has no type hint on purpose (MLflow warns about that): MLflow would build the
     # input schema from it and drop the logged signature, whose params let callers set sampling.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
-        from model.generate import generate_texts, input_texts
+        from gptflow.model.generate import generate_texts, input_texts
 
         settings = {**self.default_sampling, **(params or {})}
         return generate_texts(

@@ -16,12 +16,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from data.store import atomic_directory, hash_bytes, hash_file, hash_json, is_complete, read_contents_hash
-from data.tokenizer import TOKENIZER_FILE
-from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from model.classifier import CLASSIFIER_FILE, HEAD_FILE
-from model.finetune import CLASSIFIER_DIR
-from tasks.workspace import Workspace
+from gptflow.data.store import atomic_directory, hash_bytes, hash_file, hash_json, is_complete, read_contents_hash
+from gptflow.data.tokenizer import TOKENIZER_FILE
+from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from gptflow.model.classifier import CLASSIFIER_FILE, HEAD_FILE
+from gptflow.model.finetune import CLASSIFIER_DIR
+from gptflow.tasks.workspace import Workspace
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PINNED_VERSION = re.compile(r"^models:/[^/@]+/\d+$")

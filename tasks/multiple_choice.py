@@ -10,28 +10,23 @@ log-probability, ``acc_norm`` the highest per character of the ending (lm-evalua
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 
-import data.multiple_choice
-import model.evaluate
-import model.gpt
-from data.multiple_choice import MultipleChoiceError, encode_example, read_multiple_choice
-from data.store import atomic_directory, is_complete
-from data.tokenizer import TokenizerArtifact, load_tokenizer
-from model.device import resolve_device
-from model.evaluate import predicted_choice, score_continuations
-from tasks.caching import run_stage, stage_key
-from tasks.evaluate import EVAL_BATCH_SIZE, load_source_model
-from tasks.model_source import ResolvedModel
-from tasks.progress import StageProgress, run_logger
-from tasks.tracking import PipelineRun
-from tasks.workspace import Workspace
+from gptflow.data.multiple_choice import MultipleChoiceError, encode_example, read_multiple_choice
+from gptflow.data.store import atomic_directory, is_complete
+from gptflow.data.tokenizer import TokenizerArtifact, load_tokenizer
+from gptflow.model.device import resolve_device
+from gptflow.model.evaluate import predicted_choice, score_continuations
+from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.evaluate import EVAL_BATCH_SIZE, load_source_model
+from gptflow.tasks.model_source import ResolvedModel
+from gptflow.tasks.progress import StageProgress, run_logger
+from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.workspace import Workspace
 
-CODE = (data.multiple_choice, model.evaluate, model.gpt, sys.modules[__name__])
 PREDICTIONS_FILE = "predictions.jsonl"
 
 
@@ -122,7 +117,7 @@ def score_multiple_choice(
     key = stage_key(
         "multiple_choice",
         config={},
-        modules=CODE,
+        modules=(__name__,),
         inputs={"model": source.weights_hash, "tokenizer": tokenizer.hash, "file": file_hash},
     )
     outcome = run_stage(

@@ -5,40 +5,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-import data.loader
-import model.checkpoint
-import model.device
-import model.distributed
-import model.evaluate
-import model.gpt
-import model.optim
-import model.train
-import tasks.training_job
-from data.store import hash_json, is_complete, read_contents_hash
-from data.tokenize import TokenManifest
-from data.tokenizer import TokenizerArtifact
-from model.checkpoint import latest_checkpoint
-from model.config import ModelConfig, TrainConfig, pad_vocab_size
-from model.train import Continuation
-from tasks.caching import run_stage, stage_key
-from tasks.config import IncrementalConfig
-from tasks.lineage import ContinuationSource, Lineage, ModelRecord
-from tasks.progress import run_logger
-from tasks.tracking import PipelineRun
-from tasks.training_job import TrainedModel, TrainingJob
-from tasks.workspace import Workspace
+from gptflow.data.store import hash_json, is_complete, read_contents_hash
+from gptflow.data.tokenize import TokenManifest
+from gptflow.data.tokenizer import TokenizerArtifact
+from gptflow.model.checkpoint import latest_checkpoint
+from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size
+from gptflow.model.train import Continuation
+from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.config import IncrementalConfig
+from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord
+from gptflow.tasks.progress import run_logger
+from gptflow.tasks.tracking import GENERATOR_MODULE, PipelineRun
+from gptflow.tasks.training_job import TrainedModel, TrainingJob
+from gptflow.tasks.workspace import Workspace
 
-CODE = (
-    data.loader, model.checkpoint, model.device, model.distributed, model.evaluate, model.gpt, model.optim,
-    model.train, tasks.training_job, sys.modules[__name__],
-)
 
 
 @task(name="pretrain-model")
@@ -144,7 +130,7 @@ def train_model(
                 "new_data_fraction": incremental.new_data_fraction,
             },
         },
-        modules=CODE,
+        modules=(__name__, GENERATOR_MODULE),
         inputs={"tokens": tokens.fingerprint, "tokenizer": tokenizer.hash},
     )
     job = TrainingJob(

@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import task
 
-import data.shards
-import data.tokenize
-from data.config import TokenizeConfig
-from data.ingest import CorpusManifest
-from data.store import is_complete
-from data.tokenize import TokenManifest
-from data.tokenizer import TokenizerArtifact
-from tasks.caching import run_stage, stage_key
-from tasks.progress import StageProgress
-from tasks.tracking import PipelineRun
-from tasks.workspace import Workspace
+from gptflow.data.config import TokenizeConfig
+from gptflow.data.ingest import CorpusManifest
+from gptflow.data.store import is_complete
+from gptflow.data.tokenize import TokenManifest, tokenize_corpus
+from gptflow.data.tokenizer import TokenizerArtifact
+from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.progress import StageProgress
+from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.workspace import Workspace
 
-CODE = (data.shards, data.tokenize, sys.modules[__name__])
 
 
 @task(name="tokenize-corpus")
 def tokenize_corpus_task(
     corpus: CorpusManifest, tokenizer: TokenizerArtifact, config: TokenizeConfig, store_dir: str
 ) -> TokenManifest:
-    return data.tokenize.tokenize_corpus(
+    return tokenize_corpus(
         corpus, tokenizer, config, Path(store_dir), progress=StageProgress("tokenize", "B")
     )
 
@@ -40,7 +36,7 @@ def tokenize(
 ) -> TokenManifest:
     # batch_bytes and workers change speed, not tokens: they stay out of the key.
     key = stage_key(
-        "tokenize", config={}, modules=CODE, inputs={"corpus": corpus.fingerprint, "tokenizer": tokenizer.hash}
+        "tokenize", config={}, modules=(__name__,), inputs={"corpus": corpus.fingerprint, "tokenizer": tokenizer.hash}
     )
     outcome = run_stage(
         tokenize_corpus_task,

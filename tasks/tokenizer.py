@@ -6,28 +6,26 @@ shard, so a new tokenizer would re-tokenize every file. ``retrain=True`` trains 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import task
 
-import data.tokenizer
-from data.config import TokenizerConfig
-from data.ingest import CorpusManifest
-from data.store import is_complete
-from data.tokenizer import TokenizerArtifact
-from tasks.caching import run_stage, stage_key
-from tasks.lineage import Lineage
-from tasks.progress import StageProgress, run_logger
-from tasks.tracking import PipelineRun
-from tasks.workspace import Workspace
+from gptflow.data.config import TokenizerConfig
+from gptflow.data.ingest import CorpusManifest
+from gptflow.data.store import is_complete
+from gptflow.data.tokenizer import TokenizerArtifact
+from gptflow.data.tokenizer import train_tokenizer as train_bpe
+from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.lineage import Lineage
+from gptflow.tasks.progress import StageProgress, run_logger
+from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.workspace import Workspace
 
-CODE = (data.tokenizer, sys.modules[__name__])
 
 
 @task(name="train-tokenizer")
 def train_tokenizer_task(corpus: CorpusManifest, config: TokenizerConfig, store_dir: str) -> TokenizerArtifact:
-    return data.tokenizer.train_tokenizer(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"))
+    return train_bpe(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"))
 
 
 def train_tokenizer(
@@ -39,12 +37,12 @@ def train_tokenizer(
     retrain: bool = False,
 ) -> TokenizerArtifact:
     # Same settings and code as the kept tokenizer: keep it, whatever the corpus became since.
-    settings_key = stage_key("tokenizer", config=config, modules=CODE, inputs={})
+    settings_key = stage_key("tokenizer", config=config, modules=(__name__,), inputs={})
     kept = None if retrain else lineage.tokenizers.get(settings_key)
     if kept and not is_complete(Path(kept["artifact"]["path"]).parent):
         run_logger().warning("tokenizer: the lineage's tokenizer was deleted or altered on disk; training a new one")
         kept = None
-    key = kept["stage_key"] if kept else stage_key("tokenizer", config=config, modules=CODE,
+    key = kept["stage_key"] if kept else stage_key("tokenizer", config=config, modules=(__name__,),
                                                     inputs={"corpus": corpus.fingerprint})
     outcome = run_stage(
         train_tokenizer_task,

@@ -22,13 +22,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 
-import data
-import model
-from model.config import EvalConfig
+from gptflow.data.store import PACKAGE, module_file
+from gptflow.model.config import EvalConfig
 
-from tasks.workspace import Workspace
+from gptflow.tasks.workspace import Workspace
 
-GENERATOR_CODE = Path(__file__).with_name("mlflow_model.py")
+GENERATOR_MODULE = "gptflow.tasks.mlflow_model"
+"""The MLflow model from code of every pretrained model (run from its file, never imported here)."""
+PURE_LAYERS = ("data", "model")
+"""The packages an MLflow model carries: its code imports only these."""
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "gptflow"
 STAGE_TAG_PREFIX = "gptflow.stage."
@@ -86,28 +88,31 @@ class PipelineRun:
         """Log a trained model as an MLflow pyfunc model at artifact path ``model`` and register
         it as a new version of ``registered_name``; returns the version."""
         return self.log_pyfunc_model(
-            GENERATOR_CODE,
+            GENERATOR_MODULE,
             artifacts={"model": model_dir, "tokenizer": tokenizer_file},
             signature=infer_signature(["def parse("], ["def parse(text):"], params=EvalConfig().sampling()),
             registered_name=registered_name,
         )
 
     def log_pyfunc_model(
-        self, code_file: Path, artifacts: dict[str, Path], signature: ModelSignature, registered_name: str
+        self, code_module: str, artifacts: dict[str, Path], signature: ModelSignature, registered_name: str
     ) -> str:
-        """Log ``code_file`` (an MLflow model from code) with ``artifacts`` and gptflow's pure packages
-        as the pyfunc model at artifact path ``model``, and register it as a new version of
-        ``registered_name``; returns the version."""
+        """Log the module ``code_module`` (an MLflow model from code) with ``artifacts`` and gptflow's
+        pure packages as the pyfunc model at artifact path ``model``, and register it as a new
+        version of ``registered_name``; returns the version."""
         with tempfile.TemporaryDirectory() as tmp:
-            # Copies of the pure packages, without bytecode caches, travel inside the model.
-            code = [shutil.copytree(Path(package.__file__).parent, Path(tmp) / "code" / package.__name__,
-                                    ignore=shutil.ignore_patterns("__pycache__")) for package in (data, model)]
+            # Copies of the pure packages, without bytecode caches, travel inside the model as
+            # code/gptflow/{data,model}: MLflow puts code/ on sys.path when the model loads.
+            package = Path(tmp) / "code" / PACKAGE
+            for layer in PURE_LAYERS:
+                shutil.copytree(module_file(f"{PACKAGE}.{layer}").parent, package / layer,
+                                ignore=shutil.ignore_patterns("__pycache__"))
             saved = Path(tmp) / "model"
             mlflow.pyfunc.save_model(
                 path=saved,
-                python_model=str(code_file),
+                python_model=str(module_file(code_module)),
                 artifacts={name: str(path) for name, path in artifacts.items()},
-                code_paths=[str(path) for path in code],
+                code_paths=[str(package)],
                 signature=signature,
                 pip_requirements=[f"{name}=={metadata.version(name)}"
                                   for name in ("torch", "tokenizers", "safetensors", "pyarrow", "numpy", "mlflow")],

@@ -2,7 +2,7 @@
 
 A ``TrainingJob`` holds everything a training needs as plain JSON, so the pretrain task can run
 it in-process (one device) or hand it to ``torchrun`` (``train.nproc`` > 1), whose every rank runs
-``python -m tasks.training_job JOB.json RESULT.json``. Rank 0 reports to MLflow, writes the loss
+``python -m gptflow.tasks.training_job JOB.json RESULT.json``. Rank 0 reports to MLflow, writes the loss
 curve and registers the model; the task forwards the workers' console lines to its Prefect log.
 """
 
@@ -25,13 +25,12 @@ from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-import model.train
-from data.store import atomic_directory, read_contents_hash
-from model.config import ModelConfig, TrainConfig
-from model.distributed import Ranks
-from model.train import Continuation
-from tasks.progress import human_count, human_duration, run_logger
-from tasks.tracking import BufferedMetrics, PipelineRun
+from gptflow.data.store import atomic_directory, read_contents_hash
+from gptflow.model.config import ModelConfig, TrainConfig
+from gptflow.model.distributed import Ranks
+from gptflow.model.train import Continuation, pretrain
+from gptflow.tasks.progress import human_count, human_duration, run_logger
+from gptflow.tasks.tracking import BufferedMetrics, PipelineRun
 
 REPORT_DIR = "report"
 TOKENIZER_FILE = "tokenizer.json"
@@ -86,7 +85,7 @@ class TrainingJob:
         run = PipelineRun.attach(self.tracking_uri, self.mlflow_run_id)
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress) if is_main else None
         with _system_metrics(run) if is_main else contextlib.nullcontext():
-            result = model.train.pretrain(
+            result = pretrain(
                 ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
                 [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=self.resume,
                 continuation=continuation,
@@ -123,7 +122,7 @@ class TrainingJob:
             job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
             job_file.write_text(json.dumps(dataclasses.asdict(self)))
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       "-m", "tasks.training_job", str(job_file), str(result_file)]
+                       "-m", "gptflow.tasks.training_job", str(job_file), str(result_file)]
             logger.info(f"pretrain: launching {nproc} processes: {' '.join(command[1:])}")
             with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as workers:
                 for line in workers.stdout:

@@ -41,6 +41,19 @@ def prefect_api_url() -> str:
 
 
 @pytest.fixture
+def gptflow_copy(tmp_path) -> Path:
+    """A copy of gptflow's source to edit: a process whose PYTHONPATH is the returned folder imports
+    the copy's gptflow package instead of the installed one."""
+    from gptflow.data.store import module_file
+
+    root = tmp_path / "source"
+    for layer in ("data", "model", "tasks", "flows"):
+        shutil.copytree(module_file(f"gptflow.{layer}").parent, root / "gptflow" / layer,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@pytest.fixture
 def write_shard() -> Callable[[Path, np.ndarray, int], Path]:
     """Writes tokens as the tokenize stage does: an Arrow IPC file of ``tokens`` record batches."""
 
@@ -60,7 +73,7 @@ def bpe_tokenizer_file(tmp_path_factory) -> Path:
     a moment on two standard-library modules; they pad to 384 embedding rows."""
     from tokenizers import pre_tokenizers, trainers
 
-    from data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, _untrained_tokenizer
+    from gptflow.data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, _untrained_tokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / "json" / name).read_text() for name in ("decoder.py", "encoder.py")]

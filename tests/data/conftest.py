@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from data.config import IngestConfig, TokenizerConfig
-from data.errors import SkipReport
-from data.ingest import CorpusManifest, ingest_corpus
-from data.readers import read_documents
-from data.sources import SourceFile, detect_format, resolve_sources
-from data.tokenizer import TokenizerArtifact, train_tokenizer
+from gptflow.data.config import IngestConfig, TokenizerConfig
+from gptflow.data.errors import SkipReport
+from gptflow.data.ingest import CorpusManifest, ingest_corpus
+from gptflow.data.readers import read_documents
+from gptflow.data.sources import SourceFile, detect_format, resolve_sources
+from gptflow.data.tokenizer import TokenizerArtifact, train_tokenizer
 
 TEST_VOCAB_SIZE = 512
 

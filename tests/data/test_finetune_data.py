@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data.chat import ChatTemplate, Message
-from data.finetune_data import (
+from gptflow.data.chat import ChatTemplate, Message
+from gptflow.data.finetune_data import (
     SKIP_EMPTY_RESPONSE,
     SKIP_INVALID_JSON,
     SKIP_MALFORMED_MESSAGES,
@@ -25,7 +25,7 @@ from data.finetune_data import (
     prepare_labelled,
     read_split,
 )
-from data.tokenizer import load_tokenizer
+from gptflow.data.tokenizer import load_tokenizer
 
 
 def _jsonl(path: Path, lines: list[object]) -> Path:

@@ -7,13 +7,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from data.config import IngestConfig
-from data.errors import CorpusError
-from data.ingest import CorpusManifest, document_split, ingest_corpus
-from data.readers import SKIP_BINARY, SKIP_TOO_SHORT
-from data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
-from data.sources import SKIP_UNSUPPORTED, resolve_sources
-from data.store import CONTENTS_FILE, hash_bytes, is_complete
+from gptflow.data.config import IngestConfig
+from gptflow.data.errors import CorpusError
+from gptflow.data.ingest import CorpusManifest, document_split, ingest_corpus
+from gptflow.data.readers import SKIP_BINARY, SKIP_TOO_SHORT
+from gptflow.data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
+from gptflow.data.sources import SKIP_UNSUPPORTED, resolve_sources
+from gptflow.data.store import CONTENTS_FILE, hash_bytes, is_complete
 
 CONFIG = IngestConfig(val_fraction=0.3)
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data.loader import MixedWindows, TokenWindows, prefetch_batches
+from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
 
 
 @pytest.fixture

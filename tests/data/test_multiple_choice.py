@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data.multiple_choice import MultipleChoiceError, encode_example, read_multiple_choice
-from data.tokenizer import load_tokenizer
+from gptflow.data.multiple_choice import MultipleChoiceError, encode_example, read_multiple_choice
+from gptflow.data.tokenizer import load_tokenizer
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "hellaswag_sample.jsonl"
 GOOD = {"ctx": "The cat sat on the", "endings": ["mat.", "moon."], "label": 0}

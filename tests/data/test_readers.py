@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.errors import MAX_EXAMPLES_PER_REASON, CorpusError, SkipReport
-from data.readers import (
+from gptflow.data.errors import MAX_EXAMPLES_PER_REASON, CorpusError, SkipReport
+from gptflow.data.readers import (
     SKIP_BINARY,
     SKIP_INVALID_JSON,
     SKIP_INVALID_UTF8,

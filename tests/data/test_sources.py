@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import CorpusError
-from data.sources import (
+from gptflow.data.errors import CorpusError
+from gptflow.data.sources import (
     BUILTIN_CORPUS,
     SKIP_HIDDEN,
     SKIP_UNSUPPORTED,

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from data.shards import TokenShardWriter
-from data.stats import token_counts, unigram_cross_entropy
+from gptflow.data.shards import TokenShardWriter
+from gptflow.data.stats import token_counts, unigram_cross_entropy
 
 VOCAB = 512
 

@@ -7,18 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.config import IngestConfig, TokenizeConfig
-from data.ingest import CorpusUnit, ingest_corpus
-from data.shards import (
+from gptflow.data.config import IngestConfig, TokenizeConfig
+from gptflow.data.ingest import CorpusUnit, ingest_corpus
+from gptflow.data.shards import (
     TOKENS_PER_RECORD_BATCH,
     TokenShardWriter,
     iter_raw_batches,
     iter_token_arrays,
     token_dtype,
 )
-from data.sources import resolve_sources
-from data.tokenize import PIECE_CHARS, TokenManifest, cut_at_token_boundaries, tokenize_corpus
-from data.tokenizer import load_tokenizer
+from gptflow.data.sources import resolve_sources
+from gptflow.data.tokenize import PIECE_CHARS, TokenManifest, cut_at_token_boundaries, tokenize_corpus
+from gptflow.data.tokenizer import load_tokenizer
 
 
 def documents(unit: CorpusUnit, split: str) -> list[str]:

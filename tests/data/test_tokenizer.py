@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models
 
-from data.config import IngestConfig, TokenizerConfig
-from data.ingest import ingest_corpus
-from data.shards import iter_raw_batches
-from data.sources import resolve_sources
-from data.store import hash_bytes
-from data.tokenizer import (
+from gptflow.data.config import IngestConfig, TokenizerConfig
+from gptflow.data.ingest import ingest_corpus
+from gptflow.data.shards import iter_raw_batches
+from gptflow.data.sources import resolve_sources
+from gptflow.data.store import hash_bytes
+from gptflow.data.tokenizer import (
     EOT_TOKEN,
     META_FILE,
     PAD_TOKEN,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from flows.deployments import DEPLOYMENT_NAME, FLOWS
+from gptflow.flows.deployments import DEPLOYMENT_NAME, FLOWS
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 
 def _gptflow(*args: str, env: dict[str, str], **options) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "gptflow.flows.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, **options)
 
 
@@ -69,7 +69,7 @@ def stack(tmp_path_factory):
 
 
 def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_corpus_dir, tmp_path):
-    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], cwd=ROOT, env=stack,
+    serve = subprocess.Popen([sys.executable, "-m", "gptflow.flows.cli", "serve"], cwd=ROOT, env=stack,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

@@ -10,10 +10,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from data.errors import CorpusError
-from flows.cli import main
-from flows.evaluate import evaluate
-from flows.pretrain import pretrain
+from gptflow.data.errors import CorpusError
+from gptflow.flows.cli import main
+from gptflow.flows.evaluate import evaluate
+from gptflow.flows.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "fixtures" / "hellaswag_sample.jsonl"

@@ -12,11 +12,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from data.finetune_demo import CLASSIFICATION_PACKAGES
-from flows.cli import main
-from flows.evaluate import evaluate
-from flows.finetune import finetune
-from flows.pretrain import pretrain
+from gptflow.data.finetune_demo import CLASSIFICATION_PACKAGES
+from gptflow.flows.cli import main
+from gptflow.flows.evaluate import evaluate
+from gptflow.flows.finetune import finetune
+from gptflow.flows.pretrain import pretrain
 
 BASE = "models:/gptflow-tiny/1"
 # A few steps of everything: these tests check the pipeline, not what a tiny model learns.

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from flows.cli import SAMPLE_SEPARATOR, main
-from model.checkpoint import save_final
-from model.config import ModelConfig, pad_vocab_size
-from model.gpt import GPT
+from gptflow.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from gptflow.flows.cli import SAMPLE_SEPARATOR, main
+from gptflow.model.checkpoint import save_final
+from gptflow.model.config import ModelConfig, pad_vocab_size
+from gptflow.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory, bpe_tokenizer_file) -> Path:
 
 def test_generate_continues_each_line_of_stdin_and_each_prompt(model_dir, tmp_path, capsys):
     arguments = ["generate", "--model", str(model_dir), "--max-new-tokens", "6", "--workspace", str(tmp_path / "ws")]
-    piped = subprocess.run([sys.executable, "-m", "flows.cli", *arguments], input="def parse(\nclass Decoder\n",
+    piped = subprocess.run([sys.executable, "-m", "gptflow.flows.cli", *arguments], input="def parse(\nclass Decoder\n",
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert piped.returncode == 0, piped.stderr
     first, second = piped.stdout.removesuffix("\n").split(f"\n{SAMPLE_SEPARATOR}\n")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from data.shards import iter_raw_batches
-from data.store import hash_file, is_complete
+from gptflow.data.shards import iter_raw_batches
+from gptflow.data.store import hash_file, is_complete
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRA_FILE = Path(json.__file__).parent.parent / "argparse.py"
@@ -33,7 +33,7 @@ def corpus(tiny_corpus_dir, tmp_path) -> Path:
 @pytest.fixture()
 def run_pipeline(prefect_api_url, tmp_path, monkeypatch):
     """Runs the pretrain flow in this process on the tiny preset; returns (summary, MLflow tags)."""
-    from flows.pretrain import pretrain
+    from gptflow.flows.pretrain import pretrain
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     workspace = tmp_path / "workspace"
@@ -168,7 +168,7 @@ def test_retrain_tokenizer_and_from_scratch_are_honoured(run_pipeline, corpus):
 def test_two_runs_at_once_on_one_workspace_both_finish_consistently(prefect_api_url, corpus, tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env.update(PREFECT_API_URL=prefect_api_url, GPTFLOW_HOME=str(tmp_path / "shared"))
-    command = [sys.executable, "-m", "flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny"]
+    command = [sys.executable, "-m", "gptflow.flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny"]
     runs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]
     outputs = [run.communicate(timeout=600)[0] for run in runs]
@@ -191,7 +191,7 @@ def test_two_runs_at_once_on_one_workspace_both_finish_consistently(prefect_api_
 def test_a_run_killed_mid_training_leaves_nothing_mistaken_for_complete(prefect_api_url, corpus, tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env.update(PREFECT_API_URL=prefect_api_url, GPTFLOW_HOME=str(tmp_path / "killed"))
-    command = [sys.executable, "-m", "flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny",
+    command = [sys.executable, "-m", "gptflow.flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny",
                "--set", "train.max_steps=1500", "--set", "train.checkpoint_interval=50",
                "--set", "train.eval_interval=500"]
     victim = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _gptflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "gptflow.flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
 
 

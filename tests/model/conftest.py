@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import ModelConfig, TrainConfig
+from gptflow.model.config import ModelConfig, TrainConfig
 
 VOCAB_SIZE = 128
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from model.config import ModelConfig, TrainConfig
-from model.train import pretrain
+from gptflow.model.config import ModelConfig, TrainConfig
+from gptflow.model.train import pretrain
 
 # No dropout: its masks are drawn per process, so they could not match across world sizes.
 MODEL_CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128)

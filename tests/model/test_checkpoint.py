@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model.checkpoint import (
+from gptflow.model.checkpoint import (
     OPTIMIZER_FILE,
     WEIGHTS_FILE,
     TrainerState,
@@ -21,9 +21,9 @@ from model.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from model.config import TrainConfig
-from model.gpt import GPT
-from model.optim import build_optimizer
+from gptflow.model.config import TrainConfig
+from gptflow.model.gpt import GPT
+from gptflow.model.optim import build_optimizer
 
 
 def trained_pair(

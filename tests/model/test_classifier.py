@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.checkpoint import save_final
-from model.classifier import GPTClassifier, classification_metrics, load_classifier, pad_right, save_head
-from model.gpt import GPT
+from gptflow.model.checkpoint import save_final
+from gptflow.model.classifier import GPTClassifier, classification_metrics, load_classifier, pad_right, save_head
+from gptflow.model.gpt import GPT
 
 
 @pytest.fixture

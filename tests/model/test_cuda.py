@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from data.loader import TokenWindows
-from model.config import TrainConfig
-from model.device import resolve_autocast_dtype, resolve_device
-from model.gpt import GPT
-from model.optim import build_optimizer
-from model.train import pretrain
+from gptflow.data.loader import TokenWindows
+from gptflow.model.config import TrainConfig
+from gptflow.model.device import resolve_autocast_dtype, resolve_device
+from gptflow.model.gpt import GPT
+from gptflow.model.optim import build_optimizer
+from gptflow.model.train import pretrain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import ModelConfig, TrainConfig
-from model.device import autocast
-from model.gpt import GPT
-from model.muon import orthogonalize
-from model.optim import build_optimizer, learning_rate_at
+from gptflow.model.config import ModelConfig, TrainConfig
+from gptflow.model.device import autocast
+from gptflow.model.gpt import GPT
+from gptflow.model.muon import orthogonalize
+from gptflow.model.optim import build_optimizer, learning_rate_at
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

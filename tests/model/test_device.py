@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from model.device import peak_flops, resolve_autocast_dtype, resolve_device
+from gptflow.model.device import peak_flops, resolve_autocast_dtype, resolve_device
 
 
 def test_explicit_device_and_dtype_names_are_honoured():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import FINAL_DIR, WEIGHTS_FILE
+from gptflow.model.checkpoint import FINAL_DIR, WEIGHTS_FILE
 
 DDP_TRAINING = Path(__file__).with_name("ddp_training.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def test_two_gloo_ranks_follow_the_one_process_loss_trajectory(tmp_path, write_s
 
 
 def test_a_world_size_that_disagrees_with_nproc_is_refused(tmp_path, monkeypatch, tiny_config, tiny_train_config):
-    from model.train import pretrain
+    from gptflow.model.train import pretrain
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="torchrun --nproc_per_node 1"):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import TokenWindows
-from model.evaluate import (
+from gptflow.data.loader import TokenWindows
+from gptflow.model.evaluate import (
     bits_per_byte,
     evaluate_loss,
     generate_samples,
@@ -15,7 +15,7 @@ from model.evaluate import (
     predicted_choice,
     score_continuations,
 )
-from model.gpt import GPT
+from gptflow.model.gpt import GPT
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from data.tokenizer import load_tokenizer
-from model.config import ModelConfig, pad_vocab_size
-from model.export import ExportError, export_to_transformers
-from model.gpt import GPT
+from gptflow.data.tokenizer import load_tokenizer
+from gptflow.model.config import ModelConfig, pad_vocab_size
+from gptflow.model.export import ExportError, export_to_transformers
+from gptflow.model.gpt import GPT
 
 LLAMA_RECIPE = {"position": "rotary", "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": False}
 EXPORTABLE = {

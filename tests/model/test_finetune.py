@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.finetune_data import PreparedSplit
-from model.checkpoint import load_model, save_final
-from model.classifier import load_classifier
-from model.finetune import (
+from gptflow.data.finetune_data import PreparedSplit
+from gptflow.model.checkpoint import load_model, save_final
+from gptflow.model.classifier import load_classifier
+from gptflow.model.finetune import (
     build_task_model,
     evaluate_split,
     example_indices,
@@ -18,8 +18,8 @@ from model.finetune import (
     generate_response,
     make_batch,
 )
-from model.finetune_config import FinetuneConfig
-from model.gpt import GPT
+from gptflow.model.finetune_config import FinetuneConfig
+from gptflow.model.gpt import GPT
 
 PAD_ID = 1
 

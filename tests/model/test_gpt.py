@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.gpt import GPT
+from gptflow.model.config import ModelConfig
+from gptflow.model.gpt import GPT
 
 
 def build(config: ModelConfig, seed: int = 0) -> GPT:
@@ -149,7 +149,7 @@ def test_default_switches_keep_gpt2_parameter_names(tiny_config):
 
 
 def test_rotary_scores_depend_on_relative_position_only():
-    from model.gpt import apply_rotary, rotary_tables
+    from gptflow.model.gpt import apply_rotary, rotary_tables
 
     T, hs, offset = 8, 16, 5
     cos, sin = rotary_tables(hs, T + offset)
@@ -186,7 +186,7 @@ def test_rotary_model_has_no_position_table_and_stays_causal(tiny_config):
 
 
 def test_rmsnorm_divides_by_the_root_mean_square_in_the_input_dtype():
-    from model.gpt import NORM_EPS, RMSNorm
+    from gptflow.model.gpt import NORM_EPS, RMSNorm
 
     norm = RMSNorm(8)
     with torch.no_grad():

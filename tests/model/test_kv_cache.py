@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.gpt import GPT, KVCache
+from gptflow.model.config import ModelConfig
+from gptflow.model.gpt import GPT, KVCache
 
 RECIPES = {
     "gpt2": {},

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.checkpoint import load_model, save_final
-from model.classifier import GPTClassifier
-from model.gpt import GPT
-from model.lora import ADAPTED_MATRICES, LoRALinear, apply_lora, merge_lora
+from gptflow.model.checkpoint import load_model, save_final
+from gptflow.model.classifier import GPTClassifier
+from gptflow.model.gpt import GPT
+from gptflow.model.lora import ADAPTED_MATRICES, LoRALinear, apply_lora, merge_lora
 
 
 @pytest.fixture

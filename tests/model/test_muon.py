@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.muon import Muon, orthogonalize
+from gptflow.model.muon import Muon, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(32, 128), (128, 32), (3, 48, 16)])

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import ModelConfig, TrainConfig
-from model.gpt import GPT
-from model.optim import build_optimizer, learning_rate_at
+from gptflow.model.config import ModelConfig, TrainConfig
+from gptflow.model.gpt import GPT
+from gptflow.model.optim import build_optimizer, learning_rate_at
 
 
 @pytest.fixture

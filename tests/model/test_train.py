@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import OPTIMIZER_FILE, TRAINER_FILE, WEIGHTS_FILE, latest_checkpoint, list_checkpoints, load_model
-from model.optim import learning_rate_at
-from data.loader import TokenWindows
-from model.evaluate import evaluate_loss
-from model.train import Continuation, TrainResult, pretrain
+from gptflow.model.checkpoint import OPTIMIZER_FILE, TRAINER_FILE, WEIGHTS_FILE, latest_checkpoint, list_checkpoints, load_model
+from gptflow.model.optim import learning_rate_at
+from gptflow.data.loader import TokenWindows
+from gptflow.model.evaluate import evaluate_loss
+from gptflow.model.train import Continuation, TrainResult, pretrain
 
 TINY_TRAINING = Path(__file__).with_name("tiny_training.py")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from model.config import ModelConfig, TrainConfig
-from model.train import pretrain
+from gptflow.model.config import ModelConfig, TrainConfig
+from gptflow.model.train import pretrain
 
 MODEL_CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128, dropout=0.1)
 # A checkpoint every step: most of the run is spent writing one, so a random kill often lands

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from prefect import flow, task
 
-from data.store import atomic_directory, is_complete
-from tasks.caching import run_stage, stage_key
-from tasks.workspace import Workspace
+from gptflow.data.store import atomic_directory, code_closure, is_complete
+from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.workspace import Workspace
 
 
 @task
@@ -23,7 +26,7 @@ def write_artifact(directory: str, text: str) -> str:
 @flow
 def run_write_artifact(workspace_root: str, text: str) -> tuple[str, str]:
     workspace = Workspace.resolve(workspace_root)
-    key = stage_key("write", config={"text": text}, modules=[sys.modules[__name__]], inputs={})
+    key = stage_key("write", config={"text": text}, modules=["gptflow.tasks.caching"], inputs={})
     outcome = run_stage(
         write_artifact,
         key=key,
@@ -63,15 +66,57 @@ def test_altered_artifact_is_recomputed(workspace_root):
     assert (Path(directory) / "artifact.txt").read_text() == "hello"
 
 
-def test_stage_key_follows_the_code_of_every_module_it_names(tmp_path, monkeypatch):
-    import importlib
+def test_stage_key_follows_config_inputs_and_code():
+    key = stage_key("write", config={"a": 1}, modules=["gptflow.tasks.ingest"], inputs={"corpus": "x"})
+    assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.ingest"], inputs={"corpus": "x"}) == key
+    assert stage_key("write", config={"a": 2}, modules=["gptflow.tasks.ingest"], inputs={"corpus": "x"}) != key
+    assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.ingest"], inputs={"corpus": "y"}) != key
+    assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.tokenize"], inputs={"corpus": "x"}) != key
 
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "stage_helper.py").write_text("def work():\n    return 1\n")
-    helper = importlib.import_module("stage_helper")
-    before = stage_key("write", config={"a": 1}, modules=[helper], inputs={"corpus": "x"})
-    assert stage_key("write", config={"a": 1}, modules=[helper], inputs={"corpus": "x"}) == before
-    assert stage_key("write", config={"a": 2}, modules=[helper], inputs={"corpus": "x"}) != before
-    assert stage_key("write", config={"a": 1}, modules=[helper], inputs={"corpus": "y"}) != before
-    (tmp_path / "stage_helper.py").write_text("def work():\n    return 2\n")
-    assert stage_key("write", config={"a": 1}, modules=[helper], inputs={"corpus": "x"}) != before
+
+STAGE_MODULES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate", "multiple_choice", "classification",
+                 "finetune")
+
+
+def _stage_code_versions(source_root: Path) -> dict[str, str]:
+    """Each stage module's code version, computed by a process that imports gptflow from ``source_root``."""
+    probe = (
+        "import json\n"
+        "from gptflow.data.store import code_version, module_file\n"
+        f"assert str(module_file('gptflow.data.store')).startswith({str(source_root)!r})\n"
+        f"print(json.dumps({{stage: code_version('gptflow.tasks.' + stage) for stage in {STAGE_MODULES!r}}}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(source_root)},
+                          cwd=source_root, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {stage for stage in before if before[stage] != after[stage]}
+
+
+def test_editing_a_module_reached_only_indirectly_changes_exactly_the_stages_that_reach_it(gptflow_copy):
+    before = _stage_code_versions(gptflow_copy)
+    assert len(set(before.values())) == len(STAGE_MODULES)
+    # model/lora.py: no stage module imports it; evaluation reaches it through the model source.
+    lora = gptflow_copy / "gptflow" / "model" / "lora.py"
+    lora.write_text(lora.read_text() + "\n# edited\n")
+    assert _changed(before, _stage_code_versions(gptflow_copy)) == {
+        "evaluate", "multiple_choice", "classification", "finetune"}
+
+
+def test_a_helper_module_added_later_is_in_the_key_of_every_stage_that_imports_it(gptflow_copy):
+    data = gptflow_copy / "gptflow" / "data"
+    (data / "normalise.py").write_text("def normalise(text):\n    return text\n")
+    readers = data / "readers.py"
+    readers.write_text("from gptflow.data.normalise import normalise\n" + readers.read_text())
+    before = _stage_code_versions(gptflow_copy)
+    (data / "normalise.py").write_text("def normalise(text):\n    return text.strip()\n")
+    assert _changed(before, _stage_code_versions(gptflow_copy)) == set(STAGE_MODULES)  # every stage reads documents
+
+
+def test_the_libraries_that_shape_a_stage_are_in_its_code_version():
+    assert set(code_closure("gptflow.tasks.ingest")["libraries"]) >= {"pyarrow"}
+    assert "torch" not in code_closure("gptflow.tasks.ingest")["libraries"]
+    assert set(code_closure("gptflow.tasks.tokenize")["libraries"]) >= {"pyarrow", "tokenizers"}
+    assert set(code_closure("gptflow.tasks.pretrain")["libraries"]) >= {"torch", "pyarrow"}

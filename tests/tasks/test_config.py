@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import MODERN_RECIPE, pad_vocab_size
-from model.gpt import GPT
-from tasks.config import DEFAULT_PRESET, PRESETS, ConfigError, build_config, parse_override_pairs
+from gptflow.model.config import MODERN_RECIPE, pad_vocab_size
+from gptflow.model.gpt import GPT
+from gptflow.tasks.config import DEFAULT_PRESET, PRESETS, ConfigError, build_config, parse_override_pairs
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -6,15 +6,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from model.checkpoint import save_final
-from model.config import ModelConfig
-from model.finetune_config import FinetuneConfig
-from model.gpt import GPT
-from tasks.config import ConfigError, build_finetune_config
-from tasks.finetune import default_base_model
-from tasks.model_source import ModelSourceError
-from tasks.tracking import pipeline_run
-from tasks.workspace import Workspace
+from gptflow.model.checkpoint import save_final
+from gptflow.model.config import ModelConfig
+from gptflow.model.finetune_config import FinetuneConfig
+from gptflow.model.gpt import GPT
+from gptflow.tasks.config import ConfigError, build_finetune_config
+from gptflow.tasks.finetune import default_base_model
+from gptflow.tasks.model_source import ModelSourceError
+from gptflow.tasks.tracking import pipeline_run
+from gptflow.tasks.workspace import Workspace
 
 
 def test_settings_are_coerced_validated_and_split_by_the_stage_that_reads_them(tmp_path):

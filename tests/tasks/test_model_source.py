@@ -8,13 +8,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from model.checkpoint import load_model, save_final
-from model.classifier import GPTClassifier, save_head
-from model.config import ModelConfig
-from model.gpt import GPT
-from tasks.model_source import ModelSourceError, resolve_model
-from tasks.tracking import pipeline_run
-from tasks.workspace import Workspace
+from gptflow.model.checkpoint import load_model, save_final
+from gptflow.model.classifier import GPTClassifier, save_head
+from gptflow.model.config import ModelConfig
+from gptflow.model.gpt import GPT
+from gptflow.tasks.model_source import ModelSourceError, resolve_model
+from gptflow.tasks.tracking import pipeline_run
+from gptflow.tasks.workspace import Workspace
 
 
 @pytest.fixture()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from tasks.tracking import BufferedMetrics, pipeline_run
-from tasks.workspace import Workspace
+from gptflow.tasks.tracking import BufferedMetrics, pipeline_run
+from gptflow.tasks.workspace import Workspace
 
 
 @pytest.fixture()
