@@ -104,7 +104,7 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
     probe = (
         "import mlflow\n"
         "generator = mlflow.pyfunc.load_model('models:/gptflow-tiny/1')\n"
-        "import model\n"
+        "import gptflow.model as model\n"
         "print(repr(generator.predict(['def '], params={'max_new_tokens': 8})[0]))\n"
         "print(model.__file__)\n"
     )

@@ -275,7 +275,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_config)
 
 
 def test_chunked_loss_matches_plain_cross_entropy_and_can_skip_logits(tiny_config, monkeypatch):
-    import model.gpt as gpt
+    import gptflow.model.gpt as gpt
 
     monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", 7)  # 3 × 16 targets: several chunks and a ragged last one
     config = dataclasses.replace(tiny_config, logit_softcap=3.0, dropout=0.0)
