@@ -1,6 +1,7 @@
 """Fine-tuning data: files of instruction pairs, chats or labelled texts → token examples in Arrow.
 
-Input, one record per JSONL line or CSV row (``.gz`` / ``.zst`` too):
+Input: records of a JSONL, JSON, CSV or parquet file (``.gz`` / ``.zst`` too), read by
+``data.readers.read_records`` as every gptflow input is:
 
 - ``sft``: ``{"prompt": ..., "response": ...}`` (optionally ``"system"``), or
   ``{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}`` with at least
@@ -8,8 +9,8 @@ Input, one record per JSONL line or CSV row (``.gz`` / ``.zst`` too):
 - ``classification``: a text field and a label field (``text`` and ``label`` unless configured);
   labels are strings (integers are read as their decimal text).
 
-Bad records are skipped and counted with their ``file:line`` (invalid JSON, a record without the
-fields, an empty response or text, a val label the train split lacks). Over-long examples are
+Bad records are skipped and counted with their location (what the reader skips, and a record
+without the fields, an empty response or text, a val label the train split lacks). Over-long examples are
 truncated or skipped, as configured, and counted. Only input that leaves nothing to train on
 (no usable record, an empty split, fewer than two labels) is a ``FinetuneDataError``.
 
@@ -23,8 +24,6 @@ classification) and ``prepared.json`` (labels, counts, truncations, skips).
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 from collections import Counter
@@ -38,18 +37,17 @@ import pyarrow as pa
 
 from gptflow.data.chat import ROLES, ChatTemplate, Message
 from gptflow.data.errors import SkipReport
-from gptflow.data.sources import detect_format
+from gptflow.data.readers import read_records
+from gptflow.data.sources import SourceFile, detect_format
 from gptflow.data.store import atomic_directory, hash_json, read_contents_hash
 from gptflow.data.tokenizer import EOT_TOKEN, load_tokenizer
 
 TASKS = ("sft", "classification")
 OVERLONG_POLICIES = ("truncate", "skip")
-FORMATS = ("jsonl", "csv")
+FORMATS = ("jsonl", "json", "csv", "parquet")
 PREPARED_FILE = "prepared.json"
 ROWS_PER_BATCH = 1024
 
-SKIP_INVALID_UTF8 = "invalid UTF-8"
-SKIP_INVALID_JSON = "invalid JSON"
 SKIP_NOT_AN_OBJECT = "record not a JSON object"
 SKIP_MISSING_FIELDS = "record without the expected fields"
 SKIP_MALFORMED_MESSAGES = "malformed messages"
@@ -130,16 +128,17 @@ class _Skip(Exception):
         self.reason = reason
 
 
-def check_data_file(path: Path) -> tuple[str, str | None]:
-    """(format, compression) of a fine-tuning data file; ``FinetuneDataError`` if it is missing or
-    not .jsonl / .csv."""
+def check_data_file(path: Path) -> SourceFile:
+    """A fine-tuning or labelled data file as the reader takes it; ``FinetuneDataError`` if it is
+    missing or not a record format."""
     path = Path(path)
     if not path.is_file():
-        raise FinetuneDataError(f"Fine-tuning data file {path} does not exist.")
+        raise FinetuneDataError(f"Data file {path} does not exist.")
     detected = detect_format(path)
     if detected is None or detected[0] not in FORMATS:
-        raise FinetuneDataError(f"Fine-tuning data file {path} must be .jsonl or .csv (optionally .gz or .zst).")
-    return detected
+        raise FinetuneDataError(f"Data file {path} must be .jsonl, .json, .csv (each optionally .gz or .zst) or "
+                                ".parquet.")
+    return SourceFile(path, *detected)
 
 
 def prepare_examples(
@@ -331,8 +330,7 @@ def _read_examples(
 ) -> Iterator[_Example]:
     """Examples of one file; ``split`` None splits them by record hash. ``field_settings`` names
     the settings that choose other fields, for the error when no record has them."""
-    file_format, compression = check_data_file(path)
-    records = _jsonl_records(path, compression, skips) if file_format == "jsonl" else _csv_records(path, compression)
+    records = read_records(check_data_file(path), skips)
     seen_keys: set[str] = set()
     reasons: Counter[str] = Counter()
     for location, record in records:
@@ -397,38 +395,3 @@ def _classification_example(record: dict[str, Any], location: str, text_field: s
 def _hash_split(record: dict[str, Any], val_fraction: float) -> str:
     """As the corpus is split: by content hash, so a record never changes split as the file grows."""
     return "val" if int(hash_json(record)[:8], 16) / 2**32 < val_fraction else "train"
-
-
-def _open_binary(path: Path, compression: str | None) -> io.BufferedReader:
-    return io.BufferedReader(pa.input_stream(str(path), compression=compression))
-
-
-def _jsonl_records(path: Path, compression: str | None, skips: SkipReport) -> Iterator[tuple[str, Any]]:
-    with _open_binary(path, compression) as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            location = f"{path}:{number}"
-            try:
-                yield location, json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                skips.add(SKIP_INVALID_UTF8, location)
-            except json.JSONDecodeError:
-                skips.add(SKIP_INVALID_JSON, location)
-
-
-def _csv_records(path: Path, compression: str | None) -> Iterator[tuple[str, Any]]:
-    with _open_binary(path, compression) as stream, io.TextIOWrapper(stream, encoding="utf-8", newline="") as text:
-        reader = csv.DictReader(text)
-        try:
-            for record in reader:
-                # The row's first line: a quoted field may span several.
-                yield f"{path}:{reader.line_num - _newlines_in(record)}", record
-        except UnicodeDecodeError:
-            raise FinetuneDataError(f"{path} is not UTF-8 text (after line {reader.line_num}).") from None
-        except csv.Error as error:
-            raise FinetuneDataError(f"{path}:{reader.line_num}: malformed CSV ({error}).") from None
-
-
-def _newlines_in(record: dict[str, Any]) -> int:
-    return sum(value.count("\n") for value in record.values() if isinstance(value, str))

@@ -1,18 +1,20 @@
-"""Multiple-choice benchmarks in HellaSwag's JSONL format, read and tokenized for zero-shot scoring.
+"""Multiple-choice benchmarks in HellaSwag's format, read and tokenized for zero-shot scoring.
 
-One JSON object per line: ``{"ctx": "...", "endings": ["...", ...], "label": 2}``. Records with
+One record per example, ``{"ctx": "...", "endings": ["...", ...], "label": 2}``, in any record
+format gptflow reads (JSONL as HellaSwag ships, JSON, parquet; ``.gz`` / ``.zst`` too), through
+``data.readers.read_records``. Records with
 HellaSwag's own field names (``activity_label``, ``ctx_a``, ``ctx_b``, as in its released files
 and the Hugging Face copy, whose labels are strings) build their context and endings exactly as
 lm-evaluation-harness's ``hellaswag`` task does, so accuracies compare with published ones.
 
-A benchmark's accuracy is only meaningful over all of its examples, so unlike a corpus, a bad
-record is not skipped: reading fails with a ``MultipleChoiceError`` that lists the bad lines
-(``file:line``) and what each lacks.
+The reader skips and counts bad input as it does everywhere, but a benchmark's accuracy is only
+comparable over all of its examples: so a file with any skipped input or unusable record is
+refused with a ``MultipleChoiceError`` that lists the bad records (``file:line``) and what each
+lacks, before anything is scored.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +22,16 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from gptflow.data.errors import SkipReport
+from gptflow.data.readers import read_records
+from gptflow.data.sources import SourceFile, detect_format
+
 TARGET_DELIMITER = " "
 """Put between the context and each ending, as lm-evaluation-harness's default
 ``target_delimiter``: an ending is scored as the continuation ``" " + ending``."""
 HELLASWAG_FIELDS = ("activity_label", "ctx_a", "ctx_b")
 EXPECTED_FORMAT = (
-    'each line a JSON object {"ctx": "...", "endings": ["...", "..."], "label": <index of the right ending>} '
+    'one record per example, e.g. a JSONL line {"ctx": "...", "endings": ["...", "..."], "label": <index of the right ending>} '
     '(or HellaSwag\'s own fields "activity_label", "ctx_a", "ctx_b", "endings", "label")'
 )
 MAX_LISTED_PROBLEMS = 5
@@ -54,30 +60,27 @@ class EncodedExample:
 
 
 def read_multiple_choice(path: Path) -> list[MultipleChoiceExample]:
-    """Every example of the JSONL file at ``path``, in file order (blank lines ignored)."""
+    """Every example of the file at ``path``, in file order."""
     if not path.is_file():
         raise MultipleChoiceError(f"Multiple-choice file {path} does not exist.")
+    detected = detect_format(path)
+    if detected is None or detected[0] == "text":
+        raise MultipleChoiceError(f"Multiple-choice file {path} must be .jsonl, .json (each optionally .gz or .zst) "
+                                  "or .parquet.")
     examples: list[MultipleChoiceExample] = []
     problems: list[str] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise MultipleChoiceError(f"Multiple-choice file {path} is not UTF-8 text (byte {error.start}).") from None
-    # Not splitlines(): JSON strings may hold U+2028 and other characters it would split at.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        location = f"{path}:{number}"
+    skips = SkipReport()
+    for location, record in read_records(SourceFile(path, *detected), skips):
         try:
-            examples.append(_parse_record(json.loads(line), location))
-        except json.JSONDecodeError as error:
-            problems.append(f"{location}: not valid JSON ({error.msg})")
+            examples.append(_parse_record(record, location))
         except MultipleChoiceError as error:
             problems.append(str(error))
+    unusable = len(problems) + skips.total
+    problems += [f"{location}: {reason}" for reason, locations in skips.examples.items() for location in locations]
     if problems:
         listed = "; ".join(problems[:MAX_LISTED_PROBLEMS]) + ("; ..." if len(problems) > MAX_LISTED_PROBLEMS else "")
         raise MultipleChoiceError(
-            f"{len(problems)} of the records in {path} cannot be scored: {listed}. Expected {EXPECTED_FORMAT}."
+            f"{unusable} of the records in {path} cannot be scored: {listed}. Expected {EXPECTED_FORMAT}."
         )
     if not examples:
         raise MultipleChoiceError(f"Multiple-choice file {path} holds no records. Expected {EXPECTED_FORMAT}.")

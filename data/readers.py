@@ -1,24 +1,35 @@
-"""Readers: one source file → a stream of normalised document texts, bad input skipped and counted.
+"""The one reader of source files: a file → its records, and pretraining's documents on top.
 
-Formats (see ``data.sources``): ``text`` (.txt .md .rst .py, one document per file), ``jsonl`` (one
-JSON record per line), ``json`` (an array of records or strings, or one record), ``parquet``,
-``csv``, and hub datasets. Records carry their text in the configured text field. Everything but
-``text`` and ``json`` streams with bounded memory; those two hold one file in memory, so very large
-corpora belong in .jsonl, .parquet or .csv. gzip and zstd are decompressed on the fly by pyarrow.
+Every consumer reads through ``read_records``: pretraining (``read_documents``), fine-tuning data
+(``data.finetune_data``), multiple-choice benchmarks (``data.multiple_choice``) and labelled files a
+classifier is scored on. So every format and compression reads the same way everywhere, and bad
+input is handled one way: skipped, counted in a ``SkipReport`` and located (``path:line`` for
+line formats, ``path:record N`` for the others), never a crash and never silently lost.
 
-Normalisation is deliberately minimal, since the tokenizer is byte-level: ``\\r\\n`` becomes
-``\\n`` and a leading byte-order mark is dropped, nothing else.
+Formats (``data.sources.FORMAT_BY_SUFFIX``): ``text`` (.txt .md .rst .py: the whole file is one
+record, a string), ``jsonl`` (a JSON value per line), ``json`` (an array of values, or one value),
+``csv`` (a row per record, keyed by the header), ``parquet`` and hub datasets; gzip and zstd are
+decompressed on the fly by pyarrow. Everything but ``text`` and ``json`` streams with bounded
+memory; those two hold one file in memory, so very large corpora belong in .jsonl, .parquet or .csv.
+
+Bad input: a binary file (a NUL byte in its first 8 KiB) is skipped whole; a line, row or text
+that is not UTF-8, a line that is not JSON and a CSV row that cannot be parsed are skipped; a file
+that breaks off (a truncated archive, a corrupt parquet file) keeps the records read before the
+break. A leading byte-order mark is dropped. Whether a record has the fields a consumer needs is
+the consumer's to check.
+
+Documents are normalised minimally, since the tokenizer is byte-level: ``\\r\\n`` becomes ``\\n``.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from gptflow.data.errors import CorpusError, SkipReport
@@ -27,37 +38,68 @@ from gptflow.data.sources import HUB_PREFIX, SourceFile
 SKIP_BINARY = "binary file"
 SKIP_INVALID_UTF8 = "invalid UTF-8"
 SKIP_INVALID_JSON = "invalid JSON"
+SKIP_MALFORMED_CSV = "malformed CSV row"
+SKIP_UNREADABLE = "unreadable file"
 SKIP_NO_TEXT_FIELD = "record without the text field"
 SKIP_NOT_TEXT = "text field not a string"
 SKIP_TOO_SHORT = "document shorter than min_chars"
-SKIP_UNREADABLE = "unreadable file"
 
 BINARY_SNIFF_BYTES = 8192
 """A NUL byte this early marks a binary file; text formats never contain one."""
 READ_BUFFER_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 1024
-CSV_BLOCK_BYTES = 1 << 20
+UNDECODABLE = (chr(0xDC80), chr(0xDCFF))
+"""The range ``errors="surrogateescape"`` maps undecodable bytes to: a CSV value holding one was not UTF-8."""
 
-Located = tuple[str, str]
-"""(location, text): where a document came from, for skip reports, and its text."""
+csv.field_size_limit(2**31 - 1)  # a document in a CSV cell may be far longer than the 128 KiB default
+
+Record = tuple[str, Any]
+"""(location, value): where a record came from, for skip reports, and the record itself: a dict
+of fields, or a string (a text file, a bare string in a JSON array or JSONL line)."""
+
+
+class MissingColumns(ValueError):
+    """A table (CSV, parquet) has none of the columns a consumer asked for; ``columns`` are the ones
+    it has, for the consumer's message."""
+
+    def __init__(self, source: SourceFile, columns: list[str]) -> None:
+        super().__init__(f"{source.path} has none of the requested columns (its columns: {', '.join(columns)})")
+        self.columns = columns
+
+
+def read_records(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None = None) -> Iterator[Record]:
+    """The records of ``source`` in file order, bad input added to ``skips``.
+
+    ``columns``: the fields the consumer reads. A parquet file then decodes only those columns
+    (the others of a wide table are never read), and a CSV or parquet file that has none of them
+    raises ``MissingColumns`` before any record is read: that is a setting to fix, not bad data.
+    """
+    try:
+        yield from _READERS[source.format](source, skips, columns)
+    except (OSError, EOFError, pa.ArrowException) as error:  # truncated archive, corrupt parquet
+        skips.add(SKIP_UNREADABLE, f"{source.path} ({error})")
 
 
 def read_documents(source: SourceFile, text_field: str, skips: SkipReport, min_chars: int = 1) -> Iterator[str]:
-    """Yield the documents of ``source`` in file order, adding skipped input to ``skips``.
+    """Pretraining's documents of ``source`` in file order: the text of each record (a string
+    record, or its ``text_field``), normalised; records without usable text are skipped.
 
     Raises ``CorpusError`` when records exist but none has ``text_field``: that is a setting to
     fix, not bad data to skip.
     """
     field = _TextField(source, text_field, skips)
     try:
-        for location, text in _READERS[source.format](source, field):
+        for location, record in read_records(source, skips, columns=[text_field]):
+            text = field.from_record(record, location)
+            if text is None:
+                continue
             text = text.replace("\r\n", "\n")
             if len(text.strip()) < min_chars:
                 skips.add(SKIP_TOO_SHORT, location)
             else:
                 yield text
-    except (OSError, pa.ArrowException) as error:  # truncated archive, corrupt parquet, bad CSV
-        skips.add(SKIP_UNREADABLE, f"{source.path} ({error})")
+    except MissingColumns as missing:
+        raise _missing_field_error(source, text_field, missing.columns) from None
     field.require_found()
 
 
@@ -74,24 +116,21 @@ class _TextField:
 
     def from_record(self, record: Any, location: str) -> str | None:
         self.records += 1
-        if isinstance(record, str):  # .json arrays (and .jsonl lines) may hold bare strings
+        if isinstance(record, str):  # a text file, or a bare string in .json arrays and .jsonl lines
             self.found += 1
             return record
         value = record.get(self.name) if isinstance(record, dict) else None
         if value is None:
             if isinstance(record, dict):
-                self.keys_seen.update(record)
+                self.keys_seen.update(key for key in record if isinstance(key, str))
             self.skips.add(SKIP_NO_TEXT_FIELD, location)
             return None
         self.found += 1
-        return self.from_value(value, location)
-
-    def from_value(self, value: Any, location: str) -> str | None:
-        if isinstance(value, bytes):
+        if isinstance(value, bytes):  # a binary parquet or hub column
             return _decode(value, location, self.skips)
         if isinstance(value, str):
             return value
-        self.skips.add(SKIP_NO_TEXT_FIELD if value is None else SKIP_NOT_TEXT, location)
+        self.skips.add(SKIP_NOT_TEXT, location)
         return None
 
     def require_found(self) -> None:
@@ -130,19 +169,19 @@ def _skipped_as_binary(stream: io.BufferedReader, source: SourceFile, skips: Ski
     return False
 
 
-def _read_text(source: SourceFile, field: _TextField) -> Iterator[Located]:
+def _read_text(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
     with _open(source) as stream:
         data = stream.read()
     location = str(source.path)
     if _is_binary(data):
-        field.skips.add(SKIP_BINARY, location)
-    elif (text := _decode(data, location, field.skips)) is not None:
+        skips.add(SKIP_BINARY, location)
+    elif (text := _decode(data, location, skips)) is not None:
         yield location, text
 
 
-def _read_jsonl(source: SourceFile, field: _TextField) -> Iterator[Located]:
+def _read_jsonl(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
     with _open(source) as stream:
-        if _skipped_as_binary(stream, source, field.skips):
+        if _skipped_as_binary(stream, source, skips):
             return
         line_start = 0
         for line_number, line in enumerate(stream, start=1):
@@ -150,84 +189,84 @@ def _read_jsonl(source: SourceFile, field: _TextField) -> Iterator[Located]:
             offset, line_start = line_start, line_start + len(line)
             if not line.strip():
                 continue
-            if (decoded := _decode(line, location, field.skips, offset)) is None:
+            if (decoded := _decode(line, location, skips, offset)) is None:
                 continue
             try:
-                record = json.loads(decoded)
+                yield location, json.loads(decoded)
             except json.JSONDecodeError:
-                field.skips.add(SKIP_INVALID_JSON, location)
-                continue
-            if (text := field.from_record(record, location)) is not None:
-                yield location, text
+                skips.add(SKIP_INVALID_JSON, location)
 
 
-def _read_json(source: SourceFile, field: _TextField) -> Iterator[Located]:
+def _read_json(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
     with _open(source) as stream:
-        if _skipped_as_binary(stream, source, field.skips):
+        if _skipped_as_binary(stream, source, skips):
             return
         data = stream.read()
-    if (decoded := _decode(data, str(source.path), field.skips)) is None:
+    if (decoded := _decode(data, str(source.path), skips)) is None:
         return
     try:
         value = json.loads(decoded)
     except json.JSONDecodeError as error:
-        field.skips.add(SKIP_INVALID_JSON, f"{source.path}:{error.lineno}")
+        skips.add(SKIP_INVALID_JSON, f"{source.path}:{error.lineno}")
         return
-    yield from _numbered(source, value if isinstance(value, list) else [value], field.from_record)
+    if isinstance(value, list):
+        yield from _numbered(source, value)
+    else:
+        yield str(source.path), value
 
 
-def _read_csv(source: SourceFile, field: _TextField) -> Iterator[Located]:
-    # The text column is read as bytes so that one bad value is skipped, not the whole file.
-    options = pa_csv.ConvertOptions(include_columns=[field.name], column_types={field.name: pa.large_binary()})
+def _read_csv(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
     with _open(source) as stream:
-        if _skipped_as_binary(stream, source, field.skips):
+        if _skipped_as_binary(stream, source, skips):
             return
-        try:
-            reader = pa_csv.open_csv(stream, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                                     convert_options=options)
-        except pa.ArrowKeyError:
-            raise _missing_field_error(source, field.name, _csv_column_names(source)) from None
-        yield from _numbered(source, _column_values(reader), field.from_value)
+        # Undecodable bytes become lone surrogates instead of failing the file: one bad row is
+        # skipped, the rest read.
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader = csv.DictReader(text)
+        header = reader.fieldnames or []
+        if columns and not set(columns) & set(header):
+            raise MissingColumns(source, list(header))
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                skips.add(SKIP_MALFORMED_CSV, f"{source.path}:{reader.line_num} ({error})")
+                continue
+            values = [value for value in row.values() if isinstance(value, str)]
+            # The row's first line: a quoted field may span several.
+            location = f"{source.path}:{reader.line_num - sum(value.count(chr(10)) for value in values)}"
+            if any(UNDECODABLE[0] <= character <= UNDECODABLE[1] for value in values for character in value):
+                skips.add(SKIP_INVALID_UTF8, location)
+            else:
+                yield location, row
 
 
-def _csv_column_names(source: SourceFile) -> list[str]:
-    with _open(source) as stream:
-        return pa_csv.open_csv(stream).schema.names
-
-
-def _read_parquet(source: SourceFile, field: _TextField) -> Iterator[Located]:
+def _read_parquet(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
     parquet = pq.ParquetFile(str(source.path))
     names = parquet.schema_arrow.names
-    if field.name not in names:
-        raise _missing_field_error(source, field.name, names)
-    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field.name])
-    yield from _numbered(source, _column_values(batches), field.from_value)
+    wanted = [name for name in columns if name in names] if columns else None
+    if columns and not wanted:
+        raise MissingColumns(source, names)
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
+    yield from _numbered(source, (row for batch in batches for row in batch.to_pylist()))
 
 
-def _read_hub(source: SourceFile, field: _TextField) -> Iterator[Located]:
+def _read_hub(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
     import datasets  # heavy; only hub corpora need it
 
     name, revision = str(source.path).removeprefix(HUB_PREFIX).rsplit("@", 1)
-    records = datasets.load_dataset(name, split="train", streaming=True, revision=revision)
-    yield from _numbered(source, records, field.from_record)
+    yield from _numbered(source, datasets.load_dataset(name, split="train", streaming=True, revision=revision))
 
 
-def _numbered(
-    source: SourceFile, items: Iterable[Any], text_of: Callable[[Any, str], str | None]
-) -> Iterator[Located]:
-    """Texts of records or values, located as ``path:record N`` (1-based)."""
-    for index, item in enumerate(items, start=1):
-        location = f"{source.path}:record {index}"
-        if (text := text_of(item, location)) is not None:
-            yield location, text
+def _numbered(source: SourceFile, records: Iterable[Any]) -> Iterator[Record]:
+    """Records located as ``path:record N`` (1-based), for formats without lines."""
+    for index, record in enumerate(records, start=1):
+        yield f"{source.path}:record {index}", record
 
 
-def _column_values(batches: Iterable[pa.RecordBatch]) -> Iterator[Any]:
-    for batch in batches:
-        yield from batch.column(0).to_pylist()
-
-
-_READERS: dict[str, Callable[[SourceFile, _TextField], Iterator[Located]]] = {
+_READERS: dict[str, Callable[[SourceFile, SkipReport, Sequence[str] | None], Iterator[Record]]] = {
     "text": _read_text,
     "jsonl": _read_jsonl,
     "json": _read_json,

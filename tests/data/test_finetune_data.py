@@ -11,7 +11,6 @@ import pytest
 from gptflow.data.chat import ChatTemplate, Message
 from gptflow.data.finetune_data import (
     SKIP_EMPTY_RESPONSE,
-    SKIP_INVALID_JSON,
     SKIP_MALFORMED_MESSAGES,
     SKIP_MISSING_FIELDS,
     SKIP_NOT_AN_OBJECT,
@@ -25,6 +24,7 @@ from gptflow.data.finetune_data import (
     prepare_labelled,
     read_split,
 )
+from gptflow.data.readers import SKIP_INVALID_JSON, SKIP_INVALID_UTF8
 from gptflow.data.tokenizer import load_tokenizer
 
 
@@ -170,6 +170,24 @@ def test_classification_csv_with_a_val_file_skips_labels_train_lacks(tiny_tokeni
     assert all(ids[0] == tiny_tokenizer.eot_id and len(ids) <= 8 for ids in split.input_ids)
 
 
+def test_a_bad_csv_row_is_skipped_and_located_as_in_pretraining_and_parquet_reads_too(tiny_tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [(f"text number {index}", "ab"[index % 2]) for index in range(12)]
+    train = tmp_path / "train.csv"
+    train.write_bytes(b"text,label\n" + b"".join(f"{text},{label}\n".encode() for text, label in rows[:6])
+                      + b"caf\xe9 latin-1,a\n" + b"".join(f"{text},{label}\n".encode() for text, label in rows[6:]))
+    prepared = _prepare("classification", train, tiny_tokenizer, tmp_path, val_fraction=0.3)
+    assert sum(prepared.examples.values()) == 12
+    assert prepared.skip_report().examples == {SKIP_INVALID_UTF8: [f"{train}:8"]}
+
+    table = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": [text for text, _ in rows], "label": [label for _, label in rows]}), table)
+    from_parquet = _prepare("classification", table, tiny_tokenizer, tmp_path / "parquet", val_fraction=0.3)
+    assert from_parquet.examples == prepared.examples and from_parquet.labels == ["a", "b"]
+
+
 def test_classification_needs_two_labels_and_named_fields(tiny_tokenizer, tmp_path):
     one_label = _jsonl(tmp_path / "one.jsonl", [{"text": f"text {index}", "label": "a"} for index in range(8)])
     with pytest.raises(FinetuneDataError, match="at least two"):
@@ -179,7 +197,7 @@ def test_classification_needs_two_labels_and_named_fields(tiny_tokenizer, tmp_pa
     assert prepared.labels == ["0", "1"]
 
 
-@pytest.mark.parametrize(("name", "message"), [("missing.jsonl", "does not exist"), ("data.txt", "must be .jsonl or .csv")])
+@pytest.mark.parametrize(("name", "message"), [("missing.jsonl", "does not exist"), ("data.txt", "must be .jsonl, .json, .csv")])
 def test_unusable_files_are_named(tmp_path, name, message):
     if name == "data.txt":
         (tmp_path / name).write_text("text")

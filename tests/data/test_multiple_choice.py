@@ -46,13 +46,13 @@ def test_bad_records_are_listed_with_their_line_and_what_is_wrong(tmp_path):
         read_multiple_choice(path)
     message = str(raised.value)
     assert message.startswith(f"5 of the records in {path} cannot be scored")
-    assert f"{path}:2: not valid JSON" in message
+    assert f"{path}:2: invalid JSON" in message
     assert f"{path}:3: no 'ctx' field (it has 'context', 'endings', 'label')" in message
     assert f"{path}:4: label 2 is out of range for 2 endings (labels count from 0, so 0..1)" in message
     assert f"{path}:5: 'label' must be the index of the right ending, got ''" in message
     assert "HellaSwag's test split has no labels" in message
     assert f"{path}:6: 'endings' must be a list of at least two non-empty strings" in message
-    assert 'Expected each line a JSON object {"ctx"' in message
+    assert "Expected one record per example, e.g. a JSONL line {\"ctx\"" in message
 
 
 def test_many_bad_records_list_the_first_few(tmp_path):
@@ -63,7 +63,7 @@ def test_many_bad_records_list_the_first_few(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "does not exist"), ("\n\n", "holds no records"), (b"\xff\xfe{", "is not UTF-8 text")],
+    [(None, "does not exist"), ("\n\n", "holds no records"), (b"\xff\xfe{", "invalid UTF-8")],
 )
 def test_unusable_files_say_why(tmp_path, content, message):
     path = tmp_path / "choices.jsonl"

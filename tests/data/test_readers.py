@@ -148,12 +148,12 @@ def test_table_without_the_text_column_is_an_error_naming_its_columns(tmp_path, 
         read_file(path)
 
 
-def test_csv_value_with_invalid_utf8_skips_only_that_record(tmp_path, read_file):
+def test_csv_row_with_invalid_utf8_skips_only_that_row_naming_its_line(tmp_path, read_file):
     path = tmp_path / "mixed.csv"
-    path.write_bytes(b"text,n\nfine,1\ncaf\xe9,2\nalso fine,3\n")
+    path.write_bytes(b'text,n\nfine,1\n"two\nlines",2\ncaf\xe9,3\nalso fine,4\n')
     documents, skips = read_file(path)
-    assert documents == ["fine", "also fine"]
-    assert skips.examples[SKIP_INVALID_UTF8] == [f"{path}:record 2 (byte 3)"]
+    assert documents == ["fine", "two\nlines", "also fine"]
+    assert skips.examples[SKIP_INVALID_UTF8] == [f"{path}:5"]
 
 
 def test_documents_shorter_than_min_chars_after_stripping_are_skipped(write_corpus, read_file):
