@@ -29,7 +29,7 @@ from prefect import flow  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from gptflow.data.sources import resolve_sources  # noqa: E402
-from gptflow.tasks.config import build_config  # noqa: E402
+from gptflow.tasks.config import PretrainSettings, build_config  # noqa: E402
 from gptflow.tasks.ingest import ingest  # noqa: E402
 from gptflow.tasks.lineage import Lineage  # noqa: E402
 from gptflow.tasks.tokenize import tokenize  # noqa: E402
@@ -44,7 +44,7 @@ DOCUMENTS_PER_FILE = 100
 def data_stages(corpus: str, workspace: str) -> dict[str, object]:
     started = time.perf_counter()
     workspace_dir = Workspace.resolve(workspace)
-    config = build_config("cpu")
+    config = build_config(PretrainSettings, "cpu")
     lineage = Lineage.load(workspace_dir, [corpus])
     with pipeline_run(workspace_dir, "bench-data-stages", tags={}) as run:
         manifest = ingest(resolve_sources([corpus]), config.data, workspace_dir, run)

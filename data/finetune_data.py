@@ -42,7 +42,8 @@ from gptflow.data.sources import SourceFile, detect_format
 from gptflow.data.store import atomic_directory, hash_json, read_contents_hash
 from gptflow.data.tokenizer import EOT_TOKEN, load_tokenizer
 
-TASKS = ("sft", "classification")
+OBJECTIVES = ("sft", "classification")
+"""What a model is fine-tuned for: following instructions, or labelling texts."""
 OVERLONG_POLICIES = ("truncate", "skip")
 FORMATS = ("jsonl", "json", "csv", "parquet")
 PREPARED_FILE = "prepared.json"
@@ -74,7 +75,7 @@ class PreparedData:
     directory: str
     fingerprint: str
     """Hash of every file of ``directory``: the input key of the stages trained on it."""
-    task: str
+    objective: str
     labels: list[str]
     """Classification labels in class-index order (sorted); empty for sft."""
     examples: dict[str, int]
@@ -142,7 +143,7 @@ def check_data_file(path: Path) -> SourceFile:
 
 
 def prepare_examples(
-    task: str,
+    objective: str,
     train_file: Path,
     val_file: Path | None,
     tokenizer_file: Path,
@@ -161,16 +162,16 @@ def prepare_examples(
     ``max_length`` bounds the tokens of an example; ``overlong`` (``truncate`` or ``skip``) says
     what happens to longer ones. ``template`` encodes sft conversations (default: ``ChatTemplate()``).
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     skips = SkipReport()
-    examples = list(_read_examples(task, Path(train_file), "train" if val_file else None, val_fraction,
+    examples = list(_read_examples(objective, Path(train_file), "train" if val_file else None, val_fraction,
                                    text_field, label_field, skips))
     if val_file is not None:
-        examples += _read_examples(task, Path(val_file), "val", val_fraction, text_field, label_field, skips)
+        examples += _read_examples(objective, Path(val_file), "val", val_fraction, text_field, label_field, skips)
     _require_both_splits(examples, train_file, val_file, skips)
     labels: list[str] = []
-    if task == "classification":
+    if objective == "classification":
         labels = sorted({example.label for example in examples if example.split == "train"})
         if len(labels) < 2:
             raise FinetuneDataError(f"The train split of {train_file} has {len(labels)} label(s) ({', '.join(labels)}): "
@@ -183,7 +184,7 @@ def prepare_examples(
 
     tokenizer = load_tokenizer(tokenizer_file)
     template = template or ChatTemplate()
-    prepared = PreparedData(directory=str(out_dir), fingerprint="", task=task, labels=labels,
+    prepared = PreparedData(directory=str(out_dir), fingerprint="", objective=objective, labels=labels,
                             examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length)
     with atomic_directory(Path(out_dir)) as tmp:
         for split in ("train", "val"):
@@ -222,7 +223,7 @@ def prepare_labelled(
     if not examples:
         raise FinetuneDataError(f"No record of {path} can be scored by the classifier, whose labels are "
                                 f"{', '.join(labels)} ({skips.summary()}).")
-    prepared = PreparedData(directory=str(out_dir), fingerprint="", task="classification", labels=list(labels),
+    prepared = PreparedData(directory=str(out_dir), fingerprint="", objective="classification", labels=list(labels),
                             examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length)
     with atomic_directory(Path(out_dir)) as tmp:
         _write_examples(tmp, EVAL_SPLIT, examples, Path(path), load_tokenizer(tokenizer_file), ChatTemplate(),
@@ -239,13 +240,13 @@ def _write_examples(
 ) -> None:
     """Encode ``examples`` into ``<split>.arrow`` in ``directory`` and record the split's counts in
     ``prepared``; over-long examples are truncated or skipped as ``overlong`` says."""
-    task, max_length = prepared.task, prepared.max_length
+    objective, max_length = prepared.objective, prepared.max_length
     start_id = ChatTemplate.token_id(tokenizer, EOT_TOKEN)
     label_index = {label: index for index, label in enumerate(prepared.labels)}
     rows = []
     truncated = 0
     for example in examples:
-        if task == "sft":
+        if objective == "sft":
             ids, mask = template.encode(tokenizer, example.messages)
         else:
             ids, mask = encode_text(tokenizer, example.text, start_id), []
@@ -254,7 +255,7 @@ def _write_examples(
                 skips.add(SKIP_TOO_LONG, example.location)
                 continue
             ids, mask = ids[:max_length], mask[:max_length]
-            if task == "sft" and not any(mask[1:]):
+            if objective == "sft" and not any(mask[1:]):
                 skips.add(SKIP_PROMPT_FILLS_MAX_LENGTH, example.location)
                 continue
             truncated += 1
@@ -264,14 +265,14 @@ def _write_examples(
         raise FinetuneDataError(f"No {split} example of {source} fits max_length={max_length} tokens "
                                 f"({skips.summary()}). Use {fix}a higher finetune.max_length (up to the "
                                 "base model's block_size), or shorter prompts.")
-    _write_split(directory / f"{split}.arrow", task, rows)
+    _write_split(directory / f"{split}.arrow", objective, rows)
     prepared.examples[split] = len(rows)
     prepared.tokens[split] = sum(len(ids) for ids, _, _, _ in rows)
     # The first token is never a target: the model reads it, it does not predict it.
-    prepared.trained_tokens[split] = (sum(sum(mask[1:]) for _, mask, _, _ in rows) if task == "sft"
+    prepared.trained_tokens[split] = (sum(sum(mask[1:]) for _, mask, _, _ in rows) if objective == "sft"
                                       else len(rows))
     prepared.truncated[split] = truncated
-    if task == "classification":
+    if objective == "classification":
         prepared.label_counts[split] = dict(sorted(Counter(prepared.labels[row[2]] for row in rows).items()))
 
 
@@ -300,16 +301,16 @@ def _lists(column: pa.ChunkedArray) -> list[np.ndarray]:
     return [values[start:end] for start, end in itertools.pairwise(offsets)]
 
 
-def _write_split(path: Path, task: str, rows: list[tuple[list[int], list[bool], int | None, str]]) -> None:
+def _write_split(path: Path, objective: str, rows: list[tuple[list[int], list[bool], int | None, str]]) -> None:
     columns = [("input_ids", pa.list_(pa.int32())), ("location", pa.string())]
-    columns.append(("loss_mask", pa.list_(pa.bool_())) if task == "sft" else ("label", pa.int32()))
+    columns.append(("loss_mask", pa.list_(pa.bool_())) if objective == "sft" else ("label", pa.int32()))
     schema = pa.schema(columns)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for start in range(0, len(rows), ROWS_PER_BATCH):
             batch = rows[start:start + ROWS_PER_BATCH]
             arrays = [pa.array([ids for ids, _, _, _ in batch], pa.list_(pa.int32())),
                       pa.array([location for _, _, _, location in batch], pa.string())]
-            arrays.append(pa.array([mask for _, mask, _, _ in batch], pa.list_(pa.bool_())) if task == "sft"
+            arrays.append(pa.array([mask for _, mask, _, _ in batch], pa.list_(pa.bool_())) if objective == "sft"
                           else pa.array([label for _, _, label, _ in batch], pa.int32()))
             writer.write_batch(pa.record_batch(arrays, schema=schema))
 
@@ -325,7 +326,7 @@ def _require_both_splits(examples: list[_Example], train_file: Path, val_file: P
 
 
 def _read_examples(
-    task: str, path: Path, split: str | None, val_fraction: float, text_field: str, label_field: str,
+    objective: str, path: Path, split: str | None, val_fraction: float, text_field: str, label_field: str,
     skips: SkipReport, field_settings: str = "finetune.text_field and finetune.label_field",
 ) -> Iterator[_Example]:
     """Examples of one file; ``split`` None splits them by record hash. ``field_settings`` names
@@ -339,7 +340,7 @@ def _read_examples(
             continue
         seen_keys.update(key for key in record if isinstance(key, str))  # csv puts surplus cells under None
         try:
-            example = (_sft_example(record, location) if task == "sft"
+            example = (_sft_example(record, location) if objective == "sft"
                        else _classification_example(record, location, text_field, label_field))
         except _Skip as skip:
             skips.add(skip.reason, location)
@@ -350,8 +351,8 @@ def _read_examples(
         yield example
     if reasons and set(reasons) == {SKIP_MISSING_FIELDS}:
         # Not bad records but the wrong fields: a setting (or file) to fix, not data to skip.
-        expected = SFT_FORMAT if task == "sft" else f"fields {text_field!r} and {label_field!r}"
-        raise FinetuneDataError(f"No record of {path} has the {task} fields: expected {expected}; its records have "
+        expected = SFT_FORMAT if objective == "sft" else f"fields {text_field!r} and {label_field!r}"
+        raise FinetuneDataError(f"No record of {path} has the {objective} fields: expected {expected}; its records have "
                                 f"{', '.join(repr(key) for key in sorted(seen_keys))}. For classification, "
                                 f"{field_settings} name other fields.")
 

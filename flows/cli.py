@@ -9,26 +9,23 @@ import sys
 import typing
 from pathlib import Path
 
-from gptflow.data.finetune_data import TASKS, check_data_file
+from gptflow.data.finetune_data import OBJECTIVES, check_data_file
 from gptflow.data.multiple_choice import read_multiple_choice
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.flows.stack import StackError
-from gptflow.model.config import EvalConfig
+from gptflow.model.config import SamplingConfig
 from gptflow.tasks.config import (
     DEFAULT_PRESET,
     PRESETS,
     EvalSplit,
+    EvaluateSettings,
+    FinetuneSettings,
+    PretrainSettings,
     build_config,
-    build_evaluate_config,
-    build_finetune_config,
     parse_override_pairs,
 )
 
 if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
-    import torch
-    from tokenizers import Tokenizer
-
-    from gptflow.model.gpt import GPT
     from gptflow.tasks.model_source import ResolvedModel
 
 
@@ -58,7 +55,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides["train.nproc"] = args.nproc
     corpus = args.corpus or [BUILTIN_CORPUS]
     # Fail on a bad config or a missing path now, before Prefect and MLflow start up.
-    build_config(args.preset, args.config, overrides)
+    build_config(PretrainSettings, args.preset, args.config, overrides)
     resolve_sources(corpus)
 
     # Prefect's temporary server would otherwise log an error on every start on offline machines.
@@ -82,7 +79,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     overrides = parse_override_pairs(args.overrides)
     # Fail on a bad setting or a missing data file now, before Prefect and MLflow start up.
-    build_finetune_config(args.config, overrides)
+    build_config(FinetuneSettings, None, args.config, overrides)
     for path in (args.data, args.val_data):
         if path not in (None, BUILTIN_CORPUS):
             check_data_file(Path(path))
@@ -91,7 +88,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from gptflow.flows.finetune import finetune  # imports Prefect: only once the input is known good
 
     summary = finetune(
-        task=args.task,
+        objective=args.objective,
         model=args.model,
         data=args.data,
         val_data=args.val_data,
@@ -107,7 +104,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     overrides = parse_override_pairs(args.overrides)
     # Fail on a bad setting or a missing or malformed input now, before Prefect and MLflow start up.
-    build_evaluate_config(overrides)
+    build_config(EvaluateSettings, overrides=overrides)
     if args.corpus:
         resolve_sources(args.corpus)
     if args.multiple_choice:
@@ -133,23 +130,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate, Message
+    from gptflow.data.chat import Message
     from gptflow.model.device import resolve_device
     from gptflow.model.finetune import answer
     from gptflow.model.generate import generate_texts
-    from gptflow.tasks.model_source import ModelSourceError
 
     device = resolve_device(args.device)
-    source, model, tokenizer = _load_model_source(args, device)
-    if source.classifier_dir:
-        raise ModelSourceError(
-            f"{args.model} is a classifier: it labels texts rather than writing them. Score it with `gptflow evaluate "
-            f"--model {args.model} --classification FILE`, or label texts with "
-            f"mlflow.pyfunc.load_model(...).predict([...])."
-        )
-    # A model fine-tuned for instructions carries its chat template: prompts are user messages.
-    template_file = source.tokenizer_file.with_name(CHAT_TEMPLATE_FILE)
-    template = ChatTemplate.load(template_file) if template_file.is_file() else None
+    source = _resolve_model(args)
+    source.require_text_model("gptflow generate")
+    model, tokenizer = source.load(device), source.load_tokenizer()
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.seed)
     if args.prompts:
         prompts = args.prompts
     else:
@@ -159,48 +149,33 @@ def _generate(args: argparse.Namespace) -> int:
     for index, prompt in enumerate(prompts):
         # One prompt at a time, each seeded by --seed alone: a prompt's sample does not depend on
         # the prompts before it.
-        if template:
-            (sample,) = answer(model, tokenizer, template, [[Message("user", prompt)]], args.max_new_tokens,
-                               args.temperature, args.top_k or None, args.seed)
+        if source.kind == "chat_model":  # its prompts are user messages of its chat template
+            (sample,) = answer(model, tokenizer, source.chat_template, [[Message("user", prompt)]], sampling)
         else:
-            (sample,) = generate_texts(model, tokenizer, [prompt], args.max_new_tokens, args.temperature,
-                                       args.top_k or None, args.seed, device)
+            (sample,) = generate_texts(model, tokenizer, [prompt], sampling, device)
         print(f"{SAMPLE_SEPARATOR}\n{sample}" if index else sample, flush=True)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from gptflow.model.export import ExportError, export_to_transformers
+    from gptflow.model.export import export_to_transformers
 
-    source, model, _ = _load_model_source(args, "cpu")
-    if source.classifier_dir:
-        raise ExportError(f"{args.model} is a classifier: the export writes causal language models, and its "
-                          "classification head has no transformers counterpart here yet.")
+    source = _resolve_model(args)
+    source.require_text_model("gptflow export")
     out = Path(args.out).expanduser()
-    architecture = export_to_transformers(model, source.tokenizer_file, out)
+    architecture = export_to_transformers(source.load(), source.tokenizer_file, out)
     print(f"exported {source.source} as {architecture} to {out}")
     print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
           f"AutoTokenizer.from_pretrained({str(out)!r})")
     return 0
 
 
-def _load_model_source(args: argparse.Namespace, device: torch.device | str) -> tuple[ResolvedModel, GPT, Tokenizer]:
-    """The model named by --model (with --tokenizer, --workspace): its resolved source, the model
-    in eval mode on ``device``, and its ``tokenizers.Tokenizer``."""
-    from gptflow.data.tokenizer import load_tokenizer
-    from gptflow.model.checkpoint import load_model
-    from gptflow.tasks.model_source import ModelSourceError, resolve_model
+def _resolve_model(args: argparse.Namespace) -> ResolvedModel:
+    """The model named by --model (with --tokenizer, --workspace)."""
+    from gptflow.tasks.model_source import resolve_model
     from gptflow.tasks.workspace import Workspace
 
-    source = resolve_model(args.model, Workspace.resolve(args.workspace), args.tokenizer)
-    model = load_model(source.model_dir, device)
-    tokenizer = load_tokenizer(source.tokenizer_file)
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise ModelSourceError(
-            f"{source.tokenizer_file} has {tokenizer.get_vocab_size()} tokens but the model only "
-            f"{model.config.vocab_size} embedding rows: pass the tokenizer the model was trained with (--tokenizer)."
-        )
-    return source, model, tokenizer
+    return resolve_model(args.model, Workspace.resolve(args.workspace), args.tokenizer)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -290,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
         "the same command executes nothing. Without --data, a built-in demo drawn from the Python standard "
         "library's source.",
     )
-    finetune.add_argument("--task", default="sft", choices=TASKS,
+    finetune.add_argument("--objective", default="sft", choices=OBJECTIVES,
                           help="sft: prompt/response pairs or chats, loss on the responses (default); "
                           "classification: texts with labels, a head on the last token")
     finetune.add_argument("--model", metavar="SOURCE",
@@ -298,18 +273,19 @@ def _parser() -> argparse.ArgumentParser:
                           "directory holding model.safetensors and config.json. Default: the latest registered "
                           "gptflow-cpu (what `gptflow pretrain` trains)")
     finetune.add_argument("--data", metavar="FILE",
-                          help='.jsonl or .csv (gzip/zstd too). sft: {"prompt": ..., "response": ...} or '
-                          '{"messages": [{"role": ..., "content": ...}, ...]} per line; classification: text and '
-                          "label fields. Default: the task's built-in demo (docstring → function; which "
+                          help='.jsonl, .json, .csv (gzip/zstd too) or .parquet. sft: {"prompt": ..., "response": ...} '
+                          'or {"messages": [{"role": ..., "content": ...}, ...]} per record; classification: text and '
+                          "label fields. Default: the objective's built-in demo (docstring → function; which "
                           "standard-library package a function is from)")
     finetune.add_argument("--val-data", metavar="FILE",
                           help="validation examples in the same format; default: finetune.val_fraction of --data")
     finetune.add_argument("--tokenizer", metavar="PATH",
                           help="the base model's tokenizer.json, for a model directory without one beside or above it")
-    finetune.add_argument("--config", metavar="FILE", help="TOML or JSON file with a [finetune] table of settings")
+    finetune.add_argument("--config", metavar="FILE",
+                          help="TOML or JSON file with [finetune], [train] and [sampling] tables of settings")
     finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a finetune.* setting, e.g. --set finetune.lora_rank=0 (full fine-tune); "
-                          "repeatable")
+                          help="override a finetune.*, train.* or sampling.* setting, e.g. --set finetune.lora_rank=0 "
+                          "(full fine-tune) or --set train.max_steps=300; repeatable")
     finetune.add_argument("--workspace", metavar="DIR",
                           help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
     finetune.set_defaults(handler=_finetune)
@@ -328,21 +304,22 @@ def _parser() -> argparse.ArgumentParser:
                           help="documents of the corpus to score: val (default; held out by document hash as "
                           "pretraining holds them out), train, or all")
     evaluate.add_argument("--multiple-choice", metavar="FILE",
-                          help='HellaSwag-format JSONL, a line per example {"ctx": ..., "endings": [...], '
-                          '"label": N}: zero-shot acc and acc_norm')
+                          help='HellaSwag-format JSONL (or JSON, parquet), a record per example {"ctx": ..., '
+                          '"endings": [...], "label": N}: zero-shot acc and acc_norm')
     evaluate.add_argument("--classification", metavar="FILE",
-                          help="for a fine-tuned classifier: CSV or JSONL of text + label (fields data.text_field "
+                          help="for a fine-tuned classifier: a JSONL, JSON, CSV or parquet file of text + label (fields data.text_field "
                           "and eval.label_field): accuracy, macro-F1 and a confusion matrix")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a data.*, tokenize.* or eval.* setting, e.g. --set eval.eval_tokens=65536; "
+                          help="override a data.*, tokenize.*, eval.* or sampling.* setting, e.g. --set "
+                          "eval.eval_tokens=65536; "
                           "repeatable")
     evaluate.set_defaults(handler=_evaluate)
 
-    sampling = EvalConfig()
+    sampling = SamplingConfig()
     generate = commands.add_parser(
         "generate", help="sample continuations of prompts from a trained model",
         description="Print a trained model's continuation of each prompt (the prompt included), or, for a model "
-        "fine-tuned with --task sft, its answer (up to its end token) to each prompt as a user message of its chat "
+        "fine-tuned with --objective sft, its answer (up to its end token) to each prompt as a user message of its chat "
         "template. Without --prompt, each line of standard input is a prompt. Generation reads the prompt once and "
         "then one token per step (KV cache); no Prefect flow is involved.",
     )

@@ -20,13 +20,12 @@ from gptflow.data.multiple_choice import read_multiple_choice
 from gptflow.data.sources import resolve_sources
 from gptflow.data.store import hash_file
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
-from gptflow.model.checkpoint import CONFIG_FILE
 from gptflow.tasks.caching import pipeline_code_version
 from gptflow.tasks.classification import ClassificationReport, score_classifier
-from gptflow.tasks.config import EVALUATE_SECTIONS, ConfigError, EvalSplit, build_evaluate_config
-from gptflow.tasks.evaluate import LossReport, evaluate_split, model_tokenizer, sample_model, samples_markdown
+from gptflow.tasks.config import ConfigError, EvaluateSettings, EvalSplit, build_config
+from gptflow.tasks.evaluate import LossReport, sample_model, samples_markdown, score_loss
 from gptflow.tasks.ingest import ingest
-from gptflow.tasks.model_source import ModelSourceError, resolve_model
+from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.multiple_choice import MultipleChoiceReport, score_multiple_choice
 from gptflow.tasks.progress import human_duration
 from gptflow.tasks.tokenize import tokenize
@@ -151,17 +150,17 @@ def evaluate(
         split: ``val`` (default), ``train`` or ``all`` documents of the corpus (split by document
             hash with ``data.val_fraction``, as pretraining splits them).
         multiple_choice: a HellaSwag-format JSONL file: zero-shot acc and acc_norm.
-        classification: a CSV or JSONL file of text + label (fields ``data.text_field`` and
+        classification: a JSONL, JSON, CSV or parquet file of text + label (fields ``data.text_field`` and
             ``eval.label_field``) to score a fine-tuned classifier on: accuracy, macro-F1 and a
             confusion matrix. Language models get sample generations instead.
         tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
-        overrides: ``{"section.field": value}`` of the ``data``, ``tokenize`` and ``eval`` sections,
+        overrides: ``{"section.field": value}`` of the ``data``, ``tokenize``, ``eval`` and ``sampling`` sections,
             e.g. ``{"eval.eval_tokens": 65536}``.
         workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    config = build_evaluate_config(overrides)
+    config = build_config(EvaluateSettings, overrides=overrides)
     if not corpus and not multiple_choice and not classification:
         raise ConfigError("Nothing to evaluate: pass a corpus (--corpus PATH: loss, perplexity, bits per byte), "
                           "a multiple-choice file (--multiple-choice FILE) and/or, for a classifier, a labelled file "
@@ -176,12 +175,8 @@ def evaluate(
         check_data_file(labelled_file)
     workspace_dir = Workspace.resolve(workspace)
     source = resolve_model(model, workspace_dir, tokenizer)
-    if labelled_file and source.classifier_dir is None:
-        raise ModelSourceError(
-            f"{model} is a language model, not a classifier: --classification scores models fine-tuned with "
-            "`gptflow finetune --task classification` (registered as gptflow-finetune-classification)."
-        )
-    text_tokenizer = model_tokenizer(source)
+    if labelled_file:
+        source.require_classifier("--classification")
 
     tags = {
         "gptflow.flow": "evaluate",
@@ -192,14 +187,13 @@ def evaluate(
         "prefect.flow_run_url": flow_run.ui_url,
     }
     choice_hash = hash_file(choice_file) if choice_file else None
-    model_settings = json.loads((source.model_dir / CONFIG_FILE).read_text())
     with pipeline_run(workspace_dir, run_name=f"evaluate-{source.weights_hash[:8]}", tags=tags) as run:
         run.log_params({
             "model_source": model,
             "model_weights_hash": source.weights_hash,
             "tokenizer_hash": source.tokenizer_hash,
-            **{f"model.{name}": value for name, value in model_settings.items()},
-            **{name: value for name, value in config.flatten().items() if name.split(".")[0] in EVALUATE_SECTIONS},
+            **{f"model.{name}": value for name, value in asdict(source.config).items()},
+            **config.flatten(),
             **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
             **({"multiple_choice": str(choice_file), "multiple_choice_hash": choice_hash} if choice_file else {}),
             **({"classification": str(labelled_file)} if labelled_file else {}),
@@ -211,15 +205,16 @@ def evaluate(
             corpus_manifest = ingest(sources, config.data, workspace_dir, run, required_splits=required_splits)
             data_fingerprint = corpus_manifest.fingerprint
             run.set_tags({"gptflow.data_fingerprint": data_fingerprint})
-            tokens = tokenize(corpus_manifest, text_tokenizer, config.tokenize, workspace_dir, run)
-            loss = evaluate_split(source, text_tokenizer, tokens, split, config.eval, workspace_dir, run)
+            tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace_dir, run)
+            loss = score_loss(source, tokens, split, config.eval, workspace_dir, run)
         if choice_file:
-            choices = score_multiple_choice(source, text_tokenizer, choice_file, choice_hash, workspace_dir, run)
+            choices = score_multiple_choice(source, choice_file, choice_hash, workspace_dir, run)
         if labelled_file:
             classes = score_classifier(source, labelled_file, config.data.text_field, config.eval.label_field,
                                        workspace_dir, run)
         # A classifier's trunk continues text it was never trained to write: only language models are sampled.
-        samples = [] if source.classifier_dir else sample_model(source, text_tokenizer, config.eval, workspace_dir, run)
+        samples = ([] if source.kind == "classifier" else
+                   sample_model(source, config.eval.prompts, config.sampling, workspace_dir, run))
         run.set_tags({"mlflow.runName": _run_name(source.weights_hash, split, data_fingerprint,
                                                   [file for file in (choice_file, labelled_file) if file])})
 

@@ -1,11 +1,11 @@
-"""The ``finetune`` flow: a pretrained gptflow model tuned to follow instructions (sft) or to
-classify texts, fully or with LoRA: demo data → prepare → finetune → evaluate, each stage cached;
-the fine-tuned model logged to MLflow as a pyfunc model and registered."""
+"""The ``finetune`` flow: a pretrained gptflow model tuned to follow instructions (objective
+``sft``) or to classify texts (``classification``), fully or with LoRA: demo data → prepare →
+finetune → evaluate, each stage cached; the fine-tuned model logged to MLflow as a pyfunc model
+and registered."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,29 +15,27 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from gptflow.data.finetune_data import TASKS, check_data_file
+from gptflow.data.chat import ChatTemplate
+from gptflow.data.finetune_data import OBJECTIVES, check_data_file
 from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
-from gptflow.model.checkpoint import CONFIG_FILE
-from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.caching import pipeline_code_version
-from gptflow.tasks.config import ConfigError, build_finetune_config
-from gptflow.tasks.evaluate import model_tokenizer
+from gptflow.model.finetune_config import FinetuneConfig
+from gptflow.tasks.config import ConfigError, FinetuneSettings, build_config
 from gptflow.tasks.finetune import (
-    base_chat_template,
     default_base_model,
     demo_data,
     evaluate_finetuned,
     finetune_model,
     prepare_data,
 )
-from gptflow.tasks.model_source import ModelSourceError, resolve_model
+from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.progress import human_count, human_duration
 from gptflow.tasks.tracking import pipeline_run
 from gptflow.tasks.workspace import Workspace
 
-# A Literal, so a deployment's `task` parameter is validated and offered as a choice in the Prefect UI.
-FinetuneTask = Literal[TASKS]
+# A Literal, so a deployment's `objective` parameter is validated and offered as a choice in the Prefect UI.
+Objective = Literal[OBJECTIVES]
 DEMO_DESCRIPTIONS = {
     "sft": "built-in demo: docstring → function, from the standard library's source",
     "classification": "built-in demo: which standard-library package a function is from",
@@ -48,7 +46,7 @@ DEMO_DESCRIPTIONS = {
 class FinetuneSummary:
     """What a user wants to read when the flow ends."""
 
-    task: str
+    objective: str
     base_model: str
     base_weights_hash: str
     data: str
@@ -77,7 +75,7 @@ class FinetuneSummary:
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it scored, where the model is."""
         rows = [
-            f"| task | {self.task} |",
+            f"| objective | {self.objective} |",
             f"| base model | `{self.base_model}` (weights {self.base_weights_hash[:12]}) |",
             f"| data | {self.data} |",
             *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
@@ -100,7 +98,7 @@ class FinetuneSummary:
             f"{self.truncated:,} truncated; {self.skipped}",
             f"training    {self.steps} steps, {self._method()}",
         ]
-        if self.task == "classification":
+        if self.objective == "classification":
             lines += [
                 f"val loss    {self.initial_val_loss:.3f} → {self.final_val_loss:.3f} nats/example",
                 f"accuracy    {self.metrics['eval/accuracy']:.3f}, macro-F1 {self.metrics['eval/macro_f1']:.3f} "
@@ -130,7 +128,7 @@ class FinetuneSummary:
 
 @flow(name="finetune", log_prints=True)
 def finetune(
-    task: FinetuneTask = "sft",
+    objective: Objective = "sft",
     model: str | None = None,
     data: str | None = None,
     val_data: str | None = None,
@@ -142,63 +140,61 @@ def finetune(
     """Fine-tune a pretrained gptflow model for instructions (``sft``) or text ``classification``.
 
     Args:
-        task: ``sft`` (prompt/response pairs or chats; loss on the responses only) or
+        objective: ``sft`` (prompt/response pairs or chats; loss on the responses only) or
             ``classification`` (texts with labels; a linear head on the last token).
         model: the base model: ``models:/name/version``, ``runs:/<run id>/model``, an MLflow run
             id, or a directory with ``model.safetensors`` and ``config.json``. Default: the latest
             version of ``gptflow-cpu`` (what ``gptflow pretrain`` registers).
-        data: a .jsonl or .csv file (``.gz``/``.zst`` too). Default: the built-in demo of the
-            task, extracted from the standard library's source.
+        data: a .jsonl, .json, .csv (``.gz``/``.zst`` too) or .parquet file. Default: the built-in
+            demo of the objective, extracted from the standard library's source.
         val_data: a validation file in the same format; default: ``finetune.val_fraction`` of
             ``data``, chosen by record hash.
         tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
-        config_file: a TOML/JSON file with a ``finetune`` table of settings.
-        overrides: ``{"finetune.field": value}`` applied last, e.g. ``{"finetune.lora_rank": 0}``.
+        config_file: a TOML/JSON file with ``finetune``, ``train`` and ``sampling`` tables.
+        overrides: ``{"section.field": value}`` applied last, e.g. ``{"finetune.lora_rank": 0}``
+            or ``{"train.max_steps": 300}``.
         workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    config = build_finetune_config(config_file, overrides)
+    settings = build_config(FinetuneSettings, None, config_file, overrides)
     # Bad input fails here, before a model is fetched.
     train_file = None if data in (None, BUILTIN_CORPUS) else _data_file(data)
     val_file = _data_file(val_data) if val_data else None
     workspace_dir = Workspace.resolve(workspace)
     base = resolve_model(model or default_base_model(workspace_dir), workspace_dir, tokenizer)
-    base_settings = json.loads((base.model_dir / CONFIG_FILE).read_text())
-    config = _with_max_length(config, base_settings["block_size"])
-    if model_tokenizer(base).vocab_size > base_settings["vocab_size"]:
-        raise ModelSourceError(f"The tokenizer {base.tokenizer_file} has more tokens than the model {base.source} has "
-                               "embedding rows: pass the tokenizer it was trained with (--tokenizer).")
-    template = base_chat_template(base)
-    data_description = str(train_file) if train_file else DEMO_DESCRIPTIONS[task]
+    settings = dataclasses.replace(settings, finetune=_with_max_length(settings.finetune, base.config.block_size))
+    # A model fine-tuned before keeps its conversation format.
+    template = base.chat_template or ChatTemplate()
+    data_description = str(train_file) if train_file else DEMO_DESCRIPTIONS[objective]
 
     tags = {
         "gptflow.flow": "finetune",
-        "gptflow.task": task,
+        "gptflow.objective": objective,
         "gptflow.code_version": pipeline_code_version(),
         "gptflow.base_weights_hash": base.weights_hash,
         "prefect.flow_run_id": flow_run.id,
         "prefect.flow_run_url": flow_run.ui_url,
     }
-    with pipeline_run(workspace_dir, run_name=f"finetune-{task}", tags=tags) as run:
+    with pipeline_run(workspace_dir, run_name=f"finetune-{objective}", tags=tags) as run:
         run.log_params({
-            "task": task,
+            "objective": objective,
             "base_model": base.source,
             "base_weights_hash": base.weights_hash,
             "base_tokenizer_hash": base.tokenizer_hash,
             "data": data_description,
             "val_data": str(val_file or ""),
-            **{f"model.{name}": value for name, value in base_settings.items()},
-            **{f"finetune.{name}": value for name, value in dataclasses.asdict(config).items()},
+            **{f"model.{name}": value for name, value in dataclasses.asdict(base.config).items()},
+            **settings.flatten(),
         })
-        train_file = train_file or demo_data(task, workspace_dir, run)
-        prepared = prepare_data(task, train_file, val_file, base, template, config, workspace_dir, run)
-        run.set_tags({"mlflow.runName": _run_name(task, base.weights_hash, prepared.fingerprint, overrides)})
-        tuned = finetune_model(task, base, template, prepared, config, workspace_dir, run)
-        report = evaluate_finetuned(tuned, prepared, config, workspace_dir, run)
+        train_file = train_file or demo_data(objective, workspace_dir, run)
+        prepared = prepare_data(objective, train_file, val_file, base, template, settings.finetune, workspace_dir, run)
+        run.set_tags({"mlflow.runName": _run_name(objective, base.weights_hash, prepared.fingerprint, overrides)})
+        tuned = finetune_model(objective, base, template, prepared, settings, workspace_dir, run)
+        report = evaluate_finetuned(tuned, prepared, settings, workspace_dir, run)
 
     summary = FinetuneSummary(
-        task=task,
+        objective=objective,
         base_model=base.source,
         base_weights_hash=base.weights_hash,
         data=data_description,
@@ -207,7 +203,7 @@ def finetune(
         truncated=sum(prepared.truncated.values()),
         skipped=prepared.skip_report().summary(),
         steps=tuned.steps,
-        lora_rank=config.lora_rank,
+        lora_rank=settings.finetune.lora_rank,
         trainable_parameters=tuned.trainable_parameters,
         total_parameters=tuned.total_parameters,
         initial_val_loss=tuned.initial_val_loss,
@@ -240,8 +236,8 @@ def _with_max_length(config: FinetuneConfig, block_size: int) -> FinetuneConfig:
     return config
 
 
-def _run_name(task: str, base_weights_hash: str, data_fingerprint: str, overrides: dict[str, Any] | None) -> str:
+def _run_name(objective: str, base_weights_hash: str, data_fingerprint: str, overrides: dict[str, Any] | None) -> str:
     """``finetune-sft-1a2b3c4d-5e6f7a8b finetune.lora_rank=0``: base, data and settings at a glance."""
     settings = " ".join(f"{key}={value}" for key, value in sorted((overrides or {}).items()))
-    name = f"finetune-{task}-{base_weights_hash[:8]}-{data_fingerprint[:8]}"
+    name = f"finetune-{objective}-{base_weights_hash[:8]}-{data_fingerprint[:8]}"
     return name + (f" {settings}" if settings else "")

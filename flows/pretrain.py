@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.caching import pipeline_code_version
-from gptflow.tasks.config import DEFAULT_PRESET, PresetName, build_config
+from gptflow.tasks.config import DEFAULT_PRESET, PresetName, PretrainSettings, build_config
 from gptflow.tasks.evaluate import evaluate_model
 from gptflow.tasks.ingest import ingest
 from gptflow.tasks.lineage import Lineage, data_delta
@@ -111,7 +111,7 @@ def pretrain(
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    config = build_config(preset, config_file, overrides)
+    config = build_config(PretrainSettings, preset, config_file, overrides)
     workspace_dir = Workspace.resolve(workspace)
     corpus = corpus or [BUILTIN_CORPUS]
     sources = resolve_sources(corpus)
@@ -144,7 +144,7 @@ def pretrain(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
             registered_model_name=f"gptflow-{preset}", resume=resume, from_scratch=from_scratch,
         )
-        report = evaluate_model(trained, tokens, tokenizer, config.eval, workspace_dir, run)
+        report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.last_corpus_manifest = corpus_manifest.path
         lineage.last_tokens_manifest = tokens.path
         lineage.last_mlflow_run_id = run.run_id

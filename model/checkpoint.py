@@ -85,7 +85,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None = None) -> TrainerState:
     """Load weights (and optimizer state, when given) in place; returns the trainer state."""
     path = Path(path)
-    saved_config = _read_model_config(path)
+    saved_config = read_model_config(path)
     if saved_config != model.config:
         raise ValueError(
             f"checkpoint {path} was written by a model with config {saved_config}, which differs from "
@@ -131,7 +131,7 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
     directory = Path(directory)
     if not is_complete(directory):
         raise FileNotFoundError(f"{directory} is not a complete model directory (missing or altered files)")
-    model = GPT(_read_model_config(directory))
+    model = GPT(read_model_config(directory))
     _load_weights(model, directory)
     return model.to(device).eval()
 
@@ -147,5 +147,6 @@ def _load_weights(model: GPT, directory: Path) -> None:
     safetensors.torch.load_model(model, directory / WEIGHTS_FILE, strict=True, device=str(device))
 
 
-def _read_model_config(directory: Path) -> ModelConfig:
+def read_model_config(directory: Path) -> ModelConfig:
+    """The ``ModelConfig`` of a model or checkpoint directory, without loading its weights."""
     return ModelConfig(**json.loads((directory / CONFIG_FILE).read_text()))

@@ -27,6 +27,8 @@ from gptflow.data.store import atomic_directory
 from gptflow.model.checkpoint import load_model
 from gptflow.model.gpt import GPT, INIT_STD
 
+CLASSIFIER_DIR = "classifier"
+"""Beside a classifier's trunk (``final/``): its head."""
 HEAD_FILE = "head.safetensors"
 CLASSIFIER_FILE = "classifier.json"
 

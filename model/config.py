@@ -139,10 +139,10 @@ class TrainConfig:
     """Wrap the model in ``torch.compile`` (worth it on GPU for long runs)."""
     log_interval: int = 10
     """Steps between training-metric reports (the loss is read from the device only then)."""
-    eval_interval: int = 250
-    """Steps between validation passes; 0 disables periodic validation."""
-    eval_tokens: int = 65536
-    """Validation tokens per periodic validation pass."""
+    val_interval: int = 250
+    """Steps between validation passes (always after the last step too); 0: only after the last."""
+    val_tokens: int = 65536
+    """Validation tokens per validation pass of pretraining (fine-tuning scores its whole val split)."""
     checkpoint_interval: int = 250
     """Steps between checkpoints; the final step always writes one."""
     keep_checkpoints: int = 2
@@ -152,10 +152,10 @@ class TrainConfig:
     ``micro_batch_size`` sequences per micro-step, so the global batch grows with ``nproc``."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_tokens",
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "val_tokens",
                      "checkpoint_interval", "keep_checkpoints", "nproc"):
             require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval"):
+        for name in ("warmup_steps", "val_interval"):
             require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
         require(
@@ -178,31 +178,41 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     eval_tokens: int = 262144
-    """Validation tokens scored for the final loss, perplexity and bits per byte."""
+    """Tokens scored for the final loss, perplexity and bits per byte."""
     prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class Parser:\n    def "])
-    """Prompts for sample generations."""
+    """Prompts for sample generations (sampled with the ``sampling`` settings)."""
+    label_field: str = "label"
+    """The label field of a labelled file a classifier is scored on (its text field is ``data.text_field``)."""
+
+    def __post_init__(self) -> None:
+        require(self.eval_tokens > 0, f"eval.eval_tokens must be positive, got {self.eval_tokens}")
+        require(bool(self.label_field), "eval.label_field must name a field")
+
+
+@dataclass
+class SamplingConfig:
+    """How text is sampled from a model: evaluation samples, ``gptflow generate``, a fine-tuned
+    model's answers and the ``predict`` params of every logged MLflow model."""
+
     max_new_tokens: int = 96
-    """Tokens generated per prompt."""
+    """The most tokens generated per prompt (an answer also stops at its end token)."""
     temperature: float = 0.8
     """Sampling temperature; lower is more conservative."""
     top_k: int = 50
     """Sample only among the k most likely tokens; 0 disables the cut."""
     seed: int = 0
-    """Seeds sampling, so sample generations are reproducible."""
-    label_field: str = "label"
-    """The label field of a labelled file a classifier is scored on (its text field is ``data.text_field``)."""
-
-    def sampling(self) -> dict[str, float | int]:
-        """The sampling settings, as the MLflow model's ``predict`` params take them."""
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_k": self.top_k, "seed": self.seed}
+    """Seeds sampling: the same prompt and seed give the same text."""
 
     def __post_init__(self) -> None:
-        require(self.eval_tokens > 0, f"eval.eval_tokens must be positive, got {self.eval_tokens}")
-        require(self.max_new_tokens >= 0, f"eval.max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        require(self.temperature > 0, f"eval.temperature must be positive, got {self.temperature}")
-        require(self.top_k >= 0, f"eval.top_k must be >= 0, got {self.top_k}")
-        require(bool(self.label_field), "eval.label_field must name a field")
+        require(self.max_new_tokens >= 0, f"sampling.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        require(self.temperature > 0, f"sampling.temperature must be positive, got {self.temperature}")
+        require(self.top_k >= 0, f"sampling.top_k must be >= 0, got {self.top_k}")
+        require(self.seed >= 0, f"sampling.seed must be >= 0, got {self.seed}")
+
+    @property
+    def top_k_or_none(self) -> int | None:
+        """``top_k`` as ``GPT.generate`` takes it: None for no cut."""
+        return self.top_k or None
 
 
 # The modern recipe, as ModelConfig and TrainConfig overrides: rotary positions, RMSNorm, QK-norm,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from gptflow.data.loader import TokenWindows
+from gptflow.model.config import SamplingConfig
 from gptflow.model.device import autocast
 from gptflow.model.gpt import GPT
 
@@ -62,18 +63,15 @@ def perplexity(loss_nats: float) -> float:
 def generate_samples(
     model: GPT,
     prompt_ids: list[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    seed: int,
+    sampling: SamplingConfig,
     device: torch.device | str,
     vocab_limit: int | None = None,
 ) -> list[list[int]]:
-    """Each prompt followed by ``max_new_tokens`` sampled tokens, never an id at or above
+    """Each prompt followed by ``sampling.max_new_tokens`` sampled tokens, never an id at or above
     ``vocab_limit`` (the tokenizer's vocabulary size; the embedding rows above it are padding).
 
     Prompts are sampled one at a time (they differ in length), each from a generator seeded by
-    ``(seed, prompt index)``: a sample does not change when other prompts are added or removed.
+    ``(sampling.seed, prompt index)``: a sample does not change when other prompts are added or removed.
     Every prompt needs at least one token (the end-of-text id is a neutral start).
     """
     device = torch.device(device)
@@ -84,11 +82,10 @@ def generate_samples(
         if not prompt:
             raise ValueError(f"prompt {index} is empty: start it with at least one token, e.g. end-of-text")
         generator = torch.Generator(device=device)
-        generator.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+        generator.manual_seed(int(np.random.SeedSequence([sampling.seed, index]).generate_state(1)[0]))
         idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-        sample = model.generate(
-            idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator, vocab_limit=vocab_limit
-        )
+        sample = model.generate(idx, sampling.max_new_tokens, temperature=sampling.temperature,
+                                top_k=sampling.top_k_or_none, generator=generator, vocab_limit=vocab_limit)
         samples.append(sample[0].tolist())
     model.train(was_training)
     return samples

@@ -38,7 +38,7 @@ import safetensors.torch
 import torch
 
 from gptflow.data.tokenizer import EOT_TOKEN, PAD_TOKEN, load_tokenizer
-from gptflow.model.config import EvalConfig, ModelConfig
+from gptflow.model.config import ModelConfig, SamplingConfig
 from gptflow.model.gpt import GPT, INIT_STD, NORM_EPS, ROTARY_BASE, swiglu_hidden_size
 
 WEIGHTS_FILE = "model.safetensors"
@@ -92,7 +92,7 @@ def export_to_transformers(model: GPT, tokenizer_file: Path, out_dir: Path) -> s
         "pad_token_id": pad_id,
         "dtype": dtype,
     }
-    sampling = EvalConfig()
+    sampling = SamplingConfig()
     # Documents start after an end-of-text token in training, so generation should too; the
     # tokenizer does not add it (ids stay gptflow's): prompts start with tokenizer.bos_token.
     generation = {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": pad_id, "do_sample": True,

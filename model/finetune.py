@@ -14,6 +14,7 @@ in the permutation drawn from ``(seed, e)``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,16 +26,18 @@ import torch.nn as nn
 from tokenizers import Tokenizer
 
 from gptflow.data.chat import ChatTemplate, Message
-from gptflow.data.finetune_data import TASKS, PreparedSplit
+from gptflow.data.finetune_data import OBJECTIVES, PreparedSplit
 from gptflow.model.checkpoint import load_model, save_final
-from gptflow.model.classifier import GPTClassifier, pad_right, save_head
+from gptflow.model.classifier import CLASSIFIER_DIR, GPTClassifier, pad_right, save_head
 from gptflow.model.device import autocast, resolve_autocast_dtype
+from gptflow.model.config import SamplingConfig, TrainConfig
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
 from gptflow.model.lora import apply_lora, merge_lora
 from gptflow.model.optim import build_optimizer, learning_rate_at
 
-CLASSIFIER_DIR = "classifier"
+SCORE_BATCH_EXAMPLES = 16
+"""Examples per batch when scoring (validation loss, classification) outside training."""
 MetricsCallback = Callable[[int, dict[str, float]], None]
 """Called with an optimizer step (0: before the first) and the metrics measured there."""
 
@@ -57,17 +60,18 @@ class FinetuneResult:
     """Metric name → (step, value) of every report."""
 
 
-def build_task_model(
-    base_dir: Path, task: str, labels: list[str], config: FinetuneConfig, device: torch.device
+def build_finetune_model(
+    base_dir: Path, objective: str, labels: list[str], config: FinetuneConfig, seed: int, device: torch.device
 ) -> GPT | GPTClassifier:
-    """The base model with LoRA applied (``lora_rank`` > 0) and, for classification, a new head."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    torch.manual_seed(config.seed)
+    """The base model with LoRA applied (``lora_rank`` > 0) and, for classification, a new head,
+    initialised from ``seed``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    torch.manual_seed(seed)
     gpt = load_model(base_dir, device="cpu")  # LoRA and head initialised on the CPU: the same on any device
     if config.lora_rank:
         apply_lora(gpt, config.lora_rank, config.lora_alpha, config.lora_dropout)
-    model = GPTClassifier(gpt, labels) if task == "classification" else gpt
+    model = GPTClassifier(gpt, labels) if objective == "classification" else gpt
     return model.to(device)
 
 
@@ -75,28 +79,29 @@ def finetune(
     model: GPT | GPTClassifier,
     train: PreparedSplit,
     val: PreparedSplit,
-    config: FinetuneConfig,
+    config: TrainConfig,
     pad_id: int,
     max_length: int,
     run_dir: Path,
     on_metrics: MetricsCallback | None = None,
 ) -> FinetuneResult:
-    """Train ``model`` (from ``build_task_model``) on ``train``, validating on ``val``; then merge
+    """Train ``model`` (from ``build_finetune_model``) on ``train`` as ``config`` says (its
+    optimizer, schedule and intervals, as in pretraining), validating on all of ``val`` before the
+    first step, every ``val_interval`` steps and after the last; then merge
     LoRA and write the model to ``run_dir/final`` (and the head to ``run_dir/classifier``, with
     ``max_length``, the tokens texts were cut to, so inference cuts them the same way)."""
     started = time.perf_counter()
     device = next(model.parameters()).device
-    autocast_dtype = resolve_autocast_dtype("auto", device)
-    task = _task_of(model)
-    train_config = config.train_config()
-    optimizer = build_optimizer(model, train_config, device)
+    autocast_dtype = resolve_autocast_dtype(config.dtype, device)
+    objective = _objective_of(model)
+    optimizer = build_optimizer(model, config, device)
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
 
     history: dict[str, list[tuple[int, float]]] = {"finetune/train_loss": [], "finetune/val_loss": []}
 
     def validate(step: int) -> dict[str, float]:
-        scores = evaluate_split(model, val, pad_id, config.micro_batch_size, autocast_dtype)
+        scores = score_examples(model, val, pad_id, config.micro_batch_size, autocast_dtype)
         metrics = {"finetune/val_loss": scores.loss}
         if scores.accuracy is not None:
             metrics["finetune/val_accuracy"] = scores.accuracy
@@ -114,7 +119,7 @@ def finetune(
     final_train_loss = float("nan")
     model.train()
     for step in range(config.max_steps):
-        learning_rate = learning_rate_at(step, train_config)
+        learning_rate = learning_rate_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         torch.manual_seed(int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0]))  # dropout
@@ -122,7 +127,7 @@ def finetune(
             indices = example_indices(len(train.input_ids), config.seed,
                                       (step * config.grad_accum_steps + micro_step) * config.micro_batch_size,
                                       config.micro_batch_size)
-            batch = make_batch(task, train, indices, pad_id, device)
+            batch = make_batch(objective, train, indices, pad_id, device)
             with autocast(device, autocast_dtype):
                 loss = batch_loss(model, batch)
             (loss / config.grad_accum_steps).backward()
@@ -149,7 +154,7 @@ def finetune(
             history["finetune/train_loss"].append((steps_done, final_train_loss))
             loss_sum.zero_()
             tokens_since_report, steps_since_report = 0, 0
-        if is_last or (config.eval_interval and steps_done % config.eval_interval == 0):
+        if is_last or (config.val_interval and steps_done % config.val_interval == 0):
             metrics.update(validate(steps_done))
             model.train()
         if metrics:
@@ -183,10 +188,10 @@ class Batch:
     """Tokens that are not padding."""
 
 
-def make_batch(task: str, split: PreparedSplit, indices: np.ndarray, pad_id: int, device: torch.device) -> Batch:
+def make_batch(objective: str, split: PreparedSplit, indices: np.ndarray, pad_id: int, device: torch.device) -> Batch:
     """The examples ``indices`` of ``split`` as padded tensors on ``device``."""
     sequences = [split.input_ids[index] for index in indices]
-    if task == "classification":
+    if objective == "classification":
         inputs, lengths = pad_right(sequences, pad_id)
         targets = torch.as_tensor(split.labels[indices], dtype=torch.long)
         return Batch(inputs.to(device), targets.to(device), lengths.to(device), int(lengths.sum()))
@@ -219,7 +224,7 @@ def example_indices(n_examples: int, seed: int, start: int, count: int) -> np.nd
 
 
 @dataclass
-class SplitScores:
+class ExampleScores:
     loss: float
     """sft: mean cross-entropy per response token (nats); classification: per example."""
     predictions: list[int] | None = None
@@ -228,20 +233,20 @@ class SplitScores:
 
 
 @torch.no_grad()
-def evaluate_split(
-    model: GPT | GPTClassifier, split: PreparedSplit, pad_id: int, batch_size: int,
+def score_examples(
+    model: GPT | GPTClassifier, split: PreparedSplit, pad_id: int, batch_size: int = SCORE_BATCH_EXAMPLES,
     autocast_dtype: torch.dtype | None = None,
-) -> SplitScores:
+) -> ExampleScores:
     """Loss over a whole split (and classification predictions), in eval mode. Batches group
     examples of similar length, so little compute goes to padding."""
-    task = _task_of(model)
+    objective = _objective_of(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_loss, total_weight = 0.0, 0
     predictions = np.zeros(len(split.input_ids), dtype=np.int64)
     for indices in _by_length(split, batch_size):
-        batch = make_batch(task, split, indices, pad_id, device)
+        batch = make_batch(objective, split, indices, pad_id, device)
         with autocast(device, autocast_dtype):
             if isinstance(model, GPTClassifier):
                 logits, loss = model(batch.inputs, batch.lengths, batch.targets)
@@ -253,8 +258,8 @@ def evaluate_split(
         total_loss += loss.item() * weight
         total_weight += weight
     model.train(was_training)
-    scores = SplitScores(loss=total_loss / total_weight)
-    if task == "classification":
+    scores = ExampleScores(loss=total_loss / total_weight)
+    if objective == "classification":
         scores.predictions = predictions.tolist()
         scores.accuracy = float((predictions == split.labels).mean())
     return scores
@@ -266,7 +271,7 @@ def _by_length(split: PreparedSplit, batch_size: int) -> Iterator[np.ndarray]:
         yield order[start : start + batch_size]
 
 
-def _task_of(model: nn.Module) -> str:
+def _objective_of(model: nn.Module) -> str:
     return "classification" if isinstance(model, GPTClassifier) else "sft"
 
 
@@ -277,21 +282,20 @@ which reads the context once more)."""
 
 @torch.no_grad()
 def generate_response(
-    gpt: GPT, prompt_ids: list[int], end_id: int, max_new_tokens: int, temperature: float, top_k: int | None,
-    seed: int, vocab_limit: int,
+    gpt: GPT, prompt_ids: list[int], end_id: int, sampling: SamplingConfig, vocab_limit: int
 ) -> list[int]:
     """The tokens ``gpt`` (in eval mode) samples after ``prompt_ids``, up to the first ``end_id``
-    (left out) or ``max_new_tokens``; a pure function of ``seed``. ``vocab_limit`` (the tokenizer's
+    (left out) or ``sampling.max_new_tokens``; a pure function of ``sampling.seed``. ``vocab_limit`` (the tokenizer's
     size) keeps the embedding's padding rows from being sampled."""
     device = next(gpt.parameters()).device
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(sampling.seed)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     produced: list[int] = []
-    while len(produced) < max_new_tokens:
-        count = min(STOP_CHECK_TOKENS, max_new_tokens - len(produced))
-        idx = gpt.generate(idx, count, temperature=temperature, top_k=top_k, generator=generator,
-                           vocab_limit=vocab_limit)
+    while len(produced) < sampling.max_new_tokens:
+        count = min(STOP_CHECK_TOKENS, sampling.max_new_tokens - len(produced))
+        idx = gpt.generate(idx, count, temperature=sampling.temperature, top_k=sampling.top_k_or_none,
+                           generator=generator, vocab_limit=vocab_limit)
         new = idx[0, -count:].tolist()
         if end_id in new:
             return produced + new[: new.index(end_id)]
@@ -301,15 +305,15 @@ def generate_response(
 
 def answer(
     gpt: GPT, tokenizer: Tokenizer, template: ChatTemplate, conversations: list[list[Message]],
-    max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+    sampling: SamplingConfig,
 ) -> list[str]:
     """The next assistant message of each conversation, as ``template`` prompts for it; the
-    conversation at index ``i`` is sampled with seed ``seed + i``."""
+    conversation at index ``i`` is sampled with seed ``sampling.seed + i``."""
     end_id = template.token_id(tokenizer, template.end_token)
     answers = []
     for index, conversation in enumerate(conversations):
         prompt_ids, _ = template.encode(tokenizer, conversation, add_generation_prompt=True)
-        response = generate_response(gpt, prompt_ids, end_id, max_new_tokens, temperature, top_k, seed + index,
+        response = generate_response(gpt, prompt_ids, end_id, dataclasses.replace(sampling, seed=sampling.seed + index),
                                      tokenizer.get_vocab_size())
         answers.append(tokenizer.decode(response))
     return answers

@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer
 
 from gptflow.data.tokenizer import EOT_TOKEN
+from gptflow.model.config import SamplingConfig
 from gptflow.model.evaluate import generate_samples
 from gptflow.model.gpt import GPT
 
@@ -21,23 +22,18 @@ def generate_texts(
     model: GPT,
     tokenizer: Tokenizer,
     prompts: list[str],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    seed: int,
+    sampling: SamplingConfig,
     device: torch.device | str = "cpu",
 ) -> list[str]:
-    """Each prompt followed by ``max_new_tokens`` sampled tokens, decoded.
+    """Each prompt followed by up to ``sampling.max_new_tokens`` sampled tokens, decoded.
 
     A prompt is read after an end-of-text token, as every document starts in training, so an
     empty prompt samples the start of a document. Only the tokenizer's own ids are sampled, never
-    the embedding's padding rows. Sampling is seeded by ``(seed, prompt index)``.
+    the embedding's padding rows. Sampling is seeded by ``(sampling.seed, prompt index)``.
     """
     eot_id = tokenizer.token_to_id(EOT_TOKEN)
     prompt_ids = [[eot_id, *tokenizer.encode(prompt).ids] for prompt in prompts]
-    generated = generate_samples(
-        model, prompt_ids, max_new_tokens, temperature, top_k, seed, device, vocab_limit=tokenizer.get_vocab_size()
-    )
+    generated = generate_samples(model, prompt_ids, sampling, device, vocab_limit=tokenizer.get_vocab_size())
     return [tokenizer.decode(ids[1:]) for ids in generated]
 
 

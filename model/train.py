@@ -108,8 +108,8 @@ def pretrain(
     fresh when there is none); ``resume=False`` deletes the run's checkpoints and export first.
     A fresh start begins from random weights, or from ``continuation``'s checkpoint, sampling
     its new shards at its ``new_data_fraction``.
-    Validation runs every ``eval_interval`` steps and after the last one, on up to
-    ``eval_tokens`` tokens of ``val_paths`` (skipped when empty). Seeds torch's global RNG.
+    Validation runs every ``val_interval`` steps and after the last one, on up to
+    ``val_tokens`` tokens of ``val_paths`` (skipped when empty). Seeds torch's global RNG.
 
     Under ``torchrun`` with ``train.nproc`` processes, trains data-parallel (``model.distributed``):
     every rank calls this function with the same arguments; rank 0 reports and writes.
@@ -222,7 +222,7 @@ def _train(
             grad_norm_sum.zero_()
             steps_since_report, report_clock, paused_s = 0, now, 0.0
         evaluate_now = val_windows is not None and (
-            (train_config.eval_interval and steps_done % train_config.eval_interval == 0) or is_last
+            (train_config.val_interval and steps_done % train_config.val_interval == 0) or is_last
         )
         checkpoint_now = steps_done % train_config.checkpoint_interval == 0 or is_last
         if evaluate_now or checkpoint_now:
@@ -231,7 +231,7 @@ def _train(
             pause_started = time.perf_counter()
             if evaluate_now:
                 final_val_loss, _ = evaluate_loss(
-                    model, val_windows, train_config.eval_tokens, train_config.micro_batch_size, device, autocast_dtype
+                    model, val_windows, train_config.val_tokens, train_config.micro_batch_size, device, autocast_dtype
                 )
                 metrics["val/loss"] = final_val_loss
             if checkpoint_now:

@@ -15,17 +15,15 @@ from prefect import task
 
 from gptflow.data.finetune_data import EVAL_SPLIT, PreparedSplit, prepare_labelled, read_split
 from gptflow.data.store import atomic_directory, hash_file, is_complete
-from gptflow.data.tokenizer import PAD_TOKEN, load_tokenizer
 from gptflow.model.classifier import GPTClassifier, classification_metrics, load_classifier
 from gptflow.model.device import resolve_device
-from gptflow.model.finetune import evaluate_split
+from gptflow.model.finetune import score_examples
 from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.model_source import ResolvedModel
 from gptflow.tasks.progress import run_logger
 from gptflow.tasks.tracking import PipelineRun
 from gptflow.tasks.workspace import Workspace
 
-EVAL_BATCH_SIZE = 16
 CONFUSION_PLOT = "confusion_matrix.png"
 PREDICTIONS_FILE = "predictions.jsonl"
 FIELD_SETTINGS = "data.text_field and eval.label_field"
@@ -46,13 +44,13 @@ class ClassificationReport:
     """What was left out of the scored file (``SkipReport.summary()``); empty when nothing was."""
 
 
-def score_split(
+def classify_and_report(
     classifier_model: GPTClassifier, split: PreparedSplit, split_name: str, labels: list[str],
     majority_label: str, pad_id: int, directory: Path,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Classify every example of ``split`` and write ``predictions.jsonl`` and the confusion matrix
     into ``directory``; the metrics, where the majority baseline always predicts ``majority_label``."""
-    scores = evaluate_split(classifier_model, split, pad_id, EVAL_BATCH_SIZE)
+    scores = score_examples(classifier_model, split, pad_id)
     true = split.labels.tolist()
     measured = classification_metrics(true, scores.predictions, len(labels))
     majority_accuracy = sum(labels[label] == majority_label for label in true) / len(true)
@@ -83,14 +81,14 @@ def score_classifier_task(source: ResolvedModel, path: str, text_field: str, lab
                           out_dir: str) -> ClassificationReport:
     device = resolve_device("auto")
     classifier_model, max_length = load_classifier(source.model_dir, source.classifier_dir, device)
-    pad_id = load_tokenizer(source.tokenizer_file).token_to_id(PAD_TOKEN)
+    pad_id = source.tokenizer.pad_id
     with atomic_directory(Path(out_dir)) as directory:
         prepared = prepare_labelled(Path(path), source.tokenizer_file, directory / "data", labels=classifier_model.labels,
                                     max_length=max_length, text_field=text_field, label_field=label_field,
                                     field_settings=FIELD_SETTINGS)
         split = read_split(Path(prepared.directory), EVAL_SPLIT)
         majority = most_common_label(prepared.label_counts[EVAL_SPLIT])
-        metrics, classes = score_split(classifier_model, split, EVAL_SPLIT, classifier_model.labels, majority, pad_id,
+        metrics, classes = classify_and_report(classifier_model, split, EVAL_SPLIT, classifier_model.labels, majority, pad_id,
                                        directory)
         skips = prepared.skip_report()
         metrics.update({"eval/truncated": prepared.truncated[EVAL_SPLIT], "eval/skipped": skips.total})

@@ -1,9 +1,13 @@
-"""The whole pipeline's configuration: presets, config files and ``--set`` overrides.
+"""Each flow's settings: sections of typed configs, built from presets, config files and ``--set``.
 
-A run's config is built in three layers, each overriding the last: the dataclass defaults, a
-named preset, an optional TOML/JSON file, then ``section.field=value`` overrides. Values from
-files and overrides are coerced to the declared field type and validated by the dataclasses, so
-a typo fails before any stage runs, naming the offending key.
+A flow's settings (``PretrainSettings``, ``FinetuneSettings``, ``EvaluateSettings``) compose the
+section dataclasses it reads; a section means the same in every flow (``train`` is the training
+loop's ``TrainConfig`` in pretraining and fine-tuning alike, ``sampling`` the ``SamplingConfig`` of
+every generation). ``build_config`` builds any of them in layers, each overriding the last: the
+dataclass defaults, the flow's own defaults (fine-tuning trains shorter at a higher learning rate),
+a named preset (pretraining), an optional TOML/JSON file, then ``section.field=value`` overrides.
+Values are coerced to the declared field type and validated by the dataclasses, so a typo fails
+before any stage runs, naming the offending key.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from gptflow.data.config import IngestConfig, TokenizeConfig, TokenizerConfig
-from gptflow.model.config import MODERN_RECIPE, EvalConfig, ModelConfig, TrainConfig
+from gptflow.model.config import MODERN_RECIPE, EvalConfig, ModelConfig, SamplingConfig, TrainConfig
 from gptflow.model.finetune_config import FinetuneConfig
 
 DEFAULT_PRESET = "cpu"
@@ -40,26 +44,78 @@ class IncrementalConfig:
             raise ValueError(f"incremental.new_data_fraction must be in (0, 1], got {self.new_data_fraction}")
 
 
+class Settings:
+    """What every flow's settings share: a name for messages, its own defaults, a flat view."""
+
+    FLOW: ClassVar[str]
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+    """The flow's own defaults, over the dataclasses' (and under presets, files and overrides)."""
+
+    def flatten(self) -> dict[str, Any]:
+        """``{"model.n_layer": 4, ...}``: one entry per field, as MLflow params are logged."""
+        return {
+            f"{section}.{name}": value
+            for section, fields in dataclasses.asdict(self).items()
+            for name, value in fields.items()
+        }
+
+
 @dataclass
-class PipelineConfig:
+class PretrainSettings(Settings):
+    FLOW: ClassVar[str] = "pretrain"
     data: IngestConfig = field(default_factory=IngestConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
 
-    def flatten(self) -> dict[str, Any]:
-        """``{"model.n_layer": 4, ...}``: one entry per field, as MLflow params are logged."""
-        return {
-            f"{section}.{name}": value
-            for section, fields in self.to_dict().items()
-            for name, value in fields.items()
-        }
+@dataclass
+class FinetuneSettings(Settings):
+    """The base model brings its own ``model`` settings; ``train`` drives the fine-tuning loop."""
+
+    FLOW: ClassVar[str] = "finetune"
+    # A short run at a higher rate than pretraining's, without weight decay: a LoRA update or a
+    # short fine-tune should stay close to the base model, and decay pulls weights to 0, not to it.
+    # Answers sample cooler than pretraining's samples.
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "train": {"max_steps": 150, "micro_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 10,
+                  "weight_decay": 0.0, "seed": 0, "log_interval": 10, "val_interval": 50},
+        "sampling": {"max_new_tokens": 128, "temperature": 0.7, "top_k": 20},
+    }
+    UNSUPPORTED_TRAIN: ClassVar[dict[str, str]] = {
+        "optimizer": "fine-tuning trains with AdamW", "compile": "fine-tuning does not compile the model",
+        "nproc": "fine-tuning runs in one process", "checkpoint_interval": "fine-tuning writes no checkpoints",
+        "keep_checkpoints": "fine-tuning writes no checkpoints",
+        "val_tokens": "fine-tuning validates on its whole val split",
+    }
+    """``train`` fields the fine-tuning loop does not read yet, and why: set, they are refused."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        for name, reason in self.UNSUPPORTED_TRAIN.items():
+            if getattr(self.train, name) != getattr(TrainConfig(), name):
+                raise ConfigError(f"train.{name} is not a fine-tuning setting ({reason}); leave it unset.")
+
+
+@dataclass
+class EvaluateSettings(Settings):
+    """How to read and tokenize the corpus, what to score and how to sample; the model brings its
+    own model settings, and nothing is trained."""
+
+    FLOW: ClassVar[str] = "evaluate"
+    data: IngestConfig = field(default_factory=IngestConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+SettingsType = TypeVar("SettingsType", bound=Settings)
 
 
 def _with_modern_recipe(preset: dict[str, dict[str, Any]], **train: Any) -> dict[str, dict[str, Any]]:
@@ -78,7 +134,7 @@ _CPU = {
     "model": {"n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 256},
     "train": {
         "max_steps": 700, "micro_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 50,
-        "log_interval": 25, "eval_interval": 250, "eval_tokens": 32768, "checkpoint_interval": 250,
+        "log_interval": 25, "val_interval": 250, "val_tokens": 32768, "checkpoint_interval": 250,
     },
     "eval": {"eval_tokens": 131072},
 }
@@ -89,10 +145,11 @@ _GPT2_124M = {
     "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
     "train": {
         "max_steps": 5000, "micro_batch_size": 32, "grad_accum_steps": 16, "learning_rate": 6e-4,
-        "warmup_steps": 500, "compile": True, "log_interval": 10, "eval_interval": 500,
-        "eval_tokens": 1 << 20, "checkpoint_interval": 1000,
+        "warmup_steps": 500, "compile": True, "log_interval": 10, "val_interval": 500,
+        "val_tokens": 1 << 20, "checkpoint_interval": 1000,
     },
-    "eval": {"eval_tokens": 1 << 22, "max_new_tokens": 128},
+    "eval": {"eval_tokens": 1 << 22},
+    "sampling": {"max_new_tokens": 128},
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -102,9 +159,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
         "train": {
             "max_steps": 30, "micro_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 5,
-            "log_interval": 5, "eval_interval": 15, "eval_tokens": 2048, "checkpoint_interval": 15,
+            "log_interval": 5, "val_interval": 15, "val_tokens": 2048, "checkpoint_interval": 15,
         },
-        "eval": {"eval_tokens": 4096, "max_new_tokens": 16},
+        "eval": {"eval_tokens": 4096},
+        "sampling": {"max_new_tokens": 16},
     },
     "cpu": _CPU,
     # The cpu preset with the modern recipe, to compare recipes on a CPU (same data and tokens).
@@ -124,10 +182,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},
         "train": {
             "max_steps": 13500, "micro_batch_size": 16, "grad_accum_steps": 32, "learning_rate": 3e-4,
-            "warmup_steps": 700, "compile": True, "log_interval": 10, "eval_interval": 500,
-            "eval_tokens": 1 << 20, "checkpoint_interval": 1000,
+            "warmup_steps": 700, "compile": True, "log_interval": 10, "val_interval": 500,
+            "val_tokens": 1 << 20, "checkpoint_interval": 1000,
         },
-        "eval": {"eval_tokens": 1 << 22, "max_new_tokens": 128},
+        "eval": {"eval_tokens": 1 << 22},
+        "sampling": {"max_new_tokens": 128},
     },
 }
 
@@ -142,14 +201,18 @@ class ConfigError(ValueError):
 
 
 def build_config(
-    preset: str | None = DEFAULT_PRESET,
+    settings_type: type[SettingsType],
+    preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
-) -> PipelineConfig:
-    """The layered config; ``preset=None`` starts from the dataclass defaults alone (the evaluate
-    flow's settings belong to no preset)."""
-    layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
+) -> SettingsType:
+    """``settings_type`` built from its defaults, the flow's own defaults, ``preset`` (pretraining
+    only), ``config_file`` and ``overrides``, in that order."""
+    flow = settings_type.FLOW
+    layers: list[tuple[str, dict[str, dict[str, Any]]]] = [(f"{flow} defaults", settings_type.DEFAULTS)]
     if preset is not None:
+        if settings_type is not PretrainSettings:
+            raise ConfigError(f"Presets configure pretraining; {flow} takes no preset.")
         if preset not in PRESETS:
             raise ConfigError(f"Unknown preset {preset!r}. Available presets: {', '.join(PRESETS)}.")
         layers.append((f"preset {preset!r}", PRESETS[preset]))
@@ -158,53 +221,27 @@ def build_config(
     if overrides:
         layers.append(("--set overrides", _nest_overrides(overrides)))
 
-    return PipelineConfig(**_layered(typing.get_type_hints(PipelineConfig), layers))
-
-
-def build_finetune_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
-    """The finetune flow's settings: ``FinetuneConfig``'s defaults, a config file's ``finetune``
-    table, then ``finetune.field=value`` overrides (the base model brings its own model settings)."""
-    layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
-    if config_file is not None:
-        layers.append((f"config file {config_file}", _read_config_file(Path(config_file))))
-    if overrides:
-        layers.append(("--set overrides", _nest_overrides(overrides)))
-    return _layered({"finetune": FinetuneConfig}, layers)["finetune"]
-
-
-def _layered(section_types: dict[str, type], layers: list[tuple[str, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
-    """Each section's dataclass, built from its defaults with every layer applied in turn."""
+    hints = typing.get_type_hints(settings_type)
+    section_types = {section.name: hints[section.name] for section in dataclasses.fields(settings_type)}
     sections = {name: dataclasses.asdict(section_type()) for name, section_type in section_types.items()}
     for origin, layer in layers:
         for section, values in layer.items():
             if section not in sections:
-                raise ConfigError(f"{origin}: unknown section {section!r}; sections are {', '.join(sections)}.")
+                model_note = ": the model's own settings come with the model" if section == "model" else ""
+                raise ConfigError(f"{origin}: {flow} takes {', '.join(f'{name}.*' for name in sections)} settings, "
+                                  f"not {section}.*{model_note}.")
             if not isinstance(values, dict):
                 raise ConfigError(f"{origin}: section {section!r} must be a table of fields.")
             for name, value in values.items():
                 sections[section][name] = _coerce(section_types[section], section, name, value, origin)
     try:
-        return {name: section_types[name](**values) for name, values in sections.items()}
+        return settings_type(**{name: section_types[name](**values) for name, values in sections.items()})
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
 
 EvalSplit = Literal["train", "val", "all"]
 """Which documents of a corpus the evaluate flow scores: its train split, its val split, or both."""
-EVALUATE_SECTIONS = ("data", "tokenize", "eval")
-"""The settings the evaluate flow takes: how to read and tokenize the corpus, and what to score."""
-
-
-def build_evaluate_config(overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """The evaluate flow's settings: the dataclass defaults with ``overrides`` of the sections in
-    ``EVALUATE_SECTIONS`` (the model brings its own model settings, and nothing is trained)."""
-    foreign = sorted({key.partition(".")[0] for key in overrides or {}} - set(EVALUATE_SECTIONS))
-    if foreign:
-        raise ConfigError(
-            f"evaluate takes {', '.join(f'{name}.*' for name in EVALUATE_SECTIONS)} settings, not "
-            f"{', '.join(f'{name}.*' for name in foreign)}: the model's own settings come with the model."
-        )
-    return build_config(None, None, overrides)
 
 
 def parse_override_pairs(pairs: list[str]) -> dict[str, str]:

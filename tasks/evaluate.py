@@ -2,8 +2,8 @@
 generations.
 
 The pretrain flow's ``evaluate`` stage (val loss and samples of the model it trained, in one
-stage) and the evaluate flow's ``loss`` and ``samples`` stages (of any model, each cached on its
-own) compute their figures with the same functions: ``measure_loss`` and ``sample_texts``.
+stage) and the evaluate flow's ``loss`` and ``samples`` stages (of any resolved model, each cached
+on its own) compute their figures with the same functions: ``measure_loss`` and ``sample_texts``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from prefect import task
 
@@ -20,20 +21,22 @@ from gptflow.data.loader import TokenWindows
 from gptflow.data.stats import unigram_cross_entropy
 from gptflow.data.store import atomic_directory, is_complete
 from gptflow.data.tokenize import TokenManifest
-from gptflow.data.tokenizer import TokenizerArtifact, describe_tokenizer, load_tokenizer
+from gptflow.data.tokenizer import TokenizerArtifact, load_tokenizer
 from gptflow.model.checkpoint import load_model
-from gptflow.model.config import EvalConfig
+from gptflow.model.config import EvalConfig, SamplingConfig
 from gptflow.model.device import resolve_device
-from gptflow.model.evaluate import bits_per_byte, evaluate_loss, generate_samples, perplexity
+from gptflow.model.evaluate import bits_per_byte, evaluate_loss, perplexity
+from gptflow.model.generate import generate_texts
 from gptflow.model.gpt import GPT
 from gptflow.tasks.caching import run_stage, stage_key
-from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
+from gptflow.tasks.model_source import ResolvedModel
 from gptflow.tasks.progress import run_logger
 from gptflow.tasks.tracking import PipelineRun
 from gptflow.tasks.training_job import TrainedModel
 from gptflow.tasks.workspace import Workspace
 
-EVAL_BATCH_SIZE = 8
+LOSS_BATCH_SEQUENCES = 8
+"""Windows of ``block_size`` tokens per batch when measuring a loss."""
 SPLITS_OF: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val",), "all": ("train", "val")}
 """The corpus splits each ``tasks.config.EvalSplit`` reads."""
 
@@ -77,7 +80,7 @@ def measure_loss(gpt: GPT, tokens: TokenManifest, split: str, eval_tokens: int, 
             f"The corpus's {split} split holds {n_tokens} tokens, fewer than one window of the model's context "
             f"(block_size + 1 = {gpt.config.block_size + 1}). Evaluate on more text, or on --split all."
         )
-    loss, scored = evaluate_loss(gpt, TokenWindows(paths, gpt.config.block_size), eval_tokens, EVAL_BATCH_SIZE, device)
+    loss, scored = evaluate_loss(gpt, TokenWindows(paths, gpt.config.block_size), eval_tokens, LOSS_BATCH_SEQUENCES, device)
     train_paths = tokens.paths("train")
     unigram = unigram_cross_entropy(train_paths, paths, tokens.vocab_size) if split == "val" and train_paths else None
     return LossReport(
@@ -90,42 +93,16 @@ def measure_loss(gpt: GPT, tokens: TokenManifest, split: str, eval_tokens: int, 
     )
 
 
-def sample_texts(gpt: GPT, tokenizer: TokenizerArtifact, config: EvalConfig, device: torch.device) -> list[str]:
-    """One sample per ``config.prompts`` entry, each starting with its prompt. A prompt follows the
-    end-of-text token, as every document's start does in training."""
-    text_tokenizer = load_tokenizer(tokenizer)
-    prompt_ids = [[tokenizer.eot_id, *text_tokenizer.encode(prompt).ids] for prompt in config.prompts]
-    generated = generate_samples(
-        gpt, prompt_ids, config.max_new_tokens, config.temperature, config.top_k or None, config.seed, device
-    )
-    return [text_tokenizer.decode(ids[1:]) for ids in generated]
+def sample_texts(gpt: GPT, tokenizer: TokenizerArtifact, prompts: list[str], sampling: SamplingConfig,
+                 device: torch.device) -> list[str]:
+    """One sample per prompt, each starting with its prompt (see ``model.generate.generate_texts``)."""
+    return generate_texts(gpt, load_tokenizer(tokenizer), prompts, sampling, device)
 
 
 def samples_markdown(prompts: list[str], samples: list[str]) -> str:
     sections = [f"## Prompt {index + 1}\n\n```\n{sample}\n```\n" for index, sample in enumerate(samples)]
     header = "# Samples\n\nEach block starts with its prompt: " + ", ".join(repr(p) for p in prompts) + "\n\n"
     return header + "\n".join(sections)
-
-
-def model_tokenizer(source: ResolvedModel) -> TokenizerArtifact:
-    """The tokenizer ``source`` came with, as the artifact the tokenize stage takes."""
-    try:
-        return describe_tokenizer(source.tokenizer_file)
-    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
-        raise ModelSourceError(
-            f"Cannot use the tokenizer {source.tokenizer_file} of {source.source}: {error}"
-        ) from None
-
-
-def load_source_model(source: ResolvedModel, tokenizer: TokenizerArtifact, device: torch.device) -> GPT:
-    """The model of ``source`` on ``device``, checked against the tokenizer it is evaluated with."""
-    gpt = load_model(source.model_dir, device=device)
-    if tokenizer.vocab_size > gpt.config.vocab_size:
-        raise ModelSourceError(
-            f"The tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the {gpt.config.vocab_size} "
-            f"embedding rows of the model {source.source}: it is not the tokenizer the model was trained with."
-        )
-    return gpt
 
 
 # --- the pretrain flow's evaluate stage -------------------------------------------------------
@@ -160,12 +137,13 @@ def evaluate_model_task(
     tokens: TokenManifest,
     tokenizer: TokenizerArtifact,
     config: EvalConfig,
+    sampling: SamplingConfig,
     out_dir: str,
 ) -> EvalReport:
     device = resolve_device("auto")
     gpt = load_model(Path(trained.final_dir), device=device)
     loss = measure_loss(gpt, tokens, "val", config.eval_tokens, device)
-    samples = sample_texts(gpt, tokenizer, config, device)
+    samples = sample_texts(gpt, tokenizer, config.prompts, sampling, device)
     report = EvalReport(
         directory=out_dir,
         val_loss=loss.loss,
@@ -186,12 +164,13 @@ def evaluate_model(
     tokens: TokenManifest,
     tokenizer: TokenizerArtifact,
     config: EvalConfig,
+    sampling: SamplingConfig,
     workspace: Workspace,
     run: PipelineRun,
 ) -> EvalReport:
     key = stage_key(
         "evaluate",
-        config=config,
+        config={"eval": dataclasses.asdict(config), "sampling": dataclasses.asdict(sampling)},
         modules=(__name__,),
         inputs={"model": trained.weights_hash, "tokens": tokens.fingerprint, "tokenizer": tokenizer.hash},
     )
@@ -204,6 +183,7 @@ def evaluate_model(
         tokens=tokens,
         tokenizer=tokenizer,
         config=config,
+        sampling=sampling,
         out_dir=str(workspace.store / "eval" / key),
     )
     report = outcome.result
@@ -223,16 +203,13 @@ def evaluate_model(
 
 
 @task(name="evaluate-loss")
-def evaluate_loss_task(
-    source: ResolvedModel, tokenizer: TokenizerArtifact, tokens: TokenManifest, split: str, eval_tokens: int
-) -> LossReport:
+def evaluate_loss_task(source: ResolvedModel, tokens: TokenManifest, split: str, eval_tokens: int) -> LossReport:
     device = resolve_device("auto")
-    return measure_loss(load_source_model(source, tokenizer, device), tokens, split, eval_tokens, device)
+    return measure_loss(source.load(device), tokens, split, eval_tokens, device)
 
 
-def evaluate_split(
+def score_loss(
     source: ResolvedModel,
-    tokenizer: TokenizerArtifact,
     tokens: TokenManifest,
     split: str,
     config: EvalConfig,
@@ -244,11 +221,11 @@ def evaluate_split(
         "loss",
         config={"split": split, "eval_tokens": config.eval_tokens},
         modules=(__name__,),
-        inputs={"model": source.weights_hash, "tokenizer": tokenizer.hash, "tokens": tokens.fingerprint},
+        inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash, "tokens": tokens.fingerprint},
     )
     outcome = run_stage(
         evaluate_loss_task, key=key, workspace=workspace, is_valid=lambda _: True,
-        source=source, tokenizer=tokenizer, tokens=tokens, split=split, eval_tokens=config.eval_tokens,
+        source=source, tokens=tokens, split=split, eval_tokens=config.eval_tokens,
     )
     report = outcome.result
     run.record_stage("loss", outcome.status)
@@ -262,24 +239,24 @@ def evaluate_split(
 
 
 @task(name="generate-samples")
-def generate_samples_task(source: ResolvedModel, tokenizer: TokenizerArtifact, config: EvalConfig) -> list[str]:
+def generate_samples_task(source: ResolvedModel, prompts: list[str], sampling: SamplingConfig) -> list[str]:
     device = resolve_device("auto")
-    return sample_texts(load_source_model(source, tokenizer, device), tokenizer, config, device)
+    return sample_texts(source.load(device), source.tokenizer, prompts, sampling, device)
 
 
 def sample_model(
-    source: ResolvedModel, tokenizer: TokenizerArtifact, config: EvalConfig, workspace: Workspace, run: PipelineRun
+    source: ResolvedModel, prompts: list[str], sampling: SamplingConfig, workspace: Workspace, run: PipelineRun
 ) -> list[str]:
-    """The ``samples`` stage: a sample generation per ``eval.prompts`` entry."""
+    """The ``samples`` stage: a sample generation per prompt."""
     key = stage_key(
         "samples",
-        config={"prompts": config.prompts, **config.sampling()},
+        config={"prompts": prompts, **dataclasses.asdict(sampling)},
         modules=(__name__,),
-        inputs={"model": source.weights_hash, "tokenizer": tokenizer.hash},
+        inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash},
     )
     outcome = run_stage(
         generate_samples_task, key=key, workspace=workspace, is_valid=lambda _: True,
-        source=source, tokenizer=tokenizer, config=config,
+        source=source, prompts=prompts, sampling=sampling,
     )
     run.record_stage("samples", outcome.status)
     return outcome.result

@@ -34,12 +34,13 @@ from gptflow.data.tokenizer import PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
 from gptflow.model.checkpoint import load_model
 from gptflow.model.classifier import load_classifier
 from gptflow.model.device import resolve_device
-from gptflow.model.finetune import build_task_model, evaluate_split, finetune, generate_response
+from gptflow.model.config import SamplingConfig, TrainConfig
+from gptflow.model.finetune import build_finetune_model, finetune, generate_response, score_examples
 from gptflow.model.gpt import GPT
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.caching import run_stage, stage_key
-from gptflow.tasks.classification import EVAL_BATCH_SIZE, most_common_label, score_split
-from gptflow.tasks.config import DEFAULT_PRESET
+from gptflow.tasks.classification import classify_and_report, most_common_label
+from gptflow.tasks.config import DEFAULT_PRESET, FinetuneSettings, build_config
 from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
 from gptflow.tasks.progress import human_count, run_logger
 from gptflow.tasks.tracking import BufferedMetrics, PipelineRun
@@ -47,9 +48,9 @@ from gptflow.tasks.training_job import plot_loss_curve
 from gptflow.tasks.workspace import Workspace
 
 REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification"}
-"""The model registry name of each task's fine-tuned models."""
+"""The model registry name of each objective's fine-tuned models."""
 MLFLOW_MODEL_MODULES = {"sft": "gptflow.tasks.mlflow_chat_model", "classification": "gptflow.tasks.mlflow_classifier"}
-"""Each task's MLflow model from code: run from its file when the model loads, never imported here."""
+"""Each objective's MLflow model from code: run from its file when the model loads, never imported here."""
 TOKENIZER_DIR = "tokenizer"
 REPORT_DIR = "report"
 
@@ -72,31 +73,24 @@ def default_base_model(workspace: Workspace) -> str:
     )
 
 
-def base_chat_template(source: ResolvedModel) -> ChatTemplate:
-    """The chat template beside the base model's tokenizer (a model fine-tuned before keeps its
-    conversation format), else the default."""
-    path = source.tokenizer_file.with_name(CHAT_TEMPLATE_FILE)
-    return ChatTemplate.load(path) if path.is_file() else ChatTemplate()
-
-
 # --- demo data ------------------------------------------------------------------------------
 
 
 @task(name="write-demo-data")
-def write_demo_task(finetune_task: str, out_dir: str) -> str:
+def write_demo_task(objective: str, out_dir: str) -> str:
     with atomic_directory(Path(out_dir)) as tmp:
-        count = write_demo(finetune_task, tmp / f"{finetune_task}.jsonl")
-    run_logger().info(f"demo-data: {count:,} {finetune_task} records extracted from the standard library's source")
-    return str(Path(out_dir) / f"{finetune_task}.jsonl")
+        count = write_demo(objective, tmp / f"{objective}.jsonl")
+    run_logger().info(f"demo-data: {count:,} {objective} records extracted from the standard library's source")
+    return str(Path(out_dir) / f"{objective}.jsonl")
 
 
-def demo_data(finetune_task: str, workspace: Workspace, run: PipelineRun) -> Path:
-    """The built-in demo of ``finetune_task`` as a JSONL file in the store (see ``data.finetune_demo``)."""
-    key = stage_key("finetune-demo", config={"task": finetune_task, "python": sys.version,
+def demo_data(objective: str, workspace: Workspace, run: PipelineRun) -> Path:
+    """The built-in demo of ``objective`` as a JSONL file in the store (see ``data.finetune_demo``)."""
+    key = stage_key("finetune-demo", config={"objective": objective, "python": sys.version,
                                              "stdlib": str(builtin_corpus_root())},
                     modules=(__name__,), inputs={})
     outcome = run_stage(write_demo_task, key=key, workspace=workspace, is_valid=lambda path: is_complete(Path(path).parent),
-                        finetune_task=finetune_task, out_dir=str(workspace.store / "finetune-demo" / key))
+                        objective=objective, out_dir=str(workspace.store / "finetune-demo" / key))
     run.record_stage("demo-data", outcome.status)
     return Path(outcome.result)
 
@@ -105,29 +99,29 @@ def demo_data(finetune_task: str, workspace: Workspace, run: PipelineRun) -> Pat
 
 
 @task(name="prepare-finetune-data")
-def prepare_task(finetune_task: str, train_file: str, val_file: str | None, tokenizer_file: str,
+def prepare_task(objective: str, train_file: str, val_file: str | None, tokenizer_file: str,
                  template: ChatTemplate, settings: dict[str, Any], out_dir: str) -> PreparedData:
-    return prepare_examples(finetune_task, Path(train_file), Path(val_file) if val_file else None,
+    return prepare_examples(objective, Path(train_file), Path(val_file) if val_file else None,
                             Path(tokenizer_file), Path(out_dir), template=template, **settings)
 
 
 def prepare_data(
-    finetune_task: str, train_file: Path, val_file: Path | None, base: ResolvedModel, template: ChatTemplate,
+    objective: str, train_file: Path, val_file: Path | None, base: ResolvedModel, template: ChatTemplate,
     config: FinetuneConfig, workspace: Workspace, run: PipelineRun,
 ) -> PreparedData:
     """The ``prepare`` stage: tokenized train and val examples; logs their counts and skips."""
-    settings = config.data_settings(finetune_task)
+    settings = config.data_settings(objective)
     key = stage_key(
         "finetune-prepare",
-        config={"task": finetune_task, **settings,
-                "template": dataclasses.asdict(template) if finetune_task == "sft" else None},
+        config={"objective": objective, **settings,
+                "template": dataclasses.asdict(template) if objective == "sft" else None},
         modules=(__name__,),
         inputs={"train": hash_file(train_file), "val": hash_file(val_file) if val_file else None,
                 "tokenizer": base.tokenizer_hash},
     )
     outcome = run_stage(
         prepare_task, key=key, workspace=workspace, is_valid=lambda prepared: is_complete(Path(prepared.directory)),
-        finetune_task=finetune_task, train_file=str(train_file), val_file=str(val_file) if val_file else None,
+        objective=objective, train_file=str(train_file), val_file=str(val_file) if val_file else None,
         tokenizer_file=str(base.tokenizer_file), template=template, settings=settings,
         out_dir=str(workspace.store / "finetune-data" / key),
     )
@@ -171,7 +165,7 @@ class FinetunedModel:
     """``history.json`` + ``loss_curve.png``."""
     weights_hash: str
     """Content hash of the model (and head): the input key of its evaluation."""
-    task: str
+    objective: str
     steps: int
     trainable_parameters: int
     total_parameters: int
@@ -209,53 +203,54 @@ class FinetuneReporter:
 
 @task(name="finetune-model")
 def train_task(
-    finetune_task: str, base_model_dir: str, tokenizer_file: str, template: ChatTemplate, prepared: PreparedData,
-    config: FinetuneConfig, run_dir: str, tracking_uri: str, mlflow_run_id: str,
+    objective: str, base: ResolvedModel, template: ChatTemplate, prepared: PreparedData, config: FinetuneConfig,
+    train: TrainConfig, run_dir: str, tracking_uri: str, mlflow_run_id: str,
 ) -> FinetunedModel:
     run_dir_path = Path(run_dir)
-    train, val = read_split(Path(prepared.directory), "train"), read_split(Path(prepared.directory), "val")
-    pad_id = load_tokenizer(tokenizer_file).token_to_id(PAD_TOKEN)
-    task_model = build_task_model(Path(base_model_dir), finetune_task, prepared.labels, config, resolve_device("auto"))
+    train_split, val_split = (read_split(Path(prepared.directory), split) for split in ("train", "val"))
+    tuned_model = build_finetune_model(base.model_dir, objective, prepared.labels, config, train.seed,
+                                       resolve_device(train.device))
     run = PipelineRun.attach(tracking_uri, mlflow_run_id)
-    reporter = FinetuneReporter(run, config.max_steps)
-    result = finetune(task_model, train, val, config, pad_id, prepared.max_length, run_dir_path, reporter)
+    reporter = FinetuneReporter(run, train.max_steps)
+    result = finetune(tuned_model, train_split, val_split, train, base.tokenizer.pad_id, prepared.max_length,
+                      run_dir_path, reporter)
     reporter.metrics.flush()
     with _replaced_directory(run_dir_path / TOKENIZER_DIR) as tokenizer_dir:
-        shutil.copyfile(tokenizer_file, tokenizer_dir / TOKENIZER_FILE)
-        if finetune_task == "sft":
+        shutil.copyfile(base.tokenizer_file, tokenizer_dir / TOKENIZER_FILE)
+        if objective == "sft":
             template.save(tokenizer_dir)
     with _replaced_directory(run_dir_path / REPORT_DIR) as report_dir:
         (report_dir / "history.json").write_text(json.dumps(result.history, indent=1))
-        y_label = "cross-entropy (nats/response token)" if finetune_task == "sft" else "cross-entropy (nats/example)"
+        y_label = "cross-entropy (nats/response token)" if objective == "sft" else "cross-entropy (nats/example)"
         plot_loss_curve(result.history, report_dir / "loss_curve.png", y_label)
     weights_hash = read_contents_hash(result.model_dir)
     if result.classifier_dir:
         weights_hash = hash_json([weights_hash, read_contents_hash(result.classifier_dir)])
-    version = _log_model(run, finetune_task, result.model_dir, result.classifier_dir, run_dir_path / TOKENIZER_DIR,
-                         config)
+    version = _log_model(run, objective, result.model_dir, result.classifier_dir, run_dir_path / TOKENIZER_DIR)
     return FinetunedModel(
         run_dir=run_dir, model_dir=str(result.model_dir),
         classifier_dir=str(result.classifier_dir) if result.classifier_dir else None,
         tokenizer_dir=str(run_dir_path / TOKENIZER_DIR), report_dir=str(run_dir_path / REPORT_DIR),
-        weights_hash=weights_hash, task=finetune_task, steps=result.steps,
+        weights_hash=weights_hash, objective=objective, steps=result.steps,
         trainable_parameters=result.trainable_parameters, total_parameters=result.total_parameters,
         initial_val_loss=result.initial_val_loss, final_val_loss=result.final_val_loss,
         final_train_loss=result.final_train_loss, elapsed_s=result.elapsed_s, trained_in_mlflow_run=mlflow_run_id,
-        registered_model=f"{REGISTERED_MODELS[finetune_task]}/{version}",
+        registered_model=f"{REGISTERED_MODELS[objective]}/{version}",
     )
 
 
 def finetune_model(
-    finetune_task: str, base: ResolvedModel, template: ChatTemplate, prepared: PreparedData, config: FinetuneConfig,
+    objective: str, base: ResolvedModel, template: ChatTemplate, prepared: PreparedData, settings: FinetuneSettings,
     workspace: Workspace, run: PipelineRun,
 ) -> FinetunedModel:
     """The ``finetune`` stage: the fine-tuned model, logged as an MLflow pyfunc model and
     registered by the run that trained it (a cached run tags that run and version)."""
     key = stage_key(
         "finetune",
-        config={"task": finetune_task, **config.training_settings()},
+        config={"objective": objective, "lora": settings.finetune.lora_settings(),
+                "train": dataclasses.asdict(settings.train)},
         # The logged MLflow model runs its module's code: a change to it must log a new model.
-        modules=(__name__, MLFLOW_MODEL_MODULES[finetune_task]),
+        modules=(__name__, MLFLOW_MODEL_MODULES[objective]),
         inputs={"base": base.weights_hash, "data": prepared.fingerprint},
     )
     outcome = run_stage(
@@ -263,8 +258,8 @@ def finetune_model(
         is_valid=lambda tuned: all(is_complete(Path(path)) for path in
                                    (tuned.model_dir, tuned.tokenizer_dir, tuned.report_dir, tuned.classifier_dir)
                                    if path is not None),
-        finetune_task=finetune_task, base_model_dir=str(base.model_dir), tokenizer_file=str(base.tokenizer_file),
-        template=template, prepared=prepared, config=config, run_dir=str(workspace.store / "finetunes" / key),
+        objective=objective, base=base, template=template, prepared=prepared, config=settings.finetune,
+        train=settings.train, run_dir=str(workspace.store / "finetunes" / key),
         tracking_uri=workspace.tracking_uri, mlflow_run_id=run.run_id,
     )
     tuned = outcome.result
@@ -282,17 +277,20 @@ def finetune_model(
     return tuned
 
 
-def _log_model(run: PipelineRun, finetune_task: str, model_dir: Path, classifier_dir: Path | None,
-               tokenizer_dir: Path, config: FinetuneConfig) -> str:
+def _log_model(run: PipelineRun, objective: str, model_dir: Path, classifier_dir: Path | None,
+               tokenizer_dir: Path) -> str:
     artifacts = {"model": model_dir, "tokenizer": tokenizer_dir / TOKENIZER_FILE}
-    if finetune_task == "sft":
+    if objective == "sft":
         artifacts["chat_template"] = tokenizer_dir / CHAT_TEMPLATE_FILE
+        # The answers' default sampling: the finetune flow's defaults, not this run's (which would
+        # make the cached model depend on settings its key leaves out).
+        sampling = build_config(FinetuneSettings).sampling
         signature = infer_signature(["Write a function that adds two numbers."], ["def add(a, b):"],
-                                    params=config.sampling())
+                                    params=dataclasses.asdict(sampling))
     else:
         artifacts["classifier"] = classifier_dir
         signature = infer_signature(["def parse(self, text):"], ["email"])
-    return run.log_pyfunc_model(MLFLOW_MODEL_MODULES[finetune_task], artifacts, signature, REGISTERED_MODELS[finetune_task])
+    return run.log_pyfunc_model(MLFLOW_MODEL_MODULES[objective], artifacts, signature, REGISTERED_MODELS[objective])
 
 
 @contextlib.contextmanager
@@ -320,53 +318,57 @@ class FinetuneReport:
 
 
 @task(name="evaluate-finetuned")
-def evaluate_task(tuned: FinetunedModel, prepared: PreparedData, config: FinetuneConfig, out_dir: str) -> FinetuneReport:
+def evaluate_task(tuned: FinetunedModel, prepared: PreparedData, samples: int, sampling: SamplingConfig,
+                  out_dir: str) -> FinetuneReport:
     device = resolve_device("auto")
     tokenizer = load_tokenizer(Path(tuned.tokenizer_dir) / TOKENIZER_FILE)
     pad_id = tokenizer.token_to_id(PAD_TOKEN)
     val = read_split(Path(prepared.directory), "val")
     with _replaced_directory(Path(out_dir)) as directory:
-        if tuned.task == "classification":
+        if tuned.objective == "classification":
             classifier, _ = load_classifier(Path(tuned.model_dir), Path(tuned.classifier_dir), device)
             # The baseline guesses what a model that learned only the train split's label counts would.
             majority = most_common_label(prepared.label_counts["train"])
-            metrics, classes = score_split(classifier, val, "val", prepared.labels, majority, pad_id, directory)
+            metrics, classes = classify_and_report(classifier, val, "val", prepared.labels, majority, pad_id, directory)
             report = FinetuneReport(directory=out_dir, metrics=metrics, classes=classes)
         else:
             gpt = load_model(Path(tuned.model_dir), device)
-            scores = evaluate_split(gpt, val, pad_id, EVAL_BATCH_SIZE)
+            scores = score_examples(gpt, val, pad_id)
             template = ChatTemplate.load(Path(tuned.tokenizer_dir))
-            samples = _sample_answers(gpt, tokenizer, template, val, config)
-            report = FinetuneReport(directory=out_dir, samples=samples, metrics={
+            answers = _sample_answers(gpt, tokenizer, template, val, samples, sampling)
+            report = FinetuneReport(directory=out_dir, samples=answers, metrics={
                 "eval/val_loss": scores.loss, "eval/base_val_loss": tuned.initial_val_loss,
                 "eval/val_examples": len(val.input_ids), "eval/val_response_tokens": prepared.trained_tokens["val"],
             })
-            (directory / "samples.md").write_text(_samples_markdown(samples))
+            (directory / "samples.md").write_text(_samples_markdown(answers))
         (directory / "report.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
     return report
 
 
 def evaluate_finetuned(
-    tuned: FinetunedModel, prepared: PreparedData, config: FinetuneConfig, workspace: Workspace, run: PipelineRun
+    tuned: FinetunedModel, prepared: PreparedData, settings: FinetuneSettings, workspace: Workspace, run: PipelineRun
 ) -> FinetuneReport:
     """The ``evaluate`` stage, on the saved (merged) model: val loss and sample answers (sft), or
     accuracy, macro-F1, majority baseline and confusion matrix (classification)."""
     key = stage_key(
         "finetune-evaluate",
-        config={"task": tuned.task, **({**config.sampling(), "samples": config.samples} if tuned.task == "sft" else {})},
+        config={"objective": tuned.objective,
+                **({"samples": settings.finetune.samples, "sampling": dataclasses.asdict(settings.sampling)}
+                   if tuned.objective == "sft" else {})},
         modules=(__name__,),
         inputs={"model": tuned.weights_hash, "data": prepared.fingerprint},
     )
     outcome = run_stage(
         evaluate_task, key=key, workspace=workspace, is_valid=lambda report: is_complete(Path(report.directory)),
-        tuned=tuned, prepared=prepared, config=config, out_dir=str(workspace.store / "finetune-eval" / key),
+        tuned=tuned, prepared=prepared, samples=settings.finetune.samples, sampling=settings.sampling,
+        out_dir=str(workspace.store / "finetune-eval" / key),
     )
     report = outcome.result
     run.record_stage("evaluate", outcome.status)
     run.log_metrics(report.metrics, step=tuned.steps)
     run.log_artifact(Path(report.directory), "eval")
     metrics = report.metrics
-    if tuned.task == "classification":
+    if tuned.objective == "classification":
         run_logger().info(f"evaluate: accuracy {metrics['eval/accuracy']:.3f}, macro-F1 {metrics['eval/macro_f1']:.3f} "
                           f"(majority baseline {metrics['eval/majority_accuracy']:.3f}) on "
                           f"{int(metrics['eval/val_examples']):,} val examples")
@@ -376,22 +378,23 @@ def evaluate_finetuned(
     return report
 
 
-def _sample_answers(gpt: GPT, tokenizer: Any, template: ChatTemplate, val: PreparedSplit, config: FinetuneConfig) -> list[dict[str, str]]:
-    """The fine-tuned model's answer to each of the first ``config.samples`` val prompts, beside
+def _sample_answers(gpt: GPT, tokenizer: Any, template: ChatTemplate, val: PreparedSplit, samples: int,
+                    sampling: SamplingConfig) -> list[dict[str, str]]:
+    """The fine-tuned model's answer to each of the first ``samples`` val prompts, beside
     the reference: the prompt is the example's tokens up to its first trained one (its assistant
     header included), exactly as in training."""
     end_id = template.token_id(tokenizer, template.end_token)
-    samples = []
-    for index in range(min(config.samples, len(val.input_ids))):
+    answers = []
+    for index in range(min(samples, len(val.input_ids))):
         ids, mask = val.input_ids[index].tolist(), val.loss_mask[index].tolist()
         start = mask.index(True)
         end = mask.index(False, start) if False in mask[start:] else len(mask)
         reference = [token for token in ids[start:end] if token != end_id]
-        response = generate_response(gpt, ids[:start], end_id, config.max_new_tokens, config.temperature,
-                                     config.top_k or None, config.seed + index, tokenizer.get_vocab_size())
-        samples.append({"location": val.locations[index], "prompt": tokenizer.decode(ids[:start]),
+        response = generate_response(gpt, ids[:start], end_id, dataclasses.replace(sampling, seed=sampling.seed + index),
+                                     tokenizer.get_vocab_size())
+        answers.append({"location": val.locations[index], "prompt": tokenizer.decode(ids[:start]),
                         "reference": tokenizer.decode(reference), "response": tokenizer.decode(response)})
-    return samples
+    return answers
 
 
 def _samples_markdown(samples: list[dict[str, str]]) -> str:

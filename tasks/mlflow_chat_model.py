@@ -15,10 +15,6 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-DEFAULT_SAMPLING = {"max_new_tokens": 128, "temperature": 0.7, "top_k": 20, "seed": 0}
-"""``predict`` params when the caller sets none: the finetune config's defaults."""
-
-
 class GptflowChatModel(PythonModel):
     """Prompts in, the model's answers out (prompt not repeated); ``params`` set the sampling."""
 
@@ -35,14 +31,13 @@ class GptflowChatModel(PythonModel):
     # sampling params) with one built from the hint.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
         from gptflow.data.chat import Message
+        from gptflow.model.config import SamplingConfig
         from gptflow.model.finetune import answer
         from gptflow.model.generate import input_texts
 
-        settings = {**DEFAULT_SAMPLING, **(params or {})}
         conversations = [[Message("user", prompt)] for prompt in input_texts(model_input, "prompt")]
-        return answer(
-            self.model, self.tokenizer, self.template, conversations, int(settings["max_new_tokens"]),
-            float(settings["temperature"]), int(settings["top_k"]) or None, int(settings["seed"]),
-        )
+        # MLflow fills the params a caller leaves out with the logged signature's defaults.
+        return answer(self.model, self.tokenizer, self.template, conversations, SamplingConfig(**(params or {})))
+
 
 mlflow.models.set_model(GptflowChatModel())

@@ -15,8 +15,6 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-BATCH_SIZE = 16
-
 
 class GptflowClassifier(PythonModel):
     def load_context(self, context: Any) -> None:
@@ -36,14 +34,15 @@ class GptflowClassifier(PythonModel):
 
         from gptflow.data.finetune_data import encode_text
         from gptflow.model.classifier import pad_right
+        from gptflow.model.finetune import SCORE_BATCH_EXAMPLES
         from gptflow.model.generate import input_texts
 
         texts = input_texts(model_input, "text")
         labels: list[str] = []
         with torch.no_grad():
-            for start in range(0, len(texts), BATCH_SIZE):
+            for start in range(0, len(texts), SCORE_BATCH_EXAMPLES):
                 ids = [encode_text(self.tokenizer, text, self.start_id)[: self.max_length]
-                       for text in texts[start : start + BATCH_SIZE]]
+                       for text in texts[start : start + SCORE_BATCH_EXAMPLES]]
                 logits, _ = self.classifier(*pad_right(ids, self.pad_id))
                 labels += [self.classifier.labels[index] for index in logits.argmax(dim=-1).tolist()]
         return labels

@@ -20,23 +20,20 @@ class GptflowTextGenerator(PythonModel):
 
     def load_context(self, context: Any) -> None:
         from gptflow.data.tokenizer import load_tokenizer
-        from gptflow.model.config import EvalConfig
         from gptflow.model.checkpoint import load_model
 
         self.model = load_model(Path(context.artifacts["model"]))
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
-        self.default_sampling = EvalConfig().sampling()
 
     # model_input has no type hint on purpose (MLflow warns about that): MLflow would build the
     # input schema from it and drop the logged signature, whose params let callers set sampling.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
+        from gptflow.model.config import SamplingConfig
         from gptflow.model.generate import generate_texts, input_texts
 
-        settings = {**self.default_sampling, **(params or {})}
-        return generate_texts(
-            self.model, self.tokenizer, input_texts(model_input, "prompt"), int(settings["max_new_tokens"]),
-            float(settings["temperature"]), int(settings["top_k"]) or None, int(settings["seed"]),
-        )
+        # MLflow fills the params a caller leaves out with the logged signature's defaults.
+        return generate_texts(self.model, self.tokenizer, input_texts(model_input, "prompt"),
+                              SamplingConfig(**(params or {})))
 
 
 mlflow.models.set_model(GptflowTextGenerator())

@@ -1,8 +1,11 @@
-"""Where a trained model comes from: an MLflow model URI, an MLflow run id, or a directory.
+"""Where a trained model comes from and what it is: the one place a model source is resolved.
 
-Fine-tuning, evaluation, export and generation all start from "a pretrained gptflow model" given
-in one of those forms; ``resolve_model`` turns each into local files (weights + config and the
-tokenizer) and a content hash that keys the stages computed from it.
+Fine-tuning, evaluation, export and generation all start from "a trained gptflow model" given as
+an MLflow model URI, an MLflow run id or a directory; ``resolve_model`` turns each into a
+``ResolvedModel``: local files, the model's settings, its tokenizer (checked to fit the model),
+its chat template, its kind (language model, chat model or classifier) and the content hash that
+keys the stages computed from it. Commands refuse a kind they cannot use through its
+``require_*`` methods, so each refusal is worded once.
 """
 
 from __future__ import annotations
@@ -11,16 +14,21 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import mlflow
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from tokenizers import Tokenizer
 
+from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from gptflow.data.store import atomic_directory, hash_bytes, hash_file, hash_json, is_complete, read_contents_hash
-from gptflow.data.tokenizer import TOKENIZER_FILE
-from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from gptflow.model.classifier import CLASSIFIER_FILE, HEAD_FILE
-from gptflow.model.finetune import CLASSIFIER_DIR
+from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact, describe_tokenizer, load_tokenizer
+from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config
+from gptflow.model.config import ModelConfig
+from gptflow.model.gpt import GPT
+from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE
 from gptflow.tasks.workspace import Workspace
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -32,22 +40,71 @@ MLFLOW_MODEL_CLASSIFIER = f"artifacts/{CLASSIFIER_DIR}"
 
 
 class ModelSourceError(ValueError):
-    """The model given cannot be found or is not a gptflow model; the message says what to pass."""
+    """The model given cannot be found, is not a gptflow model, or cannot do what was asked of it;
+    the message says what to pass."""
+
+
+ModelKind = Literal["language_model", "chat_model", "classifier"]
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
+    """Everything gptflow needs to know about a model, worked out and checked once by
+    ``resolve_model``: where its files are, what it is, and the hashes that key what is computed
+    from it. Its tokenizer fits its embedding, and its chat template and classifier head load."""
+
     source: str
     """What the user passed."""
     model_dir: Path
     """``model.safetensors`` + ``config.json``, loadable with ``model.checkpoint.load_model``."""
-    tokenizer_file: Path
+    config: ModelConfig
+    tokenizer: TokenizerArtifact
+    """The tokenizer the model was trained with, as the tokenize stage takes it."""
     weights_hash: str
-    """Content hash of the weights: the input key of every stage computed from this model."""
-    tokenizer_hash: str
+    """Content hash of the weights (and head): the input key of every stage computed from this model."""
+    chat_template: ChatTemplate | None = None
+    """The conversation format of a model fine-tuned with ``--objective sft``."""
     classifier_dir: Path | None = None
     """A fine-tuned classifier's head (``model.classifier.load_classifier`` reads it with
     ``model_dir``); None for a language model."""
+
+    @property
+    def kind(self) -> ModelKind:
+        if self.classifier_dir is not None:
+            return "classifier"
+        return "chat_model" if self.chat_template is not None else "language_model"
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return Path(self.tokenizer.path)
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.tokenizer.hash
+
+    def require_text_model(self, command: str) -> None:
+        """Refuse a classifier for ``command``, which needs a model that writes text."""
+        if self.kind == "classifier":
+            raise ModelSourceError(
+                f"{self.source} is a classifier: it labels texts rather than writing them, so {command} does not "
+                f"apply. Score it with `gptflow evaluate --model {self.source} --classification FILE`, or label "
+                "texts with mlflow.pyfunc.load_model(...).predict([...])."
+            )
+
+    def require_classifier(self, option: str) -> None:
+        """Refuse a language model for ``option``, which scores classifiers."""
+        if self.kind != "classifier":
+            raise ModelSourceError(
+                f"{self.source} is a language model, not a classifier: {option} scores models fine-tuned with "
+                "`gptflow finetune --objective classification` (registered as gptflow-finetune-classification)."
+            )
+
+    def load(self, device: torch.device | str = "cpu") -> GPT:
+        """The language model (a classifier's trunk), in eval mode on ``device``."""
+        return load_model(self.model_dir, device)
+
+    def load_tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.tokenizer_file)
 
 
 def resolve_model(source: str, workspace: Workspace, tokenizer: str | None = None) -> ResolvedModel:
@@ -55,7 +112,8 @@ def resolve_model(source: str, workspace: Workspace, tokenizer: str | None = Non
     (its logged model, or the model of the run it reused), or a directory holding
     ``model.safetensors`` and ``config.json`` (a checkpoint or ``final/``), whose tokenizer is
     ``tokenizer`` or a ``tokenizer.json`` beside or above it. A classifier is recognised by its
-    head: ``classifier/`` in the MLflow model, or beside the directory."""
+    head: ``classifier/`` in the MLflow model, or beside the directory; a chat model by the
+    ``chat_template.json`` beside its tokenizer."""
     if source.startswith(("models:/", "runs:/")):
         return _from_mlflow_model(source, _download(source, workspace))
     if RUN_ID.match(source):
@@ -92,12 +150,30 @@ def _from_directory(source: str, directory: Path, tokenizer: str | None) -> Reso
 
 
 def _resolved(source: str, model_dir: Path, tokenizer_file: Path, classifier_dir: Path) -> ResolvedModel:
+    try:
+        config = read_model_config(model_dir)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelSourceError(f"{model_dir / CONFIG_FILE} of {source} is not a gptflow model config: {error}") from None
+    try:
+        tokenizer = describe_tokenizer(tokenizer_file)
+    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ModelSourceError(f"Cannot use the tokenizer {tokenizer_file} of {source}: {error}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelSourceError(
+            f"The tokenizer {tokenizer_file} has {tokenizer.vocab_size} tokens, more than the {config.vocab_size} "
+            f"embedding rows of the model {source}: pass the tokenizer the model was trained with (--tokenizer)."
+        )
+    template_file = tokenizer_file.with_name(CHAT_TEMPLATE_FILE)
+    try:
+        chat_template = ChatTemplate.load(template_file) if template_file.is_file() else None
+    except (ValueError, TypeError) as error:
+        raise ModelSourceError(f"{template_file} of {source} is not a gptflow chat template: {error}") from None
     weights_hash = _contents_hash(model_dir, WEIGHTS_FILE)
     if not (classifier_dir / CLASSIFIER_FILE).is_file():
-        return ResolvedModel(source, model_dir, tokenizer_file, weights_hash, hash_file(tokenizer_file))
+        return ResolvedModel(source, model_dir, config, tokenizer, weights_hash, chat_template)
     # The same hash as the fine-tuning stage gives the classifier it trained.
     weights_hash = hash_json([weights_hash, _contents_hash(classifier_dir, HEAD_FILE, CLASSIFIER_FILE)])
-    return ResolvedModel(source, model_dir, tokenizer_file, weights_hash, hash_file(tokenizer_file), classifier_dir)
+    return ResolvedModel(source, model_dir, config, tokenizer, weights_hash, chat_template, classifier_dir)
 
 
 def _contents_hash(directory: Path, *files: str) -> str:

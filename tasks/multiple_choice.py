@@ -17,11 +17,10 @@ from prefect import task
 
 from gptflow.data.multiple_choice import MultipleChoiceError, encode_example, read_multiple_choice
 from gptflow.data.store import atomic_directory, is_complete
-from gptflow.data.tokenizer import TokenizerArtifact, load_tokenizer
 from gptflow.model.device import resolve_device
 from gptflow.model.evaluate import predicted_choice, score_continuations
 from gptflow.tasks.caching import run_stage, stage_key
-from gptflow.tasks.evaluate import EVAL_BATCH_SIZE, load_source_model
+from gptflow.tasks.evaluate import LOSS_BATCH_SEQUENCES
 from gptflow.tasks.model_source import ResolvedModel
 from gptflow.tasks.progress import StageProgress, run_logger
 from gptflow.tasks.tracking import PipelineRun
@@ -58,14 +57,12 @@ class MultipleChoiceReport:
 
 
 @task(name="score-multiple-choice")
-def score_multiple_choice_task(
-    source: ResolvedModel, tokenizer: TokenizerArtifact, path: str, file_hash: str, out_dir: str
-) -> MultipleChoiceReport:
+def score_multiple_choice_task(source: ResolvedModel, path: str, file_hash: str, out_dir: str) -> MultipleChoiceReport:
     examples = read_multiple_choice(Path(path))
-    text_tokenizer = load_tokenizer(tokenizer)
-    encoded = [encode_example(text_tokenizer, example, tokenizer.eot_id) for example in examples]
+    text_tokenizer = source.load_tokenizer()
+    encoded = [encode_example(text_tokenizer, example, source.tokenizer.eot_id) for example in examples]
     device = resolve_device("auto")
-    gpt = load_source_model(source, tokenizer, device)
+    gpt = source.load(device)
     for example, tokens in zip(examples, encoded):
         longest = max(len(ids) for ids in tokens.ending_ids)
         if longest > gpt.config.block_size:
@@ -74,7 +71,7 @@ def score_multiple_choice_task(
                 f"{gpt.config.block_size} tokens; shorten it or leave the example out."
             )
     requests = [(tokens.context_ids, ids) for tokens in encoded for ids in tokens.ending_ids]
-    scores = score_continuations(gpt, requests, EVAL_BATCH_SIZE * gpt.config.block_size, device,
+    scores = score_continuations(gpt, requests, LOSS_BATCH_SEQUENCES * gpt.config.block_size, device,
                                  progress=StageProgress("multiple_choice (endings)", ""))
 
     rows = []
@@ -107,7 +104,6 @@ def score_multiple_choice_task(
 
 def score_multiple_choice(
     source: ResolvedModel,
-    tokenizer: TokenizerArtifact,
     path: Path,
     file_hash: str,
     workspace: Workspace,
@@ -118,7 +114,7 @@ def score_multiple_choice(
         "multiple_choice",
         config={},
         modules=(__name__,),
-        inputs={"model": source.weights_hash, "tokenizer": tokenizer.hash, "file": file_hash},
+        inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash, "file": file_hash},
     )
     outcome = run_stage(
         score_multiple_choice_task,
@@ -126,7 +122,6 @@ def score_multiple_choice(
         workspace=workspace,
         is_valid=lambda report: is_complete(Path(report.directory)),
         source=source,
-        tokenizer=tokenizer,
         path=str(path),
         file_hash=file_hash,
         out_dir=str(workspace.store / "eval" / key),

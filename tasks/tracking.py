@@ -7,6 +7,7 @@ All logging goes through ``MlflowClient`` with an explicit run id rather than ML
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 
 from gptflow.data.store import PACKAGE, module_file
-from gptflow.model.config import EvalConfig
+from gptflow.model.config import SamplingConfig
 
 from gptflow.tasks.workspace import Workspace
 
@@ -90,7 +91,7 @@ class PipelineRun:
         return self.log_pyfunc_model(
             GENERATOR_MODULE,
             artifacts={"model": model_dir, "tokenizer": tokenizer_file},
-            signature=infer_signature(["def parse("], ["def parse(text):"], params=EvalConfig().sampling()),
+            signature=infer_signature(["def parse("], ["def parse(text):"], params=dataclasses.asdict(SamplingConfig())),
             registered_name=registered_name,
         )
 

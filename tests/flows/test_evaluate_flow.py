@@ -18,7 +18,7 @@ from gptflow.flows.pretrain import pretrain
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "fixtures" / "hellaswag_sample.jsonl"
 # The tiny preset's eval_tokens, so the val loss must equal the one the pretrain flow logged.
-EVAL_SETTINGS = {"eval.eval_tokens": 4096, "eval.max_new_tokens": 8}
+EVAL_SETTINGS = {"eval.eval_tokens": 4096, "sampling.max_new_tokens": 8}
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_a_model_directory_on_every_document_of_a_held_out_file(trained, tmp_pat
     [final_dir] = (workspace / "store" / "runs").glob("*/final")
     held_out = tmp_path / "held_out.py"
     held_out.write_text(Path(json.__file__).read_text())  # one file is one document: no val split
-    settings = {"eval.eval_tokens": 1024, "eval.max_new_tokens": 4}
+    settings = {"eval.eval_tokens": 1024, "sampling.max_new_tokens": 4}
     with pytest.raises(CorpusError, match="val split is empty"):
         evaluate(model=str(final_dir), corpus=[str(held_out)], overrides=settings, workspace=str(workspace))
     summary = evaluate(model=str(final_dir), corpus=[str(held_out)], split="all", overrides=settings,
@@ -106,7 +106,7 @@ def test_a_model_directory_on_every_document_of_a_held_out_file(trained, tmp_pat
         (["--model", "models:/gptflow-tiny/1"], "Nothing to evaluate"),
         (["--model", "models:/gptflow-tiny/1", "--multiple-choice", "missing.jsonl"], "missing.jsonl does not exist"),
         (["--model", "models:/gptflow-tiny/1", "--multiple-choice", str(SAMPLE), "--set", "train.max_steps=3"],
-         "evaluate takes data.*, tokenize.*, eval.* settings, not train.*"),
+         "evaluate takes data.*, tokenize.*, eval.*, sampling.* settings, not train.*"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(trained, capsys, arguments, message):

@@ -20,8 +20,8 @@ from gptflow.flows.pretrain import pretrain
 
 BASE = "models:/gptflow-tiny/1"
 # A few steps of everything: these tests check the pipeline, not what a tiny model learns.
-QUICK = {"finetune.max_steps": 6, "finetune.log_interval": 2, "finetune.eval_interval": 3, "finetune.lora_rank": 4,
-         "finetune.micro_batch_size": 4, "finetune.samples": 2, "finetune.max_new_tokens": 6}
+QUICK = {"train.max_steps": 6, "train.log_interval": 2, "train.val_interval": 3, "finetune.lora_rank": 4,
+         "train.micro_batch_size": 4, "finetune.samples": 2, "sampling.max_new_tokens": 6}
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,8 @@ def _instructions(path: Path) -> Path:
 
 def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, client, tmp_path, capsys):
     data = _instructions(tmp_path / "instructions.jsonl")
-    first = finetune(task="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
-    second = finetune(task="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
+    first = finetune(objective="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
+    second = finetune(objective="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
 
     assert first.stages == {"prepare": "executed", "finetune": "executed", "evaluate": "executed"}
     assert second.stages == {"prepare": "cached", "finetune": "cached", "evaluate": "cached"}
@@ -87,13 +87,14 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
 
     first_run, second_run = client.get_run(first.mlflow_run_id), client.get_run(second.mlflow_run_id)
     assert first_run.info.status == second_run.info.status == "FINISHED"
-    assert first_run.data.tags["gptflow.flow"] == "finetune" and first_run.data.tags["gptflow.task"] == "sft"
+    assert first_run.data.tags["gptflow.flow"] == "finetune" and first_run.data.tags["gptflow.objective"] == "sft"
     assert second_run.data.tags["gptflow.stage.finetune"] == "cached"
     assert second_run.data.tags["gptflow.trained_in_run"] == first.mlflow_run_id
     params = first_run.data.params
     assert params["base_model"] == BASE and params["base_weights_hash"] == first.base_weights_hash
     assert params["finetune.lora_rank"] == "4" and params["finetune.max_length"] == "128"
-    assert params["finetune.learning_rate"] and params["model.block_size"] == "128"
+    assert params["train.learning_rate"] == "0.003" and params["model.block_size"] == "128"
+    assert params["sampling.max_new_tokens"] == "6" and params["objective"] == "sft"
     val_losses = client.get_metric_history(first.mlflow_run_id, "finetune/val_loss")
     assert [metric.step for metric in val_losses] == [0, 3, 6]
     assert [metric.step for metric in client.get_metric_history(first.mlflow_run_id, "finetune/train_loss")] == [2, 4, 6]
@@ -118,7 +119,7 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
 
 
 def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspace, client):
-    summary = finetune(task="classification", model=BASE, overrides=QUICK, workspace=str(workspace))
+    summary = finetune(objective="classification", model=BASE, overrides=QUICK, workspace=str(workspace))
 
     assert summary.stages["demo-data"] == "executed" and summary.stages["finetune"] == "executed"
     assert summary.data.startswith("built-in demo") and summary.truncated > 0  # functions longer than 128 tokens
@@ -141,7 +142,7 @@ def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspac
 
 
 def test_the_evaluate_flow_scores_a_registered_classifier_on_a_labelled_file(workspace, client, tmp_path, capsys):
-    tuned = finetune(task="classification", model=BASE, overrides=QUICK, workspace=str(workspace))  # cached
+    tuned = finetune(objective="classification", model=BASE, overrides=QUICK, workspace=str(workspace))  # cached
     uri = "models:/" + tuned.registered_model
     packages = sorted(CLASSIFICATION_PACKAGES)
     rows = [(f"def handler_{index}(self, value):\n    return {packages[index % len(packages)]}.run(value)",

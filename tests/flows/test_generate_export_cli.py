@@ -45,7 +45,8 @@ def test_generate_continues_each_line_of_stdin_and_each_prompt(model_dir, tmp_pa
 def test_generate_refuses_a_tokenizer_larger_than_the_model(model_dir, tmp_path, capsys):
     from tokenizers import Tokenizer, models
 
-    big = Tokenizer(models.WordLevel({f"w{index}": index for index in range(1000)}, unk_token="w0"))
+    words = {"<|endoftext|>": 0, "<|pad|>": 1, **{f"w{index}": index for index in range(2, 1000)}}
+    big = Tokenizer(models.WordLevel(words, unk_token="w2"))
     big.save(str(tmp_path / "big.json"))
     assert main(["generate", "--model", str(model_dir), "--tokenizer", str(tmp_path / "big.json"),
                  "--prompt", "x", "--workspace", str(tmp_path / "ws")]) == 2

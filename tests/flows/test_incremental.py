@@ -148,7 +148,7 @@ def test_deleted_artifact_is_recomputed_and_only_its_stage_reruns(run_pipeline, 
 
 def test_a_config_change_reruns_its_stage_and_later_ones_only(run_pipeline, corpus):
     run_pipeline(corpus)
-    sampling, _ = run_pipeline(corpus, overrides={"eval.max_new_tokens": 8})
+    sampling, _ = run_pipeline(corpus, overrides={"sampling.max_new_tokens": 8})
     assert sampling.stages == {"ingest": "cached", "tokenizer": "cached", "tokenize": "cached",
                                "pretrain": "cached", "evaluate": "executed"}
     training, tags = run_pipeline(corpus, overrides={"train.learning_rate": 1e-3})
@@ -193,7 +193,7 @@ def test_a_run_killed_mid_training_leaves_nothing_mistaken_for_complete(prefect_
     env.update(PREFECT_API_URL=prefect_api_url, GPTFLOW_HOME=str(tmp_path / "killed"))
     command = [sys.executable, "-m", "gptflow.flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny",
                "--set", "train.max_steps=1500", "--set", "train.checkpoint_interval=50",
-               "--set", "train.eval_interval=500"]
+               "--set", "train.val_interval=500"]
     victim = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = tmp_path / "killed" / "store" / "runs"
     deadline = time.monotonic() + 300

@@ -83,6 +83,23 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     assert (workspace / "mlartifacts").is_dir()
 
 
+def test_editing_code_that_only_evaluation_reaches_reruns_evaluation_alone(cli_env, tiny_corpus_dir, gptflow_copy):
+    env = {**cli_env, "PYTHONPATH": str(gptflow_copy)}  # this copy of gptflow runs, and is edited
+    args = ("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny")
+    first = _gptflow(*args, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # model/classifier.py: no stage module imports it; evaluation reaches it through the model
+    # source (tasks/evaluate.py → tasks/model_source.py → model/classifier.py), training does not.
+    classifier = gptflow_copy / "gptflow" / "model" / "classifier.py"
+    classifier.write_text(classifier.read_text() + "\n# edited\n")
+    second = _gptflow(*args, env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    _, (first_run, second_run) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
+    assert {stage: second_run.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {
+        "ingest": "cached", "tokenizer": "cached", "tokenize": "cached", "pretrain": "cached", "evaluate": "executed"}
+    assert first_run.data.tags["gptflow.code_version"] != second_run.data.tags["gptflow.code_version"]
+
+
 def test_missing_corpus_path_is_one_clear_line(cli_env, tmp_path):
     missing = tmp_path / "no-such-folder"
     result = _gptflow("pretrain", "--corpus", str(missing), "--preset", "tiny", env=cli_env)

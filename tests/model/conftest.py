@@ -32,7 +32,7 @@ def tiny_config() -> ModelConfig:
 def tiny_train_config() -> TrainConfig:
     return TrainConfig(
         max_steps=30, micro_batch_size=4, grad_accum_steps=2, learning_rate=3e-3, warmup_steps=5,
-        log_interval=5, eval_interval=10, eval_tokens=256, checkpoint_interval=10, keep_checkpoints=2,
+        log_interval=5, val_interval=10, val_tokens=256, checkpoint_interval=10, keep_checkpoints=2,
         device="cpu",
     )
 

@@ -20,7 +20,7 @@ from gptflow.model.train import pretrain
 MODEL_CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128)
 TRAIN_CONFIG = TrainConfig(
     max_steps=20, grad_accum_steps=2, learning_rate=3e-3, warmup_steps=5, log_interval=2,
-    eval_interval=10, eval_tokens=128, checkpoint_interval=10, device="cpu",
+    val_interval=10, val_tokens=128, checkpoint_interval=10, device="cpu",
 )
 
 

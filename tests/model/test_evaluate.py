@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from gptflow.data.loader import TokenWindows
+from gptflow.model.config import SamplingConfig
 from gptflow.model.evaluate import (
     bits_per_byte,
     evaluate_loss,
@@ -49,17 +51,18 @@ def test_bits_per_byte_and_perplexity():
 
 def test_generate_samples_are_reproducible_and_independent_of_other_prompts(model):
     prompts = [[5, 6, 7], [9], [11, 12]]
-    samples = generate_samples(model, prompts, max_new_tokens=20, temperature=1.0, top_k=None, seed=3, device="cpu")
+    sampling = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=0, seed=3)
+    samples = generate_samples(model, prompts, sampling, device="cpu")
     assert [sample[: len(prompt)] for sample, prompt in zip(samples, prompts)] == prompts
     assert [len(sample) - len(prompt) for sample, prompt in zip(samples, prompts)] == [20, 20, 20]
-    assert generate_samples(model, prompts, 20, 1.0, None, seed=3, device="cpu") == samples
-    assert generate_samples(model, prompts[:1], 20, 1.0, None, seed=3, device="cpu") == samples[:1]
-    assert generate_samples(model, prompts, 20, 1.0, None, seed=4, device="cpu") != samples
+    assert generate_samples(model, prompts, sampling, device="cpu") == samples
+    assert generate_samples(model, prompts[:1], sampling, device="cpu") == samples[:1]
+    assert generate_samples(model, prompts, dataclasses.replace(sampling, seed=4), device="cpu") != samples
 
 
 def test_generate_samples_needs_a_token_to_start_from(model):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        generate_samples(model, [[1], []], 5, 1.0, None, seed=0, device="cpu")
+        generate_samples(model, [[1], []], SamplingConfig(max_new_tokens=5), device="cpu")
 
 
 def _log_likelihood_alone(model: GPT, context: list[int], continuation: list[int]) -> float:

@@ -10,18 +10,25 @@ import torch.nn.functional as F
 from gptflow.data.finetune_data import PreparedSplit
 from gptflow.model.checkpoint import load_model, save_final
 from gptflow.model.classifier import load_classifier
+from gptflow.model.config import SamplingConfig, TrainConfig
 from gptflow.model.finetune import (
-    build_task_model,
-    evaluate_split,
+    build_finetune_model,
     example_indices,
     finetune,
     generate_response,
     make_batch,
+    score_examples,
 )
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
 
 PAD_ID = 1
+
+
+def _train_config(**settings) -> TrainConfig:
+    """Fine-tuning's loop settings: a short run at a high rate, no weight decay."""
+    return TrainConfig(**{"micro_batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 2, "weight_decay": 0.0,
+                          "seed": 0, "log_interval": 10, **settings})
 
 
 def _sft_split(examples: list[tuple[list[int], list[bool]]]) -> PreparedSplit:
@@ -48,7 +55,7 @@ def test_sft_loss_is_the_mean_over_response_tokens(tiny_config):
     picked = [(0, 3, 20), (0, 4, 21), (0, 5, 0), (1, 1, 22)]
     expected = torch.stack([-F.log_softmax(logits[row, column], dim=-1)[target] for row, column, target in picked])
     assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-5)
-    scores = evaluate_split(gpt, split, PAD_ID, batch_size=1)  # per-example batches, weighted by tokens
+    scores = score_examples(gpt, split, PAD_ID, batch_size=1)  # per-example batches, weighted by tokens
     assert scores.loss == pytest.approx(expected.mean().item(), rel=1e-5)
 
 
@@ -78,10 +85,9 @@ def test_sft_with_lora_learns_and_saves_a_merged_model(base_dir, tmp_path):
     examples = [([0, *rng.integers(10, 40, size=3).tolist(), 5, 60, 61, 0], [False] * 5 + [True] * 3)
                 for _ in range(48)]
     train, val = _sft_split(examples[:40]), _sft_split(examples[40:])
-    config = FinetuneConfig(lora_rank=4, max_steps=40, learning_rate=1e-2, warmup_steps=2, eval_interval=20,
-                            log_interval=10)
+    config = _train_config(max_steps=40, val_interval=20)
     reported = []
-    model = build_task_model(base_dir, "sft", [], config, torch.device("cpu"))
+    model = build_finetune_model(base_dir, "sft", [], FinetuneConfig(lora_rank=4), config.seed, torch.device("cpu"))
     result = finetune(model, train, val, config, PAD_ID, 8, tmp_path / "run",
                       on_metrics=lambda step, metrics: reported.append((step, metrics)))
     assert [step for step, metrics in reported if "finetune/val_loss" in metrics] == [0, 20, 40]
@@ -89,10 +95,10 @@ def test_sft_with_lora_learns_and_saves_a_merged_model(base_dir, tmp_path):
     assert result.final_val_loss < 0.1 * result.initial_val_loss
     assert result.trainable_parameters < 0.5 * result.total_parameters
     merged = load_model(result.model_dir)
-    assert evaluate_split(merged, val, PAD_ID, 4).loss == pytest.approx(result.final_val_loss, rel=1e-4)
+    assert score_examples(merged, val, PAD_ID, 4).loss == pytest.approx(result.final_val_loss, rel=1e-4)
     # Greedy (top_k=1) answer to a new prompt: the learned response, stopped at the end token.
-    answer = generate_response(merged, [0, 12, 13, 14, 5], end_id=0, max_new_tokens=40, temperature=1.0, top_k=1,
-                               seed=0, vocab_limit=128)
+    greedy = SamplingConfig(max_new_tokens=40, temperature=1.0, top_k=1, seed=0)
+    answer = generate_response(merged, [0, 12, 13, 14, 5], end_id=0, sampling=greedy, vocab_limit=128)
     assert answer == [60, 61]
 
 
@@ -105,11 +111,12 @@ def test_classification_learns_a_separable_task(base_dir, tmp_path):
     locations = [f"l:{index}" for index in range(96)]
     train = PreparedSplit(sequences[:80], locations[:80], labels=labels[:80].astype(np.int32))
     val = PreparedSplit(sequences[80:], locations[80:], labels=labels[80:].astype(np.int32))
-    config = FinetuneConfig(lora_rank=0, max_steps=40, learning_rate=1e-2, warmup_steps=2, eval_interval=0)
-    model = build_task_model(base_dir, "classification", ["a", "b", "c"], config, torch.device("cpu"))
+    config = _train_config(max_steps=40, val_interval=0)
+    model = build_finetune_model(base_dir, "classification", ["a", "b", "c"], FinetuneConfig(lora_rank=0), config.seed,
+                                 torch.device("cpu"))
     result = finetune(model, train, val, config, PAD_ID, 16, tmp_path / "run")
     classifier, max_length = load_classifier(result.model_dir, result.classifier_dir)
-    scores = evaluate_split(classifier, val, PAD_ID, 8)
+    scores = score_examples(classifier, val, PAD_ID, 8)
     assert max_length == 16
     assert scores.accuracy == 1.0
     assert scores.loss == pytest.approx(result.final_val_loss, rel=1e-4)

@@ -18,7 +18,7 @@ MODEL_CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_
 # in the middle of a write.
 TRAIN_CONFIG = TrainConfig(
     max_steps=50, micro_batch_size=4, grad_accum_steps=2, learning_rate=3e-3, warmup_steps=5,
-    log_interval=5, eval_interval=20, eval_tokens=128, checkpoint_interval=1, keep_checkpoints=2,
+    log_interval=5, val_interval=20, val_tokens=128, checkpoint_interval=1, keep_checkpoints=2,
     device="cpu",
 )
 

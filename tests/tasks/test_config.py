@@ -7,25 +7,34 @@ import torch
 
 from gptflow.model.config import MODERN_RECIPE, pad_vocab_size
 from gptflow.model.gpt import GPT
-from gptflow.tasks.config import DEFAULT_PRESET, PRESETS, ConfigError, build_config, parse_override_pairs
+from gptflow.tasks.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    ConfigError,
+    EvaluateSettings,
+    FinetuneSettings,
+    PretrainSettings,
+    build_config,
+    parse_override_pairs,
+)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_builds_a_valid_config(preset):
-    config = build_config(preset)
+    config = build_config(PretrainSettings, preset)
     assert config.model.n_embd % config.model.n_head == 0
     assert config.tokenizer.vocab_size >= 512
 
 
 def test_gpt2_preset_has_gpt2_small_shape():
-    model = build_config("gpt2-124m").model
+    model = build_config(PretrainSettings, "gpt2-124m").model
     assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (12, 12, 768, 1024)
 
 
 def test_layers_apply_in_order_defaults_preset_file_overrides(tmp_path):
     config_file = tmp_path / "my.toml"
     config_file.write_text("[train]\nmax_steps = 77\nlearning_rate = 0.01\n[model]\nn_layer = 3\n")
-    config = build_config("tiny", config_file, {"train.max_steps": "88"})
+    config = build_config(PretrainSettings, "tiny", config_file, {"train.max_steps": "88"})
     assert config.train.max_steps == 88  # override beats file
     assert config.train.learning_rate == 0.01  # file beats preset
     assert config.model.n_layer == 3
@@ -34,7 +43,7 @@ def test_layers_apply_in_order_defaults_preset_file_overrides(tmp_path):
 
 
 def test_override_values_are_coerced_to_the_field_type():
-    config = build_config(
+    config = build_config(PretrainSettings, 
         DEFAULT_PRESET,
         overrides=parse_override_pairs([
             "train.max_steps=1e3", "train.compile=true", "model.dropout=0.1",
@@ -50,7 +59,8 @@ def test_override_values_are_coerced_to_the_field_type():
     ("override", "message"),
     [
         ("train.max_stepz=3", "train.max_stepz is not a setting"),
-        ("trian.max_steps=3", "unknown section 'trian'"),
+        ("trian.max_steps=3", "pretrain takes data.*, tokenizer.*, tokenize.*, model.*, train.*, eval.*, sampling.*, "
+                             "incremental.* settings, not trian.*"),
         ("train.max_steps=abc", "train.max_steps='abc' is not a valid int"),
         ("train.compile=maybe", "is not a valid bool"),
         ("model.n_head=5", "divisible by model.n_head"),
@@ -59,24 +69,34 @@ def test_override_values_are_coerced_to_the_field_type():
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        build_config(DEFAULT_PRESET, overrides=parse_override_pairs([override]))
+        build_config(PretrainSettings, DEFAULT_PRESET, overrides=parse_override_pairs([override]))
+
+
+def test_evaluate_takes_only_the_settings_it_reads():
+    settings = build_config(EvaluateSettings, overrides={"eval.eval_tokens": "4096", "sampling.temperature": "0.5"})
+    assert settings.eval.eval_tokens == 4096 and settings.sampling.temperature == 0.5
+    with pytest.raises(ConfigError, match="evaluate takes data.*, tokenize.*, eval.*, sampling.* settings, not "
+                                          "model.*: the model's own settings come with the model"):
+        build_config(EvaluateSettings, overrides={"model.n_layer": "2"})
+    with pytest.raises(ConfigError, match="finetune takes no preset"):
+        build_config(FinetuneSettings, "tiny")
 
 
 def test_malformed_override_pair_and_unknown_preset_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="section.field=value"):
         parse_override_pairs(["max_steps"])
     with pytest.raises(ConfigError, match="Available presets: tiny"):
-        build_config("huge")
+        build_config(PretrainSettings, "huge")
     with pytest.raises(ConfigError, match="does not exist"):
-        build_config(DEFAULT_PRESET, tmp_path / "missing.toml")
+        build_config(PretrainSettings, DEFAULT_PRESET, tmp_path / "missing.toml")
     broken = tmp_path / "broken.toml"
     broken.write_text("[train\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        build_config(DEFAULT_PRESET, broken)
+        build_config(PretrainSettings, DEFAULT_PRESET, broken)
 
 
 def test_flatten_names_every_field_by_section():
-    flat = build_config("tiny").flatten()
+    flat = build_config(PretrainSettings, "tiny").flatten()
     assert flat["model.n_layer"] == 2 and flat["train.max_steps"] == 30
     assert flat["data.text_field"] == "text" and "tokenizer.vocab_size" in flat
     assert all(key.count(".") == 1 for key in flat)
@@ -84,7 +104,7 @@ def test_flatten_names_every_field_by_section():
 
 @pytest.mark.parametrize(("modern", "twin"), [("cpu-modern", "cpu"), ("gpt2-124m-modern", "gpt2-124m")])
 def test_modern_presets_are_their_twins_with_the_modern_recipe(modern, twin):
-    modern_config, twin_config = build_config(modern), build_config(twin)
+    modern_config, twin_config = build_config(PretrainSettings, modern), build_config(PretrainSettings, twin)
     for name, value in MODERN_RECIPE["model"].items():
         assert getattr(modern_config.model, name) == value
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -96,9 +116,9 @@ def test_modern_presets_are_their_twins_with_the_modern_recipe(modern, twin):
 
 
 def test_gpt2_350m_preset_has_about_350m_parameters():
-    config = build_config("gpt2-350m")
+    config = build_config(PretrainSettings, "gpt2-350m")
     with torch.device("meta"):  # counts without allocating 1.4 GB
         model = GPT(dataclasses.replace(config.model, vocab_size=pad_vocab_size(config.tokenizer.vocab_size)))
     assert 340e6 < model.num_parameters() < 370e6
-    checkpointed = build_config("gpt2-350m", overrides={"model.activation_checkpointing": "true"})
+    checkpointed = build_config(PretrainSettings, "gpt2-350m", overrides={"model.activation_checkpointing": "true"})
     assert checkpointed.model.activation_checkpointing

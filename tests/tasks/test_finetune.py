@@ -2,43 +2,52 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models
 
 from gptflow.model.checkpoint import save_final
-from gptflow.model.config import ModelConfig
+from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
-from gptflow.tasks.config import ConfigError, build_finetune_config
+from gptflow.tasks.config import ConfigError, FinetuneSettings, build_config
 from gptflow.tasks.finetune import default_base_model
 from gptflow.tasks.model_source import ModelSourceError
 from gptflow.tasks.tracking import pipeline_run
 from gptflow.tasks.workspace import Workspace
 
 
-def test_settings_are_coerced_validated_and_split_by_the_stage_that_reads_them(tmp_path):
+def test_settings_compose_the_training_loop_and_sampling_with_finetune_defaults(tmp_path):
     config_file = tmp_path / "finetune.toml"
-    config_file.write_text("[finetune]\nlora_rank = 0\nlearning_rate = 1e-4\n")
-    config = build_finetune_config(config_file, {"finetune.max_length": "96", "finetune.learning_rate": "3e-4"})
-    assert (config.lora_rank, config.learning_rate, config.max_length) == (0, 3e-4, 96)
-    assert "learning_rate" in config.training_settings() and "max_length" not in config.training_settings()
-    assert set(config.data_settings("sft")) == {"max_length", "overlong", "val_fraction"}
-    assert set(config.data_settings("classification")) == {"max_length", "overlong", "val_fraction", "text_field",
-                                                           "label_field"}
-    assert "temperature" not in config.training_settings()
-    assert config.train_config().learning_rate == 3e-4
+    config_file.write_text("[finetune]\nlora_rank = 0\n[train]\nlearning_rate = 1e-4\n[sampling]\ntop_k = 5\n")
+    settings = build_config(FinetuneSettings, None, config_file,
+                            {"finetune.max_length": "96", "train.learning_rate": "3e-4"})
+    assert (settings.finetune.lora_rank, settings.finetune.max_length) == (0, 96)
+    assert settings.train.learning_rate == 3e-4  # override beats file
+    assert settings.sampling.top_k == 5 and settings.sampling.temperature == 0.7  # file, then finetune's default
+    assert settings.train.max_steps == 150 and settings.train.weight_decay == 0.0  # finetune's defaults
+    assert TrainConfig().max_steps != 150  # ... not pretraining's
+    assert set(settings.finetune.data_settings("sft")) == {"max_length", "overlong", "val_fraction"}
+    assert set(settings.finetune.data_settings("classification")) == {"max_length", "overlong", "val_fraction",
+                                                                      "text_field", "label_field"}
+    assert set(settings.finetune.lora_settings()) == {"lora_rank", "lora_alpha", "lora_dropout"}
+    flat = settings.flatten()
+    assert flat["train.learning_rate"] == 3e-4 and flat["sampling.top_k"] == 5 and flat["finetune.lora_rank"] == 0
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"finetune.lr": "1"}, "finetune.lr is not a setting; finetune has: lora_rank"),
-    ({"train.max_steps": "1"}, "unknown section 'train'; sections are finetune"),
+    ({"model.n_layer": "1"}, "finetune takes finetune.*, train.*, sampling.* settings, not model.*: the model's own"),
     ({"finetune.overlong": "drop"}, "finetune.overlong must be one of truncate, skip"),
     ({"finetune.lora_dropout": "1.5"}, "finetune.lora_dropout must be in [0, 1)"),
+    ({"train.nproc": "2"}, "train.nproc is not a fine-tuning setting (fine-tuning runs in one process)"),
+    ({"sampling.temperature": "0"}, "sampling.temperature must be positive"),
 ])
 def test_bad_settings_name_the_field(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        build_finetune_config(None, overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(FinetuneSettings, None, None, overrides)
 
 
 def test_defaults_are_valid():

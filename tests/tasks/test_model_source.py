@@ -1,7 +1,9 @@
-"""A model given as a registry URI, a run id or a directory resolves to the same weights."""
+"""A model given as a registry URI, a run id or a directory resolves to the same weights, and what
+it is (language model, chat model, classifier) and whether its tokenizer fits is worked out once."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -10,22 +12,25 @@ from tokenizers import Tokenizer, models
 
 from gptflow.model.checkpoint import load_model, save_final
 from gptflow.model.classifier import GPTClassifier, save_head
-from gptflow.model.config import ModelConfig
+from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
+from gptflow.model.config import ModelConfig, pad_vocab_size
 from gptflow.model.gpt import GPT
 from gptflow.tasks.model_source import ModelSourceError, resolve_model
 from gptflow.tasks.tracking import pipeline_run
 from gptflow.tasks.workspace import Workspace
 
 
+CONFIG = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=pad_vocab_size(300))
+
+
 @pytest.fixture()
-def logged_model(tmp_path, monkeypatch):
+def logged_model(tmp_path, monkeypatch, bpe_tokenizer_file):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     workspace = Workspace.resolve(tmp_path / "ws")
     torch.manual_seed(0)
-    final = save_final(tmp_path / "run", GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)))
-    tokenizer_file = tmp_path / "run" / "tokenizer.json"
-    Tokenizer(models.BPE()).save(str(tokenizer_file))
+    final = save_final(tmp_path / "run", GPT(CONFIG))
+    tokenizer_file = shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
     with pipeline_run(workspace, "source-test", tags={}) as run:
         version = run.log_text_generator(final, tokenizer_file, "gptflow-test")
     return workspace, run.run_id, version, final
@@ -40,6 +45,9 @@ def test_uri_run_id_and_directory_name_the_same_weights(logged_model):
     assert by_version.weights_hash == by_run.weights_hash == by_run_uri.weights_hash == by_directory.weights_hash
     assert by_directory.tokenizer_file == final.parent / "tokenizer.json"
     assert by_version.tokenizer_hash == by_directory.tokenizer_hash
+    assert by_version.config == by_directory.config == CONFIG
+    assert by_version.kind == by_directory.kind == "language_model"
+    assert by_directory.tokenizer.eot_id == 0 and by_directory.tokenizer.vocab_size <= CONFIG.vocab_size
 
 
 @pytest.mark.parametrize(
@@ -71,3 +79,38 @@ def test_a_head_beside_the_trunk_makes_a_classifier_with_its_own_hash(logged_mod
     save_head(head, GPTClassifier(load_model(final), ["a", "b", "c"]), max_length=8)
     assert resolve_model(str(final), workspace).weights_hash not in {classifier.weights_hash,
                                                                       language_model.weights_hash}
+    assert classifier.kind == "classifier"
+    with pytest.raises(ModelSourceError, match="is a classifier: it labels texts rather than writing them, so "
+                                               "gptflow generate does not apply. Score it with `gptflow evaluate"):
+        classifier.require_text_model("gptflow generate")
+    classifier.require_classifier("--classification")
+    with pytest.raises(ModelSourceError, match="is a language model, not a classifier: --classification scores"):
+        language_model.require_classifier("--classification")
+
+
+def test_a_chat_template_beside_the_tokenizer_makes_a_chat_model(logged_model):
+    workspace, _, _, final = logged_model
+    ChatTemplate(separator="\n").save(final.parent)
+    chat_model = resolve_model(str(final), workspace)
+    assert chat_model.kind == "chat_model" and chat_model.chat_template == ChatTemplate(separator="\n")
+    chat_model.require_text_model("gptflow generate")
+    (final.parent / CHAT_TEMPLATE_FILE).write_text('{"headers": {"user": "U: "}}')
+    with pytest.raises(ModelSourceError, match="is not a gptflow chat template: .*no header for role"):
+        resolve_model(str(final), workspace)
+
+
+def test_a_tokenizer_the_model_cannot_embed_or_parse_is_refused_once_at_resolution(logged_model, tmp_path):
+    workspace, _, _, final = logged_model
+    small = shutil.copytree(final, tmp_path / "small" / "final")
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 128}))
+    with pytest.raises(ModelSourceError, match="has [0-9]+ tokens, more than the 128 embedding rows"):
+        resolve_model(str(small), workspace, tokenizer=str(final.parent / "tokenizer.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ModelSourceError, match="Cannot use the tokenizer"):
+        resolve_model(str(final), workspace, tokenizer=str(broken))
+    bare = tmp_path / "bare.json"
+    Tokenizer(models.BPE()).save(str(bare))
+    with pytest.raises(ModelSourceError, match="lacks the special tokens"):
+        resolve_model(str(final), workspace, tokenizer=str(bare))
