@@ -1,25 +1,7 @@
-"""The one reader of source files: a file → its records, and pretraining's documents on top.
-
-Every consumer reads through ``read_records``: pretraining (``read_documents``), fine-tuning data
-(``data.finetune_data``), multiple-choice benchmarks (``data.multiple_choice``) and labelled files a
-classifier is scored on. So every format and compression reads the same way everywhere, and bad
-input is handled one way: skipped, counted in a ``SkipReport`` and located (``path:line`` for
-line formats, ``path:record N`` for the others), never a crash and never silently lost.
-
-Formats (``data.sources.FORMAT_BY_SUFFIX``): ``text`` (.txt .md .rst .py: the whole file is one
-record, a string), ``jsonl`` (a JSON value per line), ``json`` (an array of values, or one value),
-``csv`` (a row per record, keyed by the header), ``parquet`` and hub datasets; gzip and zstd are
-decompressed on the fly by pyarrow. Everything but ``text`` and ``json`` streams with bounded
-memory; those two hold one file in memory, so very large corpora belong in .jsonl, .parquet or .csv.
-
-Bad input: a binary file (a NUL byte in its first 8 KiB) is skipped whole; a line, row or text
-that is not UTF-8, a line that is not JSON and a CSV row that cannot be parsed are skipped; a file
-that breaks off (a truncated archive, a corrupt parquet file) keeps the records read before the
-break. A leading byte-order mark is dropped. Whether a record has the fields a consumer needs is
-the consumer's to check.
-
-Documents are normalised minimally, since the tokenizer is byte-level: ``\\r\\n`` becomes ``\\n``.
-"""
+"""The one reader of source files: ``read_records`` turns any file gptflow reads (a corpus file,
+fine-tuning data, a benchmark, a labelled file) into located records, skipping and counting bad
+input; ``read_documents`` takes pretraining's documents from them. Formats, locations and what
+is skipped: docs/ARCHITECTURE.md, "Data formats"."""
 
 from __future__ import annotations
 

@@ -1,27 +1,22 @@
-"""Stage cache keys and the one way a flow runs a stage: through Prefect's cache, verified.
-
-A stage's key is the hash of its name, its config, the code version of every module that
-computes its output (not only the task function's source) and the content hashes of its inputs.
-Prefect stores each stage's small result (paths + hashes + counts) under that key in the
-workspace, so a second process finds it. Before trusting a cached record, the flow checks that
-the artifacts it points to are still complete on disk; if not, the stage is recomputed.
-"""
+"""Stage cache keys, and the one way a flow runs a stage: through Prefect's cache, with a cached
+record trusted only while the artifacts it points to are complete (docs/ARCHITECTURE.md, "Keys")."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from prefect import Task
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 
-from gptflow.data.store import PACKAGE, code_version, hash_file, hash_json
+from gptflow.data.store import PACKAGE, code_version, hash_file, hash_json, is_complete
 from gptflow.tasks.progress import run_logger
+from gptflow.tasks.tracking import PipelineRun
 from gptflow.tasks.workspace import Workspace
 
 Result = TypeVar("Result")
@@ -47,6 +42,27 @@ def pipeline_code_version() -> str:
 class StageOutcome(Generic[Result]):
     result: Result
     status: StageStatus
+
+
+class UnitManifest(Protocol):
+    """A data stage's result: a manifest file listing per-source-file unit directories."""
+
+    path: str
+    units: Sequence[Any]
+
+
+def units_are_complete(manifest: UnitManifest) -> bool:
+    """The ``is_valid`` of a data stage: its manifest and every unit it lists are still on disk, whole."""
+    return Path(manifest.path).exists() and all(is_complete(Path(unit.directory)) for unit in manifest.units)
+
+
+def record_unit_reuse(run: PipelineRun, stage: str, done: str, outcome: StageOutcome[UnitManifest]) -> None:
+    """Tag ``gptflow.<stage>.files_reused`` and ``gptflow.<stage>.files_<done>``: how many source
+    files' units a data stage reused and how many it computed."""
+    units = outcome.result.units
+    reused = len(units) if outcome.status == "cached" else sum(unit.reused for unit in units)
+    run.record_stage(stage, outcome.status)
+    run.set_tags({f"gptflow.{stage}.files_reused": reused, f"gptflow.{stage}.files_{done}": len(units) - reused})
 
 
 def run_stage(

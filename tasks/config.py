@@ -1,14 +1,6 @@
-"""Each flow's settings: sections of typed configs, built from presets, config files and ``--set``.
-
-A flow's settings (``PretrainSettings``, ``FinetuneSettings``, ``EvaluateSettings``) compose the
-section dataclasses it reads; a section means the same in every flow (``train`` is the training
-loop's ``TrainConfig`` in pretraining and fine-tuning alike, ``sampling`` the ``SamplingConfig`` of
-every generation). ``build_config`` builds any of them in layers, each overriding the last: the
-dataclass defaults, the flow's own defaults (fine-tuning trains shorter at a higher learning rate),
-a named preset (pretraining), an optional TOML/JSON file, then ``section.field=value`` overrides.
-Values are coerced to the declared field type and validated by the dataclasses, so a typo fails
-before any stage runs, naming the offending key.
-"""
+"""Each flow's settings (sections of typed configs), its presets, and the one builder that layers
+defaults, a preset, a config file and ``--set`` overrides into them. Validation happens in the
+dataclasses, so a typo fails before any stage runs, naming the key (docs/ARCHITECTURE.md, "Settings")."""
 
 from __future__ import annotations
 
@@ -178,15 +170,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # On a GPU with less memory, --set model.activation_checkpointing=true trades about a third
     # more compute for most of the activation memory.
     "gpt2-350m": {
-        "tokenizer": {"vocab_size": 50257, "sample_bytes": 256 * 1024 * 1024},
+        **_GPT2_124M,
         "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},
-        "train": {
-            "max_steps": 13500, "micro_batch_size": 16, "grad_accum_steps": 32, "learning_rate": 3e-4,
-            "warmup_steps": 700, "compile": True, "log_interval": 10, "val_interval": 500,
-            "val_tokens": 1 << 20, "checkpoint_interval": 1000,
-        },
-        "eval": {"eval_tokens": 1 << 22},
-        "sampling": {"max_new_tokens": 128},
+        "train": {**_GPT2_124M["train"], "max_steps": 13500, "micro_batch_size": 16, "grad_accum_steps": 32,
+                  "learning_rate": 3e-4, "warmup_steps": 700},
     },
 }
 

@@ -174,18 +174,10 @@ def evaluate_model(
         modules=(__name__,),
         inputs={"model": trained.weights_hash, "tokens": tokens.fingerprint, "tokenizer": tokenizer.hash},
     )
-    outcome = run_stage(
-        evaluate_model_task,
-        key=key,
-        workspace=workspace,
-        is_valid=lambda report: is_complete(Path(report.directory)),
-        trained=trained,
-        tokens=tokens,
-        tokenizer=tokenizer,
-        config=config,
-        sampling=sampling,
-        out_dir=str(workspace.store / "eval" / key),
-    )
+    outcome = run_stage(evaluate_model_task, key=key, workspace=workspace,
+                        is_valid=lambda report: is_complete(Path(report.directory)), trained=trained, tokens=tokens,
+                        tokenizer=tokenizer, config=config, sampling=sampling,
+                        out_dir=str(workspace.store / "eval" / key))
     report = outcome.result
     run.record_stage("evaluate", outcome.status)
     run.log_metrics(report.metrics(), step=trained.steps)

@@ -11,8 +11,7 @@ from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits
 from gptflow.data.shards import SPLITS
 from gptflow.data.sources import SourceResolution
-from gptflow.data.store import is_complete
-from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.progress import StageProgress, run_logger
 from gptflow.tasks.tracking import PipelineRun
 from gptflow.tasks.workspace import Workspace
@@ -37,20 +36,10 @@ def ingest(
     # Size and mtime stand in for content here: a touched file re-runs the stage, whose per-file
     # units are then found by content hash and reused.
     key = stage_key("ingest", config=config, modules=(__name__,), inputs={"sources": sources.fingerprint_inputs()})
-    outcome = run_stage(
-        ingest_corpus_task,
-        key=key,
-        workspace=workspace,
-        is_valid=lambda manifest: Path(manifest.path).exists()
-        and all(is_complete(Path(unit.directory)) for unit in manifest.units),
-        sources=sources,
-        config=config,
-        store_dir=str(workspace.store),
-    )
+    outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
+                        sources=sources, config=config, store_dir=str(workspace.store))
     manifest = outcome.result
-    run.record_stage("ingest", outcome.status)
-    reused = len(manifest.units) if outcome.status == "cached" else sum(unit.reused for unit in manifest.units)
-    run.set_tags({"gptflow.ingest.files_reused": reused, "gptflow.ingest.files_ingested": len(manifest.units) - reused})
+    record_unit_reuse(run, "ingest", "ingested", outcome)
     run.log_metrics({
         "data/documents": manifest.total_documents,
         "data/source_files": len(manifest.units),

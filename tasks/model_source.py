@@ -1,12 +1,5 @@
-"""Where a trained model comes from and what it is: the one place a model source is resolved.
-
-Fine-tuning, evaluation, export and generation all start from "a trained gptflow model" given as
-an MLflow model URI, an MLflow run id or a directory; ``resolve_model`` turns each into a
-``ResolvedModel``: local files, the model's settings, its tokenizer (checked to fit the model),
-its chat template, its kind (language model, chat model or classifier) and the content hash that
-keys the stages computed from it. Commands refuse a kind they cannot use through its
-``require_*`` methods, so each refusal is worded once.
-"""
+"""The one place a model given by a user (an MLflow model URI, a run id or a directory) is resolved
+into what gptflow needs to know about it: a ``ResolvedModel`` (docs/ARCHITECTURE.md, "Model sources")."""
 
 from __future__ import annotations
 

@@ -116,16 +116,9 @@ def score_multiple_choice(
         modules=(__name__,),
         inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash, "file": file_hash},
     )
-    outcome = run_stage(
-        score_multiple_choice_task,
-        key=key,
-        workspace=workspace,
-        is_valid=lambda report: is_complete(Path(report.directory)),
-        source=source,
-        path=str(path),
-        file_hash=file_hash,
-        out_dir=str(workspace.store / "eval" / key),
-    )
+    outcome = run_stage(score_multiple_choice_task, key=key, workspace=workspace,
+                        is_valid=lambda report: is_complete(Path(report.directory)), source=source, path=str(path),
+                        file_hash=file_hash, out_dir=str(workspace.store / "eval" / key))
     report = outcome.result
     run.record_stage("multiple_choice", outcome.status)
     run.log_metrics(report.metrics())

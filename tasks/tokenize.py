@@ -8,10 +8,9 @@ from prefect import task
 
 from gptflow.data.config import TokenizeConfig
 from gptflow.data.ingest import CorpusManifest
-from gptflow.data.store import is_complete
 from gptflow.data.tokenize import TokenManifest, tokenize_corpus
 from gptflow.data.tokenizer import TokenizerArtifact
-from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.progress import StageProgress
 from gptflow.tasks.tracking import PipelineRun
 from gptflow.tasks.workspace import Workspace
@@ -38,21 +37,10 @@ def tokenize(
     key = stage_key(
         "tokenize", config={}, modules=(__name__,), inputs={"corpus": corpus.fingerprint, "tokenizer": tokenizer.hash}
     )
-    outcome = run_stage(
-        tokenize_corpus_task,
-        key=key,
-        workspace=workspace,
-        is_valid=lambda manifest: Path(manifest.path).exists()
-        and all(is_complete(Path(unit.directory)) for unit in manifest.units),
-        corpus=corpus,
-        tokenizer=tokenizer,
-        config=config,
-        store_dir=str(workspace.store),
-    )
+    outcome = run_stage(tokenize_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
+                        corpus=corpus, tokenizer=tokenizer, config=config, store_dir=str(workspace.store))
     tokens = outcome.result
-    run.record_stage("tokenize", outcome.status)
-    reused = len(tokens.units) if outcome.status == "cached" else sum(unit.reused for unit in tokens.units)
-    run.set_tags({"gptflow.tokenize.files_reused": reused, "gptflow.tokenize.files_tokenized": len(tokens.units) - reused})
+    record_unit_reuse(run, "tokenize", "tokenized", outcome)
     run.log_metrics({
         "data/train_tokens": tokens.total_tokens("train"),
         "data/val_tokens": tokens.total_tokens("val"),
