@@ -46,7 +46,7 @@ def data_stages(corpus: str, workspace: str) -> dict[str, object]:
     workspace_dir = Workspace.resolve(workspace)
     config = build_config(PretrainSettings, "cpu")
     lineage = Lineage.load(workspace_dir, [corpus])
-    with pipeline_run(workspace_dir, "bench-data-stages", tags={}) as run:
+    with pipeline_run(workspace_dir, tags={}, name="bench-data-stages") as run:
         manifest = ingest(resolve_sources([corpus]), config.data, workspace_dir, run)
         tokenizer = train_tokenizer(manifest, config.tokenizer, workspace_dir, run, lineage)
         tokens = tokenize(manifest, tokenizer, config.tokenize, workspace_dir, run)

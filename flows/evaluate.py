@@ -29,7 +29,7 @@ from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.multiple_choice import MultipleChoiceReport, score_multiple_choice
 from gptflow.tasks.progress import human_duration
 from gptflow.tasks.tokenize import tokenize
-from gptflow.tasks.tracking import pipeline_run
+from gptflow.tasks.tracking import pipeline_run, run_name, source_label
 from gptflow.tasks.workspace import Workspace
 
 ACC_NORM_DEFINITION = (
@@ -129,7 +129,16 @@ class EvaluateSummary:
         return "\n".join(lines)
 
 
-@flow(name="evaluate", log_prints=True)
+def _flow_run_name() -> str:
+    """``evaluate gptflow-cpu/1 val:texts hellaswag_val.jsonl``: the model, then what it is scored on."""
+    parameters = flow_run.parameters
+    corpus = parameters.get("corpus")
+    scored_on = [f"{parameters.get('split', 'val')}:{source_label(corpus[0])}" if corpus else None,
+                 *(Path(parameters[name]).name for name in ("multiple_choice", "classification") if parameters.get(name))]
+    return run_name("evaluate", parameters.get("overrides"), source_label(parameters.get("model")), *scored_on)
+
+
+@flow(name="evaluate", flow_run_name=_flow_run_name, log_prints=True)
 def evaluate(
     model: str,
     corpus: list[str] | None = None,
@@ -183,11 +192,9 @@ def evaluate(
         "gptflow.code_version": pipeline_code_version(),
         "gptflow.model_weights_hash": source.weights_hash,
         "gptflow.tokenizer_hash": source.tokenizer_hash,
-        "prefect.flow_run_id": flow_run.id,
-        "prefect.flow_run_url": flow_run.ui_url,
     }
     choice_hash = hash_file(choice_file) if choice_file else None
-    with pipeline_run(workspace_dir, run_name=f"evaluate-{source.weights_hash[:8]}", tags=tags) as run:
+    with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
             "model_source": model,
             "model_weights_hash": source.weights_hash,
@@ -215,8 +222,6 @@ def evaluate(
         # A classifier's trunk continues text it was never trained to write: only language models are sampled.
         samples = ([] if source.kind == "classifier" else
                    sample_model(source, config.eval.prompts, config.sampling, workspace_dir, run))
-        run.set_tags({"mlflow.runName": _run_name(source.weights_hash, split, data_fingerprint,
-                                                  [file for file in (choice_file, labelled_file) if file])})
 
         summary = EvaluateSummary(
             model=model,
@@ -243,11 +248,3 @@ def evaluate(
     create_markdown_artifact(key="evaluate-summary", markdown=summary.markdown(run.url),
                              description="What the model scored, and which stages ran")
     return summary
-
-
-def _run_name(weights_hash: str, split: str, data_fingerprint: str | None, files: list[Path]) -> str:
-    """``evaluate-1a2b3c4d val-5e6f7a8b hellaswag_val.jsonl``: the model, then what it was scored on."""
-    parts = [f"evaluate-{weights_hash[:8]}"]
-    if data_fingerprint:
-        parts.append(f"{split}-{data_fingerprint[:8]}")
-    return " ".join(parts + [file.name for file in files])

@@ -31,7 +31,7 @@ from gptflow.tasks.finetune import (
 )
 from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.progress import human_count, human_duration
-from gptflow.tasks.tracking import pipeline_run
+from gptflow.tasks.tracking import pipeline_run, run_name, source_label
 from gptflow.tasks.workspace import Workspace
 
 # A Literal, so a deployment's `objective` parameter is validated and offered as a choice in the Prefect UI.
@@ -126,7 +126,15 @@ class FinetuneSummary:
         return f"LoRA rank {self.lora_rank}, {trained}" if self.lora_rank else f"full fine-tune, {trained}"
 
 
-@flow(name="finetune", log_prints=True)
+def _flow_run_name() -> str:
+    """``lora_rank=0 · finetune sft gptflow-cpu/1 pairs.jsonl``: settings, objective, base model, data."""
+    parameters = flow_run.parameters
+    data = parameters.get("data")
+    return run_name("finetune", parameters.get("overrides"), parameters.get("objective", "sft"),
+                    source_label(parameters.get("model")), source_label(data) if data else "demo")
+
+
+@flow(name="finetune", flow_run_name=_flow_run_name, log_prints=True)
 def finetune(
     objective: Objective = "sft",
     model: str | None = None,
@@ -173,10 +181,8 @@ def finetune(
         "gptflow.objective": objective,
         "gptflow.code_version": pipeline_code_version(),
         "gptflow.base_weights_hash": base.weights_hash,
-        "prefect.flow_run_id": flow_run.id,
-        "prefect.flow_run_url": flow_run.ui_url,
     }
-    with pipeline_run(workspace_dir, run_name=f"finetune-{objective}", tags=tags) as run:
+    with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
             "objective": objective,
             "base_model": base.source,
@@ -189,7 +195,6 @@ def finetune(
         })
         train_file = train_file or demo_data(objective, workspace_dir, run)
         prepared = prepare_data(objective, train_file, val_file, base, template, settings.finetune, workspace_dir, run)
-        run.set_tags({"mlflow.runName": _run_name(objective, base.weights_hash, prepared.fingerprint, overrides)})
         tuned = finetune_model(objective, base, template, prepared, settings, workspace_dir, run)
         report = evaluate_finetuned(tuned, prepared, settings, workspace_dir, run)
 
@@ -234,10 +239,3 @@ def _with_max_length(config: FinetuneConfig, block_size: int) -> FinetuneConfig:
         raise ConfigError(f"finetune.max_length={config.max_length} exceeds the base model's context of {block_size} "
                           "tokens (its block_size): lower it, or leave it unset to use the whole context.")
     return config
-
-
-def _run_name(objective: str, base_weights_hash: str, data_fingerprint: str, overrides: dict[str, Any] | None) -> str:
-    """``finetune-sft-1a2b3c4d-5e6f7a8b finetune.lora_rank=0``: base, data and settings at a glance."""
-    settings = " ".join(f"{key}={value}" for key, value in sorted((overrides or {}).items()))
-    name = f"finetune-{objective}-{base_weights_hash[:8]}-{data_fingerprint[:8]}"
-    return name + (f" {settings}" if settings else "")

@@ -21,7 +21,7 @@ from gptflow.tasks.pretrain import train_model
 from gptflow.tasks.progress import human_count, human_duration
 from gptflow.tasks.tokenize import tokenize
 from gptflow.tasks.tokenizer import train_tokenizer
-from gptflow.tasks.tracking import pipeline_run
+from gptflow.tasks.tracking import pipeline_run, run_name, source_label
 from gptflow.tasks.workspace import Workspace
 
 
@@ -84,7 +84,15 @@ class PretrainSummary:
         return "\n".join(lines)
 
 
-@flow(name="pretrain", log_prints=True)
+def _flow_run_name() -> str:
+    parameters = flow_run.parameters
+    corpus = parameters.get("corpus") or [BUILTIN_CORPUS]
+    label = "stdlib" if corpus[0] == BUILTIN_CORPUS else source_label(corpus[0])
+    return run_name("pretrain", parameters.get("overrides"), parameters.get("preset", DEFAULT_PRESET),
+                    label + (f" +{len(corpus) - 1}" if len(corpus) > 1 else ""))
+
+
+@flow(name="pretrain", flow_run_name=_flow_run_name, log_prints=True)
 def pretrain(
     corpus: list[str] | None = None,
     preset: PresetName = DEFAULT_PRESET,
@@ -120,20 +128,15 @@ def pretrain(
         "gptflow.flow": "pretrain",
         "gptflow.preset": preset,
         "gptflow.code_version": pipeline_code_version(),
-        "prefect.flow_run_id": flow_run.id,
-        "prefect.flow_run_url": flow_run.ui_url,
     }
     lineage = Lineage.load(workspace_dir, corpus)
-    with pipeline_run(workspace_dir, run_name=f"pretrain-{preset}", tags=tags) as run:
+    with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
             "preset": preset, "corpus": " ".join(corpus), "resume": resume,
             "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, **config.flatten(),
         })
         corpus_manifest = ingest(sources, config.data, workspace_dir, run)
-        run.set_tags({
-            "mlflow.runName": _run_name(preset, corpus_manifest.fingerprint, overrides),
-            "gptflow.data_fingerprint": corpus_manifest.fingerprint,
-        })
+        run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
         tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, retrain_tokenizer)
         tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run)
         delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)
@@ -170,10 +173,3 @@ def pretrain(
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")
     return summary
-
-
-def _run_name(preset: str, data_fingerprint: str, overrides: dict[str, Any] | None) -> str:
-    """``pretrain-cpu-1a2b3c4d train.learning_rate=0.01``: runs that differ read differently in the
-    MLflow UI's run lists and comparisons."""
-    settings = " ".join(f"{key}={value}" for key, value in sorted((overrides or {}).items()))
-    return f"pretrain-{preset}-{data_fingerprint[:8]}" + (f" {settings}" if settings else "")

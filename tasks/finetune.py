@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -128,11 +127,12 @@ def prepare_data(
     prepared = outcome.result
     run.record_stage("prepare", outcome.status)
     skips = prepared.skip_report()
-    run.log_metrics({
-        **{f"data/{split}_examples": count for split, count in prepared.examples.items()},
-        **{f"data/{split}_tokens": count for split, count in prepared.tokens.items()},
-        **{f"data/{split}_truncated": count for split, count in prepared.truncated.items()},
-        "data/skipped": skips.total,
+    # Counts, not measurements over time: params, so the run's charts start with its loss curves.
+    run.log_params({
+        **{f"dataset.{split}_examples": count for split, count in prepared.examples.items()},
+        **{f"dataset.{split}_tokens": count for split, count in prepared.tokens.items()},
+        **{f"dataset.{split}_truncated": count for split, count in prepared.truncated.items()},
+        "dataset.skipped": skips.total,
     })
     run.set_tags({"gptflow.data_fingerprint": prepared.fingerprint})
     run.log_artifact(Path(prepared.directory) / PREPARED_FILE, "data")
@@ -271,8 +271,8 @@ def finetune_model(
         run.log_metrics({"finetune/val_loss": tuned.initial_val_loss}, step=0)
         run.log_metrics({"finetune/val_loss": tuned.final_val_loss, "finetune/train_loss": tuned.final_train_loss},
                         step=tuned.steps)
-    run.log_metrics({"finetune/trainable_parameters": tuned.trainable_parameters,
-                     "finetune/total_parameters": tuned.total_parameters})
+    run.log_params({"model.trainable_parameters": tuned.trainable_parameters,
+                    "model.total_parameters": tuned.total_parameters})
     run.log_artifact(Path(tuned.report_dir), "plots")
     return tuned
 
@@ -285,12 +285,11 @@ def _log_model(run: PipelineRun, objective: str, model_dir: Path, classifier_dir
         # The answers' default sampling: the finetune flow's defaults, not this run's (which would
         # make the cached model depend on settings its key leaves out).
         sampling = build_config(FinetuneSettings).sampling
-        signature = infer_signature(["Write a function that adds two numbers."], ["def add(a, b):"],
-                                    params=dataclasses.asdict(sampling))
+        example = (["Write a function that adds two numbers."], ["def add(a, b):"], dataclasses.asdict(sampling))
     else:
         artifacts["classifier"] = classifier_dir
-        signature = infer_signature(["def parse(self, text):"], ["email"])
-    return run.log_pyfunc_model(MLFLOW_MODEL_MODULES[objective], artifacts, signature, REGISTERED_MODELS[objective])
+        example = (["def parse(self, text):"], ["email"], None)
+    return run.log_pyfunc_model(MLFLOW_MODEL_MODULES[objective], artifacts, *example, REGISTERED_MODELS[objective])
 
 
 @contextlib.contextmanager

@@ -40,10 +40,11 @@ def ingest(
                         sources=sources, config=config, store_dir=str(workspace.store))
     manifest = outcome.result
     record_unit_reuse(run, "ingest", "ingested", outcome)
-    run.log_metrics({
-        "data/documents": manifest.total_documents,
-        "data/source_files": len(manifest.units),
-        "data/skipped": manifest.skips.total,
+    # Counts, not measurements over time: params, so the run's charts start with its loss curves.
+    run.log_params({
+        "dataset.documents": manifest.total_documents,
+        "dataset.source_files": len(manifest.units),
+        "dataset.skipped": manifest.skips.total,
     })
     run.log_artifact(Path(manifest.path), "data")
     if manifest.skips.total:

@@ -17,6 +17,11 @@ from mlflow.pyfunc import PythonModel
 
 class GptflowChatModel(PythonModel):
     """Prompts in, the model's answers out (prompt not repeated); ``params`` set the sampling."""
+    # predict's input has no type hint on purpose: MLflow would build the signature from it and drop
+    # the logged one (and its sampling params). This opts out of MLflow's type-hint validation, and of
+    # the warning it prints about an unhinted predict wherever the model loads.
+    _skip_type_hint_validation = True
+
 
     def load_context(self, context: Any) -> None:
         from gptflow.data.chat import ChatTemplate
@@ -27,8 +32,6 @@ class GptflowChatModel(PythonModel):
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
         self.template = ChatTemplate.load(Path(context.artifacts["chat_template"]))
 
-    # model_input has no type hint on purpose: MLflow would replace the logged signature (and its
-    # sampling params) with one built from the hint.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
         from gptflow.data.chat import Message
         from gptflow.model.config import SamplingConfig

@@ -17,6 +17,11 @@ from mlflow.pyfunc import PythonModel
 
 
 class GptflowClassifier(PythonModel):
+    # predict's input has no type hint on purpose: MLflow would build the signature from it and drop
+    # the logged one (and its sampling params). This opts out of MLflow's type-hint validation, and of
+    # the warning it prints about an unhinted predict wherever the model loads.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         from gptflow.data.tokenizer import EOT_TOKEN, PAD_TOKEN, load_tokenizer
         from gptflow.model.classifier import load_classifier
@@ -28,7 +33,6 @@ class GptflowClassifier(PythonModel):
         self.start_id = self.tokenizer.token_to_id(EOT_TOKEN)
         self.pad_id = self.tokenizer.token_to_id(PAD_TOKEN)
 
-    # No type hint on model_input: MLflow would replace the logged signature with one built from it.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
         import torch
 

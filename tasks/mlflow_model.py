@@ -17,6 +17,11 @@ from mlflow.pyfunc import PythonModel
 
 class GptflowTextGenerator(PythonModel):
     """Prompts in, prompt + continuation out; ``params`` set the sampling."""
+    # predict's input has no type hint on purpose: MLflow would build the signature from it and drop
+    # the logged one (and its sampling params). This opts out of MLflow's type-hint validation, and of
+    # the warning it prints about an unhinted predict wherever the model loads.
+    _skip_type_hint_validation = True
+
 
     def load_context(self, context: Any) -> None:
         from gptflow.data.tokenizer import load_tokenizer
@@ -25,8 +30,6 @@ class GptflowTextGenerator(PythonModel):
         self.model = load_model(Path(context.artifacts["model"]))
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
 
-    # model_input has no type hint on purpose (MLflow warns about that): MLflow would build the
-    # input schema from it and drop the logged signature, whose params let callers set sampling.
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ANN001
         from gptflow.model.config import SamplingConfig
         from gptflow.model.generate import generate_texts, input_texts

@@ -22,6 +22,7 @@ from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
 from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE
+from gptflow.tasks.tracking import MODEL_NAME
 from gptflow.tasks.workspace import Workspace
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -185,13 +186,18 @@ def _model_uri_of_run(run_id: str, workspace: Workspace) -> str:
         raise ModelSourceError(f"No MLflow run {run_id} in {workspace.tracking_uri}.") from None
     # A run whose training was cached logged no model; the run that trained it did.
     trained_in = run.data.tags.get("gptflow.trained_in_run", run_id)
-    return f"runs:/{trained_in}/model"
+    return f"runs:/{trained_in}/{MODEL_NAME}"
 
 
-def _registered_source(uri: str, workspace: Workspace) -> str:
-    """The artifact location of ``models:/name/version`` or ``models:/name@alias``, looked up in the
-    workspace's registry (MLflow's own resolution would use the process-wide registry URI)."""
+def _artifact_location(uri: str, workspace: Workspace) -> str:
+    """Where the files of a ``models:/`` or ``runs:/`` URI lie, looked up in the workspace's tracking
+    store and registry (MLflow's own resolution would use the process-wide URIs)."""
     client = MlflowClient(workspace.tracking_uri, registry_uri=workspace.tracking_uri)
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        # The run's logged model (MLflow 3); a run logged before gptflow used them holds it as artifacts.
+        outputs = client.get_run(run_id).outputs.model_outputs if path == MODEL_NAME else []
+        return client.get_logged_model(outputs[0].model_id).artifact_location if outputs else uri
     name, _, version = uri.removeprefix("models:/").partition("/")
     if version:
         return client.get_model_version(name, version).source
@@ -208,7 +214,7 @@ def _download(uri: str, workspace: Workspace) -> Path:
         return _model_root(target)
     shutil.rmtree(target, ignore_errors=True)
     try:
-        source = _registered_source(uri, workspace) if uri.startswith("models:/") else uri
+        source = _artifact_location(uri, workspace)
         with atomic_directory(target) as tmp:
             mlflow.artifacts.download_artifacts(source, dst_path=str(tmp), tracking_uri=workspace.tracking_uri)
     except MlflowException as error:

@@ -41,9 +41,6 @@ def tokenize(
                         corpus=corpus, tokenizer=tokenizer, config=config, store_dir=str(workspace.store))
     tokens = outcome.result
     record_unit_reuse(run, "tokenize", "tokenized", outcome)
-    run.log_metrics({
-        "data/train_tokens": tokens.total_tokens("train"),
-        "data/val_tokens": tokens.total_tokens("val"),
-    })
+    run.log_params({"dataset.train_tokens": tokens.total_tokens("train"), "dataset.val_tokens": tokens.total_tokens("val")})
     run.log_artifact(Path(tokens.path), "data")
     return tokens

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -19,9 +20,10 @@ from typing import Any
 
 import mlflow.pyfunc
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature, infer_signature
+from mlflow.models import infer_signature
+from prefect.runtime import flow_run
 
 from gptflow.data.store import PACKAGE, module_file
 from gptflow.model.config import SamplingConfig
@@ -30,11 +32,19 @@ from gptflow.tasks.workspace import Workspace
 
 GENERATOR_MODULE = "gptflow.tasks.mlflow_model"
 """The MLflow model from code of every pretrained model (run from its file, never imported here)."""
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+MODEL_NAME = "model"
+"""The name of every run's logged model: ``runs:/<run id>/model`` resolves to it."""
 PURE_LAYERS = ("data", "model")
 """The packages an MLflow model carries: its code imports only these."""
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "gptflow"
 STAGE_TAG_PREFIX = "gptflow.stage."
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Tells MLflow 3's UI that the experiment holds trained models: it opens on the runs, not on the
+GenAI traces page."""
+ML_VIEW = "workflowType=machine_learning"
+"""The query that opens an MLflow 3 UI page in its machine-learning view, for links gptflow prints."""
 # MLflow's log_batch limits: 100 params/tags and 1000 metrics per call.
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
@@ -89,18 +99,42 @@ class PipelineRun:
         """Log a trained model as an MLflow pyfunc model at artifact path ``model`` and register
         it as a new version of ``registered_name``; returns the version."""
         return self.log_pyfunc_model(
-            GENERATOR_MODULE,
-            artifacts={"model": model_dir, "tokenizer": tokenizer_file},
-            signature=infer_signature(["def parse("], ["def parse(text):"], params=dataclasses.asdict(SamplingConfig())),
-            registered_name=registered_name,
+            GENERATOR_MODULE, {"model": model_dir, "tokenizer": tokenizer_file}, ["def parse("], ["def parse(text):"],
+            dataclasses.asdict(SamplingConfig()), registered_name,
         )
 
     def log_pyfunc_model(
-        self, code_module: str, artifacts: dict[str, Path], signature: ModelSignature, registered_name: str
+        self, code_module: str, artifacts: dict[str, Path], example_input: list[str], example_output: list[str],
+        params: dict[str, Any] | None, registered_name: str,
     ) -> str:
         """Log the module ``code_module`` (an MLflow model from code) with ``artifacts`` and gptflow's
-        pure packages as the pyfunc model at artifact path ``model``, and register it as a new
-        version of ``registered_name``; returns the version."""
+        pure packages as an MLflow logged model named ``model``, an output of this run (MLflow's
+        Models tab and the run's Models column show it; ``runs:/<run id>/model`` finds it), and
+        register it as a new version of ``registered_name``; returns the version. Its signature
+        and input example come from ``example_input`` → ``example_output``, with ``params`` (the
+        sampling settings) and their defaults."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        logged = self.client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=self.run_id,
+                                                 model_type="gptflow")
+        try:
+            self._save_pyfunc_model(logged.model_id, code_module, artifacts, example_input, example_output, params)
+        except BaseException:
+            self.client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        with contextlib.suppress(MlflowException):  # it exists after the first version
+            self.client.create_registered_model(registered_name)
+        # The artifact location, not models:/<id>: MLflow resolves that through the process-wide
+        # tracking URI, which need not be this workspace's.
+        version = self.client.create_model_version(registered_name, logged.artifact_location, run_id=self.run_id,
+                                                   model_id=logged.model_id)
+        return version.version
+
+    def _save_pyfunc_model(
+        self, model_id: str, code_module: str, artifacts: dict[str, Path], example_input: list[str],
+        example_output: list[str], params: dict[str, Any] | None,
+    ) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             # Copies of the pure packages, without bytecode caches, travel inside the model as
             # code/gptflow/{data,model}: MLflow puts code/ on sys.path when the model loads.
@@ -114,25 +148,22 @@ class PipelineRun:
                 python_model=str(module_file(code_module)),
                 artifacts={name: str(path) for name, path in artifacts.items()},
                 code_paths=[str(package)],
-                signature=signature,
+                signature=infer_signature(example_input, example_output, params=params),
+                input_example=(example_input, params) if params else example_input,
                 pip_requirements=[f"{name}=={metadata.version(name)}"
                                   for name in ("torch", "tokenizers", "safetensors", "pyarrow", "numpy", "mlflow")],
             )
-            self.client.log_artifacts(self.run_id, str(saved), "model")
-        with contextlib.suppress(MlflowException):  # it exists after the first version
-            self.client.create_registered_model(registered_name)
-        artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
-        version = self.client.create_model_version(registered_name, f"{artifact_uri}/model", run_id=self.run_id)
-        return version.version
+            self.client.log_model_artifacts(model_id, str(saved))
 
     @property
     def url(self) -> str | None:
-        """Link to the run in a tracking server's UI; None for a local SQLite store."""
+        """Link to the run in a tracking server's UI, in its machine-learning view; None for a
+        local SQLite store."""
         uri = self.client.tracking_uri
         if not uri.startswith("http"):
             return None
         run = self.client.get_run(self.run_id)
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}?{ML_VIEW}"
 
 
 class BufferedMetrics:
@@ -158,14 +189,52 @@ class BufferedMetrics:
         self.last_flush = time.monotonic()
 
 
+def run_name(flow: str, overrides: dict[str, Any] | None, *context: str | None) -> str:
+    """``learning_rate=0.01 · pretrain cpu stdlib``: what was set differently first (tables and chart
+    legends cut names at the end), then the flow and what it ran on. Each flow names its Prefect
+    flow runs with it, and ``pipeline_run`` gives the MLflow run the same name."""
+    changed = " ".join(f"{key.rpartition('.')[2]}={value}" for key, value in sorted((overrides or {}).items()))
+    described = " ".join([flow, *(part for part in context if part)])
+    return f"{changed} · {described}" if changed else described
+
+
+def source_label(source: str | None) -> str | None:
+    """A short name for a corpus path, model URI, run id or model directory, for run names."""
+    if source is None:
+        return None
+    if source.startswith(("models:/", "runs:/")):
+        return source.split(":/", 1)[1]
+    if RUN_ID.fullmatch(source):
+        return source[:8]
+    path = Path(source.rstrip("/"))
+    return "/".join(path.parts[-2:]) if path.name in ("final", "model") else (path.name or source)
+
+
+def flow_run_tags() -> dict[str, str]:
+    """The Prefect flow run's id, and its UI address when a Prefect UI serves it (a run on
+    Prefect's temporary local server has none worth keeping); none outside a flow run."""
+    if flow_run.id is None:
+        return {}
+    tags = {"prefect.flow_run_id": str(flow_run.id)}
+    if str(flow_run.ui_url).startswith("http"):
+        tags["prefect.flow_run_url"] = flow_run.ui_url
+    return tags
+
+
 @contextlib.contextmanager
-def pipeline_run(workspace: Workspace, run_name: str, tags: dict[str, Any]) -> Iterator[PipelineRun]:
-    """Open the flow run's MLflow run; it ends FINISHED, or FAILED if the block raises."""
+def pipeline_run(workspace: Workspace, tags: dict[str, Any], name: str | None = None) -> Iterator[PipelineRun]:
+    """Open the flow run's MLflow run, named ``name`` or else as the Prefect flow run is, and
+    described by a link to that flow run when a Prefect UI serves it; it ends FINISHED, or FAILED
+    if the block raises."""
+    run_name = name or flow_run.name
     # The first client of a SQLite store creates its tables; two runs starting at once must not
     # both migrate it.
     with workspace.lock("mlflow-store"):
         client = MlflowClient(workspace.tracking_uri)
         experiment_id = _experiment_id(client, workspace)
+    tags = {**flow_run_tags(), **tags}
+    if "prefect.flow_run_url" in tags:
+        tags["mlflow.note.content"] = f"Prefect flow run: [{run_name}]({tags['prefect.flow_run_url']})"
     created = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     run = PipelineRun(client, created.info.run_id)
     try:
@@ -180,12 +249,15 @@ def _experiment_id(client: MlflowClient, workspace: Workspace) -> str:
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:  # an experiment made before gptflow set it
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     # With the workspace's own SQLite store, keep artifacts in the workspace too (MLflow's
     # default would be ./mlruns under whatever directory the command ran from).
     location = workspace.mlflow_artifacts.as_uri() if workspace.uses_local_tracking else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:
         # A concurrent run created it first.
         return client.get_experiment_by_name(name).experiment_id

@@ -54,6 +54,27 @@ def gptflow_copy(tmp_path) -> Path:
 
 
 @pytest.fixture
+def artifact_paths() -> Callable[..., set[str]]:
+    """Every artifact path of an MLflow run, with its logged model's files as ``model/<path>``."""
+    from mlflow import MlflowClient
+
+    def listed(list_artifacts: Callable, path: str | None = None) -> set[str]:
+        found = set()
+        for entry in list_artifacts(path):
+            found |= listed(list_artifacts, entry.path) if entry.is_dir else {entry.path}
+        return found
+
+    def paths(client: MlflowClient, run_id: str) -> set[str]:
+        found = listed(lambda path: client.list_artifacts(run_id, path))
+        for output in client.get_run(run_id).outputs.model_outputs:
+            model_files = listed(lambda path: client.list_logged_model_artifacts(output.model_id, path))
+            found |= {f"{client.get_logged_model(output.model_id).name}/{path}" for path in model_files}
+        return found
+
+    return paths
+
+
+@pytest.fixture
 def write_shard() -> Callable[[Path, np.ndarray, int], Path]:
     """Writes tokens as the tokenize stage does: an Arrow IPC file of ``tokens`` record batches."""
 

@@ -95,7 +95,9 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
     assert mlflow_run.data.metrics["eval/val_loss"] > 0
     assert len(client.get_metric_history(mlflow_run.info.run_id, "train/loss")) == 6
     top_level = {artifact.path for artifact in client.list_artifacts(mlflow_run.info.run_id)}
-    assert {"data", "eval", "model", "plots", "tokenizer"} <= top_level
+    assert {"data", "eval", "plots", "tokenizer"} <= top_level
+    [output] = mlflow_run.outputs.model_outputs  # the model: a logged model of the run, in MLflow's Models tab
+    assert client.get_logged_model(output.model_id).name == "model"
 
     [version] = client.search_model_versions("name='gptflow-tiny'")
     assert version.run_id == mlflow_run.info.run_id

@@ -55,11 +55,6 @@ def _load_registered(workspace: Path, uri: str):
         return mlflow.pyfunc.load_model(uri)
 
 
-def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for entry in client.list_artifacts(run_id, path):
-        found |= _artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
-    return found
 
 
 def _instructions(path: Path) -> Path:
@@ -69,7 +64,7 @@ def _instructions(path: Path) -> Path:
     return path
 
 
-def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, client, tmp_path, capsys):
+def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, client, tmp_path, capsys, artifact_paths):
     data = _instructions(tmp_path / "instructions.jsonl")
     first = finetune(objective="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
     second = finetune(objective="sft", model=BASE, data=str(data), overrides=QUICK, workspace=str(workspace))
@@ -99,12 +94,12 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
     assert [metric.step for metric in val_losses] == [0, 3, 6]
     assert [metric.step for metric in client.get_metric_history(first.mlflow_run_id, "finetune/train_loss")] == [2, 4, 6]
     assert second_run.data.metrics["finetune/val_loss"] == pytest.approx(first.final_val_loss)
-    artifacts = _artifact_paths(client, first.mlflow_run_id)
+    artifacts = artifact_paths(client, first.mlflow_run_id)
     for expected in ("model/MLmodel", "model/artifacts/final/model.safetensors", "model/artifacts/tokenizer.json",
                      "model/artifacts/chat_template.json", "eval/report.json", "eval/samples.md",
                      "plots/loss_curve.png", "data/prepared.json"):
         assert expected in artifacts
-    assert "model/MLmodel" not in _artifact_paths(client, second.mlflow_run_id)
+    assert "model/MLmodel" not in artifact_paths(client, second.mlflow_run_id)
 
     chat = _load_registered(workspace, "models:/gptflow-finetune-sft/1")
     sampling = {"max_new_tokens": 4, "temperature": 0.7, "top_k": 20, "seed": 3}
@@ -118,7 +113,7 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
     assert capsys.readouterr().out == answers[0] + "\n"
 
 
-def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspace, client):
+def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspace, client, artifact_paths):
     summary = finetune(objective="classification", model=BASE, overrides=QUICK, workspace=str(workspace))
 
     assert summary.stages["demo-data"] == "executed" and summary.stages["finetune"] == "executed"
@@ -129,7 +124,7 @@ def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspac
     assert set(metrics) >= {f"eval/f1/{package}" for package in CLASSIFICATION_PACKAGES}
     run = client.get_run(summary.mlflow_run_id)
     assert run.data.metrics["eval/accuracy"] == metrics["eval/accuracy"]
-    artifacts = _artifact_paths(client, summary.mlflow_run_id)
+    artifacts = artifact_paths(client, summary.mlflow_run_id)
     assert {"eval/confusion_matrix.png", "eval/predictions.jsonl", "eval/report.json",
             "model/artifacts/classifier/head.safetensors"} <= artifacts
     report = json.loads(Path(client.download_artifacts(summary.mlflow_run_id, "eval/report.json")).read_text())
@@ -141,7 +136,8 @@ def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspac
     assert len(labels) == 2 and set(labels) <= set(CLASSIFICATION_PACKAGES)
 
 
-def test_the_evaluate_flow_scores_a_registered_classifier_on_a_labelled_file(workspace, client, tmp_path, capsys):
+def test_the_evaluate_flow_scores_a_registered_classifier_on_a_labelled_file(workspace, client, tmp_path, capsys,
+                                                                            artifact_paths):
     tuned = finetune(objective="classification", model=BASE, overrides=QUICK, workspace=str(workspace))  # cached
     uri = "models:/" + tuned.registered_model
     packages = sorted(CLASSIFICATION_PACKAGES)
@@ -167,7 +163,7 @@ def test_the_evaluate_flow_scores_a_registered_classifier_on_a_labelled_file(wor
     assert sum(map(sum, confusion)) == 12
     assert [sum(row) for row in confusion] == [sum(label == package for _, label in rows) for package in packages]
     assert metrics["eval/majority_accuracy"] == pytest.approx(max(sum(row) for row in confusion) / 12)
-    artifacts = _artifact_paths(client, first.mlflow_run_id)
+    artifacts = artifact_paths(client, first.mlflow_run_id)
     assert {"eval/classification/confusion_matrix.png", "eval/classification/predictions.jsonl",
             "eval/report.json"} <= artifacts
     report = json.loads(Path(client.download_artifacts(first.mlflow_run_id, "eval/report.json")).read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate")
@@ -35,7 +36,7 @@ def _runs_oldest_first(workspace: Path) -> tuple[MlflowClient, list]:
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tiny_corpus_dir):
+def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tiny_corpus_dir, artifact_paths):
     args = ("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny")
     first = _gptflow(*args, env=cli_env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -65,10 +66,11 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
         metrics = run.data.metrics
         assert metrics["eval/val_loss"] > 0 and metrics["eval/bits_per_byte"] > 0
         assert metrics["eval/perplexity"] == pytest.approx(2.718281828 ** metrics["eval/val_loss"], rel=1e-6)
-        assert metrics["data/train_tokens"] > 0 and metrics["data/documents"] > 0
+        assert int(run.data.params["dataset.train_tokens"]) > 0 and int(run.data.params["dataset.documents"]) > 0
+        assert not [name for name in metrics if name.startswith("data/")]  # counts are params, not charts
     assert first_run.data.metrics["eval/val_loss"] == second_run.data.metrics["eval/val_loss"]
 
-    first_artifacts = _artifact_paths(client, first_run.info.run_id)
+    first_artifacts = artifact_paths(client, first_run.info.run_id)
     for expected in ("tokenizer/tokenizer.json", "model/MLmodel", "model/artifacts/final/model.safetensors",
                      "model/artifacts/final/config.json", "model/artifacts/tokenizer.json",
                      "eval/report.json", "eval/samples.md", "plots/loss_curve.png"):
@@ -76,11 +78,22 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     assert any(path.startswith("data/corpus-") for path in first_artifacts)
     assert any(path.startswith("data/tokens-") for path in first_artifacts)
     # The cached run carries the small artifacts again but points to the first run for the weights.
-    second_artifacts = _artifact_paths(client, second_run.info.run_id)
+    second_artifacts = artifact_paths(client, second_run.info.run_id)
     assert "eval/report.json" in second_artifacts and "model/MLmodel" not in second_artifacts
     assert first_run.data.tags["gptflow.registered_model"] == second_run.data.tags["gptflow.registered_model"]
     assert first_run.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"
     assert (workspace / "mlartifacts").is_dir()
+
+    # What the UIs show: runs named alike in MLflow and Prefect, the experiment opening on its runs,
+    # the model a logged model of the run that trained it.
+    assert first_run.info.run_name == f"pretrain tiny {tiny_corpus_dir.name}"
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(first_run.data.tags["prefect.flow_run_id"]).name == first_run.info.run_name
+    experiment = client.get_experiment(first_run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    [output] = first_run.outputs.model_outputs
+    assert client.get_logged_model(output.model_id).source_run_id == first_run.info.run_id
+    assert not second_run.outputs.model_outputs
 
 
 def test_editing_code_that_only_evaluation_reaches_reruns_evaluation_alone(cli_env, tiny_corpus_dir, gptflow_copy):
@@ -108,11 +121,6 @@ def test_missing_corpus_path_is_one_clear_line(cli_env, tmp_path):
     assert not (Path(cli_env["GPTFLOW_HOME"]) / "store").exists()
 
 
-def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for entry in client.list_artifacts(run_id, path):
-        found |= _artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
-    return found
 
 
 def test_nproc_trains_data_parallel_through_torchrun(cli_env, tiny_corpus_dir):

@@ -19,7 +19,7 @@ def workspace(tmp_path, monkeypatch) -> Workspace:
 def test_run_logs_params_tags_stage_status_and_artifacts_into_the_workspace(workspace, tmp_path):
     report = tmp_path / "report.json"
     report.write_text("{}")
-    with pipeline_run(workspace, "pretrain-test", tags={"gptflow.flow": "pretrain"}) as run:
+    with pipeline_run(workspace, tags={"gptflow.flow": "pretrain"}, name="pretrain-test") as run:
         run.log_params({f"section.field_{i}": i for i in range(150)})  # more than one batch
         run.record_stage("ingest", "cached")
         run.log_metrics({"eval/val_loss": 2.5}, step=7)
@@ -34,13 +34,13 @@ def test_run_logs_params_tags_stage_status_and_artifacts_into_the_workspace(work
 
 
 def test_run_is_marked_failed_when_the_flow_raises(workspace):
-    with pytest.raises(RuntimeError), pipeline_run(workspace, "doomed", tags={}) as run:
+    with pytest.raises(RuntimeError), pipeline_run(workspace, tags={}, name="doomed") as run:
         raise RuntimeError("stage exploded")
     assert MlflowClient(workspace.tracking_uri).get_run(run.run_id).info.status == "FAILED"
 
 
 def test_buffered_metrics_send_every_step_in_few_batches(workspace):
-    with pipeline_run(workspace, "metrics", tags={}) as run:
+    with pipeline_run(workspace, tags={}, name="metrics") as run:
         buffered = BufferedMetrics(run, flush_every_s=3600)
         for step in range(1, 601):
             buffered.add(step, {"train/loss": 10.0 / step, "train/lr": 1e-3})
