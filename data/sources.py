@@ -1,15 +1,17 @@
 """Corpus sources: what the user named (files, folders, globs, the built-in corpus, hub datasets)
 resolved into the sorted, de-duplicated list of files to ingest.
 
-A file the user named explicitly must be readable, or resolution fails with a ``CorpusError``;
-files merely found inside a folder or by a glob that gptflow cannot read (unknown extension,
-hidden) are skipped and counted, since folders of real data always hold some of those.
+A file or folder the user named explicitly must be readable, or resolution fails with a
+``CorpusError``; files merely found inside a folder or by a glob that gptflow cannot read (unknown
+extension, hidden, no read permission, a pipe or device, a broken symlink) are skipped and counted,
+since folders of real data always hold some of those. Symlinked files and folders are followed.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import stat
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +36,10 @@ HUB_FORMAT = "hub"
 
 SKIP_UNSUPPORTED = "unsupported file type"
 SKIP_HIDDEN = "hidden file or folder"
+SKIP_PERMISSION_DENIED = "unreadable file (permission denied)"
+SKIP_UNLISTABLE_FOLDER = "unlistable folder (permission denied)"
+SKIP_NOT_REGULAR = "not a regular file (pipe, socket or device)"
+SKIP_BROKEN_SYMLINK = "broken or looping symlink"
 
 _STDLIB_TEST_FOLDERS = {"test", "tests", "idle_test"}
 _STDLIB_EXCLUDED_FOLDERS = _STDLIB_TEST_FOLDERS | {"site-packages", "__pycache__"}
@@ -114,59 +120,114 @@ def _resolve_spec(spec: str, skipped: SkipReport) -> Iterator[SourceFile]:
         yield from _resolve_glob(spec, skipped)
     else:
         path = Path(spec).expanduser()
-        if not path.exists():
+        if not os.path.lexists(path):
             raise CorpusError(
                 f"Corpus path '{spec}' does not exist (resolved to {path.absolute()}). "
                 f"Check the path, or omit --corpus to use the built-in corpus."
             )
-        if path.is_dir():
-            yield from _walk_folder(path.resolve(), skipped)
+        if os.path.isdir(path):
+            yield from _walk_folder(path.resolve(), spec, skipped)
         else:
-            yield _explicit_file(path.resolve(), spec)
+            yield _explicit_file(path, spec)
 
 
 def _explicit_file(path: Path, spec: str) -> SourceFile:
+    usable = _usable_source(path)
+    if isinstance(usable, SourceFile):
+        return usable
+    problems = {
+        SKIP_UNSUPPORTED: f"has an unsupported type. Supported extensions: {_supported_extensions()}. "
+                          f"Rename or convert the file",
+        SKIP_PERMISSION_DENIED: "cannot be read (permission denied). Run `chmod +r` on it",
+        SKIP_NOT_REGULAR: "is a pipe, socket or device, which ingest cannot read twice (to hash it, then "
+                          "for its documents). Save its contents to a file and name that",
+        SKIP_BROKEN_SYMLINK: "is a symlink whose target is missing or that links back to itself. Fix the link",
+    }
+    raise CorpusError(f"Corpus file '{spec}' {problems[usable]}, or leave it out of --corpus.")
+
+
+def _candidate(path: Path, skipped: SkipReport, real_path: Path | None = None) -> SourceFile | None:
+    usable = _usable_source(path, real_path)
+    if isinstance(usable, SourceFile):
+        return usable
+    skipped.add(usable, str(path))
+    return None
+
+
+def _usable_source(path: Path, real_path: Path | None = None) -> SourceFile | str:
+    """``path`` as a file to ingest, or the ``SKIP_*`` reason it cannot be one. Links are followed:
+    the format comes from the name as found (a link named ``a.jsonl`` may point at a hash-named blob,
+    as in the Hugging Face cache), the path is the target's (``real_path`` when the caller knows it),
+    so a file found twice is listed once."""
+    try:
+        mode = path.stat().st_mode
+    except PermissionError:
+        return SKIP_PERMISSION_DENIED
+    except OSError:  # ENOENT or ELOOP for a path that was listed: only a symlink can be dangling
+        return SKIP_BROKEN_SYMLINK
+    if not stat.S_ISREG(mode):
+        return SKIP_NOT_REGULAR
     detected = detect_format(path)
     if detected is None:
+        return SKIP_UNSUPPORTED
+    # Opening is the only true test of readability (ACLs, root, network mounts); ingest opens it anyway.
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        return SKIP_PERMISSION_DENIED
+    return SourceFile(real_path or path.resolve(), *detected)
+
+
+def _walk_folder(root: Path, spec: str, skipped: SkipReport) -> Iterator[SourceFile]:
+    """The files under ``root`` (a real path), following symlinked folders; each real folder is
+    listed once, so a link back to a folder above ends instead of looping."""
+    try:
+        pending = [(root, root, _sorted_entries(root))]
+    except PermissionError as error:
         raise CorpusError(
-            f"Corpus file '{spec}' has an unsupported type. Supported extensions: {_supported_extensions()}. "
-            f"Rename or convert the file, or leave it out of --corpus."
-        )
-    return SourceFile(path, *detected)
-
-
-def _candidate(path: Path, skipped: SkipReport) -> SourceFile | None:
-    detected = detect_format(path)
-    if detected is None:
-        skipped.add(SKIP_UNSUPPORTED, str(path))
-        return None
-    return SourceFile(path, *detected)
-
-
-def _walk_folder(root: Path, skipped: SkipReport) -> Iterator[SourceFile]:
-    for folder, subfolders, names in os.walk(root):
-        for hidden in [name for name in subfolders if name.startswith(".")]:
-            skipped.add(SKIP_HIDDEN, os.path.join(folder, hidden))
-            subfolders.remove(hidden)
-        for name in names:
-            path = Path(folder) / name
-            if name.startswith("."):
+            f"Corpus folder '{spec}' cannot be listed (permission denied). "
+            f"Run `chmod +rx` on it, or leave it out of --corpus."
+        ) from error
+    visited = {root}
+    while pending:
+        folder, real_folder, entries = pending.pop()
+        for entry in entries:
+            path = folder / entry.name
+            # Below a real folder only a link needs resolving, which costs a system call per folder level.
+            known_real_path = None if entry.is_symlink() else real_folder / entry.name
+            if entry.name.startswith("."):
                 skipped.add(SKIP_HIDDEN, str(path))
-            elif (source := _candidate(path, skipped)) is not None:
+            elif entry.is_dir() if known_real_path else os.path.isdir(path):  # is_dir raises on a looping link
+                real_path = known_real_path or path.resolve()
+                if real_path in visited:
+                    continue
+                visited.add(real_path)
+                try:
+                    pending.append((path, real_path, _sorted_entries(real_path)))
+                except PermissionError:
+                    skipped.add(SKIP_UNLISTABLE_FOLDER, str(path))
+            elif (source := _candidate(path, skipped, known_real_path)) is not None:
                 yield source
+
+
+def _sorted_entries(folder: Path) -> list[os.DirEntry[str]]:
+    # Listing order varies by filesystem; which skipped files are shown as examples should not.
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda entry: entry.name)
 
 
 def _resolve_glob(pattern: str, skipped: SkipReport) -> Iterator[SourceFile]:
     # glob leaves hidden files out unless the pattern names them, like a shell does.
-    matches = [Path(match) for match in glob.glob(os.path.expanduser(pattern), recursive=True)]
-    files = [match for match in matches if match.is_file()]
+    matches = [Path(match).absolute() for match in glob.glob(os.path.expanduser(pattern), recursive=True)]
+    files = [match for match in matches if not os.path.isdir(match)]
     if not files:
         raise CorpusError(
             f"Corpus pattern '{pattern}' matches no files (searched from {Path.cwd()}). "
             f"Check the pattern; quote it so the shell does not expand it first."
         )
     for path in files:
-        if (source := _candidate(path.resolve(), skipped)) is not None:
+        if (source := _candidate(path, skipped)) is not None:
             yield source
 
 

@@ -8,12 +8,19 @@ import pytest
 from gptflow.data.errors import CorpusError
 from gptflow.data.sources import (
     BUILTIN_CORPUS,
+    SKIP_BROKEN_SYMLINK,
     SKIP_HIDDEN,
+    SKIP_NOT_REGULAR,
+    SKIP_PERMISSION_DENIED,
+    SKIP_UNLISTABLE_FOLDER,
     SKIP_UNSUPPORTED,
     builtin_corpus_root,
     detect_format,
     resolve_sources,
 )
+
+needs_permissions = pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+folder_or_glob = pytest.mark.parametrize("as_spec", [str, lambda folder: str(folder / "*")], ids=["folder", "glob"])
 
 
 @pytest.fixture
@@ -132,3 +139,109 @@ def test_fingerprint_inputs_change_when_a_file_changes(write_corpus):
     (folder / "b.txt").write_text("two, edited")
     after = resolve_sources([str(folder)]).fingerprint_inputs()
     assert before[0] == after[0] and before[1] != after[1]
+
+
+@needs_permissions
+def test_unreadable_file_inside_a_folder_is_skipped_and_counted(write_corpus):
+    folder = write_corpus({"a.txt": "kept", "locked.txt": "secret"})
+    (folder / "locked.txt").chmod(0)
+    resolution = resolve_sources([str(folder)])
+    assert [source.path.name for source in resolution.files] == ["a.txt"]
+    assert resolution.skipped.examples == {SKIP_PERMISSION_DENIED: [str(folder / "locked.txt")]}
+
+
+@needs_permissions
+def test_unreadable_file_named_explicitly_is_an_error_naming_it_and_the_fix(write_corpus):
+    folder = write_corpus({"locked.txt": "secret"})
+    (folder / "locked.txt").chmod(0)
+    with pytest.raises(CorpusError) as raised:
+        resolve_sources([str(folder / "locked.txt")])
+    message = str(raised.value)
+    assert f"'{folder / 'locked.txt'}' cannot be read (permission denied)" in message
+    assert "chmod +r" in message and "leave it out of --corpus" in message
+
+
+@needs_permissions
+def test_unlistable_subfolder_is_skipped_and_counted(write_corpus):
+    folder = write_corpus({"a.txt": "kept", "private/b.txt": "secret"})
+    (folder / "private").chmod(0)
+    resolution = resolve_sources([str(folder)])
+    assert [source.path.name for source in resolution.files] == ["a.txt"]
+    assert resolution.skipped.examples == {SKIP_UNLISTABLE_FOLDER: [str(folder / "private")]}
+
+
+@needs_permissions
+def test_unlistable_folder_named_explicitly_is_an_error_naming_it_and_the_fix(write_corpus):
+    folder = write_corpus({"private/b.txt": "secret"})
+    (folder / "private").chmod(0)
+    with pytest.raises(CorpusError) as raised:
+        resolve_sources([str(folder / "private")])
+    message = str(raised.value)
+    assert f"'{folder / 'private'}' cannot be listed (permission denied)" in message
+    assert "chmod +rx" in message
+
+
+def test_symlinked_folders_are_followed_each_real_folder_once(write_corpus, tmp_path):
+    folder = write_corpus({"a.txt": "top", "shared/b.txt": "shared"})
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.txt").write_text("linked in")
+    os.symlink(tmp_path / "elsewhere", folder / "linked")
+    os.symlink(folder / "shared", folder / "shared-again")
+    os.symlink(folder, folder / "shared" / "back-to-top")  # a loop
+    resolution = resolve_sources([str(folder)])
+    assert [source.path.relative_to(tmp_path).as_posix() for source in resolution.files] == [
+        "corpus/a.txt", "corpus/shared/b.txt", "elsewhere/c.txt",
+    ]
+    assert resolution.skipped.total == 0
+
+
+@folder_or_glob
+def test_symlinked_file_is_read_at_its_target_once_with_the_format_of_its_name(write_corpus, tmp_path, as_spec):
+    folder = write_corpus({"a.txt": "plain text"})
+    blob = tmp_path / "blobs" / "3f9a1c0d"  # content-addressed, as in the Hugging Face cache
+    blob.parent.mkdir()
+    blob.write_text('{"text": "a record"}\n')
+    os.symlink(folder / "a.txt", folder / "latest.txt")
+    os.symlink(blob, folder / "records.jsonl")
+    files = resolve_sources([as_spec(folder)]).files
+    assert [(source.path, source.format) for source in files] == [(blob, "jsonl"), (folder / "a.txt", "text")]
+
+
+@folder_or_glob
+def test_broken_and_looping_symlinks_are_skipped_and_counted_as_such(write_corpus, as_spec):
+    folder = write_corpus({"a.txt": "kept"})
+    os.symlink(folder / "gone.txt", folder / "dangling.txt")
+    os.symlink(folder / "self.txt", folder / "self.txt")
+    os.symlink(folder / "ping.txt", folder / "pong.txt")
+    os.symlink(folder / "pong.txt", folder / "ping.txt")
+    resolution = resolve_sources([as_spec(folder)])
+    assert [source.path.name for source in resolution.files] == ["a.txt"]
+    assert resolution.skipped.counts == {SKIP_BROKEN_SYMLINK: 4}
+    assert str(folder / "dangling.txt") in resolution.skipped.examples[SKIP_BROKEN_SYMLINK]
+
+
+def test_broken_symlink_named_explicitly_is_an_error_saying_so(tmp_path):
+    os.symlink(tmp_path / "gone.txt", tmp_path / "dangling.txt")
+    with pytest.raises(CorpusError) as raised:
+        resolve_sources([str(tmp_path / "dangling.txt")])
+    message = str(raised.value)
+    assert f"'{tmp_path / 'dangling.txt'}' is a symlink whose target is missing" in message
+    assert "Fix the link" in message
+
+
+@folder_or_glob
+def test_pipe_is_skipped_and_counted_never_opened(write_corpus, as_spec):
+    folder = write_corpus({"a.txt": "kept"})
+    os.mkfifo(folder / "stream.jsonl")  # opening it would wait for a writer forever
+    resolution = resolve_sources([as_spec(folder)])
+    assert [source.path.name for source in resolution.files] == ["a.txt"]
+    assert resolution.skipped.examples == {SKIP_NOT_REGULAR: [str(folder / "stream.jsonl")]}
+
+
+def test_pipe_named_explicitly_is_an_error_naming_it_and_the_fix(tmp_path):
+    os.mkfifo(tmp_path / "stream.jsonl")
+    with pytest.raises(CorpusError) as raised:
+        resolve_sources([str(tmp_path / "stream.jsonl")])
+    message = str(raised.value)
+    assert f"'{tmp_path / 'stream.jsonl'}' is a pipe, socket or device" in message
+    assert "Save its contents to a file" in message
