@@ -42,11 +42,12 @@ def ingest(
     record_unit_reuse(run, "ingest", "ingested", outcome)
     run.log_metrics({
         "data/documents": manifest.total_documents,
+        "data/segments": sum(manifest.totals["segments"].values()),
         "data/source_files": len(manifest.units),
         "data/skipped": manifest.skips.total,
     })
     run.log_artifact(Path(manifest.path), "data")
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
-    require_splits(manifest, required_splits, config.val_fraction)
+    require_splits(manifest, required_splits, config)
     return manifest
