@@ -15,7 +15,10 @@ class IngestConfig:
     text_field: str = "text"
     """Field holding the document text in .jsonl/.json/.parquet/.csv sources."""
     val_fraction: float = 0.05
-    """Share of documents held out for validation, chosen by document hash (stable as data grows)."""
+    """Share of segments held out for validation, chosen by each segment's hash (stable as data grows)."""
+    segment_chars: int = 4096
+    """Documents longer than this are cut into segments of about this size at line ends, so that a
+    corpus of one large file still has a val split."""
     min_chars: int = 1
     """Documents shorter than this (after stripping whitespace) are skipped and counted."""
     shard_bytes: int = 64 * 1024 * 1024
@@ -24,6 +27,7 @@ class IngestConfig:
     def __post_init__(self) -> None:
         require(bool(self.text_field), "data.text_field must be a non-empty field name")
         require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        require(self.segment_chars >= 256, f"data.segment_chars must be >= 256, got {self.segment_chars}")
         require(self.min_chars >= 1, f"data.min_chars must be >= 1, got {self.min_chars}")
         require(self.shard_bytes >= 1024, f"data.shard_bytes must be >= 1024, got {self.shard_bytes}")
 

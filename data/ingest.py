@@ -1,20 +1,22 @@
 """Stage 1, ingest: source files → raw Arrow shards, one cached unit per file, + a corpus manifest.
 
 Each source file becomes a unit directory ``raw/<key>/`` (``docs-*.arrow`` + ``unit.json``) whose
-key covers the file's content hash, the settings that change its documents and this code, not its
-path: a rerun over a grown corpus reuses every unchanged file's unit. Documents are split into
-train/val by their own hash, so adding files never moves an old document between splits.
+key covers the file's content hash, the settings that change its segments and this code, not its
+path: a rerun over a grown corpus reuses every unchanged file's unit. A document longer than
+``segment_chars`` is cut into segments at line ends, and each segment goes to train or val by its
+own hash, so adding files, or text at the end of a file, never moves an old segment between splits.
 
-Exact duplicates are dropped within a file while ingesting, and across files when the manifest
-is built: a document already seen in an earlier unit (by sorted source path) goes on that unit's
-``drop_doc_hashes`` list, which tokenize honours. Units stay independent of each other that way,
-so one new file never invalidates the others.
+Exact duplicate segments are dropped within a file while ingesting, and across files when the
+manifest is built: a segment already seen in an earlier unit (by sorted source path) goes on that
+unit's ``drop_doc_hashes`` list, which tokenize honours. Units stay independent of each other that
+way, so one new file never invalidates the others.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Sequence
+import re
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,14 @@ FILE_HASH_CACHE = "file-hashes.json"
 
 Progress = Callable[[int, int], None]
 
+# Where a segment may end: after a line's last non-space character, when more text follows. The
+# tokenizer's pre-tokenizer always ends a token there (what follows is whitespace) and splits the
+# rest the same way whatever came before, so a document's segments encode to exactly the tokens
+# of the whole, and tokenize can join consecutive segments without re-encoding them. Cutting after
+# the newline instead would not do: "\n\n" or "\n    " is one token of the whole text. Python's
+# \S matches only what the tokenizer too takes for non-space, and the spaces after it are ASCII.
+_SEGMENT_END = re.compile(r"\S(?=[ \t]*\n\s*\S)")
+
 
 @dataclass
 class CorpusUnit:
@@ -41,14 +51,20 @@ class CorpusUnit:
     content_hash: str
     key: str
     directory: str
-    docs: dict[str, int]
-    """Documents per split that tokenize will read: written minus ``drop_doc_hashes``."""
+    documents: int
+    """Documents read from the file, each counted once however many segments it became."""
+    cut_documents: int
+    """Documents longer than ``segment_chars``, cut into several segments."""
+    cut_segments: int
+    """The segments those documents were cut into."""
+    segments: dict[str, int]
+    """Segments per split that tokenize will read: written minus ``drop_doc_hashes``."""
     bytes: dict[str, int]
-    """UTF-8 bytes of those documents, per split."""
+    """UTF-8 bytes of those segments, per split."""
     drop_doc_hashes: list[str]
-    """Documents of this unit that an earlier unit already holds."""
+    """Segments of this unit that an earlier unit already holds."""
     duplicates: int
-    """Exact duplicates dropped: within the file at ingest, plus ``drop_doc_hashes``."""
+    """Exact duplicate segments dropped: within the file at ingest, plus ``drop_doc_hashes``."""
     reused: bool
 
 
@@ -57,18 +73,21 @@ class CorpusManifest:
     units: list[CorpusUnit]
     skips: SkipReport
     fingerprint: str
-    """Hash of every unit's key and drop list: names exactly the documents tokenize will see."""
+    """Hash of every unit's key and drop list: names exactly the segments tokenize will see."""
     path: str = ""
     """Where the manifest was written (``manifests/corpus-<fingerprint>.json``)."""
 
     @property
     def total_documents(self) -> int:
-        return sum(self.totals["docs"].values())
+        return sum(unit.documents for unit in self.units)
 
     @property
     def totals(self) -> dict[str, Any]:
         return {
-            "docs": {split: sum(unit.docs[split] for unit in self.units) for split in SPLITS},
+            "documents": self.total_documents,
+            "cut_documents": sum(unit.cut_documents for unit in self.units),
+            "cut_segments": sum(unit.cut_segments for unit in self.units),
+            "segments": {split: sum(unit.segments[split] for unit in self.units) for split in SPLITS},
             "bytes": {split: sum(unit.bytes[split] for unit in self.units) for split in SPLITS},
             "duplicates": sum(unit.duplicates for unit in self.units),
         }
@@ -92,9 +111,23 @@ class CorpusManifest:
         )
 
 
-def document_split(doc_hash: str, val_fraction: float) -> str:
-    """``val`` for a stable ``val_fraction`` of documents, decided by the document alone."""
+def segment_split(doc_hash: str, val_fraction: float) -> str:
+    """``val`` for a stable ``val_fraction`` of segments, decided by the segment's text alone."""
     return "val" if int(doc_hash[:8], 16) / 2**32 < val_fraction else "train"
+
+
+def cut_into_segments(text: str, segment_chars: int) -> Iterator[str]:
+    """``text`` in pieces of at least ``segment_chars`` (the last may be shorter), each ending at
+    the first line end at or after that size where the text goes on (see ``_SEGMENT_END``).
+
+    Cut greedily from the start, so text appended to a document leaves all its segments but the
+    last unchanged. A text with no line end past ``segment_chars`` stays whole.
+    """
+    start = 0
+    while end := _SEGMENT_END.search(text, start + segment_chars - 1):
+        yield text[start : end.end()]
+        start = end.end()
+    yield text[start:]
 
 
 def ingest_corpus(
@@ -129,8 +162,9 @@ def ingest_corpus(
         skips.merge(SkipReport.from_dict(written["skips"]).relocated(written["source"], str(source.path)))
         units.append(CorpusUnit(
             source=str(source.path), content_hash=content_hash, key=key, directory=str(directory),
-            docs=written["docs"], bytes=written["bytes"], drop_doc_hashes=[], duplicates=written["duplicates"],
-            reused=reused,
+            documents=written["documents"], cut_documents=written["cut_documents"],
+            cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
+            drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
         ))
         done_bytes += _source_bytes(source)
         if progress:
@@ -148,27 +182,29 @@ def ingest_corpus(
             f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}). "
             f"Fix or replace the files listed, or point --corpus at other data."
         )
-    require_splits(manifest, required_splits, config.val_fraction)
+    require_splits(manifest, required_splits, config)
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
     write_json_atomic(Path(manifest.path), manifest.to_dict())
     return manifest
 
 
-def require_splits(manifest: CorpusManifest, splits: Collection[str], val_fraction: float) -> None:
-    """Raise ``CorpusError`` if a split in ``splits`` has no documents: training needs both, and
+def require_splits(manifest: CorpusManifest, splits: Collection[str], config: IngestConfig) -> None:
+    """Raise ``CorpusError`` if a split in ``splits`` has no segments: training needs both, and
     evaluating a split needs that one; better to say so now than after training."""
+    segments = manifest.totals["segments"]
     for split in splits:
-        if manifest.totals["docs"][split] == 0:
+        if segments[split] == 0:
             raise CorpusError(
-                f"The corpus's {split} split is empty (documents: {manifest.total_documents}; each goes to val by "
-                f"its hash, with probability {val_fraction}). Add documents (each text file is one "
-                f"document: split a large text file into several, or use .jsonl with one document per line), "
-                f"or change --set data.val_fraction=<fraction>."
+                f"The corpus's {split} split is empty (documents: {manifest.total_documents}, segments: "
+                f"{sum(segments.values())}; documents longer than data.segment_chars="
+                f"{config.segment_chars} are cut at line ends, and each segment goes to val by its hash with "
+                f"probability {config.val_fraction}). Add text, lower --set data.segment_chars=<chars>, or "
+                f"change --set data.val_fraction=<fraction>."
             )
 
 
 def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code: str) -> str:
-    # shard_bytes only changes how documents are laid out in files, not which: left out, so
+    # shard_bytes only changes how segments are laid out in files, not which: left out, so
     # changing it reuses every unit.
     return hash_json({
         "stage": "ingest",
@@ -178,6 +214,7 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
         "compression": source.compression,
         "text_field": None if source.format == "text" else config.text_field,
         "val_fraction": config.val_fraction,
+        "segment_chars": config.segment_chars,
         "min_chars": config.min_chars,
     })
 
@@ -185,29 +222,44 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
 def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, directory: Path) -> dict[str, Any]:
     skips = SkipReport()
     seen: set[str] = set()
-    duplicates = 0
-    docs = dict.fromkeys(SPLITS, 0)
+    counts = {"documents": 0, "cut_documents": 0, "cut_segments": 0, "duplicates": 0}
+    segments = dict.fromkeys(SPLITS, 0)
     text_bytes = dict.fromkeys(SPLITS, 0)
     with atomic_directory(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
         for text in read_documents(source, config.text_field, skips, config.min_chars):
-            data = text.encode()
-            doc_hash = hash_bytes(data)
-            if doc_hash in seen:
-                duplicates += 1
-                continue
-            seen.add(doc_hash)
-            split = document_split(doc_hash, config.val_fraction)
-            writer.write(text, doc_hash, split, len(data))
-            docs[split] += 1
-            text_bytes[split] += len(data)
+            n_segments = 0
+            continues = False
+            for segment in cut_into_segments(text, config.segment_chars):
+                n_segments += 1
+                data = segment.encode()
+                doc_hash = hash_bytes(data)
+                # Duplicates are found per segment, the unit that splits, drop lists and the
+                # tokenizer's sample name by hash: a segment repeated inside a long log is dropped
+                # like a repeated document (an exact repeat of kilobytes teaches nothing new), and
+                # a grown copy of another file adds only its new segments. The segment after a
+                # dropped one starts a new stretch of text.
+                if doc_hash in seen:
+                    counts["duplicates"] += 1
+                    continues = False
+                    continue
+                seen.add(doc_hash)
+                split = segment_split(doc_hash, config.val_fraction)
+                writer.write(segment, doc_hash, split, continues, len(data))
+                continues = True
+                segments[split] += 1
+                text_bytes[split] += len(data)
+            counts["documents"] += 1
+            if n_segments > 1:
+                counts["cut_documents"] += 1
+                counts["cut_segments"] += n_segments
         written = {
             "source": str(source.path),
             "content_hash": content_hash,
             "shards": writer.close(),
-            "docs": docs,
+            **counts,
+            "segments": segments,
             "bytes": text_bytes,
-            "duplicates": duplicates,
             "skips": skips.to_dict(),
         }
         write_unit_file(tmp, written)
@@ -215,7 +267,7 @@ def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, di
 
 
 def _drop_cross_file_duplicates(units: list[CorpusUnit]) -> None:
-    """Give each unit the documents an earlier unit already holds, and take them off its counts.
+    """Give each unit the segments an earlier unit already holds, and take them off its counts.
 
     Reads only the hash and split columns and the text offsets, never the texts.
     """
@@ -227,7 +279,7 @@ def _drop_cross_file_duplicates(units: list[CorpusUnit]) -> None:
                                                 batch.column("split").to_pylist(), lengths):
                 if doc_hash in seen:
                     unit.drop_doc_hashes.append(doc_hash)
-                    unit.docs[split] -= 1
+                    unit.segments[split] -= 1
                     unit.bytes[split] -= n_bytes
                 else:
                     seen.add(doc_hash)

@@ -1,9 +1,9 @@
 """Training windows over memory-mapped token shards.
 
-The shards of a split are read as one token stream, in the order given. Every document already
-ends with the end-of-text token, so a window that runs from the end of one shard into the next
-is no different from one that runs from one document into the next; and a corpus of many small
-files (shorter than a window each) still contributes every token. A window is ``block_size + 1``
+The shards of a split are read as one token stream, in the order given. Every stretch of
+continuous text already ends with the end-of-text token, so a window that runs from the end of
+one shard into the next is no different from one that runs from one document into the next; and
+a corpus of many small files (shorter than a window each) still contributes every token. A window is ``block_size + 1``
 consecutive tokens: the model reads the first ``block_size`` and predicts the last ``block_size``.
 
 Random windows are a pure function of ``(seed, step, micro_step, rank, world_size)``, so a run

@@ -1,12 +1,13 @@
-"""The files of a unit directory: raw document shards (ingest's), token shards (tokenize's), and
+"""The files of a unit directory: raw segment shards (ingest's), token shards (tokenize's), and
 the ``unit.json`` of counts each unit carries.
 
-Raw shard ``docs-00000.arrow``: columns ``text: large_string``, ``doc_hash: string``,
-``split: string``, written in record batches of bounded size and rolled over to a new file every
-``shard_bytes`` of text. Token shard ``{train,val}.arrow``: one column ``tokens`` (uint16 when the
-vocabulary fits, else uint32) in record batches of at most ``TOKENS_PER_RECORD_BATCH``, written
-only if it gets tokens. Both are uncompressed Arrow IPC files, so readers can memory-map them and
-touch only the columns they ask for.
+Raw shard ``docs-00000.arrow``: one row per segment (a document, or a piece of a long one),
+columns ``text: large_string``, ``doc_hash: string``, ``split: string``, ``continues: bool``
+(the text goes straight on from the previous row's), written in record batches of bounded size
+and rolled over to a new file every ``shard_bytes`` of text. Token shard ``{train,val}.arrow``:
+one column ``tokens`` (uint16 when the vocabulary fits, else uint32) in record batches of at most
+``TOKENS_PER_RECORD_BATCH``, written only if it gets tokens. Both are uncompressed Arrow IPC
+files, so readers can memory-map them and touch only the columns they ask for.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 UNIT_FILE = "unit.json"
-RAW_SCHEMA = pa.schema([("text", pa.large_string()), ("doc_hash", pa.string()), ("split", pa.string())])
+RAW_SCHEMA = pa.schema([
+    ("text", pa.large_string()), ("doc_hash", pa.string()), ("split", pa.string()), ("continues", pa.bool_()),
+])
 RAW_SHARD_PREFIX = "docs-"
 RAW_BATCH_BYTES = 4 << 20
 """Text bytes per raw record batch: what a reader holds in memory at once."""
@@ -51,7 +54,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class RawShardWriter:
-    """Streams documents into ``docs-00000.arrow``, ``docs-00001.arrow``, ... in ``directory``."""
+    """Streams segments into ``docs-00000.arrow``, ``docs-00001.arrow``, ... in ``directory``."""
 
     def __init__(self, directory: Path, shard_bytes: int) -> None:
         self.directory = directory
@@ -59,12 +62,12 @@ class RawShardWriter:
         self.shard_names: list[str] = []
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._shard_text_bytes = 0
-        self._columns: tuple[list[str], list[str], list[str]] = ([], [], [])
+        self._columns: tuple[list[str], list[str], list[str], list[bool]] = ([], [], [], [])
         self._pending_bytes = 0
 
-    def write(self, text: str, doc_hash: str, split: str, n_bytes: int) -> None:
-        """Add one document; ``n_bytes`` is its UTF-8 size, which the caller already knows."""
-        for column, value in zip(self._columns, (text, doc_hash, split)):
+    def write(self, text: str, doc_hash: str, split: str, continues: bool, n_bytes: int) -> None:
+        """Add one segment; ``n_bytes`` is its UTF-8 size, which the caller already knows."""
+        for column, value in zip(self._columns, (text, doc_hash, split, continues)):
             column.append(value)
         self._pending_bytes += n_bytes
         if self._pending_bytes >= min(RAW_BATCH_BYTES, self.shard_bytes):
@@ -87,7 +90,7 @@ class RawShardWriter:
             self._writer = pa.ipc.new_file(str(self.directory / name), RAW_SCHEMA)
         self._writer.write_batch(pa.record_batch([pa.array(column) for column in self._columns], schema=RAW_SCHEMA))
         self._shard_text_bytes += self._pending_bytes
-        self._columns = ([], [], [])
+        self._columns = ([], [], [], [])
         self._pending_bytes = 0
         if self._shard_text_bytes >= self.shard_bytes:
             self._writer.close()
@@ -100,7 +103,7 @@ def raw_shard_paths(directory: Path) -> list[Path]:
 
 
 def iter_raw_batches(directory: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
-    """Record batches of a raw unit's shards, in document order, holding only ``columns``.
+    """Record batches of a raw unit's shards, in file order, holding only ``columns``.
 
     Large shards are memory-mapped, so columns not asked for are never read from disk.
     """

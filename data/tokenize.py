@@ -1,17 +1,20 @@
 """Stage 3, tokenize: raw shards → memory-mappable token shards, one cached unit per source file.
 
 Each raw unit becomes ``tokens/<key>/``: ``train.arrow`` and ``val.arrow`` (each only if that split
-has tokens) and ``unit.json`` (tokens, bytes and documents per split). The key covers the
+has tokens) and ``unit.json`` (tokens, bytes and segments per split). The key covers the
 tokenizer's hash, the raw unit's key and its drop list, so a grown corpus re-tokenizes only its
-new files. Every document's tokens are followed by the end-of-text id.
+new files. The end-of-text id follows every stretch of continuous text: a whole document, or the
+consecutive segments of one that went to the same split (a book reads as one text in train, not a
+document every few kilobytes).
 
 Speed is set by the tokenizer, and the stage adds little to it (bench/tokenize_throughput.py
 measures both on the same texts):
 
-- Documents are joined into items of about ``PIECE_CHARS``, each document followed by the literal
+- Segments are joined into items of about ``PIECE_CHARS``, each stretch followed by the literal
   end-of-text token, which the tokenizer's added-token matching turns into its id; items from many
   small files fill one batch, so tiny files do not starve the tokenizer's threads, and long
-  documents are cut where the pre-tokenizer cuts anyway, so one huge file still uses every thread.
+  segments are cut where the pre-tokenizer cuts anyway, so one huge file still uses every thread.
+  Ingest cuts segments at such places too, so encoding them apart gives the tokens of the whole.
 - The next batch is encoded (in Rust, without the GIL) while Python turns the previous batch's
   ids into numpy and writes them: the conversion, the costliest Python step, overlaps the encoding.
 - Batches are bounded (``TokenizeConfig.batch_bytes``), so memory is too.
@@ -77,8 +80,8 @@ class TokenUnit:
     n_tokens: dict[str, int]
     """Tokens per split, end-of-text tokens included."""
     n_bytes: dict[str, int]
-    """UTF-8 bytes of the documents encoded, per split (for bits per byte)."""
-    n_docs: dict[str, int]
+    """UTF-8 bytes of the segments encoded, per split (for bits per byte)."""
+    n_segments: dict[str, int]
     reused: bool
 
 
@@ -105,14 +108,15 @@ class TokenManifest:
     def total_bytes(self, split: str) -> int:
         return sum(unit.n_bytes[split] for unit in self.units)
 
-    def total_docs(self, split: str) -> int:
-        return sum(unit.n_docs[split] for unit in self.units)
+    def total_segments(self, split: str) -> int:
+        return sum(unit.n_segments[split] for unit in self.units)
 
     def to_dict(self) -> dict[str, Any]:
         value = {**vars(self), "units": [dict(vars(unit)) for unit in self.units]}  # asdict: a slow deep copy
         value["totals"] = {
             split: {
-                "tokens": self.total_tokens(split), "bytes": self.total_bytes(split), "docs": self.total_docs(split)
+                "tokens": self.total_tokens(split), "bytes": self.total_bytes(split),
+                "segments": self.total_segments(split),
             }
             for split in SPLITS
         }
@@ -132,7 +136,7 @@ def tokenize_corpus(
     progress: Progress | None = None,
 ) -> TokenManifest:
     """Tokenize every unit of ``manifest`` not already in the store; ``progress(done, total)``
-    counts document bytes."""
+    counts segment bytes."""
     if config.workers:
         # Read when the tokenizer first starts its thread pool; a pool already running keeps its size.
         os.environ["RAYON_NUM_THREADS"] = str(config.workers)
@@ -161,7 +165,7 @@ def tokenize_corpus(
             TokenUnit(
                 source=unit.source, key=keys[index], directory=str(directories[index]),
                 n_tokens=counts[index]["n_tokens"], n_bytes=counts[index]["n_bytes"],
-                n_docs=counts[index]["n_docs"], reused=index in reused,
+                n_segments=counts[index]["n_segments"], reused=index in reused,
             )
             for index, unit in enumerate(manifest.units)
         ],
@@ -186,21 +190,21 @@ def _tokenize_units(
     advance: Callable[[int], None],
 ) -> dict[int, dict[str, Any]]:
     """Write the token directory of each pending unit; returns each one's ``unit.json`` content.
-    ``advance(n)`` is called as each ``n`` bytes of documents are written."""
+    ``advance(n)`` is called as each ``n`` bytes of segments are written."""
     dtype = token_dtype(tokenizer.vocab_size)
     written = {}
     encoded = _encoded(_batches(_pieces(units, pending), config.batch_bytes), load_tokenizer(tokenizer), dtype)
     with contextlib.closing(encoded):
         current = next(encoded, None)
         for index in pending:
-            counts = {name: dict.fromkeys(SPLITS, 0) for name in ("n_tokens", "n_bytes", "n_docs")}
+            counts = {name: dict.fromkeys(SPLITS, 0) for name in ("n_tokens", "n_bytes", "n_segments")}
             with atomic_directory(directories[index]) as tmp:
                 writers = {split: TokenShardWriter(tmp / f"{split}.arrow", dtype) for split in SPLITS}
                 while current is not None and current[0].unit == index:
                     piece, tokens = current
                     writers[piece.split].write(tokens)
                     counts["n_bytes"][piece.split] += piece.n_bytes
-                    counts["n_docs"][piece.split] += piece.n_docs
+                    counts["n_segments"][piece.split] += piece.n_segments
                     advance(piece.n_bytes)
                     current = next(encoded, None)
                 for split, writer in writers.items():
@@ -229,16 +233,16 @@ def _unit_key(unit: CorpusUnit, tokenizer: TokenizerArtifact, code: str) -> str:
 
 @dataclass
 class _Piece:
-    """One encode item: consecutive documents of one unit and split, each followed by the
-    end-of-text token, or a leading part of one long document (no end-of-text yet)."""
+    """One encode item: consecutive segments of one unit and split, each stretch of continuous
+    text followed by the end-of-text token, or a leading part of one long segment."""
 
     unit: int
     split: str
     text: str
-    n_docs: int
-    """Documents that end in this piece."""
+    n_segments: int
+    """Segments that end in this piece."""
     n_bytes: int
-    """UTF-8 bytes of the documents that end in this piece."""
+    """UTF-8 bytes of the segments that end in this piece."""
 
 
 class _PieceBuilder:
@@ -247,27 +251,28 @@ class _PieceBuilder:
         self.split = split
         self._reset()
 
-    def add(self, text: str, n_bytes: int) -> Iterator[_Piece]:
+    def add(self, text: str, n_bytes: int, ends_stretch: bool) -> Iterator[_Piece]:
+        """Add one segment; the end-of-text token follows it if ``ends_stretch``."""
         *leading, last = cut_at_token_boundaries(text, PIECE_CHARS)
         if leading:
             yield from self.flush()
             yield from (_Piece(self.unit, self.split, part, 0, 0) for part in leading)
-        self.parts += (last, EOT_TOKEN)
+        self.parts += (last, EOT_TOKEN) if ends_stretch else (last,)
         self.chars += len(last)
-        self.n_docs += 1
+        self.n_segments += 1
         self.n_bytes += n_bytes
         if self.chars >= PIECE_CHARS:
             yield from self.flush()
 
     def flush(self) -> Iterator[_Piece]:
         if self.parts:
-            yield _Piece(self.unit, self.split, "".join(self.parts), self.n_docs, self.n_bytes)
+            yield _Piece(self.unit, self.split, "".join(self.parts), self.n_segments, self.n_bytes)
             self._reset()
 
     def _reset(self) -> None:
         self.parts: list[str] = []
         self.chars = 0
-        self.n_docs = 0
+        self.n_segments = 0
         self.n_bytes = 0
 
 
@@ -289,17 +294,31 @@ def cut_at_token_boundaries(text: str, min_chars: int) -> list[str]:
 
 def _pieces(units: list[CorpusUnit], indices: list[int]) -> Iterator[_Piece]:
     for index in indices:
-        dropped = set(units[index].drop_doc_hashes)
         builders = {split: _PieceBuilder(index, split) for split in SPLITS}
-        for batch in iter_raw_batches(Path(units[index].directory), ["text", "doc_hash", "split"]):
-            texts = batch.column("text").to_pylist()
-            sizes = pc.binary_length(batch.column("text")).to_pylist()
-            hashes = batch.column("doc_hash").to_pylist() if dropped else itertools.repeat(None)
-            for text, n_bytes, doc_hash, split in zip(texts, sizes, hashes, batch.column("split").to_pylist()):
-                if doc_hash not in dropped:
-                    yield from builders[split].add(text, n_bytes)
+        for text, n_bytes, split, ends_stretch in _segments(units[index]):
+            yield from builders[split].add(text, n_bytes, ends_stretch)
         for builder in builders.values():
             yield from builder.flush()
+
+
+def _segments(unit: CorpusUnit) -> Iterator[tuple[str, int, str, bool]]:
+    """``(text, n_bytes, split, ends_stretch)`` of each segment of ``unit`` not dropped, in file
+    order. A stretch goes on only into the next row, if that row continues it, is kept and went to
+    the same split; so each segment is held until the next row is read."""
+    dropped = set(unit.drop_doc_hashes)
+    held: tuple[str, int, str] | None = None
+    for batch in iter_raw_batches(Path(unit.directory), ["text", "doc_hash", "split", "continues"]):
+        texts = batch.column("text").to_pylist()
+        sizes = pc.binary_length(batch.column("text")).to_pylist()
+        hashes = batch.column("doc_hash").to_pylist() if dropped else itertools.repeat(None)
+        rows = zip(texts, sizes, hashes, batch.column("split").to_pylist(), batch.column("continues").to_pylist())
+        for text, n_bytes, doc_hash, split, continues in rows:
+            kept = doc_hash not in dropped
+            if held is not None:
+                yield *held, not (kept and continues and split == held[2])
+            held = (text, n_bytes, split) if kept else None
+    if held is not None:
+        yield *held, True
 
 
 def _batches(pieces: Iterator[_Piece], batch_chars: int) -> Iterator[list[_Piece]]:

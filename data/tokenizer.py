@@ -1,7 +1,7 @@
 """Stage 2, tokenizer: a byte-level BPE trained on a bounded, deterministic sample of the train split.
 
 Byte-level means every string encodes and decodes back to itself exactly, with no unknown token.
-The sample is the train documents with the smallest document hashes up to ``sample_bytes``: a
+The sample is the train segments with the smallest hashes up to ``sample_bytes``: a
 uniform draw over the whole corpus (not its first files), the same on every run, and never
 touching the validation split.
 """
@@ -85,7 +85,7 @@ def train_tokenizer(
             write_json_atomic(tmp / META_FILE, {
                 "config": asdict(config),
                 "corpus_fingerprint": manifest.fingerprint,
-                "sample_documents": len(sample),
+                "sample_segments": len(sample),
                 "sample_bytes": sum(len(text.encode()) for text in sample),
             })
     return describe_tokenizer(directory / TOKENIZER_FILE, reused)
@@ -119,8 +119,8 @@ def describe_tokenizer(path: Path, reused: bool = True) -> TokenizerArtifact:
 
 
 def _training_sample(manifest: CorpusManifest, sample_bytes: int) -> list[str]:
-    """The train documents with the smallest hashes, ``sample_bytes`` of them in all (the last one
-    cut short), in hash order. Holding them is bounded by ``sample_bytes`` plus one document."""
+    """The train segments with the smallest hashes, ``sample_bytes`` of them in all (the last one
+    cut short), in hash order. Holding them is bounded by ``sample_bytes`` plus one segment."""
     chosen = _smallest_hashes_covering(manifest, sample_bytes)
     texts: dict[str, str] = {}
     for unit_index in sorted(set(chosen.values())):
@@ -138,7 +138,7 @@ def _training_sample(manifest: CorpusManifest, sample_bytes: int) -> list[str]:
 
 
 def _smallest_hashes_covering(manifest: CorpusManifest, sample_bytes: int) -> dict[str, int]:
-    """doc_hash → unit index of the smallest-hash train documents whose bytes first reach
+    """doc_hash → unit index of the smallest-hash train segments whose bytes first reach
     ``sample_bytes``. A heap keeps only those, so memory scales with the sample, not the corpus."""
     largest_first: list[tuple[int, str, int, int]] = []  # (-hash, doc_hash, bytes, unit index)
     held_bytes = 0

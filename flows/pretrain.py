@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from gptflow.data.config import IngestConfig
+from gptflow.data.ingest import CorpusManifest
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.caching import pipeline_code_version
@@ -31,6 +34,8 @@ class PretrainSummary:
 
     stages: dict[str, str]
     documents: int
+    val_split: str
+    """How val was formed (``_describe_val_split``)."""
     train_tokens: int
     val_tokens: int
     steps: int
@@ -51,6 +56,7 @@ class PretrainSummary:
         rows = [
             *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
             f"| documents | {self.documents:,} |",
+            f"| val | {self.val_split} |",
             f"| train / val tokens | {self.train_tokens:,} / {self.val_tokens:,} |",
             f"| training | {self.steps} steps, {self.training.replace('_', ' ')} |",
             f"| val loss (nats/token) | {self.val_loss:.4f} (unigram baseline {self.unigram_loss:.4f}) |",
@@ -67,6 +73,7 @@ class PretrainSummary:
             f"stages      {stages}",
             f"data        {human_count(self.documents)} documents, {human_count(self.train_tokens)} train "
             f"tokens, {human_count(self.val_tokens)} val tokens",
+            f"val         {self.val_split}",
             f"training    {self.steps} steps, {self.training.replace('_', ' ')}"
             + (f" (continues run {self.continues_run})" if self.continues_run else ""),
             f"val loss    {self.val_loss:.3f} nats/token (unigram baseline {self.unigram_loss:.3f}), "
@@ -156,6 +163,7 @@ def pretrain(
     summary = PretrainSummary(
         stages=dict(run.stage_statuses),
         documents=corpus_manifest.total_documents,
+        val_split=_describe_val_split(corpus_manifest, config.data),
         train_tokens=tokens.total_tokens("train"),
         val_tokens=tokens.total_tokens("val"),
         steps=trained.steps,
@@ -173,3 +181,20 @@ def pretrain(
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")
     return summary
+
+
+def _describe_val_split(manifest: CorpusManifest, config: IngestConfig) -> str:
+    """One line on how val was formed, e.g. ``5% of documents and of segments of documents over
+    4,096 chars, by hash (book.txt cut into 73 segments)``."""
+    share = f"{config.val_fraction * 100:g}%"
+    totals = manifest.totals
+    if not totals["cut_documents"]:
+        return f"{share} of documents, by hash"
+    if totals["cut_documents"] == 1:
+        [unit] = [unit for unit in manifest.units if unit.cut_documents]
+        name = Path(unit.source).name
+        cut = f"{name if unit.documents == 1 else f'a document of {name}'} cut into {unit.cut_segments:,} segments"
+    else:
+        cut = f"{totals['cut_documents']:,} documents cut into {totals['cut_segments']:,} segments"
+    return f"{share} of documents and of segments of documents over {config.segment_chars:,} chars, by hash ({cut})"
+

@@ -43,11 +43,12 @@ def ingest(
     # Counts, not measurements over time: params, so the run's charts start with its loss curves.
     run.log_params({
         "dataset.documents": manifest.total_documents,
+        "dataset.segments": sum(manifest.totals["segments"].values()),
         "dataset.source_files": len(manifest.units),
         "dataset.skipped": manifest.skips.total,
     })
     run.log_artifact(Path(manifest.path), "data")
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
-    require_splits(manifest, required_splits, config.val_fraction)
+    require_splits(manifest, required_splits, config)
     return manifest

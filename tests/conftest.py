@@ -31,6 +31,23 @@ def tiny_corpus_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def stdlib_text() -> Callable[[int], str]:
+    """``stdlib_text(n)``: whole standard-library modules joined until the text has at least ``n``
+    characters; real text as one large file (a book, a log) holds it."""
+    modules = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+    def text(min_chars: int) -> str:
+        parts: list[str] = []
+        for module in modules:
+            parts.append(module.read_text(encoding="utf-8"))
+            if sum(map(len, parts)) >= min_chars:
+                return "".join(parts)
+        raise ValueError(f"the standard library holds fewer than {min_chars} characters of top-level modules")
+
+    return text
+
+
+@pytest.fixture(scope="session")
 def prefect_api_url() -> str:
     """One real Prefect server (the test harness) for the whole session; its URL for subprocesses."""
     from prefect.settings import PREFECT_API_URL

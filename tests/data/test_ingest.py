@@ -9,13 +9,14 @@ import pytest
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
-from gptflow.data.ingest import CorpusManifest, document_split, ingest_corpus
+from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus, segment_split
 from gptflow.data.readers import SKIP_BINARY, SKIP_TOO_SHORT
 from gptflow.data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
 from gptflow.data.sources import SKIP_UNSUPPORTED, resolve_sources
 from gptflow.data.store import CONTENTS_FILE, hash_bytes, is_complete
 
 CONFIG = IngestConfig(val_fraction=0.3)
+RAW_COLUMNS = ["text", "doc_hash", "split", "continues"]
 
 
 def jsonl(texts: list[str]) -> str:
@@ -26,8 +27,14 @@ def ingest(folder: Path, store_dir: Path, config: IngestConfig = CONFIG, **kwarg
     return ingest_corpus(resolve_sources([str(folder)]), config, store_dir, **kwargs)
 
 
+def rows(directory: Path) -> list[tuple[str, str, str, bool]]:
+    """``(text, doc_hash, split, continues)`` of every row of a raw unit, in file order."""
+    return [row for batch in iter_raw_batches(directory, RAW_COLUMNS)
+            for row in zip(*(column.to_pylist() for column in batch.columns))]
+
+
 def documents_by_split(manifest: CorpusManifest) -> dict[str, str]:
-    """doc_hash → split of every document tokenize will see."""
+    """doc_hash → split of every segment tokenize will see."""
     found = {}
     for unit in manifest.units:
         dropped = set(unit.drop_doc_hashes)
@@ -49,15 +56,17 @@ def test_each_file_becomes_a_committed_unit_of_hashed_split_documents(write_corp
 
     assert [Path(unit.source).name for unit in manifest.units] == ["a.jsonl", "b.txt"]
     assert all(is_complete(Path(unit.directory)) for unit in manifest.units)
-    batches = list(iter_raw_batches(Path(manifest.units[0].directory), ["text", "doc_hash", "split"]))
-    assert batches[0].schema == RAW_SCHEMA
-    rows = [row for batch in batches for row in zip(*(column.to_pylist() for column in batch.columns))]
-    assert [text for text, _, _ in rows] == texts[:30]
-    for text, doc_hash, split in rows:
+    assert next(iter_raw_batches(Path(manifest.units[0].directory), RAW_COLUMNS)).schema == RAW_SCHEMA
+    # Documents shorter than segment_chars stay whole: one row each, continuing nothing.
+    written = rows(Path(manifest.units[0].directory))
+    assert [text for text, _, _, _ in written] == texts[:30]
+    for text, doc_hash, split, continues in written:
         assert doc_hash == hash_bytes(text.encode())
-        assert split == document_split(doc_hash, CONFIG.val_fraction)
-    assert {split for _, _, split in rows} == {"train", "val"}
-    assert sum(manifest.totals["docs"].values()) == manifest.total_documents == 31
+        assert split == segment_split(doc_hash, CONFIG.val_fraction)
+        assert not continues
+    assert {split for _, _, split, _ in written} == {"train", "val"}
+    assert sum(manifest.totals["segments"].values()) == manifest.total_documents == 31
+    assert manifest.totals["cut_documents"] == manifest.totals["cut_segments"] == 0
     assert sum(manifest.totals["bytes"].values()) == sum(len(text.encode()) for text in texts[:31])
 
 
@@ -80,7 +89,7 @@ def test_duplicates_are_dropped_within_a_file_and_across_files(write_corpus, sto
     assert first.duplicates == 2 and first.drop_doc_hashes == []
     assert second.drop_doc_hashes == [hash_bytes(texts[1].encode())]
     assert third.drop_doc_hashes == [hash_bytes(texts[2].encode())]
-    assert sum(unit.docs["train"] + unit.docs["val"] for unit in manifest.units) == 4
+    assert sum(unit.segments["train"] + unit.segments["val"] for unit in manifest.units) == 4
     assert manifest.totals["duplicates"] == 4
     assert set(documents_by_split(manifest)) == {hash_bytes(text.encode()) for text in texts[:4]}
 
@@ -126,6 +135,8 @@ def test_changing_a_setting_that_changes_documents_changes_the_keys(write_corpus
     folder = write_corpus({"a.jsonl": jsonl(make_documents(20))})
     first = ingest(folder, store_dir)
     assert ingest(folder, store_dir, IngestConfig(val_fraction=0.1)).units[0].key != first.units[0].key
+    other_segments = IngestConfig(val_fraction=0.3, segment_chars=8192)
+    assert ingest(folder, store_dir, other_segments).units[0].key != first.units[0].key
     same_documents = IngestConfig(val_fraction=0.3, shard_bytes=4096)
     assert ingest(folder, store_dir, same_documents).units[0].key == first.units[0].key
 
@@ -160,12 +171,12 @@ def test_corpus_with_no_usable_document_is_an_error_naming_the_skipped_files(wri
 
 
 def test_corpus_too_small_for_a_validation_split_is_an_error_saying_what_to_do(write_corpus, store_dir):
-    folder = write_corpus({"book.txt": "one long text file is one document\n" * 1000})
+    folder = write_corpus({"note.txt": "a text file shorter than one segment\n" * 100})
     with pytest.raises(CorpusError) as raised:
         ingest(folder, store_dir)
     message = str(raised.value)
-    assert "val split is empty (documents: 1;" in message
-    assert "each text file is one document" in message and "data.val_fraction" in message
+    assert "val split is empty (documents: 1, segments: 1;" in message
+    assert "lower --set data.segment_chars=<chars>" in message and "data.val_fraction" in message
 
 
 def test_failed_file_leaves_no_unit_directory_behind(write_corpus, store_dir, make_documents):
@@ -204,3 +215,53 @@ def test_progress_counts_source_bytes_up_to_the_total(write_corpus, store_dir, m
     total = sum(path.stat().st_size for path in folder.iterdir())
     assert calls[-1] == (total, total)
     assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+def test_a_long_document_is_cut_after_the_first_line_that_reaches_the_size():
+    assert list(cut_into_segments("aaaa\nbbbb\ncccc\n", 3)) == ["aaaa", "\nbbbb", "\ncccc\n"]
+    # Trailing spaces and blank lines go with the next segment, which always holds some text.
+    assert list(cut_into_segments("ab  \n\n  cd ef\ngh", 2)) == ["ab", "  \n\n  cd ef", "\ngh"]
+    assert list(cut_into_segments("aaaa\nbbbb\n\n\n", 3)) == ["aaaa", "\nbbbb\n\n\n"]
+    assert list(cut_into_segments("short\ntext", 100)) == ["short\ntext"]
+    assert list(cut_into_segments("no line end " * 100, 10)) == ["no line end " * 100]
+
+
+def test_one_large_text_file_is_cut_into_segments_that_fill_both_splits(write_corpus, store_dir, stdlib_text):
+    book = stdlib_text(300_000)
+    [unit] = ingest(write_corpus({"book.txt": book}), store_dir).units
+    written = rows(Path(unit.directory))
+
+    assert "".join(text for text, _, _, _ in written) == book
+    assert (unit.documents, unit.cut_documents, unit.cut_segments) == (1, 1, len(written))
+    assert len(written) > 50 and all(len(text) >= CONFIG.segment_chars for text, _, _, _ in written[:-1])
+    assert [continues for _, _, _, continues in written] == [False] + [True] * (len(written) - 1)
+    for text, doc_hash, split, _ in written:
+        assert doc_hash == hash_bytes(text.encode()) and split == segment_split(doc_hash, CONFIG.val_fraction)
+    assert unit.segments["train"] > 0 and unit.segments["val"] > 0
+    assert sum(unit.segments.values()) == len(written)
+
+
+def test_text_appended_to_a_file_keeps_every_earlier_segment_in_its_split(write_corpus, store_dir, stdlib_text):
+    grown = stdlib_text(400_000)
+    folder = write_corpus({"book.txt": grown[:300_000]})
+    before = rows(Path(ingest(folder, store_dir).units[0].directory))
+    write_corpus({"book.txt": grown})  # the same file, grown at its end
+    after = rows(Path(ingest(folder, store_dir).units[0].directory))
+
+    assert len(after) > len(before) + 20
+    # Every segment but the old last one: same text, hash, split and continuity.
+    assert after[: len(before) - 1] == before[:-1]
+    assert "".join(text for text, _, _, _ in after) == grown
+
+
+def test_segments_repeated_within_a_file_are_dropped_and_break_the_text(write_corpus, store_dir):
+    log = "start" + "\nthe same log line, again and again" * 1000 + "\nthe end"
+    segments = list(cut_into_segments(log, CONFIG.segment_chars))
+    assert len(set(segments)) == 3 and len(segments) > 5  # the first, many identical, the last
+    [unit] = ingest(write_corpus({"app-log.txt": log}), store_dir).units
+
+    written = rows(Path(unit.directory))
+    assert [text for text, _, _, _ in written] == [segments[0], segments[1], segments[-1]]
+    assert [continues for _, _, _, continues in written] == [False, True, False]
+    assert unit.duplicates == len(segments) - 3
+    assert (unit.documents, unit.cut_documents, unit.cut_segments) == (1, 1, len(segments))

@@ -88,8 +88,9 @@ def test_a_model_directory_on_every_document_of_a_held_out_file(trained, tmp_pat
     workspace, _ = trained
     [final_dir] = (workspace / "store" / "runs").glob("*/final")
     held_out = tmp_path / "held_out.py"
-    held_out.write_text(Path(json.__file__).read_text())  # one file is one document: no val split
-    settings = {"eval.eval_tokens": 1024, "sampling.max_new_tokens": 4}
+    held_out.write_text(Path(json.__file__).read_text())
+    # A file shorter than data.segment_chars is one segment, here in train: no val split.
+    settings = {"eval.eval_tokens": 1024, "sampling.max_new_tokens": 4, "data.segment_chars": 1 << 20}
     with pytest.raises(CorpusError, match="val split is empty"):
         evaluate(model=str(final_dir), corpus=[str(held_out)], overrides=settings, workspace=str(workspace))
     summary = evaluate(model=str(final_dir), corpus=[str(held_out)], split="all", overrides=settings,

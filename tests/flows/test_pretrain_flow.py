@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,20 @@ def test_editing_code_that_only_evaluation_reaches_reruns_evaluation_alone(cli_e
     assert {stage: second_run.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {
         "ingest": "cached", "tokenizer": "cached", "tokenize": "cached", "pretrain": "cached", "evaluate": "executed"}
     assert first_run.data.tags["gptflow.code_version"] != second_run.data.tags["gptflow.code_version"]
+
+
+def test_one_large_text_file_trains_and_validates_as_it_is(cli_env, tmp_path, stdlib_text):
+    book = tmp_path / "book.txt"
+    book.write_text(stdlib_text(600_000))
+    result = _gptflow("pretrain", "--corpus", str(book), "--preset", "tiny", env=cli_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    cut = re.search(r"^val +5% of documents and of segments of documents over 4,096 chars, by hash "
+                    r"\(book\.txt cut into (\d+) segments\)$", result.stdout, re.MULTILINE)
+    assert cut and int(cut[1]) > 100, result.stdout[-3000:]
+    _, (run,) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
+    assert run.data.metrics["data/documents"] == 1 and run.data.metrics["data/segments"] > 100
+    assert run.data.metrics["eval/val_loss"] > 0
 
 
 def test_missing_corpus_path_is_one_clear_line(cli_env, tmp_path):
