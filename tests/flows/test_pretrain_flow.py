@@ -124,7 +124,7 @@ def test_one_large_text_file_trains_and_validates_as_it_is(cli_env, tmp_path, st
                     r"\(book\.txt cut into (\d+) segments\)$", result.stdout, re.MULTILINE)
     assert cut and int(cut[1]) > 100, result.stdout[-3000:]
     _, (run,) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
-    assert run.data.metrics["data/documents"] == 1 and run.data.metrics["data/segments"] > 100
+    assert run.data.params["dataset.documents"] == "1" and int(run.data.params["dataset.segments"]) > 100
     assert run.data.metrics["eval/val_loss"] > 0
 
 
