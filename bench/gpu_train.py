@@ -389,8 +389,8 @@ def compare_learning(
     settings: Settings, device: torch.device, corpus: dict[str, Any], seed: int, run_names: tuple[str, ...] = LEARNING_RUNS,
 ) -> dict[str, Any]:
     block_size = settings.learning_model.block_size
-    train_windows = TokenWindows([Path(p) for p in corpus["train_paths"]], block_size)
-    val_windows = TokenWindows([Path(p) for p in corpus["val_paths"]], block_size)
+    train_windows = TokenWindows([Path(p) for p in corpus["train_paths"]], block_size, corpus["vocab_size"])
+    val_windows = TokenWindows([Path(p) for p in corpus["val_paths"]], block_size, corpus["vocab_size"])
     tokens_per_step = settings.learning_micro_batch * block_size
     steps = int(settings.learning_epochs * corpus["train_tokens"]) // tokens_per_step
     runs = {}

@@ -20,14 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+
+from gptflow.data.store import corrupt_artifact
 
 TOKEN_COLUMN = "tokens"
 TOKEN_TYPES = (pa.uint16(), pa.uint32())
 
 
-def _read_chunks(path: Path) -> list[np.ndarray]:
-    """Zero-copy views of one shard's memory-mapped record batches."""
+def _read_chunks(path: Path, vocab_size: int) -> list[np.ndarray]:
+    """Zero-copy views of one shard's memory-mapped record batches, every id checked to be below
+    ``vocab_size`` (an id beyond it would index past the embedding, or train on garbage)."""
     # The table's buffers keep the mapping alive after the file is closed, so thousands of
     # shards do not hold thousands of file descriptors.
     with pa.memory_map(str(path)) as source:
@@ -37,20 +41,24 @@ def _read_chunks(path: Path) -> list[np.ndarray]:
     column = table.column(TOKEN_COLUMN)
     if column.type not in TOKEN_TYPES:
         raise ValueError(f"{path}: column {TOKEN_COLUMN!r} has type {column.type}, expected uint16 or uint32")
+    largest = pc.max(column).as_py()
+    if largest is not None and largest >= vocab_size:
+        raise corrupt_artifact(path, f"holds token id {largest}, beyond the vocabulary of {vocab_size} ids")
     return [chunk.to_numpy(zero_copy_only=True) for chunk in column.chunks if len(chunk)]
 
 
 class TokenWindows:
-    """Windows of ``block_size + 1`` tokens drawn from the concatenation of token shards."""
+    """Windows of ``block_size + 1`` tokens drawn from the concatenation of token shards, whose ids
+    must all be below ``vocab_size`` (refused with ``CorruptArtifactError`` when the shard opens)."""
 
-    def __init__(self, paths: Sequence[Path], block_size: int) -> None:
+    def __init__(self, paths: Sequence[Path], block_size: int, vocab_size: int) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if not paths:
             raise ValueError("TokenWindows needs at least one token shard, got none")
         self.block_size = block_size
         self.paths = [Path(path) for path in paths]
-        self.chunks = [chunk for path in self.paths for chunk in _read_chunks(path)]
+        self.chunks = [chunk for path in self.paths for chunk in _read_chunks(path, vocab_size)]
         self.chunk_starts = np.cumsum([0, *(len(chunk) for chunk in self.chunks)])
         self.num_tokens = int(self.chunk_starts[-1])
         if self.num_tokens < block_size + 1:

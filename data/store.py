@@ -5,6 +5,7 @@ determines the content). A directory is written under a temporary name and renam
 only once complete, with a ``contents.json`` listing every file's size and hash; a directory is
 reused only when it is present under its final name and every listed file still matches. A
 process killed mid-write therefore leaves only a ``.tmp-*`` directory, which nothing reads.
+Consumers that read every byte re-hash first (``verify_contents``) and discard what fails.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,8 @@ def is_complete(directory: Path) -> bool:
     """True when ``directory`` was committed and no listed file was deleted or altered since.
 
     Size and mtime are the fast path; a file whose mtime moved is re-hashed, so touching a file
-    does not invalidate it but changing its bytes does.
+    does not invalidate it but changing its bytes does. Bytes changed behind a restored mtime pass;
+    ``verify_contents`` catches them where a consumer reads the files whole.
     """
     contents_path = directory / CONTENTS_FILE
     try:
@@ -164,6 +166,66 @@ def is_complete(directory: Path) -> bool:
         if stat.st_mtime_ns != expected["mtime_ns"] and hash_file(path) != expected["hash"]:
             return False
     return True
+
+
+class CorruptArtifactError(ValueError):
+    """A file of a committed store directory whose bytes are not the ones written there. The
+    directory's record is discarded on detection, so the next run recomputes it."""
+
+
+def verify_contents(directory: Path, names: Iterable[str] | None = None) -> None:
+    """Re-hash the files ``contents.json`` lists (only ``names`` when given), whatever their mtime.
+
+    ``is_complete`` trusts a file whose size and mtime are unchanged; a consumer that reads every
+    byte anyway (training, loading weights) calls this first, since hashing costs little beside it.
+    A missing, unlisted or altered file discards the directory (``discard_contents``) and raises
+    ``CorruptArtifactError`` naming the file.
+    """
+    directory = Path(directory)
+    try:
+        listed = json.loads((directory / CONTENTS_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        raise CorruptArtifactError(
+            f"{directory} is not a complete store directory (no readable {CONTENTS_FILE}): it was altered or "
+            "discarded after it was written; the next run recomputes it."
+        ) from None
+    for name in listed if names is None else names:
+        path = directory / name
+        expected = listed.get(name)
+        if expected is None:
+            problem = f"is not listed in {directory / CONTENTS_FILE}"
+        elif not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != expected["size"] or hash_file(path) != expected["hash"]:
+            problem = f"does not hold the bytes written there (content hash {expected['hash']} expected)"
+        else:
+            continue
+        raise corrupt_artifact(path, problem)
+
+
+def verify_files(paths: Iterable[Path]) -> None:
+    """``verify_contents`` of each file in ``paths``, each against the directory holding it."""
+    by_directory: dict[Path, list[str]] = {}
+    for path in map(Path, paths):
+        by_directory.setdefault(path.parent, []).append(path.name)
+    for directory, names in by_directory.items():
+        verify_contents(directory, names)
+
+
+def corrupt_artifact(path: Path, problem: str) -> CorruptArtifactError:
+    """Discard the store directory holding ``path`` and return the error to raise for it."""
+    discard_contents(Path(path).parent)
+    return CorruptArtifactError(
+        f"{path} {problem}: the artifact was altered after it was written. Its directory is no longer "
+        "trusted; the next run recomputes it."
+    )
+
+
+def discard_contents(directory: Path) -> None:
+    """Make ``is_complete(directory)`` false for good, so the stage that wrote it recomputes it. The
+    files stay (a reader may hold them open) until a new commit of the same key replaces them."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(directory) / CONTENTS_FILE).unlink()
 
 
 def read_contents_hash(directory: Path) -> str:

@@ -7,11 +7,15 @@ import logging
 from gptflow.data.errors import CorpusError
 from gptflow.data.finetune_data import FinetuneDataError
 from gptflow.data.multiple_choice import MultipleChoiceError
+from gptflow.data.store import CorruptArtifactError
 from gptflow.model.export import ExportError
 from gptflow.tasks.config import ConfigError
 from gptflow.tasks.model_source import ModelSourceError
 
-USER_ERRORS = (CorpusError, ConfigError, ModelSourceError, MultipleChoiceError, ExportError, FinetuneDataError)
+USER_ERRORS = (
+    CorpusError, ConfigError, ModelSourceError, MultipleChoiceError, ExportError, FinetuneDataError,
+    CorruptArtifactError,
+)
 # The loggers through which Prefect's engines report a task's or a flow's exception.
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
 

@@ -30,7 +30,13 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from gptflow.data.store import atomic_directory, is_complete, remove_stale_temporaries, write_json_atomic
+from gptflow.data.store import (
+    atomic_directory,
+    is_complete,
+    remove_stale_temporaries,
+    verify_contents,
+    write_json_atomic,
+)
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
 
@@ -83,8 +89,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None = None) -> TrainerState:
-    """Load weights (and optimizer state, when given) in place; returns the trainer state."""
+    """Load weights (and optimizer state, when given) in place; returns the trainer state. Files
+    that do not hash to what was written are refused with ``CorruptArtifactError``."""
     path = Path(path)
+    # Resuming or continuing reads the whole checkpoint anyway: re-hashing it first is cheap, and
+    # catches bytes altered behind an unchanged size and mtime, which is_complete lets through.
+    verify_contents(path, (WEIGHTS_FILE, CONFIG_FILE, TRAINER_FILE, *((OPTIMIZER_FILE,) if optimizer else ())))
     saved_config = read_model_config(path)
     if saved_config != model.config:
         raise ValueError(
@@ -127,10 +137,14 @@ def save_final(run_dir: Path, model: GPT) -> Path:
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
-    """A model from ``final/`` or any checkpoint directory, in eval mode on ``device``."""
+    """A model from ``final/`` or any checkpoint directory, in eval mode on ``device``; a weights or
+    config file that does not hash to what was written is refused with ``CorruptArtifactError``."""
     directory = Path(directory)
     if not is_complete(directory):
         raise FileNotFoundError(f"{directory} is not a complete model directory (missing or altered files)")
+    # Loading reads every weight anyway: re-hashing them first costs about as much, and catches
+    # bytes altered behind an unchanged size and mtime, which is_complete lets through.
+    verify_contents(directory, (WEIGHTS_FILE, CONFIG_FILE))
     model = GPT(read_model_config(directory))
     _load_weights(model, directory)
     return model.to(device).eval()

@@ -147,8 +147,8 @@ def _train(
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
         torch.cuda.reset_peak_memory_stats(device)
-    train_windows = _training_windows(train_paths, continuation, model_config.block_size)
-    val_windows = TokenWindows(val_paths, model_config.block_size) if val_paths else None
+    train_windows = _training_windows(train_paths, continuation, model_config)
+    val_windows = TokenWindows(val_paths, model_config.block_size, model_config.vocab_size) if val_paths else None
 
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(device)  # initialised on the CPU: the same weights on any device
@@ -264,14 +264,15 @@ def _train(
 
 
 def _training_windows(
-    train_paths: Sequence[Path], continuation: Continuation | None, block_size: int
+    train_paths: Sequence[Path], continuation: Continuation | None, model_config: ModelConfig
 ) -> TokenWindows | MixedWindows:
+    block_size, vocab_size = model_config.block_size, model_config.vocab_size
     if continuation is None or not continuation.new_train_paths:
-        return TokenWindows(train_paths, block_size)
-    new = TokenWindows(continuation.new_train_paths, block_size)
+        return TokenWindows(train_paths, block_size, vocab_size)
+    new = TokenWindows(continuation.new_train_paths, block_size, vocab_size)
     if not train_paths:
         return new
-    old = TokenWindows(train_paths, block_size)
+    old = TokenWindows(train_paths, block_size, vocab_size)
     return MixedWindows([(old, 1.0 - continuation.new_data_fraction), (new, continuation.new_data_fraction)])
 
 

@@ -80,7 +80,8 @@ def measure_loss(gpt: GPT, tokens: TokenManifest, split: str, eval_tokens: int, 
             f"The corpus's {split} split holds {n_tokens} tokens, fewer than one window of the model's context "
             f"(block_size + 1 = {gpt.config.block_size + 1}). Evaluate on more text, or on --split all."
         )
-    loss, scored = evaluate_loss(gpt, TokenWindows(paths, gpt.config.block_size), eval_tokens, LOSS_BATCH_SEQUENCES, device)
+    windows = TokenWindows(paths, gpt.config.block_size, tokens.vocab_size)
+    loss, scored = evaluate_loss(gpt, windows, eval_tokens, LOSS_BATCH_SEQUENCES, device)
     train_paths = tokens.paths("train")
     unigram = unigram_cross_entropy(train_paths, paths, tokens.vocab_size) if split == "val" and train_paths else None
     return LossReport(

@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import task
 
-from gptflow.data.store import hash_json, is_complete, read_contents_hash
+from gptflow.data.store import hash_json, is_complete, read_contents_hash, verify_files
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact
 from gptflow.model.checkpoint import latest_checkpoint
@@ -29,6 +29,10 @@ from gptflow.tasks.workspace import Workspace
 
 @task(name="pretrain-model")
 def pretrain_model_task(job: TrainingJob) -> TrainedModel:
+    # Training reads every shard many times over, so re-hashing them first costs little, and it
+    # catches bytes altered behind an unchanged size and mtime, which the cache check (is_complete)
+    # lets through. Here, once, rather than in each torchrun rank.
+    verify_files(job.token_paths())
     nproc = job.train_config["nproc"]
     return job.run(prefect_progress=True) if nproc == 1 else job.run_with_torchrun(nproc)
 

@@ -73,6 +73,11 @@ class TrainingJob:
     mlflow_run_id: str
     resume: bool
 
+    def token_paths(self) -> list[str]:
+        """Every token shard the job reads: old and new training shards, and validation shards."""
+        new_train_paths = self.continuation["new_train_paths"] if self.continuation else []
+        return [*self.train_paths, *new_train_paths, *self.val_paths]
+
     def run(self, prefect_progress: bool) -> TrainedModel | None:
         """Train (this process's rank of it); rank 0 reports and returns the result, others None."""
         train_config = TrainConfig(**self.train_config)

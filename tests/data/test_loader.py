@@ -9,6 +9,8 @@ import torch
 
 from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
 
+VOCAB_SIZE = 1 << 16
+
 
 @pytest.fixture
 def counting_shards(tmp_path, write_shard) -> list[Path]:
@@ -21,7 +23,7 @@ def counting_shards(tmp_path, write_shard) -> list[Path]:
 
 
 def test_windows_are_contiguous_across_record_batches_and_shards(counting_shards):
-    windows = TokenWindows(counting_shards, block_size=64)
+    windows = TokenWindows(counting_shards, block_size=64, vocab_size=VOCAB_SIZE)
     crossed_record_batch = crossed_shard = False
     for step in range(100):
         inputs, targets = windows.sample_batch(seed=0, step=step, micro_step=0, batch_size=16)
@@ -36,9 +38,10 @@ def test_windows_are_contiguous_across_record_batches_and_shards(counting_shards
 
 
 def test_same_seed_and_step_give_the_same_batch(counting_shards):
-    windows = TokenWindows(counting_shards, block_size=32)
+    windows = TokenWindows(counting_shards, block_size=32, vocab_size=VOCAB_SIZE)
     first = windows.sample_batch(seed=7, step=3, micro_step=1, batch_size=8)
-    again = TokenWindows(counting_shards, block_size=32).sample_batch(seed=7, step=3, micro_step=1, batch_size=8)
+    again = TokenWindows(counting_shards, block_size=32, vocab_size=VOCAB_SIZE).sample_batch(
+        seed=7, step=3, micro_step=1, batch_size=8)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     for other in (
         dict(seed=8, step=3, micro_step=1),
@@ -50,7 +53,7 @@ def test_same_seed_and_step_give_the_same_batch(counting_shards):
 
 
 def test_window_starts_are_uniform_over_the_stream(counting_shards):
-    windows = TokenWindows(counting_shards, block_size=100)
+    windows = TokenWindows(counting_shards, block_size=100, vocab_size=VOCAB_SIZE)
     starts = torch.cat([windows.sample_batch(0, step, 0, 64)[0][:, 0] for step in range(100)])
     share_in_first_shard = (starts < 1000).float().mean().item()
     assert abs(share_in_first_shard - 1000 / 3900) < 0.03
@@ -58,7 +61,7 @@ def test_window_starts_are_uniform_over_the_stream(counting_shards):
 
 
 def test_sequential_batches_cover_the_stream_once_in_order(counting_shards):
-    windows = TokenWindows(counting_shards, block_size=64)
+    windows = TokenWindows(counting_shards, block_size=64, vocab_size=VOCAB_SIZE)
     batches = list(windows.sequential_batches(batch_size=5, max_tokens=10**9))
     inputs = torch.cat([x for x, _ in batches])
     targets = torch.cat([y for _, y in batches])
@@ -72,7 +75,7 @@ def test_sequential_batches_cover_the_stream_once_in_order(counting_shards):
 
 
 def test_sequential_batches_stop_at_max_tokens(counting_shards):
-    windows = TokenWindows(counting_shards, block_size=64)
+    windows = TokenWindows(counting_shards, block_size=64, vocab_size=VOCAB_SIZE)
     batches = list(windows.sequential_batches(batch_size=4, max_tokens=640))
     assert sum(len(x) for x, _ in batches) == 10
     assert [len(x) for x, _ in batches] == [4, 4, 2]
@@ -80,7 +83,7 @@ def test_sequential_batches_stop_at_max_tokens(counting_shards):
 
 def test_uint32_shards_load(tmp_path, write_shard):
     tokens = np.arange(70000, 70500, dtype=np.uint32)
-    windows = TokenWindows([write_shard(tmp_path / "big-vocab.arrow", tokens)], block_size=16)
+    windows = TokenWindows([write_shard(tmp_path / "big-vocab.arrow", tokens)], block_size=16, vocab_size=100_000)
     inputs, _ = windows.sample_batch(0, 0, 0, 4)
     assert inputs.min() >= 70000
 
@@ -88,7 +91,7 @@ def test_uint32_shards_load(tmp_path, write_shard):
 def test_too_little_text_names_a_file_and_the_fix(tmp_path, write_shard):
     short = [write_shard(tmp_path / f"short-{i}.arrow", np.arange(30, dtype=np.uint16)) for i in range(2)]
     with pytest.raises(ValueError) as error:
-        TokenWindows(short, block_size=64)
+        TokenWindows(short, block_size=64, vocab_size=VOCAB_SIZE)
     message = str(error.value)
     assert "short-0.arrow" in message and "60 tokens" in message
     assert "block_size" in message and "65" in message
@@ -98,7 +101,7 @@ def test_shards_shorter_than_a_window_still_contribute_every_token(tmp_path, wri
     tiny_files = [
         write_shard(tmp_path / f"tiny-{i}.arrow", np.arange(10 * i, 10 * i + 10, dtype=np.uint16)) for i in range(20)
     ]
-    windows = TokenWindows(tiny_files, block_size=64)
+    windows = TokenWindows(tiny_files, block_size=64, vocab_size=VOCAB_SIZE)
     assert windows.num_tokens == 200
     seen = torch.cat([torch.cat([x, y[:, -1:]], dim=1).flatten() for x, y in
                       (windows.sample_batch(0, step, 0, 8) for step in range(50))])
@@ -111,12 +114,12 @@ def test_a_shard_without_a_tokens_column_is_rejected(tmp_path):
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(pa.record_batch([pa.array(["hello"])], schema=schema))
     with pytest.raises(ValueError, match="'tokens' column"):
-        TokenWindows([path], block_size=4)
+        TokenWindows([path], block_size=4, vocab_size=VOCAB_SIZE)
 
 
 def test_mixed_windows_draw_each_part_at_its_share_deterministically(counting_shards, tmp_path, write_shard):
-    old = TokenWindows(counting_shards, block_size=32)
-    new = TokenWindows([write_shard(tmp_path / "new.arrow", np.arange(50000, 51000, dtype=np.uint16))], 32)
+    old = TokenWindows(counting_shards, block_size=32, vocab_size=VOCAB_SIZE)
+    new = TokenWindows([write_shard(tmp_path / "new.arrow", np.arange(50000, 51000, dtype=np.uint16))], 32, VOCAB_SIZE)
     mixed = MixedWindows([(old, 0.75), (new, 0.25)])
     starts = torch.cat([mixed.sample_batch(3, step, 0, 64)[0][:, 0] for step in range(50)])
     assert abs((starts >= 50000).float().mean().item() - 0.25) < 0.03
@@ -127,19 +130,19 @@ def test_mixed_windows_draw_each_part_at_its_share_deterministically(counting_sh
 
 
 def test_ranks_take_slices_of_one_global_batch(counting_shards, tmp_path, write_shard):
-    whole = TokenWindows(counting_shards, block_size=32).sample_batch(5, 2, 1, batch_size=8)[0]
-    ranks = [TokenWindows(counting_shards, 32).sample_batch(5, 2, 1, batch_size=4, rank=r, world_size=2)[0]
+    whole = TokenWindows(counting_shards, block_size=32, vocab_size=VOCAB_SIZE).sample_batch(5, 2, 1, batch_size=8)[0]
+    ranks = [TokenWindows(counting_shards, 32, VOCAB_SIZE).sample_batch(5, 2, 1, batch_size=4, rank=r, world_size=2)[0]
              for r in range(2)]
     assert torch.equal(torch.cat(ranks), whole)
-    new = TokenWindows([write_shard(tmp_path / "new.arrow", np.arange(50000, 51000, dtype=np.uint16))], 32)
-    mixed = MixedWindows([(TokenWindows(counting_shards, 32), 0.5), (new, 0.5)])
+    new = TokenWindows([write_shard(tmp_path / "new.arrow", np.arange(50000, 51000, dtype=np.uint16))], 32, VOCAB_SIZE)
+    mixed = MixedWindows([(TokenWindows(counting_shards, 32, VOCAB_SIZE), 0.5), (new, 0.5)])
     whole = mixed.sample_batch(5, 2, 1, batch_size=8)[0]
     ranks = [mixed.sample_batch(5, 2, 1, batch_size=4, rank=r, world_size=2)[0] for r in range(2)]
     assert torch.equal(torch.cat(ranks), whole)
 
 
 def test_prefetched_batches_are_the_sampled_batches_in_order(counting_shards):
-    windows = TokenWindows(counting_shards, block_size=16)
+    windows = TokenWindows(counting_shards, block_size=16, vocab_size=VOCAB_SIZE)
     prefetched = list(prefetch_batches(windows, 3, range(2, 6), accum_steps=3, batch_size=4, rank=1, world_size=2))
     expected = [windows.sample_batch(3, step, micro, 4, rank=1, world_size=2) for step in range(2, 6) for micro in range(3)]
     assert len(prefetched) == len(expected) == 12

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from gptflow.data.shards import iter_raw_batches
-from gptflow.data.store import hash_file, is_complete
+from gptflow.data.store import CorruptArtifactError, hash_file, is_complete
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRA_FILE = Path(json.__file__).parent.parent / "argparse.py"
@@ -140,6 +140,34 @@ def test_deleted_artifact_is_recomputed_and_only_its_stage_reruns(run_pipeline, 
                                "pretrain": "cached", "evaluate": "cached"}
     assert repaired_tags["gptflow.tokenize.files_tokenized"] == "1"
     rebuilt = _token_units(repaired_tags, run_pipeline.workspace)["json_decoder.py"]
+    assert rebuilt["directory"] == unit["directory"] and is_complete(Path(unit["directory"]))
+    assert {name: digest for name, (digest, _) in rebuilt["files"].items()} == {
+        name: digest for name, (digest, _) in unit["files"].items()
+    }
+
+
+def test_a_token_shard_altered_behind_its_size_and_mtime_fails_training_then_is_recomputed(run_pipeline, corpus):
+    _, tags = run_pipeline(corpus)
+    source, unit = next((source, unit) for source, unit in sorted(_token_units(tags, run_pipeline.workspace).items())
+                        if "train.arrow" in unit["files"])
+    shard = Path(unit["directory"]) / "train.arrow"
+    stat = shard.stat()
+    with open(shard, "r+b") as file:
+        file.seek(stat.st_size // 2)
+        file.write(b"\xff\xff")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    # The cache check (size and mtime) keeps the tokenize stage cached; training, which the new
+    # learning rate reruns, re-hashes its shards and refuses this one.
+    retrain = {"train.learning_rate": 1e-3}
+    with pytest.raises(CorruptArtifactError, match=f"{shard}.*altered after it was written.*next run recomputes"):
+        run_pipeline(corpus, overrides=retrain)
+
+    repaired, repaired_tags = run_pipeline(corpus, overrides=retrain)
+    assert repaired.stages == {"ingest": "cached", "tokenizer": "cached", "tokenize": "executed",
+                               "pretrain": "executed", "evaluate": "executed"}
+    assert repaired_tags["gptflow.tokenize.files_tokenized"] == "1"
+    rebuilt = _token_units(repaired_tags, run_pipeline.workspace)[source]
     assert rebuilt["directory"] == unit["directory"] and is_complete(Path(unit["directory"]))
     assert {name: digest for name, (digest, _) in rebuilt["files"].items()} == {
         name: digest for name, (digest, _) in unit["files"].items()

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from gptflow.data.store import CONTENTS_FILE, CorruptArtifactError, atomic_directory, is_complete
 from gptflow.model.checkpoint import (
     OPTIMIZER_FILE,
     WEIGHTS_FILE,
@@ -71,9 +74,13 @@ def test_tied_weights_are_stored_once(tmp_path, tiny_config):
 
 def test_optimizer_state_is_never_unpickled_as_code(tmp_path, tiny_config):
     model, optimizer = trained_pair(tiny_config, steps=0)
-    path = save_checkpoint(tmp_path, model, optimizer, state_at(0))
-    # A pickle that would run a command if loaded with weights_only=False.
-    (path / OPTIMIZER_FILE).write_bytes(pickle.dumps(_RunsCodeOnLoad(), protocol=2))
+    saved = save_checkpoint(tmp_path, model, optimizer, state_at(0))
+    # A crafted checkpoint, committed with its own contents.json, so it passes the hash check:
+    # its pickle would run a command if loaded with weights_only=False.
+    path = tmp_path / "crafted"
+    with atomic_directory(path) as tmp:
+        shutil.copytree(saved, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CONTENTS_FILE))
+        (tmp / OPTIMIZER_FILE).write_bytes(pickle.dumps(_RunsCodeOnLoad(), protocol=2))
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(path, model, optimizer)
 
@@ -137,6 +144,38 @@ def test_load_model_refuses_an_altered_export(tmp_path, tiny_config):
         weights.write(b"\x00\x00\x80\x7f")  # flip the last float: same size, new bytes
     with pytest.raises(FileNotFoundError, match="not a complete model directory"):
         load_model(final)
+
+
+def alter_keeping_size_and_mtime(path: Path) -> None:
+    """Overwrite the last 4 bytes of ``path`` and put its mtime back: ``is_complete``'s size and
+    mtime check cannot see the change."""
+    stat = path.stat()
+    with open(path, "r+b") as file:
+        file.seek(-4, os.SEEK_END)
+        last = file.read(4)
+        file.seek(-4, os.SEEK_END)
+        file.write(bytes(255 - byte for byte in last))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_load_model_refuses_weights_altered_behind_an_unchanged_size_and_mtime(tmp_path, tiny_config):
+    model, _ = trained_pair(tiny_config, steps=0)
+    final = save_final(tmp_path, model)
+    alter_keeping_size_and_mtime(final / WEIGHTS_FILE)
+    assert is_complete(final)  # the cheap check is fooled...
+    with pytest.raises(CorruptArtifactError, match=f"{final / WEIGHTS_FILE}.*altered after it was written"):
+        load_model(final)
+    assert not is_complete(final)  # ...and, once the load found out, no longer trusts the directory
+
+
+def test_load_checkpoint_refuses_an_optimizer_state_altered_behind_an_unchanged_size_and_mtime(tmp_path, tiny_config):
+    model, optimizer = trained_pair(tiny_config, steps=1)
+    path = save_checkpoint(tmp_path, model, optimizer, state_at(1))
+    alter_keeping_size_and_mtime(path / OPTIMIZER_FILE)
+    load_checkpoint(path, model)  # weights only: the optimizer state is not read
+    with pytest.raises(CorruptArtifactError, match=OPTIMIZER_FILE):
+        load_checkpoint(path, model, optimizer)
+    assert latest_checkpoint(tmp_path) is None
 
 
 def test_round_trip_of_a_modern_model_with_muon_continues_identically(tmp_path, tiny_config):

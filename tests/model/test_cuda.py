@@ -42,7 +42,7 @@ def test_optimizer_is_fused_on_cuda(tiny_config):
 
 
 def test_batches_can_be_pinned(pattern_shards, tiny_config):
-    inputs, targets = TokenWindows(pattern_shards[0], tiny_config.block_size).sample_batch(0, 0, 0, 4, pin_memory=True)
+    inputs, targets = TokenWindows(pattern_shards[0], tiny_config.block_size, tiny_config.vocab_size).sample_batch(0, 0, 0, 4, pin_memory=True)
     assert inputs.is_pinned() and targets.is_pinned()
 
 

@@ -27,7 +27,7 @@ def model(tiny_config) -> GPT:
 
 
 def test_evaluate_loss_is_the_token_weighted_mean_over_sequential_windows(model, tiny_config, pattern_shards):
-    windows = TokenWindows(pattern_shards[1], tiny_config.block_size)
+    windows = TokenWindows(pattern_shards[1], tiny_config.block_size, tiny_config.vocab_size)
     model.train()
     loss, n_tokens = evaluate_loss(model, windows, max_tokens=160, batch_size=3, device="cpu")
     assert model.training  # mode restored

@@ -214,7 +214,7 @@ def test_continuation_starts_from_the_earlier_checkpoint_and_learns_the_new_data
         torch.testing.assert_close(tensor, start[name], atol=1e-6, rtol=0)
 
     def loss_on(model_dir: Path, shards: list[Path]) -> float:
-        return evaluate_loss(load_model(model_dir), TokenWindows(shards, 16), 256, 4, "cpu")[0]
+        return evaluate_loss(load_model(model_dir), TokenWindows(shards, 16, tiny_config.vocab_size), 256, 4, "cpu")[0]
 
     assert loss_on(first.final_dir, [new_shard]) > 4.0  # the first run never saw the new phrase
     learning = dataclasses.replace(tiny_train_config, max_steps=60, learning_rate=1e-2)
