@@ -35,8 +35,10 @@ SAMPLE_SEPARATOR = "-" * 40
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # MLflow draws a progress bar per artifact copy, which floods logs of non-interactive runs.
+    # MLflow draws a progress bar per artifact copy, which floods logs of non-interactive runs, and
+    # prints its own links to a run, which open its UI on the GenAI pages: the summary gives the link.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         return args.handler(args)
     except Exception as error:

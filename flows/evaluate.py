@@ -58,7 +58,9 @@ class EvaluateSummary:
     samples: list[str]
     elapsed_s: float
     mlflow_run_id: str
-    tracking_uri: str
+    run_name: str
+    mlflow_view: str
+    """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -91,6 +93,7 @@ class EvaluateSummary:
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: one row per metric, then where to look next."""
         rows = [
+            f"| run | {self.run_name} |",
             f"| model | `{self.model}` (weights {self.weights_hash[:12]}) |",
             *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
             *(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value:,} |"
@@ -122,8 +125,7 @@ class EvaluateSummary:
                 f"examples of {self.classification_file}; confusion matrix in the run's eval/classification/"
             )
         lines += [f"wall time   {human_duration(self.elapsed_s)}", f"mlflow      run {self.mlflow_run_id}"]
-        if self.tracking_uri.startswith("sqlite:///"):
-            lines.append(f"            see it: mlflow ui --backend-store-uri {self.tracking_uri}")
+        lines.append(f"            {self.mlflow_view}")
         if self.samples:
             lines.append("sample      " + "\n            ".join(self.samples[0].strip().splitlines()[:6]))
         return "\n".join(lines)
@@ -239,7 +241,8 @@ def evaluate(
             samples=samples,
             elapsed_s=time.monotonic() - started,
             mlflow_run_id=run.run_id,
-            tracking_uri=workspace_dir.tracking_uri,
+            run_name=run.name,
+            mlflow_view=run.how_to_view(),
         )
         run.log_text(json.dumps(summary.report(), indent=2), "eval/report.json")
         if samples:

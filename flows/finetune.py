@@ -65,7 +65,9 @@ class FinetuneSummary:
     registered_model: str
     elapsed_s: float
     mlflow_run_id: str
-    tracking_uri: str
+    run_name: str
+    mlflow_view: str
+    """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
     samples: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -75,6 +77,7 @@ class FinetuneSummary:
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it scored, where the model is."""
         rows = [
+            f"| run | {self.run_name} |",
             f"| objective | {self.objective} |",
             f"| base model | `{self.base_model}` (weights {self.base_weights_hash[:12]}) |",
             f"| data | {self.data} |",
@@ -112,8 +115,7 @@ class FinetuneSummary:
             f"wall time   {human_duration(self.elapsed_s)}",
             f"mlflow      run {self.mlflow_run_id}",
         ]
-        if self.tracking_uri.startswith("sqlite:///"):
-            lines.append(f"            see it: mlflow ui --backend-store-uri {self.tracking_uri}")
+        lines.append(f"            {self.mlflow_view}")
         if self.samples:
             sample = self.samples[0]
             lines.append("sample      " + "\n            ".join(
@@ -217,7 +219,8 @@ def finetune(
         registered_model=tuned.registered_model,
         elapsed_s=time.monotonic() - started,
         mlflow_run_id=run.run_id,
-        tracking_uri=workspace_dir.tracking_uri,
+        run_name=run.name,
+        mlflow_view=run.how_to_view(),
         samples=report.samples,
     )
     create_markdown_artifact(key="finetune-summary", markdown=summary.markdown(run.url),

@@ -48,12 +48,15 @@ class PretrainSummary:
     perplexity: float
     elapsed_s: float
     mlflow_run_id: str
-    tracking_uri: str
+    run_name: str
+    mlflow_view: str
+    """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
     samples: list[str] = field(default_factory=list)
 
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it produced, where to look next."""
         rows = [
+            f"| run | {self.run_name} |",
             *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
             f"| documents | {self.documents:,} |",
             f"| val | {self.val_split} |",
@@ -81,10 +84,7 @@ class PretrainSummary:
             f"wall time   {human_duration(self.elapsed_s)}",
             f"mlflow      run {self.mlflow_run_id}",
         ]
-        if self.tracking_uri.startswith("sqlite:///"):
-            lines.append(f"            see it: mlflow ui --backend-store-uri {self.tracking_uri}")
-        else:
-            lines.append(f"            tracking server: {self.tracking_uri}")
+        lines.append(f"            {self.mlflow_view}")
         if self.samples:
             first_sample = self.samples[0].strip().splitlines()[:6]
             lines.append("sample      " + "\n            ".join(first_sample))
@@ -175,7 +175,8 @@ def pretrain(
         perplexity=report.perplexity,
         elapsed_s=time.monotonic() - started,
         mlflow_run_id=run.run_id,
-        tracking_uri=workspace_dir.tracking_uri,
+        run_name=run.name,
+        mlflow_view=run.how_to_view(),
         samples=report.samples,
     )
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),

@@ -80,8 +80,10 @@ def up(workspace: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000) 
         _start(
             "prefect",
             [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
-            # The server's own database lives in the workspace, beside the runs it describes.
-            env={"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+            # The server's own database lives in the workspace, beside the runs it describes. Its UI
+            # must call the API on this port: by default it would call port 4200.
+            env={"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "PREFECT_UI_API_URL": f"http://{HOST}:{prefect_port}/api"},
             url=f"http://{HOST}:{prefect_port}",
             health_path="/api/health",
             log=logs / "prefect-server.log",

@@ -22,7 +22,7 @@ from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
 from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE
-from gptflow.tasks.tracking import MODEL_NAME
+from gptflow.tasks.tracking import MODEL_NAME, logged_model_id
 from gptflow.tasks.workspace import Workspace
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -196,8 +196,8 @@ def _artifact_location(uri: str, workspace: Workspace) -> str:
     if uri.startswith("runs:/"):
         run_id, _, path = uri.removeprefix("runs:/").partition("/")
         # The run's logged model (MLflow 3); a run logged before gptflow used them holds it as artifacts.
-        outputs = client.get_run(run_id).outputs.model_outputs if path == MODEL_NAME else []
-        return client.get_logged_model(outputs[0].model_id).artifact_location if outputs else uri
+        model_id = logged_model_id(client, run_id) if path == MODEL_NAME else None
+        return client.get_logged_model(model_id).artifact_location if model_id else uri
     name, _, version = uri.removeprefix("models:/").partition("/")
     if version:
         return client.get_model_version(name, version).source

@@ -53,9 +53,10 @@ METRICS_PER_BATCH = 1000
 class PipelineRun:
     """The MLflow run of one flow run; the flow and its tasks log through it."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, name: str = "") -> None:
         self.client = client
         self.run_id = run_id
+        self.name = name
         self.stage_statuses: dict[str, str] = {}
         self.tags: dict[str, str] = {}
 
@@ -79,9 +80,10 @@ class PipelineRun:
         self.stage_statuses[stage] = status
         self.set_tags({f"{STAGE_TAG_PREFIX}{stage}": status})
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, model_id: str | None = None) -> None:
+        """``model_id``: the logged model the metrics measure, so MLflow's Models tab shows them too."""
         timestamp = int(time.time() * 1000)
-        entries = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        entries = [Metric(key, float(value), timestamp, step, model_id=model_id) for key, value in metrics.items()]
         for start in range(0, len(entries), METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=entries[start:start + METRICS_PER_BATCH])
 
@@ -155,6 +157,15 @@ class PipelineRun:
             )
             self.client.log_model_artifacts(model_id, str(saved))
 
+    def how_to_view(self) -> str:
+        """Where a user sees this run: its address on a tracking server, else the ``mlflow ui``
+        command that serves the workspace's own store and the address of the run there."""
+        if self.url:
+            return self.url
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return (f"mlflow ui --backend-store-uri {self.client.tracking_uri}   then open "
+                f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{self.run_id}?{ML_VIEW}")
+
     @property
     def url(self) -> str | None:
         """Link to the run in a tracking server's UI, in its machine-learning view; None for a
@@ -187,6 +198,12 @@ class BufferedMetrics:
             batch, self.pending = self.pending[:METRICS_PER_BATCH], self.pending[METRICS_PER_BATCH:]
             self.run.client.log_batch(self.run.run_id, metrics=batch)
         self.last_flush = time.monotonic()
+
+
+def logged_model_id(client: MlflowClient, run_id: str) -> str | None:
+    """The id of the model the run ``run_id`` logged (a run whose training was cached logged none)."""
+    outputs = client.get_run(run_id).outputs.model_outputs
+    return outputs[0].model_id if outputs else None
 
 
 def run_name(flow: str, overrides: dict[str, Any] | None, *context: str | None) -> str:
@@ -236,7 +253,7 @@ def pipeline_run(workspace: Workspace, tags: dict[str, Any], name: str | None = 
     if "prefect.flow_run_url" in tags:
         tags["mlflow.note.content"] = f"Prefect flow run: [{run_name}]({tags['prefect.flow_run_url']})"
     created = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
-    run = PipelineRun(client, created.info.run_id)
+    run = PipelineRun(client, created.info.run_id, run_name)
     try:
         yield run
     except BaseException:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,9 @@ def stack(tmp_path_factory):
                        for line in started.stdout.splitlines() if line.startswith("export "))
         assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{ports[0]}/api"
         assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports[1]}"
+        # The Prefect UI served on this port calls the API on this port too (its default is 4200).
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/ui-settings", timeout=10) as answer:
+            assert json.load(answer)["api_url"] == exports["PREFECT_API_URL"]
         yield {**env, **exports}
     finally:
         stopped = _gptflow("down", *args, env=env, timeout=120)
@@ -91,7 +95,11 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
     [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.params["preset"] == "tiny"
-    assert mlflow_run.data.tags["prefect.flow_run_url"].startswith(stack["PREFECT_API_URL"].removesuffix("/api"))
+    flow_run_url = mlflow_run.data.tags["prefect.flow_run_url"]
+    assert flow_run_url.startswith(stack["PREFECT_API_URL"].removesuffix("/api"))
+    # The run's description links to its Prefect flow run, under the name both UIs show.
+    assert mlflow_run.data.tags["mlflow.note.content"] == f"Prefect flow run: [{mlflow_run.info.run_name}]({flow_run_url})"
+    assert mlflow_run.info.run_name.startswith("pretrain tiny ")
     assert mlflow_run.data.metrics["eval/val_loss"] > 0
     assert len(client.get_metric_history(mlflow_run.info.run_id, "train/loss")) == 6
     top_level = {artifact.path for artifact in client.list_artifacts(mlflow_run.info.run_id)}

@@ -93,7 +93,9 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     experiment = client.get_experiment(first_run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     [output] = first_run.outputs.model_outputs
-    assert client.get_logged_model(output.model_id).source_run_id == first_run.info.run_id
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == first_run.info.run_id
+    assert {metric.key for metric in model.metrics} >= {"eval/val_loss", "eval/perplexity"}  # in the Models tab
     assert not second_run.outputs.model_outputs
 
 
