@@ -129,8 +129,9 @@ class PipelineRun:
             self.client.create_registered_model(registered_name)
         # The artifact location, not models:/<id>: MLflow resolves that through the process-wide
         # tracking URI, which need not be this workspace's.
+        # A tracking store creates versions at once; waiting (MLflow's default) only logs a line.
         version = self.client.create_model_version(registered_name, logged.artifact_location, run_id=self.run_id,
-                                                   model_id=logged.model_id)
+                                                   model_id=logged.model_id, await_creation_for=0)
         return version.version
 
     def _save_pyfunc_model(
