@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,11 +44,9 @@ MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
-class FinetuneResult:
-    model_dir: Path
-    """The fine-tuned GPT (LoRA merged): ``model.safetensors`` + ``config.json``."""
-    classifier_dir: Path | None
-    """Classification: the head (``model.classifier.load_classifier`` reads both)."""
+class FinetuneOutcome:
+    """What a fine-tuning run achieved: kept by the loop's result and by the stage's record alike."""
+
     steps: int
     trainable_parameters: int
     total_parameters: int
@@ -56,6 +55,18 @@ class FinetuneResult:
     final_val_loss: float
     final_train_loss: float
     elapsed_s: float
+
+    def outcome(self) -> dict[str, Any]:
+        """The ``FinetuneOutcome`` fields alone, to build another kind of record from."""
+        return {shared.name: getattr(self, shared.name) for shared in fields(FinetuneOutcome)}
+
+
+@dataclass
+class FinetuneResult(FinetuneOutcome):
+    model_dir: Path
+    """The fine-tuned GPT (LoRA merged): ``model.safetensors`` + ``config.json``."""
+    classifier_dir: Path | None
+    """Classification: the head (``model.classifier.load_classifier`` reads both)."""
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Metric name → (step, value) of every report."""
 

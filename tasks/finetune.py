@@ -34,7 +34,7 @@ from gptflow.model.checkpoint import load_model
 from gptflow.model.classifier import load_classifier
 from gptflow.model.device import resolve_device
 from gptflow.model.config import SamplingConfig, TrainConfig
-from gptflow.model.finetune import build_finetune_model, finetune, generate_response, score_examples
+from gptflow.model.finetune import FinetuneOutcome, build_finetune_model, finetune, generate_response, score_examples
 from gptflow.model.gpt import GPT
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.caching import run_stage, stage_key
@@ -153,7 +153,7 @@ def prepare_data(
 
 
 @dataclass
-class FinetunedModel:
+class FinetunedModel(FinetuneOutcome):
     run_dir: str
     model_dir: str
     """The fine-tuned GPT, LoRA merged: ``model.checkpoint.load_model`` loads it."""
@@ -166,13 +166,6 @@ class FinetunedModel:
     weights_hash: str
     """Content hash of the model (and head): the input key of its evaluation."""
     objective: str
-    steps: int
-    trainable_parameters: int
-    total_parameters: int
-    initial_val_loss: float
-    final_val_loss: float
-    final_train_loss: float
-    elapsed_s: float
     trained_in_mlflow_run: str
     registered_model: str
     """``name/version`` in the MLflow model registry."""
@@ -231,10 +224,7 @@ def train_task(
         run_dir=run_dir, model_dir=str(result.model_dir),
         classifier_dir=str(result.classifier_dir) if result.classifier_dir else None,
         tokenizer_dir=str(run_dir_path / TOKENIZER_DIR), report_dir=str(run_dir_path / REPORT_DIR),
-        weights_hash=weights_hash, objective=objective, steps=result.steps,
-        trainable_parameters=result.trainable_parameters, total_parameters=result.total_parameters,
-        initial_val_loss=result.initial_val_loss, final_val_loss=result.final_val_loss,
-        final_train_loss=result.final_train_loss, elapsed_s=result.elapsed_s, trained_in_mlflow_run=mlflow_run_id,
+        weights_hash=weights_hash, objective=objective, trained_in_mlflow_run=mlflow_run_id, **result.outcome(),
         registered_model=f"{REGISTERED_MODELS[objective]}/{version}",
     )
 
