@@ -70,7 +70,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         config_file=args.config,
         overrides=overrides,
         workspace=args.workspace,
-        resume=args.resume,
+        restart=args.restart,
         retrain_tokenizer=args.retrain_tokenizer,
         from_scratch=args.from_scratch,
     )
@@ -249,8 +249,9 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--nproc", type=int, metavar="N",
                           help="train data-parallel on N GPUs (or CPU processes) via torchrun; "
                           "same as --set train.nproc=N")
-    pretrain.add_argument("--resume", action="store_true",
-                          help="continue an interrupted training run from its latest checkpoint")
+    pretrain.add_argument("--restart", action="store_true",
+                          help="train from step 0, deleting the checkpoints of an earlier training at these exact "
+                          "settings; without it, a training that stopped early resumes from its latest checkpoint")
     pretrain.add_argument("--retrain-tokenizer", action="store_true",
                           help="train a new tokenizer instead of keeping the one earlier runs over this "
                           "corpus used (re-tokenizes every file)")

@@ -106,7 +106,7 @@ def pretrain(
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,
     workspace: str | None = None,
-    resume: bool = False,
+    restart: bool = False,
     retrain_tokenizer: bool = False,
     from_scratch: bool = False,
 ) -> PretrainSummary:
@@ -118,7 +118,9 @@ def pretrain(
         config_file: a TOML/JSON file of settings applied over the preset.
         overrides: ``{"section.field": value}`` applied last, e.g. ``{"train.max_steps": 200}``.
         workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
-        resume: continue an interrupted training run from its latest checkpoint.
+        restart: train again from step 0, deleting the checkpoints an interrupted (or finished)
+            training at these exact settings left; by default such a training resumes from its
+            latest checkpoint.
         retrain_tokenizer: train a new tokenizer instead of keeping the one earlier runs over this
             corpus used (which re-tokenizes every file).
         from_scratch: train a new model instead of continuing the latest compatible one of this
@@ -139,7 +141,7 @@ def pretrain(
     lineage = Lineage.load(workspace_dir, corpus)
     with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
-            "preset": preset, "corpus": " ".join(corpus), "resume": resume,
+            "preset": preset, "corpus": " ".join(corpus), "restart": restart,
             "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, **config.flatten(),
         })
         corpus_manifest = ingest(sources, config.data, workspace_dir, run)
@@ -152,13 +154,10 @@ def pretrain(
                          | {"gptflow.previous_run": lineage.last_mlflow_run_id})
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
-            registered_model_name=f"gptflow-{preset}", resume=resume, from_scratch=from_scratch,
+            registered_model_name=f"gptflow-{preset}", restart=restart, from_scratch=from_scratch,
         )
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
-        lineage.last_corpus_manifest = corpus_manifest.path
-        lineage.last_tokens_manifest = tokens.path
-        lineage.last_mlflow_run_id = run.run_id
-        lineage.save()
+        lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 
     summary = PretrainSummary(
         stages=dict(run.stage_statuses),

@@ -73,13 +73,18 @@ def save_checkpoint(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
     return path
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def checkpoint_directories(run_dir: Path) -> list[Path]:
+    """Committed checkpoints of a run, oldest first, with any whose files were altered or whose
+    record was discarded since (``load_checkpoint`` says what is wrong with those)."""
     directory = Path(run_dir) / CHECKPOINTS_DIR
     if not directory.is_dir():
         return []
-    found = [path for path in directory.iterdir() if CHECKPOINT_NAME.match(path.name) and is_complete(path)]
-    return sorted(found, key=lambda path: path.name)
+    return sorted((path for path in directory.iterdir() if CHECKPOINT_NAME.match(path.name)), key=lambda path: path.name)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return [path for path in checkpoint_directories(run_dir) if is_complete(path)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

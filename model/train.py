@@ -22,12 +22,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
+from gptflow.data.store import discard_contents
 from gptflow.model.checkpoint import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
     TrainerState,
     checkpoint_path,
-    latest_checkpoint,
+    checkpoint_directories,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -50,6 +51,13 @@ class TrainingCallback(Protocol):
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         """Called once the checkpoint of ``step`` is committed at ``path``."""
+
+    def on_resume(self, step: int, path: Path) -> None:
+        """Called before the first step when training continues from the checkpoint ``path``."""
+
+    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
+        """Called when the checkpoint ``path`` cannot be loaded; ``fallback`` (an older checkpoint)
+        is tried next, or training starts from step 0 when it is None."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +112,10 @@ def pretrain(
 ) -> TrainResult:
     """Train a GPT on the token shards ``train_paths``, checkpointing into ``run_dir``.
 
-    ``resume=True`` continues from the latest complete checkpoint of ``run_dir`` (or starts
-    fresh when there is none); ``resume=False`` deletes the run's checkpoints and export first.
+    ``resume=True`` continues from the latest checkpoint of ``run_dir`` that loads: one that does not
+    (altered, or another model's) is reported through the callback, discarded and the one before it
+    tried; with none left, training starts from step 0. ``resume=False`` deletes the run's
+    checkpoints and export first.
     A fresh start begins from random weights, or from ``continuation``'s checkpoint, sampling
     its new shards at its ``new_data_fraction``.
     Validation runs every ``val_interval`` steps and after the last one, on up to
@@ -150,10 +160,16 @@ def _train(
     train_windows = _training_windows(train_paths, continuation, model_config)
     val_windows = TokenWindows(val_paths, model_config.block_size, model_config.vocab_size) if val_paths else None
 
-    torch.manual_seed(train_config.seed)
-    model = GPT(model_config).to(device)  # initialised on the CPU: the same weights on any device
-    optimizer = build_optimizer(model, train_config, device)
-    restored = _restore_or_start_over(run_dir, model, optimizer, resume, ranks)
+    model, optimizer = _initial_model(model_config, train_config, device)
+    restored = None
+    if resume:
+        checkpoints = checkpoint_directories(run_dir)
+        restored = _restore_latest_loadable(checkpoints, model, optimizer, callback, ranks)
+        if checkpoints and restored is None:
+            # Each one failed to load, possibly after writing part of itself into them.
+            model, optimizer = _initial_model(model_config, train_config, device)
+    else:
+        _delete_checkpoints_and_export(run_dir, ranks)
     if restored is None and continuation is not None:
         load_checkpoint(continuation.checkpoint, model, optimizer)
     start_step = restored.step if restored else 0
@@ -276,17 +292,47 @@ def _training_windows(
     return MixedWindows([(old, 1.0 - continuation.new_data_fraction), (new, continuation.new_data_fraction)])
 
 
-def _restore_or_start_over(
-    run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, resume: bool, ranks: Ranks
+def _initial_model(
+    model_config: ModelConfig, train_config: TrainConfig, device: torch.device
+) -> tuple[GPT, torch.optim.Optimizer]:
+    torch.manual_seed(train_config.seed)
+    model = GPT(model_config).to(device)  # initialised on the CPU: the same weights on any device
+    return model, build_optimizer(model, train_config, device)
+
+
+def _restore_latest_loadable(
+    checkpoints: Sequence[Path],
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    callback: TrainingCallback | None,
+    ranks: Ranks,
 ) -> TrainerState | None:
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        return load_checkpoint(checkpoint, model, optimizer) if checkpoint else None
+    """Load the newest of ``checkpoints`` (oldest first) that loads; None when none does."""
+    newest_first = list(reversed(checkpoints))
+    for checkpoint, fallback in zip(newest_first, [*newest_first[1:], None]):
+        try:
+            state = load_checkpoint(checkpoint, model, optimizer)
+        # What load_checkpoint refuses (altered bytes, another model config, another optimizer's
+        # state) is never usable under this run; an older checkpoint or step 0 gives the same
+        # training. Errors of the machine (I/O, device memory) propagate: the checkpoint may be fine.
+        except (ValueError, KeyError) as error:
+            if ranks.is_main:
+                # No longer listed, so the step's next save replaces it instead of keeping it.
+                discard_contents(checkpoint)
+            if callback:
+                callback.on_unusable_checkpoint(checkpoint, error, fallback)
+            continue
+        if callback:
+            callback.on_resume(state.step, checkpoint)
+        return state
+    return None
+
+
+def _delete_checkpoints_and_export(run_dir: Path, ranks: Ranks) -> None:
     if ranks.is_main:
         for name in (CHECKPOINTS_DIR, FINAL_DIR):
             shutil.rmtree(run_dir / name, ignore_errors=True)
     ranks.barrier()
-    return None
 
 
 def _gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:

@@ -71,9 +71,11 @@ def run_stage(
     key: str,
     workspace: Workspace,
     is_valid: Callable[[Result], bool],
+    recompute: bool = False,
     **parameters: Any,
 ) -> StageOutcome[Result]:
-    """Run ``stage_task`` under ``key``; a cached result is reused only if ``is_valid`` says so.
+    """Run ``stage_task`` under ``key``; a cached result is reused only if ``is_valid`` says so,
+    and never with ``recompute`` (its new result replaces the cached one).
 
     Runs that reach the same key at the same time (two pipelines on one workspace) take turns:
     the second waits for the first, then finds its result in the cache. The task's exception,
@@ -84,7 +86,7 @@ def run_stage(
 
     with workspace.lock(key, on_wait=report_wait):
         storage = LocalFileSystem(basepath=str(workspace.prefect_results))
-        refresh = _cached_result_is_stale(ResultStore(result_storage=storage), key, is_valid)
+        refresh = recompute or _cached_result_is_stale(ResultStore(result_storage=storage), key, is_valid)
         configured = stage_task.with_options(
             cache_key_fn=lambda *_: key,
             result_storage=workspace.prefect_results,

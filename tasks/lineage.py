@@ -3,14 +3,16 @@
 A lineage is the history of pipeline runs given the same ``--corpus`` arguments in one
 workspace. When that corpus grows, a rerun keeps the lineage's tokenizer (so every unchanged
 file's token shards stay valid) and continues its latest compatible model on the new data,
-instead of starting over. The record is a JSON file in the store, replaced atomically at the end
-of each successful run; of two concurrent runs, the last to finish is the one remembered.
+instead of starting over. The record is a JSON file in the store. A run collects its changes and
+``commit`` applies them at its end to the file as it is then, under the lineage's workspace lock,
+so concurrent runs each add their model (the last to finish sets the ``last_*`` fields).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,19 @@ class ModelRecord:
 
 
 @dataclass
+class TrainingAttempt:
+    """A pretrain stage that began training, kept until a model of its key is recorded: a later run
+    under other settings says why it does not resume from the attempt's checkpoints."""
+
+    stage_key: str
+    run_dir: str
+    settings: dict[str, Any]
+    """What the stage key covers: ``model`` and ``train`` (dicts of fields), ``continuation``,
+    ``tokens`` (fingerprint), ``tokenizer`` (hash) and ``code`` (version)."""
+    mlflow_run_id: str
+
+
+@dataclass
 class Lineage:
     path: Path
     corpus: list[str]
@@ -68,14 +83,21 @@ class Lineage:
     """Tokenizer config+code key → ``{"stage_key", "artifact", "mlflow_run_id"}``."""
     models: list[ModelRecord] = field(default_factory=list)
     """Every model trained in this lineage, oldest first."""
+    attempts: list[TrainingAttempt] = field(default_factory=list)
+    """Trainings begun whose key has no model in ``models`` yet, oldest first."""
     last_corpus_manifest: str | None = None
     last_tokens_manifest: str | None = None
     last_mlflow_run_id: str | None = None
+    pending: list[Callable[[Lineage], None]] = field(default_factory=list, repr=False)
+    """This run's changes, not saved yet: ``commit`` applies them to the file as it is then."""
 
     @classmethod
     def load(cls, workspace: Workspace, corpus: list[str]) -> Lineage:
         identity = corpus_identity(corpus)
-        path = workspace.store / LINEAGE_DIR / f"{hash_json(identity)}.json"
+        return cls._read(workspace.store / LINEAGE_DIR / f"{hash_json(identity)}.json", identity)
+
+    @classmethod
+    def _read(cls, path: Path, identity: list[str]) -> Lineage:
         if not path.exists():
             return cls(path=path, corpus=identity)
         value = json.loads(path.read_text())
@@ -84,15 +106,60 @@ class Lineage:
             corpus=value["corpus"],
             tokenizers=value["tokenizers"],
             models=[ModelRecord.from_dict(record) for record in value["models"]],
+            attempts=[TrainingAttempt(**attempt) for attempt in value.get("attempts", [])],  # older files have none
             last_corpus_manifest=value["last_corpus_manifest"],
             last_tokens_manifest=value["last_tokens_manifest"],
             last_mlflow_run_id=value["last_mlflow_run_id"],
         )
 
-    def save(self) -> None:
-        value = asdict(self)
-        value.pop("path")
-        write_json_atomic(self.path, value)
+    def keep_tokenizer(self, settings_key: str, entry: dict[str, Any]) -> None:
+        """The tokenizer this run used under the tokenizer settings ``settings_key``."""
+        self._change(lambda lineage: lineage.tokenizers.update({settings_key: entry}))
+
+    def add_model(self, record: ModelRecord) -> None:
+        """Record a trained model; it ends the attempt at its key. The latest record of a key is the
+        one to continue from, so a rerun moves it to the end."""
+        def add(lineage: Lineage) -> None:
+            lineage.models = [model for model in lineage.models if model.stage_key != record.stage_key] + [record]
+            lineage.attempts = [attempt for attempt in lineage.attempts if attempt.stage_key != record.stage_key]
+
+        self._change(add)
+
+    def record_attempt(self, workspace: Workspace, attempt: TrainingAttempt) -> None:
+        """Save now, not at ``commit``, that ``attempt`` begins training: the run may never end."""
+        def record(lineage: Lineage) -> None:
+            lineage.attempts = [earlier for earlier in lineage.attempts if earlier.stage_key != attempt.stage_key]
+            lineage.attempts.append(attempt)
+
+        record(self)
+        self._update_file(workspace, [record])
+
+    def commit(self, workspace: Workspace, corpus_manifest: str, tokens_manifest: str, mlflow_run_id: str) -> None:
+        """Apply this run's changes, and the manifests and MLflow run it ended with, to the lineage
+        file as it is now: read, changed and replaced under the lineage's lock, so no concurrent
+        run's changes are lost."""
+        def finish(lineage: Lineage) -> None:
+            lineage.last_corpus_manifest = corpus_manifest
+            lineage.last_tokens_manifest = tokens_manifest
+            lineage.last_mlflow_run_id = mlflow_run_id
+
+        self._change(finish)
+        self._update_file(workspace, self.pending)
+        self.pending = []
+
+    def _change(self, change: Callable[[Lineage], None]) -> None:
+        change(self)  # later stages of this run see it at once
+        self.pending.append(change)
+
+    def _update_file(self, workspace: Workspace, changes: Sequence[Callable[[Lineage], None]]) -> None:
+        with workspace.lock(f"lineage-{self.path.stem}"):
+            latest = Lineage._read(self.path, self.corpus)
+            for change in changes:
+                change(latest)
+            value = asdict(latest)
+            for transient in ("path", "pending"):
+                del value[transient]
+            write_json_atomic(self.path, value)
 
     def previous_corpus(self) -> CorpusManifest | None:
         return _load_manifest(CorpusManifest, self.last_corpus_manifest)

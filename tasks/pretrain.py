@@ -11,20 +11,27 @@ from typing import Any
 
 from prefect import task
 
-from gptflow.data.store import hash_json, is_complete, read_contents_hash, verify_files
+from gptflow.data.store import code_version, hash_json, is_complete, read_contents_hash, verify_files
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact
-from gptflow.model.checkpoint import latest_checkpoint
+from gptflow.model.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
 from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size
 from gptflow.model.train import Continuation
 from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.config import IncrementalConfig
-from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord
+from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord, TrainingAttempt
 from gptflow.tasks.progress import run_logger
 from gptflow.tasks.tracking import GENERATOR_MODULE, PipelineRun
 from gptflow.tasks.training_job import TrainedModel, TrainingJob
 from gptflow.tasks.workspace import Workspace
 
+HASHED_SETTINGS = {
+    "continuation": "another starting point (continued model or data it had seen)",
+    "tokens": "other training data",
+    "tokenizer": "a different tokenizer",
+    "code": "other code (gptflow's training code or torch)",
+}
+"""The parts of a pretrain key named as a whole when they differ (hashes, or a structure)."""
 
 
 @task(name="pretrain-model")
@@ -100,9 +107,12 @@ def train_model(
     run: PipelineRun,
     lineage: Lineage,
     registered_model_name: str,
-    resume: bool = False,
+    restart: bool = False,
     from_scratch: bool = False,
 ) -> TrainedModel:
+    """Train the model the lineage's plan calls for, or return it cached. A training of this exact
+    key that stopped early resumes from its latest checkpoint; ``restart`` trains it again from
+    step 0, even when it had finished."""
     model_config = dataclasses.replace(model_config, vocab_size=pad_vocab_size(tokenizer.vocab_size))
     plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch)
     if plan.note:
@@ -123,20 +133,28 @@ def train_model(
         new_paths = [path for unit, path in _train_shards(tokens) if unit not in old_units]
         continuation = Continuation(Path(plan.continue_from.checkpoint), new_paths, incremental.new_data_fraction)
         train_config = _continuation_schedule(train_config, incremental, tokens, new_paths, model_config)
-    key = stage_key(
-        "pretrain",
-        config={
-            "model": dataclasses.asdict(model_config),
-            "train": dataclasses.asdict(train_config),
-            "continuation": None if continuation is None else {
-                "weights": plan.continue_from.weights_hash,
-                "seen_tokens": plan.continue_from.tokens_fingerprint,
-                "new_data_fraction": incremental.new_data_fraction,
-            },
+    settings = {
+        "model": dataclasses.asdict(model_config),
+        "train": dataclasses.asdict(train_config),
+        "continuation": None if continuation is None else {
+            "weights": plan.continue_from.weights_hash,
+            "seen_tokens": plan.continue_from.tokens_fingerprint,
+            "new_data_fraction": incremental.new_data_fraction,
         },
-        modules=(__name__, GENERATOR_MODULE),
-        inputs={"tokens": tokens.fingerprint, "tokenizer": tokenizer.hash},
-    )
+    }
+    inputs = {"tokens": tokens.fingerprint, "tokenizer": tokenizer.hash}
+    modules = (__name__, GENERATOR_MODULE)
+    key = stage_key("pretrain", config=settings, modules=modules, inputs=inputs)
+    run_dir = workspace.store / "runs" / key
+    if restart or not is_complete(run_dir / FINAL_DIR):  # this key is about to train
+        attempt = TrainingAttempt(key, str(run_dir), {**settings, **inputs, "code": code_version(*modules)}, run.run_id)
+        if note := _unresumed_attempt_note(lineage, attempt):
+            run_logger().warning(note)
+        lineage.record_attempt(workspace, attempt)
+    if restart:
+        trained_before = any((run_dir / name).exists() for name in (CHECKPOINTS_DIR, FINAL_DIR))
+        run_logger().info("pretrain: --restart: training from step 0"
+                          + (f", deleting the checkpoints and model in {run_dir}" if trained_before else ""))
     job = TrainingJob(
         model_config=dataclasses.asdict(model_config),
         train_config=dataclasses.asdict(train_config),
@@ -147,18 +165,19 @@ def train_model(
             "new_train_paths": [str(path) for path in continuation.new_train_paths],
             "new_data_fraction": continuation.new_data_fraction,
         },
-        run_dir=str(workspace.store / "runs" / key),
+        run_dir=str(run_dir),
         tokenizer_file=tokenizer.path,
         registered_model_name=registered_model_name,
         tracking_uri=workspace.tracking_uri,
         mlflow_run_id=run.run_id,
-        resume=resume,
+        restart=restart,
     )
     outcome = run_stage(
         pretrain_model_task,
         key=key,
         workspace=workspace,
         is_valid=lambda trained: is_complete(Path(trained.final_dir)) and is_complete(Path(trained.report_dir)),
+        recompute=restart,
         job=job,
     )
     trained = outcome.result
@@ -174,9 +193,7 @@ def train_model(
     # The model itself was logged and registered by the run that trained it (the tags name it);
     # a cached run does not upload it again.
     run.log_artifact(Path(trained.report_dir), "plots")
-    # The latest record of a key is the one to continue from; reruns move it to the end.
-    lineage.models = [record for record in lineage.models if record.stage_key != key]
-    lineage.models.append(ModelRecord(
+    lineage.add_model(ModelRecord(
         stage_key=key,
         compatibility=compatibility_key(dataclasses.asdict(model_config), tokenizer.hash),
         model_config=dataclasses.asdict(model_config),
@@ -214,11 +231,29 @@ def _continuation_schedule(
 
 
 def _describe_difference(previous: ModelRecord, model_config: dict[str, Any], tokenizer_hash: str) -> str:
-    changes = [
-        f"model.{name} {previous.model_config.get(name)} → {value}"
-        for name, value in model_config.items()
-        if previous.model_config.get(name) != value
-    ]
+    changes = _field_changes("model", previous.model_config, model_config)
     if previous.tokenizer_hash != tokenizer_hash:
         changes.append("a different tokenizer")
     return ", ".join(changes)
+
+
+def _unresumed_attempt_note(lineage: Lineage, attempt: TrainingAttempt) -> str | None:
+    """The latest training of this corpus under another key that stopped before its end: its
+    checkpoints stay where they are, and the log says why this run does not resume from them."""
+    for earlier in reversed(lineage.attempts):
+        run_dir = Path(earlier.run_dir)
+        checkpoint = latest_checkpoint(run_dir)
+        if earlier.stage_key != attempt.stage_key and checkpoint and not is_complete(run_dir / FINAL_DIR):
+            changes = [
+                *_field_changes("model", earlier.settings["model"], attempt.settings["model"]),
+                *_field_changes("train", earlier.settings["train"], attempt.settings["train"]),
+                *(description for name, description in HASHED_SETTINGS.items()
+                  if earlier.settings[name] != attempt.settings[name]),
+            ]
+            return (f"pretrain: run {earlier.mlflow_run_id} of this corpus stopped at {checkpoint}; this run does not "
+                    f"resume from it, as the settings differ: {', '.join(changes)} (its checkpoints are kept)")
+    return None
+
+
+def _field_changes(section: str, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    return [f"{section}.{name} {before.get(name)} → {value}" for name, value in after.items() if before.get(name) != value]

@@ -65,9 +65,9 @@ def train_tokenizer(
         origin = "trained" if outcome.status == "executed" else "cached"
     run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": origin})
     run.log_artifact(Path(tokenizer.path).parent, "tokenizer")
-    lineage.tokenizers[settings_key] = {
+    lineage.keep_tokenizer(settings_key, {
         "stage_key": key,
         "artifact": tokenizer.to_dict(),
         "mlflow_run_id": kept["mlflow_run_id"] if kept else run.run_id,
-    }
+    })
     return tokenizer

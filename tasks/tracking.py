@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from prefect.runtime import flow_run
 
 from gptflow.data.store import PACKAGE, module_file
 from gptflow.model.config import SamplingConfig
-
+from gptflow.tasks.progress import run_logger
 from gptflow.tasks.workspace import Workspace
 
 GENERATOR_MODULE = "gptflow.tasks.mlflow_model"
@@ -40,6 +41,11 @@ PURE_LAYERS = ("data", "model")
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "gptflow"
 STAGE_TAG_PREFIX = "gptflow.stage."
+HOST_TAG = "gptflow.host"
+PID_TAG = "gptflow.pid"
+"""The machine and process of a run: a RUNNING run whose process is gone was killed."""
+KILLED_TAG = "gptflow.killed"
+"""Why a run was marked KILLED by a later run."""
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """Tells MLflow 3's UI that the experiment holds trained models: it opens on the runs, not on the
 GenAI traces page."""
@@ -243,14 +249,16 @@ def flow_run_tags() -> dict[str, str]:
 def pipeline_run(workspace: Workspace, tags: dict[str, Any], name: str | None = None) -> Iterator[PipelineRun]:
     """Open the flow run's MLflow run, named ``name`` or else as the Prefect flow run is, and
     described by a link to that flow run when a Prefect UI serves it; it ends FINISHED, or FAILED
-    if the block raises."""
+    if the block raises. Runs of this machine that a killed process left RUNNING are marked KILLED
+    first."""
     run_name = name or flow_run.name
     # The first client of a SQLite store creates its tables; two runs starting at once must not
     # both migrate it.
     with workspace.lock("mlflow-store"):
         client = MlflowClient(workspace.tracking_uri)
         experiment_id = _experiment_id(client, workspace)
-    tags = {**flow_run_tags(), **tags}
+    _mark_runs_of_dead_processes_killed(client, experiment_id)
+    tags = {**flow_run_tags(), HOST_TAG: socket.gethostname(), PID_TAG: os.getpid(), **tags}
     if "prefect.flow_run_url" in tags:
         tags["mlflow.note.content"] = f"Prefect flow run: [{run_name}]({tags['prefect.flow_run_url']})"
     created = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
@@ -261,6 +269,35 @@ def pipeline_run(workspace: Workspace, tags: dict[str, Any], name: str | None = 
         client.set_terminated(run.run_id, status="FAILED")
         raise
     client.set_terminated(run.run_id, status="FINISHED")
+
+
+def _mark_runs_of_dead_processes_killed(client: MlflowClient, experiment_id: str) -> None:
+    """A process killed outright (SIGKILL, out of memory, power loss) never ends its run: mark the
+    experiment's RUNNING runs of this host whose process is gone KILLED. Runs of other hosts are
+    left alone, since their processes cannot be seen from here."""
+    host = socket.gethostname()
+    stranded = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    )
+    for stranded_run in stranded:
+        run_id, pid = stranded_run.info.run_id, stranded_run.data.tags.get(PID_TAG, "")
+        if not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        reason = f"its process {pid} on {host} ended without ending the run (killed)"
+        client.set_tag(run_id, KILLED_TAG, reason)
+        client.set_terminated(run_id, status="KILLED")
+        run_logger().warning(f"mlflow: run {run_id} ({stranded_run.info.run_name}) was still RUNNING, but {reason}: "
+                             "marked KILLED")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _experiment_id(client: MlflowClient, workspace: Workspace) -> str:

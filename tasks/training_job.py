@@ -71,7 +71,8 @@ class TrainingJob:
     registered_model_name: str
     tracking_uri: str
     mlflow_run_id: str
-    resume: bool
+    restart: bool
+    """Train from step 0, deleting the run's checkpoints, instead of resuming from the latest one."""
 
     def token_paths(self) -> list[str]:
         """Every token shard the job reads: old and new training shards, and validation shards."""
@@ -92,11 +93,13 @@ class TrainingJob:
         with _system_metrics(run) if is_main else contextlib.nullcontext():
             result = pretrain(
                 ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
-                [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=self.resume,
+                [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=not self.restart,
                 continuation=continuation,
             )
         if reporter is None:
             return None
+        if result.resumed_from_step is not None:
+            run.set_tags({"gptflow.resumed_from_step": result.resumed_from_step})
         if result.peak_memory_bytes is not None:
             reporter.metrics.add(result.steps, {"train/peak_memory_gib": result.peak_memory_bytes / 2**30})
         reporter.metrics.flush()
@@ -182,6 +185,14 @@ class TrainingReporter:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.logger.info(f"pretrain: checkpoint of step {step} saved to {path}")
+
+    def on_resume(self, step: int, path: Path) -> None:
+        self.logger.info(f"pretrain: resuming from step {step} (checkpoint {path}, left by an earlier attempt at these "
+                         "exact settings; --restart trains from step 0)")
+
+    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
+        instead = f"trying {fallback.name} instead" if fallback else "training from step 0"
+        self.logger.warning(f"pretrain: cannot resume from checkpoint {path}, {instead}: {error}")
 
     def write_report(self, directory: Path) -> None:
         (directory / "history.json").write_text(json.dumps(self.history, indent=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from mlflow import MlflowClient
 
 from gptflow.data.shards import iter_raw_batches
 from gptflow.data.store import CorruptArtifactError, hash_file, is_complete
+from gptflow.model.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRA_FILE = Path(json.__file__).parent.parent / "argparse.py"
@@ -59,6 +61,14 @@ def _token_units(summary_tags: dict[str, str], workspace: Path) -> dict[str, dic
             "files": {path.name: (hash_file(path), path.stat().st_mtime_ns) for path in files},
         }
     return described
+
+
+def _alter_behind_size_and_mtime(path: Path) -> None:
+    stat = path.stat()
+    with open(path, "r+b") as file:
+        file.seek(stat.st_size // 2)
+        file.write(b"\xff\xff")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def _splits_by_document(workspace: Path) -> dict[str, str]:
@@ -151,11 +161,7 @@ def test_a_token_shard_altered_behind_its_size_and_mtime_fails_training_then_is_
     source, unit = next((source, unit) for source, unit in sorted(_token_units(tags, run_pipeline.workspace).items())
                         if "train.arrow" in unit["files"])
     shard = Path(unit["directory"]) / "train.arrow"
-    stat = shard.stat()
-    with open(shard, "r+b") as file:
-        file.seek(stat.st_size // 2)
-        file.write(b"\xff\xff")
-    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _alter_behind_size_and_mtime(shard)
 
     # The cache check (size and mtime) keeps the tokenize stage cached; training, which the new
     # learning rate reruns, re-hashes its shards and refuses this one.
@@ -216,13 +222,54 @@ def test_two_runs_at_once_on_one_workspace_both_finish_consistently(prefect_api_
     assert len(list((store / "runs").iterdir())) == 1
 
 
-def test_a_run_killed_mid_training_leaves_nothing_mistaken_for_complete(prefect_api_url, corpus, tmp_path):
+def test_an_interrupted_training_resumes_from_its_latest_loadable_checkpoint_unless_restarted(
+    run_pipeline, corpus, caplog
+):
+    caplog.set_level(logging.INFO)
+    run_pipeline(corpus)
+    [run_dir] = (run_pipeline.workspace / "store" / "runs").iterdir()
+    weights = hash_file(run_dir / "final" / "model.safetensors")
+    # As a run killed after its last checkpoint leaves it, that checkpoint then altered on disk.
+    shutil.rmtree(run_dir / "final")
+    altered = run_dir / "checkpoints" / "step-00000030" / "model.safetensors"
+    _alter_behind_size_and_mtime(altered)
+
+    caplog.clear()
+    resumed, tags = run_pipeline(corpus)
+    assert resumed.stages["pretrain"] == "executed" and tags["gptflow.resumed_from_step"] == "15"
+    assert (f"pretrain: cannot resume from checkpoint {altered.parent}, trying step-00000015 instead: {altered} "
+            "does not hold the bytes written there") in caplog.text
+    assert f"pretrain: resuming from step 15 (checkpoint {run_dir / 'checkpoints' / 'step-00000015'}," in caplog.text
+    assert hash_file(run_dir / "final" / "model.safetensors") == weights
+
+    caplog.clear()
+    restarted, tags = run_pipeline(corpus, restart=True)
+    assert restarted.stages["pretrain"] == "executed" and "gptflow.resumed_from_step" not in tags
+    assert f"pretrain: --restart: training from step 0, deleting the checkpoints and model in {run_dir}" in caplog.text
+    assert "resuming" not in caplog.text
+    assert hash_file(run_dir / "final" / "model.safetensors") == weights
+
+
+def test_a_killed_run_is_marked_killed_and_the_next_run_of_its_settings_resumes_it(
+    prefect_api_url, corpus, tmp_path
+):
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    env.update(PREFECT_API_URL=prefect_api_url, GPTFLOW_HOME=str(tmp_path / "killed"))
-    command = [sys.executable, "-m", "gptflow.flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny",
-               "--set", "train.max_steps=1500", "--set", "train.checkpoint_interval=50",
-               "--set", "train.val_interval=500"]
-    victim = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # One thread per process: float reductions then add up alike in every run, bit for bit.
+    env.update(PREFECT_API_URL=prefect_api_url, OMP_NUM_THREADS="1")
+
+    def pretrain(workspace: str, max_steps: int, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "gptflow.flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny",
+                   "--set", f"train.max_steps={max_steps}", "--set", "train.checkpoint_interval=20",
+                   "--set", "train.val_interval=200"]
+        options = {"cwd": ROOT, "env": {**env, "GPTFLOW_HOME": str(tmp_path / workspace)}}
+        if not wait:
+            return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **options)
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=600, **options)
+        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+        return finished
+
+    reference = pretrain("reference", 600, wait=False)  # the same settings, never interrupted
+    victim = pretrain("killed", 600, wait=False)
     runs = tmp_path / "killed" / "store" / "runs"
     deadline = time.monotonic() + 300
     while not list(runs.glob("*/checkpoints/step-*")) and time.monotonic() < deadline:
@@ -230,8 +277,25 @@ def test_a_run_killed_mid_training_leaves_nothing_mistaken_for_complete(prefect_
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not list(runs.glob("*/final")), "killed before the end, yet a final model exists"
+    [run_dir] = runs.iterdir()
+    checkpoint = latest_checkpoint(run_dir)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
+    [killed_run] = client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
+    assert killed_run.info.status == "RUNNING"
 
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "pretrain executed" in rerun.stdout
-    assert all(is_complete(run / "final") for run in runs.iterdir())
+    other_settings = pretrain("killed", 20)
+    log = other_settings.stdout + other_settings.stderr
+    assert client.get_run(killed_run.info.run_id).info.status == "KILLED"
+    assert f"mlflow: run {killed_run.info.run_id} ({killed_run.info.run_name}) was still RUNNING" in log
+    assert (f"pretrain: run {killed_run.info.run_id} of this corpus stopped at {checkpoint}; this run does not resume "
+            "from it, as the settings differ: train.max_steps 600 → 20 (its checkpoints are kept)") in log
+    assert latest_checkpoint(run_dir) == checkpoint
+
+    same_settings = pretrain("killed", 600)
+    step = int(checkpoint.name.removeprefix("step-"))
+    assert f"pretrain: resuming from step {step} (checkpoint {checkpoint}," in same_settings.stdout + same_settings.stderr
+    assert "pretrain executed" in same_settings.stdout
+    assert reference.wait(timeout=600) == 0
+    [reference_dir] = (tmp_path / "reference" / "store" / "runs").iterdir()
+    assert reference_dir.name == run_dir.name
+    assert hash_file(run_dir / "final" / "model.safetensors") == hash_file(reference_dir / "final" / "model.safetensors")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -16,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptflow.data.store import CorruptArtifactError, is_complete
 from gptflow.model.checkpoint import OPTIMIZER_FILE, TRAINER_FILE, WEIGHTS_FILE, latest_checkpoint, list_checkpoints, load_model
 from gptflow.model.optim import learning_rate_at
 from gptflow.data.loader import TokenWindows
@@ -29,12 +31,20 @@ class RecordingCallback:
     def __init__(self) -> None:
         self.metrics: dict[int, dict[str, float]] = {}
         self.checkpoints: list[tuple[int, Path]] = []
+        self.resumed: list[tuple[int, Path]] = []
+        self.unusable: list[tuple[Path, Exception, Path | None]] = []
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics[step] = metrics
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.checkpoints.append((step, path))
+
+    def on_resume(self, step: int, path: Path) -> None:
+        self.resumed.append((step, path))
+
+    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
+        self.unusable.append((path, error, fallback))
 
 
 def assert_same_weights(first: Path, second: Path) -> None:
@@ -116,6 +126,56 @@ def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, tiny_
     finished = pretrain(tiny_config, config, train, val, interrupted, resume=True)
     assert finished.resumed_from_step == 30 and finished.steps == 30
     assert_same_weights(uninterrupted.final_dir, finished.final_dir)
+
+
+def test_resuming_skips_an_altered_checkpoint_for_the_one_before_it(
+    tmp_path, tiny_config, tiny_train_config, pattern_shards
+):
+    train, val = pattern_shards
+    config = dataclasses.replace(tiny_train_config, keep_checkpoints=3)
+    uninterrupted = pretrain(tiny_config, config, train, val, tmp_path / "uninterrupted")
+    interrupted = tmp_path / "interrupted"
+    pretrain(tiny_config, config, train, val, interrupted)
+    for later in ("checkpoints/step-00000030", "final"):
+        shutil.rmtree(interrupted / later)
+    # Bytes changed behind an unchanged size and mtime: listed as complete, refused when loaded.
+    altered = interrupted / "checkpoints/step-00000020" / WEIGHTS_FILE
+    stat = altered.stat()
+    with open(altered, "r+b") as file:
+        file.seek(stat.st_size // 2)
+        file.write(b"\xff\xff")
+    os.utime(altered, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    callback = RecordingCallback()
+    resumed = pretrain(tiny_config, config, train, val, interrupted, callback=callback, resume=True)
+    [(path, error, fallback)] = callback.unusable
+    assert (path, fallback) == (altered.parent, interrupted / "checkpoints/step-00000010")
+    assert isinstance(error, CorruptArtifactError) and str(altered) in str(error)
+    assert callback.resumed == [(10, fallback)] and resumed.resumed_from_step == 10
+    assert_same_weights(uninterrupted.final_dir, resumed.final_dir)
+    # The altered checkpoint was replaced by the resumed run's own, not kept.
+    assert is_complete(altered.parent)
+    assert_same_weights(tmp_path / "uninterrupted/checkpoints/step-00000020", altered.parent)
+
+
+def test_a_checkpoint_that_loads_only_in_part_is_skipped_for_step_0(
+    tmp_path, tiny_config, tiny_train_config, pattern_shards
+):
+    """Its weights load, then its optimizer state does not fit: training starts from fresh weights."""
+    train, val = pattern_shards
+    muon = dataclasses.replace(tiny_train_config, optimizer="muon")
+    reference = pretrain(tiny_config, muon, train, val, tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    pretrain(tiny_config, dataclasses.replace(tiny_train_config, max_steps=10), train, val, run_dir)
+    shutil.rmtree(run_dir / "final")
+
+    callback = RecordingCallback()
+    result = pretrain(tiny_config, muon, train, val, run_dir, callback=callback, resume=True)
+    [(path, error, fallback)] = callback.unusable
+    assert (path, fallback) == (run_dir / "checkpoints/step-00000010", None)
+    assert "train.optimizer=muon" in str(error)
+    assert callback.resumed == [] and result.resumed_from_step is None
+    assert_same_weights(reference.final_dir, result.final_dir)
 
 
 def test_starting_over_discards_the_previous_run(tmp_path, tiny_config, tiny_train_config, pattern_shards):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 from mlflow import MlflowClient
 
-from gptflow.tasks.tracking import BufferedMetrics, pipeline_run
+from gptflow.tasks.tracking import HOST_TAG, KILLED_TAG, PID_TAG, BufferedMetrics, pipeline_run
 from gptflow.tasks.workspace import Workspace
 
 
@@ -50,3 +55,27 @@ def test_buffered_metrics_send_every_step_in_few_batches(workspace):
     history = MlflowClient(workspace.tracking_uri).get_metric_history(run.run_id, "train/loss")
     assert [m.step for m in history] == list(range(1, 601))
     assert history[-1].value == pytest.approx(10.0 / 600)
+
+
+def test_runs_this_host_left_running_in_a_process_now_gone_are_marked_killed(workspace):
+    with pipeline_run(workspace, tags={}, name="first") as first:
+        pass
+    client = MlflowClient(workspace.tracking_uri)
+    experiment_id = client.get_run(first.run_id).info.experiment_id
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+
+    def running(name: str, host: str, pid: int) -> str:
+        return client.create_run(experiment_id, run_name=name, tags={HOST_TAG: host, PID_TAG: str(pid)}).info.run_id
+
+    gone = running("gone", host, ended.pid)
+    alive = running("alive", host, os.getpid())
+    elsewhere = running("elsewhere", "another-machine", ended.pid)
+
+    with pipeline_run(workspace, tags={}, name="next") as run:
+        assert client.get_run(gone).info.status == "KILLED"
+    assert "ended without ending the run" in client.get_run(gone).data.tags[KILLED_TAG]
+    assert client.get_run(alive).info.status == client.get_run(elsewhere).info.status == "RUNNING"
+    tags = client.get_run(run.run_id).data.tags
+    assert (tags[HOST_TAG], tags[PID_TAG]) == (host, str(os.getpid()))
