@@ -8,14 +8,13 @@ import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar, get_type_hints
 
 from prefect import Task
-from prefect.filesystems import LocalFileSystem
-from prefect.results import ResultStore
 
 from gptflow.data.store import PACKAGE, code_version, hash_file, hash_json, is_complete
 from gptflow.tasks.progress import run_logger
+from gptflow.tasks.records import RECORD_SERIALIZER, read_record, require_type
 from gptflow.tasks.tracking import PipelineRun
 from gptflow.tasks.workspace import Workspace
 
@@ -85,11 +84,11 @@ def run_stage(
         run_logger().info(f"{stage_task.name}: another run is computing this stage; waiting for its result")
 
     with workspace.lock(key, on_wait=report_wait):
-        storage = LocalFileSystem(basepath=str(workspace.prefect_results))
-        refresh = recompute or _cached_result_is_stale(ResultStore(result_storage=storage), key, is_valid)
+        refresh = recompute or _cached_result_is_stale(stage_task, workspace.prefect_results / key, is_valid)
         configured = stage_task.with_options(
             cache_key_fn=lambda *_: key,
             result_storage=workspace.prefect_results,
+            result_serializer=RECORD_SERIALIZER,
             persist_result=True,
             refresh_cache=refresh,
         )
@@ -98,11 +97,17 @@ def run_stage(
     return StageOutcome(result=result, status="cached" if state.name == "Cached" else "executed")
 
 
-def _cached_result_is_stale(store: ResultStore, key: str, is_valid: Callable[[Any], bool]) -> bool:
-    if not store.exists(key):
+def _cached_result_is_stale(stage_task: Task[..., Any], record: Path, is_valid: Callable[[Any], bool]) -> bool:
+    """True when the stage's ``record`` must be recomputed: it is not one gptflow wrote for this stage
+    (refused without running or importing anything it names, ``tasks.records``), or its artifacts
+    are no longer complete (``is_valid``)."""
+    if not record.exists():
         return False
+    declared = get_type_hints(stage_task.fn)["return"]
     try:
-        cached = store.read(key).result
-    except Exception:  # a record from an older gptflow that no longer unpickles: recompute it
+        cached = read_record(record)
+        require_type(cached, declared)
+    except Exception as error:  # replaced, damaged, or written by an older gptflow: recomputed, whatever it holds
+        run_logger().warning(f"{stage_task.name}: the cached record {record} {error}; recomputing the stage")
         return True
     return not is_valid(cached)

@@ -1,0 +1,132 @@
+"""Prefect result records as data: JSON that can only become one of gptflow's result types.
+
+A Prefect record names the serializer that reads it back, and Prefect's own serializers run or
+import what a record names (a pickle runs its code; the JSON decoder imports the class it is told).
+gptflow's records name ``RecordSerializer`` and hold ``{"type": <name>, "data": <JSON>}``, where the
+name is one of ``RESULT_TYPES`` or ``PLAIN_JSON``. ``tasks.caching.run_stage`` reads a record with
+``read_record`` before Prefect may, so a record written by anyone else is refused, never run
+(docs/ARCHITECTURE.md, "Keys"). Prefect reads a record that passed once more, for its ``Cached``
+state, under the same stage lock: the check cannot sit inside that read, since a task's
+``result_storage`` must be a block saved on the Prefect server or a plain path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect.serializers import Serializer
+from pydantic import Field, TypeAdapter, ValidationError
+
+RESULT_TYPES: dict[str, str] = {
+    "CorpusManifest": "gptflow.data.ingest",
+    "TokenizerArtifact": "gptflow.data.tokenizer",
+    "TokenManifest": "gptflow.data.tokenize",
+    "TrainedModel": "gptflow.tasks.training_job",
+    "EvalReport": "gptflow.tasks.evaluate",
+    "LossReport": "gptflow.tasks.evaluate",
+    "MultipleChoiceReport": "gptflow.tasks.multiple_choice",
+    "ClassificationReport": "gptflow.tasks.classification",
+    "PreparedData": "gptflow.data.finetune_data",
+    "FinetunedModel": "gptflow.tasks.finetune",
+    "FinetuneReport": "gptflow.tasks.finetune",
+}
+"""The allow-list: the dataclasses a stage may return, by name, and the module defining each.
+Named rather than imported, since the stage modules import this one (through ``tasks.caching``) and
+an import here would put every stage's code into every stage's key (``data.store.code_closure``)."""
+
+PLAIN_JSON = "json"
+"""The record type of a result that is plain JSON: a string, a list of strings, numbers."""
+
+
+class UntrustedRecord(ValueError):
+    """A record gptflow did not write: another serializer, another type, or not JSON at all."""
+
+
+def result_type(name: str) -> type:
+    """The allow-listed class called ``name``; ``UntrustedRecord`` for any other name."""
+    if name not in RESULT_TYPES:
+        raise UntrustedRecord(f"names the type {name!r:.100}, which is not one of gptflow's result types")
+    return getattr(importlib.import_module(RESULT_TYPES[name]), name)
+
+
+@functools.cache
+def _adapter(declared: Any) -> TypeAdapter:
+    return TypeAdapter(declared)
+
+
+def _is_plain_json(value: Any) -> bool:
+    """JSON reads ``value`` back equal: no tuples, no keys other than strings."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, list):
+        return all(map(_is_plain_json, value))
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _is_plain_json(item) for key, item in value.items())
+    return False
+
+
+class RecordSerializer(Serializer):
+    """Writes a stage's result as ``{"type": ..., "data": ...}``; reads back only allow-listed types,
+    rebuilt from the data with their fields' types checked (pydantic, nested dataclasses included)."""
+
+    type: str = Field(default="gptflow-record", frozen=True)
+
+    def dumps(self, obj: Any) -> bytes:
+        cls = type(obj)
+        if dataclasses.is_dataclass(obj) and RESULT_TYPES.get(cls.__name__) == cls.__module__:
+            data = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+            return json.dumps({"type": cls.__name__, "data": data}).encode()
+        if _is_plain_json(obj):
+            return json.dumps({"type": PLAIN_JSON, "data": obj}).encode()
+        raise TypeError(f"a stage returned a {cls.__qualname__}, which is neither plain JSON nor one of "
+                        "gptflow's result types (gptflow.tasks.records.RESULT_TYPES)")
+
+    def loads(self, blob: bytes) -> Any:
+        try:
+            record = json.loads(blob)
+        except ValueError as error:
+            raise UntrustedRecord("holds a result that is not JSON") from error
+        if not isinstance(record, dict) or set(record) != {"type", "data"}:
+            raise UntrustedRecord('holds a result that is not {"type": ..., "data": ...}')
+        if record["type"] == PLAIN_JSON:
+            return record["data"]
+        try:
+            return _adapter(result_type(record["type"])).validate_python(record["data"])
+        except ValidationError as error:
+            raise UntrustedRecord(f"holds a {record['type']} whose fields do not fit it: {error.error_count()} "
+                                  "errors") from error
+
+
+RECORD_SERIALIZER = RecordSerializer()
+
+
+def require_type(result: Any, declared: Any) -> None:
+    """``UntrustedRecord`` unless ``result`` is a ``declared`` (a stage's return annotation, such as
+    ``CorpusManifest`` or ``list[str]``): an allow-listed type, but another stage's, is refused too."""
+    try:
+        _adapter(declared).validate_python(result, strict=True)
+    except ValidationError as error:
+        raise UntrustedRecord(f"holds a {type(result).__name__}, not the {getattr(declared, '__name__', declared)} "
+                              "its stage returns") from error
+
+
+def read_record(path: Path) -> Any:
+    """The result in the Prefect record at ``path``, if ``RECORD_SERIALIZER`` wrote it; else
+    ``UntrustedRecord``. Checked on the raw JSON, never through Prefect: building the serializer a
+    record names imports the module it gives, and reading with it runs a pickle."""
+    try:
+        record = json.loads(path.read_bytes())
+    except ValueError as error:
+        raise UntrustedRecord("is not JSON") from error
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    serializer = metadata.get("serializer") if isinstance(metadata, dict) else None
+    if serializer != RECORD_SERIALIZER.model_dump():
+        raise UntrustedRecord(f"names the serializer {serializer!r:.100}, not gptflow's")
+    if not isinstance(record.get("result"), str):
+        raise UntrustedRecord("holds no result")
+    return RECORD_SERIALIZER.loads(record["result"].encode())
