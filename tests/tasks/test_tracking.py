@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 from mlflow import MlflowClient
 
+from gptflow.data.store import OutOfSpaceError
 from gptflow.tasks.tracking import BufferedMetrics, pipeline_run
 from gptflow.tasks.workspace import Workspace
 
@@ -50,3 +53,19 @@ def test_buffered_metrics_send_every_step_in_few_batches(workspace):
     history = MlflowClient(workspace.tracking_uri).get_metric_history(run.run_id, "train/loss")
     assert [m.step for m in history] == list(range(1, 601))
     assert history[-1].value == pytest.approx(10.0 / 600)
+
+
+def test_an_artifact_that_does_not_fit_names_where_it_went_and_leaves_nothing(workspace, tmp_path, monkeypatch):
+    report = tmp_path / "report.json"
+    report.write_text("{}" * 1000)
+
+    def copy_until_the_disk_is_full(source, target, length=0):
+        target.write(source.read(10))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("mlflow.store.artifact.local_artifact_repo.shutil.copyfileobj", copy_until_the_disk_is_full)
+    with pipeline_run(workspace, tags={}, name="full") as run, pytest.raises(OutOfSpaceError) as raised:
+        run.log_artifact(report, "eval")
+    artifacts = workspace.mlflow_artifacts / run.run_id / "artifacts"
+    assert str(raised.value).startswith(f"out of space writing {artifacts}/eval: the disk is full")
+    assert [path for path in artifacts.rglob("*") if path.is_file()] == []
