@@ -43,11 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except Exception as error:
         # Imported only now: the list holds MLflow-backed errors, and MLflow takes a second to import.
-        from gptflow.flows.user_errors import USER_ERRORS
+        from gptflow.flows.user_errors import user_error
+        from gptflow.tasks.workspace import Workspace
 
-        if not isinstance(error, (*USER_ERRORS, StackError)):
+        workspace = Workspace.locate(getattr(args, "workspace", None))
+        reported = error if isinstance(error, StackError) else user_error(error, workspace)
+        if reported is None:
             raise
-        print(f"gptflow: error: {error}", file=sys.stderr)
+        print(f"gptflow: error: {reported}", file=sys.stderr)
         return 2
 
 

@@ -1,30 +1,55 @@
-"""Bad input is reported as one clear line, not as a traceback from deep inside Prefect."""
+"""Bad input, and a disk that ran out of space, are reported as one clear line, not as a traceback
+from deep inside Prefect."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from gptflow.data.errors import CorpusError
 from gptflow.data.finetune_data import FinetuneDataError
 from gptflow.data.multiple_choice import MultipleChoiceError
-from gptflow.data.store import CorruptArtifactError
+from gptflow.data.store import (
+    CorruptArtifactError,
+    OutOfSpaceError,
+    exception_chain,
+    failed_write_path,
+    out_of_space_errno,
+    out_of_space_error,
+)
 from gptflow.model.export import ExportError
 from gptflow.tasks.config import ConfigError
 from gptflow.tasks.model_source import ModelSourceError
 
 USER_ERRORS = (
     CorpusError, ConfigError, ModelSourceError, MultipleChoiceError, ExportError, FinetuneDataError,
-    CorruptArtifactError,
+    CorruptArtifactError, OutOfSpaceError,
 )
 # The loggers through which Prefect's engines report a task's or a flow's exception.
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
 
 
+def user_error(error: Exception, workspace: Path) -> Exception | None:
+    """What the CLI prints for ``error`` as one line, or None for a bug: ``error`` itself when it is
+    a user error; the ``OutOfSpaceError`` of a stage that ran out of space when a later error (such
+    as marking the MLflow run failed on the full disk) hides it; an ``OutOfSpaceError`` naming
+    ``workspace`` for any other write that ran out of space (the MLflow store, a lineage file)."""
+    if isinstance(error, USER_ERRORS):
+        return error
+    reported = next((link for link in exception_chain(error) if isinstance(link, OutOfSpaceError)), None)
+    return reported or out_of_space_error(error, failed_write_path(error) or workspace)
+
+
 class _DropUserErrorTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, USER_ERRORS) or out_of_space_errno(error) is not None:
             record.exc_info = None
             record.exc_text = None
+            message = record.getMessage()
+            # Prefect's line on a result record it could not write does not say why: the traceback did.
+            if repr(error) not in message and str(error) not in message:
+                record.msg, record.args = f"{message}: {error}", None
         return True
 
 

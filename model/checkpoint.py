@@ -15,7 +15,9 @@ Layout under a run directory::
         contents.json
 
 Each directory is filled under a ``.tmp-*`` name and renamed into place when complete, so a
-process killed at any moment leaves either a loadable checkpoint or debris that nothing reads.
+process killed at any moment leaves either a loadable checkpoint or debris that nothing reads; a
+write that runs out of space removes the temporary directory and raises
+``data.store.OutOfSpaceError`` naming the checkpoint.
 """
 
 from __future__ import annotations
@@ -68,7 +70,10 @@ def save_checkpoint(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
     path = checkpoint_path(run_dir, state.step)
     with atomic_directory(path) as tmp:
         _save_model_files(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        # Through a Python file: torch's own writer reports a failed write (a full disk) without its
+        # errno, while this one keeps the OSError as the context of torch's error.
+        with open(tmp / OPTIMIZER_FILE, "wb") as file:
+            torch.save(optimizer.state_dict(), file)
         write_json_atomic(tmp / TRAINER_FILE, asdict(state))
     return path
 

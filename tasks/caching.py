@@ -3,16 +3,26 @@ record trusted only while the artifacts it points to are complete (docs/ARCHITEC
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar, get_type_hints
 
 from prefect import Task
 
-from gptflow.data.store import PACKAGE, code_version, hash_file, hash_json, is_complete
+from gptflow.data.store import (
+    PACKAGE,
+    OutOfSpaceError,
+    code_version,
+    failed_write_path,
+    hash_file,
+    hash_json,
+    is_complete,
+    out_of_space_error,
+)
 from gptflow.tasks.progress import run_logger
 from gptflow.tasks.records import RECORD_SERIALIZER, read_record, require_type
 from gptflow.tasks.tracking import PipelineRun
@@ -78,23 +88,39 @@ def run_stage(
 
     Runs that reach the same key at the same time (two pipelines on one workspace) take turns:
     the second waits for the first, then finds its result in the cache. The task's exception,
-    if any, propagates to the caller.
+    if any, propagates to the caller; one of running out of space as an ``OutOfSpaceError`` that
+    names the stage.
     """
     def report_wait() -> None:
         run_logger().info(f"{stage_task.name}: another run is computing this stage; waiting for its result")
 
-    with workspace.lock(key, on_wait=report_wait):
-        refresh = recompute or _cached_result_is_stale(stage_task, workspace.prefect_results / key, is_valid)
-        configured = stage_task.with_options(
-            cache_key_fn=lambda *_: key,
-            result_storage=workspace.prefect_results,
-            result_serializer=RECORD_SERIALIZER,
-            persist_result=True,
-            refresh_cache=refresh,
-        )
-        state = configured(**parameters, return_state=True)
-    result = state.result()
+    with _naming_the_stage_when_out_of_space(stage_task.name, workspace):
+        with workspace.lock(key, on_wait=report_wait):
+            refresh = recompute or _cached_result_is_stale(stage_task, workspace.prefect_results / key, is_valid)
+            configured = stage_task.with_options(
+                cache_key_fn=lambda *_: key,
+                result_storage=workspace.prefect_results,
+                result_serializer=RECORD_SERIALIZER,
+                persist_result=True,
+                refresh_cache=refresh,
+            )
+            state = configured(**parameters, return_state=True)
+        result = state.result()
     return StageOutcome(result=result, status="cached" if state.name == "Cached" else "executed")
+
+
+@contextlib.contextmanager
+def _naming_the_stage_when_out_of_space(stage: str, workspace: Workspace) -> Iterator[None]:
+    """Re-raise running out of space as an ``OutOfSpaceError`` that names ``stage``, and the file
+    written when the error does not name it already (else the workspace)."""
+    try:
+        yield
+    except Exception as error:
+        out_of_space = (error if isinstance(error, OutOfSpaceError)
+                        else out_of_space_error(error, failed_write_path(error) or workspace.root))
+        if out_of_space is None:
+            raise
+        raise OutOfSpaceError(f"stage {stage}: {out_of_space}", out_of_space.errno) from error
 
 
 def _cached_result_is_stale(stage_task: Task[..., Any], record: Path, is_valid: Callable[[Any], bool]) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow.pyfunc
 from mlflow import MlflowClient
@@ -26,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from prefect.runtime import flow_run
 
-from gptflow.data.store import PACKAGE, module_file
+from gptflow.data.store import PACKAGE, module_file, reporting_out_of_space
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.progress import run_logger
 from gptflow.tasks.workspace import Workspace
@@ -94,14 +97,22 @@ class PipelineRun:
             self.client.log_batch(self.run_id, metrics=entries[start:start + METRICS_PER_BATCH])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with reporting_out_of_space(f"{self.artifact_root}/{artifact_path}" if artifact_path else self.artifact_root):
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """``text`` as the artifact ``artifact_file`` (e.g. ``eval/report.json``)."""
-        self.client.log_text(self.run_id, text, artifact_file)
+        with reporting_out_of_space(f"{self.artifact_root}/{artifact_file}"):
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    @functools.cached_property
+    def artifact_root(self) -> str:
+        """Where the run's artifacts go: a folder for a local store (the workspace's ``mlartifacts/``),
+        named in the error when it runs out of space; else a URI."""
+        return _local_path(self.client.get_run(self.run_id).info.artifact_uri)
 
     def log_text_generator(self, model_dir: Path, tokenizer_file: Path, registered_name: str) -> str:
         """Log a trained model as an MLflow pyfunc model at artifact path ``model`` and register
@@ -125,7 +136,8 @@ class PipelineRun:
         logged = self.client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=self.run_id,
                                                  model_type="gptflow")
         try:
-            self._save_pyfunc_model(logged.model_id, code_module, artifacts, example_input, example_output, params)
+            with reporting_out_of_space(_local_path(logged.artifact_location)):
+                self._save_pyfunc_model(logged.model_id, code_module, artifacts, example_input, example_output, params)
         except BaseException:
             self.client.finalize_logged_model(logged.model_id, "FAILED")
             raise
@@ -316,6 +328,12 @@ def _experiment_id(client: MlflowClient, workspace: Workspace) -> str:
     except MlflowException:
         # A concurrent run created it first.
         return client.get_experiment_by_name(name).experiment_id
+
+
+def _local_path(uri: str) -> str:
+    """The folder of a ``file:`` URI; any other URI as it is."""
+    parsed = urlparse(uri)
+    return url2pathname(parsed.path) if parsed.scheme == "file" else uri
 
 
 def _param_value(value: Any) -> str:

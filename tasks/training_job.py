@@ -13,7 +13,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from gptflow.data.store import atomic_directory, read_contents_hash
+from gptflow.data.store import atomic_directory, copy_file_atomic, read_contents_hash
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
 from gptflow.model.train import Continuation, pretrain
@@ -106,7 +105,7 @@ class TrainingJob:
         with atomic_directory(Path(self.run_dir) / REPORT_DIR) as report_dir:
             reporter.write_report(report_dir)
         # Beside checkpoints/ and final/, so a checkpoint directory alone names its tokenizer.
-        shutil.copyfile(self.tokenizer_file, Path(self.run_dir) / TOKENIZER_FILE)
+        copy_file_atomic(Path(self.tokenizer_file), Path(self.run_dir) / TOKENIZER_FILE)
         version = run.log_text_generator(result.final_dir, Path(self.tokenizer_file), self.registered_model_name)
         return TrainedModel(
             run_dir=self.run_dir,

@@ -20,10 +20,14 @@ class Workspace:
     @classmethod
     def resolve(cls, path: str | Path | None = None) -> Workspace:
         """``path``, else ``$GPTFLOW_HOME``, else ``./.gptflow``; created if missing."""
-        chosen = path or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
-        root = Path(chosen).expanduser().resolve()
+        root = cls.locate(path)
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)
+
+    @staticmethod
+    def locate(path: str | Path | None = None) -> Path:
+        """The folder ``resolve`` would use, without creating it."""
+        return Path(path or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
 
     @property
     def store(self) -> Path:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import signal
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
@@ -122,3 +124,19 @@ def bpe_tokenizer_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer") / TOKENIZER_FILE
     tokenizer.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def file_size_limit() -> Callable[[int], Callable[[], None]]:
+    """``file_size_limit(n)``: a ``preexec_fn`` for a child process whose writes past ``n`` bytes in
+    a file then fail with EFBIG, as writes to a full disk fail with ENOSPC: a full disk without
+    mounting anything (the signal SIGXFSZ, ignored here, would kill the child instead)."""
+
+    def limit(limit_bytes: int) -> Callable[[], None]:
+        def apply() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+        return apply
+
+    return limit

@@ -6,11 +6,14 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
+
+from gptflow.data.store import is_complete
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate")
@@ -18,9 +21,12 @@ STAGES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate")
 pytestmark = pytest.mark.slow
 
 
-def _gptflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _gptflow(
+    *args: str, env: dict[str, str], preexec_fn: Callable[[], None] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gptflow.flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "gptflow.flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600, preexec_fn=preexec_fn,
     )
 
 
@@ -138,6 +144,37 @@ def test_missing_corpus_path_is_one_clear_line(cli_env, tmp_path):
     assert not (Path(cli_env["GPTFLOW_HOME"]) / "store").exists()
 
 
+def test_a_full_disk_is_one_line_leaves_nothing_partial_and_the_rerun_reuses_completed_stages(
+    cli_env, tiny_corpus_dir, file_size_limit
+):
+    # Weights of ~4 MB (n_embd 192) cannot be written under a 2 MiB limit, while the raw and token
+    # shards (~100 KB each) and the MLflow store (~1 MB) can: the data stages complete, and the first
+    # checkpoint (step 15) runs out of space.
+    args = ("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny", "--set", "model.n_embd=192")
+    full = _gptflow(*args, env=cli_env, preexec_fn=file_size_limit(2 * 2**20))
+    assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
+    assert "Traceback" not in full.stdout + full.stderr, full.stdout[-3000:] + full.stderr[-3000:]
+    [error] = [line for line in full.stderr.splitlines() if line.startswith("gptflow: error:")]
+    store = Path(cli_env["GPTFLOW_HOME"]) / "store"
+    written = re.search(r"stage pretrain-model: out of space writing (\S+): a file reached the file size limit", error)
+    assert written, error
+    assert Path(written[1]).parent.parent.parent == store / "runs" and Path(written[1]).name == "step-00000015"
+    assert "free on the filesystem at" in error and "rerun the same command: completed stages are reused" in error
+
+    assert not list(store.rglob(".tmp-*"))
+    data_artifacts = [path for kind in ("raw", "tokens", "tokenizers") for path in (store / kind).iterdir()]
+    assert data_artifacts and all(is_complete(path) for path in data_artifacts)
+    assert not [path for path in (store / "runs").rglob("*") if path.is_file()]  # no weights, not even partial
+
+    rerun = _gptflow(*args, env=cli_env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    _, (failed_run, completed_run) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
+    assert failed_run.info.status == "FAILED"
+    assert {stage: failed_run.data.tags.get(f"gptflow.stage.{stage}") for stage in STAGES} == {
+        "ingest": "executed", "tokenizer": "executed", "tokenize": "executed", "pretrain": None, "evaluate": None}
+    assert {stage: completed_run.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {
+        "ingest": "cached", "tokenizer": "cached", "tokenize": "cached", "pretrain": "executed", "evaluate": "executed"}
+    assert [path for path in (store / "runs").glob("*/final") if is_complete(path)]
 
 
 def test_nproc_trains_data_parallel_through_torchrun(cli_env, tiny_corpus_dir):

@@ -4,13 +4,15 @@ import dataclasses
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from gptflow.data.store import CONTENTS_FILE, CorruptArtifactError, atomic_directory, is_complete
+from gptflow.data.store import CONTENTS_FILE, CorruptArtifactError, OutOfSpaceError, atomic_directory, is_complete
 from gptflow.model.checkpoint import (
     OPTIMIZER_FILE,
     WEIGHTS_FILE,
@@ -198,3 +200,68 @@ def test_round_trip_of_a_modern_model_with_muon_continues_identically(tmp_path, 
         pair_optimizer.step()
     for (name, expected), (_, actual) in zip(model.state_dict().items(), restored_model.state_dict().items()):
         assert torch.equal(expected, actual), name
+
+
+def _file_sizes(tmp_path: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """The size of each file of a checkpoint of ``model`` and ``optimizer``."""
+    path = save_checkpoint(tmp_path / "measured", model, optimizer, state_at(3))
+    return {file.name: file.stat().st_size for file in path.iterdir()}
+
+
+@pytest.mark.parametrize("file_over_the_limit", [WEIGHTS_FILE, OPTIMIZER_FILE])
+def test_a_checkpoint_that_runs_out_of_space_leaves_nothing_and_names_the_checkpoint(
+    tmp_path, tiny_config, file_size_limit, file_over_the_limit
+):
+    model, optimizer = trained_pair(tiny_config)
+    sizes = _file_sizes(tmp_path, model, optimizer)
+    # Under the weights (safetensors fails), or between them and the larger optimizer state (torch.save fails).
+    weights, optimizer_state = sizes[WEIGHTS_FILE], sizes[OPTIMIZER_FILE]
+    limit = weights // 2 if file_over_the_limit == WEIGHTS_FILE else (weights + optimizer_state) // 2
+    assert limit < sizes[file_over_the_limit] and all(size < limit for name, size in sizes.items()
+                                                      if name not in (WEIGHTS_FILE, OPTIMIZER_FILE))
+    pair, run_dir = tmp_path / "pair.pt", tmp_path / "run"
+    torch.save((model, optimizer, state_at(3)), pair)
+    code = f"""
+import torch
+from gptflow.data.store import OutOfSpaceError
+from gptflow.model.checkpoint import save_checkpoint
+model, optimizer, state = torch.load({str(pair)!r}, weights_only=False)
+try:
+    save_checkpoint({str(run_dir)!r}, model, optimizer, state)
+except OutOfSpaceError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            preexec_fn=file_size_limit(limit))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        f"out of space writing {checkpoint_path(run_dir, 3)}: a file reached the file size limit")
+    assert list((run_dir / "checkpoints").iterdir()) == [] and latest_checkpoint(run_dir) is None
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path, request) -> Path:
+    """A tmpfs of ``request.param`` bytes: a disk that really fills up (ENOSPC). Skipped where this
+    process may not mount (not root, or in a container without the capability)."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("small_tmpfs", [160 * 1024], indirect=True)
+def test_a_checkpoint_on_a_full_disk_leaves_nothing_and_reports_the_space_left(small_tmpfs, tmp_path, tiny_config):
+    model, optimizer = trained_pair(tiny_config)
+    sizes = _file_sizes(tmp_path, model, optimizer)
+    assert sizes[WEIGHTS_FILE] < 160 * 1024 < sizes[WEIGHTS_FILE] + sizes[OPTIMIZER_FILE]
+    with pytest.raises(OutOfSpaceError) as raised:
+        save_checkpoint(small_tmpfs, model, optimizer, state_at(3))
+    assert str(raised.value).startswith(
+        f"out of space writing {checkpoint_path(small_tmpfs, 3)}: the disk is full (160 KiB free on the filesystem "
+        f"at {small_tmpfs}). Free space on {small_tmpfs} or point --workspace / GPTFLOW_HOME elsewhere"
+    )
+    assert list((small_tmpfs / "checkpoints").iterdir()) == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from prefect import flow, task
+from prefect.filesystems import LocalFileSystem
 
-from gptflow.data.store import atomic_directory, code_closure, is_complete
+from gptflow.data.store import OutOfSpaceError, atomic_directory, code_closure, is_complete
+from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.workspace import Workspace
 
@@ -36,6 +40,23 @@ def run_write_artifact(workspace_root: str, text: str) -> tuple[str, str]:
         text=text,
     )
     return outcome.status, outcome.result
+
+
+@task
+def fill_the_disk(directory: str, in_store_directory: bool) -> str:
+    no_space = OSError(errno.ENOSPC, "No space left on device")
+    if not in_store_directory:
+        raise no_space  # a write that names no file, like pyarrow's
+    with atomic_directory(Path(directory)) as tmp:
+        (tmp / "partial.bin").write_bytes(b"written before the disk filled up")
+        raise no_space
+
+
+@flow
+def run_fill_the_disk(workspace_root: str, in_store_directory: bool) -> None:
+    workspace = Workspace.resolve(workspace_root)
+    run_stage(fill_the_disk, key="full", workspace=workspace, is_valid=lambda _: True,
+              directory=str(workspace.store / "full"), in_store_directory=in_store_directory)
 
 
 @pytest.fixture()
@@ -64,6 +85,36 @@ def test_altered_artifact_is_recomputed(workspace_root):
     (Path(directory) / "artifact.txt").write_text("HELLO")  # same size, new bytes and mtime
     assert run_write_artifact(workspace_root, "hello")[0] == "executed"
     assert (Path(directory) / "artifact.txt").read_text() == "hello"
+
+
+@pytest.mark.parametrize(("in_store_directory", "written"), [(True, "store/full"), (False, "")])
+def test_running_out_of_space_names_the_stage_and_what_it_wrote(workspace_root, in_store_directory, written):
+    with pytest.raises(OutOfSpaceError) as raised:
+        run_fill_the_disk(workspace_root, in_store_directory)
+    workspace = Path(workspace_root).resolve()
+    assert str(raised.value).startswith(
+        f"stage fill_the_disk: out of space writing {workspace / written}: the disk is full")
+    assert not (workspace / "store").exists() or list((workspace / "store").iterdir()) == []
+
+
+def test_a_result_record_that_does_not_fit_is_one_log_line_and_only_its_stage_reruns(
+    workspace_root, monkeypatch, caplog
+):
+    write_record = LocalFileSystem.write_path
+
+    def write_half_then_fill_the_disk(self, path, content, **options):
+        write_record(self, path, content[: len(content) // 2], **options)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    hide_tracebacks_of_user_errors()  # as every flow does
+    monkeypatch.setattr(LocalFileSystem, "write_path", write_half_then_fill_the_disk)
+    with caplog.at_level(logging.ERROR, logger="prefect.task_runs"):
+        assert run_write_artifact(workspace_root, "hello")[0] == "executed"  # the artifact itself is committed
+    monkeypatch.undo()
+    [failed_write] = [record for record in caplog.records if "committing transaction" in record.getMessage()]
+    assert failed_write.exc_info is None and failed_write.getMessage().endswith("[Errno 28] No space left on device")
+    assert run_write_artifact(workspace_root, "hello")[0] == "executed"  # the half-written record is not trusted
+    assert run_write_artifact(workspace_root, "hello")[0] == "cached"
 
 
 def test_stage_key_follows_config_inputs_and_code():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
+from gptflow.data.store import OutOfSpaceError
 from gptflow.tasks.tracking import HOST_TAG, KILLED_TAG, PID_TAG, BufferedMetrics, pipeline_run
 from gptflow.tasks.workspace import Workspace
 
@@ -79,3 +81,19 @@ def test_runs_this_host_left_running_in_a_process_now_gone_are_marked_killed(wor
     assert client.get_run(alive).info.status == client.get_run(elsewhere).info.status == "RUNNING"
     tags = client.get_run(run.run_id).data.tags
     assert (tags[HOST_TAG], tags[PID_TAG]) == (host, str(os.getpid()))
+
+
+def test_an_artifact_that_does_not_fit_names_where_it_went_and_leaves_nothing(workspace, tmp_path, monkeypatch):
+    report = tmp_path / "report.json"
+    report.write_text("{}" * 1000)
+
+    def copy_until_the_disk_is_full(source, target, length=0):
+        target.write(source.read(10))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("mlflow.store.artifact.local_artifact_repo.shutil.copyfileobj", copy_until_the_disk_is_full)
+    with pipeline_run(workspace, tags={}, name="full") as run, pytest.raises(OutOfSpaceError) as raised:
+        run.log_artifact(report, "eval")
+    artifacts = workspace.mlflow_artifacts / run.run_id / "artifacts"
+    assert str(raised.value).startswith(f"out of space writing {artifacts}/eval: the disk is full")
+    assert [path for path in artifacts.rglob("*") if path.is_file()] == []
