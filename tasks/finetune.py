@@ -219,7 +219,8 @@ def train_task(
     weights_hash = read_contents_hash(result.model_dir)
     if result.classifier_dir:
         weights_hash = hash_json([weights_hash, read_contents_hash(result.classifier_dir)])
-    version = _log_model(run, objective, result.model_dir, result.classifier_dir, run_dir_path / TOKENIZER_DIR)
+    version = _log_model(run, objective, result.model_dir, result.classifier_dir, run_dir_path / TOKENIZER_DIR,
+                         weights_hash)
     return FinetunedModel(
         run_dir=run_dir, model_dir=str(result.model_dir),
         classifier_dir=str(result.classifier_dir) if result.classifier_dir else None,
@@ -254,6 +255,8 @@ def finetune_model(
     )
     tuned = outcome.result
     run.record_stage("finetune", outcome.status)
+    if outcome.status == "cached":
+        tuned = _registered_in_tracking_store(tuned, run)
     run.set_tags({"gptflow.trained_in_run": tuned.trained_in_mlflow_run,
                   "gptflow.registered_model": tuned.registered_model})
     if outcome.status == "cached":
@@ -267,8 +270,23 @@ def finetune_model(
     return tuned
 
 
+def _registered_in_tracking_store(tuned: FinetunedModel, run: PipelineRun) -> FinetunedModel:
+    """``tuned`` with the run and registered version the tracking store holds it under; a model the
+    store has lost (its MLflow store deleted or replaced) is logged and registered again by ``run``."""
+    name = REGISTERED_MODELS[tuned.objective]
+    version = run.registered_version(name, tuned.weights_hash, tuned.registered_model)
+    if version is None:
+        run_logger().warning(f"finetune: the tracking store lacks the model {tuned.registered_model} (was its MLflow "
+                             "store replaced or deleted?); logging and registering it again")
+        number = _log_model(run, tuned.objective, Path(tuned.model_dir),
+                            Path(tuned.classifier_dir) if tuned.classifier_dir else None, Path(tuned.tokenizer_dir),
+                            tuned.weights_hash)
+        return dataclasses.replace(tuned, trained_in_mlflow_run=run.run_id, registered_model=f"{name}/{number}")
+    return dataclasses.replace(tuned, trained_in_mlflow_run=version.run_id, registered_model=f"{name}/{version.version}")
+
+
 def _log_model(run: PipelineRun, objective: str, model_dir: Path, classifier_dir: Path | None,
-               tokenizer_dir: Path) -> str:
+               tokenizer_dir: Path, weights_hash: str) -> str:
     artifacts = {"model": model_dir, "tokenizer": tokenizer_dir / TOKENIZER_FILE}
     if objective == "sft":
         artifacts["chat_template"] = tokenizer_dir / CHAT_TEMPLATE_FILE
@@ -279,7 +297,8 @@ def _log_model(run: PipelineRun, objective: str, model_dir: Path, classifier_dir
     else:
         artifacts["classifier"] = classifier_dir
         example = (["def parse(self, text):"], ["email"], None)
-    return run.log_pyfunc_model(MLFLOW_MODEL_MODULES[objective], artifacts, *example, REGISTERED_MODELS[objective])
+    return run.log_pyfunc_model(MLFLOW_MODEL_MODULES[objective], artifacts, *example, REGISTERED_MODELS[objective],
+                                weights_hash)
 
 
 @contextlib.contextmanager

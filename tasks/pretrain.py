@@ -13,7 +13,7 @@ from prefect import task
 
 from gptflow.data.store import code_version, hash_json, is_complete, read_contents_hash, verify_files
 from gptflow.data.tokenize import TokenManifest
-from gptflow.data.tokenizer import TokenizerArtifact
+from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact
 from gptflow.model.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
 from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size
 from gptflow.model.train import Continuation
@@ -120,7 +120,7 @@ def train_model(
     run.log_params({"model.padded_vocab_size": model_config.vocab_size})
 
     if plan.keep is not None:
-        trained = TrainedModel(**plan.keep.trained)
+        trained = _registered_in_tracking_store(TrainedModel(**plan.keep.trained), registered_model_name, run)
         run.record_stage("pretrain", "cached")
         run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run,
                       "gptflow.registered_model": trained.registered_model})
@@ -181,6 +181,8 @@ def train_model(
         job=job,
     )
     trained = outcome.result
+    if outcome.status == "cached":
+        trained = _registered_in_tracking_store(trained, registered_model_name, run)
     run.record_stage("pretrain", outcome.status)
     tags = {
         "gptflow.training": "continued" if continuation else "from_scratch",
@@ -204,6 +206,18 @@ def train_model(
         continued_from=plan.continue_from,
     ))
     return trained
+
+
+def _registered_in_tracking_store(trained: TrainedModel, name: str, run: PipelineRun) -> TrainedModel:
+    """``trained`` with the run and registered version the tracking store holds it under; a model the
+    store has lost (its MLflow store deleted or replaced) is logged and registered again by ``run``."""
+    version = run.registered_version(name, trained.weights_hash, trained.registered_model)
+    if version is None:
+        run_logger().warning(f"pretrain: the tracking store lacks the model {trained.registered_model} (was its MLflow "
+                             "store replaced or deleted?); logging and registering it again")
+        number = run.log_text_generator(Path(trained.final_dir), Path(trained.run_dir) / TOKENIZER_FILE, name)
+        return dataclasses.replace(trained, trained_in_mlflow_run=run.run_id, registered_model=f"{name}/{number}")
+    return dataclasses.replace(trained, trained_in_mlflow_run=version.run_id, registered_model=f"{name}/{version.version}")
 
 
 def _train_shards(tokens: TokenManifest) -> list[tuple[str, Path]]:

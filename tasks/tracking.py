@@ -25,11 +25,12 @@ from urllib.request import url2pathname
 import mlflow.pyfunc
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from prefect.runtime import flow_run
 
-from gptflow.data.store import PACKAGE, module_file, reporting_out_of_space
+from gptflow.data.store import PACKAGE, module_file, read_contents_hash, reporting_out_of_space
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.progress import run_logger
 from gptflow.tasks.workspace import Workspace
@@ -37,6 +38,8 @@ from gptflow.tasks.workspace import Workspace
 GENERATOR_MODULE = "gptflow.tasks.mlflow_model"
 """The MLflow model from code of every pretrained model (run from its file, never imported here)."""
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+WEIGHTS_TAG = "gptflow.weights_hash"
+"""On a registered model version: the content hash of the weights it holds."""
 MODEL_NAME = "model"
 """The name of every run's logged model: ``runs:/<run id>/model`` resolves to it."""
 PURE_LAYERS = ("data", "model")
@@ -119,17 +122,36 @@ class PipelineRun:
         it as a new version of ``registered_name``; returns the version."""
         return self.log_pyfunc_model(
             GENERATOR_MODULE, {"model": model_dir, "tokenizer": tokenizer_file}, ["def parse("], ["def parse(text):"],
-            dataclasses.asdict(SamplingConfig()), registered_name,
+            dataclasses.asdict(SamplingConfig()), registered_name, read_contents_hash(model_dir),
         )
+
+    def registered_version(self, name: str, weights_hash: str, recorded: str) -> ModelVersion | None:
+        """The version of ``name`` that holds the model of ``weights_hash`` (tagged so when it was
+        registered; ``recorded``, the ``name/version`` a cached result remembers, for versions
+        registered before the tag), or None when the tracking store has lost it (an MLflow store
+        deleted or replaced since)."""
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            return None
+        tagged = [version for version in versions if version.tags.get(WEIGHTS_TAG) == weights_hash]
+        if tagged:
+            return max(tagged, key=lambda version: int(version.version))
+        remembered = [version for version in versions if f"{name}/{version.version}" == recorded]
+        if remembered:
+            self.client.set_model_version_tag(name, remembered[0].version, WEIGHTS_TAG, weights_hash)
+            return remembered[0]
+        return None
 
     def log_pyfunc_model(
         self, code_module: str, artifacts: dict[str, Path], example_input: list[str], example_output: list[str],
-        params: dict[str, Any] | None, registered_name: str,
+        params: dict[str, Any] | None, registered_name: str, weights_hash: str,
     ) -> str:
         """Log the module ``code_module`` (an MLflow model from code) with ``artifacts`` and gptflow's
         pure packages as an MLflow logged model named ``model``, an output of this run (MLflow's
         Models tab and the run's Models column show it; ``runs:/<run id>/model`` finds it), and
-        register it as a new version of ``registered_name``; returns the version. Its signature
+        register it as a new version of ``registered_name``, tagged with ``weights_hash`` so that
+        ``registered_version`` finds it; returns the version. Its signature
         and input example come from ``example_input`` → ``example_output``, with ``params`` (the
         sampling settings) and their defaults."""
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
@@ -149,7 +171,8 @@ class PipelineRun:
         # tracking URI, which need not be this workspace's.
         # A tracking store creates versions at once; waiting (MLflow's default) only logs a line.
         version = self.client.create_model_version(registered_name, logged.artifact_location, run_id=self.run_id,
-                                                   model_id=logged.model_id, await_creation_for=0)
+                                                   model_id=logged.model_id, await_creation_for=0,
+                                                   tags={WEIGHTS_TAG: weights_hash})
         return version.version
 
     def _save_pyfunc_model(

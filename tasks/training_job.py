@@ -25,6 +25,7 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from gptflow.data.store import atomic_directory, copy_file_atomic, read_contents_hash
+from gptflow.data.tokenizer import TOKENIZER_FILE
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
 from gptflow.model.train import Continuation, pretrain
@@ -32,7 +33,6 @@ from gptflow.tasks.progress import human_count, human_duration, run_logger
 from gptflow.tasks.tracking import BufferedMetrics, PipelineRun
 
 REPORT_DIR = "report"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -134,6 +135,30 @@ def test_one_large_text_file_trains_and_validates_as_it_is(cli_env, tmp_path, st
     _, (run,) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
     assert run.data.params["dataset.documents"] == "1" and int(run.data.params["dataset.segments"]) > 100
     assert run.data.metrics["eval/val_loss"] > 0
+
+
+def test_a_lost_mlflow_store_gets_the_cached_model_logged_and_registered_again(cli_env, tiny_corpus_dir):
+    args = ("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny")
+    workspace = Path(cli_env["GPTFLOW_HOME"])
+    assert _gptflow(*args, env=cli_env).returncode == 0
+    (workspace / "mlflow.db").unlink()
+    shutil.rmtree(workspace / "mlartifacts")
+    rerun = _gptflow(*args, env=cli_env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "the tracking store lacks the model gptflow-tiny/1" in rerun.stdout + rerun.stderr
+    _, (run,) = _runs_oldest_first(workspace)
+    assert {run.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {"cached"}
+    # The run logged the model again and registered it: the registry serves it.
+    assert run.data.tags["gptflow.trained_in_run"] == run.info.run_id
+    assert run.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"
+    generated = _gptflow("generate", "--model", "models:/gptflow-tiny/1", "--prompt", "def ", "--max-new-tokens", "4",
+                         env=cli_env)
+    assert generated.returncode == 0 and generated.stdout.startswith("def "), generated.stderr[-3000:]
+    # Once the store holds it again, the next run finds it instead of registering it a third time.
+    assert _gptflow(*args, env=cli_env).returncode == 0
+    _, (_, again) = _runs_oldest_first(workspace)
+    assert again.data.tags["gptflow.trained_in_run"] == run.info.run_id
+    assert again.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"
 
 
 def test_missing_corpus_path_is_one_clear_line(cli_env, tmp_path):
