@@ -21,7 +21,7 @@ from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.config import IncrementalConfig
 from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord
 from gptflow.tasks.progress import run_logger
-from gptflow.tasks.tracking import GENERATOR_MODULE, PipelineRun
+from gptflow.tasks.tracking import GENERATOR_MODULE, REGISTERED_MODEL_TAG, PipelineRun
 from gptflow.tasks.training_job import TrainedModel, TrainingJob
 from gptflow.tasks.workspace import Workspace
 
@@ -110,10 +110,10 @@ def train_model(
     run.log_params({"model.padded_vocab_size": model_config.vocab_size})
 
     if plan.keep is not None:
-        trained = TrainedModel(**plan.keep.trained)
+        trained = _registered(TrainedModel(**plan.keep.trained), run)
         run.record_stage("pretrain", "cached")
         run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run,
-                      "gptflow.registered_model": trained.registered_model})
+                      REGISTERED_MODEL_TAG: trained.registered_model})
         return trained
 
     train_paths, continuation = tokens.paths("train"), None
@@ -150,6 +150,7 @@ def train_model(
         run_dir=str(workspace.store / "runs" / key),
         tokenizer_file=tokenizer.path,
         registered_model_name=registered_model_name,
+        workspace=str(workspace.root),
         tracking_uri=workspace.tracking_uri,
         mlflow_run_id=run.run_id,
         resume=resume,
@@ -161,12 +162,12 @@ def train_model(
         is_valid=lambda trained: is_complete(Path(trained.final_dir)) and is_complete(Path(trained.report_dir)),
         job=job,
     )
-    trained = outcome.result
+    trained = _registered(outcome.result, run)
     run.record_stage("pretrain", outcome.status)
     tags = {
         "gptflow.training": "continued" if continuation else "from_scratch",
         "gptflow.trained_in_run": trained.trained_in_mlflow_run,
-        "gptflow.registered_model": trained.registered_model,
+        REGISTERED_MODEL_TAG: trained.registered_model,
     }
     if plan.continue_from is not None:
         tags["gptflow.continues_run"] = plan.continue_from.mlflow_run_id
@@ -187,6 +188,12 @@ def train_model(
         continued_from=plan.continue_from,
     ))
     return trained
+
+
+def _registered(trained: TrainedModel, run: PipelineRun) -> TrainedModel:
+    """``trained``, with the version its model got since, if the cached or kept record says pending."""
+    return dataclasses.replace(
+        trained, registered_model=run.resolve_registered(trained.registered_model, trained.trained_in_mlflow_run))
 
 
 def _train_shards(tokens: TokenManifest) -> list[tuple[str, Path]]:
