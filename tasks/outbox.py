@@ -71,6 +71,8 @@ class Outbox:
     def replay(self, send: Callable[[dict[str, Any]], Any]) -> list[Any]:
         """``send`` each waiting operation in order, each recorded as sent once it returns; an
         exception from ``send`` stops the replay there. Returns what ``send`` returned."""
+        if self.is_empty():
+            return []
         results = []
         state = self._state()
         try:
