@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     # prints its own links to a run, which open its UI on the GenAI pages: the summary gives the link.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow retries a tracking server that does not answer for about eight minutes per call; a run
+    # keeps its writes in its outbox instead (tasks/tracking.py), so one quick retry is enough.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     try:
         return args.handler(args)
     except Exception as error:
@@ -215,6 +219,19 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from gptflow.tasks.tracking import send_outboxes
+    from gptflow.tasks.workspace import Workspace
+
+    workspace = Workspace.resolve(args.workspace)
+    reports = send_outboxes(workspace)
+    if not reports:
+        print(f"nothing to send: no run of {workspace.root} keeps MLflow writes")
+    for report in reports:
+        print(report)
+    return 1 if any(report.kept for report in reports) else 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     for name, preset in PRESETS.items():
         marker = " (default)" if name == DEFAULT_PRESET else ""
@@ -372,6 +389,16 @@ def _parser() -> argparse.ArgumentParser:
     stack_down = commands.add_parser("down", help="stop the servers that `gptflow up` started")
     stack_down.add_argument("--workspace", metavar="DIR", help=workspace_help)
     stack_down.set_defaults(handler=_down)
+
+    sync = commands.add_parser(
+        "sync", help="send the MLflow writes that runs kept in the workspace while the tracking server was down",
+        description="Send every run's MLflow outbox (<workspace>/mlflow-outbox/): the metrics, params, tags, "
+        "artifacts, logged and registered models and end states that runs kept while their tracking server could "
+        "not be reached, in the order the runs made them. Exits 1 if some are still kept.",
+    )
+    sync.add_argument("--workspace", metavar="DIR",
+                      help="the workspace of the runs (default: $GPTFLOW_HOME or ./.gptflow)")
+    sync.set_defaults(handler=_sync)
 
     presets = commands.add_parser("presets", help="list the named configurations")
     presets.set_defaults(handler=_presets)

@@ -31,7 +31,7 @@ from gptflow.tasks.finetune import (
 )
 from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.progress import human_count, human_duration
-from gptflow.tasks.tracking import pipeline_run, run_name, source_label
+from gptflow.tasks.tracking import is_pending, pipeline_run, run_name, source_label
 from gptflow.tasks.workspace import Workspace
 
 # A Literal, so a deployment's `objective` parameter is validated and offered as a choice in the Prefect UI.
@@ -111,6 +111,8 @@ class FinetuneSummary:
             lines.append(f"val loss    {self.initial_val_loss:.3f} (base model) → {self.final_val_loss:.3f} "
                          "nats/response token")
         lines += [
+            f"model       {self.registered_model}: registered once the run's MLflow outbox is sent (see the warning)"
+            if is_pending(self.registered_model) else
             f"model       {self.model_uri}: mlflow.pyfunc.load_model(\"{self.model_uri}\").predict([...])",
             f"wall time   {human_duration(self.elapsed_s)}",
             f"mlflow      run {self.mlflow_run_id}",

@@ -20,10 +20,11 @@ from gptflow.data.store import (
 from gptflow.model.export import ExportError
 from gptflow.tasks.config import ConfigError
 from gptflow.tasks.model_source import ModelSourceError
+from gptflow.tasks.tracking import OutboxError, TrackingServerUnreachable
 
 USER_ERRORS = (
     CorpusError, ConfigError, ModelSourceError, MultipleChoiceError, ExportError, FinetuneDataError,
-    CorruptArtifactError, OutOfSpaceError,
+    CorruptArtifactError, OutOfSpaceError, TrackingServerUnreachable, OutboxError,
 )
 # The loggers through which Prefect's engines report a task's or a flow's exception.
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")

@@ -31,7 +31,7 @@ from gptflow.model.gpt import GPT
 from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.model_source import ResolvedModel
 from gptflow.tasks.progress import run_logger
-from gptflow.tasks.tracking import PipelineRun, logged_model_id
+from gptflow.tasks.tracking import PipelineRun
 from gptflow.tasks.training_job import TrainedModel
 from gptflow.tasks.workspace import Workspace
 
@@ -181,7 +181,7 @@ def evaluate_model(
                         out_dir=str(workspace.store / "eval" / key))
     report = outcome.result
     run.record_stage("evaluate", outcome.status)
-    run.log_metrics(report.metrics(), step=trained.steps, model_id=logged_model_id(run.client, trained.trained_in_mlflow_run))
+    run.log_metrics(report.metrics(), step=trained.steps, model_of_run=trained.trained_in_mlflow_run)
     run.log_artifact(Path(report.directory), "eval")
     run_logger().info(
         f"evaluate: val loss {report.val_loss:.3f} nats/token vs unigram baseline {report.unigram_loss:.3f}; "

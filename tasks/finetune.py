@@ -42,7 +42,7 @@ from gptflow.tasks.classification import classify_and_report, most_common_label
 from gptflow.tasks.config import DEFAULT_PRESET, FinetuneSettings, build_config
 from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
 from gptflow.tasks.progress import human_count, run_logger
-from gptflow.tasks.tracking import BufferedMetrics, PipelineRun
+from gptflow.tasks.tracking import REGISTERED_MODEL_TAG, BufferedMetrics, PipelineRun
 from gptflow.tasks.training_job import plot_loss_curve
 from gptflow.tasks.workspace import Workspace
 
@@ -168,7 +168,8 @@ class FinetunedModel(FinetuneOutcome):
     objective: str
     trained_in_mlflow_run: str
     registered_model: str
-    """``name/version`` in the MLflow model registry."""
+    """``name/version`` in the MLflow model registry; the version is ``pending`` while the run's
+    outbox keeps the model."""
 
 
 class FinetuneReporter:
@@ -197,13 +198,13 @@ class FinetuneReporter:
 @task(name="finetune-model")
 def train_task(
     objective: str, base: ResolvedModel, template: ChatTemplate, prepared: PreparedData, config: FinetuneConfig,
-    train: TrainConfig, run_dir: str, tracking_uri: str, mlflow_run_id: str,
+    train: TrainConfig, run_dir: str, workspace_root: str, tracking_uri: str, mlflow_run_id: str,
 ) -> FinetunedModel:
     run_dir_path = Path(run_dir)
     train_split, val_split = (read_split(Path(prepared.directory), split) for split in ("train", "val"))
     tuned_model = build_finetune_model(base.model_dir, objective, prepared.labels, config, train.seed,
                                        resolve_device(train.device))
-    run = PipelineRun.attach(tracking_uri, mlflow_run_id)
+    run = PipelineRun.attach(workspace_root, tracking_uri, mlflow_run_id)
     reporter = FinetuneReporter(run, train.max_steps)
     result = finetune(tuned_model, train_split, val_split, train, base.tokenizer.pad_id, prepared.max_length,
                       run_dir_path, reporter)
@@ -219,14 +220,14 @@ def train_task(
     weights_hash = read_contents_hash(result.model_dir)
     if result.classifier_dir:
         weights_hash = hash_json([weights_hash, read_contents_hash(result.classifier_dir)])
-    version = _log_model(run, objective, result.model_dir, result.classifier_dir, run_dir_path / TOKENIZER_DIR,
-                         weights_hash)
+    registered_model = _log_model(run, objective, result.model_dir, result.classifier_dir, run_dir_path / TOKENIZER_DIR,
+                                  weights_hash)
     return FinetunedModel(
         run_dir=run_dir, model_dir=str(result.model_dir),
         classifier_dir=str(result.classifier_dir) if result.classifier_dir else None,
         tokenizer_dir=str(run_dir_path / TOKENIZER_DIR), report_dir=str(run_dir_path / REPORT_DIR),
         weights_hash=weights_hash, objective=objective, trained_in_mlflow_run=mlflow_run_id, **result.outcome(),
-        registered_model=f"{REGISTERED_MODELS[objective]}/{version}",
+        registered_model=registered_model,
     )
 
 
@@ -251,14 +252,14 @@ def finetune_model(
                                    if path is not None),
         objective=objective, base=base, template=template, prepared=prepared, config=settings.finetune,
         train=settings.train, run_dir=str(workspace.store / "finetunes" / key),
-        tracking_uri=workspace.tracking_uri, mlflow_run_id=run.run_id,
+        workspace_root=str(workspace.root), tracking_uri=workspace.tracking_uri, mlflow_run_id=run.run_id,
     )
     tuned = outcome.result
     run.record_stage("finetune", outcome.status)
     if outcome.status == "cached":
         tuned = _registered_in_tracking_store(tuned, run)
     run.set_tags({"gptflow.trained_in_run": tuned.trained_in_mlflow_run,
-                  "gptflow.registered_model": tuned.registered_model})
+                  REGISTERED_MODEL_TAG: tuned.registered_model})
     if outcome.status == "cached":
         # The training run logged the per-step curve; a cached run gets its end points.
         run.log_metrics({"finetune/val_loss": tuned.initial_val_loss}, step=0)
@@ -271,18 +272,15 @@ def finetune_model(
 
 
 def _registered_in_tracking_store(tuned: FinetunedModel, run: PipelineRun) -> FinetunedModel:
-    """``tuned`` with the run and registered version the tracking store holds it under; a model the
-    store has lost (its MLflow store deleted or replaced) is logged and registered again by ``run``."""
-    name = REGISTERED_MODELS[tuned.objective]
-    version = run.registered_version(name, tuned.weights_hash, tuned.registered_model)
-    if version is None:
-        run_logger().warning(f"finetune: the tracking store lacks the model {tuned.registered_model} (was its MLflow "
-                             "store replaced or deleted?); logging and registering it again")
-        number = _log_model(run, tuned.objective, Path(tuned.model_dir),
-                            Path(tuned.classifier_dir) if tuned.classifier_dir else None, Path(tuned.tokenizer_dir),
-                            tuned.weights_hash)
-        return dataclasses.replace(tuned, trained_in_mlflow_run=run.run_id, registered_model=f"{name}/{number}")
-    return dataclasses.replace(tuned, trained_in_mlflow_run=version.run_id, registered_model=f"{name}/{version.version}")
+    """``tuned`` with the run and registered version the tracking store holds it under (see
+    ``PipelineRun.registered_model``: a lost model is logged and registered again by ``run``)."""
+    registered, trained_in = run.registered_model(
+        REGISTERED_MODELS[tuned.objective], tuned.weights_hash, tuned.registered_model, tuned.trained_in_mlflow_run,
+        log_again=lambda: _log_model(run, tuned.objective, Path(tuned.model_dir),
+                                     Path(tuned.classifier_dir) if tuned.classifier_dir else None,
+                                     Path(tuned.tokenizer_dir), tuned.weights_hash),
+    )
+    return dataclasses.replace(tuned, registered_model=registered, trained_in_mlflow_run=trained_in)
 
 
 def _log_model(run: PipelineRun, objective: str, model_dir: Path, classifier_dir: Path | None,

@@ -21,7 +21,7 @@ from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.config import IncrementalConfig
 from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord, TrainingAttempt
 from gptflow.tasks.progress import run_logger
-from gptflow.tasks.tracking import GENERATOR_MODULE, PipelineRun
+from gptflow.tasks.tracking import GENERATOR_MODULE, REGISTERED_MODEL_TAG, PipelineRun
 from gptflow.tasks.training_job import TrainedModel, TrainingJob
 from gptflow.tasks.workspace import Workspace
 
@@ -123,7 +123,7 @@ def train_model(
         trained = _registered_in_tracking_store(TrainedModel(**plan.keep.trained), registered_model_name, run)
         run.record_stage("pretrain", "cached")
         run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run,
-                      "gptflow.registered_model": trained.registered_model})
+                      REGISTERED_MODEL_TAG: trained.registered_model})
         return trained
 
     train_paths, continuation = tokens.paths("train"), None
@@ -168,6 +168,7 @@ def train_model(
         run_dir=str(run_dir),
         tokenizer_file=tokenizer.path,
         registered_model_name=registered_model_name,
+        workspace=str(workspace.root),
         tracking_uri=workspace.tracking_uri,
         mlflow_run_id=run.run_id,
         restart=restart,
@@ -187,7 +188,7 @@ def train_model(
     tags = {
         "gptflow.training": "continued" if continuation else "from_scratch",
         "gptflow.trained_in_run": trained.trained_in_mlflow_run,
-        "gptflow.registered_model": trained.registered_model,
+        REGISTERED_MODEL_TAG: trained.registered_model,
     }
     if plan.continue_from is not None:
         tags["gptflow.continues_run"] = plan.continue_from.mlflow_run_id
@@ -209,15 +210,13 @@ def train_model(
 
 
 def _registered_in_tracking_store(trained: TrainedModel, name: str, run: PipelineRun) -> TrainedModel:
-    """``trained`` with the run and registered version the tracking store holds it under; a model the
-    store has lost (its MLflow store deleted or replaced) is logged and registered again by ``run``."""
-    version = run.registered_version(name, trained.weights_hash, trained.registered_model)
-    if version is None:
-        run_logger().warning(f"pretrain: the tracking store lacks the model {trained.registered_model} (was its MLflow "
-                             "store replaced or deleted?); logging and registering it again")
-        number = run.log_text_generator(Path(trained.final_dir), Path(trained.run_dir) / TOKENIZER_FILE, name)
-        return dataclasses.replace(trained, trained_in_mlflow_run=run.run_id, registered_model=f"{name}/{number}")
-    return dataclasses.replace(trained, trained_in_mlflow_run=version.run_id, registered_model=f"{name}/{version.version}")
+    """``trained`` with the run and registered version the tracking store holds it under (see
+    ``PipelineRun.registered_model``: a lost model is logged and registered again by ``run``)."""
+    registered, trained_in = run.registered_model(
+        name, trained.weights_hash, trained.registered_model, trained.trained_in_mlflow_run,
+        log_again=lambda: run.log_text_generator(Path(trained.final_dir), Path(trained.run_dir) / TOKENIZER_FILE, name),
+    )
+    return dataclasses.replace(trained, registered_model=registered, trained_in_mlflow_run=trained_in)
 
 
 def _train_shards(tokens: TokenManifest) -> list[tuple[str, Path]]:

@@ -54,7 +54,8 @@ class TrainedModel:
     """The MLflow run that executed the training (later cached runs point back to it)."""
     registered_model: str
     """``name/version`` in the MLflow model registry; the version's source is that run's
-    ``model`` artifact, an MLflow pyfunc model that generates text."""
+    ``model`` artifact, an MLflow pyfunc model that generates text. The version is ``pending``
+    while the run's outbox keeps the model (``PipelineRun.log_pyfunc_model``)."""
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainingJob:
     run_dir: str
     tokenizer_file: str
     registered_model_name: str
+    workspace: str
     tracking_uri: str
     mlflow_run_id: str
     restart: bool
@@ -87,7 +89,7 @@ class TrainingJob:
             new_data_fraction=self.continuation["new_data_fraction"],
         )
         is_main = Ranks.from_environment().is_main
-        run = PipelineRun.attach(self.tracking_uri, self.mlflow_run_id)
+        run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id)
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress) if is_main else None
         with _system_metrics(run) if is_main else contextlib.nullcontext():
             result = pretrain(
@@ -106,7 +108,7 @@ class TrainingJob:
             reporter.write_report(report_dir)
         # Beside checkpoints/ and final/, so a checkpoint directory alone names its tokenizer.
         copy_file_atomic(Path(self.tokenizer_file), Path(self.run_dir) / TOKENIZER_FILE)
-        version = run.log_text_generator(result.final_dir, Path(self.tokenizer_file), self.registered_model_name)
+        registered_model = run.log_text_generator(result.final_dir, Path(self.tokenizer_file), self.registered_model_name)
         return TrainedModel(
             run_dir=self.run_dir,
             final_dir=str(result.final_dir),
@@ -119,7 +121,7 @@ class TrainingJob:
             final_val_loss=result.final_val_loss,
             elapsed_s=result.elapsed_s,
             trained_in_mlflow_run=self.mlflow_run_id,
-            registered_model=f"{self.registered_model_name}/{version}",
+            registered_model=registered_model,
         )
 
     def run_with_torchrun(self, nproc: int) -> TrainedModel:

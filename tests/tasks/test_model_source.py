@@ -32,13 +32,13 @@ def logged_model(tmp_path, monkeypatch, bpe_tokenizer_file):
     final = save_final(tmp_path / "run", GPT(CONFIG))
     tokenizer_file = shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
     with pipeline_run(workspace, tags={}, name="source-test") as run:
-        version = run.log_text_generator(final, tokenizer_file, "gptflow-test")
-    return workspace, run.run_id, version, final
+        registered = run.log_text_generator(final, tokenizer_file, "gptflow-test")
+    return workspace, run.run_id, registered, final
 
 
 def test_uri_run_id_and_directory_name_the_same_weights(logged_model):
-    workspace, run_id, version, final = logged_model
-    by_version = resolve_model(f"models:/gptflow-test/{version}", workspace)
+    workspace, run_id, registered, final = logged_model
+    by_version = resolve_model(f"models:/{registered}", workspace)
     by_run = resolve_model(run_id, workspace)
     by_run_uri = resolve_model(f"runs:/{run_id}/model", workspace)
     by_directory = resolve_model(str(final), workspace)

@@ -31,7 +31,7 @@ def test_training_refuses_a_shard_altered_behind_an_unchanged_size_and_mtime(tmp
         val_paths=[str(units["old"] / "val.arrow")],
         continuation={"checkpoint": "unused", "new_train_paths": [str(altered)], "new_data_fraction": 0.5},
         run_dir=str(tmp_path / "run"), tokenizer_file="unused", registered_model_name="unused",
-        tracking_uri="unused", mlflow_run_id="unused", restart=False,
+        workspace="unused", tracking_uri="unused", mlflow_run_id="unused", restart=False,
     )
     with pytest.raises(CorruptArtifactError, match=f"{altered}.*altered after it was written"):
         pretrain_model_task.fn(job)

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from gptflow.data.store import OutOfSpaceError
-from gptflow.tasks.tracking import HOST_TAG, KILLED_TAG, PID_TAG, BufferedMetrics, pipeline_run
+from gptflow.tasks.outbox import Outbox
+from gptflow.tasks.tracking import (
+    HOST_TAG,
+    KILLED_TAG,
+    PID_TAG,
+    BufferedMetrics,
+    PipelineRun,
+    TrackingServerUnreachable,
+    pipeline_run,
+    send_outboxes,
+)
 from gptflow.tasks.workspace import Workspace
 
 
@@ -97,3 +110,128 @@ def test_an_artifact_that_does_not_fit_names_where_it_went_and_leaves_nothing(wo
     artifacts = workspace.mlflow_artifacts / run.run_id / "artifacts"
     assert str(raised.value).startswith(f"out of space writing {artifacts}/eval: the disk is full")
     assert [path for path in artifacts.rglob("*") if path.is_file()] == []
+
+
+@pytest.fixture()
+def nowhere(monkeypatch) -> str:
+    """The address of a tracking server that is not there; MLflow gives up on it at once."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _new_run(workspace: Workspace) -> tuple[MlflowClient, str]:
+    store = MlflowClient(workspace.tracking_uri)
+    experiment_id = store.create_experiment("outbox", artifact_location=workspace.mlflow_artifacts.as_uri())
+    return store, store.create_run(experiment_id).info.run_id
+
+
+def _server_back_at(outbox: Outbox, tracking_uri: str) -> None:
+    """As if the server the outbox records answered again, at ``tracking_uri``: the test's own store."""
+    state = outbox.path.with_suffix(".json")
+    state.write_text(json.dumps({**json.loads(state.read_text()), "tracking_uri": tracking_uri}))
+
+
+def test_writes_wait_in_the_outbox_while_the_server_is_away_then_replay_in_order(workspace, tmp_path, nowhere, caplog):
+    store, run_id = _new_run(workspace)
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    offline = PipelineRun(MlflowClient(nowhere), run_id, Outbox(workspace, run_id))
+    offline.log_params({"train.max_steps": 30})
+    offline.set_tags({"gptflow.stage.pretrain": "running"})
+    offline.log_metrics({"train/loss": 3.0}, step=1)
+    offline.log_metrics({"train/loss": 2.0}, step=2)
+    offline.set_tags({"gptflow.stage.pretrain": "executed"})
+    offline.log_artifact(report, "eval")
+    offline.log_text("hello", "notes/hello.txt")
+    ended = int(time.time() * 1000)
+    offline.end("FINISHED")
+
+    outbox = Outbox(workspace, run_id)
+    assert outbox.path == workspace.root / "mlflow-outbox" / f"{run_id}.jsonl"
+    kinds = [json.loads(line)["kind"] for line in outbox.path.read_text().splitlines()]
+    assert kinds == ["log_batch"] * 5 + ["log_artifact", "log_text", "set_terminated"]
+    assert store.get_run(run_id).info.status == "RUNNING" and not store.get_run(run_id).data.params
+    [warning] = [record.getMessage() for record in caplog.records if "still cannot be reached" in record.getMessage()]
+    assert f"8 operations of run {run_id}" in warning and str(outbox.path) in warning
+    assert f"gptflow sync --workspace {workspace.root}" in warning
+
+    with outbox.lock():
+        sent = PipelineRun(store, run_id, outbox).send_outbox()
+    assert (sent.sent, sent.kept) == (8, 0) and outbox.is_empty()
+    assert not list((workspace.root / "mlflow-outbox").iterdir())
+    stored = store.get_run(run_id)
+    assert stored.info.status == "FINISHED" and stored.info.end_time >= ended
+    assert stored.data.params == {"train.max_steps": "30"}
+    assert stored.data.tags["gptflow.stage.pretrain"] == "executed"  # the later write wins, as it would have
+    assert [metric.value for metric in store.get_metric_history(run_id, "train/loss")] == [3.0, 2.0]
+    assert {artifact.path for artifact in store.list_artifacts(run_id)} == {"eval", "notes"}
+    assert (workspace.mlflow_artifacts / run_id / "artifacts/notes/hello.txt").read_text() == "hello"
+
+
+def test_a_replay_that_stops_halfway_goes_on_after_the_last_operation_it_sent(workspace):
+    outbox = Outbox(workspace, "0" * 32)
+    for number in range(4):
+        outbox.append({"kind": "log_batch", "number": number}, "http://example.invalid")
+    sent = []
+
+    def send_two(operation):
+        if len(sent) == 2:
+            raise ConnectionError("gone again")
+        sent.append(operation["number"])
+
+    with pytest.raises(ConnectionError):
+        outbox.replay(send_two)
+    assert outbox.waiting() == {"log_batch": 2} and outbox.next_line() == 3
+    sent.clear()
+    outbox.replay(lambda operation: sent.append(operation["number"]))
+    assert sent == [2, 3] and outbox.is_empty()
+
+
+def test_an_operation_the_server_refuses_raises_and_is_never_kept(workspace):
+    store, run_id = _new_run(workspace)
+    run = PipelineRun(store, run_id, Outbox(workspace, run_id))
+    run.log_params({"seed": 1})
+    with pytest.raises(MlflowException):
+        run.log_params({"seed": 2})  # MLflow never changes a param
+    assert run.outbox.is_empty()
+
+
+def test_a_kept_operation_the_server_refuses_is_reported_and_stays(workspace, tmp_path, nowhere):
+    store, run_id = _new_run(workspace)
+    removed = tmp_path / "removed.json"
+    removed.write_text("{}")
+    offline = PipelineRun(MlflowClient(nowhere), run_id, Outbox(workspace, run_id))
+    offline.log_artifact(removed)
+    offline.log_metrics({"eval/val_loss": 2.5})
+    removed.unlink()
+    _server_back_at(offline.outbox, workspace.tracking_uri)
+
+    [report] = send_outboxes(workspace)
+    assert (report.sent, report.kept) == (0, 2)
+    assert report.problem.startswith(f"could not send operation 1 of {offline.outbox.path}")
+    assert "delete that line" in report.problem
+    assert "eval/val_loss" not in store.get_run(run_id).data.metrics
+
+
+def test_a_new_run_first_sends_what_earlier_runs_kept(workspace, nowhere):
+    store, run_id = _new_run(workspace)
+    offline = PipelineRun(MlflowClient(nowhere), run_id, Outbox(workspace, run_id))
+    offline.log_metrics({"eval/val_loss": 2.5})
+    offline.end("FINISHED")
+    _server_back_at(offline.outbox, workspace.tracking_uri)
+
+    with pipeline_run(workspace, tags={}, name="next"):
+        earlier = store.get_run(run_id)
+        assert earlier.info.status == "FINISHED" and earlier.data.metrics["eval/val_loss"] == 2.5
+    assert offline.outbox.is_empty()
+
+
+def test_a_run_cannot_start_on_a_server_that_is_away(workspace, nowhere, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", nowhere)
+    with pytest.raises(TrackingServerUnreachable, match=f"{nowhere} \\(MLFLOW_TRACKING_URI\\) cannot be reached. "
+                       "Start it \\(`gptflow up`.*or unset MLFLOW_TRACKING_URI"):
+        with pipeline_run(workspace, tags={}, name="never"):
+            pass
