@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from gptflow.data.errors import UserError
+
 CONTENTS_FILE = "contents.json"
 HASH_CHUNK_BYTES = 1 << 20
 STALE_TMP_SECONDS = 24 * 3600
@@ -168,7 +170,7 @@ def is_complete(directory: Path) -> bool:
     return True
 
 
-class CorruptArtifactError(ValueError):
+class CorruptArtifactError(UserError):
     """A file of a committed store directory whose bytes are not the ones written there. The
     directory's record is discarded on detection, so the next run recomputes it."""
 

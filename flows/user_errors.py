@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from gptflow.data.errors import CorpusError
-from gptflow.data.finetune_data import FinetuneDataError
-from gptflow.data.multiple_choice import MultipleChoiceError
-from gptflow.data.store import CorruptArtifactError
-from gptflow.model.export import ExportError
-from gptflow.tasks.config import ConfigError
-from gptflow.tasks.model_source import ModelSourceError
+from gptflow.data.errors import UserError
 
-USER_ERRORS = (
-    CorpusError, ConfigError, ModelSourceError, MultipleChoiceError, ExportError, FinetuneDataError,
-    CorruptArtifactError,
-)
 # The loggers through which Prefect's engines report a task's or a flow's exception.
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
 
 
 class _DropUserErrorTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
             record.exc_info = None
             record.exc_text = None
         return True
