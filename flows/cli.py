@@ -17,7 +17,7 @@ from pathlib import Path
 from gptflow.data.errors import UserError
 from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
-from gptflow.flows.stack import StackError
+from gptflow.flows.stack import StackError, down, up, use_running_stack
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.config import (
     DEFAULT_PRESET,
@@ -29,6 +29,7 @@ from gptflow.tasks.config import (
     build_config,
     parse_override_pairs,
 )
+from gptflow.tasks.workspace import Workspace
 
 if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
     from gptflow.tasks.model_source import ResolvedModel
@@ -62,6 +63,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     # Prefect's temporary server would otherwise log an error on every start on offline machines.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _use_running_stack(args.workspace)
     from gptflow.flows.pretrain import pretrain  # imports Prefect: only once the input is known good
 
     summary = pretrain(
@@ -87,6 +89,7 @@ def _finetune(args: argparse.Namespace) -> int:
             check_data_file(Path(path))
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _use_running_stack(args.workspace)
     from gptflow.flows.finetune import finetune  # imports Prefect: only once the input is known good
 
     summary = finetune(
@@ -118,6 +121,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_data_file(Path(args.classification))
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _use_running_stack(args.workspace)
     from gptflow.flows.evaluate import evaluate  # imports Prefect: only once the input is known good
 
     summary = evaluate(
@@ -132,6 +136,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     print(summary.render())
     return 0
+
+
+def _use_running_stack(workspace: str | None) -> None:
+    """Run the flow on the workspace's ``gptflow up`` stack, if one runs and no Prefect server is
+    set (``stack.use_running_stack``); said on stderr. Before Prefect is imported."""
+    stack = use_running_stack(Workspace.resolve(workspace))
+    if stack is not None:
+        print(f"gptflow: using the servers `gptflow up` started for {stack.workspace}: Prefect "
+              f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
+              file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -178,7 +192,6 @@ def _export(args: argparse.Namespace) -> int:
 def _resolve_model(args: argparse.Namespace) -> ResolvedModel:
     """The model named by --model (with --tokenizer, --workspace)."""
     from gptflow.tasks.model_source import resolve_model
-    from gptflow.tasks.workspace import Workspace
 
     return resolve_model(args.model, Workspace.resolve(args.workspace), args.tokenizer)
 
@@ -192,14 +205,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from gptflow.flows.stack import up
-    from gptflow.tasks.workspace import Workspace
-
     stack = up(Workspace.resolve(args.workspace), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
     print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
     print(f"MLflow UI    {stack.mlflow_url}")
     print(f"workspace    {stack.workspace} (databases, artifacts, logs/)")
-    print("\nPoint gptflow, prefect and mlflow commands at this stack:\n")
+    print("\ngptflow pretrain, finetune and evaluate on this workspace use it while it runs. Point other "
+          "gptflow, prefect and mlflow commands at it:\n")
     for name, value in stack.environment().items():
         print(f"export {name}={value}")
     print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/default' --watch)")
@@ -207,9 +218,6 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from gptflow.flows.stack import down
-    from gptflow.tasks.workspace import Workspace
-
     stopped = down(Workspace.resolve(args.workspace))
     print(f"stopped: {', '.join(stopped)}" if stopped else "no gptflow stack was running for this workspace")
     return 0
