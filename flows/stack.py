@@ -128,14 +128,6 @@ def down(workspace: Workspace) -> list[str]:
     return stopped
 
 
-def running_stack(workspace: Workspace) -> Stack | None:
-    """The stack ``gptflow up`` started for ``workspace``, if every server of it runs and answers."""
-    stack = _read_stack(workspace)
-    if stack is None or not all(_alive(service.pid) and _answers(service.health_url) for service in stack.services):
-        return None
-    return stack
-
-
 def use_running_stack(workspace: Workspace) -> Stack | None:
     """Point this process's Prefect, and its MLflow unless ``MLFLOW_TRACKING_URI`` names a server,
     at the stack ``gptflow up`` runs for ``workspace``, when ``PREFECT_API_URL`` is not set: flows
@@ -144,10 +136,18 @@ def use_running_stack(workspace: Workspace) -> Stack | None:
     None. Call it before importing Prefect, which reads its settings once, at import."""
     if "PREFECT_API_URL" in os.environ:
         return None
-    stack = running_stack(workspace)
+    stack = _running_stack(workspace)
     if stack is not None:
         os.environ["PREFECT_API_URL"] = stack.prefect_api_url
         os.environ.setdefault("MLFLOW_TRACKING_URI", stack.mlflow_url)
+    return stack
+
+
+def _running_stack(workspace: Workspace) -> Stack | None:
+    """The stack ``gptflow up`` started for ``workspace``, if every server of it runs and answers."""
+    stack = _read_stack(workspace)
+    if stack is None or not all(_alive(service.pid) and _answers(service.health_url) for service in stack.services):
+        return None
     return stack
 
 
