@@ -1,5 +1,8 @@
 """How bad input is reported: ``CorpusError`` stops the run, ``SkipReport`` counts and goes on.
 
+Every error a user fixes from its message alone derives from ``UserError``, so the command line
+and the flows tell it from a bug by its class, without importing the (heavy) module that raised it.
+
 A ``CorpusError`` reaches the user as a one-line message instead of a traceback (the CLI and the
 flows catch it), so its message names the file at fault and says what to do about it. Input that
 is bad in a way the rest of the corpus can live without (a binary file, a malformed JSON line) is
@@ -15,7 +18,12 @@ from typing import Any
 MAX_EXAMPLES_PER_REASON = 5
 
 
-class CorpusError(ValueError):
+class UserError(ValueError):
+    """Bad input, or a damaged artifact to recompute: reported as its one-line message, never as a
+    traceback. The message names what is at fault and what to do."""
+
+
+class CorpusError(UserError):
     """A corpus the pipeline cannot use as given: a missing path, an unsupported file, a text
     field no record has, or no documents at all. The message names the file and the fix."""
 

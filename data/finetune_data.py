@@ -37,15 +37,11 @@ import pyarrow as pa
 
 from gptflow.data.chat import ROLES, ChatTemplate, Message
 from gptflow.data.errors import SkipReport
+from gptflow.data.finetune_inputs import OBJECTIVES, FinetuneDataError, check_data_file
 from gptflow.data.readers import read_records
-from gptflow.data.sources import SourceFile, detect_format
 from gptflow.data.store import atomic_directory, hash_json, read_contents_hash
 from gptflow.data.tokenizer import EOT_TOKEN, load_tokenizer
 
-OBJECTIVES = ("sft", "classification")
-"""What a model is fine-tuned for: following instructions, or labelling texts."""
-OVERLONG_POLICIES = ("truncate", "skip")
-FORMATS = ("jsonl", "json", "csv", "parquet")
 PREPARED_FILE = "prepared.json"
 ROWS_PER_BATCH = 1024
 
@@ -64,10 +60,6 @@ EVAL_SPLIT = "eval"
 
 SFT_FORMAT = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "user", "content": "..."}, '
               '{"role": "assistant", "content": "..."}]}')
-
-
-class FinetuneDataError(ValueError):
-    """Fine-tuning data that leaves nothing to train on; the message names the file and the fix."""
 
 
 @dataclass
@@ -127,19 +119,6 @@ class _Example:
 class _Skip(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
-
-
-def check_data_file(path: Path) -> SourceFile:
-    """A fine-tuning or labelled data file as the reader takes it; ``FinetuneDataError`` if it is
-    missing or not a record format."""
-    path = Path(path)
-    if not path.is_file():
-        raise FinetuneDataError(f"Data file {path} does not exist.")
-    detected = detect_format(path)
-    if detected is None or detected[0] not in FORMATS:
-        raise FinetuneDataError(f"Data file {path} must be .jsonl, .json, .csv (each optionally .gz or .zst) or "
-                                ".parquet.")
-    return SourceFile(path, *detected)
 
 
 def prepare_examples(

@@ -22,7 +22,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from gptflow.data.errors import SkipReport
+from gptflow.data.errors import SkipReport, UserError
 from gptflow.data.readers import read_records
 from gptflow.data.sources import SourceFile, detect_format
 
@@ -37,7 +37,7 @@ EXPECTED_FORMAT = (
 MAX_LISTED_PROBLEMS = 5
 
 
-class MultipleChoiceError(ValueError):
+class MultipleChoiceError(UserError):
     """A multiple-choice file that cannot be scored as given; the message names the bad lines."""
 
 

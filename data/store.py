@@ -29,6 +29,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from gptflow.data.errors import UserError
+
 CONTENTS_FILE = "contents.json"
 HASH_CHUNK_BYTES = 1 << 20
 STALE_TMP_SECONDS = 24 * 3600
@@ -77,16 +79,10 @@ def code_closure(*module_names: str) -> dict[str, dict[str, str]]:
             continue
         path = module_file(name)
         sources[name] = hash_file(path)
-        for imported in _imported_names(path, path.stat().st_mtime_ns):
-            parts = imported.split(".")
-            if parts[0] == PACKAGE:
-                # `from gptflow.data.store import hash_json` names gptflow.data.store.hash_json: take the
-                # prefixes that are modules (the package gptflow.data, the module gptflow.data.store).
-                prefixes = (".".join(parts[:length]) for length in range(2, len(parts) + 1))
-                pending.extend(prefix for prefix in prefixes if _find_module_file(prefix) is not None)
-            elif parts[0] in OUTPUT_LIBRARIES:
-                libraries.add(parts[0])
-    return {"modules": sources, "libraries": {name: metadata.version(name) for name in sorted(libraries)}}
+        imported_modules, imported_libraries = _imports(path, path.stat().st_mtime_ns)
+        pending.extend(imported_modules)
+        libraries.update(imported_libraries)
+    return {"modules": sources, "libraries": {name: _library_version(name) for name in sorted(libraries)}}
 
 
 def module_file(name: str) -> Path:
@@ -114,9 +110,31 @@ def _find_module_file(name: str) -> Path | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _imported_names(path: Path, mtime_ns: int) -> tuple[str, ...]:
-    """Every absolute name a source file imports, with ``from a import b`` as ``a.b`` (cached per
-    version of the file: ``mtime_ns`` is part of the key)."""
+def _imports(path: Path, mtime_ns: int) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The gptflow modules and the ``OUTPUT_LIBRARIES`` a source file imports (cached per version of
+    the file: ``mtime_ns`` is part of the key, so a flow's stages walk each file once)."""
+    modules: list[str] = []
+    libraries: set[str] = set()
+    for imported in _imported_names(path):
+        parts = imported.split(".")
+        if parts[0] == PACKAGE:
+            # `from gptflow.data.store import hash_json` names gptflow.data.store.hash_json: take the
+            # prefixes that are modules (the package gptflow.data, the module gptflow.data.store).
+            prefixes = (".".join(parts[:length]) for length in range(2, len(parts) + 1))
+            modules.extend(prefix for prefix in prefixes if _find_module_file(prefix) is not None)
+        elif parts[0] in OUTPUT_LIBRARIES:
+            libraries.add(parts[0])
+    return tuple(modules), frozenset(libraries)
+
+
+@functools.cache
+def _library_version(name: str) -> str:
+    """The installed version of ``name``, read once: a process keeps running the version it imported."""
+    return metadata.version(name)
+
+
+def _imported_names(path: Path) -> tuple[str, ...]:
+    """Every absolute name a source file imports, with ``from a import b`` as ``a.b``."""
     names = []
     for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -191,7 +209,7 @@ def is_complete(directory: Path) -> bool:
     return True
 
 
-class CorruptArtifactError(ValueError):
+class CorruptArtifactError(UserError):
     """A file of a committed store directory whose bytes are not the ones written there. The
     directory's record is discarded on detection, so the next run recomputes it."""
 

@@ -1,4 +1,9 @@
-"""The ``gptflow`` command line."""
+"""The ``gptflow`` command line.
+
+It imports only light modules up front (no torch, Prefect, MLflow or pyarrow), and each command
+checks its settings and paths before importing what it runs: a mistyped command is refused in a
+fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,9 @@ import sys
 import typing
 from pathlib import Path
 
-from gptflow.data.finetune_data import OBJECTIVES, check_data_file
-from gptflow.data.multiple_choice import read_multiple_choice
+from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
-from gptflow.flows.stack import StackError
+from gptflow.flows.stack import StackError, down, up, use_running_stack
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.config import (
     DEFAULT_PRESET,
@@ -24,6 +28,7 @@ from gptflow.tasks.config import (
     build_config,
     parse_override_pairs,
 )
+from gptflow.tasks.workspace import Workspace
 
 if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
     from gptflow.tasks.model_source import ResolvedModel
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except Exception as error:
-        # Imported only now: the list holds MLflow-backed errors, and MLflow takes a second to import.
+        # Imported only now, and light: a refused command must not wait for torch, Prefect or MLflow.
         from gptflow.flows.user_errors import user_error
         from gptflow.tasks.workspace import Workspace
 
@@ -69,6 +74,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     # Prefect's temporary server would otherwise log an error on every start on offline machines.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _use_running_stack(args.workspace)
     from gptflow.flows.pretrain import pretrain  # imports Prefect: only once the input is known good
 
     summary = pretrain(
@@ -94,6 +100,7 @@ def _finetune(args: argparse.Namespace) -> int:
             check_data_file(Path(path))
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _use_running_stack(args.workspace)
     from gptflow.flows.finetune import finetune  # imports Prefect: only once the input is known good
 
     summary = finetune(
@@ -117,11 +124,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.corpus:
         resolve_sources(args.corpus)
     if args.multiple_choice:
+        # Reading the file checks every record: it takes the readers' and the tokenizer's libraries.
+        from gptflow.data.multiple_choice import read_multiple_choice
+
         read_multiple_choice(Path(args.multiple_choice))
     if args.classification:
         check_data_file(Path(args.classification))
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _use_running_stack(args.workspace)
     from gptflow.flows.evaluate import evaluate  # imports Prefect: only once the input is known good
 
     summary = evaluate(
@@ -136,6 +147,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     print(summary.render())
     return 0
+
+
+def _use_running_stack(workspace: str | None) -> None:
+    """Run the flow on the workspace's ``gptflow up`` stack, if one runs and no Prefect server is
+    set (``stack.use_running_stack``); said on stderr. Before Prefect is imported."""
+    stack = use_running_stack(Workspace.resolve(workspace))
+    if stack is not None:
+        print(f"gptflow: using the servers `gptflow up` started for {stack.workspace}: Prefect "
+              f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
+              file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -182,7 +203,6 @@ def _export(args: argparse.Namespace) -> int:
 def _resolve_model(args: argparse.Namespace) -> ResolvedModel:
     """The model named by --model (with --tokenizer, --workspace)."""
     from gptflow.tasks.model_source import resolve_model
-    from gptflow.tasks.workspace import Workspace
 
     return resolve_model(args.model, Workspace.resolve(args.workspace), args.tokenizer)
 
@@ -196,14 +216,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from gptflow.flows.stack import up
-    from gptflow.tasks.workspace import Workspace
-
     stack = up(Workspace.resolve(args.workspace), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
     print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
     print(f"MLflow UI    {stack.mlflow_url}")
     print(f"workspace    {stack.workspace} (databases, artifacts, logs/)")
-    print("\nPoint gptflow, prefect and mlflow commands at this stack:\n")
+    print("\ngptflow pretrain, finetune and evaluate on this workspace use it while it runs. Point other "
+          "gptflow, prefect and mlflow commands at it:\n")
     for name, value in stack.environment().items():
         print(f"export {name}={value}")
     print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/default' --watch)")
@@ -211,9 +229,6 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from gptflow.flows.stack import down
-    from gptflow.tasks.workspace import Workspace
-
     stopped = down(Workspace.resolve(args.workspace))
     print(f"stopped: {', '.join(stopped)}" if stopped else "no gptflow stack was running for this workspace")
     return 0

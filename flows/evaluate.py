@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from gptflow.data.finetune_data import check_data_file
+from gptflow.data.finetune_inputs import check_data_file
 from gptflow.data.multiple_choice import read_multiple_choice
 from gptflow.data.sources import resolve_sources
 from gptflow.data.store import hash_file

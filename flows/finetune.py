@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from gptflow.data.chat import ChatTemplate
-from gptflow.data.finetune_data import OBJECTIVES, check_data_file
+from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
 from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.caching import pipeline_code_version

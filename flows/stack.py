@@ -2,7 +2,8 @@
 
 ``gptflow up`` starts both on 127.0.0.1 as background processes whose state (SQLite databases,
 artifacts, logs) lives in the workspace, waits until they answer, and records their process ids
-in ``stack.json``; ``gptflow down`` stops them.
+in ``stack.json``; ``gptflow down`` stops them. While they run, the flows the command line runs on
+that workspace use them even without the variables ``gptflow up`` prints (``use_running_stack``).
 """
 
 from __future__ import annotations
@@ -125,6 +126,29 @@ def down(workspace: Workspace) -> list[str]:
             stopped.append(service.name)
     (workspace.root / STACK_FILE).unlink(missing_ok=True)
     return stopped
+
+
+def use_running_stack(workspace: Workspace) -> Stack | None:
+    """Point this process's Prefect, and its MLflow unless ``MLFLOW_TRACKING_URI`` names a server,
+    at the stack ``gptflow up`` runs for ``workspace``, when ``PREFECT_API_URL`` is not set: flows
+    then skip the temporary server Prefect starts for each run (seconds), and log through the
+    stack's MLflow server (its experiment stores artifacts through it). Returns the stack used, or
+    None. Call it before importing Prefect, which reads its settings once, at import."""
+    if "PREFECT_API_URL" in os.environ:
+        return None
+    stack = _running_stack(workspace)
+    if stack is not None:
+        os.environ["PREFECT_API_URL"] = stack.prefect_api_url
+        os.environ.setdefault("MLFLOW_TRACKING_URI", stack.mlflow_url)
+    return stack
+
+
+def _running_stack(workspace: Workspace) -> Stack | None:
+    """The stack ``gptflow up`` started for ``workspace``, if every server of it runs and answers."""
+    stack = _read_stack(workspace)
+    if stack is None or not all(_alive(service.pid) and _answers(service.health_url) for service in stack.services):
+        return None
+    return stack
 
 
 def _start(name: str, command: list[str], env: dict[str, str], url: str, health_path: str, log: Path) -> Service:

@@ -6,26 +6,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from gptflow.data.errors import CorpusError
-from gptflow.data.finetune_data import FinetuneDataError
-from gptflow.data.multiple_choice import MultipleChoiceError
-from gptflow.data.store import (
-    CorruptArtifactError,
-    OutOfSpaceError,
-    exception_chain,
-    failed_write_path,
-    out_of_space_errno,
-    out_of_space_error,
-)
-from gptflow.model.export import ExportError
-from gptflow.tasks.config import ConfigError
-from gptflow.tasks.model_source import ModelSourceError
-from gptflow.tasks.tracking import OutboxError, TrackingServerUnreachable
+from gptflow.data.errors import UserError
+from gptflow.data.store import OutOfSpaceError, exception_chain, failed_write_path, out_of_space_errno, out_of_space_error
 
-USER_ERRORS = (
-    CorpusError, ConfigError, ModelSourceError, MultipleChoiceError, ExportError, FinetuneDataError,
-    CorruptArtifactError, OutOfSpaceError, TrackingServerUnreachable, OutboxError,
-)
 # The loggers through which Prefect's engines report a task's or a flow's exception.
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
 
@@ -35,7 +18,7 @@ def user_error(error: Exception, workspace: Path) -> Exception | None:
     a user error; the ``OutOfSpaceError`` of a stage that ran out of space when a later error (such
     as marking the MLflow run failed on the full disk) hides it; an ``OutOfSpaceError`` naming
     ``workspace`` for any other write that ran out of space (the MLflow store, a lineage file)."""
-    if isinstance(error, USER_ERRORS):
+    if isinstance(error, (UserError, OutOfSpaceError)):
         return error
     reported = next((link for link in exception_chain(error) if isinstance(link, OutOfSpaceError)), None)
     return reported or out_of_space_error(error, failed_write_path(error) or workspace)
@@ -44,7 +27,7 @@ def user_error(error: Exception, workspace: Path) -> Exception | None:
 class _DropUserErrorTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, USER_ERRORS) or out_of_space_errno(error) is not None:
+        if isinstance(error, UserError) or out_of_space_errno(error) is not None:
             record.exc_info = None
             record.exc_text = None
             message = record.getMessage()

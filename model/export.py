@@ -37,6 +37,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from gptflow.data.errors import UserError
 from gptflow.data.tokenizer import EOT_TOKEN, PAD_TOKEN, load_tokenizer
 from gptflow.model.config import ModelConfig, SamplingConfig
 from gptflow.model.gpt import GPT, INIT_STD, NORM_EPS, ROTARY_BASE, swiglu_hidden_size
@@ -45,7 +46,7 @@ WEIGHTS_FILE = "model.safetensors"
 Weights = dict[str, torch.Tensor]
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The model cannot be exported as asked; the message says which switches or paths are in the way."""
 
 

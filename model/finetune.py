@@ -27,7 +27,8 @@ import torch.nn as nn
 from tokenizers import Tokenizer
 
 from gptflow.data.chat import ChatTemplate, Message
-from gptflow.data.finetune_data import OBJECTIVES, PreparedSplit
+from gptflow.data.finetune_data import PreparedSplit
+from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.model.checkpoint import load_model, save_final
 from gptflow.model.classifier import CLASSIFIER_DIR, GPTClassifier, pad_right, save_head
 from gptflow.model.device import autocast, resolve_autocast_dtype

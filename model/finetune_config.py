@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptflow.data.config import require
-from gptflow.data.finetune_data import OVERLONG_POLICIES
+from gptflow.data.finetune_inputs import OVERLONG_POLICIES
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout")
 """Fields that shape the fine-tuned weights (with the ``TrainConfig``)."""

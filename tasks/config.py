@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 from gptflow.data.config import IngestConfig, TokenizeConfig, TokenizerConfig
+from gptflow.data.errors import UserError
 from gptflow.model.config import MODERN_RECIPE, EvalConfig, ModelConfig, SamplingConfig, TrainConfig
 from gptflow.model.finetune_config import FinetuneConfig
 
@@ -183,7 +184,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 PresetName = Literal[tuple(PRESETS)]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A preset, config file or override that cannot be applied; the message says which."""
 
 

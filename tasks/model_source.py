@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from tokenizers import Tokenizer
 
 from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
+from gptflow.data.errors import UserError
 from gptflow.data.store import atomic_directory, hash_bytes, hash_file, hash_json, is_complete, read_contents_hash
 from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact, describe_tokenizer, load_tokenizer
 from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config
@@ -33,7 +34,7 @@ MLFLOW_MODEL_TOKENIZER = "artifacts/tokenizer.json"
 MLFLOW_MODEL_CLASSIFIER = f"artifacts/{CLASSIFIER_DIR}"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """The model given cannot be found, is not a gptflow model, or cannot do what was asked of it;
     the message says what to pass."""
 

@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from prefect.runtime import flow_run
 
+from gptflow.data.errors import UserError
 from gptflow.data.store import PACKAGE, module_file, read_contents_hash, reporting_out_of_space
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.outbox import Outbox
@@ -76,11 +77,11 @@ def is_pending(registered_model: str) -> bool:
     return registered_model.rpartition("/")[2] == PENDING_VERSION
 
 
-class TrackingServerUnreachable(Exception):
+class TrackingServerUnreachable(UserError):
     """The tracking server a run starts on cannot be reached; the message says what to do."""
 
 
-class OutboxError(Exception):
+class OutboxError(UserError):
     """The tracking server refuses an operation an outbox kept; the message names it."""
 
 

@@ -124,3 +124,21 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
     sample, module_file = loaded.stdout.strip().splitlines()[-2:]
     assert sample.startswith("'def ") and len(sample) > len("'def '")
     assert not module_file.startswith(str(ROOT))
+
+
+def test_a_local_run_finds_the_running_stack_without_the_variables(stack, tiny_corpus_dir):
+    """Last in this file: the served run above is the stack's only run of the `gptflow` experiment."""
+    env = {key: value for key, value in stack.items() if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env["MLFLOW_EXPERIMENT_NAME"] = "gptflow-local"
+    result = _gptflow("pretrain", "--preset", "tiny", "--corpus", str(tiny_corpus_dir), "--set", "train.max_steps=2",
+                      env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    prefect_url = stack["PREFECT_API_URL"].removesuffix("/api")
+    assert f"using the servers `gptflow up` started for {stack['GPTFLOW_HOME']}: Prefect {prefect_url}" in result.stderr
+    assert "Starting temporary server" not in result.stderr
+
+    client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow-local").experiment_id])
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["prefect.flow_run_url"].startswith(prefect_url)
+    assert f"{stack['MLFLOW_TRACKING_URI']}/#/experiments/" in result.stdout

@@ -1,0 +1,59 @@
+"""A mistyped command is refused before torch, Prefect, MLflow or pyarrow load (bench/startup.py times it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "prefect", "mlflow", "pyarrow")
+# Runs the command in a fresh interpreter, then lists the heavy libraries it imported.
+PROBE = (
+    "import json, sys\n"
+    "from gptflow.flows.cli import main\n"
+    "status = main(sys.argv[1:])\n"
+    f"print(json.dumps([status, sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))]))\n"
+)
+
+
+def _refuse(*arguments: str) -> tuple[int, list[str], str]:
+    """The exit status, the heavy libraries imported and stderr of ``gptflow *arguments``."""
+    probe = subprocess.run([sys.executable, "-c", PROBE, *arguments], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    status, imported = json.loads(probe.stdout.splitlines()[-1])
+    return status, imported, probe.stderr
+
+
+def test_a_mistyped_set_is_refused_in_one_line_without_heavy_imports(tmp_path):
+    status, imported, stderr = _refuse("pretrain", "--set", "trian.max_steps=3", "--workspace", str(tmp_path))
+    assert status == 2
+    assert stderr.splitlines() == ["gptflow: error: --set overrides: pretrain takes data.*, tokenizer.*, tokenize.*, "
+                                   "model.*, train.*, eval.*, sampling.*, incremental.* settings, not trian.*."]
+    assert imported == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["pretrain", "--corpus", "{missing}"], "does not exist"),
+        (["pretrain", "--config", "{missing}.toml"], "does not exist"),
+        (["pretrain", "--set", "train.max_steps=many"], "train.max_steps='many' is not a valid int"),
+        (["finetune", "--set", "finetune.overlong=wrap"], "finetune.overlong must be one of truncate, skip"),
+        (["finetune", "--data", "{missing}.jsonl"], "does not exist"),
+        (["evaluate", "--model", "any", "--set", "eval.tokens=4"], "eval.tokens is not a setting"),
+        (["evaluate", "--model", "any", "--classification", "{missing}.csv"], "does not exist"),
+    ],
+)
+def test_bad_settings_and_paths_of_every_flow_are_refused_without_heavy_imports(tmp_path, arguments, message):
+    missing = str(tmp_path / "missing")
+    status, imported, stderr = _refuse(*(argument.format(missing=missing) for argument in arguments),
+                                       "--workspace", str(tmp_path / "ws"))
+    assert status == 2
+    [line] = stderr.splitlines()
+    assert line.startswith("gptflow: error: ") and message in line
+    assert imported == []
