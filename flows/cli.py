@@ -57,10 +57,29 @@ def main(argv: list[str] | None = None) -> int:
 
         workspace = Workspace.locate(getattr(args, "workspace", None))
         reported = error if isinstance(error, StackError) else user_error(error, workspace)
-        if reported is None:
+        if reported is not None:
+            print(f"gptflow: error: {reported}", file=sys.stderr)
+            return 2
+        if args.debug:
             raise
-        print(f"gptflow: error: {reported}", file=sys.stderr)
-        return 2
+        print(f"gptflow: error: {type(error).__name__}: {error}\n  This is not an error gptflow knows how to explain: "
+              f"{_keep_traceback(workspace)} (--debug prints it). Please report it with that file.", file=sys.stderr)
+        return 1
+
+
+def _keep_traceback(workspace: Path) -> str:
+    """Write the traceback being handled into the workspace's logs/; say where it went."""
+    import datetime
+    import traceback
+
+    try:
+        logs = workspace / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"error-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return "its traceback could not be written to the workspace"
+    return f"its traceback is in {path}"
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -261,6 +280,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="gptflow",
         description="Train your own GPT as a cached, tracked pipeline (Prefect + MLflow).",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error gptflow cannot explain, instead of keeping it in the "
+                        "workspace's logs/")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser(

@@ -213,8 +213,12 @@ def _read_stack(workspace: Workspace) -> Stack | None:
     path = workspace.root / STACK_FILE
     if not path.exists():
         return None
-    value = json.loads(path.read_text())
-    return Stack(workspace=value["workspace"], services=[Service(**service) for service in value["services"]])
+    try:
+        value = json.loads(path.read_text())
+        return Stack(workspace=value["workspace"], services=[Service(**service) for service in value["services"]])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StackError(f"{path} is not a stack file gptflow wrote ({type(error).__name__}: {error}). Stop any "
+                         "servers it started by hand, delete the file, then run `gptflow up` again.") from None
 
 
 def _executable(name: str) -> str:

@@ -9,8 +9,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptflow.data.errors import UserError
+
 WORKSPACE_ENV = "GPTFLOW_HOME"
 DEFAULT_WORKSPACE = ".gptflow"
+
+
+class WorkspaceError(UserError):
+    """The workspace folder cannot be used; the message says what to pass instead."""
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,14 @@ class Workspace:
     def resolve(cls, path: str | Path | None = None) -> Workspace:
         """``path``, else ``$GPTFLOW_HOME``, else ``./.gptflow``; created if missing."""
         root = cls.locate(path)
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise WorkspaceError(f"The workspace {root} is a file, or lies inside one: pass a folder with --workspace "
+                                 f"(or {WORKSPACE_ENV}).") from None
+        except PermissionError:
+            raise WorkspaceError(f"The workspace {root} cannot be created here (permission denied): pass a folder "
+                                 f"you can write with --workspace (or {WORKSPACE_ENV}).") from None
         return cls(root)
 
     @staticmethod

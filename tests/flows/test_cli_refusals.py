@@ -57,3 +57,35 @@ def test_bad_settings_and_paths_of_every_flow_are_refused_without_heavy_imports(
     [line] = stderr.splitlines()
     assert line.startswith("gptflow: error: ") and message in line
     assert imported == []
+
+
+def test_a_workspace_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    status, _, stderr = _refuse("pretrain", "--preset", "tiny", "--workspace", str(tmp_path / "taken" / "ws"))
+    assert status == 2
+    assert stderr.splitlines() == [f"gptflow: error: The workspace {tmp_path / 'taken' / 'ws'} is a file, or lies "
+                                   "inside one: pass a folder with --workspace (or GPTFLOW_HOME)."]
+
+
+def test_a_damaged_stack_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "stack.json").write_text("{not json")
+    status, _, stderr = _refuse("down", "--workspace", str(tmp_path))
+    assert status == 2
+    assert stderr.startswith(f"gptflow: error: {tmp_path / 'stack.json'} is not a stack file gptflow wrote")
+
+
+def test_an_error_gptflow_cannot_explain_keeps_its_traceback_in_the_workspace(tmp_path, monkeypatch, capsys):
+    from gptflow.flows import cli
+
+    def broken(args):  # a fault injected into the command itself: what is tested is how it is reported
+        raise RuntimeError("something gptflow did not expect")
+
+    monkeypatch.setattr(cli, "_down", broken)
+    assert cli.main(["down", "--workspace", str(tmp_path)]) == 1
+    first, second = capsys.readouterr().err.splitlines()
+    assert first == "gptflow: error: RuntimeError: something gptflow did not expect"
+    [kept] = (tmp_path / "logs").glob("error-*.log")
+    assert str(kept) in second and "--debug" in second
+    assert "Traceback" in kept.read_text() and "something gptflow did not expect" in kept.read_text()
+    with pytest.raises(RuntimeError):
+        cli.main(["--debug", "down", "--workspace", str(tmp_path)])
