@@ -8,10 +8,12 @@ fraction of a second.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import typing
+from typing import Any
 from pathlib import Path
 
 from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
@@ -90,24 +92,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     # Fail on a bad config or a missing path now, before Prefect and MLflow start up.
     build_config(PretrainSettings, args.preset, args.config, overrides)
     resolve_sources(corpus)
-
-    # Prefect's temporary server would otherwise log an error on every start on offline machines.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    _use_running_stack(args.workspace)
-    from gptflow.flows.pretrain import pretrain  # imports Prefect: only once the input is known good
-
-    summary = pretrain(
-        corpus=corpus,
-        preset=args.preset,
-        config_file=args.config,
-        overrides=overrides,
-        workspace=args.workspace,
-        restart=args.restart,
-        retrain_tokenizer=args.retrain_tokenizer,
-        from_scratch=args.from_scratch,
-    )
-    print(summary.render())
-    return 0
+    return _run_flow("pretrain", corpus=corpus, preset=args.preset, config_file=args.config, overrides=overrides,
+                     workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
+                     from_scratch=args.from_scratch)
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -118,22 +105,8 @@ def _finetune(args: argparse.Namespace) -> int:
         if path not in (None, BUILTIN_CORPUS):
             check_data_file(Path(path))
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    _use_running_stack(args.workspace)
-    from gptflow.flows.finetune import finetune  # imports Prefect: only once the input is known good
-
-    summary = finetune(
-        objective=args.objective,
-        model=args.model,
-        data=args.data,
-        val_data=args.val_data,
-        tokenizer=args.tokenizer,
-        config_file=args.config,
-        overrides=overrides,
-        workspace=args.workspace,
-    )
-    print(summary.render())
-    return 0
+    return _run_flow("finetune", objective=args.objective, model=args.model, data=args.data, val_data=args.val_data,
+                     tokenizer=args.tokenizer, config_file=args.config, overrides=overrides, workspace=args.workspace)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -150,32 +123,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.classification:
         check_data_file(Path(args.classification))
 
+    return _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
+                     multiple_choice=args.multiple_choice, classification=args.classification,
+                     tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace)
+
+
+def _run_flow(name: str, **parameters: Any) -> int:
+    """Run the flow ``name`` with ``parameters`` and print its summary. Its module imports Prefect,
+    so only once the input is known good; on the workspace's ``gptflow up`` stack, if one runs and
+    no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
+    # Prefect's temporary server would otherwise log an error on every start on offline machines.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    _use_running_stack(args.workspace)
-    from gptflow.flows.evaluate import evaluate  # imports Prefect: only once the input is known good
-
-    summary = evaluate(
-        model=args.model,
-        corpus=args.corpus,
-        split=args.split,
-        multiple_choice=args.multiple_choice,
-        classification=args.classification,
-        tokenizer=args.tokenizer,
-        overrides=overrides,
-        workspace=args.workspace,
-    )
-    print(summary.render())
-    return 0
-
-
-def _use_running_stack(workspace: str | None) -> None:
-    """Run the flow on the workspace's ``gptflow up`` stack, if one runs and no Prefect server is
-    set (``stack.use_running_stack``); said on stderr. Before Prefect is imported."""
-    stack = use_running_stack(Workspace.resolve(workspace))
+    stack = use_running_stack(Workspace.resolve(parameters["workspace"]))
     if stack is not None:
         print(f"gptflow: using the servers `gptflow up` started for {stack.workspace}: Prefect "
               f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
               file=sys.stderr)
+    flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
+    print(flow(**parameters).render())
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
