@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
-from gptflow.flows.stack import StackError, down, up, use_running_stack
+from gptflow.flows.stack import StackError, down, keep_prefect_state_in, up, use_running_stack
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.config import (
     DEFAULT_PRESET,
@@ -134,11 +134,13 @@ def _run_flow(name: str, **parameters: Any) -> int:
     no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
     # Prefect's temporary server would otherwise log an error on every start on offline machines.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    stack = use_running_stack(Workspace.resolve(parameters["workspace"]))
+    workspace = Workspace.resolve(parameters["workspace"])
+    stack = use_running_stack(workspace)
     if stack is not None:
         print(f"gptflow: using the servers `gptflow up` started for {stack.workspace}: Prefect "
               f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
               file=sys.stderr)
+    keep_prefect_state_in(workspace)
     flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
     print(flow(**parameters).render())
     return 0

@@ -24,6 +24,8 @@ from gptflow.tasks.workspace import Workspace
 
 HOST = "127.0.0.1"
 STACK_FILE = "stack.json"
+PREFECT_SERVER_HOME = "prefect-server"
+"""In the workspace: the Prefect server's home (its database), for `gptflow up` and temporary servers alike."""
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 
@@ -76,7 +78,7 @@ def up(workspace: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000) 
                              f"another port with {flag}.")
     logs = workspace.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    prefect_home = workspace.root / "prefect-server"
+    prefect_home = workspace.root / PREFECT_SERVER_HOME
     services = [
         _start(
             "prefect",
@@ -141,6 +143,20 @@ def use_running_stack(workspace: Workspace) -> Stack | None:
         os.environ["PREFECT_API_URL"] = stack.prefect_api_url
         os.environ.setdefault("MLFLOW_TRACKING_URI", stack.mlflow_url)
     return stack
+
+
+def keep_prefect_state_in(workspace: Workspace) -> None:
+    """When no Prefect server is set, Prefect runs a temporary one per run on a database in
+    ``~/.prefect``, which grows with every run of every workspace: keep it, and the results Prefect
+    stores itself, in the workspace instead (``prefect-server/``, the folder of the server that
+    ``gptflow up`` starts, so its UI later shows these runs too). Call it before importing Prefect.
+    Settings the user made win."""
+    if "PREFECT_API_URL" in os.environ:
+        return
+    home = workspace.root / PREFECT_SERVER_HOME
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home / 'prefect.db'}")
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "storage"))
 
 
 def _running_stack(workspace: Workspace) -> Stack | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -159,6 +160,19 @@ def test_a_lost_mlflow_store_gets_the_cached_model_logged_and_registered_again(c
     _, (_, again) = _runs_oldest_first(workspace)
     assert again.data.tags["gptflow.trained_in_run"] == run.info.run_id
     assert again.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"
+
+
+def test_without_a_prefect_server_its_state_stays_in_the_workspace(cli_env, tiny_corpus_dir, tmp_path):
+    home = tmp_path / "home"
+    env = {key: value for key, value in cli_env.items() if not key.startswith("PREFECT_")}
+    env.update(HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    result = _gptflow("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    database = Path(cli_env["GPTFLOW_HOME"]) / "prefect-server" / "prefect.db"
+    with sqlite3.connect(database) as connection:
+        [(name,)] = connection.execute("select name from flow_run").fetchall()
+    assert name == f"pretrain tiny {tiny_corpus_dir.name}"
+    assert not (home / ".prefect" / "prefect.db").exists()
 
 
 def test_missing_corpus_path_is_one_clear_line(cli_env, tmp_path):
