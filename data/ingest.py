@@ -28,7 +28,7 @@ from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.readers import read_documents
 from gptflow.data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
 from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution
-from gptflow.data.store import atomic_directory, code_version, hash_bytes, hash_file, hash_json, is_complete, write_json_atomic
+from gptflow.data.store import atomic_directory, code_version, hash_bytes, hash_file, hash_json, is_complete, store_references, write_json_atomic
 
 FILE_HASH_CACHE = "file-hashes.json"
 
@@ -184,7 +184,7 @@ def ingest_corpus(
         )
     require_splits(manifest, required_splits, config)
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
-    write_json_atomic(Path(manifest.path), manifest.to_dict())
+    write_json_atomic(Path(manifest.path), store_references(manifest.to_dict(), store_dir))
     return manifest
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -32,6 +33,7 @@ from typing import Any
 from gptflow.data.errors import UserError
 
 CONTENTS_FILE = "contents.json"
+REPORT_FILE = "report.json"
 HASH_CHUNK_BYTES = 1 << 20
 STALE_TMP_SECONDS = 24 * 3600
 
@@ -148,6 +150,50 @@ def write_json_atomic(path: Path, value: Any) -> None:
     """Write JSON so that readers see either the old file or the complete new one."""
     with _atomic_file(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def write_report(directory: Path, report: Any) -> None:
+    """A stage's report (a dataclass) as ``report.json`` in the folder it describes, its
+    ``directory`` field left out: the file lies there, and it names no path of the workspace."""
+    value = {name: item for name, item in dataclasses.asdict(report).items() if name != "directory"}
+    (directory / REPORT_FILE).write_text(json.dumps(value, indent=2))
+
+
+STORE_REFERENCE = "@store/"
+"""How a path inside the store is written in anything the store keeps (manifests, cache records,
+lineages): ``@store/<path relative to the store>``, so that a copied or moved workspace reads its
+own artifacts, never the folder it was copied from."""
+
+
+def store_references(value: Any, store: Path) -> Any:
+    """``value`` (JSON data) with every string that is a path inside ``store`` written as a store
+    reference; the inverse of ``store_paths``."""
+    root = str(store)
+    if isinstance(value, str):
+        inside = value.startswith(root + os.sep) or value == root
+        return STORE_REFERENCE + value[len(root) + 1:] if inside else value
+    if isinstance(value, list):
+        return [store_references(item, store) for item in value]
+    if isinstance(value, dict):
+        return {key: store_references(item, store) for key, item in value.items()}
+    return value
+
+
+def store_paths(value: Any, store: Path) -> Any:
+    """``value`` (JSON data) with every store reference made a path inside ``store``."""
+    if isinstance(value, str):
+        return str(store / value.removeprefix(STORE_REFERENCE)) if value.startswith(STORE_REFERENCE) else value
+    if isinstance(value, list):
+        return [store_paths(item, store) for item in value]
+    if isinstance(value, dict):
+        return {key: store_paths(item, store) for key, item in value.items()}
+    return value
+
+
+def read_manifest(manifest_type: Any, path: Path | str) -> Any:
+    """The ``manifest_type`` (a class with ``from_dict``) written at ``path`` in the store's
+    ``manifests/`` folder, its store references made paths in that store."""
+    return manifest_type.from_dict(store_paths(json.loads(Path(path).read_text()), Path(path).parent.parent))
 
 
 def copy_file_atomic(source: Path, target: Path) -> None:

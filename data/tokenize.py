@@ -51,7 +51,7 @@ from gptflow.data.shards import (
     token_dtype,
     write_unit_file,
 )
-from gptflow.data.store import atomic_directory, code_version, hash_json, is_complete, write_json_atomic
+from gptflow.data.store import atomic_directory, code_version, hash_json, is_complete, store_references, write_json_atomic
 from gptflow.data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
 
 PIECE_CHARS = 16 * 1024
@@ -177,7 +177,7 @@ def tokenize_corpus(
         fingerprint=hash_json(keys),
     )
     result.path = str(store_dir / "manifests" / f"tokens-{result.fingerprint}.json")
-    write_json_atomic(Path(result.path), result.to_dict())
+    write_json_atomic(Path(result.path), store_references(result.to_dict(), store_dir))
     return result
 
 

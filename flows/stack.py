@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.workspace import WORKSPACE_ENV, WORKSPACE_SERVER_ENV, Workspace
 
 HOST = "127.0.0.1"
 STACK_FILE = "stack.json"
@@ -61,7 +61,8 @@ class Stack:
         return {
             "PREFECT_API_URL": self.prefect_api_url,
             "MLFLOW_TRACKING_URI": self.mlflow_url,
-            "GPTFLOW_HOME": self.workspace,
+            WORKSPACE_SERVER_ENV: self.mlflow_url,
+            WORKSPACE_ENV: self.workspace,
         }
 
     def _service(self, name: str) -> Service:
@@ -142,6 +143,7 @@ def use_running_stack(workspace: Workspace) -> Stack | None:
     if stack is not None:
         os.environ["PREFECT_API_URL"] = stack.prefect_api_url
         os.environ.setdefault("MLFLOW_TRACKING_URI", stack.mlflow_url)
+        os.environ[WORKSPACE_SERVER_ENV] = stack.mlflow_url
     return stack
 
 
@@ -231,10 +233,12 @@ def _read_stack(workspace: Workspace) -> Stack | None:
         return None
     try:
         value = json.loads(path.read_text())
-        return Stack(workspace=value["workspace"], services=[Service(**service) for service in value["services"]])
+        stack = Stack(workspace=value["workspace"], services=[Service(**service) for service in value["services"]])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise StackError(f"{path} is not a stack file gptflow wrote ({type(error).__name__}: {error}). Stop any "
                          "servers it started by hand, delete the file, then run `gptflow up` again.") from None
+    # A workspace copied with its stack file: those servers serve the original's databases.
+    return stack if stack.workspace == str(workspace.root) else None
 
 
 def _executable(name: str) -> str:

@@ -24,7 +24,7 @@ from gptflow.data.store import (
     out_of_space_error,
 )
 from gptflow.tasks.progress import run_logger
-from gptflow.tasks.records import RECORD_SERIALIZER, read_record, require_type
+from gptflow.tasks.records import RecordSerializer, read_record, require_type
 from gptflow.tasks.tracking import PipelineRun
 from gptflow.tasks.workspace import Workspace
 
@@ -94,19 +94,23 @@ def run_stage(
     def report_wait() -> None:
         run_logger().info(f"{stage_task.name}: another run is computing this stage; waiting for its result")
 
+    record = workspace.prefect_results / key
     with _naming_the_stage_when_out_of_space(stage_task.name, workspace):
         with workspace.lock(key, on_wait=report_wait):
-            refresh = recompute or _cached_result_is_stale(stage_task, workspace.prefect_results / key, is_valid)
+            refresh = recompute or _cached_result_is_stale(stage_task, record, workspace.store, is_valid)
             configured = stage_task.with_options(
                 cache_key_fn=lambda *_: key,
                 result_storage=workspace.prefect_results,
-                result_serializer=RECORD_SERIALIZER,
+                result_serializer=RecordSerializer(store=str(workspace.store)),
                 persist_result=True,
                 refresh_cache=refresh,
             )
             state = configured(**parameters, return_state=True)
-        result = state.result()
-    return StageOutcome(result=result, status="cached" if state.name == "Cached" else "executed")
+            # A cached result is read here, not through Prefect: the serializer Prefect builds from
+            # the record does not know this workspace's store, so its paths would stay references.
+            cached = state.name == "Cached"
+            result = read_record(record, workspace.store) if cached else state.result()
+    return StageOutcome(result=result, status="cached" if cached else "executed")
 
 
 @contextlib.contextmanager
@@ -123,7 +127,8 @@ def _naming_the_stage_when_out_of_space(stage: str, workspace: Workspace) -> Ite
         raise OutOfSpaceError(f"stage {stage}: {out_of_space}", out_of_space.errno) from error
 
 
-def _cached_result_is_stale(stage_task: Task[..., Any], record: Path, is_valid: Callable[[Any], bool]) -> bool:
+def _cached_result_is_stale(stage_task: Task[..., Any], record: Path, store: Path,
+                            is_valid: Callable[[Any], bool]) -> bool:
     """True when the stage's ``record`` must be recomputed: it is not one gptflow wrote for this stage
     (refused without running or importing anything it names, ``tasks.records``), or its artifacts
     are no longer complete (``is_valid``)."""
@@ -131,7 +136,7 @@ def _cached_result_is_stale(stage_task: Task[..., Any], record: Path, is_valid: 
         return False
     declared = get_type_hints(stage_task.fn)["return"]
     try:
-        cached = read_record(record)
+        cached = read_record(record, store)
         require_type(cached, declared)
     except Exception as error:  # replaced, damaged, or written by an older gptflow: recomputed, whatever it holds
         run_logger().warning(f"{stage_task.name}: the cached record {record} {error}; recomputing the stage")

@@ -5,7 +5,6 @@ plot, shared by the finetune flow's ``evaluate`` stage (on its val split) and th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 from prefect import task
 
 from gptflow.data.finetune_data import EVAL_SPLIT, PreparedSplit, prepare_labelled, read_split
-from gptflow.data.store import atomic_directory, hash_file, is_complete
+from gptflow.data.store import atomic_directory, hash_file, is_complete, write_report
 from gptflow.model.classifier import GPTClassifier, classification_metrics, load_classifier
 from gptflow.model.device import resolve_device
 from gptflow.model.finetune import score_examples
@@ -94,7 +93,7 @@ def score_classifier_task(source: ResolvedModel, path: str, text_field: str, lab
         metrics.update({"eval/truncated": prepared.truncated[EVAL_SPLIT], "eval/skipped": skips.total})
         report = ClassificationReport(directory=out_dir, metrics=metrics, classes=classes,
                                       skipped=skips.summary() if skips.total else "")
-        (directory / "report.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
+        write_report(directory, report)
     return report
 
 

@@ -9,7 +9,6 @@ on its own) compute their figures with the same functions: ``measure_loss`` and 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from prefect import task
 from gptflow.data.errors import CorpusError
 from gptflow.data.loader import TokenWindows
 from gptflow.data.stats import unigram_cross_entropy
-from gptflow.data.store import atomic_directory, is_complete
+from gptflow.data.store import atomic_directory, is_complete, write_report
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact, load_tokenizer
 from gptflow.model.checkpoint import load_model
@@ -155,7 +154,7 @@ def evaluate_model_task(
         samples=samples,
     )
     with atomic_directory(Path(out_dir)) as directory:
-        (directory / "report.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
+        write_report(directory, report)
         (directory / "samples.md").write_text(samples_markdown(config.prompts, samples))
     return report
 

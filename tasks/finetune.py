@@ -28,7 +28,7 @@ from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from gptflow.data.finetune_data import PREPARED_FILE, PreparedData, PreparedSplit, prepare_examples, read_split
 from gptflow.data.finetune_demo import write_demo
 from gptflow.data.sources import builtin_corpus_root
-from gptflow.data.store import atomic_directory, hash_file, hash_json, is_complete, read_contents_hash
+from gptflow.data.store import atomic_directory, hash_file, hash_json, is_complete, read_contents_hash, write_report
 from gptflow.data.tokenizer import PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
 from gptflow.model.checkpoint import load_model
 from gptflow.model.classifier import load_classifier
@@ -347,7 +347,7 @@ def evaluate_task(tuned: FinetunedModel, prepared: PreparedData, samples: int, s
                 "eval/val_examples": len(val.input_ids), "eval/val_response_tokens": prepared.trained_tokens["val"],
             })
             (directory / "samples.md").write_text(_samples_markdown(answers))
-        (directory / "report.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
+        write_report(directory, report)
     return report
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from gptflow.data.ingest import CorpusManifest
 from gptflow.data.sources import BUILTIN_CORPUS
-from gptflow.data.store import hash_json, write_json_atomic
+from gptflow.data.store import hash_json, read_manifest, store_paths, store_references, write_json_atomic
 from gptflow.data.tokenize import TokenManifest
 from gptflow.tasks.workspace import Workspace
 
@@ -100,7 +100,7 @@ class Lineage:
     def _read(cls, path: Path, identity: list[str]) -> Lineage:
         if not path.exists():
             return cls(path=path, corpus=identity)
-        value = json.loads(path.read_text())
+        value = store_paths(json.loads(path.read_text()), _store_of(path))
         return cls(
             path=path,
             corpus=value["corpus"],
@@ -159,7 +159,7 @@ class Lineage:
             value = asdict(latest)
             for transient in ("path", "pending"):
                 del value[transient]
-            write_json_atomic(self.path, value)
+            write_json_atomic(self.path, store_references(value, _store_of(self.path)))
 
     def previous_corpus(self) -> CorpusManifest | None:
         return _load_manifest(CorpusManifest, self.last_corpus_manifest)
@@ -171,7 +171,12 @@ class Lineage:
 def _load_manifest(manifest_type: type, path: str | None) -> Any:
     if path is None or not Path(path).exists():
         return None
-    return manifest_type.from_dict(json.loads(Path(path).read_text()))
+    return read_manifest(manifest_type, path)
+
+
+def _store_of(lineage: Path) -> Path:
+    """The store holding the lineage file ``lineage`` (in its ``lineages/`` folder)."""
+    return lineage.parent.parent
 
 
 def data_delta(previous: CorpusManifest | None, current: CorpusManifest,

@@ -1,7 +1,8 @@
 """A run's MLflow writes, kept in the workspace while its tracking server cannot be reached.
 
 ``<workspace>/mlflow-outbox/<run id>.jsonl`` holds one JSON operation per line, in the order the
-run made them; ``<run id>.json`` beside it names the tracking server they are for and counts the
+run made them (files they send named relative to the store, ``data.store.store_references``);
+``<run id>.json`` beside it names the tracking server they are for and counts the
 lines already sent, so a replay that stops halfway (the server went away again, the process
 died) goes on after the last one it sent. Both files are removed once every line is sent.
 Whoever reads or writes an outbox holds its ``lock``: the processes of one run (the flow, a
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptflow.data.store import store_paths, store_references
 from gptflow.tasks.workspace import Workspace
 
 OUTBOX_DIR = "mlflow-outbox"
@@ -58,7 +60,7 @@ class Outbox:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._write_state({"tracking_uri": tracking_uri, "sent": 0})
         with open(self.path, "a") as file:
-            file.write(json.dumps(operation) + "\n")
+            file.write(json.dumps(store_references(operation, self.workspace.store)) + "\n")
 
     def waiting(self) -> collections.Counter[str]:
         """How many operations of each kind wait to be sent."""
@@ -87,7 +89,7 @@ class Outbox:
         return results
 
     def _unsent(self) -> Iterator[dict[str, Any]]:
-        return (json.loads(line) for line in self._unsent_lines())
+        return (store_paths(json.loads(line), self.workspace.store) for line in self._unsent_lines())
 
     def _unsent_lines(self) -> list[str]:
         if self.is_empty():

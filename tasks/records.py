@@ -22,6 +22,8 @@ from typing import Any
 from prefect.serializers import Serializer
 from pydantic import Field, TypeAdapter, ValidationError
 
+from gptflow.data.store import store_paths, store_references
+
 RESULT_TYPES: dict[str, str] = {
     "CorpusManifest": "gptflow.data.ingest",
     "TokenizerArtifact": "gptflow.data.tokenizer",
@@ -72,19 +74,25 @@ def _is_plain_json(value: Any) -> bool:
 
 class RecordSerializer(Serializer):
     """Writes a stage's result as ``{"type": ..., "data": ...}``; reads back only allow-listed types,
-    rebuilt from the data with their fields' types checked (pydantic, nested dataclasses included)."""
+    rebuilt from the data with their fields' types checked (pydantic, nested dataclasses included).
+    Paths inside ``store`` are written as store references (``data.store.store_references``), so a
+    copied workspace reads its own artifacts; reading makes them paths inside ``store`` again."""
 
     type: str = Field(default="gptflow-record", frozen=True)
+    store: str | None = Field(default=None, exclude=True)
+    """The workspace's store. Left out of the record: a record names its serializer, and must not
+    name the folder it was written in."""
 
     def dumps(self, obj: Any) -> bytes:
         cls = type(obj)
         if dataclasses.is_dataclass(obj) and RESULT_TYPES.get(cls.__name__) == cls.__module__:
-            data = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
-            return json.dumps({"type": cls.__name__, "data": data}).encode()
-        if _is_plain_json(obj):
-            return json.dumps({"type": PLAIN_JSON, "data": obj}).encode()
-        raise TypeError(f"a stage returned a {cls.__qualname__}, which is neither plain JSON nor one of "
-                        "gptflow's result types (gptflow.tasks.records.RESULT_TYPES)")
+            record = {"type": cls.__name__, "data": obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)}
+        elif _is_plain_json(obj):
+            record = {"type": PLAIN_JSON, "data": obj}
+        else:
+            raise TypeError(f"a stage returned a {cls.__qualname__}, which is neither plain JSON nor one of "
+                            "gptflow's result types (gptflow.tasks.records.RESULT_TYPES)")
+        return json.dumps(self._stored(record)).encode()
 
     def loads(self, blob: bytes) -> Any:
         try:
@@ -93,16 +101,21 @@ class RecordSerializer(Serializer):
             raise UntrustedRecord("holds a result that is not JSON") from error
         if not isinstance(record, dict) or set(record) != {"type", "data"}:
             raise UntrustedRecord('holds a result that is not {"type": ..., "data": ...}')
+        data = store_paths(record["data"], Path(self.store)) if self.store else record["data"]
         if record["type"] == PLAIN_JSON:
-            return record["data"]
+            return data
         try:
-            return _adapter(result_type(record["type"])).validate_python(record["data"])
+            return _adapter(result_type(record["type"])).validate_python(data)
         except ValidationError as error:
             raise UntrustedRecord(f"holds a {record['type']} whose fields do not fit it: {error.error_count()} "
                                   "errors") from error
 
+    def _stored(self, record: dict[str, Any]) -> dict[str, Any]:
+        return store_references(record, Path(self.store)) if self.store else record
+
 
 RECORD_SERIALIZER = RecordSerializer()
+"""How a record names the serializer that wrote it; ``RecordSerializer(store=...)`` writes them."""
 
 
 def require_type(result: Any, declared: Any) -> None:
@@ -115,9 +128,9 @@ def require_type(result: Any, declared: Any) -> None:
                               "its stage returns") from error
 
 
-def read_record(path: Path) -> Any:
-    """The result in the Prefect record at ``path``, if ``RECORD_SERIALIZER`` wrote it; else
-    ``UntrustedRecord``. Checked on the raw JSON, never through Prefect: building the serializer a
+def read_record(path: Path, store: Path) -> Any:
+    """The result in the Prefect record at ``path`` (its paths inside ``store``), if a
+    ``RecordSerializer`` wrote it; else ``UntrustedRecord``. Checked on the raw JSON, never through Prefect: building the serializer a
     record names imports the module it gives, and reading with it runs a pickle."""
     try:
         record = json.loads(path.read_bytes())
@@ -129,4 +142,4 @@ def read_record(path: Path) -> Any:
         raise UntrustedRecord(f"names the serializer {serializer!r:.100}, not gptflow's")
     if not isinstance(record.get("result"), str):
         raise UntrustedRecord("holds no result")
-    return RECORD_SERIALIZER.loads(record["result"].encode())
+    return RecordSerializer(store=str(store)).loads(record["result"].encode())

@@ -27,7 +27,7 @@ from urllib.request import url2pathname
 import mlflow.pyfunc
 import requests
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
+from mlflow.entities import Experiment, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from prefect.runtime import flow_run
@@ -181,7 +181,8 @@ class PipelineRun:
         ``weights_hash``, which a cached result remembers as ``recorded`` from run
         ``trained_run_id``: tagged with its hash, or registered by that run (before versions were
         tagged, or once an outbox sent a pending registration). When the tracking store has lost it
-        (its MLflow store deleted or replaced), this run logs and registers it again through
+        (its MLflow store deleted or replaced, or its files in the folder of a workspace this one was
+        copied from, and that folder deleted), this run logs and registers it again through
         ``log_again``. While the tracking server cannot be reached, what the result remembers."""
         if not self.outbox.is_empty():
             return recorded, trained_run_id
@@ -191,15 +192,15 @@ class PipelineRun:
             if not server_unreachable(error):
                 raise
             return recorded, trained_run_id
-        holding = [version for version in versions
-                   if version.tags.get(WEIGHTS_TAG) == weights_hash or version.run_id == trained_run_id]
+        holding = [version for version in versions if _files_exist(version.source)
+                   and (version.tags.get(WEIGHTS_TAG) == weights_hash or version.run_id == trained_run_id)]
         if holding:
             version = max(holding, key=lambda version: int(version.version))
             if version.tags.get(WEIGHTS_TAG) != weights_hash:
                 self.client.set_model_version_tag(name, version.version, WEIGHTS_TAG, weights_hash)
             return f"{name}/{version.version}", version.run_id
         run_logger().warning(f"MLflow: the tracking store lacks the model {recorded} (was its store replaced or "
-                             "deleted?); this run logs and registers it again")
+                             "deleted, or the workspace it was copied from?); this run logs and registers it again")
         return log_again(), self.run_id
 
     def end(self, status: str) -> None:
@@ -576,6 +577,8 @@ def _experiment_id(client: MlflowClient, workspace: Workspace) -> str:
 def _find_or_create_experiment(client: MlflowClient, workspace: Workspace) -> str:
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     experiment = client.get_experiment_by_name(name)
+    if experiment is not None and (original := _copied_from(experiment.artifact_location, workspace)):
+        experiment = _set_aside(client, experiment, original)
     if experiment is not None:
         for key, value in EXPERIMENT_KIND.items():
             if experiment.tags.get(key) != value:  # an experiment made before gptflow set it
@@ -589,6 +592,39 @@ def _find_or_create_experiment(client: MlflowClient, workspace: Workspace) -> st
     except MlflowException:
         # A concurrent run created it first.
         return client.get_experiment_by_name(name).experiment_id
+
+
+def _copied_from(artifact_location: str, workspace: Workspace) -> Path | None:
+    """The workspace whose ``mlartifacts/`` an experiment of this workspace's own store keeps its
+    artifacts in, when that is another one: the store was copied (``cp -a``) with its workspace."""
+    location = Path(_local_path(artifact_location))
+    if (not workspace.tracks_in_own_store or not artifact_location.startswith("file:")
+            or location.name != workspace.mlflow_artifacts.name or location == workspace.mlflow_artifacts):
+        return None
+    return location.parent
+
+
+def _set_aside(client: MlflowClient, experiment: Experiment, original: Path) -> Experiment | None:
+    """Rename the experiment that writes into ``original``'s artifacts, so that this workspace's
+    runs go to a new one of the name, writing into its own; the experiment it returns, if a
+    concurrent run made it already."""
+    aside = f"{experiment.name} (copied from {original})"
+    try:
+        client.rename_experiment(experiment.experiment_id, aside)
+    except MlflowException:
+        if client.get_experiment(experiment.experiment_id).name == experiment.name:
+            raise
+    else:  # else a concurrent run renamed it first, and said so
+        run_logger().warning(f"mlflow: this workspace's MLflow store was copied from {original}; its runs stay in the "
+                             f"experiment '{aside}' (their artifacts in {original}), this run and later ones go to a "
+                             f"new experiment '{experiment.name}' that keeps its artifacts in this workspace")
+    return client.get_experiment_by_name(experiment.name)
+
+
+def _files_exist(source: str) -> bool:
+    """False when a model version's files were in a local folder that is gone (the workspace its
+    store was copied from, deleted); True for a location elsewhere."""
+    return not source.startswith("file:") or Path(_local_path(source)).exists()
 
 
 def _local_path(uri: str) -> str:

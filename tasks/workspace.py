@@ -12,6 +12,8 @@ from pathlib import Path
 from gptflow.data.errors import UserError
 
 WORKSPACE_ENV = "GPTFLOW_HOME"
+WORKSPACE_SERVER_ENV = "GPTFLOW_WORKSPACE_MLFLOW"
+"""The URL of the MLflow server ``gptflow up`` runs on the workspace's own ``mlflow.db``."""
 DEFAULT_WORKSPACE = ".gptflow"
 
 
@@ -63,6 +65,12 @@ class Workspace:
     @property
     def uses_local_tracking(self) -> bool:
         return "MLFLOW_TRACKING_URI" not in os.environ
+
+    @property
+    def tracks_in_own_store(self) -> bool:
+        """The tracking store is the workspace's ``mlflow.db``: directly, or through the server
+        ``gptflow up`` runs on it (not a team server, whose experiments are not the workspace's)."""
+        return self.uses_local_tracking or os.environ.get(WORKSPACE_SERVER_ENV) == os.environ["MLFLOW_TRACKING_URI"]
 
     @contextlib.contextmanager
     def lock(self, name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:

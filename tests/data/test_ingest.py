@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus
 from gptflow.data.readers import SKIP_BINARY, SKIP_TOO_SHORT
 from gptflow.data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
 from gptflow.data.sources import SKIP_UNSUPPORTED, resolve_sources
-from gptflow.data.store import CONTENTS_FILE, hash_bytes, is_complete
+from gptflow.data.store import CONTENTS_FILE, hash_bytes, is_complete, read_manifest
 
 CONFIG = IngestConfig(val_fraction=0.3)
 RAW_COLUMNS = ["text", "doc_hash", "split", "continues"]
@@ -73,7 +74,11 @@ def test_each_file_becomes_a_committed_unit_of_hashed_split_documents(write_corp
 def test_manifest_is_written_under_its_fingerprint_and_round_trips(write_corpus, store_dir, make_documents):
     manifest = ingest(write_corpus({"a.jsonl": jsonl(make_documents(5))}), store_dir)
     assert Path(manifest.path) == store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json"
-    assert CorpusManifest.from_dict(json.loads(Path(manifest.path).read_text())) == manifest
+    assert read_manifest(CorpusManifest, manifest.path) == manifest
+    moved = store_dir.parent / "moved"  # the workspace copied elsewhere: its manifest names its own units
+    shutil.copytree(store_dir, moved)
+    assert [unit.directory for unit in read_manifest(CorpusManifest, moved / "manifests" / Path(manifest.path).name).units] \
+        == [str(moved / "raw" / unit.key) for unit in manifest.units]
 
 
 def test_duplicates_are_dropped_within_a_file_and_across_files(write_corpus, store_dir, make_documents):

@@ -19,7 +19,7 @@ from gptflow.data.shards import (
     token_dtype,
 )
 from gptflow.data.sources import resolve_sources
-from gptflow.data.store import hash_bytes
+from gptflow.data.store import hash_bytes, read_manifest
 from gptflow.data.tokenize import PIECE_CHARS, TokenManifest, cut_at_token_boundaries, tokenize_corpus
 from gptflow.data.tokenizer import load_tokenizer
 
@@ -95,7 +95,7 @@ def test_token_dtype_is_the_narrowest_that_holds_every_id():
 
 def test_manifest_totals_paths_and_round_trip(tiny_manifest, tiny_tokens):
     assert Path(tiny_tokens.path).name == f"tokens-{tiny_tokens.fingerprint}.json"
-    assert TokenManifest.from_dict(json.loads(Path(tiny_tokens.path).read_text())) == tiny_tokens
+    assert read_manifest(TokenManifest, tiny_tokens.path) == tiny_tokens
     for split in SPLITS:
         assert tiny_tokens.total_segments(split) == tiny_manifest.totals["segments"][split]
         assert tiny_tokens.total_bytes(split) == tiny_manifest.totals["bytes"][split]

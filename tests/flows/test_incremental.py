@@ -16,8 +16,10 @@ import pytest
 from mlflow import MlflowClient
 
 from gptflow.data.shards import iter_raw_batches
-from gptflow.data.store import CorruptArtifactError, hash_file, is_complete
+from gptflow.data.store import CorruptArtifactError, hash_file, is_complete, store_paths
 from gptflow.model.checkpoint import latest_checkpoint
+from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRA_FILE = Path(json.__file__).parent.parent / "argparse.py"
@@ -40,9 +42,9 @@ def run_pipeline(prefect_api_url, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     workspace = tmp_path / "workspace"
 
-    def run(corpus: Path, **options):
-        summary = pretrain(corpus=[str(corpus)], preset="tiny", workspace=str(workspace), **options)
-        tags = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(summary.mlflow_run_id).data.tags
+    def run(corpus: Path, in_workspace: Path = workspace, **options):
+        summary = pretrain(corpus=[str(corpus)], preset="tiny", workspace=str(in_workspace), **options)
+        tags = MlflowClient(f"sqlite:///{in_workspace / 'mlflow.db'}").get_run(summary.mlflow_run_id).data.tags
         return summary, tags
 
     run.workspace = workspace
@@ -52,7 +54,7 @@ def run_pipeline(prefect_api_url, tmp_path, monkeypatch):
 def _token_units(summary_tags: dict[str, str], workspace: Path) -> dict[str, dict]:
     """Token units of the run's manifest by source file: directory, file hashes and mtimes."""
     manifests = sorted((workspace / "store" / "manifests").glob("tokens-*.json"), key=os.path.getmtime)
-    units = json.loads(manifests[-1].read_text())["units"]
+    units = store_paths(json.loads(manifests[-1].read_text()), workspace / "store")["units"]
     described = {}
     for unit in units:
         files = sorted(Path(unit["directory"]).glob("*.arrow"))
@@ -299,3 +301,30 @@ def test_a_killed_run_is_marked_killed_and_the_next_run_of_its_settings_resumes_
     [reference_dir] = (tmp_path / "reference" / "store" / "runs").iterdir()
     assert reference_dir.name == run_dir.name
     assert hash_file(run_dir / "final" / "model.safetensors") == hash_file(reference_dir / "final" / "model.safetensors")
+
+
+def test_a_copied_workspace_reads_and_writes_only_itself(run_pipeline, corpus, tmp_path):
+    """``cp -a`` of a workspace, the original then deleted: the copy's cache, lineage and MLflow
+    store serve it whole, and nothing is read from or written to the original's folder."""
+    run_pipeline(corpus)
+    original, copy = run_pipeline.workspace, tmp_path / "copy"
+    shutil.copytree(original, copy, symlinks=True)
+    shutil.rmtree(original)
+
+    rerun, tags = run_pipeline(corpus, in_workspace=copy)
+
+    assert set(rerun.stages.values()) == {"cached"} and not original.exists()
+    kept = [path.read_text() for path in (copy / "store").rglob("*.json")]
+    # Of a cache record, the result: Prefect's metadata names the file it wrote, which nothing reads.
+    kept += [json.loads(path.read_text())["result"] for path in (copy / "prefect").iterdir()]
+    assert [text for text in kept if str(original) in text] == []
+    client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    experiments = {experiment.name: experiment for experiment in client.search_experiments()}
+    assert experiments["gptflow"].artifact_location == (copy / "mlartifacts").as_uri()
+    assert f"gptflow (copied from {original})" in experiments  # the earlier runs, still to compare
+    # The registered version's files were in the original: registered again, from the copy.
+    name, version = tags["gptflow.registered_model"].split("/")
+    assert version == "2"
+    assert client.get_model_version(name, version).source.startswith((copy / "mlartifacts").as_uri())
+    registered = resolve_model(f"models:/{name}/{version}", Workspace.resolve(copy))
+    assert registered.weights_hash == client.get_model_version(name, "1").tags["gptflow.weights_hash"]

@@ -30,7 +30,7 @@ from gptflow.tasks.evaluate import EvalReport, LossReport
 from gptflow.tasks.finetune import FinetunedModel, FinetuneReport
 from gptflow.tasks.ingest import ingest_corpus_task
 from gptflow.tasks.multiple_choice import MultipleChoiceReport
-from gptflow.tasks.records import PLAIN_JSON, RECORD_SERIALIZER, RESULT_TYPES, read_record
+from gptflow.tasks.records import PLAIN_JSON, RECORD_SERIALIZER, RESULT_TYPES, RecordSerializer, read_record
 from gptflow.tasks.training_job import TrainedModel
 from gptflow.tasks.workspace import Workspace
 
@@ -166,17 +166,23 @@ def test_every_result_type_round_trips_through_the_record_serializer(tmp_path, t
     diverged = LossReport(split="val", loss=math.nan, tokens=1, perplexity=math.nan, bits_per_byte=math.nan,
                           unigram_loss=None)
     record = tmp_path / "record"
+    store = tmp_path / "store"
 
-    def round_trip(result):
+    def round_trip(result, read_in: Path = store):
         """Written as Prefect writes a stage's record, read back as run_stage reads it."""
-        metadata = ResultRecordMetadata(serializer=RECORD_SERIALIZER, storage_key=str(record))
+        serializer = RecordSerializer(store=str(store))
+        metadata = ResultRecordMetadata(serializer=serializer, storage_key=str(record))
         record.write_bytes(ResultRecord(metadata=metadata, result=result).serialize())
-        return read_record(record)
+        assert str(store) not in record.read_text()  # neither in the result nor in the serializer it names
+        return read_record(record, read_in)
 
     for result in [*results, ["a sample", "another"], "demo/sft.jsonl"]:
         back = round_trip(result)
         assert type(back) is type(result) and back == result
     assert math.isnan(round_trip(diverged).loss)
+    moved = round_trip(results[0], read_in=tmp_path / "moved" / "store")  # the workspace copied elsewhere
+    assert [unit.directory for unit in moved.units] == [
+        unit.directory.replace(str(store), str(tmp_path / "moved" / "store")) for unit in results[0].units]
 
 
 def test_every_stage_returns_an_allow_listed_type_or_plain_json():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -188,6 +189,17 @@ def test_a_replay_that_stops_halfway_goes_on_after_the_last_operation_it_sent(wo
     sent.clear()
     outbox.replay(lambda operation: sent.append(operation["number"]))
     assert sent == [2, 3] and outbox.is_empty()
+
+
+def test_a_copied_outbox_sends_the_copy_s_files(workspace, tmp_path):
+    outbox = Outbox(workspace, "0" * 32)
+    outbox.append({"kind": "log_artifact", "path": str(workspace.store / "eval" / "report.json"),
+                   "artifact_path": "eval"}, "http://example.invalid")
+    copy = Workspace.resolve(tmp_path / "copy")
+    shutil.copytree(workspace.root, copy.root, dirs_exist_ok=True)
+    sent = []
+    Outbox(copy, "0" * 32).replay(sent.append)
+    assert [operation["path"] for operation in sent] == [str(copy.store / "eval" / "report.json")]
 
 
 def test_an_operation_the_server_refuses_raises_and_is_never_kept(workspace):
