@@ -28,7 +28,17 @@ from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.readers import read_documents
 from gptflow.data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
 from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution
-from gptflow.data.store import atomic_directory, code_version, hash_bytes, hash_file, hash_json, is_complete, store_references, write_json_atomic
+from gptflow.data.store import (
+    atomic_directory,
+    code_version,
+    hash_bytes,
+    hash_file,
+    hash_json,
+    is_complete,
+    store_references,
+    write_json_atomic,
+)
+from gptflow.data.units import MapUnits, in_this_process
 
 FILE_HASH_CACHE = "file-hashes.json"
 
@@ -136,8 +146,10 @@ def ingest_corpus(
     store_dir: Path,
     progress: Progress | None = None,
     required_splits: Collection[str] = SPLITS,
+    map_units: MapUnits = in_this_process,
 ) -> CorpusManifest:
-    """Ingest every source into ``store_dir/raw/``; ``progress(done, total)`` counts source bytes.
+    """Ingest every source into ``store_dir/raw/``, one unit per file (``ingest_unit``, run through
+    ``map_units``); ``progress(done, total)`` counts source bytes.
 
     ``sources`` is a ``SourceResolution`` (its skipped files join the manifest's report) or a
     plain list of files. Raises ``CorpusError`` when no document survives, or a split in
@@ -148,25 +160,17 @@ def ingest_corpus(
         skips.merge(sources.skipped)
         sources = sources.files
     files = sorted(sources, key=lambda source: str(source.path))
-    code = code_version(__name__)
     content_hashes = _ContentHashes(store_dir / FILE_HASH_CACHE)
+    calls = [{"source": source, "known_hash": content_hashes.known(source), "config": config,
+              "store_dir": store_dir, "code": code_version(__name__)} for source in files]
     total_bytes = sum(_source_bytes(source) for source in files)
     done_bytes = 0
     units: list[CorpusUnit] = []
-    for source in files:
-        content_hash = content_hashes.of(source)
-        key = _unit_key(source, content_hash, config, code)
-        directory = store_dir / "raw" / key
-        reused = is_complete(directory)
-        written = read_unit_file(directory) if reused else _ingest_unit(source, content_hash, config, directory)
-        skips.merge(SkipReport.from_dict(written["skips"]).relocated(written["source"], str(source.path)))
-        units.append(CorpusUnit(
-            source=str(source.path), content_hash=content_hash, key=key, directory=str(directory),
-            documents=written["documents"], cut_documents=written["cut_documents"],
-            cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
-            drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
-        ))
-        done_bytes += _source_bytes(source)
+    for call, (unit, unit_skips) in zip(calls, map_units(ingest_unit, calls)):
+        content_hashes.remember(call["source"], unit.content_hash)
+        skips.merge(unit_skips)
+        units.append(unit)
+        done_bytes += _source_bytes(call["source"])
         if progress:
             progress(done_bytes, total_bytes)
     content_hashes.save()
@@ -186,6 +190,24 @@ def ingest_corpus(
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
     write_json_atomic(Path(manifest.path), store_references(manifest.to_dict(), store_dir))
     return manifest
+
+
+def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig, store_dir: Path,
+                code: str) -> tuple[CorpusUnit, SkipReport]:
+    """One source file's unit, reused when complete in the store, else written; with the file's
+    skipped records. ``known_hash``: the file's content hash, if known without reading it."""
+    content_hash = known_hash or hash_file(source.path)
+    key = _unit_key(source, content_hash, config, code)
+    directory = store_dir / "raw" / key
+    reused = is_complete(directory)
+    written = read_unit_file(directory) if reused else _ingest_unit(source, content_hash, config, directory)
+    unit = CorpusUnit(
+        source=str(source.path), content_hash=content_hash, key=key, directory=str(directory),
+        documents=written["documents"], cut_documents=written["cut_documents"],
+        cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
+        drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
+    )
+    return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], str(source.path))
 
 
 def require_splits(manifest: CorpusManifest, splits: Collection[str], config: IngestConfig) -> None:
@@ -303,19 +325,27 @@ class _ContentHashes:
             self.entries: dict[str, dict[str, Any]] = json.loads(path.read_text())
         except (OSError, ValueError):
             self.entries = {}
+        self.stats: dict[str, dict[str, int]] = {}
         self.changed = False
 
-    def of(self, source: SourceFile) -> str:
+    def known(self, source: SourceFile) -> str | None:
+        """The content hash of ``source`` if it is known without reading the file, else None; its
+        size and mtime now are what ``remember`` records."""
         if source.format == HUB_FORMAT:
             return hash_bytes(str(source.path).encode())  # the path pins the dataset revision
         stat = source.path.stat()
+        self.stats[str(source.path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         entry = self.entries.get(str(source.path))
         if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
             return entry["hash"]
-        content_hash = hash_file(source.path)
-        self.entries[str(source.path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hash": content_hash}
-        self.changed = True
-        return content_hash
+        return None
+
+    def remember(self, source: SourceFile, content_hash: str) -> None:
+        """Record ``content_hash`` under the size and mtime ``known`` saw (the file read after them)."""
+        stat = self.stats.get(str(source.path))
+        if stat is not None and self.entries.get(str(source.path)) != {**stat, "hash": content_hash}:
+            self.entries[str(source.path)] = {**stat, "hash": content_hash}
+            self.changed = True
 
     def save(self) -> None:
         if self.changed:

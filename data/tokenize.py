@@ -51,8 +51,16 @@ from gptflow.data.shards import (
     token_dtype,
     write_unit_file,
 )
-from gptflow.data.store import atomic_directory, code_version, hash_json, is_complete, store_references, write_json_atomic
+from gptflow.data.store import (
+    atomic_directory,
+    code_version,
+    hash_json,
+    is_complete,
+    store_references,
+    write_json_atomic,
+)
 from gptflow.data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
+from gptflow.data.units import MapUnits, in_this_process
 
 PIECE_CHARS = 16 * 1024
 """Target size of one encode item: small enough that a batch holds many (the tokenizer
@@ -134,12 +142,10 @@ def tokenize_corpus(
     config: TokenizeConfig,
     store_dir: Path,
     progress: Progress | None = None,
+    map_units: MapUnits = in_this_process,
 ) -> TokenManifest:
-    """Tokenize every unit of ``manifest`` not already in the store; ``progress(done, total)``
-    counts segment bytes."""
-    if config.workers:
-        # Read when the tokenizer first starts its thread pool; a pool already running keeps its size.
-        os.environ["RAYON_NUM_THREADS"] = str(config.workers)
+    """Tokenize every unit of ``manifest`` not already in the store, in groups of consecutive units
+    (``tokenize_units``, run through ``map_units``); ``progress(done, total)`` counts segment bytes."""
     code = code_version(__name__)
     keys = [_unit_key(unit, tokenizer, code) for unit in manifest.units]
     directories = [store_dir / "tokens" / key for key in keys]
@@ -147,8 +153,8 @@ def tokenize_corpus(
     pending = [index for index in range(len(directories)) if index not in reused]
     counts = {index: read_unit_file(directories[index]) for index in reused}
 
-    total_bytes = sum(sum(unit.bytes.values()) for unit in manifest.units)
-    done_bytes = total_bytes - sum(sum(manifest.units[index].bytes.values()) for index in pending)
+    total_bytes = sum(_unit_bytes(unit) for unit in manifest.units)
+    done_bytes = total_bytes - sum(_unit_bytes(manifest.units[index]) for index in pending)
     if progress and not pending:
         progress(done_bytes, total_bytes)
 
@@ -158,7 +164,17 @@ def tokenize_corpus(
         if progress:
             progress(done_bytes, total_bytes)
 
-    counts.update(_tokenize_units(manifest.units, pending, directories, tokenizer, config, advance))
+    groups = _groups(pending, manifest.units, config.batch_bytes)
+    calls = [{"units": [manifest.units[index] for index in group], "directories": [directories[index] for index in group],
+              "tokenizer": tokenizer, "config": config} for group in groups]
+    here = map_units is in_this_process
+    if here:  # units run here report their progress as they go; elsewhere, as each group ends
+        for call in calls:
+            call["advance"] = advance
+    for group, written in zip(groups, map_units(tokenize_units, calls)):
+        counts.update(zip(group, written))
+        if not here:
+            advance(sum(_unit_bytes(manifest.units[index]) for index in group))
 
     result = TokenManifest(
         units=[
@@ -181,44 +197,65 @@ def tokenize_corpus(
     return result
 
 
-def _tokenize_units(
+def tokenize_units(
     units: list[CorpusUnit],
-    pending: list[int],
     directories: list[Path],
     tokenizer: TokenizerArtifact,
     config: TokenizeConfig,
-    advance: Callable[[int], None],
-) -> dict[int, dict[str, Any]]:
-    """Write the token directory of each pending unit; returns each one's ``unit.json`` content.
-    ``advance(n)`` is called as each ``n`` bytes of segments are written."""
+    advance: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Write the token directory of each of ``units`` (encoded in shared batches); returns each
+    one's ``unit.json`` content. ``advance(n)`` is called as each ``n`` bytes of segments are written."""
+    if config.workers:
+        # Read when the tokenizer first starts its thread pool; a pool already running keeps its size.
+        os.environ["RAYON_NUM_THREADS"] = str(config.workers)
     dtype = token_dtype(tokenizer.vocab_size)
-    written = {}
-    encoded = _encoded(_batches(_pieces(units, pending), config.batch_bytes), load_tokenizer(tokenizer), dtype)
+    written = []
+    encoded = _encoded(_batches(_pieces(units), config.batch_bytes), load_tokenizer(tokenizer), dtype)
     with contextlib.closing(encoded):
         current = next(encoded, None)
-        for index in pending:
+        for index, (unit, directory) in enumerate(zip(units, directories)):
             counts = {name: dict.fromkeys(SPLITS, 0) for name in ("n_tokens", "n_bytes", "n_segments")}
-            with atomic_directory(directories[index]) as tmp:
+            with atomic_directory(directory) as tmp:
                 writers = {split: TokenShardWriter(tmp / f"{split}.arrow", dtype) for split in SPLITS}
                 while current is not None and current[0].unit == index:
                     piece, tokens = current
                     writers[piece.split].write(tokens)
                     counts["n_bytes"][piece.split] += piece.n_bytes
                     counts["n_segments"][piece.split] += piece.n_segments
-                    advance(piece.n_bytes)
+                    if advance:
+                        advance(piece.n_bytes)
                     current = next(encoded, None)
                 for split, writer in writers.items():
                     writer.close()
                     counts["n_tokens"][split] = writer.n_tokens
-                written[index] = {
-                    "source": units[index].source,
-                    "raw_key": units[index].key,
+                written.append({
+                    "source": unit.source,
+                    "raw_key": unit.key,
                     "tokenizer_hash": tokenizer.hash,
                     "dtype": dtype.name,
                     **counts,
-                }
-                write_unit_file(tmp, written[index])
+                })
+                write_unit_file(tmp, written[-1])
     return written
+
+
+def _groups(pending: list[int], units: list[CorpusUnit], min_bytes: int) -> list[list[int]]:
+    """``pending`` in consecutive groups of at least ``min_bytes`` of text (the last may hold less):
+    a group is one unit of work, its encode batches full, and many groups keep many workers busy."""
+    groups: list[list[int]] = []
+    group_bytes = min_bytes
+    for index in pending:
+        if group_bytes >= min_bytes:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append(index)
+        group_bytes += _unit_bytes(units[index])
+    return groups
+
+
+def _unit_bytes(unit: CorpusUnit) -> int:
+    return sum(unit.bytes.values())
 
 
 def _unit_key(unit: CorpusUnit, tokenizer: TokenizerArtifact, code: str) -> str:
@@ -292,10 +329,10 @@ def cut_at_token_boundaries(text: str, min_chars: int) -> list[str]:
     return parts
 
 
-def _pieces(units: list[CorpusUnit], indices: list[int]) -> Iterator[_Piece]:
-    for index in indices:
+def _pieces(units: list[CorpusUnit]) -> Iterator[_Piece]:
+    for index, unit in enumerate(units):
         builders = {split: _PieceBuilder(index, split) for split in SPLITS}
-        for text, n_bytes, split, ends_stretch in _segments(units[index]):
+        for text, n_bytes, split, ends_stretch in _segments(unit):
             yield from builders[split].add(text, n_bytes, ends_stretch)
         for builder in builders.values():
             yield from builder.flush()

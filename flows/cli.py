@@ -30,6 +30,7 @@ from gptflow.tasks.config import (
     build_config,
     parse_override_pairs,
 )
+from gptflow.tasks.ray_address import resolve_ray_address
 from gptflow.tasks.workspace import Workspace
 
 if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
@@ -37,6 +38,9 @@ if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for t
 
 
 SAMPLE_SEPARATOR = "-" * 40
+RAY_HELP = ("run the data stages' per-file units on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; default "
+            "$GPTFLOW_RAY_ADDRESS), each a Prefect task run; without it, worker processes on this machine run them "
+            "when a stage has much to compute")
 """Printed between the samples of ``gptflow generate``, which may span many lines."""
 
 
@@ -92,9 +96,10 @@ def _pretrain(args: argparse.Namespace) -> int:
     # Fail on a bad config or a missing path now, before Prefect and MLflow start up.
     build_config(PretrainSettings, args.preset, args.config, overrides)
     resolve_sources(corpus)
+    resolve_ray_address(args.ray)
     return _run_flow("pretrain", corpus=corpus, preset=args.preset, config_file=args.config, overrides=overrides,
                      workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
-                     from_scratch=args.from_scratch)
+                     from_scratch=args.from_scratch, ray=args.ray)
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -115,6 +120,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     build_config(EvaluateSettings, overrides=overrides)
     if args.corpus:
         resolve_sources(args.corpus)
+        resolve_ray_address(args.ray)
     if args.multiple_choice:
         # Reading the file checks every record: it takes the readers' and the tokenizer's libraries.
         from gptflow.data.multiple_choice import read_multiple_choice
@@ -125,7 +131,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     return _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
                      multiple_choice=args.multiple_choice, classification=args.classification,
-                     tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace)
+                     tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace, ray=args.ray)
 
 
 def _run_flow(name: str, **parameters: Any) -> int:
@@ -283,6 +289,7 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--from-scratch", action="store_true",
                           help="train a new model instead of continuing the latest compatible one of this "
                           "corpus on the data added since")
+    pretrain.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
     pretrain.set_defaults(handler=_pretrain)
 
     finetune = commands.add_parser(
@@ -341,6 +348,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="override a data.*, tokenize.*, eval.* or sampling.* setting, e.g. --set "
                           "eval.eval_tokens=65536; "
                           "repeatable")
+    evaluate.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
     sampling = SamplingConfig()

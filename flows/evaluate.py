@@ -30,6 +30,7 @@ from gptflow.tasks.multiple_choice import MultipleChoiceReport, score_multiple_c
 from gptflow.tasks.progress import human_duration
 from gptflow.tasks.tokenize import tokenize
 from gptflow.tasks.tracking import pipeline_run, run_name, source_label
+from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
 
 ACC_NORM_DEFINITION = (
@@ -150,6 +151,7 @@ def evaluate(
     tokenizer: str | None = None,
     overrides: dict[str, Any] | None = None,
     workspace: str | None = None,
+    ray: str | None = None,
 ) -> EvaluateSummary:
     """Evaluate a trained gptflow model on a corpus split and/or a multiple-choice file.
 
@@ -168,6 +170,7 @@ def evaluate(
         overrides: ``{"section.field": value}`` of the ``data``, ``tokenize``, ``eval`` and ``sampling`` sections,
             e.g. ``{"eval.eval_tokens": 65536}``.
         workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
+        ray: a Ray cluster to run the corpus's per-file data units on, as in ``pretrain``.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
@@ -178,6 +181,7 @@ def evaluate(
                           "(--classification FILE).")
     # Bad input fails here, before any model is fetched or corpus ingested.
     sources = resolve_sources(corpus) if corpus else None
+    units = UnitRunner.from_setting(ray) if corpus else None
     choice_file = Path(multiple_choice).expanduser().resolve() if multiple_choice else None
     if choice_file:
         read_multiple_choice(choice_file)
@@ -211,10 +215,10 @@ def evaluate(
         if sources:
             # The split scored must have documents; with "all", either one may be empty.
             required_splits = () if split == "all" else (split,)
-            corpus_manifest = ingest(sources, config.data, workspace_dir, run, required_splits=required_splits)
+            corpus_manifest = ingest(sources, config.data, workspace_dir, run, units, required_splits=required_splits)
             data_fingerprint = corpus_manifest.fingerprint
             run.set_tags({"gptflow.data_fingerprint": data_fingerprint})
-            tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace_dir, run)
+            tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace_dir, run, units)
             loss = score_loss(source, tokens, split, config.eval, workspace_dir, run)
         if choice_file:
             choices = score_multiple_choice(source, choice_file, choice_hash, workspace_dir, run)

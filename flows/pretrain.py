@@ -25,6 +25,7 @@ from gptflow.tasks.progress import human_count, human_duration
 from gptflow.tasks.tokenize import tokenize
 from gptflow.tasks.tokenizer import train_tokenizer
 from gptflow.tasks.tracking import pipeline_run, run_name, source_label
+from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
 
 
@@ -109,6 +110,7 @@ def pretrain(
     restart: bool = False,
     retrain_tokenizer: bool = False,
     from_scratch: bool = False,
+    ray: str | None = None,
 ) -> PretrainSummary:
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
 
@@ -125,6 +127,8 @@ def pretrain(
             corpus used (which re-tokenizes every file).
         from_scratch: train a new model instead of continuing the latest compatible one of this
             corpus on the data added since.
+        ray: a Ray cluster to run the data stages' per-file units on (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
+            default ``$GPTFLOW_RAY_ADDRESS``, else worker processes on this machine.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
@@ -132,6 +136,7 @@ def pretrain(
     workspace_dir = Workspace.resolve(workspace)
     corpus = corpus or [BUILTIN_CORPUS]
     sources = resolve_sources(corpus)
+    units = UnitRunner.from_setting(ray)
 
     tags = {
         "gptflow.flow": "pretrain",
@@ -144,10 +149,10 @@ def pretrain(
             "preset": preset, "corpus": " ".join(corpus), "restart": restart,
             "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, **config.flatten(),
         })
-        corpus_manifest = ingest(sources, config.data, workspace_dir, run)
+        corpus_manifest = ingest(sources, config.data, workspace_dir, run, units)
         run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
         tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, retrain_tokenizer)
-        tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run)
+        tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run, units)
         delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)
         if delta is not None:
             run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}

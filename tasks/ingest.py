@@ -10,19 +10,24 @@ from prefect import task
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits
 from gptflow.data.shards import SPLITS
-from gptflow.data.sources import SourceResolution
+from gptflow.data.sources import HUB_FORMAT, SourceResolution
 from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.progress import StageProgress, run_logger
 from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
 
 
 
 @task(name="ingest-corpus")
-def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_dir: str) -> CorpusManifest:
+def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_dir: str,
+                       units: UnitRunner) -> CorpusManifest:
     # Which splits must be non-empty depends on the flow, not on the documents: checked outside the
     # cached task, so a manifest cached for one flow is still checked for the next.
-    return ingest_corpus(sources, config, Path(store_dir), progress=StageProgress("ingest", "B"), required_splits=())
+    work_bytes = sum(source.path.stat().st_size for source in sources.files if source.format != HUB_FORMAT)
+    map_units = units.for_stage("ingest", work_bytes, label=lambda call: call["source"].path.name)
+    return ingest_corpus(sources, config, Path(store_dir), progress=StageProgress("ingest", "B"), required_splits=(),
+                         map_units=map_units)
 
 
 def ingest(
@@ -30,14 +35,16 @@ def ingest(
     config: IngestConfig,
     workspace: Workspace,
     run: PipelineRun,
+    units: UnitRunner,
     required_splits: Collection[str] = SPLITS,
 ) -> CorpusManifest:
-    """Ingest (or find cached) ``sources``; a ``CorpusError`` if a split in ``required_splits`` is empty."""
+    """Ingest (or find cached) ``sources``, its per-file units run by ``units``; a ``CorpusError``
+    if a split in ``required_splits`` is empty."""
     # Size and mtime stand in for content here: a touched file re-runs the stage, whose per-file
     # units are then found by content hash and reused.
     key = stage_key("ingest", config=config, modules=(__name__,), inputs={"sources": sources.fingerprint_inputs()})
     outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
-                        sources=sources, config=config, store_dir=str(workspace.store))
+                        sources=sources, config=config, store_dir=str(workspace.store), units=units)
     manifest = outcome.result
     record_unit_reuse(run, "ingest", "ingested", outcome)
     # Counts, not measurements over time: params, so the run's charts start with its loss curves.

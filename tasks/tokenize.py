@@ -13,17 +13,24 @@ from gptflow.data.tokenizer import TokenizerArtifact
 from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.progress import StageProgress
 from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
 
 
 
 @task(name="tokenize-corpus")
 def tokenize_corpus_task(
-    corpus: CorpusManifest, tokenizer: TokenizerArtifact, config: TokenizeConfig, store_dir: str
+    corpus: CorpusManifest, tokenizer: TokenizerArtifact, config: TokenizeConfig, store_dir: str, units: UnitRunner
 ) -> TokenManifest:
-    return tokenize_corpus(
-        corpus, tokenizer, config, Path(store_dir), progress=StageProgress("tokenize", "B")
-    )
+    map_units = units.for_stage("tokenize", sum(sum(unit.bytes.values()) for unit in corpus.units), label=unit_label)
+    return tokenize_corpus(corpus, tokenizer, config, Path(store_dir), progress=StageProgress("tokenize", "B"),
+                           map_units=map_units)
+
+
+def unit_label(call: dict) -> str:
+    """A group of units by its first file, and how many follow it."""
+    first, more = Path(call["units"][0].source).name, len(call["units"]) - 1
+    return f"{first} (+{more} files)" if more else first
 
 
 def tokenize(
@@ -32,13 +39,15 @@ def tokenize(
     config: TokenizeConfig,
     workspace: Workspace,
     run: PipelineRun,
+    units: UnitRunner,
 ) -> TokenManifest:
     # batch_bytes and workers change speed, not tokens: they stay out of the key.
     key = stage_key(
         "tokenize", config={}, modules=(__name__,), inputs={"corpus": corpus.fingerprint, "tokenizer": tokenizer.hash}
     )
     outcome = run_stage(tokenize_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
-                        corpus=corpus, tokenizer=tokenizer, config=config, store_dir=str(workspace.store))
+                        corpus=corpus, tokenizer=tokenizer, config=config, store_dir=str(workspace.store),
+                        units=units)
     tokens = outcome.result
     record_unit_reuse(run, "tokenize", "tokenized", outcome)
     run.log_params({"dataset.train_tokens": tokens.total_tokens("train"), "dataset.val_tokens": tokens.total_tokens("val")})

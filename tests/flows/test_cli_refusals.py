@@ -47,6 +47,9 @@ def test_a_mistyped_set_is_refused_in_one_line_without_heavy_imports(tmp_path):
         (["finetune", "--data", "{missing}.jsonl"], "does not exist"),
         (["evaluate", "--model", "any", "--set", "eval.tokens=4"], "eval.tokens is not a setting"),
         (["evaluate", "--model", "any", "--classification", "{missing}.csv"], "does not exist"),
+        (["pretrain", "--ray", "127.0.0.1:1"], "--ray 127.0.0.1:1: nothing answers there"),
+        (["pretrain", "--ray", "head-node"], "expected auto, HOST:PORT"),
+        (["evaluate", "--model", "any", "--corpus", ".", "--ray", "127.0.0.1:1"], "nothing answers there"),
     ],
 )
 def test_bad_settings_and_paths_of_every_flow_are_refused_without_heavy_imports(tmp_path, arguments, message):

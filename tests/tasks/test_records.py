@@ -32,6 +32,7 @@ from gptflow.tasks.ingest import ingest_corpus_task
 from gptflow.tasks.multiple_choice import MultipleChoiceReport
 from gptflow.tasks.records import PLAIN_JSON, RECORD_SERIALIZER, RESULT_TYPES, RecordSerializer, read_record
 from gptflow.tasks.training_job import TrainedModel
+from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
 
 STAGE_MODULES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate", "multiple_choice", "classification",
@@ -47,7 +48,7 @@ def run_ingest(workspace_root: str, corpus: str) -> tuple[str, str, str]:
     key = stage_key("ingest", config=config, modules=["gptflow.tasks.ingest"],
                     inputs={"sources": sources.fingerprint_inputs()})
     outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
-                        sources=sources, config=config, store_dir=str(workspace.store))
+                        sources=sources, config=config, store_dir=str(workspace.store), units=UnitRunner())
     return outcome.status, str(workspace.prefect_results / key), outcome.result.fingerprint
 
 

@@ -1,0 +1,93 @@
+"""Peak memory of cross-file exact dedup at 1M and 4M documents: bounded, not growing with the corpus.
+
+    python bench/dedup_memory.py                     # 1M and 4M short synthetic documents
+    python bench/dedup_memory.py --documents 500000 2000000
+
+For each size, writes that many short synthetic documents (about 60 bytes, 1 in 20 repeating a
+document of an earlier file) into 16 JSONL files, ingests them (`ingest_corpus`, in this
+process), then runs the manifest's cross-file dedup again in a fresh Python process and reports
+that process's peak RSS before and after it. Dedup holds at most `DEDUP_PARTITION_SEGMENTS`
+hashes at once (the corpus's hashes partitioned by value), so the two peaks should be within 20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gptflow.data.config import IngestConfig
+from gptflow.data.ingest import DEDUP_PARTITION_SEGMENTS, ingest_corpus
+from gptflow.data.sources import resolve_sources
+
+FILES = 16
+REPEAT_EVERY = 20
+
+# Run in a fresh interpreter: the manifest's units with their drop lists emptied, deduplicated again.
+MEASURE = """
+import json, resource, sys, time
+from gptflow.data.ingest import CorpusManifest, _drop_cross_file_duplicates
+from gptflow.data.store import read_manifest
+manifest = read_manifest(CorpusManifest, sys.argv[1])
+for unit in manifest.units:
+    unit.drop_doc_hashes, unit.duplicates = [], 0
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+_drop_cross_file_duplicates(manifest.units)
+seconds = time.perf_counter() - started
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps([before, after, seconds, sum(len(unit.drop_doc_hashes) for unit in manifest.units)]))
+"""
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    rows = []
+    for documents in args.documents:
+        with tempfile.TemporaryDirectory(prefix="gptflow-bench-") as scratch:
+            corpus = _write_corpus(Path(scratch) / "corpus", documents)
+            started = time.perf_counter()
+            manifest = ingest_corpus(resolve_sources([str(corpus)]), IngestConfig(), Path(scratch) / "store")
+            ingest_s = time.perf_counter() - started
+            measured = subprocess.run([sys.executable, "-c", MEASURE, manifest.path], capture_output=True, text=True,
+                                      check=True)
+            before_kib, after_kib, dedup_s, dropped = json.loads(measured.stdout)
+            rows.append((documents, ingest_s, dedup_s, dropped, before_kib / 1024, after_kib / 1024))
+            print(f"{documents:,} documents: ingested in {ingest_s:.0f} s", flush=True)
+
+    print()
+    print(f"{FILES} JSONL files, 1 document in {REPEAT_EVERY} repeating one of an earlier file; "
+          f"partitions of {DEDUP_PARTITION_SEGMENTS:,} hashes")
+    print(f"{'documents':>10} {'dropped':>9} {'dedup s':>8} {'RSS before':>11} {'peak RSS':>9} {'vs first':>9}")
+    first_peak = rows[0][5]
+    for documents, _, dedup_s, dropped, before_mib, peak_mib in rows:
+        print(f"{documents:>10,} {dropped:>9,} {dedup_s:>8.1f} {before_mib:>9.0f} MB {peak_mib:>6.0f} MB "
+              f"{peak_mib / first_peak:>8.2f}x")
+
+
+def _write_corpus(folder: Path, documents: int) -> Path:
+    """``documents`` short unique documents in ``FILES`` JSONL files; every ``REPEAT_EVERY``-th
+    document of a file after the first repeats a document of the first file."""
+    folder.mkdir(parents=True)
+    per_file = documents // FILES
+    for file_index in range(FILES):
+        with open(folder / f"part-{file_index:02d}.jsonl", "w") as out:
+            for index in range(per_file):
+                repeat = file_index > 0 and index % REPEAT_EVERY == 0
+                number = index if repeat else file_index * per_file + index
+                out.write(json.dumps({"text": f"document {number}: the quick brown fox jumps over {number % 97}"}) + "\n")
+    return folder
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", type=int, nargs="+", default=[1_000_000, 4_000_000])
+    return parser
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""How a data stage runs its per-file units: through a ``MapUnits`` its caller chooses.
+
+A stage (ingest, tokenize) is composed of unit functions, each a pure function of its arguments
+that commits its own store directory, and of the stage's assembly of their results. Where the
+units run (here, in worker processes, on a cluster) is the caller's choice; the default runs them
+here, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+MapUnits = Callable[[Callable[..., Any], list[dict[str, Any]]], Iterator[Any]]
+"""``map_units(function, calls)`` yields ``function(**call)`` for each call, in the calls' order."""
+
+
+def in_this_process(function: Callable[..., Any], calls: list[dict[str, Any]]) -> Iterator[Any]:
+    return (function(**call) for call in calls)
