@@ -28,7 +28,7 @@ from gptflow.tasks.ingest import ingest
 from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.multiple_choice import MultipleChoiceReport, score_multiple_choice
 from gptflow.tasks.progress import human_duration
-from gptflow.tasks.tokenize import tokenize
+from gptflow.tasks.tokenize import log_corpus_dataset, tokenize
 from gptflow.tasks.tracking import pipeline_run, run_name, source_label
 from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
@@ -219,6 +219,7 @@ def evaluate(
             data_fingerprint = corpus_manifest.fingerprint
             run.set_tags({"gptflow.data_fingerprint": data_fingerprint})
             tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace_dir, run, units)
+            log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="evaluation")
             loss = score_loss(source, tokens, split, config.eval, workspace_dir, run)
         if choice_file:
             choices = score_multiple_choice(source, choice_file, choice_hash, workspace_dir, run)

@@ -22,7 +22,7 @@ from gptflow.tasks.ingest import ingest
 from gptflow.tasks.lineage import Lineage, data_delta
 from gptflow.tasks.pretrain import train_model
 from gptflow.tasks.progress import human_count, human_duration
-from gptflow.tasks.tokenize import tokenize
+from gptflow.tasks.tokenize import log_corpus_dataset, tokenize
 from gptflow.tasks.tokenizer import train_tokenizer
 from gptflow.tasks.tracking import pipeline_run, run_name, source_label
 from gptflow.tasks.units import UnitRunner
@@ -153,6 +153,7 @@ def pretrain(
         run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
         tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, retrain_tokenizer)
         tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run, units)
+        log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="training")
         delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)
         if delta is not None:
             run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}

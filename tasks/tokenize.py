@@ -12,7 +12,7 @@ from gptflow.data.tokenize import TokenManifest, tokenize_corpus
 from gptflow.data.tokenizer import TokenizerArtifact
 from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.progress import StageProgress
-from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.tracking import PipelineRun, source_label
 from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
 
@@ -53,3 +53,15 @@ def tokenize(
     run.log_params({"dataset.train_tokens": tokens.total_tokens("train"), "dataset.val_tokens": tokens.total_tokens("val")})
     run.log_artifact(Path(tokens.path), "data")
     return tokens
+
+
+def log_corpus_dataset(run: PipelineRun, corpus: list[str], manifest: CorpusManifest, tokens: TokenManifest,
+                       context: str) -> None:
+    """The corpus as the run's MLflow dataset: its sources, the fingerprint of its data, its counts."""
+    run.log_dataset(
+        name=" ".join(source_label(source) or source for source in corpus), digest=manifest.fingerprint,
+        sources=corpus, context=context,
+        profile={"source_files": len(manifest.units), "documents": manifest.total_documents,
+                 "segments": sum(manifest.totals["segments"].values()),
+                 "train_tokens": tokens.total_tokens("train"), "val_tokens": tokens.total_tokens("val")},
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import re
 import shutil
@@ -27,9 +28,10 @@ from urllib.request import url2pathname
 import mlflow.pyfunc
 import requests
 from mlflow import MlflowClient
-from mlflow.entities import Experiment, LoggedModelOutput, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, Experiment, InputTag, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from prefect.runtime import flow_run
 
 from gptflow.data.errors import UserError
@@ -141,6 +143,13 @@ class PipelineRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file or directory of the workspace, where it stays until it is sent."""
         self._write({"kind": "log_artifact", "path": str(path), "artifact_path": artifact_path})
+
+    def log_dataset(self, name: str, digest: str, sources: list[str], profile: dict[str, int], context: str) -> None:
+        """The run's data as an MLflow dataset input (the runs table's Datasets column): ``name``,
+        the data fingerprint as ``digest``, the ``sources`` given (paths, ``hf:`` ids), their
+        counts as ``profile``, and what the run did with it (``context``: training, evaluation)."""
+        self._write({"kind": "log_input", "name": name, "digest": digest, "sources": sources, "profile": profile,
+                     "context": context})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """``text`` as the artifact ``artifact_file`` (e.g. ``eval/report.json``)."""
@@ -290,6 +299,17 @@ class PipelineRun:
             case "log_text":
                 with reporting_out_of_space(f"{self.artifact_root}/{operation['artifact_file']}"):
                     self.client.log_text(self.run_id, operation["text"], operation["artifact_file"])
+            case "log_input":
+                sources = operation["sources"]
+                hub = [source.startswith("hf:") for source in sources]
+                dataset = Dataset(
+                    name=operation["name"], digest=operation["digest"],
+                    source_type="hugging_face" if all(hub) else "local" if not any(hub) else "mixed",
+                    source=json.dumps({"uri": sources[0]} if len(sources) == 1 else {"uris": sources}),
+                    profile=json.dumps(operation["profile"]),
+                )
+                self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT,
+                                                                                       operation["context"])])])
             case "set_terminated":
                 self.client.set_terminated(self.run_id, operation["status"], operation["end_time"])
             case "log_model":

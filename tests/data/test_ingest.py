@@ -10,6 +10,7 @@ import pytest
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
+from gptflow.data import ingest as ingest_module
 from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus, segment_split
 from gptflow.data.readers import SKIP_BINARY, SKIP_TOO_SHORT
 from gptflow.data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
@@ -97,6 +98,18 @@ def test_duplicates_are_dropped_within_a_file_and_across_files(write_corpus, sto
     assert sum(unit.segments["train"] + unit.segments["val"] for unit in manifest.units) == 4
     assert manifest.totals["duplicates"] == 4
     assert set(documents_by_split(manifest)) == {hash_bytes(text.encode()) for text in texts[:4]}
+
+
+def test_dedup_over_hash_partitions_drops_what_one_pass_drops(write_corpus, store_dir, make_documents, monkeypatch):
+    texts = make_documents(60)
+    folder = write_corpus({f"part-{index}.jsonl": jsonl(texts[index * 10:index * 10 + 30]) for index in range(4)})
+    whole = ingest(folder, store_dir)
+    monkeypatch.setattr(ingest_module, "DEDUP_PARTITION_SEGMENTS", 8)  # 60 unique of 120 segments: 15 partitions
+    partitioned = ingest(folder, store_dir)
+
+    assert sum(len(unit.drop_doc_hashes) for unit in whole.units) == 120 - 60
+    assert [unit.drop_doc_hashes for unit in partitioned.units] == [unit.drop_doc_hashes for unit in whole.units]
+    assert partitioned.totals == whole.totals and partitioned.fingerprint == whole.fingerprint
 
 
 def test_adding_files_moves_no_document_between_splits(write_corpus, store_dir, make_documents):

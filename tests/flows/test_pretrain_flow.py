@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -77,6 +78,12 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
         assert metrics["eval/perplexity"] == pytest.approx(2.718281828 ** metrics["eval/val_loss"], rel=1e-6)
         assert int(run.data.params["dataset.train_tokens"]) > 0 and int(run.data.params["dataset.documents"]) > 0
         assert not [name for name in metrics if name.startswith("data/")]  # counts are params, not charts
+        # The corpus as the run's dataset: its fingerprint, source and counts.
+        [dataset_input] = run.inputs.dataset_inputs
+        assert dataset_input.dataset.digest == run.data.tags["gptflow.data_fingerprint"]
+        assert json.loads(dataset_input.dataset.source) == {"uri": str(tiny_corpus_dir)}
+        assert json.loads(dataset_input.dataset.profile)["train_tokens"] == int(run.data.params["dataset.train_tokens"])
+        assert [(tag.key, tag.value) for tag in dataset_input.tags] == [("mlflow.data.context", "training")]
     assert first_run.data.metrics["eval/val_loss"] == second_run.data.metrics["eval/val_loss"]
 
     first_artifacts = artifact_paths(client, first_run.info.run_id)
