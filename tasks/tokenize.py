@@ -57,11 +57,14 @@ def tokenize(
 
 def log_corpus_dataset(run: PipelineRun, corpus: list[str], manifest: CorpusManifest, tokens: TokenManifest,
                        context: str) -> None:
-    """The corpus as the run's MLflow dataset: its sources, the fingerprint of its data, its counts."""
+    """The corpus as the run's MLflow dataset: its sources, the fingerprint of its data (its first
+    eight characters as the digest), its counts."""
     run.log_dataset(
-        name=" ".join(source_label(source) or source for source in corpus), digest=manifest.fingerprint,
+        # Eight characters, as MLflow's own digests: the runs table shows the digest beside the name.
+        name=" ".join(source_label(source) or source for source in corpus), digest=manifest.fingerprint[:8],
         sources=corpus, context=context,
-        profile={"source_files": len(manifest.units), "documents": manifest.total_documents,
+        profile={"fingerprint": manifest.fingerprint, "source_files": len(manifest.units),
+                 "documents": manifest.total_documents,
                  "segments": sum(manifest.totals["segments"].values()),
                  "train_tokens": tokens.total_tokens("train"), "val_tokens": tokens.total_tokens("val")},
     )

@@ -80,9 +80,11 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
         assert not [name for name in metrics if name.startswith("data/")]  # counts are params, not charts
         # The corpus as the run's dataset: its fingerprint, source and counts.
         [dataset_input] = run.inputs.dataset_inputs
-        assert dataset_input.dataset.digest == run.data.tags["gptflow.data_fingerprint"]
+        profile = json.loads(dataset_input.dataset.profile)
+        assert profile["fingerprint"] == run.data.tags["gptflow.data_fingerprint"]
+        assert dataset_input.dataset.digest == profile["fingerprint"][:8]
         assert json.loads(dataset_input.dataset.source) == {"uri": str(tiny_corpus_dir)}
-        assert json.loads(dataset_input.dataset.profile)["train_tokens"] == int(run.data.params["dataset.train_tokens"])
+        assert profile["train_tokens"] == int(run.data.params["dataset.train_tokens"])
         assert [(tag.key, tag.value) for tag in dataset_input.tags] == [("mlflow.data.context", "training")]
     assert first_run.data.metrics["eval/val_loss"] == second_run.data.metrics["eval/val_loss"]
 
