@@ -35,6 +35,7 @@ from gptflow.tasks.lineage import Lineage  # noqa: E402
 from gptflow.tasks.tokenize import tokenize  # noqa: E402
 from gptflow.tasks.tokenizer import train_tokenizer  # noqa: E402
 from gptflow.tasks.tracking import pipeline_run  # noqa: E402
+from gptflow.tasks.units import UnitRunner  # noqa: E402
 from gptflow.tasks.workspace import Workspace  # noqa: E402
 
 DOCUMENTS_PER_FILE = 100
@@ -46,10 +47,11 @@ def data_stages(corpus: str, workspace: str) -> dict[str, object]:
     workspace_dir = Workspace.resolve(workspace)
     config = build_config(PretrainSettings, "cpu")
     lineage = Lineage.load(workspace_dir, [corpus])
+    units = UnitRunner()  # worker processes once a stage has 32 MB to compute, as the CLI runs them
     with pipeline_run(workspace_dir, tags={}, name="bench-data-stages") as run:
-        manifest = ingest(resolve_sources([corpus]), config.data, workspace_dir, run)
-        tokenizer = train_tokenizer(manifest, config.tokenizer, workspace_dir, run, lineage)
-        tokens = tokenize(manifest, tokenizer, config.tokenize, workspace_dir, run)
+        manifest = ingest(resolve_sources([corpus]), config.data, workspace_dir, run, units)
+        tokenizer = train_tokenizer(manifest, config.tokenizer, workspace_dir, run, lineage, units)
+        tokens = tokenize(manifest, tokenizer, config.tokenize, workspace_dir, run, units)
         lineage.last_corpus_manifest, lineage.last_tokens_manifest = manifest.path, tokens.path
         lineage.save()
     return {

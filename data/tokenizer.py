@@ -9,7 +9,7 @@ touching the validation split.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,10 @@ import pyarrow.compute as pc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptflow.data.config import TokenizerConfig
-from gptflow.data.ingest import CorpusManifest
+from gptflow.data.ingest import CorpusManifest, CorpusUnit
 from gptflow.data.shards import iter_raw_batches
 from gptflow.data.store import atomic_directory, code_version, hash_file, hash_json, is_complete, write_json_atomic
+from gptflow.data.units import MapUnits, in_this_process
 
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -59,8 +60,11 @@ def train_tokenizer(
     config: TokenizerConfig,
     store_dir: Path,
     progress: Progress | None = None,
+    map_units: MapUnits = in_this_process,
 ) -> TokenizerArtifact:
-    """Train (or reuse) the tokenizer for ``manifest``; ``progress(done, total)`` counts sample bytes."""
+    """Train (or reuse) the tokenizer for ``manifest``, its sample drawn by per-file units run
+    through ``map_units`` (``sample_candidates``, then ``segment_texts``); ``progress(done, total)``
+    counts sample bytes."""
     key = hash_json({
         "stage": "tokenizer",
         "code": code_version(__name__),
@@ -70,7 +74,7 @@ def train_tokenizer(
     directory = store_dir / "tokenizers" / key
     reused = is_complete(directory)
     if not reused:
-        sample = _training_sample(manifest, config.sample_bytes)
+        sample = _training_sample(manifest, config.sample_bytes, map_units)
         tokenizer = _untrained_tokenizer()
         trainer = trainers.BpeTrainer(
             vocab_size=config.vocab_size,
@@ -118,16 +122,23 @@ def describe_tokenizer(path: Path, reused: bool = True) -> TokenizerArtifact:
     )
 
 
-def _training_sample(manifest: CorpusManifest, sample_bytes: int) -> list[str]:
+def _training_sample(manifest: CorpusManifest, sample_bytes: int, map_units: MapUnits) -> list[str]:
     """The train segments with the smallest hashes, ``sample_bytes`` of them in all (the last one
-    cut short), in hash order. Holding them is bounded by ``sample_bytes`` plus one segment."""
-    chosen = _smallest_hashes_covering(manifest, sample_bytes)
+    cut short), in hash order. Each unit offers its own smallest ones covering ``sample_bytes``
+    (those hold every segment of the corpus's choice: a segment chosen overall is chosen within its
+    file, where fewer bytes precede it); the smallest of the offers are chosen, and their texts
+    read by the units that hold them. Memory scales with the sample, not the corpus."""
+    calls = [{"unit": unit, "unit_index": index, "sample_bytes": sample_bytes}
+             for index, unit in enumerate(manifest.units)]
+    chosen = _smallest_covering(
+        (candidate for offered in map_units(sample_candidates, calls) for candidate in offered), sample_bytes)
+    by_unit: dict[int, list[str]] = {}
+    for doc_hash, _, unit_index in chosen:
+        by_unit.setdefault(unit_index, []).append(doc_hash)
     texts: dict[str, str] = {}
-    for unit_index in sorted(set(chosen.values())):
-        for batch in iter_raw_batches(Path(manifest.units[unit_index].directory), ["text", "doc_hash"]):
-            for text, doc_hash in zip(batch.column("text").to_pylist(), batch.column("doc_hash").to_pylist()):
-                if doc_hash in chosen:
-                    texts[doc_hash] = text
+    for found in map_units(segment_texts, [{"unit": manifest.units[index], "doc_hashes": sorted(hashes)}
+                                           for index, hashes in sorted(by_unit.items())]):
+        texts.update(found)
     sample = []
     remaining = sample_bytes
     for doc_hash in sorted(texts):
@@ -137,24 +148,42 @@ def _training_sample(manifest: CorpusManifest, sample_bytes: int) -> list[str]:
     return sample
 
 
-def _smallest_hashes_covering(manifest: CorpusManifest, sample_bytes: int) -> dict[str, int]:
-    """doc_hash → unit index of the smallest-hash train segments whose bytes first reach
-    ``sample_bytes``. A heap keeps only those, so memory scales with the sample, not the corpus."""
-    largest_first: list[tuple[int, str, int, int]] = []  # (-hash, doc_hash, bytes, unit index)
-    held_bytes = 0
-    for unit_index, unit in enumerate(manifest.units):
-        dropped = set(unit.drop_doc_hashes)
+def sample_candidates(unit: CorpusUnit, unit_index: int, sample_bytes: int) -> list[tuple[str, int, int]]:
+    """``(doc_hash, bytes, unit_index)`` of the unit's kept train segments with the smallest hashes,
+    as many as first reach ``sample_bytes``."""
+    dropped = set(unit.drop_doc_hashes)
+
+    def train_segments() -> Iterator[tuple[str, int, int]]:
         for batch in iter_raw_batches(Path(unit.directory), ["text", "doc_hash", "split"]):
             lengths = pc.binary_length(batch.column("text")).to_pylist()
             for doc_hash, split, n_bytes in zip(batch.column("doc_hash").to_pylist(),
                                                 batch.column("split").to_pylist(), lengths):
-                if split != "train" or doc_hash in dropped:
-                    continue
-                heapq.heappush(largest_first, (-int(doc_hash, 16), doc_hash, n_bytes, unit_index))
-                held_bytes += n_bytes
-                while held_bytes - largest_first[0][2] >= sample_bytes:
-                    held_bytes -= heapq.heappop(largest_first)[2]
-    return {doc_hash: unit_index for _, doc_hash, _, unit_index in largest_first}
+                if split == "train" and doc_hash not in dropped:
+                    yield doc_hash, n_bytes, unit_index
+
+    return _smallest_covering(train_segments(), sample_bytes)
+
+
+def segment_texts(unit: CorpusUnit, doc_hashes: list[str]) -> dict[str, str]:
+    """doc_hash → text of the unit's segments among ``doc_hashes``."""
+    wanted = set(doc_hashes)
+    return {doc_hash: text
+            for batch in iter_raw_batches(Path(unit.directory), ["text", "doc_hash"])
+            for text, doc_hash in zip(batch.column("text").to_pylist(), batch.column("doc_hash").to_pylist())
+            if doc_hash in wanted}
+
+
+def _smallest_covering(segments: Iterable[tuple[str, int, int]], sample_bytes: int) -> list[tuple[str, int, int]]:
+    """Of ``(doc_hash, bytes, unit_index)`` triples, those with the smallest hashes whose bytes first
+    reach ``sample_bytes``. A heap keeps only those, so memory scales with the sample."""
+    largest_first: list[tuple[int, str, int, int]] = []  # (-hash, doc_hash, bytes, unit index)
+    held_bytes = 0
+    for doc_hash, n_bytes, unit_index in segments:
+        heapq.heappush(largest_first, (-int(doc_hash, 16), doc_hash, n_bytes, unit_index))
+        held_bytes += n_bytes
+        while held_bytes - largest_first[0][2] >= sample_bytes:
+            held_bytes -= heapq.heappop(largest_first)[2]
+    return [(doc_hash, n_bytes, unit_index) for _, doc_hash, n_bytes, unit_index in largest_first]
 
 
 def _reporting(sample: list[str], progress: Progress | None) -> Iterator[str]:

@@ -151,7 +151,7 @@ def pretrain(
         })
         corpus_manifest = ingest(sources, config.data, workspace_dir, run, units)
         run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
-        tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, retrain_tokenizer)
+        tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, units, retrain_tokenizer)
         tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run, units)
         log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="training")
         delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)

@@ -19,13 +19,17 @@ from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.lineage import Lineage
 from gptflow.tasks.progress import StageProgress, run_logger
 from gptflow.tasks.tracking import PipelineRun
+from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
 
 
 
 @task(name="train-tokenizer")
-def train_tokenizer_task(corpus: CorpusManifest, config: TokenizerConfig, store_dir: str) -> TokenizerArtifact:
-    return train_bpe(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"))
+def train_tokenizer_task(corpus: CorpusManifest, config: TokenizerConfig, store_dir: str,
+                         units: UnitRunner) -> TokenizerArtifact:
+    map_units = units.for_stage("tokenizer", sum(unit.bytes["train"] for unit in corpus.units),
+                                label=lambda call: Path(call["unit"].source).name)
+    return train_bpe(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"), map_units=map_units)
 
 
 def train_tokenizer(
@@ -34,6 +38,7 @@ def train_tokenizer(
     workspace: Workspace,
     run: PipelineRun,
     lineage: Lineage,
+    units: UnitRunner,
     retrain: bool = False,
 ) -> TokenizerArtifact:
     # Same settings and code as the kept tokenizer: keep it, whatever the corpus became since.
@@ -52,6 +57,7 @@ def train_tokenizer(
         corpus=corpus,
         config=config,
         store_dir=str(workspace.store),
+        units=units,
     )
     tokenizer = outcome.result
     run.record_stage("tokenizer", outcome.status)

@@ -50,7 +50,8 @@ class UnitRunner:
              label: Callable[[dict[str, Any]], str]) -> Iterator[Any]:
         if not calls:
             return
-        unit_task = Task(function, name=f"{stage}-unit", cache_policy=NO_CACHE, persist_result=False)
+        unit_task = Task(function, name=function.__name__.replace("_", "-"), cache_policy=NO_CACHE,
+                         persist_result=False)
         with _workers_report_to_this_api(), self._task_runner(len(calls)) as runner:
             futures = [runner.submit(unit_task.with_options(task_run_name=f"{stage} {label(call)}"), call)
                        for call in calls]

@@ -22,6 +22,7 @@ from gptflow.data.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
+from gptflow.data.units import in_this_process
 
 ROUND_TRIP_TEXTS = [
     "def f(x):\n    return x  # done\n",
@@ -77,10 +78,21 @@ def test_sample_is_bounded_train_only_and_drawn_from_the_whole_corpus(write_corp
     manifest = ingest_corpus(resolve_sources([str(write_corpus(files))]), IngestConfig(val_fraction=0.2), store_dir)
     budget = manifest.totals["bytes"]["train"] // 4
 
-    sample = _training_sample(manifest, budget)
+    sample = _training_sample(manifest, budget, in_this_process)
     sampled_bytes = sum(len(text.encode()) for text in sample)
     assert budget - 100 < sampled_bytes <= budget
-    assert _training_sample(manifest, budget) == sample
+    assert _training_sample(manifest, budget, in_this_process) == sample
+    # The units' offers hold the corpus's choice: the same sample as ranking every train segment at once.
+    ranked = sorted((doc_hash, text) for unit in manifest.units
+                    for text, doc_hash, split in _rows(unit.directory)
+                    if split == "train" and doc_hash not in unit.drop_doc_hashes)
+    taken, chosen = 0, []
+    for _, text in ranked:
+        if taken >= budget:
+            break
+        chosen.append(text)
+        taken += len(text.encode())
+    assert sample[:-1] == chosen[:-1] and chosen[-1].encode().startswith(sample[-1].encode())
     files_sampled = {int(text.split(":")[0].split()[1]) for text in sample if text.startswith("file")}
     assert files_sampled == set(range(20))
     val_hashes = {doc_hash for unit in manifest.units for doc_hash in _hashes_of_split(unit.directory, "val")}
@@ -94,9 +106,15 @@ def test_sample_is_bounded_train_only_and_drawn_from_the_whole_corpus(write_corp
 def test_a_document_larger_than_the_budget_is_cut_to_it(write_corpus, store_dir):
     books = {f"book-{index}.txt": f"book {index} " + "word " * 1_000 for index in range(12)}
     manifest = ingest_corpus(resolve_sources([str(write_corpus(books))]), IngestConfig(val_fraction=0.45), store_dir)
-    (sample,) = _training_sample(manifest, 2048)
+    (sample,) = _training_sample(manifest, 2048, in_this_process)
     assert len(sample.encode()) == 2048
     assert any(book.startswith(sample) for book in books.values())
+
+
+def _rows(directory: str) -> list[tuple[str, str, str]]:
+    """``(text, doc_hash, split)`` of every segment of a raw unit."""
+    return [row for batch in iter_raw_batches(Path(directory), ["text", "doc_hash", "split"])
+            for row in zip(*(column.to_pylist() for column in batch.columns))]
 
 
 def _hashes_of_split(directory: str, split: str) -> set[str]:

@@ -19,10 +19,12 @@ pytestmark = pytest.mark.slow
 
 
 def _shards(workspace: Path) -> dict[str, str]:
-    """Every raw and token shard of the workspace's store, by its path in the store: its hash."""
+    """Every raw and token shard and the tokenizer of the workspace's store, by its path in the store:
+    its hash."""
     store = workspace / "store"
     return {str(path.relative_to(store)): hash_file(path)
-            for stage in ("raw", "tokens") for path in (store / stage).glob("*/*.arrow")}
+            for pattern in ("raw/*/*.arrow", "tokens/*/*.arrow", "tokenizers/*/tokenizer.json")
+            for path in store.glob(pattern)}
 
 
 def _unit_task_runs(workspace: Path, mlflow_run_id: str, prefix: str) -> list[str]:
@@ -52,7 +54,9 @@ def test_units_on_ray_and_on_worker_processes_write_what_the_flow_s_process_writ
     assert len(expected) > len(sources)  # raw and token shards of every file
     assert _shards(tmp_path / "ray") == expected and _shards(tmp_path / "workers") == expected
     assert on_ray.train_tokens == on_workers.train_tokens == in_process.train_tokens
-    # One task run per file for ingest, one per group of files for tokenize; none in the flow's process.
+    # One task run per file for ingest, per file and per sampled file for the tokenizer's sample, per
+    # group of files for tokenize; none in the flow's process.
     assert _unit_task_runs(tmp_path / "ray", on_ray.mlflow_run_id, "ingest ") == [f"ingest {name}" for name in sources]
+    assert len(_unit_task_runs(tmp_path / "ray", on_ray.mlflow_run_id, "tokenizer ")) > len(sources)
     assert _unit_task_runs(tmp_path / "workers", on_workers.mlflow_run_id, "tokenize ")
     assert _unit_task_runs(tmp_path / "in-process", in_process.mlflow_run_id, "ingest ") == []
