@@ -47,13 +47,12 @@ def data_stages(corpus: str, workspace: str) -> dict[str, object]:
     workspace_dir = Workspace.resolve(workspace)
     config = build_config(PretrainSettings, "cpu")
     lineage = Lineage.load(workspace_dir, [corpus])
-    units = UnitRunner()  # worker processes once a stage has 32 MB to compute, as the CLI runs them
+    units = UnitRunner()  # in this process, as the CLI runs them without --ray
     with pipeline_run(workspace_dir, tags={}, name="bench-data-stages") as run:
         manifest = ingest(resolve_sources([corpus]), config.data, workspace_dir, run, units)
         tokenizer = train_tokenizer(manifest, config.tokenizer, workspace_dir, run, lineage, units)
         tokens = tokenize(manifest, tokenizer, config.tokenize, workspace_dir, run, units)
-        lineage.last_corpus_manifest, lineage.last_tokens_manifest = manifest.path, tokens.path
-        lineage.save()
+        lineage.commit(workspace_dir, manifest.path, tokens.path, run.run_id)
     return {
         "seconds": time.perf_counter() - started,
         "stages": dict(run.stage_statuses),

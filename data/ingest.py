@@ -153,8 +153,9 @@ def ingest_corpus(
     required_splits: Collection[str] = SPLITS,
     map_units: MapUnits = in_this_process,
 ) -> CorpusManifest:
-    """Ingest every source into ``store_dir/raw/``, one unit per file (``ingest_unit``, run through
-    ``map_units``); ``progress(done, total)`` counts source bytes.
+    """Ingest every source into ``store_dir/raw/``, one unit per file (``ingest_unit``); the units
+    to compute run through ``map_units``, those already in the store under a known content hash
+    are read here. ``progress(done, total)`` counts source bytes.
 
     ``sources`` is a ``SourceResolution`` (its skipped files join the manifest's report) or a
     plain list of files. Raises ``CorpusError`` when no document survives, or a split in
@@ -168,10 +169,14 @@ def ingest_corpus(
     content_hashes = _ContentHashes(store_dir / FILE_HASH_CACHE)
     calls = [{"source": source, "known_hash": content_hashes.known(source), "config": config,
               "store_dir": store_dir, "code": code_version(__name__)} for source in files]
+    pending = [call for call in calls if not _is_in_store(call)]
+    computed = iter(map_units(ingest_unit, pending))  # in the calls' order, as they come
+    pending_ids = {id(call) for call in pending}
     total_bytes = sum(_source_bytes(source) for source in files)
     done_bytes = 0
     units: list[CorpusUnit] = []
-    for call, (unit, unit_skips) in zip(calls, map_units(ingest_unit, calls)):
+    for call in calls:
+        unit, unit_skips = next(computed) if id(call) in pending_ids else ingest_unit(**call)
         content_hashes.remember(call["source"], unit.content_hash)
         skips.merge(unit_skips)
         units.append(unit)
@@ -195,6 +200,14 @@ def ingest_corpus(
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
     write_json_atomic(Path(manifest.path), store_references(manifest.to_dict(), store_dir))
     return manifest
+
+
+def _is_in_store(call: dict[str, Any]) -> bool:
+    """The call's unit is complete in the store under the file's known content hash: reading it
+    back is cheaper here than anywhere else."""
+    known_hash = call["known_hash"]
+    return known_hash is not None and is_complete(
+        call["store_dir"] / "raw" / _unit_key(call["source"], known_hash, call["config"], call["code"]))
 
 
 def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig, store_dir: Path,

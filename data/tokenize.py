@@ -60,7 +60,7 @@ from gptflow.data.store import (
     write_json_atomic,
 )
 from gptflow.data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
-from gptflow.data.units import MapUnits, in_this_process
+from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, in_this_process
 
 PIECE_CHARS = 16 * 1024
 """Target size of one encode item: small enough that a batch holds many (the tokenizer
@@ -166,15 +166,13 @@ def tokenize_corpus(
 
     groups = _groups(pending, manifest.units, config.batch_bytes)
     calls = [{"units": [manifest.units[index] for index in group], "directories": [directories[index] for index in group],
-              "tokenizer": tokenizer, "config": config} for group in groups]
-    here = map_units is in_this_process
-    if here:  # units run here report their progress as they go; elsewhere, as each group ends
-        for call in calls:
-            call["advance"] = advance
+              "tokenizer": tokenizer, "config": config, PROGRESS_ARGUMENT: advance} for group in groups]
+    expected_bytes = done_bytes
     for group, written in zip(groups, map_units(tokenize_units, calls)):
         counts.update(zip(group, written))
-        if not here:
-            advance(sum(_unit_bytes(manifest.units[index]) for index in group))
+        expected_bytes += sum(_unit_bytes(manifest.units[index]) for index in group)
+        if done_bytes < expected_bytes:  # a group run here reported its bytes as it went; one run elsewhere, now
+            advance(expected_bytes - done_bytes)
 
     result = TokenManifest(
         units=[

@@ -2,7 +2,7 @@
 
 A stage (ingest, tokenize) is composed of unit functions, each a pure function of its arguments
 that commits its own store directory, and of the stage's assembly of their results. Where the
-units run (here, in worker processes, on a cluster) is the caller's choice; the default runs them
+units run (here, on a cluster) is the caller's choice; the default runs them
 here, in order.
 """
 
@@ -13,6 +13,11 @@ from typing import Any
 
 MapUnits = Callable[[Callable[..., Any], list[dict[str, Any]]], Iterator[Any]]
 """``map_units(function, calls)`` yields ``function(**call)`` for each call, in the calls' order."""
+
+PROGRESS_ARGUMENT = "advance"
+"""A call's progress callback, if it has one: a map that runs the call in this process passes it
+on; one that runs it elsewhere leaves it out (it cannot cross processes), and the stage reports the
+call's progress when its result comes."""
 
 
 def in_this_process(function: Callable[..., Any], calls: list[dict[str, Any]]) -> Iterator[Any]:

@@ -38,10 +38,9 @@ if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for t
 
 
 SAMPLE_SEPARATOR = "-" * 40
-RAY_HELP = ("run the data stages' per-file units on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; default "
-            "$GPTFLOW_RAY_ADDRESS), each a Prefect task run; without it, worker processes on this machine run them "
-            "when a stage has much to compute")
 """Printed between the samples of ``gptflow generate``, which may span many lines."""
+RAY_HELP = ("run the data stages' per-file units on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; default "
+            "$GPTFLOW_RAY_ADDRESS), each a Prefect task run; without it, they run in the stage's process")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,7 +128,7 @@ def pretrain(
         from_scratch: train a new model instead of continuing the latest compatible one of this
             corpus on the data added since.
         ray: a Ray cluster to run the data stages' per-file units on (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
-            default ``$GPTFLOW_RAY_ADDRESS``, else worker processes on this machine.
+            default ``$GPTFLOW_RAY_ADDRESS``, else the stage's own process.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()

@@ -10,7 +10,7 @@ from prefect import task
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits
 from gptflow.data.shards import SPLITS
-from gptflow.data.sources import HUB_FORMAT, SourceResolution
+from gptflow.data.sources import SourceResolution
 from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.progress import StageProgress, run_logger
 from gptflow.tasks.tracking import PipelineRun
@@ -24,8 +24,7 @@ def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_di
                        units: UnitRunner) -> CorpusManifest:
     # Which splits must be non-empty depends on the flow, not on the documents: checked outside the
     # cached task, so a manifest cached for one flow is still checked for the next.
-    work_bytes = sum(source.path.stat().st_size for source in sources.files if source.format != HUB_FORMAT)
-    map_units = units.for_stage("ingest", work_bytes, label=lambda call: call["source"].path.name)
+    map_units = units.for_stage("ingest", label=lambda call: call["source"].path.name)
     return ingest_corpus(sources, config, Path(store_dir), progress=StageProgress("ingest", "B"), required_splits=(),
                          map_units=map_units)
 

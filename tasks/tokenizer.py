@@ -27,8 +27,7 @@ from gptflow.tasks.workspace import Workspace
 @task(name="train-tokenizer")
 def train_tokenizer_task(corpus: CorpusManifest, config: TokenizerConfig, store_dir: str,
                          units: UnitRunner) -> TokenizerArtifact:
-    map_units = units.for_stage("tokenizer", sum(unit.bytes["train"] for unit in corpus.units),
-                                label=lambda call: Path(call["unit"].source).name)
+    map_units = units.for_stage("tokenizer", label=lambda call: Path(call["unit"].source).name)
     return train_bpe(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"), map_units=map_units)
 
 

@@ -1,6 +1,6 @@
 """The data stages' per-file units run on a real local Ray cluster (through prefect-ray's task
-runner) and on local worker processes, each a Prefect task run, and write byte for byte what
-running them in the flow's own process writes."""
+runner), each a Prefect task run, and write byte for byte what running them in the flow's own
+process writes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskR
 
 from gptflow.data.store import hash_file
 from gptflow.flows.pretrain import pretrain
-from gptflow.tasks import units
 
 pytestmark = pytest.mark.slow
 
@@ -38,25 +37,22 @@ def _unit_task_runs(workspace: Path, mlflow_run_id: str, prefix: str) -> list[st
     return sorted(run.name for run in runs)
 
 
-def test_units_on_ray_and_on_worker_processes_write_what_the_flow_s_process_writes(
-    prefect_api_url, ray_cluster, tiny_corpus_dir, tmp_path, monkeypatch,
-):
+def test_units_on_ray_write_what_the_flow_s_process_writes(prefect_api_url, ray_cluster, tiny_corpus_dir, tmp_path,
+                                                          monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     corpus = [str(tiny_corpus_dir)]
     sources = sorted(path.name for path in tiny_corpus_dir.iterdir())
 
     in_process = pretrain(corpus=corpus, preset="tiny", workspace=str(tmp_path / "in-process"))
     on_ray = pretrain(corpus=corpus, preset="tiny", workspace=str(tmp_path / "ray"), ray=ray_cluster)
-    monkeypatch.setattr(units, "LOCAL_POOL_MIN_BYTES", 0)  # the tiny corpus is below it
-    on_workers = pretrain(corpus=corpus, preset="tiny", workspace=str(tmp_path / "workers"))
 
     expected = _shards(tmp_path / "in-process")
     assert len(expected) > len(sources)  # raw and token shards of every file
-    assert _shards(tmp_path / "ray") == expected and _shards(tmp_path / "workers") == expected
-    assert on_ray.train_tokens == on_workers.train_tokens == in_process.train_tokens
+    assert _shards(tmp_path / "ray") == expected
+    assert on_ray.train_tokens == in_process.train_tokens
     # One task run per file for ingest, per file and per sampled file for the tokenizer's sample, per
     # group of files for tokenize; none in the flow's process.
     assert _unit_task_runs(tmp_path / "ray", on_ray.mlflow_run_id, "ingest ") == [f"ingest {name}" for name in sources]
     assert len(_unit_task_runs(tmp_path / "ray", on_ray.mlflow_run_id, "tokenizer ")) > len(sources)
-    assert _unit_task_runs(tmp_path / "workers", on_workers.mlflow_run_id, "tokenize ")
+    assert _unit_task_runs(tmp_path / "ray", on_ray.mlflow_run_id, "tokenize ")
     assert _unit_task_runs(tmp_path / "in-process", in_process.mlflow_run_id, "ingest ") == []
