@@ -167,8 +167,9 @@ def ingest_corpus(
         sources = sources.files
     files = sorted(sources, key=lambda source: str(source.path))
     content_hashes = _ContentHashes(store_dir / FILE_HASH_CACHE)
+    code = code_version(__name__)
     calls = [{"source": source, "known_hash": content_hashes.known(source), "config": config,
-              "store_dir": store_dir, "code": code_version(__name__)} for source in files]
+              "store_dir": store_dir, "code": code} for source in files]
     pending = [call for call in calls if not _is_in_store(call)]
     computed = iter(map_units(ingest_unit, pending))  # in the calls' order, as they come
     pending_ids = {id(call) for call in pending}

@@ -97,19 +97,19 @@ def run_stage(
     record = workspace.prefect_results / key
     with _naming_the_stage_when_out_of_space(stage_task.name, workspace):
         with workspace.lock(key, on_wait=report_wait):
-            refresh = recompute or _cached_result_is_stale(stage_task, record, workspace.store, is_valid)
+            cached_result = None if recompute else _valid_cached_result(stage_task, record, workspace.store, is_valid)
             configured = stage_task.with_options(
                 cache_key_fn=lambda *_: key,
                 result_storage=workspace.prefect_results,
                 result_serializer=RecordSerializer(store=str(workspace.store)),
                 persist_result=True,
-                refresh_cache=refresh,
+                refresh_cache=cached_result is None,
             )
             state = configured(**parameters, return_state=True)
-            # A cached result is read here, not through Prefect: the serializer Prefect builds from
-            # the record does not know this workspace's store, so its paths would stay references.
+            # A cached result is the one read above, not Prefect's: the serializer Prefect builds
+            # from the record does not know this workspace's store, so its paths stay references.
             cached = state.name == "Cached"
-            result = read_record(record, workspace.store) if cached else state.result()
+            result = cached_result if cached else state.result()
     return StageOutcome(result=result, status="cached" if cached else "executed")
 
 
@@ -127,18 +127,18 @@ def _naming_the_stage_when_out_of_space(stage: str, workspace: Workspace) -> Ite
         raise OutOfSpaceError(f"stage {stage}: {out_of_space}", out_of_space.errno) from error
 
 
-def _cached_result_is_stale(stage_task: Task[..., Any], record: Path, store: Path,
-                            is_valid: Callable[[Any], bool]) -> bool:
-    """True when the stage's ``record`` must be recomputed: it is not one gptflow wrote for this stage
-    (refused without running or importing anything it names, ``tasks.records``), or its artifacts
-    are no longer complete (``is_valid``)."""
+def _valid_cached_result(stage_task: Task[..., Any], record: Path, store: Path,
+                         is_valid: Callable[[Any], bool]) -> Any | None:
+    """The result in the stage's ``record``, if there is one to reuse; None when the stage must be
+    computed: no record, one gptflow did not write for this stage (refused without running or
+    importing anything it names, ``tasks.records``), or artifacts no longer complete (``is_valid``)."""
     if not record.exists():
-        return False
+        return None
     declared = get_type_hints(stage_task.fn)["return"]
     try:
         cached = read_record(record, store)
         require_type(cached, declared)
     except Exception as error:  # replaced, damaged, or written by an older gptflow: recomputed, whatever it holds
         run_logger().warning(f"{stage_task.name}: the cached record {record} {error}; recomputing the stage")
-        return True
-    return not is_valid(cached)
+        return None
+    return cached if is_valid(cached) else None
