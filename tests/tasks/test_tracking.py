@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -26,6 +27,7 @@ from gptflow.tasks.tracking import (
     TrackingServerUnreachable,
     pipeline_run,
     send_outboxes,
+    server_unreachable,
 )
 from gptflow.tasks.workspace import Workspace
 
@@ -121,6 +123,39 @@ def nowhere(monkeypatch) -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture()
+def dies_mid_answer(monkeypatch) -> str:
+    """The address of a server that promises a long answer and closes its connection after a few
+    bytes of it, as a tracking server killed while replying does."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_and_die() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # the listener was closed: the test is over
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 10210\r\n\r\n{\"run\": ")
+
+    threading.Thread(target=answer_and_die, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_a_server_that_dies_while_answering_counts_as_away(dies_mid_answer, nowhere):
+    with pytest.raises(MlflowException) as cut_short:
+        MlflowClient(dies_mid_answer).get_run("0" * 32)
+    assert "IncompleteRead" in str(cut_short.value)
+    assert server_unreachable(cut_short.value)
+    with pytest.raises(MlflowException) as refused:
+        MlflowClient(nowhere).get_run("0" * 32)
+    assert server_unreachable(refused.value)
 
 
 def _new_run(workspace: Workspace) -> tuple[MlflowClient, str]:
