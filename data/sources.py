@@ -64,6 +64,9 @@ class SourceResolution:
     """Files to ingest, sorted by path, each once."""
     skipped: SkipReport = field(default_factory=SkipReport)
     """Files found in folders or globs that were not taken, by reason."""
+    named_by: dict[str, str] = field(default_factory=dict)
+    """Each file's path → the spec that named it (the first, for a file two specs name): the source
+    a data mixture weighs it under."""
 
     def fingerprint_inputs(self) -> list[list[object]]:
         """A cheap stand-in for the files' contents (path, size, mtime) for a stage cache key:
@@ -83,15 +86,18 @@ def resolve_sources(specs: Sequence[str]) -> SourceResolution:
     or ``BUILTIN_CORPUS``) into files; raises ``CorpusError`` for a spec that names nothing usable."""
     skipped = SkipReport()
     files: dict[Path, SourceFile] = {}
+    named_by: dict[str, str] = {}
     for spec in specs:
         for source in _resolve_spec(spec, skipped):
             files.setdefault(source.path, source)
+            named_by.setdefault(str(source.path), spec)
     if not files:
         raise CorpusError(
             f"No readable files in {', '.join(repr(spec) for spec in specs)} ({skipped.summary()}). "
             f"Supported extensions: {_supported_extensions()}."
         )
-    return SourceResolution(files=sorted(files.values(), key=lambda source: str(source.path)), skipped=skipped)
+    return SourceResolution(files=sorted(files.values(), key=lambda source: str(source.path)), skipped=skipped,
+                            named_by=named_by)
 
 
 def detect_format(path: Path) -> tuple[str, str | None] | None:

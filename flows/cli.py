@@ -17,6 +17,7 @@ from typing import Any
 from pathlib import Path
 
 from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
+from gptflow.data.mixture import WeightedCorpus
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.flows.stack import StackError, down, keep_prefect_state_in, up, use_running_stack
 from gptflow.model.config import SamplingConfig
@@ -92,9 +93,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         overrides["train.nproc"] = args.nproc
     corpus = args.corpus or [BUILTIN_CORPUS]
-    # Fail on a bad config or a missing path now, before Prefect and MLflow start up.
+    # Fail on a bad config, a bad weight or a missing path now, before Prefect and MLflow start up.
     build_config(PretrainSettings, args.preset, args.config, overrides)
-    resolve_sources(corpus)
+    resolve_sources(WeightedCorpus.parse(corpus).sources)
     resolve_ray_address(args.ray)
     return _run_flow("pretrain", corpus=corpus, preset=args.preset, config_file=args.config, overrides=overrides,
                      workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
@@ -265,9 +266,11 @@ def _parser() -> argparse.ArgumentParser:
         "command executes nothing; changing a setting reruns that stage and those after it.",
     )
     pretrain.add_argument(
-        "--corpus", action="append", metavar="PATH",
+        "--corpus", action="append", metavar="PATH[=WEIGHT]",
         help="a file, folder or glob of .txt/.md/.py/.jsonl/.json/.parquet/.csv (gzip/zstd too), "
-        f"or hf:owner/name; repeatable. Default: {BUILTIN_CORPUS} (the Python standard library's source)",
+        f"or hf:owner/name; repeatable. Default: {BUILTIN_CORPUS} (the Python standard library's source). "
+        "A =WEIGHT suffix on every --corpus (web/=0.7 --corpus code/=0.3) trains on a data mixture: each "
+        "source's share of the training windows is its share of the weights",
     )
     pretrain.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
                           help=f"named configuration (default: {DEFAULT_PRESET}); see `gptflow presets`")

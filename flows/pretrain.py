@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from prefect.runtime import flow_run
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest
+from gptflow.data.mixture import WeightedCorpus, mixture_parts, split_weight
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.caching import pipeline_code_version
@@ -27,6 +29,10 @@ from gptflow.tasks.tokenizer import train_tokenizer
 from gptflow.tasks.tracking import pipeline_run, run_name, source_label
 from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
+
+
+MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
+"""MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
 
 
 @dataclass
@@ -95,7 +101,8 @@ class PretrainSummary:
 def _flow_run_name() -> str:
     parameters = flow_run.parameters
     corpus = parameters.get("corpus") or [BUILTIN_CORPUS]
-    label = "stdlib" if corpus[0] == BUILTIN_CORPUS else source_label(corpus[0])
+    first, _ = split_weight(corpus[0])
+    label = "stdlib" if first == BUILTIN_CORPUS else source_label(first)
     return run_name("pretrain", parameters.get("overrides"), parameters.get("preset", DEFAULT_PRESET),
                     label + (f" +{len(corpus) - 1}" if len(corpus) > 1 else ""))
 
@@ -115,7 +122,8 @@ def pretrain(
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
 
     Args:
-        corpus: files, folders, globs or ``hf:owner/name`` ids.
+        corpus: files, folders, globs or ``hf:owner/name`` ids, each with a ``=WEIGHT`` suffix for a data
+            mixture (``web/=0.7``: training draws that share of its windows from the source; all or none weighted).
         preset: a named configuration (``gptflow presets`` lists them).
         config_file: a TOML/JSON file of settings applied over the preset.
         overrides: ``{"section.field": value}`` applied last, e.g. ``{"train.max_steps": 200}``.
@@ -135,7 +143,8 @@ def pretrain(
     config = build_config(PretrainSettings, preset, config_file, overrides)
     workspace_dir = Workspace.resolve(workspace)
     corpus = corpus or [BUILTIN_CORPUS]
-    sources = resolve_sources(corpus)
+    weighted = WeightedCorpus.parse(corpus)
+    sources = resolve_sources(weighted.sources)
     units = UnitRunner.from_setting(ray)
 
     tags = {
@@ -143,24 +152,28 @@ def pretrain(
         "gptflow.preset": preset,
         "gptflow.code_version": pipeline_code_version(),
     }
-    lineage = Lineage.load(workspace_dir, corpus)
+    lineage = Lineage.load(workspace_dir, weighted.sources)
     with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
             "preset": preset, "corpus": " ".join(corpus), "restart": restart,
             "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, **config.flatten(),
+            **_mixture_params(weighted.weights),
         })
         corpus_manifest = ingest(sources, config.data, workspace_dir, run, units)
         run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
         tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, units, retrain_tokenizer)
         tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run, units)
-        log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="training")
+        log_corpus_dataset(run, weighted.sources, corpus_manifest, tokens, context="training")
         delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)
         if delta is not None:
             run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}
                          | {"gptflow.previous_run": lineage.last_mlflow_run_id})
+        # Validation stays on every source's val split, whatever the weights.
+        mixture = (mixture_parts(weighted.weights, sources.named_by, tokens, config.model.block_size + 1)
+                   if weighted.weights else None)
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
-            registered_model_name=f"gptflow-{preset}", restart=restart, from_scratch=from_scratch,
+            registered_model_name=f"gptflow-{preset}", restart=restart, from_scratch=from_scratch, mixture=mixture,
         )
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
@@ -187,6 +200,16 @@ def pretrain(
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")
     return summary
+
+
+def _mixture_params(weights: dict[str, float]) -> dict[str, float]:
+    """``data.mixture.<source>``: each weight as given, its source by its short label (``web`` for
+    ``data/web/``), or whole where two labels coincide; characters MLflow refuses in a param name
+    become ``_``."""
+    labels = [source_label(source) for source in weights]
+    names = [label if labels.count(label) == 1 else source for label, source in zip(labels, weights)]
+    return {"data.mixture." + MLFLOW_REFUSED_IN_PARAM_NAMES.sub("_", name): weight
+            for name, weight in zip(names, weights.values())}
 
 
 def _describe_val_split(manifest: CorpusManifest, config: IngestConfig) -> str:

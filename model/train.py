@@ -22,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
+from gptflow.data.mixture import MixturePart
 from gptflow.data.store import discard_contents
 from gptflow.model.checkpoint import (
     CHECKPOINTS_DIR,
@@ -109,6 +110,7 @@ def pretrain(
     callback: TrainingCallback | None = None,
     resume: bool = False,
     continuation: Continuation | None = None,
+    mixture: Sequence[MixturePart] = (),
 ) -> TrainResult:
     """Train a GPT on the token shards ``train_paths``, checkpointing into ``run_dir``.
 
@@ -117,7 +119,8 @@ def pretrain(
     tried; with none left, training starts from step 0. ``resume=False`` deletes the run's
     checkpoints and export first.
     A fresh start begins from random weights, or from ``continuation``'s checkpoint, sampling
-    its new shards at its ``new_data_fraction``.
+    its new shards at its ``new_data_fraction``. With ``mixture`` (a data mixture, never with a
+    continuation), each part's shards are drawn at its probability instead of ``train_paths`` as one stream.
     Validation runs every ``val_interval`` steps and after the last one, on up to
     ``val_tokens`` tokens of ``val_paths`` (skipped when empty). Seeds torch's global RNG.
 
@@ -134,7 +137,7 @@ def pretrain(
     joined = ranks.join(device)
     try:
         return _train(model_config, train_config, train_paths, val_paths, Path(run_dir),
-                      callback if ranks.is_main else None, resume, continuation, ranks, device)
+                      callback if ranks.is_main else None, resume, continuation, mixture, ranks, device)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
@@ -149,6 +152,7 @@ def _train(
     callback: TrainingCallback | None,
     resume: bool,
     continuation: Continuation | None,
+    mixture: Sequence[MixturePart],
     ranks: Ranks,
     device: torch.device,
 ) -> TrainResult:
@@ -157,7 +161,7 @@ def _train(
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
         torch.cuda.reset_peak_memory_stats(device)
-    train_windows = _training_windows(train_paths, continuation, model_config)
+    train_windows = _training_windows(train_paths, continuation, mixture, model_config)
     val_windows = TokenWindows(val_paths, model_config.block_size, model_config.vocab_size) if val_paths else None
 
     model, optimizer = _initial_model(model_config, train_config, device)
@@ -280,9 +284,17 @@ def _train(
 
 
 def _training_windows(
-    train_paths: Sequence[Path], continuation: Continuation | None, model_config: ModelConfig
+    train_paths: Sequence[Path],
+    continuation: Continuation | None,
+    mixture: Sequence[MixturePart],
+    model_config: ModelConfig,
 ) -> TokenWindows | MixedWindows:
     block_size, vocab_size = model_config.block_size, model_config.vocab_size
+    if mixture:
+        if continuation is not None:
+            raise ValueError("a data mixture trains from scratch: continuing a model mixes old and new data instead")
+        return MixedWindows([(TokenWindows(part.train_paths, block_size, vocab_size), part.probability)
+                             for part in mixture])
     if continuation is None or not continuation.new_train_paths:
         return TokenWindows(train_paths, block_size, vocab_size)
     new = TokenWindows(continuation.new_train_paths, block_size, vocab_size)

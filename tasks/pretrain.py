@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import task
 
+from gptflow.data.mixture import MixturePart
 from gptflow.data.store import code_version, hash_json, is_complete, read_contents_hash, verify_files
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact
@@ -28,6 +29,7 @@ from gptflow.tasks.workspace import Workspace
 HASHED_SETTINGS = {
     "continuation": "another starting point (continued model or data it had seen)",
     "tokens": "other training data",
+    "mixture": "other --corpus weights",
     "tokenizer": "a different tokenizer",
     "code": "other code (gptflow's training code or torch)",
 }
@@ -109,12 +111,17 @@ def train_model(
     registered_model_name: str,
     restart: bool = False,
     from_scratch: bool = False,
+    mixture: list[MixturePart] | None = None,
 ) -> TrainedModel:
     """Train the model the lineage's plan calls for, or return it cached. A training of this exact
     key that stopped early resumes from its latest checkpoint; ``restart`` trains it again from
-    step 0, even when it had finished."""
+    step 0, even when it had finished. ``mixture`` draws the training windows by source (a data
+    mixture): such a model is trained from scratch, never continued or kept from another."""
     model_config = dataclasses.replace(model_config, vocab_size=pad_vocab_size(tokenizer.vocab_size))
     plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch)
+    if mixture and (plan.continue_from or plan.keep):
+        plan = TrainingPlan(note="pretrain: --corpus weights train a new model from scratch (continuing the earlier "
+                                 "model on the data added since would draw by old and new files, not by source)")
     if plan.note:
         run_logger().warning(plan.note) if plan.keep is None else run_logger().info(plan.note)
     run.log_params({"model.padded_vocab_size": model_config.vocab_size})
@@ -141,6 +148,7 @@ def train_model(
             "seen_tokens": plan.continue_from.tokens_fingerprint,
             "new_data_fraction": incremental.new_data_fraction,
         },
+        "mixture": _mixture_setting(mixture, tokens),
     }
     inputs = {"tokens": tokens.fingerprint, "tokenizer": tokenizer.hash}
     modules = (__name__, GENERATOR_MODULE)
@@ -172,6 +180,8 @@ def train_model(
         tracking_uri=workspace.tracking_uri,
         mlflow_run_id=run.run_id,
         restart=restart,
+        mixture=[{"source": part.source, "probability": part.probability,
+                  "train_paths": [str(path) for path in part.train_paths]} for part in mixture or ()],
     )
     outcome = run_stage(
         pretrain_model_task,
@@ -219,6 +229,15 @@ def _registered_in_tracking_store(trained: TrainedModel, name: str, run: Pipelin
     return dataclasses.replace(trained, registered_model=registered, trained_in_mlflow_run=trained_in)
 
 
+def _mixture_setting(mixture: list[MixturePart] | None, tokens: TokenManifest) -> list[list[Any]] | None:
+    """What a data mixture adds to the pretrain key: each part's probability and the units it draws
+    from (by key, so the same mixture keys the same wherever the store lies)."""
+    if not mixture:
+        return None
+    unit_of_shard = {path: unit for unit, path in _train_shards(tokens)}
+    return [[hash_json([unit_of_shard[path] for path in part.train_paths]), part.probability] for part in mixture]
+
+
 def _train_shards(tokens: TokenManifest) -> list[tuple[str, Path]]:
     return [(unit.key, Path(unit.directory) / "train.arrow") for unit in tokens.units if unit.n_tokens["train"]]
 
@@ -260,8 +279,9 @@ def _unresumed_attempt_note(lineage: Lineage, attempt: TrainingAttempt) -> str |
             changes = [
                 *_field_changes("model", earlier.settings["model"], attempt.settings["model"]),
                 *_field_changes("train", earlier.settings["train"], attempt.settings["train"]),
+                # An attempt recorded before data mixtures existed has no "mixture": it had none.
                 *(description for name, description in HASHED_SETTINGS.items()
-                  if earlier.settings[name] != attempt.settings[name]),
+                  if earlier.settings.get(name) != attempt.settings.get(name)),
             ]
             return (f"pretrain: run {earlier.mlflow_run_id} of this corpus stopped at {checkpoint}; this run does not "
                     f"resume from it, as the settings differ: {', '.join(changes)} (its checkpoints are kept)")

@@ -18,12 +18,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from gptflow.data.mixture import MixturePart
 from gptflow.data.store import atomic_directory, copy_file_atomic, read_contents_hash
 from gptflow.data.tokenizer import TOKENIZER_FILE
 from gptflow.model.config import ModelConfig, TrainConfig
@@ -74,6 +75,9 @@ class TrainingJob:
     mlflow_run_id: str
     restart: bool
     """Train from step 0, deleting the run's checkpoints, instead of resuming from the latest one."""
+    mixture: list[dict[str, Any]] = field(default_factory=list)
+    """``data.mixture.MixturePart`` fields, one per source of a data mixture (their shards are
+    ``train_paths``, split by source); empty: ``train_paths`` are read as one stream."""
 
     def token_paths(self) -> list[str]:
         """Every token shard the job reads: old and new training shards, and validation shards."""
@@ -88,6 +92,8 @@ class TrainingJob:
             new_train_paths=[Path(path) for path in self.continuation["new_train_paths"]],
             new_data_fraction=self.continuation["new_data_fraction"],
         )
+        mixture = [MixturePart(part["source"], part["probability"], [Path(path) for path in part["train_paths"]])
+                   for part in self.mixture]
         is_main = Ranks.from_environment().is_main
         run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id)
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress) if is_main else None
@@ -95,7 +101,7 @@ class TrainingJob:
             result = pretrain(
                 ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
                 [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=not self.restart,
-                continuation=continuation,
+                continuation=continuation, mixture=mixture,
             )
         if reporter is None:
             return None

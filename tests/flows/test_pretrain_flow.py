@@ -234,3 +234,33 @@ def test_nproc_trains_data_parallel_through_torchrun(cli_env, tiny_corpus_dir):
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == list(range(5, 31, 5))  # rank 0 alone reported
     assert run.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"
+
+
+def test_a_data_mixture_trains_logs_its_weights_and_another_mixture_reuses_the_data_stages(
+    cli_env, tiny_corpus_dir, tmp_path
+):
+    files = sorted(tiny_corpus_dir.iterdir())
+    for source, share in (("a", files[: len(files) // 2]), ("b", files[len(files) // 2 :])):
+        (tmp_path / source).mkdir()
+        for file in share:
+            shutil.copy2(file, tmp_path / source / file.name)
+
+    def pretrain(weight_a: str, weight_b: str) -> None:
+        result = _gptflow("pretrain", "--corpus", f"{tmp_path / 'a'}={weight_a}", "--corpus",
+                          f"{tmp_path / 'b'}={weight_b}", "--preset", "tiny", "--set", "train.max_steps=6", env=cli_env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    pretrain("0.8", "0.2")
+    pretrain("0.5", "0.5")
+    _, (first, second) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
+    assert (first.data.params["data.mixture.a"], first.data.params["data.mixture.b"]) == ("0.8", "0.2")
+    assert (second.data.params["data.mixture.a"], second.data.params["data.mixture.b"]) == ("0.5", "0.5")
+    assert {stage: first.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == dict.fromkeys(STAGES, "executed")
+    # The weights are no part of the sources: the data stages are shared, and only training differs.
+    assert {stage: second.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {
+        "ingest": "cached", "tokenizer": "cached", "tokenize": "cached", "pretrain": "executed", "evaluate": "executed"}
+    assert second.data.tags["gptflow.training"] == "from_scratch"
+    assert second.data.tags["gptflow.trained_in_run"] == second.info.run_id
+    assert first.data.tags["gptflow.data_fingerprint"] == second.data.tags["gptflow.data_fingerprint"]
+    [dataset_input] = first.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "a b"
