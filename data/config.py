@@ -23,6 +23,10 @@ class IngestConfig:
     """Documents shorter than this (after stripping whitespace) are skipped and counted."""
     shard_bytes: int = 64 * 1024 * 1024
     """Approximate text bytes per raw Arrow shard; bounds memory when ingesting large files."""
+    near_dedup_threshold: float | None = None
+    """Jaccard similarity (of word 5-gram sets, estimated by MinHash) at or above which a segment
+    is a near duplicate of an earlier one and dropped, e.g. 0.8; None: exact dedup only. Needs
+    ``pip install 'gptflow[near-dedup]'``."""
 
     def __post_init__(self) -> None:
         require(bool(self.text_field), "data.text_field must be a non-empty field name")
@@ -30,6 +34,11 @@ class IngestConfig:
         require(self.segment_chars >= 256, f"data.segment_chars must be >= 256, got {self.segment_chars}")
         require(self.min_chars >= 1, f"data.min_chars must be >= 1, got {self.min_chars}")
         require(self.shard_bytes >= 1024, f"data.shard_bytes must be >= 1024, got {self.shard_bytes}")
+        require(
+            self.near_dedup_threshold is None or 0.0 < self.near_dedup_threshold <= 1.0,
+            f"data.near_dedup_threshold must be a Jaccard similarity in (0, 1], e.g. 0.8, or none to keep "
+            f"exact dedup only; got {self.near_dedup_threshold}",
+        )
 
 
 @dataclass

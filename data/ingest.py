@@ -10,7 +10,8 @@ Exact duplicate segments are dropped within a file while ingesting, and across f
 manifest is built: a segment already seen in an earlier unit (by sorted source path) goes on that
 unit's ``drop_doc_hashes`` list, which tokenize honours (hashes partitioned by value, so memory is
 bounded whatever the corpus's size). Units stay independent of each other that
-way, so one new file never invalidates the others.
+way, so one new file never invalidates the others. With ``data.near_dedup_threshold`` set, near
+duplicates of kept segments then join the drop lists too (``near_dedup``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pyarrow.compute as pc
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError, SkipReport
+from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
 from gptflow.data.readers import read_documents
 from gptflow.data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
 from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution
@@ -77,10 +79,12 @@ class CorpusUnit:
     bytes: dict[str, int]
     """UTF-8 bytes of those segments, per split."""
     drop_doc_hashes: list[str]
-    """Segments of this unit that an earlier unit already holds."""
+    """Segments of this unit that an earlier unit already holds, and its near duplicates."""
     duplicates: int
-    """Exact duplicate segments dropped: within the file at ingest, plus ``drop_doc_hashes``."""
+    """Exact duplicate segments dropped: within the file at ingest, plus those an earlier unit holds."""
     reused: bool
+    near_duplicates: int = 0
+    """Segments dropped as near duplicates of earlier kept ones (``data.near_dedup_threshold``)."""
 
 
 @dataclass
@@ -105,6 +109,7 @@ class CorpusManifest:
             "segments": {split: sum(unit.segments[split] for unit in self.units) for split in SPLITS},
             "bytes": {split: sum(unit.bytes[split] for unit in self.units) for split in SPLITS},
             "duplicates": sum(unit.duplicates for unit in self.units),
+            "near_duplicates": sum(unit.near_duplicates for unit in self.units),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,15 +157,20 @@ def ingest_corpus(
     progress: Progress | None = None,
     required_splits: Collection[str] = SPLITS,
     map_units: MapUnits = in_this_process,
+    map_signature_units: MapUnits = in_this_process,
 ) -> CorpusManifest:
     """Ingest every source into ``store_dir/raw/``, one unit per file (``ingest_unit``); the units
     to compute run through ``map_units``, those already in the store under a known content hash
-    are read here. ``progress(done, total)`` counts source bytes.
+    are read here. ``progress(done, total)`` counts source bytes. With
+    ``config.near_dedup_threshold`` set, each unit's MinHash signatures are computed through
+    ``map_signature_units`` (``near_dedup.segment_signatures``).
 
     ``sources`` is a ``SourceResolution`` (its skipped files join the manifest's report) or a
     plain list of files. Raises ``CorpusError`` when no document survives, or a split in
     ``required_splits`` is empty (see ``require_splits``).
     """
+    if config.near_dedup_threshold is not None:
+        datasketch_version()  # missing: said now, not after ingesting every file
     skips = SkipReport()
     if isinstance(sources, SourceResolution):
         skips.merge(sources.skipped)
@@ -186,6 +196,8 @@ def ingest_corpus(
             progress(done_bytes, total_bytes)
     content_hashes.save()
     _drop_cross_file_duplicates(units)
+    if config.near_dedup_threshold is not None:
+        drop_near_duplicates(units, config.near_dedup_threshold, map_signature_units)
 
     manifest = CorpusManifest(
         units=units,
@@ -245,8 +257,9 @@ def require_splits(manifest: CorpusManifest, splits: Collection[str], config: In
 
 
 def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code: str) -> str:
-    # shard_bytes only changes how segments are laid out in files, not which: left out, so
-    # changing it reuses every unit.
+    # shard_bytes only changes how segments are laid out in files, not which, and
+    # near_dedup_threshold only the drop lists given to units: left out, so changing them reuses
+    # every unit.
     return hash_json({
         "stage": "ingest",
         "code": code,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from prefect import task
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits
+from gptflow.data.near_dedup import datasketch_version
 from gptflow.data.shards import SPLITS
 from gptflow.data.sources import SourceResolution
 from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
@@ -25,8 +27,10 @@ def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_di
     # Which splits must be non-empty depends on the flow, not on the documents: checked outside the
     # cached task, so a manifest cached for one flow is still checked for the next.
     map_units = units.for_stage("ingest", label=lambda call: call["source"].path.name)
+    # Its calls name a unit by its directory, raw/<key>, not by source file.
+    map_signature_units = units.for_stage("near-dedup", label=lambda call: Path(call["directory"]).name[:12])
     return ingest_corpus(sources, config, Path(store_dir), progress=StageProgress("ingest", "B"), required_splits=(),
-                         map_units=map_units)
+                         map_units=map_units, map_signature_units=map_signature_units)
 
 
 def ingest(
@@ -41,7 +45,12 @@ def ingest(
     if a split in ``required_splits`` is empty."""
     # Size and mtime stand in for content here: a touched file re-runs the stage, whose per-file
     # units are then found by content hash and reused.
-    key = stage_key("ingest", config=config, modules=(__name__,), inputs={"sources": sources.fingerprint_inputs()})
+    inputs = {"sources": sources.fingerprint_inputs()}
+    if config.near_dedup_threshold is not None:
+        # Its hashing decides which segments are near duplicates. Unset, it stays out of the key:
+        # a run without the setting needs no datasketch.
+        inputs["datasketch"] = datasketch_version()
+    key = stage_key("ingest", config=config, modules=(__name__,), inputs=inputs)
     outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
                         sources=sources, config=config, store_dir=str(workspace.store), units=units)
     manifest = outcome.result
@@ -54,7 +63,18 @@ def ingest(
         "dataset.skipped": manifest.skips.total,
     })
     run.log_artifact(Path(manifest.path), "data")
+    if config.near_dedup_threshold is not None:
+        _log_near_duplicates(run, manifest)
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
     require_splits(manifest, required_splits, config)
     return manifest
+
+
+def _log_near_duplicates(run: PipelineRun, manifest: CorpusManifest) -> None:
+    """The total as a param, and the count per source file as ``data/near_duplicates.json``: a
+    corpus can have thousands of files, too many for params."""
+    total = manifest.totals["near_duplicates"]
+    run.log_params({"dataset.near_duplicates": total})
+    by_source = {unit.source: unit.near_duplicates for unit in manifest.units}
+    run.log_text(json.dumps({"total": total, "by_source": by_source}, indent=2), "data/near_duplicates.json")
