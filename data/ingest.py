@@ -40,6 +40,7 @@ from gptflow.data.store import (
     hash_file,
     hash_json,
     is_complete,
+    share_file,
     store_references,
     write_json_atomic,
 )
@@ -212,6 +213,7 @@ def ingest_corpus(
     require_splits(manifest, required_splits, config)
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
     write_json_atomic(Path(manifest.path), store_references(manifest.to_dict(), store_dir))
+    share_file(Path(manifest.path))
     return manifest
 
 

@@ -190,9 +190,25 @@ def store_paths(value: Any, store: Path) -> Any:
     return value
 
 
+def share_file(path: Path) -> None:
+    """Publish the file ``path`` that other runs read (a manifest, a lineage, a cache record) when
+    its workspace is mirrored on an object store; else it is where they read it already."""
+    mirror = Mirror.of(path)
+    if mirror is not None:
+        mirror.publish_file(path)
+
+
+def pull_shared_file(path: Path) -> bool:
+    """Whether the shared file ``path`` exists, made the object store's copy first when its
+    workspace is mirrored there."""
+    mirror = Mirror.of(path)
+    return mirror.pull_file(path) if mirror is not None else Path(path).exists()
+
+
 def read_manifest(manifest_type: Any, path: Path | str) -> Any:
     """The ``manifest_type`` (a class with ``from_dict``) written at ``path`` in the store's
     ``manifests/`` folder, its store references made paths in that store."""
+    pull_shared_file(Path(path))
     return manifest_type.from_dict(store_paths(json.loads(Path(path).read_text()), Path(path).parent.parent))
 
 
@@ -231,16 +247,29 @@ def _describe_files(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def is_complete(directory: Path) -> bool:
-    """True when ``directory`` was committed and no listed file was deleted or altered since.
+    """True when ``directory`` was committed and no listed file was deleted or altered since; in a
+    mirrored workspace, when the object store holds its commit, and this machine's copy matches it
+    (fetched first when missing or stale).
 
     Size and mtime are the fast path; a file whose mtime moved is re-hashed, so touching a file
     does not invalidate it but changing its bytes does. Bytes changed behind a restored mtime pass;
     ``verify_contents`` catches them where a consumer reads the files whole.
     """
-    contents_path = directory / CONTENTS_FILE
+    mirror = Mirror.of(directory)
+    if mirror is not None:
+        return mirror.holds(directory)
+    return _matches_listing(directory, _read_listing(directory))
+
+
+def _read_listing(directory: Path) -> dict[str, dict[str, Any]] | None:
     try:
-        listed = json.loads(contents_path.read_text())["files"]
+        return json.loads((directory / CONTENTS_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError):
+        return None
+
+
+def _matches_listing(directory: Path, listed: dict[str, dict[str, Any]] | None) -> bool:
+    if listed is None:
         return False
     for name, expected in listed.items():
         path = directory / name
@@ -342,11 +371,14 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+    mirror = Mirror.of(final)
+    if mirror is not None:
+        mirror.publish_directory(final)
 
 
 def _commit(tmp: Path, final: Path) -> None:
     if final.exists():
-        if is_complete(final):
+        if _matches_listing(final, _read_listing(final)):
             return
         # Move the broken copy aside first so the rename below cannot hit a non-empty target.
         graveyard = final.parent / f".tmp-broken-{final.name}-{uuid.uuid4().hex}"
@@ -357,7 +389,7 @@ def _commit(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
     except OSError:
         # Lost a race with a concurrent commit of the same key after our existence check.
-        if not is_complete(final):
+        if not _matches_listing(final, _read_listing(final)):
             raise
 
 
@@ -479,3 +511,142 @@ def human_bytes(count: float) -> str:
         count /= 1024
         units.pop(0)
     return f"{count:.0f} {units[0]}" if units[0] == "B" or count >= 100 else f"{count:.1f} {units[0]}"
+
+
+MIRROR_FILE = "mirror.json"
+"""In the root of a workspace's local folder that mirrors an object store (``--workspace
+s3://...``): ``{"url": ...}``, the workspace's URL. Whatever lies under such a folder is mirrored."""
+
+
+class ObjectStoreError(UserError):
+    """The object store of a workspace cannot be used; the message names the URL and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mirror:
+    """A local folder that caches a workspace on an object store (any fsspec URL: ``s3://``
+    through s3fs, ``gs://`` through gcsfs).
+
+    The object store is the truth; the folder is this machine's copy of what it has read or
+    written. Object stores have no rename, so a directory is published as its data objects first
+    and its ``contents.json`` last: that object is the directory's commit, and only a committed
+    directory whose objects have the sizes it lists is trusted. A copy is fetched into a temporary
+    folder, each file checked against the commit's hash, then renamed into place with the
+    commit's mtimes (so the local fast path of ``is_complete`` holds on every machine).
+    """
+
+    local_root: Path
+    url: str
+
+    @classmethod
+    def attach(cls, local_root: Path, url: str) -> Mirror:
+        """Make ``local_root`` the local copy of the workspace at ``url``."""
+        local_root.mkdir(parents=True, exist_ok=True)
+        marker = local_root / MIRROR_FILE
+        if not marker.exists():
+            write_json_atomic(marker, {"url": url})
+        return cls(local_root, url)
+
+    @classmethod
+    def of(cls, path: Path | str) -> Mirror | None:
+        """The mirror whose local folder holds ``path``, if any."""
+        for folder in Path(path).parents:
+            marker = folder / MIRROR_FILE
+            if marker.exists():
+                return _mirror_at(str(folder), marker.stat().st_mtime_ns)
+        return None
+
+    @functools.cached_property
+    def _filesystem(self) -> tuple[Any, str]:
+        import fsspec  # only mirrored workspaces need it (an installed dependency of datasets)
+
+        # Listings are never cached: another machine may commit at any moment.
+        filesystem, root = fsspec.core.url_to_fs(self.url, use_listings_cache=False, skip_instance_cache=True)
+        return filesystem, root.rstrip("/")
+
+    @property
+    def fs(self) -> Any:
+        return self._filesystem[0]
+
+    def remote(self, path: Path) -> str:
+        """The object name of the local ``path``."""
+        return f"{self._filesystem[1]}/{Path(path).relative_to(self.local_root).as_posix()}"
+
+    def holds(self, directory: Path) -> bool:
+        """Whether the object store holds ``directory`` committed and whole, with a local copy
+        that matches it (fetched here when missing or stale)."""
+        committed = self._committed_listing(directory)
+        if committed is None:
+            return False
+        if not self._objects_match(directory, committed):
+            return False
+        if _read_listing(directory) == committed and _matches_listing(directory, committed):
+            return True
+        return self._fetch_directory(directory, committed)
+
+    def publish_directory(self, directory: Path) -> None:
+        """Put the local committed ``directory`` in the object store, its commit object last.
+        Nothing to do when the store already holds the same commit."""
+        listed = _read_listing(directory)
+        committed = self._committed_listing(directory)
+        if committed == listed and self._objects_match(directory, committed):
+            return
+        commit = self.remote(directory / CONTENTS_FILE)
+        if committed is not None:  # a different or broken commit: withdrawn before its objects change
+            self.fs.rm_file(commit)
+        for name in listed:
+            self.fs.put_file(str(directory / name), self.remote(directory / name))
+        self.fs.put_file(str(directory / CONTENTS_FILE), commit)
+
+    def publish_file(self, path: Path) -> None:
+        """Put the local file ``path`` (a manifest, a lineage, a cache record) in the object store."""
+        self.fs.put_file(str(path), self.remote(path))
+
+    def pull_file(self, path: Path) -> bool:
+        """Make the local ``path`` the object store's copy of it; False (and no local copy) when
+        the store has none, since a file the store lost must not live on in one machine's cache."""
+        try:
+            data = self.fs.cat_file(self.remote(path))
+        except FileNotFoundError:
+            Path(path).unlink(missing_ok=True)
+            return False
+        with _atomic_file(Path(path)) as tmp:
+            tmp.write_bytes(data)
+        return True
+
+    def _committed_listing(self, directory: Path) -> dict[str, dict[str, Any]] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.remote(directory / CONTENTS_FILE)))["files"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError):
+            return None  # a damaged commit counts as none: the directory is recomputed
+
+    def _objects_match(self, directory: Path, listed: dict[str, dict[str, Any]]) -> bool:
+        """Every object the commit lists is there with its size (one listing, no download)."""
+        prefix = self.remote(directory)
+        sizes = {info["name"][len(prefix) + 1:]: info["size"] for info in self.fs.find(prefix, detail=True).values()}
+        return all(sizes.get(name) == entry["size"] for name, entry in listed.items())
+
+    def _fetch_directory(self, directory: Path, committed: dict[str, dict[str, Any]]) -> bool:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".tmp-{directory.name}-{uuid.uuid4().hex}"
+        try:
+            for name, entry in committed.items():
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(self.remote(directory / name), str(target))
+                if hash_file(target) != entry["hash"]:
+                    return False  # altered in the object store: the stage recomputes and publishes it again
+                os.utime(target, ns=(entry["mtime_ns"], entry["mtime_ns"]))
+            write_json_atomic(tmp / CONTENTS_FILE, {"files": committed})
+            _commit(tmp, directory)
+            return True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _mirror_at(local_root: str, marker_mtime_ns: int) -> Mirror:
+    """One ``Mirror`` (and one object-store client) per local folder and marker version."""
+    return Mirror(Path(local_root), json.loads((Path(local_root) / MIRROR_FILE).read_text())["url"])

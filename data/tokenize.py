@@ -56,6 +56,7 @@ from gptflow.data.store import (
     code_version,
     hash_json,
     is_complete,
+    share_file,
     store_references,
     write_json_atomic,
 )
@@ -192,6 +193,7 @@ def tokenize_corpus(
     )
     result.path = str(store_dir / "manifests" / f"tokens-{result.fingerprint}.json")
     write_json_atomic(Path(result.path), store_references(result.to_dict(), store_dir))
+    share_file(Path(result.path))
     return result
 
 

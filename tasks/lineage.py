@@ -19,7 +19,15 @@ from typing import Any
 
 from gptflow.data.ingest import CorpusManifest
 from gptflow.data.sources import BUILTIN_CORPUS
-from gptflow.data.store import hash_json, read_manifest, store_paths, store_references, write_json_atomic
+from gptflow.data.store import (
+    hash_json,
+    pull_shared_file,
+    read_manifest,
+    share_file,
+    store_paths,
+    store_references,
+    write_json_atomic,
+)
 from gptflow.data.tokenize import TokenManifest
 from gptflow.tasks.workspace import Workspace
 
@@ -98,7 +106,7 @@ class Lineage:
 
     @classmethod
     def _read(cls, path: Path, identity: list[str]) -> Lineage:
-        if not path.exists():
+        if not pull_shared_file(path):
             return cls(path=path, corpus=identity)
         value = store_paths(json.loads(path.read_text()), _store_of(path))
         return cls(
@@ -160,6 +168,7 @@ class Lineage:
             for transient in ("path", "pending"):
                 del value[transient]
             write_json_atomic(self.path, store_references(value, _store_of(self.path)))
+            share_file(self.path)
 
     def previous_corpus(self) -> CorpusManifest | None:
         return _load_manifest(CorpusManifest, self.last_corpus_manifest)
@@ -169,7 +178,7 @@ class Lineage:
 
 
 def _load_manifest(manifest_type: type, path: str | None) -> Any:
-    if path is None or not Path(path).exists():
+    if path is None or not pull_shared_file(Path(path)):
         return None
     return read_manifest(manifest_type, path)
 

@@ -17,7 +17,15 @@ from tokenizers import Tokenizer
 
 from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from gptflow.data.errors import UserError
-from gptflow.data.store import atomic_directory, hash_bytes, hash_file, hash_json, is_complete, read_contents_hash
+from gptflow.data.store import (
+    atomic_directory,
+    hash_bytes,
+    hash_file,
+    hash_json,
+    is_complete,
+    pull_shared_file,
+    read_contents_hash,
+)
 from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact, describe_tokenizer, load_tokenizer
 from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config
 from gptflow.model.config import ModelConfig
@@ -137,7 +145,7 @@ def _from_directory(source: str, directory: Path, tokenizer: str | None) -> Reso
         tokenizer_file = Path(tokenizer).expanduser()
     else:
         nearby = [folder / TOKENIZER_FILE for folder in (directory, directory.parent, directory.parent.parent)]
-        tokenizer_file = next((path for path in nearby if path.exists()), nearby[0])
+        tokenizer_file = next((path for path in nearby if pull_shared_file(path)), nearby[0])
     if not tokenizer_file.is_file():
         raise ModelSourceError(f"No {TOKENIZER_FILE} found beside {directory} or above it: pass the tokenizer "
                                "the model was trained with (--tokenizer PATH).")

@@ -12,7 +12,14 @@ from typing import Any
 from prefect import task
 
 from gptflow.data.mixture import MixturePart
-from gptflow.data.store import code_version, hash_json, is_complete, read_contents_hash, verify_files
+from gptflow.data.store import (
+    code_version,
+    hash_json,
+    is_complete,
+    pull_shared_file,
+    read_contents_hash,
+    verify_files,
+)
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact
 from gptflow.model.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
@@ -219,12 +226,19 @@ def train_model(
     return trained
 
 
+def _run_tokenizer(trained: TrainedModel) -> Path:
+    """The tokenizer file kept beside a run's checkpoints (fetched when its workspace is on an object store)."""
+    path = Path(trained.run_dir) / TOKENIZER_FILE
+    pull_shared_file(path)
+    return path
+
+
 def _registered_in_tracking_store(trained: TrainedModel, name: str, run: PipelineRun) -> TrainedModel:
     """``trained`` with the run and registered version the tracking store holds it under (see
     ``PipelineRun.registered_model``: a lost model is logged and registered again by ``run``)."""
     registered, trained_in = run.registered_model(
         name, trained.weights_hash, trained.registered_model, trained.trained_in_mlflow_run,
-        log_again=lambda: run.log_text_generator(Path(trained.final_dir), Path(trained.run_dir) / TOKENIZER_FILE, name),
+        log_again=lambda: run.log_text_generator(Path(trained.final_dir), _run_tokenizer(trained), name),
     )
     return dataclasses.replace(trained, registered_model=registered, trained_in_mlflow_run=trained_in)
 

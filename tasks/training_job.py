@@ -25,7 +25,7 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from gptflow.data.mixture import MixturePart
-from gptflow.data.store import atomic_directory, copy_file_atomic, read_contents_hash
+from gptflow.data.store import atomic_directory, copy_file_atomic, read_contents_hash, share_file
 from gptflow.data.tokenizer import TOKENIZER_FILE
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
@@ -114,6 +114,7 @@ class TrainingJob:
             reporter.write_report(report_dir)
         # Beside checkpoints/ and final/, so a checkpoint directory alone names its tokenizer.
         copy_file_atomic(Path(self.tokenizer_file), Path(self.run_dir) / TOKENIZER_FILE)
+        share_file(Path(self.run_dir) / TOKENIZER_FILE)
         registered_model = run.log_text_generator(result.final_dir, Path(self.tokenizer_file), self.registered_model_name)
         return TrainedModel(
             run_dir=self.run_dir,

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gptflow.data.errors import UserError
+from gptflow.data.store import Mirror, hash_json
 
 WORKSPACE_ENV = "GPTFLOW_HOME"
 WORKSPACE_SERVER_ENV = "GPTFLOW_WORKSPACE_MLFLOW"
 """The URL of the MLflow server ``gptflow up`` runs on the workspace's own ``mlflow.db``."""
 DEFAULT_WORKSPACE = ".gptflow"
+CACHE_ENV = "GPTFLOW_CACHE"
+DEFAULT_CACHE = "~/.cache/gptflow"
+OBJECT_STORE_SCHEMES = ("s3://",)
+"""Workspaces on an object store: those whose conditional writes the cross-machine lock relies on."""
+LEASE_SECONDS = 60.0
+"""How long a stage lock on an object store outlives its holder's last renewal (a killed run's
+lock is taken over after this); holders renew it every third of it."""
 
 
 class WorkspaceError(UserError):
@@ -24,10 +38,18 @@ class WorkspaceError(UserError):
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+    """The workspace's folder; for a workspace on an object store, this machine's copy of it."""
+    url: str | None = None
+    """The object store URL (``s3://bucket/prefix``) of a workspace kept there, else None."""
 
     @classmethod
     def resolve(cls, path: str | Path | None = None) -> Workspace:
-        """``path``, else ``$GPTFLOW_HOME``, else ``./.gptflow``; created if missing."""
+        """``path``, else ``$GPTFLOW_HOME``, else ``./.gptflow``; created if missing. A URL names a
+        workspace on an object store, mirrored in a folder of ``$GPTFLOW_CACHE``; it is checked
+        to answer before anything runs."""
+        url = _object_store_url(path or os.environ.get(WORKSPACE_ENV))
+        if url is not None:
+            return cls(Mirror.attach(cls.locate(url), url).local_root, url).checked()
         root = cls.locate(path)
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -42,7 +64,29 @@ class Workspace:
     @staticmethod
     def locate(path: str | Path | None = None) -> Path:
         """The folder ``resolve`` would use, without creating it."""
-        return Path(path or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
+        path = path or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
+        url = _object_store_url(path)
+        if url is not None:
+            return cache_root() / "workspaces" / hash_json(url)[:16]
+        return Path(path).expanduser().resolve()
+
+    def checked(self) -> Workspace:
+        """This workspace, once its object store answered a listing and took a write."""
+        mirror = Mirror(self.root, self.url)
+        probe = mirror.remote(self.root / "locks" / f"probe-{uuid.uuid4().hex}")
+        try:
+            mirror.fs.pipe_file(probe, b"")
+            mirror.fs.rm_file(probe)
+        except FileNotFoundError:
+            raise WorkspaceError(f"The workspace {self.url}: its bucket does not exist. Create it, or pass another "
+                                 "--workspace.") from None
+        except PermissionError:
+            raise WorkspaceError(f"The workspace {self.url} refused a write (access denied): give these credentials "
+                                 "write access to it (AWS_ACCESS_KEY_ID / AWS_PROFILE), or pass another --workspace.") from None
+        except Exception as error:  # the client's own errors differ by store and library
+            raise WorkspaceError(f"The workspace {self.url} cannot be reached ({type(error).__name__}: {error}): check "
+                                 "its endpoint (AWS_ENDPOINT_URL) and network, or pass another --workspace.") from None
+        return self
 
     @property
     def store(self) -> Path:
@@ -85,8 +129,97 @@ class Workspace:
             except BlockingIOError:
                 if on_wait:
                     on_wait()
+                    on_wait = None
                 fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
-                yield
+                if self.url is None:
+                    yield
+                else:
+                    with ObjectStoreLease(Mirror(self.root, self.url), lock_dir / f"{name}.lock", on_wait):
+                        yield
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+class ObjectStoreLease:
+    """An exclusive lock between machines on an object store's conditional writes: the lock is an
+    object created only if absent (``If-None-Match: *``) that names its holder and when it expires.
+    The holder renews it every third of ``LEASE_SECONDS`` (a write only if it is unchanged since,
+    ``If-Match``); a waiter takes over one that expired (its holder was killed) the same way, so
+    two waiters never both do. The flock around it makes processes of one machine take turns first.
+    """
+
+    def __init__(self, mirror: Mirror, local_lock: Path, on_wait: Callable[[], None] | None) -> None:
+        self.fs = mirror.fs
+        self.path = mirror.remote(local_lock)
+        self.on_wait = on_wait
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.etag: str | None = None
+        self.stop_renewing = threading.Event()
+        self.renewer = threading.Thread(target=self._renew, name="gptflow-lease", daemon=True)
+
+    def __enter__(self) -> ObjectStoreLease:
+        while not self._try_acquire():
+            if self.on_wait:
+                self.on_wait()
+                self.on_wait = None
+            time.sleep(min(2.0, LEASE_SECONDS / 10))
+        self.renewer.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop_renewing.set()
+        self.renewer.join()
+        with contextlib.suppress(FileNotFoundError):
+            if self.fs.info(self.path)["ETag"] == self.etag:
+                self.fs.rm_file(self.path)
+
+    def _body(self) -> bytes:
+        return json.dumps({"holder": self.holder, "expires": time.time() + LEASE_SECONDS}).encode()
+
+    def _try_acquire(self) -> bool:
+        try:
+            self.etag = self.fs.pipe_file(self.path, self._body(), mode="create")["ETag"]
+            return True
+        except FileExistsError:
+            pass
+        try:
+            info = self.fs.info(self.path)
+            held = json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return False  # released meanwhile: the next try creates it
+        if held["expires"] > time.time():
+            return False
+        return self._replace(info["ETag"])
+
+    def _replace(self, etag: str) -> bool:
+        """Write the lease over the version ``etag``, if it is still that version."""
+        try:
+            self.etag = self.fs.pipe_file(self.path, self._body(), IfMatch=etag)["ETag"]
+            return True
+        except (OSError, FileNotFoundError):
+            return False
+
+    def _renew(self) -> None:
+        while not self.stop_renewing.wait(LEASE_SECONDS / 3):
+            self._replace(self.etag)
+
+
+def cache_root() -> Path:
+    """``$GPTFLOW_CACHE``, else ``~/.cache/gptflow``: this machine's copies of object-store workspaces."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve()
+
+
+def _object_store_url(path: str | Path | None) -> str | None:
+    """``path`` when it is an object store URL (normalised without a trailing slash), else None; a
+    URL of a scheme gptflow cannot keep a workspace on is refused."""
+    if not isinstance(path, str) or "://" not in path:
+        return None
+    if not path.startswith(OBJECT_STORE_SCHEMES):
+        raise WorkspaceError(f"The workspace {path}: a workspace is a local folder or an s3:// URL (its stage locks "
+                             "need S3's conditional writes); pass one of those with --workspace.")
+    try:
+        import s3fs  # noqa: F401  an optional extra
+    except ImportError:
+        raise WorkspaceError(f"The workspace {path} is on S3, which needs s3fs: pip install 'gptflow[s3]'.") from None
+    return path.rstrip("/")

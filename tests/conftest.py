@@ -12,6 +12,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -91,6 +92,42 @@ def ray_cluster() -> Iterator[str]:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3 server on 127.0.0.1 (moto's standalone server) for the whole session: the
+    environment that points boto3 / s3fs at it, with dummy credentials. Stopped with its group."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(port):
+            assert server.poll() is None and time.monotonic() < deadline, "the moto S3 server did not start"
+            time.sleep(0.2)
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, monkeypatch) -> Iterator[str]:
+    """A fresh bucket on the session's S3 server, this process's environment pointed at it; its
+    ``s3://`` URL."""
+    import s3fs
+
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"gptflow-test-{uuid.uuid4().hex[:12]}"
+    filesystem = s3fs.S3FileSystem(skip_instance_cache=True)
+    filesystem.mkdir(bucket)
+    yield f"s3://{bucket}"
+    filesystem.rm(bucket, recursive=True)
 
 
 def _free_port() -> int:

@@ -1,0 +1,171 @@
+"""A workspace on S3 (a real moto server on 127.0.0.1): directories committed by their
+``contents.json`` object last, fetched and checked on another machine's cache, and stage locks
+between machines on S3's conditional writes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import s3fs
+
+from gptflow.data.store import CONTENTS_FILE, atomic_directory, is_complete, pull_shared_file, share_file
+from gptflow.tasks import workspace as workspace_module
+from gptflow.tasks.workspace import Workspace, WorkspaceError
+
+
+@pytest.fixture()
+def two_machines(s3_bucket, tmp_path, monkeypatch):
+    """Two workspaces on one S3 prefix, each with its own local cache, as two machines have."""
+    url = f"{s3_bucket}/team"
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache-a"))
+    first = Workspace.resolve(url)
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache-b"))
+    second = Workspace.resolve(url)
+    assert first.root != second.root
+    return first, second
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    filesystem = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    prefix = url.removeprefix("s3://")
+    return {name[len(prefix) + 1:]: filesystem.cat_file(name) for name in filesystem.find(prefix)}
+
+
+def test_a_directory_is_committed_by_its_contents_object_and_fetched_whole_elsewhere(two_machines):
+    first, second = two_machines
+    with atomic_directory(first.store / "tokens" / "unit") as tmp:
+        (tmp / "train.arrow").write_bytes(b"tokens" * 1000)
+        (tmp / "nested").mkdir()
+        (tmp / "nested" / "val.arrow").write_bytes(b"val")
+    objects = _objects(first.url)
+    assert set(objects) == {"store/tokens/unit/train.arrow", "store/tokens/unit/nested/val.arrow",
+                            f"store/tokens/unit/{CONTENTS_FILE}"}
+
+    copy = second.store / "tokens" / "unit"
+    assert not copy.exists() and is_complete(copy)
+    assert (copy / "train.arrow").read_bytes() == b"tokens" * 1000
+    assert (copy / "nested" / "val.arrow").read_bytes() == b"val"
+    assert is_complete(copy)  # the fetched copy passes the local check as it is
+
+
+def test_a_directory_whose_commit_is_missing_or_whose_object_was_altered_is_not_trusted(two_machines):
+    first, second = two_machines
+    with atomic_directory(first.store / "raw" / "unit") as tmp:
+        (tmp / "docs.arrow").write_bytes(b"a" * 100)
+    filesystem = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    data_object = f"{first.url.removeprefix('s3://')}/store/raw/unit/docs.arrow"
+
+    filesystem.pipe_file(data_object, b"b" * 100)  # same size, other bytes: caught when fetched
+    assert not is_complete(second.store / "raw" / "unit")
+    assert not list((second.store / "raw").glob(".tmp-*")), "a failed fetch leaves nothing behind"
+    assert is_complete(first.store / "raw" / "unit"), "the machine that wrote it holds a good copy"
+
+    filesystem.pipe_file(data_object, b"c" * 7)  # another size: caught by the listing alone
+    assert not is_complete(first.store / "raw" / "unit")
+
+    with atomic_directory(first.store / "raw" / "unit") as tmp:  # recomputed: published again
+        (tmp / "docs.arrow").write_bytes(b"a" * 100)
+    assert is_complete(second.store / "raw" / "unit")
+
+    filesystem.rm_file(f"{first.url.removeprefix('s3://')}/store/raw/unit/{CONTENTS_FILE}")
+    assert not is_complete(first.store / "raw" / "unit"), "without its commit object a directory does not exist"
+
+
+def test_shared_files_follow_the_object_store(two_machines):
+    first, second = two_machines
+    manifest = first.store / "manifests" / "corpus-x.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"units": []}')
+    share_file(manifest)
+    assert pull_shared_file(second.store / "manifests" / "corpus-x.json")
+    assert (second.store / "manifests" / "corpus-x.json").read_text() == '{"units": []}'
+
+    s3fs.S3FileSystem(skip_instance_cache=True).rm_file(f"{first.url.removeprefix('s3://')}/store/manifests/corpus-x.json")
+    assert not pull_shared_file(second.store / "manifests" / "corpus-x.json")
+    assert not (second.store / "manifests" / "corpus-x.json").exists(), "a file the store lost is not kept here"
+
+
+def test_a_stage_lock_holds_between_machines_and_is_released(two_machines):
+    first, second = two_machines
+    order: list[str] = []
+    waited = threading.Event()
+    first_holds = threading.Event()
+
+    def hold_first() -> None:
+        with first.lock("stage"):
+            first_holds.set()
+            order.append("first in")
+            time.sleep(1.5)
+            order.append("first out")
+
+    holder = threading.Thread(target=hold_first)
+    holder.start()
+    first_holds.wait(10)
+    with second.lock("stage", on_wait=waited.set):
+        order.append("second in")
+    holder.join()
+    assert order == ["first in", "first out", "second in"]
+    assert waited.is_set()
+    assert not [name for name in _objects(first.url) if name.startswith("locks/stage")], "released locks are deleted"
+
+
+def test_the_lock_of_a_killed_holder_is_taken_over_once_it_expired(two_machines, monkeypatch):
+    first, second = two_machines
+    monkeypatch.setattr(workspace_module, "LEASE_SECONDS", 3.0)
+    filesystem = s3fs.S3FileSystem(skip_instance_cache=True)
+    lock_object = f"{first.url.removeprefix('s3://')}/locks/stage.lock"
+    # What a holder killed without releasing leaves: a lease nobody renews.
+    filesystem.pipe_file(lock_object, json.dumps({"holder": "gone:1:x", "expires": time.time() + 2}).encode())
+    started = time.monotonic()
+    with second.lock("stage"):
+        waited = time.monotonic() - started
+        held = json.loads(filesystem.cat_file(lock_object))
+    assert 1.5 < waited < 15
+    assert held["holder"].startswith(socket.gethostname())
+
+
+def test_a_lease_is_renewed_while_its_stage_runs(two_machines, monkeypatch):
+    first, second = two_machines
+    monkeypatch.setattr(workspace_module, "LEASE_SECONDS", 1.5)
+    entered = threading.Event()
+    order: list[str] = []
+
+    def hold_long() -> None:
+        with first.lock("stage"):
+            entered.set()
+            time.sleep(4)  # well past one lease: only renewals keep it
+            order.append("first out")
+
+    holder = threading.Thread(target=hold_long)
+    holder.start()
+    entered.wait(10)
+    with second.lock("stage"):
+        order.append("second in")
+    holder.join()
+    assert order == ["first out", "second in"]
+
+
+def test_a_missing_bucket_or_an_unreachable_endpoint_is_a_clear_error(s3_server, tmp_path, monkeypatch):
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WorkspaceError, match="s3://no-such-bucket-here/x: its bucket does not exist"):
+        Workspace.resolve("s3://no-such-bucket-here/x")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(WorkspaceError, match=r"s3://any-bucket/x cannot be reached .*AWS_ENDPOINT_URL"):
+        Workspace.resolve("s3://any-bucket/x")
+
+
+def test_a_workspace_url_of_another_kind_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WorkspaceError, match="a local folder or an s3:// URL"):
+        Workspace.resolve("ftp://example/x")
