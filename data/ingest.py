@@ -32,13 +32,13 @@ from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
 from gptflow.data.readers import read_documents
 from gptflow.data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
-from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution
+from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution, open_source, source_stamp
 from gptflow.data.store import (
     atomic_directory,
     code_version,
     hash_bytes,
-    hash_file,
     hash_json,
+    hash_stream,
     is_complete,
     share_file,
     store_references,
@@ -229,7 +229,7 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
                 code: str) -> tuple[CorpusUnit, SkipReport]:
     """One source file's unit, reused when complete in the store, else written; with the file's
     skipped records. ``known_hash``: the file's content hash, if known without reading it."""
-    content_hash = known_hash or hash_file(source.path)
+    content_hash = known_hash or _content_hash(source)
     key = _unit_key(source, content_hash, config, code)
     directory = store_dir / "raw" / key
     reused = is_complete(directory)
@@ -241,6 +241,11 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
         drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
     )
     return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], str(source.path))
+
+
+def _content_hash(source: SourceFile) -> str:
+    with open_source(source) as stream:
+        return hash_stream(stream)
 
 
 def require_splits(manifest: CorpusManifest, splits: Collection[str], config: IngestConfig) -> None:
@@ -382,14 +387,15 @@ def _partition_of(digests: np.ndarray, partitions: int) -> np.ndarray:
 
 
 def _source_bytes(source: SourceFile) -> int:
-    return 0 if source.format == HUB_FORMAT else source.path.stat().st_size
+    return 0 if source.format == HUB_FORMAT else source_stamp(source)["size"]
 
 
 class _ContentHashes:
-    """Content hashes of source files, remembered by (size, mtime) across runs.
+    """Content hashes of source files, remembered by their ``source_stamp`` across runs.
 
     A file whose size and mtime are unchanged is taken to have unchanged bytes (as make and git
-    do), so a rerun over a large corpus hashes only new or touched files.
+    do), and so is an object whose size and ETag are, so a rerun over a large corpus hashes (or
+    downloads) only new or changed files.
     """
 
     def __init__(self, path: Path) -> None:
@@ -398,26 +404,26 @@ class _ContentHashes:
             self.entries: dict[str, dict[str, Any]] = json.loads(path.read_text())
         except (OSError, ValueError):
             self.entries = {}
-        self.stats: dict[str, dict[str, int]] = {}
+        self.stamps: dict[str, dict[str, Any]] = {}
         self.changed = False
 
     def known(self, source: SourceFile) -> str | None:
         """The content hash of ``source`` if it is known without reading the file, else None; its
-        size and mtime now are what ``remember`` records."""
+        stamp now is what ``remember`` records."""
         if source.format == HUB_FORMAT:
             return hash_bytes(str(source.path).encode())  # the path pins the dataset revision
-        stat = source.path.stat()
-        self.stats[str(source.path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        stamp = source_stamp(source)
+        self.stamps[str(source.path)] = stamp
         entry = self.entries.get(str(source.path))
-        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
+        if entry and entry == {**stamp, "hash": entry["hash"]}:
             return entry["hash"]
         return None
 
     def remember(self, source: SourceFile, content_hash: str) -> None:
-        """Record ``content_hash`` under the size and mtime ``known`` saw (the file read after them)."""
-        stat = self.stats.get(str(source.path))
-        if stat is not None and self.entries.get(str(source.path)) != {**stat, "hash": content_hash}:
-            self.entries[str(source.path)] = {**stat, "hash": content_hash}
+        """Record ``content_hash`` under the stamp ``known`` saw (the file read after it)."""
+        stamp = self.stamps.get(str(source.path))
+        if stamp is not None and self.entries.get(str(source.path)) != {**stamp, "hash": content_hash}:
+            self.entries[str(source.path)] = {**stamp, "hash": content_hash}
             self.changed = True
 
     def save(self) -> None:

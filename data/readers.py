@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gptflow.data.errors import CorpusError, SkipReport
-from gptflow.data.sources import HUB_PREFIX, SourceFile
+from gptflow.data.sources import HUB_PREFIX, SourceFile, open_source
 
 SKIP_BINARY = "binary file"
 SKIP_INVALID_UTF8 = "invalid UTF-8"
@@ -137,7 +137,7 @@ def _decode(data: bytes, location: str, skips: SkipReport, start_offset: int = 0
 
 
 def _open(source: SourceFile) -> io.BufferedReader:
-    return io.BufferedReader(pa.input_stream(str(source.path), compression=source.compression), READ_BUFFER_BYTES)
+    return io.BufferedReader(pa.input_stream(open_source(source), compression=source.compression), READ_BUFFER_BYTES)
 
 
 def _is_binary(head: bytes) -> bool:
@@ -226,13 +226,14 @@ def _read_csv(source: SourceFile, skips: SkipReport, columns: Sequence[str] | No
 
 
 def _read_parquet(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
-    parquet = pq.ParquetFile(str(source.path))
-    names = parquet.schema_arrow.names
-    wanted = [name for name in columns if name in names] if columns else None
-    if columns and not wanted:
-        raise MissingColumns(source, names)
-    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
-    yield from _numbered(source, (row for batch in batches for row in batch.to_pylist()))
+    with open_source(source) as stream:  # seekable: parquet reads its footer first, then only the columns wanted
+        parquet = pq.ParquetFile(stream)
+        names = parquet.schema_arrow.names
+        wanted = [name for name in columns if name in names] if columns else None
+        if columns and not wanted:
+            raise MissingColumns(source, names)
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
+        yield from _numbered(source, (row for batch in batches for row in batch.to_pylist()))
 
 
 def _read_hub(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:

@@ -1,10 +1,11 @@
-"""Corpus sources: what the user named (files, folders, globs, the built-in corpus, hub datasets)
-resolved into the sorted, de-duplicated list of files to ingest.
+"""Corpus sources: what the user named (files, folders, globs, object-store URLs, the built-in corpus,
+hub datasets) resolved into the sorted, de-duplicated list of files to ingest.
 
 A file or folder the user named explicitly must be readable, or resolution fails with a
 ``CorpusError``; files merely found inside a folder or by a glob that gptflow cannot read (unknown
 extension, hidden, no read permission, a pipe or device, a broken symlink) are skipped and counted,
 since folders of real data always hold some of those. Symlinked files and folders are followed.
+Object-store URLs (``s3://bucket/raw/``) are listed the same way: ``data.object_sources``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import stat
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any, BinaryIO
 
 from gptflow.data.errors import CorpusError, SkipReport
+from gptflow.data.object_sources import is_object_url, list_objects, open_object
 
 BUILTIN_CORPUS = "builtin:python-stdlib"
 """The source of the running interpreter's standard library: ~12 MB of real text, always present."""
@@ -48,14 +51,29 @@ _GLOB_CHARACTERS = set("*?[")
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One unit of ingestion: a file (or a hub dataset at a pinned revision) and how to read it."""
+    """One unit of ingestion: a file, an object in an object store, or a hub dataset at a pinned
+    revision, and how to read it."""
 
-    path: Path
-    """Absolute path; for hub datasets ``hf:owner/name@<revision>``."""
+    path: Path | str
+    """A file's absolute path; an object's URL, as a string (a ``Path`` would merge the ``//`` of
+    ``s3://bucket/key``); for hub datasets ``hf:owner/name@<revision>``."""
     format: str
     """``text``, ``jsonl``, ``json``, ``parquet``, ``csv``, or ``hub``."""
     compression: str | None = None
     """``gzip`` or ``zstd`` (from a ``.gz`` / ``.zst`` suffix), else None."""
+    listed_stamp: tuple[int, str] | None = None
+    """An object's size and version (its ETag on S3) as listed; None for a file, whose size and
+    mtime are read when needed (``source_stamp``)."""
+
+    @property
+    def is_object(self) -> bool:
+        """Whether this is an object in an object store, read in place through fsspec."""
+        return isinstance(self.path, str)
+
+    @property
+    def name(self) -> str:
+        """The file's or object's name, without its folders."""
+        return PurePosixPath(str(self.path)).name
 
 
 @dataclass
@@ -69,23 +87,33 @@ class SourceResolution:
     a data mixture weighs it under."""
 
     def fingerprint_inputs(self) -> list[list[object]]:
-        """A cheap stand-in for the files' contents (path, size, mtime) for a stage cache key:
-        anything that changes a file's bytes changes one of these."""
-        inputs: list[list[object]] = []
-        for source in self.files:
-            if source.format == HUB_FORMAT:
-                inputs.append([str(source.path)])
-            else:
-                stat = source.path.stat()
-                inputs.append([str(source.path), stat.st_size, stat.st_mtime_ns])
-        return inputs
+        """A cheap stand-in for the files' contents (path and ``source_stamp``) for a stage cache
+        key: anything that changes a file's bytes changes one of these."""
+        return [[str(source.path)] if source.format == HUB_FORMAT
+                else [str(source.path), *source_stamp(source).values()] for source in self.files]
+
+
+def source_stamp(source: SourceFile) -> dict[str, Any]:
+    """What stands in for a file's bytes between runs, without reading them: a file's size and
+    mtime (as make and git take them), an object's size and version (``etag``) as listed."""
+    if source.listed_stamp is not None:
+        size, version = source.listed_stamp
+        return {"size": size, "etag": version}
+    stat = Path(source.path).stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def open_source(source: SourceFile) -> BinaryIO:
+    """The bytes of a file or object as a seekable binary stream (an object is streamed, not downloaded)."""
+    return open_object(str(source.path)) if source.is_object else open(source.path, "rb")
 
 
 def resolve_sources(specs: Sequence[str]) -> SourceResolution:
-    """Resolve ``specs`` (paths, folders searched recursively, globs with ``**``, ``hf:owner/name``,
-    or ``BUILTIN_CORPUS``) into files; raises ``CorpusError`` for a spec that names nothing usable."""
+    """Resolve ``specs`` (paths, folders searched recursively, globs with ``**``, object-store URLs of
+    prefixes, globs or objects, ``hf:owner/name``, or ``BUILTIN_CORPUS``) into files; raises
+    ``CorpusError`` for a spec that names nothing usable."""
     skipped = SkipReport()
-    files: dict[Path, SourceFile] = {}
+    files: dict[Path | str, SourceFile] = {}
     named_by: dict[str, str] = {}
     for spec in specs:
         for source in _resolve_spec(spec, skipped):
@@ -100,7 +128,7 @@ def resolve_sources(specs: Sequence[str]) -> SourceResolution:
                             named_by=named_by)
 
 
-def detect_format(path: Path) -> tuple[str, str | None] | None:
+def detect_format(path: PurePath) -> tuple[str, str | None] | None:
     """(format, compression) from the file name, e.g. ``a.jsonl.gz`` → ("jsonl", "gzip"); None if
     gptflow cannot read it."""
     suffixes = [suffix.lower() for suffix in path.suffixes]
@@ -122,6 +150,8 @@ def _resolve_spec(spec: str, skipped: SkipReport) -> Iterator[SourceFile]:
         yield from _builtin_corpus()
     elif spec.startswith(HUB_PREFIX):
         yield _resolve_hub_dataset(spec[len(HUB_PREFIX):])
+    elif is_object_url(spec):
+        yield from _resolve_objects(spec, skipped)
     elif _GLOB_CHARACTERS & set(spec):
         yield from _resolve_glob(spec, skipped)
     else:
@@ -235,6 +265,25 @@ def _resolve_glob(pattern: str, skipped: SkipReport) -> Iterator[SourceFile]:
     for path in files:
         if (source := _candidate(path, skipped)) is not None:
             yield source
+
+
+def _resolve_objects(url: str, skipped: SkipReport) -> Iterator[SourceFile]:
+    objects = list_objects(url)
+    if len(objects) == 1 and objects[0].url == url:  # named explicitly: it must be readable
+        detected = detect_format(PurePosixPath(url))
+        if detected is None:
+            raise CorpusError(f"Corpus object '{url}' has an unsupported type. Supported extensions: "
+                              f"{_supported_extensions()}. Rename or convert it, or leave it out of --corpus.")
+        yield SourceFile(url, *detected, listed_stamp=(objects[0].size, objects[0].version))
+        return
+    for listed in objects:
+        detected = detect_format(PurePosixPath(listed.relative_name))
+        if any(part.startswith(".") for part in listed.relative_name.split("/")):
+            skipped.add(SKIP_HIDDEN, listed.url)
+        elif detected is None:
+            skipped.add(SKIP_UNSUPPORTED, listed.url)
+        else:
+            yield SourceFile(listed.url, *detected, listed_stamp=(listed.size, listed.version))
 
 
 def _builtin_corpus() -> Iterator[SourceFile]:

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gptflow.data.errors import UserError
 
@@ -43,10 +43,15 @@ def hash_bytes(data: bytes) -> str:
 
 
 def hash_file(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
+        return hash_stream(f)
+
+
+def hash_stream(stream: BinaryIO) -> str:
+    """The hash of what is left to read of ``stream``: ``hash_file``'s of the same bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    while chunk := stream.read(HASH_CHUNK_BYTES):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

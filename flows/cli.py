@@ -268,7 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.add_argument(
         "--corpus", action="append", metavar="PATH[=WEIGHT]",
         help="a file, folder or glob of .txt/.md/.py/.jsonl/.json/.parquet/.csv (gzip/zstd too), "
-        f"or hf:owner/name; repeatable. Default: {BUILTIN_CORPUS} (the Python standard library's source). "
+        "an s3://bucket/prefix/ or s3:// glob (read in place), or hf:owner/name; repeatable. "
+        f"Default: {BUILTIN_CORPUS} (the Python standard library's source). "
         "A =WEIGHT suffix on every --corpus (web/=0.7 --corpus code/=0.3) trains on a data mixture: each "
         "source's share of the training windows is its share of the weights",
     )
@@ -335,8 +336,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_source_arguments(evaluate)
     evaluate.add_argument("--corpus", action="append", metavar="PATH",
-                          help="files, folders, globs or hf:owner/name to measure loss, perplexity and bits per "
-                          "byte on (read as pretrain reads --corpus); repeatable")
+                          help="files, folders, globs, s3:// URLs or hf:owner/name to measure loss, perplexity and "
+                          "bits per byte on (read as pretrain reads --corpus); repeatable")
     evaluate.add_argument("--split", default="val", choices=typing.get_args(EvalSplit),
                           help="documents of the corpus to score: val (default; held out by document hash as "
                           "pretraining holds them out), train, or all")

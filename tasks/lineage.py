@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gptflow.data.ingest import CorpusManifest
+from gptflow.data.object_sources import is_object_url
 from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.data.store import (
     hash_json,
@@ -35,9 +36,9 @@ LINEAGE_DIR = "lineages"
 
 
 def corpus_identity(corpus: list[str]) -> list[str]:
-    """The corpus arguments with paths made absolute, so ``./texts`` means one place."""
-    return sorted(spec if spec == BUILTIN_CORPUS or spec.startswith("hf:") else os.path.abspath(spec)
-                  for spec in corpus)
+    """The corpus arguments with paths made absolute, so ``./texts`` means one place; URLs as given."""
+    return sorted(spec if spec == BUILTIN_CORPUS or spec.startswith("hf:") or is_object_url(spec)
+                  else os.path.abspath(spec) for spec in corpus)
 
 
 @dataclass

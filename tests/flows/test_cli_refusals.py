@@ -73,6 +73,17 @@ def test_a_workspace_that_is_a_file_is_one_line(tmp_path):
                                    "inside one: pass a folder with --workspace (or GPTFLOW_HOME)."]
 
 
+def test_a_corpus_in_a_missing_bucket_is_refused_in_one_line(tmp_path, s3_server, monkeypatch):
+    for name, value in s3_server.items():  # the command's process inherits them
+        monkeypatch.setenv(name, value)
+    status, imported, stderr = _refuse("pretrain", "--corpus", "s3://gptflow-no-such-bucket/raw/",
+                                       "--workspace", str(tmp_path / "ws"))
+    assert status == 2
+    assert stderr.splitlines() == ["gptflow: error: Corpus URL 's3://gptflow-no-such-bucket/raw/': its bucket "
+                                   "'gptflow-no-such-bucket' does not exist. Check the URL, or create the bucket."]
+    assert imported == []
+
+
 def test_a_damaged_stack_file_is_one_line_naming_it(tmp_path):
     (tmp_path / "stack.json").write_text("{not json")
     status, _, stderr = _refuse("down", "--workspace", str(tmp_path))
