@@ -303,6 +303,8 @@ def verify_contents(directory: Path, names: Iterable[str] | None = None) -> None
     ``CorruptArtifactError`` naming the file.
     """
     directory = Path(directory)
+    if Mirror.of(directory) is not None:
+        is_complete(directory)  # fetches the object store's copy when this machine has none yet
     try:
         listed = json.loads((directory / CONTENTS_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError):
@@ -347,6 +349,25 @@ def discard_contents(directory: Path) -> None:
     files stay (a reader may hold them open) until a new commit of the same key replaces them."""
     with contextlib.suppress(FileNotFoundError):
         (Path(directory) / CONTENTS_FILE).unlink()
+
+
+def list_folder(folder: Path) -> list[str]:
+    """The names in ``folder``, sorted; in a mirrored workspace, with those only the object store
+    holds (another machine's checkpoints, say)."""
+    names = set(os.listdir(folder)) if Path(folder).is_dir() else set()
+    mirror = Mirror.of(folder)
+    if mirror is not None:
+        names |= mirror.names_in(Path(folder))
+    return sorted(names)
+
+
+def remove_directory(directory: Path) -> None:
+    """Delete a store directory here and, in a mirrored workspace, from the object store (its commit
+    object first, so no machine trusts what remains while the rest goes)."""
+    mirror = Mirror.of(directory)
+    if mirror is not None:
+        mirror.remove_directory(Path(directory))
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def read_contents_hash(directory: Path) -> str:
@@ -618,6 +639,19 @@ class Mirror:
         with _atomic_file(Path(path)) as tmp:
             tmp.write_bytes(data)
         return True
+
+    def names_in(self, folder: Path) -> set[str]:
+        """The names the object store holds directly under the local ``folder``."""
+        try:
+            return {name.rsplit("/", 1)[-1] for name in self.fs.ls(self.remote(folder), detail=False)}
+        except FileNotFoundError:
+            return set()
+
+    def remove_directory(self, directory: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.remote(directory / CONTENTS_FILE))
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.remote(directory), recursive=True)
 
     def _committed_listing(self, directory: Path) -> dict[str, dict[str, Any]] | None:
         try:

@@ -35,6 +35,8 @@ import torch
 from gptflow.data.store import (
     atomic_directory,
     is_complete,
+    list_folder,
+    remove_directory,
     remove_stale_temporaries,
     verify_contents,
     write_json_atomic,
@@ -82,9 +84,7 @@ def checkpoint_directories(run_dir: Path) -> list[Path]:
     """Committed checkpoints of a run, oldest first, with any whose files were altered or whose
     record was discarded since (``load_checkpoint`` says what is wrong with those)."""
     directory = Path(run_dir) / CHECKPOINTS_DIR
-    if not directory.is_dir():
-        return []
-    return sorted((path for path in directory.iterdir() if CHECKPOINT_NAME.match(path.name)), key=lambda path: path.name)
+    return [directory / name for name in list_folder(directory) if CHECKPOINT_NAME.match(name)]
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -129,9 +129,9 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     if not directory.is_dir():
         return
     kept = set(list_checkpoints(run_dir)[-keep:])
-    for path in directory.iterdir():
-        if CHECKPOINT_NAME.match(path.name) and path not in kept:
-            shutil.rmtree(path, ignore_errors=True)
+    for path in checkpoint_directories(run_dir):
+        if path not in kept:
+            remove_directory(path)
     remove_stale_temporaries(directory)
 
 

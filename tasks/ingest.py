@@ -26,9 +26,9 @@ def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_di
                        units: UnitRunner) -> CorpusManifest:
     # Which splits must be non-empty depends on the flow, not on the documents: checked outside the
     # cached task, so a manifest cached for one flow is still checked for the next.
-    map_units = units.for_stage("ingest", label=lambda call: call["source"].name)
+    map_units = units.for_stage("ingest", store_dir, label=lambda call: call["source"].name)
     # Its calls name a unit by its directory, raw/<key>, not by source file.
-    map_signature_units = units.for_stage("near-dedup", label=lambda call: Path(call["directory"]).name[:12])
+    map_signature_units = units.for_stage("near-dedup", store_dir, label=lambda call: Path(call["directory"]).name[:12])
     return ingest_corpus(sources, config, Path(store_dir), progress=StageProgress("ingest", "B"), required_splits=(),
                          map_units=map_units, map_signature_units=map_signature_units)
 

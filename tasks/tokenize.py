@@ -22,7 +22,7 @@ from gptflow.tasks.workspace import Workspace
 def tokenize_corpus_task(
     corpus: CorpusManifest, tokenizer: TokenizerArtifact, config: TokenizeConfig, store_dir: str, units: UnitRunner
 ) -> TokenManifest:
-    map_units = units.for_stage("tokenize", label=unit_label)
+    map_units = units.for_stage("tokenize", store_dir, label=unit_label)
     return tokenize_corpus(corpus, tokenizer, config, Path(store_dir), progress=StageProgress("tokenize", "B"),
                            map_units=map_units)
 

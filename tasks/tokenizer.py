@@ -27,7 +27,7 @@ from gptflow.tasks.workspace import Workspace
 @task(name="train-tokenizer")
 def train_tokenizer_task(corpus: CorpusManifest, config: TokenizerConfig, store_dir: str,
                          units: UnitRunner) -> TokenizerArtifact:
-    map_units = units.for_stage("tokenizer", label=lambda call: Path(call["unit"].source).name)
+    map_units = units.for_stage("tokenizer", store_dir, label=lambda call: Path(call["unit"].source).name)
     return train_bpe(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"), map_units=map_units)
 
 

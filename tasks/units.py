@@ -6,13 +6,15 @@ supplies the map. Without Ray the units run in the stage's process: Prefect's pr
 tried and measured 4.6x slower on a 2-core machine (bench/RESULTS.md: starting workers and a task
 run per file cost more than the parallelism saved); a local Ray cluster (``ray start --head``,
 then ``--ray auto``) is how one machine's cores join in. Ray runs a stage's units on whatever nodes
-the cluster has; each node must reach the workspace's store (today a folder every node mounts)
-and import gptflow (installed as on this machine).
+the cluster has; each node must reach the workspace's store (a folder every node mounts, or the
+object store of an ``s3://`` workspace, with credentials of its own) and import gptflow
+(installed as on this machine).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ from prefect import Task, get_client
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
+from gptflow.data.store import Mirror
 from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, in_this_process
 from gptflow.tasks.ray_address import resolve_ray_address
 
@@ -35,11 +38,13 @@ class UnitRunner:
         """``ray_address``, else ``$GPTFLOW_RAY_ADDRESS``; checked at once, before any stage runs."""
         return cls(resolve_ray_address(ray_address))
 
-    def for_stage(self, stage: str, label: Callable[[dict[str, Any]], str]) -> MapUnits:
-        """The map that runs ``stage``'s units; ``label(call)`` names a unit's task run (its source file)."""
+    def for_stage(self, stage: str, store_dir: str, label: Callable[[dict[str, Any]], str]) -> MapUnits:
+        """The map that runs ``stage``'s units, which write into the store at ``store_dir``;
+        ``label(call)`` names a unit's task run (its source file)."""
         if self.ray_address is None:
             return in_this_process
-        return lambda function, calls: self._on_ray(stage, function, calls, label)
+        mirror = Mirror.of(store_dir)
+        return lambda function, calls: self._on_ray(stage, _on_worker(function, mirror), calls, label)
 
     def _on_ray(self, stage: str, function: Callable[..., Any], calls: list[dict[str, Any]],
                 label: Callable[[dict[str, Any]], str]) -> Iterator[Any]:
@@ -55,6 +60,21 @@ class UnitRunner:
                        for call in calls]
             for future in futures:
                 yield future.result()
+
+
+def _on_worker(function: Callable[..., Any], mirror: Mirror | None) -> Callable[..., Any]:
+    """``function`` as a worker runs it. In a workspace on an object store, the worker's machine
+    first gets the mirror folder (at the same path as here), so the unit's directories are written
+    there and published to the object store, whichever node runs it."""
+    if mirror is None:
+        return function
+
+    @functools.wraps(function)
+    def in_mirror(**call: Any) -> Any:
+        Mirror.attach(mirror.local_root, mirror.url)
+        return function(**call)
+
+    return in_mirror
 
 
 @contextlib.contextmanager

@@ -66,17 +66,18 @@ def prefect_api_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
+def ray_cluster(s3_server) -> Iterator[str]:
     """A real Ray cluster on 127.0.0.1 (`ray start --head`, 2 CPUs, a 200 MB object store, no
-    dashboard) for the whole session; its address. Stopped with its process group, so a Ray
-    cluster the user runs beside it is left alone."""
+    dashboard) for the whole session; its address. Its workers reach the session's S3 server, as a
+    cluster's nodes have the object store's credentials of their own. Stopped with its process
+    group, so a Ray cluster the user runs beside it is left alone."""
     temp_dir = tempfile.mkdtemp(prefix="gptflow-ray-", dir="/tmp")  # short: Ray puts sockets in it
     port = _free_port()
     head = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(port),
          "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", str(200 * 1024 * 1024),
          "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp_dir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **s3_server},
     )
     try:
         deadline = time.monotonic() + 120
