@@ -301,10 +301,10 @@ class PipelineRun:
                     self.client.log_text(self.run_id, operation["text"], operation["artifact_file"])
             case "log_input":
                 sources = operation["sources"]
-                hub = [source.startswith("hf:") for source in sources]
+                kinds = {_dataset_source_type(source) for source in sources}
                 dataset = Dataset(
                     name=operation["name"], digest=operation["digest"],
-                    source_type="hugging_face" if all(hub) else "local" if not any(hub) else "mixed",
+                    source_type=kinds.pop() if len(kinds) == 1 else "mixed",
                     source=json.dumps({"uri": sources[0]} if len(sources) == 1 else {"uris": sources}),
                     profile=json.dumps(operation["profile"]),
                 )
@@ -656,6 +656,14 @@ def _local_path(uri: str) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _dataset_source_type(source: str) -> str:
+    """How the MLflow UI names where a corpus source lies, as MLflow's own dataset sources do."""
+    if source.startswith("hf:"):
+        return "hugging_face"
+    scheme, separator, _ = source.partition("://")
+    return {"s3": "s3", "gs": "gcs"}.get(scheme, scheme) if separator else "local"
 
 
 def _first_line(error: BaseException) -> str:

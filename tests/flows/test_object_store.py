@@ -1,5 +1,5 @@
-"""The pipeline on a workspace kept on S3 (a real moto server on 127.0.0.1), its data units on a real
-local Ray cluster: the artifacts of a local run, reused by a machine with an empty cache, an object
+"""The pipeline on a workspace kept on S3 (a real moto server on 127.0.0.1), reading its corpus from
+S3, its data units on a real local Ray cluster: the artifacts of a local run, reused by a machine with an empty cache, an object
 altered in the store recomputed, two machines at once computing each stage once, and a run killed
 mid-stage leaving no committed partial unit."""
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import s3fs
+from mlflow import MlflowClient
 
 from gptflow.data.store import CONTENTS_FILE, hash_bytes, hash_file
 from gptflow.flows.pretrain import pretrain
@@ -49,14 +50,21 @@ def _use_cache(monkeypatch, folder: Path) -> None:
 def test_an_s3_workspace_holds_what_a_local_run_writes_and_an_empty_cache_reuses_it(
         prefect_api_url, ray_cluster, s3_bucket, tiny_corpus_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    corpus, url = [str(tiny_corpus_dir)], f"{s3_bucket}/team"
-    local = pretrain(corpus=corpus, preset="tiny", overrides=OVERRIDES, workspace=str(tmp_path / "local"))
+    url, corpus_on_s3 = f"{s3_bucket}/team", f"{s3_bucket}/raw/"
+    s3fs.S3FileSystem(skip_instance_cache=True).put(f"{tiny_corpus_dir}/", corpus_on_s3.removeprefix("s3://"),
+                                                     recursive=True)
+    local = pretrain(corpus=[str(tiny_corpus_dir)], preset="tiny", overrides=OVERRIDES,
+                     workspace=str(tmp_path / "local"))
 
     _use_cache(monkeypatch, tmp_path / "machine-a")
+    corpus = [corpus_on_s3]
     on_s3 = pretrain(corpus=corpus, preset="tiny", overrides=OVERRIDES, workspace=url, ray=ray_cluster)
     assert _stored_shards(url) == _local_shards(tmp_path / "local")
     assert on_s3.train_tokens == local.train_tokens
     assert set(on_s3.stages.values()) == {"executed"}
+    [workspace_a] = (tmp_path / "machine-a" / "workspaces").iterdir()
+    [dataset] = MlflowClient(f"sqlite:///{workspace_a / 'mlflow.db'}").get_run(on_s3.mlflow_run_id).inputs.dataset_inputs
+    assert dataset.dataset.source_type == "s3" and corpus_on_s3 in dataset.dataset.source
 
     _use_cache(monkeypatch, tmp_path / "machine-b")  # another machine: nothing on its disk yet
     elsewhere = pretrain(corpus=corpus, preset="tiny", overrides=OVERRIDES, workspace=url)
