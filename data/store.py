@@ -607,8 +607,31 @@ class Mirror:
         if not self._objects_match(directory, committed):
             return False
         if _read_listing(directory) == committed and _matches_listing(directory, committed):
+            os.utime(directory / CONTENTS_FILE)  # its last use, for evict_least_recently_used
             return True
         return self._fetch_directory(directory, committed)
+
+    def evict_least_recently_used(self, limit_bytes: int) -> tuple[int, int]:
+        """Delete local copies of committed directories, least recently used first, until those
+        left hold at most ``limit_bytes``; the object store keeps them, and the next use fetches them
+        again. Returns how many directories and bytes went."""
+        copies = []
+        for contents in self.local_root.joinpath("store").rglob(CONTENTS_FILE):
+            if any(part.startswith(".tmp-") for part in contents.parts):
+                continue
+            listed = _read_listing(contents.parent) or {}
+            copies.append((contents.stat().st_mtime_ns, sum(entry["size"] for entry in listed.values()), contents.parent))
+        total = sum(size for _, size, _ in copies)
+        evicted = evicted_bytes = 0
+        for _, size, directory in sorted(copies, key=lambda copy: copy[0]):
+            if total <= limit_bytes:
+                break
+            if self._committed_listing(directory) is None:
+                continue  # never published (its publish failed): this copy is the only one
+            shutil.rmtree(directory, ignore_errors=True)
+            total -= size
+            evicted, evicted_bytes = evicted + 1, evicted_bytes + size
+        return evicted, evicted_bytes
 
     def publish_directory(self, directory: Path) -> None:
         """Put the local committed ``directory`` in the object store, its commit object last.

@@ -24,6 +24,9 @@ WORKSPACE_SERVER_ENV = "GPTFLOW_WORKSPACE_MLFLOW"
 DEFAULT_WORKSPACE = ".gptflow"
 CACHE_ENV = "GPTFLOW_CACHE"
 DEFAULT_CACHE = "~/.cache/gptflow"
+CACHE_LIMIT_ENV = "GPTFLOW_CACHE_GB"
+DEFAULT_CACHE_LIMIT_GB = 100.0
+"""What an object-store workspace's local copy may keep between runs; a run may use more while it runs."""
 OBJECT_STORE_SCHEMES = ("s3://",)
 """Workspaces on an object store: those whose conditional writes the cross-machine lock relies on."""
 LEASE_SECONDS = 60.0
@@ -49,7 +52,11 @@ class Workspace:
         to answer before anything runs."""
         url = _object_store_url(path or os.environ.get(WORKSPACE_ENV))
         if url is not None:
-            return cls(Mirror.attach(cls.locate(url), url).local_root, url).checked()
+            mirror = Mirror.attach(cls.locate(url), url)
+            workspace = cls(mirror.local_root, url).checked()
+            # At the start of a run, not during one: nothing a run has fetched goes while it may still read it.
+            mirror.evict_least_recently_used(cache_limit_bytes())
+            return workspace
         root = cls.locate(path)
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -208,6 +215,19 @@ class ObjectStoreLease:
 def cache_root() -> Path:
     """``$GPTFLOW_CACHE``, else ``~/.cache/gptflow``: this machine's copies of object-store workspaces."""
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve()
+
+
+def cache_limit_bytes() -> int:
+    """``$GPTFLOW_CACHE_GB`` (default 100) in bytes: what a workspace's copy in the cache keeps between runs."""
+    setting = os.environ.get(CACHE_LIMIT_ENV)
+    try:
+        limit_gb = float(setting) if setting else DEFAULT_CACHE_LIMIT_GB
+    except ValueError:
+        limit_gb = -1.0
+    if not limit_gb >= 0:
+        raise WorkspaceError(f"{CACHE_LIMIT_ENV}={setting} is not a size: give the gigabytes the local cache of an "
+                             "object-store workspace may keep, e.g. 50.")
+    return int(limit_gb * 2**30)
 
 
 def _object_store_url(path: str | Path | None) -> str | None:

@@ -169,3 +169,29 @@ def test_a_workspace_url_of_another_kind_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
     with pytest.raises(WorkspaceError, match="a local folder or an s3:// URL"):
         Workspace.resolve("ftp://example/x")
+
+
+def test_the_cache_keeps_the_most_recently_used_copies_within_its_bound(two_machines, monkeypatch):
+    first, _ = two_machines
+    units = [first.store / "tokens" / f"unit-{index}" for index in range(3)]
+    for unit in units:
+        with atomic_directory(unit) as tmp:
+            (tmp / "train.arrow").write_bytes(bytes(1000))
+    for unit in (units[2], units[1], units[0]):  # least recently used first
+        assert is_complete(unit)
+    s3fs.S3FileSystem(skip_instance_cache=True).rm_file(  # unit-2 lost its commit: its copy is the only one
+        f"{first.url.removeprefix('s3://')}/store/tokens/unit-2/{CONTENTS_FILE}")
+
+    monkeypatch.setenv("GPTFLOW_CACHE", str(first.root.parent.parent))
+    monkeypatch.setenv("GPTFLOW_CACHE_GB", str(1500 / 2**30))
+    assert Workspace.resolve(first.url).root == first.root  # a run starts: the cache is trimmed
+    assert units[2].exists(), "an unpublished copy is never evicted"
+    assert not units[1].exists() and not units[0].exists(), "the least recently used, until 1500 bytes are left"
+    assert is_complete(units[1]) and (units[1] / "train.arrow").read_bytes() == bytes(1000), "fetched again on use"
+
+
+def test_a_cache_bound_that_is_not_a_size_is_refused(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTFLOW_CACHE_GB", "lots")
+    with pytest.raises(WorkspaceError, match="GPTFLOW_CACHE_GB=lots is not a size"):
+        Workspace.resolve(f"{s3_bucket}/team")
