@@ -49,7 +49,7 @@ def tokenize_on_ray(manifest_path: str, tokenizer: TokenizerArtifact, config: To
     """Wall seconds of the tokenize stage with its units on the Ray cluster at ``address``, and
     the flow run's id. The manifest is read from its file: a flow run's parameters must be small."""
     manifest = read_manifest(CorpusManifest, manifest_path)
-    map_units = UnitRunner(address).for_stage("tokenize", label=unit_label)
+    map_units = UnitRunner(address).for_stage("tokenize", store, label=unit_label)
     started = time.perf_counter()
     tokenize_corpus(manifest, tokenizer, config, Path(store), map_units=map_units)
     return time.perf_counter() - started, str(flow_run.id)

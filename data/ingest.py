@@ -34,6 +34,7 @@ from gptflow.data.readers import read_documents
 from gptflow.data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
 from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution, open_source, source_stamp
 from gptflow.data.store import (
+    are_complete,
     atomic_directory,
     code_version,
     hash_bytes,
@@ -181,14 +182,18 @@ def ingest_corpus(
     code = code_version(__name__)
     calls = [{"source": source, "known_hash": content_hashes.known(source), "config": config,
               "store_dir": store_dir, "code": code} for source in files]
-    pending = [call for call in calls if not _is_in_store(call)]
+    # A unit whose file's content hash is known without reading it is looked up here: reading it
+    # back is cheaper than shipping the call anywhere.
+    known = [call for call in calls if call["known_hash"] is not None]
+    stored = {id(call) for call, complete in zip(known, are_complete(map(_known_unit_directory, known))) if complete}
+    pending = [call for call in calls if id(call) not in stored]
     computed = iter(map_units(ingest_unit, pending))  # in the calls' order, as they come
     pending_ids = {id(call) for call in pending}
     total_bytes = sum(_source_bytes(source) for source in files)
     done_bytes = 0
     units: list[CorpusUnit] = []
     for call in calls:
-        unit, unit_skips = next(computed) if id(call) in pending_ids else ingest_unit(**call)
+        unit, unit_skips = next(computed) if id(call) in pending_ids else ingest_unit(**call, found_in_store=True)
         content_hashes.remember(call["source"], unit.content_hash)
         skips.merge(unit_skips)
         units.append(unit)
@@ -217,22 +222,20 @@ def ingest_corpus(
     return manifest
 
 
-def _is_in_store(call: dict[str, Any]) -> bool:
-    """The call's unit is complete in the store under the file's known content hash: reading it
-    back is cheaper here than anywhere else."""
-    known_hash = call["known_hash"]
-    return known_hash is not None and is_complete(
-        call["store_dir"] / "raw" / _unit_key(call["source"], known_hash, call["config"], call["code"]))
+def _known_unit_directory(call: dict[str, Any]) -> Path:
+    """Where the unit of a call whose file's content hash is known lies in the store."""
+    return call["store_dir"] / "raw" / _unit_key(call["source"], call["known_hash"], call["config"], call["code"])
 
 
 def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig, store_dir: Path,
-                code: str) -> tuple[CorpusUnit, SkipReport]:
+                code: str, found_in_store: bool = False) -> tuple[CorpusUnit, SkipReport]:
     """One source file's unit, reused when complete in the store, else written; with the file's
-    skipped records. ``known_hash``: the file's content hash, if known without reading it."""
+    skipped records. ``known_hash``: the file's content hash, if known without reading it;
+    ``found_in_store``: the caller found the unit complete under it just now."""
     content_hash = known_hash or _content_hash(source)
     key = _unit_key(source, content_hash, config, code)
     directory = store_dir / "raw" / key
-    reused = is_complete(directory)
+    reused = found_in_store or is_complete(directory)
     written = read_unit_file(directory) if reused else _ingest_unit(source, content_hash, config, directory)
     unit = CorpusUnit(
         source=str(source.path), content_hash=content_hash, key=key, directory=str(directory),

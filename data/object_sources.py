@@ -11,6 +11,8 @@ source shipped to another process (a Ray worker) carries its URL, not a client.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -79,19 +81,36 @@ def _folder_above_glob(pattern: str) -> str:
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
-    import fsspec  # a dependency of datasets; only object-store corpora need it here
-
     scheme = url.split("://", 1)[0]
     try:
-        # A fresh client each time: listings must not be cached across a run, and the environment
-        # (AWS_ENDPOINT_URL, credentials) is read when the client is made.
-        return fsspec.core.url_to_fs(url, use_listings_cache=False, skip_instance_cache=True)
+        return object_store_filesystem(url)
     except ImportError as error:
         fix = "pip install 'gptflow[s3]'" if scheme in _S3_SCHEMES else f"install what fsspec names: {_one_line(error)}"
         raise CorpusError(f"Corpus URL '{url}' needs fsspec's {scheme}:// filesystem: {fix}.") from None
     except ValueError as error:  # fsspec knows no such protocol
         raise CorpusError(f"Corpus URL '{url}': {scheme}:// is not a storage fsspec can read ({_one_line(error)}). "
                           f"Use a local path or an s3:// URL.") from None
+
+
+_CLIENT_SETTINGS = ("AWS_", "GOOGLE_", "GCS", "FSSPEC_")
+"""The environment a store's client reads when it is made: endpoints, credentials, profiles."""
+
+
+def object_store_filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path within it. One client per scheme and
+    environment, shared by every use in the process (making one costs about as much as a hundred
+    requests); its listings are never cached, since objects change between and during runs."""
+    scheme = url.split("://", 1)[0]
+    environment = tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith(_CLIENT_SETTINGS)))
+    filesystem = _client(scheme, environment)
+    return filesystem, filesystem._strip_protocol(url)
+
+
+@functools.lru_cache(maxsize=16)
+def _client(scheme: str, environment: tuple[tuple[str, str], ...]) -> Any:
+    import fsspec  # a dependency of datasets; only object stores need it
+
+    return fsspec.filesystem(scheme, use_listings_cache=False, skip_instance_cache=True)
 
 
 def _one_line(error: BaseException) -> str:

@@ -13,6 +13,7 @@ A write that runs out of space leaves nothing behind either, and is raised as on
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
 import dataclasses
 import errno
@@ -23,14 +24,17 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from gptflow.data.errors import UserError
+from gptflow.data.object_sources import object_store_filesystem
 
 CONTENTS_FILE = "contents.json"
 REPORT_FILE = "report.json"
@@ -266,6 +270,16 @@ def is_complete(directory: Path) -> bool:
     return _matches_listing(directory, _read_listing(directory))
 
 
+CHECKS_AT_ONCE = 16
+"""Directories ``are_complete`` checks at once: on an object store each check waits on requests."""
+
+
+def are_complete(directories: Iterable[Path]) -> list[bool]:
+    """``is_complete`` of each directory, checked side by side."""
+    with ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="gptflow-check") as pool:
+        return list(pool.map(is_complete, directories))
+
+
 def _read_listing(directory: Path) -> dict[str, dict[str, Any]] | None:
     try:
         return json.loads((directory / CONTENTS_FILE).read_text())["files"]
@@ -303,8 +317,8 @@ def verify_contents(directory: Path, names: Iterable[str] | None = None) -> None
     ``CorruptArtifactError`` naming the file.
     """
     directory = Path(directory)
-    if Mirror.of(directory) is not None:
-        is_complete(directory)  # fetches the object store's copy when this machine has none yet
+    if not (directory / CONTENTS_FILE).exists() and Mirror.of(directory) is not None:
+        is_complete(directory)  # fetches the object store's copy: this machine has none yet
     try:
         listed = json.loads((directory / CONTENTS_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError):
@@ -399,7 +413,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
                 shutil.rmtree(tmp, ignore_errors=True)
     mirror = Mirror.of(final)
     if mirror is not None:
-        mirror.publish_directory(final)
+        _PUBLISHING.submit(mirror, final)
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -582,31 +596,29 @@ class Mirror:
                 return _mirror_at(str(folder), marker.stat().st_mtime_ns)
         return None
 
-    @functools.cached_property
-    def _filesystem(self) -> tuple[Any, str]:
-        import fsspec  # only mirrored workspaces need it (an installed dependency of datasets)
-
-        # Listings are never cached: another machine may commit at any moment.
-        filesystem, root = fsspec.core.url_to_fs(self.url, use_listings_cache=False, skip_instance_cache=True)
-        return filesystem, root.rstrip("/")
-
     @property
     def fs(self) -> Any:
-        return self._filesystem[0]
+        return object_store_filesystem(self.url)[0]
 
     def remote(self, path: Path) -> str:
         """The object name of the local ``path``."""
-        return f"{self._filesystem[1]}/{Path(path).relative_to(self.local_root).as_posix()}"
+        root = object_store_filesystem(self.url)[1].rstrip("/")
+        return f"{root}/{Path(path).relative_to(self.local_root).as_posix()}"
 
     def holds(self, directory: Path) -> bool:
         """Whether the object store holds ``directory`` committed and whole, with a local copy
         that matches it (fetched here when missing or stale)."""
         committed = self._committed_listing(directory)
         if committed is None:
-            return False
-        if not self._objects_match(directory, committed):
-            return False
+            if not _matches_listing(directory, _read_listing(directory)):
+                return False
+            # Committed here, and its upload cut short (the process was killed) or still under way:
+            # the copy is whole, so it is published now rather than computed again.
+            self.publish_directory(directory)
+            return True
         if _read_listing(directory) == committed and _matches_listing(directory, committed):
+            # One request per check: an object lost under its commit is found by the next machine
+            # that fetches the directory, which then computes and publishes it again.
             os.utime(directory / CONTENTS_FILE)  # its last use, for evict_least_recently_used
             return True
         return self._fetch_directory(directory, committed)
@@ -634,18 +646,12 @@ class Mirror:
         return evicted, evicted_bytes
 
     def publish_directory(self, directory: Path) -> None:
-        """Put the local committed ``directory`` in the object store, its commit object last.
-        Nothing to do when the store already holds the same commit."""
-        listed = _read_listing(directory)
-        committed = self._committed_listing(directory)
-        if committed == listed and self._objects_match(directory, committed):
-            return
-        commit = self.remote(directory / CONTENTS_FILE)
-        if committed is not None:  # a different or broken commit: withdrawn before its objects change
-            self.fs.rm_file(commit)
-        for name in listed:
-            self.fs.put_file(str(directory / name), self.remote(directory / name))
-        self.fs.put_file(str(directory / CONTENTS_FILE), commit)
+        """Put the local committed ``directory`` in the object store: its files at once, then its
+        ``contents.json``, the commit. A reader that finds an earlier commit meanwhile checks each
+        file it fetches against it, so a mix of old and new objects is never taken for either."""
+        names = list(_read_listing(directory) or {})
+        self.fs.put([str(directory / name) for name in names], [self.remote(directory / name) for name in names])
+        self.fs.put_file(str(directory / CONTENTS_FILE), self.remote(directory / CONTENTS_FILE))
 
     def publish_file(self, path: Path) -> None:
         """Put the local file ``path`` (a manifest, a lineage, a cache record) in the object store."""
@@ -684,28 +690,61 @@ class Mirror:
         except (ValueError, KeyError):
             return None  # a damaged commit counts as none: the directory is recomputed
 
-    def _objects_match(self, directory: Path, listed: dict[str, dict[str, Any]]) -> bool:
-        """Every object the commit lists is there with its size (one listing, no download)."""
-        prefix = self.remote(directory)
-        sizes = {info["name"][len(prefix) + 1:]: info["size"] for info in self.fs.find(prefix, detail=True).values()}
-        return all(sizes.get(name) == entry["size"] for name, entry in listed.items())
-
     def _fetch_directory(self, directory: Path, committed: dict[str, dict[str, Any]]) -> bool:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = directory.parent / f".tmp-{directory.name}-{uuid.uuid4().hex}"
         try:
+            names = list(committed)
+            for name in names:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get([self.remote(directory / name) for name in names], [str(tmp / name) for name in names])
             for name, entry in committed.items():
-                target = tmp / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self.remote(directory / name), str(target))
-                if hash_file(target) != entry["hash"]:
+                if hash_file(tmp / name) != entry["hash"]:
                     return False  # altered in the object store: the stage recomputes and publishes it again
-                os.utime(target, ns=(entry["mtime_ns"], entry["mtime_ns"]))
+                os.utime(tmp / name, ns=(entry["mtime_ns"], entry["mtime_ns"]))
             write_json_atomic(tmp / CONTENTS_FILE, {"files": committed})
             _commit(tmp, directory)
             return True
+        except FileNotFoundError:
+            return False  # an object the commit lists is gone
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Publishing:
+    """Directories committed here, uploaded by background threads while the stage goes on computing
+    (a unit's upload overlaps the next unit's work, a checkpoint's the next training steps).
+    ``wait_for_publishing`` is the barrier: before a stage's record is shared (it names the units),
+    when a worker's unit ends, and when the process exits."""
+
+    UPLOADS_AT_ONCE = 8
+
+    def __init__(self) -> None:
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: list[Future] = []
+        self.lock = threading.Lock()
+
+    def submit(self, mirror: Mirror, directory: Path) -> None:
+        with self.lock:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(self.UPLOADS_AT_ONCE, thread_name_prefix="gptflow-publish")
+                atexit.register(wait_for_publishing)
+            self.pending.append(self.pool.submit(mirror.publish_directory, directory))
+
+    def wait(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for upload in pending:
+            upload.result()  # the first failed upload raises here, in the stage that wrote it
+
+
+_PUBLISHING = _Publishing()
+
+
+def wait_for_publishing() -> None:
+    """Return once every directory this process committed to a mirrored workspace is in its object
+    store; raise the error of an upload that failed."""
+    _PUBLISHING.wait()
 
 
 @functools.lru_cache(maxsize=64)

@@ -52,10 +52,10 @@ from gptflow.data.shards import (
     write_unit_file,
 )
 from gptflow.data.store import (
+    are_complete,
     atomic_directory,
     code_version,
     hash_json,
-    is_complete,
     share_file,
     store_references,
     write_json_atomic,
@@ -150,7 +150,7 @@ def tokenize_corpus(
     code = code_version(__name__)
     keys = [_unit_key(unit, tokenizer, code) for unit in manifest.units]
     directories = [store_dir / "tokens" / key for key in keys]
-    reused = {index for index, directory in enumerate(directories) if is_complete(directory)}
+    reused = {index for index, complete in enumerate(are_complete(directories)) if complete}
     pending = [index for index in range(len(directories)) if index not in reused]
     counts = {index: read_unit_file(directories[index]) for index in reused}
 

@@ -16,14 +16,15 @@ from prefect import Task
 from gptflow.data.store import (
     PACKAGE,
     OutOfSpaceError,
+    are_complete,
     code_version,
     failed_write_path,
     hash_file,
     hash_json,
-    is_complete,
     out_of_space_error,
     pull_shared_file,
     share_file,
+    wait_for_publishing,
 )
 from gptflow.tasks.progress import run_logger
 from gptflow.tasks.records import RecordSerializer, read_record, require_type
@@ -64,7 +65,7 @@ class UnitManifest(Protocol):
 
 def units_are_complete(manifest: UnitManifest) -> bool:
     """The ``is_valid`` of a data stage: its manifest and every unit it lists are still on disk, whole."""
-    return pull_shared_file(Path(manifest.path)) and all(is_complete(Path(unit.directory)) for unit in manifest.units)
+    return pull_shared_file(Path(manifest.path)) and all(are_complete(Path(unit.directory) for unit in manifest.units))
 
 
 def record_unit_reuse(run: PipelineRun, stage: str, done: str, outcome: StageOutcome[UnitManifest]) -> None:
@@ -98,7 +99,7 @@ def run_stage(
 
     record = workspace.prefect_results / key
     with _naming_the_stage_when_out_of_space(stage_task.name, workspace):
-        with workspace.lock(key, on_wait=report_wait):
+        with workspace.lock(key, on_wait=report_wait, between_machines=True):
             pull_shared_file(record)
             cached_result = None if recompute else _valid_cached_result(stage_task, record, workspace.store, is_valid)
             configured = stage_task.with_options(
@@ -113,8 +114,10 @@ def run_stage(
             # from the record does not know this workspace's store, so its paths stay references.
             cached = state.name == "Cached"
             result = cached_result if cached else state.result()
-            if not cached and record.exists():  # a record that could not be written is logged, not shared
-                share_file(record)
+            if not cached:
+                wait_for_publishing()  # the record names what the stage wrote: shared only once they are
+                if record.exists():  # a record that could not be written is logged, not shared
+                    share_file(record)
     return StageOutcome(result=result, status="cached" if cached else "executed")
 
 

@@ -161,7 +161,7 @@ class Lineage:
         self.pending.append(change)
 
     def _update_file(self, workspace: Workspace, changes: Sequence[Callable[[Lineage], None]]) -> None:
-        with workspace.lock(f"lineage-{self.path.stem}"):
+        with workspace.lock(f"lineage-{self.path.stem}", between_machines=True):
             latest = Lineage._read(self.path, self.corpus)
             for change in changes:
                 change(latest)

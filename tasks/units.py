@@ -23,7 +23,7 @@ from prefect import Task, get_client
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-from gptflow.data.store import Mirror
+from gptflow.data.store import Mirror, wait_for_publishing
 from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, in_this_process
 from gptflow.tasks.ray_address import resolve_ray_address
 
@@ -72,7 +72,9 @@ def _on_worker(function: Callable[..., Any], mirror: Mirror | None) -> Callable[
     @functools.wraps(function)
     def in_mirror(**call: Any) -> Any:
         Mirror.attach(mirror.local_root, mirror.url)
-        return function(**call)
+        result = function(**call)
+        wait_for_publishing()  # a worker lives on after its unit: its uploads end with the unit
+        return result
 
     return in_mirror
 

@@ -124,10 +124,13 @@ class Workspace:
         return self.uses_local_tracking or os.environ.get(WORKSPACE_SERVER_ENV) == os.environ["MLFLOW_TRACKING_URI"]
 
     @contextlib.contextmanager
-    def lock(self, name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    def lock(self, name: str, on_wait: Callable[[], None] | None = None, between_machines: bool = False
+             ) -> Iterator[None]:
         """An exclusive lock between processes using this workspace; ``on_wait`` is called if
         another process holds it. ``flock`` locks die with their process, so a run killed while
-        holding one never blocks the next (unlike lock files)."""
+        holding one never blocks the next (unlike lock files). ``between_machines``: also between
+        machines sharing a workspace on an object store (what they share: stages, lineages), not
+        only processes of this one (its MLflow store, its outboxes)."""
         lock_dir = self.root / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
         with open(lock_dir / f"{name}.lock", "a") as lock_file:
@@ -139,7 +142,7 @@ class Workspace:
                     on_wait = None
                 fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
-                if self.url is None:
+                if self.url is None or not between_machines:
                     yield
                 else:
                     with ObjectStoreLease(Mirror(self.root, self.url), lock_dir / f"{name}.lock", on_wait):

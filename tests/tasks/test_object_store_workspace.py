@@ -5,6 +5,7 @@ between machines on S3's conditional writes."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -12,7 +13,14 @@ import time
 import pytest
 import s3fs
 
-from gptflow.data.store import CONTENTS_FILE, atomic_directory, is_complete, pull_shared_file, share_file
+from gptflow.data.store import (
+    CONTENTS_FILE,
+    atomic_directory,
+    is_complete,
+    pull_shared_file,
+    share_file,
+    wait_for_publishing,
+)
 from gptflow.tasks import workspace as workspace_module
 from gptflow.tasks.workspace import Workspace, WorkspaceError
 
@@ -41,6 +49,7 @@ def test_a_directory_is_committed_by_its_contents_object_and_fetched_whole_elsew
         (tmp / "train.arrow").write_bytes(b"tokens" * 1000)
         (tmp / "nested").mkdir()
         (tmp / "nested" / "val.arrow").write_bytes(b"val")
+    wait_for_publishing()
     objects = _objects(first.url)
     assert set(objects) == {"store/tokens/unit/train.arrow", "store/tokens/unit/nested/val.arrow",
                             f"store/tokens/unit/{CONTENTS_FILE}"}
@@ -56,6 +65,7 @@ def test_a_directory_whose_commit_is_missing_or_whose_object_was_altered_is_not_
     first, second = two_machines
     with atomic_directory(first.store / "raw" / "unit") as tmp:
         (tmp / "docs.arrow").write_bytes(b"a" * 100)
+    wait_for_publishing()
     filesystem = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
     data_object = f"{first.url.removeprefix('s3://')}/store/raw/unit/docs.arrow"
 
@@ -64,15 +74,17 @@ def test_a_directory_whose_commit_is_missing_or_whose_object_was_altered_is_not_
     assert not list((second.store / "raw").glob(".tmp-*")), "a failed fetch leaves nothing behind"
     assert is_complete(first.store / "raw" / "unit"), "the machine that wrote it holds a good copy"
 
-    filesystem.pipe_file(data_object, b"c" * 7)  # another size: caught by the listing alone
-    assert not is_complete(first.store / "raw" / "unit")
-
     with atomic_directory(first.store / "raw" / "unit") as tmp:  # recomputed: published again
         (tmp / "docs.arrow").write_bytes(b"a" * 100)
+    wait_for_publishing()
     assert is_complete(second.store / "raw" / "unit")
 
-    filesystem.rm_file(f"{first.url.removeprefix('s3://')}/store/raw/unit/{CONTENTS_FILE}")
-    assert not is_complete(first.store / "raw" / "unit"), "without its commit object a directory does not exist"
+    commit = f"{first.url.removeprefix('s3://')}/store/raw/unit/{CONTENTS_FILE}"
+    filesystem.rm_file(commit)
+    shutil.rmtree(second.store / "raw" / "unit")  # a machine without a copy of its own
+    assert not is_complete(second.store / "raw" / "unit"), "without its commit object a directory does not exist"
+    # ... except on the machine that committed it, whose upload was cut short: its copy is published again.
+    assert is_complete(first.store / "raw" / "unit") and filesystem.exists(commit)
 
 
 def test_shared_files_follow_the_object_store(two_machines):
@@ -96,7 +108,7 @@ def test_a_stage_lock_holds_between_machines_and_is_released(two_machines):
     first_holds = threading.Event()
 
     def hold_first() -> None:
-        with first.lock("stage"):
+        with first.lock("stage", between_machines=True):
             first_holds.set()
             order.append("first in")
             time.sleep(1.5)
@@ -105,12 +117,14 @@ def test_a_stage_lock_holds_between_machines_and_is_released(two_machines):
     holder = threading.Thread(target=hold_first)
     holder.start()
     first_holds.wait(10)
-    with second.lock("stage", on_wait=waited.set):
+    with second.lock("stage", on_wait=waited.set, between_machines=True):
         order.append("second in")
     holder.join()
     assert order == ["first in", "first out", "second in"]
     assert waited.is_set()
     assert not [name for name in _objects(first.url) if name.startswith("locks/stage")], "released locks are deleted"
+    with first.lock("mlflow-store"):  # what only this machine has (its MLflow store) is locked on it alone
+        assert not [name for name in _objects(first.url) if name.startswith("locks/")]
 
 
 def test_the_lock_of_a_killed_holder_is_taken_over_once_it_expired(two_machines, monkeypatch):
@@ -121,7 +135,7 @@ def test_the_lock_of_a_killed_holder_is_taken_over_once_it_expired(two_machines,
     # What a holder killed without releasing leaves: a lease nobody renews.
     expires = time.time() + 2
     filesystem.pipe_file(lock_object, json.dumps({"holder": "gone:1:x", "expires": expires}).encode())
-    with second.lock("stage"):
+    with second.lock("stage", between_machines=True):
         taken_at = time.time()
         held = json.loads(filesystem.cat_file(lock_object))
     assert expires <= taken_at < expires + 15, "taken over once expired, not before"
@@ -135,7 +149,7 @@ def test_a_lease_is_renewed_while_its_stage_runs(two_machines, monkeypatch):
     order: list[str] = []
 
     def hold_long() -> None:
-        with first.lock("stage"):
+        with first.lock("stage", between_machines=True):
             entered.set()
             time.sleep(4)  # well past one lease: only renewals keep it
             order.append("first out")
@@ -143,7 +157,7 @@ def test_a_lease_is_renewed_while_its_stage_runs(two_machines, monkeypatch):
     holder = threading.Thread(target=hold_long)
     holder.start()
     entered.wait(10)
-    with second.lock("stage"):
+    with second.lock("stage", between_machines=True):
         order.append("second in")
     holder.join()
     assert order == ["first out", "second in"]
@@ -177,6 +191,7 @@ def test_the_cache_keeps_the_most_recently_used_copies_within_its_bound(two_mach
     for unit in units:
         with atomic_directory(unit) as tmp:
             (tmp / "train.arrow").write_bytes(bytes(1000))
+    wait_for_publishing()
     for unit in (units[2], units[1], units[0]):  # least recently used first
         assert is_complete(unit)
     s3fs.S3FileSystem(skip_instance_cache=True).rm_file(  # unit-2 lost its commit: its copy is the only one
