@@ -40,6 +40,9 @@ if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for t
 
 SAMPLE_SEPARATOR = "-" * 40
 """Printed between the samples of ``gptflow generate``, which may span many lines."""
+WORKSPACE_METAVAR = "DIR|s3://BUCKET/PREFIX"
+WORKSPACE_HELP = ("artifact store and MLflow database: a folder, or an S3 prefix mirrored in $GPTFLOW_CACHE "
+                  "(default: $GPTFLOW_HOME or ./.gptflow)")
 RAY_HELP = ("run the data stages' per-file units on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; default "
             "$GPTFLOW_RAY_ADDRESS), each a Prefect task run; without it, they run in the stage's process")
 
@@ -278,8 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings, applied over the preset")
     pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override one setting, e.g. --set train.max_steps=200; repeatable")
-    pretrain.add_argument("--workspace", metavar="DIR",
-                          help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
+    pretrain.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
     pretrain.add_argument("--nproc", type=int, metavar="N",
                           help="train data-parallel on N GPUs (or CPU processes) via torchrun; "
                           "same as --set train.nproc=N")
@@ -324,8 +326,7 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a finetune.*, train.* or sampling.* setting, e.g. --set finetune.lora_rank=0 "
                           "(full fine-tune) or --set train.max_steps=300; repeatable")
-    finetune.add_argument("--workspace", metavar="DIR",
-                          help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
+    finetune.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
     finetune.set_defaults(handler=_finetune)
 
     evaluate = commands.add_parser(
@@ -428,8 +429,7 @@ def _add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
                         "holding model.safetensors and config.json")
     parser.add_argument("--tokenizer", metavar="PATH",
                         help="the model's tokenizer.json, for a model directory without one beside or above it")
-    parser.add_argument("--workspace", metavar="DIR",
-                        help="artifact store and MLflow database (default: $GPTFLOW_HOME or ./.gptflow)")
+    parser.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
 
 
 def _positive_float(text: str) -> float:

@@ -84,6 +84,17 @@ def test_a_corpus_in_a_missing_bucket_is_refused_in_one_line(tmp_path, s3_server
     assert imported == []
 
 
+def test_a_workspace_in_a_missing_bucket_is_refused_in_one_line(tmp_path, s3_server, monkeypatch):
+    for name, value in s3_server.items():  # the command's process inherits them
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
+    status, imported, stderr = _refuse("pretrain", "--preset", "tiny", "--workspace", "s3://gptflow-no-such-bucket/ws")
+    assert status == 2
+    assert stderr.splitlines() == ["gptflow: error: The workspace s3://gptflow-no-such-bucket/ws: its bucket does not "
+                                   "exist. Create it, or pass another --workspace."]
+    assert imported == []
+
+
 def test_a_damaged_stack_file_is_one_line_naming_it(tmp_path):
     (tmp_path / "stack.json").write_text("{not json")
     status, _, stderr = _refuse("down", "--workspace", str(tmp_path))
