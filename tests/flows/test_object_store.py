@@ -1,5 +1,6 @@
 """The pipeline on a workspace kept on S3 (a real moto server on 127.0.0.1), reading its corpus from
-S3, its data units on a real local Ray cluster: the artifacts of a local run, reused by a machine with an empty cache, an object
+S3, its data units on a real local Ray cluster: the artifacts of a local run, reused by a machine with an empty cache, which
+ingests only the file added to the bucket, an object
 altered in the store recomputed, two machines at once computing each stage once, and a run killed
 mid-stage leaving no committed partial unit."""
 
@@ -72,6 +73,14 @@ def test_an_s3_workspace_holds_what_a_local_run_writes_and_an_empty_cache_reuses
     assert elsewhere.val_loss == on_s3.val_loss
     [copy] = (tmp_path / "machine-b" / "workspaces").iterdir()
     assert _local_shards(copy) == _local_shards(tmp_path / "local"), "training read the shards the store holds"
+
+    files = len(list(tiny_corpus_dir.iterdir()))
+    s3fs.S3FileSystem(skip_instance_cache=True).pipe_file(  # new data arrives in the bucket
+        f"{corpus_on_s3.removeprefix('s3://')}zz_added.py", b"def added():\n    return 42\n" * 50)
+    grown = pretrain(corpus=corpus, preset="tiny", overrides=OVERRIDES, workspace=url)
+    tags = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_run(grown.mlflow_run_id).data.tags
+    assert (tags["gptflow.ingest.files_reused"], tags["gptflow.ingest.files_ingested"]) == (str(files), "1")
+    assert (tags["gptflow.tokenize.files_reused"], tags["gptflow.tokenize.files_tokenized"]) == (str(files), "1")
 
 
 def test_an_object_altered_in_the_store_is_recomputed(prefect_api_url, s3_bucket, tiny_corpus_dir, tmp_path,

@@ -5,10 +5,15 @@ between machines on S3's conditional writes."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import s3fs
@@ -177,6 +182,42 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_is_a_clear_error(s3_server,
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(WorkspaceError, match=r"s3://any-bucket/x cannot be reached .*AWS_ENDPOINT_URL"):
         Workspace.resolve("s3://any-bucket/x")
+
+
+@pytest.fixture()
+def s3_server_that_checks_credentials(tmp_path):
+    """A second moto S3 server that authenticates every request (``INITIAL_NO_AUTH_ACTION_COUNT=0``),
+    as S3 does: keys it never issued are refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_credentials_the_store_refuses_are_a_clear_error(s3_server, s3_server_that_checks_credentials, tmp_path,
+                                                         monkeypatch):
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server_that_checks_credentials)
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WorkspaceError, match=r"s3://locked-bucket/x refused a write \(access denied\): give these "
+                                             r"credentials write access"):
+        Workspace.resolve("s3://locked-bucket/x")
 
 
 def test_a_workspace_url_of_another_kind_is_refused(tmp_path, monkeypatch):
