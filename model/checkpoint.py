@@ -9,12 +9,17 @@ Layout under a run directory::
                             only (loaded weights_only)
         trainer.json        step, tokens seen, data seed, TrainConfig
         contents.json       written by data.store.atomic_directory
+    checkpoints/step-00000500/    (written by train.parallelism=fsdp on several ranks)
+        .metadata, __R_0.distcp   torch.distributed.checkpoint: every rank's shards of the weights
+                                  and AdamW state, loadable at any world size, sharded or not
+        config.json, trainer.json, contents.json    as above
     final/
         model.safetensors
         config.json
         contents.json
 
-Each directory is filled under a ``.tmp-*`` name and renamed into place when complete, so a
+Each directory is filled under a ``.tmp-*`` name and renamed into place when complete (for a
+sharded checkpoint, by rank 0 once every rank has written its shards into it), so a
 process killed at any moment leaves either a loadable checkpoint or debris that nothing reads; a
 write that runs out of space removes the temporary directory and raises
 ``data.store.OutOfSpaceError`` naming the checkpoint.
@@ -31,6 +36,15 @@ from typing import Any
 
 import safetensors.torch
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from gptflow.data.store import (
     atomic_directory,
@@ -42,6 +56,7 @@ from gptflow.data.store import (
     write_json_atomic,
 )
 from gptflow.model.config import ModelConfig
+from gptflow.model.distributed import is_sharded
 from gptflow.model.gpt import GPT
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -50,6 +65,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer.json"
+SHARDED_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of the shards
 CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -80,6 +96,33 @@ def save_checkpoint(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
     return path
 
 
+def save_sharded_checkpoint(
+    run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, state: TrainerState, is_main: bool
+) -> Path:
+    """Commit a checkpoint of ``state.step`` of a model sharded over the ranks; every rank calls
+    this. Each writes its own shards into one temporary directory, which rank 0 commits once all
+    are written, so a kill at any moment still leaves no partial checkpoint."""
+    path = checkpoint_path(run_dir, state.step)
+    shards = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if not is_main:
+        dcp.save(shards, checkpoint_id=_directory_of_rank_0(None))
+        return path
+    with atomic_directory(path) as tmp:
+        _directory_of_rank_0(tmp)
+        # Returns on every rank once rank 0 has written the index, after all shards are written.
+        dcp.save(shards, checkpoint_id=tmp)
+        write_json_atomic(tmp / CONFIG_FILE, asdict(model.config))
+        write_json_atomic(tmp / TRAINER_FILE, asdict(state))
+    return path
+
+
+def _directory_of_rank_0(directory: Path | None) -> Path:
+    """Rank 0's ``directory`` on every rank: the temporary name is random, so it is sent."""
+    sent = [str(directory) if directory is not None else None]
+    dist.broadcast_object_list(sent, src=0)
+    return Path(sent[0])
+
+
 def checkpoint_directories(run_dir: Path) -> list[Path]:
     """Committed checkpoints of a run, oldest first, with any whose files were altered or whose
     record was discarded since (``load_checkpoint`` says what is wrong with those)."""
@@ -100,23 +143,88 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None = None) -> TrainerState:
     """Load weights (and optimizer state, when given) in place; returns the trainer state. Files
-    that do not hash to what was written are refused with ``CorruptArtifactError``."""
+    that do not hash to what was written are refused with ``CorruptArtifactError``.
+
+    Either kind of checkpoint loads into either kind of model: a sharded checkpoint (see
+    ``save_sharded_checkpoint``) is resharded to this run's world size, or read whole by a model
+    that is not sharded; a whole one is split into the shards of a sharded model.
+    """
     path = Path(path)
+    sharded_checkpoint = (path / SHARDED_METADATA_FILE).exists()
     # Resuming or continuing reads the whole checkpoint anyway: re-hashing it first is cheap, and
     # catches bytes altered behind an unchanged size and mtime, which is_complete lets through.
-    verify_contents(path, (WEIGHTS_FILE, CONFIG_FILE, TRAINER_FILE, *((OPTIMIZER_FILE,) if optimizer else ())))
+    if sharded_checkpoint:
+        verify_contents(path)
+    else:
+        verify_contents(path, (WEIGHTS_FILE, CONFIG_FILE, TRAINER_FILE, *((OPTIMIZER_FILE,) if optimizer else ())))
     saved_config = read_model_config(path)
     if saved_config != model.config:
         raise ValueError(
             f"checkpoint {path} was written by a model with config {saved_config}, which differs from "
             f"{model.config}: resume with the original model config, or start a new run"
         )
-    _load_weights(model, path)
-    if optimizer is not None:
-        # weights_only: the file holds tensors and plain values; refusing pickled code means a
-        # tampered checkpoint cannot run anything on load.
-        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    if sharded_checkpoint:
+        _load_sharded(path, model, optimizer)
+    elif is_sharded(model):
+        _load_whole_into_shards(path, model, optimizer)
+    else:
+        _load_weights(model, path)
+        if optimizer is not None:
+            optimizer.load_state_dict(_read_optimizer_state(path))
     return TrainerState(**json.loads((path / TRAINER_FILE).read_text()))
+
+
+def _read_optimizer_state(path: Path) -> dict[str, Any]:
+    # weights_only: the file holds tensors and plain values; refusing pickled code means a
+    # tampered checkpoint cannot run anything on load.
+    return torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+
+
+def _load_sharded(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            f"checkpoint {path} was written by train.parallelism=fsdp, which trains with AdamW: resume it "
+            "with train.optimizer=adamw"
+        )
+    # The state dicts of this model and optimizer say which shard (or whole tensor) each rank
+    # holds; torch.distributed.checkpoint reads just that from the saved shards.
+    shards: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        shards["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(shards, checkpoint_id=path)
+    set_model_state_dict(model, shards["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, shards["optimizer"])
+
+
+def _load_whole_into_shards(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a checkpoint of a whole model into a sharded one: each rank reads it all, keeps its shards."""
+    whole = GPT(model.config)
+    _load_weights(whole, path)
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, whole.state_dict(), options=full)
+    if optimizer is None:
+        return
+    saved = _read_optimizer_state(path)
+    if set(saved) != {"state", "param_groups"}:
+        raise ValueError(
+            f"checkpoint {path} holds the state of train.optimizer=muon, which train.parallelism=fsdp cannot "
+            "shard: resume it with train.parallelism=ddp"
+        )
+    # optimizer.pt numbers the parameters in the order of the optimizer's groups; the sharded
+    # optimizer lists the same parameters in the same order, and torch names them by module path.
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    name_of = {
+        index: names[id(parameter)]
+        for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True)
+        for index, parameter in zip(saved_group["params"], group["params"], strict=True)
+    }
+    by_name = {
+        "state": {name_of[index]: value for index, value in saved["state"].items()},
+        "param_groups": [{**group, "params": [name_of[index] for index in group["params"]]}
+                         for group in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=full)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

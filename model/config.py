@@ -15,6 +15,7 @@ POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2", "swiglu")
 OPTIMIZERS = ("adamw", "muon")
+PARALLELISMS = ("ddp", "fsdp")
 
 
 def pad_vocab_size(n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -150,6 +151,12 @@ class TrainConfig:
     nproc: int = 1
     """Processes (one GPU each) training data-parallel, launched with torchrun; each takes
     ``micro_batch_size`` sequences per micro-step, so the global batch grows with ``nproc``."""
+    parallelism: str = "ddp"
+    """How ``nproc`` processes share the model. ``ddp``: every rank holds the whole model and
+    optimizer state, gradients are all-reduced. ``fsdp``: FSDP2 shards parameters, gradients and
+    AdamW state over the ranks, one unit per transformer block (bf16 compute with fp32 gradient
+    reduction on CUDA); checkpoints are sharded (``torch.distributed.checkpoint``) and resume at
+    any world size. With one process there is nothing to shard and both train the same."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "val_tokens",
@@ -161,6 +168,15 @@ class TrainConfig:
         require(
             self.optimizer in OPTIMIZERS,
             f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        require(
+            self.parallelism in PARALLELISMS,
+            f"train.parallelism must be one of {', '.join(PARALLELISMS)}, got {self.parallelism!r}",
+        )
+        require(
+            not (self.parallelism == "fsdp" and self.optimizer == "muon"),
+            "train.parallelism=fsdp shards each matrix over the ranks, but Muon orthogonalises whole matrices: "
+            "use train.optimizer=adamw with fsdp, or train.parallelism=ddp with muon",
         )
         require(
             self.muon_learning_rate > 0, f"train.muon_learning_rate must be positive, got {self.muon_learning_rate}"

@@ -1,9 +1,12 @@
 """Data parallelism across the processes that ``torchrun`` starts: one device per rank.
 
-Every rank holds the whole model; each micro-step, rank ``r`` trains on its slice of one global
-batch (see ``data.loader.TokenWindows.sample_batch``) and DDP averages the gradients, so N
-processes with micro-batch B take the same steps as one process with micro-batch N·B. Rank 0
-alone logs, evaluates and writes checkpoints; the others wait for it at barriers.
+With ``train.parallelism=ddp`` every rank holds the whole model; with ``fsdp`` (``shard_model``)
+each holds a shard of every parameter, gradient and optimizer state, all-gathered per transformer
+block for its forward and backward. Either way, each micro-step, rank ``r`` trains on its slice
+of one global batch (see ``data.loader.TokenWindows.sample_batch``) and the gradients are
+averaged over the ranks, so N processes with micro-batch B take the same steps as one process
+with micro-batch N·B. Rank 0 alone logs and commits checkpoints; the others wait for it at
+barriers (with fsdp, every rank writes its shards of a checkpoint and evaluates its part).
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from gptflow.model.gpt import GPT
 
 
 @dataclass(frozen=True)
@@ -63,3 +71,45 @@ class Ranks:
         total = value.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total / self.world_size
+
+
+def shard_model(model: GPT, device: torch.device) -> GPT:
+    """Shard ``model`` in place over all ranks with FSDP2: one unit per transformer block, whose
+    parameters are all-gathered just for its forward and backward, then the root (embeddings,
+    final norm, output projection). Build the optimizer after this: it must hold the shards."""
+    # bf16 compute halves the all-gather and activation traffic; gradients are reduced in fp32
+    # so averaging over many ranks loses no precision. On CPU everything stays float32.
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of ``model`` to ``max_norm``; returns the norm before clipping,
+    a plain tensor also when the gradients are shards (its norm is then reduced over the ranks)."""
+    parameters = [parameter for parameter in model.parameters() if parameter.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in parameters])
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
+
+
+def gather_full_model(model: GPT, is_main: bool) -> GPT | None:
+    """The whole of a sharded ``model`` as a plain model on the CPU of rank 0 (None on the others);
+    every rank must call this, since the parameters are gathered from all of them."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    full = GPT(model.config)
+    full.load_state_dict(state)
+    return full

@@ -34,10 +34,11 @@ from gptflow.model.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
     save_final,
+    save_sharded_checkpoint,
 )
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.device import autocast, peak_flops, resolve_autocast_dtype, resolve_device
-from gptflow.model.distributed import Ranks
+from gptflow.model.distributed import Ranks, clip_grad_norm_, gather_full_model, is_sharded, shard_model
 from gptflow.model.evaluate import evaluate_loss
 from gptflow.model.gpt import GPT
 from gptflow.model.optim import build_optimizer, learning_rate_at
@@ -125,7 +126,8 @@ def pretrain(
     ``val_tokens`` tokens of ``val_paths`` (skipped when empty). Seeds torch's global RNG.
 
     Under ``torchrun`` with ``train.nproc`` processes, trains data-parallel (``model.distributed``):
-    every rank calls this function with the same arguments; rank 0 reports and writes.
+    every rank calls this function with the same arguments; rank 0 reports and writes. With
+    ``train.parallelism=fsdp`` the model is sharded over the ranks and so are its checkpoints.
     """
     ranks = Ranks.from_environment()
     if ranks.world_size != train_config.nproc:
@@ -164,21 +166,22 @@ def _train(
     train_windows = _training_windows(train_paths, continuation, mixture, model_config)
     val_windows = TokenWindows(val_paths, model_config.block_size, model_config.vocab_size) if val_paths else None
 
-    model, optimizer = _initial_model(model_config, train_config, device)
+    sharded = train_config.parallelism == "fsdp" and ranks.is_distributed
+    model, optimizer = _initial_model(model_config, train_config, device, sharded)
     restored = None
     if resume:
         checkpoints = checkpoint_directories(run_dir)
         restored = _restore_latest_loadable(checkpoints, model, optimizer, callback, ranks)
         if checkpoints and restored is None:
             # Each one failed to load, possibly after writing part of itself into them.
-            model, optimizer = _initial_model(model_config, train_config, device)
+            model, optimizer = _initial_model(model_config, train_config, device, sharded)
     else:
         _delete_checkpoints_and_export(run_dir, ranks)
     if restored is None and continuation is not None:
         load_checkpoint(continuation.checkpoint, model, optimizer)
     start_step = restored.step if restored else 0
     tokens_seen = restored.tokens_seen if restored else 0
-    parallel_model = DistributedDataParallel(model) if ranks.is_distributed else model
+    parallel_model = DistributedDataParallel(model) if ranks.is_distributed and not sharded else model
     step_model = torch.compile(parallel_model) if train_config.compile else parallel_model
 
     accum_steps = train_config.grad_accum_steps
@@ -213,7 +216,7 @@ def _train(
                     _, loss = step_model(inputs, targets)
                 (loss / accum_steps).backward()
             loss_sum += loss.detach()
-        grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        grad_norm_sum += clip_grad_norm_(model, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps_done = step + 1
@@ -256,9 +259,12 @@ def _train(
                 metrics["val/loss"] = final_val_loss
             if checkpoint_now:
                 checkpoint = checkpoint_path(run_dir, steps_done)
-                if ranks.is_main:
-                    state = TrainerState(steps_done, tokens_seen, train_config.seed, asdict(train_config))
+                state = TrainerState(steps_done, tokens_seen, train_config.seed, asdict(train_config))
+                if sharded:
+                    save_sharded_checkpoint(run_dir, model, optimizer, state, ranks.is_main)
+                elif ranks.is_main:
                     save_checkpoint(run_dir, model, optimizer, state)
+                if ranks.is_main:
                     prune_checkpoints(run_dir, train_config.keep_checkpoints)
                 ranks.barrier()
             paused_s += time.perf_counter() - pause_started
@@ -268,8 +274,10 @@ def _train(
             callback.on_checkpoint(steps_done, checkpoint)
 
     final_dir = run_dir / FINAL_DIR
+    # Downstream (evaluation, export, MLflow) reads one model.safetensors, whatever the parallelism.
+    exported = gather_full_model(model, ranks.is_main) if sharded else model
     if ranks.is_main:
-        save_final(run_dir, model)
+        save_final(run_dir, exported)
     ranks.barrier()
     return TrainResult(
         final_dir=final_dir,
@@ -305,10 +313,13 @@ def _training_windows(
 
 
 def _initial_model(
-    model_config: ModelConfig, train_config: TrainConfig, device: torch.device
+    model_config: ModelConfig, train_config: TrainConfig, device: torch.device, sharded: bool
 ) -> tuple[GPT, torch.optim.Optimizer]:
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(device)  # initialised on the CPU: the same weights on any device
+    if sharded:
+        # Every rank initialised the same whole model from the seed and keeps its shards of it.
+        model = shard_model(model, device)
     return model, build_optimizer(model, train_config, device)
 
 
@@ -348,9 +359,12 @@ def _delete_checkpoints_and_export(run_dir: Path, ranks: Ranks) -> None:
 
 
 def _gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync`` on all but the last micro-step: one all-reduce per optimizer step."""
+    """DDP's ``no_sync`` on all but the last micro-step: one all-reduce per optimizer step (FSDP:
+    one reduce-scatter, the micro-steps before it accumulating whole gradients)."""
     if isinstance(model, DistributedDataParallel) and not sync:
         return model.no_sync()
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
 

@@ -81,7 +81,8 @@ class FinetuneSettings(Settings):
     }
     UNSUPPORTED_TRAIN: ClassVar[dict[str, str]] = {
         "optimizer": "fine-tuning trains with AdamW", "compile": "fine-tuning does not compile the model",
-        "nproc": "fine-tuning runs in one process", "checkpoint_interval": "fine-tuning writes no checkpoints",
+        "nproc": "fine-tuning runs in one process", "parallelism": "fine-tuning runs in one process",
+        "checkpoint_interval": "fine-tuning writes no checkpoints",
         "keep_checkpoints": "fine-tuning writes no checkpoints",
         "val_tokens": "fine-tuning validates on its whole val split",
     }

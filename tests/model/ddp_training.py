@@ -1,14 +1,18 @@
-"""One rank of the data-parallel test, started by torchrun (or alone as the one-process baseline).
+"""One rank of the data-parallel tests, started by torchrun (or alone as the one-process baseline).
 
 Usage: python ddp_training.py RUN_DIR TRAIN_SHARD VAL_SHARD MICRO_BATCH LOSSES_JSON
+           [--parallelism ddp|fsdp] [--resume] [--die-after-checkpoint STEP]
+
+``--die-after-checkpoint`` ends the process abruptly once the checkpoint of STEP is committed,
+as a kill would (torchrun then stops the other ranks).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -25,23 +29,41 @@ TRAIN_CONFIG = TrainConfig(
 
 
 class RecordLosses:
-    def __init__(self) -> None:
+    def __init__(self, die_after_checkpoint: int | None = None) -> None:
         self.losses: dict[int, float] = {}
+        self.die_after_checkpoint = die_after_checkpoint
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.losses[step] = metrics["train/loss"]
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        if step == self.die_after_checkpoint:
+            os._exit(3)
+
+    def on_resume(self, step: int, path: Path) -> None:
         pass
+
+    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
+        raise AssertionError(f"checkpoint {path} did not load: {error}")
 
 
 if __name__ == "__main__":
-    run_dir, train_shard, val_shard = map(Path, sys.argv[1:4])
-    micro_batch, losses_path = int(sys.argv[4]), Path(sys.argv[5])
+    parser = argparse.ArgumentParser()
+    for name in ("run_dir", "train_shard", "val_shard"):
+        parser.add_argument(name, type=Path)
+    parser.add_argument("micro_batch", type=int)
+    parser.add_argument("losses_path", type=Path)
+    parser.add_argument("--parallelism", default="ddp")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--die-after-checkpoint", type=int)
+    args = parser.parse_args()
     torch.set_num_threads(1)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    config = dataclasses.replace(TRAIN_CONFIG, micro_batch_size=micro_batch, nproc=world_size)
-    recorder = RecordLosses()
-    pretrain(MODEL_CONFIG, config, [train_shard], [val_shard], run_dir, callback=recorder)
+    config = dataclasses.replace(
+        TRAIN_CONFIG, micro_batch_size=args.micro_batch, nproc=world_size, parallelism=args.parallelism
+    )
+    recorder = RecordLosses(args.die_after_checkpoint)
+    pretrain(MODEL_CONFIG, config, [args.train_shard], [args.val_shard], args.run_dir, callback=recorder,
+             resume=args.resume)
     if int(os.environ.get("RANK", 0)) == 0:
-        losses_path.write_text(json.dumps(recorder.losses))
+        args.losses_path.write_text(json.dumps(recorder.losses))
