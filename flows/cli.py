@@ -32,6 +32,7 @@ from gptflow.tasks.config import (
     parse_override_pairs,
 )
 from gptflow.tasks.ray_address import resolve_ray_address
+from gptflow.tasks.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous, RendezvousError
 from gptflow.tasks.workspace import Workspace
 
 if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
@@ -93,8 +94,11 @@ def _keep_traceback(workspace: Path) -> str:
 
 def _pretrain(args: argparse.Namespace) -> int:
     overrides = parse_override_pairs(args.overrides)
-    if args.nproc is not None:
-        overrides["train.nproc"] = args.nproc
+    rendezvous = Rendezvous.from_flags(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_timeout)
+    if args.nproc is not None and args.nnodes is not None:
+        raise RendezvousError("--nproc counts processes on one machine: with --nnodes, give --nproc-per-node instead.")
+    if args.nproc is not None or args.nproc_per_node is not None:
+        overrides["train.nproc"] = (args.nnodes or 1) * (args.nproc or args.nproc_per_node)
     corpus = args.corpus or [BUILTIN_CORPUS]
     # Fail on a bad config, a bad weight or a missing path now, before Prefect and MLflow start up.
     build_config(PretrainSettings, args.preset, args.config, overrides)
@@ -102,7 +106,33 @@ def _pretrain(args: argparse.Namespace) -> int:
     resolve_ray_address(args.ray)
     return _run_flow("pretrain", corpus=corpus, preset=args.preset, config_file=args.config, overrides=overrides,
                      workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
-                     from_scratch=args.from_scratch, ray=args.ray)
+                     from_scratch=args.from_scratch, ray=args.ray, rendezvous=rendezvous)
+
+
+def _train_node(args: argparse.Namespace) -> int:
+    """Join the head node's training: this machine's ranks, nothing logged or written here."""
+    import subprocess
+
+    rendezvous = Rendezvous.from_flags(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_timeout)
+    if rendezvous is None:
+        raise RendezvousError("gptflow train-node joins a training on several machines: --nnodes must be at least 2 "
+                              "(on one machine, gptflow pretrain --nproc N trains alone).")
+    Workspace.resolve(args.workspace)  # a missing bucket is refused now, not by every rank
+    command = [*rendezvous.torchrun_command(), "-m", "gptflow.tasks.training_job", "--join",
+               *([args.workspace] if args.workspace else [])]
+    print(f"gptflow: joining the training at {rendezvous.endpoint} with {rendezvous.nproc_per_node} process(es); "
+          f"waiting up to {rendezvous.timeout_s:g} s for the head node", file=sys.stderr, flush=True)
+    environment = {**os.environ, "GPTFLOW_RDZV_TIMEOUT": str(rendezvous.timeout_s)}
+    output = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment) as ranks:
+        for line in ranks.stdout:
+            print(line, end="", flush=True)
+            output = [*output[-199:], line]
+    if ranks.returncode != 0:
+        raise rendezvous.failure("".join(output), ranks.returncode) or RuntimeError(
+            f"this node's training ranks failed (torchrun exit code {ranks.returncode}); their output is above")
+    print(f"gptflow: this node's share of the training at {rendezvous.endpoint} is done", file=sys.stderr)
+    return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -285,6 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--nproc", type=int, metavar="N",
                           help="train data-parallel on N GPUs (or CPU processes) via torchrun; "
                           "same as --set train.nproc=N")
+    _add_rendezvous_arguments(pretrain, "this machine runs every stage, logs to MLflow and holds rank 0; run "
+                              "`gptflow train-node` with the same --nnodes, --nproc-per-node and --rdzv-endpoint on "
+                              "each other machine")
     pretrain.add_argument("--restart", action="store_true",
                           help="train from step 0, deleting the checkpoints of an earlier training at these exact "
                           "settings; without it, a training that stopped early resumes from its latest checkpoint")
@@ -417,9 +450,36 @@ def _parser() -> argparse.ArgumentParser:
                       help="the workspace of the runs (default: $GPTFLOW_HOME or ./.gptflow)")
     sync.set_defaults(handler=_sync)
 
+    train_node = commands.add_parser(
+        "train-node", help="join a `gptflow pretrain --nnodes N` training from another machine",
+        description="Start this machine's training processes for the `gptflow pretrain --nnodes N ... --rdzv-endpoint "
+        "HOST:PORT` that runs on the head node, and wait until the training ends. They take the training job from "
+        "the head through torchrun's c10d rendezvous and read the token shards from the same workspace; only the "
+        "head logs to MLflow and writes artifacts. Slurm and Kubernetes run this on every node but the head "
+        "(examples/).",
+    )
+    _add_rendezvous_arguments(train_node, "this machine's processes join the head node's training there")
+    train_node.add_argument("--workspace", metavar=WORKSPACE_METAVAR,
+                            help="the head node's workspace: the same s3:// URL, or a folder shared by every node "
+                            "(default: $GPTFLOW_HOME or ./.gptflow)")
+    train_node.set_defaults(handler=_train_node)
+
     presets = commands.add_parser("presets", help="list the named configurations")
     presets.set_defaults(handler=_presets)
     return parser
+
+
+def _add_rendezvous_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    """--nnodes, --nproc-per-node, --rdzv-endpoint and --rdzv-timeout: a ``tasks.rendezvous.Rendezvous``."""
+    parser.add_argument("--nnodes", type=int, metavar="N",
+                        help=f"train on N machines that meet at --rdzv-endpoint (torchrun's c10d rendezvous); {role}")
+    parser.add_argument("--nproc-per-node", type=int, metavar="M",
+                        help="training processes (GPUs) on each machine (default 1); train.nproc becomes N x M")
+    parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                        help="where the machines meet: a free port of the head node that every node reaches")
+    parser.add_argument("--rdzv-timeout", type=float, metavar="SECONDS",
+                        help=f"how long to wait for every node to join before failing (default {DEFAULT_TIMEOUT_S:g}); "
+                        "on the other nodes it must cover the head's data stages")
 
 
 def _add_model_source_arguments(parser: argparse.ArgumentParser) -> None:

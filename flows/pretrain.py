@@ -24,6 +24,7 @@ from gptflow.tasks.ingest import ingest
 from gptflow.tasks.lineage import Lineage, data_delta
 from gptflow.tasks.pretrain import train_model
 from gptflow.tasks.progress import human_count, human_duration
+from gptflow.tasks.rendezvous import Rendezvous, RendezvousError
 from gptflow.tasks.tokenize import log_corpus_dataset, tokenize
 from gptflow.tasks.tokenizer import train_tokenizer
 from gptflow.tasks.tracking import pipeline_run, run_name, source_label
@@ -118,6 +119,7 @@ def pretrain(
     retrain_tokenizer: bool = False,
     from_scratch: bool = False,
     ray: str | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> PretrainSummary:
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
 
@@ -137,10 +139,16 @@ def pretrain(
             corpus on the data added since.
         ray: a Ray cluster to run the data stages' per-file units on (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
             default ``$GPTFLOW_RAY_ADDRESS``, else the stage's own process.
+        rendezvous: train on several machines: this one runs every stage and its share of the
+            ``train.nproc`` ranks, the others join with ``gptflow train-node`` (``tasks.rendezvous``).
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     config = build_config(PretrainSettings, preset, config_file, overrides)
+    if rendezvous is not None and rendezvous.world_size != config.train.nproc:
+        raise RendezvousError(f"{rendezvous.nnodes} nodes of {rendezvous.nproc_per_node} processes are "
+                              f"{rendezvous.world_size} ranks, but train.nproc is {config.train.nproc}: leave "
+                              "train.nproc unset with --nnodes (gptflow sets it to nodes x processes per node).")
     workspace_dir = Workspace.resolve(workspace)
     corpus = corpus or [BUILTIN_CORPUS]
     weighted = WeightedCorpus.parse(corpus)
@@ -174,6 +182,7 @@ def pretrain(
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
             registered_model_name=f"gptflow-{preset}", restart=restart, from_scratch=from_scratch, mixture=mixture,
+            rendezvous=rendezvous,
         )
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)

@@ -29,6 +29,7 @@ from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.config import IncrementalConfig
 from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord, TrainingAttempt
 from gptflow.tasks.progress import run_logger
+from gptflow.tasks.rendezvous import Rendezvous
 from gptflow.tasks.tracking import GENERATOR_MODULE, REGISTERED_MODEL_TAG, PipelineRun
 from gptflow.tasks.training_job import TrainedModel, TrainingJob
 from gptflow.tasks.workspace import Workspace
@@ -119,11 +120,13 @@ def train_model(
     restart: bool = False,
     from_scratch: bool = False,
     mixture: list[MixturePart] | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> TrainedModel:
     """Train the model the lineage's plan calls for, or return it cached. A training of this exact
     key that stopped early resumes from its latest checkpoint; ``restart`` trains it again from
     step 0, even when it had finished. ``mixture`` draws the training windows by source (a data
-    mixture): such a model is trained from scratch, never continued or kept from another."""
+    mixture): such a model is trained from scratch, never continued or kept from another.
+    ``rendezvous``: the ``train.nproc`` ranks span several machines, which meet there."""
     model_config = dataclasses.replace(model_config, vocab_size=pad_vocab_size(tokenizer.vocab_size))
     plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch)
     if mixture and (plan.continue_from or plan.keep):
@@ -189,6 +192,7 @@ def train_model(
         restart=restart,
         mixture=[{"source": part.source, "probability": part.probability,
                   "train_paths": [str(path) for path in part.train_paths]} for part in mixture or ()],
+        rendezvous=None if rendezvous is None else dataclasses.asdict(rendezvous),
     )
     outcome = run_stage(
         pretrain_model_task,

@@ -4,6 +4,11 @@ A ``TrainingJob`` holds everything a training needs as plain JSON, so the pretra
 it in-process (one device) or hand it to ``torchrun`` (``train.nproc`` > 1), whose every rank runs
 ``python -m gptflow.tasks.training_job JOB.json RESULT.json``. Rank 0 reports to MLflow, writes the loss
 curve and registers the model; the task forwards the workers' console lines to its Prefect log.
+
+On several machines (``TrainingJob.rendezvous``, ``tasks.rendezvous``) the task's torchrun joins a
+c10d rendezvous, and each other node's ``gptflow train-node`` starts ranks that run
+``python -m gptflow.tasks.training_job --join WORKSPACE``: they read the job the head's first rank
+put in the rendezvous store, with its paths moved into their own copy of the workspace.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +34,31 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from gptflow.data.mixture import MixturePart
-from gptflow.data.store import atomic_directory, copy_file_atomic, read_contents_hash, share_file
+from gptflow.data.store import (
+    are_complete,
+    atomic_directory,
+    copy_file_atomic,
+    read_contents_hash,
+    share_file,
+    store_paths,
+    store_references,
+)
 from gptflow.data.tokenizer import TOKENIZER_FILE
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
 from gptflow.model.train import Continuation, pretrain
 from gptflow.tasks.progress import human_count, human_duration, run_logger
+from gptflow.tasks.rendezvous import Rendezvous, RendezvousError
 from gptflow.tasks.tracking import BufferedMetrics, PipelineRun
+from gptflow.tasks.workspace import Workspace
 
 REPORT_DIR = "report"
+JOB_KEY = "gptflow/training_job"
+"""The rendezvous store's key of the job (store references for paths), set by the head's first rank."""
+HEAD_NODE_KEY = "gptflow/head_node"
+"""The rendezvous store's key of the head node's torchrun node rank (``GROUP_RANK``)."""
+OUTPUT_LINES_KEPT = 200
+"""torchrun's last lines, read for the reason of a failed launch (a rendezvous that never met)."""
 
 
 @dataclass
@@ -78,6 +103,9 @@ class TrainingJob:
     mixture: list[dict[str, Any]] = field(default_factory=list)
     """``data.mixture.MixturePart`` fields, one per source of a data mixture (their shards are
     ``train_paths``, split by source); empty: ``train_paths`` are read as one stream."""
+    rendezvous: dict[str, Any] | None = None
+    """``tasks.rendezvous.Rendezvous`` fields when the ranks span several machines; no part of the
+    training's key (how many machines hold the ``train.nproc`` ranks does not change the result)."""
 
     def token_paths(self) -> list[str]:
         """Every token shard the job reads: old and new training shards, and validation shards."""
@@ -95,9 +123,9 @@ class TrainingJob:
         mixture = [MixturePart(part["source"], part["probability"], [Path(path) for path in part["train_paths"]])
                    for part in self.mixture]
         is_main = Ranks.from_environment().is_main
-        run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id)
+        run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id) if is_main else None
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress) if is_main else None
-        with _system_metrics(run) if is_main else contextlib.nullcontext():
+        with self._system_metrics(run):
             result = pretrain(
                 ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
                 [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=not self.restart,
@@ -131,21 +159,66 @@ class TrainingJob:
             registered_model=registered_model,
         )
 
+    def _system_metrics(self, run: PipelineRun | None) -> contextlib.AbstractContextManager[None]:
+        """The machine's metrics while training: rank 0's, and on several machines also those of
+        each other node's first rank when the tracking store is a server every node reaches, each
+        under ``system/<host name>/``."""
+        ranks = Ranks.from_environment()
+        several_machines = self.rendezvous is not None
+        node_id = socket.gethostname() if several_machines else None
+        if run is not None:
+            return _system_metrics(run.run_id, self.tracking_uri, node_id)
+        if several_machines and ranks.local_rank == 0 and self.tracking_uri.startswith(("http://", "https://")):
+            return _system_metrics(self.mlflow_run_id, self.tracking_uri, node_id)
+        return contextlib.nullcontext()
+
     def run_with_torchrun(self, nproc: int) -> TrainedModel:
-        """Launch ``nproc`` ranks on this machine and wait; their output goes to the run log."""
+        """Launch ``nproc`` ranks on this machine, or this machine's share of them on several, and
+        wait; their output goes to the run log."""
         logger = run_logger()
+        rendezvous = Rendezvous(**self.rendezvous) if self.rendezvous else None
         with tempfile.TemporaryDirectory(prefix="gptflow-job-") as tmp:
             job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
             job_file.write_text(json.dumps(dataclasses.asdict(self)))
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       "-m", "gptflow.tasks.training_job", str(job_file), str(result_file)]
-            logger.info(f"pretrain: launching {nproc} processes: {' '.join(command[1:])}")
+            if rendezvous is None:
+                launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                logger.info(f"pretrain: launching {nproc} processes: {' '.join(launcher[1:])}")
+            else:
+                launcher = rendezvous.torchrun_command()
+                logger.info(f"pretrain: launching {rendezvous.nproc_per_node} of {nproc} processes here; waiting up to "
+                            f"{rendezvous.timeout_s:g} s for the other {rendezvous.nnodes - 1} node(s) to join at "
+                            f"{rendezvous.endpoint} (gptflow train-node --nnodes {rendezvous.nnodes} --nproc-per-node "
+                            f"{rendezvous.nproc_per_node} --rdzv-endpoint {rendezvous.endpoint} on each)")
+            command = [*launcher, "-m", "gptflow.tasks.training_job", str(job_file), str(result_file)]
+            last_lines: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
             with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as workers:
                 for line in workers.stdout:
                     logger.info(line.rstrip())
+                    last_lines.append(line)
             if workers.returncode != 0 or not result_file.exists():
+                if rendezvous and (error := rendezvous.failure("".join(last_lines), workers.returncode)):
+                    raise error
                 raise RuntimeError(f"torchrun training failed (exit code {workers.returncode}); its output is above")
             return TrainedModel(**json.loads(result_file.read_text()))
+
+    def published(self, store: Path) -> str:
+        """The job as the other nodes read it: paths inside ``store`` as store references."""
+        return json.dumps(store_references(dataclasses.asdict(self), store))
+
+    @classmethod
+    def joined(cls, published: str, workspace: Workspace) -> TrainingJob:
+        """The head's job on this node: its paths in this node's copy of the workspace, and the
+        token shards and tokenizer there (fetched first on an object-store workspace)."""
+        job = cls(**store_paths(json.loads(published), workspace.store))
+        checkpoint = [job.continuation["checkpoint"]] if job.continuation else []
+        directories = sorted({*(str(Path(path).parent) for path in job.token_paths()), *checkpoint})
+        missing = [directory for directory, whole in zip(directories, are_complete(map(Path, directories)))
+                   if not whole]
+        if missing:
+            raise RendezvousError(f"this node's workspace {workspace.url or workspace.root} lacks {missing[0]} (and "
+                                  f"{len(missing) - 1} more) that the head node trains on: give train-node the head's "
+                                  "--workspace, a folder mounted at the same place on every node or the same s3:// URL.")
+        return job
 
 
 class TrainingReporter:
@@ -231,15 +304,16 @@ def plot_loss_curve(
 
 
 @contextlib.contextmanager
-def _system_metrics(run: PipelineRun) -> Iterator[None]:
+def _system_metrics(run_id: str, tracking_uri: str, node_id: str | None) -> Iterator[None]:
     """GPU utilisation, memory and power (and CPU, RAM) as MLflow ``system/*`` metrics while
-    training, when the optional nvidia-ml-py and psutil are installed (``pip install gptflow[gpu]``)."""
+    training, when the optional nvidia-ml-py and psutil are installed (``pip install gptflow[gpu]``);
+    ``system/<node_id>/*`` with a ``node_id``, so that several machines' metrics stay apart."""
     if not all(importlib.util.find_spec(module) for module in ("pynvml", "psutil")):
         yield
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run.run_id, tracking_uri=run.client.tracking_uri)
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri, node_id=node_id)
     monitor.start()
     try:
         yield
@@ -248,12 +322,52 @@ def _system_metrics(run: PipelineRun) -> Iterator[None]:
 
 
 def _run_rank(job_file: Path, result_file: Path) -> None:
-    """A torchrun worker: train this rank's part; rank 0 writes the result for the task."""
+    """A torchrun worker of the node that runs the flow: train this rank's part; rank 0 writes the
+    result for the task. On several machines, its first rank shares the job with the other nodes."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    trained = TrainingJob(**json.loads(job_file.read_text())).run(prefect_progress=False)
+    job = TrainingJob(**json.loads(job_file.read_text()))
+    if job.rendezvous is not None:
+        store = _rendezvous_store(job.rendezvous["timeout_s"])
+        if int(os.environ["LOCAL_RANK"]) == 0:
+            store.set(JOB_KEY, job.published(Workspace(Path(job.workspace)).store))
+            store.set(HEAD_NODE_KEY, os.environ["GROUP_RANK"])
+        _number_from_head_node(store)
+    trained = job.run(prefect_progress=False)
     if trained is not None:
         result_file.write_text(json.dumps(dataclasses.asdict(trained)))
 
 
+def _join_rank(workspace_setting: str | None) -> None:
+    """A torchrun worker of another node (``gptflow train-node``): train this rank's part of the
+    job the head node shares; nothing is logged to MLflow or written but by rank 0, on the head."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    store = _rendezvous_store(float(os.environ.get("GPTFLOW_RDZV_TIMEOUT", 900)))
+    published = store.get(JOB_KEY).decode()
+    _number_from_head_node(store)
+    job = TrainingJob.joined(published, Workspace.resolve(workspace_setting))
+    job.run(prefect_progress=False)
+
+
+def _rendezvous_store(timeout_s: float) -> Any:
+    """A client of the store torchrun's rendezvous gave this launch (its ranks meet there too)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s))
+
+
+def _number_from_head_node(store: Any) -> None:
+    """Renumber this process so that the head node's ranks come first: c10d orders nodes by host
+    name, and rank 0, which reports and writes, must be on the node whose flow waits for it."""
+    head_node = int(store.get(HEAD_NODE_KEY).decode())
+    nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+    node = (int(os.environ["GROUP_RANK"]) - head_node) % nodes
+    os.environ["GROUP_RANK"] = str(node)
+    os.environ["RANK"] = str(node * int(os.environ["LOCAL_WORLD_SIZE"]) + int(os.environ["LOCAL_RANK"]))
+
+
 if __name__ == "__main__":
-    _run_rank(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "--join":
+        _join_rank(sys.argv[2] if len(sys.argv) > 2 else None)
+    else:
+        _run_rank(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -53,6 +53,14 @@ def test_a_mistyped_set_is_refused_in_one_line_without_heavy_imports(tmp_path):
         (["pretrain", "--ray", "127.0.0.1:1"], "--ray 127.0.0.1:1: nothing answers there"),
         (["pretrain", "--ray", "head-node"], "expected auto, HOST:PORT"),
         (["evaluate", "--model", "any", "--corpus", ".", "--ray", "127.0.0.1:1"], "nothing answers there"),
+        (["pretrain", "--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+        (["pretrain", "--rdzv-endpoint", "node0:29500"], "give --nnodes N too"),
+        (["pretrain", "--nnodes", "2", "--rdzv-endpoint", "node0"], "--rdzv-endpoint node0: expected HOST:PORT"),
+        (["pretrain", "--nnodes", "2", "--rdzv-endpoint", "no-such-host.invalid:29500"], "has no address"),
+        (["pretrain", "--nnodes", "2", "--nproc", "2", "--rdzv-endpoint", "127.0.0.1:29500"],
+         "with --nnodes, give --nproc-per-node instead"),
+        (["train-node", "--rdzv-endpoint", "127.0.0.1:29500"], "give --nnodes N too"),
+        (["train-node", "--nnodes", "1", "--rdzv-endpoint", "127.0.0.1:29500"], "--nnodes must be at least 2"),
     ],
 )
 def test_bad_settings_and_paths_of_every_flow_are_refused_without_heavy_imports(tmp_path, arguments, message):
