@@ -274,12 +274,39 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from gptflow.model.config import pad_vocab_size
+    from gptflow.model.memory import training_memory
+
+    print(f"Memory per GPU while training, estimated: float32 weights and gradients, optimizer state, activations "
+          f"of one micro batch (bf16 autocast); CUDA context and fragmentation come on top. fsdp over {args.gpus} "
+          "GPUs (--gpus).\n")
     for name, preset in PRESETS.items():
+        settings = build_config(PretrainSettings, name)
+        # The tokenizer may learn fewer tokens than asked; the model pads what it learned to a multiple of 128.
+        model = dataclasses.replace(settings.model, vocab_size=pad_vocab_size(settings.tokenizer.vocab_size))
+        ddp = training_memory(model, settings.train, "ddp")
+        fsdp = training_memory(model, settings.train, "fsdp", gpus=args.gpus)
         marker = " (default)" if name == DEFAULT_PRESET else ""
-        print(f"{name}{marker}")
+        print(f"{name}{marker}: {_count(ddp.parameters)} parameters; per GPU {_gib(ddp.total)} with ddp, "
+              f"{_gib(fsdp.total)} with fsdp on {args.gpus} (activations {_gib(ddp.activations)}, micro batch "
+              f"{settings.train.micro_batch_size} x {model.block_size}"
+              f"{', recomputed' if model.activation_checkpointing else ''}); trains with {settings.train.parallelism}")
         for section, values in preset.items():
             print(f"  {section}: {json.dumps(values)}")
     return 0
+
+
+def _count(number: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if number >= scale:
+            return f"{number / scale:.3g}{suffix}"
+    return str(number)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -464,7 +491,12 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: $GPTFLOW_HOME or ./.gptflow)")
     train_node.set_defaults(handler=_train_node)
 
-    presets = commands.add_parser("presets", help="list the named configurations")
+    presets = commands.add_parser(
+        "presets", help="list the named configurations, with their parameter counts and memory per GPU",
+        description="Each preset's settings, parameter count, and estimated memory per GPU while training, with ddp "
+        "(every GPU holds the whole model) and with fsdp (weights, gradients and AdamW state sharded over the GPUs).")
+    presets.add_argument("--gpus", type=int, default=8, metavar="N",
+                         help="GPUs the fsdp estimate shards over (default 8)")
     presets.set_defaults(handler=_presets)
     return parser
 

@@ -177,6 +177,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {**_GPT2_124M["train"], "max_steps": 13500, "micro_batch_size": 16, "grad_accum_steps": 32,
                   "learning_rate": 3e-4, "warmup_steps": 700},
     },
+    # ~1.3B (24 layers x 16 heads x 2048, context 2048; GPT-3 XL's shape): its float32 weights,
+    # gradients and AdamW state (16 bytes a parameter, ~21 GB) outgrow one GPU beside its
+    # activations, so FSDP shards them over the ranks and each block's activations are recomputed
+    # in the backward pass. ~1M tokens per step on 8 GPUs (8 x 2048 x 8 per rank), GPT-3 XL's
+    # learning rate, 25,000 steps: ~26B tokens, ~20 per parameter.
+    "gpt-1b": {
+        **_GPT2_124M,
+        "model": {"n_layer": 24, "n_head": 16, "n_embd": 2048, "block_size": 2048, "activation_checkpointing": True},
+        "train": {**_GPT2_124M["train"], "parallelism": "fsdp", "max_steps": 25000, "micro_batch_size": 8,
+                  "grad_accum_steps": 8, "learning_rate": 2e-4, "warmup_steps": 500, "val_interval": 1000,
+                  "checkpoint_interval": 1000},
+    },
 }
 
 

@@ -125,3 +125,16 @@ def test_an_error_gptflow_cannot_explain_keeps_its_traceback_in_the_workspace(tm
     assert "Traceback" in kept.read_text() and "something gptflow did not expect" in kept.read_text()
     with pytest.raises(RuntimeError):
         cli.main(["--debug", "down", "--workspace", str(tmp_path)])
+
+
+def test_presets_lists_each_parameter_count_and_memory_per_gpu_without_heavy_imports():
+    probe = subprocess.run([sys.executable, "-c", PROBE, "presets", "--gpus", "4"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    *printed, outcome = probe.stdout.splitlines()
+    assert json.loads(outcome) == [0, []]
+    summaries = {line.split(":")[0]: line for line in printed if line and not line.startswith(" ")}
+    assert summaries["gpt-1b"].startswith("gpt-1b: 1.32B parameters; per GPU ")
+    assert "with fsdp on 4" in summaries["gpt-1b"] and "recomputed" in summaries["gpt-1b"]
+    assert summaries["gpt-1b"].endswith("trains with fsdp")
+    assert summaries["gpt2-124m"].startswith("gpt2-124m: 124M parameters")
