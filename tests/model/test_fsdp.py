@@ -3,6 +3,7 @@ another world size, whole checkpoints resume sharded, and bad settings are refus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ from gptflow.model.checkpoint import (
     save_sharded_checkpoint,
 )
 from gptflow.model.config import TrainConfig
-from gptflow.model.distributed import gather_full_model, shard_model
+from gptflow.model.distributed import clip_grad_norm_, gather_full_model, shard_model
 from gptflow.model.gpt import GPT
 from gptflow.model.optim import build_optimizer
 
@@ -158,3 +159,24 @@ def test_a_sharded_checkpoint_loads_whole_and_an_altered_shard_is_refused(
     shard.write_bytes(bytes(data))
     with pytest.raises(CorruptArtifactError, match="__0_0.distcp does not hold the bytes written"):
         load_checkpoint(path, GPT(tiny_config))
+
+
+def test_a_sharded_model_recomputing_activations_takes_the_step_of_a_plain_one(
+    one_rank_group, tiny_config, tiny_train_config
+):
+    config = dataclasses.replace(tiny_config, dropout=0.0)
+    tokens = torch.randint(0, config.vocab_size, (2, config.block_size + 1))
+    weights = []
+    for sharded in (False, True):
+        torch.manual_seed(0)  # the same initial weights for both
+        model = GPT(dataclasses.replace(config, activation_checkpointing=sharded))
+        if sharded:
+            model = shard_model(model, torch.device("cpu"))
+        optimizer = build_optimizer(model, tiny_train_config, torch.device("cpu"))
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        clip_grad_norm_(model, 1.0)
+        optimizer.step()
+        weights.append(gather_full_model(model, is_main=True) if sharded else model)
+    for name, tensor in weights[0].state_dict().items():
+        torch.testing.assert_close(weights[1].state_dict()[name], tensor, msg=name)
