@@ -144,7 +144,8 @@ def _finetune(args: argparse.Namespace) -> int:
             check_data_file(Path(path))
 
     return _run_flow("finetune", objective=args.objective, model=args.model, data=args.data, val_data=args.val_data,
-                     tokenizer=args.tokenizer, config_file=args.config, overrides=overrides, workspace=args.workspace)
+                     tokenizer=args.tokenizer, config_file=args.config, overrides=overrides, workspace=args.workspace,
+                     restart=args.restart)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -387,6 +388,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="override a finetune.*, train.* or sampling.* setting, e.g. --set finetune.lora_rank=0 "
                           "(full fine-tune) or --set train.max_steps=300; repeatable")
     finetune.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
+    finetune.add_argument("--restart", action="store_true",
+                          help="fine-tune from step 0, deleting the checkpoints of an earlier attempt at these exact "
+                          "settings; without it, a fine-tuning that stopped early resumes from its latest checkpoint")
     finetune.set_defaults(handler=_finetune)
 
     evaluate = commands.add_parser(

@@ -148,6 +148,7 @@ def finetune(
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,
     workspace: str | None = None,
+    restart: bool = False,
 ) -> FinetuneSummary:
     """Fine-tune a pretrained gptflow model for instructions (``sft``) or text ``classification``.
 
@@ -166,6 +167,9 @@ def finetune(
         overrides: ``{"section.field": value}`` applied last, e.g. ``{"finetune.lora_rank": 0}``
             or ``{"train.max_steps": 300}``.
         workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
+        restart: fine-tune again from step 0, deleting the checkpoints an interrupted (or finished)
+            training at these exact settings left; by default such a training resumes from its
+            latest checkpoint.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
@@ -199,7 +203,7 @@ def finetune(
         })
         train_file = train_file or demo_data(objective, workspace_dir, run)
         prepared = prepare_data(objective, train_file, val_file, base, template, settings.finetune, workspace_dir, run)
-        tuned = finetune_model(objective, base, template, prepared, settings, workspace_dir, run)
+        tuned = finetune_model(objective, base, template, prepared, settings, workspace_dir, run, restart)
         report = evaluate_finetuned(tuned, prepared, settings, workspace_dir, run)
 
     summary = FinetuneSummary(

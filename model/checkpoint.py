@@ -7,7 +7,7 @@ Layout under a run directory::
         config.json         ModelConfig
         optimizer.pt        optimizer state (AdamW, or Muon + AdamW), tensors and plain values
                             only (loaded weights_only)
-        trainer.json        step, tokens seen, data seed, TrainConfig
+        trainer.json        step, tokens seen, data seed, TrainConfig, validation before step 1
         contents.json       written by data.store.atomic_directory
     checkpoints/step-00000500/    (written by train.parallelism=fsdp on several ranks)
         .metadata, __R_0.distcp   torch.distributed.checkpoint: every rank's shards of the weights
@@ -17,6 +17,9 @@ Layout under a run directory::
         model.safetensors
         config.json
         contents.json
+
+A checkpoint holds whatever model trains: a GPT, or a GPT with LoRA adapters or a task head
+(fine-tuning), whose ``config`` is its GPT's; its weights load into that same architecture.
 
 Each directory is filled under a ``.tmp-*`` name and renamed into place when complete (for a
 sharded checkpoint, by rank 0 once every rank has written its shards into it), so a
@@ -30,13 +33,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -77,13 +81,15 @@ class TrainerState:
     tokens_seen: int
     data_seed: int
     train_config: dict[str, Any]
+    initial_val: dict[str, float] = field(default_factory=dict)
+    """Validation metrics before the first step, where the objective takes them (fine-tuning)."""
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
 
 
-def save_checkpoint(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
     """Commit a checkpoint of ``state.step``; returns its directory."""
     path = checkpoint_path(run_dir, state.step)
     with atomic_directory(path) as tmp:
@@ -97,7 +103,7 @@ def save_checkpoint(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
 
 
 def save_sharded_checkpoint(
-    run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, state: TrainerState, is_main: bool
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState, is_main: bool
 ) -> Path:
     """Commit a checkpoint of ``state.step`` of a model sharded over the ranks; every rank calls
     this. Each writes its own shards into one temporary directory, which rank 0 commits once all
@@ -141,7 +147,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def load_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None = None) -> TrainerState:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainerState:
     """Load weights (and optimizer state, when given) in place; returns the trainer state. Files
     that do not hash to what was written are refused with ``CorruptArtifactError``.
 
@@ -180,7 +186,7 @@ def _read_optimizer_state(path: Path) -> dict[str, Any]:
     return torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
 
 
-def _load_sharded(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None) -> None:
+def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(
             f"checkpoint {path} was written by train.parallelism=fsdp, which trains with AdamW: resume it "
@@ -268,13 +274,13 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
     return model.to(device).eval()
 
 
-def _save_model_files(model: GPT, directory: Path) -> None:
+def _save_model_files(model: nn.Module, directory: Path) -> None:
     # save_model (unlike save_file) drops the tied duplicate instead of refusing shared tensors.
     safetensors.torch.save_model(model, str(directory / WEIGHTS_FILE))
     write_json_atomic(directory / CONFIG_FILE, asdict(model.config))
 
 
-def _load_weights(model: GPT, directory: Path) -> None:
+def _load_weights(model: nn.Module, directory: Path) -> None:
     device = next(model.parameters()).device
     safetensors.torch.load_model(model, directory / WEIGHTS_FILE, strict=True, device=str(device))
 

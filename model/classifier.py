@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from gptflow.data.store import atomic_directory
 from gptflow.model.checkpoint import load_model
+from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT, INIT_STD
 
 CLASSIFIER_DIR = "classifier"
@@ -43,6 +44,11 @@ class GPTClassifier(nn.Module):
         self.head = nn.Linear(gpt.config.n_embd, len(self.labels))
         nn.init.normal_(self.head.weight, mean=0.0, std=INIT_STD)
         nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self) -> ModelConfig:
+        """The trunk's: what a checkpoint of the classifier records and checks on load."""
+        return self.gpt.config
 
     def forward(
         self, idx: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor | None = None

@@ -12,7 +12,9 @@ barriers (with fsdp, every rank writes its shards of a checkpoint and evaluates 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from gptflow.model.gpt import GPT
+
+ModelType = TypeVar("ModelType", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -64,26 +68,31 @@ class Ranks:
         if self.is_distributed:
             dist.barrier()
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of ``value`` over ranks (gloo has no AVG reduction, hence SUM / N)."""
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of ``value`` over ranks."""
         if not self.is_distributed:
             return value
         total = value.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total / self.world_size
+        return total
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over ranks (gloo has no AVG reduction, hence SUM / N)."""
+        return self.sum(value) / self.world_size if self.is_distributed else value
 
 
-def shard_model(model: GPT, device: torch.device) -> GPT:
-    """Shard ``model`` in place over all ranks with FSDP2: one unit per transformer block, whose
-    parameters are all-gathered just for its forward and backward, then the root (embeddings,
-    final norm, output projection). Build the optimizer after this: it must hold the shards."""
+def shard_model(model: ModelType, device: torch.device, trunk: GPT | None = None) -> ModelType:
+    """Shard ``model`` in place over all ranks with FSDP2: one unit per transformer block of its
+    GPT ``trunk`` (default: the model itself; the GPT under a task head), whose parameters are
+    all-gathered just for its forward and backward, then the root (embeddings, final norm, output
+    projection or head). Build the optimizer after this: it must hold the shards."""
     # bf16 compute halves the all-gather and activation traffic; gradients are reduced in fp32
     # so averaging over many ranks loses no precision. On CPU everything stays float32.
     if device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
-    for block in model.transformer.h:
+    for block in (trunk or model).transformer.h:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
@@ -104,12 +113,13 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return total_norm
 
 
-def gather_full_model(model: GPT, is_main: bool) -> GPT | None:
-    """The whole of a sharded ``model`` as a plain model on the CPU of rank 0 (None on the others);
-    every rank must call this, since the parameters are gathered from all of them."""
+def gather_full_model(model: ModelType, is_main: bool, build: Callable[[], ModelType]) -> ModelType | None:
+    """The whole of a sharded ``model`` as a plain model on the CPU of rank 0 (None on the others),
+    its weights loaded into what ``build`` returns (a new model of the same architecture); every
+    rank must call this, since the parameters are gathered from all of them."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
         return None
-    full = GPT(model.config)
+    full = build()
     full.load_state_dict(state)
     return full

@@ -10,16 +10,18 @@ sequence per row to pool anyway).
 sft trains on the assistant tokens only (targets -1 elsewhere), so the loss is the mean over
 response tokens. Batches are a pure function of ``(seed, step)``: epoch ``e`` visits the examples
 in the permutation drawn from ``(seed, e)``.
+
+Training is pretraining's loop (``model.train.train``) with a ``FinetuneObjective``: the same step,
+checkpoints and resume, ``torch.compile``, throughput and MFU, DDP or FSDP across ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,17 +33,16 @@ from gptflow.data.finetune_data import PreparedSplit
 from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.model.checkpoint import load_model, save_final
 from gptflow.model.classifier import CLASSIFIER_DIR, GPTClassifier, pad_right, save_head
-from gptflow.model.device import autocast, resolve_autocast_dtype
+from gptflow.model.device import autocast
 from gptflow.model.config import SamplingConfig, TrainConfig
+from gptflow.model.distributed import Ranks
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
 from gptflow.model.lora import apply_lora, merge_lora
-from gptflow.model.optim import build_optimizer, learning_rate_at
+from gptflow.model.train import Batch, TrainingCallback, TrainingObjective, train
 
 SCORE_BATCH_EXAMPLES = 16
 """Examples per batch when scoring (validation loss, classification) outside training."""
-MetricsCallback = Callable[[int, dict[str, float]], None]
-"""Called with an optimizer step (0: before the first) and the metrics measured there."""
 
 
 @dataclass
@@ -54,7 +55,8 @@ class FinetuneOutcome:
     initial_val_loss: float
     """Validation loss before the first step (the base model's, for sft)."""
     final_val_loss: float
-    final_train_loss: float
+    final_train_loss: float | None
+    """None when the run resumed from its last step's checkpoint and took no step."""
     elapsed_s: float
 
     def outcome(self) -> dict[str, Any]:
@@ -68,158 +70,105 @@ class FinetuneResult(FinetuneOutcome):
     """The fine-tuned GPT (LoRA merged): ``model.safetensors`` + ``config.json``."""
     classifier_dir: Path | None
     """Classification: the head (``model.classifier.load_classifier`` reads both)."""
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    """Metric name → (step, value) of every report."""
-
-
-def build_finetune_model(
-    base_dir: Path, objective: str, labels: list[str], config: FinetuneConfig, seed: int, device: torch.device
-) -> GPT | GPTClassifier:
-    """The base model with LoRA applied (``lora_rank`` > 0) and, for classification, a new head,
-    initialised from ``seed``."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    torch.manual_seed(seed)
-    gpt = load_model(base_dir, device="cpu")  # LoRA and head initialised on the CPU: the same on any device
-    if config.lora_rank:
-        apply_lora(gpt, config.lora_rank, config.lora_alpha, config.lora_dropout)
-    model = GPTClassifier(gpt, labels) if objective == "classification" else gpt
-    return model.to(device)
-
-
-def finetune(
-    model: GPT | GPTClassifier,
-    train: PreparedSplit,
-    val: PreparedSplit,
-    config: TrainConfig,
-    pad_id: int,
-    max_length: int,
-    run_dir: Path,
-    on_metrics: MetricsCallback | None = None,
-) -> FinetuneResult:
-    """Train ``model`` (from ``build_finetune_model``) on ``train`` as ``config`` says (its
-    optimizer, schedule and intervals, as in pretraining), validating on all of ``val`` before the
-    first step, every ``val_interval`` steps and after the last; then merge
-    LoRA and write the model to ``run_dir/final`` (and the head to ``run_dir/classifier``, with
-    ``max_length``, the tokens texts were cut to, so inference cuts them the same way)."""
-    started = time.perf_counter()
-    device = next(model.parameters()).device
-    autocast_dtype = resolve_autocast_dtype(config.dtype, device)
-    objective = _objective_of(model)
-    optimizer = build_optimizer(model, config, device)
-    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-    total = sum(parameter.numel() for parameter in model.parameters())
-
-    history: dict[str, list[tuple[int, float]]] = {"finetune/train_loss": [], "finetune/val_loss": []}
-
-    def validate(step: int) -> dict[str, float]:
-        scores = score_examples(model, val, pad_id, config.micro_batch_size, autocast_dtype)
-        metrics = {"finetune/val_loss": scores.loss}
-        if scores.accuracy is not None:
-            metrics["finetune/val_accuracy"] = scores.accuracy
-        history["finetune/val_loss"].append((step, scores.loss))
-        return metrics
-
-    initial = validate(0)
-    if on_metrics:
-        on_metrics(0, initial)
-    max_grad_norm = config.grad_clip or float("inf")
-    # Summed on the device and read once per report, so steps in between never wait for it.
-    loss_sum = torch.zeros((), device=device)
-    tokens_since_report, steps_since_report = 0, 0
-    report_clock = time.perf_counter()
-    final_train_loss = float("nan")
-    model.train()
-    for step in range(config.max_steps):
-        learning_rate = learning_rate_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-        torch.manual_seed(int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0]))  # dropout
-        for micro_step in range(config.grad_accum_steps):
-            indices = example_indices(len(train.input_ids), config.seed,
-                                      (step * config.grad_accum_steps + micro_step) * config.micro_batch_size,
-                                      config.micro_batch_size)
-            batch = make_batch(objective, train, indices, pad_id, device)
-            with autocast(device, autocast_dtype):
-                loss = batch_loss(model, batch)
-            (loss / config.grad_accum_steps).backward()
-            loss_sum += loss.detach()
-            tokens_since_report += batch.real_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [parameter for parameter in model.parameters() if parameter.requires_grad], max_grad_norm
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps_done = step + 1
-        steps_since_report += 1
-        is_last = steps_done == config.max_steps
-        metrics = {}
-        if steps_done % config.log_interval == 0 or is_last:
-            now = time.perf_counter()
-            final_train_loss = loss_sum.item() / (steps_since_report * config.grad_accum_steps)
-            metrics.update({
-                "finetune/train_loss": final_train_loss,
-                "finetune/lr": learning_rate,
-                "finetune/grad_norm": float(grad_norm),
-                "finetune/tokens_per_sec": tokens_since_report / (now - report_clock),
-            })
-            history["finetune/train_loss"].append((steps_done, final_train_loss))
-            loss_sum.zero_()
-            tokens_since_report, steps_since_report = 0, 0
-        if is_last or (config.val_interval and steps_done % config.val_interval == 0):
-            metrics.update(validate(steps_done))
-            model.train()
-        if metrics:
-            report_clock = time.perf_counter()  # validation time does not count against throughput
-            if on_metrics:
-                on_metrics(steps_done, metrics)
-    model.eval()
-    merge_lora(model)
-    gpt = model.gpt if isinstance(model, GPTClassifier) else model
-    model_dir = save_final(run_dir, gpt)
-    classifier_dir = None
-    if isinstance(model, GPTClassifier):
-        classifier_dir = save_head(Path(run_dir) / CLASSIFIER_DIR, model, max_length)
-    return FinetuneResult(
-        model_dir=model_dir, classifier_dir=classifier_dir, steps=config.max_steps, trainable_parameters=trainable,
-        total_parameters=total, initial_val_loss=initial["finetune/val_loss"],
-        final_val_loss=history["finetune/val_loss"][-1][1], final_train_loss=final_train_loss,
-        elapsed_s=time.perf_counter() - started, history=history,
-    )
+    resumed_from_step: int | None = None
+    """Step of the checkpoint this call continued from; None for a fresh start."""
 
 
 @dataclass
-class Batch:
-    inputs: torch.Tensor
-    """(B, T) token ids, padded on the right."""
-    targets: torch.Tensor
-    """sft: (B, T) next-token targets, -1 where not trained; classification: (B,) class indices."""
-    lengths: torch.Tensor | None
-    """classification: (B,) real tokens per row."""
-    real_tokens: int
-    """Tokens that are not padding."""
+class FinetuneObjective(TrainingObjective):
+    """Tune the model of ``base_dir`` on prepared examples: sft (next-token loss on the response
+    tokens) or classification (a new head on the last real token), fully or with LoRA
+    (``config.lora_rank`` > 0)."""
+
+    validates_before_training: ClassVar[bool] = True
+
+    base_dir: Path
+    objective: str
+    labels: list[str]
+    """Classification: the head's classes, in order."""
+    config: FinetuneConfig
+    train: PreparedSplit
+    val: PreparedSplit
+    pad_id: int
+    max_length: int
+    """Tokens texts were cut to: kept with a classifier's head, so inference cuts them the same way."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+
+    def build_model(self) -> GPT | GPTClassifier:
+        gpt = load_model(self.base_dir, device="cpu")
+        if self.config.lora_rank:
+            apply_lora(gpt, self.config.lora_rank, self.config.lora_alpha, self.config.lora_dropout)
+        return GPTClassifier(gpt, self.labels) if self.objective == "classification" else gpt
+
+    def trunk(self, model: nn.Module) -> GPT:
+        return model.gpt if isinstance(model, GPTClassifier) else model
+
+    def batches(self, seed: int, steps: range, accum_steps: int, micro_batch_size: int, ranks: Ranks,
+                pin_memory: bool) -> Iterator[Batch]:
+        global_batch = micro_batch_size * ranks.world_size
+        for step in steps:
+            for micro_step in range(accum_steps):
+                indices = example_indices(len(self.train.input_ids), seed,
+                                          (step * accum_steps + micro_step) * global_batch, global_batch)
+                mine = indices[ranks.rank * micro_batch_size : (ranks.rank + 1) * micro_batch_size]
+                yield make_batch(self.objective, self.train, mine, self.pad_id)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        if self.objective == "classification":
+            return model(batch.inputs, batch.lengths, batch.targets)[1]
+        return model(batch.inputs, batch.targets, return_logits=False)[1]
+
+    def validate(self, model: nn.Module, train_config: TrainConfig, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> dict[str, float]:
+        scores = score_examples(model, self.val, self.pad_id, train_config.micro_batch_size, autocast_dtype)
+        return {"loss": scores.loss, **({"accuracy": scores.accuracy} if scores.accuracy is not None else {})}
+
+    def export(self, model: nn.Module, run_dir: Path) -> None:
+        merge_lora(model)
+        save_final(run_dir, self.trunk(model))
+        if isinstance(model, GPTClassifier):
+            save_head(Path(run_dir) / CLASSIFIER_DIR, model, self.max_length)
 
 
-def make_batch(objective: str, split: PreparedSplit, indices: np.ndarray, pad_id: int, device: torch.device) -> Batch:
-    """The examples ``indices`` of ``split`` as padded tensors on ``device``."""
+def finetune(
+    objective: FinetuneObjective,
+    config: TrainConfig,
+    run_dir: Path,
+    callback: TrainingCallback | None = None,
+    resume: bool = False,
+) -> FinetuneResult:
+    """Train ``objective`` through the training loop (``model.train.train``: its optimizer,
+    schedule, intervals, checkpoints and resume, as in pretraining), validating on the whole val
+    split before the first step, every ``val_interval`` steps and after the last; then merge LoRA
+    and write the model to ``run_dir/final`` (and the head to ``run_dir/classifier``)."""
+    trained = train(objective, config, run_dir, callback, resume)
+    return FinetuneResult(
+        model_dir=trained.final_dir,
+        classifier_dir=Path(run_dir) / CLASSIFIER_DIR if objective.objective == "classification" else None,
+        steps=trained.steps, trainable_parameters=trained.trainable_parameters,
+        total_parameters=trained.total_parameters, initial_val_loss=trained.initial_val["loss"],
+        final_val_loss=trained.final_val_loss, final_train_loss=trained.final_train_loss,
+        elapsed_s=trained.elapsed_s, resumed_from_step=trained.resumed_from_step,
+    )
+
+
+def make_batch(objective: str, split: PreparedSplit, indices: np.ndarray, pad_id: int) -> Batch:
+    """The examples ``indices`` of ``split`` as padded tensors on the CPU."""
     sequences = [split.input_ids[index] for index in indices]
     if objective == "classification":
         inputs, lengths = pad_right(sequences, pad_id)
         targets = torch.as_tensor(split.labels[indices], dtype=torch.long)
-        return Batch(inputs.to(device), targets.to(device), lengths.to(device), int(lengths.sum()))
+        return Batch(inputs, targets, int(lengths.sum()), lengths)
     # The model reads tokens 0..L-2 and predicts 1..L-1; only assistant tokens are targets.
     inputs, lengths = pad_right([sequence[:-1] for sequence in sequences], pad_id)
     targets = torch.full_like(inputs, -1)
     for row, index in enumerate(indices):
         ids, mask = split.input_ids[index], split.loss_mask[index]
         targets[row, : len(ids) - 1] = torch.as_tensor(np.where(mask[1:], ids[1:], -1), dtype=torch.long)
-    return Batch(inputs.to(device), targets.to(device), None, int(lengths.sum()))
-
-
-def batch_loss(model: GPT | GPTClassifier, batch: Batch) -> torch.Tensor:
-    if isinstance(model, GPTClassifier):
-        return model(batch.inputs, batch.lengths, batch.targets)[1]
-    return model(batch.inputs, batch.targets, return_logits=False)[1]
+    return Batch(inputs, targets, int(lengths.sum()))
 
 
 def example_indices(n_examples: int, seed: int, start: int, count: int) -> np.ndarray:
@@ -258,7 +207,7 @@ def score_examples(
     total_loss, total_weight = 0.0, 0
     predictions = np.zeros(len(split.input_ids), dtype=np.int64)
     for indices in _by_length(split, batch_size):
-        batch = make_batch(objective, split, indices, pad_id, device)
+        batch = make_batch(objective, split, indices, pad_id).to(device)
         with autocast(device, autocast_dtype):
             if isinstance(model, GPTClassifier):
                 logits, loss = model(batch.inputs, batch.lengths, batch.targets)

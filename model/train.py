@@ -1,9 +1,17 @@
-"""The pretraining loop: resumable, deterministic, reporting through a callback.
+"""The training loop of pretraining and fine-tuning: resumable, deterministic, reporting through a
+callback.
 
-Every random stream is a function of ``(seed, step)``: initial weights come from ``seed``, batch
-windows from ``(seed, step, micro_step)`` (see ``data.loader``), dropout from ``(seed, step)``.
-A checkpoint therefore needs only weights, optimizer state and the step to continue exactly, and
-on CPU a run killed at any moment and resumed ends with the same bits as an uninterrupted one.
+What a run trains on and how it is scored is its ``TrainingObjective``: ``PretrainObjective``
+(next-token prediction on token shards) here, ``model.finetune.FinetuneObjective`` (sft,
+classification) beside it. Everything else is the same for both: the step (micro-steps with
+gradient accumulation, clipping, the learning-rate schedule), DDP or FSDP over ``torchrun``'s ranks,
+``torch.compile``, periodic checkpoints and resume, throughput and MFU.
+
+Every random stream is a function of ``(seed, step)``: initial weights come from ``seed``, batches
+from ``(seed, step, micro_step)`` (see ``data.loader`` and ``model.finetune.example_indices``),
+dropout from ``(seed, step)``. A checkpoint therefore needs only weights, optimizer state and the
+step to continue exactly, and on CPU a run killed at any moment and resumed ends with the same bits
+as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,13 +20,15 @@ import contextlib
 import math
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
@@ -45,6 +55,68 @@ from gptflow.model.optim import build_optimizer, learning_rate_at
 
 # Leading entropy word that keeps the dropout stream apart from the data stream of the same step.
 DROPOUT_STREAM = 0x64726F70
+
+
+@dataclass
+class Batch:
+    """One rank's micro-batch."""
+
+    inputs: torch.Tensor
+    """(B, T) token ids; fine-tuning's are padded on the right."""
+    targets: torch.Tensor
+    """(B, T) next-token targets, -1 where not trained; classification: (B,) class indices."""
+    real_tokens: int
+    """Tokens that are not padding: what throughput counts."""
+    lengths: torch.Tensor | None = None
+    """Classification: (B,) real tokens per row."""
+
+    def to(self, device: torch.device) -> Batch:
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device, non_blocking=True)
+
+        return Batch(moved(self.inputs), moved(self.targets), self.real_tokens,
+                     moved(self.lengths) if self.lengths is not None else None)
+
+
+class TrainingObjective(ABC):
+    """What the loop trains and on what: the model, each rank's batches, the loss, validation and
+    the exported result."""
+
+    validates_before_training: ClassVar[bool] = False
+    """Also validate before the first step (fine-tuning: the base model's score, step 0)."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A new model on the CPU (the same weights on any device), its random parts drawn from
+        torch's global RNG, which the loop seeds first."""
+
+    @abstractmethod
+    def trunk(self, model: nn.Module) -> GPT:
+        """The GPT in ``model``: its transformer blocks are FSDP's units, its FLOPs are MFU's."""
+
+    @abstractmethod
+    def batches(self, seed: int, steps: range, accum_steps: int, micro_batch_size: int, ranks: Ranks,
+                pin_memory: bool) -> Iterator[Batch]:
+        """This rank's share of every micro-batch of ``steps``, in order: rank ``r`` of N takes rows
+        ``r·B .. (r+1)·B`` of the global micro-batch of N·B, a pure function of (seed, step, micro-step)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The mean loss of ``batch`` under ``model`` (possibly wrapped by DDP or ``torch.compile``)."""
+
+    @abstractmethod
+    def validate(self, model: nn.Module, train_config: TrainConfig, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> dict[str, float]:
+        """Validation metrics by name (``loss`` among them); empty without validation data. Every
+        rank calls it (a sharded model's forward needs them all)."""
+
+    def start_fresh(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Prepare a run that starts at step 0 rather than resuming (nothing by default)."""
+
+    @abstractmethod
+    def export(self, model: nn.Module, run_dir: Path) -> None:
+        """Write the trained ``model`` (whole, on rank 0 alone) to ``run_dir/final`` and whatever
+        belongs beside it."""
 
 
 class TrainingCallback(Protocol):
@@ -82,17 +154,21 @@ class TrainResult:
     steps: int
     """Optimizer steps the exported model has taken."""
     tokens_seen: int
-    """Training tokens consumed over the whole run, resumed parts included."""
+    """Training tokens consumed over the whole run, resumed parts included (padding left out)."""
     final_train_loss: float | None
     """Mean training loss over the last report interval; None if no step ran in this call."""
     final_val_loss: float | None
-    """Validation loss after the last step; None without validation shards or steps."""
+    """Validation loss after the last step; None without validation data."""
     elapsed_s: float
     """Wall time of this call (a resumed run counts only its own part)."""
     resumed_from_step: int | None
     """Step of the checkpoint this call continued from; None for a fresh start."""
     peak_memory_bytes: int | None
     """Peak CUDA memory allocated by tensors; None off CUDA."""
+    trainable_parameters: int
+    total_parameters: int
+    initial_val: dict[str, float] = field(default_factory=dict)
+    """Validation metrics before the first step, for objectives that take them."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "final_dir": str(self.final_dir)}
@@ -100,6 +176,52 @@ class TrainResult:
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> TrainResult:
         return cls(**{**value, "final_dir": Path(value["final_dir"])})
+
+
+@dataclass
+class PretrainObjective(TrainingObjective):
+    """Next-token prediction on token shards, from random weights or continuing a checkpoint."""
+
+    model_config: ModelConfig
+    train_paths: Sequence[Path]
+    val_paths: Sequence[Path]
+    continuation: Continuation | None = None
+    mixture: Sequence[MixturePart] = ()
+
+    def __post_init__(self) -> None:
+        self.train_windows = _training_windows(self.train_paths, self.continuation, self.mixture, self.model_config)
+        self.val_windows = (TokenWindows(self.val_paths, self.model_config.block_size, self.model_config.vocab_size)
+                            if self.val_paths else None)
+
+    def build_model(self) -> GPT:
+        return GPT(self.model_config)
+
+    def trunk(self, model: nn.Module) -> GPT:
+        return model
+
+    def batches(self, seed: int, steps: range, accum_steps: int, micro_batch_size: int, ranks: Ranks,
+                pin_memory: bool) -> Iterator[Batch]:
+        for inputs, targets in prefetch_batches(self.train_windows, seed, steps, accum_steps, micro_batch_size,
+                                                ranks.rank, ranks.world_size, pin_memory=pin_memory):
+            yield Batch(inputs, targets, inputs.numel())
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch.inputs, batch.targets, return_logits=False)[1]
+
+    def validate(self, model: nn.Module, train_config: TrainConfig, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> dict[str, float]:
+        if self.val_windows is None:
+            return {}
+        loss, _ = evaluate_loss(model, self.val_windows, train_config.val_tokens, train_config.micro_batch_size,
+                                device, autocast_dtype)
+        return {"loss": loss}
+
+    def start_fresh(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.continuation is not None:
+            load_checkpoint(self.continuation.checkpoint, model, optimizer)
+
+    def export(self, model: nn.Module, run_dir: Path) -> None:
+        save_final(run_dir, model)
 
 
 def pretrain(
@@ -113,17 +235,32 @@ def pretrain(
     continuation: Continuation | None = None,
     mixture: Sequence[MixturePart] = (),
 ) -> TrainResult:
-    """Train a GPT on the token shards ``train_paths``, checkpointing into ``run_dir``.
+    """Train a GPT on the token shards ``train_paths`` (see ``train``), validating on up to
+    ``val_tokens`` tokens of ``val_paths`` (skipped when empty).
+
+    A fresh start begins from random weights, or from ``continuation``'s checkpoint, sampling
+    its new shards at its ``new_data_fraction``. With ``mixture`` (a data mixture, never with a
+    continuation), each part's shards are drawn at its probability instead of ``train_paths`` as one stream.
+    """
+    objective = PretrainObjective(model_config, train_paths, val_paths, continuation, mixture)
+    return train(objective, train_config, run_dir, callback, resume)
+
+
+def train(
+    objective: TrainingObjective,
+    train_config: TrainConfig,
+    run_dir: Path,
+    callback: TrainingCallback | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train ``objective``'s model as ``train_config`` says, checkpointing into ``run_dir``, and
+    export it to ``run_dir/final``.
 
     ``resume=True`` continues from the latest checkpoint of ``run_dir`` that loads: one that does not
     (altered, or another model's) is reported through the callback, discarded and the one before it
     tried; with none left, training starts from step 0. ``resume=False`` deletes the run's
-    checkpoints and export first.
-    A fresh start begins from random weights, or from ``continuation``'s checkpoint, sampling
-    its new shards at its ``new_data_fraction``. With ``mixture`` (a data mixture, never with a
-    continuation), each part's shards are drawn at its probability instead of ``train_paths`` as one stream.
-    Validation runs every ``val_interval`` steps and after the last one, on up to
-    ``val_tokens`` tokens of ``val_paths`` (skipped when empty). Seeds torch's global RNG.
+    checkpoints and export first. Validation runs every ``val_interval`` steps and after the last
+    one. Seeds torch's global RNG.
 
     Under ``torchrun`` with ``train.nproc`` processes, trains data-parallel (``model.distributed``):
     every rank calls this function with the same arguments; rank 0 reports and writes. With
@@ -138,23 +275,19 @@ def pretrain(
     device = ranks.device(resolve_device(train_config.device))
     joined = ranks.join(device)
     try:
-        return _train(model_config, train_config, train_paths, val_paths, Path(run_dir),
-                      callback if ranks.is_main else None, resume, continuation, mixture, ranks, device)
+        return _train(objective, train_config, Path(run_dir), callback if ranks.is_main else None, resume, ranks,
+                      device)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
 
 
 def _train(
-    model_config: ModelConfig,
+    objective: TrainingObjective,
     train_config: TrainConfig,
-    train_paths: Sequence[Path],
-    val_paths: Sequence[Path],
     run_dir: Path,
     callback: TrainingCallback | None,
     resume: bool,
-    continuation: Continuation | None,
-    mixture: Sequence[MixturePart],
     ranks: Ranks,
     device: torch.device,
 ) -> TrainResult:
@@ -163,42 +296,46 @@ def _train(
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls autocast leaves
         torch.cuda.reset_peak_memory_stats(device)
-    train_windows = _training_windows(train_paths, continuation, mixture, model_config)
-    val_windows = TokenWindows(val_paths, model_config.block_size, model_config.vocab_size) if val_paths else None
 
     sharded = train_config.parallelism == "fsdp" and ranks.is_distributed
-    model, optimizer = _initial_model(model_config, train_config, device, sharded)
+    model, optimizer = _initial_model(objective, train_config, device, sharded)
     restored = None
     if resume:
         checkpoints = checkpoint_directories(run_dir)
         restored = _restore_latest_loadable(checkpoints, model, optimizer, callback, ranks)
         if checkpoints and restored is None:
             # Each one failed to load, possibly after writing part of itself into them.
-            model, optimizer = _initial_model(model_config, train_config, device, sharded)
+            model, optimizer = _initial_model(objective, train_config, device, sharded)
     else:
         _delete_checkpoints_and_export(run_dir, ranks)
-    if restored is None and continuation is not None:
-        load_checkpoint(continuation.checkpoint, model, optimizer)
+    if restored is None:
+        objective.start_fresh(model, optimizer)
     start_step = restored.step if restored else 0
     tokens_seen = restored.tokens_seen if restored else 0
+    initial_val = restored.initial_val if restored else {}
+    if objective.validates_before_training and restored is None:
+        initial_val = objective.validate(model, train_config, device, autocast_dtype)
+        if callback and initial_val:
+            callback.on_metrics(0, _prefixed("val", initial_val))
     parallel_model = DistributedDataParallel(model) if ranks.is_distributed and not sharded else model
     step_model = torch.compile(parallel_model) if train_config.compile else parallel_model
 
     accum_steps = train_config.grad_accum_steps
-    tokens_per_step = train_config.micro_batch_size * accum_steps * ranks.world_size * model_config.block_size
-    flops_per_token = model.flops_per_token()
+    flops_per_token = objective.trunk(model).flops_per_token()
     device_peak_flops = peak_flops(device)
     max_grad_norm = train_config.grad_clip or math.inf
     # Losses and gradient norms are summed on the device and read once per report, so steps in
     # between never wait for the GPU.
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)
-    steps_since_report, report_clock, paused_s = 0, time.perf_counter(), 0.0
-    final_train_loss = final_val_loss = None
-    batches = prefetch_batches(
-        train_windows, train_config.seed, range(start_step, train_config.max_steps), accum_steps,
-        train_config.micro_batch_size, ranks.rank, ranks.world_size, pin_memory=device.type == "cuda",
-    )
+    # This rank's real tokens not yet summed over the ranks into tokens_seen.
+    uncounted_tokens = 0
+    steps_since_report, tokens_since_report, paused_s = 0, 0, 0.0
+    report_clock = time.perf_counter()
+    final_train_loss = None
+    final_val: dict[str, float] = {}
+    batches = objective.batches(train_config.seed, range(start_step, train_config.max_steps), accum_steps,
+                                train_config.micro_batch_size, ranks, pin_memory=device.type == "cuda")
     model.train()
     for step in range(start_step, train_config.max_steps):
         learning_rate = learning_rate_at(step, train_config)
@@ -206,29 +343,35 @@ def _train(
             group["lr"] = learning_rate
         torch.manual_seed(_dropout_seed(train_config.seed, step))
         for micro_step in range(accum_steps):
-            inputs, targets = next(batches)
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
+            batch = next(batches).to(device)
             # Gradients are averaged across ranks once per step, on the last micro-step.
             last_micro_step = micro_step == accum_steps - 1
             with _gradient_sync(parallel_model, last_micro_step):
                 with autocast(device, autocast_dtype):
-                    _, loss = step_model(inputs, targets)
+                    loss = objective.loss(step_model, batch)
                 (loss / accum_steps).backward()
             loss_sum += loss.detach()
+            uncounted_tokens += batch.real_tokens
         grad_norm_sum += clip_grad_norm_(model, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps_done = step + 1
-        tokens_seen += tokens_per_step
         steps_since_report += 1
         is_last = steps_done == train_config.max_steps
+        report_now = steps_done % train_config.log_interval == 0 or is_last
+        evaluate_now = (train_config.val_interval and steps_done % train_config.val_interval == 0) or is_last
+        checkpoint_now = steps_done % train_config.checkpoint_interval == 0 or is_last
 
         metrics: dict[str, float] = {}
-        if steps_done % train_config.log_interval == 0 or is_last:
+        if report_now or checkpoint_now:
+            counted = int(ranks.sum(torch.tensor(uncounted_tokens, dtype=torch.float64, device=device)).item())
+            tokens_seen += counted
+            tokens_since_report += counted
+            uncounted_tokens = 0
+        if report_now:
             final_train_loss = ranks.mean(loss_sum).item() / (steps_since_report * accum_steps)
             now = time.perf_counter()
-            tokens_per_sec = steps_since_report * tokens_per_step / (now - report_clock - paused_s)
+            tokens_per_sec = tokens_since_report / (now - report_clock - paused_s)
             metrics.update(
                 {
                     "train/loss": final_train_loss,
@@ -243,23 +386,17 @@ def _train(
                 metrics["train/mfu"] = flops_per_token * tokens_per_sec / device_peak_flops
             loss_sum.zero_()
             grad_norm_sum.zero_()
-            steps_since_report, report_clock, paused_s = 0, now, 0.0
-        evaluate_now = val_windows is not None and (
-            (train_config.val_interval and steps_done % train_config.val_interval == 0) or is_last
-        )
-        checkpoint_now = steps_done % train_config.checkpoint_interval == 0 or is_last
+            steps_since_report, tokens_since_report, report_clock, paused_s = 0, 0, now, 0.0
         if evaluate_now or checkpoint_now:
             # Timed from an idle device, so throughput counts training alone.
             _wait_for(device)
             pause_started = time.perf_counter()
             if evaluate_now:
-                final_val_loss, _ = evaluate_loss(
-                    model, val_windows, train_config.val_tokens, train_config.micro_batch_size, device, autocast_dtype
-                )
-                metrics["val/loss"] = final_val_loss
+                final_val = objective.validate(model, train_config, device, autocast_dtype)
+                metrics.update(_prefixed("val", final_val))
             if checkpoint_now:
                 checkpoint = checkpoint_path(run_dir, steps_done)
-                state = TrainerState(steps_done, tokens_seen, train_config.seed, asdict(train_config))
+                state = TrainerState(steps_done, tokens_seen, train_config.seed, asdict(train_config), initial_val)
                 if sharded:
                     save_sharded_checkpoint(run_dir, model, optimizer, state, ranks.is_main)
                 elif ranks.is_main:
@@ -273,22 +410,36 @@ def _train(
         if callback and checkpoint_now:
             callback.on_checkpoint(steps_done, checkpoint)
 
-    final_dir = run_dir / FINAL_DIR
+    if start_step >= train_config.max_steps:
+        # Resumed from the last step's checkpoint (killed while exporting): score what is exported.
+        final_val = objective.validate(model, train_config, device, autocast_dtype)
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    if sharded:
+        trainable, total = (int(ranks.sum(torch.tensor(count, device=device)).item()) for count in (trainable, total))
     # Downstream (evaluation, export, MLflow) reads one model.safetensors, whatever the parallelism.
-    exported = gather_full_model(model, ranks.is_main) if sharded else model
+    exported = gather_full_model(model, ranks.is_main, objective.build_model) if sharded else model
     if ranks.is_main:
-        save_final(run_dir, exported)
+        exported.eval()
+        objective.export(exported, run_dir)
     ranks.barrier()
     return TrainResult(
-        final_dir=final_dir,
+        final_dir=run_dir / FINAL_DIR,
         steps=max(start_step, train_config.max_steps),
         tokens_seen=tokens_seen,
         final_train_loss=final_train_loss,
-        final_val_loss=final_val_loss,
+        final_val_loss=final_val.get("loss"),
         elapsed_s=time.perf_counter() - started,
         resumed_from_step=restored.step if restored else None,
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        initial_val=initial_val,
     )
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{name}": value for name, value in metrics.items()}
 
 
 def _training_windows(
@@ -313,19 +464,19 @@ def _training_windows(
 
 
 def _initial_model(
-    model_config: ModelConfig, train_config: TrainConfig, device: torch.device, sharded: bool
-) -> tuple[GPT, torch.optim.Optimizer]:
+    objective: TrainingObjective, train_config: TrainConfig, device: torch.device, sharded: bool
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(train_config.seed)
-    model = GPT(model_config).to(device)  # initialised on the CPU: the same weights on any device
+    model = objective.build_model().to(device)
     if sharded:
         # Every rank initialised the same whole model from the seed and keeps its shards of it.
-        model = shard_model(model, device)
+        model = shard_model(model, device, objective.trunk(model))
     return model, build_optimizer(model, train_config, device)
 
 
 def _restore_latest_loadable(
     checkpoints: Sequence[Path],
-    model: GPT,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     callback: TrainingCallback | None,
     ranks: Ranks,

@@ -76,14 +76,12 @@ class FinetuneSettings(Settings):
     # Answers sample cooler than pretraining's samples.
     DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
         "train": {"max_steps": 150, "micro_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 10,
-                  "weight_decay": 0.0, "seed": 0, "log_interval": 10, "val_interval": 50},
+                  "weight_decay": 0.0, "seed": 0, "log_interval": 10, "val_interval": 50, "checkpoint_interval": 50},
         "sampling": {"max_new_tokens": 128, "temperature": 0.7, "top_k": 20},
     }
     UNSUPPORTED_TRAIN: ClassVar[dict[str, str]] = {
-        "optimizer": "fine-tuning trains with AdamW", "compile": "fine-tuning does not compile the model",
-        "nproc": "fine-tuning runs in one process", "parallelism": "fine-tuning runs in one process",
-        "checkpoint_interval": "fine-tuning writes no checkpoints",
-        "keep_checkpoints": "fine-tuning writes no checkpoints",
+        "optimizer": "fine-tuning trains with AdamW", "nproc": "the finetune flow trains in one process",
+        "parallelism": "the finetune flow trains in one process",
         "val_tokens": "fine-tuning validates on its whole val split",
     }
     """``train`` fields the fine-tuning loop does not read yet, and why: set, they are refused."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ from typing import Any
 
 from mlflow import MlflowClient
 from prefect import task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from gptflow.data.finetune_data import PREPARED_FILE, PreparedData, PreparedSplit, prepare_examples, read_split
@@ -34,7 +32,7 @@ from gptflow.model.checkpoint import load_model
 from gptflow.model.classifier import load_classifier
 from gptflow.model.device import resolve_device
 from gptflow.model.config import SamplingConfig, TrainConfig
-from gptflow.model.finetune import FinetuneOutcome, build_finetune_model, finetune, generate_response, score_examples
+from gptflow.model.finetune import FinetuneObjective, FinetuneOutcome, finetune, generate_response, score_examples
 from gptflow.model.gpt import GPT
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.caching import run_stage, stage_key
@@ -42,8 +40,8 @@ from gptflow.tasks.classification import classify_and_report, most_common_label
 from gptflow.tasks.config import DEFAULT_PRESET, FinetuneSettings, build_config
 from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
 from gptflow.tasks.progress import human_count, run_logger
-from gptflow.tasks.tracking import REGISTERED_MODEL_TAG, BufferedMetrics, PipelineRun
-from gptflow.tasks.training_job import plot_loss_curve
+from gptflow.tasks.tracking import REGISTERED_MODEL_TAG, PipelineRun
+from gptflow.tasks.training_job import TrainingReporter
 from gptflow.tasks.workspace import Workspace
 
 REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification"}
@@ -172,51 +170,28 @@ class FinetunedModel(FinetuneOutcome):
     outbox keeps the model."""
 
 
-class FinetuneReporter:
-    """The loop's metrics callback: batched MLflow metrics, console lines, a Prefect progress bar."""
-
-    def __init__(self, run: PipelineRun, max_steps: int) -> None:
-        self.metrics = BufferedMetrics(run)
-        self.max_steps = max_steps
-        self.logger = run_logger()
-        self.progress_artifact = create_progress_artifact(progress=0.0, description="finetune: starting")
-
-    def __call__(self, step: int, metrics: dict[str, float]) -> None:
-        self.metrics.add(step, metrics)
-        parts = [f"step {step}/{self.max_steps}"]
-        for name, label in (("finetune/train_loss", "loss"), ("finetune/val_loss", "val"),
-                            ("finetune/val_accuracy", "val acc")):
-            if name in metrics:
-                parts.append(f"{label} {metrics[name]:.3f}")
-        if "finetune/tokens_per_sec" in metrics:
-            parts.append(f"{human_count(metrics['finetune/tokens_per_sec'])} tok/s")
-        line = "finetune: " + " · ".join(parts)
-        self.logger.info(line)
-        update_progress_artifact(self.progress_artifact, progress=100.0 * step / self.max_steps, description=line)
-
-
 @task(name="finetune-model")
 def train_task(
     objective: str, base: ResolvedModel, template: ChatTemplate, prepared: PreparedData, config: FinetuneConfig,
-    train: TrainConfig, run_dir: str, workspace_root: str, tracking_uri: str, mlflow_run_id: str,
+    train: TrainConfig, run_dir: str, workspace_root: str, tracking_uri: str, mlflow_run_id: str, restart: bool,
 ) -> FinetunedModel:
     run_dir_path = Path(run_dir)
     train_split, val_split = (read_split(Path(prepared.directory), split) for split in ("train", "val"))
-    tuned_model = build_finetune_model(base.model_dir, objective, prepared.labels, config, train.seed,
-                                       resolve_device(train.device))
+    training = FinetuneObjective(base.model_dir, objective, prepared.labels, config, train_split, val_split,
+                                 base.tokenizer.pad_id, prepared.max_length)
     run = PipelineRun.attach(workspace_root, tracking_uri, mlflow_run_id)
-    reporter = FinetuneReporter(run, train.max_steps)
-    result = finetune(tuned_model, train_split, val_split, train, base.tokenizer.pad_id, prepared.max_length,
-                      run_dir_path, reporter)
+    reporter = TrainingReporter(run, train.max_steps, prefect_progress=True, stage="finetune")
+    result = finetune(training, train, run_dir_path, reporter, resume=not restart)
+    if result.resumed_from_step is not None:
+        run.set_tags({"gptflow.resumed_from_step": result.resumed_from_step})
     reporter.metrics.flush()
     with _replaced_directory(run_dir_path / TOKENIZER_DIR) as tokenizer_dir:
         shutil.copyfile(base.tokenizer_file, tokenizer_dir / TOKENIZER_FILE)
         if objective == "sft":
             template.save(tokenizer_dir)
     with _replaced_directory(run_dir_path / REPORT_DIR) as report_dir:
-        (report_dir / "history.json").write_text(json.dumps(result.history, indent=1))
         y_label = "cross-entropy (nats/response token)" if objective == "sft" else "cross-entropy (nats/example)"
-        plot_loss_curve(result.history, report_dir / "loss_curve.png", y_label)
+        reporter.write_report(report_dir, y_label)
     weights_hash = read_contents_hash(result.model_dir)
     if result.classifier_dir:
         weights_hash = hash_json([weights_hash, read_contents_hash(result.classifier_dir)])
@@ -233,10 +208,12 @@ def train_task(
 
 def finetune_model(
     objective: str, base: ResolvedModel, template: ChatTemplate, prepared: PreparedData, settings: FinetuneSettings,
-    workspace: Workspace, run: PipelineRun,
+    workspace: Workspace, run: PipelineRun, restart: bool = False,
 ) -> FinetunedModel:
     """The ``finetune`` stage: the fine-tuned model, logged as an MLflow pyfunc model and
-    registered by the run that trained it (a cached run tags that run and version)."""
+    registered by the run that trained it (a cached run tags that run and version). A training
+    of this key that stopped early resumes from its latest checkpoint; ``restart`` trains it
+    again from step 0."""
     key = stage_key(
         "finetune",
         config={"objective": objective, "lora": settings.finetune.lora_settings(),
@@ -253,6 +230,7 @@ def finetune_model(
         objective=objective, base=base, template=template, prepared=prepared, config=settings.finetune,
         train=settings.train, run_dir=str(workspace.store / "finetunes" / key),
         workspace_root=str(workspace.root), tracking_uri=workspace.tracking_uri, mlflow_run_id=run.run_id,
+        restart=restart, recompute=restart,
     )
     tuned = outcome.result
     run.record_stage("finetune", outcome.status)
@@ -262,8 +240,9 @@ def finetune_model(
                   REGISTERED_MODEL_TAG: tuned.registered_model})
     if outcome.status == "cached":
         # The training run logged the per-step curve; a cached run gets its end points.
-        run.log_metrics({"finetune/val_loss": tuned.initial_val_loss}, step=0)
-        run.log_metrics({"finetune/val_loss": tuned.final_val_loss, "finetune/train_loss": tuned.final_train_loss},
+        run.log_metrics({"val/loss": tuned.initial_val_loss}, step=0)
+        run.log_metrics({"val/loss": tuned.final_val_loss,
+                         **({"train/loss": tuned.final_train_loss} if tuned.final_train_loss is not None else {})},
                         step=tuned.steps)
     run.log_params({"model.trainable_parameters": tuned.trainable_parameters,
                     "model.total_parameters": tuned.total_parameters})

@@ -222,11 +222,13 @@ class TrainingJob:
 
 
 class TrainingReporter:
-    """The training loop's callback: batched MLflow metrics, console progress, loss history."""
+    """The training loop's callback, for pretraining and fine-tuning alike: batched MLflow metrics,
+    console progress (lines begin with ``stage``), loss history."""
 
-    def __init__(self, run: PipelineRun, max_steps: int, prefect_progress: bool) -> None:
+    def __init__(self, run: PipelineRun, max_steps: int, prefect_progress: bool, stage: str = "pretrain") -> None:
         self.metrics = BufferedMetrics(run)
         self.max_steps = max_steps
+        self.stage = stage
         self.logger = run_logger()
         self.started = time.monotonic()
         self.first_step: int | None = None
@@ -234,7 +236,7 @@ class TrainingReporter:
         # A torchrun worker has no Prefect run to attach an artifact to; its lines reach the
         # Prefect logs through the task that launched it.
         self.progress_artifact = (
-            create_progress_artifact(progress=0.0, description="pretrain: starting") if prefect_progress else None
+            create_progress_artifact(progress=0.0, description=f"{stage}: starting") if prefect_progress else None
         )
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
@@ -253,31 +255,33 @@ class TrainingReporter:
             parts.append(f"loss {metrics['train/loss']:.3f}")
         if "val/loss" in metrics:
             parts.append(f"val {metrics['val/loss']:.3f}")
+        if "val/accuracy" in metrics:
+            parts.append(f"val acc {metrics['val/accuracy']:.3f}")
         if "train/lr" in metrics:
             parts.append(f"lr {metrics['train/lr']:.2e}")
         if "train/tokens_per_sec" in metrics:
             parts.append(f"{human_count(metrics['train/tokens_per_sec'])} tok/s")
         if "train/mfu" in metrics:
             parts.append(f"MFU {metrics['train/mfu']:.1%}")
-        line = "pretrain: " + " · ".join(parts) + eta
+        line = f"{self.stage}: " + " · ".join(parts) + eta
         self.logger.info(line)
         if self.progress_artifact:
             update_progress_artifact(self.progress_artifact, progress=100.0 * step / self.max_steps, description=line)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        self.logger.info(f"pretrain: checkpoint of step {step} saved to {path}")
+        self.logger.info(f"{self.stage}: checkpoint of step {step} saved to {path}")
 
     def on_resume(self, step: int, path: Path) -> None:
-        self.logger.info(f"pretrain: resuming from step {step} (checkpoint {path}, left by an earlier attempt at these "
-                         "exact settings; --restart trains from step 0)")
+        self.logger.info(f"{self.stage}: resuming from step {step} (checkpoint {path}, left by an earlier attempt at "
+                         "these exact settings; --restart trains from step 0)")
 
     def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
         instead = f"trying {fallback.name} instead" if fallback else "training from step 0"
-        self.logger.warning(f"pretrain: cannot resume from checkpoint {path}, {instead}: {error}")
+        self.logger.warning(f"{self.stage}: cannot resume from checkpoint {path}, {instead}: {error}")
 
-    def write_report(self, directory: Path) -> None:
+    def write_report(self, directory: Path, y_label: str = "cross-entropy (nats/token)") -> None:
         (directory / "history.json").write_text(json.dumps(self.history, indent=1))
-        plot_loss_curve(self.history, directory / "loss_curve.png")
+        plot_loss_curve(self.history, directory / "loss_curve.png", y_label)
 
 
 def plot_loss_curve(

@@ -5,6 +5,8 @@ pyfunc models that load and predict, cached reruns, and bad input as one line.""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -13,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from gptflow.data.finetune_demo import CLASSIFICATION_PACKAGES
+from gptflow.data.store import hash_file
 from gptflow.flows.cli import main
 from gptflow.flows.evaluate import evaluate
 from gptflow.flows.finetune import finetune
@@ -90,10 +93,10 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
     assert params["finetune.lora_rank"] == "4" and params["finetune.max_length"] == "128"
     assert params["train.learning_rate"] == "0.003" and params["model.block_size"] == "128"
     assert params["sampling.max_new_tokens"] == "6" and params["objective"] == "sft"
-    val_losses = client.get_metric_history(first.mlflow_run_id, "finetune/val_loss")
+    val_losses = client.get_metric_history(first.mlflow_run_id, "val/loss")
     assert [metric.step for metric in val_losses] == [0, 3, 6]
-    assert [metric.step for metric in client.get_metric_history(first.mlflow_run_id, "finetune/train_loss")] == [2, 4, 6]
-    assert second_run.data.metrics["finetune/val_loss"] == pytest.approx(first.final_val_loss)
+    assert [metric.step for metric in client.get_metric_history(first.mlflow_run_id, "train/loss")] == [2, 4, 6]
+    assert second_run.data.metrics["val/loss"] == pytest.approx(first.final_val_loss)
     artifacts = artifact_paths(client, first.mlflow_run_id)
     for expected in ("model/MLmodel", "model/artifacts/final/model.safetensors", "model/artifacts/tokenizer.json",
                      "model/artifacts/chat_template.json", "eval/report.json", "eval/samples.md",
@@ -111,6 +114,36 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
                  "--max-new-tokens", "4", "--temperature", "0.7", "--top-k", "20", "--seed", "3",
                  "--workspace", str(workspace)]) == 0
     assert capsys.readouterr().out == answers[0] + "\n"
+
+
+def test_an_interrupted_finetuning_resumes_from_its_latest_checkpoint_unless_restarted(
+    workspace, client, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO)
+    data = _instructions(tmp_path / "instructions.jsonl")
+    settings = {**QUICK, "train.checkpoint_interval": 2, "train.seed": 7}  # a training of its own
+    first = finetune(objective="sft", model=BASE, data=str(data), overrides=settings, workspace=str(workspace))
+    [run_dir] = [directory for directory in (workspace / "store" / "finetunes").iterdir()
+                 if json.loads((directory / "checkpoints/step-00000006/trainer.json").read_text())
+                 ["train_config"]["seed"] == 7]
+    weights = hash_file(run_dir / "final" / "model.safetensors")
+    # As a run killed after the checkpoint of step 4 leaves it.
+    shutil.rmtree(run_dir / "final")
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000006")
+
+    caplog.clear()
+    resumed = finetune(objective="sft", model=BASE, data=str(data), overrides=settings, workspace=str(workspace))
+    assert resumed.stages["finetune"] == "executed"
+    assert f"finetune: resuming from step 4 (checkpoint {run_dir / 'checkpoints' / 'step-00000004'}," in caplog.text
+    assert client.get_run(resumed.mlflow_run_id).data.tags["gptflow.resumed_from_step"] == "4"
+    assert hash_file(run_dir / "final" / "model.safetensors") == weights
+    assert resumed.initial_val_loss == first.initial_val_loss and resumed.final_val_loss == first.final_val_loss
+
+    caplog.clear()
+    restarted = finetune(objective="sft", model=BASE, data=str(data), overrides=settings, workspace=str(workspace),
+                         restart=True)
+    assert restarted.stages["finetune"] == "executed" and "resuming" not in caplog.text
+    assert hash_file(run_dir / "final" / "model.safetensors") == weights
 
 
 def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspace, client, artifact_paths):

@@ -49,9 +49,11 @@ def test_two_gloo_ranks_follow_the_one_process_loss_trajectory(tmp_path, write_s
     assert [p.name for p in sorted((tmp_path / "two" / "checkpoints").iterdir())] == ["step-00000010", "step-00000020"]
 
 
-def test_a_world_size_that_disagrees_with_nproc_is_refused(tmp_path, monkeypatch, tiny_config, tiny_train_config):
+def test_a_world_size_that_disagrees_with_nproc_is_refused(
+    tmp_path, monkeypatch, tiny_config, tiny_train_config, pattern_shards
+):
     from gptflow.model.train import pretrain
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="torchrun --nproc_per_node 1"):
-        pretrain(tiny_config, tiny_train_config, [], [], tmp_path / "run")
+        pretrain(tiny_config, tiny_train_config, *pattern_shards, tmp_path / "run")

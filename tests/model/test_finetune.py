@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from gptflow.data.finetune_data import PreparedSplit
-from gptflow.model.checkpoint import load_model, save_final
+from gptflow.model.checkpoint import TRAINER_FILE, WEIGHTS_FILE, load_model, save_final
 from gptflow.model.classifier import load_classifier
 from gptflow.model.config import SamplingConfig, TrainConfig
 from gptflow.model.finetune import (
-    build_finetune_model,
+    FinetuneObjective,
     example_indices,
     finetune,
     generate_response,
@@ -31,6 +37,9 @@ def _train_config(**settings) -> TrainConfig:
                           "seed": 0, "log_interval": 10, **settings})
 
 
+TINY_FINETUNE = Path(__file__).with_name("tiny_finetune.py")
+
+
 def _sft_split(examples: list[tuple[list[int], list[bool]]]) -> PreparedSplit:
     return PreparedSplit(input_ids=[np.array(ids, dtype=np.int32) for ids, _ in examples],
                          locations=[f"data.jsonl:{line}" for line in range(len(examples))],
@@ -39,7 +48,7 @@ def _sft_split(examples: list[tuple[list[int], list[bool]]]) -> PreparedSplit:
 
 def test_sft_targets_are_the_response_tokens_only():
     split = _sft_split([([0, 10, 11, 12, 20, 21, 0], [False] * 4 + [True] * 3), ([0, 13, 22], [False, False, True])])
-    batch = make_batch("sft", split, np.array([0, 1]), PAD_ID, torch.device("cpu"))
+    batch = make_batch("sft", split, np.array([0, 1]), PAD_ID)
     assert batch.inputs.tolist() == [[0, 10, 11, 12, 20, 21], [0, 13, PAD_ID, PAD_ID, PAD_ID, PAD_ID]]
     assert batch.targets.tolist() == [[-1, -1, -1, 20, 21, 0], [-1, 22, -1, -1, -1, -1]]
     assert batch.real_tokens == 8
@@ -49,7 +58,7 @@ def test_sft_loss_is_the_mean_over_response_tokens(tiny_config):
     torch.manual_seed(0)
     gpt = GPT(tiny_config).eval()
     split = _sft_split([([0, 10, 11, 12, 20, 21, 0], [False] * 4 + [True] * 3), ([0, 13, 22], [False, False, True])])
-    batch = make_batch("sft", split, np.array([0, 1]), PAD_ID, torch.device("cpu"))
+    batch = make_batch("sft", split, np.array([0, 1]), PAD_ID)
     with torch.no_grad():
         logits, loss = gpt(batch.inputs, batch.targets)
     picked = [(0, 3, 20), (0, 4, 21), (0, 5, 0), (1, 1, 22)]
@@ -79,19 +88,38 @@ def base_dir(tiny_config, tmp_path):
     return save_final(tmp_path / "base", gpt)
 
 
+class RecordingCallback:
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.checkpoints: list[int] = []
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.append((step, metrics))
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.checkpoints.append(step)
+
+    def on_resume(self, step: int, path: Path) -> None:
+        pass
+
+    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
+        pass
+
+
 def test_sft_with_lora_learns_and_saves_a_merged_model(base_dir, tmp_path):
     # Prompts of random tokens; the response is always the same two tokens, then the end token.
     rng = np.random.default_rng(0)
     examples = [([0, *rng.integers(10, 40, size=3).tolist(), 5, 60, 61, 0], [False] * 5 + [True] * 3)
                 for _ in range(48)]
     train, val = _sft_split(examples[:40]), _sft_split(examples[40:])
-    config = _train_config(max_steps=40, val_interval=20)
-    reported = []
-    model = build_finetune_model(base_dir, "sft", [], FinetuneConfig(lora_rank=4), config.seed, torch.device("cpu"))
-    result = finetune(model, train, val, config, PAD_ID, 8, tmp_path / "run",
-                      on_metrics=lambda step, metrics: reported.append((step, metrics)))
-    assert [step for step, metrics in reported if "finetune/val_loss" in metrics] == [0, 20, 40]
-    assert [step for step, metrics in reported if "finetune/train_loss" in metrics] == [10, 20, 30, 40]
+    config = _train_config(max_steps=40, val_interval=20, checkpoint_interval=20)
+    callback = RecordingCallback()
+    objective = FinetuneObjective(base_dir, "sft", [], FinetuneConfig(lora_rank=4), train, val, PAD_ID, 8)
+    result = finetune(objective, config, tmp_path / "run", callback)
+    assert [step for step, metrics in callback.metrics if "val/loss" in metrics] == [0, 20, 40]
+    assert [step for step, metrics in callback.metrics if "train/loss" in metrics] == [10, 20, 30, 40]
+    assert all("train/tokens_per_sec" in metrics for step, metrics in callback.metrics if "train/loss" in metrics)
+    assert callback.checkpoints == [20, 40]
     assert result.final_val_loss < 0.1 * result.initial_val_loss
     assert result.trainable_parameters < 0.5 * result.total_parameters
     merged = load_model(result.model_dir)
@@ -112,11 +140,29 @@ def test_classification_learns_a_separable_task(base_dir, tmp_path):
     train = PreparedSplit(sequences[:80], locations[:80], labels=labels[:80].astype(np.int32))
     val = PreparedSplit(sequences[80:], locations[80:], labels=labels[80:].astype(np.int32))
     config = _train_config(max_steps=40, val_interval=0)
-    model = build_finetune_model(base_dir, "classification", ["a", "b", "c"], FinetuneConfig(lora_rank=0), config.seed,
-                                 torch.device("cpu"))
-    result = finetune(model, train, val, config, PAD_ID, 16, tmp_path / "run")
+    callback = RecordingCallback()
+    objective = FinetuneObjective(base_dir, "classification", ["a", "b", "c"], FinetuneConfig(lora_rank=0),
+                                  train, val, PAD_ID, 16)
+    result = finetune(objective, config, tmp_path / "run", callback)
     classifier, max_length = load_classifier(result.model_dir, result.classifier_dir)
     scores = score_examples(classifier, val, PAD_ID, 8)
     assert max_length == 16
     assert scores.accuracy == 1.0
     assert scores.loss == pytest.approx(result.final_val_loss, rel=1e-4)
+    assert callback.metrics[-1][1]["val/accuracy"] == 1.0
+
+
+def test_killed_finetuning_resumes_to_the_weights_of_an_uninterrupted_run(base_dir, tmp_path, kill_repeatedly):
+    """The fine-tuning loop is pretraining's: SIGKILLed at random moments (mostly mid-checkpoint)
+    and resumed, LoRA adapters, dropout and example order included, it ends bit-identical."""
+    reference = subprocess.Popen([sys.executable, str(TINY_FINETUNE), str(tmp_path / "reference"), str(base_dir)])
+    run_dir = tmp_path / "killed"
+    kill_repeatedly([sys.executable, str(TINY_FINETUNE), str(run_dir), str(base_dir)], run_dir, kills=2)
+    assert reference.wait() == 0
+    expected, actual = (load_file(directory / "final" / WEIGHTS_FILE) for directory in (tmp_path / "reference", run_dir))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    trainer = json.loads((run_dir / "checkpoints/step-00000040" / TRAINER_FILE).read_text())
+    reference_trainer = json.loads((tmp_path / "reference/checkpoints/step-00000040" / TRAINER_FILE).read_text())
+    assert trainer["initial_val"] == reference_trainer["initial_val"]  # the base model's score, kept over resumes

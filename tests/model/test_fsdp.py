@@ -149,7 +149,7 @@ def test_a_sharded_checkpoint_loads_whole_and_an_altered_shard_is_refused(
 
     whole = GPT(tiny_config)
     assert load_checkpoint(path, whole).step == 1
-    trained = gather_full_model(model, is_main=True)
+    trained = gather_full_model(model, is_main=True, build=lambda: GPT(tiny_config))
     for name, tensor in trained.state_dict().items():
         torch.testing.assert_close(whole.state_dict()[name], tensor, msg=name)
 
@@ -177,6 +177,6 @@ def test_a_sharded_model_recomputing_activations_takes_the_step_of_a_plain_one(
         loss.backward()
         clip_grad_norm_(model, 1.0)
         optimizer.step()
-        weights.append(gather_full_model(model, is_main=True) if sharded else model)
+        weights.append(gather_full_model(model, is_main=True, build=lambda: GPT(model.config)) if sharded else model)
     for name, tensor in weights[0].state_dict().items():
         torch.testing.assert_close(weights[1].state_dict()[name], tensor, msg=name)

@@ -4,12 +4,9 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ from safetensors.torch import load_file
 
 from gptflow.data.store import CorruptArtifactError, is_complete
 from gptflow.model.checkpoint import OPTIMIZER_FILE, TRAINER_FILE, WEIGHTS_FILE, latest_checkpoint, list_checkpoints, load_model
+from gptflow.model.gpt import GPT
 from gptflow.model.optim import learning_rate_at
 from gptflow.data.loader import TokenWindows
 from gptflow.model.evaluate import evaluate_loss
@@ -102,6 +100,8 @@ def test_reports_metrics_checkpoints_and_the_export(tmp_path, tiny_config, tiny_
         elapsed_s=result.elapsed_s,
         resumed_from_step=None,
         peak_memory_bytes=None,
+        trainable_parameters=GPT(tiny_config).num_parameters(),
+        total_parameters=GPT(tiny_config).num_parameters(),
     )
     assert TrainResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
     assert_same_weights(result.final_dir, tmp_path / "run/checkpoints/step-00000030")
@@ -189,37 +189,14 @@ def test_starting_over_discards_the_previous_run(tmp_path, tiny_config, tiny_tra
     assert_same_weights(fresh.final_dir, result.final_dir)
 
 
-def test_killed_runs_resume_to_bit_identical_weights(tmp_path, pattern_shards):
+def test_killed_runs_resume_to_bit_identical_weights(tmp_path, pattern_shards, kill_repeatedly):
     """SIGKILL at random moments (mostly mid-checkpoint: the helper saves every step), then resume:
     every kill leaves a loadable latest checkpoint, and the end result equals an unkilled run."""
     train, val = pattern_shards
     shards = [str(train[0]), str(val[0])]
     reference = subprocess.Popen([sys.executable, str(TINY_TRAINING), str(tmp_path / "reference"), *shards])
-
     run_dir = tmp_path / "killed"
-    delays = random.Random(0)
-    reached_step = 0
-    for attempt in range(3):
-        command = [sys.executable, str(TINY_TRAINING), str(run_dir), *shards] + (["--resume"] if attempt else [])
-        process = subprocess.Popen(command)
-        # Let it get a few checkpoints further, then kill it at a random moment of a later step.
-        target_step = reached_step + delays.randint(1, 10)
-        deadline = time.monotonic() + 60
-        while _latest_step(run_dir) < target_step:
-            assert process.poll() is None and time.monotonic() < deadline, "training stopped before the target step"
-            time.sleep(0.002)
-        time.sleep(delays.uniform(0.0, 0.03))
-        process.send_signal(signal.SIGKILL)
-        assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-
-        latest = latest_checkpoint(run_dir)
-        load_model(latest)
-        torch.load(latest / OPTIMIZER_FILE, weights_only=True)
-        reached_step = json.loads((latest / TRAINER_FILE).read_text())["step"]
-        assert reached_step == _latest_step(run_dir)
-        print(f"killed at step {reached_step}")
-
-    subprocess.run([sys.executable, str(TINY_TRAINING), str(run_dir), *shards, "--resume"], check=True)
+    kill_repeatedly([sys.executable, str(TINY_TRAINING), str(run_dir), *shards], run_dir, kills=3)
     assert reference.wait() == 0
     assert_same_weights(tmp_path / "reference" / "final", run_dir / "final")
     assert_same_weights(tmp_path / "reference/checkpoints/step-00000050", run_dir / "checkpoints/step-00000050")
@@ -228,11 +205,6 @@ def test_killed_runs_resume_to_bit_identical_weights(tmp_path, pattern_shards):
     for index, expected in reference_optimizer["state"].items():
         for key, value in expected.items():
             assert torch.equal(value, resumed_optimizer["state"][index][key]), (index, key)
-
-
-def _latest_step(run_dir: Path) -> int:
-    latest = latest_checkpoint(run_dir)
-    return json.loads((latest / TRAINER_FILE).read_text())["step"] if latest else 0
 
 
 def test_zero_grad_clip_disables_clipping(tmp_path, tiny_config, tiny_train_config, pattern_shards):
