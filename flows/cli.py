@@ -137,6 +137,8 @@ def _train_node(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     overrides = parse_override_pairs(args.overrides)
+    if args.nproc is not None:
+        overrides["train.nproc"] = args.nproc
     # Fail on a bad setting or a missing data file now, before Prefect and MLflow start up.
     build_config(FinetuneSettings, None, args.config, overrides)
     for path in (args.data, args.val_data):
@@ -388,6 +390,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="override a finetune.*, train.* or sampling.* setting, e.g. --set finetune.lora_rank=0 "
                           "(full fine-tune) or --set train.max_steps=300; repeatable")
     finetune.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
+    finetune.add_argument("--nproc", type=int, metavar="N",
+                          help="fine-tune data-parallel on N GPUs (or CPU processes) via torchrun, each taking "
+                          "train.micro_batch_size examples per micro-step; same as --set train.nproc=N "
+                          "(--set train.parallelism=fsdp shards the model)")
     finetune.add_argument("--restart", action="store_true",
                           help="fine-tune from step 0, deleting the checkpoints of an earlier attempt at these exact "
                           "settings; without it, a fine-tuning that stopped early resumes from its latest checkpoint")

@@ -80,9 +80,7 @@ class FinetuneSettings(Settings):
         "sampling": {"max_new_tokens": 128, "temperature": 0.7, "top_k": 20},
     }
     UNSUPPORTED_TRAIN: ClassVar[dict[str, str]] = {
-        "optimizer": "fine-tuning trains with AdamW", "nproc": "the finetune flow trains in one process",
-        "parallelism": "the finetune flow trains in one process",
-        "val_tokens": "fine-tuning validates on its whole val split",
+        "optimizer": "fine-tuning trains with AdamW", "val_tokens": "fine-tuning validates on its whole val split",
     }
     """``train`` fields the fine-tuning loop does not read yet, and why: set, they are refused."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -32,7 +32,7 @@ from gptflow.model.checkpoint import load_model
 from gptflow.model.classifier import load_classifier
 from gptflow.model.device import resolve_device
 from gptflow.model.config import SamplingConfig, TrainConfig
-from gptflow.model.finetune import FinetuneObjective, FinetuneOutcome, finetune, generate_response, score_examples
+from gptflow.model.finetune import FinetuneOutcome, generate_response, score_examples
 from gptflow.model.gpt import GPT
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.caching import run_stage, stage_key
@@ -41,7 +41,7 @@ from gptflow.tasks.config import DEFAULT_PRESET, FinetuneSettings, build_config
 from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
 from gptflow.tasks.progress import human_count, run_logger
 from gptflow.tasks.tracking import REGISTERED_MODEL_TAG, PipelineRun
-from gptflow.tasks.training_job import TrainingReporter
+from gptflow.tasks.training_job import REPORT_DIR, FinetuneJob
 from gptflow.tasks.workspace import Workspace
 
 REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification"}
@@ -49,7 +49,6 @@ REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-f
 MLFLOW_MODEL_MODULES = {"sft": "gptflow.tasks.mlflow_chat_model", "classification": "gptflow.tasks.mlflow_classifier"}
 """Each objective's MLflow model from code: run from its file when the model loads, never imported here."""
 TOKENIZER_DIR = "tokenizer"
-REPORT_DIR = "report"
 
 
 def default_base_model(workspace: Workspace) -> str:
@@ -176,25 +175,22 @@ def train_task(
     train: TrainConfig, run_dir: str, workspace_root: str, tracking_uri: str, mlflow_run_id: str, restart: bool,
 ) -> FinetunedModel:
     run_dir_path = Path(run_dir)
-    train_split, val_split = (read_split(Path(prepared.directory), split) for split in ("train", "val"))
-    training = FinetuneObjective(base.model_dir, objective, prepared.labels, config, train_split, val_split,
-                                 base.tokenizer.pad_id, prepared.max_length)
-    run = PipelineRun.attach(workspace_root, tracking_uri, mlflow_run_id)
-    reporter = TrainingReporter(run, train.max_steps, prefect_progress=True, stage="finetune")
-    result = finetune(training, train, run_dir_path, reporter, resume=not restart)
-    if result.resumed_from_step is not None:
-        run.set_tags({"gptflow.resumed_from_step": result.resumed_from_step})
-    reporter.metrics.flush()
+    job = FinetuneJob(
+        objective=objective, base_dir=str(base.model_dir), labels=prepared.labels,
+        finetune_config=dataclasses.asdict(config), train_config=dataclasses.asdict(train),
+        prepared_dir=prepared.directory, pad_id=base.tokenizer.pad_id, max_length=prepared.max_length,
+        run_dir=run_dir, workspace=workspace_root, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
+        restart=restart,
+    )
+    result = job.run(prefect_progress=True) if train.nproc == 1 else job.run_with_torchrun(train.nproc)
     with _replaced_directory(run_dir_path / TOKENIZER_DIR) as tokenizer_dir:
         shutil.copyfile(base.tokenizer_file, tokenizer_dir / TOKENIZER_FILE)
         if objective == "sft":
             template.save(tokenizer_dir)
-    with _replaced_directory(run_dir_path / REPORT_DIR) as report_dir:
-        y_label = "cross-entropy (nats/response token)" if objective == "sft" else "cross-entropy (nats/example)"
-        reporter.write_report(report_dir, y_label)
     weights_hash = read_contents_hash(result.model_dir)
     if result.classifier_dir:
         weights_hash = hash_json([weights_hash, read_contents_hash(result.classifier_dir)])
+    run = PipelineRun.attach(workspace_root, tracking_uri, mlflow_run_id)
     registered_model = _log_model(run, objective, result.model_dir, result.classifier_dir, run_dir_path / TOKENIZER_DIR,
                                   weights_hash)
     return FinetunedModel(

@@ -1,7 +1,7 @@
-"""One training run of the pretrain stage, in this process or across ``torchrun`` ranks.
+"""One training run of the pretrain or finetune stage, in this process or across ``torchrun`` ranks.
 
-A ``TrainingJob`` holds everything a training needs as plain JSON, so the pretrain task can run
-it in-process (one device) or hand it to ``torchrun`` (``train.nproc`` > 1), whose every rank runs
+A ``TrainingJob`` (pretraining) or ``FinetuneJob`` holds everything a training needs as plain JSON,
+so its task can run it in-process (one device) or hand it to ``torchrun`` (``train.nproc`` > 1), whose every rank runs
 ``python -m gptflow.tasks.training_job JOB.json RESULT.json``. Rank 0 reports to MLflow, writes the loss
 curve and registers the model; the task forwards the workers' console lines to its Prefect log.
 
@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from gptflow.data.finetune_data import read_split
 from gptflow.data.mixture import MixturePart
 from gptflow.data.store import (
     are_complete,
@@ -46,6 +48,8 @@ from gptflow.data.store import (
 from gptflow.data.tokenizer import TOKENIZER_FILE
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
+from gptflow.model.finetune import FinetuneObjective, FinetuneResult, finetune
+from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.train import Continuation, pretrain
 from gptflow.tasks.progress import human_count, human_duration, run_logger
 from gptflow.tasks.rendezvous import Rendezvous, RendezvousError
@@ -175,31 +179,7 @@ class TrainingJob:
     def run_with_torchrun(self, nproc: int) -> TrainedModel:
         """Launch ``nproc`` ranks on this machine, or this machine's share of them on several, and
         wait; their output goes to the run log."""
-        logger = run_logger()
-        rendezvous = Rendezvous(**self.rendezvous) if self.rendezvous else None
-        with tempfile.TemporaryDirectory(prefix="gptflow-job-") as tmp:
-            job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-            job_file.write_text(json.dumps(dataclasses.asdict(self)))
-            if rendezvous is None:
-                launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                logger.info(f"pretrain: launching {nproc} processes: {' '.join(launcher[1:])}")
-            else:
-                launcher = rendezvous.torchrun_command()
-                logger.info(f"pretrain: launching {rendezvous.nproc_per_node} of {nproc} processes here; waiting up to "
-                            f"{rendezvous.timeout_s:g} s for the other {rendezvous.nnodes - 1} node(s) to join at "
-                            f"{rendezvous.endpoint} (gptflow train-node --nnodes {rendezvous.nnodes} --nproc-per-node "
-                            f"{rendezvous.nproc_per_node} --rdzv-endpoint {rendezvous.endpoint} on each)")
-            command = [*launcher, "-m", "gptflow.tasks.training_job", str(job_file), str(result_file)]
-            last_lines: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
-            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as workers:
-                for line in workers.stdout:
-                    logger.info(line.rstrip())
-                    last_lines.append(line)
-            if workers.returncode != 0 or not result_file.exists():
-                if rendezvous and (error := rendezvous.failure("".join(last_lines), workers.returncode)):
-                    raise error
-                raise RuntimeError(f"torchrun training failed (exit code {workers.returncode}); its output is above")
-            return TrainedModel(**json.loads(result_file.read_text()))
+        return TrainedModel(**_launch_ranks("pretrain", self, nproc))
 
     def published(self, store: Path) -> str:
         """The job as the other nodes read it: paths inside ``store`` as store references."""
@@ -219,6 +199,91 @@ class TrainingJob:
                                   f"{len(missing) - 1} more) that the head node trains on: give train-node the head's "
                                   "--workspace, a folder mounted at the same place on every node or the same s3:// URL.")
         return job
+
+
+def _launch_ranks(stage: str, job: TrainingJob | FinetuneJob, nproc: int) -> dict[str, Any]:
+    """Run ``job`` on ``nproc`` torchrun ranks (on several machines: this machine's share of them)
+    and wait, its output going to the run log; returns what rank 0's ``run`` returned, as JSON."""
+    logger = run_logger()
+    rendezvous = Rendezvous(**job.rendezvous) if getattr(job, "rendezvous", None) else None
+    with tempfile.TemporaryDirectory(prefix="gptflow-job-") as tmp:
+        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(json.dumps({"stage": stage, "job": dataclasses.asdict(job)}))
+        if rendezvous is None:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            logger.info(f"{stage}: launching {nproc} processes: {' '.join(launcher[1:])}")
+        else:
+            launcher = rendezvous.torchrun_command()
+            logger.info(f"{stage}: launching {rendezvous.nproc_per_node} of {nproc} processes here; waiting up to "
+                        f"{rendezvous.timeout_s:g} s for the other {rendezvous.nnodes - 1} node(s) to join at "
+                        f"{rendezvous.endpoint} (gptflow train-node --nnodes {rendezvous.nnodes} --nproc-per-node "
+                        f"{rendezvous.nproc_per_node} --rdzv-endpoint {rendezvous.endpoint} on each)")
+        command = [*launcher, "-m", "gptflow.tasks.training_job", str(job_file), str(result_file)]
+        last_lines: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as workers:
+            for line in workers.stdout:
+                logger.info(line.rstrip())
+                last_lines.append(line)
+        if workers.returncode != 0 or not result_file.exists():
+            if rendezvous and (error := rendezvous.failure("".join(last_lines), workers.returncode)):
+                raise error
+            raise RuntimeError(f"torchrun training failed (exit code {workers.returncode}); its output is above")
+        return json.loads(result_file.read_text())
+
+
+@dataclass
+class FinetuneJob:
+    """A fine-tuning (``model.finetune``) as plain JSON: the finetune task runs it, in-process or on
+    ``train.nproc`` torchrun ranks."""
+
+    objective: str
+    base_dir: str
+    labels: list[str]
+    finetune_config: dict[str, Any]
+    train_config: dict[str, Any]
+    prepared_dir: str
+    """``data.finetune_data.prepare_examples``' output: the train and val splits."""
+    pad_id: int
+    max_length: int
+    run_dir: str
+    workspace: str
+    tracking_uri: str
+    mlflow_run_id: str
+    restart: bool
+    """Train from step 0, deleting the run's checkpoints, instead of resuming from the latest one."""
+
+    def run(self, prefect_progress: bool) -> FinetuneResult | None:
+        """Fine-tune (this process's rank of it); rank 0 reports to MLflow, writes the loss curve
+        beside the model and returns the result, the others None."""
+        train_config = TrainConfig(**self.train_config)
+        prepared = Path(self.prepared_dir)
+        objective = FinetuneObjective(
+            Path(self.base_dir), self.objective, self.labels, FinetuneConfig(**self.finetune_config),
+            read_split(prepared, "train"), read_split(prepared, "val"), self.pad_id, self.max_length,
+        )
+        is_main = Ranks.from_environment().is_main
+        run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id) if is_main else None
+        reporter = TrainingReporter(run, train_config.max_steps, prefect_progress, stage="finetune") if is_main else None
+        with _system_metrics(run.run_id, self.tracking_uri, None) if run else contextlib.nullcontext():
+            result = finetune(objective, train_config, Path(self.run_dir), reporter, resume=not self.restart)
+        if reporter is None:
+            return None
+        if result.resumed_from_step is not None:
+            run.set_tags({"gptflow.resumed_from_step": result.resumed_from_step})
+        reporter.metrics.flush()
+        report_dir = Path(self.run_dir) / REPORT_DIR
+        shutil.rmtree(report_dir, ignore_errors=True)  # a retraining's curve replaces the earlier one
+        with atomic_directory(report_dir) as directory:
+            unit = "response token" if self.objective == "sft" else "example"
+            reporter.write_report(directory, f"cross-entropy (nats/{unit})")
+        return result
+
+    def run_with_torchrun(self, nproc: int) -> FinetuneResult:
+        """Launch ``nproc`` ranks on this machine and wait; their output goes to the run log."""
+        result = _launch_ranks("finetune", self, nproc)
+        classifier_dir = result["classifier_dir"]
+        return FinetuneResult(**{**result, "model_dir": Path(result["model_dir"]),
+                                 "classifier_dir": Path(classifier_dir) if classifier_dir else None})
 
 
 class TrainingReporter:
@@ -329,16 +394,17 @@ def _run_rank(job_file: Path, result_file: Path) -> None:
     """A torchrun worker of the node that runs the flow: train this rank's part; rank 0 writes the
     result for the task. On several machines, its first rank shares the job with the other nodes."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    job = TrainingJob(**json.loads(job_file.read_text()))
-    if job.rendezvous is not None:
+    launched = json.loads(job_file.read_text())
+    job = {"pretrain": TrainingJob, "finetune": FinetuneJob}[launched["stage"]](**launched["job"])
+    if getattr(job, "rendezvous", None) is not None:
         store = _rendezvous_store(job.rendezvous["timeout_s"])
         if int(os.environ["LOCAL_RANK"]) == 0:
             store.set(JOB_KEY, job.published(Workspace(Path(job.workspace)).store))
             store.set(HEAD_NODE_KEY, os.environ["GROUP_RANK"])
         _number_from_head_node(store)
-    trained = job.run(prefect_progress=False)
-    if trained is not None:
-        result_file.write_text(json.dumps(dataclasses.asdict(trained)))
+    result = job.run(prefect_progress=False)
+    if result is not None:
+        result_file.write_text(json.dumps(dataclasses.asdict(result), default=str))
 
 
 def _join_rank(workspace_setting: str | None) -> None:

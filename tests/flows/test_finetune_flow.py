@@ -146,6 +146,24 @@ def test_an_interrupted_finetuning_resumes_from_its_latest_checkpoint_unless_res
     assert hash_file(run_dir / "final" / "model.safetensors") == weights
 
 
+def test_sft_sharded_over_two_processes_logs_one_run_and_registers_one_model(workspace, client, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    data = _instructions(tmp_path / "instructions.jsonl")
+    settings = {**QUICK, "train.nproc": 2, "train.parallelism": "fsdp", "train.micro_batch_size": 2, "train.seed": 11}
+    summary = finetune(objective="sft", model=BASE, data=str(data), overrides=settings, workspace=str(workspace))
+    assert summary.stages["finetune"] == "executed"
+    assert "finetune: launching 2 processes" in caplog.text
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.parallelism"] == "fsdp"
+    # Rank 0 alone reports: one value per report step.
+    assert [metric.step for metric in client.get_metric_history(summary.mlflow_run_id, "val/loss")] == [0, 3, 6]
+    assert [metric.step for metric in client.get_metric_history(summary.mlflow_run_id, "train/loss")] == [2, 4, 6]
+    # The sharded model was gathered into one merged model, which evaluates to the loop's last score.
+    assert summary.metrics["eval/val_loss"] == pytest.approx(summary.final_val_loss, rel=1e-4)
+    model = _load_registered(workspace, summary.model_uri)
+    assert isinstance(model.predict(["Add 1 to 3."])[0], str)
+
+
 def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspace, client, artifact_paths):
     summary = finetune(objective="classification", model=BASE, overrides=QUICK, workspace=str(workspace))
 

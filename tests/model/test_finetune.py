@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,24 @@ def test_killed_finetuning_resumes_to_the_weights_of_an_uninterrupted_run(base_d
     trainer = json.loads((run_dir / "checkpoints/step-00000040" / TRAINER_FILE).read_text())
     reference_trainer = json.loads((tmp_path / "reference/checkpoints/step-00000040" / TRAINER_FILE).read_text())
     assert trainer["initial_val"] == reference_trainer["initial_val"]  # the base model's score, kept over resumes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_finetuning_on_two_ranks_follows_one_process(base_dir, tmp_path, parallelism):
+    """LoRA fine-tuning with the global batch split over two ranks (DDP, or FSDP sharding the frozen
+    base weights with the adapters) takes the steps of one process."""
+    losses = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        command = [sys.executable, *launcher, str(TINY_FINETUNE), str(tmp_path / name), str(base_dir),
+                   "--parallelism", parallelism, "--losses", str(tmp_path / f"{name}.json")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        losses[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert losses["one"].keys() == losses["two"].keys() == {"5", "10"}
+    for step, loss in losses["one"].items():
+        assert losses["two"][step] == pytest.approx(loss, rel=1e-4), step
+    single, parallel = (load_file(tmp_path / name / "final" / WEIGHTS_FILE) for name in ("one", "two"))
+    for name, tensor in single.items():
+        torch.testing.assert_close(parallel[name], tensor, atol=1e-4, rtol=1e-4, msg=name)

@@ -1,11 +1,18 @@
-"""Fine-tunes a tiny model with LoRA in its own process, so the kill-and-resume test can SIGKILL it.
+"""Fine-tunes a tiny model with LoRA in its own process (or as one torchrun rank), so the tests can
+SIGKILL it, or compare its losses across world sizes.
 
-Usage: python tiny_finetune.py RUN_DIR BASE_DIR [--resume]
+Usage: python tiny_finetune.py RUN_DIR BASE_DIR [--resume] [--parallelism ddp|fsdp --losses FILE]
+
+With ``--parallelism`` (under torchrun or alone) every rank takes 8 / WORLD_SIZE examples per
+micro-step, so each world size takes the same steps, without dropout (its masks are drawn per
+process), and rank 0 writes the train losses to FILE.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +40,41 @@ def sft_examples(count: int, seed: int) -> PreparedSplit:
                          loss_mask=[np.array([False] * 5 + [True] * 3) for _ in examples])
 
 
+class RecordLosses:
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if "train/loss" in metrics:
+            self.losses[step] = metrics["train/loss"]
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def on_resume(self, step: int, path: Path) -> None:
+        pass
+
+    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
+        raise AssertionError(f"checkpoint {path} did not load: {error}")
+
+
 if __name__ == "__main__":
-    run_dir, base_dir = map(Path, sys.argv[1:3])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("base_dir", type=Path)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--parallelism")
+    parser.add_argument("--losses", type=Path)
+    args = parser.parse_args()
     torch.set_num_threads(1)  # float reductions depend on the thread count; fix it for bit-identity
-    objective = FinetuneObjective(base_dir, "sft", [], FinetuneConfig(lora_rank=4, lora_dropout=0.1),
+    config, lora_dropout, callback = TRAIN_CONFIG, 0.1, None
+    if args.parallelism:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        config = TrainConfig(**{**TRAIN_CONFIG.__dict__, "micro_batch_size": 8 // world_size, "nproc": world_size,
+                                "parallelism": args.parallelism, "max_steps": 10, "checkpoint_interval": 10})
+        lora_dropout, callback = 0.0, RecordLosses()
+    objective = FinetuneObjective(args.base_dir, "sft", [], FinetuneConfig(lora_rank=4, lora_dropout=lora_dropout),
                                   sft_examples(40, seed=0), sft_examples(8, seed=1), PAD_ID, max_length=8)
-    finetune(objective, TRAIN_CONFIG, run_dir, resume="--resume" in sys.argv)
+    finetune(objective, config, args.run_dir, callback, resume=args.resume)
+    if callback is not None and int(os.environ.get("RANK", 0)) == 0:
+        args.losses.write_text(json.dumps(callback.losses))

@@ -42,8 +42,8 @@ def test_settings_compose_the_training_loop_and_sampling_with_finetune_defaults(
     ({"model.n_layer": "1"}, "finetune takes finetune.*, train.*, sampling.* settings, not model.*: the model's own"),
     ({"finetune.overlong": "drop"}, "finetune.overlong must be one of truncate, skip"),
     ({"finetune.lora_dropout": "1.5"}, "finetune.lora_dropout must be in [0, 1)"),
-    ({"train.nproc": "2"}, "train.nproc is not a fine-tuning setting (the finetune flow trains in one process)"),
-    ({"train.parallelism": "fsdp"}, "train.parallelism is not a fine-tuning setting (the finetune flow trains in one process)"),
+    ({"train.optimizer": "muon"}, "train.optimizer is not a fine-tuning setting (fine-tuning trains with AdamW)"),
+    ({"train.parallelism": "tp"}, "train.parallelism must be one of ddp, fsdp"),
     ({"sampling.temperature": "0"}, "sampling.temperature must be positive"),
 ])
 def test_bad_settings_name_the_field(overrides, message):
