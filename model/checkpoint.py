@@ -203,12 +203,23 @@ def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         set_optimizer_state_dict(model, optimizer, shards["optimizer"])
 
 
-def _load_whole_into_shards(path: Path, model: GPT, optimizer: torch.optim.Optimizer | None) -> None:
+def _load_whole_into_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a checkpoint of a whole model into a sharded one: each rank reads it all, keeps its shards."""
-    whole = GPT(model.config)
-    _load_weights(whole, path)
+    weights = safetensors.torch.load_file(path / WEIGHTS_FILE)
+    # The file holds a tied tensor once (save_model); the state dict names it under each of its names.
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    for names in names_of.values():
+        saved = next((name for name in names if name in weights), None)
+        for name in names:
+            if saved is not None:
+                weights.setdefault(name, weights[saved])
     full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, whole.state_dict(), options=full)
+    try:
+        set_model_state_dict(model, weights, options=full)
+    except RuntimeError as error:  # missing or unexpected keys: another architecture's checkpoint
+        raise ValueError(f"checkpoint {path} does not hold this model's weights: {error}") from error
     if optimizer is None:
         return
     saved = _read_optimizer_state(path)

@@ -6,7 +6,8 @@ Every field is documented where it is declared and validated in ``__post_init__`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from gptflow.data.config import require
 
@@ -157,6 +158,17 @@ class TrainConfig:
     AdamW state over the ranks, one unit per transformer block (bf16 compute with fp32 gradient
     reduction on CUDA); checkpoints are sharded (``torch.distributed.checkpoint``) and resume at
     any world size. With one process there is nothing to shard and both train the same."""
+
+    def trained_settings(self) -> dict[str, Any]:
+        """The settings that decide what is trained, for a cache key. Each micro-step trains on
+        ``micro_batch_size · nproc`` sequences however many ranks share them and whether they shard
+        the model (the same steps up to float rounding), so those count as their product: the
+        training keeps its key, and resumes from its checkpoints, on another number of processes
+        that keeps the product."""
+        settings = asdict(self)
+        settings["global_micro_batch"] = settings.pop("micro_batch_size") * settings.pop("nproc")
+        del settings["parallelism"]
+        return settings
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "val_tokens",

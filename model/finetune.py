@@ -113,8 +113,12 @@ class FinetuneObjective(TrainingObjective):
             for micro_step in range(accum_steps):
                 indices = example_indices(len(self.train.input_ids), seed,
                                           (step * accum_steps + micro_step) * global_batch, global_batch)
-                mine = indices[ranks.rank * micro_batch_size : (ranks.rank + 1) * micro_batch_size]
-                yield make_batch(self.objective, self.train, mine, self.pad_id)
+                mine = slice(ranks.rank * micro_batch_size, (ranks.rank + 1) * micro_batch_size)
+                batch = make_batch(self.objective, self.train, indices[mine], self.pad_id)
+                if self.objective == "sft" and ranks.is_distributed:
+                    targets = [int(self.train.loss_mask[index][1:].sum()) for index in indices]
+                    batch.loss_scale = sum(targets[mine]) * ranks.world_size / sum(targets)
+                yield batch
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         if self.objective == "classification":

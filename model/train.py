@@ -69,13 +69,18 @@ class Batch:
     """Tokens that are not padding: what throughput counts."""
     lengths: torch.Tensor | None = None
     """Classification: (B,) real tokens per row."""
+    loss_scale: float = 1.0
+    """The weight of this rank's mean loss in the mean over the global micro-batch, times the
+    world size: its targets over the mean targets per rank. Gradients averaged over the ranks then
+    follow the mean over all the micro-batch's targets, as one process would take it, also when
+    ranks hold different numbers of them (fine-tuning's responses vary in length)."""
 
     def to(self, device: torch.device) -> Batch:
         def moved(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(device, non_blocking=True)
 
         return Batch(moved(self.inputs), moved(self.targets), self.real_tokens,
-                     moved(self.lengths) if self.lengths is not None else None)
+                     moved(self.lengths) if self.lengths is not None else None, self.loss_scale)
 
 
 class TrainingObjective(ABC):
@@ -348,7 +353,7 @@ def _train(
             last_micro_step = micro_step == accum_steps - 1
             with _gradient_sync(parallel_model, last_micro_step):
                 with autocast(device, autocast_dtype):
-                    loss = objective.loss(step_model, batch)
+                    loss = objective.loss(step_model, batch) * batch.loss_scale
                 (loss / accum_steps).backward()
             loss_sum += loss.detach()
             uncounted_tokens += batch.real_tokens

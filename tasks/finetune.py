@@ -213,7 +213,7 @@ def finetune_model(
     key = stage_key(
         "finetune",
         config={"objective": objective, "lora": settings.finetune.lora_settings(),
-                "train": dataclasses.asdict(settings.train)},
+                "train": settings.train.trained_settings()},
         # The logged MLflow model runs its module's code: a change to it must log a new model.
         modules=(__name__, MLFLOW_MODEL_MODULES[objective]),
         inputs={"base": base.weights_hash, "data": prepared.fingerprint},

@@ -152,7 +152,7 @@ def train_model(
         train_config = _continuation_schedule(train_config, incremental, tokens, new_paths, model_config)
     settings = {
         "model": dataclasses.asdict(model_config),
-        "train": dataclasses.asdict(train_config),
+        "train": train_config.trained_settings(),
         "continuation": None if continuation is None else {
             "weights": plan.continue_from.weights_hash,
             "seen_tokens": plan.continue_from.tokens_fingerprint,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,22 +170,45 @@ def test_killed_finetuning_resumes_to_the_weights_of_an_uninterrupted_run(base_d
     assert trainer["initial_val"] == reference_trainer["initial_val"]  # the base model's score, kept over resumes
 
 
+LAUNCHERS = {"one": [], "two": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]}
+
+
+def _finetune_ranks(ranks: str, run_dir: Path, base_dir: Path, parallelism: str, *flags: str) -> dict[str, float]:
+    """tiny_finetune.py's 10 steps on one process or two ranks; the train losses rank 0 reported."""
+    losses = run_dir.with_suffix(".json")
+    command = [sys.executable, *LAUNCHERS[ranks], str(TINY_FINETUNE), str(run_dir), str(base_dir),
+               "--parallelism", parallelism, "--losses", str(losses), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(losses.read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_finetuning_on_two_ranks_follows_one_process(base_dir, tmp_path, parallelism):
     """LoRA fine-tuning with the global batch split over two ranks (DDP, or FSDP sharding the frozen
     base weights with the adapters) takes the steps of one process."""
-    losses = {}
-    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
-        command = [sys.executable, *launcher, str(TINY_FINETUNE), str(tmp_path / name), str(base_dir),
-                   "--parallelism", parallelism, "--losses", str(tmp_path / f"{name}.json")]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        losses[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    losses = {ranks: _finetune_ranks(ranks, tmp_path / ranks, base_dir, parallelism) for ranks in LAUNCHERS}
     assert losses["one"].keys() == losses["two"].keys() == {"5", "10"}
     for step, loss in losses["one"].items():
         assert losses["two"][step] == pytest.approx(loss, rel=1e-4), step
     single, parallel = (load_file(tmp_path / name / "final" / WEIGHTS_FILE) for name in ("one", "two"))
     for name, tensor in single.items():
         torch.testing.assert_close(parallel[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [("one", "two"), ("two", "one")])
+def test_a_finetuning_checkpoint_resumes_at_another_world_size(base_dir, tmp_path, saved_on, resumed_on):
+    """A LoRA model's last checkpoint, whole (one process) or sharded (two FSDP ranks), loads at the
+    other world size: resumed there, it exports the weights the run that saved it exported."""
+    run_dir = tmp_path / "run"
+    _finetune_ranks(saved_on, run_dir, base_dir, "fsdp")
+    expected = load_file(run_dir / "final" / WEIGHTS_FILE)
+    shutil.rmtree(run_dir / "final")  # as a run killed after its last checkpoint leaves it
+    assert _finetune_ranks(resumed_on, run_dir, base_dir, "fsdp", "--resume") == {}  # resumed at the last step
+    resumed = load_file(run_dir / "final" / WEIGHTS_FILE)
+    assert resumed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, msg=name)

@@ -32,12 +32,14 @@ TRAIN_CONFIG = TrainConfig(
 
 
 def sft_examples(count: int, seed: int) -> PreparedSplit:
-    """Prompts of random tokens, each answered by the same two tokens and the end token (0)."""
+    """Prompts of random tokens, each answered by 1 to 4 tokens counting up from 60 and the end
+    token (0): responses of different lengths, so ranks hold different numbers of targets."""
     rng = np.random.default_rng(seed)
-    examples = [[0, *rng.integers(10, 40, size=3).tolist(), 5, 60, 61, 0] for _ in range(count)]
+    lengths = rng.integers(1, 5, size=count)
+    examples = [[0, *rng.integers(10, 40, size=3).tolist(), 5, *range(60, 60 + length), 0] for length in lengths]
     return PreparedSplit(input_ids=[np.array(ids, dtype=np.int32) for ids in examples],
                          locations=[f"data.jsonl:{line}" for line in range(count)],
-                         loss_mask=[np.array([False] * 5 + [True] * 3) for _ in examples])
+                         loss_mask=[np.array([False] * 5 + [True] * (length + 1)) for length in lengths])
 
 
 class RecordLosses:

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from gptflow.model.config import MODERN_RECIPE, pad_vocab_size
+from gptflow.model.config import MODERN_RECIPE, TrainConfig, pad_vocab_size
 from gptflow.model.gpt import GPT
 from gptflow.tasks.config import (
     DEFAULT_PRESET,
@@ -123,3 +123,10 @@ def test_gpt2_350m_preset_has_about_350m_parameters():
     assert 340e6 < model.num_parameters() < 370e6
     checkpointed = build_config(PretrainSettings, "gpt2-350m", overrides={"model.activation_checkpointing": "true"})
     assert checkpointed.model.activation_checkpointing
+
+
+def test_a_training_keeps_its_key_on_another_number_of_processes_that_keeps_the_global_batch():
+    two_sharded_ranks = TrainConfig(nproc=2, micro_batch_size=4, parallelism="fsdp")
+    assert two_sharded_ranks.trained_settings() == TrainConfig(nproc=1, micro_batch_size=8).trained_settings()
+    assert two_sharded_ranks.trained_settings() != TrainConfig(nproc=1, micro_batch_size=4).trained_settings()
+    assert TrainConfig(seed=1).trained_settings() != TrainConfig(seed=2).trained_settings()
