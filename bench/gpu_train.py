@@ -23,11 +23,10 @@ Prints, last, a short table of:
     full modern run first reaches the baseline's final loss (interpolated between evaluations),
     as a fraction of the budget, and whether the half-budget run ends below it.
 
-The step loop is this script's own, built from ``model/`` pieces (``GPT``, ``build_optimizer``,
-``learning_rate_at``, ``evaluate_loss``) and ``data.loader.prefetch_batches``: it does what
-``model.train.pretrain`` does in a step (warmup + cosine schedule written into every group,
-gradient accumulation with the loss divided by the micro-steps, gradient clipping, no host
-syncs inside a step) but writes no checkpoints and reports nothing in between.
+Training is gptflow's own: (b) times ``model.train.take_step``, the step every gptflow training
+takes (schedule, gradient accumulation, clipping, no host syncs inside a step), on batches already
+on the device; (c) trains through ``model.train.pretrain``, the trainer of ``gptflow pretrain``
+and ``gptflow finetune``, which checkpoints only at the end here.
 
 Imports only torch, numpy, pyarrow, tokenizers and this repository's ``data/`` and ``model/``
 (no Prefect, no MLflow), so it runs on a bare GPU box. Writes ``gpu_train.json`` (every figure
@@ -55,7 +54,7 @@ import tempfile
 import time
 import traceback
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +70,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from gptflow.data.config import IngestConfig, TokenizeConfig, TokenizerConfig  # noqa: E402
 from gptflow.data.ingest import ingest_corpus  # noqa: E402
-from gptflow.data.loader import TokenWindows, prefetch_batches  # noqa: E402
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources  # noqa: E402
 from gptflow.data.tokenize import tokenize_corpus  # noqa: E402
 from gptflow.data.tokenizer import train_tokenizer  # noqa: E402
 from gptflow.model.config import MODERN_RECIPE, ModelConfig, TrainConfig, pad_vocab_size  # noqa: E402
-from gptflow.model.device import autocast  # noqa: E402
-from gptflow.model.evaluate import evaluate_loss  # noqa: E402
 from gptflow.model.gpt import GPT  # noqa: E402
-from gptflow.model.optim import build_optimizer, learning_rate_at  # noqa: E402
+from gptflow.model.optim import build_optimizer  # noqa: E402
+from gptflow.model.train import Batch, pretrain, take_step  # noqa: E402
 
 SECTIONS = ("matmul", "throughput", "learning")
 LEARNING_RUNS = ("gpt2", "modern", "modern_half")
@@ -291,17 +288,20 @@ def measure_throughput(
     step_model = torch.compile(model) if settings.compile else model
     inputs = torch.randint(0, config.vocab_size, (micro_batch, config.block_size), device=device)
     targets = torch.randint(0, config.vocab_size, (micro_batch, config.block_size), device=device)
-    batches = itertools.repeat((inputs, targets))
+    batches = itertools.repeat(Batch(inputs, targets, inputs.numel()))
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     _reset_peak_memory(device)
+
+    def loss_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch.inputs, batch.targets, return_logits=return_logits)[1]
 
     def run_steps(steps: range) -> float:
         backend = sdpa_kernel(getattr(SDPBackend, attention_backend)) if attention_backend else contextlib.nullcontext()
         started = time.perf_counter()
         with backend:  # around compilation too: the backend is chosen when the graph is traced
             for step in steps:
-                train_step(model, step_model, optimizer, train_config, step, batches, device, autocast_dtype,
-                           return_logits)
+                take_step(loss_of, model, step_model, model, optimizer, batches, step, train_config, device,
+                          autocast_dtype)
         _synchronize(device)
         return time.perf_counter() - started
 
@@ -319,35 +319,6 @@ def measure_throughput(
         "warmup_s": warmup_s, "timed_s": timed_s,
     }
     return result
-
-
-def train_step(
-    model: GPT,
-    step_model: Callable[..., Any],
-    optimizer: Any,
-    train_config: TrainConfig,
-    step: int,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    return_logits: bool = False,
-) -> torch.Tensor:
-    """One optimizer step as ``model.train.pretrain`` takes it; returns the summed micro-batch
-    losses on the device (reading it is the caller's choice, and a host sync)."""
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate_at(step, train_config)
-    loss_sum = torch.zeros((), device=device)
-    for _ in range(train_config.grad_accum_steps):
-        inputs, targets = next(batches)
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device, autocast_dtype):
-            _, loss = step_model(inputs, targets, return_logits=return_logits)
-        (loss / train_config.grad_accum_steps).backward()
-        loss_sum += loss.detach()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip or math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum
 
 
 # --- (c) learning per token --------------------------------------------------------------------------
@@ -388,17 +359,16 @@ def learning_recipes(settings: Settings, vocab_size: int, steps: int) -> dict[st
 def compare_learning(
     settings: Settings, device: torch.device, corpus: dict[str, Any], seed: int, run_names: tuple[str, ...] = LEARNING_RUNS,
 ) -> dict[str, Any]:
-    block_size = settings.learning_model.block_size
-    train_windows = TokenWindows([Path(p) for p in corpus["train_paths"]], block_size, corpus["vocab_size"])
-    val_windows = TokenWindows([Path(p) for p in corpus["val_paths"]], block_size, corpus["vocab_size"])
-    tokens_per_step = settings.learning_micro_batch * block_size
+    tokens_per_step = settings.learning_micro_batch * settings.learning_model.block_size
     steps = int(settings.learning_epochs * corpus["train_tokens"]) // tokens_per_step
     runs = {}
-    for name, (model_config, train_config) in learning_recipes(settings, corpus["vocab_size"], steps).items():
-        if name not in run_names:
-            continue
-        train_config = dataclasses.replace(train_config, seed=seed)
-        runs[name] = train_and_evaluate(name, model_config, train_config, train_windows, val_windows, settings, device)
+    with tempfile.TemporaryDirectory(prefix="gptflow-bench-runs-") as run_root:
+        for name, (model_config, train_config) in learning_recipes(settings, corpus["vocab_size"], steps).items():
+            if name not in run_names:
+                continue
+            train_config = dataclasses.replace(train_config, seed=seed)
+            runs[name] = train_and_evaluate(name, model_config, train_config, corpus, settings, device,
+                                            Path(run_root) / name)
     result: dict[str, Any] = {"corpus": corpus, "budget_tokens": steps * tokens_per_step, "runs": runs}
     if "gpt2" not in runs:
         return result
@@ -413,50 +383,61 @@ def compare_learning(
     return result
 
 
+class LearningCurve:
+    """``model.train.pretrain``'s callback here: the validation curve by tokens, and a line per evaluation."""
+
+    def __init__(self, name: str, max_steps: int) -> None:
+        self.name, self.max_steps = name, max_steps
+        self.curve: list[tuple[int, float]] = []
+        self.tokens_per_s: list[float] = []
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if "train/tokens_per_sec" in metrics:
+            self.tokens_per_s.append(metrics["train/tokens_per_sec"])
+        if "val/loss" in metrics:
+            self.curve.append((int(metrics["train/tokens"]), metrics["val/loss"]))
+            print(f"learning {self.name}: step {step}/{self.max_steps}, {self.curve[-1][0] / 1e6:.2f}M tokens, "
+                  f"val loss {metrics['val/loss']:.4f}, {self.tokens_per_s[-1] / 1e3:.1f}K tok/s", flush=True)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def on_resume(self, step: int, path: Path) -> None:
+        pass
+
+    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
+        pass
+
+
 def train_and_evaluate(
     name: str,
     model_config: ModelConfig,
     train_config: TrainConfig,
-    train_windows: TokenWindows,
-    val_windows: TokenWindows,
+    corpus: dict[str, Any],
     settings: Settings,
     device: torch.device,
+    run_dir: Path,
 ) -> dict[str, Any]:
-    """Train eagerly, evaluating ``settings.evaluations`` times; the validation curve by tokens.
-    Prints a line per evaluation (on a CPU this section takes most of an hour)."""
-    torch.manual_seed(train_config.seed)
-    model = GPT(model_config).to(device)
-    optimizer = build_optimizer(model, train_config, device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    """Train through gptflow's trainer (``model.train.pretrain``, eager), evaluating
+    ``settings.evaluations`` times; the validation curve by tokens. Prints a line per evaluation
+    (on a CPU this section takes most of an hour)."""
     steps = train_config.max_steps
-    tokens_per_step = train_config.micro_batch_size * train_config.grad_accum_steps * model_config.block_size
-    eval_steps = {round(steps * (i + 1) / settings.evaluations) for i in range(settings.evaluations)}
-    batches = prefetch_batches(
-        train_windows, train_config.seed, range(steps), train_config.grad_accum_steps,
-        train_config.micro_batch_size, pin_memory=device.type == "cuda",
+    interval = max(1, steps // settings.evaluations)
+    # Reports (which read the loss from the device) only with evaluations; one checkpoint, the last.
+    train_config = dataclasses.replace(
+        train_config, device=str(device), val_interval=interval, log_interval=interval, val_tokens=settings.eval_tokens,
+        checkpoint_interval=steps, keep_checkpoints=1,
     )
-    curve, training_s = [], 0.0
-    model.train()
-    started = time.perf_counter()
-    for step in range(steps):
-        train_step(model, model, optimizer, train_config, step, batches, device, autocast_dtype)
-        if step + 1 in eval_steps:
-            _synchronize(device)
-            training_s += time.perf_counter() - started
-            val_loss, _ = evaluate_loss(
-                model, val_windows, settings.eval_tokens, train_config.micro_batch_size, device, autocast_dtype
-            )
-            curve.append(((step + 1) * tokens_per_step, val_loss))
-            print(f"learning {name}: step {step + 1}/{steps}, {curve[-1][0] / 1e6:.2f}M tokens, val loss {val_loss:.4f}, "
-                  f"{(step + 1) * tokens_per_step / training_s / 1e3:.1f}K tok/s", flush=True)
-            started = time.perf_counter()
+    recorder = LearningCurve(name, steps)
+    result = pretrain(model_config, train_config, [Path(path) for path in corpus["train_paths"]],
+                      [Path(path) for path in corpus["val_paths"]], run_dir, callback=recorder)
     return {
         "model": dataclasses.asdict(model_config),
         "train": dataclasses.asdict(train_config),
-        "parameters": model.num_parameters(),
-        "curve": curve,
-        "final_val_loss": curve[-1][1],
-        "tokens_per_s": steps * tokens_per_step / training_s,
+        "parameters": GPT(model_config).num_parameters(),
+        "curve": recorder.curve,
+        "final_val_loss": result.final_val_loss,
+        "tokens_per_s": statistics.median(recorder.tokens_per_s),
     }
 
 

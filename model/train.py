@@ -21,7 +21,7 @@ import math
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -328,7 +328,6 @@ def _train(
     accum_steps = train_config.grad_accum_steps
     flops_per_token = objective.trunk(model).flops_per_token()
     device_peak_flops = peak_flops(device)
-    max_grad_norm = train_config.grad_clip or math.inf
     # Losses and gradient norms are summed on the device and read once per report, so steps in
     # between never wait for the GPU.
     loss_sum = torch.zeros((), device=device)
@@ -343,23 +342,12 @@ def _train(
                                 train_config.micro_batch_size, ranks, pin_memory=device.type == "cuda")
     model.train()
     for step in range(start_step, train_config.max_steps):
-        learning_rate = learning_rate_at(step, train_config)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-        torch.manual_seed(_dropout_seed(train_config.seed, step))
-        for micro_step in range(accum_steps):
-            batch = next(batches).to(device)
-            # Gradients are averaged across ranks once per step, on the last micro-step.
-            last_micro_step = micro_step == accum_steps - 1
-            with _gradient_sync(parallel_model, last_micro_step):
-                with autocast(device, autocast_dtype):
-                    loss = objective.loss(step_model, batch) * batch.loss_scale
-                (loss / accum_steps).backward()
-            loss_sum += loss.detach()
-            uncounted_tokens += batch.real_tokens
-        grad_norm_sum += clip_grad_norm_(model, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        taken = take_step(objective.loss, model, step_model, parallel_model, optimizer, batches, step, train_config,
+                          device, autocast_dtype)
+        loss_sum += taken.loss_sum
+        grad_norm_sum += taken.grad_norm
+        uncounted_tokens += taken.real_tokens
+        learning_rate = taken.learning_rate
         steps_done = step + 1
         steps_since_report += 1
         is_last = steps_done == train_config.max_steps
@@ -441,6 +429,55 @@ def _train(
         total_parameters=total,
         initial_val=initial_val,
     )
+
+
+@dataclass
+class TakenStep:
+    loss_sum: torch.Tensor
+    """The micro-steps' mean losses summed, on the device (reading it waits for the device)."""
+    grad_norm: torch.Tensor
+    """The gradient norm before clipping, on the device."""
+    real_tokens: int
+    """This rank's tokens that are not padding."""
+    learning_rate: float
+
+
+def take_step(
+    loss_of: Callable[[nn.Module, Batch], torch.Tensor],
+    model: nn.Module,
+    step_model: nn.Module,
+    parallel_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    step: int,
+    train_config: TrainConfig,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> TakenStep:
+    """Optimizer step ``step`` (0-based): the schedule's learning rate, ``grad_accum_steps``
+    micro-batches of ``batches`` with their gradients accumulated, clipping, the update. ``model``
+    is the bare (or sharded) model, ``parallel_model`` it under DDP, ``step_model`` that compiled;
+    ``loss_of`` is the objective's loss. No host syncs: nothing waits for the device."""
+    learning_rate = learning_rate_at(step, train_config)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    torch.manual_seed(_dropout_seed(train_config.seed, step))
+    accum_steps = train_config.grad_accum_steps
+    loss_sum = torch.zeros((), device=device)
+    real_tokens = 0
+    for micro_step in range(accum_steps):
+        batch = next(batches).to(device)
+        # Gradients are averaged across ranks once per step, on the last micro-step.
+        with _gradient_sync(parallel_model, micro_step == accum_steps - 1):
+            with autocast(device, autocast_dtype):
+                loss = loss_of(step_model, batch) * batch.loss_scale
+            (loss / accum_steps).backward()
+        loss_sum += loss.detach()
+        real_tokens += batch.real_tokens
+    grad_norm = clip_grad_norm_(model, train_config.grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return TakenStep(loss_sum, grad_norm, real_tokens, learning_rate)
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
