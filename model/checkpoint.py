@@ -156,7 +156,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     that is not sharded; a whole one is split into the shards of a sharded model.
     """
     path = Path(path)
-    sharded_checkpoint = (path / SHARDED_METADATA_FILE).exists()
+    sharded_checkpoint = is_sharded_checkpoint(path)
     # Resuming or continuing reads the whole checkpoint anyway: re-hashing it first is cheap, and
     # catches bytes altered behind an unchanged size and mtime, which is_complete lets through.
     if sharded_checkpoint:
@@ -269,6 +269,21 @@ def save_final(run_dir: Path, model: GPT) -> Path:
     with atomic_directory(path) as tmp:
         _save_model_files(model, tmp)
     return path
+
+
+def is_sharded_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / SHARDED_METADATA_FILE).exists()
+
+
+def save_whole_model(checkpoint: Path, directory: Path) -> Path:
+    """The model of the sharded ``checkpoint`` as one model directory (``model.safetensors`` +
+    ``config.json``, as ``final/``) at ``directory``, committed atomically: its shards are read in
+    this one process, whatever the world size that wrote them."""
+    model = GPT(read_model_config(checkpoint))
+    load_checkpoint(checkpoint, model)
+    with atomic_directory(Path(directory)) as tmp:
+        _save_model_files(model, tmp)
+    return Path(directory)
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:

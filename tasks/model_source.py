@@ -27,7 +27,14 @@ from gptflow.data.store import (
     read_contents_hash,
 )
 from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact, describe_tokenizer, load_tokenizer
-from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_model_config
+from gptflow.model.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    is_sharded_checkpoint,
+    load_model,
+    read_model_config,
+    save_whole_model,
+)
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
 from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE
@@ -40,6 +47,8 @@ PINNED_VERSION = re.compile(r"^models:/[^/@]+/\d+$")
 MLFLOW_MODEL_WEIGHTS = "artifacts/final"
 MLFLOW_MODEL_TOKENIZER = "artifacts/tokenizer.json"
 MLFLOW_MODEL_CLASSIFIER = f"artifacts/{CLASSIFIER_DIR}"
+WHOLE_CHECKPOINTS_DIR = "whole-checkpoints"
+"""Under the store: the model of each sharded checkpoint used as a model source, in one file."""
 
 
 class ModelSourceError(UserError):
@@ -113,7 +122,8 @@ class ResolvedModel:
 def resolve_model(source: str, workspace: Workspace, tokenizer: str | None = None) -> ResolvedModel:
     """``models:/name/version`` or ``runs:/id/path`` (MLflow model URIs), a 32-hex MLflow run id
     (its logged model, or the model of the run it reused), or a directory holding
-    ``model.safetensors`` and ``config.json`` (a checkpoint or ``final/``), whose tokenizer is
+    ``model.safetensors`` and ``config.json`` (a checkpoint or ``final/``) or a sharded checkpoint
+    (``train.parallelism=fsdp``), whose tokenizer is
     ``tokenizer`` or a ``tokenizer.json`` beside or above it. A classifier is recognised by its
     head: ``classifier/`` in the MLflow model, or beside the directory; a chat model by the
     ``chat_template.json`` beside its tokenizer."""
@@ -123,7 +133,7 @@ def resolve_model(source: str, workspace: Workspace, tokenizer: str | None = Non
         return _from_mlflow_model(source, _download(_model_uri_of_run(source, workspace), workspace))
     directory = Path(source).expanduser()
     if directory.is_dir():
-        return _from_directory(source, directory, tokenizer)
+        return _from_directory(source, directory, tokenizer, workspace)
     raise ModelSourceError(
         f"Model {source!r} is neither an MLflow model URI (models:/name/version, runs:/<run id>/model), an "
         "MLflow run id, nor a directory with model.safetensors and config.json."
@@ -137,8 +147,15 @@ def _from_mlflow_model(source: str, downloaded: Path) -> ResolvedModel:
     return _resolved(source, model_dir, tokenizer_file, downloaded / MLFLOW_MODEL_CLASSIFIER)
 
 
-def _from_directory(source: str, directory: Path, tokenizer: str | None) -> ResolvedModel:
-    if not (directory / WEIGHTS_FILE).exists() or not (directory / CONFIG_FILE).exists():
+def _from_directory(source: str, directory: Path, tokenizer: str | None, workspace: Workspace) -> ResolvedModel:
+    model_dir = directory
+    if is_sharded_checkpoint(directory) and (directory / CONFIG_FILE).exists():
+        # Everything downstream reads one model.safetensors: the shards are gathered into one,
+        # once per checkpoint content, in the workspace's store.
+        model_dir = workspace.store / WHOLE_CHECKPOINTS_DIR / read_contents_hash(directory)
+        if not is_complete(model_dir):
+            save_whole_model(directory, model_dir)
+    elif not (directory / WEIGHTS_FILE).exists() or not (directory / CONFIG_FILE).exists():
         raise ModelSourceError(f"{directory} holds no {WEIGHTS_FILE} and {CONFIG_FILE}: point at a checkpoint "
                                "directory or a run's final/ directory.")
     if tokenizer is not None:
@@ -149,7 +166,7 @@ def _from_directory(source: str, directory: Path, tokenizer: str | None) -> Reso
     if not tokenizer_file.is_file():
         raise ModelSourceError(f"No {TOKENIZER_FILE} found beside {directory} or above it: pass the tokenizer "
                                "the model was trained with (--tokenizer PATH).")
-    return _resolved(source, directory, tokenizer_file, directory.parent / CLASSIFIER_DIR)
+    return _resolved(source, model_dir, tokenizer_file, directory.parent / CLASSIFIER_DIR)
 
 
 def _resolved(source: str, model_dir: Path, tokenizer_file: Path, classifier_dir: Path) -> ResolvedModel:

@@ -226,3 +226,13 @@ def file_size_limit() -> Callable[[int], Callable[[], None]]:
         return apply
 
     return limit
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A process group of this process alone: FSDP and sharded checkpoints work at world size 1."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

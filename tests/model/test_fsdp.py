@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from gptflow.data.store import CorruptArtifactError
@@ -125,14 +124,6 @@ def test_an_unknown_parallelism_is_refused_naming_the_choices():
 def test_fsdp_with_muon_is_refused_naming_the_fix():
     with pytest.raises(ValueError, match="use train.optimizer=adamw with fsdp"):
         TrainConfig(parallelism="fsdp", optimizer="muon")
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A process group of this process alone: FSDP and sharded checkpoints work at world size 1."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_a_sharded_checkpoint_loads_whole_and_an_altered_shard_is_refused(

@@ -10,11 +10,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from gptflow.model.checkpoint import load_model, save_final
+from gptflow.model.checkpoint import TrainerState, load_model, save_final, save_sharded_checkpoint
 from gptflow.model.classifier import GPTClassifier, save_head
 from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
-from gptflow.model.config import ModelConfig, pad_vocab_size
+from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size
+from gptflow.model.distributed import shard_model
 from gptflow.model.gpt import GPT
+from gptflow.model.optim import build_optimizer
 from gptflow.tasks.model_source import ModelSourceError, resolve_model
 from gptflow.tasks.tracking import pipeline_run
 from gptflow.tasks.workspace import Workspace
@@ -65,6 +67,25 @@ def test_a_directory_without_tokenizer_asks_for_one(logged_model, tmp_path):
     with pytest.raises(ModelSourceError, match="--tokenizer"):
         resolve_model(str(lonely), logged_model[0])
     assert resolve_model(str(lonely), logged_model[0], tokenizer=str(logged_model[3].parent / "tokenizer.json"))
+
+
+def test_a_sharded_checkpoint_resolves_to_its_model_gathered_once_into_one_file(logged_model, one_rank_group):
+    workspace, _, _, final = logged_model
+    torch.manual_seed(1)
+    sharded = shard_model(GPT(CONFIG), torch.device("cpu"))
+    optimizer = build_optimizer(sharded, TrainConfig(), torch.device("cpu"))
+    checkpoint = save_sharded_checkpoint(final.parent, sharded, optimizer, TrainerState(7, 0, 0, {}), is_main=True)
+
+    resolved = resolve_model(str(checkpoint), workspace)
+    assert resolved.source == str(checkpoint) and resolved.config == CONFIG
+    assert resolved.tokenizer_file == final.parent / "tokenizer.json"  # beside the run, as for a whole checkpoint
+    torch.manual_seed(1)
+    expected = GPT(CONFIG).state_dict()
+    loaded = resolved.load().state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+    again = resolve_model(str(checkpoint), workspace)
+    assert again.model_dir == resolved.model_dir and again.weights_hash == resolved.weights_hash
 
 
 def test_a_head_beside_the_trunk_makes_a_classifier_with_its_own_hash(logged_model):
