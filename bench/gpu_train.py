@@ -1,5 +1,6 @@
-"""GPU training benchmark: matmul peak, throughput against a nanoGPT-style baseline, and learning
-per token of the modern recipe against GPT-2's, on one device.
+"""GPU training benchmark: matmul peak, throughput against a nanoGPT-style baseline, memory per
+preset shape (whole and FSDP-sharded), and learning per token of the modern recipe against
+GPT-2's, on one device.
 
     python bench/gpu_train.py                 # one CUDA GPU: under 4 minutes on an H200
     python bench/gpu_train.py --smoke         # everything tiny, on the CPU, in under a minute
@@ -14,7 +15,10 @@ Prints, last, a short table of:
     path (micro-batch 64, gptflow's chunked loss, no logits returned, SDPA restricted to the
     faster of FlashAttention and cuDNN attention as timed here), both at 65,536 tokens per
     optimizer step; and their ratio;
-(c) learning per token on real text: the built-in corpus (the interpreter's standard library)
+(c) peak memory and tokens/s of each preset shape's training step (gpt2-124m, and gpt-1b with
+    activation checkpointing), eager, with the model whole and sharded by FSDP2 over a process
+    group of the one GPU: FSDP's own cost (its saving grows with the GPUs: ``gptflow presets``);
+(d) learning per token on real text: the built-in corpus (the interpreter's standard library)
     is ingested, a BPE tokenizer trained and the corpus tokenized with ``data/`` into a temporary
     store (in a separate process, while (a) and (b) run). Then the GPT-2 recipe and the modern
     recipe (``model.config.MODERN_RECIPE``) train the ``cpu`` preset's model shape for one epoch
@@ -23,10 +27,10 @@ Prints, last, a short table of:
     full modern run first reaches the baseline's final loss (interpolated between evaluations),
     as a fraction of the budget, and whether the half-budget run ends below it.
 
-Training is gptflow's own: (b) times ``model.train.take_step``, the step every gptflow training
-takes (schedule, gradient accumulation, clipping, no host syncs inside a step), on batches already
-on the device; (c) trains through ``model.train.pretrain``, the trainer of ``gptflow pretrain``
-and ``gptflow finetune``, which checkpoints only at the end here.
+Training is gptflow's own: (b) and (c) time ``model.train.take_step``, the step every gptflow
+training takes (schedule, gradient accumulation, clipping, no host syncs inside a step), on
+batches already on the device; (d) trains through ``model.train.pretrain``, the trainer of
+``gptflow pretrain`` and ``gptflow finetune``, which checkpoints only at the end here.
 
 Imports only torch, numpy, pyarrow, tokenizers and this repository's ``data/`` and ``model/``
 (no Prefect, no MLflow), so it runs on a bare GPU box. Writes ``gpu_train.json`` (every figure
@@ -75,10 +79,11 @@ from gptflow.data.tokenize import tokenize_corpus  # noqa: E402
 from gptflow.data.tokenizer import train_tokenizer  # noqa: E402
 from gptflow.model.config import MODERN_RECIPE, ModelConfig, TrainConfig, pad_vocab_size  # noqa: E402
 from gptflow.model.gpt import GPT  # noqa: E402
+from gptflow.model.distributed import shard_model  # noqa: E402
 from gptflow.model.optim import build_optimizer  # noqa: E402
 from gptflow.model.train import Batch, pretrain, take_step  # noqa: E402
 
-SECTIONS = ("matmul", "throughput", "learning")
+SECTIONS = ("matmul", "throughput", "presets", "learning")
 LEARNING_RUNS = ("gpt2", "modern", "modern_half")
 ATTENTION_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION")
 RESULTS_FILE = "gpu_train.json"
@@ -111,6 +116,8 @@ class Settings:
     muon_learning_rate: float
     evaluations: int
     eval_tokens: int
+    preset_models: tuple[tuple[str, ModelConfig, int], ...]
+    """(name, model, micro-batch) of each preset shape whose memory and speed (c) measures."""
 
 
 GPU = Settings(
@@ -125,6 +132,13 @@ GPU = Settings(
     learning_micro_batch=16, learning_epochs=1.0, tokenizer=TokenizerConfig(vocab_size=8192), sources=(BUILTIN_CORPUS,),
     baseline_learning_rate=4e-3, modern_learning_rate=8e-3, muon_learning_rate=0.02, evaluations=15,
     eval_tokens=32768,
+    # The shapes of the gpt2-124m and gpt-1b presets (tasks/config.py, which this script may not
+    # import: it pulls in Prefect), gpt-1b with the activation checkpointing that preset turns on.
+    preset_models=(
+        ("gpt2-124m", ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=GPT2_VOCAB_SIZE), 16),
+        ("gpt-1b", ModelConfig(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=GPT2_VOCAB_SIZE,
+                               activation_checkpointing=True), 8),
+    ),
 )
 SMOKE = dataclasses.replace(
     GPU,
@@ -135,6 +149,11 @@ SMOKE = dataclasses.replace(
     learning_micro_batch=8, learning_epochs=0.25, tokenizer=TokenizerConfig(vocab_size=512, sample_bytes=256 * 1024),
     sources=tuple(str(Path(sysconfig.get_paths()["stdlib"]) / package) for package in SMOKE_CORPUS_PACKAGES),
     evaluations=4, eval_tokens=2048,
+    preset_models=(
+        ("tiny", ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512), 4),
+        ("tiny-recomputed", ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512,
+                                        activation_checkpointing=True), 4),
+    ),
 )
 
 
@@ -174,6 +193,8 @@ def main() -> None:
         peak = results.get("matmul", {}).get("flops_per_s")
         if "throughput" in sections:
             run_section("throughput", lambda: compare_throughput(settings, device, peak))
+        if "presets" in sections:
+            run_section("presets", lambda: measure_presets(settings, device, peak, Path(scratch)))
         if corpus is not None:
             run_section("learning", lambda: compare_learning(settings, device, corpus.result(), args.seed,
                                                              tuple(args.runs)))
@@ -321,7 +342,67 @@ def measure_throughput(
     return result
 
 
-# --- (c) learning per token --------------------------------------------------------------------------
+# --- (c) memory and speed per preset shape ------------------------------------------------------
+
+
+def measure_presets(settings: Settings, device: torch.device, peak: float | None, scratch: Path) -> dict[str, Any]:
+    """Peak memory and tokens/s of each preset shape's training step (``take_step``, eager, on
+    synthetic tokens on the device), with the model whole (what each rank holds under ddp) and
+    sharded by FSDP2 (``shard_model``) over a process group of this one device, which measures
+    FSDP's own overhead: its memory saving grows with the ranks (``gptflow presets`` estimates it)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, init_method=f"file://{scratch / 'rendezvous'}", rank=0,
+                                         world_size=1, device_id=device if device.type == "cuda" else None)
+    try:
+        results: dict[str, Any] = {}
+        for name, config, micro_batch in settings.preset_models:
+            for parallelism in ("ddp", "fsdp"):
+                results[f"{name}/{parallelism}"] = measure_preset_step(settings, device, peak, config, micro_batch,
+                                                                       parallelism)
+                gc.collect()
+        return results
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def measure_preset_step(
+    settings: Settings, device: torch.device, peak: float | None, config: ModelConfig, micro_batch: int,
+    parallelism: str,
+) -> dict[str, Any]:
+    train_config = TrainConfig(micro_batch_size=micro_batch, learning_rate=3e-4, warmup_steps=10, max_steps=1000)
+    _reset_peak_memory(device)
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    parameters, flops_per_token = model.num_parameters(), model.flops_per_token()
+    if parallelism == "fsdp":
+        model = shard_model(model, device)
+    optimizer = build_optimizer(model, train_config, device)
+    inputs = torch.randint(0, config.vocab_size, (micro_batch, config.block_size), device=device)
+    batches = itertools.repeat(Batch(inputs, torch.roll(inputs, -1, dims=1), inputs.numel()))
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def loss_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch.inputs, batch.targets, return_logits=False)[1]
+
+    def run_steps(steps: range) -> float:
+        started = time.perf_counter()
+        for step in steps:
+            take_step(loss_of, model, model, model, optimizer, batches, step, train_config, device, autocast_dtype)
+        _synchronize(device)
+        return time.perf_counter() - started
+
+    run_steps(range(settings.warmup_steps))
+    timed_s = run_steps(range(settings.warmup_steps, settings.warmup_steps + settings.timed_steps))
+    tokens_per_s = settings.timed_steps * inputs.numel() / timed_s
+    return {
+        "parameters": parameters, "micro_batch": micro_batch, "block_size": config.block_size,
+        "activation_checkpointing": config.activation_checkpointing, "tokens_per_s": tokens_per_s,
+        "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+
+
+# --- (d) learning per token --------------------------------------------------------------------------
 
 
 def prepare_corpus(settings: Settings, scratch: Path) -> dict[str, Any]:
@@ -474,6 +555,12 @@ def print_table(results: dict[str, Any]) -> None:
             rows.append((name, f"mb {r['micro_batch']} x {r['grad_accum_steps']}",
                          f"{r['tokens_per_s'] / 1e3:,.1f}K tok/s  {mfu}  {memory}"))
         rows.append(("speedup", "fast / baseline", f"{t['speedup']:.2f}x"))
+    if "presets" in results:
+        for name, r in results["presets"].items():
+            mfu = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "MFU n/a"
+            memory = f"peak {r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "peak n/a"
+            rows.append((name, f"{r['parameters'] / 1e6:,.1f}M params, mb {r['micro_batch']}",
+                         f"{r['tokens_per_s'] / 1e3:,.1f}K tok/s  {mfu}  {memory}"))
     if "learning" in results:
         learning = results["learning"]
         for name, run in learning["runs"].items():

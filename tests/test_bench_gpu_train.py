@@ -38,6 +38,8 @@ def test_smoke_run_reports_every_section(tmp_path):
     assert results["matmul"]["flops_per_s"] > 0
     for name in ("nanogpt_baseline", "gptflow_fast_path"):
         assert results["throughput"][name]["tokens_per_s"] > 0 and 0 < results["throughput"][name]["mfu"] < 1
+    assert set(results["presets"]) == {"tiny/ddp", "tiny/fsdp", "tiny-recomputed/ddp", "tiny-recomputed/fsdp"}
+    assert all(row["tokens_per_s"] > 0 for row in results["presets"].values())
     learning = results["learning"]
     assert set(learning["runs"]) == {"gpt2", "modern", "modern_half"}
     assert learning["budget_tokens"] == learning["runs"]["gpt2"]["curve"][-1][0]
