@@ -104,7 +104,11 @@ class TrainConfig:
     micro_batch_size: int = 16
     """Sequences per forward/backward pass."""
     grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step; tokens/step = micro_batch * accum * block."""
+    """Micro-batches accumulated per optimizer step; tokens/step = micro_batch * accum * nproc * block."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all ranks. Set, it decides ``grad_accum_steps``
+    (``global_batch_size / (micro_batch_size · nproc)``, which must be whole), so the step stays
+    the same size on any number of processes; 0: ``grad_accum_steps`` as given."""
     learning_rate: float = 1e-3
     """Peak learning rate, reached after warmup."""
     min_lr_ratio: float = 0.1
@@ -174,6 +178,17 @@ class TrainConfig:
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "val_tokens",
                      "checkpoint_interval", "keep_checkpoints", "nproc"):
             require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        require(self.global_batch_size >= 0, f"train.global_batch_size must be >= 0, got {self.global_batch_size}")
+        if self.global_batch_size:
+            per_micro_step = self.micro_batch_size * self.nproc
+            require(
+                self.global_batch_size % per_micro_step == 0,
+                f"train.global_batch_size={self.global_batch_size} does not split into micro-steps of "
+                f"train.micro_batch_size x train.nproc = {self.micro_batch_size} x {self.nproc} = {per_micro_step} "
+                "sequences: choose a global batch that is a multiple of that, or a micro_batch_size or process "
+                "count that divides it",
+            )
+            self.grad_accum_steps = self.global_batch_size // per_micro_step
         for name in ("warmup_steps", "val_interval"):
             require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")

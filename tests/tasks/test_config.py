@@ -130,3 +130,9 @@ def test_a_training_keeps_its_key_on_another_number_of_processes_that_keeps_the_
     assert two_sharded_ranks.trained_settings() == TrainConfig(nproc=1, micro_batch_size=8).trained_settings()
     assert two_sharded_ranks.trained_settings() != TrainConfig(nproc=1, micro_batch_size=4).trained_settings()
     assert TrainConfig(seed=1).trained_settings() != TrainConfig(seed=2).trained_settings()
+
+
+def test_a_global_batch_decides_the_accumulation_on_any_number_of_processes():
+    assert TrainConfig(global_batch_size=64, micro_batch_size=8).grad_accum_steps == 8
+    assert TrainConfig(global_batch_size=64, micro_batch_size=8, nproc=4).grad_accum_steps == 2
+    assert TrainConfig(grad_accum_steps=3).grad_accum_steps == 3  # 0: as given
