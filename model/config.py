@@ -6,6 +6,7 @@ Every field is documented where it is declared and validated in ``__post_init__`
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +31,14 @@ class ModelConfig:
     n_layer: int = 4
     """Number of transformer blocks."""
     n_head: int = 4
-    """Attention heads per block; must divide ``n_embd``."""
+    """Attention (query) heads per block; must divide ``n_embd`` unless ``head_dim`` is set."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention): each serves ``n_head / n_kv_head`` query heads,
+    shrinking the KV cache and the key/value projections by that factor. ``None``: ``n_head``
+    (multi-head attention, GPT-2's)."""
+    head_dim: int | None = None
+    """Width of each attention head; ``None``: ``n_embd / n_head``. Some checkpoints (Qwen3) use
+    heads whose widths add up to more than ``n_embd``."""
     n_embd: int = 256
     """Width of the residual stream."""
     block_size: int = 256
@@ -68,6 +76,13 @@ class ModelConfig:
     logit_softcap: float = 0.0
     """Squash output logits smoothly into ``(-cap, cap)`` with ``cap·tanh(logits/cap)``, which
     stops overconfident logits early in training; 0 disables it."""
+    mlp_hidden: int | None = None
+    """Hidden width of the MLP; ``None``: the recipe's (4·n_embd, or SwiGLU's ~8/3·n_embd rounded
+    up to a multiple of 64). Imported checkpoints bring their own."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies: pair i of a head turns by ``position · theta^(-2i / head size)``."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm and RMSNorm."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them: far less
     activation memory for about a third more compute. Training only."""
@@ -76,9 +91,19 @@ class ModelConfig:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
         require(
-            self.n_embd % self.n_head == 0,
-            f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})",
+            self.head_dim is not None or self.n_embd % self.n_head == 0,
+            f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}), or set model.head_dim",
         )
+        for name in ("n_kv_head", "head_dim", "mlp_hidden"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"model.{name} must be positive (or unset), got {value}")
+        require(
+            self.n_head % self.kv_heads == 0,
+            f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head}): each key/value head "
+            "serves the same number of query heads",
+        )
+        require(self.rope_theta > 0, f"model.rope_theta must be positive, got {self.rope_theta}")
+        require(self.norm_eps > 0, f"model.norm_eps must be positive, got {self.norm_eps}")
         require(
             self.vocab_size is None or self.vocab_size > 0,
             f"model.vocab_size must be positive, got {self.vocab_size}",
@@ -90,12 +115,28 @@ class ModelConfig:
                 f"model.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}",
             )
         require(
-            self.position != "rotary" or (self.n_embd // self.n_head) % 2 == 0,
-            f"model.position=rotary rotates pairs of dimensions: the head size n_embd / n_head "
-            f"({self.n_embd} / {self.n_head}) must be even",
+            self.position != "rotary" or self.head_size % 2 == 0,
+            f"model.position=rotary rotates pairs of dimensions: the head size ({self.head_size}) must be even",
         )
         require(self.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
 
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or ``n_head`` when unset."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        """Width of each attention head: ``head_dim``, or ``n_embd / n_head`` when unset."""
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden width of the MLP: ``mlp_hidden``, or the recipe's."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
 
 @dataclass
 class TrainConfig:

@@ -40,7 +40,7 @@ import torch
 from gptflow.data.errors import UserError
 from gptflow.data.tokenizer import EOT_TOKEN, PAD_TOKEN, load_tokenizer
 from gptflow.model.config import ModelConfig, SamplingConfig
-from gptflow.model.gpt import GPT, INIT_STD, NORM_EPS, ROTARY_BASE, swiglu_hidden_size
+from gptflow.model.gpt import GPT, INIT_STD
 
 WEIGHTS_FILE = "model.safetensors"
 Weights = dict[str, torch.Tensor]
@@ -165,9 +165,9 @@ def _gpt2_config(config: ModelConfig) -> dict[str, Any]:
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
-        "n_inner": 4 * config.n_embd,
+        "n_inner": config.mlp_width,
         "activation_function": "gelu",
-        "layer_norm_epsilon": NORM_EPS,
+        "layer_norm_epsilon": config.norm_eps,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
         "resid_pdrop": config.dropout,
@@ -216,17 +216,17 @@ def _rotary_decoder_config(config: ModelConfig) -> dict[str, Any]:
     return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
-        "intermediate_size": swiglu_hidden_size(config.n_embd),
+        "intermediate_size": config.mlp_width,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_head,
-        "head_dim": config.n_embd // config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": config.block_size,
-        "rms_norm_eps": NORM_EPS,
+        "rms_norm_eps": config.norm_eps,
         # rope_parameters for transformers 5, rope_theta for 4.x.
-        "rope_parameters": {"rope_type": "default", "rope_theta": ROTARY_BASE},
-        "rope_theta": ROTARY_BASE,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta,
         "attention_dropout": config.dropout,
     }
 
@@ -240,6 +240,8 @@ def _rotary_decoder_weights(state: Weights, config: ModelConfig) -> Weights:
     head = state.pop("lm_head.weight")  # tied: the same tensor as the embedding
     if not config.tie_embeddings:
         weights["lm_head.weight"] = head
+    query_rows, kv_rows = config.n_head * config.head_size, config.kv_heads * config.head_size
+    attention_rows = (query_rows, kv_rows, kv_rows)
     for layer in range(config.n_layer):
         ours, theirs = f"transformer.h.{layer}.", f"model.layers.{layer}."
         weights[theirs + "input_layernorm.weight"] = state.pop(ours + "ln_1.weight")
@@ -248,7 +250,7 @@ def _rotary_decoder_weights(state: Weights, config: ModelConfig) -> Weights:
             weights[theirs + "self_attn.q_norm.weight"] = state.pop(ours + "attn.q_norm.weight")
             weights[theirs + "self_attn.k_norm.weight"] = state.pop(ours + "attn.k_norm.weight")
         for kind in ("weight", "bias") if config.bias else ("weight",):
-            q, k, v = state.pop(f"{ours}attn.c_attn.{kind}").chunk(3)
+            q, k, v = state.pop(f"{ours}attn.c_attn.{kind}").split(attention_rows)
             gate, up = state.pop(f"{ours}mlp.c_fc.{kind}").chunk(2)
             split = {
                 "self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v,
@@ -267,7 +269,9 @@ def _rotary_swiglu(qk_norm: bool) -> dict[str, Any]:
 ARCHITECTURES = (
     Architecture(
         "GPT2LMHeadModel",
-        {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "logit_softcap": 0.0},
+        # GPT-2's heads are n_embd / n_head wide, one key/value head per query head.
+        {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "logit_softcap": 0.0,
+         "n_kv_head": None, "head_dim": None},
         _gpt2_config, _gpt2_weights,
     ),
     Architecture("LlamaForCausalLM", _rotary_swiglu(qk_norm=False), _llama_config, _rotary_decoder_weights),

@@ -10,7 +10,8 @@ GPT-2's, so a default model's checkpoint maps one-to-one onto GPT-2's.
 Generation reads the prompt once and then feeds one token per step, attending to the keys and
 values of earlier positions kept in a ``KVCache``.
 
-Shapes in comments use B = batch, T = time, C = n_embd, nh = n_head, hs = head size (C // nh),
+Shapes in comments use B = batch, T = time, C = n_embd, nh = n_head, nkv = key/value heads
+(n_head unless grouped-query attention), hs = head size (C // nh unless head_dim is set),
 H = MLP hidden width, V = vocab_size, S = positions cached so far.
 """
 
@@ -26,8 +27,6 @@ from torch.utils.checkpoint import checkpoint
 from gptflow.model.config import ModelConfig
 
 INIT_STD = 0.02
-NORM_EPS = 1e-5
-ROTARY_BASE = 10000.0
 # Rows of logits turned into loss at a time: bounds the float32 working set of the loss (upcast,
 # soft-cap, log-softmax) to this many rows, e.g. 0.8 GB at V = 50304.
 LOSS_CHUNK_TOKENS = 4096
@@ -40,24 +39,25 @@ class RMSNorm(nn.Module):
     ``rms_norm``, and bf16 queries and keys must stay bf16 for the fused attention kernels.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), NORM_EPS).type_as(x)
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(dim)
-    return nn.LayerNorm(dim, eps=NORM_EPS, bias=config.bias)
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
-def rotary_tables(head_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles, each (length, head_size / 2): pair i of a head turns by
-    ``position · ROTARY_BASE^(-2i / head_size)``, fast for the first pairs, slow for the last."""
-    inverse_frequencies = ROTARY_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    ``position · theta^(-2i / head_size)``, fast for the first pairs, slow for the last."""
+    inverse_frequencies = theta ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inverse_frequencies)  # (length, hs/2)
     return angles.cos(), angles.sin()
 
@@ -79,17 +79,17 @@ class LayerKVCache:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.keys: torch.Tensor | None = None  # (B, nh, capacity, hs)
-        self.values: torch.Tensor | None = None  # (B, nh, capacity, hs)
+        self.keys: torch.Tensor | None = None  # (B, nkv, capacity, hs)
+        self.values: torch.Tensor | None = None  # (B, nkv, capacity, hs)
         self.length = 0
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the (B, nh, T, hs) keys and values of the next T positions; returns the keys and
-        values of every position so far, (B, nh, S, hs)."""
-        B, nh, T, hs = k.shape
+        """Append the (B, nkv, T, hs) keys and values of the next T positions; returns the keys and
+        values of every position so far, (B, nkv, S, hs)."""
+        B, nkv, T, hs = k.shape
         if self.keys is None:
-            self.keys = k.new_empty(B, nh, self.capacity, hs)
-            self.values = v.new_empty(B, nh, self.capacity, hs)
+            self.keys = k.new_empty(B, nkv, self.capacity, hs)
+            self.values = v.new_empty(B, nkv, self.capacity, hs)
         self.keys[:, :, self.length : self.length + T] = k
         self.values[:, :, self.length : self.length + T] = v
         self.length += T
@@ -112,13 +112,14 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
         self.dropout = config.dropout
-        head_size = config.n_embd // config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.q_norm = RMSNorm(head_size) if config.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_size) if config.qk_norm else nn.Identity()
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        query_width, kv_width = config.n_head * config.head_size, config.kv_heads * config.head_size
+        self.split_sizes = (query_width, kv_width, kv_width)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.split_sizes), bias=config.bias)  # q, k, v in one matmul
+        self.q_norm = RMSNorm(config.head_size, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(config.head_size, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.c_proj = nn.Linear(query_width, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -126,40 +127,36 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """``x`` (B, T, C) holds positions ``start .. start + T - 1``, with ``start`` the positions
         already in ``cache`` (0 without one); ``rotary`` is the cos and sin of those positions."""
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
-        q = self.q_norm(q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2))  # (B, nh, T, hs)
-        k = self.k_norm(k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2))  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)  # (B, T, nh·hs), 2 × (B, T, nkv·hs)
+        q = self.q_norm(q.view(B, T, self.n_head, self.head_size).transpose(1, 2))  # (B, nh, T, hs)
+        k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2))  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         start = cache.length if cache is not None else 0
         if cache is not None:
-            k, v = cache.extend(k, v)  # 2 × (B, nh, S, hs), S = start + T
+            k, v = cache.extend(k, v)  # 2 × (B, nkv, S, hs), S = start + T
         # Query i sits at position start + i and sees keys 0 .. start + i: from position 0 that is the
         # plain causal mask, and a single new token sees every key; only T > 1 new tokens after cached
         # ones need the mask spelled out.
         mask = None
         if start > 0 and T > 1:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, S)
+        # Grouped-query attention: each key/value head serves n_head / n_kv_head query heads.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=start == 0
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=start == 0,
+            enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh·hs)
         return self.resid_dropout(self.c_proj(y))
-
-
-def swiglu_hidden_size(n_embd: int) -> int:
-    """Hidden width of a SwiGLU MLP with the parameters of a 4·n_embd two-matrix MLP: three
-    matrices of n_embd × H with H = 8/3 · n_embd, rounded up to a multiple of 64."""
-    return 64 * math.ceil(8 * n_embd / 3 / 64)
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.activation = config.mlp
-        hidden = swiglu_hidden_size(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd
+        hidden = config.mlp_width
         # SwiGLU's gate and value projections share one matmul, stacked [gate; value].
         fc_outputs = 2 * hidden if config.mlp == "swiglu" else hidden
         self.c_fc = nn.Linear(config.n_embd, fc_outputs, bias=config.bias)
@@ -217,7 +214,7 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight
         if config.position == "rotary":
             # Not persistent: a function of the config, so checkpoints hold only learned weights.
-            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
+            cos, sin = rotary_tables(config.head_size, config.block_size, config.rope_theta)
             self.register_buffer("rotary_cos", cos, persistent=False)  # (block_size, hs/2)
             self.register_buffer("rotary_sin", sin, persistent=False)  # (block_size, hs/2)
         self.apply(_init_weights)
@@ -252,13 +249,13 @@ class GPT(nn.Module):
 
         ``6 · N`` for the matmuls against the weights (2 per multiply-add in the forward pass, twice
         that in the backward), with N = ``num_parameters(exclude_embeddings=True)``, plus
-        ``12 · n_layer · n_embd · block_size`` for the attention scores and the weighted sum of
+        ``12 · n_layer · n_head · head size · block_size`` for the attention scores and the weighted sum of
         values (PaLM appendix B). The causal mask's skipped half is counted, as is customary, so
         the figure is comparable with published MFU numbers. Recomputation (activation
         checkpointing) is not counted: MFU measures useful work.
         """
         config = self.config
-        attention = 12 * config.n_layer * config.n_embd * config.block_size
+        attention = 12 * config.n_layer * config.n_head * config.head_size * config.block_size
         return 6 * self.num_parameters(exclude_embeddings=True) + attention
 
     def forward(

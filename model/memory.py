@@ -43,26 +43,21 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
-def swiglu_hidden(n_embd: int) -> int:
-    """``model.gpt.swiglu_hidden_size``, without importing torch (a test holds them equal)."""
-    return 64 * math.ceil(8 * n_embd / 3 / 64)
-
-
 def block_matrix_parameters(config: ModelConfig) -> int:
     """Weights of the linear layers of one transformer block (what Muon trains)."""
-    width = config.n_embd
-    hidden = swiglu_hidden(width) if config.mlp == "swiglu" else 4 * width
+    width, hidden = config.n_embd, config.mlp_width
+    query, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
     fc_outputs = 2 * hidden if config.mlp == "swiglu" else hidden
-    return 3 * width * width + width * width + width * fc_outputs + hidden * width
+    return width * (query + 2 * kv) + query * width + width * fc_outputs + hidden * width
 
 
 def block_parameters(config: ModelConfig) -> int:
     """Every parameter of one transformer block: matrices, biases, norms."""
-    width = config.n_embd
-    hidden = swiglu_hidden(width) if config.mlp == "swiglu" else 4 * width
+    width, hidden = config.n_embd, config.mlp_width
+    query, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
     fc_outputs = 2 * hidden if config.mlp == "swiglu" else hidden
-    biases = (3 * width + width + fc_outputs + width) if config.bias else 0
-    qk_norms = 2 * (width // config.n_head) if config.qk_norm else 0
+    biases = (query + 2 * kv + width + fc_outputs + width) if config.bias else 0
+    qk_norms = 2 * config.head_size if config.qk_norm else 0
     return block_matrix_parameters(config) + biases + 2 * _norm_parameters(config) + qk_norms
 
 

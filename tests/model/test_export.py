@@ -24,6 +24,13 @@ EXPORTABLE = {
     "llama": (LLAMA_RECIPE, "LlamaForCausalLM"),
     "llama-bias-tied": ({**LLAMA_RECIPE, "bias": True, "tie_embeddings": True}, "LlamaForCausalLM"),
     "qwen3": ({**LLAMA_RECIPE, "qk_norm": True}, "Qwen3ForCausalLM"),
+    # As modern checkpoints have them: grouped queries, heads wider than n_embd / n_head, their own
+    # MLP width, rotary base and norm epsilon.
+    "llama-gqa": ({**LLAMA_RECIPE, "n_kv_head": 2, "mlp_hidden": 96, "rope_theta": 500000.0, "norm_eps": 1e-6},
+                  "LlamaForCausalLM"),
+    "qwen3-gqa": ({**LLAMA_RECIPE, "qk_norm": True, "n_kv_head": 1, "head_dim": 32, "tie_embeddings": True,
+                   "rope_theta": 1000000.0, "norm_eps": 1e-6}, "Qwen3ForCausalLM"),
+    "gpt2-eps": ({"mlp_hidden": 100, "norm_eps": 1e-6}, "GPT2LMHeadModel"),
 }
 # Logits of a float32 export may differ from ours by rounding only (measured: 0 for GPT-2, ~2e-6 for
 # Llama and Qwen3, whose attention and rotary kernels order the arithmetic differently).

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
 
 from gptflow.model.config import ModelConfig
-from gptflow.model.gpt import GPT
+from gptflow.model.gpt import GPT, KVCache
 
 
 def build(config: ModelConfig, seed: int = 0) -> GPT:
@@ -152,7 +153,7 @@ def test_rotary_scores_depend_on_relative_position_only():
     from gptflow.model.gpt import apply_rotary, rotary_tables
 
     T, hs, offset = 8, 16, 5
-    cos, sin = rotary_tables(hs, T + offset)
+    cos, sin = rotary_tables(hs, T + offset, theta=10000.0)
     q, k = torch.randn(2, 1, 3, T, hs).unbind(0)  # 2 × (B=1, nh=3, T, hs)
     scores = apply_rotary(q, cos[:T], sin[:T]) @ apply_rotary(k, cos[:T], sin[:T]).mT  # (1, 3, T, T)
     shifted = apply_rotary(q, cos[offset:], sin[offset:]) @ apply_rotary(k, cos[offset:], sin[offset:]).mT
@@ -186,13 +187,14 @@ def test_rotary_model_has_no_position_table_and_stays_causal(tiny_config):
 
 
 def test_rmsnorm_divides_by_the_root_mean_square_in_the_input_dtype():
-    from gptflow.model.gpt import NORM_EPS, RMSNorm
+    from gptflow.model.gpt import RMSNorm
 
-    norm = RMSNorm(8)
+    eps = 1e-6
+    norm = RMSNorm(8, eps)
     with torch.no_grad():
         norm.weight.copy_(torch.arange(1.0, 9.0))
     x = 3.0 * torch.randn(4, 8) + 1.0
-    expected = x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + NORM_EPS) * norm.weight
+    expected = x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * norm.weight
     torch.testing.assert_close(norm(x), expected)
     assert norm(x.bfloat16()).dtype == torch.bfloat16
     rms_model = build(ModelConfig(norm="rmsnorm", vocab_size=64))
@@ -346,3 +348,43 @@ def test_bad_switch_values_are_named(field, value, message):
 def test_rotary_needs_an_even_head_size():
     with pytest.raises(ValueError, match="head size"):
         ModelConfig(n_embd=36, n_head=4, position="rotary")
+
+
+def test_grouped_query_attention_is_multi_head_attention_with_each_key_value_head_repeated(tiny_config):
+    """A model with 2 key/value heads for 4 query heads computes what a multi-head model computes
+    whose key/value projections repeat each of those heads for its 2 query heads; its KV cache
+    holds 2 heads, and generating with it gives the tokens of generating without."""
+    grouped = dataclasses.replace(tiny_config, n_head=4, n_kv_head=2, head_dim=16, dropout=0.0,
+                                  **{**MODERN, "zero_init_projections": False})
+    full = dataclasses.replace(grouped, n_kv_head=None)
+    torch.manual_seed(0)
+    gqa, mha = GPT(grouped).eval(), GPT(full).eval()
+    state = gqa.state_dict()
+    rows = 16  # head_dim
+    for layer in range(grouped.n_layer):
+        name = f"transformer.h.{layer}.attn.c_attn.weight"
+        q, k, v = state[name].split((4 * rows, 2 * rows, 2 * rows))
+        repeat = lambda heads: heads.view(2, rows, -1).repeat_interleave(2, dim=0).reshape(4 * rows, -1)  # noqa: E731
+        state[name] = torch.cat([q, repeat(k), repeat(v)])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, grouped.vocab_size, (2, grouped.block_size))
+    torch.testing.assert_close(gqa(idx, idx)[0], mha(idx, idx)[0], rtol=1e-5, atol=1e-5)
+    assert gqa.transformer.h[0].attn.c_attn.weight.shape[0] == (4 + 2 * 2) * rows
+
+    prompt = idx[:1, :5]
+    cached = gqa.generate(prompt, 8, top_k=1)
+    assert torch.equal(cached, gqa.generate(prompt, 8, top_k=1, use_kv_cache=False))
+    cache = KVCache(grouped)
+    gqa(prompt, kv_cache=cache)
+    assert cache.layers[0].keys.shape[1] == 2
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"n_head": 4, "n_kv_head": 3}, "model.n_kv_head (3) must divide model.n_head (4)"),
+    ({"n_head": 3, "n_embd": 32}, "or set model.head_dim"),
+    ({"n_kv_head": 0}, "model.n_kv_head must be positive"),
+    ({"rope_theta": 0.0}, "model.rope_theta must be positive"),
+])
+def test_bad_attention_shapes_are_refused_by_name(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(**settings)

@@ -8,8 +8,8 @@ import itertools
 import pytest
 
 from gptflow.model.config import ModelConfig, TrainConfig
-from gptflow.model.gpt import GPT, swiglu_hidden_size
-from gptflow.model.memory import block_parameters, parameter_count, swiglu_hidden, training_memory
+from gptflow.model.gpt import GPT
+from gptflow.model.memory import block_parameters, parameter_count, training_memory
 
 SWITCHES = list(itertools.product(("gelu", "relu2", "swiglu"), (True, False), ("layernorm", "rmsnorm"),
                                   ("learned", "rotary"), (False, True)))
@@ -25,8 +25,13 @@ def test_the_parameter_count_is_that_of_the_built_model(mlp, tie_embeddings, nor
     assert block_parameters(config) == sum(parameter.numel() for parameter in model.transformer.h[0].parameters())
 
 
-def test_the_swiglu_width_is_the_models():
-    assert [swiglu_hidden(width) for width in (64, 768, 2048)] == [swiglu_hidden_size(w) for w in (64, 768, 2048)]
+@pytest.mark.parametrize("attention", [{"n_kv_head": 1}, {"n_kv_head": 2, "head_dim": 48}, {"mlp_hidden": 100}])
+def test_the_parameter_count_follows_grouped_queries_head_width_and_mlp_width(attention):
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=256, mlp="swiglu", bias=True,
+                         qk_norm=True, **attention)
+    model = GPT(config)
+    assert parameter_count(config) == sum(parameter.numel() for parameter in model.parameters())
+    assert block_parameters(config) == sum(parameter.numel() for parameter in model.transformer.h[0].parameters())
 
 
 def test_ddp_keeps_sixteen_bytes_a_parameter_and_fsdp_shards_them():
