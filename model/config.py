@@ -15,7 +15,7 @@ from gptflow.data.config import require
 VOCAB_MULTIPLE = 128
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu2", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "relu2", "swiglu")
 OPTIMIZERS = ("adamw", "muon")
 PARALLELISMS = ("ddp", "fsdp")
 
@@ -50,6 +50,9 @@ class ModelConfig:
     """Dropout on attention weights and residual branches; 0 for pretraining on enough data."""
     bias: bool = False
     """Biases in linear layers and LayerNorms (GPT-2 had them; without is slightly better)."""
+    qkv_bias: bool = False
+    """Biases in the query, key and value projections alone (Qwen2's checkpoints have them);
+    implied by ``bias``."""
     position: str = "learned"
     """``learned``: GPT-2's table of absolute position embeddings (``wpe``). ``rotary``: rotary
     embeddings (RoPE) applied to queries and keys in every layer, so attention scores depend on
@@ -61,9 +64,10 @@ class ModelConfig:
     """RMS-normalise each head's queries and keys (with a learned gain) before attention, which
     bounds the attention logits and lets the hidden matrices take larger steps without spikes."""
     mlp: str = "gelu"
-    """MLP activation: ``gelu`` (GPT-2), ``relu2`` (relu(x)², same shape as gelu, a little better
-    and cheaper) or ``swiglu`` (gated SiLU; its hidden width is ~8/3·n_embd so that its three
-    matrices hold as many parameters as the 4·n_embd MLP's two)."""
+    """MLP activation: ``gelu`` (the exact erf GELU), ``gelu_tanh`` (its tanh approximation, which
+    OpenAI's GPT-2 checkpoints were trained with), ``relu2`` (relu(x)², same shape as gelu, a
+    little better and cheaper) or ``swiglu`` (gated SiLU; its hidden width is ~8/3·n_embd so that
+    its three matrices hold as many parameters as the 4·n_embd MLP's two)."""
     tie_embeddings: bool = True
     """Share one matrix between the token embedding and the output projection (GPT-2). Untied,
     the output projection ``lm_head`` has its own matrix: V·C more parameters, but the input and

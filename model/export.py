@@ -11,7 +11,8 @@ Each recipe maps to the transformers architecture that computes exactly the same
   (in, out), the transpose of ``nn.Linear``'s (out, in); it always has biases, written as zeros
   for a ``bias=False`` model; and its activation is set to ``gelu`` (the exact erf GELU of
   ``F.gelu``), not GPT-2's default ``gelu_new`` (the tanh approximation).
-- Rotary positions, RMSNorm and SwiGLU → ``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with QK-norm
+- Rotary positions, RMSNorm and SwiGLU → ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` with biases on
+  the query, key and value projections alone (``qkv_bias``), or ``Qwen3ForCausalLM`` with QK-norm
   (Qwen3 RMS-normalises each head's queries and keys before the rotation, as gptflow does). The
   fused projections are split: ``c_attn`` rows [q; k; v] into ``q_proj``, ``k_proj``, ``v_proj``,
   ``c_fc`` rows [gate; value] into ``gate_proj``, ``up_proj``. gptflow rotates the pairs
@@ -166,7 +167,8 @@ def _gpt2_config(config: ModelConfig) -> dict[str, Any]:
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": config.mlp_width,
-        "activation_function": "gelu",
+        # "gelu" is the exact erf GELU of F.gelu, "gelu_new" the tanh approximation.
+        "activation_function": "gelu_new" if config.mlp == "gelu_tanh" else "gelu",
         "layer_norm_epsilon": config.norm_eps,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
@@ -207,6 +209,15 @@ def _qwen3_config(config: ModelConfig) -> dict[str, Any]:
         "model_type": "qwen3",
         **_rotary_decoder_config(config),
         "attention_bias": False,
+        "use_sliding_window": False,
+        "layer_types": ["full_attention"] * config.n_layer,
+    }
+
+
+def _qwen2_config(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "model_type": "qwen2",
+        **_rotary_decoder_config(config),
         "use_sliding_window": False,
         "layer_types": ["full_attention"] * config.n_layer,
     }
@@ -259,22 +270,32 @@ def _rotary_decoder_weights(state: Weights, config: ModelConfig) -> Weights:
             }
             # clone: safetensors refuses views that share one storage.
             weights.update({f"{theirs}{module}.{kind}": tensor.clone() for module, tensor in split.items()})
+        if config.qkv_bias and not config.bias:
+            for module, tensor in zip(("q_proj", "k_proj", "v_proj"),
+                                      state.pop(f"{ours}attn.c_attn.bias").split(attention_rows)):
+                weights[f"{theirs}self_attn.{module}.bias"] = tensor.clone()
     return weights
 
 
-def _rotary_swiglu(qk_norm: bool) -> dict[str, Any]:
-    return {"position": "rotary", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": qk_norm, "logit_softcap": 0.0}
+def _rotary_swiglu(qk_norm: bool, qkv_bias: bool = False) -> dict[str, Any]:
+    return {"position": "rotary", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": qk_norm, "logit_softcap": 0.0,
+            "qkv_bias": qkv_bias}
+
+
+def _gpt2(mlp: str) -> Architecture:
+    # GPT-2's heads are n_embd / n_head wide, one key/value head per query head.
+    switches = {"position": "learned", "norm": "layernorm", "mlp": mlp, "qk_norm": False, "logit_softcap": 0.0,
+                "n_kv_head": None, "head_dim": None, "qkv_bias": False}
+    return Architecture("GPT2LMHeadModel", switches, _gpt2_config, _gpt2_weights)
 
 
 ARCHITECTURES = (
-    Architecture(
-        "GPT2LMHeadModel",
-        # GPT-2's heads are n_embd / n_head wide, one key/value head per query head.
-        {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "logit_softcap": 0.0,
-         "n_kv_head": None, "head_dim": None},
-        _gpt2_config, _gpt2_weights,
-    ),
+    _gpt2("gelu"),
+    _gpt2("gelu_tanh"),
     Architecture("LlamaForCausalLM", _rotary_swiglu(qk_norm=False), _llama_config, _rotary_decoder_weights),
+    # Qwen2: biases on the query, key and value projections only.
+    Architecture("Qwen2ForCausalLM", {**_rotary_swiglu(qk_norm=False, qkv_bias=True), "bias": False}, _qwen2_config,
+                 _rotary_decoder_weights),
     # Qwen3's MLP has no biases.
     Architecture("Qwen3ForCausalLM", {**_rotary_swiglu(qk_norm=True), "bias": False}, _qwen3_config,
                  _rotary_decoder_weights),

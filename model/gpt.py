@@ -116,7 +116,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         query_width, kv_width = config.n_head * config.head_size, config.kv_heads * config.head_size
         self.split_sizes = (query_width, kv_width, kv_width)
-        self.c_attn = nn.Linear(config.n_embd, sum(self.split_sizes), bias=config.bias)  # q, k, v in one matmul
+        # q, k, v in one matmul
+        self.c_attn = nn.Linear(config.n_embd, sum(self.split_sizes), bias=config.bias or config.qkv_bias)
         self.q_norm = RMSNorm(config.head_size, config.norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(config.head_size, config.norm_eps) if config.qk_norm else nn.Identity()
         self.c_proj = nn.Linear(query_width, config.n_embd, bias=config.bias)
@@ -171,7 +172,7 @@ class MLP(nn.Module):
         elif self.activation == "relu2":
             h = F.relu(h).square()
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
 

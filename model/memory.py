@@ -57,6 +57,7 @@ def block_parameters(config: ModelConfig) -> int:
     query, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
     fc_outputs = 2 * hidden if config.mlp == "swiglu" else hidden
     biases = (query + 2 * kv + width + fc_outputs + width) if config.bias else 0
+    biases += query + 2 * kv if config.qkv_bias and not config.bias else 0
     qk_norms = 2 * config.head_size if config.qk_norm else 0
     return block_matrix_parameters(config) + biases + 2 * _norm_parameters(config) + qk_norms
 

@@ -31,6 +31,8 @@ EXPORTABLE = {
     "qwen3-gqa": ({**LLAMA_RECIPE, "qk_norm": True, "n_kv_head": 1, "head_dim": 32, "tie_embeddings": True,
                    "rope_theta": 1000000.0, "norm_eps": 1e-6}, "Qwen3ForCausalLM"),
     "gpt2-eps": ({"mlp_hidden": 100, "norm_eps": 1e-6}, "GPT2LMHeadModel"),
+    "gpt2-tanh-gelu": ({"mlp": "gelu_tanh", "bias": True}, "GPT2LMHeadModel"),
+    "qwen2": ({**LLAMA_RECIPE, "qkv_bias": True, "n_kv_head": 2}, "Qwen2ForCausalLM"),
 }
 # Logits of a float32 export may differ from ours by rounding only (measured: 0 for GPT-2, ~2e-6 for
 # Llama and Qwen3, whose attention and rotary kernels order the arithmetic differently).

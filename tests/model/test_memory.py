@@ -25,9 +25,12 @@ def test_the_parameter_count_is_that_of_the_built_model(mlp, tie_embeddings, nor
     assert block_parameters(config) == sum(parameter.numel() for parameter in model.transformer.h[0].parameters())
 
 
-@pytest.mark.parametrize("attention", [{"n_kv_head": 1}, {"n_kv_head": 2, "head_dim": 48}, {"mlp_hidden": 100}])
-def test_the_parameter_count_follows_grouped_queries_head_width_and_mlp_width(attention):
-    config = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=256, mlp="swiglu", bias=True,
+@pytest.mark.parametrize("attention", [
+    {"n_kv_head": 1, "bias": True}, {"n_kv_head": 2, "head_dim": 48, "bias": True}, {"mlp_hidden": 100, "bias": True},
+    {"n_kv_head": 2, "qkv_bias": True},
+])
+def test_the_parameter_count_follows_grouped_queries_head_width_mlp_width_and_biases(attention):
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=256, mlp="swiglu",
                          qk_norm=True, **attention)
     model = GPT(config)
     assert parameter_count(config) == sum(parameter.numel() for parameter in model.parameters())
