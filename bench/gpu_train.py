@@ -351,8 +351,9 @@ def measure_presets(settings: Settings, device: torch.device, peak: float | None
     sharded by FSDP2 (``shard_model``) over a process group of this one device, which measures
     FSDP's own overhead: its memory saving grows with the ranks (``gptflow presets`` estimates it)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, init_method=f"file://{scratch / 'rendezvous'}", rank=0,
-                                         world_size=1, device_id=device if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend, init_method=f"file://{scratch / 'rendezvous'}", rank=0, world_size=1)
     try:
         results: dict[str, Any] = {}
         for name, config, micro_batch in settings.preset_models:
