@@ -41,7 +41,8 @@ from gptflow.tasks.config import DEFAULT_PRESET, FinetuneSettings, build_config
 from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
 from gptflow.tasks.progress import human_count, run_logger
 from gptflow.tasks.tracking import REGISTERED_MODEL_TAG, PipelineRun
-from gptflow.tasks.training_job import REPORT_DIR, FinetuneJob
+from gptflow.tasks.finetune_job import FinetuneJob
+from gptflow.tasks.training_job import REPORT_DIR
 from gptflow.tasks.workspace import Workspace
 
 REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification"}

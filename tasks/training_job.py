@@ -1,7 +1,8 @@
-"""One training run of the pretrain or finetune stage, in this process or across ``torchrun`` ranks.
+"""One training run of the pretrain stage, in this process or across ``torchrun`` ranks, and what
+every stage that trains shares: the launcher, the ranks' entry point and the reporter.
 
-A ``TrainingJob`` (pretraining) or ``FinetuneJob`` holds everything a training needs as plain JSON,
-so its task can run it in-process (one device) or hand it to ``torchrun`` (``train.nproc`` > 1), whose every rank runs
+A ``TrainingJob`` holds everything a training needs as plain JSON, so the pretrain task can run
+it in-process (one device) or hand it to ``torchrun`` (``train.nproc`` > 1), whose every rank runs
 ``python -m gptflow.tasks.training_job JOB.json RESULT.json``. Rank 0 reports to MLflow, writes the loss
 curve and registers the model; the task forwards the workers' console lines to its Prefect log.
 
@@ -19,7 +20,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +34,6 @@ from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from gptflow.data.finetune_data import read_split
 from gptflow.data.mixture import MixturePart
 from gptflow.data.store import (
     are_complete,
@@ -48,8 +47,6 @@ from gptflow.data.store import (
 from gptflow.data.tokenizer import TOKENIZER_FILE
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
-from gptflow.model.finetune import FinetuneObjective, FinetuneResult, finetune
-from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.train import Continuation, pretrain
 from gptflow.tasks.progress import human_count, human_duration, run_logger
 from gptflow.tasks.rendezvous import Rendezvous, RendezvousError
@@ -171,15 +168,15 @@ class TrainingJob:
         several_machines = self.rendezvous is not None
         node_id = socket.gethostname() if several_machines else None
         if run is not None:
-            return _system_metrics(run.run_id, self.tracking_uri, node_id)
+            return system_metrics(run.run_id, self.tracking_uri, node_id)
         if several_machines and ranks.local_rank == 0 and self.tracking_uri.startswith(("http://", "https://")):
-            return _system_metrics(self.mlflow_run_id, self.tracking_uri, node_id)
+            return system_metrics(self.mlflow_run_id, self.tracking_uri, node_id)
         return contextlib.nullcontext()
 
     def run_with_torchrun(self, nproc: int) -> TrainedModel:
         """Launch ``nproc`` ranks on this machine, or this machine's share of them on several, and
         wait; their output goes to the run log."""
-        return TrainedModel(**_launch_ranks("pretrain", self, nproc))
+        return TrainedModel(**launch_ranks("pretrain", self, nproc))
 
     def published(self, store: Path) -> str:
         """The job as the other nodes read it: paths inside ``store`` as store references."""
@@ -201,14 +198,16 @@ class TrainingJob:
         return job
 
 
-def _launch_ranks(stage: str, job: TrainingJob | FinetuneJob, nproc: int) -> dict[str, Any]:
-    """Run ``job`` on ``nproc`` torchrun ranks (on several machines: this machine's share of them)
-    and wait, its output going to the run log; returns what rank 0's ``run`` returned, as JSON."""
+def launch_ranks(stage: str, job: Any, nproc: int, worker_module: str = __name__) -> dict[str, Any]:
+    """Run ``job`` (a ``TrainingJob``, or another stage's job with ``run`` and ``rendezvous``-free
+    fields) on ``nproc`` torchrun ranks, each running ``python -m worker_module JOB.json
+    RESULT.json`` (``run_rank``); on several machines, this machine's share of them. Waits, its
+    output going to the run log; returns what rank 0's ``run`` returned, as JSON."""
     logger = run_logger()
     rendezvous = Rendezvous(**job.rendezvous) if getattr(job, "rendezvous", None) else None
     with tempfile.TemporaryDirectory(prefix="gptflow-job-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps({"stage": stage, "job": dataclasses.asdict(job)}))
+        job_file.write_text(json.dumps(dataclasses.asdict(job)))
         if rendezvous is None:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
             logger.info(f"{stage}: launching {nproc} processes: {' '.join(launcher[1:])}")
@@ -218,7 +217,7 @@ def _launch_ranks(stage: str, job: TrainingJob | FinetuneJob, nproc: int) -> dic
                         f"{rendezvous.timeout_s:g} s for the other {rendezvous.nnodes - 1} node(s) to join at "
                         f"{rendezvous.endpoint} (gptflow train-node --nnodes {rendezvous.nnodes} --nproc-per-node "
                         f"{rendezvous.nproc_per_node} --rdzv-endpoint {rendezvous.endpoint} on each)")
-        command = [*launcher, "-m", "gptflow.tasks.training_job", str(job_file), str(result_file)]
+        command = [*launcher, "-m", worker_module, str(job_file), str(result_file)]
         last_lines: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as workers:
             for line in workers.stdout:
@@ -229,61 +228,6 @@ def _launch_ranks(stage: str, job: TrainingJob | FinetuneJob, nproc: int) -> dic
                 raise error
             raise RuntimeError(f"torchrun training failed (exit code {workers.returncode}); its output is above")
         return json.loads(result_file.read_text())
-
-
-@dataclass
-class FinetuneJob:
-    """A fine-tuning (``model.finetune``) as plain JSON: the finetune task runs it, in-process or on
-    ``train.nproc`` torchrun ranks."""
-
-    objective: str
-    base_dir: str
-    labels: list[str]
-    finetune_config: dict[str, Any]
-    train_config: dict[str, Any]
-    prepared_dir: str
-    """``data.finetune_data.prepare_examples``' output: the train and val splits."""
-    pad_id: int
-    max_length: int
-    run_dir: str
-    workspace: str
-    tracking_uri: str
-    mlflow_run_id: str
-    restart: bool
-    """Train from step 0, deleting the run's checkpoints, instead of resuming from the latest one."""
-
-    def run(self, prefect_progress: bool) -> FinetuneResult | None:
-        """Fine-tune (this process's rank of it); rank 0 reports to MLflow, writes the loss curve
-        beside the model and returns the result, the others None."""
-        train_config = TrainConfig(**self.train_config)
-        prepared = Path(self.prepared_dir)
-        objective = FinetuneObjective(
-            Path(self.base_dir), self.objective, self.labels, FinetuneConfig(**self.finetune_config),
-            read_split(prepared, "train"), read_split(prepared, "val"), self.pad_id, self.max_length,
-        )
-        is_main = Ranks.from_environment().is_main
-        run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id) if is_main else None
-        reporter = TrainingReporter(run, train_config.max_steps, prefect_progress, stage="finetune") if is_main else None
-        with _system_metrics(run.run_id, self.tracking_uri, None) if run else contextlib.nullcontext():
-            result = finetune(objective, train_config, Path(self.run_dir), reporter, resume=not self.restart)
-        if reporter is None:
-            return None
-        if result.resumed_from_step is not None:
-            run.set_tags({"gptflow.resumed_from_step": result.resumed_from_step})
-        reporter.metrics.flush()
-        report_dir = Path(self.run_dir) / REPORT_DIR
-        shutil.rmtree(report_dir, ignore_errors=True)  # a retraining's curve replaces the earlier one
-        with atomic_directory(report_dir) as directory:
-            unit = "response token" if self.objective == "sft" else "example"
-            reporter.write_report(directory, f"cross-entropy (nats/{unit})")
-        return result
-
-    def run_with_torchrun(self, nproc: int) -> FinetuneResult:
-        """Launch ``nproc`` ranks on this machine and wait; their output goes to the run log."""
-        result = _launch_ranks("finetune", self, nproc)
-        classifier_dir = result["classifier_dir"]
-        return FinetuneResult(**{**result, "model_dir": Path(result["model_dir"]),
-                                 "classifier_dir": Path(classifier_dir) if classifier_dir else None})
 
 
 class TrainingReporter:
@@ -373,7 +317,7 @@ def plot_loss_curve(
 
 
 @contextlib.contextmanager
-def _system_metrics(run_id: str, tracking_uri: str, node_id: str | None) -> Iterator[None]:
+def system_metrics(run_id: str, tracking_uri: str, node_id: str | None) -> Iterator[None]:
     """GPU utilisation, memory and power (and CPU, RAM) as MLflow ``system/*`` metrics while
     training, when the optional nvidia-ml-py and psutil are installed (``pip install gptflow[gpu]``);
     ``system/<node_id>/*`` with a ``node_id``, so that several machines' metrics stay apart."""
@@ -390,12 +334,12 @@ def _system_metrics(run_id: str, tracking_uri: str, node_id: str | None) -> Iter
         monitor.finish()
 
 
-def _run_rank(job_file: Path, result_file: Path) -> None:
-    """A torchrun worker of the node that runs the flow: train this rank's part; rank 0 writes the
-    result for the task. On several machines, its first rank shares the job with the other nodes."""
+def run_rank(job_type: type, job_file: Path, result_file: Path) -> None:
+    """A torchrun worker of the node that runs the flow: train this rank's part of the
+    ``job_type`` job in ``job_file``; rank 0 writes the result for the task. On several machines,
+    its first rank shares the job with the other nodes."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    launched = json.loads(job_file.read_text())
-    job = {"pretrain": TrainingJob, "finetune": FinetuneJob}[launched["stage"]](**launched["job"])
+    job = job_type(**json.loads(job_file.read_text()))
     if getattr(job, "rendezvous", None) is not None:
         store = _rendezvous_store(job.rendezvous["timeout_s"])
         if int(os.environ["LOCAL_RANK"]) == 0:
@@ -440,4 +384,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--join":
         _join_rank(sys.argv[2] if len(sys.argv) > 2 else None)
     else:
-        _run_rank(Path(sys.argv[1]), Path(sys.argv[2]))
+        run_rank(TrainingJob, Path(sys.argv[1]), Path(sys.argv[2]))
