@@ -101,6 +101,14 @@ def load_tokenizer(artifact_or_path: TokenizerArtifact | Path | str) -> Tokenize
     return Tokenizer.from_file(str(path / TOKENIZER_FILE if path.is_dir() else path))
 
 
+def add_special_tokens(tokenizer: Tokenizer) -> list[str]:
+    """Give ``tokenizer`` (another project's, e.g. an imported checkpoint's) gptflow's special
+    tokens it lacks, as special tokens after its own ids; returns the ones added."""
+    missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
+    tokenizer.add_special_tokens(missing)
+    return missing
+
+
 def _untrained_tokenizer() -> Tokenizer:
     # No prefix space: it would change the text, and decode(encode(x)) must give x back.
     tokenizer = Tokenizer(models.BPE())

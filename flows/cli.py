@@ -229,6 +229,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from gptflow.tasks.transformers_import import import_checkpoint
+
+    workspace = Workspace.resolve(args.workspace)
+    print(import_checkpoint(args.model, workspace, args.revision, args.block_size).render())
+    return 0
+
+
 def _resolve_model(args: argparse.Namespace) -> ResolvedModel:
     """The model named by --model (with --tokenizer, --workspace)."""
     from gptflow.tasks.model_source import resolve_model
@@ -459,6 +467,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="the folder to create (new or empty)")
     export.set_defaults(handler=_export)
 
+    import_ = commands.add_parser(
+        "import", help="import a Hugging Face transformers checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3) and "
+        "register it in MLflow",
+        description="Read a transformers checkpoint folder (config.json, safetensors weights, tokenizer.json) or "
+        "a Hugging Face Hub id into a gptflow model that computes its logits, with its own tokenizer (gptflow's "
+        "<|endoftext|> and <|pad|> added where missing), and register it as gptflow-import-<name>. Then fine-tune, "
+        "evaluate, generate or export it as any gptflow model.",
+    )
+    import_.add_argument("--model", required=True, metavar="FOLDER_OR_HUB_ID",
+                         help="a transformers checkpoint folder, or a Hub id (owner/name) when online")
+    import_.add_argument("--revision", metavar="R", help="the Hub revision (branch, tag or commit) to fetch")
+    import_.add_argument("--block-size", type=_positive_int, metavar="N",
+                         help="the context to train and generate with (default: the checkpoint's maximum)")
+    import_.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
+    import_.set_defaults(handler=_import)
+
     serve = commands.add_parser(
         "serve", help="serve every deployment (pretrain/default, finetune/default, evaluate/default) to a Prefect "
         "server until Ctrl-C",
@@ -545,12 +569,20 @@ def _positive_float(text: str) -> float:
 
 
 def _non_negative_int(text: str) -> int:
+    return _whole_number(text, minimum=0)
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, minimum=1)
+
+
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
     return value
 
 

@@ -22,6 +22,7 @@ and json only: transformers is not needed to read a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def read_transformers_checkpoint(directory: Path, block_size: int | None = None)
     """The ``ModelConfig`` and gptflow state dict of the transformers checkpoint in ``directory``.
     ``block_size`` caps the context (default: the checkpoint's ``max_position_embeddings``)."""
     directory = Path(directory)
-    hf_config = _read_config(directory)
+    hf_config = read_checkpoint_config(directory)
     architecture = (hf_config.get("architectures") or ["?"])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise CheckpointImportError(_unsupported(architecture, directory))
@@ -85,7 +86,26 @@ def load_transformers_model(directory: Path, block_size: int | None = None) -> G
     return model.eval()
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
+def grow_vocabulary(config: ModelConfig, weights: Weights, rows: int, copied: dict[int, int]) -> tuple[ModelConfig, Weights]:
+    """``config`` and ``weights`` with at least ``rows`` embedding (and output) rows, for ids a
+    tokenizer added after the checkpoint's: new rows are zero, and ``copied[new id] = existing id``
+    makes a new token's rows those of an existing one (a new end-of-text token that behaves as the
+    checkpoint's own end token). The logits of the checkpoint's own ids are unchanged."""
+    rows = max(rows, config.vocab_size)
+    grown = dict(weights)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        table = weights[name]
+        extended = torch.cat([table, table.new_zeros(rows - table.size(0), table.size(1))])
+        for new, existing in copied.items():
+            extended[new] = table[existing]
+        grown[name] = extended
+    if config.tie_embeddings:
+        grown["lm_head.weight"] = grown["transformer.wte.weight"]
+    return dataclasses.replace(config, vocab_size=rows), grown
+
+
+def read_checkpoint_config(directory: Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json``, or a ``CheckpointImportError`` saying what the folder lacks."""
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointImportError(

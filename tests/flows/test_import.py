@@ -1,0 +1,87 @@
+"""gptflow import: a transformers checkpoint built here (a small random Llama with grouped-query
+attention, its tokenizer trained here without gptflow's special tokens) becomes a registered
+gptflow model that computes the checkpoint's logits for its own ids, and that the other commands
+take; a Hub id offline is one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from gptflow.flows.cli import main
+from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.workspace import Workspace
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def checkpoint(tmp_path, stdlib_text):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([stdlib_text(200_000)], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "tiny-llama"
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder, model, tokenizer
+
+
+def test_an_imported_checkpoint_is_registered_computes_its_logits_and_generates(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder, original, tokenizer = checkpoint
+    workspace = tmp_path / "ws"
+    assert main(["import", "--model", str(folder), "--workspace", str(workspace)]) == 0
+    output = capsys.readouterr().out
+    assert "models:/gptflow-import-tiny-llama/1" in output and "added <|endoftext|>, <|pad|>" in output
+
+    resolved = resolve_model("models:/gptflow-import-tiny-llama/1", Workspace.resolve(workspace))
+    assert resolved.config.n_kv_head == 2 and resolved.config.vocab_size == 384  # 302 tokens, padded to 128s
+    assert resolved.tokenizer.eot_id == 300 and resolved.tokenizer.pad_id == 301  # after the checkpoint's ids
+    model = resolved.load()
+    ids = torch.tensor([tokenizer.encode("def parse(text):\n    return text").ids])
+    with torch.no_grad():
+        ours, _ = model(ids, ids)
+        theirs = original(ids).logits
+    assert (ours[..., :300] - theirs[..., :300]).abs().max().item() <= 1e-4  # the tokenizer's own ids, unchanged
+    # The new end-of-text token is the checkpoint's end token (</s>, id 1) to the model.
+    torch.testing.assert_close(model.transformer.wte.weight[300], model.transformer.wte.weight[1])
+
+    assert main(["generate", "--model", "models:/gptflow-import-tiny-llama/1", "--prompt", "def ",
+                 "--max-new-tokens", "5", "--workspace", str(workspace)]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_a_hub_id_offline_and_a_folder_that_is_no_checkpoint_are_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTFLOW_HOME": str(tmp_path / "ws")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for source, message in (("someone/some-model", "the Hugging Face Hub cannot be reached"),
+                            (str(tmp_path), "has no config.json: point at a transformers checkpoint folder")):
+        result = subprocess.run([sys.executable, "-m", "gptflow.flows.cli", "import", "--model", source],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith("gptflow: error: ") and message in line
+
+
+def test_an_architecture_gptflow_cannot_compute_is_refused_naming_the_nearest(checkpoint, tmp_path, capsys):
+    folder, _, _ = checkpoint
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["MixtralForCausalLM"]}))
+    assert main(["import", "--model", str(folder), "--workspace", str(tmp_path / "ws")]) == 2
+    assert "nearest supported one is MistralForCausalLM" in capsys.readouterr().err
