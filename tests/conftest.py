@@ -236,3 +236,29 @@ def one_rank_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def run_at_once(tmp_path) -> Callable[..., list[tuple[int, str]]]:
+    """``run_at_once([(command, env), ...])`` starts the commands together in the repository root
+    and waits for all; their exit codes and outputs. Each writes to a file: a pipe would fill while
+    the test waited on another process, and its writer would block, waiting on nothing."""
+    root = Path(__file__).resolve().parent.parent
+
+    def run(commands: list[tuple[list[str], dict[str, str]]], timeout: float = 600) -> list[tuple[int, str]]:
+        logs = [tmp_path / f"at-once-{index}.log" for index in range(len(commands))]
+        processes = []
+        for (command, env), log in zip(commands, logs):
+            with log.open("w") as output:
+                processes.append(subprocess.Popen(command, cwd=root, env=env, stdout=output, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        try:
+            for process in processes:
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+        return [(process.returncode, log.read_text()) for process, log in zip(processes, logs)]
+
+    return run

@@ -201,14 +201,13 @@ def test_retrain_tokenizer_and_from_scratch_are_honoured(run_pipeline, corpus):
     assert tags["gptflow.training"] == "from_scratch" and "gptflow.continues_run" not in tags
 
 
-def test_two_runs_at_once_on_one_workspace_both_finish_consistently(prefect_api_url, corpus, tmp_path):
+def test_two_runs_at_once_on_one_workspace_both_finish_consistently(prefect_api_url, corpus, tmp_path, run_at_once):
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env.update(PREFECT_API_URL=prefect_api_url, GPTFLOW_HOME=str(tmp_path / "shared"))
     command = [sys.executable, "-m", "gptflow.flows.cli", "pretrain", "--corpus", str(corpus), "--preset", "tiny"]
-    runs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for _ in range(2)]
-    outputs = [run.communicate(timeout=600)[0] for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], "\n\n".join(output[-3000:] for output in outputs)
+    finished = run_at_once([(command, env)] * 2)
+    outputs = [output for _, output in finished]
+    assert [code for code, _ in finished] == [0, 0], "\n\n".join(output[-3000:] for output in outputs)
 
     store = tmp_path / "shared" / "store"
     assert not list(store.rglob(".tmp-*"))

@@ -120,13 +120,14 @@ def _stage_statuses(output: str) -> dict[str, str]:
 
 
 def test_two_machines_at_once_compute_each_stage_once(prefect_api_url, s3_server, s3_bucket, tiny_corpus_dir,
-                                                      tmp_path):
+                                                      tmp_path, run_at_once):
     url = f"{s3_bucket}/team"
-    command = ("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny", "--set", STEPS, "--workspace", url)
-    runs = [_cli(*command, env=_env(prefect_api_url, s3_server, tmp_path / name)) for name in ("a", "b")]
-    outputs = [run.communicate(timeout=600)[0] for run in runs]
-    for run, output in zip(runs, outputs):
-        assert run.returncode == 0, output[-4000:]
+    command = [sys.executable, "-m", "gptflow.flows.cli", "pretrain", "--corpus", str(tiny_corpus_dir), "--preset",
+               "tiny", "--set", STEPS, "--workspace", url]
+    finished = run_at_once([(command, _env(prefect_api_url, s3_server, tmp_path / name)) for name in ("a", "b")])
+    outputs = [output for _, output in finished]
+    for code, output in finished:
+        assert code == 0, output[-4000:]
     statuses = [_stage_statuses(output) for output in outputs]
     for stage in (*DATA_STAGES, "pretrain"):
         assert sorted(status[stage] for status in statuses) == ["cached", "executed"], statuses

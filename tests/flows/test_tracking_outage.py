@@ -74,21 +74,25 @@ def test_training_outlives_its_tracking_server_and_sync_sends_what_it_kept(prefe
     client = MlflowClient(uri)
 
     server = _start_server(server_root, port)
-    training = subprocess.Popen(
-        [sys.executable, "-m", "gptflow.flows.cli", "pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny",
-         "--set", f"train.max_steps={STEPS}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    # To a file, not a pipe: nothing reads the output until the end, and a full pipe would block the run.
+    training_log = tmp_path / "training.log"
+    with training_log.open("w") as log:
+        training = subprocess.Popen(
+            [sys.executable, "-m", "gptflow.flows.cli", "pretrain", "--corpus", str(tiny_corpus_dir), "--preset",
+             "tiny", "--set", f"train.max_steps={STEPS}"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 300
         while not _training_metrics_arrived(client):
             assert training.poll() is None and time.monotonic() < deadline, "no training metrics reached the server"
             time.sleep(0.5)
         _kill(server)
-        output, _ = training.communicate(timeout=600)
+        training.wait(timeout=600)
     finally:
         _kill(server)
         _kill(training)
+    output = training_log.read_text()
 
     assert training.returncode == 0, output[-5000:]
     [outbox] = (workspace / "mlflow-outbox").glob("*.jsonl")
