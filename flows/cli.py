@@ -23,6 +23,7 @@ from gptflow.flows.stack import StackError, down, keep_prefect_state_in, up, use
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.config import (
     DEFAULT_PRESET,
+    ConfigError,
     PRESETS,
     EvalSplit,
     EvaluateSettings,
@@ -99,6 +100,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         raise RendezvousError("--nproc counts processes on one machine: with --nnodes, give --nproc-per-node instead.")
     if args.nproc is not None or args.nproc_per_node is not None:
         overrides["train.nproc"] = (args.nnodes or 1) * (args.nproc or args.nproc_per_node)
+    if args.init_from and (shaped := sorted(name for name in overrides if name.startswith("model."))):
+        raise ConfigError(f"--init-from trains its model as it is: {', '.join(shaped)} cannot be set with it.")
     corpus = args.corpus or [BUILTIN_CORPUS]
     # Fail on a bad config, a bad weight or a missing path now, before Prefect and MLflow start up.
     build_config(PretrainSettings, args.preset, args.config, overrides)
@@ -106,7 +109,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     resolve_ray_address(args.ray)
     return _run_flow("pretrain", corpus=corpus, preset=args.preset, config_file=args.config, overrides=overrides,
                      workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
-                     from_scratch=args.from_scratch, ray=args.ray, rendezvous=rendezvous)
+                     from_scratch=args.from_scratch, ray=args.ray, rendezvous=rendezvous, init_from=args.init_from)
 
 
 def _train_node(args: argparse.Namespace) -> int:
@@ -365,6 +368,10 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--from-scratch", action="store_true",
                           help="train a new model instead of continuing the latest compatible one of this "
                           "corpus on the data added since")
+    pretrain.add_argument("--init-from", metavar="SOURCE",
+                          help="continue pretraining this model (models:/name/version, a run id or a model folder, "
+                          "e.g. what `gptflow import` registered): its tokenizer, shape and weights; no tokenizer is "
+                          "trained and the preset's model.* settings are not used")
     pretrain.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
     pretrain.set_defaults(handler=_pretrain)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from gptflow.tasks.config import DEFAULT_PRESET, PresetName, PretrainSettings, b
 from gptflow.tasks.evaluate import evaluate_model
 from gptflow.tasks.ingest import ingest
 from gptflow.tasks.lineage import Lineage, data_delta
+from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.pretrain import train_model
 from gptflow.tasks.progress import human_count, human_duration
 from gptflow.tasks.rendezvous import Rendezvous, RendezvousError
@@ -120,6 +122,7 @@ def pretrain(
     from_scratch: bool = False,
     ray: str | None = None,
     rendezvous: Rendezvous | None = None,
+    init_from: str | None = None,
 ) -> PretrainSummary:
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
 
@@ -141,6 +144,9 @@ def pretrain(
             default ``$GPTFLOW_RAY_ADDRESS``, else the stage's own process.
         rendezvous: train on several machines: this one runs every stage and its share of the
             ``train.nproc`` ranks, the others join with ``gptflow train-node`` (``tasks.rendezvous``).
+        init_from: continue pretraining a model (an MLflow model URI, a run id or a model folder,
+            e.g. one ``gptflow import`` registered): its tokenizer (no tokenizer is trained), its
+            shape (the preset's ``model`` settings are not used) and its weights.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
@@ -150,6 +156,11 @@ def pretrain(
                               f"{rendezvous.world_size} ranks, but train.nproc is {config.train.nproc}: leave "
                               "train.nproc unset with --nnodes (gptflow sets it to nodes x processes per node).")
     workspace_dir = Workspace.resolve(workspace)
+    base = None
+    if init_from is not None:
+        base = resolve_model(init_from, workspace_dir)
+        base.require_text_model("--init-from")
+        config = dataclasses.replace(config, model=base.config)
     corpus = corpus or [BUILTIN_CORPUS]
     weighted = WeightedCorpus.parse(corpus)
     sources = resolve_sources(weighted.sources)
@@ -164,12 +175,18 @@ def pretrain(
     with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
             "preset": preset, "corpus": " ".join(corpus), "restart": restart,
-            "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, **config.flatten(),
+            "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, "init_from": init_from or "",
+            **config.flatten(),
             **_mixture_params(weighted.weights),
         })
         corpus_manifest = ingest(sources, config.data, workspace_dir, run, units)
         run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
-        tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, units, retrain_tokenizer)
+        if base is None:
+            tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, units,
+                                        retrain_tokenizer)
+        else:
+            tokenizer = base.tokenizer
+            run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": f"of {init_from}"})
         tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run, units)
         log_corpus_dataset(run, weighted.sources, corpus_manifest, tokens, context="training")
         delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)
@@ -182,7 +199,7 @@ def pretrain(
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
             registered_model_name=f"gptflow-{preset}", restart=restart, from_scratch=from_scratch, mixture=mixture,
-            rendezvous=rendezvous,
+            rendezvous=rendezvous, init_from=base,
         )
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)

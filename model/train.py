@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
@@ -41,6 +42,7 @@ from gptflow.model.checkpoint import (
     checkpoint_path,
     checkpoint_directories,
     load_checkpoint,
+    load_model,
     prune_checkpoints,
     save_checkpoint,
     save_final,
@@ -185,13 +187,16 @@ class TrainResult:
 
 @dataclass
 class PretrainObjective(TrainingObjective):
-    """Next-token prediction on token shards, from random weights or continuing a checkpoint."""
+    """Next-token prediction on token shards, from random weights, from a trained model's weights
+    (``initial_weights``) or continuing a checkpoint."""
 
     model_config: ModelConfig
     train_paths: Sequence[Path]
     val_paths: Sequence[Path]
     continuation: Continuation | None = None
     mixture: Sequence[MixturePart] = ()
+    initial_weights: Path | None = None
+    """A model directory (``final/``, an import) whose weights, not optimizer state, step 0 starts from."""
 
     def __post_init__(self) -> None:
         self.train_windows = _training_windows(self.train_paths, self.continuation, self.mixture, self.model_config)
@@ -224,6 +229,12 @@ class PretrainObjective(TrainingObjective):
     def start_fresh(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.continuation is not None:
             load_checkpoint(self.continuation.checkpoint, model, optimizer)
+        elif self.initial_weights is not None:
+            initial = load_model(self.initial_weights)
+            if initial.config != self.model_config:
+                raise ValueError(f"{self.initial_weights} holds a model of config {initial.config}, not "
+                                 f"{self.model_config}: train with the model's own settings")
+            set_model_state_dict(model, initial.state_dict(), options=StateDictOptions(full_state_dict=True))
 
     def export(self, model: nn.Module, run_dir: Path) -> None:
         save_final(run_dir, model)
@@ -239,15 +250,17 @@ def pretrain(
     resume: bool = False,
     continuation: Continuation | None = None,
     mixture: Sequence[MixturePart] = (),
+    initial_weights: Path | None = None,
 ) -> TrainResult:
     """Train a GPT on the token shards ``train_paths`` (see ``train``), validating on up to
     ``val_tokens`` tokens of ``val_paths`` (skipped when empty).
 
-    A fresh start begins from random weights, or from ``continuation``'s checkpoint, sampling
-    its new shards at its ``new_data_fraction``. With ``mixture`` (a data mixture, never with a
+    A fresh start begins from random weights, from the model in ``initial_weights`` (its weights;
+    the optimizer starts afresh), or from ``continuation``'s checkpoint, sampling its new shards
+    at its ``new_data_fraction``. With ``mixture`` (a data mixture, never with a
     continuation), each part's shards are drawn at its probability instead of ``train_paths`` as one stream.
     """
-    objective = PretrainObjective(model_config, train_paths, val_paths, continuation, mixture)
+    objective = PretrainObjective(model_config, train_paths, val_paths, continuation, mixture, initial_weights)
     return train(objective, train_config, run_dir, callback, resume)
 
 

@@ -28,6 +28,7 @@ from gptflow.model.train import Continuation
 from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.config import IncrementalConfig
 from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord, TrainingAttempt
+from gptflow.tasks.model_source import ResolvedModel
 from gptflow.tasks.progress import run_logger
 from gptflow.tasks.rendezvous import Rendezvous
 from gptflow.tasks.tracking import GENERATOR_MODULE, REGISTERED_MODEL_TAG, PipelineRun
@@ -39,6 +40,7 @@ HASHED_SETTINGS = {
     "tokens": "other training data",
     "mixture": "other --corpus weights",
     "tokenizer": "a different tokenizer",
+    "initial_weights": "another --init-from model",
     "code": "other code (gptflow's training code or torch)",
 }
 """The parts of a pretrain key named as a whole when they differ (hashes, or a structure)."""
@@ -121,14 +123,20 @@ def train_model(
     from_scratch: bool = False,
     mixture: list[MixturePart] | None = None,
     rendezvous: Rendezvous | None = None,
+    init_from: ResolvedModel | None = None,
 ) -> TrainedModel:
     """Train the model the lineage's plan calls for, or return it cached. A training of this exact
     key that stopped early resumes from its latest checkpoint; ``restart`` trains it again from
     step 0, even when it had finished. ``mixture`` draws the training windows by source (a data
     mixture): such a model is trained from scratch, never continued or kept from another.
-    ``rendezvous``: the ``train.nproc`` ranks span several machines, which meet there."""
-    model_config = dataclasses.replace(model_config, vocab_size=pad_vocab_size(tokenizer.vocab_size))
-    plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch)
+    ``rendezvous``: the ``train.nproc`` ranks span several machines, which meet there.
+    ``init_from``: start from that model's weights (its config is ``model_config``), whatever the
+    lineage holds."""
+    if init_from is None:
+        model_config = dataclasses.replace(model_config, vocab_size=pad_vocab_size(tokenizer.vocab_size))
+        plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch)
+    else:
+        plan = TrainingPlan()
     if mixture and (plan.continue_from or plan.keep):
         plan = TrainingPlan(note="pretrain: --corpus weights train a new model from scratch (continuing the earlier "
                                  "model on the data added since would draw by old and new files, not by source)")
@@ -161,6 +169,8 @@ def train_model(
         "mixture": _mixture_setting(mixture, tokens),
     }
     inputs = {"tokens": tokens.fingerprint, "tokenizer": tokenizer.hash}
+    if init_from is not None:
+        inputs["initial_weights"] = init_from.weights_hash
     modules = (__name__, GENERATOR_MODULE)
     key = stage_key("pretrain", config=settings, modules=modules, inputs=inputs)
     run_dir = workspace.store / "runs" / key
@@ -193,6 +203,7 @@ def train_model(
         mixture=[{"source": part.source, "probability": part.probability,
                   "train_paths": [str(path) for path in part.train_paths]} for part in mixture or ()],
         rendezvous=None if rendezvous is None else dataclasses.asdict(rendezvous),
+        initial_weights=str(init_from.model_dir) if init_from is not None else None,
     )
     outcome = run_stage(
         pretrain_model_task,
@@ -207,12 +218,14 @@ def train_model(
         trained = _registered_in_tracking_store(trained, registered_model_name, run)
     run.record_stage("pretrain", outcome.status)
     tags = {
-        "gptflow.training": "continued" if continuation else "from_scratch",
+        "gptflow.training": "continued" if continuation else "initialized" if init_from else "from_scratch",
         "gptflow.trained_in_run": trained.trained_in_mlflow_run,
         REGISTERED_MODEL_TAG: trained.registered_model,
     }
     if plan.continue_from is not None:
         tags["gptflow.continues_run"] = plan.continue_from.mlflow_run_id
+    if init_from is not None:
+        tags["gptflow.init_from"] = init_from.source
     run.set_tags(tags)
     # The model itself was logged and registered by the run that trained it (the tags name it);
     # a cached run does not upload it again.

@@ -107,6 +107,8 @@ class TrainingJob:
     rendezvous: dict[str, Any] | None = None
     """``tasks.rendezvous.Rendezvous`` fields when the ranks span several machines; no part of the
     training's key (how many machines hold the ``train.nproc`` ranks does not change the result)."""
+    initial_weights: str | None = None
+    """A model directory whose weights step 0 starts from (``--init-from``)."""
 
     def token_paths(self) -> list[str]:
         """Every token shard the job reads: old and new training shards, and validation shards."""
@@ -131,6 +133,7 @@ class TrainingJob:
                 ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
                 [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=not self.restart,
                 continuation=continuation, mixture=mixture,
+                initial_weights=Path(self.initial_weights) if self.initial_weights else None,
             )
         if reporter is None:
             return None

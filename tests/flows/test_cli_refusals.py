@@ -62,6 +62,8 @@ def test_a_mistyped_set_is_refused_in_one_line_without_heavy_imports(tmp_path):
         (["pretrain", "--nproc", "3", "--set", "train.global_batch_size=64", "--set", "train.micro_batch_size=8"],
          "train.global_batch_size=64 does not split into micro-steps of train.micro_batch_size x train.nproc = 8 x 3"),
         (["finetune", "--nproc", "3", "--set", "train.global_batch_size=16"], "does not split into micro-steps"),
+        (["pretrain", "--init-from", "models:/gptflow-cpu/1", "--set", "model.n_layer=2"],
+         "--init-from trains its model as it is: model.n_layer cannot be set with it."),
         (["train-node", "--rdzv-endpoint", "127.0.0.1:29500"], "give --nnodes N too"),
         (["train-node", "--nnodes", "1", "--rdzv-endpoint", "127.0.0.1:29500"], "--nnodes must be at least 2"),
     ],

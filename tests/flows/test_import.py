@@ -1,7 +1,7 @@
 """gptflow import: a transformers checkpoint built here (a small random Llama with grouped-query
 attention, its tokenizer trained here without gptflow's special tokens) becomes a registered
 gptflow model that computes the checkpoint's logits for its own ids, and that the other commands
-take; a Hub id offline is one clear line."""
+take, pretraining continuing from it included; a Hub id offline is one clear line."""
 
 from __future__ import annotations
 
@@ -85,3 +85,38 @@ def test_an_architecture_gptflow_cannot_compute_is_refused_naming_the_nearest(ch
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["MixtralForCausalLM"]}))
     assert main(["import", "--model", str(folder), "--workspace", str(tmp_path / "ws")]) == 2
     assert "nearest supported one is MistralForCausalLM" in capsys.readouterr().err
+
+
+def test_pretraining_continues_from_an_imported_model_with_its_tokenizer_shape_and_weights(
+    checkpoint, tmp_path, tiny_corpus_dir, prefect_api_url, monkeypatch, capsys
+):
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from gptflow.flows.pretrain import pretrain
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder, _, _ = checkpoint
+    workspace = tmp_path / "ws"
+    assert main(["import", "--model", str(folder), "--workspace", str(workspace)]) == 0
+    source = "models:/gptflow-import-tiny-llama/1"
+    # A learning rate too small to move float32 weights: the trained model is the imported one.
+    settings = {"train.max_steps": 2, "train.learning_rate": 1e-12, "train.warmup_steps": 1, "train.micro_batch_size": 2}
+    summary = pretrain(corpus=[str(tiny_corpus_dir)], preset="tiny", overrides=settings, workspace=str(workspace),
+                       init_from=source)
+    assert "tokenizer" not in summary.stages and summary.stages["pretrain"] == "executed"
+    assert summary.training == "initialized"
+    run = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(summary.mlflow_run_id)
+    assert run.data.tags["gptflow.init_from"] == source and run.data.params["model.n_kv_head"] == "2"
+    resolved = resolve_model(source, Workspace.resolve(workspace))
+    assert run.data.tags["gptflow.tokenizer_hash"] == resolved.tokenizer.hash
+    imported = load_file(resolved.model_dir / "model.safetensors")
+    [trained_dir] = (workspace / "store" / "runs").iterdir()
+    trained = load_file(trained_dir / "final" / "model.safetensors")
+    assert trained.keys() == imported.keys()
+    for name, tensor in imported.items():
+        torch.testing.assert_close(trained[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
+
+    again = pretrain(corpus=[str(tiny_corpus_dir)], preset="tiny", overrides=settings, workspace=str(workspace),
+                     init_from=source)
+    assert again.stages["pretrain"] == "cached"
