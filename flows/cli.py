@@ -167,8 +167,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         read_multiple_choice(Path(args.multiple_choice))
     if args.classification:
         check_data_file(Path(args.classification))
+    if args.lm_eval_tasks_dir and not Path(args.lm_eval_tasks_dir).is_dir():
+        raise ConfigError(f"--lm-eval-tasks-dir {args.lm_eval_tasks_dir} is not a folder: give the folder of your "
+                          "task YAMLs.")
+    lm_eval_tasks = [name.strip() for name in args.lm_eval.split(",") if name.strip()] if args.lm_eval else None
 
     return _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
+                     lm_eval=lm_eval_tasks, lm_eval_limit=args.limit, lm_eval_num_fewshot=args.num_fewshot,
+                     lm_eval_tasks_dir=args.lm_eval_tasks_dir,
                      multiple_choice=args.multiple_choice, classification=args.classification,
                      tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace, ray=args.ray)
 
@@ -430,6 +436,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--multiple-choice", metavar="FILE",
                           help='HellaSwag-format JSONL (or JSON, parquet), a record per example {"ctx": ..., '
                           '"endings": [...], "label": N}: zero-shot acc and acc_norm')
+    evaluate.add_argument("--lm-eval", metavar="TASKS",
+                          help="comma-separated lm-evaluation-harness tasks (e.g. hellaswag,arc_easy), run on the model; "
+                          "metrics logged as lm_eval/<task>/<metric> (pip install 'gptflow[lm-eval]')")
+    evaluate.add_argument("--limit", type=_positive_int, metavar="N", help="examples per --lm-eval task (default: all)")
+    evaluate.add_argument("--num-fewshot", type=_non_negative_int, metavar="K",
+                          help="few-shot examples per --lm-eval prompt (default: each task's own)")
+    evaluate.add_argument("--lm-eval-tasks-dir", metavar="DIR",
+                          help="a folder of your own lm-evaluation-harness task YAMLs, usable by name in --lm-eval")
     evaluate.add_argument("--classification", metavar="FILE",
                           help="for a fine-tuned classifier: a JSONL, JSON, CSV or parquet file of text + label (fields data.text_field "
                           "and eval.label_field): accuracy, macro-F1 and a confusion matrix")

@@ -26,6 +26,7 @@ from gptflow.tasks.config import ConfigError, EvaluateSettings, EvalSplit, build
 from gptflow.tasks.evaluate import LossReport, sample_model, samples_markdown, score_loss
 from gptflow.tasks.ingest import ingest
 from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.harness import HarnessReport, HarnessSettings, run_harness
 from gptflow.tasks.multiple_choice import MultipleChoiceReport, score_multiple_choice
 from gptflow.tasks.progress import human_duration
 from gptflow.tasks.tokenize import log_corpus_dataset, tokenize
@@ -55,6 +56,7 @@ class EvaluateSummary:
     multiple_choice: MultipleChoiceReport | None
     classification_file: str | None
     classification: ClassificationReport | None
+    lm_eval: HarnessReport | None
     prompts: list[str]
     samples: list[str]
     elapsed_s: float
@@ -68,6 +70,7 @@ class EvaluateSummary:
             **(self.loss.metrics() if self.loss else {}),
             **(self.multiple_choice.metrics() if self.multiple_choice else {}),
             **(self.classification.metrics if self.classification else {}),
+            **(self.lm_eval.metrics if self.lm_eval else {}),
         }
 
     def report(self) -> dict[str, Any]:
@@ -118,6 +121,9 @@ class EvaluateSummary:
                 f"choice      acc {report.acc:.4f}, acc_norm {report.acc_norm:.4f} on {report.examples:,} examples "
                 f"of {self.multiple_choice_file}{truncated}"
             )
+        if self.lm_eval:
+            lines.append("lm_eval     " + ", ".join(f"{name.removeprefix('lm_eval/')} {value:.4f}"
+                                                      for name, value in sorted(self.lm_eval.metrics.items())))
         if self.classification:
             metrics = self.classification.metrics
             lines.append(
@@ -152,6 +158,10 @@ def evaluate(
     overrides: dict[str, Any] | None = None,
     workspace: str | None = None,
     ray: str | None = None,
+    lm_eval: list[str] | None = None,
+    lm_eval_limit: int | None = None,
+    lm_eval_num_fewshot: int | None = None,
+    lm_eval_tasks_dir: str | None = None,
 ) -> EvaluateSummary:
     """Evaluate a trained gptflow model on a corpus split and/or a multiple-choice file.
 
@@ -171,14 +181,20 @@ def evaluate(
             e.g. ``{"eval.eval_tokens": 65536}``.
         workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
         ray: a Ray cluster to run the corpus's per-file data units on, as in ``pretrain``.
+        lm_eval: lm-evaluation-harness task names (e.g. ``["hellaswag", "arc_easy"]``), run on the
+            model; metrics logged as ``lm_eval/<task>/<metric>``.
+        lm_eval_limit: examples per harness task (default all).
+        lm_eval_num_fewshot: few-shot examples per harness prompt (default: each task's own).
+        lm_eval_tasks_dir: a folder of the user's own harness task YAMLs.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     config = build_config(EvaluateSettings, overrides=overrides)
-    if not corpus and not multiple_choice and not classification:
+    if not corpus and not multiple_choice and not classification and not lm_eval:
         raise ConfigError("Nothing to evaluate: pass a corpus (--corpus PATH: loss, perplexity, bits per byte), "
-                          "a multiple-choice file (--multiple-choice FILE) and/or, for a classifier, a labelled file "
-                          "(--classification FILE).")
+                          "a multiple-choice file (--multiple-choice FILE), lm-evaluation-harness tasks (--lm-eval "
+                          "TASKS) and/or, for a classifier, a labelled file (--classification FILE).")
+    harness = HarnessSettings(lm_eval, lm_eval_limit, lm_eval_num_fewshot, lm_eval_tasks_dir) if lm_eval else None
     # Bad input fails here, before any model is fetched or corpus ingested.
     sources = resolve_sources(corpus) if corpus else None
     units = UnitRunner.from_setting(ray) if corpus else None
@@ -210,8 +226,11 @@ def evaluate(
             **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
             **({"multiple_choice": str(choice_file), "multiple_choice_hash": choice_hash} if choice_file else {}),
             **({"classification": str(labelled_file)} if labelled_file else {}),
+            **({"lm_eval": ",".join(lm_eval), "lm_eval_limit": lm_eval_limit or "",
+                "lm_eval_num_fewshot": "" if lm_eval_num_fewshot is None else lm_eval_num_fewshot}
+               if lm_eval else {}),
         })
-        loss = data_fingerprint = choices = classes = None
+        loss = data_fingerprint = choices = classes = harness_report = None
         if sources:
             # The split scored must have documents; with "all", either one may be empty.
             required_splits = () if split == "all" else (split,)
@@ -223,6 +242,9 @@ def evaluate(
             loss = score_loss(source, tokens, split, config.eval, workspace_dir, run)
         if choice_file:
             choices = score_multiple_choice(source, choice_file, choice_hash, workspace_dir, run)
+        if harness:
+            source.require_text_model("--lm-eval")
+            harness_report = run_harness(source, harness, workspace_dir, run, step=0)
         if labelled_file:
             classes = score_classifier(source, labelled_file, config.data.text_field, config.eval.label_field,
                                        workspace_dir, run)
@@ -242,6 +264,7 @@ def evaluate(
             multiple_choice=choices,
             classification_file=str(labelled_file) if labelled_file else None,
             classification=classes,
+            lm_eval=harness_report,
             prompts=config.eval.prompts,
             samples=samples,
             elapsed_s=time.monotonic() - started,

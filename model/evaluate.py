@@ -97,6 +97,8 @@ class ContinuationScores:
     """Per request: the summed log-probability (nats) of its continuation's tokens given its context."""
     truncated: list[bool]
     """Per request: whether context + continuation exceeded the window, so the context's start was cut."""
+    greedy: list[bool]
+    """Per request: whether each continuation token is the model's most likely next token."""
 
 
 @torch.no_grad()
@@ -127,6 +129,7 @@ def score_continuations(
                              f"the model's block_size of {block_size}")
         windows.append([*context, *continuation][-(block_size + 1):])
     log_likelihoods = [0.0] * len(windows)
+    greedy = [False] * len(windows)
     was_training = model.training
     model.eval()
     longest_first = sorted(range(len(windows)), key=lambda index: -len(windows[index]))
@@ -148,14 +151,17 @@ def score_continuations(
         token_log_probs = log_probs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)  # (N,)
         rows = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(targets)[scored]  # (N,)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_log_probs.double())
-        for index, value in zip(batch, sums.tolist()):  # one device sync per batch
+        missed = (log_probs.argmax(dim=-1) != targets[scored]).long()  # (N,)
+        misses = torch.zeros(len(batch), dtype=torch.long, device=device).index_add_(0, rows, missed)
+        for index, value, miss_count in zip(batch, sums.tolist(), misses.tolist()):  # one device sync per batch
             log_likelihoods[index] = value
+            greedy[index] = miss_count == 0
         done += len(batch)
         if progress:
             progress(done, len(windows))
     model.train(was_training)
     truncated = [len(context) + len(continuation) > block_size + 1 for context, continuation in requests]
-    return ContinuationScores(log_likelihoods=log_likelihoods, truncated=truncated)
+    return ContinuationScores(log_likelihoods=log_likelihoods, truncated=truncated, greedy=greedy)
 
 
 def predicted_choice(log_likelihoods: Sequence[float], lengths: Sequence[int] | None = None) -> int:

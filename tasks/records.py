@@ -36,6 +36,7 @@ RESULT_TYPES: dict[str, str] = {
     "PreparedData": "gptflow.data.finetune_data",
     "FinetunedModel": "gptflow.tasks.finetune",
     "FinetuneReport": "gptflow.tasks.finetune",
+    "HarnessReport": "gptflow.tasks.harness",
 }
 """The allow-list: the dataclasses a stage may return, by name, and the module defining each.
 Named rather than imported, since the stage modules import this one (through ``tasks.caching``) and
