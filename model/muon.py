@@ -64,7 +64,8 @@ class Muon(torch.optim.Optimizer):
       layer's output about the same for tall matrices (expanding, e.g. an MLP's input
       projection) as for square and wide ones.
     - ``stacked_matrices`` > 1 treats a parameter as that many matrices stacked along its rows
-      (e.g. a fused query, key and value projection) and orthogonalises each on its own.
+      (e.g. a fused query, key and value projection) and orthogonalises each on its own; a tuple
+      gives their row counts when they differ (grouped-query attention's narrower keys and values).
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class Muon(torch.optim.Optimizer):
         lr_scale: float = 1.0,
         momentum: float = 0.95,
         weight_decay: float = 0.0,
-        stacked_matrices: int = 1,
+        stacked_matrices: int | tuple[int, ...] = 1,
         ns_steps: int = NEWTON_SCHULZ_STEPS,
     ) -> None:
         if lr < 0 or lr_scale <= 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0 or ns_steps < 1:
@@ -88,12 +89,14 @@ class Muon(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
+            blocks = group["stacked_matrices"]
             for parameter in group["params"]:
-                if parameter.dim() != 2 or parameter.size(0) % group["stacked_matrices"]:
+                fits = (parameter.size(0) % blocks == 0 if isinstance(blocks, int) else sum(blocks) == parameter.size(0))
+                if parameter.dim() != 2 or not fits:
                     raise ValueError(
-                        f"Muon optimises 2-D matrices whose rows split into stacked_matrices="
-                        f"{group['stacked_matrices']} equal blocks; got a parameter of shape {tuple(parameter.shape)}. "
-                        "Give vectors, embeddings and output projections to AdamW."
+                        f"Muon optimises 2-D matrices whose rows split into stacked_matrices={blocks} blocks (equal "
+                        f"ones for a count); got a parameter of shape {tuple(parameter.shape)}. Give vectors, "
+                        "embeddings and output projections to AdamW."
                     )
 
     @torch.no_grad()
@@ -114,8 +117,12 @@ class Muon(torch.optim.Optimizer):
                 buffer.mul_(momentum).add_(parameter.grad)
                 direction = parameter.grad.add(buffer, alpha=momentum)  # Nesterov: look one step ahead
                 rows, columns = parameter.shape
-                update = orthogonalize(direction.view(blocks, rows // blocks, columns), group["ns_steps"])
-                shape_scale = math.sqrt(max(1.0, rows / blocks / columns))
+                if isinstance(blocks, int):  # equal blocks: orthogonalised as one batch
+                    update = orthogonalize(direction.view(blocks, rows // blocks, columns), group["ns_steps"])
+                    update = update.reshape(parameter.shape) * math.sqrt(max(1.0, rows / blocks / columns))
+                else:
+                    update = torch.cat([orthogonalize(part.unsqueeze(0), group["ns_steps"])[0]
+                                        * math.sqrt(max(1.0, part.size(0) / columns)) for part in direction.split(blocks)])
                 parameter.mul_(1.0 - group["lr"] * group["weight_decay"])
-                parameter.add_(update.reshape(parameter.shape), alpha=-group["lr"] * group["lr_scale"] * shape_scale)
+                parameter.add_(update, alpha=-group["lr"] * group["lr_scale"])
         return loss

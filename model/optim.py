@@ -73,11 +73,14 @@ def build_optimizer(model: GPT, train_config: TrainConfig, device: torch.device)
         if parameter.requires_grad and parameter.dim() == 2
     ]
     in_muon = {id(parameter) for _, parameter in hidden_matrices}
-    muon_groups: dict[int, list[torch.Tensor]] = {}
+    muon_groups: dict[int | tuple[int, ...], list[torch.Tensor]] = {}
     for name, parameter in hidden_matrices:
         muon_groups.setdefault(_stacked_matrices(name, model), []).append(parameter)
     muon = Muon(
-        [{"params": group, "stacked_matrices": stacked} for stacked, group in sorted(muon_groups.items())],
+        # Equal-block counts in order, a grouped-query projection's row counts last: the groups' order is
+        # the optimizer state's, which checkpoints keep.
+        [{"params": group, "stacked_matrices": stacked} for stacked, group in
+         sorted(muon_groups.items(), key=lambda item: item[0] if isinstance(item[0], int) else math.inf)],
         lr=learning_rate_at(0, train_config),
         lr_scale=train_config.muon_learning_rate / train_config.learning_rate,
         momentum=train_config.muon_momentum,
@@ -100,11 +103,15 @@ def _adamw(parameters: list[torch.Tensor], train_config: TrainConfig, device: to
     )
 
 
-def _stacked_matrices(name: str, model: GPT) -> int:
-    """How many separate linear maps a block's fused weight stacks along its rows: Muon
-    orthogonalises each on its own."""
+def _stacked_matrices(name: str, model: GPT) -> int | tuple[int, ...]:
+    """How many separate linear maps a block's fused weight stacks along its rows (their row
+    counts when they differ): Muon orthogonalises each on its own."""
+    config = model.config
     if name.endswith("attn.c_attn.weight"):
-        return 3  # query, key, value
+        if config.kv_heads == config.n_head:
+            return 3  # query, key, value
+        # Grouped-query attention: narrower keys and values.
+        return (config.n_head * config.head_size, config.kv_heads * config.head_size, config.kv_heads * config.head_size)
     if name.endswith("mlp.c_fc.weight") and model.config.mlp == "swiglu":
         return 2  # gate, value
     return 1

@@ -65,14 +65,6 @@ class PretrainSettings(Settings):
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
 
-    def __post_init__(self) -> None:
-        if self.train.optimizer == "muon" and self.model.kv_heads != self.model.n_head:
-            raise ConfigError(
-                "train.optimizer=muon orthogonalises a block's query, key and value matrices as equal parts of one "
-                f"projection, but model.n_kv_head={self.model.n_kv_head} makes keys and values narrower than the "
-                f"queries ({self.model.n_head} heads): use train.optimizer=adamw, or leave model.n_kv_head unset"
-            )
-
 
 @dataclass
 class FinetuneSettings(Settings):

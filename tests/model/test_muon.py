@@ -55,6 +55,18 @@ def test_stacked_matrices_are_orthogonalised_one_by_one():
         torch.testing.assert_close(block, -orthogonalize(gradient))
 
 
+def test_stacked_matrices_of_different_heights_are_orthogonalised_one_by_one():
+    """Grouped-query attention's fused projection: 32 query rows, then 8 key and 8 value rows."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(48, 16))
+    weight.grad = torch.randn(48, 16)
+    Muon([weight], lr=1.0, momentum=0.0, stacked_matrices=(32, 8, 8)).step()
+    for block, gradient in zip(weight.detach().split((32, 8, 8)), weight.grad.split((32, 8, 8))):
+        torch.testing.assert_close(block, -orthogonalize(gradient) * math.sqrt(max(1.0, gradient.size(0) / 16)))
+    with pytest.raises(ValueError, match=r"stacked_matrices=\(32, 8\)"):
+        Muon([torch.nn.Parameter(torch.zeros(48, 16))], stacked_matrices=(32, 8))
+
+
 def test_muon_refuses_what_is_not_a_matrix():
     with pytest.raises(ValueError, match="AdamW"):
         Muon([torch.nn.Parameter(torch.zeros(8))])

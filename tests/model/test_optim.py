@@ -90,12 +90,16 @@ def test_one_learning_rate_written_to_every_group_gives_muon_its_own_peak():
     assert all(group["weight_decay"] == 0.1 for group in optimizer.muon.param_groups)
 
 
-def test_muon_run_overfits_a_batch():
+@pytest.mark.parametrize("config", [MODERN_MODEL, dataclasses.replace(MODERN_MODEL, n_head=4, n_kv_head=2)],
+                         ids=["heads", "grouped-query"])
+def test_muon_run_overfits_a_batch(config):
     train_config = TrainConfig(
         optimizer="muon", learning_rate=1e-2, muon_learning_rate=0.02, max_steps=40, warmup_steps=0
     )
-    model, optimizer = muon_setup(**vars(train_config))
-    idx = torch.randint(0, MODERN_MODEL.vocab_size, (4, MODERN_MODEL.block_size))
+    model, optimizer = muon_setup(config, **vars(train_config))
+    if config.n_kv_head:  # the fused projection's query, key and value rows, orthogonalised apart
+        assert optimizer.muon.param_groups[-1]["stacked_matrices"] == (32, 16, 16)
+    idx = torch.randint(0, config.vocab_size, (4, config.block_size))
     losses = []
     for step in range(train_config.max_steps):
         for group in optimizer.param_groups:

@@ -136,9 +136,3 @@ def test_a_global_batch_decides_the_accumulation_on_any_number_of_processes():
     assert TrainConfig(global_batch_size=64, micro_batch_size=8).grad_accum_steps == 8
     assert TrainConfig(global_batch_size=64, micro_batch_size=8, nproc=4).grad_accum_steps == 2
     assert TrainConfig(grad_accum_steps=3).grad_accum_steps == 3  # 0: as given
-
-
-def test_muon_with_grouped_query_attention_is_refused_before_anything_runs():
-    with pytest.raises(ConfigError, match="train.optimizer=muon orthogonalises"):
-        build_config(PretrainSettings, "cpu-modern", None, {"model.n_kv_head": "2"})
-    assert build_config(PretrainSettings, "cpu", None, {"model.n_kv_head": "2"}).model.kv_heads == 2
