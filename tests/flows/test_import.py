@@ -120,3 +120,35 @@ def test_pretraining_continues_from_an_imported_model_with_its_tokenizer_shape_a
     again = pretrain(corpus=[str(tiny_corpus_dir)], preset="tiny", overrides=settings, workspace=str(workspace),
                      init_from=source)
     assert again.stages["pretrain"] == "cached"
+
+
+def test_an_imported_model_fine_tunes_with_lora(checkpoint, tmp_path, monkeypatch):
+    from gptflow.flows.finetune import finetune
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder, _, _ = checkpoint
+    workspace = tmp_path / "ws"
+    assert main(["import", "--model", str(folder), "--workspace", str(workspace)]) == 0
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {n} plus 1?", "response": str(n + 1)}) + "\n"
+                            for n in range(24)))
+    summary = finetune(objective="sft", model="models:/gptflow-import-tiny-llama/1", data=str(data),
+                       overrides={"train.max_steps": 2, "train.micro_batch_size": 2, "finetune.lora_rank": 2,
+                                  "finetune.samples": 1, "sampling.max_new_tokens": 4},
+                       workspace=str(workspace))
+    assert summary.stages["finetune"] == "executed" and summary.registered_model == "gptflow-finetune-sft/1"
+    assert 0 < summary.trainable_parameters < summary.total_parameters
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(checkpoint, tmp_path, capsys):
+    folder, _, _ = checkpoint
+    config = json.loads((folder / "config.json").read_text())
+    # As if the folder held another model's tokenizer: 300 tokens for 256 embedding rows.
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 256}))
+    import safetensors.torch
+
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    safetensors.torch.save_file({name: tensor[:256].contiguous() if tensor.size(0) == 320 else tensor
+                                 for name, tensor in weights.items()}, folder / "model.safetensors")
+    assert main(["import", "--model", str(folder), "--workspace", str(tmp_path / "ws")]) == 2
+    assert "has 300 tokens, more than the 256 embedding rows" in capsys.readouterr().err
