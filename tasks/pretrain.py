@@ -130,13 +130,12 @@ def train_model(
     step 0, even when it had finished. ``mixture`` draws the training windows by source (a data
     mixture): such a model is trained from scratch, never continued or kept from another.
     ``rendezvous``: the ``train.nproc`` ranks span several machines, which meet there.
-    ``init_from``: start from that model's weights (its config is ``model_config``), whatever the
-    lineage holds."""
+    ``init_from``: a model trained from scratch starts from that model's weights instead (its config
+    is ``model_config``); one of its own earlier trainings on this corpus is continued on new data
+    as any other is."""
     if init_from is None:
         model_config = dataclasses.replace(model_config, vocab_size=pad_vocab_size(tokenizer.vocab_size))
-        plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch)
-    else:
-        plan = TrainingPlan()
+    plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch)
     if mixture and (plan.continue_from or plan.keep):
         plan = TrainingPlan(note="pretrain: --corpus weights train a new model from scratch (continuing the earlier "
                                  "model on the data added since would draw by old and new files, not by source)")

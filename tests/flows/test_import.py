@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,11 +101,12 @@ def test_pretraining_continues_from_an_imported_model_with_its_tokenizer_shape_a
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     folder, _, _ = checkpoint
     workspace = tmp_path / "ws"
+    corpus = shutil.copytree(tiny_corpus_dir, tmp_path / "corpus")
     assert main(["import", "--model", str(folder), "--workspace", str(workspace)]) == 0
     source = "models:/gptflow-import-tiny-llama/1"
     # A learning rate too small to move float32 weights: the trained model is the imported one.
     settings = {"train.max_steps": 2, "train.learning_rate": 1e-12, "train.warmup_steps": 1, "train.micro_batch_size": 2}
-    summary = pretrain(corpus=[str(tiny_corpus_dir)], preset="tiny", overrides=settings, workspace=str(workspace),
+    summary = pretrain(corpus=[str(corpus)], preset="tiny", overrides=settings, workspace=str(workspace),
                        init_from=source)
     assert "tokenizer" not in summary.stages and summary.stages["pretrain"] == "executed"
     assert summary.training == "initialized"
@@ -117,9 +121,14 @@ def test_pretraining_continues_from_an_imported_model_with_its_tokenizer_shape_a
     for name, tensor in imported.items():
         torch.testing.assert_close(trained[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
 
-    again = pretrain(corpus=[str(tiny_corpus_dir)], preset="tiny", overrides=settings, workspace=str(workspace),
+    again = pretrain(corpus=[str(corpus)], preset="tiny", overrides=settings, workspace=str(workspace),
                      init_from=source)
     assert again.stages["pretrain"] == "cached"
+    # New data: the model trained from the import is continued on it, as any pretraining is.
+    shutil.copyfile(Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py", corpus / "added-later.py")
+    grown = pretrain(corpus=[str(corpus)], preset="tiny", overrides=settings, workspace=str(workspace),
+                     init_from=source)
+    assert grown.stages["pretrain"] == "executed" and grown.training == "continued"
 
 
 def test_an_imported_model_fine_tunes_with_lora(checkpoint, tmp_path, monkeypatch):
