@@ -92,7 +92,7 @@ def import_checkpoint(source: str, workspace: Workspace, revision: str | None = 
     final_dir, tokenizer_file = run_dir / FINAL_DIR, run_dir / TOKENIZER_FILE
     config = read_model_config(final_dir)
     with pipeline_run(workspace, tags={"gptflow.flow": "import", "gptflow.import.source": source},
-                      name=f"import {source}") as run:
+                      name=f"import {_model_name(source)}") as run:
         run.log_params({"source": source, "revision": revision or "", "architecture": architecture,
                         "added_tokens": ",".join(added),
                         **{f"model.{field}": value for field, value in asdict(config).items()}})
