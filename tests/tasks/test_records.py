@@ -28,6 +28,7 @@ from gptflow.tasks.caching import run_stage, stage_key, units_are_complete
 from gptflow.tasks.classification import ClassificationReport
 from gptflow.tasks.evaluate import EvalReport, LossReport
 from gptflow.tasks.finetune import FinetunedModel, FinetuneReport
+from gptflow.tasks.harness import HarnessReport
 from gptflow.tasks.ingest import ingest_corpus_task
 from gptflow.tasks.multiple_choice import MultipleChoiceReport
 from gptflow.tasks.records import PLAIN_JSON, RECORD_SERIALIZER, RESULT_TYPES, RecordSerializer, read_record
@@ -155,6 +156,7 @@ def _every_result_type(store: Path, corpus: Path) -> list:
                        trained_in_mlflow_run="r", registered_model="gptflow-finetune-sft/1"),
         FinetuneReport(directory="finetune-eval/k", metrics={"eval/val_loss": 4.0},
                        samples=[{"location": "a.jsonl:1", "prompt": "p", "reference": "r", "response": "s"}]),
+        HarnessReport(directory="lm-eval/k", metrics={"lm_eval/hellaswag/acc": 0.25, "lm_eval/hellaswag/acc_norm": 0.3}),
     ]
 
 
