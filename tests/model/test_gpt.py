@@ -336,7 +336,7 @@ def test_modern_model_compiles_as_one_graph(tiny_config):
     [
         ("position", "alibi", "model.position must be one of learned, rotary"),
         ("norm", "batchnorm", "model.norm must be one of layernorm, rmsnorm"),
-        ("mlp", "tanh", "model.mlp must be one of gelu, relu2, swiglu"),
+        ("mlp", "tanh", "model.mlp must be one of gelu, gelu_tanh, relu2, swiglu"),
         ("logit_softcap", -1.0, "model.logit_softcap must be >= 0"),
     ],
 )
