@@ -24,7 +24,7 @@ from gptflow.tasks.evaluate import evaluate_model
 from gptflow.tasks.ingest import ingest
 from gptflow.tasks.lineage import Lineage, data_delta
 from gptflow.tasks.model_source import resolve_model
-from gptflow.tasks.pretrain import train_model
+from gptflow.tasks.pretrain import InitialModel, train_model
 from gptflow.tasks.progress import human_count, human_duration
 from gptflow.tasks.rendezvous import Rendezvous, RendezvousError
 from gptflow.tasks.tokenize import log_corpus_dataset, tokenize
@@ -199,7 +199,8 @@ def pretrain(
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
             registered_model_name=f"gptflow-{preset}", restart=restart, from_scratch=from_scratch, mixture=mixture,
-            rendezvous=rendezvous, init_from=base,
+            rendezvous=rendezvous,
+            init_from=InitialModel(init_from, base.model_dir, base.weights_hash) if base is not None else None,
         )
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)

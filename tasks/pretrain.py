@@ -28,7 +28,6 @@ from gptflow.model.train import Continuation
 from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.config import IncrementalConfig
 from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord, TrainingAttempt
-from gptflow.tasks.model_source import ResolvedModel
 from gptflow.tasks.progress import run_logger
 from gptflow.tasks.rendezvous import Rendezvous
 from gptflow.tasks.tracking import GENERATOR_MODULE, REGISTERED_MODEL_TAG, PipelineRun
@@ -54,6 +53,16 @@ def pretrain_model_task(job: TrainingJob) -> TrainedModel:
     verify_files(job.token_paths())
     nproc = job.train_config["nproc"]
     return job.run(prefect_progress=True) if nproc == 1 else job.run_with_torchrun(nproc)
+
+
+@dataclass(frozen=True)
+class InitialModel:
+    """A trained model whose weights a pretraining starts from (``--init-from``)."""
+
+    source: str
+    """As the user named it (a registry URI, a run id, a folder)."""
+    model_dir: Path
+    weights_hash: str
 
 
 @dataclass
@@ -123,7 +132,7 @@ def train_model(
     from_scratch: bool = False,
     mixture: list[MixturePart] | None = None,
     rendezvous: Rendezvous | None = None,
-    init_from: ResolvedModel | None = None,
+    init_from: InitialModel | None = None,
 ) -> TrainedModel:
     """Train the model the lineage's plan calls for, or return it cached. A training of this exact
     key that stopped early resumes from its latest checkpoint; ``restart`` trains it again from
