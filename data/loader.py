@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from gptflow.data.errors import CorpusError
 from gptflow.data.store import corrupt_artifact
 
 TOKEN_COLUMN = "tokens"
@@ -62,7 +63,7 @@ class TokenWindows:
         self.chunk_starts = np.cumsum([0, *(len(chunk) for chunk in self.chunks)])
         self.num_tokens = int(self.chunk_starts[-1])
         if self.num_tokens < block_size + 1:
-            raise ValueError(
+            raise CorpusError(
                 f"The token shards hold {self.num_tokens} tokens in all ({len(self.paths)} files, e.g. "
                 f"{self.paths[0]}), fewer than one window of block_size + 1 = {block_size + 1}. "
                 "Lower model.block_size or add more text to the corpus."

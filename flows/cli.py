@@ -107,9 +107,10 @@ def _pretrain(args: argparse.Namespace) -> int:
     build_config(PretrainSettings, args.preset, args.config, overrides)
     resolve_sources(WeightedCorpus.parse(corpus).sources)
     resolve_ray_address(args.ray)
-    return _run_flow("pretrain", corpus=corpus, preset=args.preset, config_file=args.config, overrides=overrides,
-                     workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
-                     from_scratch=args.from_scratch, ray=args.ray, rendezvous=rendezvous, init_from=args.init_from)
+    _run_flow("pretrain", corpus=corpus, preset=args.preset, config_file=args.config, overrides=overrides,
+              workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
+              from_scratch=args.from_scratch, ray=args.ray, rendezvous=rendezvous, init_from=args.init_from)
+    return 0
 
 
 def _train_node(args: argparse.Namespace) -> int:
@@ -148,9 +149,10 @@ def _finetune(args: argparse.Namespace) -> int:
         if path not in (None, BUILTIN_CORPUS):
             check_data_file(Path(path))
 
-    return _run_flow("finetune", objective=args.objective, model=args.model, data=args.data, val_data=args.val_data,
-                     tokenizer=args.tokenizer, config_file=args.config, overrides=overrides, workspace=args.workspace,
-                     restart=args.restart)
+    _run_flow("finetune", objective=args.objective, model=args.model, data=args.data, val_data=args.val_data,
+              tokenizer=args.tokenizer, config_file=args.config, overrides=overrides, workspace=args.workspace,
+              restart=args.restart)
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -172,15 +174,39 @@ def _evaluate(args: argparse.Namespace) -> int:
                           "task YAMLs.")
     lm_eval_tasks = [name.strip() for name in args.lm_eval.split(",") if name.strip()] if args.lm_eval else None
 
-    return _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
-                     lm_eval=lm_eval_tasks, lm_eval_limit=args.limit, lm_eval_num_fewshot=args.num_fewshot,
-                     lm_eval_tasks_dir=args.lm_eval_tasks_dir,
-                     multiple_choice=args.multiple_choice, classification=args.classification,
-                     tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace, ray=args.ray)
+    _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
+              lm_eval=lm_eval_tasks, lm_eval_limit=args.limit, lm_eval_num_fewshot=args.num_fewshot,
+              lm_eval_tasks_dir=args.lm_eval_tasks_dir,
+              multiple_choice=args.multiple_choice, classification=args.classification,
+              tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace, ray=args.ray)
+    return 0
 
 
-def _run_flow(name: str, **parameters: Any) -> int:
-    """Run the flow ``name`` with ``parameters`` and print its summary. Its module imports Prefect,
+def _sweep(args: argparse.Namespace) -> int:
+    from gptflow.tasks.sweep import check_points, check_scaling, parse_grid, plan_points
+
+    overrides = parse_override_pairs(args.overrides)
+    grid = parse_grid(args.grid)
+    corpus = args.corpus or [BUILTIN_CORPUS]
+    # Fail on a bad grid, setting, path or address now, before Prefect and MLflow start up.
+    points = plan_points(grid, args.random, args.seed)
+    configs = check_points(points, args.preset, args.config, overrides)
+    if args.scaling:
+        check_scaling(points, configs)
+    resolve_sources(WeightedCorpus.parse(corpus).sources)
+    resolve_ray_address(args.ray)
+    summary = _run_flow("sweep", grid=grid, corpus=corpus, preset=args.preset, config_file=args.config,
+                        overrides=overrides, random_points=args.random, seed=args.seed,
+                        max_parallel=args.max_parallel, scaling=args.scaling, compute_budget=args.compute_budget,
+                        workspace=args.workspace, ray=args.ray)
+    if summary.failed:
+        print(f"gptflow: {len(summary.failed)} of {len(summary.outcomes)} sweep points failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_flow(name: str, **parameters: Any) -> Any:
+    """Run the flow ``name`` with ``parameters``, print its summary and return it. Its module imports Prefect,
     so only once the input is known good; on the workspace's ``gptflow up`` stack, if one runs and
     no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
     # Prefect's temporary server would otherwise log an error on every start on offline machines.
@@ -193,8 +219,9 @@ def _run_flow(name: str, **parameters: Any) -> int:
               file=sys.stderr)
     keep_prefect_state_in(workspace)
     flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
-    print(flow(**parameters).render())
-    return 0
+    summary = flow(**parameters)
+    print(summary.render())
+    return summary
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -345,20 +372,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the pretrain flow locally. Every stage is cached: rerunning the same "
         "command executes nothing; changing a setting reruns that stage and those after it.",
     )
-    pretrain.add_argument(
-        "--corpus", action="append", metavar="PATH[=WEIGHT]",
-        help="a file, folder or glob of .txt/.md/.py/.jsonl/.json/.parquet/.csv (gzip/zstd too), "
-        "an s3://bucket/prefix/ or s3:// glob (read in place), or hf:owner/name; repeatable. "
-        f"Default: {BUILTIN_CORPUS} (the Python standard library's source). "
-        "A =WEIGHT suffix on every --corpus (web/=0.7 --corpus code/=0.3) trains on a data mixture: each "
-        "source's share of the training windows is its share of the weights",
-    )
-    pretrain.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
-                          help=f"named configuration (default: {DEFAULT_PRESET}); see `gptflow presets`")
-    pretrain.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings, applied over the preset")
-    pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override one setting, e.g. --set train.max_steps=200; repeatable")
-    pretrain.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
+    _add_pretrain_settings_arguments(pretrain)
     pretrain.add_argument("--nproc", type=int, metavar="N",
                           help="train data-parallel on N GPUs (or CPU processes) via torchrun; "
                           "same as --set train.nproc=N")
@@ -380,6 +394,40 @@ def _parser() -> argparse.ArgumentParser:
                           "trained and the preset's model.* settings are not used")
     pretrain.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
     pretrain.set_defaults(handler=_pretrain)
+
+    sweep = commands.add_parser(
+        "sweep", help="pretrain one model per point of a grid of settings and compare them in MLflow",
+        description="Run the sweep flow: one pretrain child flow run per point of the --grid (every combination of "
+        "the values, or --random N of them), up to --max-parallel at once. The data stages run once for all points, "
+        "and each point's training is cached: rerunning with one more value trains only the new points. MLflow "
+        "shows the sweep as one run with a nested run per point, a table of the points, val loss against each "
+        "swept setting and every point's val-loss curve.",
+    )
+    _add_pretrain_settings_arguments(sweep, every_point=True)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a setting to sweep and its values, e.g. --grid train.learning_rate=1e-3,3e-3,1e-2; "
+                       "repeatable (the points are every combination). With --random, KEY=LOW..HIGH draws from a "
+                       "range: log-uniform for decimals (1e-4..1e-2), uniform for whole numbers (2..8)")
+    sweep.add_argument("--random", type=_positive_int, metavar="N",
+                       help="train N points drawn at random from the grid instead of all of them")
+    sweep.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+                       help="seed of the --random draw: the same seed draws the same points, and a larger N adds "
+                       "points to them (default 0)")
+    sweep.add_argument("--max-parallel", type=_positive_int, default=1, metavar="K",
+                       help="points training at once (default 1): worker processes sharing this machine's cores, "
+                       "or tasks on the --ray cluster")
+    sweep.add_argument("--scaling", action="store_true",
+                       help="fit Chinchilla's law L(N, D) = E + A/N^alpha + B/D^beta of the final val loss against "
+                       "parameters N and training tokens D (sweep model.* sizes and train.max_steps), and log the "
+                       "compute-optimal size for --compute-budget")
+    sweep.add_argument("--compute-budget", type=_positive_float, metavar="FLOPS",
+                       help="training FLOPs (6 x N x D) to give the compute-optimal model size for, e.g. 1e18 "
+                       "(default: the costliest point's)")
+    sweep.add_argument("--ray", metavar="ADDRESS",
+                       help="train the points as tasks on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; "
+                       "default $GPTFLOW_RAY_ADDRESS): its nodes must reach the workspace and the Prefect and MLflow "
+                       "servers. Their data stages' units run there too")
+    sweep.set_defaults(handler=_sweep)
 
     finetune = commands.add_parser(
         "finetune",
@@ -554,6 +602,25 @@ def _parser() -> argparse.ArgumentParser:
                          help="GPUs the fsdp estimate shards over (default 8)")
     presets.set_defaults(handler=_presets)
     return parser
+
+
+def _add_pretrain_settings_arguments(parser: argparse.ArgumentParser, every_point: bool = False) -> None:
+    """--corpus, --preset, --config, --set and --workspace, as pretrain and sweep take them."""
+    parser.add_argument(
+        "--corpus", action="append", metavar="PATH[=WEIGHT]",
+        help="a file, folder or glob of .txt/.md/.py/.jsonl/.json/.parquet/.csv (gzip/zstd too), "
+        "an s3://bucket/prefix/ or s3:// glob (read in place), or hf:owner/name; repeatable. "
+        f"Default: {BUILTIN_CORPUS} (the Python standard library's source). "
+        "A =WEIGHT suffix on every --corpus (web/=0.7 --corpus code/=0.3) trains on a data mixture: each "
+        "source's share of the training windows is its share of the weights",
+    )
+    points = " of every point" if every_point else ""
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                        help=f"named configuration{points} (default: {DEFAULT_PRESET}); see `gptflow presets`")
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings, applied over the preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one setting{points}, e.g. --set train.max_steps=200; repeatable")
+    parser.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
 
 
 def _add_rendezvous_arguments(parser: argparse.ArgumentParser, role: str) -> None:

@@ -18,6 +18,8 @@ from gptflow.data.ingest import CorpusManifest
 from gptflow.data.mixture import WeightedCorpus, mixture_parts, split_weight
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
+from gptflow.model.config import ModelConfig
+from gptflow.model.memory import parameter_count
 from gptflow.tasks.caching import pipeline_code_version
 from gptflow.tasks.config import DEFAULT_PRESET, PresetName, PretrainSettings, build_config
 from gptflow.tasks.evaluate import evaluate_model
@@ -27,9 +29,10 @@ from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.pretrain import InitialModel, train_model
 from gptflow.tasks.progress import human_count, human_duration
 from gptflow.tasks.rendezvous import Rendezvous, RendezvousError
+from gptflow.tasks.sweep import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tokenize import log_corpus_dataset, tokenize
 from gptflow.tasks.tokenizer import train_tokenizer
-from gptflow.tasks.tracking import pipeline_run, run_name, source_label
+from gptflow.tasks.tracking import MLFLOW_PARENT_RUN_TAG, pipeline_run, run_name, source_label
 from gptflow.tasks.units import UnitRunner
 from gptflow.tasks.workspace import Workspace
 
@@ -49,6 +52,9 @@ class PretrainSummary:
     train_tokens: int
     val_tokens: int
     steps: int
+    tokens_seen: int
+    parameters: int
+    """Of the trained model, embeddings included."""
     training: str
     """``from_scratch``, ``continued`` (from the run in ``continues_run``) or ``kept``."""
     continues_run: str | None
@@ -58,6 +64,8 @@ class PretrainSummary:
     perplexity: float
     elapsed_s: float
     mlflow_run_id: str
+    trained_in_run: str
+    """The MLflow run that trained the model: this one, or an earlier one whose training is reused."""
     run_name: str
     mlflow_view: str
     """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
@@ -101,13 +109,18 @@ class PretrainSummary:
         return "\n".join(lines)
 
 
-def _flow_run_name() -> str:
-    parameters = flow_run.parameters
-    corpus = parameters.get("corpus") or [BUILTIN_CORPUS]
+def corpus_label(corpus: list[str] | None) -> str:
+    """``stdlib``, ``corp`` or ``web +1``: what a run trained on, for its name."""
+    corpus = corpus or [BUILTIN_CORPUS]
     first, _ = split_weight(corpus[0])
     label = "stdlib" if first == BUILTIN_CORPUS else source_label(first)
+    return label + (f" +{len(corpus) - 1}" if len(corpus) > 1 else "")
+
+
+def _flow_run_name() -> str:
+    parameters = flow_run.parameters
     return run_name("pretrain", parameters.get("overrides"), parameters.get("preset", DEFAULT_PRESET),
-                    label + (f" +{len(corpus) - 1}" if len(corpus) > 1 else ""))
+                    corpus_label(parameters.get("corpus")))
 
 
 @flow(name="pretrain", flow_run_name=_flow_run_name, log_prints=True)
@@ -123,6 +136,7 @@ def pretrain(
     ray: str | None = None,
     rendezvous: Rendezvous | None = None,
     init_from: str | None = None,
+    sweep: SweepMember | None = None,
 ) -> PretrainSummary:
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
 
@@ -147,6 +161,7 @@ def pretrain(
         init_from: continue pretraining a model (an MLflow model URI, a run id or a model folder,
             e.g. one ``gptflow import`` registered): its tokenizer (no tokenizer is trained), its
             shape (the preset's ``model`` settings are not used) and its weights.
+        sweep: set by the ``sweep`` flow for each of its points: the MLflow run nests under the sweep's.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
@@ -171,6 +186,8 @@ def pretrain(
         "gptflow.preset": preset,
         "gptflow.code_version": pipeline_code_version(),
     }
+    if sweep is not None:
+        tags |= {MLFLOW_PARENT_RUN_TAG: sweep.parent_run_id, SWEEP_POINT_TAG: sweep.point}
     lineage = Lineage.load(workspace_dir, weighted.sources)
     with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
@@ -212,6 +229,8 @@ def pretrain(
         train_tokens=tokens.total_tokens("train"),
         val_tokens=tokens.total_tokens("val"),
         steps=trained.steps,
+        tokens_seen=trained.tokens_seen,
+        parameters=parameter_count(ModelConfig(**trained.model_config)),
         training=run.tags["gptflow.training"],
         continues_run=run.tags.get("gptflow.continues_run"),
         val_loss=report.val_loss,
@@ -220,6 +239,7 @@ def pretrain(
         perplexity=report.perplexity,
         elapsed_s=time.monotonic() - started,
         mlflow_run_id=run.run_id,
+        trained_in_run=trained.trained_in_mlflow_run,
         run_name=run.name,
         mlflow_view=run.how_to_view(),
         samples=report.samples,

@@ -60,6 +60,8 @@ KILLED_TAG = "gptflow.killed"
 """Why a run was marked KILLED by a later run."""
 REGISTERED_MODEL_TAG = "gptflow.registered_model"
 """``name/version`` of the model version that holds the model the run trained (or kept)."""
+MLFLOW_PARENT_RUN_TAG = "mlflow.parentRunId"
+"""MLflow nests a run under the run this tag names (the UI's expandable rows)."""
 PENDING_VERSION = "pending"
 """The version of a ``name/version`` whose model waits in an outbox to be logged and registered."""
 OFFLINE_RETRY_S = 30.0
@@ -308,8 +310,15 @@ class PipelineRun:
                     source=json.dumps({"uri": sources[0]} if len(sources) == 1 else {"uris": sources}),
                     profile=json.dumps(operation["profile"]),
                 )
-                self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT,
-                                                                                       operation["context"])])])
+                inputs = [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, operation["context"])])]
+                try:
+                    self.client.log_inputs(self.run_id, inputs)
+                except MlflowException as error:
+                    # Runs logging the same new dataset at once (a sweep's points) race to insert it
+                    # into a SQL store; the loser's transaction is rolled back, and finds it now.
+                    if "UNIQUE constraint failed" not in str(error):
+                        raise
+                    self.client.log_inputs(self.run_id, inputs)
             case "set_terminated":
                 self.client.set_terminated(self.run_id, operation["status"], operation["end_time"])
             case "log_model":

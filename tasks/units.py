@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,7 @@ class UnitRunner:
 
         unit_task = Task(function, name=function.__name__.replace("_", "-"), cache_policy=NO_CACHE,
                          persist_result=False)
-        with _workers_report_to_this_api(), RayTaskRunner(address=self.ray_address) as runner:
+        with workers_report_to_this_api(), RayTaskRunner(address=self.ray_address) as runner:
             futures = [runner.submit(unit_task.with_options(task_run_name=f"{stage} {label(call)}"),
                                      {name: value for name, value in call.items() if name != PROGRESS_ARGUMENT})
                        for call in calls]
@@ -80,14 +81,20 @@ def _on_worker(function: Callable[..., Any], mirror: Mirror | None) -> Callable[
 
 
 @contextlib.contextmanager
-def _workers_report_to_this_api() -> Iterator[None]:
+def workers_report_to_this_api() -> Iterator[None]:
     """Workers get the Prefect API from the settings they are given: name the one this process
     uses, even when it is the temporary server Prefect started here (else each worker would start
-    a temporary server of its own, and its task runs would show nowhere)."""
+    a temporary server of its own, and its task runs would show nowhere). Worker processes started
+    here meanwhile also have it in their environment, which their threads outside a run's
+    context read."""
     if get_current_settings().api.url:
         yield
         return
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url)
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        yield
+        os.environ[PREFECT_API_URL.name] = api_url
+        try:
+            yield
+        finally:
+            del os.environ[PREFECT_API_URL.name]

@@ -1,0 +1,342 @@
+"""The ``sweep`` flow: one ``pretrain`` child flow run per point of a grid, up to ``max_parallel`` at
+once, nested under one MLflow run that compares them (docs/ARCHITECTURE.md, "Sweeps")."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow import MlflowClient
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.transactions import CommitMode, transaction
+
+from gptflow.data.errors import UserError
+from gptflow.data.mixture import WeightedCorpus
+from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
+from gptflow.flows.pretrain import PretrainSummary, corpus_label
+from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
+from gptflow.model.scaling_law import ScalingFitError
+from gptflow.tasks.caching import pipeline_code_version
+from gptflow.tasks.config import DEFAULT_PRESET, PresetName
+from gptflow.tasks.progress import human_duration, run_logger
+from gptflow.tasks.ray_address import resolve_ray_address
+from gptflow.tasks.sweep import (
+    BEST_POINT_TAG,
+    SWEEP_POINT_TAG,
+    TABLE_COLUMNS,
+    VAL_LOSS_METRIC,
+    PointFailed,
+    PointOutcome,
+    ScalingReport,
+    SweepError,
+    SweepMember,
+    SweepPoint,
+    best_point,
+    check_points,
+    check_scaling,
+    csv_table,
+    fit_scaling,
+    markdown_table,
+    plan_points,
+    plot_loss_against_settings,
+    plot_loss_curves,
+    plot_scaling_fit,
+    table_rows,
+    text_table,
+)
+from gptflow.tasks.tracking import MLFLOW_PARENT_RUN_TAG, PipelineRun, flow_run_tags, pipeline_run
+from gptflow.tasks.units import workers_report_to_this_api
+from gptflow.tasks.workspace import Workspace
+
+ERROR_CHARS_IN_TABLE = 160
+"""A failed point's error is cut to this in the tables; its child run keeps the whole of it."""
+
+
+@dataclass
+class SweepSummary:
+    swept: list[str]
+    outcomes: list[PointOutcome]
+    best: int | None
+    """The index of the completed point of lowest val loss."""
+    scaling: ScalingReport | None
+    scaling_note: str | None
+    """Why a ``--scaling`` sweep has no fit (too few points completed, say)."""
+    elapsed_s: float
+    mlflow_run_id: str
+    run_name: str
+    mlflow_view: str
+
+    @property
+    def failed(self) -> list[PointOutcome]:
+        return [outcome for outcome in self.outcomes if outcome.status == "failed"]
+
+    def _rows(self) -> list[dict[str, str]]:
+        best = next((outcome for outcome in self.outcomes if outcome.point.index == self.best), None)
+        return table_rows(self.outcomes, best)
+
+    def markdown(self, mlflow_run_url: str | None) -> str:
+        """The flow run's Prefect artifact, and the description of the sweep's MLflow run."""
+        run = f"[{self.mlflow_run_id}]({mlflow_run_url})" if mlflow_run_url else self.mlflow_run_id
+        lines = ["# gptflow sweep", "", f"{len(self.outcomes)} points over {', '.join(self.swept)}, "
+                 f"{len(self.failed)} failed; MLflow run {run} (its children are the points).", "",
+                 markdown_table(self._rows())]
+        if self.scaling is not None:
+            lines += ["", f"**Scaling law**: {self.scaling.describe()}"]
+        elif self.scaling_note:
+            lines += ["", f"**Scaling law**: not fitted: {self.scaling_note}"]
+        return "\n".join(lines)
+
+    def render(self) -> str:
+        rows = self._rows()
+        for row in rows:
+            row["error"] = row["error"][:80]
+        columns = ["point", *self.swept, *(name for name in TABLE_COLUMNS if name not in ("point", "MLflow run"))]
+        if not self.failed:
+            columns.remove("error")
+        lines = ["", text_table(rows, columns), ""]
+        best = next((outcome for outcome in self.outcomes if outcome.point.index == self.best), None)
+        if best is not None:
+            lines.append(f"best        point {best.point.index} ({best.point.label()}): val loss {best.val_loss:.4f}, "
+                         f"MLflow run {best.mlflow_run_id}")
+        if self.failed:
+            lines.append(f"failed      {len(self.failed)} of {len(self.outcomes)} points (the error column; each "
+                         "point's MLflow run and Prefect flow run hold its whole log)")
+        if self.scaling is not None:
+            lines.append(f"scaling     {self.scaling.describe()}")
+        elif self.scaling_note:
+            lines.append(f"scaling     not fitted: {self.scaling_note}")
+        lines.append(f"wall time   {human_duration(self.elapsed_s)}")
+        lines.append(f"mlflow      run {self.mlflow_run_id} (the points are its nested runs)")
+        lines.append(f"            {self.mlflow_view}")
+        return "\n".join(lines)
+
+
+@task(name="sweep-point", cache_policy=NO_CACHE, persist_result=False)
+def train_point(parameters: dict[str, Any], torch_threads: int | None) -> PretrainSummary:
+    """One point: the ``pretrain`` flow, a child flow run of this task's, in a worker process. Its
+    error comes back as a ``PointFailed`` holding the message alone (whatever the error's class,
+    it unpickles in the sweep's process)."""
+    # Imported here: the task travels to its worker by value, and the flow must come from its module.
+    from gptflow.flows.pretrain import pretrain
+
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)  # the points running at once share the machine's cores
+    try:
+        # Prefect commits the records of tasks run inside a task when that task ends: the stages'
+        # records would reach the cache only once the whole point is trained, and the points
+        # training beside it would compute the data stages again. Committed as each stage ends:
+        with transaction(commit_mode=CommitMode.EAGER):
+            return pretrain(**parameters)
+    except Exception as error:
+        message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        raise PointFailed(" ".join(message.split())) from None
+
+
+def _flow_run_name() -> str:
+    parameters = flow_run.parameters
+    swept = " ".join(f"{key.rpartition('.')[2]}×{len(values)}" for key, values in (parameters.get("grid") or {}).items())
+    random_points = parameters.get("random_points")
+    drawn = f" {random_points} drawn" if random_points else ""
+    return f"{swept}{drawn} · sweep {parameters.get('preset', DEFAULT_PRESET)} {corpus_label(parameters.get('corpus'))}"
+
+
+@flow(name="sweep", flow_run_name=_flow_run_name, log_prints=True)
+def sweep(
+    grid: dict[str, list[Any]],
+    corpus: list[str] | None = None,
+    preset: PresetName = DEFAULT_PRESET,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    random_points: int | None = None,
+    seed: int = 0,
+    max_parallel: int = 1,
+    scaling: bool = False,
+    compute_budget: float | None = None,
+    workspace: str | None = None,
+    ray: str | None = None,
+) -> SweepSummary:
+    """Pretrain one model per point of ``grid`` and compare them.
+
+    Args:
+        grid: the settings to sweep and their values, e.g. ``{"train.learning_rate": ["1e-3", "3e-3"],
+            "model.n_layer": [2, 4]}``: every combination is a point (or, with ``random_points``, a
+            value ``"LOW..HIGH"`` is a range to draw from).
+        corpus: as the pretrain flow takes it; the data stages run once for every point.
+        preset: the named configuration every point starts from.
+        config_file: a TOML/JSON file of settings applied over the preset.
+        overrides: ``{"section.field": value}`` for every point, e.g. ``{"train.max_steps": 200}``.
+        random_points: train this many points drawn at random from the grid instead of all of them.
+        seed: the random draw's seed; the same seed draws the same points, and a larger
+            ``random_points`` adds points to them.
+        max_parallel: points training at once: child processes on this machine (sharing its cores),
+            or tasks on the Ray cluster.
+        scaling: fit Chinchilla's law of the final val loss against parameters and training tokens
+            (sweep model sizes and steps) and log the compute-optimal size for ``compute_budget``.
+        compute_budget: training FLOPs (6 x parameters x tokens) to give the compute-optimal size for;
+            default: the costliest point's.
+        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
+        ray: run the points as tasks on this Ray cluster (``auto``, ``HOST:PORT``), each node reaching the
+            workspace and the Prefect and MLflow servers; default ``$GPTFLOW_RAY_ADDRESS``, else this machine.
+    """
+    started = time.monotonic()
+    hide_tracebacks_of_user_errors()
+    overrides = dict(overrides or {})
+    points = plan_points(grid, random_points, seed)
+    configs = check_points(points, preset, config_file, overrides)
+    if scaling:
+        check_scaling(points, configs)
+    if max_parallel < 1:
+        raise SweepError(f"max_parallel must be at least 1, got {max_parallel}.")
+    corpus = corpus or [BUILTIN_CORPUS]
+    resolve_sources(WeightedCorpus.parse(corpus).sources)  # a missing path fails the sweep, not every point
+    ray_address = resolve_ray_address(ray)
+    workspace_dir = Workspace.resolve(workspace)
+    swept = list(points[0].settings)
+
+    tags = {"gptflow.flow": "sweep", "gptflow.preset": preset, "gptflow.code_version": pipeline_code_version()}
+    with pipeline_run(workspace_dir, tags=tags) as run:
+        # The swept settings' column shows the values swept (the children show one each).
+        shared = configs[0].flatten() | {key: ",".join(str(value) for value in grid[key]) for key in swept}
+        run.log_params({
+            "preset": preset, "corpus": " ".join(corpus), **shared, "sweep.points": len(points),
+            "sweep.max_parallel": max_parallel, "sweep.random_points": random_points or 0, "sweep.seed": seed,
+            "sweep.scaling": scaling,
+        })
+        common = {"corpus": corpus, "preset": preset, "config_file": config_file, "workspace": workspace,
+                  "ray": ray_address, "from_scratch": True}
+        outcomes = _train_points(points, common, overrides, run, max_parallel, ray_address)
+        best = best_point(outcomes)
+        scaling_report, scaling_note = None, None
+        if scaling:
+            try:
+                scaling_report = fit_scaling(outcomes, compute_budget)
+            except ScalingFitError as error:
+                scaling_note = str(error)
+                run_logger().warning(f"sweep: the scaling law is not fitted: {error}")
+        summary = SweepSummary(
+            swept=swept, outcomes=outcomes, best=best.point.index if best else None, scaling=scaling_report,
+            scaling_note=scaling_note, elapsed_s=time.monotonic() - started, mlflow_run_id=run.run_id,
+            run_name=run.name, mlflow_view=run.how_to_view(),
+        )
+        _log_comparison(run, summary, workspace_dir)
+    create_markdown_artifact(key="sweep-summary", markdown=summary.markdown(run.url),
+                             description="Every point of the sweep, its val loss and its MLflow run")
+    return summary
+
+
+def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: dict[str, Any], run: PipelineRun,
+                  max_parallel: int, ray_address: str | None) -> list[PointOutcome]:
+    """Train every point, ``max_parallel`` at a time, in worker processes here or on the Ray
+    cluster; a point that fails is an outcome like the others, and the rest go on."""
+    if ray_address is not None:
+        from prefect_ray import RayTaskRunner  # an optional extra: imported only when asked for
+
+        runner, torch_threads = RayTaskRunner(address=ray_address), None
+    else:
+        runner = ProcessPoolTaskRunner(max_workers=max_parallel)
+        torch_threads = max(1, (os.cpu_count() or 1) // max_parallel)
+    run_logger().info(f"sweep: {len(points)} points, {max_parallel} at a time "
+                      + (f"on the Ray cluster at {ray_address}" if ray_address else "in worker processes here"))
+    outcomes: dict[int, PointOutcome] = {}
+    in_flight: dict[PrefectFuture[PretrainSummary], SweepPoint] = {}
+
+    def collect_one() -> None:
+        done = next(as_completed(list(in_flight)))
+        point = in_flight.pop(done)
+        try:
+            result = done.result(raise_on_failure=False)
+        except Exception as error:  # the worker itself died (killed, out of memory): the point failed
+            result = error
+        outcomes[point.index] = _outcome(point, result)
+        outcome = outcomes[point.index]
+        result = (f"val loss {outcome.val_loss:.4f} ({outcome.training})" if outcome.status == "completed"
+                  else f"failed: {outcome.error}")
+        run_logger().info(f"sweep: point {point.index} ({point.label()}) {result}; "
+                          f"{len(outcomes)} of {len(points)} done")
+
+    with workers_report_to_this_api(), runner:
+        for point in points:
+            if len(in_flight) == max_parallel:
+                collect_one()
+            parameters = {**common, "overrides": {**overrides, **point.settings},
+                          "sweep": SweepMember(run.run_id, point.index)}
+            named = train_point.with_options(task_run_name=f"point {point.index}: {point.label()}")
+            in_flight[runner.submit(named, {"parameters": parameters, "torch_threads": torch_threads})] = point
+        while in_flight:
+            collect_one()
+    _name_failed_points_runs(run, outcomes)
+    return [outcomes[point.index] for point in points]
+
+
+def _outcome(point: SweepPoint, result: PretrainSummary | BaseException) -> PointOutcome:
+    if isinstance(result, BaseException):
+        message = str(result) if isinstance(result, PointFailed) else f"{type(result).__name__}: {result}"
+        return PointOutcome(point, "failed", error=" ".join(message.split())[:ERROR_CHARS_IN_TABLE])
+    return PointOutcome(
+        point, "completed", mlflow_run_id=result.mlflow_run_id, val_loss=result.val_loss,
+        perplexity=result.perplexity, parameters=result.parameters, tokens=result.tokens_seen, steps=result.steps,
+        training=result.stages.get("pretrain"), trained_in_run=result.trained_in_run, elapsed_s=result.elapsed_s,
+    )
+
+
+def _name_failed_points_runs(run: PipelineRun, outcomes: dict[int, PointOutcome]) -> None:
+    """A failed point's MLflow run (its id never came back from the worker), found by its tags."""
+    failed = {index: outcome for index, outcome in outcomes.items() if outcome.status == "failed"}
+    if not failed:
+        return
+    children = run.client.search_runs([run.experiment_id],
+                                      filter_string=f"tags.`{MLFLOW_PARENT_RUN_TAG}` = '{run.run_id}'")
+    for child in children:
+        point = child.data.tags.get(SWEEP_POINT_TAG, "")
+        if point.isdigit() and int(point) in failed:
+            failed[int(point)].mlflow_run_id = child.info.run_id
+
+
+def _log_comparison(run: PipelineRun, summary: SweepSummary, workspace: Workspace) -> None:
+    """On the sweep's MLflow run: the table (its description, and ``sweep/points.csv``), val loss
+    against each swept setting, every point's val-loss curve, the scaling fit; the best point tagged."""
+    directory = workspace.store / "sweeps" / run.run_id
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "points.csv").write_text(csv_table(summary.outcomes))
+    (directory / "points.md").write_text(summary.markdown(None))
+    completed = [outcome for outcome in summary.outcomes if outcome.status == "completed"]
+    if completed:
+        plot_loss_against_settings(summary.outcomes, directory)
+        curves = _val_loss_curves(run.client, completed)
+        best_label = next((o.point.label() for o in completed if o.point.index == summary.best), None)
+        plot_loss_curves(curves, best_label, directory / "val_loss_curves.png")
+    metrics = {"sweep/points_completed": len(completed), "sweep/points_failed": len(summary.failed)}
+    best = next((outcome for outcome in completed if outcome.point.index == summary.best), None)
+    if best is not None:
+        metrics["sweep/best_val_loss"] = best.val_loss
+        run.set_tags({"gptflow.sweep.best_run": best.mlflow_run_id, "gptflow.sweep.best_point": best.point.label()})
+        PipelineRun.attach(str(workspace.root), workspace.tracking_uri, best.mlflow_run_id).set_tags(
+            {BEST_POINT_TAG: "true"})
+    if summary.scaling is not None:
+        metrics |= summary.scaling.metrics()
+        plot_scaling_fit(summary.outcomes, summary.scaling, directory / "scaling_fit.png")
+    run.log_metrics(metrics)
+    run.log_artifact(directory, "sweep")
+    prefect_url = flow_run_tags().get("prefect.flow_run_url")
+    link = f"Prefect flow run: [{run.name}]({prefect_url})\n\n" if prefect_url else ""
+    run.set_tags({"mlflow.note.content": link + summary.markdown(None)})
+
+
+def _val_loss_curves(client: MlflowClient, completed: list[PointOutcome]) -> dict[str, list[tuple[int, float]]]:
+    """Each point's ``val/loss`` history, from the run that trained it (a point trained by an
+    earlier run has its curve there)."""
+    curves = {}
+    for outcome in completed:
+        history = client.get_metric_history(outcome.trained_in_run, VAL_LOSS_METRIC)
+        curves[outcome.point.label()] = sorted((metric.step, metric.value) for metric in history)
+    return curves
+
