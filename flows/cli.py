@@ -553,7 +553,7 @@ def _parser() -> argparse.ArgumentParser:
     import_.set_defaults(handler=_import)
 
     serve = commands.add_parser(
-        "serve", help="serve every deployment (pretrain/default, finetune/default, evaluate/default) to a Prefect "
+        "serve", help="serve every deployment (pretrain/default, sweep/default, finetune/default, evaluate/default) to a Prefect "
         "server until Ctrl-C",
         description="Serve gptflow's deployments. Start runs with `prefect deployment run 'pretrain/default'`. "
         "Needs PREFECT_API_URL pointing at a Prefect server (see `gptflow up`).",

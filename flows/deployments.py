@@ -9,16 +9,17 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from gptflow.flows.evaluate import evaluate
 from gptflow.flows.finetune import finetune
 from gptflow.flows.pretrain import pretrain
+from gptflow.flows.sweep import sweep
 
 DEPLOYMENT_NAME = "default"
-FLOWS = (pretrain, finetune, evaluate)
+FLOWS = (pretrain, sweep, finetune, evaluate)
 
 
 def deployments() -> list[RunnerDeployment]:
     """One deployment per flow, with the flow's own defaults: a pretrain run without parameters
     trains on the built-in corpus with the default preset; a finetune run without parameters
-    tunes the latest registered ``gptflow-cpu`` on the built-in sft demo; an evaluate run needs
-    its ``model``."""
+    tunes the latest registered ``gptflow-cpu`` on the built-in sft demo; a sweep run needs its
+    ``grid`` and an evaluate run its ``model``."""
     return [
         flow.to_deployment(
             name=DEPLOYMENT_NAME,

@@ -55,10 +55,6 @@ from gptflow.tasks.tracking import MLFLOW_PARENT_RUN_TAG, PipelineRun, flow_run_
 from gptflow.tasks.units import workers_report_to_this_api
 from gptflow.tasks.workspace import Workspace
 
-ERROR_CHARS_IN_TABLE = 160
-"""A failed point's error is cut to this in the tables; its child run keeps the whole of it."""
-
-
 @dataclass
 class SweepSummary:
     swept: list[str]
@@ -94,20 +90,17 @@ class SweepSummary:
         return "\n".join(lines)
 
     def render(self) -> str:
-        rows = self._rows()
-        for row in rows:
-            row["error"] = row["error"][:80]
-        columns = ["point", *self.swept, *(name for name in TABLE_COLUMNS if name not in ("point", "MLflow run"))]
-        if not self.failed:
-            columns.remove("error")
-        lines = ["", text_table(rows, columns), ""]
+        shown = [name for name in TABLE_COLUMNS if name not in ("point", "MLflow run", "error")]
+        columns = ["point", *self.swept, *shown]
+        lines = ["", text_table(self._rows(), columns), ""]
+        lines += [f"point {outcome.point.index} failed: {outcome.error}" for outcome in self.failed]
         best = next((outcome for outcome in self.outcomes if outcome.point.index == self.best), None)
         if best is not None:
             lines.append(f"best        point {best.point.index} ({best.point.label()}): val loss {best.val_loss:.4f}, "
                          f"MLflow run {best.mlflow_run_id}")
         if self.failed:
-            lines.append(f"failed      {len(self.failed)} of {len(self.outcomes)} points (the error column; each "
-                         "point's MLflow run and Prefect flow run hold its whole log)")
+            lines.append(f"failed      {len(self.failed)} of {len(self.outcomes)} points (each one's MLflow run and "
+                         "Prefect flow run hold its log)")
         if self.scaling is not None:
             lines.append(f"scaling     {self.scaling.describe()}")
         elif self.scaling_note:
@@ -280,7 +273,7 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
 def _outcome(point: SweepPoint, result: PretrainSummary | BaseException) -> PointOutcome:
     if isinstance(result, BaseException):
         message = str(result) if isinstance(result, PointFailed) else f"{type(result).__name__}: {result}"
-        return PointOutcome(point, "failed", error=" ".join(message.split())[:ERROR_CHARS_IN_TABLE])
+        return PointOutcome(point, "failed", error=" ".join(message.split()))
     return PointOutcome(
         point, "completed", mlflow_run_id=result.mlflow_run_id, val_loss=result.val_loss,
         perplexity=result.perplexity, parameters=result.parameters, tokens=result.tokens_seen, steps=result.steps,

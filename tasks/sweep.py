@@ -6,6 +6,9 @@ A point is a set of ``section.field`` settings applied over the sweep's preset, 
 ``--set`` overrides, and trained by the ``pretrain`` flow as any other run: the data stages and
 each point's training are cached by their keys, so points a workspace trained before (in an
 earlier sweep or by ``gptflow pretrain``) are not trained again.
+
+This module loads neither Prefect nor torch (the fit and the plots import what they need): the
+command line checks a sweep with it before anything starts.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from gptflow.model.scaling_law import (
 )
 from gptflow.data.errors import UserError
 from gptflow.tasks.config import ConfigError, PretrainSettings, build_config
-from gptflow.tasks.progress import human_count, human_duration
 
 RANGE_SEPARATOR = ".."
 TOKEN_BUDGET_SETTINGS = ("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps",
@@ -109,6 +111,8 @@ class ScalingReport:
         }
 
     def describe(self) -> str:
+        from gptflow.tasks.progress import human_count
+
         return (f"{self.law.describe()}; for {self.compute_budget:.3g} FLOPs: "
                 f"{human_count(self.optimal_parameters)} parameters on {human_count(self.optimal_tokens)} tokens")
 
@@ -258,6 +262,8 @@ TABLE_COLUMNS = ("point", "status", "val loss", "perplexity", "parameters", "tok
 
 def table_rows(outcomes: list[PointOutcome], best: PointOutcome | None) -> list[dict[str, str]]:
     """One row per point: its swept settings, then ``TABLE_COLUMNS``."""
+    from gptflow.tasks.progress import human_count, human_duration
+
     rows = []
     for outcome in outcomes:
         row = {"point": str(outcome.point.index) + (" (best)" if outcome is best else ""), **outcome.point.settings}
@@ -331,6 +337,8 @@ def plot_loss_against_settings(outcomes: list[PointOutcome], directory: Path) ->
             axes.set_xscale("log")
         if not numeric:
             axes.set_xticks(range(len(order)), order)
+        elif all(_is_whole(value) for value in order):
+            axes.set_xticks([float(value) for value in order], order)
         axes.set_xlabel(key)
         axes.set_ylabel("val loss (nats/token)")
         axes.grid(alpha=0.3)
@@ -364,6 +372,8 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], best: str | Non
 
 def plot_scaling_fit(outcomes: list[PointOutcome], report: ScalingReport, path: Path) -> None:
     """Val loss against training tokens, a colour per model size: the points and the law's curves."""
+    from gptflow.tasks.progress import human_count
+
     plt = _pyplot()
     completed = [outcome for outcome in outcomes if outcome.status == "completed"]
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)

@@ -87,14 +87,17 @@ def workers_report_to_this_api() -> Iterator[None]:
     a temporary server of its own, and its task runs would show nowhere). Worker processes started
     here meanwhile also have it in their environment, which their threads outside a run's
     context read."""
-    if get_current_settings().api.url:
-        yield
-        return
-    with get_client(sync_client=True) as client:
-        api_url = str(client.api_url)
+    api_url = get_current_settings().api.url
+    if not api_url:
+        with get_client(sync_client=True) as client:
+            api_url = str(client.api_url)
+    previous = os.environ.get(PREFECT_API_URL.name)
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         os.environ[PREFECT_API_URL.name] = api_url
         try:
             yield
         finally:
-            del os.environ[PREFECT_API_URL.name]
+            if previous is None:
+                del os.environ[PREFECT_API_URL.name]
+            else:
+                os.environ[PREFECT_API_URL.name] = previous

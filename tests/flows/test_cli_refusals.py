@@ -64,6 +64,13 @@ def test_a_mistyped_set_is_refused_in_one_line_without_heavy_imports(tmp_path):
         (["finetune", "--nproc", "3", "--set", "train.global_batch_size=16"], "does not split into micro-steps"),
         (["pretrain", "--init-from", "models:/gptflow-cpu/1", "--set", "model.n_layer=2"],
          "--init-from trains its model as it is: model.n_layer cannot be set with it."),
+        (["sweep"], "A sweep needs at least one --grid"),
+        (["sweep", "--grid", "train.learning_rat=1e-3,3e-3"], "train.learning_rat is not a setting"),
+        (["sweep", "--grid", "train.max_steps=10,many"], "sweep point 2 (max_steps=many): --set overrides: "
+         "train.max_steps='many' is not a valid int"),
+        (["sweep", "--grid", "train.learning_rate="], "--grid train.learning_rate has an empty value"),
+        (["sweep", "--scaling", "--grid", "model.n_layer=1,2,3"], "--scaling fits the loss against model size"),
+        (["sweep", "--grid", "train.max_steps=10,20", "--set", "train.max_steps=5"], "both swept"),
         (["train-node", "--rdzv-endpoint", "127.0.0.1:29500"], "give --nnodes N too"),
         (["train-node", "--nnodes", "1", "--rdzv-endpoint", "127.0.0.1:29500"], "--nnodes must be at least 2"),
     ],
