@@ -426,7 +426,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--ray", metavar="ADDRESS",
                        help="train the points as tasks on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; "
                        "default $GPTFLOW_RAY_ADDRESS): its nodes must reach the workspace and the Prefect and MLflow "
-                       "servers. Their data stages' units run there too")
+                       "servers")
     sweep.set_defaults(handler=_sweep)
 
     finetune = commands.add_parser(
@@ -553,8 +553,8 @@ def _parser() -> argparse.ArgumentParser:
     import_.set_defaults(handler=_import)
 
     serve = commands.add_parser(
-        "serve", help="serve every deployment (pretrain/default, sweep/default, finetune/default, evaluate/default) to a Prefect "
-        "server until Ctrl-C",
+        "serve", help="serve every deployment (pretrain/default, sweep/default, finetune/default, evaluate/default) "
+        "to a Prefect server until Ctrl-C",
         description="Serve gptflow's deployments. Start runs with `prefect deployment run 'pretrain/default'`. "
         "Needs PREFECT_API_URL pointing at a Prefect server (see `gptflow up`).",
     )

@@ -3,8 +3,10 @@ once, nested under one MLflow run that compares them (docs/ARCHITECTURE.md, "Swe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.settings import PREFECT_API_URL, get_current_settings
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from prefect.transactions import CommitMode, transaction
 
 from gptflow.data.errors import UserError
@@ -204,8 +207,11 @@ def sweep(
             "sweep.max_parallel": max_parallel, "sweep.random_points": random_points or 0, "sweep.seed": seed,
             "sweep.scaling": scaling,
         })
-        common = {"corpus": corpus, "preset": preset, "config_file": config_file, "workspace": workspace,
-                  "ray": ray_address, "from_scratch": True}
+        # A point's data stages run in its own process: computed once for the sweep, they gain little
+        # from the cluster, and a point waiting on tasks of its own could hold the cluster's last CPU.
+        # The workspace by its path: a Ray worker's $GPTFLOW_HOME is its own.
+        common = {"corpus": corpus, "preset": preset, "config_file": config_file,
+                  "workspace": workspace if workspace is not None else str(workspace_dir.root), "from_scratch": True}
         outcomes = _train_points(points, common, overrides, run, max_parallel, ray_address)
         best = best_point(outcomes)
         scaling_report, scaling_note = None, None
@@ -230,13 +236,6 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
                   max_parallel: int, ray_address: str | None) -> list[PointOutcome]:
     """Train every point, ``max_parallel`` at a time, in worker processes here or on the Ray
     cluster; a point that fails is an outcome like the others, and the rest go on."""
-    if ray_address is not None:
-        from prefect_ray import RayTaskRunner  # an optional extra: imported only when asked for
-
-        runner, torch_threads = RayTaskRunner(address=ray_address), None
-    else:
-        runner = ProcessPoolTaskRunner(max_workers=max_parallel)
-        torch_threads = max(1, (os.cpu_count() or 1) // max_parallel)
     run_logger().info(f"sweep: {len(points)} points, {max_parallel} at a time "
                       + (f"on the Ray cluster at {ray_address}" if ray_address else "in worker processes here"))
     outcomes: dict[int, PointOutcome] = {}
@@ -256,7 +255,7 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
         run_logger().info(f"sweep: point {point.index} ({point.label()}) {result}; "
                           f"{len(outcomes)} of {len(points)} done")
 
-    with workers_report_to_this_api(), runner:
+    with workers_report_to_this_api(), _point_runner(ray_address, max_parallel) as (runner, torch_threads):
         for point in points:
             if len(in_flight) == max_parallel:
                 collect_one()
@@ -268,6 +267,23 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
             collect_one()
     _name_failed_points_runs(run, outcomes)
     return [outcomes[point.index] for point in points]
+
+
+@contextlib.contextmanager
+def _point_runner(ray_address: str | None, max_parallel: int) -> Iterator[tuple[TaskRunner, int | None]]:
+    """The task runner the points run on, and the torch threads each takes (None: Ray's share)."""
+    if ray_address is None:
+        with ProcessPoolTaskRunner(max_workers=max_parallel) as runner:
+            yield runner, max(1, (os.cpu_count() or 1) // max_parallel)
+        return
+    from prefect_ray import RayTaskRunner  # an optional extra: imported only when asked for
+
+    # Ray's workers were not started from this process: they get the Prefect API and the MLflow
+    # settings in their environment (a run's threads outside Prefect's context read only that).
+    variables = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
+    variables[PREFECT_API_URL.name] = get_current_settings().api.url
+    with RayTaskRunner(address=ray_address, init_kwargs={"runtime_env": {"env_vars": variables}}) as runner:
+        yield runner, None
 
 
 def _outcome(point: SweepPoint, result: PretrainSummary | BaseException) -> PointOutcome:

@@ -5,6 +5,7 @@ only the points it adds."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -136,3 +137,18 @@ def test_a_scaling_sweep_fits_the_law_and_logs_the_compute_optimal_size(sweep_wo
     assert metrics["scaling/optimal_parameters"] == pytest.approx(report.optimal_parameters)
     assert "sweep/scaling_fit.png" in artifact_paths(client, summary.mlflow_run_id)
     assert "scaling     L(N, D) = " in summary.render()
+
+
+def test_points_run_as_tasks_on_a_ray_cluster(sweep_workspace, ray_cluster):
+    workspace, corpus = sweep_workspace
+    summary, flow_run_id = _sweep(workspace, corpus, {"train.learning_rate": ["1e-3", "3e-2"]}, ray=ray_cluster)
+
+    assert [outcome.status for outcome in summary.outcomes] == ["completed"] * 2
+    children = _children(workspace, summary.mlflow_run_id)
+    assert len(children) == 2
+    with get_client(sync_client=True) as prefect:
+        for child in children:
+            child_flow_run = prefect.read_flow_run(uuid.UUID(child.data.tags["prefect.flow_run_id"]))
+            assert prefect.read_task_run(child_flow_run.parent_task_run_id).flow_run_id == flow_run_id
+    # Each point ran in a process of the cluster's, not in this one or a worker it started.
+    assert {child.data.tags["gptflow.pid"] for child in children}.isdisjoint({str(os.getpid())})
