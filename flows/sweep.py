@@ -80,22 +80,33 @@ class SweepSummary:
         best = next((outcome for outcome in self.outcomes if outcome.point.index == self.best), None)
         return table_rows(self.outcomes, best)
 
+    def _columns(self, *left_out: str) -> list[str]:
+        left_out = (*left_out, "point") + (() if self.failed else ("error",))
+        return ["point", *self.swept, *(name for name in TABLE_COLUMNS if name not in left_out)]
+
     def markdown(self, mlflow_run_url: str | None) -> str:
-        """The flow run's Prefect artifact, and the description of the sweep's MLflow run."""
+        """The flow run's Prefect artifact: the points, each with its MLflow run."""
         run = f"[{self.mlflow_run_id}]({mlflow_run_url})" if mlflow_run_url else self.mlflow_run_id
-        lines = ["# gptflow sweep", "", f"{len(self.outcomes)} points over {', '.join(self.swept)}, "
-                 f"{len(self.failed)} failed; MLflow run {run} (its children are the points).", "",
-                 markdown_table(self._rows())]
+        return "\n".join(["# gptflow sweep", "", f"{self._counts()}; MLflow run {run} nests a run per point.", "",
+                          markdown_table(self._rows(), self._columns()), *self._scaling_lines()])
+
+    def description(self) -> str:
+        """The sweep's MLflow run's description: the points (nested under it, so without run ids)."""
+        return "\n".join([f"{self._counts()}.", "", markdown_table(self._rows(), self._columns("MLflow run")),
+                          *self._scaling_lines()])
+
+    def _counts(self) -> str:
+        return f"{len(self.outcomes)} points over {', '.join(self.swept)}, {len(self.failed)} failed"
+
+    def _scaling_lines(self) -> list[str]:
         if self.scaling is not None:
-            lines += ["", f"**Scaling law**: {self.scaling.describe()}"]
-        elif self.scaling_note:
-            lines += ["", f"**Scaling law**: not fitted: {self.scaling_note}"]
-        return "\n".join(lines)
+            return ["", f"**Scaling law**: {self.scaling.describe()}"]
+        if self.scaling_note:
+            return ["", f"**Scaling law**: not fitted: {self.scaling_note}"]
+        return []
 
     def render(self) -> str:
-        shown = [name for name in TABLE_COLUMNS if name not in ("point", "MLflow run", "error")]
-        columns = ["point", *self.swept, *shown]
-        lines = ["", text_table(self._rows(), columns), ""]
+        lines = ["", text_table(self._rows(), self._columns("MLflow run", "error")), ""]
         lines += [f"point {outcome.point.index} failed: {outcome.error}" for outcome in self.failed]
         best = next((outcome for outcome in self.outcomes if outcome.point.index == self.best), None)
         if best is not None:
@@ -337,7 +348,7 @@ def _log_comparison(run: PipelineRun, summary: SweepSummary, workspace: Workspac
     run.log_artifact(directory, "sweep")
     prefect_url = flow_run_tags().get("prefect.flow_run_url")
     link = f"Prefect flow run: [{run.name}]({prefect_url})\n\n" if prefect_url else ""
-    run.set_tags({"mlflow.note.content": link + summary.markdown(None)})
+    run.set_tags({"mlflow.note.content": link + summary.description()})
 
 
 def _val_loss_curves(client: MlflowClient, completed: list[PointOutcome]) -> dict[str, list[tuple[int, float]]]:

@@ -274,7 +274,8 @@ def table_rows(outcomes: list[PointOutcome], best: PointOutcome | None) -> list[
             "parameters": "" if outcome.parameters is None else human_count(outcome.parameters),
             "tokens": "" if outcome.tokens is None else human_count(outcome.tokens),
             "training": outcome.training or "",
-            "time": "" if outcome.elapsed_s is None else human_duration(outcome.elapsed_s),
+            "time": "" if outcome.elapsed_s is None else (f"{outcome.elapsed_s:.1f}s" if outcome.elapsed_s < 60
+                                                          else human_duration(outcome.elapsed_s)),
             "MLflow run": outcome.mlflow_run_id or "",
             "error": outcome.error or "",
         })
@@ -282,10 +283,10 @@ def table_rows(outcomes: list[PointOutcome], best: PointOutcome | None) -> list[
     return rows
 
 
-def markdown_table(rows: list[dict[str, str]]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[name].replace("|", "\\|").replace("\n", " ") for name in header) + " |"
+def markdown_table(rows: list[dict[str, str]], columns: Sequence[str]) -> str:
+    """``rows`` as a markdown table of ``columns``, in that order."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row[name].replace("|", "\\|").replace("\n", " ") for name in columns) + " |"
               for row in rows]
     return "\n".join(lines)
 

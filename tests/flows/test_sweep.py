@@ -77,7 +77,8 @@ def test_a_sweep_nests_its_points_shares_the_data_stages_and_a_rerun_trains_only
     assert parent.data.metrics["sweep/best_val_loss"] == pytest.approx(best.val_loss)
     assert parent.data.metrics["sweep/points_completed"] == 4
     assert parent.data.tags["gptflow.sweep.best_run"] == best.mlflow_run_id
-    assert "| point | train.learning_rate |" in parent.data.tags["mlflow.note.content"]
+    description = parent.data.tags["mlflow.note.content"]
+    assert "| point | train.learning_rate | status | val loss |" in description and "| error |" not in description
     artifacts = artifact_paths(client, first.mlflow_run_id)
     assert {"sweep/points.csv", "sweep/points.md", "sweep/val_loss_vs_train.learning_rate.png",
             "sweep/val_loss_curves.png"} <= artifacts

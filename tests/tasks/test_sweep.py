@@ -132,7 +132,7 @@ def test_the_tables_name_every_point_its_outcome_and_the_best():
     assert [row["point"] for row in rows] == ["1", "2 (best)", "3"]
     assert rows[1]["train.learning_rate"] == "3e-3" and rows[1]["training"] == "cached"
     assert rows[2]["val loss"] == "" and rows[2]["status"] == "failed"
-    markdown = markdown_table(rows).splitlines()
+    markdown = markdown_table(rows, list(rows[0])).splitlines()
     assert markdown[0].startswith("| point | train.learning_rate | status | val loss |")
     assert "too few tokens \\| for this" in markdown[4]  # a | in an error does not split its cell
     lines = csv_table(outcomes).splitlines()
