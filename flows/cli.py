@@ -293,7 +293,7 @@ def _up(args: argparse.Namespace) -> int:
     print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
     print(f"MLflow UI    {stack.mlflow_url}")
     print(f"workspace    {stack.workspace} (databases, artifacts, logs/)")
-    print("\ngptflow pretrain, finetune and evaluate on this workspace use it while it runs. Point other "
+    print("\ngptflow pretrain, sweep, finetune and evaluate on this workspace use it while it runs. Point other "
           "gptflow, prefect and mlflow commands at it:\n")
     for name, value in stack.environment().items():
         print(f"export {name}={value}")
