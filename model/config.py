@@ -13,7 +13,7 @@ from typing import Any
 from gptflow.data.config import require
 
 VOCAB_MULTIPLE = 128
-POSITIONS = ("learned", "rotary")
+POSITIONS = ("learned", "rotary", "sinusoidal")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "relu2", "swiglu")
 OPTIMIZERS = ("adamw", "muon")
@@ -56,7 +56,10 @@ class ModelConfig:
     position: str = "learned"
     """``learned``: GPT-2's table of absolute position embeddings (``wpe``). ``rotary``: rotary
     embeddings (RoPE) applied to queries and keys in every layer, so attention scores depend on
-    relative offsets only; no ``wpe`` table."""
+    relative offsets only; no ``wpe`` table. ``sinusoidal``: the original Transformer's fixed
+    sines and cosines of geometric frequencies added to the token embeddings: no parameters, and
+    each position's vector is a fixed rotation of any earlier one's, a function defined for every
+    position (the model still reads at most ``block_size``)."""
     norm: str = "layernorm"
     """``layernorm`` (GPT-2) or ``rmsnorm``: scale by the root mean square only, no centring and
     no bias; cheaper and as good in modern recipes."""

@@ -54,6 +54,18 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
+def sinusoidal_table(length: int, width: int, base: float = 10000.0) -> torch.Tensor:
+    """The Transformer's position encodings for positions ``0 .. length - 1``, ``(length, width)``:
+    dimension 2i holds ``sin(position / base^(2i / width))`` and 2i + 1 its cosine, scaled so that
+    each dimension's root mean square is the token embeddings' initial standard deviation (the
+    Transformer scaled its embeddings up by sqrt(width) instead; GPT-2's initialisation keeps
+    them small, and an encoding 50x larger would drown them)."""
+    frequencies = base ** (-torch.arange(0, width, 2, dtype=torch.float64) / width)  # (width/2,)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * frequencies  # (length, width/2)
+    table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :width]  # sin, cos interleaved
+    return (table * INIT_STD * math.sqrt(2)).float()
+
+
 def rotary_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles, each (length, head_size / 2): pair i of a head turns by
     ``position · theta^(-2i / head_size)``, fast for the first pairs, slow for the last."""
@@ -218,6 +230,9 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(config.head_size, config.block_size, config.rope_theta)
             self.register_buffer("rotary_cos", cos, persistent=False)  # (block_size, hs/2)
             self.register_buffer("rotary_sin", sin, persistent=False)  # (block_size, hs/2)
+        if config.position == "sinusoidal":
+            self.register_buffer("sinusoidal_positions", sinusoidal_table(config.block_size, config.n_embd),
+                                 persistent=False)  # (block_size, C)
         self.apply(_init_weights)
         for name, parameter in self.named_parameters():
             if name.endswith("c_proj.weight") and config.zero_init_projections:
@@ -294,6 +309,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.position == "learned":
             x = x + self.transformer.wpe(torch.arange(start, end, dtype=torch.long, device=idx.device))  # (B, T, C)
+        elif self.config.position == "sinusoidal":
+            x = x + self.sinusoidal_positions[start:end]  # (B, T, C)
         x = self.transformer.drop(x)
         rotary = (self.rotary_cos[start:end], self.rotary_sin[start:end]) if self.config.position == "rotary" else None
         layer_caches = kv_cache.layers if kv_cache is not None else [None] * self.config.n_layer

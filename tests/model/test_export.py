@@ -107,6 +107,7 @@ def test_gpt2_export_stores_conv1d_weights_transposed_and_zero_biases(bpe_tokeni
           "logit_softcap": 15.0}, ["Qwen3ForCausalLM needs model.mlp=swiglu, model.logit_softcap=0.0"]),
         ({"mlp": "relu2"}, ["GPT2LMHeadModel", "model.mlp=gelu", "(the model has model.mlp=relu2)"]),
         ({"position": "rotary"}, ["GPT2LMHeadModel", "model.position=learned"]),
+        ({"position": "sinusoidal"}, ["GPT2LMHeadModel", "model.position=learned", "(the model has model.position=sinusoidal)"]),
         ({**LLAMA_RECIPE, "qk_norm": True, "bias": True},
          ["LlamaForCausalLM needs model.qk_norm=false", "Or Qwen3ForCausalLM needs model.bias=false"]),
     ],

@@ -123,7 +123,7 @@ MODERN = dict(
     zero_init_projections=True, logit_softcap=15.0,
 )
 SWITCHES = [
-    {}, {"position": "rotary"}, {"norm": "rmsnorm"}, {"qk_norm": True}, {"mlp": "relu2"}, {"mlp": "swiglu"},
+    {}, {"position": "rotary"}, {"position": "sinusoidal"}, {"norm": "rmsnorm"}, {"qk_norm": True}, {"mlp": "relu2"}, {"mlp": "swiglu"},
     {"tie_embeddings": False}, {"zero_init_projections": True}, {"logit_softcap": 10.0},
     {"activation_checkpointing": True}, MODERN, {**MODERN, "mlp": "swiglu", "activation_checkpointing": True},
 ]
@@ -161,6 +161,35 @@ def test_rotary_scores_depend_on_relative_position_only():
     assert not torch.allclose(scores, q @ k.mT, atol=1e-3)  # it does rotate
     # A rotation: norms are unchanged.
     torch.testing.assert_close(apply_rotary(q, cos[:T], sin[:T]).norm(dim=-1), q.norm(dim=-1))
+
+
+def test_sinusoidal_positions_are_fixed_rotations_of_one_another():
+    from gptflow.model.gpt import INIT_STD, sinusoidal_table
+
+    width, offset = 16, 7
+    table = sinusoidal_table(64, width).double()
+    pairs = table.view(64, width // 2, 2)  # (sin, cos) of one frequency per pair
+    assert torch.equal(pairs[0, :, 0], torch.zeros(width // 2, dtype=torch.float64))  # position 0: sin 0, cos 1
+    assert torch.allclose(pairs.norm(dim=-1), torch.full((64, width // 2), INIT_STD * math.sqrt(2), dtype=torch.float64),
+                          rtol=1e-6)
+    # Each pair at position p + offset is the pair at p turned by an angle that depends on the offset
+    # alone: one fixed linear map sends every position to the one `offset` later.
+    shift = torch.linalg.lstsq(table[:-offset], table[offset:]).solution
+    torch.testing.assert_close(table[:-offset] @ shift, table[offset:], atol=1e-6, rtol=0)
+    # The slowest frequencies barely turn over the context: they tell far positions apart.
+    assert (table[:, 1] - table[0, 1]).abs().max() > (table[:, -1] - table[0, -1]).abs().max()
+
+
+def test_sinusoidal_model_learns_no_position_parameters_and_tells_positions_apart(tiny_config):
+    config = dataclasses.replace(tiny_config, position="sinusoidal")
+    model = build(config).eval()
+    assert "wpe" not in model.transformer and not any("sinusoidal" in name for name in model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for name, p in build(tiny_config).named_parameters() if "wpe" not in name)
+    # The same token at two positions gives two predictions (with no positions and one token they would match).
+    idx = torch.full((1, 8), 3)
+    logits, _ = model(idx, idx)
+    assert not torch.allclose(logits[0, 0], logits[0, 5])
 
 
 def test_rotary_model_has_no_position_table_and_stays_causal(tiny_config):
@@ -334,7 +363,7 @@ def test_modern_model_compiles_as_one_graph(tiny_config):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("position", "alibi", "model.position must be one of learned, rotary"),
+        ("position", "alibi", "model.position must be one of learned, rotary, sinusoidal"),
         ("norm", "batchnorm", "model.norm must be one of layernorm, rmsnorm"),
         ("mlp", "tanh", "model.mlp must be one of gelu, gelu_tanh, relu2, swiglu"),
         ("logit_softcap", -1.0, "model.logit_softcap must be >= 0"),

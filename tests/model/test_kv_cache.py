@@ -14,6 +14,7 @@ RECIPES = {
     "gpt2": {},
     "gpt2-bias": {"bias": True},
     "rotary": {"position": "rotary"},
+    "sinusoidal": {"position": "sinusoidal"},
     "llama-like": {"position": "rotary", "norm": "rmsnorm", "mlp": "swiglu", "tie_embeddings": False},
     "modern": {"position": "rotary", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False,
                "logit_softcap": 15.0},
