@@ -27,6 +27,10 @@ class IngestConfig:
     """Jaccard similarity (of word 5-gram sets, estimated by MinHash) at or above which a segment
     is a near duplicate of an earlier one and dropped, e.g. 0.8; None: exact dedup only. Needs
     ``pip install 'gptflow[near-dedup]'``."""
+    redact_pii: bool = False
+    """Replace e-mail addresses, phone numbers, IP addresses, payment card numbers and secrets
+    (API keys, private key blocks) in every document with ``<EMAIL>``, ``<PHONE>``, ... before
+    anything else reads it (``data.redact``); part of each file's unit key."""
 
     def __post_init__(self) -> None:
         require(bool(self.text_field), "data.text_field must be a non-empty field name")

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
 from gptflow.data.readers import read_documents
+from gptflow.data.redact import redact
 from gptflow.data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
 from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution, open_source, source_stamp
 from gptflow.data.store import (
@@ -87,6 +89,8 @@ class CorpusUnit:
     reused: bool
     near_duplicates: int = 0
     """Segments dropped as near duplicates of earlier kept ones (``data.near_dedup_threshold``)."""
+    redactions: dict[str, int] = field(default_factory=dict)
+    """Replacements per kind of personal data or secret (``data.redact_pii``), kinds found only."""
 
 
 @dataclass
@@ -112,6 +116,7 @@ class CorpusManifest:
             "bytes": {split: sum(unit.bytes[split] for unit in self.units) for split in SPLITS},
             "duplicates": sum(unit.duplicates for unit in self.units),
             "near_duplicates": sum(unit.near_duplicates for unit in self.units),
+            "redactions": dict(sum((Counter(unit.redactions) for unit in self.units), Counter())),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,6 +247,7 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
         documents=written["documents"], cut_documents=written["cut_documents"],
         cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
         drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
+        redactions=written.get("redactions", {}),
     )
     return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], str(source.path))
 
@@ -280,6 +286,7 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
         "val_fraction": config.val_fraction,
         "segment_chars": config.segment_chars,
         "min_chars": config.min_chars,
+        "redact_pii": config.redact_pii,
     })
 
 
@@ -289,9 +296,13 @@ def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, di
     counts = {"documents": 0, "cut_documents": 0, "cut_segments": 0, "duplicates": 0}
     segments = dict.fromkeys(SPLITS, 0)
     text_bytes = dict.fromkeys(SPLITS, 0)
+    redactions: Counter[str] = Counter()
     with atomic_directory(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
         for text in read_documents(source, config.text_field, skips, config.min_chars):
+            if config.redact_pii:  # before hashing: dedup and the split see the text as it is trained on
+                text, found = redact(text)
+                redactions.update(found)
             n_segments = 0
             continues = False
             for segment in cut_into_segments(text, config.segment_chars):
@@ -325,6 +336,7 @@ def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, di
             "segments": segments,
             "bytes": text_bytes,
             "skips": skips.to_dict(),
+            "redactions": dict(redactions),
         }
         write_unit_file(tmp, written)
     return written

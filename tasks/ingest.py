@@ -11,6 +11,7 @@ from prefect import task
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits
 from gptflow.data.near_dedup import datasketch_version
+from gptflow.data.redact import REDACTION_KINDS
 from gptflow.data.shards import SPLITS
 from gptflow.data.sources import SourceResolution
 from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
@@ -65,6 +66,8 @@ def ingest(
     run.log_artifact(Path(manifest.path), "data")
     if config.near_dedup_threshold is not None:
         _log_near_duplicates(run, manifest)
+    if config.redact_pii:
+        _log_redactions(run, manifest)
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
     require_splits(manifest, required_splits, config)
@@ -78,3 +81,15 @@ def _log_near_duplicates(run: PipelineRun, manifest: CorpusManifest) -> None:
     run.log_params({"dataset.near_duplicates": total})
     by_source = {unit.source: unit.near_duplicates for unit in manifest.units}
     run.log_text(json.dumps({"total": total, "by_source": by_source}, indent=2), "data/near_duplicates.json")
+
+
+def _log_redactions(run: PipelineRun, manifest: CorpusManifest) -> None:
+    """``dataset.redacted.<kind>`` for every kind (0 too: a clean corpus says so), and the counts
+    per source file as ``data/redactions.json``."""
+    totals = manifest.totals["redactions"]
+    run.log_params({f"dataset.redacted.{kind}": totals.get(kind, 0) for kind in REDACTION_KINDS})
+    by_source = {unit.source: unit.redactions for unit in manifest.units if unit.redactions}
+    run.log_text(json.dumps({"total": totals, "by_source": by_source}, indent=2), "data/redactions.json")
+    if totals:
+        run_logger().info("ingest: redacted " + ", ".join(f"{count:,} {kind}" for kind, count in sorted(totals.items()))
+                          + f" in {len(by_source):,} files")

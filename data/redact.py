@@ -1,0 +1,163 @@
+"""Personal data and secrets redacted from documents before anything is trained on them
+(``data.redact_pii``): e-mail addresses, phone numbers, IP addresses, payment card numbers and
+secrets (cloud and API keys, private key blocks) become ``<EMAIL>``, ``<PHONE>``, ... in place,
+so the text keeps its shape.
+
+Speed (``bench/redact.py``): Python's regular expressions scan fast for a literal and slowly for
+a class of characters or a lookbehind. So every rule starts from a literal: a secret from its
+prefix (and only in documents holding that prefix), an e-mail address from its ``@`` (read
+outward from there), a private key from ``-----BEGIN``; and the numeric kinds (phone, card, IP)
+share one scan for runs of digits and separators, each run then read by the three rules, most
+runs (a plain number, a float) dismissed by a test or two.
+
+Precision comes before recall: a number that merely looks like a phone or card number is left
+alone unless it has the shape of one (separators where a phone number has them; a card number's
+issuer prefix, length and Luhn checksum), and a dotted quad that starts with two single digits
+(a version, ``2.7.18.1``) or follows a letter or a dot is not taken for an IP address. What each
+kind misses is in docs/ARCHITECTURE.md, "Redaction".
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+REDACTION_KINDS = ("private_key", "secret", "email", "credit_card", "phone", "ip_address")
+REPLACEMENTS = {kind: f"<{kind.upper()}>" for kind in REDACTION_KINDS}
+
+_PRIVATE_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?"
+                          r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----", re.DOTALL)
+_SECRET_PREFIXES = ("AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xoxa-", "xoxb-",
+                    "xoxp-", "xoxo-", "xoxs-", "xoxr-", "AIza", "sk-", "sk_live_")
+_SECRET = re.compile(
+    r"(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key ids
+    r"|gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{60,}"  # GitHub tokens
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|AIza[0-9A-Za-z_-]{35}"  # Google API keys
+    r"|sk-(?:proj-)?[A-Za-z0-9_-]{32,}"  # OpenAI-style secret keys
+    r"|sk_live_[0-9A-Za-z]{24,}"  # Stripe live keys
+)
+_EMAIL_AT = re.compile(r"@[A-Za-z0-9]")
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}$")
+_EMAIL_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                           r"[A-Za-z0-9])?)*\.[A-Za-z]{2,24}(?![A-Za-z0-9-])")
+_EMAIL_LOCAL_MAX = 64
+
+_NUMBERISH = re.compile(r"[0-9+(][0-9 .()+-]{6,}[0-9]")
+"""Runs that could hold a phone, card or IP: a digit, ``+`` or ``(``, then digits and separators."""
+_CARD = re.compile(r"(?<![0-9.-])[0-9]{4}(?:[ -]?[0-9]{4}){2}(?:[ -]?[0-9]{1,4}){1,2}(?![0-9-]|\.[0-9])")
+_CARD_NETWORKS = (
+    (re.compile(r"4"), (13, 16, 19)),  # Visa
+    (re.compile(r"5[1-5]|2(?:2[2-9][0-9]|[3-6][0-9]{2}|7[01][0-9]|720)"), (16,)),  # Mastercard
+    (re.compile(r"3[47]"), (15,)),  # American Express
+    (re.compile(r"6(?:011|5)"), (16, 17, 18, 19)),  # Discover
+)
+"""Each network's number prefixes and lengths: a number of another length is no card of it."""
+_PHONE = re.compile(
+    r"(?<![0-9.-])(?:"
+    r"\+[0-9]{1,3}(?:[ .-][0-9]{2,8}){1,5}"  # international: +CC then groups, separated
+    r"|(?:\([0-9]{3}\) ?|[0-9]{3}[.-])[0-9]{3}[.-][0-9]{4}"  # North American: (555) 123-4567, 555-123-4567
+    r")(?![0-9]|[.-][0-9])")
+_IP = re.compile(r"(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9]|\.[0-9])")
+
+
+def redact(text: str) -> tuple[str, Counter[str]]:
+    """``text`` with each kind's matches replaced by its ``REPLACEMENTS`` token, and how many of
+    each kind were replaced. Kinds apply in ``REDACTION_KINDS`` order: a private key block holds
+    base64 the other rules could match, and a card's digits could read as a phone number."""
+    counts: Counter[str] = Counter()
+    if "-----BEGIN" in text:
+        text, counts["private_key"] = _PRIVATE_KEY.subn(REPLACEMENTS["private_key"], text)
+    if any(prefix in text for prefix in _SECRET_PREFIXES):
+        text = _SECRET.sub(lambda match: _whole_word(match, "secret", counts), text)
+    if "@" in text:
+        text = _redact_emails(text, counts)
+    text = _redact_numbers(text, counts)
+    return text, +counts  # without the kinds of count 0
+
+
+def _whole_word(match: re.Match[str], kind: str, counts: Counter[str]) -> str:
+    """The kind's token for a match that is a word of its own; the match itself inside a longer word."""
+    text, start, end = match.string, match.start(), match.end()
+    if (start and _is_word_char(text[start - 1])) or (end < len(text) and _is_word_char(text[end])):
+        return match.group()
+    counts[kind] += 1
+    return REPLACEMENTS[kind]
+
+
+def _is_word_char(char: str) -> bool:
+    return char.isalnum() or char == "_"
+
+
+def _redact_emails(text: str, counts: Counter[str]) -> str:
+    """Each ``@``: its local part read backwards from it, its domain forwards."""
+    pieces, last = [], 0
+    for at in _EMAIL_AT.finditer(text):
+        position = at.start()
+        if position < last:
+            continue
+        local = _EMAIL_LOCAL.search(text, max(last, position - _EMAIL_LOCAL_MAX), position)
+        domain = _EMAIL_DOMAIN.match(text, position + 1)
+        if local is None or domain is None:
+            continue
+        start = local.start()
+        if start and (_is_word_char(text[start - 1]) or text[start - 1] in ".%+-"):
+            continue  # the local part would be longer than an address's
+        pieces += [text[last:start], REPLACEMENTS["email"]]
+        last = domain.end()
+        counts["email"] += 1
+    return "".join([*pieces, text[last:]]) if pieces else text
+
+
+def _redact_numbers(text: str, counts: Counter[str]) -> str:
+    pieces, last = [], 0
+    for run in _NUMBERISH.finditer(text):
+        candidate = run.group()
+        if candidate.isdigit() and not 13 <= len(candidate) <= 19:
+            continue  # a plain number: too short or long for a card, and no separators
+        start, end = run.span()
+        if (start and (_is_word_char(text[start - 1]) or text[start - 1] in ".-")) or (
+                end < len(text) and _is_word_char(text[end])):
+            continue  # part of a name, a longer dotted number or an expression
+        redacted = _CARD.sub(lambda match: _accepted(match, "credit_card", _is_card, counts), candidate)
+        redacted = _PHONE.sub(lambda match: _accepted(match, "phone", _is_phone_number, counts), redacted)
+        redacted = _IP.sub(lambda match: _accepted(match, "ip_address", _is_ip_address, counts), redacted)
+        if redacted != candidate:
+            pieces += [text[last:start], redacted]
+            last = end
+    return "".join([*pieces, text[last:]]) if pieces else text
+
+
+def _accepted(match: re.Match[str], kind: str, accept, counts: Counter[str]) -> str:
+    if accept is not None and not accept(match.group()):
+        return match.group()
+    counts[kind] += 1
+    return REPLACEMENTS[kind]
+
+
+def _is_phone_number(number: str) -> bool:
+    """8 to 15 digits: E.164's longest, and more than a short code or an extension."""
+    return 8 <= sum(char.isdigit() for char in number) <= 15
+
+
+def _is_card(number: str) -> bool:
+    digits = number.replace(" ", "").replace("-", "")
+    return any(prefix.match(digits) and len(digits) in lengths for prefix, lengths in _CARD_NETWORKS) and (
+        _luhn_valid(digits))
+
+
+def _luhn_valid(digits: str) -> bool:
+    total = 0
+    for position, digit in enumerate(reversed(digits)):
+        value = int(digit) * (2 if position % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
+def _is_ip_address(quad: str) -> bool:
+    """Four parts of 0-255 without leading zeros, not two single digits first: a version or a
+    section number (``1.2.3.4``, ``2.7.18.1``, ``8.2.4.44``), or one of the few public resolvers
+    (``8.8.4.4``, ``1.1.1.1``), which are no one's personal data."""
+    parts = quad.split(".")
+    return (all(int(part) <= 255 and (part == "0" or not part.startswith("0")) for part in parts)
+            and not (len(parts[0]) == 1 and len(parts[1]) == 1))

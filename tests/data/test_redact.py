@@ -1,0 +1,104 @@
+"""Redaction of personal data and secrets: each kind found and replaced in place, nothing else
+touched (a labelled sample, and the standard library's version strings and hex constants), and
+the ingest stage's units keyed by the setting."""
+
+from __future__ import annotations
+
+import re
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from gptflow.data.config import IngestConfig
+from gptflow.data.ingest import ingest_corpus
+from gptflow.data.redact import REPLACEMENTS, redact
+from gptflow.data.shards import iter_raw_batches
+from gptflow.data.sources import resolve_sources
+
+PRIVATE_KEY = ("-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu\n"
+               "KUpRKfFLfRYC9AIKjbJTWit+CqvjWYzvQwECAwEAAQ==\n-----END RSA PRIVATE KEY-----")
+# What each kind must find: the value as it appears in text, and its kind.
+POSITIVES = [
+    ("jane.doe@example.com", "email"), ("first+tag@mail.sub.example.co.uk", "email"),
+    ("+1 415 555 2671", "phone"), ("+44 20 7946 0958", "phone"), ("(415) 555-2671", "phone"),
+    ("415-555-2671", "phone"), ("+49-30-901820", "phone"),
+    ("192.168.1.20", "ip_address"), ("10.0.0.1", "ip_address"), ("203.0.113.195", "ip_address"),
+    ("4111 1111 1111 1111", "credit_card"), ("5500-0000-0000-0004", "credit_card"),
+    ("378282246310005", "credit_card"), ("6011111111111117", "credit_card"),
+    ("AKIAIOSFODNN7EXAMPLE", "secret"), ("ghp_" + "a1B2" * 9, "secret"),
+    ("AIza" + "SyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY"[:35], "secret"),
+    ("sk-" + "Tq3x" * 12, "secret"), ("xoxb-1234567890-abcdefghij", "secret"),
+    (PRIVATE_KEY, "private_key"),
+]
+# What none may touch: numbers and names that look a little like the kinds above.
+NEGATIVES = [
+    "version 3.11.7", "__version__ = '2.6.1'", "1.2.3.4", "8.2.4.44 Bogus comment state", "192.168.1",
+    "256.1.1.1", "010.1.2.3", "2026-12-01", "12:30:45", "ISBN 978-3-16-148410-0", "0xDEADBEEF",
+    "0x7fffffffffffffff", "4111 1111 1111 1112", "1234567890123456", "3.141592653589793",
+    "x = 676.5203681218835 / z", "@property", "user@localhost", "a@b", "decorator @functools.wraps",
+    "mask & 0xFFFF0000", "range(10000000)", "1e-10", "call 555-1234", "akia_lowercase_name",
+    "task-queue sk-short", "ghp_tooshort", "2.7.18.1 released", "-----BEGIN CERTIFICATE-----",
+]
+
+
+@pytest.mark.parametrize(("value", "kind"), POSITIVES, ids=[kind + str(i) for i, (_, kind) in enumerate(POSITIVES)])
+def test_each_kind_is_replaced_in_place_and_counted(value, kind):
+    text = f"Contact: {value}. Thanks!"
+    redacted, counts = redact(text)
+    assert redacted == f"Contact: {REPLACEMENTS[kind]}. Thanks!"
+    assert counts == {kind: 1}
+
+
+@pytest.mark.parametrize("text", NEGATIVES)
+def test_look_alikes_are_left_alone(text):
+    assert redact(text) == (text, {})
+
+
+def test_a_document_with_several_kinds_keeps_its_shape():
+    text = ("# Author: Jane Doe <jane.doe@example.com>\nHOST = '10.20.30.40'  # call +1 415 555 2671\n"
+            "KEY = 'AKIAIOSFODNN7EXAMPLE'\ncard = '4111-1111-1111-1111'\nversion = '3.11.7'\n")
+    redacted, counts = redact(text)
+    assert redacted == ("# Author: Jane Doe <<EMAIL>>\nHOST = '<IP_ADDRESS>'  # call <PHONE>\n"
+                        "KEY = '<SECRET>'\ncard = '<CREDIT_CARD>'\nversion = '3.11.7'\n")
+    assert counts == {"email": 1, "ip_address": 1, "phone": 1, "secret": 1, "credit_card": 1}
+
+
+def test_the_standard_library_s_version_strings_and_hex_constants_are_not_redacted():
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n".join(path.read_text(errors="replace") for path in sorted(stdlib.rglob("*.py"))
+                     if "site-packages" not in path.parts)
+    versions = set(re.findall(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text))
+    hex_constants = set(re.findall(r"\b0[xX][0-9a-fA-F]+\b", text))
+    floats = set(re.findall(r"\b\d+\.\d+(?:[eE][-+]?\d+)?\b", text))
+    assert len(versions) > 10 and len(hex_constants) > 100 and len(floats) > 100
+    for value in sorted(versions | hex_constants | floats):
+        line = f"value = {value!r}  # {value}"
+        assert redact(line) == (line, {}), value
+
+
+def test_redaction_keys_the_units_and_turning_it_off_reuses_the_old_ones(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "contacts.txt").write_text("Write to jane.doe@example.com or call +1 415 555 2671.\n" * 3
+                                         + "Server at 192.168.1.20.\n")
+    (corpus / "clean.txt").write_text("Nothing personal here, only version 3.11.7 and 0xFF.\n")
+    sources = resolve_sources([str(corpus)])
+    store = tmp_path / "store"
+
+    plain = ingest_corpus(sources, IngestConfig(val_fraction=0.3), store, required_splits=())
+    redacted = ingest_corpus(sources, IngestConfig(val_fraction=0.3, redact_pii=True), store, required_splits=())
+    again = ingest_corpus(sources, IngestConfig(val_fraction=0.3), store, required_splits=())
+
+    assert {unit.key for unit in redacted.units}.isdisjoint({unit.key for unit in plain.units})
+    assert not any(unit.reused for unit in redacted.units)
+    assert [unit.key for unit in again.units] == [unit.key for unit in plain.units]
+    assert all(unit.reused for unit in again.units)
+    by_source = {Path(unit.source).name: unit.redactions for unit in redacted.units}
+    assert by_source == {"contacts.txt": {"email": 3, "phone": 3, "ip_address": 1}, "clean.txt": {}}
+    assert redacted.totals["redactions"] == {"email": 3, "phone": 3, "ip_address": 1}
+    assert plain.totals["redactions"] == {}
+    [contacts] = [unit for unit in redacted.units if unit.source.endswith("contacts.txt")]
+    texts = "".join(text for batch in iter_raw_batches(Path(contacts.directory), ["text"])
+                    for text in batch.column(0).to_pylist())
+    assert "jane.doe" not in texts and "<EMAIL>" in texts and "<PHONE>" in texts and "<IP_ADDRESS>" in texts
