@@ -55,8 +55,8 @@ def ingest_cost(repeats: int = 5) -> None:
                 started = time.perf_counter()
                 ingest_corpus(sources, IngestConfig(redact_pii=redacting), Path(store))
                 timings[redacting] = min(timings[redacting], time.perf_counter() - started)
-    print(f"2. ingest stage, built-in corpus, empty store, best of {repeats} interleaved: {timings[False]:.2f} s without "
-          f"redaction, {timings[True]:.2f} s with ({timings[True] / timings[False]:.2f}x)")
+    print(f"2. ingest stage, built-in corpus, empty store, best of {repeats} interleaved: {timings[False]:.2f} s "
+          f"without redaction, {timings[True]:.2f} s with ({timings[True] / timings[False]:.2f}x)")
 
 
 def _luhn_complete(rng: random.Random, prefix: str, length: int) -> str:

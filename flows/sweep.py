@@ -150,10 +150,11 @@ def train_point(parameters: dict[str, Any], torch_threads: int | None) -> Pretra
 
 def _flow_run_name() -> str:
     parameters = flow_run.parameters
-    swept = " ".join(f"{key.rpartition('.')[2]}×{len(values)}" for key, values in (parameters.get("grid") or {}).items())
-    random_points = parameters.get("random_points")
-    drawn = f" {random_points} drawn" if random_points else ""
-    return f"{swept}{drawn} · sweep {parameters.get('preset', DEFAULT_PRESET)} {corpus_label(parameters.get('corpus'))}"
+    grid = parameters.get("grid") or {}
+    swept = " ".join(f"{key.rpartition('.')[2]}×{len(values)}" for key, values in grid.items())
+    drawn = f" {parameters['random_points']} drawn" if parameters.get("random_points") else ""
+    preset = parameters.get("preset", DEFAULT_PRESET)
+    return f"{swept}{drawn} · sweep {preset} {corpus_label(parameters.get('corpus'))}"
 
 
 @flow(name="sweep", flow_run_name=_flow_run_name, log_prints=True)

@@ -88,7 +88,8 @@ def test_a_malformed_grid_flag_is_refused(pairs, message):
 @pytest.mark.parametrize(
     ("grid", "overrides", "message"),
     [
-        ({"train.learning_rat": ["1e-3"]}, {}, r"sweep point 1 \(learning_rat=1e-3\): .*train.learning_rat is not a setting"),
+        ({"train.learning_rat": ["1e-3"]}, {},
+         r"sweep point 1 \(learning_rat=1e-3\): .*train.learning_rat is not a setting"),
         ({"train.max_steps": ["100", "many"]}, {}, r"sweep point 2 \(max_steps=many\): .*is not a valid int"),
         ({"model.n_head": ["3"]}, {}, r"sweep point 1 \(n_head=3\)"),
         ({"train.max_steps": ["100"]}, {"train.max_steps": "50"}, "both swept \\(--grid\\) and set \\(--set\\)"),
@@ -143,4 +144,5 @@ def test_the_tables_name_every_point_its_outcome_and_the_best():
 
 
 def test_a_point_label_names_each_swept_setting_by_its_field():
-    assert SweepPoint(3, {"train.learning_rate": "1e-3", "model.n_layer": "4"}).label() == "learning_rate=1e-3 n_layer=4"
+    point = SweepPoint(3, {"train.learning_rate": "1e-3", "model.n_layer": "4"})
+    assert point.label() == "learning_rate=1e-3 n_layer=4"
