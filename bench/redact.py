@@ -25,7 +25,7 @@ from gptflow.data.config import IngestConfig
 from gptflow.data.errors import SkipReport
 from gptflow.data.ingest import ingest_corpus
 from gptflow.data.readers import read_documents
-from gptflow.data.redact import REDACTION_KINDS, REPLACEMENTS, redact
+from gptflow.data.redact import REDACTION_KINDS, REPLACEMENTS, luhn_valid, redact
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 
 SAMPLE_PER_KIND = 400
@@ -60,15 +60,9 @@ def ingest_cost(repeats: int = 5) -> None:
 
 
 def _luhn_complete(rng: random.Random, prefix: str, length: int) -> str:
-    digits = [int(d) for d in prefix] + [rng.randrange(10) for _ in range(length - len(prefix) - 1)]
-    for check in range(10):
-        total = 0
-        for position, digit in enumerate(reversed([*digits, check])):
-            value = digit * (2 if position % 2 else 1)
-            total += value - 9 if value > 9 else value
-        if total % 10 == 0:
-            return "".join(map(str, digits)) + str(check)
-    raise AssertionError
+    """A random card number of ``prefix`` and ``length`` with a valid checksum digit."""
+    body = prefix + "".join(str(rng.randrange(10)) for _ in range(length - len(prefix) - 1))
+    return next(body + str(check) for check in range(10) if luhn_valid(body + str(check)))
 
 
 def _positives(rng: random.Random) -> dict[str, list[str]]:

@@ -143,10 +143,11 @@ def _is_phone_number(number: str) -> bool:
 def _is_card(number: str) -> bool:
     digits = number.replace(" ", "").replace("-", "")
     return any(prefix.match(digits) and len(digits) in lengths for prefix, lengths in _CARD_NETWORKS) and (
-        _luhn_valid(digits))
+        luhn_valid(digits))
 
 
-def _luhn_valid(digits: str) -> bool:
+def luhn_valid(digits: str) -> bool:
+    """The payment-card checksum: doubling every second digit from the right, the sum ends in 0."""
     total = 0
     for position, digit in enumerate(reversed(digits)):
         value = int(digit) * (2 if position % 2 else 1)

@@ -62,8 +62,6 @@ from gptflow.tasks.workspace import Workspace
 class SweepSummary:
     swept: list[str]
     outcomes: list[PointOutcome]
-    best: int | None
-    """The index of the completed point of lowest val loss."""
     scaling: ScalingReport | None
     scaling_note: str | None
     """Why a ``--scaling`` sweep has no fit (too few points completed, say)."""
@@ -73,12 +71,16 @@ class SweepSummary:
     mlflow_view: str
 
     @property
+    def best(self) -> PointOutcome | None:
+        """The completed point of lowest val loss."""
+        return best_point(self.outcomes)
+
+    @property
     def failed(self) -> list[PointOutcome]:
         return [outcome for outcome in self.outcomes if outcome.status == "failed"]
 
     def _rows(self) -> list[dict[str, str]]:
-        best = next((outcome for outcome in self.outcomes if outcome.point.index == self.best), None)
-        return table_rows(self.outcomes, best)
+        return table_rows(self.outcomes, self.best)
 
     def _columns(self, *left_out: str) -> list[str]:
         left_out = (*left_out, "point") + (() if self.failed else ("error",))
@@ -108,7 +110,7 @@ class SweepSummary:
     def render(self) -> str:
         lines = ["", text_table(self._rows(), self._columns("MLflow run", "error")), ""]
         lines += [f"point {outcome.point.index} failed: {outcome.error}" for outcome in self.failed]
-        best = next((outcome for outcome in self.outcomes if outcome.point.index == self.best), None)
+        best = self.best
         if best is not None:
             lines.append(f"best        point {best.point.index} ({best.point.label()}): val loss {best.val_loss:.4f}, "
                          f"MLflow run {best.mlflow_run_id}")
@@ -225,7 +227,6 @@ def sweep(
         common = {"corpus": corpus, "preset": preset, "config_file": config_file,
                   "workspace": workspace if workspace is not None else str(workspace_dir.root), "from_scratch": True}
         outcomes = _train_points(points, common, overrides, run, max_parallel, ray_address)
-        best = best_point(outcomes)
         scaling_report, scaling_note = None, None
         if scaling:
             try:
@@ -234,7 +235,7 @@ def sweep(
                 scaling_note = str(error)
                 run_logger().warning(f"sweep: the scaling law is not fitted: {error}")
         summary = SweepSummary(
-            swept=swept, outcomes=outcomes, best=best.point.index if best else None, scaling=scaling_report,
+            swept=swept, outcomes=outcomes, scaling=scaling_report,
             scaling_note=scaling_note, elapsed_s=time.monotonic() - started, mlflow_run_id=run.run_id,
             run_name=run.name, mlflow_view=run.how_to_view(),
         )
@@ -333,10 +334,9 @@ def _log_comparison(run: PipelineRun, summary: SweepSummary, workspace: Workspac
     if completed:
         plot_loss_against_settings(summary.outcomes, directory)
         curves = _val_loss_curves(run.client, completed)
-        best_label = next((o.point.label() for o in completed if o.point.index == summary.best), None)
-        plot_loss_curves(curves, best_label, directory / "val_loss_curves.png")
+        plot_loss_curves(curves, summary.best.point.label(), directory / "val_loss_curves.png")
     metrics = {"sweep/points_completed": len(completed), "sweep/points_failed": len(summary.failed)}
-    best = next((outcome for outcome in completed if outcome.point.index == summary.best), None)
+    best = summary.best
     if best is not None:
         metrics["sweep/best_val_loss"] = best.val_loss
         run.set_tags({"gptflow.sweep.best_run": best.mlflow_run_id, "gptflow.sweep.best_point": best.point.label()})

@@ -35,9 +35,6 @@ from gptflow.data.errors import UserError
 from gptflow.tasks.config import ConfigError, PretrainSettings, build_config
 
 RANGE_SEPARATOR = ".."
-TOKEN_BUDGET_SETTINGS = ("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps",
-                         "train.global_batch_size", "model.block_size")
-"""The settings that change how many tokens a pretraining sees."""
 DRAW_ATTEMPTS = 100
 """Draws a random sweep makes per point before it gives up finding a point it has not drawn."""
 VAL_LOSS_METRIC = "val/loss"
@@ -99,8 +96,14 @@ class ScalingReport:
     law: ScalingLaw
     compute_budget: float
     """FLOPs (``6 N D``) the compute-optimal size is given for."""
-    optimal_parameters: float
-    optimal_tokens: float
+
+    @property
+    def optimal_parameters(self) -> float:
+        return self.law.compute_optimal(self.compute_budget)[0]
+
+    @property
+    def optimal_tokens(self) -> float:
+        return self.law.compute_optimal(self.compute_budget)[1]
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -252,8 +255,7 @@ def fit_scaling(outcomes: list[PointOutcome], compute_budget: float | None) -> S
                           [outcome.val_loss for outcome in completed])
     budget = compute_budget or max(FLOPS_PER_PARAMETER_TOKEN * outcome.parameters * outcome.tokens
                                    for outcome in completed)
-    parameters, tokens = law.compute_optimal(budget)
-    return ScalingReport(law, budget, parameters, tokens)
+    return ScalingReport(law, budget)
 
 
 TABLE_COLUMNS = ("point", "status", "val loss", "perplexity", "parameters", "tokens", "training", "time",

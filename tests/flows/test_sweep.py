@@ -68,7 +68,7 @@ def test_a_sweep_nests_its_points_shares_the_data_stages_and_a_rerun_trains_only
     assert {child.data.tags["gptflow.stage.pretrain"] for child in children} == {"executed"}
 
     best = min(first.outcomes, key=lambda outcome: outcome.val_loss)
-    assert first.best == best.point.index
+    assert first.best.point.index == best.point.index
     tagged_best = [child.info.run_id for child in children if child.data.tags.get("gptflow.sweep.best") == "true"]
     assert tagged_best == [best.mlflow_run_id]
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -109,7 +109,7 @@ def test_a_failing_point_is_reported_and_the_others_complete(sweep_workspace):
     completed, failed = summary.outcomes
     assert completed.status == "completed" and completed.val_loss > 0
     assert failed.status == "failed" and "fewer than one window of block_size + 1 = 60001" in failed.error
-    assert summary.best == 1
+    assert summary.best.point.index == 1
     children = {child.data.tags["gptflow.sweep.point"]: child for child in _children(workspace, summary.mlflow_run_id)}
     assert children["2"].info.status == "FAILED" and failed.mlflow_run_id == children["2"].info.run_id
     assert "failed      1 of 2 points" in summary.render()
