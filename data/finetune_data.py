@@ -8,18 +8,24 @@ Input: records of a JSONL, JSON, CSV or parquet file (``.gz`` / ``.zst`` too), r
   one assistant message. Encoded with the chat template; only assistant tokens are trained.
 - ``classification``: a text field and a label field (``text`` and ``label`` unless configured);
   labels are strings (integers are read as their decimal text).
+- ``tagging``: a text field and ``spans`` (``[[start, end, label], ...]``, character offsets), or
+  a CoNLL file (``.conll``, ``.iob``, ``.bio``): see ``data.tagging``.
 
 Bad records are skipped and counted with their location (what the reader skips, and a record
-without the fields, an empty response or text, a val label the train split lacks). Over-long examples are
-truncated or skipped, as configured, and counted. Only input that leaves nothing to train on
-(no usable record, an empty split, fewer than two labels) is a ``FinetuneDataError``.
+without the fields, an empty response or text, a val label the train split lacks, spans outside
+the text or overlapping, a CoNLL tag of no known scheme). Over-long examples are truncated or
+skipped, as configured, and counted. Only input that leaves nothing to train on (no usable
+record, an empty split, fewer than two labels, or no span label for tagging) is a
+``FinetuneDataError``.
 
 A labelled file scored by an already trained classifier (``prepare_labelled``) becomes one
 ``eval`` split: records with a label the classifier does not know are skipped and counted.
 
 Output, one directory: ``train.arrow`` and ``val.arrow``, or ``eval.arrow`` (columns ``input_ids: list<int32>``,
-``location: string``, and ``loss_mask: list<bool>`` for sft or ``label: int32`` for
-classification) and ``prepared.json`` (labels, counts, truncations, skips).
+``location: string``, and ``loss_mask: list<bool>`` for sft, ``label: int32`` for
+classification, or ``tags: list<int16>``, ``text: string`` and ``offsets: list<int32>`` (each
+token's start and end character) for tagging) and ``prepared.json`` (labels, counts,
+truncations, skips).
 """
 
 from __future__ import annotations
@@ -40,6 +46,17 @@ from gptflow.data.errors import SkipReport
 from gptflow.data.finetune_inputs import OBJECTIVES, FinetuneDataError, check_data_file
 from gptflow.data.readers import read_records
 from gptflow.data.store import atomic_directory, hash_json, read_contents_hash
+from gptflow.data.tagging import (
+    NOT_SCORED,
+    SPANS_FIELD,
+    Span,
+    SpanError,
+    align,
+    conll_spans,
+    parse_spans,
+    tag_names,
+    tags_of,
+)
 from gptflow.data.tokenizer import EOT_TOKEN, load_tokenizer
 
 PREPARED_FILE = "prepared.json"
@@ -55,6 +72,8 @@ SKIP_TOO_LONG = "longer than max_length"
 SKIP_PROMPT_FILLS_MAX_LENGTH = "prompt leaves no response token within max_length"
 SKIP_UNSEEN_LABEL = "val label not seen in train"
 SKIP_UNKNOWN_LABEL = "label the classifier was not trained on"
+SKIP_UNSEEN_SPAN_LABEL = "val span label not seen in train"
+SKIP_UNKNOWN_SPAN_LABEL = "span label the tagger was not trained on"
 EVAL_SPLIT = "eval"
 """The one split of a labelled file prepared to score a trained classifier (``prepare_labelled``)."""
 
@@ -69,20 +88,31 @@ class PreparedData:
     """Hash of every file of ``directory``: the input key of the stages trained on it."""
     objective: str
     labels: list[str]
-    """Classification labels in class-index order (sorted); empty for sft."""
+    """Classification labels in class-index order, or tagging's span labels (sorted); empty for sft."""
     examples: dict[str, int]
     """Examples per split (``train``, ``val``) after skips."""
     tokens: dict[str, int]
     """Tokens per split."""
     trained_tokens: dict[str, int]
-    """Tokens per split the loss is computed on: response tokens for sft, examples for classification."""
+    """Tokens per split the loss is computed on: response tokens for sft, examples for
+    classification, tagged tokens for tagging."""
     truncated: dict[str, int]
     """Examples per split cut to ``max_length``."""
     max_length: int
     skips: dict[str, Any] = field(default_factory=dict)
     """``SkipReport.to_dict()`` of everything skipped, both splits."""
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Classification: split → label → examples."""
+    """Classification: split → label → examples; tagging: split → label → spans."""
+    span_label_from: str = ""
+    """Tagging: where a span's label is read (``data.tagging.SPAN_LABEL_FROM``); the head's tags follow from it."""
+    spans: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Tagging: split → ``total`` spans, and of them ``misaligned`` (edges inside a token),
+    ``lost`` (no token of their own) and ``truncated`` (cut by max_length, left out)."""
+
+    @property
+    def tags(self) -> list[str]:
+        """Tagging: the head's classes, in order."""
+        return tag_names(self.labels, self.span_label_from)
 
     def skip_report(self) -> SkipReport:
         return SkipReport.from_dict(self.skips)
@@ -105,6 +135,12 @@ class PreparedSplit:
     """sft: per token, whether it is trained on."""
     labels: np.ndarray | None = None
     """classification: class index per example."""
+    tags: list[np.ndarray] | None = None
+    """tagging: per token, its tag's index (``NOT_SCORED`` where the loss leaves it out)."""
+    texts: list[str] | None = None
+    """tagging: the example's text."""
+    offsets: list[np.ndarray] | None = None
+    """tagging: per token, ``(start, end)`` characters of its text (``(0, 0)`` for the start token)."""
 
 
 @dataclass
@@ -114,11 +150,16 @@ class _Example:
     messages: list[Message] | None = None
     text: str | None = None
     label: str | None = None
+    spans: list[Span] | None = None
 
 
 class _Skip(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, detail: str = "", location: str | None = None) -> None:
         self.reason = reason
+        self.detail = detail
+        """What is wrong, for the skip report."""
+        self.location = location
+        """Where, when more precise than the record's location (a CoNLL tag's line)."""
 
 
 def prepare_examples(
@@ -133,13 +174,15 @@ def prepare_examples(
     val_fraction: float,
     text_field: str = "text",
     label_field: str = "label",
+    span_label_from: str = "each_token",
     template: ChatTemplate | None = None,
 ) -> PreparedData:
     """Read, split, tokenize and write the examples of ``train_file`` (and ``val_file``, else a
     ``val_fraction`` of ``train_file`` chosen by record hash, stable as the file grows).
 
     ``max_length`` bounds the tokens of an example; ``overlong`` (``truncate`` or ``skip``) says
-    what happens to longer ones. ``template`` encodes sft conversations (default: ``ChatTemplate()``).
+    what happens to longer ones. ``template`` encodes sft conversations (default: ``ChatTemplate()``);
+    ``span_label_from`` chooses tagging's tags (``data.tagging``).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -160,11 +203,20 @@ def prepare_examples(
                 skips.add(SKIP_UNSEEN_LABEL, f"{example.location} ({example.label!r})")
         examples = [example for example in examples if example.split == "train" or example.label in labels]
         _require_both_splits(examples, train_file, val_file, skips)
+    elif objective == "tagging":
+        labels = sorted({span.label for example in examples if example.split == "train" for span in example.spans})
+        if not labels:
+            raise FinetuneDataError(f"The train split of {train_file} has no span: tagging needs texts with labelled "
+                                    'spans, e.g. {"text": "def f(): pass", "spans": [[0, 3, "keyword"]]}.')
+        examples = [example for example in examples if example.split == "train"
+                    or _spans_known(example, labels, SKIP_UNSEEN_SPAN_LABEL, skips)]
+        _require_both_splits(examples, train_file, val_file, skips)
 
     tokenizer = load_tokenizer(tokenizer_file)
     template = template or ChatTemplate()
     prepared = PreparedData(directory=str(out_dir), fingerprint="", objective=objective, labels=labels,
-                            examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length)
+                            examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length,
+                            span_label_from=span_label_from if objective == "tagging" else "")
     with atomic_directory(Path(out_dir)) as tmp:
         for split in ("train", "val"):
             source = val_file if split == "val" and val_file else train_file
@@ -183,27 +235,34 @@ def prepare_labelled(
     *,
     labels: list[str],
     max_length: int,
+    objective: str = "classification",
     text_field: str = "text",
     label_field: str = "label",
     field_settings: str = "text_field and label_field",
+    span_label_from: str = "",
 ) -> PreparedData:
     """Every usable record of a labelled file as the ``eval`` split, to score a trained classifier
-    whose class order is ``labels``: texts are cut to ``max_length`` tokens (as the classifier's
-    own inputs are), records with a label it does not know are skipped and counted.
-    ``field_settings`` names the caller's settings for the two fields, for error messages."""
+    (or, ``objective="tagging"``, a tagger reading spans as ``span_label_from`` says) whose labels
+    are ``labels``: texts are cut to ``max_length`` tokens (as the model's own inputs are), records
+    with a label it does not know are skipped and counted. ``field_settings`` names the caller's
+    settings for the fields, for error messages."""
     skips = SkipReport()
     examples = []
-    for example in _read_examples("classification", Path(path), EVAL_SPLIT, 0.0, text_field, label_field, skips,
+    for example in _read_examples(objective, Path(path), EVAL_SPLIT, 0.0, text_field, label_field, skips,
                                   field_settings):
-        if example.label in labels:
+        if objective == "tagging":
+            if _spans_known(example, labels, SKIP_UNKNOWN_SPAN_LABEL, skips):
+                examples.append(example)
+        elif example.label in labels:
             examples.append(example)
         else:
             skips.add(SKIP_UNKNOWN_LABEL, f"{example.location} ({example.label!r})")
     if not examples:
-        raise FinetuneDataError(f"No record of {path} can be scored by the classifier, whose labels are "
-                                f"{', '.join(labels)} ({skips.summary()}).")
-    prepared = PreparedData(directory=str(out_dir), fingerprint="", objective="classification", labels=list(labels),
-                            examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length)
+        raise FinetuneDataError(f"No record of {path} can be scored by the {'tagger' if objective == 'tagging' else 'classifier'}, "
+                                f"whose labels are {', '.join(labels)} ({skips.summary()}).")
+    prepared = PreparedData(directory=str(out_dir), fingerprint="", objective=objective, labels=list(labels),
+                            examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length,
+                            span_label_from=span_label_from)
     with atomic_directory(Path(out_dir)) as tmp:
         _write_examples(tmp, EVAL_SPLIT, examples, Path(path), load_tokenizer(tokenizer_file), ChatTemplate(),
                         prepared, "truncate", skips)
@@ -222,23 +281,39 @@ def _write_examples(
     objective, max_length = prepared.objective, prepared.max_length
     start_id = ChatTemplate.token_id(tokenizer, EOT_TOKEN)
     label_index = {label: index for index, label in enumerate(prepared.labels)}
-    rows = []
+    tag_index = {tag: index for index, tag in enumerate(prepared.tags)} if objective == "tagging" else {}
+    rows: list[dict[str, Any]] = []
     truncated = 0
+    span_counts = Counter()
     for example in examples:
         if objective == "sft":
             ids, mask = template.encode(tokenizer, example.messages)
+            row = {"loss_mask": mask}
+        elif objective == "tagging":
+            encoding = tokenizer.encode(example.text, add_special_tokens=False)
+            ids = [start_id, *encoding.ids]
+            aligned = align(example.text, encoding.offsets, example.spans)
+            tags = [NOT_SCORED] + [tag_index[tag] for tag in tags_of(aligned.token_spans, len(encoding.ids),
+                                                                      prepared.span_label_from)]
+            row = {"tags": tags, "text": example.text, "offsets": [0, 0, *itertools.chain(*encoding.offsets)]}
+            span_counts.update(total=len(example.spans), misaligned=aligned.misaligned, lost=aligned.lost)
         else:
-            ids, mask = encode_text(tokenizer, example.text, start_id), []
+            ids, row = encode_text(tokenizer, example.text, start_id), {"label": label_index[example.label]}
         if len(ids) > max_length:
             if overlong == "skip":
                 skips.add(SKIP_TOO_LONG, example.location)
                 continue
-            ids, mask = ids[:max_length], mask[:max_length]
-            if objective == "sft" and not any(mask[1:]):
-                skips.add(SKIP_PROMPT_FILLS_MAX_LENGTH, example.location)
-                continue
+            ids = ids[:max_length]
+            if objective == "sft":
+                row["loss_mask"] = row["loss_mask"][:max_length]
+                if not any(row["loss_mask"][1:]):
+                    skips.add(SKIP_PROMPT_FILLS_MAX_LENGTH, example.location)
+                    continue
+            if objective == "tagging":
+                row["tags"], row["offsets"] = _cut_spans(row["tags"], max_length, aligned.token_spans, span_counts), \
+                    row["offsets"][: 2 * max_length]
             truncated += 1
-        rows.append((ids, mask, label_index.get(example.label), example.location))
+        rows.append({"input_ids": ids, "location": example.location, **row})
     if not rows:
         fix = "finetune.overlong=truncate, or " if overlong == "skip" else ""
         raise FinetuneDataError(f"No {split} example of {source} fits max_length={max_length} tokens "
@@ -246,13 +321,41 @@ def _write_examples(
                                 "base model's block_size), or shorter prompts.")
     _write_split(directory / f"{split}.arrow", objective, rows)
     prepared.examples[split] = len(rows)
-    prepared.tokens[split] = sum(len(ids) for ids, _, _, _ in rows)
+    prepared.tokens[split] = sum(len(row["input_ids"]) for row in rows)
     # The first token is never a target: the model reads it, it does not predict it.
-    prepared.trained_tokens[split] = (sum(sum(mask[1:]) for _, mask, _, _ in rows) if objective == "sft"
-                                      else len(rows))
+    prepared.trained_tokens[split] = (
+        sum(sum(row["loss_mask"][1:]) for row in rows) if objective == "sft"
+        else sum(tag != NOT_SCORED for row in rows for tag in row["tags"]) if objective == "tagging"
+        else len(rows)
+    )
     prepared.truncated[split] = truncated
     if objective == "classification":
-        prepared.label_counts[split] = dict(sorted(Counter(prepared.labels[row[2]] for row in rows).items()))
+        prepared.label_counts[split] = dict(sorted(Counter(prepared.labels[row["label"]] for row in rows).items()))
+    if objective == "tagging":
+        kept = {row["location"] for row in rows}
+        prepared.label_counts[split] = dict(sorted(Counter(
+            span.label for example in examples if example.location in kept for span in example.spans).items()))
+        prepared.spans[split] = {name: span_counts[name] for name in ("total", "misaligned", "lost", "truncated")}
+
+
+def _cut_spans(tags: list[int], max_length: int, token_spans: list[tuple[int, int, str]], counts: Counter) -> list[int]:
+    """``tags`` of an example cut to ``max_length`` tokens: the tokens of a span the cut splits are
+    left out of the loss (half a span is no span); spans past or across the cut are counted."""
+    tags = tags[:max_length]
+    for first, end, _ in token_spans:
+        first, end = first + 1, end + 1  # after the start token
+        if end > max_length:
+            counts["truncated"] += 1
+            tags[first:max_length] = [NOT_SCORED] * max(0, max_length - first)
+    return tags
+
+
+def _spans_known(example: _Example, labels: list[str], reason: str, skips: SkipReport) -> bool:
+    """Whether every span label of ``example`` is one of ``labels``; if not, the skip is counted."""
+    unknown = sorted({span.label for span in example.spans} - set(labels))
+    if unknown:
+        skips.add(reason, f"{example.location} ({', '.join(map(repr, unknown))})")
+    return not unknown
 
 
 def encode_text(tokenizer: Any, text: str, start_id: int) -> list[int]:
@@ -265,11 +368,15 @@ def read_split(directory: Path, split: str) -> PreparedSplit:
     """A split written by ``prepare_examples``, as numpy arrays per example."""
     with pa.memory_map(str(Path(directory) / f"{split}.arrow")) as source:
         table = pa.ipc.open_file(source).read_all()
+    names = table.column_names
     return PreparedSplit(
         input_ids=_lists(table.column("input_ids")),
         locations=table.column("location").to_pylist(),
-        loss_mask=_lists(table.column("loss_mask")) if "loss_mask" in table.column_names else None,
-        labels=table.column("label").to_numpy() if "label" in table.column_names else None,
+        loss_mask=_lists(table.column("loss_mask")) if "loss_mask" in names else None,
+        labels=table.column("label").to_numpy() if "label" in names else None,
+        tags=_lists(table.column("tags")) if "tags" in names else None,
+        texts=table.column("text").to_pylist() if "text" in names else None,
+        offsets=[pairs.reshape(-1, 2) for pairs in _lists(table.column("offsets"))] if "offsets" in names else None,
     )
 
 
@@ -280,17 +387,20 @@ def _lists(column: pa.ChunkedArray) -> list[np.ndarray]:
     return [values[start:end] for start, end in itertools.pairwise(offsets)]
 
 
-def _write_split(path: Path, objective: str, rows: list[tuple[list[int], list[bool], int | None, str]]) -> None:
-    columns = [("input_ids", pa.list_(pa.int32())), ("location", pa.string())]
-    columns.append(("loss_mask", pa.list_(pa.bool_())) if objective == "sft" else ("label", pa.int32()))
-    schema = pa.schema(columns)
+_COLUMNS = {
+    "sft": [("loss_mask", pa.list_(pa.bool_()))],
+    "classification": [("label", pa.int32())],
+    "tagging": [("tags", pa.list_(pa.int16())), ("text", pa.string()), ("offsets", pa.list_(pa.int32()))],
+}
+"""Each objective's columns beside ``input_ids`` and ``location``."""
+
+
+def _write_split(path: Path, objective: str, rows: list[dict[str, Any]]) -> None:
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("location", pa.string()), *_COLUMNS[objective]])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for start in range(0, len(rows), ROWS_PER_BATCH):
             batch = rows[start:start + ROWS_PER_BATCH]
-            arrays = [pa.array([ids for ids, _, _, _ in batch], pa.list_(pa.int32())),
-                      pa.array([location for _, _, _, location in batch], pa.string())]
-            arrays.append(pa.array([mask for _, mask, _, _ in batch], pa.list_(pa.bool_())) if objective == "sft"
-                          else pa.array([label for _, _, label, _ in batch], pa.int32()))
+            arrays = [pa.array([row[column.name] for row in batch], column.type) for column in schema]
             writer.write_batch(pa.record_batch(arrays, schema=schema))
 
 
@@ -320,9 +430,10 @@ def _read_examples(
         seen_keys.update(key for key in record if isinstance(key, str))  # csv puts surplus cells under None
         try:
             example = (_sft_example(record, location) if objective == "sft"
+                       else _tagging_example(record, location, text_field) if objective == "tagging"
                        else _classification_example(record, location, text_field, label_field))
         except _Skip as skip:
-            skips.add(skip.reason, location)
+            skips.add(skip.reason, (skip.location or location) + (f" ({skip.detail})" if skip.detail else ""))
             reasons[skip.reason] += 1
             continue
         reasons["usable"] += 1
@@ -330,10 +441,11 @@ def _read_examples(
         yield example
     if reasons and set(reasons) == {SKIP_MISSING_FIELDS}:
         # Not bad records but the wrong fields: a setting (or file) to fix, not data to skip.
-        expected = SFT_FORMAT if objective == "sft" else f"fields {text_field!r} and {label_field!r}"
+        expected = {"sft": SFT_FORMAT, "tagging": f"fields {text_field!r} and {SPANS_FIELD!r}"}.get(
+            objective, f"fields {text_field!r} and {label_field!r}")
         raise FinetuneDataError(f"No record of {path} has the {objective} fields: expected {expected}; its records have "
-                                f"{', '.join(repr(key) for key in sorted(seen_keys))}. For classification, "
-                                f"{field_settings} name other fields.")
+                                f"{', '.join(repr(key) for key in sorted(seen_keys))}. For classification and "
+                                f"tagging, {field_settings} name other fields.")
 
 
 def _sft_example(record: dict[str, Any], location: str) -> _Example:
@@ -370,6 +482,25 @@ def _classification_example(record: dict[str, Any], location: str, text_field: s
     if not isinstance(label, str) or not label.strip():
         raise _Skip(SKIP_BAD_LABEL)
     return _Example(location, "", text=text.replace("\r\n", "\n"), label=label.strip())
+
+
+def _tagging_example(record: dict[str, Any], location: str, text_field: str) -> _Example:
+    """A record of text and spans, or a CoNLL sentence (``data.readers``: words, tags, lines)."""
+    try:
+        if "words" in record and "tags" in record:
+            text, spans = conll_spans(record["words"], record["tags"])
+            return _Example(location, "", text=text, spans=spans)
+        if text_field not in record or SPANS_FIELD not in record:
+            raise _Skip(SKIP_MISSING_FIELDS)
+        text = record[text_field]
+        if not isinstance(text, str) or not text.strip():
+            raise _Skip(SKIP_EMPTY_TEXT)
+        # Offsets count characters of the text as given: no newline normalisation here.
+        return _Example(location, "", text=text, spans=parse_spans(record[SPANS_FIELD], text))
+    except SpanError as error:
+        # A CoNLL tag is named by its own line.
+        line = f"{location.rsplit(':', 1)[0]}:{record['lines'][error.word]}" if error.word is not None else None
+        raise _Skip(error.reason, error.detail, line) from None
 
 
 def _hash_split(record: dict[str, Any], val_fraction: float) -> str:

@@ -6,6 +6,8 @@ standard library source), so ``gptflow finetune`` runs with no download.
 - ``classification``: which top-level standard-library package a function comes from, over
   ``CLASSIFICATION_PACKAGES``, the same number of functions from each (so the majority baseline
   is 1 / number of packages).
+- ``tagging``: functions of ``TAGGING_PACKAGES`` with spans of their Python tokens labelled by
+  kind (``TAG_KINDS``), as Python's own ``tokenize`` module reads them: real labels, for free.
 
 Functions are module-level functions and methods of module-level classes, taken in file order
 and thinned deterministically by a hash of their location, so the data is the same on every run
@@ -15,9 +17,12 @@ of one interpreter. Test folders are left out, as in the built-in corpus.
 from __future__ import annotations
 
 import ast
+import io
 import json
+import keyword
 import re
 import textwrap
+import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +40,12 @@ FUNCTIONS_PER_LABEL = 240
 MAX_TEXT_CHARS = 1500
 """Classification texts longer than this are left out (the start of a function names it anyway)."""
 EXCLUDED_FOLDERS = {"test", "tests", "idle_test", "__pycache__"}
+TAGGING_PACKAGES = ("json", "logging", "email", "xml")
+TAGGING_FUNCTIONS = 800
+MAX_TAGGING_CHARS = 600
+"""Tagged functions longer than this are left out: what remains fits a 256-token context."""
+TAG_KINDS = ("comment", "keyword", "name", "number", "string")
+"""The demo's span labels: names are identifiers (soft keywords such as ``match`` among them)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,7 @@ def write_demo(task: str, path: Path, root: Path | None = None) -> int:
     """Write the ``task`` demo (``sft`` or ``classification``) as JSONL to ``path``; returns the
     number of records. ``root`` defaults to the built-in corpus."""
     root = root or builtin_corpus_root()
-    records = sft_records(root) if task == "sft" else classification_records(root)
+    records = {"sft": sft_records, "classification": classification_records, "tagging": tagging_records}[task](root)
     with open(path, "w", encoding="utf-8") as out:
         out.writelines(json.dumps(record) + "\n" for record in records)
     return len(records)
@@ -88,6 +99,49 @@ def classification_records(root: Path, per_label: int = FUNCTIONS_PER_LABEL) -> 
                for package, functions in by_package.items() for function in _thinned(functions, count)]
     # Interleaved by hash, so a file read in order (and every split) mixes the labels.
     return sorted(records, key=hash_json)
+
+
+def tagging_records(root: Path, count: int = TAGGING_FUNCTIONS) -> list[dict[str, object]]:
+    """Functions of ``TAGGING_PACKAGES`` (docstrings kept: they are strings to find) with their
+    token spans, ``count`` of them chosen by hash of their location."""
+    candidates = [function for package in TAGGING_PACKAGES for function in functions_of(root, package)
+                  if len(function.source) <= MAX_TAGGING_CHARS]
+    records = []
+    for function in _thinned(candidates, count):
+        try:
+            records.append({"text": function.source, "spans": python_token_spans(function.source)})
+        except (tokenize.TokenError, SyntaxError):
+            continue  # dedenting left a continuation line the tokenizer cannot place
+    return records
+
+
+def python_token_spans(source: str) -> list[list[object]]:
+    """``[start, end, kind]`` of each comment, keyword, name, number and string of ``source``
+    (character offsets), as ``tokenize`` reads it; an f-string (a token sequence from Python 3.12)
+    is one string span."""
+    line_starts = [0]
+    for line in source.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+    spans: list[list[object]] = []
+    fstring_depth, fstring_start = 0, 0
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        start = line_starts[token.start[0] - 1] + token.start[1]
+        end = line_starts[token.end[0] - 1] + token.end[1]
+        name = tokenize.tok_name[token.type]
+        if name == "FSTRING_START":
+            fstring_depth += 1
+            fstring_start = start if fstring_depth == 1 else fstring_start
+        elif name == "FSTRING_END":
+            fstring_depth -= 1
+            if not fstring_depth:
+                spans.append([fstring_start, end, "string"])
+        elif fstring_depth:
+            continue
+        elif token.type == tokenize.NAME:
+            spans.append([start, end, "keyword" if keyword.iskeyword(token.string) else "name"])
+        elif token.type in (tokenize.STRING, tokenize.NUMBER, tokenize.COMMENT):
+            spans.append([start, end, tokenize.tok_name[token.type].lower()])
+    return spans
 
 
 def functions_of(root: Path, package: str) -> Iterator[Function]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -236,6 +237,34 @@ def _read_parquet(source: SourceFile, skips: SkipReport, columns: Sequence[str] 
         yield from _numbered(source, (row for batch in batches for row in batch.to_pylist()))
 
 
+def _read_conll(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
+    """CoNLL-style files: a word per line with its columns (the first is the word, the last its
+    tag), a blank line between sentences, ``-DOCSTART-`` lines ignored. Each sentence is a record
+    ``{"words": [...], "tags": [...], "lines": [...]}`` located at its first line; a sentence with
+    a line that is not UTF-8 is left out (that line is the skip reported)."""
+    with _open(source) as stream:
+        if _skipped_as_binary(stream, source, skips):
+            return
+        sentence: dict[str, list[Any]] = {"words": [], "tags": [], "lines": []}
+        readable = True
+        for line_number, line in enumerate(itertools.chain(stream, [b""]), start=1):  # b"": the last sentence ends
+            if not line.strip():
+                if sentence["words"] and readable:
+                    yield f"{source.path}:{sentence['lines'][0]}", sentence
+                sentence, readable = {"words": [], "tags": [], "lines": []}, True
+                continue
+            decoded = _decode(line, f"{source.path}:{line_number}", skips)
+            if decoded is None:
+                readable = False
+                continue
+            fields = decoded.split()
+            if fields[0] == "-DOCSTART-":
+                continue
+            sentence["words"].append(fields[0])
+            sentence["tags"].append(fields[-1] if len(fields) > 1 else "")
+            sentence["lines"].append(line_number)
+
+
 def _read_hub(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
     import datasets  # heavy; only hub corpora need it
 
@@ -255,5 +284,6 @@ _READERS: dict[str, Callable[[SourceFile, SkipReport, Sequence[str] | None], Ite
     "json": _read_json,
     "csv": _read_csv,
     "parquet": _read_parquet,
+    "conll": _read_conll,
     "hub": _read_hub,
 }
