@@ -167,8 +167,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         from gptflow.data.multiple_choice import read_multiple_choice
 
         read_multiple_choice(Path(args.multiple_choice))
-    if args.classification:
-        check_data_file(Path(args.classification))
+    for path in (args.classification, args.tagging):
+        if path:
+            check_data_file(Path(path))
     if args.lm_eval_tasks_dir and not Path(args.lm_eval_tasks_dir).is_dir():
         raise ConfigError(f"--lm-eval-tasks-dir {args.lm_eval_tasks_dir} is not a folder: give the folder of your "
                           "task YAMLs.")
@@ -177,7 +178,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
               lm_eval=lm_eval_tasks, lm_eval_limit=args.limit, lm_eval_num_fewshot=args.num_fewshot,
               lm_eval_tasks_dir=args.lm_eval_tasks_dir,
-              multiple_choice=args.multiple_choice, classification=args.classification,
+              multiple_choice=args.multiple_choice, classification=args.classification, tagging=args.tagging,
               tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace, ray=args.ray)
     return 0
 
@@ -431,7 +432,7 @@ def _parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser(
         "finetune",
-        help="fine-tune a pretrained model for instructions (sft) or classification, fully or with LoRA",
+        help="fine-tune a pretrained model for instructions (sft), classification or tagging, fully or with LoRA",
         description="Run the finetune flow locally: prepare the data with the base model's tokenizer, fine-tune, "
         "evaluate on the validation split, log and register the model in MLflow. Every stage is cached: rerunning "
         "the same command executes nothing. Without --data, a built-in demo drawn from the Python standard "
@@ -439,7 +440,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument("--objective", default="sft", choices=OBJECTIVES,
                           help="sft: prompt/response pairs or chats, loss on the responses (default); "
-                          "classification: texts with labels, a head on the last token")
+                          "classification: texts with labels, a head on the last token; tagging: texts with labelled "
+                          "character spans (or CoNLL files), a head on every token")
     finetune.add_argument("--model", metavar="SOURCE",
                           help="the base model: models:/name/version, runs:/<run id>/model, an MLflow run id, or a "
                           "directory holding model.safetensors and config.json. Default: the latest registered "
@@ -447,8 +449,10 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--data", metavar="FILE",
                           help='.jsonl, .json, .csv (gzip/zstd too) or .parquet. sft: {"prompt": ..., "response": ...} '
                           'or {"messages": [{"role": ..., "content": ...}, ...]} per record; classification: text and '
-                          "label fields. Default: the objective's built-in demo (docstring → function; which "
-                          "standard-library package a function is from)")
+                          'label fields; tagging: {"text": ..., "spans": [[start, end, label], ...]} per record, or a '
+                          "CoNLL file (.conll, .iob, .bio: a word and its tag per line). Default: the objective's "
+                          "built-in demo (docstring → function; which standard-library package a function is from; "
+                          "the Python token kind of each span of a function)")
     finetune.add_argument("--val-data", metavar="FILE",
                           help="validation examples in the same format; default: finetune.val_fraction of --data")
     finetune.add_argument("--tokenizer", metavar="PATH",
@@ -470,7 +474,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="score a trained model: loss on a corpus split, multiple-choice accuracy, samples, classification",
+        help="score a trained model: loss on a corpus split, multiple-choice accuracy, samples, classification, tagging",
         description="Run the evaluate flow locally. The corpus is tokenized with the model's own tokenizer, and "
         "every stage is cached on the model's weights: rerunning the same command executes nothing.",
     )
@@ -495,6 +499,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--classification", metavar="FILE",
                           help="for a fine-tuned classifier: a JSONL, JSON, CSV or parquet file of text + label (fields data.text_field "
                           "and eval.label_field): accuracy, macro-F1 and a confusion matrix")
+    evaluate.add_argument("--tagging", metavar="FILE",
+                          help='for a fine-tuned tagger: {"text": ..., "spans": [[start, end, label], ...]} records '
+                          "(text field data.text_field) or a CoNLL file: span precision, recall and F1 per label "
+                          "(exact match) and a token confusion matrix")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a data.*, tokenize.*, eval.* or sampling.* setting, e.g. --set "
                           "eval.eval_tokens=65536; "

@@ -1,7 +1,8 @@
 """The ``evaluate`` flow: a trained gptflow model (MLflow model URI, run id or directory) scored on
 a corpus split (loss, perplexity, bits per byte), on a multiple-choice file (zero-shot accuracy)
 and by sample generations, or, for a fine-tuned classifier, on a labelled file (accuracy,
-macro-F1, confusion matrix); each stage cached on the model's weights hash."""
+macro-F1, confusion matrix), for a fine-tuned tagger on a file of texts and spans (span
+precision, recall and F1, token confusion matrix); each stage cached on the model's weights hash."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from gptflow.data.store import hash_file
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.caching import pipeline_code_version
 from gptflow.tasks.classification import ClassificationReport, score_classifier
+from gptflow.tasks.tagging import TaggingReport, score_tagger
+from gptflow.tasks.tagging import summary_line as tagging_summary
 from gptflow.tasks.config import ConfigError, EvaluateSettings, EvalSplit, build_config
 from gptflow.tasks.evaluate import LossReport, sample_model, samples_markdown, score_loss
 from gptflow.tasks.ingest import ingest
@@ -56,6 +59,8 @@ class EvaluateSummary:
     multiple_choice: MultipleChoiceReport | None
     classification_file: str | None
     classification: ClassificationReport | None
+    tagging_file: str | None
+    tagging: TaggingReport | None
     lm_eval: HarnessReport | None
     prompts: list[str]
     samples: list[str]
@@ -70,6 +75,7 @@ class EvaluateSummary:
             **(self.loss.metrics() if self.loss else {}),
             **(self.multiple_choice.metrics() if self.multiple_choice else {}),
             **(self.classification.metrics if self.classification else {}),
+            **(self.tagging.metrics if self.tagging else {}),
             **(self.lm_eval.metrics if self.lm_eval else {}),
         }
 
@@ -83,11 +89,13 @@ class EvaluateSummary:
         classification = self.classification and {
             "file": self.classification_file, **self.classification.classes, "skipped": self.classification.skipped,
         }
+        tagging = self.tagging and {"file": self.tagging_file, **self.tagging.labels, "skipped": self.tagging.skipped}
         return {
             "model": {"source": self.model, "weights_hash": self.weights_hash, "tokenizer_hash": self.tokenizer_hash},
             "loss": loss,
             "multiple_choice": multiple_choice,
             "classification": classification,
+            "tagging": tagging,
             "samples": [{"prompt": prompt, "text": text} for prompt, text in zip(self.prompts, self.samples)],
             "metrics": self.metrics(),
             "stages": self.stages,
@@ -131,6 +139,9 @@ class EvaluateSummary:
                 f"(majority baseline {metrics['eval/majority_accuracy']:.4f}) on {int(metrics['eval/eval_examples']):,} "
                 f"examples of {self.classification_file}; confusion matrix in the run's eval/classification/"
             )
+        if self.tagging:
+            lines.append(f"tagging     {tagging_summary(self.tagging.metrics, 'eval')} of {self.tagging_file}; "
+                         "per label and the token confusion matrix in the run's eval/tagging/")
         lines += [f"wall time   {human_duration(self.elapsed_s)}", f"mlflow      run {self.mlflow_run_id}"]
         lines.append(f"            {self.mlflow_view}")
         if self.samples:
@@ -143,7 +154,8 @@ def _flow_run_name() -> str:
     parameters = flow_run.parameters
     corpus = parameters.get("corpus")
     scored_on = [f"{parameters.get('split', 'val')}:{source_label(corpus[0])}" if corpus else None,
-                 *(Path(parameters[name]).name for name in ("multiple_choice", "classification") if parameters.get(name))]
+                 *(Path(parameters[name]).name for name in ("multiple_choice", "classification", "tagging")
+                   if parameters.get(name))]
     return run_name("evaluate", parameters.get("overrides"), source_label(parameters.get("model")), *scored_on)
 
 
@@ -154,6 +166,7 @@ def evaluate(
     split: EvalSplit = "val",
     multiple_choice: str | None = None,
     classification: str | None = None,
+    tagging: str | None = None,
     tokenizer: str | None = None,
     overrides: dict[str, Any] | None = None,
     workspace: str | None = None,
@@ -176,6 +189,9 @@ def evaluate(
         classification: a JSONL, JSON, CSV or parquet file of text + label (fields ``data.text_field`` and
             ``eval.label_field``) to score a fine-tuned classifier on: accuracy, macro-F1 and a
             confusion matrix. Language models get sample generations instead.
+        tagging: a file of texts and spans (``{"text": ..., "spans": [[start, end, label], ...]}``
+            records, text field ``data.text_field``) or a CoNLL file to score a fine-tuned tagger
+            on: span precision, recall and F1 per label and a token confusion matrix.
         tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
         overrides: ``{"section.field": value}`` of the ``data``, ``tokenize``, ``eval`` and ``sampling`` sections,
             e.g. ``{"eval.eval_tokens": 65536}``.
@@ -190,10 +206,11 @@ def evaluate(
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     config = build_config(EvaluateSettings, overrides=overrides)
-    if not corpus and not multiple_choice and not classification and not lm_eval:
+    if not corpus and not multiple_choice and not classification and not tagging and not lm_eval:
         raise ConfigError("Nothing to evaluate: pass a corpus (--corpus PATH: loss, perplexity, bits per byte), "
                           "a multiple-choice file (--multiple-choice FILE), lm-evaluation-harness tasks (--lm-eval "
-                          "TASKS) and/or, for a classifier, a labelled file (--classification FILE).")
+                          "TASKS) and/or, for a classifier, a labelled file (--classification FILE), for a tagger, "
+                          "a file of texts and spans (--tagging FILE).")
     harness = HarnessSettings(lm_eval, lm_eval_limit, lm_eval_num_fewshot, lm_eval_tasks_dir) if lm_eval else None
     # Bad input fails here, before any model is fetched or corpus ingested.
     sources = resolve_sources(corpus) if corpus else None
@@ -202,12 +219,16 @@ def evaluate(
     if choice_file:
         read_multiple_choice(choice_file)
     labelled_file = Path(classification).expanduser().resolve() if classification else None
-    if labelled_file:
-        check_data_file(labelled_file)
+    spans_file = Path(tagging).expanduser().resolve() if tagging else None
+    for path in (labelled_file, spans_file):
+        if path:
+            check_data_file(path)
     workspace_dir = Workspace.resolve(workspace)
     source = resolve_model(model, workspace_dir, tokenizer)
     if labelled_file:
-        source.require_classifier("--classification")
+        source.require_head("classification")
+    if spans_file:
+        source.require_head("tagging")
 
     tags = {
         "gptflow.flow": "evaluate",
@@ -226,11 +247,12 @@ def evaluate(
             **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
             **({"multiple_choice": str(choice_file), "multiple_choice_hash": choice_hash} if choice_file else {}),
             **({"classification": str(labelled_file)} if labelled_file else {}),
+            **({"tagging": str(spans_file)} if spans_file else {}),
             **({"lm_eval": ",".join(lm_eval), "lm_eval_limit": lm_eval_limit or "",
                 "lm_eval_num_fewshot": "" if lm_eval_num_fewshot is None else lm_eval_num_fewshot}
                if lm_eval else {}),
         })
-        loss = data_fingerprint = choices = classes = harness_report = None
+        loss = data_fingerprint = choices = classes = spans = harness_report = None
         if sources:
             # The split scored must have documents; with "all", either one may be empty.
             required_splits = () if split == "all" else (split,)
@@ -248,8 +270,10 @@ def evaluate(
         if labelled_file:
             classes = score_classifier(source, labelled_file, config.data.text_field, config.eval.label_field,
                                        workspace_dir, run)
+        if spans_file:
+            spans = score_tagger(source, spans_file, config.data.text_field, workspace_dir, run)
         # A classifier's trunk continues text it was never trained to write: only language models are sampled.
-        samples = ([] if source.kind == "classifier" else
+        samples = ([] if source.head_objective else
                    sample_model(source, config.eval.prompts, config.sampling, workspace_dir, run))
 
         summary = EvaluateSummary(
@@ -264,6 +288,8 @@ def evaluate(
             multiple_choice=choices,
             classification_file=str(labelled_file) if labelled_file else None,
             classification=classes,
+            tagging_file=str(spans_file) if spans_file else None,
+            tagging=spans,
             lm_eval=harness_report,
             prompts=config.eval.prompts,
             samples=samples,

@@ -1,5 +1,6 @@
 """The ``finetune`` flow: a pretrained gptflow model tuned to follow instructions (objective
-``sft``) or to classify texts (``classification``), fully or with LoRA: demo data → prepare →
+``sft``), to classify texts (``classification``) or to tag spans of them (``tagging``), fully or
+with LoRA: demo data → prepare →
 finetune → evaluate, each stage cached; the fine-tuned model logged to MLflow as a pyfunc model
 and registered."""
 
@@ -31,6 +32,7 @@ from gptflow.tasks.finetune import (
 )
 from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.progress import human_count, human_duration
+from gptflow.tasks.tagging import summary_line as tagging_summary
 from gptflow.tasks.tracking import is_pending, pipeline_run, run_name, source_label
 from gptflow.tasks.workspace import Workspace
 
@@ -39,6 +41,7 @@ Objective = Literal[OBJECTIVES]
 DEMO_DESCRIPTIONS = {
     "sft": "built-in demo: docstring → function, from the standard library's source",
     "classification": "built-in demo: which standard-library package a function is from",
+    "tagging": "built-in demo: the Python token kind of each span of standard-library functions",
 }
 
 
@@ -107,6 +110,11 @@ class FinetuneSummary:
                 f"accuracy    {self.metrics['eval/accuracy']:.3f}, macro-F1 {self.metrics['eval/macro_f1']:.3f} "
                 f"(majority baseline {self.metrics['eval/majority_accuracy']:.3f})",
             ]
+        elif self.objective == "tagging":
+            lines += [
+                f"val loss    {self.initial_val_loss:.3f} → {self.final_val_loss:.3f} nats/tagged token",
+                f"spans       {tagging_summary(self.metrics, 'val')}; per label in the run's eval/ folder",
+            ]
         else:
             lines.append(f"val loss    {self.initial_val_loss:.3f} (base model) → {self.final_val_loss:.3f} "
                          "nats/response token")
@@ -150,16 +158,19 @@ def finetune(
     workspace: str | None = None,
     restart: bool = False,
 ) -> FinetuneSummary:
-    """Fine-tune a pretrained gptflow model for instructions (``sft``) or text ``classification``.
+    """Fine-tune a pretrained gptflow model for instructions (``sft``), text ``classification`` or
+    ``tagging`` (token classification, e.g. named entities).
 
     Args:
-        objective: ``sft`` (prompt/response pairs or chats; loss on the responses only) or
-            ``classification`` (texts with labels; a linear head on the last token).
+        objective: ``sft`` (prompt/response pairs or chats; loss on the responses only),
+            ``classification`` (texts with labels; a linear head on the last token) or ``tagging``
+            (texts with labelled character spans, or CoNLL files; a linear head on every token).
         model: the base model: ``models:/name/version``, ``runs:/<run id>/model``, an MLflow run
             id, or a directory with ``model.safetensors`` and ``config.json``. Default: the latest
             version of ``gptflow-cpu`` (what ``gptflow pretrain`` registers).
-        data: a .jsonl, .json, .csv (``.gz``/``.zst`` too) or .parquet file. Default: the built-in
-            demo of the objective, extracted from the standard library's source.
+        data: a .jsonl, .json, .csv (``.gz``/``.zst`` too) or .parquet file, or for tagging a
+            CoNLL file (.conll, .iob, .bio). Default: the built-in demo of the objective, extracted
+            from the standard library's source.
         val_data: a validation file in the same format; default: ``finetune.val_fraction`` of
             ``data``, chosen by record hash.
         tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.

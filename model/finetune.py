@@ -1,4 +1,4 @@
-"""Fine-tuning a pretrained GPT: instruction tuning (sft) or classification, fully or with LoRA.
+"""Fine-tuning a pretrained GPT: instruction tuning (sft), classification or tagging, fully or with LoRA.
 
 Examples are independent sequences, batched with padding on the right: a micro-batch is as long
 as its longest example, padded inputs carry the pad id and padded targets -1, which the loss
@@ -8,7 +8,8 @@ padding keeps each example's computation exactly what it is alone (and classific
 sequence per row to pool anyway).
 
 sft trains on the assistant tokens only (targets -1 elsewhere), so the loss is the mean over
-response tokens. Batches are a pure function of ``(seed, step)``: epoch ``e`` visits the examples
+response tokens; tagging on every tagged token (all but the start token and a span cut by
+``max_length``). Batches are a pure function of ``(seed, step)``: epoch ``e`` visits the examples
 in the permutation drawn from ``(seed, e)``.
 
 Training is pretraining's loop (``model.train.train``) with a ``FinetuneObjective``: the same step,
@@ -32,7 +33,7 @@ from gptflow.data.chat import ChatTemplate, Message
 from gptflow.data.finetune_data import PreparedSplit
 from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.model.checkpoint import load_model, save_final
-from gptflow.model.classifier import CLASSIFIER_DIR, GPTClassifier, pad_right, save_head
+from gptflow.model.classifier import CLASSIFIER_DIR, GPTClassifier, GPTTagger, head_objective, pad_right, save_head
 from gptflow.model.device import autocast
 from gptflow.model.config import SamplingConfig, TrainConfig
 from gptflow.model.distributed import Ranks
@@ -69,7 +70,7 @@ class FinetuneResult(FinetuneOutcome):
     model_dir: Path
     """The fine-tuned GPT (LoRA merged): ``model.safetensors`` + ``config.json``."""
     classifier_dir: Path | None
-    """Classification: the head (``model.classifier.load_classifier`` reads both)."""
+    """Classification and tagging: the head (``model.classifier.load_classifier`` reads both)."""
     resumed_from_step: int | None = None
     """Step of the checkpoint this call continued from; None for a fresh start."""
 
@@ -77,15 +78,15 @@ class FinetuneResult(FinetuneOutcome):
 @dataclass
 class FinetuneObjective(TrainingObjective):
     """Tune the model of ``base_dir`` on prepared examples: sft (next-token loss on the response
-    tokens) or classification (a new head on the last real token), fully or with LoRA
-    (``config.lora_rank`` > 0)."""
+    tokens), classification (a new head on the last real token) or tagging (a new head on every
+    token), fully or with LoRA (``config.lora_rank`` > 0)."""
 
     validates_before_training: ClassVar[bool] = True
 
     base_dir: Path
     objective: str
     labels: list[str]
-    """Classification: the head's classes, in order."""
+    """Classification: the head's classes, in order; tagging: the span labels."""
     config: FinetuneConfig
     train: PreparedSplit
     val: PreparedSplit
@@ -97,14 +98,16 @@ class FinetuneObjective(TrainingObjective):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
-    def build_model(self) -> GPT | GPTClassifier:
+    def build_model(self) -> GPT | GPTClassifier | GPTTagger:
         gpt = load_model(self.base_dir, device="cpu")
         if self.config.lora_rank:
             apply_lora(gpt, self.config.lora_rank, self.config.lora_alpha, self.config.lora_dropout)
-        return GPTClassifier(gpt, self.labels) if self.objective == "classification" else gpt
+        if self.objective == "classification":
+            return GPTClassifier(gpt, self.labels)
+        return GPTTagger(gpt, self.labels, self.config.span_label_from) if self.objective == "tagging" else gpt
 
     def trunk(self, model: nn.Module) -> GPT:
-        return model.gpt if isinstance(model, GPTClassifier) else model
+        return model.gpt if isinstance(model, (GPTClassifier, GPTTagger)) else model
 
     def batches(self, seed: int, steps: range, accum_steps: int, micro_batch_size: int, ranks: Ranks,
                 pin_memory: bool) -> Iterator[Batch]:
@@ -115,14 +118,16 @@ class FinetuneObjective(TrainingObjective):
                                           (step * accum_steps + micro_step) * global_batch, global_batch)
                 mine = slice(ranks.rank * micro_batch_size, (ranks.rank + 1) * micro_batch_size)
                 batch = make_batch(self.objective, self.train, indices[mine], self.pad_id)
-                if self.objective == "sft" and ranks.is_distributed:
-                    targets = [int(self.train.loss_mask[index][1:].sum()) for index in indices]
+                if self.objective != "classification" and ranks.is_distributed:
+                    targets = [_target_count(self.train, index) for index in indices]
                     batch.loss_scale = sum(targets[mine]) * ranks.world_size / sum(targets)
                 yield batch
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         if self.objective == "classification":
             return model(batch.inputs, batch.lengths, batch.targets)[1]
+        if self.objective == "tagging":
+            return model(batch.inputs, batch.targets)[1]
         return model(batch.inputs, batch.targets, return_logits=False)[1]
 
     def validate(self, model: nn.Module, train_config: TrainConfig, device: torch.device,
@@ -133,7 +138,7 @@ class FinetuneObjective(TrainingObjective):
     def export(self, model: nn.Module, run_dir: Path) -> None:
         merge_lora(model)
         save_final(run_dir, self.trunk(model))
-        if isinstance(model, GPTClassifier):
+        if isinstance(model, (GPTClassifier, GPTTagger)):
             save_head(Path(run_dir) / CLASSIFIER_DIR, model, self.max_length)
 
 
@@ -151,7 +156,7 @@ def finetune(
     trained = train(objective, config, run_dir, callback, resume)
     return FinetuneResult(
         model_dir=trained.final_dir,
-        classifier_dir=Path(run_dir) / CLASSIFIER_DIR if objective.objective == "classification" else None,
+        classifier_dir=Path(run_dir) / CLASSIFIER_DIR if objective.objective != "sft" else None,
         steps=trained.steps, trainable_parameters=trained.trainable_parameters,
         total_parameters=trained.total_parameters, initial_val_loss=trained.initial_val["loss"],
         final_val_loss=trained.final_val_loss, final_train_loss=trained.final_train_loss,
@@ -166,6 +171,10 @@ def make_batch(objective: str, split: PreparedSplit, indices: np.ndarray, pad_id
         inputs, lengths = pad_right(sequences, pad_id)
         targets = torch.as_tensor(split.labels[indices], dtype=torch.long)
         return Batch(inputs, targets, int(lengths.sum()), lengths)
+    if objective == "tagging":
+        inputs, lengths = pad_right(sequences, pad_id)
+        targets, _ = pad_right([split.tags[index] for index in indices], -1)
+        return Batch(inputs, targets, int(lengths.sum()), lengths)
     # The model reads tokens 0..L-2 and predicts 1..L-1; only assistant tokens are targets.
     inputs, lengths = pad_right([sequence[:-1] for sequence in sequences], pad_id)
     targets = torch.full_like(inputs, -1)
@@ -173,6 +182,13 @@ def make_batch(objective: str, split: PreparedSplit, indices: np.ndarray, pad_id
         ids, mask = split.input_ids[index], split.loss_mask[index]
         targets[row, : len(ids) - 1] = torch.as_tensor(np.where(mask[1:], ids[1:], -1), dtype=torch.long)
     return Batch(inputs, targets, int(lengths.sum()))
+
+
+def _target_count(split: PreparedSplit, index: int) -> int:
+    """Tokens of example ``index`` its loss is the mean over: response tokens (sft), tagged tokens (tagging)."""
+    if split.tags is not None:
+        return int((split.tags[index] >= 0).sum())
+    return int(split.loss_mask[index][1:].sum())
 
 
 def example_indices(n_examples: int, seed: int, start: int, count: int) -> np.ndarray:
@@ -191,25 +207,29 @@ def example_indices(n_examples: int, seed: int, start: int, count: int) -> np.nd
 @dataclass
 class ExampleScores:
     loss: float
-    """sft: mean cross-entropy per response token (nats); classification: per example."""
+    """sft: mean cross-entropy per response token (nats); classification: per example; tagging: per tagged token."""
     predictions: list[int] | None = None
     """classification: the predicted class of each example, in split order."""
+    tag_predictions: list[np.ndarray] | None = None
+    """tagging: the predicted tag of each token of each example, in split order."""
     accuracy: float | None = None
+    """classification: of examples; tagging: of tagged tokens."""
 
 
 @torch.no_grad()
 def score_examples(
-    model: GPT | GPTClassifier, split: PreparedSplit, pad_id: int, batch_size: int = SCORE_BATCH_EXAMPLES,
+    model: GPT | GPTClassifier | GPTTagger, split: PreparedSplit, pad_id: int, batch_size: int = SCORE_BATCH_EXAMPLES,
     autocast_dtype: torch.dtype | None = None,
 ) -> ExampleScores:
-    """Loss over a whole split (and classification predictions), in eval mode. Batches group
-    examples of similar length, so little compute goes to padding."""
+    """Loss over a whole split (and classification or tagging predictions), in eval mode. Batches
+    group examples of similar length, so little compute goes to padding."""
     objective = _objective_of(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_loss, total_weight = 0.0, 0
     predictions = np.zeros(len(split.input_ids), dtype=np.int64)
+    tag_predictions: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(split.input_ids)
     for indices in _by_length(split, batch_size):
         batch = make_batch(objective, split, indices, pad_id).to(device)
         with autocast(device, autocast_dtype):
@@ -217,6 +237,12 @@ def score_examples(
                 logits, loss = model(batch.inputs, batch.lengths, batch.targets)
                 predictions[indices] = logits.argmax(dim=-1).cpu().numpy()
                 weight = len(indices)
+            elif isinstance(model, GPTTagger):
+                logits, loss = model(batch.inputs, batch.targets)
+                tags = logits.argmax(dim=-1).cpu().numpy()
+                for row, index in enumerate(indices):
+                    tag_predictions[index] = tags[row, : len(split.input_ids[index])]
+                weight = int((batch.targets != -1).sum())
             else:
                 _, loss = model(batch.inputs, batch.targets, return_logits=False)
                 weight = int((batch.targets != -1).sum())
@@ -227,6 +253,10 @@ def score_examples(
     if objective == "classification":
         scores.predictions = predictions.tolist()
         scores.accuracy = float((predictions == split.labels).mean())
+    if objective == "tagging":
+        scores.tag_predictions = tag_predictions
+        scored = np.concatenate(split.tags) >= 0
+        scores.accuracy = float((np.concatenate(tag_predictions) == np.concatenate(split.tags))[scored].mean())
     return scores
 
 
@@ -237,7 +267,7 @@ def _by_length(split: PreparedSplit, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def _objective_of(model: nn.Module) -> str:
-    return "classification" if isinstance(model, GPTClassifier) else "sft"
+    return head_objective(model) if isinstance(model, (GPTClassifier, GPTTagger)) else "sft"
 
 
 STOP_CHECK_TOKENS = 16

@@ -13,6 +13,7 @@ from typing import Any
 
 from gptflow.data.config import require
 from gptflow.data.finetune_inputs import OVERLONG_POLICIES
+from gptflow.data.tagging import SPAN_LABEL_FROM
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout")
 """Fields that shape the fine-tuned weights (with the ``TrainConfig``)."""
@@ -20,6 +21,8 @@ DATA_FIELDS = ("max_length", "overlong", "val_fraction")
 """Fields read by data preparation."""
 CLASSIFICATION_DATA_FIELDS = (*DATA_FIELDS, "text_field", "label_field")
 """Fields read by data preparation for classification."""
+TAGGING_DATA_FIELDS = (*DATA_FIELDS, "text_field", "span_label_from")
+"""Fields read by data preparation for tagging: the head's tags follow from ``span_label_from``."""
 
 
 @dataclass
@@ -43,6 +46,10 @@ class FinetuneConfig:
     """Classification: the field (JSONL, JSON, parquet) or column (CSV) holding the text."""
     label_field: str = "label"
     """Classification: the field or column holding the label."""
+    span_label_from: str = "each_token"
+    """Tagging: where a span's label is read. ``each_token``: IOB2 tags, each token's from its own
+    hidden state (which has read only the text up to it); ``last_token``: span edges on every
+    token, the label at the span's last token, which has read the whole span."""
     samples: int = 4
     """sft: validation prompts answered by the fine-tuned model, in ``samples.md``."""
 
@@ -57,10 +64,12 @@ class FinetuneConfig:
                 f"finetune.overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.overlong!r}")
         require(0.0 < self.val_fraction < 1.0, f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
         require(bool(self.text_field) and bool(self.label_field), "finetune.text_field and label_field must be set")
+        require(self.span_label_from in SPAN_LABEL_FROM,
+                f"finetune.span_label_from must be one of {', '.join(SPAN_LABEL_FROM)}, got {self.span_label_from!r}")
 
     def data_settings(self, objective: str) -> dict[str, Any]:
         """The fields that shape ``objective``'s prepared examples."""
-        names = CLASSIFICATION_DATA_FIELDS if objective == "classification" else DATA_FIELDS
+        names = {"classification": CLASSIFICATION_DATA_FIELDS, "tagging": TAGGING_DATA_FIELDS}.get(objective, DATA_FIELDS)
         return {name: getattr(self, name) for name in names}
 
     def lora_settings(self) -> dict[str, Any]:

@@ -66,7 +66,7 @@ class Batch:
     inputs: torch.Tensor
     """(B, T) token ids; fine-tuning's are padded on the right."""
     targets: torch.Tensor
-    """(B, T) next-token targets, -1 where not trained; classification: (B,) class indices."""
+    """(B, T) next-token targets (tagging: tag indices), -1 where not trained; classification: (B,) class indices."""
     real_tokens: int
     """Tokens that are not padding: what throughput counts."""
     lengths: torch.Tensor | None = None

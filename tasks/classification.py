@@ -53,7 +53,7 @@ def classify_and_report(
     true = split.labels.tolist()
     measured = classification_metrics(true, scores.predictions, len(labels))
     majority_accuracy = sum(labels[label] == majority_label for label in true) / len(true)
-    _plot_confusion_matrix(measured.confusion, labels, directory / CONFUSION_PLOT,
+    plot_confusion_matrix(measured.confusion, labels, directory / CONFUSION_PLOT,
                            f"accuracy {measured.accuracy:.3f} · macro-F1 {measured.macro_f1:.3f} · "
                            f"majority baseline {majority_accuracy:.3f}")
     with open(directory / PREDICTIONS_FILE, "w") as out:
@@ -127,7 +127,7 @@ def score_classifier(
     return report
 
 
-def _plot_confusion_matrix(confusion: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+def plot_confusion_matrix(confusion: list[list[int]], labels: list[str], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display; and never pick an interactive backend inside a worker

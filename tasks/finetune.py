@@ -37,6 +37,8 @@ from gptflow.model.gpt import GPT
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.classification import classify_and_report, most_common_label
+from gptflow.tasks.tagging import summary_line as tagging_summary
+from gptflow.tasks.tagging import tag_and_report
 from gptflow.tasks.config import DEFAULT_PRESET, FinetuneSettings, build_config
 from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
 from gptflow.tasks.progress import human_count, run_logger
@@ -45,9 +47,11 @@ from gptflow.tasks.finetune_job import FinetuneJob
 from gptflow.tasks.training_job import REPORT_DIR
 from gptflow.tasks.workspace import Workspace
 
-REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification"}
+REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification",
+                     "tagging": "gptflow-finetune-tagging"}
 """The model registry name of each objective's fine-tuned models."""
-MLFLOW_MODEL_MODULES = {"sft": "gptflow.tasks.mlflow_chat_model", "classification": "gptflow.tasks.mlflow_classifier"}
+MLFLOW_MODEL_MODULES = {"sft": "gptflow.tasks.mlflow_chat_model", "classification": "gptflow.tasks.mlflow_classifier",
+                        "tagging": "gptflow.tasks.mlflow_tagger"}
 """Each objective's MLflow model from code: run from its file when the model loads, never imported here."""
 TOKENIZER_DIR = "tokenizer"
 
@@ -133,11 +137,18 @@ def prepare_data(
         "dataset.skipped": skips.total,
     })
     run.set_tags({"gptflow.data_fingerprint": prepared.fingerprint})
+    if objective == "tagging":
+        run.log_params({f"dataset.{split}_{name}_spans" if name != "total" else f"dataset.{split}_spans": count
+                        for split, counts in prepared.spans.items() for name, count in counts.items()})
     run.log_artifact(Path(prepared.directory) / PREPARED_FILE, "data")
     logger = run_logger()
     logger.info(f"prepare: {prepared.examples['train']:,} train / {prepared.examples['val']:,} val examples, "
                 f"{human_count(prepared.tokens['train'])} train tokens"
                 + (f"; labels {', '.join(prepared.labels)}" if prepared.labels else ""))
+    misaligned = sum(counts["misaligned"] for counts in prepared.spans.values())
+    if misaligned:
+        logger.warning(f"prepare: {misaligned:,} spans begin or end inside a BPE token; they are trained and "
+                       "scored at the edges of the tokens they overlap (data/prepared.json counts them per split)")
     truncated = sum(prepared.truncated.values())
     if truncated:
         logger.warning(f"prepare: {truncated:,} examples longer than max_length={prepared.max_length} tokens were "
@@ -156,7 +167,7 @@ class FinetunedModel(FinetuneOutcome):
     model_dir: str
     """The fine-tuned GPT, LoRA merged: ``model.checkpoint.load_model`` loads it."""
     classifier_dir: str | None
-    """Classification: the head and its labels."""
+    """Classification and tagging: the head and its labels."""
     tokenizer_dir: str
     """``tokenizer.json``, and ``chat_template.json`` for sft."""
     report_dir: str
@@ -268,6 +279,10 @@ def _log_model(run: PipelineRun, objective: str, model_dir: Path, classifier_dir
         # make the cached model depend on settings its key leaves out).
         sampling = build_config(FinetuneSettings).sampling
         example = (["Write a function that adds two numbers."], ["def add(a, b):"], dataclasses.asdict(sampling))
+    elif objective == "tagging":
+        artifacts["classifier"] = classifier_dir
+        example = (["return x"], [[{"start": 0, "end": 6, "label": "keyword", "text": "return"},
+                                   {"start": 7, "end": 8, "label": "name", "text": "x"}]], None)
     else:
         artifacts["classifier"] = classifier_dir
         example = (["def parse(self, text):"], ["email"], None)
@@ -296,7 +311,8 @@ class FinetuneReport:
     """sft: ``location``, ``prompt``, ``reference`` and ``response`` of the first validation examples."""
     classes: dict[str, Any] = field(default_factory=dict)
     """classification: ``labels``, per-class ``f1``, ``confusion`` (rows true, columns predicted)
-    and the train split's ``majority_label``."""
+    and the train split's ``majority_label``; tagging: per-label scores and the token confusion
+    matrix (``tasks.tagging.tag_and_report``)."""
 
 
 @task(name="evaluate-finetuned")
@@ -313,6 +329,10 @@ def evaluate_task(tuned: FinetunedModel, prepared: PreparedData, samples: int, s
             majority = most_common_label(prepared.label_counts["train"])
             metrics, classes = classify_and_report(classifier, val, "val", prepared.labels, majority, pad_id, directory)
             report = FinetuneReport(directory=out_dir, metrics=metrics, classes=classes)
+        elif tuned.objective == "tagging":
+            tagger, _ = load_classifier(Path(tuned.model_dir), Path(tuned.classifier_dir), device)
+            metrics, labels = tag_and_report(tagger, val, "val", pad_id, directory)
+            report = FinetuneReport(directory=out_dir, metrics=metrics, classes=labels)
         else:
             gpt = load_model(Path(tuned.model_dir), device)
             scores = score_examples(gpt, val, pad_id)
@@ -330,8 +350,9 @@ def evaluate_task(tuned: FinetunedModel, prepared: PreparedData, samples: int, s
 def evaluate_finetuned(
     tuned: FinetunedModel, prepared: PreparedData, settings: FinetuneSettings, workspace: Workspace, run: PipelineRun
 ) -> FinetuneReport:
-    """The ``evaluate`` stage, on the saved (merged) model: val loss and sample answers (sft), or
-    accuracy, macro-F1, majority baseline and confusion matrix (classification)."""
+    """The ``evaluate`` stage, on the saved (merged) model: val loss and sample answers (sft),
+    accuracy, macro-F1, majority baseline and confusion matrix (classification), or span
+    precision, recall and F1 and a token confusion matrix (tagging)."""
     key = stage_key(
         "finetune-evaluate",
         config={"objective": tuned.objective,
@@ -354,6 +375,9 @@ def evaluate_finetuned(
         run_logger().info(f"evaluate: accuracy {metrics['eval/accuracy']:.3f}, macro-F1 {metrics['eval/macro_f1']:.3f} "
                           f"(majority baseline {metrics['eval/majority_accuracy']:.3f}) on "
                           f"{int(metrics['eval/val_examples']):,} val examples")
+    elif tuned.objective == "tagging":
+        run_logger().info(f"evaluate: {tagging_summary(metrics, 'val')} of {int(metrics['eval/val_examples']):,} val "
+                          "examples")
     else:
         run_logger().info(f"evaluate: val loss {metrics['eval/val_loss']:.3f} nats/response token "
                           f"(base model {metrics['eval/base_val_loss']:.3f})")

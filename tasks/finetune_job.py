@@ -69,7 +69,7 @@ class FinetuneJob:
         report_dir = Path(self.run_dir) / REPORT_DIR
         shutil.rmtree(report_dir, ignore_errors=True)  # a retraining's curve replaces the earlier one
         with atomic_directory(report_dir) as directory:
-            unit = "response token" if self.objective == "sft" else "example"
+            unit = {"sft": "response token", "classification": "example", "tagging": "tagged token"}[self.objective]
             reporter.write_report(directory, f"cross-entropy (nats/{unit})")
         return result
 

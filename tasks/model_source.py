@@ -37,7 +37,7 @@ from gptflow.model.checkpoint import (
 )
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
-from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE
+from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE, read_head_settings
 from gptflow.tasks.tracking import MODEL_NAME, logged_model_id
 from gptflow.tasks.workspace import Workspace
 
@@ -56,7 +56,9 @@ class ModelSourceError(UserError):
     the message says what to pass."""
 
 
-ModelKind = Literal["language_model", "chat_model", "classifier"]
+ModelKind = Literal["language_model", "chat_model", "classifier", "tagger"]
+HEAD_KINDS = {"classification": "classifier", "tagging": "tagger"}
+"""The kind of model each head's objective makes."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +79,15 @@ class ResolvedModel:
     chat_template: ChatTemplate | None = None
     """The conversation format of a model fine-tuned with ``--objective sft``."""
     classifier_dir: Path | None = None
-    """A fine-tuned classifier's head (``model.classifier.load_classifier`` reads it with
-    ``model_dir``); None for a language model."""
+    """A fine-tuned classifier's or tagger's head (``model.classifier.load_classifier`` reads it
+    with ``model_dir``); None for a language model."""
+    head_objective: str | None = None
+    """``classification`` or ``tagging``: what the head was fine-tuned for; None without a head."""
 
     @property
     def kind(self) -> ModelKind:
-        if self.classifier_dir is not None:
-            return "classifier"
+        if self.head_objective is not None:
+            return HEAD_KINDS[self.head_objective]
         return "chat_model" if self.chat_template is not None else "language_model"
 
     @property
@@ -95,20 +99,23 @@ class ResolvedModel:
         return self.tokenizer.hash
 
     def require_text_model(self, command: str) -> None:
-        """Refuse a classifier for ``command``, which needs a model that writes text."""
-        if self.kind == "classifier":
+        """Refuse a classifier or tagger for ``command``, which needs a model that writes text."""
+        if self.head_objective is not None:
+            option = f"--{self.head_objective}"
             raise ModelSourceError(
-                f"{self.source} is a classifier: it labels texts rather than writing them, so {command} does not "
-                f"apply. Score it with `gptflow evaluate --model {self.source} --classification FILE`, or label "
+                f"{self.source} is a {self.kind}: it labels texts rather than writing them, so {command} does not "
+                f"apply. Score it with `gptflow evaluate --model {self.source} {option} FILE`, or label "
                 "texts with mlflow.pyfunc.load_model(...).predict([...])."
             )
 
-    def require_classifier(self, option: str) -> None:
-        """Refuse a language model for ``option``, which scores classifiers."""
-        if self.kind != "classifier":
+    def require_head(self, objective: str) -> None:
+        """Refuse any model but one fine-tuned for ``objective`` (``classification`` or ``tagging``)
+        for ``--<objective>``, which scores such models."""
+        if self.head_objective != objective:
+            what = f"a {self.kind}" if self.head_objective else "a language model"
             raise ModelSourceError(
-                f"{self.source} is a language model, not a classifier: {option} scores models fine-tuned with "
-                "`gptflow finetune --objective classification` (registered as gptflow-finetune-classification)."
+                f"{self.source} is {what}, not a {HEAD_KINDS[objective]}: --{objective} scores models fine-tuned with "
+                f"`gptflow finetune --objective {objective}` (registered as gptflow-finetune-{objective})."
             )
 
     def load(self, device: torch.device | str = "cpu") -> GPT:
@@ -193,7 +200,9 @@ def _resolved(source: str, model_dir: Path, tokenizer_file: Path, classifier_dir
         return ResolvedModel(source, model_dir, config, tokenizer, weights_hash, chat_template)
     # The same hash as the fine-tuning stage gives the classifier it trained.
     weights_hash = hash_json([weights_hash, _contents_hash(classifier_dir, HEAD_FILE, CLASSIFIER_FILE)])
-    return ResolvedModel(source, model_dir, config, tokenizer, weights_hash, chat_template, classifier_dir)
+    head_objective = read_head_settings(classifier_dir)["objective"]
+    return ResolvedModel(source, model_dir, config, tokenizer, weights_hash, chat_template, classifier_dir,
+                         head_objective)
 
 
 def _contents_hash(directory: Path, *files: str) -> str:

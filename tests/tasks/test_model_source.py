@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, models
 
 from gptflow.model.checkpoint import TrainerState, load_model, save_final, save_sharded_checkpoint
-from gptflow.model.classifier import GPTClassifier, save_head
+from gptflow.model.classifier import GPTClassifier, GPTTagger, save_head
 from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size
 from gptflow.model.distributed import shard_model
@@ -104,9 +104,18 @@ def test_a_head_beside_the_trunk_makes_a_classifier_with_its_own_hash(logged_mod
     with pytest.raises(ModelSourceError, match="is a classifier: it labels texts rather than writing them, so "
                                                "gptflow generate does not apply. Score it with `gptflow evaluate"):
         classifier.require_text_model("gptflow generate")
-    classifier.require_classifier("--classification")
+    classifier.require_head("classification")
     with pytest.raises(ModelSourceError, match="is a language model, not a classifier: --classification scores"):
-        language_model.require_classifier("--classification")
+        language_model.require_head("classification")
+    # A tagger's head sits in the same place; its settings say what it is.
+    save_head(head, GPTTagger(load_model(final), ["name"], "last_token"), max_length=8)
+    tagger = resolve_model(str(final), workspace)
+    assert tagger.kind == "tagger"
+    tagger.require_head("tagging")
+    with pytest.raises(ModelSourceError, match="is a tagger, not a classifier: --classification scores"):
+        tagger.require_head("classification")
+    with pytest.raises(ModelSourceError, match="is a tagger: it labels texts .* --tagging FILE"):
+        tagger.require_text_model("gptflow generate")
 
 
 def test_a_chat_template_beside_the_tokenizer_makes_a_chat_model(logged_model):
