@@ -33,6 +33,7 @@ RESULT_TYPES: dict[str, str] = {
     "LossReport": "gptflow.tasks.evaluate",
     "MultipleChoiceReport": "gptflow.tasks.multiple_choice",
     "ClassificationReport": "gptflow.tasks.classification",
+    "TaggingReport": "gptflow.tasks.tagging",
     "PreparedData": "gptflow.data.finetune_data",
     "FinetunedModel": "gptflow.tasks.finetune",
     "FinetuneReport": "gptflow.tasks.finetune",

@@ -93,7 +93,7 @@ def tag_and_report(tagger: GPTTagger, split: PreparedSplit, split_name: str, pad
 
 def _in_characters(text: str, offsets: np.ndarray, span: tuple[int, int, str]) -> list[Any]:
     """A token span of an example (whose token 0 is the start token) as ``[start, end, label, text]``."""
-    start, end = char_span(text, [tuple(pair) for pair in offsets], span[0], span[1])
+    start, end = char_span(text, offsets.tolist(), span[0], span[1])
     return [start, end, span[2], text[start:end]]
 
 

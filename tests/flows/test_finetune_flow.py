@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from gptflow.data.finetune_demo import CLASSIFICATION_PACKAGES
+from gptflow.data.finetune_demo import CLASSIFICATION_PACKAGES, TAG_KINDS
 from gptflow.data.store import hash_file
 from gptflow.flows.cli import main
 from gptflow.flows.evaluate import evaluate
@@ -239,6 +239,97 @@ def test_the_evaluate_flow_scores_a_registered_classifier_on_a_labelled_file(wor
     assert main(["evaluate", "--model", BASE, "--classification", str(labelled), "--workspace", str(workspace)]) == 2
     error = capsys.readouterr().err
     assert "Traceback" not in error and "is a language model, not a classifier" in error
+
+
+def test_tagging_demo_reports_span_scores_and_a_token_confusion_matrix(workspace, client, artifact_paths):
+    summary = finetune(objective="tagging", model=BASE, overrides=QUICK, workspace=str(workspace))
+
+    assert summary.stages["demo-data"] == "executed" and summary.stages["finetune"] == "executed"
+    assert summary.data.startswith("built-in demo: the Python token kind")
+    metrics = summary.metrics
+    assert {"eval/precision", "eval/recall", "eval/f1", "eval/token_accuracy", "eval/val_spans"} <= set(metrics)
+    assert set(metrics) >= {f"eval/{name}/{kind}" for kind in TAG_KINDS for name in ("precision", "recall", "f1")}
+    assert all(0 <= metrics[name] <= 1 for name in ("eval/precision", "eval/recall", "eval/f1"))
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.data.metrics["eval/f1"] == metrics["eval/f1"]
+    assert int(run.data.params["dataset.val_spans"]) >= metrics["eval/val_spans"]  # less the spans cut by max_length
+    artifacts = artifact_paths(client, summary.mlflow_run_id)
+    assert {"eval/confusion_matrix.png", "eval/predictions.jsonl", "eval/report.json",
+            "model/artifacts/classifier/head.safetensors"} <= artifacts
+    report = json.loads(Path(client.download_artifacts(summary.mlflow_run_id, "eval/report.json")).read_text())
+    assert report["classes"]["token_labels"] == ["O", *sorted(TAG_KINDS)]
+    assert sum(support["support"] for support in report["classes"]["per_label"].values()) == metrics["eval/val_spans"]
+    predictions = Path(client.download_artifacts(summary.mlflow_run_id, "eval/predictions.jsonl")).read_text().splitlines()
+    assert len(predictions) == metrics["eval/val_examples"]
+    assert all(len(span) == 4 for line in predictions for span in json.loads(line)["gold"])
+
+    tagger = _load_registered(workspace, "models:/" + summary.registered_model)
+    texts = ["def area(r):\n    return 3.14 * r * r  # circle\n", "x = 1"]
+    found = tagger.predict(texts)
+    assert len(found) == 2
+    for text, spans in zip(texts, found):
+        for span in spans:  # character offsets into the text the span came from
+            assert text[span["start"]:span["end"]] == span["text"] and span["label"] in TAG_KINDS
+
+
+def test_the_evaluate_flow_scores_a_tagger_on_a_conll_file(workspace, client, tmp_path, capsys, artifact_paths):
+    # Long enough to learn something, so that there are predicted spans to compare.
+    tuned = finetune(objective="tagging", model=BASE, workspace=str(workspace),
+                     overrides={**QUICK, "finetune.span_label_from": "last_token", "finetune.lora_rank": 0,
+                                "train.max_steps": 40})
+    uri = "models:/" + tuned.registered_model
+    lines, sentences = [], []
+    for index in range(10):
+        words = ["def", f"f{index}", "(", "x", ")", ":", "return", "x", "+", str(index), "#", "add"]
+        tags = ["B-keyword", "B-name", "O", "B-name", "O", "O", "B-keyword", "B-name", "O", "B-number", "B-comment",
+                "I-comment"]
+        lines += [f"{word} {tag}" for word, tag in zip(words, tags)] + [""]
+        sentences.append((words, tags))
+    lines += ["def PER", "f O", ""]  # line 131: a tag of no scheme
+    lines += ["Ada B-PER", ""]  # a label the tagger was never trained on
+    conll = tmp_path / "code.conll"
+    conll.write_text("\n".join(lines))
+
+    first = evaluate(model=uri, tagging=str(conll), workspace=str(workspace))
+    second = evaluate(model=uri, tagging=str(conll), workspace=str(workspace))
+
+    assert first.stages == {"tagging": "executed"} and second.stages == {"tagging": "cached"}
+    assert first.samples == [] and first.metrics() == second.metrics()
+    metrics = first.metrics()
+    assert metrics["eval/eval_examples"] == 10 and metrics["eval/eval_spans"] == 70 and metrics["eval/skipped"] == 2
+    assert f"{conll}:131 ('PER')" in first.tagging.skipped and "span label the tagger was not trained on" in first.tagging.skipped
+    # The flow scores exactly what the registered MLflow model finds, span for span.
+    found = _load_registered(workspace, uri).predict([" ".join(words) for words, _ in sentences])
+    gold = {(index, start, end, label) for index, (words, tags) in enumerate(sentences)
+            for start, end, label in _conll_char_spans(words, tags)}
+    predicted = {(index, span["start"], span["end"], span["label"]) for index, spans in enumerate(found) for span in spans}
+    scored = [json.loads(line)["predicted"] for line in (Path(first.tagging.directory) / "predictions.jsonl").open()]
+    assert predicted and predicted == {(index, *span[:3]) for index, spans in enumerate(scored) for span in spans}
+    correct = len(gold & predicted)
+    assert metrics["eval/precision"] == pytest.approx(correct / len(predicted) if predicted else 0.0)
+    assert metrics["eval/recall"] == pytest.approx(correct / len(gold))
+    assert first.tagging.labels["span_label_from"] == "last_token"
+    assert {"eval/tagging/confusion_matrix.png", "eval/tagging/predictions.jsonl", "eval/report.json"} <= artifact_paths(
+        client, first.mlflow_run_id)
+
+    assert main(["evaluate", "--model", BASE, "--tagging", str(conll), "--workspace", str(workspace)]) == 2
+    assert "is a language model, not a tagger: --tagging scores" in capsys.readouterr().err
+    assert main(["evaluate", "--model", uri, "--classification", str(conll), "--workspace", str(workspace)]) == 2
+    assert "is a tagger, not a classifier" in capsys.readouterr().err
+    assert main(["generate", "--model", uri, "--prompt", "def f():", "--workspace", str(workspace)]) == 2
+    assert "is a tagger: it labels texts rather than writing them" in capsys.readouterr().err
+
+
+def _conll_char_spans(words: list[str], tags: list[str]) -> list[tuple[int, int, str]]:
+    """IOB2 tags of space-joined words as character spans (every span here is one word, or B- then I-)."""
+    spans, position = [], 0
+    for word, tag in zip(words, tags):
+        if tag.startswith("B-"):
+            spans.append([position, position + len(word), tag[2:]])
+        elif tag.startswith("I-"):
+            spans[-1][1] = position + len(word)
+        position += len(word) + 1
+    return [tuple(span) for span in spans]
 
 
 def test_bad_data_and_a_missing_default_model_are_one_line(workspace, tmp_path, capsys):

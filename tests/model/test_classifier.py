@@ -1,4 +1,4 @@
-"""The classifier pools the last real token of right-padded sequences; its metrics and files."""
+"""The classifier pools the last real token of right-padded sequences, the tagger tags every token; their metrics and files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from gptflow.model.checkpoint import save_final
-from gptflow.model.classifier import GPTClassifier, classification_metrics, load_classifier, pad_right, save_head
+from gptflow.model.classifier import (
+    GPTClassifier,
+    GPTTagger,
+    classification_metrics,
+    load_classifier,
+    pad_right,
+    save_head,
+)
 from gptflow.model.gpt import GPT
 
 
@@ -57,3 +64,41 @@ def test_head_and_trunk_round_trip(classifier, tmp_path):
     assert max_length == 12 and loaded.labels == ["neg", "neu", "pos"]
     with torch.no_grad():
         assert torch.equal(loaded(idx, lengths)[0], classifier(idx, lengths)[0])
+
+
+@pytest.fixture
+def tagger(tiny_config) -> GPTTagger:
+    torch.manual_seed(0)
+    tiny_config.dropout = 0.0
+    return GPTTagger(GPT(tiny_config), ["name", "number"], "each_token").eval()
+
+
+def test_padding_does_not_change_a_token_tag_logits(tagger):
+    sequences = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    idx, _ = pad_right(sequences, pad_id=1)
+    with torch.no_grad():
+        batched, _ = tagger(idx)
+        alone = tagger(torch.tensor([sequences[1]]))[0][0]
+    assert batched.shape == (2, 6, len(tagger.tags)) and tagger.tags == ["O", "B-name", "I-name", "B-number", "I-number"]
+    assert torch.allclose(batched[1, :2], alone, atol=1e-5)
+
+
+def test_tagging_loss_is_the_mean_over_tagged_tokens_only(tagger):
+    idx = torch.tensor([[5, 6, 7, 8]])
+    targets = torch.tensor([[-1, 1, 2, -1]])
+    logits, loss = tagger(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[0, 1:3], targets[0, 1:3])
+    assert loss.item() == pytest.approx(expected.item())
+
+
+def test_a_tagger_head_round_trips_with_its_reading(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    tagger = GPTTagger(GPT(tiny_config), ["name"], "last_token").eval()
+    final = save_final(tmp_path / "run", tagger.gpt)
+    save_head(tmp_path / "run" / "classifier", tagger, max_length=10)
+    loaded, max_length = load_classifier(final, tmp_path / "run" / "classifier")
+    assert isinstance(loaded, GPTTagger) and max_length == 10
+    assert loaded.span_label_from == "last_token" and loaded.tags == ["O", "B", "I", "E-name", "S-name"]
+    idx = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], tagger(idx)[0])

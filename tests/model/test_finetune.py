@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from gptflow.data.finetune_data import PreparedSplit
+from gptflow.data.tagging import span_scores, spans_of_tags, tag_names, tags_of
 from gptflow.model.checkpoint import TRAINER_FILE, WEIGHTS_FILE, load_model, save_final
 from gptflow.model.classifier import load_classifier
 from gptflow.model.config import SamplingConfig, TrainConfig
@@ -152,6 +153,43 @@ def test_classification_learns_a_separable_task(base_dir, tmp_path):
     assert scores.accuracy == 1.0
     assert scores.loss == pytest.approx(result.final_val_loss, rel=1e-4)
     assert callback.metrics[-1][1]["val/accuracy"] == 1.0
+
+
+def _marked_spans(count: int, seed: int, span_label_from: str) -> PreparedSplit:
+    """One span per example: 1 to 3 tokens from 20-29, then a marker (40 or 41) that decides its
+    label, amid filler from 50-59. Only the span's last token has read what the label is."""
+    rng = np.random.default_rng(seed)
+    tags_of_label = tag_names(["a", "b"], span_label_from)
+    sequences, tags = [], []
+    for _ in range(count):
+        before, length, after = rng.integers(0, 3), rng.integers(1, 4), rng.integers(0, 3)
+        marker = int(rng.integers(0, 2))
+        ids = [0, *rng.integers(50, 60, size=before), *rng.integers(20, 30, size=length), 40 + marker,
+               *rng.integers(50, 60, size=after)]
+        first = 1 + before
+        names = ["O", *tags_of([(first - 1, first + length, "ab"[marker])], len(ids) - 1, span_label_from)]
+        sequences.append(np.array(ids, dtype=np.int32))
+        tags.append(np.array([-1, *(tags_of_label.index(name) for name in names[1:])], dtype=np.int16))
+    return PreparedSplit(sequences, [f"l:{index}" for index in range(count)], tags=tags)
+
+
+@pytest.mark.parametrize("span_label_from", ["each_token", "last_token"])
+def test_tagging_reads_a_label_only_its_last_token_can_know_where_told_to(base_dir, tmp_path, span_label_from):
+    train, val = _marked_spans(160, 0, span_label_from), _marked_spans(40, 1, span_label_from)
+    objective = FinetuneObjective(base_dir, "tagging", ["a", "b"],
+                                  FinetuneConfig(lora_rank=0, span_label_from=span_label_from), train, val, PAD_ID, 16)
+    result = finetune(objective, _train_config(max_steps=60, val_interval=0), tmp_path / "run")
+    tagger, _ = load_classifier(result.model_dir, result.classifier_dir)
+    scores = score_examples(tagger, val, PAD_ID, 8)
+    decoded = [[spans_of_tags([tagger.tags[tag] if keep >= 0 else "O" for tag, keep in zip(tags, gold)],
+                              span_label_from) for tags, gold in zip(example_tags, val.tags)]
+               for example_tags in (val.tags, scores.tag_predictions)]
+    f1 = span_scores(decoded[0], decoded[1], ["a", "b"]).f1
+    assert scores.loss == pytest.approx(result.final_val_loss, rel=1e-4)
+    if span_label_from == "last_token":
+        assert f1 == 1.0
+    else:  # the first token of a span must guess its label: right about half the time
+        assert f1 < 0.8
 
 
 def test_killed_finetuning_resumes_to_the_weights_of_an_uninterrupted_run(base_dir, tmp_path, kill_repeatedly):
