@@ -284,7 +284,7 @@ def _write_examples(
     tag_index = {tag: index for index, tag in enumerate(prepared.tags)} if objective == "tagging" else {}
     rows: list[dict[str, Any]] = []
     truncated = 0
-    span_counts = Counter()
+    span_counts: Counter[str] = Counter()
     for example in examples:
         if objective == "sft":
             ids, mask = template.encode(tokenizer, example.messages)
@@ -310,8 +310,8 @@ def _write_examples(
                     skips.add(SKIP_PROMPT_FILLS_MAX_LENGTH, example.location)
                     continue
             if objective == "tagging":
-                row["tags"], row["offsets"] = _cut_spans(row["tags"], max_length, aligned.token_spans, span_counts), \
-                    row["offsets"][: 2 * max_length]
+                row["tags"] = _cut_spans(row["tags"], max_length, aligned.token_spans, span_counts)
+                row["offsets"] = row["offsets"][: 2 * max_length]
             truncated += 1
         rows.append({"input_ids": ids, "location": example.location, **row})
     if not rows:
@@ -338,7 +338,8 @@ def _write_examples(
         prepared.spans[split] = {name: span_counts[name] for name in ("total", "misaligned", "lost", "truncated")}
 
 
-def _cut_spans(tags: list[int], max_length: int, token_spans: list[tuple[int, int, str]], counts: Counter) -> list[int]:
+def _cut_spans(tags: list[int], max_length: int, token_spans: list[tuple[int, int, str]],
+               counts: Counter[str]) -> list[int]:
     """``tags`` of an example cut to ``max_length`` tokens: the tokens of a span the cut splits are
     left out of the loss (half a span is no span); spans past or across the cut are counted."""
     tags = tags[:max_length]

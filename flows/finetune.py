@@ -89,7 +89,8 @@ class FinetuneSummary:
             f"| truncated / skipped | {self.truncated:,} / {self.skipped} |",
             f"| training | {self.steps} steps, {self._method()} |",
             f"| val loss | {self.initial_val_loss:.4f} → {self.final_val_loss:.4f} |",
-            *(f"| {name} | {value:.4f} |" for name, value in self.metrics.items() if not name.startswith("eval/f1/")),
+            # Overall figures; the per-label ones (eval/f1/<label>, ...) are in MLflow.
+            *(f"| {name} | {value:.4f} |" for name, value in self.metrics.items() if name.count("/") == 1),
             f"| registered model | `{self.model_uri}` |",
             f"| MLflow run | {f'[{self.mlflow_run_id}]({mlflow_run_url})' if mlflow_run_url else self.mlflow_run_id} |",
         ]

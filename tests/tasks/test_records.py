@@ -31,6 +31,7 @@ from gptflow.tasks.finetune import FinetunedModel, FinetuneReport
 from gptflow.tasks.harness import HarnessReport
 from gptflow.tasks.ingest import ingest_corpus_task
 from gptflow.tasks.multiple_choice import MultipleChoiceReport
+from gptflow.tasks.tagging import TaggingReport
 from gptflow.tasks.records import PLAIN_JSON, RECORD_SERIALIZER, RESULT_TYPES, RecordSerializer, read_record
 from gptflow.tasks.training_job import TrainedModel
 from gptflow.tasks.units import UnitRunner
@@ -145,6 +146,10 @@ def _every_result_type(store: Path, corpus: Path) -> list:
         MultipleChoiceReport(directory="eval/m", file_hash="h", examples=10, acc=0.3, acc_norm=0.4, acc_bytes=0.4,
                              truncated=0),
         ClassificationReport(directory="eval/c", metrics=metrics, classes=classes, skipped=skips.summary()),
+        TaggingReport(directory="eval/t", metrics={"eval/f1": 0.5},
+                      labels={"per_label": {"name": {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}},
+                              "token_labels": ["O", "name"], "confusion": [[3, 0], [1, 1]],
+                              "span_label_from": "last_token"}, skipped=skips.summary()),
         PreparedData(directory="finetune-data/k", fingerprint="f", objective="classification", labels=["email", "json"],
                      examples={"train": 7, "val": 1}, tokens={"train": 700, "val": 90},
                      trained_tokens={"train": 7, "val": 1}, truncated={"train": 1, "val": 0}, max_length=128,
