@@ -28,6 +28,7 @@ Nothing here imports torch: the prepare step and the MLflow model share it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +73,12 @@ class SpanError(ValueError):
 def parse_spans(value: Any, text: str) -> list[Span]:
     """The spans of a record, sorted by start: each ``[start, end, label]`` (or ``{"start",
     "end", "label"}``) with ``0 <= start < end <= len(text)`` and no two overlapping; a
-    ``SpanError`` naming the first that is not."""
+    ``SpanError`` naming the first that is not. The list may come as JSON text (a CSV cell)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise SpanError(SKIP_MALFORMED_SPANS, f"{value[:40]!r} is not JSON") from None
     if not isinstance(value, list):
         raise SpanError(SKIP_MALFORMED_SPANS)
     spans = []

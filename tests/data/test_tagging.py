@@ -46,6 +46,7 @@ def test_spans_are_checked_and_sorted():
     assert parse_spans([[4, 5, "name"], {"start": 0, "end": 3, "label": "keyword"}], text) == [
         Span(0, 3, "keyword"), Span(4, 5, "name")]
     assert parse_spans([], text) == []
+    assert parse_spans('[[4, 5, "name"]]', text) == [Span(4, 5, "name")]  # a CSV cell holds JSON text
     for spans, reason in [
         ([[0, 3]], SKIP_MALFORMED_SPANS), ([[0, 3, ""]], SKIP_MALFORMED_SPANS), ([[0.0, 3, "a"]], SKIP_MALFORMED_SPANS),
         ([[True, 3, "a"]], SKIP_MALFORMED_SPANS), ("0 3 a", SKIP_MALFORMED_SPANS),
