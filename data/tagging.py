@@ -229,8 +229,11 @@ def align(text: str, offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) 
 
 
 def char_span(text: str, offsets: Sequence[tuple[int, int]], first: int, end: int) -> tuple[int, int]:
-    """The characters of tokens ``[first, end)``, the first token's leading whitespace left out."""
-    return _content(text, offsets[first][0], offsets[end - 1][1])
+    """The characters of tokens ``[first, end)``, whitespace at either end left out (a BPE token
+    carries the space before a word; a predicted span may run into the newline after it)."""
+    start, stop = _content(text, offsets[first][0], offsets[end - 1][1])
+    trailing = len(text[start:stop]) - len(text[start:stop].rstrip())
+    return (start, stop - trailing) if stop - trailing > start else (start, stop)
 
 
 def _content(text: str, start: int, end: int) -> tuple[int, int]:

@@ -31,6 +31,7 @@ from gptflow.data.tagging import (
     Span,
     SpanError,
     align,
+    char_span,
     conll_spans,
     parse_spans,
     span_scores,
@@ -254,3 +255,10 @@ def test_the_head_tags_follow_the_setting_and_a_bad_setting_is_refused():
     with pytest.raises(ValueError, match="finetune.span_label_from must be one of each_token, last_token"):
         FinetuneConfig(span_label_from="first_token")
     assert tag_names(["a"], "each_token") == ["O", "B-a", "I-a"]
+
+
+def test_a_spans_characters_leave_out_the_whitespace_its_tokens_carry():
+    text = "x = 1  # one\n"
+    offsets = [(0, 1), (1, 3), (3, 5), (5, 6), (6, 8), (8, 12), (12, 13)]  # "x", " =", " 1", " ", " #", " one", "\n"
+    assert char_span(text, offsets, 4, 7) == (7, 12) and text[7:12] == "# one"
+    assert char_span(text, offsets, 3, 4) == (5, 6)  # all whitespace: kept as it is
