@@ -41,6 +41,14 @@ HEAD_FILE = "head.safetensors"
 CLASSIFIER_FILE = "classifier.json"
 
 
+def _new_head(n_embd: int, classes: int) -> nn.Linear:
+    """A linear head at the trunk's init scale, zero bias: it starts by predicting every class alike."""
+    head = nn.Linear(n_embd, classes)
+    nn.init.normal_(head.weight, mean=0.0, std=INIT_STD)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class GPTClassifier(nn.Module):
     def __init__(self, gpt: GPT, labels: Sequence[str]) -> None:
         super().__init__()
@@ -48,9 +56,7 @@ class GPTClassifier(nn.Module):
             raise ValueError(f"a classifier needs at least two labels, got {list(labels)}")
         self.gpt = gpt
         self.labels = list(labels)
-        self.head = nn.Linear(gpt.config.n_embd, len(self.labels))
-        nn.init.normal_(self.head.weight, mean=0.0, std=INIT_STD)
-        nn.init.zeros_(self.head.bias)
+        self.head = _new_head(gpt.config.n_embd, len(self.labels))
 
     @property
     def config(self) -> ModelConfig:
@@ -81,9 +87,7 @@ class GPTTagger(nn.Module):
         self.labels = list(labels)
         self.span_label_from = span_label_from
         self.tags = tag_names(self.labels, span_label_from)
-        self.head = nn.Linear(gpt.config.n_embd, len(self.tags))
-        nn.init.normal_(self.head.weight, mean=0.0, std=INIT_STD)
-        nn.init.zeros_(self.head.bias)
+        self.head = _new_head(gpt.config.n_embd, len(self.tags))
 
     @property
     def config(self) -> ModelConfig:
