@@ -3,7 +3,7 @@
     python bench/fsdp_cpu.py                  # 4 layers × 128 wide, 40 steps per parallelism
     python bench/fsdp_cpu.py --steps 80 --n-embd 256
 
-Each parallelism trains the same model on the same random tokens through ``model.train.pretrain``
+Each parallelism trains the same model on the same random tokens through ``model.train.run_pretraining``
 under ``torchrun --nproc_per_node 2`` (one thread per process), checkpointing only at the end.
 The step time is the median over report intervals of ``train/tokens_per_sec``, the first
 interval left out (warm-up); the pause for the final checkpoint is not in it. No Prefect, no MLflow.
@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from gptflow.model.config import ModelConfig, TrainConfig
-from gptflow.model.train import pretrain
+from gptflow.model.train import run_pretraining
 
 VOCAB_SIZE = 512
 LOG_INTERVAL = 5
@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
         val_interval=0, checkpoint_interval=args.steps, device="cpu", nproc=2, parallelism=args.parallelism,
     )
     times = StepTimes(args.micro_batch * 2 * args.block_size)
-    pretrain(model_config, train_config, [args.shard], [], args.work / args.parallelism, callback=times)
+    run_pretraining(model_config, train_config, [args.shard], [], args.work / args.parallelism, callback=times)
     if int(os.environ["RANK"]) == 0:
         (args.work / f"{args.parallelism}.json").write_text(json.dumps(times.seconds))
 

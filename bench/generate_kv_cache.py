@@ -18,7 +18,7 @@ import torch
 from gptflow.model.config import ModelConfig, pad_vocab_size
 from gptflow.model.gpt import GPT
 
-# The cpu preset: tasks/config.py (_CPU), with its 8192-token vocabulary padded.
+# The cpu preset: tasks/settings.py (_CPU), with its 8192-token vocabulary padded.
 CPU_PRESET_SHAPE = dict(n_layer=4, n_head=4, n_embd=192, block_size=256, vocab_size=pad_vocab_size(8192))
 
 

@@ -29,7 +29,7 @@ Prints, last, a short table of:
 
 Training is gptflow's own: (b) and (c) time ``model.train.take_step``, the step every gptflow
 training takes (schedule, gradient accumulation, clipping, no host syncs inside a step), on
-batches already on the device; (d) trains through ``model.train.pretrain``, the trainer of
+batches already on the device; (d) trains through ``model.train.run_pretraining``, the trainer of
 ``gptflow pretrain`` and ``gptflow finetune``, which checkpoints only at the end here.
 
 Imports only torch, numpy, pyarrow, tokenizers and this repository's ``data/`` and ``model/``
@@ -78,10 +78,10 @@ from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources  # noqa: E402
 from gptflow.data.tokenize import tokenize_corpus  # noqa: E402
 from gptflow.data.tokenizer import train_tokenizer  # noqa: E402
 from gptflow.model.config import MODERN_RECIPE, ModelConfig, TrainConfig, pad_vocab_size  # noqa: E402
-from gptflow.model.gpt import GPT  # noqa: E402
 from gptflow.model.distributed import shard_model  # noqa: E402
+from gptflow.model.gpt import GPT  # noqa: E402
 from gptflow.model.optim import build_optimizer  # noqa: E402
-from gptflow.model.train import Batch, pretrain, take_step  # noqa: E402
+from gptflow.model.train import Batch, run_pretraining, take_step  # noqa: E402
 
 SECTIONS = ("matmul", "throughput", "presets", "learning")
 LEARNING_RUNS = ("gpt2", "modern", "modern_half")
@@ -132,7 +132,7 @@ GPU = Settings(
     learning_micro_batch=16, learning_epochs=1.0, tokenizer=TokenizerConfig(vocab_size=8192), sources=(BUILTIN_CORPUS,),
     baseline_learning_rate=4e-3, modern_learning_rate=8e-3, muon_learning_rate=0.02, evaluations=15,
     eval_tokens=32768,
-    # The shapes of the gpt2-124m and gpt-1b presets (tasks/config.py, which this script may not
+    # The shapes of the gpt2-124m and gpt-1b presets (tasks/settings.py, which this script may not
     # import: it pulls in Prefect), gpt-1b with the activation checkpointing that preset turns on.
     preset_models=(
         ("gpt2-124m", ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=GPT2_VOCAB_SIZE), 16),
@@ -466,7 +466,7 @@ def compare_learning(
 
 
 class LearningCurve:
-    """``model.train.pretrain``'s callback here: the validation curve by tokens, and a line per evaluation."""
+    """``model.train.run_pretraining``'s callback here: the validation curve by tokens, and a line per evaluation."""
 
     def __init__(self, name: str, max_steps: int) -> None:
         self.name, self.max_steps = name, max_steps
@@ -500,7 +500,7 @@ def train_and_evaluate(
     device: torch.device,
     run_dir: Path,
 ) -> dict[str, Any]:
-    """Train through gptflow's trainer (``model.train.pretrain``, eager), evaluating
+    """Train through gptflow's trainer (``model.train.run_pretraining``, eager), evaluating
     ``settings.evaluations`` times; the validation curve by tokens. Prints a line per evaluation
     (on a CPU this section takes most of an hour)."""
     steps = train_config.max_steps
@@ -511,7 +511,7 @@ def train_and_evaluate(
         checkpoint_interval=steps, keep_checkpoints=1,
     )
     recorder = LearningCurve(name, steps)
-    result = pretrain(model_config, train_config, [Path(path) for path in corpus["train_paths"]],
+    result = run_pretraining(model_config, train_config, [Path(path) for path in corpus["train_paths"]],
                       [Path(path) for path in corpus["val_paths"]], run_dir, callback=recorder)
     return {
         "model": dataclasses.asdict(model_config),

@@ -29,14 +29,14 @@ from prefect import flow  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from gptflow.data.sources import resolve_sources  # noqa: E402
-from gptflow.tasks.config import PretrainSettings, build_config  # noqa: E402
-from gptflow.tasks.ingest import ingest  # noqa: E402
 from gptflow.tasks.lineage import Lineage  # noqa: E402
-from gptflow.tasks.tokenize import tokenize  # noqa: E402
-from gptflow.tasks.tokenizer import train_tokenizer  # noqa: E402
-from gptflow.tasks.tracking import pipeline_run  # noqa: E402
-from gptflow.tasks.units import UnitRunner  # noqa: E402
-from gptflow.tasks.workspace import Workspace  # noqa: E402
+from gptflow.tasks.runtime.unit_maps import UnitRunner  # noqa: E402
+from gptflow.tasks.runtime.workspace import Workspace  # noqa: E402
+from gptflow.tasks.settings import PretrainSettings, build_config  # noqa: E402
+from gptflow.tasks.stages.ingest import ingest  # noqa: E402
+from gptflow.tasks.stages.tokenize import tokenize  # noqa: E402
+from gptflow.tasks.stages.tokenizer import prepare_tokenizer  # noqa: E402
+from gptflow.tasks.tracking.run import pipeline_run
 
 DOCUMENTS_PER_FILE = 100
 
@@ -50,7 +50,7 @@ def data_stages(corpus: str, workspace: str) -> dict[str, object]:
     units = UnitRunner()  # in this process, as the CLI runs them without --ray
     with pipeline_run(workspace_dir, tags={}, name="bench-data-stages") as run:
         manifest = ingest(resolve_sources([corpus]), config.data, workspace_dir, run, units)
-        tokenizer = train_tokenizer(manifest, config.tokenizer, workspace_dir, run, lineage, units)
+        tokenizer = prepare_tokenizer(manifest, config.tokenizer, workspace_dir, run, lineage, units)
         tokens = tokenize(manifest, tokenizer, config.tokenize, workspace_dir, run, units)
         lineage.commit(workspace_dir, manifest.path, tokens.path, run.run_id)
     return {

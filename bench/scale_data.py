@@ -39,8 +39,8 @@ from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.data.store import read_manifest
 from gptflow.data.tokenize import tokenize_corpus
 from gptflow.data.tokenizer import TokenizerArtifact, train_tokenizer
-from gptflow.tasks.tokenize import unit_label
-from gptflow.tasks.units import UnitRunner
+from gptflow.tasks.runtime.unit_maps import UnitRunner
+from gptflow.tasks.stages.tokenize import unit_label
 
 
 @flow(name="bench-scale-data")

@@ -45,7 +45,7 @@ from gptflow.model.config import ModelConfig, pad_vocab_size
 from gptflow.model.device import autocast, resolve_autocast_dtype, resolve_device
 from gptflow.model.gpt import GPT
 from gptflow.model.optim import build_optimizer
-from gptflow.tasks.config import PretrainSettings, build_config
+from gptflow.tasks.settings import PretrainSettings, build_config
 
 SYNTHETIC_SHARD_BYTES = 2 << 20
 

@@ -13,18 +13,21 @@ import json
 import os
 import sys
 import typing
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
 from gptflow.data.mixture import WeightedCorpus
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.flows.stack import StackError, down, keep_prefect_state_in, up, use_running_stack
 from gptflow.model.config import SamplingConfig
-from gptflow.tasks.config import (
+from gptflow.tasks.runtime.ray_address import resolve_ray_address
+from gptflow.tasks.runtime.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous, RendezvousError
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.settings import (
     DEFAULT_PRESET,
-    ConfigError,
     PRESETS,
+    ConfigError,
     EvalSplit,
     EvaluateSettings,
     FinetuneSettings,
@@ -32,9 +35,6 @@ from gptflow.tasks.config import (
     build_config,
     parse_override_pairs,
 )
-from gptflow.tasks.ray_address import resolve_ray_address
-from gptflow.tasks.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous, RendezvousError
-from gptflow.tasks.workspace import Workspace
 
 if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
     from gptflow.tasks.model_source import ResolvedModel
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # MLflow retries a tracking server that does not answer for about eight minutes per call; a run
-    # keeps its writes in its outbox instead (tasks/tracking.py), so one quick retry is enough.
+    # keeps its writes in its outbox instead (tasks/tracking/outbox.py), so one quick retry is enough.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     try:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         # Imported only now, and light: a refused command must not wait for torch, Prefect or MLflow.
         from gptflow.flows.user_errors import user_error
-        from gptflow.tasks.workspace import Workspace
+        from gptflow.tasks.runtime.workspace import Workspace
 
         workspace = Workspace.locate(getattr(args, "workspace", None))
         reported = error if isinstance(error, StackError) else user_error(error, workspace)
@@ -122,7 +122,7 @@ def _train_node(args: argparse.Namespace) -> int:
         raise RendezvousError("gptflow train-node joins a training on several machines: --nnodes must be at least 2 "
                               "(on one machine, gptflow pretrain --nproc N trains alone).")
     Workspace.resolve(args.workspace)  # a missing bucket is refused now, not by every rank
-    command = [*rendezvous.torchrun_command(), "-m", "gptflow.tasks.training_job", "--join",
+    command = [*rendezvous.torchrun_command(), "-m", "gptflow.tasks.stages.training_job", "--join",
                *([args.workspace] if args.workspace else [])]
     print(f"gptflow: joining the training at {rendezvous.endpoint} with {rendezvous.nproc_per_node} process(es); "
           f"waiting up to {rendezvous.timeout_s:g} s for the head node", file=sys.stderr, flush=True)
@@ -184,7 +184,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from gptflow.tasks.sweep import check_points, check_scaling, parse_grid, plan_points
+    from gptflow.tasks.sweep_plan import check_points, check_scaling, parse_grid, plan_points
 
     overrides = parse_override_pairs(args.overrides)
     grid = parse_grid(args.grid)
@@ -267,7 +267,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from gptflow.tasks.transformers_import import import_checkpoint
+    from gptflow.tasks.stages.model_import import import_checkpoint
 
     workspace = Workspace.resolve(args.workspace)
     print(import_checkpoint(args.model, workspace, args.revision, args.block_size).render())
@@ -309,8 +309,8 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from gptflow.tasks.tracking import send_outboxes
-    from gptflow.tasks.workspace import Workspace
+    from gptflow.tasks.runtime.workspace import Workspace
+    from gptflow.tasks.tracking.outbox import send_outboxes
 
     workspace = Workspace.resolve(args.workspace)
     reports = send_outboxes(workspace)
@@ -632,7 +632,7 @@ def _add_pretrain_settings_arguments(parser: argparse.ArgumentParser, every_poin
 
 
 def _add_rendezvous_arguments(parser: argparse.ArgumentParser, role: str) -> None:
-    """--nnodes, --nproc-per-node, --rdzv-endpoint and --rdzv-timeout: a ``tasks.rendezvous.Rendezvous``."""
+    """--nnodes, --nproc-per-node, --rdzv-endpoint and --rdzv-timeout: a ``tasks.runtime.rendezvous.Rendezvous``."""
     parser.add_argument("--nnodes", type=int, metavar="N",
                         help=f"train on N machines that meet at --rdzv-endpoint (torchrun's c10d rendezvous); {role}")
     parser.add_argument("--nproc-per-node", type=int, metavar="M",

@@ -21,21 +21,22 @@ from gptflow.data.multiple_choice import read_multiple_choice
 from gptflow.data.sources import resolve_sources
 from gptflow.data.store import hash_file
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
-from gptflow.tasks.caching import pipeline_code_version
-from gptflow.tasks.classification import ClassificationReport, score_classifier
-from gptflow.tasks.tagging import TaggingReport, score_tagger
-from gptflow.tasks.tagging import summary_line as tagging_summary
-from gptflow.tasks.config import ConfigError, EvaluateSettings, EvalSplit, build_config
-from gptflow.tasks.evaluate import LossReport, sample_model, samples_markdown, score_loss
-from gptflow.tasks.ingest import ingest
 from gptflow.tasks.model_source import resolve_model
-from gptflow.tasks.harness import HarnessReport, HarnessSettings, run_harness
-from gptflow.tasks.multiple_choice import MultipleChoiceReport, score_multiple_choice
-from gptflow.tasks.progress import human_duration
-from gptflow.tasks.tokenize import log_corpus_dataset, tokenize
-from gptflow.tasks.tracking import pipeline_run, run_name, source_label
-from gptflow.tasks.units import UnitRunner
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.caching import pipeline_code_version
+from gptflow.tasks.runtime.unit_maps import UnitRunner
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.settings import ConfigError, EvalSplit, EvaluateSettings, build_config
+from gptflow.tasks.stages.classification import ClassificationReport, score_classifier
+from gptflow.tasks.stages.evaluation import LossReport, sample_model, samples_markdown, score_loss
+from gptflow.tasks.stages.ingest import ingest
+from gptflow.tasks.stages.lm_eval import HarnessReport, HarnessSettings, run_harness
+from gptflow.tasks.stages.multiple_choice import MultipleChoiceReport, score_multiple_choice
+from gptflow.tasks.stages.tagging import TaggingReport, score_tagger
+from gptflow.tasks.stages.tagging import summary_line as tagging_summary
+from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
+from gptflow.tasks.tracking.naming import run_name, source_label
+from gptflow.tasks.tracking.progress import human_duration
+from gptflow.tasks.tracking.run import pipeline_run
 
 ACC_NORM_DEFINITION = (
     "lm-evaluation-harness multiple_choice scoring: each ending scored as the continuation ' ' + ending; "

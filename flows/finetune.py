@@ -20,21 +20,23 @@ from gptflow.data.chat import ChatTemplate
 from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
 from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
-from gptflow.tasks.caching import pipeline_code_version
 from gptflow.model.finetune_config import FinetuneConfig
-from gptflow.tasks.config import ConfigError, FinetuneSettings, build_config
-from gptflow.tasks.finetune import (
+from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.runtime.caching import pipeline_code_version
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.settings import ConfigError, FinetuneSettings, build_config
+from gptflow.tasks.stages.finetuning import (
     default_base_model,
     demo_data,
     evaluate_finetuned,
     finetune_model,
     prepare_data,
 )
-from gptflow.tasks.model_source import resolve_model
-from gptflow.tasks.progress import human_count, human_duration
-from gptflow.tasks.tagging import summary_line as tagging_summary
-from gptflow.tasks.tracking import is_pending, pipeline_run, run_name, source_label
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.stages.tagging import summary_line as tagging_summary
+from gptflow.tasks.tracking.naming import run_name, source_label
+from gptflow.tasks.tracking.progress import human_count, human_duration
+from gptflow.tasks.tracking.registry import is_pending
+from gptflow.tasks.tracking.run import pipeline_run
 
 # A Literal, so a deployment's `objective` parameter is validated and offered as a choice in the Prefect UI.
 Objective = Literal[OBJECTIVES]

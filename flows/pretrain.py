@@ -20,22 +20,22 @@ from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.config import ModelConfig
 from gptflow.model.memory import parameter_count
-from gptflow.tasks.caching import pipeline_code_version
-from gptflow.tasks.config import DEFAULT_PRESET, PresetName, PretrainSettings, build_config
-from gptflow.tasks.evaluate import evaluate_model
-from gptflow.tasks.ingest import ingest
 from gptflow.tasks.lineage import Lineage, data_delta
 from gptflow.tasks.model_source import resolve_model
-from gptflow.tasks.pretrain import InitialModel, train_model
-from gptflow.tasks.progress import human_count, human_duration
-from gptflow.tasks.rendezvous import Rendezvous, RendezvousError
-from gptflow.tasks.sweep import SWEEP_POINT_TAG, SweepMember
-from gptflow.tasks.tokenize import log_corpus_dataset, tokenize
-from gptflow.tasks.tokenizer import train_tokenizer
-from gptflow.tasks.tracking import MLFLOW_PARENT_RUN_TAG, pipeline_run, run_name, source_label
-from gptflow.tasks.units import UnitRunner
-from gptflow.tasks.workspace import Workspace
-
+from gptflow.tasks.runtime.caching import pipeline_code_version
+from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
+from gptflow.tasks.runtime.unit_maps import UnitRunner
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.settings import DEFAULT_PRESET, PresetName, PretrainSettings, build_config
+from gptflow.tasks.stages.evaluation import evaluate_model
+from gptflow.tasks.stages.ingest import ingest
+from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
+from gptflow.tasks.stages.tokenizer import prepare_tokenizer
+from gptflow.tasks.stages.training import InitialModel, train_model
+from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
+from gptflow.tasks.tracking.naming import run_name, source_label
+from gptflow.tasks.tracking.progress import human_count, human_duration
+from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, pipeline_run
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 """MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
@@ -157,7 +157,7 @@ def pretrain(
         ray: a Ray cluster to run the data stages' per-file units on (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
             default ``$GPTFLOW_RAY_ADDRESS``, else the stage's own process.
         rendezvous: train on several machines: this one runs every stage and its share of the
-            ``train.nproc`` ranks, the others join with ``gptflow train-node`` (``tasks.rendezvous``).
+            ``train.nproc`` ranks, the others join with ``gptflow train-node`` (``tasks.runtime.rendezvous``).
         init_from: continue pretraining a model (an MLflow model URI, a run id or a model folder,
             e.g. one ``gptflow import`` registered): its tokenizer (no tokenizer is trained), its
             shape (the preset's ``model`` settings are not used) and its weights.
@@ -199,8 +199,8 @@ def pretrain(
         corpus_manifest = ingest(sources, config.data, workspace_dir, run, units)
         run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
         if base is None:
-            tokenizer = train_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, units,
-                                        retrain_tokenizer)
+            tokenizer = prepare_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, units,
+                                          retrain_tokenizer)
         else:
             tokenizer = base.tokenizer
             run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": f"of {init_from}"})

@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gptflow.tasks.workspace import WORKSPACE_ENV, WORKSPACE_SERVER_ENV, Workspace
+from gptflow.tasks.runtime.workspace import WORKSPACE_ENV, WORKSPACE_SERVER_ENV, Workspace
 
 HOST = "127.0.0.1"
 STACK_FILE = "stack.json"

@@ -26,11 +26,12 @@ from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.flows.pretrain import PretrainSummary, corpus_label
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.scaling_law import ScalingFitError
-from gptflow.tasks.caching import pipeline_code_version
-from gptflow.tasks.config import DEFAULT_PRESET, PresetName
-from gptflow.tasks.progress import human_duration, run_logger
-from gptflow.tasks.ray_address import resolve_ray_address
-from gptflow.tasks.sweep import (
+from gptflow.tasks.runtime.caching import pipeline_code_version
+from gptflow.tasks.runtime.ray_address import resolve_ray_address
+from gptflow.tasks.runtime.unit_maps import workers_report_to_this_api
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
+from gptflow.tasks.sweep_plan import (
     BEST_POINT_TAG,
     SWEEP_POINT_TAG,
     TABLE_COLUMNS,
@@ -54,9 +55,9 @@ from gptflow.tasks.sweep import (
     table_rows,
     text_table,
 )
-from gptflow.tasks.tracking import MLFLOW_PARENT_RUN_TAG, PipelineRun, flow_run_tags, pipeline_run
-from gptflow.tasks.units import workers_report_to_this_api
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.tracking.progress import human_duration, run_logger
+from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, flow_run_tags, pipeline_run
+
 
 @dataclass
 class SweepSummary:

@@ -7,7 +7,13 @@ import logging
 from pathlib import Path
 
 from gptflow.data.errors import UserError
-from gptflow.data.store import OutOfSpaceError, exception_chain, failed_write_path, out_of_space_errno, out_of_space_error
+from gptflow.data.store import (
+    OutOfSpaceError,
+    exception_chain,
+    failed_write_path,
+    out_of_space_errno,
+    out_of_space_error,
+)
 
 # The loggers through which Prefect's engines report a task's or a flow's exception.
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")

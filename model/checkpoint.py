@@ -40,8 +40,8 @@ from typing import Any
 import safetensors.torch
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,

@@ -34,8 +34,8 @@ from gptflow.data.finetune_data import PreparedSplit
 from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.model.checkpoint import load_model, save_final
 from gptflow.model.classifier import CLASSIFIER_DIR, GPTClassifier, GPTTagger, head_objective, pad_right, save_head
-from gptflow.model.device import autocast
 from gptflow.model.config import SamplingConfig, TrainConfig
+from gptflow.model.device import autocast
 from gptflow.model.distributed import Ranks
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
@@ -142,7 +142,7 @@ class FinetuneObjective(TrainingObjective):
             save_head(Path(run_dir) / CLASSIFIER_DIR, model, self.max_length)
 
 
-def finetune(
+def run_finetuning(
     objective: FinetuneObjective,
     config: TrainConfig,
     run_dir: Path,

@@ -39,8 +39,8 @@ from gptflow.model.checkpoint import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
     TrainerState,
-    checkpoint_path,
     checkpoint_directories,
+    checkpoint_path,
     load_checkpoint,
     load_model,
     prune_checkpoints,
@@ -240,7 +240,7 @@ class PretrainObjective(TrainingObjective):
         save_final(run_dir, model)
 
 
-def pretrain(
+def run_pretraining(
     model_config: ModelConfig,
     train_config: TrainConfig,
     train_paths: Sequence[Path],

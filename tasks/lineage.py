@@ -30,7 +30,7 @@ from gptflow.data.store import (
     write_json_atomic,
 )
 from gptflow.data.tokenize import TokenManifest
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace
 
 LINEAGE_DIR = "lineages"
 

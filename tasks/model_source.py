@@ -35,15 +35,15 @@ from gptflow.model.checkpoint import (
     read_model_config,
     save_whole_model,
 )
+from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE, read_head_settings
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
-from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE, read_head_settings
-from gptflow.tasks.tracking import MODEL_NAME, logged_model_id
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.registry import MODEL_NAME, logged_model_id
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PINNED_VERSION = re.compile(r"^models:/[^/@]+/\d+$")
-# Inside a logged gptflow MLflow model (see tasks/tracking.py: log_text_generator).
+# Inside a logged gptflow MLflow model (see tasks/tracking/registry.py).
 MLFLOW_MODEL_WEIGHTS = "artifacts/final"
 MLFLOW_MODEL_TOKENIZER = "artifacts/tokenizer.json"
 MLFLOW_MODEL_CLASSIFIER = f"artifacts/{CLASSIFIER_DIR}"

@@ -7,7 +7,13 @@ import json
 import textwrap
 from pathlib import Path
 
-from gptflow.data.finetune_demo import CLASSIFICATION_PACKAGES, classification_records, functions_of, sft_records, write_demo
+from gptflow.data.finetune_demo import (
+    CLASSIFICATION_PACKAGES,
+    classification_records,
+    functions_of,
+    sft_records,
+    write_demo,
+)
 
 MODULE = textwrap.dedent('''\
     """A module."""

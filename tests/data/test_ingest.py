@@ -1,16 +1,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from gptflow.data import ingest as ingest_module
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
-from gptflow.data import ingest as ingest_module
 from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus, segment_split
 from gptflow.data.readers import SKIP_BINARY, SKIP_TOO_SHORT
 from gptflow.data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths

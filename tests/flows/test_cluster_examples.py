@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gptflow.flows.cli import _parser
-from gptflow.tasks.config import PRESETS
+from gptflow.tasks.settings import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "examples" / "slurm" / "pretrain.sbatch"

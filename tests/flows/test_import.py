@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptflow.flows.cli import main
 from gptflow.tasks.model_source import resolve_model
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 

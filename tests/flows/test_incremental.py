@@ -19,7 +19,7 @@ from gptflow.data.shards import iter_raw_batches
 from gptflow.data.store import CorruptArtifactError, hash_file, is_complete, store_paths
 from gptflow.model.checkpoint import latest_checkpoint
 from gptflow.tasks.model_source import resolve_model
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRA_FILE = Path(json.__file__).parent.parent / "argparse.py"

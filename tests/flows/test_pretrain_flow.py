@@ -122,7 +122,7 @@ def test_editing_code_that_only_evaluation_reaches_reruns_evaluation_alone(cli_e
     first = _gptflow(*args, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     # model/classifier.py: no stage module imports it; evaluation reaches it through the model
-    # source (tasks/evaluate.py → tasks/model_source.py → model/classifier.py), training does not.
+    # source (tasks/stages/evaluation.py → tasks/model_source.py → model/classifier.py), training does not.
     classifier = gptflow_copy / "gptflow" / "model" / "classifier.py"
     classifier.write_text(classifier.read_text() + "\n# edited\n")
     second = _gptflow(*args, env=env)

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from gptflow.flows.stack import STACK_FILE, Service, Stack, down, use_running_stack
-from gptflow.tasks.workspace import WORKSPACE_SERVER_ENV, Workspace
+from gptflow.tasks.runtime.workspace import WORKSPACE_SERVER_ENV, Workspace
 
 
 class _Healthy(BaseHTTPRequestHandler):

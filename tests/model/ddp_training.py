@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gptflow.model.config import ModelConfig, TrainConfig
-from gptflow.model.train import pretrain
+from gptflow.model.train import run_pretraining
 
 # No dropout: its masks are drawn per process, so they could not match across world sizes.
 MODEL_CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128)
@@ -63,7 +63,7 @@ if __name__ == "__main__":
         TRAIN_CONFIG, micro_batch_size=args.micro_batch, nproc=world_size, parallelism=args.parallelism
     )
     recorder = RecordLosses(args.die_after_checkpoint)
-    pretrain(MODEL_CONFIG, config, [args.train_shard], [args.val_shard], args.run_dir, callback=recorder,
+    run_pretraining(MODEL_CONFIG, config, [args.train_shard], [args.val_shard], args.run_dir, callback=recorder,
              resume=args.resume)
     if int(os.environ.get("RANK", 0)) == 0:
         args.losses_path.write_text(json.dumps(recorder.losses))

@@ -13,7 +13,7 @@ from gptflow.model.config import TrainConfig
 from gptflow.model.device import resolve_autocast_dtype, resolve_device
 from gptflow.model.gpt import GPT
 from gptflow.model.optim import build_optimizer
-from gptflow.model.train import pretrain
+from gptflow.model.train import run_pretraining
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -53,7 +53,7 @@ def test_bf16_training_on_cuda_learns_and_reports_memory(tmp_path, tiny_config, 
     config = dataclasses.replace(
         tiny_train_config, device="auto", dtype="auto", compile=compile_model, max_steps=60, learning_rate=1e-2
     )
-    result = pretrain(tiny_config, config, train, val, tmp_path / "run", callback=log)
+    result = run_pretraining(tiny_config, config, train, val, tmp_path / "run", callback=log)
     assert result.final_val_loss < 1.5
     assert result.peak_memory_bytes > 0
     final_metrics = log.metrics[60]

@@ -23,9 +23,9 @@ from gptflow.model.config import SamplingConfig, TrainConfig
 from gptflow.model.finetune import (
     FinetuneObjective,
     example_indices,
-    finetune,
     generate_response,
     make_batch,
+    run_finetuning,
     score_examples,
 )
 from gptflow.model.finetune_config import FinetuneConfig
@@ -118,7 +118,7 @@ def test_sft_with_lora_learns_and_saves_a_merged_model(base_dir, tmp_path):
     config = _train_config(max_steps=40, val_interval=20, checkpoint_interval=20)
     callback = RecordingCallback()
     objective = FinetuneObjective(base_dir, "sft", [], FinetuneConfig(lora_rank=4), train, val, PAD_ID, 8)
-    result = finetune(objective, config, tmp_path / "run", callback)
+    result = run_finetuning(objective, config, tmp_path / "run", callback)
     assert [step for step, metrics in callback.metrics if "val/loss" in metrics] == [0, 20, 40]
     assert [step for step, metrics in callback.metrics if "train/loss" in metrics] == [10, 20, 30, 40]
     assert all("train/tokens_per_sec" in metrics for step, metrics in callback.metrics if "train/loss" in metrics)
@@ -146,7 +146,7 @@ def test_classification_learns_a_separable_task(base_dir, tmp_path):
     callback = RecordingCallback()
     objective = FinetuneObjective(base_dir, "classification", ["a", "b", "c"], FinetuneConfig(lora_rank=0),
                                   train, val, PAD_ID, 16)
-    result = finetune(objective, config, tmp_path / "run", callback)
+    result = run_finetuning(objective, config, tmp_path / "run", callback)
     classifier, max_length = load_classifier(result.model_dir, result.classifier_dir)
     scores = score_examples(classifier, val, PAD_ID, 8)
     assert max_length == 16
@@ -178,7 +178,7 @@ def test_tagging_reads_a_label_only_its_last_token_can_know_where_told_to(base_d
     train, val = _marked_spans(160, 0, span_label_from), _marked_spans(40, 1, span_label_from)
     objective = FinetuneObjective(base_dir, "tagging", ["a", "b"],
                                   FinetuneConfig(lora_rank=0, span_label_from=span_label_from), train, val, PAD_ID, 16)
-    result = finetune(objective, _train_config(max_steps=60, val_interval=0), tmp_path / "run")
+    result = run_finetuning(objective, _train_config(max_steps=60, val_interval=0), tmp_path / "run")
     tagger, _ = load_classifier(result.model_dir, result.classifier_dir)
     scores = score_examples(tagger, val, PAD_ID, 8)
     decoded = [[spans_of_tags([tagger.tags[tag] if keep >= 0 else "O" for tag, keep in zip(tags, gold)],

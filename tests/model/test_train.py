@@ -14,13 +14,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptflow.data.loader import TokenWindows
 from gptflow.data.store import CorruptArtifactError, is_complete
-from gptflow.model.checkpoint import OPTIMIZER_FILE, TRAINER_FILE, WEIGHTS_FILE, latest_checkpoint, list_checkpoints, load_model
+from gptflow.model.checkpoint import (
+    OPTIMIZER_FILE,
+    TRAINER_FILE,
+    WEIGHTS_FILE,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+)
+from gptflow.model.evaluate import evaluate_loss
 from gptflow.model.gpt import GPT
 from gptflow.model.optim import learning_rate_at
-from gptflow.data.loader import TokenWindows
-from gptflow.model.evaluate import evaluate_loss
-from gptflow.model.train import Continuation, TrainResult, pretrain
+from gptflow.model.train import Continuation, TrainResult, run_pretraining
 
 TINY_TRAINING = Path(__file__).with_name("tiny_training.py")
 
@@ -56,7 +63,7 @@ def test_training_learns_a_repeated_phrase(tmp_path, tiny_config, tiny_train_con
     train, val = pattern_shards
     callback = RecordingCallback()
     config = dataclasses.replace(tiny_train_config, max_steps=60, learning_rate=1e-2)
-    result = pretrain(tiny_config, config, train, val, tmp_path / "run", callback=callback)
+    result = run_pretraining(tiny_config, config, train, val, tmp_path / "run", callback=callback)
     first_loss = callback.metrics[5]["train/loss"]
     assert first_loss > 4.0  # about ln(128) at the start
     assert result.final_train_loss < first_loss / 3
@@ -66,7 +73,7 @@ def test_training_learns_a_repeated_phrase(tmp_path, tiny_config, tiny_train_con
 def test_bfloat16_autocast_trains_on_cpu(tmp_path, tiny_config, tiny_train_config, pattern_shards):
     callback = RecordingCallback()
     config = dataclasses.replace(tiny_train_config, dtype="bfloat16", max_steps=30, learning_rate=1e-2)
-    result = pretrain(tiny_config, config, *pattern_shards, tmp_path / "run", callback=callback)
+    result = run_pretraining(tiny_config, config, *pattern_shards, tmp_path / "run", callback=callback)
     assert result.final_train_loss < callback.metrics[5]["train/loss"] - 1.0
     assert load_model(result.final_dir).lm_head.weight.dtype == torch.float32  # master weights stay float32
 
@@ -74,7 +81,7 @@ def test_bfloat16_autocast_trains_on_cpu(tmp_path, tiny_config, tiny_train_confi
 def test_reports_metrics_checkpoints_and_the_export(tmp_path, tiny_config, tiny_train_config, pattern_shards):
     train, val = pattern_shards
     callback = RecordingCallback()
-    result = pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "run", callback=callback)
+    result = run_pretraining(tiny_config, tiny_train_config, train, val, tmp_path / "run", callback=callback)
 
     assert sorted(callback.metrics) == [5, 10, 15, 20, 25, 30]
     tokens_per_step = 4 * 2 * 16
@@ -111,19 +118,19 @@ def test_reports_metrics_checkpoints_and_the_export(tmp_path, tiny_config, tiny_
 def test_resuming_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, tiny_config, tiny_train_config, pattern_shards):
     train, val = pattern_shards
     config = dataclasses.replace(tiny_train_config, keep_checkpoints=3)
-    uninterrupted = pretrain(tiny_config, config, train, val, tmp_path / "uninterrupted")
+    uninterrupted = run_pretraining(tiny_config, config, train, val, tmp_path / "uninterrupted")
 
     interrupted = tmp_path / "interrupted"
-    assert pretrain(tiny_config, config, train, val, interrupted, resume=True).resumed_from_step is None
+    assert run_pretraining(tiny_config, config, train, val, interrupted, resume=True).resumed_from_step is None
     for later in ("checkpoints/step-00000020", "checkpoints/step-00000030", "final"):
         shutil.rmtree(interrupted / later)
-    resumed = pretrain(tiny_config, config, train, val, interrupted, resume=True)
+    resumed = run_pretraining(tiny_config, config, train, val, interrupted, resume=True)
     assert resumed.resumed_from_step == 10
     assert resumed.tokens_seen == uninterrupted.tokens_seen
     assert resumed.final_val_loss == uninterrupted.final_val_loss
     assert_same_weights(uninterrupted.final_dir, resumed.final_dir)
 
-    finished = pretrain(tiny_config, config, train, val, interrupted, resume=True)
+    finished = run_pretraining(tiny_config, config, train, val, interrupted, resume=True)
     assert finished.resumed_from_step == 30 and finished.steps == 30
     assert_same_weights(uninterrupted.final_dir, finished.final_dir)
 
@@ -133,9 +140,9 @@ def test_resuming_skips_an_altered_checkpoint_for_the_one_before_it(
 ):
     train, val = pattern_shards
     config = dataclasses.replace(tiny_train_config, keep_checkpoints=3)
-    uninterrupted = pretrain(tiny_config, config, train, val, tmp_path / "uninterrupted")
+    uninterrupted = run_pretraining(tiny_config, config, train, val, tmp_path / "uninterrupted")
     interrupted = tmp_path / "interrupted"
-    pretrain(tiny_config, config, train, val, interrupted)
+    run_pretraining(tiny_config, config, train, val, interrupted)
     for later in ("checkpoints/step-00000030", "final"):
         shutil.rmtree(interrupted / later)
     # Bytes changed behind an unchanged size and mtime: listed as complete, refused when loaded.
@@ -147,7 +154,7 @@ def test_resuming_skips_an_altered_checkpoint_for_the_one_before_it(
     os.utime(altered, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
     callback = RecordingCallback()
-    resumed = pretrain(tiny_config, config, train, val, interrupted, callback=callback, resume=True)
+    resumed = run_pretraining(tiny_config, config, train, val, interrupted, callback=callback, resume=True)
     [(path, error, fallback)] = callback.unusable
     assert (path, fallback) == (altered.parent, interrupted / "checkpoints/step-00000010")
     assert isinstance(error, CorruptArtifactError) and str(altered) in str(error)
@@ -164,13 +171,13 @@ def test_a_checkpoint_that_loads_only_in_part_is_skipped_for_step_0(
     """Its weights load, then its optimizer state does not fit: training starts from fresh weights."""
     train, val = pattern_shards
     muon = dataclasses.replace(tiny_train_config, optimizer="muon")
-    reference = pretrain(tiny_config, muon, train, val, tmp_path / "reference")
+    reference = run_pretraining(tiny_config, muon, train, val, tmp_path / "reference")
     run_dir = tmp_path / "run"
-    pretrain(tiny_config, dataclasses.replace(tiny_train_config, max_steps=10), train, val, run_dir)
+    run_pretraining(tiny_config, dataclasses.replace(tiny_train_config, max_steps=10), train, val, run_dir)
     shutil.rmtree(run_dir / "final")
 
     callback = RecordingCallback()
-    result = pretrain(tiny_config, muon, train, val, run_dir, callback=callback, resume=True)
+    result = run_pretraining(tiny_config, muon, train, val, run_dir, callback=callback, resume=True)
     [(path, error, fallback)] = callback.unusable
     assert (path, fallback) == (run_dir / "checkpoints/step-00000010", None)
     assert "train.optimizer=muon" in str(error)
@@ -181,11 +188,11 @@ def test_a_checkpoint_that_loads_only_in_part_is_skipped_for_step_0(
 def test_starting_over_discards_the_previous_run(tmp_path, tiny_config, tiny_train_config, pattern_shards):
     train, val = pattern_shards
     longer = dataclasses.replace(tiny_train_config, max_steps=40, seed=1)
-    pretrain(tiny_config, longer, train, val, tmp_path / "run")
-    result = pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "run", resume=False)
+    run_pretraining(tiny_config, longer, train, val, tmp_path / "run")
+    result = run_pretraining(tiny_config, tiny_train_config, train, val, tmp_path / "run", resume=False)
     assert result.resumed_from_step is None
     assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["step-00000020", "step-00000030"]
-    fresh = pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "fresh")
+    fresh = run_pretraining(tiny_config, tiny_train_config, train, val, tmp_path / "fresh")
     assert_same_weights(fresh.final_dir, result.final_dir)
 
 
@@ -212,7 +219,7 @@ def test_zero_grad_clip_disables_clipping(tmp_path, tiny_config, tiny_train_conf
     finals = {}
     for grad_clip in (0.0, 1e9, 0.01):
         config = dataclasses.replace(tiny_train_config, max_steps=5, grad_clip=grad_clip)
-        finals[grad_clip] = pretrain(tiny_config, config, train, [], tmp_path / str(grad_clip)).final_dir
+        finals[grad_clip] = run_pretraining(tiny_config, config, train, [], tmp_path / str(grad_clip)).final_dir
     assert_same_weights(finals[0.0], finals[1e9])
     with pytest.raises(AssertionError):
         assert_same_weights(finals[0.0], finals[0.01])
@@ -221,7 +228,7 @@ def test_zero_grad_clip_disables_clipping(tmp_path, tiny_config, tiny_train_conf
 def test_without_validation_shards_there_is_no_val_loss(tmp_path, tiny_config, tiny_train_config, pattern_shards):
     callback = RecordingCallback()
     config = dataclasses.replace(tiny_train_config, max_steps=10)
-    result = pretrain(tiny_config, config, pattern_shards[0], [], tmp_path / "run", callback=callback)
+    result = run_pretraining(tiny_config, config, pattern_shards[0], [], tmp_path / "run", callback=callback)
     assert result.final_val_loss is None
     assert not any("val/loss" in metrics for metrics in callback.metrics.values())
 
@@ -230,14 +237,14 @@ def test_continuation_starts_from_the_earlier_checkpoint_and_learns_the_new_data
     tmp_path, tiny_config, tiny_train_config, pattern_shards, write_shard
 ):
     train, val = pattern_shards
-    first = pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "first")
+    first = run_pretraining(tiny_config, tiny_train_config, train, val, tmp_path / "first")
     checkpoint = latest_checkpoint(tmp_path / "first")
     new_phrase = np.random.default_rng(1).integers(2, 128, size=40)
     new_shard = write_shard(tmp_path / "new.arrow", np.tile(new_phrase, 150).astype(np.uint16))
 
     # A near-zero learning rate leaves the weights where the continuation loaded them.
     frozen = dataclasses.replace(tiny_train_config, max_steps=5, learning_rate=1e-12, warmup_steps=0)
-    continued = pretrain(
+    continued = run_pretraining(
         tiny_config, frozen, train, val, tmp_path / "frozen",
         continuation=Continuation(checkpoint, [new_shard], new_data_fraction=0.5),
     )
@@ -250,7 +257,7 @@ def test_continuation_starts_from_the_earlier_checkpoint_and_learns_the_new_data
 
     assert loss_on(first.final_dir, [new_shard]) > 4.0  # the first run never saw the new phrase
     learning = dataclasses.replace(tiny_train_config, max_steps=60, learning_rate=1e-2)
-    learned = pretrain(
+    learned = run_pretraining(
         tiny_config, learning, train, val, tmp_path / "learning",
         continuation=Continuation(checkpoint, [new_shard], new_data_fraction=0.5),
     )
@@ -260,8 +267,8 @@ def test_continuation_starts_from_the_earlier_checkpoint_and_learns_the_new_data
 
 def test_continuation_from_a_different_model_shape_is_refused(tmp_path, tiny_config, tiny_train_config, pattern_shards):
     train, val = pattern_shards
-    pretrain(tiny_config, tiny_train_config, train, val, tmp_path / "small")
+    run_pretraining(tiny_config, tiny_train_config, train, val, tmp_path / "small")
     wider = dataclasses.replace(tiny_config, n_embd=64)
     with pytest.raises(ValueError, match="differs"):
-        pretrain(wider, tiny_train_config, train, val, tmp_path / "wide",
+        run_pretraining(wider, tiny_train_config, train, val, tmp_path / "wide",
                  continuation=Continuation(latest_checkpoint(tmp_path / "small"), train, new_data_fraction=0.5))

@@ -20,7 +20,7 @@ import torch
 
 from gptflow.data.finetune_data import PreparedSplit
 from gptflow.model.config import TrainConfig
-from gptflow.model.finetune import FinetuneObjective, finetune
+from gptflow.model.finetune import FinetuneObjective, run_finetuning
 from gptflow.model.finetune_config import FinetuneConfig
 
 PAD_ID = 1
@@ -77,6 +77,6 @@ if __name__ == "__main__":
         lora_dropout, callback = 0.0, RecordLosses()
     objective = FinetuneObjective(args.base_dir, "sft", [], FinetuneConfig(lora_rank=4, lora_dropout=lora_dropout),
                                   sft_examples(40, seed=0), sft_examples(8, seed=1), PAD_ID, max_length=8)
-    finetune(objective, config, args.run_dir, callback, resume=args.resume)
+    run_finetuning(objective, config, args.run_dir, callback, resume=args.resume)
     if callback is not None and int(os.environ.get("RANK", 0)) == 0:
         args.losses.write_text(json.dumps(callback.losses))

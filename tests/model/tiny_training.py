@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gptflow.model.config import ModelConfig, TrainConfig
-from gptflow.model.train import pretrain
+from gptflow.model.train import run_pretraining
 
 MODEL_CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128, dropout=0.1)
 # A checkpoint every step: most of the run is spent writing one, so a random kill often lands
@@ -25,4 +25,4 @@ TRAIN_CONFIG = TrainConfig(
 if __name__ == "__main__":
     run_dir, train_shard, val_shard = map(Path, sys.argv[1:4])
     torch.set_num_threads(1)  # float reductions depend on the thread count; fix it for bit-identity
-    pretrain(MODEL_CONFIG, TRAIN_CONFIG, [train_shard], [val_shard], run_dir, resume="--resume" in sys.argv)
+    run_pretraining(MODEL_CONFIG, TRAIN_CONFIG, [train_shard], [val_shard], run_dir, resume="--resume" in sys.argv)

@@ -16,8 +16,8 @@ from prefect.filesystems import LocalFileSystem
 
 from gptflow.data.store import OutOfSpaceError, atomic_directory, code_closure, is_complete
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
-from gptflow.tasks.caching import run_stage, stage_key
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.workspace import Workspace
 
 
 @task
@@ -30,7 +30,7 @@ def write_artifact(directory: str, text: str) -> str:
 @flow
 def run_write_artifact(workspace_root: str, text: str) -> tuple[str, str]:
     workspace = Workspace.resolve(workspace_root)
-    key = stage_key("write", config={"text": text}, modules=["gptflow.tasks.caching"], inputs={})
+    key = stage_key("write", config={"text": text}, modules=["gptflow.tasks.runtime.caching"], inputs={})
     outcome = run_stage(
         write_artifact,
         key=key,
@@ -118,15 +118,15 @@ def test_a_result_record_that_does_not_fit_is_one_log_line_and_only_its_stage_re
 
 
 def test_stage_key_follows_config_inputs_and_code():
-    key = stage_key("write", config={"a": 1}, modules=["gptflow.tasks.ingest"], inputs={"corpus": "x"})
-    assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.ingest"], inputs={"corpus": "x"}) == key
-    assert stage_key("write", config={"a": 2}, modules=["gptflow.tasks.ingest"], inputs={"corpus": "x"}) != key
-    assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.ingest"], inputs={"corpus": "y"}) != key
-    assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.tokenize"], inputs={"corpus": "x"}) != key
+    key = stage_key("write", config={"a": 1}, modules=["gptflow.tasks.stages.ingest"], inputs={"corpus": "x"})
+    assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.stages.ingest"], inputs={"corpus": "x"}) == key
+    assert stage_key("write", config={"a": 2}, modules=["gptflow.tasks.stages.ingest"], inputs={"corpus": "x"}) != key
+    assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.stages.ingest"], inputs={"corpus": "y"}) != key
+    assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.stages.tokenize"], inputs={"corpus": "x"}) != key
 
 
-STAGE_MODULES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate", "multiple_choice", "classification",
-                 "finetune")
+STAGE_MODULES = ("ingest", "tokenizer", "tokenize", "training", "evaluation", "multiple_choice", "classification",
+                 "finetuning")
 
 
 def _stage_code_versions(source_root: Path) -> dict[str, str]:
@@ -135,7 +135,7 @@ def _stage_code_versions(source_root: Path) -> dict[str, str]:
         "import json\n"
         "from gptflow.data.store import code_version, module_file\n"
         f"assert str(module_file('gptflow.data.store')).startswith({str(source_root)!r})\n"
-        f"print(json.dumps({{stage: code_version('gptflow.tasks.' + stage) for stage in {STAGE_MODULES!r}}}))\n"
+        f"print(json.dumps({{stage: code_version('gptflow.tasks.stages.' + stage) for stage in {STAGE_MODULES!r}}}))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(source_root)},
                           cwd=source_root, capture_output=True, text=True, check=True)
@@ -152,7 +152,7 @@ def test_editing_a_module_reached_only_indirectly_changes_exactly_the_stages_tha
     # model/lora.py: no stage module imports it; the fine-tuning loop (model/finetune.py) does.
     lora = gptflow_copy / "gptflow" / "model" / "lora.py"
     lora.write_text(lora.read_text() + "\n# edited\n")
-    assert _changed(before, _stage_code_versions(gptflow_copy)) == {"classification", "finetune"}
+    assert _changed(before, _stage_code_versions(gptflow_copy)) == {"classification", "finetuning"}
 
 
 def test_a_helper_module_added_later_is_in_the_key_of_every_stage_that_imports_it(gptflow_copy):
@@ -166,7 +166,7 @@ def test_a_helper_module_added_later_is_in_the_key_of_every_stage_that_imports_i
 
 
 def test_the_libraries_that_shape_a_stage_are_in_its_code_version():
-    assert set(code_closure("gptflow.tasks.ingest")["libraries"]) >= {"pyarrow"}
-    assert "torch" not in code_closure("gptflow.tasks.ingest")["libraries"]
-    assert set(code_closure("gptflow.tasks.tokenize")["libraries"]) >= {"pyarrow", "tokenizers"}
-    assert set(code_closure("gptflow.tasks.pretrain")["libraries"]) >= {"torch", "pyarrow"}
+    assert set(code_closure("gptflow.tasks.stages.ingest")["libraries"]) >= {"pyarrow"}
+    assert "torch" not in code_closure("gptflow.tasks.stages.ingest")["libraries"]
+    assert set(code_closure("gptflow.tasks.stages.tokenize")["libraries"]) >= {"pyarrow", "tokenizers"}
+    assert set(code_closure("gptflow.tasks.stages.training")["libraries"]) >= {"torch", "pyarrow"}

@@ -8,7 +8,7 @@ import torch
 
 from gptflow.model.config import MODERN_RECIPE, TrainConfig, pad_vocab_size
 from gptflow.model.gpt import GPT
-from gptflow.tasks.config import (
+from gptflow.tasks.settings import (
     DEFAULT_PRESET,
     PRESETS,
     ConfigError,

@@ -12,11 +12,11 @@ from gptflow.model.checkpoint import save_final
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
-from gptflow.tasks.config import ConfigError, FinetuneSettings, build_config
-from gptflow.tasks.finetune import default_base_model
 from gptflow.tasks.model_source import ModelSourceError
-from gptflow.tasks.tracking import pipeline_run
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.settings import ConfigError, FinetuneSettings, build_config
+from gptflow.tasks.stages.finetuning import default_base_model
+from gptflow.tasks.tracking.run import pipeline_run
 
 
 def test_settings_compose_the_training_loop_and_sampling_with_finetune_defaults(tmp_path):

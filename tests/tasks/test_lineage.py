@@ -7,7 +7,7 @@ import time
 
 from gptflow.tasks import lineage as lineage_module
 from gptflow.tasks.lineage import Lineage, ModelRecord, TrainingAttempt
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace
 
 
 def model_record(key: str) -> ModelRecord:

@@ -10,17 +10,16 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
+from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from gptflow.model.checkpoint import TrainerState, load_model, save_final, save_sharded_checkpoint
 from gptflow.model.classifier import GPTClassifier, GPTTagger, save_head
-from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size
 from gptflow.model.distributed import shard_model
 from gptflow.model.gpt import GPT
 from gptflow.model.optim import build_optimizer
 from gptflow.tasks.model_source import ModelSourceError, resolve_model
-from gptflow.tasks.tracking import pipeline_run
-from gptflow.tasks.workspace import Workspace
-
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.run import pipeline_run
 
 CONFIG = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=pad_vocab_size(300))
 

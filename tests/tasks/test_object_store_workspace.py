@@ -26,8 +26,8 @@ from gptflow.data.store import (
     share_file,
     wait_for_publishing,
 )
-from gptflow.tasks import workspace as workspace_module
-from gptflow.tasks.workspace import Workspace, WorkspaceError
+from gptflow.tasks.runtime import workspace as workspace_module
+from gptflow.tasks.runtime.workspace import Workspace, WorkspaceError
 
 
 @pytest.fixture()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from gptflow.data.store import CorruptArtifactError, atomic_directory, is_complete
-from gptflow.tasks.pretrain import pretrain_model_task
-from gptflow.tasks.training_job import TrainingJob
+from gptflow.tasks.stages.training import pretrain_model_task
+from gptflow.tasks.stages.training_job import TrainingJob
 
 
 def test_training_refuses_a_shard_altered_behind_an_unchanged_size_and_mtime(tmp_path, write_shard):

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import math
+import pkgutil
 import shutil
 import typing
 from pathlib import Path
@@ -24,21 +25,19 @@ from gptflow.data.sources import resolve_sources
 from gptflow.data.tokenize import tokenize_corpus
 from gptflow.data.tokenizer import train_tokenizer
 from gptflow.model.config import ModelConfig
-from gptflow.tasks.caching import run_stage, stage_key, units_are_complete
-from gptflow.tasks.classification import ClassificationReport
-from gptflow.tasks.evaluate import EvalReport, LossReport
-from gptflow.tasks.finetune import FinetunedModel, FinetuneReport
-from gptflow.tasks.harness import HarnessReport
-from gptflow.tasks.ingest import ingest_corpus_task
-from gptflow.tasks.multiple_choice import MultipleChoiceReport
-from gptflow.tasks.tagging import TaggingReport
-from gptflow.tasks.records import PLAIN_JSON, RECORD_SERIALIZER, RESULT_TYPES, RecordSerializer, read_record
-from gptflow.tasks.training_job import TrainedModel
-from gptflow.tasks.units import UnitRunner
-from gptflow.tasks.workspace import Workspace
-
-STAGE_MODULES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate", "multiple_choice", "classification",
-                 "finetune")
+from gptflow.tasks import stages
+from gptflow.tasks.runtime.caching import run_stage, stage_key, units_are_complete
+from gptflow.tasks.runtime.records import PLAIN_JSON, RECORD_SERIALIZER, RESULT_TYPES, RecordSerializer, read_record
+from gptflow.tasks.runtime.unit_maps import UnitRunner
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.stages.classification import ClassificationReport
+from gptflow.tasks.stages.evaluation import EvalReport, LossReport
+from gptflow.tasks.stages.finetuning import FinetunedModel, FinetuneReport
+from gptflow.tasks.stages.ingest import ingest_corpus_task
+from gptflow.tasks.stages.lm_eval import HarnessReport
+from gptflow.tasks.stages.multiple_choice import MultipleChoiceReport
+from gptflow.tasks.stages.tagging import TaggingReport
+from gptflow.tasks.stages.training_job import TrainedModel
 
 
 @flow
@@ -47,7 +46,7 @@ def run_ingest(workspace_root: str, corpus: str) -> tuple[str, str, str]:
     workspace = Workspace.resolve(workspace_root)
     sources = resolve_sources([corpus])
     config = IngestConfig()
-    key = stage_key("ingest", config=config, modules=["gptflow.tasks.ingest"],
+    key = stage_key("ingest", config=config, modules=["gptflow.tasks.stages.ingest"],
                     inputs={"sources": sources.fingerprint_inputs()})
     outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
                         sources=sources, config=config, store_dir=str(workspace.store), units=UnitRunner())
@@ -196,8 +195,8 @@ def test_every_result_type_round_trips_through_the_record_serializer(tmp_path, t
 def test_every_stage_returns_an_allow_listed_type_or_plain_json():
     declared = {
         task.name: typing.get_type_hints(task.fn)["return"]
-        for name in STAGE_MODULES
-        for task in vars(importlib.import_module(f"gptflow.tasks.{name}")).values() if isinstance(task, Task)
+        for module in pkgutil.iter_modules(stages.__path__)
+        for task in vars(importlib.import_module(f"{stages.__name__}.{module.name}")).values() if isinstance(task, Task)
     }
     assert {"ingest-corpus", "pretrain-model", "generate-samples", "finetune-model"} <= set(declared)
     for stage, returns in declared.items():

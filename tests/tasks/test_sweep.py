@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from gptflow.tasks.config import build_config, PretrainSettings
-from gptflow.tasks.sweep import (
+from gptflow.tasks.settings import PretrainSettings, build_config
+from gptflow.tasks.sweep_plan import (
     PointOutcome,
     SweepError,
     SweepPoint,

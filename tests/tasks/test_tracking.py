@@ -17,19 +17,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from gptflow.data.store import OutOfSpaceError
-from gptflow.tasks.outbox import Outbox
-from gptflow.tasks.tracking import (
-    HOST_TAG,
-    KILLED_TAG,
-    PID_TAG,
-    BufferedMetrics,
-    PipelineRun,
-    TrackingServerUnreachable,
-    pipeline_run,
-    send_outboxes,
-    server_unreachable,
-)
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.experiments import TrackingServerUnreachable
+from gptflow.tasks.tracking.killed_runs import HOST_TAG, KILLED_TAG, PID_TAG
+from gptflow.tasks.tracking.outbox import Outbox, send_outboxes
+from gptflow.tasks.tracking.run import BufferedMetrics, PipelineRun, pipeline_run
+from gptflow.tasks.tracking.server import server_unreachable
 
 
 @pytest.fixture()

@@ -14,12 +14,11 @@ from gptflow.data.near_dedup import datasketch_version
 from gptflow.data.redact import REDACTION_KINDS
 from gptflow.data.shards import SPLITS
 from gptflow.data.sources import SourceResolution
-from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
-from gptflow.tasks.progress import StageProgress, run_logger
-from gptflow.tasks.tracking import PipelineRun
-from gptflow.tasks.units import UnitRunner
-from gptflow.tasks.workspace import Workspace
-
+from gptflow.tasks.runtime.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
+from gptflow.tasks.runtime.unit_maps import UnitRunner
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.progress import StageProgress, run_logger
+from gptflow.tasks.tracking.run import PipelineRun
 
 
 @task(name="ingest-corpus")

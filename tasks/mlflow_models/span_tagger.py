@@ -1,6 +1,6 @@
 """A fine-tuned gptflow tagger as an MLflow pyfunc model: texts in, labelled spans out.
 
-An MLflow "model from code", like ``tasks/mlflow_classifier.py``: copied into every logged model
+An MLflow "model from code", like ``tasks/mlflow_models/text_classifier.py``: copied into every logged model
 with gptflow's pure packages beside it, so ``mlflow.pyfunc.load_model(uri).predict(["def f(x):
 return x"])`` needs only torch, tokenizers, safetensors and pyarrow. Each text gets a list of
 ``{"start", "end", "label", "text"}`` (character offsets into it); texts are encoded and cut to
@@ -17,7 +17,7 @@ from mlflow.pyfunc import PythonModel
 
 
 class GptflowTagger(PythonModel):
-    # No type hint on predict's input: see tasks/mlflow_classifier.py.
+    # No type hint on predict's input: see tasks/mlflow_models/text_classifier.py.
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:

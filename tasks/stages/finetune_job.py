@@ -2,8 +2,8 @@
 
 A ``FinetuneJob`` holds everything a fine-tuning needs as plain JSON, so the finetune task runs it
 in-process or hands it to ``torchrun`` (``train.nproc`` > 1), whose every rank runs
-``python -m gptflow.tasks.finetune_job JOB.json RESULT.json``. Its own module, apart from
-``tasks.training_job``, so that the pretrain stage's code (part of its cache key) holds no
+``python -m gptflow.tasks.stages.finetune_job JOB.json RESULT.json``. Its own module, apart from
+``tasks.stages.training_job``, so that the pretrain stage's code (part of its cache key) holds no
 fine-tuning code.
 """
 
@@ -20,10 +20,12 @@ from gptflow.data.finetune_data import read_split
 from gptflow.data.store import atomic_directory
 from gptflow.model.config import TrainConfig
 from gptflow.model.distributed import Ranks
-from gptflow.model.finetune import FinetuneObjective, FinetuneResult, finetune
+from gptflow.model.finetune import FinetuneObjective, FinetuneResult, run_finetuning
 from gptflow.model.finetune_config import FinetuneConfig
-from gptflow.tasks.tracking import PipelineRun
-from gptflow.tasks.training_job import REPORT_DIR, TrainingReporter, launch_ranks, run_rank, system_metrics
+from gptflow.tasks.runtime.torchrun import launch_ranks, run_rank
+from gptflow.tasks.stages.training_job import REPORT_DIR
+from gptflow.tasks.tracking.run import PipelineRun
+from gptflow.tasks.tracking.training_reporter import TrainingReporter, system_metrics
 
 
 @dataclass
@@ -60,7 +62,7 @@ class FinetuneJob:
         run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id) if is_main else None
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress, stage="finetune") if is_main else None
         with system_metrics(run.run_id, self.tracking_uri, None) if run else contextlib.nullcontext():
-            result = finetune(objective, train_config, Path(self.run_dir), reporter, resume=not self.restart)
+            result = run_finetuning(objective, train_config, Path(self.run_dir), reporter, resume=not self.restart)
         if reporter is None:
             return None
         if result.resumed_from_step is not None:

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptflow.data.errors import UserError
 from gptflow.model.scaling_law import (
     FLOPS_PER_PARAMETER_TOKEN,
     MIN_POINTS,
     ScalingLaw,
     fit_scaling_law,
 )
-from gptflow.data.errors import UserError
-from gptflow.tasks.config import ConfigError, PretrainSettings, build_config
+from gptflow.tasks.settings import ConfigError, PretrainSettings, build_config
 
 RANGE_SEPARATOR = ".."
 DRAW_ATTEMPTS = 100
@@ -114,7 +114,7 @@ class ScalingReport:
         }
 
     def describe(self) -> str:
-        from gptflow.tasks.progress import human_count
+        from gptflow.tasks.tracking.progress import human_count
 
         return (f"{self.law.describe()}; for {self.compute_budget:.3g} FLOPs: "
                 f"{human_count(self.optimal_parameters)} parameters on {human_count(self.optimal_tokens)} tokens")
@@ -264,7 +264,7 @@ TABLE_COLUMNS = ("point", "status", "val loss", "perplexity", "parameters", "tok
 
 def table_rows(outcomes: list[PointOutcome], best: PointOutcome | None) -> list[dict[str, str]]:
     """One row per point: its swept settings, then ``TABLE_COLUMNS``."""
-    from gptflow.tasks.progress import human_count, human_duration
+    from gptflow.tasks.tracking.progress import human_count, human_duration
 
     rows = []
     for outcome in outcomes:
@@ -375,7 +375,7 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], best: str | Non
 
 def plot_scaling_fit(outcomes: list[PointOutcome], report: ScalingReport, path: Path) -> None:
     """Val loss against training tokens, a colour per model size: the points and the law's curves."""
-    from gptflow.tasks.progress import human_count
+    from gptflow.tasks.tracking.progress import human_count
 
     plt = _pyplot()
     completed = [outcome for outcome in outcomes if outcome.status == "completed"]

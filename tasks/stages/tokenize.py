@@ -10,12 +10,12 @@ from gptflow.data.config import TokenizeConfig
 from gptflow.data.ingest import CorpusManifest
 from gptflow.data.tokenize import TokenManifest, tokenize_corpus
 from gptflow.data.tokenizer import TokenizerArtifact
-from gptflow.tasks.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
-from gptflow.tasks.progress import StageProgress
-from gptflow.tasks.tracking import PipelineRun, source_label
-from gptflow.tasks.units import UnitRunner
-from gptflow.tasks.workspace import Workspace
-
+from gptflow.tasks.runtime.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
+from gptflow.tasks.runtime.unit_maps import UnitRunner
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.naming import source_label
+from gptflow.tasks.tracking.progress import StageProgress
+from gptflow.tasks.tracking.run import PipelineRun
 
 
 @task(name="tokenize-corpus")

@@ -3,7 +3,7 @@
 A Prefect record names the serializer that reads it back, and Prefect's own serializers run or
 import what a record names (a pickle runs its code; the JSON decoder imports the class it is told).
 gptflow's records name ``RecordSerializer`` and hold ``{"type": <name>, "data": <JSON>}``, where the
-name is one of ``RESULT_TYPES`` or ``PLAIN_JSON``. ``tasks.caching.run_stage`` reads a record with
+name is one of ``RESULT_TYPES`` or ``PLAIN_JSON``. ``tasks.runtime.caching.run_stage`` reads a record with
 ``read_record`` before Prefect may, so a record written by anyone else is refused, never run
 (docs/ARCHITECTURE.md, "Keys"). Prefect reads a record that passed once more, for its ``Cached``
 state, under the same stage lock: the check cannot sit inside that read, since a task's
@@ -28,19 +28,19 @@ RESULT_TYPES: dict[str, str] = {
     "CorpusManifest": "gptflow.data.ingest",
     "TokenizerArtifact": "gptflow.data.tokenizer",
     "TokenManifest": "gptflow.data.tokenize",
-    "TrainedModel": "gptflow.tasks.training_job",
-    "EvalReport": "gptflow.tasks.evaluate",
-    "LossReport": "gptflow.tasks.evaluate",
-    "MultipleChoiceReport": "gptflow.tasks.multiple_choice",
-    "ClassificationReport": "gptflow.tasks.classification",
-    "TaggingReport": "gptflow.tasks.tagging",
+    "TrainedModel": "gptflow.tasks.stages.training_job",
+    "EvalReport": "gptflow.tasks.stages.evaluation",
+    "LossReport": "gptflow.tasks.stages.evaluation",
+    "MultipleChoiceReport": "gptflow.tasks.stages.multiple_choice",
+    "ClassificationReport": "gptflow.tasks.stages.classification",
+    "TaggingReport": "gptflow.tasks.stages.tagging",
     "PreparedData": "gptflow.data.finetune_data",
-    "FinetunedModel": "gptflow.tasks.finetune",
-    "FinetuneReport": "gptflow.tasks.finetune",
-    "HarnessReport": "gptflow.tasks.harness",
+    "FinetunedModel": "gptflow.tasks.stages.finetuning",
+    "FinetuneReport": "gptflow.tasks.stages.finetuning",
+    "HarnessReport": "gptflow.tasks.stages.lm_eval",
 }
 """The allow-list: the dataclasses a stage may return, by name, and the module defining each.
-Named rather than imported, since the stage modules import this one (through ``tasks.caching``) and
+Named rather than imported, since the stage modules import this one (through ``tasks.runtime.caching``) and
 an import here would put every stage's code into every stage's key (``data.store.code_closure``)."""
 
 PLAIN_JSON = "json"
@@ -93,7 +93,7 @@ class RecordSerializer(Serializer):
             record = {"type": PLAIN_JSON, "data": obj}
         else:
             raise TypeError(f"a stage returned a {cls.__qualname__}, which is neither plain JSON nor one of "
-                            "gptflow's result types (gptflow.tasks.records.RESULT_TYPES)")
+                            "gptflow's result types (gptflow.tasks.runtime.records.RESULT_TYPES)")
         return json.dumps(self._stored(record)).encode()
 
     def loads(self, blob: bytes) -> Any:

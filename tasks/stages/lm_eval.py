@@ -22,17 +22,17 @@ from typing import Any
 import torch
 from prefect import task
 
-from gptflow.data.store import atomic_directory, hash_file, hash_json, is_complete
 from gptflow.data.errors import UserError
+from gptflow.data.store import atomic_directory, hash_file, hash_json, is_complete
 from gptflow.model.device import resolve_device
 from gptflow.model.evaluate import score_continuations
 from gptflow.model.gpt import GPT
-from gptflow.tasks.caching import run_stage, stage_key
-from gptflow.tasks.evaluate import LOSS_BATCH_SEQUENCES
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.progress import run_logger
-from gptflow.tasks.tracking import PipelineRun
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.stages.evaluation import LOSS_BATCH_SEQUENCES
+from gptflow.tasks.tracking.progress import run_logger
+from gptflow.tasks.tracking.run import PipelineRun
 
 RESULTS_FILE = "results.json"
 METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-./ ]")

@@ -17,11 +17,11 @@ from gptflow.data.store import atomic_directory, hash_file, is_complete, write_r
 from gptflow.model.classifier import GPTClassifier, classification_metrics, load_classifier
 from gptflow.model.device import resolve_device
 from gptflow.model.finetune import score_examples
-from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.progress import run_logger
-from gptflow.tasks.tracking import PipelineRun
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.progress import run_logger
+from gptflow.tasks.tracking.run import PipelineRun
 
 CONFUSION_PLOT = "confusion_matrix.png"
 PREDICTIONS_FILE = "predictions.jsonl"

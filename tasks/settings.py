@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
+
+import tomllib
 
 from gptflow.data.config import IngestConfig, TokenizeConfig, TokenizerConfig
 from gptflow.data.errors import UserError

@@ -25,14 +25,15 @@ from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact
 from gptflow.model.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
 from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size
 from gptflow.model.train import Continuation
-from gptflow.tasks.caching import run_stage, stage_key
-from gptflow.tasks.config import IncrementalConfig
 from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord, TrainingAttempt
-from gptflow.tasks.progress import run_logger
-from gptflow.tasks.rendezvous import Rendezvous
-from gptflow.tasks.tracking import GENERATOR_MODULE, REGISTERED_MODEL_TAG, PipelineRun
-from gptflow.tasks.training_job import TrainedModel, TrainingJob
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.rendezvous import Rendezvous
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.settings import IncrementalConfig
+from gptflow.tasks.stages.training_job import TrainedModel, TrainingJob
+from gptflow.tasks.tracking.progress import run_logger
+from gptflow.tasks.tracking.registry import GENERATOR_MODULE, REGISTERED_MODEL_TAG, version_holding
+from gptflow.tasks.tracking.run import PipelineRun
 
 HASHED_SETTINGS = {
     "continuation": "another starting point (continued model or data it had seen)",
@@ -260,9 +261,9 @@ def _run_tokenizer(trained: TrainedModel) -> Path:
 
 def _registered_in_tracking_store(trained: TrainedModel, name: str, run: PipelineRun) -> TrainedModel:
     """``trained`` with the run and registered version the tracking store holds it under (see
-    ``PipelineRun.registered_model``: a lost model is logged and registered again by ``run``)."""
-    registered, trained_in = run.registered_model(
-        name, trained.weights_hash, trained.registered_model, trained.trained_in_mlflow_run,
+    ``tasks.tracking.registry.version_holding``: a lost model is logged and registered again by ``run``)."""
+    registered, trained_in = version_holding(
+        run, name, trained.weights_hash, trained.registered_model, trained.trained_in_mlflow_run,
         log_again=lambda: run.log_text_generator(Path(trained.final_dir), _run_tokenizer(trained), name),
     )
     return dataclasses.replace(trained, registered_model=registered, trained_in_mlflow_run=trained_in)

@@ -19,12 +19,12 @@ from gptflow.data.multiple_choice import MultipleChoiceError, encode_example, re
 from gptflow.data.store import atomic_directory, is_complete
 from gptflow.model.device import resolve_device
 from gptflow.model.evaluate import predicted_choice, score_continuations
-from gptflow.tasks.caching import run_stage, stage_key
-from gptflow.tasks.evaluate import LOSS_BATCH_SEQUENCES
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.progress import StageProgress, run_logger
-from gptflow.tasks.tracking import PipelineRun
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.stages.evaluation import LOSS_BATCH_SEQUENCES
+from gptflow.tasks.tracking.progress import StageProgress, run_logger
+from gptflow.tasks.tracking.run import PipelineRun
 
 PREDICTIONS_FILE = "predictions.jsonl"
 

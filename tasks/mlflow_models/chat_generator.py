@@ -1,6 +1,6 @@
 """A fine-tuned (sft) gptflow model as an MLflow pyfunc model that answers prompts.
 
-An MLflow "model from code", like ``tasks/mlflow_model.py``: copied into every logged model with
+An MLflow "model from code", like ``tasks/mlflow_models/text_generator.py``: copied into every logged model with
 gptflow's pure packages (``model/``, ``data/``) beside it, so ``mlflow.pyfunc.load_model(uri)
 .predict(["Write the function ..."])`` needs only torch, tokenizers, safetensors and pyarrow. Each
 prompt is encoded as a user message with the model's own ``chat_template.json`` (as in training)
@@ -14,6 +14,7 @@ from typing import Any
 
 import mlflow
 from mlflow.pyfunc import PythonModel
+
 
 class GptflowChatModel(PythonModel):
     """Prompts in, the model's answers out (prompt not repeated); ``params`` set the sampling."""

@@ -13,25 +13,23 @@ from prefect import task
 from gptflow.data.config import TokenizerConfig
 from gptflow.data.ingest import CorpusManifest
 from gptflow.data.store import is_complete
-from gptflow.data.tokenizer import TokenizerArtifact
-from gptflow.data.tokenizer import train_tokenizer as train_bpe
-from gptflow.tasks.caching import run_stage, stage_key
+from gptflow.data.tokenizer import TokenizerArtifact, train_tokenizer
 from gptflow.tasks.lineage import Lineage
-from gptflow.tasks.progress import StageProgress, run_logger
-from gptflow.tasks.tracking import PipelineRun
-from gptflow.tasks.units import UnitRunner
-from gptflow.tasks.workspace import Workspace
-
+from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.unit_maps import UnitRunner
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.progress import StageProgress, run_logger
+from gptflow.tasks.tracking.run import PipelineRun
 
 
 @task(name="train-tokenizer")
 def train_tokenizer_task(corpus: CorpusManifest, config: TokenizerConfig, store_dir: str,
                          units: UnitRunner) -> TokenizerArtifact:
     map_units = units.for_stage("tokenizer", store_dir, label=lambda call: Path(call["unit"].source).name)
-    return train_bpe(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"), map_units=map_units)
+    return train_tokenizer(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"), map_units=map_units)
 
 
-def train_tokenizer(
+def prepare_tokenizer(
     corpus: CorpusManifest,
     config: TokenizerConfig,
     workspace: Workspace,

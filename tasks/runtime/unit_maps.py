@@ -26,7 +26,8 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 
 from gptflow.data.store import Mirror, wait_for_publishing
 from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, in_this_process
-from gptflow.tasks.ray_address import resolve_ray_address
+from gptflow.tasks.runtime.ray_address import resolve_ray_address
+
 
 @dataclass(frozen=True)
 class UnitRunner:

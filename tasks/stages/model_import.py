@@ -30,9 +30,9 @@ from gptflow.model.transformers_import import (
     read_checkpoint_config,
     read_transformers_checkpoint,
 )
-from gptflow.tasks.progress import human_count
-from gptflow.tasks.tracking import pipeline_run
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.progress import human_count
+from gptflow.tasks.tracking.run import pipeline_run
 
 IMPORTS_DIR = "imports"
 TOKENIZER_DIR = "tokenizer"

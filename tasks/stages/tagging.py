@@ -20,12 +20,12 @@ from gptflow.data.tagging import NOT_SCORED, OUTSIDE, char_span, span_scores, sp
 from gptflow.model.classifier import GPTTagger, load_classifier
 from gptflow.model.device import resolve_device
 from gptflow.model.finetune import score_examples
-from gptflow.tasks.caching import run_stage, stage_key
-from gptflow.tasks.classification import CONFUSION_PLOT, PREDICTIONS_FILE, plot_confusion_matrix
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.progress import run_logger
-from gptflow.tasks.tracking import PipelineRun
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.stages.classification import CONFUSION_PLOT, PREDICTIONS_FILE, plot_confusion_matrix
+from gptflow.tasks.tracking.progress import run_logger
+from gptflow.tasks.tracking.run import PipelineRun
 
 FIELD_SETTINGS = "data.text_field"
 """The evaluate flow's setting naming a tagging file's text field."""

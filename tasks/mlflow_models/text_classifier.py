@@ -1,6 +1,6 @@
 """A fine-tuned gptflow classifier as an MLflow pyfunc model: texts in, labels out.
 
-An MLflow "model from code", like ``tasks/mlflow_model.py``: copied into every logged model with
+An MLflow "model from code", like ``tasks/mlflow_models/text_generator.py``: copied into every logged model with
 gptflow's pure packages (``model/``, ``data/``) beside it, so ``mlflow.pyfunc.load_model(uri)
 .predict(["def parse(self): ..."])`` needs only torch, tokenizers, safetensors and pyarrow. Texts
 are encoded and cut to the length the classifier was trained with, exactly as in training. It

@@ -26,10 +26,10 @@ from gptflow.data.store import (
     share_file,
     wait_for_publishing,
 )
-from gptflow.tasks.progress import run_logger
-from gptflow.tasks.records import RecordSerializer, read_record, require_type
-from gptflow.tasks.tracking import PipelineRun
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.records import RecordSerializer, read_record, require_type
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.progress import run_logger
+from gptflow.tasks.tracking.run import PipelineRun
 
 Result = TypeVar("Result")
 StageStatus = Literal["executed", "cached"]
@@ -47,7 +47,8 @@ def stage_key(stage: str, *, config: Any, modules: Iterable[str], inputs: dict[s
 def pipeline_code_version() -> str:
     """One hash of every gptflow source file, tagged on MLflow runs to tell code versions apart."""
     layers = [Path(importlib.import_module(f"{PACKAGE}.{layer}").__file__).parent for layer in LAYERS]
-    return hash_json({f"{layer.name}/{path.name}": hash_file(path) for layer in layers for path in sorted(layer.glob("*.py"))})
+    return hash_json({f"{layer.name}/{path.relative_to(layer).as_posix()}": hash_file(path)
+                      for layer in layers for path in sorted(layer.rglob("*.py"))})
 
 
 @dataclass
@@ -139,7 +140,7 @@ def _valid_cached_result(stage_task: Task[..., Any], record: Path, store: Path,
                          is_valid: Callable[[Any], bool]) -> Any | None:
     """The result in the stage's ``record``, if there is one to reuse; None when the stage must be
     computed: no record, one gptflow did not write for this stage (refused without running or
-    importing anything it names, ``tasks.records``), or artifacts no longer complete (``is_valid``)."""
+    importing anything it names, ``tasks.runtime.records``), or artifacts no longer complete (``is_valid``)."""
     if not record.exists():
         return None
     declared = get_type_hints(stage_task.fn)["return"]

@@ -3,7 +3,7 @@ importing torch or Prefect, so that a malformed endpoint is refused in a moment.
 
 The node that runs ``gptflow pretrain`` (the head) runs every stage, logs to MLflow and writes the
 artifacts; every other node runs ``gptflow train-node`` with the same rendezvous, whose ranks take
-the training job from the head through the rendezvous store (``tasks.training_job``). c10d numbers
+the training job from the head through the rendezvous store (``tasks.stages.training_job``). c10d numbers
 nodes by host name, not by arrival; the ranks renumber themselves so that the head's first rank
 is global rank 0, the one that reports and writes.
 """

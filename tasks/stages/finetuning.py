@@ -1,7 +1,7 @@
 """Fine-tuning stages: demo data, prepare (records → token examples), finetune (train, then log
 and register the MLflow model), evaluate (validation metrics and plots, or sample answers).
 
-Each stage runs through ``tasks.caching.run_stage``. Keys: the demo on the interpreter and the
+Each stage runs through ``tasks.runtime.caching.run_stage``. Keys: the demo on the interpreter and the
 demo code; prepare on the data files' contents, the tokenizer, the chat template and the data
 settings; finetune on the base weights, the prepared data and the training settings; evaluate on
 the fine-tuned weights, the prepared data and the sampling settings. So the same base model, data
@@ -30,28 +30,29 @@ from gptflow.data.store import atomic_directory, hash_file, hash_json, is_comple
 from gptflow.data.tokenizer import PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
 from gptflow.model.checkpoint import load_model
 from gptflow.model.classifier import load_classifier
-from gptflow.model.device import resolve_device
 from gptflow.model.config import SamplingConfig, TrainConfig
+from gptflow.model.device import resolve_device
 from gptflow.model.finetune import FinetuneOutcome, generate_response, score_examples
-from gptflow.model.gpt import GPT
 from gptflow.model.finetune_config import FinetuneConfig
-from gptflow.tasks.caching import run_stage, stage_key
-from gptflow.tasks.classification import classify_and_report, most_common_label
-from gptflow.tasks.tagging import summary_line as tagging_summary
-from gptflow.tasks.tagging import tag_and_report
-from gptflow.tasks.config import DEFAULT_PRESET, FinetuneSettings, build_config
+from gptflow.model.gpt import GPT
 from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
-from gptflow.tasks.progress import human_count, run_logger
-from gptflow.tasks.tracking import REGISTERED_MODEL_TAG, PipelineRun
-from gptflow.tasks.finetune_job import FinetuneJob
-from gptflow.tasks.training_job import REPORT_DIR
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.settings import DEFAULT_PRESET, FinetuneSettings, build_config
+from gptflow.tasks.stages.classification import classify_and_report, most_common_label
+from gptflow.tasks.stages.finetune_job import FinetuneJob
+from gptflow.tasks.stages.tagging import summary_line as tagging_summary
+from gptflow.tasks.stages.tagging import tag_and_report
+from gptflow.tasks.stages.training_job import REPORT_DIR
+from gptflow.tasks.tracking.progress import human_count, run_logger
+from gptflow.tasks.tracking.registry import REGISTERED_MODEL_TAG, version_holding
+from gptflow.tasks.tracking.run import PipelineRun
 
 REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification",
                      "tagging": "gptflow-finetune-tagging"}
 """The model registry name of each objective's fine-tuned models."""
-MLFLOW_MODEL_MODULES = {"sft": "gptflow.tasks.mlflow_chat_model", "classification": "gptflow.tasks.mlflow_classifier",
-                        "tagging": "gptflow.tasks.mlflow_tagger"}
+MLFLOW_MODEL_MODULES = {"sft": "gptflow.tasks.mlflow_models.chat_generator", "classification": "gptflow.tasks.mlflow_models.text_classifier",
+                        "tagging": "gptflow.tasks.mlflow_models.span_tagger"}
 """Each objective's MLflow model from code: run from its file when the model loads, never imported here."""
 TOKENIZER_DIR = "tokenizer"
 
@@ -260,9 +261,9 @@ def finetune_model(
 
 def _registered_in_tracking_store(tuned: FinetunedModel, run: PipelineRun) -> FinetunedModel:
     """``tuned`` with the run and registered version the tracking store holds it under (see
-    ``PipelineRun.registered_model``: a lost model is logged and registered again by ``run``)."""
-    registered, trained_in = run.registered_model(
-        REGISTERED_MODELS[tuned.objective], tuned.weights_hash, tuned.registered_model, tuned.trained_in_mlflow_run,
+    ``tasks.tracking.registry.version_holding``: a lost model is logged and registered again by ``run``)."""
+    registered, trained_in = version_holding(
+        run, REGISTERED_MODELS[tuned.objective], tuned.weights_hash, tuned.registered_model, tuned.trained_in_mlflow_run,
         log_again=lambda: _log_model(run, tuned.objective, Path(tuned.model_dir),
                                      Path(tuned.classifier_dir) if tuned.classifier_dir else None,
                                      Path(tuned.tokenizer_dir), tuned.weights_hash),
@@ -312,7 +313,7 @@ class FinetuneReport:
     classes: dict[str, Any] = field(default_factory=dict)
     """classification: ``labels``, per-class ``f1``, ``confusion`` (rows true, columns predicted)
     and the train split's ``majority_label``; tagging: per-label scores and the token confusion
-    matrix (``tasks.tagging.tag_and_report``)."""
+    matrix (``tasks.stages.tagging.tag_and_report``)."""
 
 
 @task(name="evaluate-finetuned")

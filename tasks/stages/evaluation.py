@@ -27,17 +27,17 @@ from gptflow.model.device import resolve_device
 from gptflow.model.evaluate import bits_per_byte, evaluate_loss, perplexity
 from gptflow.model.generate import generate_texts
 from gptflow.model.gpt import GPT
-from gptflow.tasks.caching import run_stage, stage_key
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.progress import run_logger
-from gptflow.tasks.tracking import PipelineRun
-from gptflow.tasks.training_job import TrainedModel
-from gptflow.tasks.workspace import Workspace
+from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.stages.training_job import TrainedModel
+from gptflow.tasks.tracking.progress import run_logger
+from gptflow.tasks.tracking.run import PipelineRun
 
 LOSS_BATCH_SEQUENCES = 8
 """Windows of ``block_size`` tokens per batch when measuring a loss."""
 SPLITS_OF: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val",), "all": ("train", "val")}
-"""The corpus splits each ``tasks.config.EvalSplit`` reads."""
+"""The corpus splits each ``tasks.settings.EvalSplit`` reads."""
 
 
 @dataclass

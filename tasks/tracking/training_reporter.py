@@ -1,0 +1,120 @@
+"""What a training reports while it runs, for pretraining and fine-tuning alike: batched MLflow
+metrics, console and Prefect progress, the loss history and its plot, the machine's metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from gptflow.tasks.tracking.progress import human_count, human_duration, run_logger
+from gptflow.tasks.tracking.run import BufferedMetrics, PipelineRun
+
+
+class TrainingReporter:
+    """The training loop's callback, for pretraining and fine-tuning alike: batched MLflow metrics,
+    console progress (lines begin with ``stage``), loss history."""
+
+    def __init__(self, run: PipelineRun, max_steps: int, prefect_progress: bool, stage: str = "pretrain") -> None:
+        self.metrics = BufferedMetrics(run)
+        self.max_steps = max_steps
+        self.stage = stage
+        self.logger = run_logger()
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self.history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
+        # A torchrun worker has no Prefect run to attach an artifact to; its lines reach the
+        # Prefect logs through the task that launched it.
+        self.progress_artifact = (
+            create_progress_artifact(progress=0.0, description=f"{stage}: starting") if prefect_progress else None
+        )
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.add(step, metrics)
+        for name, series in self.history.items():
+            if name in metrics:
+                series.append((step, metrics[name]))
+        if self.first_step is None:
+            self.first_step, self.started = step, time.monotonic()
+            eta = ""
+        else:
+            seconds_per_step = (time.monotonic() - self.started) / (step - self.first_step)
+            eta = f" · ETA {human_duration(seconds_per_step * (self.max_steps - step))}"
+        parts = [f"step {step}/{self.max_steps}"]
+        if "train/loss" in metrics:
+            parts.append(f"loss {metrics['train/loss']:.3f}")
+        if "val/loss" in metrics:
+            parts.append(f"val {metrics['val/loss']:.3f}")
+        if "val/accuracy" in metrics:
+            parts.append(f"val acc {metrics['val/accuracy']:.3f}")
+        if "train/lr" in metrics:
+            parts.append(f"lr {metrics['train/lr']:.2e}")
+        if "train/tokens_per_sec" in metrics:
+            parts.append(f"{human_count(metrics['train/tokens_per_sec'])} tok/s")
+        if "train/mfu" in metrics:
+            parts.append(f"MFU {metrics['train/mfu']:.1%}")
+        line = f"{self.stage}: " + " · ".join(parts) + eta
+        self.logger.info(line)
+        if self.progress_artifact:
+            update_progress_artifact(self.progress_artifact, progress=100.0 * step / self.max_steps, description=line)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.logger.info(f"{self.stage}: checkpoint of step {step} saved to {path}")
+
+    def on_resume(self, step: int, path: Path) -> None:
+        self.logger.info(f"{self.stage}: resuming from step {step} (checkpoint {path}, left by an earlier attempt at "
+                         "these exact settings; --restart trains from step 0)")
+
+    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
+        instead = f"trying {fallback.name} instead" if fallback else "training from step 0"
+        self.logger.warning(f"{self.stage}: cannot resume from checkpoint {path}, {instead}: {error}")
+
+    def write_report(self, directory: Path, y_label: str = "cross-entropy (nats/token)") -> None:
+        (directory / "history.json").write_text(json.dumps(self.history, indent=1))
+        plot_loss_curve(self.history, directory / "loss_curve.png", y_label)
+
+
+def plot_loss_curve(
+    history: dict[str, list[tuple[int, float]]], path: Path, y_label: str = "cross-entropy (nats/token)"
+) -> None:
+    """Each series of ``history`` (name → (step, value)) as a line, validation ones with markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; and never pick an interactive backend inside a worker
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, series in history.items():
+        if series:
+            steps, values = zip(*series)
+            axes.plot(steps, values, label=name, marker="o" if "val" in name else None)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel(y_label)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, tracking_uri: str, node_id: str | None) -> Iterator[None]:
+    """GPU utilisation, memory and power (and CPU, RAM) as MLflow ``system/*`` metrics while
+    training, when the optional nvidia-ml-py and psutil are installed (``pip install gptflow[gpu]``);
+    ``system/<node_id>/*`` with a ``node_id``, so that several machines' metrics stay apart."""
+    if not all(importlib.util.find_spec(module) for module in ("pynvml", "psutil")):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri, node_id=node_id)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
