@@ -112,21 +112,29 @@ class TokenWindows:
         windows = np.stack([self.read(int(start), self.block_size + 1) for start in mine])
         return _to_inputs_and_targets(windows, pin_memory)
 
-    def sequential_batches(
+    def evaluation_batches(
         self, batch_size: int, max_tokens: int, pin_memory: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Non-overlapping windows from the start of the stream, for evaluation: every target
-        token is scored at most once, and the same call always yields the same batches.
+        """Windows spread evenly over the whole stream, for evaluation: a pure function of the
+        shards and ``max_tokens``, every target token scored at most once.
 
-        Stops after ``max_tokens // block_size`` windows (at least one) or when the stream runs
-        out; the last batch may hold fewer than ``batch_size`` windows.
+        The stream is cut into ``(num_tokens - 1) // block_size`` consecutive windows that do not
+        overlap, and ``max_tokens // block_size`` of them (at least one, at most all) are scored:
+        the middle window of each of as many equal runs, in stream order. Every budget thus
+        samples the same windows evenly, and its mean loss estimates the whole stream's, not
+        that of its start (a split's first source or documents, which may differ from the rest);
+        a budget that covers the stream scores every window. The last batch may hold fewer than
+        ``batch_size`` windows.
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        n_windows = min(max(1, max_tokens // self.block_size), (self.num_tokens - 1) // self.block_size)
-        starts = range(0, n_windows * self.block_size, self.block_size)
+        n_tiles = (self.num_tokens - 1) // self.block_size
+        n_windows = min(max(1, max_tokens // self.block_size), n_tiles)
+        # Run i spans windows [i, i + 1) · n_tiles / n_windows; its middle is (i + 1/2) · n_tiles / n_windows.
+        tiles = (2 * np.arange(n_windows) + 1) * n_tiles // (2 * n_windows)
+        starts = tiles * self.block_size
         for first in range(0, n_windows, batch_size):
-            batch = [self.read(start, self.block_size + 1) for start in starts[first : first + batch_size]]
+            batch = [self.read(int(start), self.block_size + 1) for start in starts[first : first + batch_size]]
             yield _to_inputs_and_targets(np.stack(batch), pin_memory)
 
 

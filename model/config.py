@@ -196,7 +196,8 @@ class TrainConfig:
     val_interval: int = 250
     """Steps between validation passes (always after the last step too); 0: only after the last."""
     val_tokens: int = 65536
-    """Validation tokens per validation pass of pretraining (fine-tuning scores its whole val split)."""
+    """Validation tokens per validation pass of pretraining, in windows spread evenly over the val
+    split as ``eval.eval_tokens`` are (fine-tuning scores its whole val split)."""
     checkpoint_interval: int = 250
     """Steps between checkpoints; the final step always writes one."""
     keep_checkpoints: int = 2
@@ -269,7 +270,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     eval_tokens: int = 262144
-    """Tokens scored for the final loss, perplexity and bits per byte."""
+    """Tokens scored for the final loss, perplexity and bits per byte, in windows spread evenly
+    over the split (every token when the split is no longer)."""
     prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class Parser:\n    def "])
     """Prompts for sample generations (sampled with the ``sampling`` settings)."""
     label_field: str = "label"

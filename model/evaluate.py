@@ -30,8 +30,10 @@ def evaluate_loss(
 ) -> tuple[float, int]:
     """Mean cross-entropy in nats over up to ``max_tokens`` target tokens, and the count scored.
 
-    Uses ``windows.sequential_batches``, so the same model and shards always give the same figure.
-    The model is in eval mode (no dropout) for the pass and returned to its previous mode.
+    The windows scored are spread evenly over all of ``windows`` (``TokenWindows.evaluation_batches``),
+    so any budget estimates the loss of the whole stream, and the same model, shards and
+    ``max_tokens`` always give the same figure. The model is in eval mode (no dropout) for the
+    pass and returned to its previous mode.
     """
     device = torch.device(device)
     was_training = model.training
@@ -39,7 +41,7 @@ def evaluate_loss(
     # Summed on the device in float64 so a long pass neither syncs per batch nor loses precision.
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = 0
-    for inputs, targets in windows.sequential_batches(batch_size, max_tokens, pin_memory=device.type == "cuda"):
+    for inputs, targets in windows.evaluation_batches(batch_size, max_tokens, pin_memory=device.type == "cuda"):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, autocast_dtype):

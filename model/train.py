@@ -253,7 +253,7 @@ def run_pretraining(
     initial_weights: Path | None = None,
 ) -> TrainResult:
     """Train a GPT on the token shards ``train_paths`` (see ``train``), validating on up to
-    ``val_tokens`` tokens of ``val_paths`` (skipped when empty).
+    ``val_tokens`` tokens in windows spread over all of ``val_paths`` (skipped when empty).
 
     A fresh start begins from random weights, from the model in ``initial_weights`` (its weights;
     the optimizer starts afresh), or from ``continuation``'s checkpoint, sampling its new shards

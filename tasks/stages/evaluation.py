@@ -70,7 +70,7 @@ class LossReport:
 
 
 def measure_loss(gpt: GPT, tokens: TokenManifest, split: str, eval_tokens: int, device: torch.device) -> LossReport:
-    """Loss of ``gpt`` on up to ``eval_tokens`` tokens of ``split``, read in order from its first shard."""
+    """Loss of ``gpt`` on up to ``eval_tokens`` tokens of ``split``, in windows spread evenly over all its shards."""
     splits = SPLITS_OF[split]
     paths = [path for name in splits for path in tokens.paths(name)]
     n_tokens = sum(tokens.total_tokens(name) for name in splits)

@@ -60,9 +60,9 @@ def test_window_starts_are_uniform_over_the_stream(counting_shards):
     assert starts.max().item() <= 4000 - 101
 
 
-def test_sequential_batches_cover_the_stream_once_in_order(counting_shards):
+def test_evaluation_batches_with_room_for_the_whole_stream_tile_it_once_in_order(counting_shards):
     windows = TokenWindows(counting_shards, block_size=64, vocab_size=VOCAB_SIZE)
-    batches = list(windows.sequential_batches(batch_size=5, max_tokens=10**9))
+    batches = list(windows.evaluation_batches(batch_size=5, max_tokens=10**9))
     inputs = torch.cat([x for x, _ in batches])
     targets = torch.cat([y for _, y in batches])
     assert inputs.shape == ((4000 - 1) // 64, 64)
@@ -70,15 +70,26 @@ def test_sequential_batches_cover_the_stream_once_in_order(counting_shards):
     assert torch.equal(targets[:, :-1], inputs[:, 1:])
     # Targets never overlap, so each token is scored at most once; together they tile the stream.
     assert torch.equal(targets.flatten(), torch.arange(1, 1 + targets.numel()))
-    again = torch.cat([x for x, _ in windows.sequential_batches(batch_size=5, max_tokens=10**9)])
-    assert torch.equal(inputs, again)
 
 
-def test_sequential_batches_stop_at_max_tokens(counting_shards):
+def test_evaluation_batches_stop_at_max_tokens(counting_shards):
     windows = TokenWindows(counting_shards, block_size=64, vocab_size=VOCAB_SIZE)
-    batches = list(windows.sequential_batches(batch_size=4, max_tokens=640))
-    assert sum(len(x) for x, _ in batches) == 10
+    batches = list(windows.evaluation_batches(batch_size=4, max_tokens=640))
     assert [len(x) for x, _ in batches] == [4, 4, 2]
+
+
+def test_evaluation_windows_are_spread_over_the_whole_stream(counting_shards):
+    windows = TokenWindows(counting_shards, block_size=64, vocab_size=VOCAB_SIZE)
+    inputs = torch.cat([x for x, _ in windows.evaluation_batches(batch_size=4, max_tokens=640)])
+    starts = inputs[:, 0]  # a counting stream: a window's first token is its position
+    # One window in each tenth of the stream, both shards included, not the first ten windows.
+    assert np.histogram(starts.numpy(), bins=10, range=(0, 4000))[0].tolist() == [1] * 10
+    # Windows of the whole-stream tiling, so none overlaps another, in stream order.
+    assert torch.all(starts % 64 == 0) and torch.all(starts.diff() >= 64)
+    assert torch.all(inputs[:, 1:] - inputs[:, :-1] == 1)
+    # A pure function of the shards and the budget.
+    again = TokenWindows(counting_shards, block_size=64, vocab_size=VOCAB_SIZE)
+    assert torch.equal(torch.cat([x for x, _ in again.evaluation_batches(batch_size=3, max_tokens=640)]), inputs)
 
 
 def test_uint32_shards_load(tmp_path, write_shard):

@@ -26,7 +26,7 @@ def model(tiny_config) -> GPT:
     return GPT(tiny_config)
 
 
-def test_evaluate_loss_is_the_token_weighted_mean_over_sequential_windows(model, tiny_config, pattern_shards):
+def test_evaluate_loss_is_the_token_weighted_mean_over_the_evaluation_windows(model, tiny_config, pattern_shards):
     windows = TokenWindows(pattern_shards[1], tiny_config.block_size, tiny_config.vocab_size)
     model.train()
     loss, n_tokens = evaluate_loss(model, windows, max_tokens=160, batch_size=3, device="cpu")
@@ -35,7 +35,7 @@ def test_evaluate_loss_is_the_token_weighted_mean_over_sequential_windows(model,
 
     model.eval()
     with torch.no_grad():
-        losses = [(model(x, y)[1].item(), y.numel()) for x, y in windows.sequential_batches(3, 160)]
+        losses = [(model(x, y)[1].item(), y.numel()) for x, y in windows.evaluation_batches(3, 160)]
     expected = sum(value * count for value, count in losses) / sum(count for _, count in losses)
     assert loss == pytest.approx(expected, rel=1e-6)
     # Dropout is off during evaluation, so the figure is reproducible.

@@ -70,6 +70,38 @@ def test_training_learns_a_repeated_phrase(tmp_path, tiny_config, tiny_train_con
     assert result.final_val_loss < 1.5
 
 
+def test_the_last_val_loss_matches_the_final_evaluation_of_a_val_split_whose_start_differs(
+    tmp_path, tiny_config, tiny_train_config, pattern_shards, write_shard
+):
+    train, phrase_val = pattern_shards
+    # The val split opens with random tokens, which no model predicts, and goes on with the phrase it learns.
+    noise = np.random.default_rng(1).integers(2, tiny_config.vocab_size, size=600).astype(np.uint16)
+    val = [write_shard(tmp_path / "val-noise.arrow", noise), *phrase_val]
+    config = dataclasses.replace(tiny_train_config, max_steps=60, learning_rate=1e-2, val_interval=0,
+                                 val_tokens=512, checkpoint_interval=60)
+    callback = RecordingCallback()
+    result = pretrain(tiny_config, config, train, val, tmp_path / "run", callback=callback)
+    last_val_loss = callback.metrics[60]["val/loss"]
+
+    model = load_model(result.final_dir)
+    windows = TokenWindows(val, tiny_config.block_size, tiny_config.vocab_size)
+    final_loss, scored = evaluate_loss(model, windows, max_tokens=10**9, batch_size=8, device="cpu")
+    assert scored == (windows.num_tokens - 1) // tiny_config.block_size * tiny_config.block_size  # the whole split
+
+    def window_losses(max_tokens: int) -> np.ndarray:
+        with torch.no_grad():
+            return np.array([model(x[[row]], y[[row]])[1].item()
+                             for x, y in windows.evaluation_batches(8, max_tokens) for row in range(len(x))])
+
+    sampled = window_losses(config.val_tokens)
+    assert sampled.mean() == pytest.approx(last_val_loss, rel=1e-5)  # the windows the curve's point scored
+    standard_error = sampled.std(ddof=1) / math.sqrt(len(sampled))
+    assert abs(last_val_loss - final_loss) < 3 * standard_error
+    # Scoring the first val_tokens instead, as validation once did, lands far off: all noise.
+    prefix_loss = window_losses(10**9)[: len(sampled)].mean()
+    assert abs(prefix_loss - final_loss) > 3 * standard_error
+
+
 def test_bfloat16_autocast_trains_on_cpu(tmp_path, tiny_config, tiny_train_config, pattern_shards):
     callback = RecordingCallback()
     config = dataclasses.replace(tiny_train_config, dtype="bfloat16", max_steps=30, learning_rate=1e-2)
