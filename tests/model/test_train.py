@@ -80,7 +80,7 @@ def test_the_last_val_loss_matches_the_final_evaluation_of_a_val_split_whose_sta
     config = dataclasses.replace(tiny_train_config, max_steps=60, learning_rate=1e-2, val_interval=0,
                                  val_tokens=512, checkpoint_interval=60)
     callback = RecordingCallback()
-    result = pretrain(tiny_config, config, train, val, tmp_path / "run", callback=callback)
+    result = run_pretraining(tiny_config, config, train, val, tmp_path / "run", callback=callback)
     last_val_loss = callback.metrics[60]["val/loss"]
 
     model = load_model(result.final_dir)
