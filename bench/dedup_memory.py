@@ -34,9 +34,9 @@ MEASURE = """
 import json, resource, sys, time
 from gptflow.data import ingest
 from gptflow.data.ingest import CorpusManifest, _drop_cross_file_duplicates
-from gptflow.data.store import read_manifest
+from gptflow.data.store import LOCAL_STORE
 ingest.DEDUP_PARTITION_SEGMENTS = int(sys.argv[2])
-manifest = read_manifest(CorpusManifest, sys.argv[1])
+manifest = LOCAL_STORE.read_manifest(CorpusManifest, sys.argv[1])
 for unit in manifest.units:
     unit.drop_doc_hashes, unit.duplicates = [], 0
 with open("/proc/self/statm") as statm:  # resident pages now, not the peak so far

@@ -36,7 +36,7 @@ from prefect.runtime import flow_run
 from gptflow.data.config import IngestConfig, TokenizeConfig, TokenizerConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
-from gptflow.data.store import read_manifest
+from gptflow.data.store import LOCAL_STORE
 from gptflow.data.tokenize import tokenize_corpus
 from gptflow.data.tokenizer import TokenizerArtifact, train_tokenizer
 from gptflow.tasks.runtime.unit_maps import UnitRunner
@@ -48,8 +48,8 @@ def tokenize_on_ray(manifest_path: str, tokenizer: TokenizerArtifact, config: To
                     address: str) -> tuple[float, str]:
     """Wall seconds of the tokenize stage with its units on the Ray cluster at ``address``, and
     the flow run's id. The manifest is read from its file: a flow run's parameters must be small."""
-    manifest = read_manifest(CorpusManifest, manifest_path)
-    map_units = UnitRunner(address).for_stage("tokenize", store, label=unit_label)
+    manifest = LOCAL_STORE.read_manifest(CorpusManifest, manifest_path)
+    map_units = UnitRunner(address).for_stage("tokenize", LOCAL_STORE, label=unit_label)
     started = time.perf_counter()
     tokenize_corpus(manifest, tokenizer, config, Path(store), map_units=map_units)
     return time.perf_counter() - started, str(flow_run.id)

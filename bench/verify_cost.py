@@ -4,11 +4,11 @@
     python bench/verify_cost.py --synthetic-mb 0      # built-in corpus only
     python bench/verify_cost.py --no-builtin --steps 5
 
-Token shards are committed as the tokenize stage commits them (``data.store.atomic_directory``),
+Token shards are committed as the tokenize stage commits them (``data.store.ArtifactStore.commit``),
 for the built-in corpus (ingested and tokenized with the ``cpu`` preset's tokenizer settings) and
 for ``--synthetic-mb`` of random ids in 2 MB shards. Timed, best of ``--repeats`` after an untimed
 run (so the page cache is warm, as it is right after tokenizing; a cold cache adds disk reads,
-which training pays for anyway since it maps every shard): (a) ``verify_files`` over every shard,
+which training pays for anyway since it maps every shard): (a) ``ArtifactStore.verify_files`` over every shard,
 what the pretrain task runs before training; (b) opening them as ``TokenWindows`` (mapping every
 file and checking its ids against the vocabulary), and that check alone (``max id``). Against the
 median of ``--steps`` training steps of the ``cpu`` preset on this machine (after one untimed
@@ -32,12 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from gptflow.data.commits import atomic_directory, verify_contents
 from gptflow.data.config import IngestConfig, TokenizeConfig
 from gptflow.data.ingest import ingest_corpus
 from gptflow.data.loader import TokenWindows
 from gptflow.data.shards import TokenShardWriter, token_dtype
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
-from gptflow.data.store import atomic_directory, verify_contents, verify_files
+from gptflow.data.store import LOCAL_STORE
 from gptflow.data.tokenize import tokenize_corpus
 from gptflow.data.tokenizer import train_tokenizer
 from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, save_final
@@ -83,7 +84,7 @@ def main() -> None:
               f"{'(b) open s':>11} {'(b) max id s':>13} {'max id/step':>11}")
         for name, paths in corpora.items():
             megabytes = sum(path.stat().st_size for path in paths) / 1e6
-            verify_s = _best(lambda: verify_files(paths), args.repeats)
+            verify_s = _best(lambda: LOCAL_STORE.verify_files(paths), args.repeats)
             open_s = _best(lambda: TokenWindows(paths, model_config.block_size, model_config.vocab_size), args.repeats)
             columns = [_token_column(path) for path in paths]
             max_id_s = _best(lambda: [pc.max(column) for column in columns], args.repeats)

@@ -42,10 +42,12 @@ import numpy as np
 import pyarrow as pa
 
 from gptflow.data.chat import ROLES, ChatTemplate, Message
+from gptflow.data.commits import atomic_directory, read_contents_hash
 from gptflow.data.errors import SkipReport
 from gptflow.data.finetune_inputs import OBJECTIVES, FinetuneDataError, check_data_file
+from gptflow.data.hashing import hash_json
 from gptflow.data.readers import read_records
-from gptflow.data.store import atomic_directory, hash_json, read_contents_hash
+from gptflow.data.store import LOCAL_STORE, ArtifactStore
 from gptflow.data.tagging import (
     NOT_SCORED,
     SPANS_FIELD,
@@ -176,9 +178,11 @@ def prepare_examples(
     label_field: str = "label",
     span_label_from: str = "each_token",
     template: ChatTemplate | None = None,
+    artifacts: ArtifactStore = LOCAL_STORE,
 ) -> PreparedData:
     """Read, split, tokenize and write the examples of ``train_file`` (and ``val_file``, else a
-    ``val_fraction`` of ``train_file`` chosen by record hash, stable as the file grows).
+    ``val_fraction`` of ``train_file`` chosen by record hash, stable as the file grows) into the
+    store directory ``out_dir``, committed through ``artifacts``.
 
     ``max_length`` bounds the tokens of an example; ``overlong`` (``truncate`` or ``skip``) says
     what happens to longer ones. ``template`` encodes sft conversations (default: ``ChatTemplate()``);
@@ -217,7 +221,7 @@ def prepare_examples(
     prepared = PreparedData(directory=str(out_dir), fingerprint="", objective=objective, labels=labels,
                             examples={}, tokens={}, trained_tokens={}, truncated={}, max_length=max_length,
                             span_label_from=span_label_from if objective == "tagging" else "")
-    with atomic_directory(Path(out_dir)) as tmp:
+    with artifacts.commit(Path(out_dir)) as tmp:
         for split in ("train", "val"):
             source = val_file if split == "val" and val_file else train_file
             _write_examples(tmp, split, [example for example in examples if example.split == split], source,

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptflow.data.hashing import hash_json
 from gptflow.data.sources import builtin_corpus_root
-from gptflow.data.store import hash_json
 
 SFT_PACKAGES = ("asyncio", "collections", "concurrent", "email", "http", "importlib", "json", "logging",
                 "unittest", "urllib", "xml")

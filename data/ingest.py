@@ -28,25 +28,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gptflow.data.code_version import code_version
+from gptflow.data.commits import write_json_atomic
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError, SkipReport
+from gptflow.data.hashing import hash_bytes, hash_json, hash_stream
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
 from gptflow.data.readers import read_documents
 from gptflow.data.redact import redact
 from gptflow.data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
 from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution, open_source, source_stamp
-from gptflow.data.store import (
-    are_complete,
-    atomic_directory,
-    code_version,
-    hash_bytes,
-    hash_json,
-    hash_stream,
-    is_complete,
-    share_file,
-    store_references,
-    write_json_atomic,
-)
+from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
 from gptflow.data.units import MapUnits, in_this_process
 
 FILE_HASH_CACHE = "file-hashes.json"
@@ -165,8 +157,10 @@ def ingest_corpus(
     required_splits: Collection[str] = SPLITS,
     map_units: MapUnits = in_this_process,
     map_signature_units: MapUnits = in_this_process,
+    artifacts: ArtifactStore = LOCAL_STORE,
 ) -> CorpusManifest:
-    """Ingest every source into ``store_dir/raw/``, one unit per file (``ingest_unit``); the units
+    """Ingest every source into ``store_dir/raw/`` (checked and committed through ``artifacts``),
+    one unit per file (``ingest_unit``); the units
     to compute run through ``map_units``, those already in the store under a known content hash
     are read here. ``progress(done, total)`` counts source bytes. With
     ``config.near_dedup_threshold`` set, each unit's MinHash signatures are computed through
@@ -186,11 +180,12 @@ def ingest_corpus(
     content_hashes = _ContentHashes(store_dir / FILE_HASH_CACHE)
     code = code_version(__name__)
     calls = [{"source": source, "known_hash": content_hashes.known(source), "config": config,
-              "store_dir": store_dir, "code": code} for source in files]
+              "store_dir": store_dir, "artifacts": artifacts, "code": code} for source in files]
     # A unit whose file's content hash is known without reading it is looked up here: reading it
     # back is cheaper than shipping the call anywhere.
     known = [call for call in calls if call["known_hash"] is not None]
-    stored = {id(call) for call, complete in zip(known, are_complete(map(_known_unit_directory, known))) if complete}
+    complete = artifacts.are_complete(map(_known_unit_directory, known))
+    stored = {id(call) for call, is_stored in zip(known, complete) if is_stored}
     pending = [call for call in calls if id(call) not in stored]
     computed = iter(map_units(ingest_unit, pending))  # in the calls' order, as they come
     pending_ids = {id(call) for call in pending}
@@ -223,7 +218,7 @@ def ingest_corpus(
     require_splits(manifest, required_splits, config)
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
     write_json_atomic(Path(manifest.path), store_references(manifest.to_dict(), store_dir))
-    share_file(Path(manifest.path))
+    artifacts.share(Path(manifest.path))
     return manifest
 
 
@@ -233,15 +228,15 @@ def _known_unit_directory(call: dict[str, Any]) -> Path:
 
 
 def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig, store_dir: Path,
-                code: str, found_in_store: bool = False) -> tuple[CorpusUnit, SkipReport]:
+                artifacts: ArtifactStore, code: str, found_in_store: bool = False) -> tuple[CorpusUnit, SkipReport]:
     """One source file's unit, reused when complete in the store, else written; with the file's
     skipped records. ``known_hash``: the file's content hash, if known without reading it;
     ``found_in_store``: the caller found the unit complete under it just now."""
     content_hash = known_hash or _content_hash(source)
     key = _unit_key(source, content_hash, config, code)
     directory = store_dir / "raw" / key
-    reused = found_in_store or is_complete(directory)
-    written = read_unit_file(directory) if reused else _ingest_unit(source, content_hash, config, directory)
+    reused = found_in_store or artifacts.is_complete(directory)
+    written = read_unit_file(directory) if reused else _ingest_unit(source, content_hash, config, directory, artifacts)
     unit = CorpusUnit(
         source=str(source.path), content_hash=content_hash, key=key, directory=str(directory),
         documents=written["documents"], cut_documents=written["cut_documents"],
@@ -290,14 +285,15 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
     })
 
 
-def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, directory: Path) -> dict[str, Any]:
+def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, directory: Path,
+                 artifacts: ArtifactStore) -> dict[str, Any]:
     skips = SkipReport()
     seen: set[str] = set()
     counts = {"documents": 0, "cut_documents": 0, "cut_segments": 0, "duplicates": 0}
     segments = dict.fromkeys(SPLITS, 0)
     text_bytes = dict.fromkeys(SPLITS, 0)
     redactions: Counter[str] = Counter()
-    with atomic_directory(directory) as tmp:
+    with artifacts.commit(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
         for text in read_documents(source, config.text_field, skips, config.min_chars):
             if config.redact_pii:  # before hashing: dedup and the split see the text as it is trained on

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from gptflow.data.commits import corrupt_artifact
 from gptflow.data.errors import CorpusError
-from gptflow.data.store import corrupt_artifact
 
 TOKEN_COLUMN = "tokens"
 TOKEN_TYPES = (pa.uint16(), pa.uint32())

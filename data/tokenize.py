@@ -41,7 +41,10 @@ import numpy as np
 import pyarrow.compute as pc
 from tokenizers import Encoding, Tokenizer
 
+from gptflow.data.code_version import code_version
+from gptflow.data.commits import write_json_atomic
 from gptflow.data.config import TokenizeConfig
+from gptflow.data.hashing import hash_json
 from gptflow.data.ingest import CorpusManifest, CorpusUnit
 from gptflow.data.shards import (
     SPLITS,
@@ -51,15 +54,7 @@ from gptflow.data.shards import (
     token_dtype,
     write_unit_file,
 )
-from gptflow.data.store import (
-    are_complete,
-    atomic_directory,
-    code_version,
-    hash_json,
-    share_file,
-    store_references,
-    write_json_atomic,
-)
+from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
 from gptflow.data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
 from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, in_this_process
 
@@ -144,13 +139,15 @@ def tokenize_corpus(
     store_dir: Path,
     progress: Progress | None = None,
     map_units: MapUnits = in_this_process,
+    artifacts: ArtifactStore = LOCAL_STORE,
 ) -> TokenManifest:
-    """Tokenize every unit of ``manifest`` not already in the store, in groups of consecutive units
-    (``tokenize_units``, run through ``map_units``); ``progress(done, total)`` counts segment bytes."""
+    """Tokenize every unit of ``manifest`` not already in the store (``artifacts``), in groups of
+    consecutive units (``tokenize_units``, run through ``map_units``); ``progress(done, total)``
+    counts segment bytes."""
     code = code_version(__name__)
     keys = [_unit_key(unit, tokenizer, code) for unit in manifest.units]
     directories = [store_dir / "tokens" / key for key in keys]
-    reused = {index for index, complete in enumerate(are_complete(directories)) if complete}
+    reused = {index for index, complete in enumerate(artifacts.are_complete(directories)) if complete}
     pending = [index for index in range(len(directories)) if index not in reused]
     counts = {index: read_unit_file(directories[index]) for index in reused}
 
@@ -167,7 +164,8 @@ def tokenize_corpus(
 
     groups = _groups(pending, manifest.units, config.batch_bytes)
     calls = [{"units": [manifest.units[index] for index in group], "directories": [directories[index] for index in group],
-              "tokenizer": tokenizer, "config": config, PROGRESS_ARGUMENT: advance} for group in groups]
+              "tokenizer": tokenizer, "config": config, "artifacts": artifacts, PROGRESS_ARGUMENT: advance}
+             for group in groups]
     expected_bytes = done_bytes
     for group, written in zip(groups, map_units(tokenize_units, calls)):
         counts.update(zip(group, written))
@@ -193,7 +191,7 @@ def tokenize_corpus(
     )
     result.path = str(store_dir / "manifests" / f"tokens-{result.fingerprint}.json")
     write_json_atomic(Path(result.path), store_references(result.to_dict(), store_dir))
-    share_file(Path(result.path))
+    artifacts.share(Path(result.path))
     return result
 
 
@@ -202,6 +200,7 @@ def tokenize_units(
     directories: list[Path],
     tokenizer: TokenizerArtifact,
     config: TokenizeConfig,
+    artifacts: ArtifactStore,
     advance: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Write the token directory of each of ``units`` (encoded in shared batches); returns each
@@ -216,7 +215,7 @@ def tokenize_units(
         current = next(encoded, None)
         for index, (unit, directory) in enumerate(zip(units, directories)):
             counts = {name: dict.fromkeys(SPLITS, 0) for name in ("n_tokens", "n_bytes", "n_segments")}
-            with atomic_directory(directory) as tmp:
+            with artifacts.commit(directory) as tmp:
                 writers = {split: TokenShardWriter(tmp / f"{split}.arrow", dtype) for split in SPLITS}
                 while current is not None and current[0].unit == index:
                     piece, tokens = current

@@ -17,10 +17,13 @@ from typing import Any
 import pyarrow.compute as pc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from gptflow.data.code_version import code_version
+from gptflow.data.commits import write_json_atomic
 from gptflow.data.config import TokenizerConfig
+from gptflow.data.hashing import hash_file, hash_json
 from gptflow.data.ingest import CorpusManifest, CorpusUnit
 from gptflow.data.shards import iter_raw_batches
-from gptflow.data.store import atomic_directory, code_version, hash_file, hash_json, is_complete, write_json_atomic
+from gptflow.data.store import LOCAL_STORE, ArtifactStore
 from gptflow.data.units import MapUnits, in_this_process
 
 EOT_TOKEN = "<|endoftext|>"
@@ -61,8 +64,9 @@ def train_tokenizer(
     store_dir: Path,
     progress: Progress | None = None,
     map_units: MapUnits = in_this_process,
+    artifacts: ArtifactStore = LOCAL_STORE,
 ) -> TokenizerArtifact:
-    """Train (or reuse) the tokenizer for ``manifest``, its sample drawn by per-file units run
+    """Train (or reuse, when ``artifacts`` holds it) the tokenizer for ``manifest``, its sample drawn by per-file units run
     through ``map_units`` (``sample_candidates``, then ``segment_texts``); ``progress(done, total)``
     counts sample bytes."""
     key = hash_json({
@@ -72,7 +76,7 @@ def train_tokenizer(
         "corpus": manifest.fingerprint,
     })
     directory = store_dir / "tokenizers" / key
-    reused = is_complete(directory)
+    reused = artifacts.is_complete(directory)
     if not reused:
         sample = _training_sample(manifest, config.sample_bytes, map_units)
         tokenizer = _untrained_tokenizer()
@@ -83,7 +87,7 @@ def train_tokenizer(
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        with atomic_directory(directory) as tmp:
+        with artifacts.commit(directory) as tmp:
             tokenizer.train_from_iterator(_reporting(sample, progress), trainer=trainer, length=len(sample))
             tokenizer.save(str(tmp / TOKENIZER_FILE))
             write_json_atomic(tmp / META_FILE, {

@@ -17,9 +17,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from gptflow.data.finetune_inputs import check_data_file
+from gptflow.data.hashing import hash_file
 from gptflow.data.multiple_choice import read_multiple_choice
 from gptflow.data.sources import resolve_sources
-from gptflow.data.store import hash_file
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version

@@ -206,7 +206,8 @@ def pretrain(
             run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": f"of {init_from}"})
         tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run, units)
         log_corpus_dataset(run, weighted.sources, corpus_manifest, tokens, context="training")
-        delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)
+        delta = data_delta(lineage.previous_corpus(workspace_dir.artifacts), corpus_manifest,
+                           lineage.previous_tokens(workspace_dir.artifacts), tokens)
         if delta is not None:
             run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}
                          | {"gptflow.previous_run": lineage.last_mlflow_run_id})

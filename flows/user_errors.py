@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from gptflow.data.errors import UserError
-from gptflow.data.store import (
+from gptflow.data.disk_space import (
     OutOfSpaceError,
     exception_chain,
     failed_write_path,
     out_of_space_errno,
     out_of_space_error,
 )
+from gptflow.data.errors import UserError
 
 # The loggers through which Prefect's engines report a task's or a flow's exception.
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")

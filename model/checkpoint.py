@@ -8,7 +8,7 @@ Layout under a run directory::
         optimizer.pt        optimizer state (AdamW, or Muon + AdamW), tensors and plain values
                             only (loaded weights_only)
         trainer.json        step, tokens seen, data seed, TrainConfig, validation before step 1
-        contents.json       written by data.store.atomic_directory
+        contents.json       written by data.commits.atomic_directory
     checkpoints/step-00000500/    (written by train.parallelism=fsdp on several ranks)
         .metadata, __R_0.distcp   torch.distributed.checkpoint: every rank's shards of the weights
                                   and AdamW state, loadable at any world size, sharded or not
@@ -25,14 +25,13 @@ Each directory is filled under a ``.tmp-*`` name and renamed into place when com
 sharded checkpoint, by rank 0 once every rank has written its shards into it), so a
 process killed at any moment leaves either a loadable checkpoint or debris that nothing reads; a
 write that runs out of space removes the temporary directory and raises
-``data.store.OutOfSpaceError`` naming the checkpoint.
+``data.disk_space.OutOfSpaceError`` naming the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,15 +49,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from gptflow.data.store import (
-    atomic_directory,
-    is_complete,
-    list_folder,
-    remove_directory,
-    remove_stale_temporaries,
-    verify_contents,
-    write_json_atomic,
-)
+from gptflow.data.commits import remove_stale_temporaries, write_json_atomic
+from gptflow.data.store import LOCAL_STORE, ArtifactStore
 from gptflow.model.config import ModelConfig
 from gptflow.model.distributed import is_sharded
 from gptflow.model.gpt import GPT
@@ -89,10 +81,11 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
-    """Commit a checkpoint of ``state.step``; returns its directory."""
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState,
+                    artifacts: ArtifactStore = LOCAL_STORE) -> Path:
+    """Commit a checkpoint of ``state.step`` to ``artifacts``; returns its directory."""
     path = checkpoint_path(run_dir, state.step)
-    with atomic_directory(path) as tmp:
+    with artifacts.commit(path) as tmp:
         _save_model_files(model, tmp)
         # Through a Python file: torch's own writer reports a failed write (a full disk) without its
         # errno, while this one keeps the OSError as the context of torch's error.
@@ -103,7 +96,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def save_sharded_checkpoint(
-    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState, is_main: bool
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState, is_main: bool,
+    artifacts: ArtifactStore = LOCAL_STORE,
 ) -> Path:
     """Commit a checkpoint of ``state.step`` of a model sharded over the ranks; every rank calls
     this. Each writes its own shards into one temporary directory, which rank 0 commits once all
@@ -113,7 +107,7 @@ def save_sharded_checkpoint(
     if not is_main:
         dcp.save(shards, checkpoint_id=_directory_of_rank_0(None))
         return path
-    with atomic_directory(path) as tmp:
+    with artifacts.commit(path) as tmp:
         _directory_of_rank_0(tmp)
         # Returns on every rank once rank 0 has written the index, after all shards are written.
         dcp.save(shards, checkpoint_id=tmp)
@@ -129,25 +123,26 @@ def _directory_of_rank_0(directory: Path | None) -> Path:
     return Path(sent[0])
 
 
-def checkpoint_directories(run_dir: Path) -> list[Path]:
+def checkpoint_directories(run_dir: Path, artifacts: ArtifactStore = LOCAL_STORE) -> list[Path]:
     """Committed checkpoints of a run, oldest first, with any whose files were altered or whose
     record was discarded since (``load_checkpoint`` says what is wrong with those)."""
     directory = Path(run_dir) / CHECKPOINTS_DIR
-    return [directory / name for name in list_folder(directory) if CHECKPOINT_NAME.match(name)]
+    return [directory / name for name in artifacts.list_folder(directory) if CHECKPOINT_NAME.match(name)]
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
+def list_checkpoints(run_dir: Path, artifacts: ArtifactStore = LOCAL_STORE) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    return [path for path in checkpoint_directories(run_dir) if is_complete(path)]
+    return [path for path in checkpoint_directories(run_dir, artifacts) if artifacts.is_complete(path)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: Path, artifacts: ArtifactStore = LOCAL_STORE) -> Path | None:
     """The complete checkpoint with the highest step, or None; partial writes are never returned."""
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints = list_checkpoints(run_dir, artifacts)
     return checkpoints[-1] if checkpoints else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainerState:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    artifacts: ArtifactStore = LOCAL_STORE) -> TrainerState:
     """Load weights (and optimizer state, when given) in place; returns the trainer state. Files
     that do not hash to what was written are refused with ``CorruptArtifactError``.
 
@@ -160,9 +155,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     # Resuming or continuing reads the whole checkpoint anyway: re-hashing it first is cheap, and
     # catches bytes altered behind an unchanged size and mtime, which is_complete lets through.
     if sharded_checkpoint:
-        verify_contents(path)
+        artifacts.verify(path)
     else:
-        verify_contents(path, (WEIGHTS_FILE, CONFIG_FILE, TRAINER_FILE, *((OPTIMIZER_FILE,) if optimizer else ())))
+        artifacts.verify(path, (WEIGHTS_FILE, CONFIG_FILE, TRAINER_FILE, *((OPTIMIZER_FILE,) if optimizer else ())))
     saved_config = read_model_config(path)
     if saved_config != model.config:
         raise ValueError(
@@ -244,7 +239,7 @@ def _load_whole_into_shards(path: Path, model: nn.Module, optimizer: torch.optim
     set_optimizer_state_dict(model, optimizer, by_name, options=full)
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
+def prune_checkpoints(run_dir: Path, keep: int, artifacts: ArtifactStore = LOCAL_STORE) -> None:
     """Delete all but the ``keep`` most recent complete checkpoints, plus any left incomplete.
 
     Temporary directories are removed only once stale, since a recent one may belong to a
@@ -253,20 +248,18 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     directory = Path(run_dir) / CHECKPOINTS_DIR
     if not directory.is_dir():
         return
-    kept = set(list_checkpoints(run_dir)[-keep:])
-    for path in checkpoint_directories(run_dir):
+    kept = set(list_checkpoints(run_dir, artifacts)[-keep:])
+    for path in checkpoint_directories(run_dir, artifacts):
         if path not in kept:
-            remove_directory(path)
+            artifacts.remove_directory(path)
     remove_stale_temporaries(directory)
 
 
-def save_final(run_dir: Path, model: GPT) -> Path:
-    """Export the trained model to ``run_dir/final`` (weights + config), replacing an older export."""
+def save_final(run_dir: Path, model: GPT, artifacts: ArtifactStore = LOCAL_STORE) -> Path:
+    """Export the trained model to ``run_dir/final`` (weights + config), replacing an older export:
+    a longer or continued run's must replace its earlier one."""
     path = Path(run_dir) / FINAL_DIR
-    # atomic_directory keeps an existing complete directory (it treats names as content keys),
-    # but a longer or continued run must replace its earlier export.
-    shutil.rmtree(path, ignore_errors=True)
-    with atomic_directory(path) as tmp:
+    with artifacts.replace(path) as tmp:
         _save_model_files(model, tmp)
     return path
 
@@ -275,26 +268,26 @@ def is_sharded_checkpoint(directory: Path) -> bool:
     return (Path(directory) / SHARDED_METADATA_FILE).exists()
 
 
-def save_whole_model(checkpoint: Path, directory: Path) -> Path:
+def save_whole_model(checkpoint: Path, directory: Path, artifacts: ArtifactStore = LOCAL_STORE) -> Path:
     """The model of the sharded ``checkpoint`` as one model directory (``model.safetensors`` +
     ``config.json``, as ``final/``) at ``directory``, committed atomically: its shards are read in
     this one process, whatever the world size that wrote them."""
     model = GPT(read_model_config(checkpoint))
-    load_checkpoint(checkpoint, model)
-    with atomic_directory(Path(directory)) as tmp:
+    load_checkpoint(checkpoint, model, artifacts=artifacts)
+    with artifacts.commit(Path(directory)) as tmp:
         _save_model_files(model, tmp)
     return Path(directory)
 
 
-def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
+def load_model(directory: Path, device: str | torch.device = "cpu", artifacts: ArtifactStore = LOCAL_STORE) -> GPT:
     """A model from ``final/`` or any checkpoint directory, in eval mode on ``device``; a weights or
     config file that does not hash to what was written is refused with ``CorruptArtifactError``."""
     directory = Path(directory)
-    if not is_complete(directory):
+    if not artifacts.is_complete(directory):
         raise FileNotFoundError(f"{directory} is not a complete model directory (missing or altered files)")
     # Loading reads every weight anyway: re-hashing them first costs about as much, and catches
     # bytes altered behind an unchanged size and mtime, which is_complete lets through.
-    verify_contents(directory, (WEIGHTS_FILE, CONFIG_FILE))
+    artifacts.verify(directory, (WEIGHTS_FILE, CONFIG_FILE))
     model = GPT(read_model_config(directory))
     _load_weights(model, directory)
     return model.to(device).eval()

@@ -16,7 +16,6 @@ labels in order, the ``max_length`` texts were cut to in training, and a tagger'
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from gptflow.data.store import atomic_directory
+from gptflow.data.store import LOCAL_STORE, ArtifactStore
 from gptflow.data.tagging import char_span, spans_of_tags, tag_names
 from gptflow.data.tokenizer import EOT_TOKEN, PAD_TOKEN
 from gptflow.model.checkpoint import load_model
@@ -142,15 +141,14 @@ def tag_texts(tagger: GPTTagger, tokenizer: Tokenizer, texts: Sequence[str], max
     return found
 
 
-def save_head(directory: Path, model: GPTClassifier | GPTTagger, max_length: int) -> Path:
-    """Write ``classifier/`` (head weights + ``classifier.json``) atomically, replacing an older
-    one; the trunk is saved with ``model.checkpoint.save_final``."""
+def save_head(directory: Path, model: GPTClassifier | GPTTagger, max_length: int,
+              artifacts: ArtifactStore = LOCAL_STORE) -> Path:
+    """Commit ``classifier/`` (head weights + ``classifier.json``) to ``artifacts``, replacing an
+    older one (a retrained head must); the trunk is saved with ``model.checkpoint.save_final``."""
     settings = {"objective": head_objective(model), "labels": model.labels, "max_length": max_length}
     if isinstance(model, GPTTagger):
         settings["span_label_from"] = model.span_label_from
-    # atomic_directory would keep an existing complete directory; a retrained head must replace it.
-    shutil.rmtree(directory, ignore_errors=True)
-    with atomic_directory(Path(directory)) as tmp:
+    with artifacts.replace(Path(directory)) as tmp:
         safetensors.torch.save_model(model.head, str(tmp / HEAD_FILE))
         (tmp / CLASSIFIER_FILE).write_text(json.dumps(settings))
     return Path(directory)

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 from gptflow.data.chat import ChatTemplate, Message
 from gptflow.data.finetune_data import PreparedSplit
 from gptflow.data.finetune_inputs import OBJECTIVES
+from gptflow.data.store import LOCAL_STORE, ArtifactStore
 from gptflow.model.checkpoint import load_model, save_final
 from gptflow.model.classifier import CLASSIFIER_DIR, GPTClassifier, GPTTagger, head_objective, pad_right, save_head
 from gptflow.model.config import SamplingConfig, TrainConfig
@@ -135,11 +136,11 @@ class FinetuneObjective(TrainingObjective):
         scores = score_examples(model, self.val, self.pad_id, train_config.micro_batch_size, autocast_dtype)
         return {"loss": scores.loss, **({"accuracy": scores.accuracy} if scores.accuracy is not None else {})}
 
-    def export(self, model: nn.Module, run_dir: Path) -> None:
+    def export(self, model: nn.Module, run_dir: Path, artifacts: ArtifactStore) -> None:
         merge_lora(model)
-        save_final(run_dir, self.trunk(model))
+        save_final(run_dir, self.trunk(model), artifacts)
         if isinstance(model, (GPTClassifier, GPTTagger)):
-            save_head(Path(run_dir) / CLASSIFIER_DIR, model, self.max_length)
+            save_head(Path(run_dir) / CLASSIFIER_DIR, model, self.max_length, artifacts)
 
 
 def run_finetuning(
@@ -148,12 +149,14 @@ def run_finetuning(
     run_dir: Path,
     callback: TrainingCallback | None = None,
     resume: bool = False,
+    artifacts: ArtifactStore = LOCAL_STORE,
 ) -> FinetuneResult:
     """Train ``objective`` through the training loop (``model.train.train``: its optimizer,
     schedule, intervals, checkpoints and resume, as in pretraining), validating on the whole val
     split before the first step, every ``val_interval`` steps and after the last; then merge LoRA
-    and write the model to ``run_dir/final`` (and the head to ``run_dir/classifier``)."""
-    trained = train(objective, config, run_dir, callback, resume)
+    and write the model to ``run_dir/final`` (and the head to ``run_dir/classifier``), checkpoints
+    and model committed to ``artifacts``."""
+    trained = train(objective, config, run_dir, callback, resume, artifacts)
     return FinetuneResult(
         model_dir=trained.final_dir,
         classifier_dir=Path(run_dir) / CLASSIFIER_DIR if objective.objective != "sft" else None,

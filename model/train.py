@@ -32,9 +32,10 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
+from gptflow.data.commits import discard_contents
 from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
 from gptflow.data.mixture import MixturePart
-from gptflow.data.store import discard_contents
+from gptflow.data.store import LOCAL_STORE, ArtifactStore
 from gptflow.model.checkpoint import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
@@ -117,12 +118,12 @@ class TrainingObjective(ABC):
         """Validation metrics by name (``loss`` among them); empty without validation data. Every
         rank calls it (a sharded model's forward needs them all)."""
 
-    def start_fresh(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def start_fresh(self, model: nn.Module, optimizer: torch.optim.Optimizer, artifacts: ArtifactStore) -> None:
         """Prepare a run that starts at step 0 rather than resuming (nothing by default)."""
 
     @abstractmethod
-    def export(self, model: nn.Module, run_dir: Path) -> None:
-        """Write the trained ``model`` (whole, on rank 0 alone) to ``run_dir/final`` and whatever
+    def export(self, model: nn.Module, run_dir: Path, artifacts: ArtifactStore) -> None:
+        """Commit the trained ``model`` (whole, on rank 0 alone) to ``run_dir/final`` and whatever
         belongs beside it."""
 
 
@@ -226,18 +227,18 @@ class PretrainObjective(TrainingObjective):
                                 device, autocast_dtype)
         return {"loss": loss}
 
-    def start_fresh(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def start_fresh(self, model: nn.Module, optimizer: torch.optim.Optimizer, artifacts: ArtifactStore) -> None:
         if self.continuation is not None:
-            load_checkpoint(self.continuation.checkpoint, model, optimizer)
+            load_checkpoint(self.continuation.checkpoint, model, optimizer, artifacts)
         elif self.initial_weights is not None:
-            initial = load_model(self.initial_weights)
+            initial = load_model(self.initial_weights, artifacts=artifacts)
             if initial.config != self.model_config:
                 raise ValueError(f"{self.initial_weights} holds a model of config {initial.config}, not "
                                  f"{self.model_config}: train with the model's own settings")
             set_model_state_dict(model, initial.state_dict(), options=StateDictOptions(full_state_dict=True))
 
-    def export(self, model: nn.Module, run_dir: Path) -> None:
-        save_final(run_dir, model)
+    def export(self, model: nn.Module, run_dir: Path, artifacts: ArtifactStore) -> None:
+        save_final(run_dir, model, artifacts)
 
 
 def run_pretraining(
@@ -251,6 +252,7 @@ def run_pretraining(
     continuation: Continuation | None = None,
     mixture: Sequence[MixturePart] = (),
     initial_weights: Path | None = None,
+    artifacts: ArtifactStore = LOCAL_STORE,
 ) -> TrainResult:
     """Train a GPT on the token shards ``train_paths`` (see ``train``), validating on up to
     ``val_tokens`` tokens in windows spread over all of ``val_paths`` (skipped when empty).
@@ -261,7 +263,7 @@ def run_pretraining(
     continuation), each part's shards are drawn at its probability instead of ``train_paths`` as one stream.
     """
     objective = PretrainObjective(model_config, train_paths, val_paths, continuation, mixture, initial_weights)
-    return train(objective, train_config, run_dir, callback, resume)
+    return train(objective, train_config, run_dir, callback, resume, artifacts)
 
 
 def train(
@@ -270,9 +272,10 @@ def train(
     run_dir: Path,
     callback: TrainingCallback | None = None,
     resume: bool = False,
+    artifacts: ArtifactStore = LOCAL_STORE,
 ) -> TrainResult:
     """Train ``objective``'s model as ``train_config`` says, checkpointing into ``run_dir``, and
-    export it to ``run_dir/final``.
+    export it to ``run_dir/final``; checkpoints and export are read and committed through ``artifacts``.
 
     ``resume=True`` continues from the latest checkpoint of ``run_dir`` that loads: one that does not
     (altered, or another model's) is reported through the callback, discarded and the one before it
@@ -294,7 +297,7 @@ def train(
     joined = ranks.join(device)
     try:
         return _train(objective, train_config, Path(run_dir), callback if ranks.is_main else None, resume, ranks,
-                      device)
+                      device, artifacts)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
@@ -308,6 +311,7 @@ def _train(
     resume: bool,
     ranks: Ranks,
     device: torch.device,
+    artifacts: ArtifactStore,
 ) -> TrainResult:
     started = time.perf_counter()
     autocast_dtype = resolve_autocast_dtype(train_config.dtype, device)
@@ -319,15 +323,15 @@ def _train(
     model, optimizer = _initial_model(objective, train_config, device, sharded)
     restored = None
     if resume:
-        checkpoints = checkpoint_directories(run_dir)
-        restored = _restore_latest_loadable(checkpoints, model, optimizer, callback, ranks)
+        checkpoints = checkpoint_directories(run_dir, artifacts)
+        restored = _restore_latest_loadable(checkpoints, model, optimizer, callback, ranks, artifacts)
         if checkpoints and restored is None:
             # Each one failed to load, possibly after writing part of itself into them.
             model, optimizer = _initial_model(objective, train_config, device, sharded)
     else:
         _delete_checkpoints_and_export(run_dir, ranks)
     if restored is None:
-        objective.start_fresh(model, optimizer)
+        objective.start_fresh(model, optimizer, artifacts)
     start_step = restored.step if restored else 0
     tokens_seen = restored.tokens_seen if restored else 0
     initial_val = restored.initial_val if restored else {}
@@ -404,11 +408,11 @@ def _train(
                 checkpoint = checkpoint_path(run_dir, steps_done)
                 state = TrainerState(steps_done, tokens_seen, train_config.seed, asdict(train_config), initial_val)
                 if sharded:
-                    save_sharded_checkpoint(run_dir, model, optimizer, state, ranks.is_main)
+                    save_sharded_checkpoint(run_dir, model, optimizer, state, ranks.is_main, artifacts)
                 elif ranks.is_main:
-                    save_checkpoint(run_dir, model, optimizer, state)
+                    save_checkpoint(run_dir, model, optimizer, state, artifacts)
                 if ranks.is_main:
-                    prune_checkpoints(run_dir, train_config.keep_checkpoints)
+                    prune_checkpoints(run_dir, train_config.keep_checkpoints, artifacts)
                 ranks.barrier()
             paused_s += time.perf_counter() - pause_started
         if callback and metrics:
@@ -427,7 +431,7 @@ def _train(
     exported = gather_full_model(model, ranks.is_main, objective.build_model) if sharded else model
     if ranks.is_main:
         exported.eval()
-        objective.export(exported, run_dir)
+        objective.export(exported, run_dir, artifacts)
     ranks.barrier()
     return TrainResult(
         final_dir=run_dir / FINAL_DIR,
@@ -535,12 +539,13 @@ def _restore_latest_loadable(
     optimizer: torch.optim.Optimizer,
     callback: TrainingCallback | None,
     ranks: Ranks,
+    artifacts: ArtifactStore,
 ) -> TrainerState | None:
     """Load the newest of ``checkpoints`` (oldest first) that loads; None when none does."""
     newest_first = list(reversed(checkpoints))
     for checkpoint, fallback in zip(newest_first, [*newest_first[1:], None]):
         try:
-            state = load_checkpoint(checkpoint, model, optimizer)
+            state = load_checkpoint(checkpoint, model, optimizer, artifacts)
         # What load_checkpoint refuses (altered bytes, another model config, another optimizer's
         # state) is never usable under this run; an older checkpoint or step 0 gives the same
         # training. Errors of the machine (I/O, device memory) propagate: the checkpoint may be fine.

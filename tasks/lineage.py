@@ -17,18 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptflow.data.commits import write_json_atomic
+from gptflow.data.hashing import hash_json
 from gptflow.data.ingest import CorpusManifest
 from gptflow.data.object_sources import is_object_url
 from gptflow.data.sources import BUILTIN_CORPUS
-from gptflow.data.store import (
-    hash_json,
-    pull_shared_file,
-    read_manifest,
-    share_file,
-    store_paths,
-    store_references,
-    write_json_atomic,
-)
+from gptflow.data.store import ArtifactStore, store_paths, store_references
 from gptflow.data.tokenize import TokenManifest
 from gptflow.tasks.runtime.workspace import Workspace
 
@@ -103,11 +97,11 @@ class Lineage:
     @classmethod
     def load(cls, workspace: Workspace, corpus: list[str]) -> Lineage:
         identity = corpus_identity(corpus)
-        return cls._read(workspace.store / LINEAGE_DIR / f"{hash_json(identity)}.json", identity)
+        return cls._read(workspace.store / LINEAGE_DIR / f"{hash_json(identity)}.json", identity, workspace.artifacts)
 
     @classmethod
-    def _read(cls, path: Path, identity: list[str]) -> Lineage:
-        if not pull_shared_file(path):
+    def _read(cls, path: Path, identity: list[str], artifacts: ArtifactStore) -> Lineage:
+        if not artifacts.pull(path):
             return cls(path=path, corpus=identity)
         value = store_paths(json.loads(path.read_text()), _store_of(path))
         return cls(
@@ -162,26 +156,22 @@ class Lineage:
 
     def _update_file(self, workspace: Workspace, changes: Sequence[Callable[[Lineage], None]]) -> None:
         with workspace.lock(f"lineage-{self.path.stem}", between_machines=True):
-            latest = Lineage._read(self.path, self.corpus)
+            latest = Lineage._read(self.path, self.corpus, workspace.artifacts)
             for change in changes:
                 change(latest)
             value = asdict(latest)
             for transient in ("path", "pending"):
                 del value[transient]
             write_json_atomic(self.path, store_references(value, _store_of(self.path)))
-            share_file(self.path)
+            workspace.artifacts.share(self.path)
 
-    def previous_corpus(self) -> CorpusManifest | None:
-        return _load_manifest(CorpusManifest, self.last_corpus_manifest)
+    def previous_corpus(self, artifacts: ArtifactStore) -> CorpusManifest | None:
+        path = self.last_corpus_manifest
+        return None if path is None else artifacts.read_manifest(CorpusManifest, path)
 
-    def previous_tokens(self) -> TokenManifest | None:
-        return _load_manifest(TokenManifest, self.last_tokens_manifest)
-
-
-def _load_manifest(manifest_type: type, path: str | None) -> Any:
-    if path is None or not pull_shared_file(Path(path)):
-        return None
-    return read_manifest(manifest_type, path)
+    def previous_tokens(self, artifacts: ArtifactStore) -> TokenManifest | None:
+        path = self.last_tokens_manifest
+        return None if path is None else artifacts.read_manifest(TokenManifest, path)
 
 
 def _store_of(lineage: Path) -> Path:

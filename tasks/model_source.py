@@ -16,16 +16,9 @@ from mlflow.exceptions import MlflowException
 from tokenizers import Tokenizer
 
 from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
+from gptflow.data.commits import atomic_directory, is_complete, read_contents_hash
 from gptflow.data.errors import UserError
-from gptflow.data.store import (
-    atomic_directory,
-    hash_bytes,
-    hash_file,
-    hash_json,
-    is_complete,
-    pull_shared_file,
-    read_contents_hash,
-)
+from gptflow.data.hashing import hash_bytes, hash_file, hash_json
 from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact, describe_tokenizer, load_tokenizer
 from gptflow.model.checkpoint import (
     CONFIG_FILE,
@@ -160,8 +153,8 @@ def _from_directory(source: str, directory: Path, tokenizer: str | None, workspa
         # Everything downstream reads one model.safetensors: the shards are gathered into one,
         # once per checkpoint content, in the workspace's store.
         model_dir = workspace.store / WHOLE_CHECKPOINTS_DIR / read_contents_hash(directory)
-        if not is_complete(model_dir):
-            save_whole_model(directory, model_dir)
+        if not workspace.artifacts.is_complete(model_dir):
+            save_whole_model(directory, model_dir, workspace.artifacts)
     elif not (directory / WEIGHTS_FILE).exists() or not (directory / CONFIG_FILE).exists():
         raise ModelSourceError(f"{directory} holds no {WEIGHTS_FILE} and {CONFIG_FILE}: point at a checkpoint "
                                "directory or a run's final/ directory.")
@@ -169,7 +162,7 @@ def _from_directory(source: str, directory: Path, tokenizer: str | None, workspa
         tokenizer_file = Path(tokenizer).expanduser()
     else:
         nearby = [folder / TOKENIZER_FILE for folder in (directory, directory.parent, directory.parent.parent)]
-        tokenizer_file = next((path for path in nearby if pull_shared_file(path)), nearby[0])
+        tokenizer_file = next((path for path in nearby if workspace.artifacts.pull(path)), nearby[0])
     if not tokenizer_file.is_file():
         raise ModelSourceError(f"No {TOKENIZER_FILE} found beside {directory} or above it: pass the tokenizer "
                                "the model was trained with (--tokenizer PATH).")
@@ -242,7 +235,8 @@ def _artifact_location(uri: str, workspace: Workspace) -> str:
 
 def _download(uri: str, workspace: Workspace) -> Path:
     """The model's files in the workspace; a URI that names fixed content (a run's artifact, a
-    model version number) is fetched once, an alias (``models:/name@champion``) every time."""
+    model version number) is fetched once, an alias (``models:/name@champion``) every time. Kept on
+    this machine only, outside the store: the tracking server holds them for every machine."""
     target = workspace.root / "downloads" / hash_bytes(uri.encode())
     pinned = uri.startswith("runs:/") or PINNED_VERSION.match(uri)
     if pinned and is_complete(target):

@@ -149,7 +149,7 @@ def _answers(port: int) -> bool:
 def gptflow_copy(tmp_path) -> Path:
     """A copy of gptflow's source to edit: a process whose PYTHONPATH is the returned folder imports
     the copy's gptflow package instead of the installed one."""
-    from gptflow.data.store import module_file
+    from gptflow.data.code_version import module_file
 
     root = tmp_path / "source"
     for layer in ("data", "model", "tasks", "flows"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gptflow.data.store import module_file
+from gptflow.data.code_version import module_file
 
 PURE_LAYERS = ("model", "data")
 FORBIDDEN = ("prefect", "mlflow", "gptflow.tasks", "gptflow.flows")

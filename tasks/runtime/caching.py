@@ -13,19 +13,10 @@ from typing import Any, Generic, Literal, Protocol, TypeVar, get_type_hints
 
 from prefect import Task
 
-from gptflow.data.store import (
-    PACKAGE,
-    OutOfSpaceError,
-    are_complete,
-    code_version,
-    failed_write_path,
-    hash_file,
-    hash_json,
-    out_of_space_error,
-    pull_shared_file,
-    share_file,
-    wait_for_publishing,
-)
+from gptflow.data.code_version import PACKAGE, code_version
+from gptflow.data.disk_space import OutOfSpaceError, failed_write_path, out_of_space_error
+from gptflow.data.hashing import hash_file, hash_json
+from gptflow.data.store import ArtifactStore
 from gptflow.tasks.runtime.records import RecordSerializer, read_record, require_type
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.progress import run_logger
@@ -64,9 +55,20 @@ class UnitManifest(Protocol):
     units: Sequence[Any]
 
 
-def units_are_complete(manifest: UnitManifest) -> bool:
-    """The ``is_valid`` of a data stage: its manifest and every unit it lists are still on disk, whole."""
-    return pull_shared_file(Path(manifest.path)) and all(are_complete(Path(unit.directory) for unit in manifest.units))
+def units_are_complete(manifest: UnitManifest, artifacts: ArtifactStore) -> bool:
+    """The ``is_valid`` of a data stage: its manifest and every unit it lists are still in ``artifacts``, whole."""
+    return artifacts.pull(Path(manifest.path)) and all(
+        artifacts.are_complete(Path(unit.directory) for unit in manifest.units))
+
+
+def directory_is_complete(result: Any, artifacts: ArtifactStore) -> bool:
+    """The ``is_valid`` of a stage whose result names the one store ``directory`` it wrote."""
+    return artifacts.is_complete(Path(result.directory))
+
+
+def nothing_stored(result: Any, artifacts: ArtifactStore) -> bool:
+    """The ``is_valid`` of a stage whose result is all it produced: nothing on disk to check."""
+    return True
 
 
 def record_unit_reuse(run: PipelineRun, stage: str, done: str, outcome: StageOutcome[UnitManifest]) -> None:
@@ -83,12 +85,13 @@ def run_stage(
     *,
     key: str,
     workspace: Workspace,
-    is_valid: Callable[[Result], bool],
+    is_valid: Callable[[Result, ArtifactStore], bool],
     recompute: bool = False,
     **parameters: Any,
 ) -> StageOutcome[Result]:
-    """Run ``stage_task`` under ``key``; a cached result is reused only if ``is_valid`` says so,
-    and never with ``recompute`` (its new result replaces the cached one).
+    """Run ``stage_task`` under ``key``; a cached result is reused only if ``is_valid(result,
+    workspace.artifacts)`` says its artifacts are still whole, and never with ``recompute`` (its
+    new result replaces the cached one).
 
     Runs that reach the same key at the same time (two pipelines on one workspace) take turns:
     the second waits for the first, then finds its result in the cache. The task's exception,
@@ -101,8 +104,8 @@ def run_stage(
     record = workspace.prefect_results / key
     with _naming_the_stage_when_out_of_space(stage_task.name, workspace):
         with workspace.lock(key, on_wait=report_wait, between_machines=True):
-            pull_shared_file(record)
-            cached_result = None if recompute else _valid_cached_result(stage_task, record, workspace.store, is_valid)
+            workspace.artifacts.pull(record)
+            cached_result = None if recompute else _valid_cached_result(stage_task, record, workspace, is_valid)
             configured = stage_task.with_options(
                 cache_key_fn=lambda *_: key,
                 result_storage=workspace.prefect_results,
@@ -116,9 +119,10 @@ def run_stage(
             cached = state.name == "Cached"
             result = cached_result if cached else state.result()
             if not cached:
-                wait_for_publishing()  # the record names what the stage wrote: shared only once they are
+                # The record names what the stage wrote: shared only once they are.
+                workspace.artifacts.wait_for_uploads()
                 if record.exists():  # a record that could not be written is logged, not shared
-                    share_file(record)
+                    workspace.artifacts.share(record)
     return StageOutcome(result=result, status="cached" if cached else "executed")
 
 
@@ -136,8 +140,8 @@ def _naming_the_stage_when_out_of_space(stage: str, workspace: Workspace) -> Ite
         raise OutOfSpaceError(f"stage {stage}: {out_of_space}", out_of_space.errno) from error
 
 
-def _valid_cached_result(stage_task: Task[..., Any], record: Path, store: Path,
-                         is_valid: Callable[[Any], bool]) -> Any | None:
+def _valid_cached_result(stage_task: Task[..., Any], record: Path, workspace: Workspace,
+                         is_valid: Callable[[Any, ArtifactStore], bool]) -> Any | None:
     """The result in the stage's ``record``, if there is one to reuse; None when the stage must be
     computed: no record, one gptflow did not write for this stage (refused without running or
     importing anything it names, ``tasks.runtime.records``), or artifacts no longer complete (``is_valid``)."""
@@ -145,9 +149,9 @@ def _valid_cached_result(stage_task: Task[..., Any], record: Path, store: Path,
         return None
     declared = get_type_hints(stage_task.fn)["return"]
     try:
-        cached = read_record(record, store)
+        cached = read_record(record, workspace.store)
         require_type(cached, declared)
     except Exception as error:  # replaced, damaged, or written by an older gptflow: recomputed, whatever it holds
         run_logger().warning(f"{stage_task.name}: the cached record {record} {error}; recomputing the stage")
         return None
-    return cached if is_valid(cached) else None
+    return cached if is_valid(cached, workspace.artifacts) else None

@@ -24,7 +24,8 @@ from prefect import Task, get_client
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-from gptflow.data.store import Mirror, wait_for_publishing
+from gptflow.data.mirror import ObjectStoreMirror
+from gptflow.data.store import ArtifactStore
 from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, in_this_process
 from gptflow.tasks.runtime.ray_address import resolve_ray_address
 
@@ -40,13 +41,12 @@ class UnitRunner:
         """``ray_address``, else ``$GPTFLOW_RAY_ADDRESS``; checked at once, before any stage runs."""
         return cls(resolve_ray_address(ray_address))
 
-    def for_stage(self, stage: str, store_dir: str, label: Callable[[dict[str, Any]], str]) -> MapUnits:
-        """The map that runs ``stage``'s units, which write into the store at ``store_dir``;
-        ``label(call)`` names a unit's task run (its source file)."""
+    def for_stage(self, stage: str, artifacts: ArtifactStore, label: Callable[[dict[str, Any]], str]) -> MapUnits:
+        """The map that runs ``stage``'s units, which commit into ``artifacts``; ``label(call)``
+        names a unit's task run (its source file)."""
         if self.ray_address is None:
             return in_this_process
-        mirror = Mirror.of(store_dir)
-        return lambda function, calls: self._on_ray(stage, _on_worker(function, mirror), calls, label)
+        return lambda function, calls: self._on_ray(stage, _on_worker(function, artifacts), calls, label)
 
     def _on_ray(self, stage: str, function: Callable[..., Any], calls: list[dict[str, Any]],
                 label: Callable[[dict[str, Any]], str]) -> Iterator[Any]:
@@ -64,18 +64,18 @@ class UnitRunner:
                 yield future.result()
 
 
-def _on_worker(function: Callable[..., Any], mirror: Mirror | None) -> Callable[..., Any]:
+def _on_worker(function: Callable[..., Any], artifacts: ArtifactStore) -> Callable[..., Any]:
     """``function`` as a worker runs it. In a workspace on an object store, the worker's machine
     first gets the mirror folder (at the same path as here), so the unit's directories are written
     there and published to the object store, whichever node runs it."""
-    if mirror is None:
+    if artifacts.mirror is None:
         return function
 
     @functools.wraps(function)
     def in_mirror(**call: Any) -> Any:
-        Mirror.attach(mirror.local_root, mirror.url)
+        ObjectStoreMirror.attach(artifacts.mirror.local_root, artifacts.mirror.url)
         result = function(**call)
-        wait_for_publishing()  # a worker lives on after its unit: its uploads end with the unit
+        artifacts.wait_for_uploads()  # a worker lives on after its unit: its uploads end with the unit
         return result
 
     return in_mirror

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from gptflow.data.errors import UserError
-from gptflow.data.store import Mirror, hash_json
+from gptflow.data.hashing import hash_json
+from gptflow.data.mirror import ObjectStoreMirror
+from gptflow.data.store import ArtifactStore
 
 WORKSPACE_ENV = "GPTFLOW_HOME"
 WORKSPACE_SERVER_ENV = "GPTFLOW_WORKSPACE_MLFLOW"
@@ -52,7 +54,7 @@ class Workspace:
         to answer before anything runs."""
         url = _object_store_url(path or os.environ.get(WORKSPACE_ENV))
         if url is not None:
-            mirror = Mirror.attach(cls.locate(url), url)
+            mirror = ObjectStoreMirror.attach(cls.locate(url), url)
             workspace = cls(mirror.local_root, url).checked()
             # At the start of a run, not during one: nothing a run has fetched goes while it may still read it.
             mirror.evict_least_recently_used(cache_limit_bytes())
@@ -79,7 +81,7 @@ class Workspace:
 
     def checked(self) -> Workspace:
         """This workspace, once its object store answered a listing and took a write."""
-        mirror = Mirror(self.root, self.url)
+        mirror = ObjectStoreMirror(self.root, self.url)
         probe = mirror.remote(self.root / "locks" / f"probe-{uuid.uuid4().hex}")
         try:
             mirror.fs.pipe_file(probe, b"")
@@ -98,6 +100,12 @@ class Workspace:
     @property
     def store(self) -> Path:
         return self.root / "store"
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """What every check, commit and read of the store's directories goes through: on this
+        machine, and for a workspace on an object store, there too."""
+        return ArtifactStore.for_workspace(self.root, self.url)
 
     @property
     def prefect_results(self) -> Path:
@@ -145,7 +153,7 @@ class Workspace:
                 if self.url is None or not between_machines:
                     yield
                 else:
-                    with ObjectStoreLease(Mirror(self.root, self.url), lock_dir / f"{name}.lock", on_wait):
+                    with ObjectStoreLease(ObjectStoreMirror(self.root, self.url), lock_dir / f"{name}.lock", on_wait):
                         yield
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
@@ -159,7 +167,7 @@ class ObjectStoreLease:
     two waiters never both do. The flock around it makes processes of one machine take turns first.
     """
 
-    def __init__(self, mirror: Mirror, local_lock: Path, on_wait: Callable[[], None] | None) -> None:
+    def __init__(self, mirror: ObjectStoreMirror, local_lock: Path, on_wait: Callable[[], None] | None) -> None:
         self.fs = mirror.fs
         self.path = mirror.remote(local_lock)
         self.on_wait = on_wait

@@ -12,13 +12,15 @@ from typing import Any
 
 from prefect import task
 
+from gptflow.data.commits import write_report
 from gptflow.data.finetune_data import EVAL_SPLIT, PreparedSplit, prepare_labelled, read_split
-from gptflow.data.store import atomic_directory, hash_file, is_complete, write_report
+from gptflow.data.hashing import hash_file
+from gptflow.data.store import ArtifactStore
 from gptflow.model.classifier import GPTClassifier, classification_metrics, load_classifier
 from gptflow.model.device import resolve_device
 from gptflow.model.finetune import score_examples
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.caching import directory_is_complete, run_stage, stage_key
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.run import PipelineRun
@@ -77,11 +79,11 @@ def most_common_label(counts: dict[str, int]) -> str:
 
 @task(name="score-classifier")
 def score_classifier_task(source: ResolvedModel, path: str, text_field: str, label_field: str,
-                          out_dir: str) -> ClassificationReport:
+                          out_dir: str, artifacts: ArtifactStore) -> ClassificationReport:
     device = resolve_device("auto")
     classifier_model, max_length = load_classifier(source.model_dir, source.classifier_dir, device)
     pad_id = source.tokenizer.pad_id
-    with atomic_directory(Path(out_dir)) as directory:
+    with artifacts.commit(Path(out_dir)) as directory:
         prepared = prepare_labelled(Path(path), source.tokenizer_file, directory / "data", labels=classifier_model.labels,
                                     max_length=max_length, text_field=text_field, label_field=label_field,
                                     field_settings=FIELD_SETTINGS)
@@ -109,9 +111,9 @@ def score_classifier(
         inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash, "file": hash_file(path)},
     )
     outcome = run_stage(
-        score_classifier_task, key=key, workspace=workspace, is_valid=lambda report: is_complete(Path(report.directory)),
+        score_classifier_task, key=key, workspace=workspace, is_valid=directory_is_complete,
         source=source, path=str(path), text_field=text_field, label_field=label_field,
-        out_dir=str(workspace.store / "eval" / key),
+        out_dir=str(workspace.store / "eval" / key), artifacts=workspace.artifacts,
     )
     report = outcome.result
     run.record_stage("classification", outcome.status)

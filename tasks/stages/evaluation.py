@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from prefect import task
 
+from gptflow.data.commits import write_report
 from gptflow.data.errors import CorpusError
 from gptflow.data.loader import TokenWindows
 from gptflow.data.stats import unigram_cross_entropy
-from gptflow.data.store import atomic_directory, is_complete, write_report
+from gptflow.data.store import ArtifactStore
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact, load_tokenizer
 from gptflow.model.checkpoint import load_model
@@ -28,7 +29,7 @@ from gptflow.model.evaluate import bits_per_byte, evaluate_loss, perplexity
 from gptflow.model.generate import generate_texts
 from gptflow.model.gpt import GPT
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.caching import directory_is_complete, nothing_stored, run_stage, stage_key
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.stages.training_job import TrainedModel
 from gptflow.tasks.tracking.progress import run_logger
@@ -139,9 +140,10 @@ def evaluate_model_task(
     config: EvalConfig,
     sampling: SamplingConfig,
     out_dir: str,
+    artifacts: ArtifactStore,
 ) -> EvalReport:
     device = resolve_device("auto")
-    gpt = load_model(Path(trained.final_dir), device=device)
+    gpt = load_model(Path(trained.final_dir), device=device, artifacts=artifacts)
     loss = measure_loss(gpt, tokens, "val", config.eval_tokens, device)
     samples = sample_texts(gpt, tokenizer, config.prompts, sampling, device)
     report = EvalReport(
@@ -153,7 +155,7 @@ def evaluate_model_task(
         unigram_loss=loss.unigram_loss,
         samples=samples,
     )
-    with atomic_directory(Path(out_dir)) as directory:
+    with artifacts.commit(Path(out_dir)) as directory:
         write_report(directory, report)
         (directory / "samples.md").write_text(samples_markdown(config.prompts, samples))
     return report
@@ -175,9 +177,9 @@ def evaluate_model(
         inputs={"model": trained.weights_hash, "tokens": tokens.fingerprint, "tokenizer": tokenizer.hash},
     )
     outcome = run_stage(evaluate_model_task, key=key, workspace=workspace,
-                        is_valid=lambda report: is_complete(Path(report.directory)), trained=trained, tokens=tokens,
+                        is_valid=directory_is_complete, trained=trained, tokens=tokens,
                         tokenizer=tokenizer, config=config, sampling=sampling,
-                        out_dir=str(workspace.store / "eval" / key))
+                        out_dir=str(workspace.store / "eval" / key), artifacts=workspace.artifacts)
     report = outcome.result
     run.record_stage("evaluate", outcome.status)
     run.log_metrics(report.metrics(), step=trained.steps, model_of_run=trained.trained_in_mlflow_run)
@@ -216,7 +218,7 @@ def score_loss(
         inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash, "tokens": tokens.fingerprint},
     )
     outcome = run_stage(
-        evaluate_loss_task, key=key, workspace=workspace, is_valid=lambda _: True,
+        evaluate_loss_task, key=key, workspace=workspace, is_valid=nothing_stored,
         source=source, tokens=tokens, split=split, eval_tokens=config.eval_tokens,
     )
     report = outcome.result
@@ -247,7 +249,7 @@ def sample_model(
         inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash},
     )
     outcome = run_stage(
-        generate_samples_task, key=key, workspace=workspace, is_valid=lambda _: True,
+        generate_samples_task, key=key, workspace=workspace, is_valid=nothing_stored,
         source=source, prompts=prompts, sampling=sampling,
     )
     run.record_stage("samples", outcome.status)

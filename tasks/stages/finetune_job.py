@@ -10,19 +10,18 @@ fine-tuning code.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptflow.data.finetune_data import read_split
-from gptflow.data.store import atomic_directory
 from gptflow.model.config import TrainConfig
 from gptflow.model.distributed import Ranks
 from gptflow.model.finetune import FinetuneObjective, FinetuneResult, run_finetuning
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.runtime.torchrun import launch_ranks, run_rank
+from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.stages.training_job import REPORT_DIR
 from gptflow.tasks.tracking.run import PipelineRun
 from gptflow.tasks.tracking.training_reporter import TrainingReporter, system_metrics
@@ -59,18 +58,19 @@ class FinetuneJob:
             read_split(prepared, "train"), read_split(prepared, "val"), self.pad_id, self.max_length,
         )
         is_main = Ranks.from_environment().is_main
+        artifacts = Workspace(Path(self.workspace)).artifacts
         run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id) if is_main else None
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress, stage="finetune") if is_main else None
         with system_metrics(run.run_id, self.tracking_uri, None) if run else contextlib.nullcontext():
-            result = run_finetuning(objective, train_config, Path(self.run_dir), reporter, resume=not self.restart)
+            result = run_finetuning(objective, train_config, Path(self.run_dir), reporter, resume=not self.restart,
+                                    artifacts=artifacts)
         if reporter is None:
             return None
         if result.resumed_from_step is not None:
             run.set_tags({"gptflow.resumed_from_step": result.resumed_from_step})
         reporter.metrics.flush()
-        report_dir = Path(self.run_dir) / REPORT_DIR
-        shutil.rmtree(report_dir, ignore_errors=True)  # a retraining's curve replaces the earlier one
-        with atomic_directory(report_dir) as directory:
+        # A retraining's curve replaces the earlier one.
+        with artifacts.replace(Path(self.run_dir) / REPORT_DIR) as directory:
             unit = {"sft": "response token", "classification": "example", "tagging": "tagged token"}[self.objective]
             reporter.write_report(directory, f"cross-entropy (nats/{unit})")
         return result

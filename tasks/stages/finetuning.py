@@ -10,11 +10,9 @@ and settings are a cache hit, and changing only the learning rate reprepares not
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import shutil
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,12 @@ from mlflow import MlflowClient
 from prefect import task
 
 from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
+from gptflow.data.commits import read_contents_hash, write_report
 from gptflow.data.finetune_data import PREPARED_FILE, PreparedData, PreparedSplit, prepare_examples, read_split
 from gptflow.data.finetune_demo import write_demo
+from gptflow.data.hashing import hash_file, hash_json
 from gptflow.data.sources import builtin_corpus_root
-from gptflow.data.store import atomic_directory, hash_file, hash_json, is_complete, read_contents_hash, write_report
+from gptflow.data.store import ArtifactStore
 from gptflow.data.tokenizer import PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
 from gptflow.model.checkpoint import load_model
 from gptflow.model.classifier import load_classifier
@@ -36,7 +36,7 @@ from gptflow.model.finetune import FinetuneOutcome, generate_response, score_exa
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
 from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
-from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.caching import directory_is_complete, run_stage, stage_key
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, FinetuneSettings, build_config
 from gptflow.tasks.stages.classification import classify_and_report, most_common_label
@@ -79,8 +79,8 @@ def default_base_model(workspace: Workspace) -> str:
 
 
 @task(name="write-demo-data")
-def write_demo_task(objective: str, out_dir: str) -> str:
-    with atomic_directory(Path(out_dir)) as tmp:
+def write_demo_task(objective: str, out_dir: str, artifacts: ArtifactStore) -> str:
+    with artifacts.commit(Path(out_dir)) as tmp:
         count = write_demo(objective, tmp / f"{objective}.jsonl")
     run_logger().info(f"demo-data: {count:,} {objective} records extracted from the standard library's source")
     return str(Path(out_dir) / f"{objective}.jsonl")
@@ -91,8 +91,10 @@ def demo_data(objective: str, workspace: Workspace, run: PipelineRun) -> Path:
     key = stage_key("finetune-demo", config={"objective": objective, "python": sys.version,
                                              "stdlib": str(builtin_corpus_root())},
                     modules=(__name__,), inputs={})
-    outcome = run_stage(write_demo_task, key=key, workspace=workspace, is_valid=lambda path: is_complete(Path(path).parent),
-                        objective=objective, out_dir=str(workspace.store / "finetune-demo" / key))
+    outcome = run_stage(write_demo_task, key=key, workspace=workspace,
+                        is_valid=lambda path, artifacts: artifacts.is_complete(Path(path).parent),
+                        objective=objective, out_dir=str(workspace.store / "finetune-demo" / key),
+                        artifacts=workspace.artifacts)
     run.record_stage("demo-data", outcome.status)
     return Path(outcome.result)
 
@@ -102,9 +104,9 @@ def demo_data(objective: str, workspace: Workspace, run: PipelineRun) -> Path:
 
 @task(name="prepare-finetune-data")
 def prepare_task(objective: str, train_file: str, val_file: str | None, tokenizer_file: str,
-                 template: ChatTemplate, settings: dict[str, Any], out_dir: str) -> PreparedData:
+                 template: ChatTemplate, settings: dict[str, Any], out_dir: str, artifacts: ArtifactStore) -> PreparedData:
     return prepare_examples(objective, Path(train_file), Path(val_file) if val_file else None,
-                            Path(tokenizer_file), Path(out_dir), template=template, **settings)
+                            Path(tokenizer_file), Path(out_dir), template=template, artifacts=artifacts, **settings)
 
 
 def prepare_data(
@@ -122,10 +124,10 @@ def prepare_data(
                 "tokenizer": base.tokenizer_hash},
     )
     outcome = run_stage(
-        prepare_task, key=key, workspace=workspace, is_valid=lambda prepared: is_complete(Path(prepared.directory)),
+        prepare_task, key=key, workspace=workspace, is_valid=directory_is_complete,
         objective=objective, train_file=str(train_file), val_file=str(val_file) if val_file else None,
         tokenizer_file=str(base.tokenizer_file), template=template, settings=settings,
-        out_dir=str(workspace.store / "finetune-data" / key),
+        out_dir=str(workspace.store / "finetune-data" / key), artifacts=workspace.artifacts,
     )
     prepared = outcome.result
     run.record_stage("prepare", outcome.status)
@@ -196,7 +198,7 @@ def train_task(
         restart=restart,
     )
     result = job.run(prefect_progress=True) if train.nproc == 1 else job.run_with_torchrun(train.nproc)
-    with _replaced_directory(run_dir_path / TOKENIZER_DIR) as tokenizer_dir:
+    with Workspace(Path(workspace_root)).artifacts.replace(run_dir_path / TOKENIZER_DIR) as tokenizer_dir:
         shutil.copyfile(base.tokenizer_file, tokenizer_dir / TOKENIZER_FILE)
         if objective == "sft":
             template.save(tokenizer_dir)
@@ -233,7 +235,7 @@ def finetune_model(
     )
     outcome = run_stage(
         train_task, key=key, workspace=workspace,
-        is_valid=lambda tuned: all(is_complete(Path(path)) for path in
+        is_valid=lambda tuned, artifacts: all(artifacts.is_complete(Path(path)) for path in
                                    (tuned.model_dir, tuned.tokenizer_dir, tuned.report_dir, tuned.classifier_dir)
                                    if path is not None),
         objective=objective, base=base, template=template, prepared=prepared, config=settings.finetune,
@@ -291,15 +293,6 @@ def _log_model(run: PipelineRun, objective: str, model_dir: Path, classifier_dir
                                 weights_hash)
 
 
-@contextlib.contextmanager
-def _replaced_directory(path: Path) -> Iterator[Path]:
-    """``atomic_directory`` that replaces an existing directory: a retrained model's files must
-    not be kept from an earlier, possibly different, training under the same key."""
-    shutil.rmtree(path, ignore_errors=True)
-    with atomic_directory(path) as tmp:
-        yield tmp
-
-
 # --- evaluate -------------------------------------------------------------------------------
 
 
@@ -318,12 +311,12 @@ class FinetuneReport:
 
 @task(name="evaluate-finetuned")
 def evaluate_task(tuned: FinetunedModel, prepared: PreparedData, samples: int, sampling: SamplingConfig,
-                  out_dir: str) -> FinetuneReport:
+                  out_dir: str, artifacts: ArtifactStore) -> FinetuneReport:
     device = resolve_device("auto")
     tokenizer = load_tokenizer(Path(tuned.tokenizer_dir) / TOKENIZER_FILE)
     pad_id = tokenizer.token_to_id(PAD_TOKEN)
     val = read_split(Path(prepared.directory), "val")
-    with _replaced_directory(Path(out_dir)) as directory:
+    with artifacts.replace(Path(out_dir)) as directory:
         if tuned.objective == "classification":
             classifier, _ = load_classifier(Path(tuned.model_dir), Path(tuned.classifier_dir), device)
             # The baseline guesses what a model that learned only the train split's label counts would.
@@ -363,9 +356,9 @@ def evaluate_finetuned(
         inputs={"model": tuned.weights_hash, "data": prepared.fingerprint},
     )
     outcome = run_stage(
-        evaluate_task, key=key, workspace=workspace, is_valid=lambda report: is_complete(Path(report.directory)),
+        evaluate_task, key=key, workspace=workspace, is_valid=directory_is_complete,
         tuned=tuned, prepared=prepared, samples=settings.finetune.samples, sampling=settings.sampling,
-        out_dir=str(workspace.store / "finetune-eval" / key),
+        out_dir=str(workspace.store / "finetune-eval" / key), artifacts=workspace.artifacts,
     )
     report = outcome.result
     run.record_stage("evaluate", outcome.status)

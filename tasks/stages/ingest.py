@@ -14,6 +14,7 @@ from gptflow.data.near_dedup import datasketch_version
 from gptflow.data.redact import REDACTION_KINDS
 from gptflow.data.shards import SPLITS
 from gptflow.data.sources import SourceResolution
+from gptflow.data.store import ArtifactStore
 from gptflow.tasks.runtime.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
@@ -22,15 +23,15 @@ from gptflow.tasks.tracking.run import PipelineRun
 
 
 @task(name="ingest-corpus")
-def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_dir: str,
+def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_dir: str, artifacts: ArtifactStore,
                        units: UnitRunner) -> CorpusManifest:
     # Which splits must be non-empty depends on the flow, not on the documents: checked outside the
     # cached task, so a manifest cached for one flow is still checked for the next.
-    map_units = units.for_stage("ingest", store_dir, label=lambda call: call["source"].name)
+    map_units = units.for_stage("ingest", artifacts, label=lambda call: call["source"].name)
     # Its calls name a unit by its directory, raw/<key>, not by source file.
-    map_signature_units = units.for_stage("near-dedup", store_dir, label=lambda call: Path(call["directory"]).name[:12])
+    map_signature_units = units.for_stage("near-dedup", artifacts, label=lambda call: Path(call["directory"]).name[:12])
     return ingest_corpus(sources, config, Path(store_dir), progress=StageProgress("ingest", "B"), required_splits=(),
-                         map_units=map_units, map_signature_units=map_signature_units)
+                         map_units=map_units, map_signature_units=map_signature_units, artifacts=artifacts)
 
 
 def ingest(
@@ -52,7 +53,8 @@ def ingest(
         inputs["datasketch"] = datasketch_version()
     key = stage_key("ingest", config=config, modules=(__name__,), inputs=inputs)
     outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
-                        sources=sources, config=config, store_dir=str(workspace.store), units=units)
+                        sources=sources, config=config, store_dir=str(workspace.store), artifacts=workspace.artifacts,
+                        units=units)
     manifest = outcome.result
     record_unit_reuse(run, "ingest", "ingested", outcome)
     # Counts, not measurements over time: params, so the run's charts start with its loss curves.

@@ -23,12 +23,13 @@ import torch
 from prefect import task
 
 from gptflow.data.errors import UserError
-from gptflow.data.store import atomic_directory, hash_file, hash_json, is_complete
+from gptflow.data.hashing import hash_file, hash_json
+from gptflow.data.store import ArtifactStore
 from gptflow.model.device import resolve_device
 from gptflow.model.evaluate import score_continuations
 from gptflow.model.gpt import GPT
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.caching import directory_is_complete, run_stage, stage_key
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.stages.evaluation import LOSS_BATCH_SEQUENCES
 from gptflow.tasks.tracking.progress import run_logger
@@ -126,7 +127,8 @@ def make_lm(model: GPT, tokenizer: Any, eot_id: int, device: torch.device) -> An
 
 
 @task(name="lm-eval")
-def harness_task(source: ResolvedModel, settings: HarnessSettings, out_dir: str) -> HarnessReport:
+def harness_task(source: ResolvedModel, settings: HarnessSettings, out_dir: str,
+                 artifacts: ArtifactStore) -> HarnessReport:
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -150,7 +152,7 @@ def harness_task(source: ResolvedModel, settings: HarnessSettings, out_dir: str)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and metric != "alias":
                 suffix = "" if filter_name in ("", "none") else f"_{filter_name}"
                 metrics[METRIC_NAME.sub("_", f"lm_eval/{task_name}/{metric}{suffix}")] = float(value)
-    with atomic_directory(Path(out_dir)) as directory:
+    with artifacts.commit(Path(out_dir)) as directory:
         (directory / RESULTS_FILE).write_text(json.dumps(results, indent=1, default=str))
     return HarnessReport(directory=out_dir, metrics=metrics)
 
@@ -173,8 +175,9 @@ def run_harness(source: ResolvedModel, settings: HarnessSettings, workspace: Wor
                     config={"tasks": settings.tasks, "limit": settings.limit, "num_fewshot": settings.num_fewshot,
                             "harness": harness_version},
                     modules=(__name__,), inputs={"model": source.weights_hash, "tasks_dir": hash_json(tasks_files)})
-    outcome = run_stage(harness_task, key=key, workspace=workspace, is_valid=lambda report: is_complete(Path(report.directory)),
-                        source=source, settings=settings, out_dir=str(workspace.store / "lm-eval" / key))
+    outcome = run_stage(harness_task, key=key, workspace=workspace, is_valid=directory_is_complete,
+                        source=source, settings=settings, out_dir=str(workspace.store / "lm-eval" / key),
+                        artifacts=workspace.artifacts)
     report = outcome.result
     run.record_stage("lm_eval", outcome.status)
     run.log_metrics(report.metrics, step=step)

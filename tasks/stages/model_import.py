@@ -18,7 +18,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gptflow.data.store import atomic_directory, code_version, copy_file_atomic, hash_file, hash_json, is_complete
+from gptflow.data.code_version import code_version
+from gptflow.data.commits import copy_file_atomic
+from gptflow.data.hashing import hash_file, hash_json
+from gptflow.data.store import ArtifactStore
 from gptflow.data.tokenizer import EOT_TOKEN, TOKENIZER_FILE, add_special_tokens
 from gptflow.model.checkpoint import FINAL_DIR, read_model_config, save_final
 from gptflow.model.config import pad_vocab_size
@@ -85,9 +88,11 @@ def import_checkpoint(source: str, workspace: Workspace, revision: str | None = 
     key = hash_json({"files": {path.name: hash_file(path) for path in files}, "block_size": block_size,
                      "code": code_version(__name__)})
     run_dir = workspace.store / IMPORTS_DIR / key
-    reused = all(is_complete(run_dir / name) for name in (FINAL_DIR, TOKENIZER_DIR)) and (run_dir / TOKENIZER_FILE).is_file()
+    artifacts = workspace.artifacts
+    reused = all(artifacts.are_complete([run_dir / FINAL_DIR, run_dir / TOKENIZER_DIR])) and artifacts.pull(
+        run_dir / TOKENIZER_FILE)
     if not reused:
-        _write_model(directory, tokenizer_path, run_dir, block_size)
+        _write_model(directory, tokenizer_path, run_dir, block_size, artifacts)
     added = json.loads((run_dir / TOKENIZER_DIR / ADDED_TOKENS_FILE).read_text())
     final_dir, tokenizer_file = run_dir / FINAL_DIR, run_dir / TOKENIZER_FILE
     config = read_model_config(final_dir)
@@ -101,8 +106,9 @@ def import_checkpoint(source: str, workspace: Workspace, revision: str | None = 
                          reused)
 
 
-def _write_model(directory: Path, tokenizer_path: Path, run_dir: Path, block_size: int | None) -> None:
-    """Write ``final/`` and ``tokenizer/`` (with the list of tokens added) under ``run_dir``."""
+def _write_model(directory: Path, tokenizer_path: Path, run_dir: Path, block_size: int | None,
+                 artifacts: ArtifactStore) -> None:
+    """Commit ``final/`` and ``tokenizer/`` (with the list of tokens added) under ``run_dir``."""
     from tokenizers import Tokenizer
 
     config, weights = read_transformers_checkpoint(directory, block_size)
@@ -119,12 +125,13 @@ def _write_model(directory: Path, tokenizer_path: Path, run_dir: Path, block_siz
     config, weights = grow_vocabulary(config, weights, pad_vocab_size(tokenizer.get_vocab_size()), copied)
     model = GPT(config)
     model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
-    save_final(run_dir, model)
-    with atomic_directory(run_dir / TOKENIZER_DIR) as tmp:
+    save_final(run_dir, model, artifacts)
+    with artifacts.commit(run_dir / TOKENIZER_DIR) as tmp:
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         (tmp / ADDED_TOKENS_FILE).write_text(json.dumps(added))
     # Beside final/, where a model source looks for it, as beside a pretrained run's.
     copy_file_atomic(run_dir / TOKENIZER_DIR / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+    artifacts.share(run_dir / TOKENIZER_FILE)
 
 
 def _end_token_id(directory: Path, tokenizer) -> int | None:

@@ -16,11 +16,11 @@ from pathlib import Path
 from prefect import task
 
 from gptflow.data.multiple_choice import MultipleChoiceError, encode_example, read_multiple_choice
-from gptflow.data.store import atomic_directory, is_complete
+from gptflow.data.store import ArtifactStore
 from gptflow.model.device import resolve_device
 from gptflow.model.evaluate import predicted_choice, score_continuations
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.caching import directory_is_complete, run_stage, stage_key
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.stages.evaluation import LOSS_BATCH_SEQUENCES
 from gptflow.tasks.tracking.progress import StageProgress, run_logger
@@ -57,7 +57,8 @@ class MultipleChoiceReport:
 
 
 @task(name="score-multiple-choice")
-def score_multiple_choice_task(source: ResolvedModel, path: str, file_hash: str, out_dir: str) -> MultipleChoiceReport:
+def score_multiple_choice_task(source: ResolvedModel, path: str, file_hash: str, out_dir: str,
+                               artifacts: ArtifactStore) -> MultipleChoiceReport:
     examples = read_multiple_choice(Path(path))
     text_tokenizer = source.load_tokenizer()
     encoded = [encode_example(text_tokenizer, example, source.tokenizer.eot_id) for example in examples]
@@ -89,7 +90,7 @@ def score_multiple_choice_task(source: ResolvedModel, path: str, file_hash: str,
             "truncated": any(scores.truncated[first:last]),
         })
         first = last
-    with atomic_directory(Path(out_dir)) as directory:
+    with artifacts.commit(Path(out_dir)) as directory:
         (directory / PREDICTIONS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     def accuracy(prediction: str) -> float:
@@ -117,8 +118,9 @@ def score_multiple_choice(
         inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash, "file": file_hash},
     )
     outcome = run_stage(score_multiple_choice_task, key=key, workspace=workspace,
-                        is_valid=lambda report: is_complete(Path(report.directory)), source=source, path=str(path),
-                        file_hash=file_hash, out_dir=str(workspace.store / "eval" / key))
+                        is_valid=directory_is_complete, source=source, path=str(path),
+                        file_hash=file_hash, out_dir=str(workspace.store / "eval" / key),
+                        artifacts=workspace.artifacts)
     report = outcome.result
     run.record_stage("multiple_choice", outcome.status)
     run.log_metrics(report.metrics())

@@ -14,14 +14,16 @@ from typing import Any
 import numpy as np
 from prefect import task
 
+from gptflow.data.commits import write_report
 from gptflow.data.finetune_data import EVAL_SPLIT, PreparedSplit, prepare_labelled, read_split
-from gptflow.data.store import atomic_directory, hash_file, is_complete, write_report
+from gptflow.data.hashing import hash_file
+from gptflow.data.store import ArtifactStore
 from gptflow.data.tagging import NOT_SCORED, OUTSIDE, char_span, span_scores, spans_of_tags, token_types
 from gptflow.model.classifier import GPTTagger, load_classifier
 from gptflow.model.device import resolve_device
 from gptflow.model.finetune import score_examples
 from gptflow.tasks.model_source import ResolvedModel
-from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.caching import directory_is_complete, run_stage, stage_key
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.stages.classification import CONFUSION_PLOT, PREDICTIONS_FILE, plot_confusion_matrix
 from gptflow.tasks.tracking.progress import run_logger
@@ -101,9 +103,10 @@ def _in_characters(text: str, offsets: np.ndarray, span: tuple[int, int, str]) -
 
 
 @task(name="score-tagger")
-def score_tagger_task(source: ResolvedModel, path: str, text_field: str, out_dir: str) -> TaggingReport:
+def score_tagger_task(source: ResolvedModel, path: str, text_field: str, out_dir: str,
+                      artifacts: ArtifactStore) -> TaggingReport:
     tagger, max_length = load_classifier(source.model_dir, source.classifier_dir, resolve_device("auto"))
-    with atomic_directory(Path(out_dir)) as directory:
+    with artifacts.commit(Path(out_dir)) as directory:
         prepared = prepare_labelled(Path(path), source.tokenizer_file, directory / "data", objective="tagging",
                                     labels=tagger.labels, max_length=max_length, text_field=text_field,
                                     field_settings=FIELD_SETTINGS, span_label_from=tagger.span_label_from)
@@ -130,8 +133,9 @@ def score_tagger(source: ResolvedModel, path: Path, text_field: str, workspace: 
         inputs={"model": source.weights_hash, "tokenizer": source.tokenizer_hash, "file": hash_file(path)},
     )
     outcome = run_stage(
-        score_tagger_task, key=key, workspace=workspace, is_valid=lambda report: is_complete(Path(report.directory)),
+        score_tagger_task, key=key, workspace=workspace, is_valid=directory_is_complete,
         source=source, path=str(path), text_field=text_field, out_dir=str(workspace.store / "eval" / key),
+        artifacts=workspace.artifacts,
     )
     report = outcome.result
     run.record_stage("tagging", outcome.status)

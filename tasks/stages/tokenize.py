@@ -8,6 +8,7 @@ from prefect import task
 
 from gptflow.data.config import TokenizeConfig
 from gptflow.data.ingest import CorpusManifest
+from gptflow.data.store import ArtifactStore
 from gptflow.data.tokenize import TokenManifest, tokenize_corpus
 from gptflow.data.tokenizer import TokenizerArtifact
 from gptflow.tasks.runtime.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
@@ -20,11 +21,12 @@ from gptflow.tasks.tracking.run import PipelineRun
 
 @task(name="tokenize-corpus")
 def tokenize_corpus_task(
-    corpus: CorpusManifest, tokenizer: TokenizerArtifact, config: TokenizeConfig, store_dir: str, units: UnitRunner
+    corpus: CorpusManifest, tokenizer: TokenizerArtifact, config: TokenizeConfig, store_dir: str,
+    artifacts: ArtifactStore, units: UnitRunner,
 ) -> TokenManifest:
-    map_units = units.for_stage("tokenize", store_dir, label=unit_label)
+    map_units = units.for_stage("tokenize", artifacts, label=unit_label)
     return tokenize_corpus(corpus, tokenizer, config, Path(store_dir), progress=StageProgress("tokenize", "B"),
-                           map_units=map_units)
+                           map_units=map_units, artifacts=artifacts)
 
 
 def unit_label(call: dict) -> str:
@@ -47,7 +49,7 @@ def tokenize(
     )
     outcome = run_stage(tokenize_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
                         corpus=corpus, tokenizer=tokenizer, config=config, store_dir=str(workspace.store),
-                        units=units)
+                        artifacts=workspace.artifacts, units=units)
     tokens = outcome.result
     record_unit_reuse(run, "tokenize", "tokenized", outcome)
     run.log_params({"dataset.train_tokens": tokens.total_tokens("train"), "dataset.val_tokens": tokens.total_tokens("val")})

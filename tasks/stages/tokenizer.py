@@ -12,7 +12,7 @@ from prefect import task
 
 from gptflow.data.config import TokenizerConfig
 from gptflow.data.ingest import CorpusManifest
-from gptflow.data.store import is_complete
+from gptflow.data.store import ArtifactStore
 from gptflow.data.tokenizer import TokenizerArtifact, train_tokenizer
 from gptflow.tasks.lineage import Lineage
 from gptflow.tasks.runtime.caching import run_stage, stage_key
@@ -23,10 +23,11 @@ from gptflow.tasks.tracking.run import PipelineRun
 
 
 @task(name="train-tokenizer")
-def train_tokenizer_task(corpus: CorpusManifest, config: TokenizerConfig, store_dir: str,
+def train_tokenizer_task(corpus: CorpusManifest, config: TokenizerConfig, store_dir: str, artifacts: ArtifactStore,
                          units: UnitRunner) -> TokenizerArtifact:
-    map_units = units.for_stage("tokenizer", store_dir, label=lambda call: Path(call["unit"].source).name)
-    return train_tokenizer(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"), map_units=map_units)
+    map_units = units.for_stage("tokenizer", artifacts, label=lambda call: Path(call["unit"].source).name)
+    return train_tokenizer(corpus, config, Path(store_dir), progress=StageProgress("tokenizer", "B"),
+                           map_units=map_units, artifacts=artifacts)
 
 
 def prepare_tokenizer(
@@ -41,7 +42,7 @@ def prepare_tokenizer(
     # Same settings and code as the kept tokenizer: keep it, whatever the corpus became since.
     settings_key = stage_key("tokenizer", config=config, modules=(__name__,), inputs={})
     kept = None if retrain else lineage.tokenizers.get(settings_key)
-    if kept and not is_complete(Path(kept["artifact"]["path"]).parent):
+    if kept and not workspace.artifacts.is_complete(Path(kept["artifact"]["path"]).parent):
         run_logger().warning("tokenizer: the lineage's tokenizer was deleted or altered on disk; training a new one")
         kept = None
     key = kept["stage_key"] if kept else stage_key("tokenizer", config=config, modules=(__name__,),
@@ -50,10 +51,11 @@ def prepare_tokenizer(
         train_tokenizer_task,
         key=key,
         workspace=workspace,
-        is_valid=lambda artifact: is_complete(Path(artifact.path).parent),
+        is_valid=lambda artifact, artifacts: artifacts.is_complete(Path(artifact.path).parent),
         corpus=corpus,
         config=config,
         store_dir=str(workspace.store),
+        artifacts=workspace.artifacts,
         units=units,
     )
     tokenizer = outcome.result

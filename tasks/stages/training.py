@@ -11,15 +11,11 @@ from typing import Any
 
 from prefect import task
 
+from gptflow.data.code_version import code_version
+from gptflow.data.commits import read_contents_hash
+from gptflow.data.hashing import hash_json
 from gptflow.data.mixture import MixturePart
-from gptflow.data.store import (
-    code_version,
-    hash_json,
-    is_complete,
-    pull_shared_file,
-    read_contents_hash,
-    verify_files,
-)
+from gptflow.data.store import ArtifactStore
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact
 from gptflow.model.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
@@ -51,7 +47,7 @@ def pretrain_model_task(job: TrainingJob) -> TrainedModel:
     # Training reads every shard many times over, so re-hashing them first costs little, and it
     # catches bytes altered behind an unchanged size and mtime, which the cache check (is_complete)
     # lets through. Here, once, rather than in each torchrun rank.
-    verify_files(job.token_paths())
+    Workspace(Path(job.workspace)).artifacts.verify_files(job.token_paths())
     nproc = job.train_config["nproc"]
     return job.run(prefect_progress=True) if nproc == 1 else job.run_with_torchrun(nproc)
 
@@ -82,7 +78,8 @@ def compatibility_key(model_config: dict[str, Any], tokenizer_hash: str) -> str:
 
 
 def plan_training(
-    lineage: Lineage, model_config: dict[str, Any], tokenizer_hash: str, tokens: TokenManifest, from_scratch: bool
+    lineage: Lineage, model_config: dict[str, Any], tokenizer_hash: str, tokens: TokenManifest, from_scratch: bool,
+    artifacts: ArtifactStore,
 ) -> TrainingPlan:
     if from_scratch or not lineage.models:
         return TrainingPlan()
@@ -101,7 +98,7 @@ def plan_training(
         return TrainingPlan(note=f"pretrain: the previous model of this corpus cannot be continued on the new "
                                  f"data ({changed}); training from scratch")
     previous = compatible[-1]
-    checkpoint = latest_checkpoint(Path(previous.trained["run_dir"]))
+    checkpoint = latest_checkpoint(Path(previous.trained["run_dir"]), artifacts)
     if checkpoint is None or not Path(previous.tokens_manifest).exists():
         return TrainingPlan(note=f"pretrain: the checkpoints or data manifest of run "
                                  f"{previous.trained['trained_in_mlflow_run']} are gone from the store, so it cannot "
@@ -145,7 +142,8 @@ def train_model(
     as any other is."""
     if init_from is None:
         model_config = dataclasses.replace(model_config, vocab_size=pad_vocab_size(tokenizer.vocab_size))
-    plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch)
+    plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch,
+                         workspace.artifacts)
     if mixture and (plan.continue_from or plan.keep):
         plan = TrainingPlan(note="pretrain: --corpus weights train a new model from scratch (continuing the earlier "
                                  "model on the data added since would draw by old and new files, not by source)")
@@ -154,7 +152,8 @@ def train_model(
     run.log_params({"model.padded_vocab_size": model_config.vocab_size})
 
     if plan.keep is not None:
-        trained = _registered_in_tracking_store(TrainedModel(**plan.keep.trained), registered_model_name, run)
+        trained = _registered_in_tracking_store(TrainedModel(**plan.keep.trained), registered_model_name, run,
+                                                workspace.artifacts)
         run.record_stage("pretrain", "cached")
         run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run,
                       REGISTERED_MODEL_TAG: trained.registered_model})
@@ -183,9 +182,9 @@ def train_model(
     modules = (__name__, GENERATOR_MODULE)
     key = stage_key("pretrain", config=settings, modules=modules, inputs=inputs)
     run_dir = workspace.store / "runs" / key
-    if restart or not is_complete(run_dir / FINAL_DIR):  # this key is about to train
+    if restart or not workspace.artifacts.is_complete(run_dir / FINAL_DIR):  # this key is about to train
         attempt = TrainingAttempt(key, str(run_dir), {**settings, **inputs, "code": code_version(*modules)}, run.run_id)
-        if note := _unresumed_attempt_note(lineage, attempt):
+        if note := _unresumed_attempt_note(lineage, attempt, workspace.artifacts):
             run_logger().warning(note)
         lineage.record_attempt(workspace, attempt)
     if restart:
@@ -218,13 +217,13 @@ def train_model(
         pretrain_model_task,
         key=key,
         workspace=workspace,
-        is_valid=lambda trained: is_complete(Path(trained.final_dir)) and is_complete(Path(trained.report_dir)),
+        is_valid=lambda trained, artifacts: all(artifacts.are_complete([Path(trained.final_dir), Path(trained.report_dir)])),
         recompute=restart,
         job=job,
     )
     trained = outcome.result
     if outcome.status == "cached":
-        trained = _registered_in_tracking_store(trained, registered_model_name, run)
+        trained = _registered_in_tracking_store(trained, registered_model_name, run, workspace.artifacts)
     run.record_stage("pretrain", outcome.status)
     tags = {
         "gptflow.training": "continued" if continuation else "initialized" if init_from else "from_scratch",
@@ -252,19 +251,20 @@ def train_model(
     return trained
 
 
-def _run_tokenizer(trained: TrainedModel) -> Path:
+def _run_tokenizer(trained: TrainedModel, artifacts: ArtifactStore) -> Path:
     """The tokenizer file kept beside a run's checkpoints (fetched when its workspace is on an object store)."""
     path = Path(trained.run_dir) / TOKENIZER_FILE
-    pull_shared_file(path)
+    artifacts.pull(path)
     return path
 
 
-def _registered_in_tracking_store(trained: TrainedModel, name: str, run: PipelineRun) -> TrainedModel:
+def _registered_in_tracking_store(trained: TrainedModel, name: str, run: PipelineRun,
+                                  artifacts: ArtifactStore) -> TrainedModel:
     """``trained`` with the run and registered version the tracking store holds it under (see
     ``tasks.tracking.registry.version_holding``: a lost model is logged and registered again by ``run``)."""
     registered, trained_in = version_holding(
         run, name, trained.weights_hash, trained.registered_model, trained.trained_in_mlflow_run,
-        log_again=lambda: run.log_text_generator(Path(trained.final_dir), _run_tokenizer(trained), name),
+        log_again=lambda: run.log_text_generator(Path(trained.final_dir), _run_tokenizer(trained, artifacts), name),
     )
     return dataclasses.replace(trained, registered_model=registered, trained_in_mlflow_run=trained_in)
 
@@ -309,13 +309,13 @@ def _describe_difference(previous: ModelRecord, model_config: dict[str, Any], to
     return ", ".join(changes)
 
 
-def _unresumed_attempt_note(lineage: Lineage, attempt: TrainingAttempt) -> str | None:
+def _unresumed_attempt_note(lineage: Lineage, attempt: TrainingAttempt, artifacts: ArtifactStore) -> str | None:
     """The latest training of this corpus under another key that stopped before its end: its
     checkpoints stay where they are, and the log says why this run does not resume from them."""
     for earlier in reversed(lineage.attempts):
         run_dir = Path(earlier.run_dir)
-        checkpoint = latest_checkpoint(run_dir)
-        if earlier.stage_key != attempt.stage_key and checkpoint and not is_complete(run_dir / FINAL_DIR):
+        checkpoint = latest_checkpoint(run_dir, artifacts)
+        if earlier.stage_key != attempt.stage_key and checkpoint and not artifacts.is_complete(run_dir / FINAL_DIR):
             changes = [
                 *_field_changes("model", earlier.settings["model"], attempt.settings["model"]),
                 *_field_changes("train", earlier.settings["train"], attempt.settings["train"]),

@@ -23,16 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptflow.data.commits import copy_file_atomic, read_contents_hash
 from gptflow.data.mixture import MixturePart
-from gptflow.data.store import (
-    are_complete,
-    atomic_directory,
-    copy_file_atomic,
-    read_contents_hash,
-    share_file,
-    store_paths,
-    store_references,
-)
+from gptflow.data.store import store_paths, store_references
 from gptflow.data.tokenizer import TOKENIZER_FILE
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
@@ -110,6 +103,7 @@ class TrainingJob:
         mixture = [MixturePart(part["source"], part["probability"], [Path(path) for path in part["train_paths"]])
                    for part in self.mixture]
         is_main = Ranks.from_environment().is_main
+        artifacts = Workspace(Path(self.workspace)).artifacts
         run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id) if is_main else None
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress) if is_main else None
         with self._system_metrics(run):
@@ -117,7 +111,7 @@ class TrainingJob:
                 ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
                 [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=not self.restart,
                 continuation=continuation, mixture=mixture,
-                initial_weights=Path(self.initial_weights) if self.initial_weights else None,
+                initial_weights=Path(self.initial_weights) if self.initial_weights else None, artifacts=artifacts,
             )
         if reporter is None:
             return None
@@ -126,11 +120,11 @@ class TrainingJob:
         if result.peak_memory_bytes is not None:
             reporter.metrics.add(result.steps, {"train/peak_memory_gib": result.peak_memory_bytes / 2**30})
         reporter.metrics.flush()
-        with atomic_directory(Path(self.run_dir) / REPORT_DIR) as report_dir:
+        with artifacts.commit(Path(self.run_dir) / REPORT_DIR) as report_dir:
             reporter.write_report(report_dir)
         # Beside checkpoints/ and final/, so a checkpoint directory alone names its tokenizer.
         copy_file_atomic(Path(self.tokenizer_file), Path(self.run_dir) / TOKENIZER_FILE)
-        share_file(Path(self.run_dir) / TOKENIZER_FILE)
+        artifacts.share(Path(self.run_dir) / TOKENIZER_FILE)
         registered_model = run.log_text_generator(result.final_dir, Path(self.tokenizer_file), self.registered_model_name)
         return TrainedModel(
             run_dir=self.run_dir,
@@ -176,7 +170,7 @@ class TrainingJob:
         job = cls(**store_paths(json.loads(published), workspace.store))
         checkpoint = [job.continuation["checkpoint"]] if job.continuation else []
         directories = sorted({*(str(Path(path).parent) for path in job.token_paths()), *checkpoint})
-        missing = [directory for directory, whole in zip(directories, are_complete(map(Path, directories)))
+        missing = [directory for directory, whole in zip(directories, workspace.artifacts.are_complete(map(Path, directories)))
                    if not whole]
         if missing:
             raise RendezvousError(f"this node's workspace {workspace.url or workspace.root} lacks {missing[0]} (and "

@@ -12,7 +12,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from gptflow.data.store import reporting_out_of_space
+from gptflow.data.disk_space import reporting_out_of_space
 from gptflow.tasks.tracking.experiments import local_path
 from gptflow.tasks.tracking.registry import (
     REGISTERED_MODEL_TAG,

@@ -18,7 +18,8 @@ from mlflow.entities import LoggedModelOutput
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from gptflow.data.store import PACKAGE, module_file, reporting_out_of_space
+from gptflow.data.code_version import PACKAGE, module_file
+from gptflow.data.disk_space import reporting_out_of_space
 from gptflow.tasks.tracking.experiments import local_path
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.server import server_unreachable

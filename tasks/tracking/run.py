@@ -18,7 +18,7 @@ from typing import Any
 from mlflow import MlflowClient
 from prefect.runtime import flow_run
 
-from gptflow.data.store import read_contents_hash
+from gptflow.data.commits import read_contents_hash
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import ML_VIEW, experiment_id

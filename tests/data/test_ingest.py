@@ -9,13 +9,15 @@ import pyarrow as pa
 import pytest
 
 from gptflow.data import ingest as ingest_module
+from gptflow.data.commits import CONTENTS_FILE, is_complete
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
+from gptflow.data.hashing import hash_bytes
 from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus, segment_split
 from gptflow.data.readers import SKIP_BINARY, SKIP_TOO_SHORT
 from gptflow.data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
 from gptflow.data.sources import SKIP_UNSUPPORTED, resolve_sources
-from gptflow.data.store import CONTENTS_FILE, hash_bytes, is_complete, read_manifest
+from gptflow.data.store import LOCAL_STORE
 
 CONFIG = IngestConfig(val_fraction=0.3)
 RAW_COLUMNS = ["text", "doc_hash", "split", "continues"]
@@ -75,10 +77,10 @@ def test_each_file_becomes_a_committed_unit_of_hashed_split_documents(write_corp
 def test_manifest_is_written_under_its_fingerprint_and_round_trips(write_corpus, store_dir, make_documents):
     manifest = ingest(write_corpus({"a.jsonl": jsonl(make_documents(5))}), store_dir)
     assert Path(manifest.path) == store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json"
-    assert read_manifest(CorpusManifest, manifest.path) == manifest
+    assert LOCAL_STORE.read_manifest(CorpusManifest, manifest.path) == manifest
     moved = store_dir.parent / "moved"  # the workspace copied elsewhere: its manifest names its own units
     shutil.copytree(store_dir, moved)
-    assert [unit.directory for unit in read_manifest(CorpusManifest, moved / "manifests" / Path(manifest.path).name).units] \
+    assert [unit.directory for unit in LOCAL_STORE.read_manifest(CorpusManifest, moved / "manifests" / Path(manifest.path).name).units] \
         == [str(moved / "raw" / unit.key) for unit in manifest.units]
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from gptflow.data.config import IngestConfig
+from gptflow.data.hashing import hash_bytes
 from gptflow.data.ingest import CorpusManifest, ingest_corpus
 from gptflow.data.shards import iter_raw_batches
 from gptflow.data.sources import resolve_sources
-from gptflow.data.store import hash_bytes
 from gptflow.tasks.settings import ConfigError, PretrainSettings, build_config
 
 pytest.importorskip("datasketch", reason="near-dedup is an optional extra: pip install 'gptflow[near-dedup]'")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from gptflow.data.store import OutOfSpaceError, out_of_space_errno, out_of_space_error
+from gptflow.data.disk_space import OutOfSpaceError, out_of_space_errno, out_of_space_error
 
 
 def _run_limited(code: str, limit_bytes: int, file_size_limit) -> str:
@@ -25,7 +25,8 @@ def test_a_directory_that_runs_out_of_space_leaves_nothing_and_the_error_names_i
     final = tmp_path / "store" / "tokens" / "key"
     code = f"""
 from pathlib import Path
-from gptflow.data.store import OutOfSpaceError, atomic_directory
+from gptflow.data.commits import atomic_directory
+from gptflow.data.disk_space import OutOfSpaceError
 try:
     with atomic_directory(Path({str(final)!r})) as tmp:
         (tmp / "unit.json").write_text("{{}}")
@@ -46,7 +47,8 @@ def test_a_file_replaced_atomically_keeps_its_old_content_when_the_new_one_does_
     source.write_bytes(bytes(1 << 20))
     code = f"""
 from pathlib import Path
-from gptflow.data.store import OutOfSpaceError, copy_file_atomic, write_json_atomic
+from gptflow.data.commits import copy_file_atomic, write_json_atomic
+from gptflow.data.disk_space import OutOfSpaceError
 for write in (lambda: write_json_atomic(Path({str(manifest)!r}), {{"new": "x" * (1 << 20)}}),
               lambda: copy_file_atomic(Path({str(source)!r}), Path({str(tokenizer)!r}))):
     try:

@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from gptflow.data.config import IngestConfig, TokenizeConfig
+from gptflow.data.hashing import hash_bytes
 from gptflow.data.ingest import CorpusUnit, cut_into_segments, ingest_corpus
 from gptflow.data.shards import (
     SPLITS,
@@ -19,7 +20,7 @@ from gptflow.data.shards import (
     token_dtype,
 )
 from gptflow.data.sources import resolve_sources
-from gptflow.data.store import hash_bytes, read_manifest
+from gptflow.data.store import LOCAL_STORE
 from gptflow.data.tokenize import PIECE_CHARS, TokenManifest, cut_at_token_boundaries, tokenize_corpus
 from gptflow.data.tokenizer import load_tokenizer
 
@@ -95,7 +96,7 @@ def test_token_dtype_is_the_narrowest_that_holds_every_id():
 
 def test_manifest_totals_paths_and_round_trip(tiny_manifest, tiny_tokens):
     assert Path(tiny_tokens.path).name == f"tokens-{tiny_tokens.fingerprint}.json"
-    assert read_manifest(TokenManifest, tiny_tokens.path) == tiny_tokens
+    assert LOCAL_STORE.read_manifest(TokenManifest, tiny_tokens.path) == tiny_tokens
     for split in SPLITS:
         assert tiny_tokens.total_segments(split) == tiny_manifest.totals["segments"][split]
         assert tiny_tokens.total_bytes(split) == tiny_manifest.totals["bytes"][split]

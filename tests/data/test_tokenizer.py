@@ -8,10 +8,10 @@ import pytest
 from tokenizers import Tokenizer, models
 
 from gptflow.data.config import IngestConfig, TokenizerConfig
+from gptflow.data.hashing import hash_bytes
 from gptflow.data.ingest import ingest_corpus
 from gptflow.data.shards import iter_raw_batches
 from gptflow.data.sources import resolve_sources
-from gptflow.data.store import hash_bytes
 from gptflow.data.tokenizer import (
     EOT_TOKEN,
     META_FILE,

@@ -10,18 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gptflow.data.commits import CONTENTS_FILE, CorruptArtifactError, atomic_directory, is_complete, verify_contents
 from gptflow.data.config import TokenizeConfig
+from gptflow.data.hashing import hash_file
 from gptflow.data.loader import TokenWindows
 from gptflow.data.shards import iter_token_arrays
-from gptflow.data.store import (
-    CONTENTS_FILE,
-    CorruptArtifactError,
-    atomic_directory,
-    hash_file,
-    is_complete,
-    verify_contents,
-    verify_files,
-)
+from gptflow.data.store import LOCAL_STORE
 from gptflow.data.tokenize import TokenManifest, tokenize_corpus
 
 
@@ -65,7 +59,7 @@ def test_a_shard_altered_behind_an_unchanged_size_and_mtime_is_refused_and_recom
     assert is_complete(shard.parent)  # the cheap check the cache decision uses is fooled
 
     with pytest.raises(CorruptArtifactError) as error:
-        verify_files(tokens.paths("train"))
+        LOCAL_STORE.verify_files(tokens.paths("train"))
     message = str(error.value)
     assert str(shard) in message and "altered after it was written" in message and "next run recomputes" in message
     assert not is_complete(shard.parent)  # never trusted again
@@ -73,7 +67,7 @@ def test_a_shard_altered_behind_an_unchanged_size_and_mtime_is_refused_and_recom
     again = tokenize_corpus(tiny_manifest, tiny_tokenizer, TokenizeConfig(), tmp_path / "store")
     assert [unit.directory for unit in again.units if not unit.reused] == [str(shard.parent)]
     assert hash_file(shard) == original
-    verify_files(again.paths("train") + again.paths("val"))
+    LOCAL_STORE.verify_files(again.paths("train") + again.paths("val"))
 
 
 def test_verification_names_a_missing_or_unlisted_file(tokens, largest_train_shard):

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
 
-from gptflow.data.store import hash_file
+from gptflow.data.hashing import hash_file
 from gptflow.flows.pretrain import pretrain
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from gptflow.data.finetune_demo import CLASSIFICATION_PACKAGES, TAG_KINDS
-from gptflow.data.store import hash_file
+from gptflow.data.hashing import hash_file
 from gptflow.flows.cli import main
 from gptflow.flows.evaluate import evaluate
 from gptflow.flows.finetune import finetune

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from gptflow.data.commits import CorruptArtifactError, is_complete
+from gptflow.data.hashing import hash_file
 from gptflow.data.shards import iter_raw_batches
-from gptflow.data.store import CorruptArtifactError, hash_file, is_complete, store_paths
+from gptflow.data.store import store_paths
 from gptflow.model.checkpoint import latest_checkpoint
 from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.runtime.workspace import Workspace

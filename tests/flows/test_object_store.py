@@ -18,7 +18,8 @@ import pytest
 import s3fs
 from mlflow import MlflowClient
 
-from gptflow.data.store import CONTENTS_FILE, hash_bytes, hash_file
+from gptflow.data.commits import CONTENTS_FILE
+from gptflow.data.hashing import hash_bytes, hash_file
 from gptflow.flows.pretrain import pretrain
 
 pytestmark = pytest.mark.slow

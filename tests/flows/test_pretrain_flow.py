@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 
-from gptflow.data.store import is_complete
+from gptflow.data.commits import is_complete
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 import logging
 
+from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.data.errors import CorpusError
-from gptflow.data.store import OutOfSpaceError
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors, user_error
 
 

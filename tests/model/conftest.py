@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptflow.data.store import verify_contents
+from gptflow.data.commits import verify_contents
 from gptflow.model.checkpoint import OPTIMIZER_FILE, TRAINER_FILE, WEIGHTS_FILE, latest_checkpoint
 from gptflow.model.config import ModelConfig, TrainConfig
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gptflow.data.store import CONTENTS_FILE, CorruptArtifactError, OutOfSpaceError, atomic_directory, is_complete
+from gptflow.data.commits import CONTENTS_FILE, CorruptArtifactError, atomic_directory, is_complete
+from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.model.checkpoint import (
     OPTIMIZER_FILE,
     WEIGHTS_FILE,
@@ -223,7 +224,7 @@ def test_a_checkpoint_that_runs_out_of_space_leaves_nothing_and_names_the_checkp
     torch.save((model, optimizer, state_at(3)), pair)
     code = f"""
 import torch
-from gptflow.data.store import OutOfSpaceError
+from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.model.checkpoint import save_checkpoint
 model, optimizer, state = torch.load({str(pair)!r}, weights_only=False)
 try:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptflow.data.store import CorruptArtifactError
+from gptflow.data.commits import CorruptArtifactError
 from gptflow.model.checkpoint import (
     FINAL_DIR,
     WEIGHTS_FILE,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptflow.data.commits import CorruptArtifactError, is_complete
 from gptflow.data.loader import TokenWindows
-from gptflow.data.store import CorruptArtifactError, is_complete
 from gptflow.model.checkpoint import (
     OPTIMIZER_FILE,
     TRAINER_FILE,

@@ -14,9 +14,11 @@ import pytest
 from prefect import flow, task
 from prefect.filesystems import LocalFileSystem
 
-from gptflow.data.store import OutOfSpaceError, atomic_directory, code_closure, is_complete
+from gptflow.data.code_version import code_closure
+from gptflow.data.commits import atomic_directory
+from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
-from gptflow.tasks.runtime.caching import run_stage, stage_key
+from gptflow.tasks.runtime.caching import nothing_stored, run_stage, stage_key
 from gptflow.tasks.runtime.workspace import Workspace
 
 
@@ -35,7 +37,7 @@ def run_write_artifact(workspace_root: str, text: str) -> tuple[str, str]:
         write_artifact,
         key=key,
         workspace=workspace,
-        is_valid=lambda directory: is_complete(Path(directory)),
+        is_valid=lambda directory, artifacts: artifacts.is_complete(Path(directory)),
         directory=str(workspace.store / key),
         text=text,
     )
@@ -55,7 +57,7 @@ def fill_the_disk(directory: str, in_store_directory: bool) -> str:
 @flow
 def run_fill_the_disk(workspace_root: str, in_store_directory: bool) -> None:
     workspace = Workspace.resolve(workspace_root)
-    run_stage(fill_the_disk, key="full", workspace=workspace, is_valid=lambda _: True,
+    run_stage(fill_the_disk, key="full", workspace=workspace, is_valid=nothing_stored,
               directory=str(workspace.store / "full"), in_store_directory=in_store_directory)
 
 
@@ -133,8 +135,8 @@ def _stage_code_versions(source_root: Path) -> dict[str, str]:
     """Each stage module's code version, computed by a process that imports gptflow from ``source_root``."""
     probe = (
         "import json\n"
-        "from gptflow.data.store import code_version, module_file\n"
-        f"assert str(module_file('gptflow.data.store')).startswith({str(source_root)!r})\n"
+        "from gptflow.data.code_version import code_version, module_file\n"
+        f"assert str(module_file('gptflow.data.code_version')).startswith({str(source_root)!r})\n"
         f"print(json.dumps({{stage: code_version('gptflow.tasks.stages.' + stage) for stage in {STAGE_MODULES!r}}}))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(source_root)},

@@ -18,14 +18,8 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from gptflow.data.store import (
-    CONTENTS_FILE,
-    atomic_directory,
-    is_complete,
-    pull_shared_file,
-    share_file,
-    wait_for_publishing,
-)
+from gptflow.data import commits
+from gptflow.data.commits import CONTENTS_FILE
 from gptflow.tasks.runtime import workspace as workspace_module
 from gptflow.tasks.runtime.workspace import Workspace, WorkspaceError
 
@@ -50,46 +44,47 @@ def _objects(url: str) -> dict[str, bytes]:
 
 def test_a_directory_is_committed_by_its_contents_object_and_fetched_whole_elsewhere(two_machines):
     first, second = two_machines
-    with atomic_directory(first.store / "tokens" / "unit") as tmp:
+    with first.artifacts.commit(first.store / "tokens" / "unit") as tmp:
         (tmp / "train.arrow").write_bytes(b"tokens" * 1000)
         (tmp / "nested").mkdir()
         (tmp / "nested" / "val.arrow").write_bytes(b"val")
-    wait_for_publishing()
+    first.artifacts.wait_for_uploads()
     objects = _objects(first.url)
     assert set(objects) == {"store/tokens/unit/train.arrow", "store/tokens/unit/nested/val.arrow",
                             f"store/tokens/unit/{CONTENTS_FILE}"}
 
     copy = second.store / "tokens" / "unit"
-    assert not copy.exists() and is_complete(copy)
+    assert not copy.exists() and second.artifacts.is_complete(copy)
     assert (copy / "train.arrow").read_bytes() == b"tokens" * 1000
     assert (copy / "nested" / "val.arrow").read_bytes() == b"val"
-    assert is_complete(copy)  # the fetched copy passes the local check as it is
+    assert commits.is_complete(copy)  # the fetched copy passes the local check as it is
 
 
 def test_a_directory_whose_commit_is_missing_or_whose_object_was_altered_is_not_trusted(two_machines):
     first, second = two_machines
-    with atomic_directory(first.store / "raw" / "unit") as tmp:
+    with first.artifacts.commit(first.store / "raw" / "unit") as tmp:
         (tmp / "docs.arrow").write_bytes(b"a" * 100)
-    wait_for_publishing()
+    first.artifacts.wait_for_uploads()
     filesystem = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
     data_object = f"{first.url.removeprefix('s3://')}/store/raw/unit/docs.arrow"
 
     filesystem.pipe_file(data_object, b"b" * 100)  # same size, other bytes: caught when fetched
-    assert not is_complete(second.store / "raw" / "unit")
+    assert not second.artifacts.is_complete(second.store / "raw" / "unit")
     assert not list((second.store / "raw").glob(".tmp-*")), "a failed fetch leaves nothing behind"
-    assert is_complete(first.store / "raw" / "unit"), "the machine that wrote it holds a good copy"
+    assert first.artifacts.is_complete(first.store / "raw" / "unit"), "the machine that wrote it holds a good copy"
 
-    with atomic_directory(first.store / "raw" / "unit") as tmp:  # recomputed: published again
+    with first.artifacts.commit(first.store / "raw" / "unit") as tmp:  # recomputed: published again
         (tmp / "docs.arrow").write_bytes(b"a" * 100)
-    wait_for_publishing()
-    assert is_complete(second.store / "raw" / "unit")
+    first.artifacts.wait_for_uploads()
+    assert second.artifacts.is_complete(second.store / "raw" / "unit")
 
     commit = f"{first.url.removeprefix('s3://')}/store/raw/unit/{CONTENTS_FILE}"
     filesystem.rm_file(commit)
     shutil.rmtree(second.store / "raw" / "unit")  # a machine without a copy of its own
-    assert not is_complete(second.store / "raw" / "unit"), "without its commit object a directory does not exist"
+    assert not second.artifacts.is_complete(second.store / "raw" / "unit"), \
+        "without its commit object a directory does not exist"
     # ... except on the machine that committed it, whose upload was cut short: its copy is published again.
-    assert is_complete(first.store / "raw" / "unit") and filesystem.exists(commit)
+    assert first.artifacts.is_complete(first.store / "raw" / "unit") and filesystem.exists(commit)
 
 
 def test_shared_files_follow_the_object_store(two_machines):
@@ -97,12 +92,12 @@ def test_shared_files_follow_the_object_store(two_machines):
     manifest = first.store / "manifests" / "corpus-x.json"
     manifest.parent.mkdir(parents=True)
     manifest.write_text('{"units": []}')
-    share_file(manifest)
-    assert pull_shared_file(second.store / "manifests" / "corpus-x.json")
+    first.artifacts.share(manifest)
+    assert second.artifacts.pull(second.store / "manifests" / "corpus-x.json")
     assert (second.store / "manifests" / "corpus-x.json").read_text() == '{"units": []}'
 
     s3fs.S3FileSystem(skip_instance_cache=True).rm_file(f"{first.url.removeprefix('s3://')}/store/manifests/corpus-x.json")
-    assert not pull_shared_file(second.store / "manifests" / "corpus-x.json")
+    assert not second.artifacts.pull(second.store / "manifests" / "corpus-x.json")
     assert not (second.store / "manifests" / "corpus-x.json").exists(), "a file the store lost is not kept here"
 
 
@@ -230,11 +225,11 @@ def test_the_cache_keeps_the_most_recently_used_copies_within_its_bound(two_mach
     first, _ = two_machines
     units = [first.store / "tokens" / f"unit-{index}" for index in range(3)]
     for unit in units:
-        with atomic_directory(unit) as tmp:
+        with first.artifacts.commit(unit) as tmp:
             (tmp / "train.arrow").write_bytes(bytes(1000))
-    wait_for_publishing()
+    first.artifacts.wait_for_uploads()
     for unit in (units[2], units[1], units[0]):  # least recently used first
-        assert is_complete(unit)
+        assert first.artifacts.is_complete(unit)
     s3fs.S3FileSystem(skip_instance_cache=True).rm_file(  # unit-2 lost its commit: its copy is the only one
         f"{first.url.removeprefix('s3://')}/store/tokens/unit-2/{CONTENTS_FILE}")
 
@@ -243,7 +238,7 @@ def test_the_cache_keeps_the_most_recently_used_copies_within_its_bound(two_mach
     assert Workspace.resolve(first.url).root == first.root  # a run starts: the cache is trimmed
     assert units[2].exists(), "an unpublished copy is never evicted"
     assert not units[1].exists() and not units[0].exists(), "the least recently used, until 1500 bytes are left"
-    assert is_complete(units[1]) and (units[1] / "train.arrow").read_bytes() == bytes(1000), "fetched again on use"
+    assert first.artifacts.is_complete(units[1]) and (units[1] / "train.arrow").read_bytes() == bytes(1000), "fetched again on use"
 
 
 def test_a_cache_bound_that_is_not_a_size_is_refused(s3_bucket, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from gptflow.data.store import CorruptArtifactError, atomic_directory, is_complete
+from gptflow.data.commits import CorruptArtifactError, atomic_directory, is_complete
 from gptflow.tasks.stages.training import pretrain_model_task
 from gptflow.tasks.stages.training_job import TrainingJob
 

@@ -49,7 +49,8 @@ def run_ingest(workspace_root: str, corpus: str) -> tuple[str, str, str]:
     key = stage_key("ingest", config=config, modules=["gptflow.tasks.stages.ingest"],
                     inputs={"sources": sources.fingerprint_inputs()})
     outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
-                        sources=sources, config=config, store_dir=str(workspace.store), units=UnitRunner())
+                        sources=sources, config=config, store_dir=str(workspace.store),
+                        artifacts=workspace.artifacts, units=UnitRunner())
     return outcome.status, str(workspace.prefect_results / key), outcome.result.fingerprint
 
 

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from gptflow.data.store import OutOfSpaceError
+from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import TrackingServerUnreachable
 from gptflow.tasks.tracking.killed_runs import HOST_TAG, KILLED_TAG, PID_TAG

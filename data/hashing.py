@@ -1,0 +1,32 @@
+"""Content hashes: of bytes, files, streams and JSON values; every key and listing in the store uses them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, BinaryIO
+
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hash_stream(f)
+
+
+def hash_stream(stream: BinaryIO) -> str:
+    """The hash of what is left to read of ``stream``: ``hash_file``'s of the same bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    while chunk := stream.read(HASH_CHUNK_BYTES):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_json(value: Any) -> str:
+    """Hash of a JSON-serialisable value, independent of dict ordering."""
+    return hash_bytes(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode())

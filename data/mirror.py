@@ -1,0 +1,208 @@
+"""A workspace on an object store, mirrored in a local folder (``--workspace s3://...``).
+
+``ObjectStoreMirror`` is the one place the artifact store talks to an object store; the pipeline
+reaches it only through the ``data.store.ArtifactStore`` it holds. The object store is the truth;
+the folder is this machine's copy of what it has read or written. Object stores have no rename,
+so a directory is published as its data objects first and its ``contents.json`` last: that object
+is the directory's commit, and only a committed directory whose objects have the sizes it lists
+is trusted. A copy is fetched into a temporary folder, each file checked against the commit's
+hash, then renamed into place with the commit's mtimes (so the local fast path of
+``data.commits.is_complete`` holds on every machine).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from gptflow.data.commits import (
+    CONTENTS_FILE,
+    atomic_file,
+    commit_directory,
+    matches_listing,
+    read_listing,
+    write_json_atomic,
+)
+from gptflow.data.hashing import hash_file
+from gptflow.data.object_sources import object_store_filesystem
+
+MIRROR_FILE = "mirror.json"
+"""In the root of a workspace's local folder that mirrors an object store: ``{"url": ...}``, the
+workspace's URL. Whatever lies under such a folder is mirrored."""
+UPLOADS_AT_ONCE = 8
+
+
+class ObjectStoreMirror:
+    """The local folder ``local_root`` that caches the workspace at ``url`` (any fsspec URL:
+    ``s3://`` through s3fs, ``gs://`` through gcsfs).
+
+    Directories committed here are uploaded by background threads while the stage goes on
+    computing (a unit's upload overlaps the next unit's work, a checkpoint's the next training
+    steps); ``wait_for_uploads`` is the barrier: before a stage's record is shared (it names the
+    units), when a worker's unit ends, and when the process exits."""
+
+    def __init__(self, local_root: Path, url: str) -> None:
+        self.local_root = Path(local_root)
+        self.url = url
+        self._uploads: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # What another process needs: its own uploads start empty.
+        return ObjectStoreMirror, (self.local_root, self.url)
+
+    @classmethod
+    def attach(cls, local_root: Path, url: str) -> ObjectStoreMirror:
+        """Make ``local_root`` the local copy of the workspace at ``url``."""
+        local_root.mkdir(parents=True, exist_ok=True)
+        marker = local_root / MIRROR_FILE
+        if not marker.exists():
+            write_json_atomic(marker, {"url": url})
+        return cls(local_root, url)
+
+    @staticmethod
+    def url_of(local_root: Path) -> str | None:
+        """The object store URL the folder ``local_root`` mirrors, if it mirrors one."""
+        try:
+            return json.loads((Path(local_root) / MIRROR_FILE).read_text())["url"]
+        except FileNotFoundError:
+            return None
+
+    @property
+    def fs(self) -> Any:
+        return object_store_filesystem(self.url)[0]
+
+    def remote(self, path: Path) -> str:
+        """The object name of the local ``path``."""
+        root = object_store_filesystem(self.url)[1].rstrip("/")
+        return f"{root}/{Path(path).relative_to(self.local_root).as_posix()}"
+
+    def holds(self, directory: Path) -> bool:
+        """Whether the object store holds ``directory`` committed and whole, with a local copy
+        that matches it (fetched here when missing or stale)."""
+        committed = self._committed_listing(directory)
+        if committed is None:
+            if not matches_listing(directory, read_listing(directory)):
+                return False
+            # Committed here, and its upload cut short (the process was killed) or still under way:
+            # the copy is whole, so it is published now rather than computed again.
+            self.publish_directory(directory)
+            return True
+        if read_listing(directory) == committed and matches_listing(directory, committed):
+            # One request per check: an object lost under its commit is found by the next machine
+            # that fetches the directory, which then computes and publishes it again.
+            os.utime(directory / CONTENTS_FILE)  # its last use, for evict_least_recently_used
+            return True
+        return self._fetch_directory(directory, committed)
+
+    def evict_least_recently_used(self, limit_bytes: int) -> tuple[int, int]:
+        """Delete local copies of committed directories, least recently used first, until those
+        left hold at most ``limit_bytes``; the object store keeps them, and the next use fetches them
+        again. Returns how many directories and bytes went."""
+        copies = []
+        for contents in self.local_root.joinpath("store").rglob(CONTENTS_FILE):
+            if any(part.startswith(".tmp-") for part in contents.parts):
+                continue
+            listed = read_listing(contents.parent) or {}
+            copies.append((contents.stat().st_mtime_ns, sum(entry["size"] for entry in listed.values()), contents.parent))
+        total = sum(size for _, size, _ in copies)
+        evicted = evicted_bytes = 0
+        for _, size, directory in sorted(copies, key=lambda copy: copy[0]):
+            if total <= limit_bytes:
+                break
+            if self._committed_listing(directory) is None:
+                continue  # never published (its publish failed): this copy is the only one
+            shutil.rmtree(directory, ignore_errors=True)
+            total -= size
+            evicted, evicted_bytes = evicted + 1, evicted_bytes + size
+        return evicted, evicted_bytes
+
+    def publish_in_background(self, directory: Path) -> None:
+        """``publish_directory`` on one of the mirror's upload threads."""
+        with self._lock:
+            if self._uploads is None:
+                self._uploads = ThreadPoolExecutor(UPLOADS_AT_ONCE, thread_name_prefix="gptflow-publish")
+                atexit.register(self.wait_for_uploads)
+            self._pending.append(self._uploads.submit(self.publish_directory, directory))
+
+    def wait_for_uploads(self) -> None:
+        """Return once every directory ``publish_in_background`` was given is in the object store;
+        raise the error of an upload that failed, in the stage that wrote it."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for upload in pending:
+            upload.result()
+
+    def publish_directory(self, directory: Path) -> None:
+        """Put the local committed ``directory`` in the object store: its files at once, then its
+        ``contents.json``, the commit. A reader that finds an earlier commit meanwhile checks each
+        file it fetches against it, so a mix of old and new objects is never taken for either."""
+        names = list(read_listing(directory) or {})
+        self.fs.put([str(directory / name) for name in names], [self.remote(directory / name) for name in names])
+        self.fs.put_file(str(directory / CONTENTS_FILE), self.remote(directory / CONTENTS_FILE))
+
+    def publish_file(self, path: Path) -> None:
+        """Put the local file ``path`` (a manifest, a lineage, a cache record) in the object store."""
+        self.fs.put_file(str(path), self.remote(path))
+
+    def pull_file(self, path: Path) -> bool:
+        """Make the local ``path`` the object store's copy of it; False (and no local copy) when
+        the store has none, since a file the store lost must not live on in one machine's cache."""
+        try:
+            data = self.fs.cat_file(self.remote(path))
+        except FileNotFoundError:
+            Path(path).unlink(missing_ok=True)
+            return False
+        with atomic_file(Path(path)) as tmp:
+            tmp.write_bytes(data)
+        return True
+
+    def names_in(self, folder: Path) -> set[str]:
+        """The names the object store holds directly under the local ``folder``."""
+        try:
+            return {name.rsplit("/", 1)[-1] for name in self.fs.ls(self.remote(folder), detail=False)}
+        except FileNotFoundError:
+            return set()
+
+    def remove_directory(self, directory: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.remote(directory / CONTENTS_FILE))
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.remote(directory), recursive=True)
+
+    def _committed_listing(self, directory: Path) -> dict[str, dict[str, Any]] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.remote(directory / CONTENTS_FILE)))["files"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError):
+            return None  # a damaged commit counts as none: the directory is recomputed
+
+    def _fetch_directory(self, directory: Path, committed: dict[str, dict[str, Any]]) -> bool:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".tmp-{directory.name}-{uuid.uuid4().hex}"
+        try:
+            names = list(committed)
+            for name in names:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get([self.remote(directory / name) for name in names], [str(tmp / name) for name in names])
+            for name, entry in committed.items():
+                if hash_file(tmp / name) != entry["hash"]:
+                    return False  # altered in the object store: the stage recomputes and publishes it again
+                os.utime(tmp / name, ns=(entry["mtime_ns"], entry["mtime_ns"]))
+            write_json_atomic(tmp / CONTENTS_FILE, {"files": committed})
+            commit_directory(tmp, directory)
+            return True
+        except FileNotFoundError:
+            return False  # an object the commit lists is gone
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
