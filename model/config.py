@@ -267,6 +267,22 @@ class TrainConfig:
         )
 
 
+
+@dataclass
+class IncrementalConfig:
+    extra_tokens: int = 0
+    """Training tokens for continuing a model on a grown corpus; 0: enough to draw each new
+    token about once at ``new_data_fraction`` (new tokens / new_data_fraction)."""
+    new_data_fraction: float = 0.5
+    """Share of the continuation's training windows drawn from new files; the rest replays the
+    data the model already saw, so it does not forget it."""
+
+    def __post_init__(self) -> None:
+        if self.extra_tokens < 0:
+            raise ValueError(f"incremental.extra_tokens must be >= 0, got {self.extra_tokens}")
+        if not 0.0 < self.new_data_fraction <= 1.0:
+            raise ValueError(f"incremental.new_data_fraction must be in (0, 1], got {self.new_data_fraction}")
+
 @dataclass
 class EvalConfig:
     eval_tokens: int = 262144

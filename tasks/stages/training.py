@@ -19,13 +19,12 @@ from gptflow.data.store import ArtifactStore
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact
 from gptflow.model.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
-from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size
+from gptflow.model.config import IncrementalConfig, ModelConfig, TrainConfig, pad_vocab_size
 from gptflow.model.train import Continuation
 from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord, TrainingAttempt
 from gptflow.tasks.runtime.caching import run_stage, stage_key
 from gptflow.tasks.runtime.rendezvous import Rendezvous
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import IncrementalConfig
 from gptflow.tasks.stages.training_job import TrainedModel, TrainingJob
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.registry import GENERATOR_MODULE, REGISTERED_MODEL_TAG, version_holding

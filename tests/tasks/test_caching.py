@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from prefect import flow, task
 from prefect.filesystems import LocalFileSystem
 
-from gptflow.data.code_version import code_closure
 from gptflow.data.commits import atomic_directory
 from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
@@ -125,50 +120,3 @@ def test_stage_key_follows_config_inputs_and_code():
     assert stage_key("write", config={"a": 2}, modules=["gptflow.tasks.stages.ingest"], inputs={"corpus": "x"}) != key
     assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.stages.ingest"], inputs={"corpus": "y"}) != key
     assert stage_key("write", config={"a": 1}, modules=["gptflow.tasks.stages.tokenize"], inputs={"corpus": "x"}) != key
-
-
-STAGE_MODULES = ("ingest", "tokenizer", "tokenize", "training", "evaluation", "multiple_choice", "classification",
-                 "finetuning")
-
-
-def _stage_code_versions(source_root: Path) -> dict[str, str]:
-    """Each stage module's code version, computed by a process that imports gptflow from ``source_root``."""
-    probe = (
-        "import json\n"
-        "from gptflow.data.code_version import code_version, module_file\n"
-        f"assert str(module_file('gptflow.data.code_version')).startswith({str(source_root)!r})\n"
-        f"print(json.dumps({{stage: code_version('gptflow.tasks.stages.' + stage) for stage in {STAGE_MODULES!r}}}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(source_root)},
-                          cwd=source_root, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
-
-
-def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
-    return {stage for stage in before if before[stage] != after[stage]}
-
-
-def test_editing_a_module_reached_only_indirectly_changes_exactly_the_stages_that_reach_it(gptflow_copy):
-    before = _stage_code_versions(gptflow_copy)
-    assert len(set(before.values())) == len(STAGE_MODULES)
-    # model/lora.py: no stage module imports it; the fine-tuning loop (model/finetune.py) does.
-    lora = gptflow_copy / "gptflow" / "model" / "lora.py"
-    lora.write_text(lora.read_text() + "\n# edited\n")
-    assert _changed(before, _stage_code_versions(gptflow_copy)) == {"classification", "finetuning"}
-
-
-def test_a_helper_module_added_later_is_in_the_key_of_every_stage_that_imports_it(gptflow_copy):
-    data = gptflow_copy / "gptflow" / "data"
-    (data / "normalise.py").write_text("def normalise(text):\n    return text\n")
-    readers = data / "readers.py"
-    readers.write_text("from gptflow.data.normalise import normalise\n" + readers.read_text())
-    before = _stage_code_versions(gptflow_copy)
-    (data / "normalise.py").write_text("def normalise(text):\n    return text.strip()\n")
-    assert _changed(before, _stage_code_versions(gptflow_copy)) == set(STAGE_MODULES)  # every stage reads documents
-
-
-def test_the_libraries_that_shape_a_stage_are_in_its_code_version():
-    assert set(code_closure("gptflow.tasks.stages.ingest")["libraries"]) >= {"pyarrow"}
-    assert "torch" not in code_closure("gptflow.tasks.stages.ingest")["libraries"]
-    assert set(code_closure("gptflow.tasks.stages.tokenize")["libraries"]) >= {"pyarrow", "tokenizers"}
-    assert set(code_closure("gptflow.tasks.stages.training")["libraries"]) >= {"torch", "pyarrow"}
