@@ -45,7 +45,7 @@ from gptflow.data.chat import ROLES, ChatTemplate, Message
 from gptflow.data.commits import atomic_directory, read_contents_hash
 from gptflow.data.errors import SkipReport
 from gptflow.data.finetune_inputs import OBJECTIVES, FinetuneDataError, check_data_file
-from gptflow.data.hashing import hash_json
+from gptflow.data.hashing import hash_json, split_by_hash
 from gptflow.data.readers import read_records
 from gptflow.data.store import LOCAL_STORE, ArtifactStore
 from gptflow.data.tagging import (
@@ -442,7 +442,7 @@ def _read_examples(
             reasons[skip.reason] += 1
             continue
         reasons["usable"] += 1
-        example.split = split or _hash_split(record, val_fraction)
+        example.split = split or split_by_hash(hash_json(record), val_fraction)
         yield example
     if reasons and set(reasons) == {SKIP_MISSING_FIELDS}:
         # Not bad records but the wrong fields: a setting (or file) to fix, not data to skip.
@@ -507,7 +507,3 @@ def _tagging_example(record: dict[str, Any], location: str, text_field: str) -> 
         line = f"{location.rsplit(':', 1)[0]}:{record['lines'][error.word]}" if error.word is not None else None
         raise _Skip(error.reason, error.detail, line) from None
 
-
-def _hash_split(record: dict[str, Any], val_fraction: float) -> str:
-    """As the corpus is split: by content hash, so a record never changes split as the file grows."""
-    return "val" if int(hash_json(record)[:8], 16) / 2**32 < val_fraction else "train"

@@ -30,3 +30,9 @@ def hash_stream(stream: BinaryIO) -> str:
 def hash_json(value: Any) -> str:
     """Hash of a JSON-serialisable value, independent of dict ordering."""
     return hash_bytes(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def split_by_hash(content_hash: str, val_fraction: float) -> str:
+    """``val`` for a ``val_fraction`` of items, ``train`` for the rest, decided by each item's content
+    hash alone: an item never moves between the splits when the data around it changes or grows."""
+    return "val" if int(content_hash[:8], 16) / 2**32 < val_fraction else "train"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,20 +32,19 @@ from gptflow.data.code_version import code_version
 from gptflow.data.commits import write_json_atomic
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError, SkipReport
-from gptflow.data.hashing import hash_bytes, hash_json, hash_stream
+from gptflow.data.hashing import hash_bytes, hash_json, hash_stream, split_by_hash
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
 from gptflow.data.readers import read_documents
 from gptflow.data.redact import redact
 from gptflow.data.shards import SPLITS, RawShardWriter, iter_raw_batches, read_unit_file, write_unit_file
 from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution, open_source, source_stamp
 from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
-from gptflow.data.units import MapUnits, in_this_process
+from gptflow.data.units import MapUnits, Progress, in_this_process
 
 FILE_HASH_CACHE = "file-hashes.json"
 DEDUP_PARTITION_SEGMENTS = 1 << 18
 """Segment hashes cross-file dedup holds in memory at once (about 100 MB at its peak)."""
 
-Progress = Callable[[int, int], None]
 
 # Where a segment may end: after a line's last non-space character, when more text follows. The
 # tokenizer's pre-tokenizer always ends a token there (what follows is whitespace) and splits the
@@ -128,11 +127,6 @@ class CorpusManifest:
             fingerprint=value["fingerprint"],
             path=value["path"],
         )
-
-
-def segment_split(doc_hash: str, val_fraction: float) -> str:
-    """``val`` for a stable ``val_fraction`` of segments, decided by the segment's text alone."""
-    return "val" if int(doc_hash[:8], 16) / 2**32 < val_fraction else "train"
 
 
 def cut_into_segments(text: str, segment_chars: int) -> Iterator[str]:
@@ -315,7 +309,7 @@ def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, di
                     continues = False
                     continue
                 seen.add(doc_hash)
-                split = segment_split(doc_hash, config.val_fraction)
+                split = split_by_hash(doc_hash, config.val_fraction)
                 writer.write(segment, doc_hash, split, continues, len(data))
                 continues = True
                 segments[split] += 1

@@ -56,7 +56,7 @@ from gptflow.data.shards import (
 )
 from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
 from gptflow.data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
-from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, in_this_process
+from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, Progress, in_this_process
 
 PIECE_CHARS = 16 * 1024
 """Target size of one encode item: small enough that a batch holds many (the tokenizer
@@ -71,7 +71,6 @@ each more holds another batch's encodings (~100 bytes per token) in memory."""
 # disagreement between Python's and the tokenizer's idea of a letter or a space can matter.
 _TOKEN_BOUNDARY = re.compile(r"[A-Za-z0-9](?=[ \n])")
 
-Progress = Callable[[int, int], None]
 
 
 @dataclass

@@ -9,7 +9,7 @@ touching the validation split.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from gptflow.data.hashing import hash_file, hash_json
 from gptflow.data.ingest import CorpusManifest, CorpusUnit
 from gptflow.data.shards import iter_raw_batches
 from gptflow.data.store import LOCAL_STORE, ArtifactStore
-from gptflow.data.units import MapUnits, in_this_process
+from gptflow.data.units import MapUnits, Progress, in_this_process
 
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -33,7 +33,6 @@ SPECIAL_TOKENS = (EOT_TOKEN, PAD_TOKEN)
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
 
-Progress = Callable[[int, int], None]
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: how a data stage reports how far it is, in its own unit (bytes)."""
 MapUnits = Callable[[Callable[..., Any], list[dict[str, Any]]], Iterator[Any]]
 """``map_units(function, calls)`` yields ``function(**call)`` for each call, in the calls' order."""
 

@@ -7,13 +7,14 @@ Token ids in, token ids out: decoding text is the caller's job, so this module n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from gptflow.data.loader import TokenWindows
+from gptflow.data.units import Progress
 from gptflow.model.config import SamplingConfig
 from gptflow.model.device import autocast
 from gptflow.model.gpt import GPT
@@ -110,7 +111,7 @@ def score_continuations(
     batch_tokens: int,
     device: torch.device | str,
     autocast_dtype: torch.dtype | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> ContinuationScores:
     """log P(continuation | context) for each ``(context ids, continuation ids)`` request, as
     lm-evaluation-harness computes a loglikelihood request.

@@ -12,8 +12,8 @@ from gptflow.data import ingest as ingest_module
 from gptflow.data.commits import CONTENTS_FILE, is_complete
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
-from gptflow.data.hashing import hash_bytes
-from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus, segment_split
+from gptflow.data.hashing import hash_bytes, split_by_hash
+from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus
 from gptflow.data.readers import SKIP_BINARY, SKIP_TOO_SHORT
 from gptflow.data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
 from gptflow.data.sources import SKIP_UNSUPPORTED, resolve_sources
@@ -66,7 +66,7 @@ def test_each_file_becomes_a_committed_unit_of_hashed_split_documents(write_corp
     assert [text for text, _, _, _ in written] == texts[:30]
     for text, doc_hash, split, continues in written:
         assert doc_hash == hash_bytes(text.encode())
-        assert split == segment_split(doc_hash, CONFIG.val_fraction)
+        assert split == split_by_hash(doc_hash, CONFIG.val_fraction)
         assert not continues
     assert {split for _, _, split, _ in written} == {"train", "val"}
     assert sum(manifest.totals["segments"].values()) == manifest.total_documents == 31
@@ -256,7 +256,7 @@ def test_one_large_text_file_is_cut_into_segments_that_fill_both_splits(write_co
     assert len(written) > 50 and all(len(text) >= CONFIG.segment_chars for text, _, _, _ in written[:-1])
     assert [continues for _, _, _, continues in written] == [False] + [True] * (len(written) - 1)
     for text, doc_hash, split, _ in written:
-        assert doc_hash == hash_bytes(text.encode()) and split == segment_split(doc_hash, CONFIG.val_fraction)
+        assert doc_hash == hash_bytes(text.encode()) and split == split_by_hash(doc_hash, CONFIG.val_fraction)
     assert unit.segments["train"] > 0 and unit.segments["val"] > 0
     assert sum(unit.segments.values()) == len(written)
 
