@@ -3,7 +3,7 @@
     python bench/fsdp_cpu.py                  # 4 layers × 128 wide, 40 steps per parallelism
     python bench/fsdp_cpu.py --steps 80 --n-embd 256
 
-Each parallelism trains the same model on the same random tokens through ``model.train.run_pretraining``
+Each parallelism trains the same model on the same random tokens through ``model.pretraining.run_pretraining``
 under ``torchrun --nproc_per_node 2`` (one thread per process), checkpointing only at the end.
 The step time is the median over report intervals of ``train/tokens_per_sec``, the first
 interval left out (warm-up); the pause for the final checkpoint is not in it. No Prefect, no MLflow.
@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from gptflow.model.config import ModelConfig, TrainConfig
-from gptflow.model.train import run_pretraining
+from gptflow.model.pretraining import run_pretraining
 
 VOCAB_SIZE = 512
 LOG_INTERVAL = 5

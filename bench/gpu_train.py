@@ -29,7 +29,7 @@ Prints, last, a short table of:
 
 Training is gptflow's own: (b) and (c) time ``model.train.take_step``, the step every gptflow
 training takes (schedule, gradient accumulation, clipping, no host syncs inside a step), on
-batches already on the device; (d) trains through ``model.train.run_pretraining``, the trainer of
+batches already on the device; (d) trains through ``model.pretraining.run_pretraining``, the trainer of
 ``gptflow pretrain`` and ``gptflow finetune``, which checkpoints only at the end here.
 
 Imports only torch, numpy, pyarrow, tokenizers and this repository's ``data/`` and ``model/``
@@ -80,8 +80,10 @@ from gptflow.data.tokenizer import train_tokenizer  # noqa: E402
 from gptflow.model.config import MODERN_RECIPE, ModelConfig, TrainConfig, pad_vocab_size  # noqa: E402
 from gptflow.model.distributed import shard_model  # noqa: E402
 from gptflow.model.gpt import GPT  # noqa: E402
+from gptflow.model.objective import Batch  # noqa: E402
 from gptflow.model.optim import build_optimizer  # noqa: E402
-from gptflow.model.train import Batch, run_pretraining, take_step  # noqa: E402
+from gptflow.model.pretraining import run_pretraining  # noqa: E402
+from gptflow.model.train import take_step  # noqa: E402
 
 SECTIONS = ("matmul", "throughput", "presets", "learning")
 LEARNING_RUNS = ("gpt2", "modern", "modern_half")
@@ -466,7 +468,7 @@ def compare_learning(
 
 
 class LearningCurve:
-    """``model.train.run_pretraining``'s callback here: the validation curve by tokens, and a line per evaluation."""
+    """``model.pretraining.run_pretraining``'s callback here: the validation curve by tokens, and a line per evaluation."""
 
     def __init__(self, name: str, max_steps: int) -> None:
         self.name, self.max_steps = name, max_steps
@@ -500,7 +502,7 @@ def train_and_evaluate(
     device: torch.device,
     run_dir: Path,
 ) -> dict[str, Any]:
-    """Train through gptflow's trainer (``model.train.run_pretraining``, eager), evaluating
+    """Train through gptflow's trainer (``model.pretraining.run_pretraining``, eager), evaluating
     ``settings.evaluations`` times; the validation curve by tokens. Prints a line per evaluation
     (on a CPU this section takes most of an hour)."""
     steps = train_config.max_steps

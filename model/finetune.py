@@ -41,7 +41,8 @@ from gptflow.model.distributed import Ranks
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
 from gptflow.model.lora import apply_lora, merge_lora
-from gptflow.model.train import Batch, TrainingCallback, TrainingObjective, train
+from gptflow.model.objective import Batch, TrainingCallback, TrainingObjective
+from gptflow.model.train import train
 
 SCORE_BATCH_EXAMPLES = 16
 """Examples per batch when scoring (validation loss, classification) outside training."""

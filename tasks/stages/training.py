@@ -20,7 +20,7 @@ from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TOKENIZER_FILE, TokenizerArtifact
 from gptflow.model.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
 from gptflow.model.config import IncrementalConfig, ModelConfig, TrainConfig, pad_vocab_size
-from gptflow.model.train import Continuation
+from gptflow.model.pretraining import Continuation
 from gptflow.tasks.lineage import ContinuationSource, Lineage, ModelRecord, TrainingAttempt
 from gptflow.tasks.runtime.caching import run_stage, stage_key
 from gptflow.tasks.runtime.rendezvous import Rendezvous

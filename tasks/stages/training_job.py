@@ -29,7 +29,7 @@ from gptflow.data.store import store_paths, store_references
 from gptflow.data.tokenizer import TOKENIZER_FILE
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
-from gptflow.model.train import Continuation, run_pretraining
+from gptflow.model.pretraining import Continuation, run_pretraining
 from gptflow.tasks.runtime.rendezvous import RendezvousError
 from gptflow.tasks.runtime.torchrun import JOB_KEY, launch_ranks, number_from_head_node, rendezvous_store, run_rank
 from gptflow.tasks.runtime.workspace import Workspace
@@ -69,7 +69,7 @@ class TrainingJob:
     train_paths: list[str]
     val_paths: list[str]
     continuation: dict[str, Any] | None
-    """``model.train.Continuation`` fields, when continuing an earlier model."""
+    """``model.pretraining.Continuation`` fields, when continuing an earlier model."""
     run_dir: str
     tokenizer_file: str
     registered_model_name: str

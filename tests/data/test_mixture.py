@@ -13,7 +13,7 @@ from gptflow.data.mixture import MixtureError, WeightedCorpus, mixture_parts, sp
 from gptflow.data.sources import resolve_sources
 from gptflow.data.tokenize import TokenManifest, TokenUnit
 from gptflow.model.config import ModelConfig
-from gptflow.model.train import _training_windows
+from gptflow.model.pretraining import training_windows
 
 BLOCK_SIZE = 32
 VOCAB_SIZE = 1 << 16
@@ -78,12 +78,12 @@ def test_training_windows_come_from_each_source_at_its_weight_not_its_token_shar
         ("big", 0.2, 3), ("small", 0.8, 1)]
 
     model_config = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=BLOCK_SIZE, vocab_size=VOCAB_SIZE)
-    windows = _training_windows([], None, parts, model_config)
+    windows = training_windows([], None, parts, model_config)
     first_tokens = torch.cat([windows.sample_batch(seed=11, step=step, micro_step=0, batch_size=64)[0][:, 0]
                               for step in range(40)])
     # The small source holds a tenth of the tokens but gets four fifths of the windows.
     assert abs((first_tokens >= 50000).float().mean().item() - 0.8) < 0.03
-    again = _training_windows([], None, parts, model_config).sample_batch(seed=11, step=3, micro_step=0, batch_size=64)
+    again = training_windows([], None, parts, model_config).sample_batch(seed=11, step=3, micro_step=0, batch_size=64)
     assert torch.equal(again[0], windows.sample_batch(seed=11, step=3, micro_step=0, batch_size=64)[0])
 
 

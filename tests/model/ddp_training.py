@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gptflow.model.config import ModelConfig, TrainConfig
-from gptflow.model.train import run_pretraining
+from gptflow.model.pretraining import run_pretraining
 
 # No dropout: its masks are drawn per process, so they could not match across world sizes.
 MODEL_CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128)

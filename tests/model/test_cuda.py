@@ -13,7 +13,7 @@ from gptflow.model.config import TrainConfig
 from gptflow.model.device import resolve_autocast_dtype, resolve_device
 from gptflow.model.gpt import GPT
 from gptflow.model.optim import build_optimizer
-from gptflow.model.train import run_pretraining
+from gptflow.model.pretraining import run_pretraining
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

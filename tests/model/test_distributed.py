@@ -52,7 +52,7 @@ def test_two_gloo_ranks_follow_the_one_process_loss_trajectory(tmp_path, write_s
 def test_a_world_size_that_disagrees_with_nproc_is_refused(
     tmp_path, monkeypatch, tiny_config, tiny_train_config, pattern_shards
 ):
-    from gptflow.model.train import run_pretraining
+    from gptflow.model.pretraining import run_pretraining
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="torchrun --nproc_per_node 1"):

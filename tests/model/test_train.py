@@ -26,8 +26,9 @@ from gptflow.model.checkpoint import (
 )
 from gptflow.model.evaluate import evaluate_loss
 from gptflow.model.gpt import GPT
+from gptflow.model.objective import TrainResult
 from gptflow.model.optim import learning_rate_at
-from gptflow.model.train import Continuation, TrainResult, run_pretraining
+from gptflow.model.pretraining import Continuation, run_pretraining
 
 TINY_TRAINING = Path(__file__).with_name("tiny_training.py")
 

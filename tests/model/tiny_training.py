@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gptflow.model.config import ModelConfig, TrainConfig
-from gptflow.model.train import run_pretraining
+from gptflow.model.pretraining import run_pretraining
 
 MODEL_CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=128, dropout=0.1)
 # A checkpoint every step: most of the run is spent writing one, so a random kill often lands

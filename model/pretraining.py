@@ -1,0 +1,141 @@
+"""Pretraining's objective: next-token prediction on token shards, through ``model.train.train``.
+
+A pretraining starts from random weights, from another model's weights (``initial_weights``), or
+continues an earlier model's checkpoint on a grown corpus (``Continuation``), mixing old and new
+shards; with a data mixture, each source's shards are drawn at its weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
+from gptflow.data.mixture import MixturePart
+from gptflow.data.store import LOCAL_STORE, ArtifactStore
+from gptflow.model.checkpoint import load_checkpoint, load_model, save_final
+from gptflow.model.config import ModelConfig, TrainConfig
+from gptflow.model.distributed import Ranks
+from gptflow.model.evaluate import evaluate_loss
+from gptflow.model.gpt import GPT
+from gptflow.model.objective import Batch, TrainingCallback, TrainingObjective, TrainResult
+from gptflow.model.train import train
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """Continue a trained model on a grown corpus instead of starting from random weights."""
+
+    checkpoint: Path
+    """A checkpoint of the earlier run: its weights and optimizer state are the starting point
+    (the learning-rate schedule starts over: warmup, then decay over this run's steps)."""
+    new_train_paths: Sequence[Path]
+    """Token shards added since that run; ``train_paths`` holds the ones it already saw."""
+    new_data_fraction: float
+    """Share of training windows drawn from the new shards; the rest replays the old ones."""
+
+
+@dataclass
+class PretrainObjective(TrainingObjective):
+    """Next-token prediction on token shards, from random weights, from a trained model's weights
+    (``initial_weights``) or continuing a checkpoint."""
+
+    model_config: ModelConfig
+    train_paths: Sequence[Path]
+    val_paths: Sequence[Path]
+    continuation: Continuation | None = None
+    mixture: Sequence[MixturePart] = ()
+    initial_weights: Path | None = None
+    """A model directory (``final/``, an import) whose weights, not optimizer state, step 0 starts from."""
+
+    def __post_init__(self) -> None:
+        self.train_windows = training_windows(self.train_paths, self.continuation, self.mixture, self.model_config)
+        self.val_windows = (TokenWindows(self.val_paths, self.model_config.block_size, self.model_config.vocab_size)
+                            if self.val_paths else None)
+
+    def build_model(self) -> GPT:
+        return GPT(self.model_config)
+
+    def trunk(self, model: nn.Module) -> GPT:
+        return model
+
+    def batches(self, seed: int, steps: range, accum_steps: int, micro_batch_size: int, ranks: Ranks,
+                pin_memory: bool) -> Iterator[Batch]:
+        for inputs, targets in prefetch_batches(self.train_windows, seed, steps, accum_steps, micro_batch_size,
+                                                ranks.rank, ranks.world_size, pin_memory=pin_memory):
+            yield Batch(inputs, targets, inputs.numel())
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch.inputs, batch.targets, return_logits=False)[1]
+
+    def validate(self, model: nn.Module, train_config: TrainConfig, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> dict[str, float]:
+        if self.val_windows is None:
+            return {}
+        loss, _ = evaluate_loss(model, self.val_windows, train_config.val_tokens, train_config.micro_batch_size,
+                                device, autocast_dtype)
+        return {"loss": loss}
+
+    def start_fresh(self, model: nn.Module, optimizer: torch.optim.Optimizer, artifacts: ArtifactStore) -> None:
+        if self.continuation is not None:
+            load_checkpoint(self.continuation.checkpoint, model, optimizer, artifacts)
+        elif self.initial_weights is not None:
+            initial = load_model(self.initial_weights, artifacts=artifacts)
+            if initial.config != self.model_config:
+                raise ValueError(f"{self.initial_weights} holds a model of config {initial.config}, not "
+                                 f"{self.model_config}: train with the model's own settings")
+            set_model_state_dict(model, initial.state_dict(), options=StateDictOptions(full_state_dict=True))
+
+    def export(self, model: nn.Module, run_dir: Path, artifacts: ArtifactStore) -> None:
+        save_final(run_dir, model, artifacts)
+
+
+def run_pretraining(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    train_paths: Sequence[Path],
+    val_paths: Sequence[Path],
+    run_dir: Path,
+    callback: TrainingCallback | None = None,
+    resume: bool = False,
+    continuation: Continuation | None = None,
+    mixture: Sequence[MixturePart] = (),
+    initial_weights: Path | None = None,
+    artifacts: ArtifactStore = LOCAL_STORE,
+) -> TrainResult:
+    """Train a GPT on the token shards ``train_paths`` (see ``train``), validating on up to
+    ``val_tokens`` tokens in windows spread over all of ``val_paths`` (skipped when empty).
+
+    A fresh start begins from random weights, from the model in ``initial_weights`` (its weights;
+    the optimizer starts afresh), or from ``continuation``'s checkpoint, sampling its new shards
+    at its ``new_data_fraction``. With ``mixture`` (a data mixture, never with a
+    continuation), each part's shards are drawn at its probability instead of ``train_paths`` as one stream.
+    """
+    objective = PretrainObjective(model_config, train_paths, val_paths, continuation, mixture, initial_weights)
+    return train(objective, train_config, run_dir, callback, resume, artifacts)
+
+
+def training_windows(
+    train_paths: Sequence[Path],
+    continuation: Continuation | None,
+    mixture: Sequence[MixturePart],
+    model_config: ModelConfig,
+) -> TokenWindows | MixedWindows:
+    block_size, vocab_size = model_config.block_size, model_config.vocab_size
+    if mixture:
+        if continuation is not None:
+            raise ValueError("a data mixture trains from scratch: continuing a model mixes old and new data instead")
+        return MixedWindows([(TokenWindows(part.train_paths, block_size, vocab_size), part.probability)
+                             for part in mixture])
+    if continuation is None or not continuation.new_train_paths:
+        return TokenWindows(train_paths, block_size, vocab_size)
+    new = TokenWindows(continuation.new_train_paths, block_size, vocab_size)
+    if not train_paths:
+        return new
+    old = TokenWindows(train_paths, block_size, vocab_size)
+    return MixedWindows([(old, 1.0 - continuation.new_data_fraction), (new, continuation.new_data_fraction)])
