@@ -33,7 +33,6 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,21 +40,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gptflow.data.chat import ROLES, ChatTemplate, Message
+from gptflow.data.chat import ChatTemplate
 from gptflow.data.commits import atomic_directory, read_contents_hash
 from gptflow.data.errors import SkipReport
-from gptflow.data.finetune_inputs import OBJECTIVES, FinetuneDataError, check_data_file
-from gptflow.data.hashing import hash_json, split_by_hash
-from gptflow.data.readers import read_records
+from gptflow.data.finetune_inputs import OBJECTIVES, FinetuneDataError
+from gptflow.data.finetune_records import Example, read_examples, require_both_splits
 from gptflow.data.store import LOCAL_STORE, ArtifactStore
 from gptflow.data.tagging import (
     NOT_SCORED,
-    SPANS_FIELD,
-    Span,
-    SpanError,
     align,
-    conll_spans,
-    parse_spans,
     tag_names,
     tags_of,
 )
@@ -64,12 +57,6 @@ from gptflow.data.tokenizer import EOT_TOKEN, load_tokenizer
 PREPARED_FILE = "prepared.json"
 ROWS_PER_BATCH = 1024
 
-SKIP_NOT_AN_OBJECT = "record not a JSON object"
-SKIP_MISSING_FIELDS = "record without the expected fields"
-SKIP_MALFORMED_MESSAGES = "malformed messages"
-SKIP_EMPTY_RESPONSE = "empty response"
-SKIP_EMPTY_TEXT = "empty text"
-SKIP_BAD_LABEL = "empty or non-text label"
 SKIP_TOO_LONG = "longer than max_length"
 SKIP_PROMPT_FILLS_MAX_LENGTH = "prompt leaves no response token within max_length"
 SKIP_UNSEEN_LABEL = "val label not seen in train"
@@ -78,10 +65,6 @@ SKIP_UNSEEN_SPAN_LABEL = "val span label not seen in train"
 SKIP_UNKNOWN_SPAN_LABEL = "span label the tagger was not trained on"
 EVAL_SPLIT = "eval"
 """The one split of a labelled file prepared to score a trained classifier (``prepare_labelled``)."""
-
-SFT_FORMAT = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "user", "content": "..."}, '
-              '{"role": "assistant", "content": "..."}]}')
-
 
 @dataclass
 class PreparedData:
@@ -145,25 +128,6 @@ class PreparedSplit:
     """tagging: per token, ``(start, end)`` characters of its text (``(0, 0)`` for the start token)."""
 
 
-@dataclass
-class _Example:
-    location: str
-    split: str
-    messages: list[Message] | None = None
-    text: str | None = None
-    label: str | None = None
-    spans: list[Span] | None = None
-
-
-class _Skip(Exception):
-    def __init__(self, reason: str, detail: str = "", location: str | None = None) -> None:
-        self.reason = reason
-        self.detail = detail
-        """What is wrong, for the skip report."""
-        self.location = location
-        """Where, when more precise than the record's location (a CoNLL tag's line)."""
-
-
 def prepare_examples(
     objective: str,
     train_file: Path,
@@ -191,11 +155,11 @@ def prepare_examples(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     skips = SkipReport()
-    examples = list(_read_examples(objective, Path(train_file), "train" if val_file else None, val_fraction,
+    examples = list(read_examples(objective, Path(train_file), "train" if val_file else None, val_fraction,
                                    text_field, label_field, skips))
     if val_file is not None:
-        examples += _read_examples(objective, Path(val_file), "val", val_fraction, text_field, label_field, skips)
-    _require_both_splits(examples, train_file, val_file, skips)
+        examples += read_examples(objective, Path(val_file), "val", val_fraction, text_field, label_field, skips)
+    require_both_splits(examples, train_file, val_file, skips)
     labels: list[str] = []
     if objective == "classification":
         labels = sorted({example.label for example in examples if example.split == "train"})
@@ -206,7 +170,7 @@ def prepare_examples(
             if example.split == "val" and example.label not in labels:
                 skips.add(SKIP_UNSEEN_LABEL, f"{example.location} ({example.label!r})")
         examples = [example for example in examples if example.split == "train" or example.label in labels]
-        _require_both_splits(examples, train_file, val_file, skips)
+        require_both_splits(examples, train_file, val_file, skips)
     elif objective == "tagging":
         labels = sorted({span.label for example in examples if example.split == "train" for span in example.spans})
         if not labels:
@@ -214,7 +178,7 @@ def prepare_examples(
                                     'spans, e.g. {"text": "def f(): pass", "spans": [[0, 3, "keyword"]]}.')
         examples = [example for example in examples if example.split == "train"
                     or _spans_known(example, labels, SKIP_UNSEEN_SPAN_LABEL, skips)]
-        _require_both_splits(examples, train_file, val_file, skips)
+        require_both_splits(examples, train_file, val_file, skips)
 
     tokenizer = load_tokenizer(tokenizer_file)
     template = template or ChatTemplate()
@@ -252,7 +216,7 @@ def prepare_labelled(
     settings for the fields, for error messages."""
     skips = SkipReport()
     examples = []
-    for example in _read_examples(objective, Path(path), EVAL_SPLIT, 0.0, text_field, label_field, skips,
+    for example in read_examples(objective, Path(path), EVAL_SPLIT, 0.0, text_field, label_field, skips,
                                   field_settings):
         if objective == "tagging":
             if _spans_known(example, labels, SKIP_UNKNOWN_SPAN_LABEL, skips):
@@ -277,7 +241,7 @@ def prepare_labelled(
 
 
 def _write_examples(
-    directory: Path, split: str, examples: list[_Example], source: Path, tokenizer: Any, template: ChatTemplate,
+    directory: Path, split: str, examples: list[Example], source: Path, tokenizer: Any, template: ChatTemplate,
     prepared: PreparedData, overlong: str, skips: SkipReport,
 ) -> None:
     """Encode ``examples`` into ``<split>.arrow`` in ``directory`` and record the split's counts in
@@ -355,7 +319,7 @@ def _cut_spans(tags: list[int], max_length: int, token_spans: list[tuple[int, in
     return tags
 
 
-def _spans_known(example: _Example, labels: list[str], reason: str, skips: SkipReport) -> bool:
+def _spans_known(example: Example, labels: list[str], reason: str, skips: SkipReport) -> bool:
     """Whether every span label of ``example`` is one of ``labels``; if not, the skip is counted."""
     unknown = sorted({span.label for span in example.spans} - set(labels))
     if unknown:
@@ -407,103 +371,3 @@ def _write_split(path: Path, objective: str, rows: list[dict[str, Any]]) -> None
             batch = rows[start:start + ROWS_PER_BATCH]
             arrays = [pa.array([row[column.name] for row in batch], column.type) for column in schema]
             writer.write_batch(pa.record_batch(arrays, schema=schema))
-
-
-def _require_both_splits(examples: list[_Example], train_file: Path, val_file: Path | None, skips: SkipReport) -> None:
-    found = Counter(example.split for example in examples)
-    if not found["train"]:
-        raise FinetuneDataError(f"No usable training example in {train_file} ({skips.summary()}). Expected one "
-                                f"record per line or row, e.g. {SFT_FORMAT} for sft.")
-    if not found["val"]:
-        where = str(val_file) if val_file else f"the val_fraction of {train_file} (raise finetune.val_fraction or pass a val file)"
-        raise FinetuneDataError(f"No usable validation example in {where} ({skips.summary()}).")
-
-
-def _read_examples(
-    objective: str, path: Path, split: str | None, val_fraction: float, text_field: str, label_field: str,
-    skips: SkipReport, field_settings: str = "finetune.text_field and finetune.label_field",
-) -> Iterator[_Example]:
-    """Examples of one file; ``split`` None splits them by record hash. ``field_settings`` names
-    the settings that choose other fields, for the error when no record has them."""
-    records = read_records(check_data_file(path), skips)
-    seen_keys: set[str] = set()
-    reasons: Counter[str] = Counter()
-    for location, record in records:
-        if not isinstance(record, dict):
-            skips.add(SKIP_NOT_AN_OBJECT, location)
-            continue
-        seen_keys.update(key for key in record if isinstance(key, str))  # csv puts surplus cells under None
-        try:
-            example = (_sft_example(record, location) if objective == "sft"
-                       else _tagging_example(record, location, text_field) if objective == "tagging"
-                       else _classification_example(record, location, text_field, label_field))
-        except _Skip as skip:
-            skips.add(skip.reason, (skip.location or location) + (f" ({skip.detail})" if skip.detail else ""))
-            reasons[skip.reason] += 1
-            continue
-        reasons["usable"] += 1
-        example.split = split or split_by_hash(hash_json(record), val_fraction)
-        yield example
-    if reasons and set(reasons) == {SKIP_MISSING_FIELDS}:
-        # Not bad records but the wrong fields: a setting (or file) to fix, not data to skip.
-        expected = {"sft": SFT_FORMAT, "tagging": f"fields {text_field!r} and {SPANS_FIELD!r}"}.get(
-            objective, f"fields {text_field!r} and {label_field!r}")
-        raise FinetuneDataError(f"No record of {path} has the {objective} fields: expected {expected}; its records have "
-                                f"{', '.join(repr(key) for key in sorted(seen_keys))}. For classification and "
-                                f"tagging, {field_settings} name other fields.")
-
-
-def _sft_example(record: dict[str, Any], location: str) -> _Example:
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not all(
-            isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
-            for message in messages
-        ):
-            raise _Skip(SKIP_MALFORMED_MESSAGES)
-        parsed = [Message(message["role"], message["content"]) for message in messages]
-        responses = [message for message in parsed if message.role == "assistant"]
-        if not responses or not all(message.content.strip() for message in responses):
-            raise _Skip(SKIP_EMPTY_RESPONSE)
-        return _Example(location, "", messages=parsed)
-    if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
-        raise _Skip(SKIP_MISSING_FIELDS)
-    if not record["response"].strip():
-        raise _Skip(SKIP_EMPTY_RESPONSE)
-    system = record.get("system")
-    messages = [Message("system", system)] if isinstance(system, str) and system.strip() else []
-    messages += [Message("user", record["prompt"]), Message("assistant", record["response"])]
-    return _Example(location, "", messages=messages)
-
-
-def _classification_example(record: dict[str, Any], location: str, text_field: str, label_field: str) -> _Example:
-    if text_field not in record or label_field not in record:
-        raise _Skip(SKIP_MISSING_FIELDS)
-    text, label = record[text_field], record[label_field]
-    if not isinstance(text, str) or not text.strip():
-        raise _Skip(SKIP_EMPTY_TEXT)
-    if isinstance(label, int) and not isinstance(label, bool):
-        label = str(label)
-    if not isinstance(label, str) or not label.strip():
-        raise _Skip(SKIP_BAD_LABEL)
-    return _Example(location, "", text=text.replace("\r\n", "\n"), label=label.strip())
-
-
-def _tagging_example(record: dict[str, Any], location: str, text_field: str) -> _Example:
-    """A record of text and spans, or a CoNLL sentence (``data.readers``: words, tags, lines)."""
-    try:
-        if "words" in record and "tags" in record:
-            text, spans = conll_spans(record["words"], record["tags"])
-            return _Example(location, "", text=text, spans=spans)
-        if text_field not in record or SPANS_FIELD not in record:
-            raise _Skip(SKIP_MISSING_FIELDS)
-        text = record[text_field]
-        if not isinstance(text, str) or not text.strip():
-            raise _Skip(SKIP_EMPTY_TEXT)
-        # Offsets count characters of the text as given: no newline normalisation here.
-        return _Example(location, "", text=text, spans=parse_spans(record[SPANS_FIELD], text))
-    except SpanError as error:
-        # A CoNLL tag is named by its own line.
-        line = f"{location.rsplit(':', 1)[0]}:{record['lines'][error.word]}" if error.word is not None else None
-        raise _Skip(error.reason, error.detail, line) from None
-

@@ -10,19 +10,20 @@ import pytest
 
 from gptflow.data.chat import ChatTemplate, Message
 from gptflow.data.finetune_data import (
-    SKIP_EMPTY_RESPONSE,
-    SKIP_MALFORMED_MESSAGES,
-    SKIP_MISSING_FIELDS,
-    SKIP_NOT_AN_OBJECT,
     SKIP_PROMPT_FILLS_MAX_LENGTH,
     SKIP_TOO_LONG,
     SKIP_UNKNOWN_LABEL,
     SKIP_UNSEEN_LABEL,
-    FinetuneDataError,
-    check_data_file,
     prepare_examples,
     prepare_labelled,
     read_split,
+)
+from gptflow.data.finetune_inputs import FinetuneDataError, check_data_file
+from gptflow.data.finetune_records import (
+    SKIP_EMPTY_RESPONSE,
+    SKIP_MALFORMED_MESSAGES,
+    SKIP_MISSING_FIELDS,
+    SKIP_NOT_AN_OBJECT,
 )
 from gptflow.data.readers import SKIP_INVALID_JSON, SKIP_INVALID_UTF8
 from gptflow.data.tokenizer import load_tokenizer

@@ -13,13 +13,12 @@ import pytest
 from gptflow.data.finetune_data import (
     SKIP_UNKNOWN_SPAN_LABEL,
     SKIP_UNSEEN_SPAN_LABEL,
-    FinetuneDataError,
-    check_data_file,
     prepare_examples,
     prepare_labelled,
     read_split,
 )
 from gptflow.data.finetune_demo import TAG_KINDS, python_token_spans, tagging_records
+from gptflow.data.finetune_inputs import FinetuneDataError, check_data_file
 from gptflow.data.readers import SKIP_INVALID_UTF8
 from gptflow.data.sources import builtin_corpus_root
 from gptflow.data.tagging import (
