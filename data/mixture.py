@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gptflow.data.errors import UserError
 
@@ -94,6 +94,15 @@ class MixturePart:
     source: str
     probability: float
     train_paths: list[Path]
+
+    def to_json(self) -> dict[str, Any]:
+        """As a training job holds it, in plain JSON (``from_json`` reads it back)."""
+        return {"source": self.source, "probability": self.probability,
+                "train_paths": [str(path) for path in self.train_paths]}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> MixturePart:
+        return cls(value["source"], value["probability"], [Path(path) for path in value["train_paths"]])
 
 
 def mixture_parts(

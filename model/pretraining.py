@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,16 @@ class Continuation:
     """Token shards added since that run; ``train_paths`` holds the ones it already saw."""
     new_data_fraction: float
     """Share of training windows drawn from the new shards; the rest replays the old ones."""
+
+    def to_json(self) -> dict[str, Any]:
+        """As a training job holds it, in plain JSON (``from_json`` reads it back)."""
+        return {"checkpoint": str(self.checkpoint), "new_train_paths": [str(path) for path in self.new_train_paths],
+                "new_data_fraction": self.new_data_fraction}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Continuation:
+        return cls(Path(value["checkpoint"]), [Path(path) for path in value["new_train_paths"]],
+                   value["new_data_fraction"])
 
 
 @dataclass

@@ -141,22 +141,10 @@ def train_model(
     as any other is."""
     if init_from is None:
         model_config = dataclasses.replace(model_config, vocab_size=pad_vocab_size(tokenizer.vocab_size))
-    plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch,
-                         workspace.artifacts)
-    if mixture and (plan.continue_from or plan.keep):
-        plan = TrainingPlan(note="pretrain: --corpus weights train a new model from scratch (continuing the earlier "
-                                 "model on the data added since would draw by old and new files, not by source)")
-    if plan.note:
-        run_logger().warning(plan.note) if plan.keep is None else run_logger().info(plan.note)
+    plan = _announced_plan(lineage, model_config, tokenizer, tokens, from_scratch, mixture, workspace.artifacts)
     run.log_params({"model.padded_vocab_size": model_config.vocab_size})
-
     if plan.keep is not None:
-        trained = _registered_in_tracking_store(TrainedModel(**plan.keep.trained), registered_model_name, run,
-                                                workspace.artifacts)
-        run.record_stage("pretrain", "cached")
-        run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run,
-                      REGISTERED_MODEL_TAG: trained.registered_model})
-        return trained
+        return _kept_model(plan.keep, registered_model_name, run, workspace.artifacts)
 
     train_paths, continuation = tokens.paths("train"), None
     if plan.continue_from is not None:
@@ -195,11 +183,7 @@ def train_model(
         train_config=dataclasses.asdict(train_config),
         train_paths=[str(path) for path in train_paths],
         val_paths=[str(path) for path in tokens.paths("val")],
-        continuation=None if continuation is None else {
-            "checkpoint": str(continuation.checkpoint),
-            "new_train_paths": [str(path) for path in continuation.new_train_paths],
-            "new_data_fraction": continuation.new_data_fraction,
-        },
+        continuation=None if continuation is None else continuation.to_json(),
         run_dir=str(run_dir),
         tokenizer_file=tokenizer.path,
         registered_model_name=registered_model_name,
@@ -207,8 +191,7 @@ def train_model(
         tracking_uri=workspace.tracking_uri,
         mlflow_run_id=run.run_id,
         restart=restart,
-        mixture=[{"source": part.source, "probability": part.probability,
-                  "train_paths": [str(path) for path in part.train_paths]} for part in mixture or ()],
+        mixture=[part.to_json() for part in mixture or ()],
         rendezvous=None if rendezvous is None else dataclasses.asdict(rendezvous),
         initial_weights=str(init_from.model_dir) if init_from is not None else None,
     )
@@ -224,19 +207,7 @@ def train_model(
     if outcome.status == "cached":
         trained = _registered_in_tracking_store(trained, registered_model_name, run, workspace.artifacts)
     run.record_stage("pretrain", outcome.status)
-    tags = {
-        "gptflow.training": "continued" if continuation else "initialized" if init_from else "from_scratch",
-        "gptflow.trained_in_run": trained.trained_in_mlflow_run,
-        REGISTERED_MODEL_TAG: trained.registered_model,
-    }
-    if plan.continue_from is not None:
-        tags["gptflow.continues_run"] = plan.continue_from.mlflow_run_id
-    if init_from is not None:
-        tags["gptflow.init_from"] = init_from.source
-    run.set_tags(tags)
-    # The model itself was logged and registered by the run that trained it (the tags name it);
-    # a cached run does not upload it again.
-    run.log_artifact(Path(trained.report_dir), "plots")
+    _tag_training(run, trained, plan, init_from)
     lineage.add_model(ModelRecord(
         stage_key=key,
         compatibility=compatibility_key(dataclasses.asdict(model_config), tokenizer.hash),
@@ -248,6 +219,45 @@ def train_model(
         continued_from=plan.continue_from,
     ))
     return trained
+
+
+def _announced_plan(lineage: Lineage, model_config: ModelConfig, tokenizer: TokenizerArtifact, tokens: TokenManifest,
+                    from_scratch: bool, mixture: list[MixturePart] | None, artifacts: ArtifactStore) -> TrainingPlan:
+    """``plan_training``'s plan, from scratch with a data mixture; its note logged."""
+    plan = plan_training(lineage, dataclasses.asdict(model_config), tokenizer.hash, tokens, from_scratch, artifacts)
+    if mixture and (plan.continue_from or plan.keep):
+        plan = TrainingPlan(note="pretrain: --corpus weights train a new model from scratch (continuing the earlier "
+                                 "model on the data added since would draw by old and new files, not by source)")
+    if plan.note:
+        run_logger().warning(plan.note) if plan.keep is None else run_logger().info(plan.note)
+    return plan
+
+
+def _kept_model(kept: ModelRecord, registered_model_name: str, run: PipelineRun,
+                artifacts: ArtifactStore) -> TrainedModel:
+    """The lineage's model, kept as it is (no new training data since it was trained)."""
+    trained = _registered_in_tracking_store(TrainedModel(**kept.trained), registered_model_name, run, artifacts)
+    run.record_stage("pretrain", "cached")
+    run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run,
+                  REGISTERED_MODEL_TAG: trained.registered_model})
+    return trained
+
+
+def _tag_training(run: PipelineRun, trained: TrainedModel, plan: TrainingPlan, init_from: InitialModel | None) -> None:
+    """How the model was trained, by which run, and its registered version; and its loss curves.
+    The model itself was logged and registered by the run that trained it (the tags name it): a
+    cached run does not upload it again."""
+    tags = {
+        "gptflow.training": "continued" if plan.continue_from else "initialized" if init_from else "from_scratch",
+        "gptflow.trained_in_run": trained.trained_in_mlflow_run,
+        REGISTERED_MODEL_TAG: trained.registered_model,
+    }
+    if plan.continue_from is not None:
+        tags["gptflow.continues_run"] = plan.continue_from.mlflow_run_id
+    if init_from is not None:
+        tags["gptflow.init_from"] = init_from.source
+    run.set_tags(tags)
+    run.log_artifact(Path(trained.report_dir), "plots")
 
 
 def _run_tokenizer(trained: TrainedModel, artifacts: ArtifactStore) -> Path:

@@ -95,13 +95,8 @@ class TrainingJob:
     def run(self, prefect_progress: bool) -> TrainedModel | None:
         """Train (this process's rank of it); rank 0 reports and returns the result, others None."""
         train_config = TrainConfig(**self.train_config)
-        continuation = None if self.continuation is None else Continuation(
-            checkpoint=Path(self.continuation["checkpoint"]),
-            new_train_paths=[Path(path) for path in self.continuation["new_train_paths"]],
-            new_data_fraction=self.continuation["new_data_fraction"],
-        )
-        mixture = [MixturePart(part["source"], part["probability"], [Path(path) for path in part["train_paths"]])
-                   for part in self.mixture]
+        continuation = None if self.continuation is None else Continuation.from_json(self.continuation)
+        mixture = [MixturePart.from_json(part) for part in self.mixture]
         is_main = Ranks.from_environment().is_main
         artifacts = Workspace(Path(self.workspace)).artifacts
         run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id) if is_main else None
