@@ -153,16 +153,8 @@ def train_model(
         new_paths = [path for unit, path in _train_shards(tokens) if unit not in old_units]
         continuation = Continuation(Path(plan.continue_from.checkpoint), new_paths, incremental.new_data_fraction)
         train_config = _continuation_schedule(train_config, incremental, tokens, new_paths, model_config)
-    settings = {
-        "model": dataclasses.asdict(model_config),
-        "train": train_config.trained_settings(),
-        "continuation": None if continuation is None else {
-            "weights": plan.continue_from.weights_hash,
-            "seen_tokens": plan.continue_from.tokens_fingerprint,
-            "new_data_fraction": incremental.new_data_fraction,
-        },
-        "mixture": _mixture_setting(mixture, tokens),
-    }
+    settings = _key_settings(model_config, train_config, plan.continue_from if continuation else None,
+                             incremental, mixture, tokens)
     inputs = {"tokens": tokens.fingerprint, "tokenizer": tokenizer.hash}
     if init_from is not None:
         inputs["initial_weights"] = init_from.weights_hash
@@ -219,6 +211,23 @@ def train_model(
         continued_from=plan.continue_from,
     ))
     return trained
+
+
+def _key_settings(model_config: ModelConfig, train_config: TrainConfig, continued: ContinuationSource | None,
+                  incremental: IncrementalConfig, mixture: list[MixturePart] | None,
+                  tokens: TokenManifest) -> dict[str, Any]:
+    """What a training's key holds of its settings: the model, what shapes training, the model it
+    continues and the data mixture."""
+    return {
+        "model": dataclasses.asdict(model_config),
+        "train": train_config.trained_settings(),
+        "continuation": None if continued is None else {
+            "weights": continued.weights_hash,
+            "seen_tokens": continued.tokens_fingerprint,
+            "new_data_fraction": incremental.new_data_fraction,
+        },
+        "mixture": _mixture_setting(mixture, tokens),
+    }
 
 
 def _announced_plan(lineage: Lineage, model_config: ModelConfig, tokenizer: TokenizerArtifact, tokens: TokenManifest,
