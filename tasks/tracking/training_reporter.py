@@ -7,13 +7,23 @@ import contextlib
 import importlib.util
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from gptflow.tasks.tracking.progress import human_count, human_duration, run_logger
 from gptflow.tasks.tracking.run import BufferedMetrics, PipelineRun
+
+PROGRESS_LINE: tuple[tuple[str, Callable[[float], str]], ...] = (
+    ("train/loss", lambda loss: f"loss {loss:.3f}"),
+    ("val/loss", lambda loss: f"val {loss:.3f}"),
+    ("val/accuracy", lambda accuracy: f"val acc {accuracy:.3f}"),
+    ("train/lr", lambda learning_rate: f"lr {learning_rate:.2e}"),
+    ("train/tokens_per_sec", lambda speed: f"{human_count(speed)} tok/s"),
+    ("train/mfu", lambda mfu: f"MFU {mfu:.1%}"),
+)
+"""The metrics a training's progress line shows when a step reports them, in order, and how."""
 
 
 class TrainingReporter:
@@ -46,18 +56,7 @@ class TrainingReporter:
             seconds_per_step = (time.monotonic() - self.started) / (step - self.first_step)
             eta = f" · ETA {human_duration(seconds_per_step * (self.max_steps - step))}"
         parts = [f"step {step}/{self.max_steps}"]
-        if "train/loss" in metrics:
-            parts.append(f"loss {metrics['train/loss']:.3f}")
-        if "val/loss" in metrics:
-            parts.append(f"val {metrics['val/loss']:.3f}")
-        if "val/accuracy" in metrics:
-            parts.append(f"val acc {metrics['val/accuracy']:.3f}")
-        if "train/lr" in metrics:
-            parts.append(f"lr {metrics['train/lr']:.2e}")
-        if "train/tokens_per_sec" in metrics:
-            parts.append(f"{human_count(metrics['train/tokens_per_sec'])} tok/s")
-        if "train/mfu" in metrics:
-            parts.append(f"MFU {metrics['train/mfu']:.1%}")
+        parts += [shown(metrics[name]) for name, shown in PROGRESS_LINE if name in metrics]
         line = f"{self.stage}: " + " · ".join(parts) + eta
         self.logger.info(line)
         if self.progress_artifact:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import torch
+from record_losses import RecordLosses  # beside this script, which runs as a file
 
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.pretraining import run_pretraining
@@ -26,25 +27,6 @@ TRAIN_CONFIG = TrainConfig(
     max_steps=20, grad_accum_steps=2, learning_rate=3e-3, warmup_steps=5, log_interval=2,
     val_interval=10, val_tokens=128, checkpoint_interval=10, device="cpu",
 )
-
-
-class RecordLosses:
-    def __init__(self, die_after_checkpoint: int | None = None) -> None:
-        self.losses: dict[int, float] = {}
-        self.die_after_checkpoint = die_after_checkpoint
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.losses[step] = metrics["train/loss"]
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        if step == self.die_after_checkpoint:
-            os._exit(3)
-
-    def on_resume(self, step: int, path: Path) -> None:
-        pass
-
-    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
-        raise AssertionError(f"checkpoint {path} did not load: {error}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record_losses import RecordLosses  # beside this script, which runs as a file
 
 from gptflow.data.finetune_data import PreparedSplit
 from gptflow.model.config import TrainConfig
@@ -40,24 +41,6 @@ def sft_examples(count: int, seed: int) -> PreparedSplit:
     return PreparedSplit(input_ids=[np.array(ids, dtype=np.int32) for ids in examples],
                          locations=[f"data.jsonl:{line}" for line in range(count)],
                          loss_mask=[np.array([False] * 5 + [True] * (length + 1)) for length in lengths])
-
-
-class RecordLosses:
-    def __init__(self) -> None:
-        self.losses: dict[int, float] = {}
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        if "train/loss" in metrics:
-            self.losses[step] = metrics["train/loss"]
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        pass
-
-    def on_resume(self, step: int, path: Path) -> None:
-        pass
-
-    def on_unusable_checkpoint(self, path: Path, error: Exception, fallback: Path | None) -> None:
-        raise AssertionError(f"checkpoint {path} did not load: {error}")
 
 
 if __name__ == "__main__":
