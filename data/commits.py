@@ -9,6 +9,18 @@ Consumers that read every byte re-hash first (``verify_contents``) and discard w
 A write that runs out of space leaves nothing behind either, and is raised as one
 ``OutOfSpaceError`` naming what was written and the space left.
 
+``is_complete`` is cheap (size and mtime; only a file whose mtime moved is re-hashed), so bytes
+altered behind a restored mtime pass it. The consumers that read an artifact whole re-hash it
+first, where that costs little beside reading it: the pretrain task every token shard its job
+reads, once before training rather than in each torchrun rank
+(``tasks.stages.training.pretrain_model_task``); ``model.checkpoint.load_model`` the weights and
+config (evaluation, generation, a fine-tuning's base, the MLflow models); ``load_checkpoint`` the
+checkpoint it resumes or continues from. Stages that read part of an artifact (the loss on a
+budget of a split's tokens) do not. A failed check, like ``data.loader.TokenWindows`` finding a
+token id beyond the vocabulary, raises ``CorruptArtifactError`` (a one-line user error) after
+``discard_contents``: ``is_complete`` is false from then on, so the stage's cached record is
+refused and the next run recomputes the directory.
+
 These functions see only this machine's disk; ``data.store.ArtifactStore`` is what the pipeline
 holds, and adds the object store of a mirrored workspace (``data.mirror``).
 """

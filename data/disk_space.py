@@ -1,5 +1,15 @@
 """Writes that run out of space (disk full, quota used up, file size limit): recognised whatever
-library raised them, and reported in one message naming what was written and the space left."""
+library raised them, and reported in one message naming what was written and the space left.
+
+ENOSPC, EDQUOT and EFBIG are recognised as an ``OSError``, and as the errors safetensors and
+tokenizers (Rust's ``(os error 28)``) and SQLite (the MLflow store) raise for them. A write
+through ``data.commits`` first removes its ``.tmp-*`` file or directory, so nothing partial stays
+to fill the disk, then raises ``OutOfSpaceError`` naming what was being written (the store
+directory, an MLflow artifact under ``mlartifacts/``), the free space on that filesystem and the
+fix; ``tasks.runtime.caching.run_stage`` adds the stage's name, and the command line prints it as
+one line (exit status 2). Freeing space, or pointing ``--workspace`` / ``GPTFLOW_HOME``
+elsewhere, and rerunning the same command reuses every stage that completed.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Content hashes: of bytes, files, streams and JSON values; every key and listing in the store uses them."""
+"""Content hashes: of bytes, files, streams and JSON values; every key and listing in the store uses them.
+
+Every hash is blake2b with a 16-byte digest, written as 32 hex characters: a segment's
+``doc_hash``, a file's entry in ``contents.json``, a stage key (``hash_json`` of its parts, keys
+sorted). ``split_by_hash`` reads a hash's first 8 hex digits as a fraction of 2^32 and sends it
+to val below ``val_fraction``: corpus segments and fine-tuning records alike.
+"""
 
 from __future__ import annotations
 

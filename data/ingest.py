@@ -12,6 +12,32 @@ unit's ``drop_doc_hashes`` list, which tokenize honours (hashes partitioned by v
 bounded whatever the corpus's size). Units stay independent of each other that
 way, so one new file never invalidates the others. With ``data.near_dedup_threshold`` set, near
 duplicates of kept segments then join the drop lists too (``near_dedup``).
+
+A unit's key (``_unit_key``) holds the code version of this module (with the reader, shards,
+sources and errors it imports), the file's content hash, format, compression, ``text_field``
+(structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars`` and
+``redact_pii``; not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
+only) nor ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s
+counts: documents read (each once), documents cut and the segments they became, segments and
+bytes per split, duplicates dropped within the file, redactions, skips. Which files' hashes are
+known without reading them is remembered in ``file-hashes.json`` (``FILE_HASH_CACHE``, by
+``data.sources.source_stamp``), so a rerun hashes only new or changed files.
+
+Segments (``cut_into_segments``): a document longer than ``data.segment_chars`` (default 4,096)
+is cut greedily from its start, each segment ending after the last non-space character of the
+first line that reaches that size and is followed by more text, so the pre-tokenizer ends a
+token at every cut and segments encoded apart give the whole document's tokens. Each segment's
+split is ``data.hashing.split_by_hash`` of its hash, so a corpus of one large file (a book, a
+log) has a val split: a 300 KB file has about 70 segments, and an empty val at ``val_fraction``
+0.05 has odds of 0.95^70, about 3%. An empty split that a flow needs is a ``CorpusError`` from
+``require_splits``, naming the fixes.
+
+The ``CorpusManifest`` lists the units in source-path order, each with its ``drop_doc_hashes``
+(sorted) and its counts net of them; its fingerprint hashes every unit's key and drop list, so
+it names exactly the segments tokenize sees. What does not scale yet: the manifest is assembled
+in the stage's process, and cross-file dedup reads every unit's hash column once per partition
+of ``DEDUP_PARTITION_SEGMENTS`` hashes (for 10^10 segments, about 40,000 passes): to be moved
+onto the cluster by partition.
 """
 
 from __future__ import annotations

@@ -7,7 +7,25 @@ so a directory is published as its data objects first and its ``contents.json`` 
 is the directory's commit, and only a committed directory whose objects have the sizes it lists
 is trusted. A copy is fetched into a temporary folder, each file checked against the commit's
 hash, then renamed into place with the commit's mtimes (so the local fast path of
-``data.commits.is_complete`` holds on every machine).
+``data.commits.is_complete`` holds on every machine). A file that does not hash to its commit, or
+an object the commit lists that is gone, makes the directory not exist: the stage computes and
+publishes it again.
+
+Each machine works in ``$GPTFLOW_CACHE/workspaces/<hash of the URL>/``, laid out as a local
+workspace, with ``mirror.json`` naming the URL, so the data layer finds the mirror from any path
+inside and needs no argument of its own. Shared single files (manifests, lineages, Prefect cache
+records) are uploaded after they are written (``publish_file``) and read from the store before
+use (``pull_file``). ``tasks.runtime.caching.run_stage`` waits for a stage's uploads before
+sharing its record, so a record never names a unit not yet in the store. Checkpoints are listed
+from the store too (``names_in``), so a run resumes on another machine. Locks between machines
+are the workspace's (``tasks.runtime.workspace.ObjectStoreLease``); at the start of a run, local
+copies beyond ``GPTFLOW_CACHE_GB`` are evicted (``evict_least_recently_used``).
+
+Cost: one request per directory checked (``data.store.CHECKS_AT_ONCE`` at once), and per new
+source file its unit's lookup; uploads overlap computing (``bench/object_store.py`` measures it
+against a local workspace). Not built: ``gs://`` workspaces (the lease relies on S3's conditional
+writes; gcsfs's generation preconditions would do the same), a store-side garbage collector for
+units no manifest names, and fetching only the byte ranges training reads.
 """
 
 from __future__ import annotations

@@ -4,6 +4,16 @@ windows from each source at its share of the weights instead of in proportion to
 The weight is a suffix of the ``--corpus`` value, never part of the source: sources are resolved,
 ingested, tokenized and keyed without it, so every mixture of one corpus shares those stages and
 only training differs. Validation draws from every source as before.
+
+``WeightedCorpus.parse`` takes the weights off (all sources weighted or none, each a positive
+finite number, each source once); ``data.sources.SourceResolution.named_by`` maps each file to
+the value that named it, and ``mixture_parts`` groups the token manifest's train shards by it
+into one ``MixturePart`` per source, its probability its weight's share of the total. The
+pretrain stage keys each part's unit keys and probability (another mixture retrains, the same one
+is cached) and trains through ``data.loader.MixedWindows`` over one ``TokenWindows`` per part. A
+mixture always trains from scratch: a model kept or continued from an earlier run would not have
+these weights. The weights are logged as given (MLflow params ``data.mixture.<source label>``);
+they live where the sources are named, not in the settings, since the corpus is a flow parameter.
 """
 
 from __future__ import annotations

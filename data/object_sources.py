@@ -7,6 +7,16 @@ ETag on S3) stand in for its bytes, as a local file's size and mtime do: a rerun
 objects reads none of them. Objects are streamed, never copied to disk, through a filesystem made
 afresh from the URL at each use: its listings are never cached (objects change between runs), and a
 source shipped to another process (a Ray worker) carries its URL, not a client.
+
+A prefix lists every object below it (hidden names and unsupported extensions skipped and
+counted, as in a folder), a glob goes through ``fs.glob``, a named object must exist. A missing
+bucket, a prefix with no objects, access denied, an unreachable endpoint or a missing fsspec
+filesystem (s3fs) is a one-line ``CorpusError`` naming the URL and the fix. The listed size and
+ETag (``SourceFile.listed_stamp``) are what ``data.sources.source_stamp`` gives for an object:
+the ingest stage's key inputs and the ``file-hashes.json`` cache. A new or changed object is
+read twice (hashed, then ingested), never copied to disk; parquet seeks its footer and reads only
+the columns wanted. Its unit key is the one the same bytes in a local file would have, so a rerun
+costs one listing per URL.
 """
 
 from __future__ import annotations

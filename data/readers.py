@@ -1,7 +1,26 @@
 """The one reader of source files: ``read_records`` turns any file gptflow reads (a corpus file,
 fine-tuning data, a benchmark, a labelled file) into located records, skipping and counting bad
-input; ``read_documents`` takes pretraining's documents from them. Formats, locations and what
-is skipped: docs/ARCHITECTURE.md, "Data formats"."""
+input; ``read_documents`` takes pretraining's documents from them.
+
+A record is ``(location, value)``: a string for a text file (``.txt .md .rst .py``, one per
+file), else a JSON value (a JSONL line, a JSON array item, or a whole JSON document), a CSV row
+keyed by its header (Python's ``csv`` over the decoded stream, ``surrogateescape`` marking
+undecodable bytes), a parquet or hub row, or a CoNLL sentence (``.conll .iob .bio``:
+``{"words", "tags", "lines"}``). ``.gz`` and ``.zst`` are read on any format but parquet. The
+location is ``path:line`` for JSONL and CSV (a row's first line) and CoNLL, ``path:record N``
+for JSON arrays, parquet and hub rows, the path alone otherwise. Text is UTF-8, a leading BOM
+dropped.
+
+Bad input is skipped and counted in a ``SkipReport`` with its location, never raised: a binary
+file (a NUL in its first ``BINARY_SNIFF_BYTES``), a line, row or text that is not UTF-8, a line
+that is not JSON, a CSV row the parser rejects, and the rest of a file that breaks off (a
+truncated archive, a corrupt parquet file). ``columns=`` lets parquet decode only the columns a
+consumer reads, and raises ``MissingColumns`` when a CSV or parquet file has none of them (a
+setting to fix, not bad data).
+
+``read_documents`` takes the text of each record (a string record, or its ``data.text_field``),
+turns ``\\r\\n`` into ``\\n``, skips documents shorter than ``min_chars`` (counted), and raises a
+``CorpusError`` naming the keys the records do have when none has the field."""
 
 from __future__ import annotations
 

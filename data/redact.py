@@ -13,8 +13,16 @@ character of context either side), most runs (a plain number) dismissed by a tes
 Precision comes before recall: a number that merely looks like a phone or card number is left
 alone unless it has the shape of one (separators where a phone number has them; a card number's
 issuer prefix, length and Luhn checksum), and a dotted quad that starts with two single digits
-(a version, ``2.7.18.1``) or follows a letter or a dot is not taken for an IP address. What each
-kind misses is in docs/ARCHITECTURE.md, "Redaction".
+(a version, ``2.7.18.1``) or follows a letter or a dot is not taken for an IP address, which also
+leaves ``8.8.4.4``-style public resolvers alone. Misses, by design: names and postal addresses (no
+shape to find), IPv6 addresses, phone numbers with neither separators nor a leading ``+``, card
+numbers of networks other than Visa, Mastercard, American Express and Discover, and secrets
+without a known prefix.
+
+Ingest redacts each document as it is read, before it is cut, hashed and split
+(``data.ingest``), so dedup, the split and every later stage see the text as it is trained on;
+``redact_pii`` is in the raw unit's key, and each unit counts its replacements per kind
+(``CorpusUnit.redactions``).
 """
 
 from __future__ import annotations

@@ -3,10 +3,14 @@ the ``unit.json`` of counts each unit carries.
 
 Raw shard ``docs-00000.arrow``: one row per segment (a document, or a piece of a long one),
 columns ``text: large_string``, ``doc_hash: string``, ``split: string``, ``continues: bool``
-(the text goes straight on from the previous row's), written in record batches of bounded size
-and rolled over to a new file every ``shard_bytes`` of text. Token shard ``{train,val}.arrow``:
-one column ``tokens`` (uint16 when the vocabulary fits, else uint32) in record batches of at most
-``TOKENS_PER_RECORD_BATCH``, written only if it gets tokens. Both are uncompressed Arrow IPC
+(the text goes straight on from the previous row's: the next segment of the same document, none
+dropped between), rows in file order, ``doc_hash`` the segment's ``data.hashing.hash_bytes``,
+written in record batches of bounded size and rolled over to a new file every ``shard_bytes`` of
+text.
+
+Token shard ``{train,val}.arrow``: one column ``tokens`` (uint16 when the vocabulary has at most
+65,536 ids, else uint32) in record batches of at most ``TOKENS_PER_RECORD_BATCH``, written only
+if it gets tokens. Both are uncompressed Arrow IPC
 files, so readers can memory-map them and touch only the columns they ask for.
 """
 

@@ -6,6 +6,14 @@ calls it: for a workspace on this machine every call stays on its disk; for a wo
 object store, the calls marked "mirrored" below also reach the object store through the store's
 ``ObjectStoreMirror`` (``data.mirror``). So a reader sees where network I/O can happen: wherever
 an ``ArtifactStore`` is called.
+
+A workspace is relocatable (``cp -a`` or ``mv`` it, and the copy runs on its own artifacts):
+whatever names a path inside the store (manifests, Prefect cache records, lineages, outboxes)
+writes it as a store reference, ``@store/<relative path>`` (``store_references``), and reads it
+back against the store it lies in (``store_paths``); a stage's ``report.json`` leaves its own
+folder out (``data.commits.write_report``). Only Prefect's record metadata names the file it
+wrote, which nothing reads back. The MLflow store keeps absolute paths: see
+``tasks.tracking.experiments`` for how a copied one is handled.
 """
 
 from __future__ import annotations

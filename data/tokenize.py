@@ -1,9 +1,14 @@
 """Stage 3, tokenize: raw shards → memory-mappable token shards, one cached unit per source file.
 
 Each raw unit becomes ``tokens/<key>/``: ``train.arrow`` and ``val.arrow`` (each only if that split
-has tokens) and ``unit.json`` (tokens, bytes and segments per split). The key covers the
-tokenizer's hash, the raw unit's key and its drop list, so a grown corpus re-tokenizes only its
-new files. The end-of-text id follows every stretch of continuous text: a whole document, or the
+has tokens) and ``unit.json`` (tokens, bytes and segments per split; the bytes are the UTF-8 bytes
+of the segments encoded, for bits per byte). The key covers this code, the tokenizer's hash, the
+raw unit's key and its drop list, so a grown corpus re-tokenizes only its new files. A unit of
+work (``tokenize_units``) is a group of consecutive files of about ``batch_bytes`` of text, so
+many small files share the tokenizer's batches; ``TokenManifest.paths(split)`` lists the shard
+files that exist, and the manifest is written as ``manifests/tokens-<fingerprint>.json``.
+
+The end-of-text id follows every stretch of continuous text: a whole document, or the
 consecutive segments of one that went to the same split (a book reads as one text in train, not a
 document every few kilobytes).
 

@@ -4,6 +4,15 @@ Byte-level means every string encodes and decodes back to itself exactly, with n
 The sample is the train segments with the smallest hashes up to ``sample_bytes``: a
 uniform draw over the whole corpus (not its first files), the same on every run, and never
 touching the validation split.
+
+The sample is drawn by per-file units run through the caller's ``MapUnits``: each file's
+``sample_candidates`` (its smallest-hash train segments covering the budget, a superset of its
+share of the corpus's choice), then ``segment_texts`` of the chosen ones; the BPE itself trains
+in the stage's process. The result is ``tokenizers/<key>/``: ``tokenizer.json`` (byte-level, no
+prefix space, so ``decode(encode(x)) == x``; ``<|endoftext|>`` is id 0 and ``<|pad|>`` id 1, and
+decoding drops them unless ``skip_special_tokens=False``) and ``tokenizer_meta.json`` (the
+settings, the corpus fingerprint, the sample's size). Key: the settings, this code, the corpus
+fingerprint.
 """
 
 from __future__ import annotations

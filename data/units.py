@@ -4,6 +4,12 @@ A stage (ingest, tokenize) is composed of unit functions, each a pure function o
 that commits its own store directory, and of the stage's assembly of their results. Where the
 units run (here, on a cluster) is the caller's choice; the default runs them
 here, in order.
+
+The data stages' interface to the layers above is plain: a ``Progress`` callback called with
+``(done, total)`` in the unit the stage's docstring names (bytes for ingest and tokenize), a
+``MapUnits``, the workspace's ``data.store.ArtifactStore``, and results that are small
+JSON-serialisable dataclasses (``to_dict`` / ``from_dict``) of paths, hashes and counts, which
+the stage's Prefect record holds.
 """
 
 from __future__ import annotations

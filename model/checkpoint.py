@@ -25,7 +25,18 @@ Each directory is filled under a ``.tmp-*`` name and renamed into place when com
 sharded checkpoint, by rank 0 once every rank has written its shards into it), so a
 process killed at any moment leaves either a loadable checkpoint or debris that nothing reads; a
 write that runs out of space removes the temporary directory and raises
-``data.disk_space.OutOfSpaceError`` naming the checkpoint.
+``data.disk_space.OutOfSpaceError`` naming the checkpoint. A sharded checkpoint goes through
+``torch.distributed.checkpoint``: rank 0 opens the directory and sends its temporary name to the
+other ranks, every rank writes its shards there, and rank 0 adds ``config.json`` and
+``trainer.json`` and commits once ``dcp.save`` has returned (after the last shard and the
+``.metadata`` index), so the commit stays one rename.
+
+``load_checkpoint`` tells the two layouts apart by ``.metadata``, re-hashes every listed file it
+reads, and loads either layout into either model: a sharded checkpoint is resharded to the
+current world size (or read whole by a model that is not sharded), a whole one is split into
+shards (its optimizer state renamed from positions to parameter names). So a training resumes at
+any world size. Checkpoints are listed through the ``ArtifactStore`` (on an object-store workspace,
+those only the store holds too), so a run resumes or continues on another machine.
 """
 
 from __future__ import annotations

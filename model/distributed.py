@@ -7,6 +7,13 @@ of one global batch (see ``data.loader.TokenWindows.sample_batch``) and the grad
 averaged over the ranks, so N processes with micro-batch B take the same steps as one process
 with micro-batch N·B. Rank 0 alone logs and commits checkpoints; the others wait for it at
 barriers (with fsdp, every rank writes its shards of a checkpoint and evaluates its part).
+
+With fsdp, every rank builds the same whole model from the seed, then ``shard_model`` keeps its
+shards (FSDP2's ``fully_shard`` on each transformer block, then the root) before the optimizer is
+built, so AdamW holds DTensor shards; gradient clipping reduces the norm over the ranks
+(``clip_grad_norm_``), and the final model is gathered to rank 0 (``gather_full_model``) and
+written as the same ``model.safetensors`` as ever. Muon is refused with fsdp
+(``model.config.TrainConfig``): it orthogonalises whole matrices.
 """
 
 from __future__ import annotations

@@ -13,7 +13,13 @@ response tokens; tagging on every tagged token (all but the start token and a sp
 in the permutation drawn from ``(seed, e)``.
 
 Training is pretraining's loop (``model.train.train``) with a ``FinetuneObjective``: the same step,
-checkpoints and resume, ``torch.compile``, throughput and MFU, DDP or FSDP across ranks.
+checkpoints and resume, ``torch.compile``, throughput and MFU, DDP or FSDP across ranks. Rank ``r``
+of N takes rows ``r·B .. (r+1)·B`` of each global micro-batch and scales its loss by its share of
+the micro-batch's trained tokens (sft and tagging), so N ranks take one process's steps. The whole
+val split is scored before the first step (the base model's loss, kept in every checkpoint's
+``trainer.json`` for a resumed run), every ``train.val_interval`` steps and after the last. The
+export folds the LoRA updates into the weights (``model.lora.merge_lora``), so ``final/`` is an
+ordinary GPT directory, with a classifier's or tagger's head beside it (``model.classifier``).
 """
 
 from __future__ import annotations

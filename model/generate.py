@@ -2,7 +2,9 @@
 
 ``GPT.generate`` and ``model.evaluate.generate_samples`` work on token ids; this adds the
 tokenizer around them the way every gptflow entry point uses it (``gptflow generate``, the MLflow
-model's ``predict``).
+model's ``predict``). A chat model (fine-tuned with ``--objective sft``, ``chat_template.json``
+beside its tokenizer) is prompted through ``model.finetune.answer`` instead, as its MLflow chat
+model is: the prompt as a user message, the answer cut at the template's end token.
 """
 
 from __future__ import annotations

@@ -8,7 +8,18 @@ head, zero-initialised output projections, logit soft-capping); the parameter na
 GPT-2's, so a default model's checkpoint maps one-to-one onto GPT-2's.
 
 Generation reads the prompt once and then feeds one token per step, attending to the keys and
-values of earlier positions kept in a ``KVCache``.
+values of earlier positions kept in a ``KVCache`` (one preallocated ``LayerKVCache`` of
+``block_size`` positions per block, holding only the key/value heads).
+
+``model.config.MODERN_RECIPE`` names the switches the ``*-modern`` presets use. Switches add or
+remove parameters but never rename them; rotary tables and ``position=sinusoidal``'s table
+(``sinusoidal_table``) are buffers that checkpoints do not hold. The shapes published checkpoints
+have are settings too, each what it always was when unset: ``n_kv_head`` (grouped-query
+attention: ``c_attn`` stacks ``n_head`` query heads and ``n_kv_head`` key and value heads, and
+SDPA's ``enable_gqa`` shares each among ``n_head / n_kv_head`` queries), ``head_dim``,
+``mlp_hidden``, ``rope_theta``, ``norm_eps``, ``qkv_bias`` and ``mlp=gelu_tanh``. The loss is
+computed ``LOSS_CHUNK_TOKENS`` rows at a time, their float32 intermediates recomputed in the
+backward pass, so of the (B, T, V) tensors only the logits in the compute dtype stay alive.
 
 Shapes in comments use B = batch, T = time, C = n_embd, nh = n_head, nkv = key/value heads
 (n_head unless grouped-query attention), hs = head size (C // nh unless head_dim is set),

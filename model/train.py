@@ -12,6 +12,22 @@ from ``(seed, step, micro_step)`` (see ``data.loader`` and ``model.finetune.exam
 dropout from ``(seed, step)``. A checkpoint therefore needs only weights, optimizer state and the
 step to continue exactly, and on CPU a run killed at any moment and resumed ends with the same bits
 as an uninterrupted one.
+
+Each step is ``take_step``: the schedule's learning rate, dropout seeded from ``(seed, step)``,
+gradient accumulation with one all-reduce (DDP) or reduce-scatter (FSDP) per step, clipping, the
+update, no host sync. Metrics, every ``log_interval`` steps through
+``TrainingCallback.on_metrics``: ``train/loss``, ``train/lr``, ``train/grad_norm``,
+``train/tokens_per_sec``, ``train/tokens`` (summed over ranks, padding left out),
+``train/elapsed_s``, ``train/mfu`` on a GPU, and the objective's ``val/*``; a resumed run with no
+step left to take still validates once.
+
+Resuming (``resume=True``, what the pretrain and finetune tasks do by default) loads the newest
+checkpoint that loads and reports it (``on_resume``). One ``load_checkpoint`` refuses (altered
+bytes, another model config or optimizer) is reported with the reason
+(``on_unusable_checkpoint``), its ``contents.json`` discarded so the step's next save replaces it,
+and the one before it tried; with none left, the model and optimizer are built again (a failed
+load may have written part of itself into them) and training starts from step 0. Errors of the
+machine (I/O, device memory) propagate instead: the checkpoint may be sound.
 """
 
 from __future__ import annotations

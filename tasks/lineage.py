@@ -6,6 +6,15 @@ file's token shards stay valid) and continues its latest compatible model on the
 instead of starting over. The record is a JSON file in the store. A run collects its changes and
 ``commit`` applies them at its end to the file as it is then, under the lineage's workspace lock,
 so concurrent runs each add their model (the last to finish sets the ``last_*`` fields).
+
+The file is ``store/lineages/<hash>.json``, the hash of ``corpus_identity`` (the ``--corpus``
+arguments with paths made absolute, without mixture weights). It holds the tokenizer to keep per
+tokenizer settings and code, every model trained (``ModelRecord``), the trainings begun and not
+finished (``TrainingAttempt``, written as the stage is about to train, dropped when a model of
+its key is recorded) and the last manifests and MLflow run. On a rerun, ingest and tokenize redo
+only files whose unit key is new, the tokenizer stage reuses the key the lineage's tokenizer was
+trained under whatever the corpus became (``--retrain-tokenizer`` opts out), and
+``tasks.stages.training.plan_training`` decides what to train.
 """
 
 from __future__ import annotations

@@ -1,5 +1,21 @@
 """The one place a model given by a user (an MLflow model URI, a run id or a directory) is resolved
-into what gptflow needs to know about it: a ``ResolvedModel`` (docs/ARCHITECTURE.md, "Model sources")."""
+into what gptflow needs to know about it: a ``ResolvedModel``.
+
+A ``ResolvedModel`` holds the ``model_dir``, its ``config`` (a ``ModelConfig``), its ``tokenizer``
+(checked once: it parses, carries gptflow's special tokens and fits the embedding), a
+``chat_template`` (``chat_template.json`` beside the tokenizer), a ``classifier_dir`` (a head
+beside the trunk) and the ``weights_hash`` (over trunk and head) that keys whatever is computed
+from the model. Its ``kind`` is ``language_model``, ``chat_model``, ``classifier`` or ``tagger``;
+``require_text_model`` and ``require_head`` word each refusal once; ``load`` and
+``load_tokenizer`` give the torch model and the ``tokenizers.Tokenizer``.
+
+An MLflow model is downloaded once into the workspace's ``downloads/`` (an alias every time),
+and ``runs:/<id>/model`` and run ids resolve through the run's logged model (MLflow 3), falling
+back to a run's ``model/`` artifacts for runs logged before. A sharded checkpoint directory
+(``.metadata``, no ``model.safetensors``) is read whole once (``model.checkpoint.save_whole_model``)
+into ``store/whole-checkpoints/<checkpoint contents hash>/``, which is then its ``model_dir``; its
+tokenizer and head are still looked for beside the checkpoint.
+"""
 
 from __future__ import annotations
 

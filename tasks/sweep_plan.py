@@ -8,7 +8,11 @@ each point's training are cached by their keys, so points a workspace trained be
 earlier sweep or by ``gptflow pretrain``) are not trained again.
 
 This module loads neither Prefect nor torch (the fit and the plots import what they need): the
-command line checks a sweep with it before anything starts.
+command line checks a sweep with it before anything starts, and the flow checks again for
+deployment runs. Random draws (``--random N``) are sequential from ``random.Random(seed)``, so N+1
+draws extend N. The comparison is written to ``store/sweeps/<run id>/`` and logged as the sweep
+run's ``sweep/`` artifacts; each point's val-loss curve comes from the run that trained it (a
+cached point's curve lives in that earlier run), and ``model.scaling_law`` fits the law.
 """
 
 from __future__ import annotations

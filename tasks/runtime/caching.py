@@ -1,5 +1,23 @@
 """Stage cache keys, and the one way a flow runs a stage: through Prefect's cache, with a cached
-record trusted only while the artifacts it points to are complete (docs/ARCHITECTURE.md, "Keys")."""
+record trusted only while the artifacts it points to are complete.
+
+A key (``stage_key``) hashes the stage's name, its config, the content hashes of its inputs and
+the code version (``data.code_version``) of the modules that compute it: its task module
+(``modules=(__name__,)``), plus the module of any MLflow model from code it logs, which is run
+from its file rather than imported (``tasks.mlflow_models``). Per-file units (raw, tokens) are
+keyed the same way inside their stage, on the code of ``data.ingest`` or ``data.tokenize``.
+Downstream keys take upstream *content* hashes, so a recomputed stage whose output is
+byte-identical leaves later stages cached. ``pipeline_code_version`` (every source file) is only a
+tag on MLflow runs, never part of a key.
+
+``run_stage``, under the workspace lock of the key: pulls the record (on an object-store
+workspace), reads it itself (``tasks.runtime.records.read_record``: a record is data, never code)
+and keeps it only while ``is_valid`` finds its artifacts complete (``data.store.ArtifactStore``,
+the cheap test; content is re-hashed where it is consumed), else makes Prefect refresh the cache;
+then calls the task with ``cache_key_fn`` returning the key. A second run of the same key waits
+and gets ``Cached``. A record that could not be written (a full disk) is logged in one line, and
+only its stage runs again next time.
+"""
 
 from __future__ import annotations
 

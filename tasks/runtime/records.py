@@ -4,10 +4,16 @@ A Prefect record names the serializer that reads it back, and Prefect's own seri
 import what a record names (a pickle runs its code; the JSON decoder imports the class it is told).
 gptflow's records name ``RecordSerializer`` and hold ``{"type": <name>, "data": <JSON>}``, where the
 name is one of ``RESULT_TYPES`` or ``PLAIN_JSON``. ``tasks.runtime.caching.run_stage`` reads a record with
-``read_record`` before Prefect may, so a record written by anyone else is refused, never run
-(docs/ARCHITECTURE.md, "Keys"). Prefect reads a record that passed once more, for its ``Cached``
-state, under the same stage lock: the check cannot sit inside that read, since a task's
-``result_storage`` must be a block saved on the Prefect server or a plain path.
+``read_record`` before Prefect may, on the raw JSON: a record that names another serializer, a
+type outside the allow-list or other than the one the stage's task declares (``require_type``),
+data that does not fit that type (rebuilt by pydantic, field types checked), or that is not JSON,
+is refused with a warning naming the file, and the stage is recomputed as if the record were
+stale; nothing the record names is imported or run. Prefect reads a record that passed once more,
+for its ``Cached`` state, under the same stage lock: the check cannot sit inside that read, since
+a task's ``result_storage`` must be a block saved on the Prefect server or a plain path.
+``run_stage`` takes the cached result from its own read, whose store paths are this workspace's
+(``RecordSerializer.store`` is left out of the record, so the serializer Prefect rebuilds from it
+does not know the store).
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ RESULT_TYPES: dict[str, str] = {
     "HarnessReport": "gptflow.tasks.stages.lm_eval",
 }
 """The allow-list: the dataclasses a stage may return, by name, and the module defining each.
-Named rather than imported, since the stage modules import this one (through ``tasks.runtime.caching``) and
-an import here would put every stage's code into every stage's key (``data.store.code_closure``)."""
+Named rather than imported, since the stage modules import this one (through ``tasks.runtime.caching``):
+importing them here would be circular."""
 
 PLAIN_JSON = "json"
 """The record type of a result that is plain JSON: a string, a list of strings, numbers."""

@@ -6,6 +6,17 @@ artifacts; every other node runs ``gptflow train-node`` with the same rendezvous
 the training job from the head through the rendezvous store (``tasks.stages.training_job``). c10d numbers
 nodes by host name, not by arrival; the ranks renumber themselves so that the head's first rank
 is global rank 0, the one that reports and writes.
+
+The command line turns ``--nnodes N --nproc-per-node M --rdzv-endpoint HOST:PORT`` into a
+``Rendezvous`` (``from_flags``: the flags fit together, the host resolves) and sets
+``train.nproc`` to N x M: the world size, which fixes the global batch, is part of the training's
+key, where its ranks run is not. Every wait is bounded by ``--rdzv-timeout`` (torchrun's
+``join_timeout`` and ``read_timeout``): a node that never joins ends torchrun with
+``RendezvousTimeoutError``, an endpoint nothing answers with ``RendezvousConnectionError``, and
+``failure`` turns either into a one-line ``RendezvousError`` naming the endpoint and the fix. A
+rerun whose training is cached never starts the rendezvous, so ``train-node`` on the other nodes
+waits out its timeout and says so. The Slurm and Kubernetes examples under ``examples/`` start the
+head and the other nodes together (``tests/flows/test_cluster_examples.py`` parses their commands).
 """
 
 from __future__ import annotations

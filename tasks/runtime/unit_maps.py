@@ -9,6 +9,21 @@ then ``--ray auto``) is how one machine's cores join in. Ray runs a stage's unit
 the cluster has; each node must reach the workspace's store (a folder every node mounts, or the
 object store of an ``s3://`` workspace, with credentials of its own) and import gptflow
 (installed as on this machine).
+
+On Ray, each unit to compute is a Prefect task run named after its unit function
+(``ingest-unit``, ``sample-candidates``, ``segment-texts``, ``tokenize-units``, ...) and its file,
+submitted to ``prefect_ray.RayTaskRunner``; units already in the store are read back in the
+stage's process. The address is checked first (``tasks.runtime.ray_address``), and workers report
+to the flow's Prefect API (``workers_report_to_this_api``). A unit run here reports progress as it
+goes, one run elsewhere when it ends.
+
+On paper, a 10 TB corpus, from the rates bench/RESULTS.md measured on a 2-core machine (tokenize
+about 1.7 MB/s per worker with one thread; ingest about 10 MB/s per core), is about 6 million
+core-seconds of tokenizing (roughly 27 hours on one 64-core node, 3.5 on eight) and a third of
+that to ingest. Units are per file, so such a corpus should come as files of 100 MB to 1 GB:
+10,000 to 100,000 units, each a task run of a few state writes, which a Prefect server on
+PostgreSQL (not SQLite) carries. What stays on the head is each stage's assembly
+(``data.ingest``: manifest and cross-file dedup).
 """
 
 from __future__ import annotations

@@ -1,4 +1,20 @@
-"""Where a pipeline keeps its state: artifact store, Prefect result records, MLflow store."""
+"""Where a pipeline keeps its state: artifact store, Prefect result records, MLflow store.
+
+A workspace is ``--workspace DIR``, else ``$GPTFLOW_HOME``, else ``./.gptflow``. An ``s3://``
+URL names a workspace kept on S3: ``resolve`` checks that it takes a write first (a missing
+bucket, denied credentials or an endpoint that does not answer is one line), and each machine
+works in a local copy under ``$GPTFLOW_CACHE`` (``data.mirror``), of which at most
+``GPTFLOW_CACHE_GB`` stays between runs (least recently used first, never a copy the store lacks;
+a run may exceed it while it runs, so nothing it fetched goes while it may read it).
+
+Locks (``Workspace.lock``) are ``flock`` files in ``locks/``, released by the kernel when their
+process dies: one per stage key (concurrent runs of one stage take turns), one per lineage, one
+per MLflow outbox, and one while a run sets up the MLflow store. ``between_machines=True`` (stage
+keys, lineages) adds an ``ObjectStoreLease`` on an object-store workspace: created with
+``If-None-Match: *``, renewed with ``If-Match`` on its ETag, taken over once expired for
+``LEASE_SECONDS``; clocks are assumed to agree within seconds. Locks of what only one machine has
+(its MLflow store, its outboxes) stay plain ``flock`` locks.
+"""
 
 from __future__ import annotations
 

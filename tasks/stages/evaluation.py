@@ -3,7 +3,15 @@ generations.
 
 The pretrain flow's ``evaluate`` stage (val loss and samples of the model it trained, in one
 stage) and the evaluate flow's ``loss`` and ``samples`` stages (of any resolved model, each cached
-on its own) compute their figures with the same functions: ``measure_loss`` and ``sample_texts``.
+on its own) compute their figures with the same functions: ``measure_loss`` and ``sample_texts``,
+and name their metrics through ``LossReport.metrics`` (``eval/<split>_loss``, ``eval/perplexity``,
+...). The evaluate flow runs the ordinary ingest and tokenize stages with the model's own
+tokenizer, so a model's own corpus is found cached (``data.ingest.require_splits`` checks that the
+split it scores is not empty). Each of its stages (``loss`` here, ``multiple_choice``,
+``classification``, ``tagging``, ``samples``, ``lm_eval``) is keyed by the model's weights hash,
+the tokenizer hash, its inputs (token fingerprint, file content hash, prompts) and its settings.
+The results of ``loss`` and ``samples`` are a few numbers and texts held whole in the Prefect
+record; the others write files under ``store/eval/<key>/`` (``store/lm-eval/<key>/``).
 """
 
 from __future__ import annotations

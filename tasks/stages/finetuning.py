@@ -6,6 +6,19 @@ demo code; prepare on the data files' contents, the tokenizer, the chat template
 settings; finetune on the base weights, the prepared data and the training settings; evaluate on
 the fine-tuned weights, the prepared data and the sampling settings. So the same base model, data
 and settings are a cache hit, and changing only the learning rate reprepares nothing.
+
+The base is any model ``tasks.model_source.resolve_model`` resolves (default: the latest version
+of ``gptflow-<default preset>``, ``default_base_model``), tuned with its own tokenizer and chat
+template. The finetune task runs a ``tasks.stages.finetune_job.FinetuneJob`` in its process or on
+``train.nproc`` torchrun ranks of one machine (``train.parallelism=fsdp`` shards the frozen base
+with the adapters), with checkpoints under ``store/finetunes/<key>/checkpoints/`` that a rerun of
+the key resumes. It logs the objective's MLflow model from code (``MLFLOW_MODEL_MODULES``, its
+module part of the key) with ``final/``, the tokenizer, and the chat template or the
+``classifier/`` head, and registers it as ``REGISTERED_MODELS[objective]``; a cached run tags the
+run and version that did. The layout is a pretrained model's, so a fine-tuned model is itself a
+model source (evaluate it, export it, tune it again). Besides the settings, the run's params hold
+the data counts (``dataset.*``) and the parameter counts; its metrics are the loop's ``train/*``,
+``val/loss`` (step 0 = the base model), ``val/accuracy`` and the evaluation's ``eval/*``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,12 @@ the end-of-text token first (it precedes every document in training), then the t
 ``--multiple-choice`` and a harness ``multiple_choice`` task on the same file agree.
 
 lm-evaluation-harness is an optional extra (``pip install 'gptflow[lm-eval]'``), imported only
-when the stage runs.
+when the stage runs. ``loglikelihood_rolling`` is scored on disjoint windows of ``block_size``
+predicted tokens. Metrics are ``lm_eval/<task>/<metric>`` (a filter other than ``none`` appended
+as ``_<filter>``), the harness's results JSON goes to ``store/lm-eval/<key>/``, and the key holds
+the model's weights hash, the tasks, limit and few-shot count, the harness's version, the content
+of ``--lm-eval-tasks-dir`` and this code. An unknown task or a missing harness is a one-line
+``HarnessError``.
 """
 
 from __future__ import annotations

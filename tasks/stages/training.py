@@ -1,4 +1,25 @@
-"""Stage 4, pretrain: token shards → a trained GPT (checkpoints, final model, loss curve)."""
+"""Stage 4, pretrain: token shards → a trained GPT (checkpoints, final model, loss curve).
+
+``plan_training`` decides from the corpus's lineage (``tasks.lineage``) what to train: the same
+data as an earlier compatible model (same ``ModelConfig`` and tokenizer: ``compatibility_key``)
+plans as it was planned then (a cache hit unless settings changed); data that grew continues the
+latest compatible model from its last checkpoint (``model.pretraining.Continuation``: new token
+units drawn at ``incremental.new_data_fraction``, the rest replayed, a fresh warmup and cosine
+over ``incremental.extra_tokens``); only removals keep that model; no compatible model trains from
+scratch, with a note naming what changed. ``--from-scratch`` and a data mixture always train from
+scratch; ``--init-from`` starts from another model's weights (not its optimizer state).
+
+The key (``_key_settings``, with ``stage_key``) holds the ``ModelConfig``,
+``TrainConfig.trained_settings()`` (the global micro-batch in place of ``micro_batch_size`` and
+``nproc``, and no ``parallelism``, so another ``--nproc`` keeping the product keeps the key and
+resumes from its checkpoints), the continued checkpoint's weights hash and the data it had seen, a mixture's parts,
+and as inputs the token fingerprint, the tokenizer hash and an ``--init-from`` model's weights
+hash; its code is this module's and the MLflow model's (``tasks.mlflow_models.text_generator``).
+Where ranks run (a rendezvous) is not in it. Before a key trains, a ``TrainingAttempt`` is put in
+the lineage, and the latest unfinished attempt under another key is logged with each setting that
+differs, so a user sees why its checkpoints are not resumed. ``--restart`` executes the stage even
+when cached and trains from step 0, deleting the key's checkpoints and final model first.
+"""
 
 from __future__ import annotations
 

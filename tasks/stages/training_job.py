@@ -8,6 +8,11 @@ reports to MLflow, writes the loss curve and registers the model.
 On several machines each other node's ``gptflow train-node`` starts ranks that run
 ``python -m gptflow.tasks.stages.training_job --join WORKSPACE``: they read the job the head's first
 rank put in the rendezvous store, with its paths moved into their own copy of the workspace.
+The job travels with its store paths as ``@store/`` references (``published``); each joined rank
+resolves them in its own workspace (``TrainingJob.joined``), fetching the token shards and a
+continued checkpoint first on an object-store workspace, or failing in one line if a shared folder
+lacks them. Joined ranks never attach to the MLflow run, except for their node's system metrics
+(``system/<host name>/``) when the tracking store is an ``http(s)://`` server.
 """
 
 from __future__ import annotations

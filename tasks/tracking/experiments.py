@@ -1,5 +1,18 @@
 """The MLflow experiment a run goes to: found or created, marked as holding trained models, and set
-aside when its store was copied from another workspace along with the workspace."""
+aside when its store was copied from another workspace along with the workspace.
+
+The experiment is ``gptflow`` (or ``$MLFLOW_EXPERIMENT_NAME``), tagged
+``mlflow.experimentKind=custom_model_development``; with the workspace's own SQLite store it keeps
+its artifacts in the workspace's ``mlartifacts/``. MLflow writes those locations as absolute
+paths, so when the experiment of the workspace's own store (``mlflow.db``, directly or through
+``gptflow up``'s server) keeps its artifacts in another workspace's ``mlartifacts/``, the store
+was copied: the first run on the copy renames that experiment ``gptflow (copied from
+<original>)`` (its runs stay comparable, their artifacts where they were) and creates a fresh
+``gptflow`` experiment in the copy. A registered version whose files lay in a folder since
+deleted counts as lost (``tasks.tracking.registry``): the next cached run logs and registers the
+model again from the copy's store. Every MLflow address gptflow prints carries ``ML_VIEW``, since
+MLflow 3 opens experiments on its GenAI pages otherwise.
+"""
 
 from __future__ import annotations
 

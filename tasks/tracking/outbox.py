@@ -10,6 +10,22 @@ torchrun rank) and ``gptflow sync`` then keep one order.
 
 ``OutboxedWriter`` is how a run writes: straight to the server while it answers and nothing waits,
 into the outbox otherwise, whose operations it sends, in order, once the server is back.
+
+Every write of a ``tasks.tracking.run.PipelineRun`` (params, tags, metrics, artifacts, the logged
+and registered model, the end state) goes through it. A server that cannot be reached
+(``tasks.tracking.server.server_unreachable``) sends the write, and every later one while the
+outbox holds any, to the outbox; every ``OFFLINE_RETRY_S`` a write first replays it. Artifacts are
+kept as paths into the workspace, a model as the arguments of ``PipelineRun.log_pyfunc_model``:
+it is saved (with the gptflow code of the process that replays it), logged and registered when
+replayed. Until then its ``name/version`` says ``pending`` (``tasks.tracking.registry.is_pending``);
+the replay tags the run with the version it registered, and a cached record that says pending is
+looked up in the registry. ``tasks.tracking.run.pipeline_run`` sends the workspace's waiting
+outboxes before it creates its run and once more at its end; if the server is still away it logs
+one warning naming the file and ``gptflow sync`` (which sends every outbox, exit status 1 while
+some are kept): the flow itself succeeds, its model in the workspace. An operation the server
+refuses when replayed (an artifact deleted since) is an ``OutboxError`` naming its line. A server
+that cannot be reached when a run starts is a ``TrackingServerUnreachable``
+(``tasks.tracking.experiments``), raised before anything is computed.
 """
 
 from __future__ import annotations

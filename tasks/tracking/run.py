@@ -4,6 +4,18 @@ metrics in batches, the run's models; its writes go through the run's outbox
 
 All logging goes through ``MlflowClient`` with an explicit run id rather than MLflow's fluent
 "active run", because Prefect may run tasks on other threads than the flow.
+
+Conventions: the run is named as its Prefect flow run (``tasks.tracking.naming.run_name``: what
+was set differently first), and its description links that flow run (tags ``prefect.flow_run_id``
+and, when a Prefect UI serves it, ``prefect.flow_run_url``). Params are every setting
+(``section.field``) and the counts that never change within a run (``dataset.*``,
+``model.trainable_parameters``), so the charts start with the curves; metrics are the per-step
+curves and the final ``eval/*`` figures, the latter also attached to the logged model so MLflow's
+Models tab shows them. A run that reads a corpus logs it as a dataset input (``log_dataset``,
+from ``tasks.stages.tokenize.log_corpus_dataset``). Each run is tagged with its host and process
+(``tasks.tracking.killed_runs``), so a later run on the machine marks one a killed process left
+RUNNING as KILLED; two runs logging the same new dataset at once race on the SQL store's insert,
+and the loser's ``log_inputs`` is retried (``tasks.tracking.operations``).
 """
 
 from __future__ import annotations
