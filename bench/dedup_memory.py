@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from gptflow.data.config import IngestConfig
-from gptflow.data.ingest import DEDUP_PARTITION_SEGMENTS, ingest_corpus
+from gptflow.data.exact_dedup import DEDUP_PARTITION_SEGMENTS
+from gptflow.data.ingest import ingest_corpus
 from gptflow.data.sources import resolve_sources
 
 DOCUMENTS_PER_FILE = 62_500
@@ -32,17 +33,18 @@ REPEAT_EVERY = 20
 # Run in a fresh interpreter: the manifest's units with their drop lists emptied, deduplicated again.
 MEASURE = """
 import json, resource, sys, time
-from gptflow.data import ingest
-from gptflow.data.ingest import CorpusManifest, _drop_cross_file_duplicates
+from gptflow.data import exact_dedup
+from gptflow.data.exact_dedup import drop_cross_file_duplicates
+from gptflow.data.ingest import CorpusManifest
 from gptflow.data.store import LOCAL_STORE
-ingest.DEDUP_PARTITION_SEGMENTS = int(sys.argv[2])
+exact_dedup.DEDUP_PARTITION_SEGMENTS = int(sys.argv[2])
 manifest = LOCAL_STORE.read_manifest(CorpusManifest, sys.argv[1])
 for unit in manifest.units:
     unit.drop_doc_hashes, unit.duplicates = [], 0
 with open("/proc/self/statm") as statm:  # resident pages now, not the peak so far
     before = int(statm.read().split()[1]) * resource.getpagesize() // 1024
 started = time.perf_counter()
-_drop_cross_file_duplicates(manifest.units)
+drop_cross_file_duplicates(manifest.units)
 seconds = time.perf_counter() - started
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps([before, after, seconds, sum(len(unit.drop_doc_hashes) for unit in manifest.units)]))

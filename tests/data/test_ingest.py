@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from gptflow.data import ingest as ingest_module
+from gptflow.data import exact_dedup
 from gptflow.data.commits import CONTENTS_FILE, is_complete
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
@@ -106,7 +106,7 @@ def test_dedup_over_hash_partitions_drops_what_one_pass_drops(write_corpus, stor
     texts = make_documents(60)
     folder = write_corpus({f"part-{index}.jsonl": jsonl(texts[index * 10:index * 10 + 30]) for index in range(4)})
     whole = ingest(folder, store_dir)
-    monkeypatch.setattr(ingest_module, "DEDUP_PARTITION_SEGMENTS", 8)  # 60 unique of 120 segments: 15 partitions
+    monkeypatch.setattr(exact_dedup, "DEDUP_PARTITION_SEGMENTS", 8)  # 60 unique of 120 segments: 15 partitions
     partitioned = ingest(folder, store_dir)
 
     assert sum(len(unit.drop_doc_hashes) for unit in whole.units) == 120 - 60
