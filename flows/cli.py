@@ -16,21 +16,17 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
-from gptflow.data.mixture import WeightedCorpus
-from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
+from gptflow.data.finetune_inputs import OBJECTIVES
+from gptflow.data.sources import BUILTIN_CORPUS
+from gptflow.flows.checks import check_evaluate, check_finetune, check_pretrain, check_sweep
 from gptflow.flows.stack import StackError, down, keep_prefect_state_in, up, use_running_stack
 from gptflow.model.config import SamplingConfig
-from gptflow.tasks.runtime.ray_address import resolve_ray_address
 from gptflow.tasks.runtime.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous, RendezvousError
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import (
     DEFAULT_PRESET,
     PRESETS,
-    ConfigError,
     EvalSplit,
-    EvaluateSettings,
-    FinetuneSettings,
     PretrainSettings,
     build_config,
     parse_override_pairs,
@@ -100,14 +96,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         raise RendezvousError("--nproc counts processes on one machine: with --nnodes, give --nproc-per-node instead.")
     if args.nproc is not None or args.nproc_per_node is not None:
         overrides["train.nproc"] = (args.nnodes or 1) * (args.nproc or args.nproc_per_node)
-    if args.init_from and (shaped := sorted(name for name in overrides if name.startswith("model."))):
-        raise ConfigError(f"--init-from trains its model as it is: {', '.join(shaped)} cannot be set with it.")
-    corpus = args.corpus or [BUILTIN_CORPUS]
-    # Fail on a bad config, a bad weight or a missing path now, before Prefect and MLflow start up.
-    build_config(PretrainSettings, args.preset, args.config, overrides)
-    resolve_sources(WeightedCorpus.parse(corpus).sources)
-    resolve_ray_address(args.ray)
-    _run_flow("pretrain", corpus=corpus, preset=args.preset, config_file=args.config, overrides=overrides,
+    check_pretrain(args.corpus, args.preset, args.config, overrides, args.ray, rendezvous, args.init_from)
+    _run_flow("pretrain", corpus=args.corpus, preset=args.preset, config_file=args.config, overrides=overrides,
               workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
               from_scratch=args.from_scratch, ray=args.ray, rendezvous=rendezvous, init_from=args.init_from)
     return 0
@@ -143,12 +133,7 @@ def _finetune(args: argparse.Namespace) -> int:
     overrides = parse_override_pairs(args.overrides)
     if args.nproc is not None:
         overrides["train.nproc"] = args.nproc
-    # Fail on a bad setting or a missing data file now, before Prefect and MLflow start up.
-    build_config(FinetuneSettings, None, args.config, overrides)
-    for path in (args.data, args.val_data):
-        if path not in (None, BUILTIN_CORPUS):
-            check_data_file(Path(path))
-
+    check_finetune(args.data, args.val_data, args.config, overrides)
     _run_flow("finetune", objective=args.objective, model=args.model, data=args.data, val_data=args.val_data,
               tokenizer=args.tokenizer, config_file=args.config, overrides=overrides, workspace=args.workspace,
               restart=args.restart)
@@ -157,24 +142,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     overrides = parse_override_pairs(args.overrides)
-    # Fail on a bad setting or a missing or malformed input now, before Prefect and MLflow start up.
-    build_config(EvaluateSettings, overrides=overrides)
-    if args.corpus:
-        resolve_sources(args.corpus)
-        resolve_ray_address(args.ray)
-    if args.multiple_choice:
-        # Reading the file checks every record: it takes the readers' and the tokenizer's libraries.
-        from gptflow.data.multiple_choice import read_multiple_choice
-
-        read_multiple_choice(Path(args.multiple_choice))
-    for path in (args.classification, args.tagging):
-        if path:
-            check_data_file(Path(path))
-    if args.lm_eval_tasks_dir and not Path(args.lm_eval_tasks_dir).is_dir():
-        raise ConfigError(f"--lm-eval-tasks-dir {args.lm_eval_tasks_dir} is not a folder: give the folder of your "
-                          "task YAMLs.")
     lm_eval_tasks = [name.strip() for name in args.lm_eval.split(",") if name.strip()] if args.lm_eval else None
-
+    check_evaluate(args.corpus, args.multiple_choice, args.classification, args.tagging, overrides, args.ray,
+                   lm_eval_tasks, args.lm_eval_tasks_dir)
     _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
               lm_eval=lm_eval_tasks, lm_eval_limit=args.limit, lm_eval_num_fewshot=args.num_fewshot,
               lm_eval_tasks_dir=args.lm_eval_tasks_dir,
@@ -184,19 +154,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from gptflow.tasks.sweep_plan import check_points, check_scaling, parse_grid, plan_points
+    from gptflow.tasks.sweep_plan import parse_grid
 
     overrides = parse_override_pairs(args.overrides)
     grid = parse_grid(args.grid)
-    corpus = args.corpus or [BUILTIN_CORPUS]
-    # Fail on a bad grid, setting, path or address now, before Prefect and MLflow start up.
-    points = plan_points(grid, args.random, args.seed)
-    configs = check_points(points, args.preset, args.config, overrides)
-    if args.scaling:
-        check_scaling(points, configs)
-    resolve_sources(WeightedCorpus.parse(corpus).sources)
-    resolve_ray_address(args.ray)
-    summary = _run_flow("sweep", grid=grid, corpus=corpus, preset=args.preset, config_file=args.config,
+    check_sweep(grid, args.corpus, args.preset, args.config, overrides, args.random, args.seed, args.scaling, args.ray)
+    summary = _run_flow("sweep", grid=grid, corpus=args.corpus, preset=args.preset, config_file=args.config,
                         overrides=overrides, random_points=args.random, seed=args.seed,
                         max_parallel=args.max_parallel, scaling=args.scaling, compute_budget=args.compute_budget,
                         workspace=args.workspace, ray=args.ray)

@@ -16,16 +16,14 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from gptflow.data.finetune_inputs import check_data_file
-from gptflow.data.multiple_choice import read_multiple_choice
-from gptflow.data.sources import resolve_sources
 from gptflow.data.store import hash_file
+from gptflow.flows.checks import check_evaluate
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import ConfigError, EvalSplit, EvaluateSettings, build_config
+from gptflow.tasks.settings import EvalSplit
 from gptflow.tasks.stages.classification import ClassificationReport, score_classifier
 from gptflow.tasks.stages.evaluation import LossReport, sample_model, samples_markdown, score_loss
 from gptflow.tasks.stages.ingest import ingest
@@ -206,24 +204,13 @@ def evaluate(
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    config = build_config(EvaluateSettings, overrides=overrides)
-    if not corpus and not multiple_choice and not classification and not tagging and not lm_eval:
-        raise ConfigError("Nothing to evaluate: pass a corpus (--corpus PATH: loss, perplexity, bits per byte), "
-                          "a multiple-choice file (--multiple-choice FILE), lm-evaluation-harness tasks (--lm-eval "
-                          "TASKS) and/or, for a classifier, a labelled file (--classification FILE), for a tagger, "
-                          "a file of texts and spans (--tagging FILE).")
-    harness = HarnessSettings(lm_eval, lm_eval_limit, lm_eval_num_fewshot, lm_eval_tasks_dir) if lm_eval else None
     # Bad input fails here, before any model is fetched or corpus ingested.
-    sources = resolve_sources(corpus) if corpus else None
-    units = UnitRunner.from_setting(ray) if corpus else None
-    choice_file = Path(multiple_choice).expanduser().resolve() if multiple_choice else None
-    if choice_file:
-        read_multiple_choice(choice_file)
-    labelled_file = Path(classification).expanduser().resolve() if classification else None
-    spans_file = Path(tagging).expanduser().resolve() if tagging else None
-    for path in (labelled_file, spans_file):
-        if path:
-            check_data_file(path)
+    inputs = check_evaluate(corpus, multiple_choice, classification, tagging, overrides, ray, lm_eval,
+                            lm_eval_tasks_dir)
+    config, sources = inputs.config, inputs.sources
+    choice_file, labelled_file, spans_file = inputs.multiple_choice, inputs.classification, inputs.tagging
+    units = UnitRunner(inputs.ray_address) if corpus else None
+    harness = HarnessSettings(lm_eval, lm_eval_limit, lm_eval_num_fewshot, lm_eval_tasks_dir) if lm_eval else None
     workspace_dir = Workspace.resolve(workspace)
     source = resolve_model(model, workspace_dir, tokenizer)
     if labelled_file:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -17,14 +16,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from gptflow.data.chat import ChatTemplate
-from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
-from gptflow.data.sources import BUILTIN_CORPUS
+from gptflow.data.finetune_inputs import OBJECTIVES
+from gptflow.flows.checks import check_finetune
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import ConfigError, FinetuneSettings, build_config
+from gptflow.tasks.settings import ConfigError
 from gptflow.tasks.stages.finetuning import (
     default_base_model,
     demo_data,
@@ -187,13 +186,13 @@ def finetune(
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    settings = build_config(FinetuneSettings, None, config_file, overrides)
     # Bad input fails here, before a model is fetched.
-    train_file = None if data in (None, BUILTIN_CORPUS) else _data_file(data)
-    val_file = _data_file(val_data) if val_data else None
+    inputs = check_finetune(data, val_data, config_file, overrides)
+    train_file, val_file = inputs.train_file, inputs.val_file
     workspace_dir = Workspace.resolve(workspace)
     base = resolve_model(model or default_base_model(workspace_dir), workspace_dir, tokenizer)
-    settings = dataclasses.replace(settings, finetune=_with_max_length(settings.finetune, base.config.block_size))
+    settings = dataclasses.replace(inputs.settings,
+                                   finetune=_with_max_length(inputs.settings.finetune, base.config.block_size))
     # A model fine-tuned before keeps its conversation format.
     template = base.chat_template or ChatTemplate()
     data_description = str(train_file) if train_file else DEMO_DESCRIPTIONS[objective]
@@ -246,12 +245,6 @@ def finetune(
     create_markdown_artifact(key="finetune-summary", markdown=summary.markdown(run.url),
                              description="Data, training, evaluation and the registered model of this run")
     return summary
-
-
-def _data_file(path: str) -> Path:
-    resolved = Path(path).expanduser().resolve()
-    check_data_file(resolved)
-    return resolved
 
 
 def _with_max_length(config: FinetuneConfig, block_size: int) -> FinetuneConfig:

@@ -15,18 +15,19 @@ from prefect.runtime import flow_run
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest
-from gptflow.data.mixture import WeightedCorpus, mixture_parts, split_weight
-from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
+from gptflow.data.mixture import mixture_parts, split_weight
+from gptflow.data.sources import BUILTIN_CORPUS
+from gptflow.flows.checks import check_pretrain
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.config import ModelConfig
 from gptflow.model.memory import parameter_count
 from gptflow.tasks.lineage import Lineage, data_delta
 from gptflow.tasks.model_source import resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
-from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
+from gptflow.tasks.runtime.rendezvous import Rendezvous
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import DEFAULT_PRESET, PresetName, PretrainSettings, build_config
+from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
 from gptflow.tasks.stages.evaluation import evaluate_model
 from gptflow.tasks.stages.ingest import ingest
 from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
@@ -165,21 +166,15 @@ def pretrain(
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    config = build_config(PretrainSettings, preset, config_file, overrides)
-    if rendezvous is not None and rendezvous.world_size != config.train.nproc:
-        raise RendezvousError(f"{rendezvous.nnodes} nodes of {rendezvous.nproc_per_node} processes are "
-                              f"{rendezvous.world_size} ranks, but train.nproc is {config.train.nproc}: leave "
-                              "train.nproc unset with --nnodes (gptflow sets it to nodes x processes per node).")
+    inputs = check_pretrain(corpus, preset, config_file, overrides, ray, rendezvous, init_from)
+    config, corpus, weighted, sources = inputs.config, inputs.corpus, inputs.weighted, inputs.sources
     workspace_dir = Workspace.resolve(workspace)
     base = None
     if init_from is not None:
         base = resolve_model(init_from, workspace_dir)
         base.require_text_model("--init-from")
         config = dataclasses.replace(config, model=base.config)
-    corpus = corpus or [BUILTIN_CORPUS]
-    weighted = WeightedCorpus.parse(corpus)
-    sources = resolve_sources(weighted.sources)
-    units = UnitRunner.from_setting(ray)
+    units = UnitRunner(inputs.ray_address)
 
     tags = {
         "gptflow.flow": "pretrain",

@@ -21,13 +21,11 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from prefect.transactions import CommitMode, transaction
 
 from gptflow.data.errors import UserError
-from gptflow.data.mixture import WeightedCorpus
-from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
+from gptflow.flows.checks import check_sweep
 from gptflow.flows.pretrain import PretrainSummary, corpus_label
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.scaling_law import ScalingFitError
 from gptflow.tasks.runtime.caching import pipeline_code_version
-from gptflow.tasks.runtime.ray_address import resolve_ray_address
 from gptflow.tasks.runtime.unit_maps import workers_report_to_this_api
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
@@ -43,12 +41,9 @@ from gptflow.tasks.sweep_plan import (
     SweepMember,
     SweepPoint,
     best_point,
-    check_points,
-    check_scaling,
     csv_table,
     fit_scaling,
     markdown_table,
-    plan_points,
     plot_loss_against_settings,
     plot_loss_curves,
     plot_scaling_fit,
@@ -201,15 +196,10 @@ def sweep(
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     overrides = dict(overrides or {})
-    points = plan_points(grid, random_points, seed)
-    configs = check_points(points, preset, config_file, overrides)
-    if scaling:
-        check_scaling(points, configs)
+    inputs = check_sweep(grid, corpus, preset, config_file, overrides, random_points, seed, scaling, ray)
+    points, configs, corpus = inputs.points, inputs.configs, inputs.corpus
     if max_parallel < 1:
         raise SweepError(f"max_parallel must be at least 1, got {max_parallel}.")
-    corpus = corpus or [BUILTIN_CORPUS]
-    resolve_sources(WeightedCorpus.parse(corpus).sources)  # a missing path fails the sweep, not every point
-    ray_address = resolve_ray_address(ray)
     workspace_dir = Workspace.resolve(workspace)
     swept = list(points[0].settings)
 
@@ -227,7 +217,7 @@ def sweep(
         # The workspace by its path: a Ray worker's $GPTFLOW_HOME is its own.
         common = {"corpus": corpus, "preset": preset, "config_file": config_file,
                   "workspace": workspace if workspace is not None else str(workspace_dir.root), "from_scratch": True}
-        outcomes = _train_points(points, common, overrides, run, max_parallel, ray_address)
+        outcomes = _train_points(points, common, overrides, run, max_parallel, inputs.ray_address)
         scaling_report, scaling_note = None, None
         if scaling:
             try:
