@@ -17,9 +17,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from gptflow.data.store import hash_file
-from gptflow.flows.checks import check_evaluate
+from gptflow.flows.checks import EvaluateInputs, check_evaluate
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
-from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
@@ -34,7 +34,7 @@ from gptflow.tasks.stages.tagging import summary_line as tagging_summary
 from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_duration
-from gptflow.tasks.tracking.run import pipeline_run
+from gptflow.tasks.tracking.run import PipelineRun, pipeline_run
 
 ACC_NORM_DEFINITION = (
     "lm-evaluation-harness multiple_choice scoring: each ending scored as the continuation ' ' + ending; "
@@ -207,16 +207,15 @@ def evaluate(
     # Bad input fails here, before any model is fetched or corpus ingested.
     inputs = check_evaluate(corpus, multiple_choice, classification, tagging, overrides, ray, lm_eval,
                             lm_eval_tasks_dir)
-    config, sources = inputs.config, inputs.sources
-    choice_file, labelled_file, spans_file = inputs.multiple_choice, inputs.classification, inputs.tagging
-    units = UnitRunner(inputs.ray_address) if corpus else None
     harness = HarnessSettings(lm_eval, lm_eval_limit, lm_eval_num_fewshot, lm_eval_tasks_dir) if lm_eval else None
     workspace_dir = Workspace.resolve(workspace)
     source = resolve_model(model, workspace_dir, tokenizer)
-    if labelled_file:
+    if inputs.classification:
         source.require_head("classification")
-    if spans_file:
+    if inputs.tagging:
         source.require_head("tagging")
+    if harness:
+        source.require_text_model("--lm-eval")
 
     tags = {
         "gptflow.flow": "evaluate",
@@ -224,72 +223,77 @@ def evaluate(
         "gptflow.model_weights_hash": source.weights_hash,
         "gptflow.tokenizer_hash": source.tokenizer_hash,
     }
-    choice_hash = hash_file(choice_file) if choice_file else None
+    choice_hash = hash_file(inputs.multiple_choice) if inputs.multiple_choice else None
     with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
             "model_source": model,
             "model_weights_hash": source.weights_hash,
             "tokenizer_hash": source.tokenizer_hash,
             **{f"model.{name}": value for name, value in asdict(source.config).items()},
-            **config.flatten(),
+            **inputs.config.flatten(),
             **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
-            **({"multiple_choice": str(choice_file), "multiple_choice_hash": choice_hash} if choice_file else {}),
-            **({"classification": str(labelled_file)} if labelled_file else {}),
-            **({"tagging": str(spans_file)} if spans_file else {}),
+            **({"multiple_choice": str(inputs.multiple_choice), "multiple_choice_hash": choice_hash}
+               if inputs.multiple_choice else {}),
+            **({"classification": str(inputs.classification)} if inputs.classification else {}),
+            **({"tagging": str(inputs.tagging)} if inputs.tagging else {}),
             **({"lm_eval": ",".join(lm_eval), "lm_eval_limit": lm_eval_limit or "",
                 "lm_eval_num_fewshot": "" if lm_eval_num_fewshot is None else lm_eval_num_fewshot}
                if lm_eval else {}),
         })
-        loss = data_fingerprint = choices = classes = spans = harness_report = None
-        if sources:
-            # The split scored must have documents; with "all", either one may be empty.
-            required_splits = () if split == "all" else (split,)
-            corpus_manifest = ingest(sources, config.data, workspace_dir, run, units, required_splits=required_splits)
-            data_fingerprint = corpus_manifest.fingerprint
-            run.set_tags({"gptflow.data_fingerprint": data_fingerprint})
-            tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace_dir, run, units)
-            log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="evaluation")
-            loss = score_loss(source, tokens, split, config.eval, workspace_dir, run)
-        if choice_file:
-            choices = score_multiple_choice(source, choice_file, choice_hash, workspace_dir, run)
-        if harness:
-            source.require_text_model("--lm-eval")
-            harness_report = run_harness(source, harness, workspace_dir, run, step=0)
-        if labelled_file:
-            classes = score_classifier(source, labelled_file, config.data.text_field, config.eval.label_field,
-                                       workspace_dir, run)
-        if spans_file:
-            spans = score_tagger(source, spans_file, config.data.text_field, workspace_dir, run)
-        # A classifier's trunk continues text it was never trained to write: only language models are sampled.
-        samples = ([] if source.head_objective else
-                   sample_model(source, config.eval.prompts, config.sampling, workspace_dir, run))
-
-        summary = EvaluateSummary(
-            model=model,
-            weights_hash=source.weights_hash,
-            tokenizer_hash=source.tokenizer_hash,
-            stages=dict(run.stage_statuses),
-            corpus=corpus,
-            data_fingerprint=data_fingerprint,
-            loss=loss,
-            multiple_choice_file=str(choice_file) if choice_file else None,
-            multiple_choice=choices,
-            classification_file=str(labelled_file) if labelled_file else None,
-            classification=classes,
-            tagging_file=str(spans_file) if spans_file else None,
-            tagging=spans,
-            lm_eval=harness_report,
-            prompts=config.eval.prompts,
-            samples=samples,
-            elapsed_s=time.monotonic() - started,
-            mlflow_run_id=run.run_id,
-            run_name=run.name,
-            mlflow_view=run.how_to_view(),
-        )
+        summary = _score(model, source, inputs, corpus, split, harness, choice_hash, workspace_dir, run, started)
         run.log_text(json.dumps(summary.report(), indent=2), "eval/report.json")
-        if samples:
-            run.log_text(samples_markdown(config.eval.prompts, samples), "eval/samples.md")
+        if summary.samples:
+            run.log_text(samples_markdown(summary.prompts, summary.samples), "eval/samples.md")
 
     create_markdown_artifact(key="evaluate-summary", markdown=summary.markdown(run.url),
                              description="What the model scored, and which stages ran")
     return summary
+
+
+def _score(model: str, source: ResolvedModel, inputs: EvaluateInputs, corpus: list[str] | None, split: EvalSplit,
+           harness: HarnessSettings | None, choice_hash: str | None, workspace: Workspace, run: PipelineRun,
+           started: float) -> EvaluateSummary:
+    """Run each scoring stage ``inputs`` ask for on the model of ``source`` in ``run``; what they measured."""
+    config = inputs.config
+    loss = data_fingerprint = None
+    if inputs.sources:
+        units = UnitRunner(inputs.ray_address)
+        # The split scored must have documents; with "all", either one may be empty.
+        required_splits = () if split == "all" else (split,)
+        corpus_manifest = ingest(inputs.sources, config.data, workspace, run, units, required_splits=required_splits)
+        data_fingerprint = corpus_manifest.fingerprint
+        run.set_tags({"gptflow.data_fingerprint": data_fingerprint})
+        tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace, run, units)
+        log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="evaluation")
+        loss = score_loss(source, tokens, split, config.eval, workspace, run)
+    choices = (score_multiple_choice(source, inputs.multiple_choice, choice_hash, workspace, run)
+               if inputs.multiple_choice else None)
+    harness_report = run_harness(source, harness, workspace, run, step=0) if harness else None
+    classes = (score_classifier(source, inputs.classification, config.data.text_field, config.eval.label_field,
+                                workspace, run) if inputs.classification else None)
+    spans = score_tagger(source, inputs.tagging, config.data.text_field, workspace, run) if inputs.tagging else None
+    # A classifier's trunk continues text it was never trained to write: only language models are sampled.
+    samples = ([] if source.head_objective
+               else sample_model(source, config.eval.prompts, config.sampling, workspace, run))
+    return EvaluateSummary(
+        model=model,
+        weights_hash=source.weights_hash,
+        tokenizer_hash=source.tokenizer_hash,
+        stages=dict(run.stage_statuses),
+        corpus=corpus,
+        data_fingerprint=data_fingerprint,
+        loss=loss,
+        multiple_choice_file=str(inputs.multiple_choice) if inputs.multiple_choice else None,
+        multiple_choice=choices,
+        classification_file=str(inputs.classification) if inputs.classification else None,
+        classification=classes,
+        tagging_file=str(inputs.tagging) if inputs.tagging else None,
+        tagging=spans,
+        lm_eval=harness_report,
+        prompts=config.eval.prompts,
+        samples=samples,
+        elapsed_s=time.monotonic() - started,
+        mlflow_run_id=run.run_id,
+        run_name=run.name,
+        mlflow_view=run.how_to_view(),
+    )

@@ -20,11 +20,14 @@ from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.flows.checks import check_finetune
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.finetune_config import FinetuneConfig
-from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import ConfigError
+from gptflow.tasks.settings import ConfigError, FinetuneSettings
 from gptflow.tasks.stages.finetuning import (
+    FinetunedModel,
+    FinetuneReport,
+    PreparedData,
     default_base_model,
     demo_data,
     evaluate_finetuned,
@@ -35,7 +38,7 @@ from gptflow.tasks.stages.tagging import summary_line as tagging_summary
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_count, human_duration
 from gptflow.tasks.tracking.registry import is_pending
-from gptflow.tasks.tracking.run import pipeline_run
+from gptflow.tasks.tracking.run import PipelineRun, pipeline_run
 
 # A Literal, so a deployment's `objective` parameter is validated and offered as a choice in the Prefect UI.
 Objective = Literal[OBJECTIVES]
@@ -219,11 +222,21 @@ def finetune(
         tuned = finetune_model(objective, base, template, prepared, settings, workspace_dir, run, restart)
         report = evaluate_finetuned(tuned, prepared, settings, workspace_dir, run)
 
-    summary = FinetuneSummary(
+    summary = _summary(objective, base, data_description, settings, run, prepared, tuned, report,
+                       time.monotonic() - started)
+    create_markdown_artifact(key="finetune-summary", markdown=summary.markdown(run.url),
+                             description="Data, training, evaluation and the registered model of this run")
+    return summary
+
+
+def _summary(objective: str, base: ResolvedModel, data: str, settings: FinetuneSettings, run: PipelineRun,
+             prepared: PreparedData, tuned: FinetunedModel, report: FinetuneReport,
+             elapsed_s: float) -> FinetuneSummary:
+    return FinetuneSummary(
         objective=objective,
         base_model=base.source,
         base_weights_hash=base.weights_hash,
-        data=data_description,
+        data=data,
         stages=dict(run.stage_statuses),
         examples=prepared.examples,
         truncated=sum(prepared.truncated.values()),
@@ -236,15 +249,12 @@ def finetune(
         final_val_loss=tuned.final_val_loss,
         metrics=report.metrics,
         registered_model=tuned.registered_model,
-        elapsed_s=time.monotonic() - started,
+        elapsed_s=elapsed_s,
         mlflow_run_id=run.run_id,
         run_name=run.name,
         mlflow_view=run.how_to_view(),
         samples=report.samples,
     )
-    create_markdown_artifact(key="finetune-summary", markdown=summary.markdown(run.url),
-                             description="Data, training, evaluation and the registered model of this run")
-    return summary
 
 
 def _with_max_length(config: FinetuneConfig, block_size: int) -> FinetuneConfig:

@@ -17,26 +17,29 @@ from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest
 from gptflow.data.mixture import mixture_parts, split_weight
 from gptflow.data.sources import BUILTIN_CORPUS
-from gptflow.flows.checks import check_pretrain
+from gptflow.data.tokenize import TokenManifest
+from gptflow.data.tokenizer import TokenizerArtifact
+from gptflow.flows.checks import PretrainInputs, check_pretrain
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.config import ModelConfig
 from gptflow.model.memory import parameter_count
 from gptflow.tasks.lineage import Lineage, data_delta
-from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
 from gptflow.tasks.runtime.rendezvous import Rendezvous
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
-from gptflow.tasks.stages.evaluation import evaluate_model
+from gptflow.tasks.stages.evaluation import EvalReport, evaluate_model
 from gptflow.tasks.stages.ingest import ingest
 from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
 from gptflow.tasks.stages.tokenizer import prepare_tokenizer
 from gptflow.tasks.stages.training import InitialModel, train_model
+from gptflow.tasks.stages.training_job import TrainedModel
 from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_count, human_duration
-from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, pipeline_run
+from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, pipeline_run
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 """MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
@@ -167,7 +170,7 @@ def pretrain(
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     inputs = check_pretrain(corpus, preset, config_file, overrides, ray, rendezvous, init_from)
-    config, corpus, weighted, sources = inputs.config, inputs.corpus, inputs.weighted, inputs.sources
+    config, corpus, weighted = inputs.config, inputs.corpus, inputs.weighted
     workspace_dir = Workspace.resolve(workspace)
     base = None
     if init_from is not None:
@@ -191,22 +194,10 @@ def pretrain(
             **config.flatten(),
             **_mixture_params(weighted.weights),
         })
-        corpus_manifest = ingest(sources, config.data, workspace_dir, run, units)
-        run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
-        if base is None:
-            tokenizer = prepare_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, units,
-                                          retrain_tokenizer)
-        else:
-            tokenizer = base.tokenizer
-            run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": f"of {init_from}"})
-        tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run, units)
-        log_corpus_dataset(run, weighted.sources, corpus_manifest, tokens, context="training")
-        delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)
-        if delta is not None:
-            run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}
-                         | {"gptflow.previous_run": lineage.last_mlflow_run_id})
+        corpus_manifest, tokenizer, tokens = _data_stages(inputs, base, init_from, retrain_tokenizer, workspace_dir,
+                                                          run, lineage, units)
         # Validation stays on every source's val split, whatever the weights.
-        mixture = (mixture_parts(weighted.weights, sources.named_by, tokens, config.model.block_size + 1)
+        mixture = (mixture_parts(weighted.weights, inputs.sources.named_by, tokens, config.model.block_size + 1)
                    if weighted.weights else None)
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
@@ -217,10 +208,41 @@ def pretrain(
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 
-    summary = PretrainSummary(
+    summary = _summary(run, config.data, corpus_manifest, tokens, trained, report, time.monotonic() - started)
+    create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
+                             description="Stages, data, training and evaluation of this run")
+    return summary
+
+
+def _data_stages(inputs: PretrainInputs, base: ResolvedModel | None, init_from: str | None, retrain_tokenizer: bool,
+                 workspace: Workspace, run: PipelineRun, lineage: Lineage, units: UnitRunner,
+                 ) -> tuple[CorpusManifest, TokenizerArtifact, TokenManifest]:
+    """Ingest the corpus, train its tokenizer (or take the ``base`` model's) and tokenize it; tag
+    ``run`` with what changed since the lineage's last run."""
+    config = inputs.config
+    corpus_manifest = ingest(inputs.sources, config.data, workspace, run, units)
+    run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
+    if base is None:
+        tokenizer = prepare_tokenizer(corpus_manifest, config.tokenizer, workspace, run, lineage, units,
+                                      retrain_tokenizer)
+    else:
+        tokenizer = base.tokenizer
+        run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": f"of {init_from}"})
+    tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace, run, units)
+    log_corpus_dataset(run, inputs.weighted.sources, corpus_manifest, tokens, context="training")
+    delta = data_delta(lineage.previous_corpus(), corpus_manifest, lineage.previous_tokens(), tokens)
+    if delta is not None:
+        run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}
+                     | {"gptflow.previous_run": lineage.last_mlflow_run_id})
+    return corpus_manifest, tokenizer, tokens
+
+
+def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManifest, tokens: TokenManifest,
+             trained: TrainedModel, report: EvalReport, elapsed_s: float) -> PretrainSummary:
+    return PretrainSummary(
         stages=dict(run.stage_statuses),
         documents=corpus_manifest.total_documents,
-        val_split=_describe_val_split(corpus_manifest, config.data),
+        val_split=_describe_val_split(corpus_manifest, data),
         train_tokens=tokens.total_tokens("train"),
         val_tokens=tokens.total_tokens("val"),
         steps=trained.steps,
@@ -232,16 +254,13 @@ def pretrain(
         unigram_loss=report.unigram_loss,
         bits_per_byte=report.bits_per_byte,
         perplexity=report.perplexity,
-        elapsed_s=time.monotonic() - started,
+        elapsed_s=elapsed_s,
         mlflow_run_id=run.run_id,
         trained_in_run=trained.trained_in_mlflow_run,
         run_name=run.name,
         mlflow_view=run.how_to_view(),
         samples=report.samples,
     )
-    create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
-                             description="Stages, data, training and evaluation of this run")
-    return summary
 
 
 def _mixture_params(weights: dict[str, float]) -> dict[str, float]:
