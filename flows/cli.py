@@ -1,43 +1,26 @@
-"""The ``gptflow`` command line.
+"""The ``gptflow`` command line: its commands and their options, and how it reports an error.
 
-It imports only light modules up front (no torch, Prefect, MLflow or pyarrow), and each command
-checks its settings and paths before importing what it runs: a mistyped command is refused in a
-fraction of a second.
+``flows.commands`` holds what each command does. Both import only light modules up front (no
+torch, Prefect, MLflow or pyarrow), and each command checks its input before importing what it
+runs: a mistyped command is refused in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any
 
 from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.data.sources import BUILTIN_CORPUS
-from gptflow.flows.checks import check_evaluate, check_finetune, check_pretrain, check_sweep
-from gptflow.flows.stack import StackError, down, keep_prefect_state_in, up, use_running_stack
+from gptflow.flows import commands
+from gptflow.flows.stack import StackError
 from gptflow.model.config import SamplingConfig
-from gptflow.tasks.runtime.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous, RendezvousError
-from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import (
-    DEFAULT_PRESET,
-    PRESETS,
-    EvalSplit,
-    PretrainSettings,
-    build_config,
-    parse_override_pairs,
-)
+from gptflow.tasks.runtime.rendezvous import DEFAULT_TIMEOUT_S
+from gptflow.tasks.settings import DEFAULT_PRESET, PRESETS, EvalSplit
 
-if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
-    from gptflow.tasks.model_source import ResolvedModel
-
-
-SAMPLE_SEPARATOR = "-" * 40
-"""Printed between the samples of ``gptflow generate``, which may span many lines."""
 WORKSPACE_METAVAR = "DIR|s3://BUCKET/PREFIX"
 WORKSPACE_HELP = ("artifact store and MLflow database: a folder, or an S3 prefix mirrored in $GPTFLOW_CACHE "
                   "(default: $GPTFLOW_HOME or ./.gptflow)")
@@ -46,7 +29,7 @@ RAY_HELP = ("run the data stages' per-file units on this Ray cluster (auto, HOST
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     # MLflow draws a progress bar per artifact copy, which floods logs of non-interactive runs, and
     # prints its own links to a run, which open its UI on the GenAI pages: the summary gives the link.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -89,238 +72,8 @@ def _keep_traceback(workspace: Path) -> str:
     return f"its traceback is in {path}"
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    overrides = parse_override_pairs(args.overrides)
-    rendezvous = Rendezvous.from_flags(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_timeout)
-    if args.nproc is not None and args.nnodes is not None:
-        raise RendezvousError("--nproc counts processes on one machine: with --nnodes, give --nproc-per-node instead.")
-    if args.nproc is not None or args.nproc_per_node is not None:
-        overrides["train.nproc"] = (args.nnodes or 1) * (args.nproc or args.nproc_per_node)
-    check_pretrain(args.corpus, args.preset, args.config, overrides, args.ray, rendezvous, args.init_from)
-    _run_flow("pretrain", corpus=args.corpus, preset=args.preset, config_file=args.config, overrides=overrides,
-              workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
-              from_scratch=args.from_scratch, ray=args.ray, rendezvous=rendezvous, init_from=args.init_from)
-    return 0
-
-
-def _train_node(args: argparse.Namespace) -> int:
-    """Join the head node's training: this machine's ranks, nothing logged or written here."""
-    import subprocess
-
-    rendezvous = Rendezvous.from_flags(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_timeout)
-    if rendezvous is None:
-        raise RendezvousError("gptflow train-node joins a training on several machines: --nnodes must be at least 2 "
-                              "(on one machine, gptflow pretrain --nproc N trains alone).")
-    Workspace.resolve(args.workspace)  # a missing bucket is refused now, not by every rank
-    command = [*rendezvous.torchrun_command(), "-m", "gptflow.tasks.stages.training_job", "--join",
-               *([args.workspace] if args.workspace else [])]
-    print(f"gptflow: joining the training at {rendezvous.endpoint} with {rendezvous.nproc_per_node} process(es); "
-          f"waiting up to {rendezvous.timeout_s:g} s for the head node", file=sys.stderr, flush=True)
-    environment = {**os.environ, "GPTFLOW_RDZV_TIMEOUT": str(rendezvous.timeout_s)}
-    output = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment) as ranks:
-        for line in ranks.stdout:
-            print(line, end="", flush=True)
-            output = [*output[-199:], line]
-    if ranks.returncode != 0:
-        raise rendezvous.failure("".join(output), ranks.returncode) or RuntimeError(
-            f"this node's training ranks failed (torchrun exit code {ranks.returncode}); their output is above")
-    print(f"gptflow: this node's share of the training at {rendezvous.endpoint} is done", file=sys.stderr)
-    return 0
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    overrides = parse_override_pairs(args.overrides)
-    if args.nproc is not None:
-        overrides["train.nproc"] = args.nproc
-    check_finetune(args.data, args.val_data, args.config, overrides)
-    _run_flow("finetune", objective=args.objective, model=args.model, data=args.data, val_data=args.val_data,
-              tokenizer=args.tokenizer, config_file=args.config, overrides=overrides, workspace=args.workspace,
-              restart=args.restart)
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    overrides = parse_override_pairs(args.overrides)
-    lm_eval_tasks = [name.strip() for name in args.lm_eval.split(",") if name.strip()] if args.lm_eval else None
-    check_evaluate(args.corpus, args.multiple_choice, args.classification, args.tagging, overrides, args.ray,
-                   lm_eval_tasks, args.lm_eval_tasks_dir)
-    _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
-              lm_eval=lm_eval_tasks, lm_eval_limit=args.limit, lm_eval_num_fewshot=args.num_fewshot,
-              lm_eval_tasks_dir=args.lm_eval_tasks_dir,
-              multiple_choice=args.multiple_choice, classification=args.classification, tagging=args.tagging,
-              tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace, ray=args.ray)
-    return 0
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from gptflow.tasks.sweep_plan import parse_grid
-
-    overrides = parse_override_pairs(args.overrides)
-    grid = parse_grid(args.grid)
-    check_sweep(grid, args.corpus, args.preset, args.config, overrides, args.random, args.seed, args.scaling, args.ray)
-    summary = _run_flow("sweep", grid=grid, corpus=args.corpus, preset=args.preset, config_file=args.config,
-                        overrides=overrides, random_points=args.random, seed=args.seed,
-                        max_parallel=args.max_parallel, scaling=args.scaling, compute_budget=args.compute_budget,
-                        workspace=args.workspace, ray=args.ray)
-    if summary.failed:
-        print(f"gptflow: {len(summary.failed)} of {len(summary.outcomes)} sweep points failed", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _run_flow(name: str, **parameters: Any) -> Any:
-    """Run the flow ``name`` with ``parameters``, print its summary and return it. Its module imports Prefect,
-    so only once the input is known good; on the workspace's ``gptflow up`` stack, if one runs and
-    no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
-    # Prefect's temporary server would otherwise log an error on every start on offline machines.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    workspace = Workspace.resolve(parameters["workspace"])
-    stack = use_running_stack(workspace)
-    if stack is not None:
-        print(f"gptflow: using the servers `gptflow up` started for {stack.workspace}: Prefect "
-              f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
-              file=sys.stderr)
-    keep_prefect_state_in(workspace)
-    flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
-    summary = flow(**parameters)
-    print(summary.render())
-    return summary
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from gptflow.data.chat import Message
-    from gptflow.model.device import resolve_device
-    from gptflow.model.finetune import answer
-    from gptflow.model.generate import generate_texts
-
-    device = resolve_device(args.device)
-    source = _resolve_model(args)
-    source.require_text_model("gptflow generate")
-    model, tokenizer = source.load(device), source.load_tokenizer()
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    if args.prompts:
-        prompts = args.prompts
-    else:
-        if sys.stdin.isatty():
-            print("Type a prompt and press Enter; Ctrl-D ends.", file=sys.stderr)
-        prompts = (line.removesuffix("\n") for line in sys.stdin)  # each answered as soon as it is read
-    for index, prompt in enumerate(prompts):
-        # One prompt at a time, each seeded by --seed alone: a prompt's sample does not depend on
-        # the prompts before it.
-        if source.kind == "chat_model":  # its prompts are user messages of its chat template
-            (sample,) = answer(model, tokenizer, source.chat_template, [[Message("user", prompt)]], sampling)
-        else:
-            (sample,) = generate_texts(model, tokenizer, [prompt], sampling, device)
-        print(f"{SAMPLE_SEPARATOR}\n{sample}" if index else sample, flush=True)
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from gptflow.model.export import export_to_transformers
-
-    source = _resolve_model(args)
-    source.require_text_model("gptflow export")
-    out = Path(args.out).expanduser()
-    architecture = export_to_transformers(source.load(), source.tokenizer_file, out)
-    print(f"exported {source.source} as {architecture} to {out}")
-    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
-          f"AutoTokenizer.from_pretrained({str(out)!r})")
-    return 0
-
-
-def _import(args: argparse.Namespace) -> int:
-    from gptflow.tasks.stages.model_import import import_checkpoint
-
-    workspace = Workspace.resolve(args.workspace)
-    print(import_checkpoint(args.model, workspace, args.revision, args.block_size).render())
-    return 0
-
-
-def _resolve_model(args: argparse.Namespace) -> ResolvedModel:
-    """The model named by --model (with --tokenizer, --workspace)."""
-    from gptflow.tasks.model_source import resolve_model
-
-    return resolve_model(args.model, Workspace.resolve(args.workspace), args.tokenizer)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from gptflow.flows.deployments import serve_deployments
-
-    serve_deployments()
-    return 0
-
-
-def _up(args: argparse.Namespace) -> int:
-    stack = up(Workspace.resolve(args.workspace), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
-    print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
-    print(f"MLflow UI    {stack.mlflow_url}")
-    print(f"workspace    {stack.workspace} (databases, artifacts, logs/)")
-    print("\ngptflow pretrain, sweep, finetune and evaluate on this workspace use it while it runs. Point other "
-          "gptflow, prefect and mlflow commands at it:\n")
-    for name, value in stack.environment().items():
-        print(f"export {name}={value}")
-    print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/default' --watch)")
-    return 0
-
-
-def _down(args: argparse.Namespace) -> int:
-    stopped = down(Workspace.resolve(args.workspace))
-    print(f"stopped: {', '.join(stopped)}" if stopped else "no gptflow stack was running for this workspace")
-    return 0
-
-
-def _sync(args: argparse.Namespace) -> int:
-    from gptflow.tasks.runtime.workspace import Workspace
-    from gptflow.tasks.tracking.outbox import send_outboxes
-
-    workspace = Workspace.resolve(args.workspace)
-    reports = send_outboxes(workspace)
-    if not reports:
-        print(f"nothing to send: no run of {workspace.root} keeps MLflow writes")
-    for report in reports:
-        print(report)
-    return 1 if any(report.kept for report in reports) else 0
-
-
-def _presets(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from gptflow.model.config import pad_vocab_size
-    from gptflow.model.memory import training_memory
-
-    print(f"Memory per GPU while training, estimated: float32 weights and gradients, optimizer state, activations "
-          f"of one micro batch (bf16 autocast); CUDA context and fragmentation come on top. fsdp over {args.gpus} "
-          "GPUs (--gpus).\n")
-    for name, preset in PRESETS.items():
-        settings = build_config(PretrainSettings, name)
-        # The tokenizer may learn fewer tokens than asked; the model pads what it learned to a multiple of 128.
-        model = dataclasses.replace(settings.model, vocab_size=pad_vocab_size(settings.tokenizer.vocab_size))
-        ddp = training_memory(model, settings.train, "ddp")
-        fsdp = training_memory(model, settings.train, "fsdp", gpus=args.gpus)
-        marker = " (default)" if name == DEFAULT_PRESET else ""
-        print(f"{name}{marker}: {_count(ddp.parameters)} parameters; per GPU {_gib(ddp.total)} with ddp, "
-              f"{_gib(fsdp.total)} with fsdp on {args.gpus} (activations {_gib(ddp.activations)}, micro batch "
-              f"{settings.train.micro_batch_size} x {model.block_size}"
-              f"{', recomputed' if model.activation_checkpointing else ''}); trains with {settings.train.parallelism}")
-        for section, values in preset.items():
-            print(f"  {section}: {json.dumps(values)}")
-    return 0
-
-
-def _count(number: int) -> str:
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if number >= scale:
-            return f"{number / scale:.3g}{suffix}"
-    return str(number)
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
-
-
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every ``gptflow`` command; a command's ``handler`` runs it (``flows.commands``)."""
     parser = argparse.ArgumentParser(
         prog="gptflow",
         description="Train your own GPT as a cached, tracked pipeline (Prefect + MLflow).",
@@ -328,9 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error gptflow cannot explain, instead of keeping it in the "
                         "workspace's logs/")
-    commands = parser.add_subparsers(dest="command", required=True)
+    subcommands = parser.add_subparsers(dest="command", required=True)
 
-    pretrain = commands.add_parser(
+    pretrain = subcommands.add_parser(
         "pretrain",
         help="ingest a corpus, train a tokenizer, tokenize, pretrain and evaluate",
         description="Run the pretrain flow locally. Every stage is cached: rerunning the same "
@@ -357,9 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                           "e.g. what `gptflow import` registered): its tokenizer, shape and weights; no tokenizer is "
                           "trained and the preset's model.* settings are not used")
     pretrain.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
-    pretrain.set_defaults(handler=_pretrain)
+    pretrain.set_defaults(handler=commands.run_pretrain)
 
-    sweep = commands.add_parser(
+    sweep = subcommands.add_parser(
         "sweep", help="pretrain one model per point of a grid of settings and compare them in MLflow",
         description="Run the sweep flow: one pretrain child flow run per point of the --grid (every combination of "
         "the values, or --random N of them), up to --max-parallel at once. The data stages run once for all points, "
@@ -391,9 +144,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="train the points as tasks on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; "
                        "default $GPTFLOW_RAY_ADDRESS): its nodes must reach the workspace and the Prefect and MLflow "
                        "servers")
-    sweep.set_defaults(handler=_sweep)
+    sweep.set_defaults(handler=commands.run_sweep)
 
-    finetune = commands.add_parser(
+    finetune = subcommands.add_parser(
         "finetune",
         help="fine-tune a pretrained model for instructions (sft), classification or tagging, fully or with LoRA",
         description="Run the finetune flow locally: prepare the data with the base model's tokenizer, fine-tune, "
@@ -433,9 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--restart", action="store_true",
                           help="fine-tune from step 0, deleting the checkpoints of an earlier attempt at these exact "
                           "settings; without it, a fine-tuning that stopped early resumes from its latest checkpoint")
-    finetune.set_defaults(handler=_finetune)
+    finetune.set_defaults(handler=commands.run_finetune)
 
-    evaluate = commands.add_parser(
+    evaluate = subcommands.add_parser(
         "evaluate",
         help="score a trained model: loss on a corpus split, multiple-choice accuracy, samples, classification, tagging",
         description="Run the evaluate flow locally. The corpus is tokenized with the model's own tokenizer, and "
@@ -471,10 +224,10 @@ def _parser() -> argparse.ArgumentParser:
                           "eval.eval_tokens=65536; "
                           "repeatable")
     evaluate.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
-    evaluate.set_defaults(handler=_evaluate)
+    evaluate.set_defaults(handler=commands.run_evaluate)
 
     sampling = SamplingConfig()
-    generate = commands.add_parser(
+    generate = subcommands.add_parser(
         "generate", help="sample continuations of prompts from a trained model",
         description="Print a trained model's continuation of each prompt (the prompt included), or, for a model "
         "fine-tuned with --objective sft, its answer (up to its end token) to each prompt as a user message of its chat "
@@ -494,9 +247,9 @@ def _parser() -> argparse.ArgumentParser:
                           help=f"sampling seed: the same prompt and seed give the same text (default {sampling.seed})")
     generate.add_argument("--device", default="auto",
                           help="auto (CUDA, then MPS, then CPU; the default) or a torch device such as cpu or cuda:1")
-    generate.set_defaults(handler=_generate)
+    generate.set_defaults(handler=commands.run_generate)
 
-    export = commands.add_parser(
+    export = subcommands.add_parser(
         "export", help="write a trained model as a Hugging Face transformers folder",
         description="Write the model, its tokenizer and a generation config as a folder that transformers loads "
         "(AutoModelForCausalLM / AutoTokenizer.from_pretrained): GPT-2-recipe models as GPT2LMHeadModel, "
@@ -505,9 +258,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_source_arguments(export)
     export.add_argument("--out", required=True, metavar="DIR", help="the folder to create (new or empty)")
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=commands.run_export)
 
-    import_ = commands.add_parser(
+    import_ = subcommands.add_parser(
         "import", help="import a Hugging Face transformers checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3) and "
         "register it in MLflow",
         description="Read a transformers checkpoint folder (config.json, safetensors weights, tokenizer.json) or "
@@ -521,27 +274,27 @@ def _parser() -> argparse.ArgumentParser:
     import_.add_argument("--block-size", type=_positive_int, metavar="N",
                          help="the context to train and generate with (default: the checkpoint's maximum)")
     import_.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
-    import_.set_defaults(handler=_import)
+    import_.set_defaults(handler=commands.run_import)
 
-    serve = commands.add_parser(
+    serve = subcommands.add_parser(
         "serve", help="serve every deployment (pretrain/default, sweep/default, finetune/default, evaluate/default) "
         "to a Prefect server until Ctrl-C",
         description="Serve gptflow's deployments. Start runs with `prefect deployment run 'pretrain/default'`. "
         "Needs PREFECT_API_URL pointing at a Prefect server (see `gptflow up`).",
     )
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=commands.run_serve)
 
     workspace_help = "workspace holding the servers' databases and artifacts (default: $GPTFLOW_HOME or ./.gptflow)"
-    stack_up = commands.add_parser("up", help="start a local Prefect server and MLflow server for this workspace")
+    stack_up = subcommands.add_parser("up", help="start a local Prefect server and MLflow server for this workspace")
     stack_up.add_argument("--workspace", metavar="DIR", help=workspace_help)
     stack_up.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default 4200)")
     stack_up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default 5000)")
-    stack_up.set_defaults(handler=_up)
-    stack_down = commands.add_parser("down", help="stop the servers that `gptflow up` started")
+    stack_up.set_defaults(handler=commands.run_up)
+    stack_down = subcommands.add_parser("down", help="stop the servers that `gptflow up` started")
     stack_down.add_argument("--workspace", metavar="DIR", help=workspace_help)
-    stack_down.set_defaults(handler=_down)
+    stack_down.set_defaults(handler=commands.run_down)
 
-    sync = commands.add_parser(
+    sync = subcommands.add_parser(
         "sync", help="send the MLflow writes that runs kept in the workspace while the tracking server was down",
         description="Send every run's MLflow outbox (<workspace>/mlflow-outbox/): the metrics, params, tags, "
         "artifacts, logged and registered models and end states that runs kept while their tracking server could "
@@ -549,9 +302,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("--workspace", metavar="DIR",
                       help="the workspace of the runs (default: $GPTFLOW_HOME or ./.gptflow)")
-    sync.set_defaults(handler=_sync)
+    sync.set_defaults(handler=commands.run_sync)
 
-    train_node = commands.add_parser(
+    train_node = subcommands.add_parser(
         "train-node", help="join a `gptflow pretrain --nnodes N` training from another machine",
         description="Start this machine's training processes for the `gptflow pretrain --nnodes N ... --rdzv-endpoint "
         "HOST:PORT` that runs on the head node, and wait until the training ends. They take the training job from "
@@ -563,15 +316,15 @@ def _parser() -> argparse.ArgumentParser:
     train_node.add_argument("--workspace", metavar=WORKSPACE_METAVAR,
                             help="the head node's workspace: the same s3:// URL, or a folder shared by every node "
                             "(default: $GPTFLOW_HOME or ./.gptflow)")
-    train_node.set_defaults(handler=_train_node)
+    train_node.set_defaults(handler=commands.run_train_node)
 
-    presets = commands.add_parser(
+    presets = subcommands.add_parser(
         "presets", help="list the named configurations, with their parameter counts and memory per GPU",
         description="Each preset's settings, parameter count, and estimated memory per GPU while training, with ddp "
         "(every GPU holds the whole model) and with fsdp (weights, gradients and AdamW state sharded over the GPUs).")
     presets.add_argument("--gpus", type=int, default=8, metavar="N",
                          help="GPUs the fsdp estimate shards over (default 8)")
-    presets.set_defaults(handler=_presets)
+    presets.set_defaults(handler=commands.run_presets)
     return parser
 
 
