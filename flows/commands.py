@@ -30,17 +30,77 @@ SAMPLE_SEPARATOR = "-" * 40
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    overrides = parse_override_pairs(args.overrides)
-    rendezvous = Rendezvous.from_flags(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_timeout)
+    parameters = _flow_parameters(args)
+    overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
+    rendezvous = parameters["rendezvous"] = Rendezvous.from_flags(args.nnodes, args.nproc_per_node,
+                                                                  args.rdzv_endpoint, args.rdzv_timeout)
     if args.nproc is not None and args.nnodes is not None:
         raise RendezvousError("--nproc counts processes on one machine: with --nnodes, give --nproc-per-node instead.")
     if args.nproc is not None or args.nproc_per_node is not None:
         overrides["train.nproc"] = (args.nnodes or 1) * (args.nproc or args.nproc_per_node)
-    check_pretrain(args.corpus, args.preset, args.config, overrides, args.ray, rendezvous, args.init_from)
-    _run_flow("pretrain", corpus=args.corpus, preset=args.preset, config_file=args.config, overrides=overrides,
-              workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
-              from_scratch=args.from_scratch, ray=args.ray, rendezvous=rendezvous, init_from=args.init_from)
+    check_pretrain(args.corpus, args.preset, args.config_file, overrides, args.ray, rendezvous, args.init_from)
+    _run_flow("pretrain", parameters)
     return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from gptflow.tasks.sweep_plan import parse_grid
+
+    parameters = _flow_parameters(args)
+    overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
+    grid = parameters["grid"] = parse_grid(args.grid or [])
+    check_sweep(grid, args.corpus, args.preset, args.config_file, overrides, args.random_points, args.seed,
+                args.scaling, args.ray)
+    summary = _run_flow("sweep", parameters)
+    if summary.failed:
+        print(f"gptflow: {len(summary.failed)} of {len(summary.outcomes)} sweep points failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    parameters = _flow_parameters(args)
+    overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
+    if args.nproc is not None:
+        overrides["train.nproc"] = args.nproc
+    check_finetune(args.data, args.val_data, args.config_file, overrides)
+    _run_flow("finetune", parameters)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    parameters = _flow_parameters(args)
+    overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
+    lm_eval = parameters["lm_eval"] = ([name.strip() for name in args.lm_eval.split(",") if name.strip()]
+                                       if args.lm_eval else None)
+    check_evaluate(args.corpus, args.multiple_choice, args.classification, args.tagging, overrides, args.ray, lm_eval,
+                   args.lm_eval_tasks_dir)
+    _run_flow("evaluate", parameters)
+    return 0
+
+
+def _flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The flow's parameters as the command line gave them (``flows.arguments.add_flow_options``)."""
+    return {name: getattr(args, name) for name in args.flow_parameters}
+
+
+def _run_flow(name: str, parameters: dict[str, Any]) -> Any:
+    """Run the flow ``name`` with ``parameters``, print its summary and return it. Its module imports Prefect,
+    so only once the input is known good; on the workspace's ``gptflow up`` stack, if one runs and
+    no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
+    # Prefect's temporary server would otherwise log an error on every start on offline machines.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    workspace = Workspace.resolve(parameters["workspace"])
+    stack = use_running_stack(workspace)
+    if stack is not None:
+        print(f"gptflow: using the servers `gptflow up` started for {stack.workspace}: Prefect "
+              f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
+              file=sys.stderr)
+    keep_prefect_state_in(workspace)
+    flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
+    summary = flow(**parameters)
+    print(summary.render())
+    return summary
 
 
 def run_train_node(args: argparse.Namespace) -> int:
@@ -67,65 +127,6 @@ def run_train_node(args: argparse.Namespace) -> int:
             f"this node's training ranks failed (torchrun exit code {ranks.returncode}); their output is above")
     print(f"gptflow: this node's share of the training at {rendezvous.endpoint} is done", file=sys.stderr)
     return 0
-
-
-def run_finetune(args: argparse.Namespace) -> int:
-    overrides = parse_override_pairs(args.overrides)
-    if args.nproc is not None:
-        overrides["train.nproc"] = args.nproc
-    check_finetune(args.data, args.val_data, args.config, overrides)
-    _run_flow("finetune", objective=args.objective, model=args.model, data=args.data, val_data=args.val_data,
-              tokenizer=args.tokenizer, config_file=args.config, overrides=overrides, workspace=args.workspace,
-              restart=args.restart)
-    return 0
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    overrides = parse_override_pairs(args.overrides)
-    lm_eval_tasks = [name.strip() for name in args.lm_eval.split(",") if name.strip()] if args.lm_eval else None
-    check_evaluate(args.corpus, args.multiple_choice, args.classification, args.tagging, overrides, args.ray,
-                   lm_eval_tasks, args.lm_eval_tasks_dir)
-    _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
-              lm_eval=lm_eval_tasks, lm_eval_limit=args.limit, lm_eval_num_fewshot=args.num_fewshot,
-              lm_eval_tasks_dir=args.lm_eval_tasks_dir,
-              multiple_choice=args.multiple_choice, classification=args.classification, tagging=args.tagging,
-              tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace, ray=args.ray)
-    return 0
-
-
-def run_sweep(args: argparse.Namespace) -> int:
-    from gptflow.tasks.sweep_plan import parse_grid
-
-    overrides = parse_override_pairs(args.overrides)
-    grid = parse_grid(args.grid)
-    check_sweep(grid, args.corpus, args.preset, args.config, overrides, args.random, args.seed, args.scaling, args.ray)
-    summary = _run_flow("sweep", grid=grid, corpus=args.corpus, preset=args.preset, config_file=args.config,
-                        overrides=overrides, random_points=args.random, seed=args.seed,
-                        max_parallel=args.max_parallel, scaling=args.scaling, compute_budget=args.compute_budget,
-                        workspace=args.workspace, ray=args.ray)
-    if summary.failed:
-        print(f"gptflow: {len(summary.failed)} of {len(summary.outcomes)} sweep points failed", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _run_flow(name: str, **parameters: Any) -> Any:
-    """Run the flow ``name`` with ``parameters``, print its summary and return it. Its module imports Prefect,
-    so only once the input is known good; on the workspace's ``gptflow up`` stack, if one runs and
-    no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
-    # Prefect's temporary server would otherwise log an error on every start on offline machines.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    workspace = Workspace.resolve(parameters["workspace"])
-    stack = use_running_stack(workspace)
-    if stack is not None:
-        print(f"gptflow: using the servers `gptflow up` started for {stack.workspace}: Prefect "
-              f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
-              file=sys.stderr)
-    keep_prefect_state_in(workspace)
-    flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
-    summary = flow(**parameters)
-    print(summary.render())
-    return summary
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -257,3 +258,4 @@ def _count(number: int) -> str:
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+

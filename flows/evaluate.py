@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from gptflow.data.store import hash_file
+from gptflow.flows.arguments import NonNegativeInt, PositiveInt
 from gptflow.flows.checks import EvaluateInputs, check_evaluate
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.model_source import ResolvedModel, resolve_model
@@ -171,36 +172,43 @@ def evaluate(
     workspace: str | None = None,
     ray: str | None = None,
     lm_eval: list[str] | None = None,
-    lm_eval_limit: int | None = None,
-    lm_eval_num_fewshot: int | None = None,
+    lm_eval_limit: PositiveInt | None = None,
+    lm_eval_num_fewshot: NonNegativeInt | None = None,
     lm_eval_tasks_dir: str | None = None,
 ) -> EvaluateSummary:
     """Evaluate a trained gptflow model on a corpus split and/or a multiple-choice file.
 
     Args:
-        model: ``models:/name/version`` or ``runs:/<run id>/model``, an MLflow run id, or a
-            directory holding ``model.safetensors`` and ``config.json``.
-        corpus: files, folders, globs or ``hf:owner/name`` ids, tokenized with the model's own
-            tokenizer: loss, perplexity and bits per byte on ``split``.
-        split: ``val`` (default), ``train`` or ``all`` documents of the corpus (split by document
-            hash with ``data.val_fraction``, as pretraining splits them).
-        multiple_choice: a HellaSwag-format JSONL file: zero-shot acc and acc_norm.
-        classification: a JSONL, JSON, CSV or parquet file of text + label (fields ``data.text_field`` and
-            ``eval.label_field``) to score a fine-tuned classifier on: accuracy, macro-F1 and a
-            confusion matrix. Language models get sample generations instead.
-        tagging: a file of texts and spans (``{"text": ..., "spans": [[start, end, label], ...]}``
-            records, text field ``data.text_field``) or a CoNLL file to score a fine-tuned tagger
-            on: span precision, recall and F1 per label and a token confusion matrix.
-        tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
-        overrides: ``{"section.field": value}`` of the ``data``, ``tokenize``, ``eval`` and ``sampling`` sections,
-            e.g. ``{"eval.eval_tokens": 65536}``.
-        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
-        ray: a Ray cluster to run the corpus's per-file data units on, as in ``pretrain``.
-        lm_eval: lm-evaluation-harness task names (e.g. ``["hellaswag", "arc_easy"]``), run on the
-            model; metrics logged as ``lm_eval/<task>/<metric>``.
-        lm_eval_limit: examples per harness task (default all).
-        lm_eval_num_fewshot: few-shot examples per harness prompt (default: each task's own).
-        lm_eval_tasks_dir: a folder of the user's own harness task YAMLs.
+        model: models:/name/version, runs:/<run id>/model, an MLflow run id, or a directory holding
+            model.safetensors and config.json.
+        corpus: files, folders, globs, s3:// URLs or hf:owner/name datasets to measure loss,
+            perplexity and bits per byte on, read as pretrain reads its corpus and tokenized with the
+            model's own tokenizer.
+        split: the documents of the corpus to score: val (held out by document hash with
+            data.val_fraction, as pretraining holds them out), train, or all.
+        multiple_choice: a HellaSwag-format JSONL (or JSON, parquet) file, a record per example
+            {"ctx": ..., "endings": [...], "label": N}: zero-shot acc and acc_norm.
+        classification: for a fine-tuned classifier: a JSONL, JSON, CSV or parquet file of text +
+            label (fields data.text_field and eval.label_field): accuracy, macro-F1 and a confusion
+            matrix.
+        tagging: for a fine-tuned tagger: {"text": ..., "spans": [[start, end, label], ...]} records
+            (text field data.text_field) or a CoNLL file: span precision, recall and F1 per label
+            (exact match) and a token confusion matrix.
+        tokenizer: the model's tokenizer.json, for a model directory without one beside or above it.
+        overrides: data.*, tokenize.*, eval.* or sampling.* settings applied last:
+            eval.eval_tokens=65536 on the command line, ``{"eval.eval_tokens": 65536}`` as a flow
+            parameter.
+        workspace: the artifact store and MLflow database: a folder, or an S3 prefix mirrored in
+            $GPTFLOW_CACHE (default: $GPTFLOW_HOME or ./.gptflow).
+        ray: run the corpus's per-file data units on this Ray cluster, as pretrain does (auto,
+            HOST:PORT or ray://HOST:PORT; default $GPTFLOW_RAY_ADDRESS).
+        lm_eval: lm-evaluation-harness tasks to run on the model: hellaswag,arc_easy on the command
+            line, ``["hellaswag", "arc_easy"]`` as a flow parameter; metrics logged as
+            lm_eval/<task>/<metric> (pip install 'gptflow[lm-eval]').
+        lm_eval_limit: examples per ``lm_eval`` task (default: all).
+        lm_eval_num_fewshot: few-shot examples per ``lm_eval`` prompt (default: each task's own).
+        lm_eval_tasks_dir: a folder of your own lm-evaluation-harness task YAMLs, usable by name in
+            ``lm_eval``.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()

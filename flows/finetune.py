@@ -167,25 +167,31 @@ def finetune(
     ``tagging`` (token classification, e.g. named entities).
 
     Args:
-        objective: ``sft`` (prompt/response pairs or chats; loss on the responses only),
-            ``classification`` (texts with labels; a linear head on the last token) or ``tagging``
-            (texts with labelled character spans, or CoNLL files; a linear head on every token).
-        model: the base model: ``models:/name/version``, ``runs:/<run id>/model``, an MLflow run
-            id, or a directory with ``model.safetensors`` and ``config.json``. Default: the latest
-            version of ``gptflow-cpu`` (what ``gptflow pretrain`` registers).
-        data: a .jsonl, .json, .csv (``.gz``/``.zst`` too) or .parquet file, or for tagging a
-            CoNLL file (.conll, .iob, .bio). Default: the built-in demo of the objective, extracted
-            from the standard library's source.
-        val_data: a validation file in the same format; default: ``finetune.val_fraction`` of
+        objective: sft: prompt/response pairs or chats, loss on the responses; classification: texts
+            with labels, a linear head on the last token; tagging: texts with labelled character spans
+            (or CoNLL files), a linear head on every token.
+        model: the base model: models:/name/version, runs:/<run id>/model, an MLflow run id, or a
+            directory holding model.safetensors and config.json. Default: the latest registered
+            gptflow-cpu (what ``gptflow pretrain`` trains).
+        data: .jsonl, .json, .csv (gzip/zstd too) or .parquet. sft: {"prompt": ..., "response": ...}
+            or {"messages": [{"role": ..., "content": ...}, ...]} per record; classification: text and
+            label fields; tagging: {"text": ..., "spans": [[start, end, label], ...]} per record, or a
+            CoNLL file (.conll, .iob, .bio: a word and its tag per line). Default: the objective's
+            built-in demo, from the Python standard library's source (docstring → function; which
+            standard-library package a function is from; the Python token kind of each span of a
+            function).
+        val_data: validation examples in the same format; default: finetune.val_fraction of
             ``data``, chosen by record hash.
-        tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
-        config_file: a TOML/JSON file with ``finetune``, ``train`` and ``sampling`` tables.
-        overrides: ``{"section.field": value}`` applied last, e.g. ``{"finetune.lora_rank": 0}``
-            or ``{"train.max_steps": 300}``.
-        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
-        restart: fine-tune again from step 0, deleting the checkpoints an interrupted (or finished)
-            training at these exact settings left; by default such a training resumes from its
-            latest checkpoint.
+        tokenizer: the base model's tokenizer.json, for a model directory without one beside or above
+            it.
+        config_file: a TOML or JSON file with [finetune], [train] and [sampling] tables of settings.
+        overrides: finetune.*, train.* or sampling.* settings applied last: finetune.lora_rank=0 (a
+            full fine-tune) or train.max_steps=300 on the command line, ``{"finetune.lora_rank": 0}``
+            as a flow parameter.
+        workspace: the artifact store and MLflow database: a folder, or an S3 prefix mirrored in
+            $GPTFLOW_CACHE (default: $GPTFLOW_HOME or ./.gptflow).
+        restart: fine-tune from step 0, deleting the checkpoints of an earlier attempt at these exact
+            settings; without it, a fine-tuning that stopped early resumes from its latest checkpoint.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()

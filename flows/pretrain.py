@@ -145,27 +145,32 @@ def pretrain(
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
 
     Args:
-        corpus: files, folders, globs or ``hf:owner/name`` ids, each with a ``=WEIGHT`` suffix for a data
-            mixture (``web/=0.7``: training draws that share of its windows from the source; all or none weighted).
-        preset: a named configuration (``gptflow presets`` lists them).
-        config_file: a TOML/JSON file of settings applied over the preset.
-        overrides: ``{"section.field": value}`` applied last, e.g. ``{"train.max_steps": 200}``.
-        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
-        restart: train again from step 0, deleting the checkpoints an interrupted (or finished)
-            training at these exact settings left; by default such a training resumes from its
-            latest checkpoint.
+        corpus: files, folders or globs of .txt/.md/.py/.jsonl/.json/.parquet/.csv (gzip/zstd too),
+            s3://bucket/prefix/ or s3:// globs (read in place), or hf:owner/name datasets. Default:
+            builtin:python-stdlib, the Python standard library's source. A =WEIGHT suffix on every
+            source (web/=0.7, code/=0.3) trains on a data mixture: each source's share of the training
+            windows is its share of the weights.
+        preset: a named configuration; ``gptflow presets`` lists them.
+        config_file: a TOML or JSON file of settings, applied over the preset.
+        overrides: settings applied last, each named by section and field: train.max_steps=200 on the
+            command line, ``{"train.max_steps": 200}`` as a flow parameter.
+        workspace: the artifact store and MLflow database: a folder, or an S3 prefix mirrored in
+            $GPTFLOW_CACHE (default: $GPTFLOW_HOME or ./.gptflow).
+        restart: train from step 0, deleting the checkpoints of an earlier training at these exact
+            settings; without it, a training that stopped early resumes from its latest checkpoint.
         retrain_tokenizer: train a new tokenizer instead of keeping the one earlier runs over this
-            corpus used (which re-tokenizes every file).
+            corpus used (re-tokenizes every file).
         from_scratch: train a new model instead of continuing the latest compatible one of this
             corpus on the data added since.
-        ray: a Ray cluster to run the data stages' per-file units on (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
-            default ``$GPTFLOW_RAY_ADDRESS``, else the stage's own process.
+        ray: run the data stages' per-file units on this Ray cluster (auto, HOST:PORT or
+            ray://HOST:PORT; default $GPTFLOW_RAY_ADDRESS), each a Prefect task run; without it,
+            they run in the stage's process.
         rendezvous: train on several machines: this one runs every stage and its share of the
-            ``train.nproc`` ranks, the others join with ``gptflow train-node`` (``tasks.runtime.rendezvous``).
-        init_from: continue pretraining a model (an MLflow model URI, a run id or a model folder,
-            e.g. one ``gptflow import`` registered): its tokenizer (no tokenizer is trained), its
-            shape (the preset's ``model`` settings are not used) and its weights.
-        sweep: set by the ``sweep`` flow for each of its points: the MLflow run nests under the sweep's.
+            train.nproc ranks, the others join with ``gptflow train-node`` (``tasks.runtime.rendezvous``).
+        init_from: continue pretraining this model (models:/name/version, a run id or a model folder,
+            e.g. what ``gptflow import`` registered): its tokenizer, shape and weights; no tokenizer is
+            trained, and the preset's model.* settings are not used (nor may be set).
+        sweep: set by the sweep flow for each of its points: the MLflow run nests under the sweep's.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
