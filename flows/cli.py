@@ -1,56 +1,39 @@
-"""The ``gptflow`` command line.
+"""The ``gptflow`` command line: its commands and their options, and how it reports an error.
 
-It imports only light modules up front (no torch, Prefect, MLflow or pyarrow), and each command
-checks its settings and paths before importing what it runs: a mistyped command is refused in a
-fraction of a second.
+A flow's command takes an option per parameter of the flow, read from the flow's own declaration
+(``flows.arguments``); ``flows.commands`` holds what each command does. Both import only light
+modules up front (no torch, Prefect, MLflow or pyarrow), and each command checks its input before
+importing what it runs: a mistyped command is refused in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import sys
-import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
-from gptflow.data.mixture import WeightedCorpus
-from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
-from gptflow.flows.stack import StackError, down, keep_prefect_state_in, up, use_running_stack
+from gptflow.flows import commands
+from gptflow.flows.arguments import NonNegativeInt, Option, PositiveFloat, PositiveInt, add_flow_options, number_type
+from gptflow.flows.stack import StackError
 from gptflow.model.config import SamplingConfig
-from gptflow.tasks.runtime.ray_address import resolve_ray_address
-from gptflow.tasks.runtime.rendezvous import DEFAULT_TIMEOUT_S, Rendezvous, RendezvousError
-from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import (
-    DEFAULT_PRESET,
-    PRESETS,
-    ConfigError,
-    EvalSplit,
-    EvaluateSettings,
-    FinetuneSettings,
-    PretrainSettings,
-    build_config,
-    parse_override_pairs,
-)
+from gptflow.tasks.runtime.rendezvous import DEFAULT_TIMEOUT_S
 
-if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
-    from gptflow.tasks.model_source import ResolvedModel
-
-
-SAMPLE_SEPARATOR = "-" * 40
-"""Printed between the samples of ``gptflow generate``, which may span many lines."""
-WORKSPACE_METAVAR = "DIR|s3://BUCKET/PREFIX"
-WORKSPACE_HELP = ("artifact store and MLflow database: a folder, or an S3 prefix mirrored in $GPTFLOW_CACHE "
-                  "(default: $GPTFLOW_HOME or ./.gptflow)")
-RAY_HELP = ("run the data stages' per-file units on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; default "
-            "$GPTFLOW_RAY_ADDRESS), each a Prefect task run; without it, they run in the stage's process")
+WORKSPACE = Option(metavar="DIR|s3://BUCKET/PREFIX")
+SETTINGS = {
+    "config_file": Option("--config", metavar="FILE"),
+    "overrides": Option("--set", metavar="KEY=VALUE", takes=list[str]),
+    "workspace": WORKSPACE,
+    "ray": Option(metavar="ADDRESS"),
+}
+"""How the command line spells the settings every flow takes."""
+MODEL_SOURCE = {"model": Option(metavar="SOURCE"), "tokenizer": Option(metavar="PATH"), "workspace": WORKSPACE}
+"""A trained model as the evaluate flow takes it, and generate and export too."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     # MLflow draws a progress bar per artifact copy, which floods logs of non-interactive runs, and
     # prints its own links to a run, which open its UI on the GenAI pages: the summary gives the link.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -93,271 +76,8 @@ def _keep_traceback(workspace: Path) -> str:
     return f"its traceback is in {path}"
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    overrides = parse_override_pairs(args.overrides)
-    rendezvous = Rendezvous.from_flags(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_timeout)
-    if args.nproc is not None and args.nnodes is not None:
-        raise RendezvousError("--nproc counts processes on one machine: with --nnodes, give --nproc-per-node instead.")
-    if args.nproc is not None or args.nproc_per_node is not None:
-        overrides["train.nproc"] = (args.nnodes or 1) * (args.nproc or args.nproc_per_node)
-    if args.init_from and (shaped := sorted(name for name in overrides if name.startswith("model."))):
-        raise ConfigError(f"--init-from trains its model as it is: {', '.join(shaped)} cannot be set with it.")
-    corpus = args.corpus or [BUILTIN_CORPUS]
-    # Fail on a bad config, a bad weight or a missing path now, before Prefect and MLflow start up.
-    build_config(PretrainSettings, args.preset, args.config, overrides)
-    resolve_sources(WeightedCorpus.parse(corpus).sources)
-    resolve_ray_address(args.ray)
-    _run_flow("pretrain", corpus=corpus, preset=args.preset, config_file=args.config, overrides=overrides,
-              workspace=args.workspace, restart=args.restart, retrain_tokenizer=args.retrain_tokenizer,
-              from_scratch=args.from_scratch, ray=args.ray, rendezvous=rendezvous, init_from=args.init_from)
-    return 0
-
-
-def _train_node(args: argparse.Namespace) -> int:
-    """Join the head node's training: this machine's ranks, nothing logged or written here."""
-    import subprocess
-
-    rendezvous = Rendezvous.from_flags(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_timeout)
-    if rendezvous is None:
-        raise RendezvousError("gptflow train-node joins a training on several machines: --nnodes must be at least 2 "
-                              "(on one machine, gptflow pretrain --nproc N trains alone).")
-    Workspace.resolve(args.workspace)  # a missing bucket is refused now, not by every rank
-    command = [*rendezvous.torchrun_command(), "-m", "gptflow.tasks.stages.training_job", "--join",
-               *([args.workspace] if args.workspace else [])]
-    print(f"gptflow: joining the training at {rendezvous.endpoint} with {rendezvous.nproc_per_node} process(es); "
-          f"waiting up to {rendezvous.timeout_s:g} s for the head node", file=sys.stderr, flush=True)
-    environment = {**os.environ, "GPTFLOW_RDZV_TIMEOUT": str(rendezvous.timeout_s)}
-    output = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment) as ranks:
-        for line in ranks.stdout:
-            print(line, end="", flush=True)
-            output = [*output[-199:], line]
-    if ranks.returncode != 0:
-        raise rendezvous.failure("".join(output), ranks.returncode) or RuntimeError(
-            f"this node's training ranks failed (torchrun exit code {ranks.returncode}); their output is above")
-    print(f"gptflow: this node's share of the training at {rendezvous.endpoint} is done", file=sys.stderr)
-    return 0
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    overrides = parse_override_pairs(args.overrides)
-    if args.nproc is not None:
-        overrides["train.nproc"] = args.nproc
-    # Fail on a bad setting or a missing data file now, before Prefect and MLflow start up.
-    build_config(FinetuneSettings, None, args.config, overrides)
-    for path in (args.data, args.val_data):
-        if path not in (None, BUILTIN_CORPUS):
-            check_data_file(Path(path))
-
-    _run_flow("finetune", objective=args.objective, model=args.model, data=args.data, val_data=args.val_data,
-              tokenizer=args.tokenizer, config_file=args.config, overrides=overrides, workspace=args.workspace,
-              restart=args.restart)
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    overrides = parse_override_pairs(args.overrides)
-    # Fail on a bad setting or a missing or malformed input now, before Prefect and MLflow start up.
-    build_config(EvaluateSettings, overrides=overrides)
-    if args.corpus:
-        resolve_sources(args.corpus)
-        resolve_ray_address(args.ray)
-    if args.multiple_choice:
-        # Reading the file checks every record: it takes the readers' and the tokenizer's libraries.
-        from gptflow.data.multiple_choice import read_multiple_choice
-
-        read_multiple_choice(Path(args.multiple_choice))
-    for path in (args.classification, args.tagging):
-        if path:
-            check_data_file(Path(path))
-    if args.lm_eval_tasks_dir and not Path(args.lm_eval_tasks_dir).is_dir():
-        raise ConfigError(f"--lm-eval-tasks-dir {args.lm_eval_tasks_dir} is not a folder: give the folder of your "
-                          "task YAMLs.")
-    lm_eval_tasks = [name.strip() for name in args.lm_eval.split(",") if name.strip()] if args.lm_eval else None
-
-    _run_flow("evaluate", model=args.model, corpus=args.corpus, split=args.split,
-              lm_eval=lm_eval_tasks, lm_eval_limit=args.limit, lm_eval_num_fewshot=args.num_fewshot,
-              lm_eval_tasks_dir=args.lm_eval_tasks_dir,
-              multiple_choice=args.multiple_choice, classification=args.classification, tagging=args.tagging,
-              tokenizer=args.tokenizer, overrides=overrides, workspace=args.workspace, ray=args.ray)
-    return 0
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from gptflow.tasks.sweep_plan import check_points, check_scaling, parse_grid, plan_points
-
-    overrides = parse_override_pairs(args.overrides)
-    grid = parse_grid(args.grid)
-    corpus = args.corpus or [BUILTIN_CORPUS]
-    # Fail on a bad grid, setting, path or address now, before Prefect and MLflow start up.
-    points = plan_points(grid, args.random, args.seed)
-    configs = check_points(points, args.preset, args.config, overrides)
-    if args.scaling:
-        check_scaling(points, configs)
-    resolve_sources(WeightedCorpus.parse(corpus).sources)
-    resolve_ray_address(args.ray)
-    summary = _run_flow("sweep", grid=grid, corpus=corpus, preset=args.preset, config_file=args.config,
-                        overrides=overrides, random_points=args.random, seed=args.seed,
-                        max_parallel=args.max_parallel, scaling=args.scaling, compute_budget=args.compute_budget,
-                        workspace=args.workspace, ray=args.ray)
-    if summary.failed:
-        print(f"gptflow: {len(summary.failed)} of {len(summary.outcomes)} sweep points failed", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _run_flow(name: str, **parameters: Any) -> Any:
-    """Run the flow ``name`` with ``parameters``, print its summary and return it. Its module imports Prefect,
-    so only once the input is known good; on the workspace's ``gptflow up`` stack, if one runs and
-    no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
-    # Prefect's temporary server would otherwise log an error on every start on offline machines.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    workspace = Workspace.resolve(parameters["workspace"])
-    stack = use_running_stack(workspace)
-    if stack is not None:
-        print(f"gptflow: using the servers `gptflow up` started for {stack.workspace}: Prefect "
-              f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
-              file=sys.stderr)
-    keep_prefect_state_in(workspace)
-    flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
-    summary = flow(**parameters)
-    print(summary.render())
-    return summary
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from gptflow.data.chat import Message
-    from gptflow.model.device import resolve_device
-    from gptflow.model.finetune import answer
-    from gptflow.model.generate import generate_texts
-
-    device = resolve_device(args.device)
-    source = _resolve_model(args)
-    source.require_text_model("gptflow generate")
-    model, tokenizer = source.load(device), source.load_tokenizer()
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    if args.prompts:
-        prompts = args.prompts
-    else:
-        if sys.stdin.isatty():
-            print("Type a prompt and press Enter; Ctrl-D ends.", file=sys.stderr)
-        prompts = (line.removesuffix("\n") for line in sys.stdin)  # each answered as soon as it is read
-    for index, prompt in enumerate(prompts):
-        # One prompt at a time, each seeded by --seed alone: a prompt's sample does not depend on
-        # the prompts before it.
-        if source.kind == "chat_model":  # its prompts are user messages of its chat template
-            (sample,) = answer(model, tokenizer, source.chat_template, [[Message("user", prompt)]], sampling)
-        else:
-            (sample,) = generate_texts(model, tokenizer, [prompt], sampling, device)
-        print(f"{SAMPLE_SEPARATOR}\n{sample}" if index else sample, flush=True)
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from gptflow.model.export import export_to_transformers
-
-    source = _resolve_model(args)
-    source.require_text_model("gptflow export")
-    out = Path(args.out).expanduser()
-    architecture = export_to_transformers(source.load(), source.tokenizer_file, out)
-    print(f"exported {source.source} as {architecture} to {out}")
-    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
-          f"AutoTokenizer.from_pretrained({str(out)!r})")
-    return 0
-
-
-def _import(args: argparse.Namespace) -> int:
-    from gptflow.tasks.stages.model_import import import_checkpoint
-
-    workspace = Workspace.resolve(args.workspace)
-    print(import_checkpoint(args.model, workspace, args.revision, args.block_size).render())
-    return 0
-
-
-def _resolve_model(args: argparse.Namespace) -> ResolvedModel:
-    """The model named by --model (with --tokenizer, --workspace)."""
-    from gptflow.tasks.model_source import resolve_model
-
-    return resolve_model(args.model, Workspace.resolve(args.workspace), args.tokenizer)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from gptflow.flows.deployments import serve_deployments
-
-    serve_deployments()
-    return 0
-
-
-def _up(args: argparse.Namespace) -> int:
-    stack = up(Workspace.resolve(args.workspace), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
-    print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
-    print(f"MLflow UI    {stack.mlflow_url}")
-    print(f"workspace    {stack.workspace} (databases, artifacts, logs/)")
-    print("\ngptflow pretrain, sweep, finetune and evaluate on this workspace use it while it runs. Point other "
-          "gptflow, prefect and mlflow commands at it:\n")
-    for name, value in stack.environment().items():
-        print(f"export {name}={value}")
-    print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/default' --watch)")
-    return 0
-
-
-def _down(args: argparse.Namespace) -> int:
-    stopped = down(Workspace.resolve(args.workspace))
-    print(f"stopped: {', '.join(stopped)}" if stopped else "no gptflow stack was running for this workspace")
-    return 0
-
-
-def _sync(args: argparse.Namespace) -> int:
-    from gptflow.tasks.runtime.workspace import Workspace
-    from gptflow.tasks.tracking.outbox import send_outboxes
-
-    workspace = Workspace.resolve(args.workspace)
-    reports = send_outboxes(workspace)
-    if not reports:
-        print(f"nothing to send: no run of {workspace.root} keeps MLflow writes")
-    for report in reports:
-        print(report)
-    return 1 if any(report.kept for report in reports) else 0
-
-
-def _presets(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from gptflow.model.config import pad_vocab_size
-    from gptflow.model.memory import training_memory
-
-    print(f"Memory per GPU while training, estimated: float32 weights and gradients, optimizer state, activations "
-          f"of one micro batch (bf16 autocast); CUDA context and fragmentation come on top. fsdp over {args.gpus} "
-          "GPUs (--gpus).\n")
-    for name, preset in PRESETS.items():
-        settings = build_config(PretrainSettings, name)
-        # The tokenizer may learn fewer tokens than asked; the model pads what it learned to a multiple of 128.
-        model = dataclasses.replace(settings.model, vocab_size=pad_vocab_size(settings.tokenizer.vocab_size))
-        ddp = training_memory(model, settings.train, "ddp")
-        fsdp = training_memory(model, settings.train, "fsdp", gpus=args.gpus)
-        marker = " (default)" if name == DEFAULT_PRESET else ""
-        print(f"{name}{marker}: {_count(ddp.parameters)} parameters; per GPU {_gib(ddp.total)} with ddp, "
-              f"{_gib(fsdp.total)} with fsdp on {args.gpus} (activations {_gib(ddp.activations)}, micro batch "
-              f"{settings.train.micro_batch_size} x {model.block_size}"
-              f"{', recomputed' if model.activation_checkpointing else ''}); trains with {settings.train.parallelism}")
-        for section, values in preset.items():
-            print(f"  {section}: {json.dumps(values)}")
-    return 0
-
-
-def _count(number: int) -> str:
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if number >= scale:
-            return f"{number / scale:.3g}{suffix}"
-    return str(number)
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
-
-
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every ``gptflow`` command; a command's ``handler`` runs it (``flows.commands``)."""
     parser = argparse.ArgumentParser(
         prog="gptflow",
         description="Train your own GPT as a cached, tracked pipeline (Prefect + MLflow).",
@@ -365,186 +85,109 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error gptflow cannot explain, instead of keeping it in the "
                         "workspace's logs/")
-    commands = parser.add_subparsers(dest="command", required=True)
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    _add_flow_commands(subcommands)
+    _add_model_commands(subcommands)
+    _add_workspace_commands(subcommands)
+    return parser
 
-    pretrain = commands.add_parser(
-        "pretrain",
+
+def _add_flow_commands(subcommands: argparse._SubParsersAction) -> None:
+    """pretrain, sweep, finetune and evaluate: an option per parameter of their flow."""
+    pretrain = _add_flow_command(
+        subcommands, "pretrain", commands.run_pretrain,
+        {**SETTINGS, "corpus": Option(metavar="PATH[=WEIGHT]"), "init_from": Option(metavar="SOURCE")},
+        leave_out=("rendezvous", "sweep"),  # from --nnodes and the other rendezvous options; set by the sweep flow
         help="ingest a corpus, train a tokenizer, tokenize, pretrain and evaluate",
         description="Run the pretrain flow locally. Every stage is cached: rerunning the same "
         "command executes nothing; changing a setting reruns that stage and those after it.",
     )
-    _add_pretrain_settings_arguments(pretrain)
-    pretrain.add_argument("--nproc", type=int, metavar="N",
-                          help="train data-parallel on N GPUs (or CPU processes) via torchrun; "
-                          "same as --set train.nproc=N")
+    _add_nproc_argument(pretrain)
     _add_rendezvous_arguments(pretrain, "this machine runs every stage, logs to MLflow and holds rank 0; run "
                               "`gptflow train-node` with the same --nnodes, --nproc-per-node and --rdzv-endpoint on "
                               "each other machine")
-    pretrain.add_argument("--restart", action="store_true",
-                          help="train from step 0, deleting the checkpoints of an earlier training at these exact "
-                          "settings; without it, a training that stopped early resumes from its latest checkpoint")
-    pretrain.add_argument("--retrain-tokenizer", action="store_true",
-                          help="train a new tokenizer instead of keeping the one earlier runs over this "
-                          "corpus used (re-tokenizes every file)")
-    pretrain.add_argument("--from-scratch", action="store_true",
-                          help="train a new model instead of continuing the latest compatible one of this "
-                          "corpus on the data added since")
-    pretrain.add_argument("--init-from", metavar="SOURCE",
-                          help="continue pretraining this model (models:/name/version, a run id or a model folder, "
-                          "e.g. what `gptflow import` registered): its tokenizer, shape and weights; no tokenizer is "
-                          "trained and the preset's model.* settings are not used")
-    pretrain.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
-    pretrain.set_defaults(handler=_pretrain)
-
-    sweep = commands.add_parser(
-        "sweep", help="pretrain one model per point of a grid of settings and compare them in MLflow",
+    _add_flow_command(
+        subcommands, "sweep", commands.run_sweep,
+        {**SETTINGS, "corpus": Option(metavar="PATH[=WEIGHT]"),
+         "grid": Option(metavar="KEY=V1,V2,...", takes=list[str]),
+         "random_points": Option("--random", metavar="N"), "seed": Option(metavar="S"),
+         "max_parallel": Option(metavar="K"), "compute_budget": Option(metavar="FLOPS")},
+        help="pretrain one model per point of a grid of settings and compare them in MLflow",
         description="Run the sweep flow: one pretrain child flow run per point of the --grid (every combination of "
         "the values, or --random N of them), up to --max-parallel at once. The data stages run once for all points, "
         "and each point's training is cached: rerunning with one more value trains only the new points. MLflow "
         "shows the sweep as one run with a nested run per point, a table of the points, val loss against each "
         "swept setting and every point's val-loss curve.",
     )
-    _add_pretrain_settings_arguments(sweep, every_point=True)
-    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                       help="a setting to sweep and its values, e.g. --grid train.learning_rate=1e-3,3e-3,1e-2; "
-                       "repeatable (the points are every combination). With --random, KEY=LOW..HIGH draws from a "
-                       "range: log-uniform for decimals (1e-4..1e-2), uniform for whole numbers (2..8)")
-    sweep.add_argument("--random", type=_positive_int, metavar="N",
-                       help="train N points drawn at random from the grid instead of all of them")
-    sweep.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
-                       help="seed of the --random draw: the same seed draws the same points, and a larger N adds "
-                       "points to them (default 0)")
-    sweep.add_argument("--max-parallel", type=_positive_int, default=1, metavar="K",
-                       help="points training at once (default 1): worker processes sharing this machine's cores, "
-                       "or tasks on the --ray cluster")
-    sweep.add_argument("--scaling", action="store_true",
-                       help="fit Chinchilla's law L(N, D) = E + A/N^alpha + B/D^beta of the final val loss against "
-                       "parameters N and training tokens D (sweep model.* sizes and train.max_steps), and log the "
-                       "compute-optimal size for --compute-budget")
-    sweep.add_argument("--compute-budget", type=_positive_float, metavar="FLOPS",
-                       help="training FLOPs (6 x N x D) to give the compute-optimal model size for, e.g. 1e18 "
-                       "(default: the costliest point's)")
-    sweep.add_argument("--ray", metavar="ADDRESS",
-                       help="train the points as tasks on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; "
-                       "default $GPTFLOW_RAY_ADDRESS): its nodes must reach the workspace and the Prefect and MLflow "
-                       "servers")
-    sweep.set_defaults(handler=_sweep)
-
-    finetune = commands.add_parser(
-        "finetune",
+    finetune = _add_flow_command(
+        subcommands, "finetune", commands.run_finetune,
+        {**SETTINGS, **MODEL_SOURCE, "data": Option(metavar="FILE"), "val_data": Option(metavar="FILE")},
         help="fine-tune a pretrained model for instructions (sft), classification or tagging, fully or with LoRA",
         description="Run the finetune flow locally: prepare the data with the base model's tokenizer, fine-tune, "
         "evaluate on the validation split, log and register the model in MLflow. Every stage is cached: rerunning "
         "the same command executes nothing. Without --data, a built-in demo drawn from the Python standard "
         "library's source.",
     )
-    finetune.add_argument("--objective", default="sft", choices=OBJECTIVES,
-                          help="sft: prompt/response pairs or chats, loss on the responses (default); "
-                          "classification: texts with labels, a head on the last token; tagging: texts with labelled "
-                          "character spans (or CoNLL files), a head on every token")
-    finetune.add_argument("--model", metavar="SOURCE",
-                          help="the base model: models:/name/version, runs:/<run id>/model, an MLflow run id, or a "
-                          "directory holding model.safetensors and config.json. Default: the latest registered "
-                          "gptflow-cpu (what `gptflow pretrain` trains)")
-    finetune.add_argument("--data", metavar="FILE",
-                          help='.jsonl, .json, .csv (gzip/zstd too) or .parquet. sft: {"prompt": ..., "response": ...} '
-                          'or {"messages": [{"role": ..., "content": ...}, ...]} per record; classification: text and '
-                          'label fields; tagging: {"text": ..., "spans": [[start, end, label], ...]} per record, or a '
-                          "CoNLL file (.conll, .iob, .bio: a word and its tag per line). Default: the objective's "
-                          "built-in demo (docstring → function; which standard-library package a function is from; "
-                          "the Python token kind of each span of a function)")
-    finetune.add_argument("--val-data", metavar="FILE",
-                          help="validation examples in the same format; default: finetune.val_fraction of --data")
-    finetune.add_argument("--tokenizer", metavar="PATH",
-                          help="the base model's tokenizer.json, for a model directory without one beside or above it")
-    finetune.add_argument("--config", metavar="FILE",
-                          help="TOML or JSON file with [finetune], [train] and [sampling] tables of settings")
-    finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a finetune.*, train.* or sampling.* setting, e.g. --set finetune.lora_rank=0 "
-                          "(full fine-tune) or --set train.max_steps=300; repeatable")
-    finetune.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
-    finetune.add_argument("--nproc", type=int, metavar="N",
-                          help="fine-tune data-parallel on N GPUs (or CPU processes) via torchrun, each taking "
-                          "train.micro_batch_size examples per micro-step; same as --set train.nproc=N "
-                          "(--set train.parallelism=fsdp shards the model)")
-    finetune.add_argument("--restart", action="store_true",
-                          help="fine-tune from step 0, deleting the checkpoints of an earlier attempt at these exact "
-                          "settings; without it, a fine-tuning that stopped early resumes from its latest checkpoint")
-    finetune.set_defaults(handler=_finetune)
-
-    evaluate = commands.add_parser(
-        "evaluate",
+    _add_nproc_argument(finetune)
+    _add_flow_command(
+        subcommands, "evaluate", commands.run_evaluate,
+        {**SETTINGS, **MODEL_SOURCE, "corpus": Option(metavar="PATH"), "multiple_choice": Option(metavar="FILE"),
+         "classification": Option(metavar="FILE"), "tagging": Option(metavar="FILE"),
+         "lm_eval": Option(metavar="TASKS", takes=str), "lm_eval_limit": Option("--limit", metavar="N"),
+         "lm_eval_num_fewshot": Option("--num-fewshot", metavar="K"), "lm_eval_tasks_dir": Option(metavar="DIR")},
         help="score a trained model: loss on a corpus split, multiple-choice accuracy, samples, classification, tagging",
         description="Run the evaluate flow locally. The corpus is tokenized with the model's own tokenizer, and "
         "every stage is cached on the model's weights: rerunning the same command executes nothing.",
     )
-    _add_model_source_arguments(evaluate)
-    evaluate.add_argument("--corpus", action="append", metavar="PATH",
-                          help="files, folders, globs, s3:// URLs or hf:owner/name to measure loss, perplexity and "
-                          "bits per byte on (read as pretrain reads --corpus); repeatable")
-    evaluate.add_argument("--split", default="val", choices=typing.get_args(EvalSplit),
-                          help="documents of the corpus to score: val (default; held out by document hash as "
-                          "pretraining holds them out), train, or all")
-    evaluate.add_argument("--multiple-choice", metavar="FILE",
-                          help='HellaSwag-format JSONL (or JSON, parquet), a record per example {"ctx": ..., '
-                          '"endings": [...], "label": N}: zero-shot acc and acc_norm')
-    evaluate.add_argument("--lm-eval", metavar="TASKS",
-                          help="comma-separated lm-evaluation-harness tasks (e.g. hellaswag,arc_easy), run on the model; "
-                          "metrics logged as lm_eval/<task>/<metric> (pip install 'gptflow[lm-eval]')")
-    evaluate.add_argument("--limit", type=_positive_int, metavar="N", help="examples per --lm-eval task (default: all)")
-    evaluate.add_argument("--num-fewshot", type=_non_negative_int, metavar="K",
-                          help="few-shot examples per --lm-eval prompt (default: each task's own)")
-    evaluate.add_argument("--lm-eval-tasks-dir", metavar="DIR",
-                          help="a folder of your own lm-evaluation-harness task YAMLs, usable by name in --lm-eval")
-    evaluate.add_argument("--classification", metavar="FILE",
-                          help="for a fine-tuned classifier: a JSONL, JSON, CSV or parquet file of text + label (fields data.text_field "
-                          "and eval.label_field): accuracy, macro-F1 and a confusion matrix")
-    evaluate.add_argument("--tagging", metavar="FILE",
-                          help='for a fine-tuned tagger: {"text": ..., "spans": [[start, end, label], ...]} records '
-                          "(text field data.text_field) or a CoNLL file: span precision, recall and F1 per label "
-                          "(exact match) and a token confusion matrix")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a data.*, tokenize.*, eval.* or sampling.* setting, e.g. --set "
-                          "eval.eval_tokens=65536; "
-                          "repeatable")
-    evaluate.add_argument("--ray", metavar="ADDRESS", help=RAY_HELP)
-    evaluate.set_defaults(handler=_evaluate)
 
+
+def _add_flow_command(subcommands: argparse._SubParsersAction, flow: str,
+                      handler: Callable[[argparse.Namespace], int], options: dict[str, Option],
+                      leave_out: tuple[str, ...] = (), **parser: str) -> argparse.ArgumentParser:
+    """The command ``flow``: the flow's parameters but ``leave_out`` as options, spelled as ``options`` says."""
+    command = subcommands.add_parser(flow, **parser)
+    command.set_defaults(handler=handler, flow_parameters=add_flow_options(command, flow, options,
+                                                                           leave_out=leave_out))
+    return command
+
+
+def _add_model_commands(subcommands: argparse._SubParsersAction) -> None:
+    """generate, export and import: a trained model, outside any flow."""
     sampling = SamplingConfig()
-    generate = commands.add_parser(
+    generate = subcommands.add_parser(
         "generate", help="sample continuations of prompts from a trained model",
         description="Print a trained model's continuation of each prompt (the prompt included), or, for a model "
         "fine-tuned with --objective sft, its answer (up to its end token) to each prompt as a user message of its chat "
         "template. Without --prompt, each line of standard input is a prompt. Generation reads the prompt once and "
         "then one token per step (KV cache); no Prefect flow is involved.",
     )
-    _add_model_source_arguments(generate)
+    add_flow_options(generate, "evaluate", MODEL_SOURCE, only=list(MODEL_SOURCE))
     generate.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                           help="text to continue; repeatable. Default: one prompt per line of standard input")
-    generate.add_argument("--max-new-tokens", type=_non_negative_int, default=sampling.max_new_tokens, metavar="N",
-                          help=f"tokens to sample per prompt (default {sampling.max_new_tokens})")
-    generate.add_argument("--temperature", type=_positive_float, default=sampling.temperature, metavar="T",
+    generate.add_argument("--max-new-tokens", type=number_type(NonNegativeInt), default=sampling.max_new_tokens,
+                          metavar="N", help=f"tokens to sample per prompt (default {sampling.max_new_tokens})")
+    generate.add_argument("--temperature", type=number_type(PositiveFloat), default=sampling.temperature, metavar="T",
                           help=f"sampling temperature; lower is more conservative (default {sampling.temperature})")
-    generate.add_argument("--top-k", type=_non_negative_int, default=sampling.top_k, metavar="K",
+    generate.add_argument("--top-k", type=number_type(NonNegativeInt), default=sampling.top_k, metavar="K",
                           help=f"sample among the K most likely tokens only; 0: all (default {sampling.top_k})")
-    generate.add_argument("--seed", type=_non_negative_int, default=sampling.seed, metavar="S",
+    generate.add_argument("--seed", type=number_type(NonNegativeInt), default=sampling.seed, metavar="S",
                           help=f"sampling seed: the same prompt and seed give the same text (default {sampling.seed})")
     generate.add_argument("--device", default="auto",
                           help="auto (CUDA, then MPS, then CPU; the default) or a torch device such as cpu or cuda:1")
-    generate.set_defaults(handler=_generate)
+    generate.set_defaults(handler=commands.run_generate)
 
-    export = commands.add_parser(
+    export = subcommands.add_parser(
         "export", help="write a trained model as a Hugging Face transformers folder",
         description="Write the model, its tokenizer and a generation config as a folder that transformers loads "
         "(AutoModelForCausalLM / AutoTokenizer.from_pretrained): GPT-2-recipe models as GPT2LMHeadModel, "
         "rotary + RMSNorm + SwiGLU models as LlamaForCausalLM (Qwen3ForCausalLM with QK-norm). Other recipes "
         "are refused with the switches in the way.",
     )
-    _add_model_source_arguments(export)
+    add_flow_options(export, "evaluate", MODEL_SOURCE, only=list(MODEL_SOURCE))
     export.add_argument("--out", required=True, metavar="DIR", help="the folder to create (new or empty)")
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=commands.run_export)
 
-    import_ = commands.add_parser(
+    import_ = subcommands.add_parser(
         "import", help="import a Hugging Face transformers checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3) and "
         "register it in MLflow",
         description="Read a transformers checkpoint folder (config.json, safetensors weights, tokenizer.json) or "
@@ -555,30 +198,33 @@ def _parser() -> argparse.ArgumentParser:
     import_.add_argument("--model", required=True, metavar="FOLDER_OR_HUB_ID",
                          help="a transformers checkpoint folder, or a Hub id (owner/name) when online")
     import_.add_argument("--revision", metavar="R", help="the Hub revision (branch, tag or commit) to fetch")
-    import_.add_argument("--block-size", type=_positive_int, metavar="N",
+    import_.add_argument("--block-size", type=number_type(PositiveInt), metavar="N",
                          help="the context to train and generate with (default: the checkpoint's maximum)")
-    import_.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
-    import_.set_defaults(handler=_import)
+    add_flow_options(import_, "evaluate", MODEL_SOURCE, only=("workspace",))  # the workspace as every flow takes it
+    import_.set_defaults(handler=commands.run_import)
 
-    serve = commands.add_parser(
+
+def _add_workspace_commands(subcommands: argparse._SubParsersAction) -> None:
+    """serve, up, down, sync, train-node and presets: the servers, the outbox, the other nodes, the presets."""
+    serve = subcommands.add_parser(
         "serve", help="serve every deployment (pretrain/default, sweep/default, finetune/default, evaluate/default) "
         "to a Prefect server until Ctrl-C",
         description="Serve gptflow's deployments. Start runs with `prefect deployment run 'pretrain/default'`. "
         "Needs PREFECT_API_URL pointing at a Prefect server (see `gptflow up`).",
     )
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=commands.run_serve)
 
     workspace_help = "workspace holding the servers' databases and artifacts (default: $GPTFLOW_HOME or ./.gptflow)"
-    stack_up = commands.add_parser("up", help="start a local Prefect server and MLflow server for this workspace")
+    stack_up = subcommands.add_parser("up", help="start a local Prefect server and MLflow server for this workspace")
     stack_up.add_argument("--workspace", metavar="DIR", help=workspace_help)
     stack_up.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default 4200)")
     stack_up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default 5000)")
-    stack_up.set_defaults(handler=_up)
-    stack_down = commands.add_parser("down", help="stop the servers that `gptflow up` started")
+    stack_up.set_defaults(handler=commands.run_up)
+    stack_down = subcommands.add_parser("down", help="stop the servers that `gptflow up` started")
     stack_down.add_argument("--workspace", metavar="DIR", help=workspace_help)
-    stack_down.set_defaults(handler=_down)
+    stack_down.set_defaults(handler=commands.run_down)
 
-    sync = commands.add_parser(
+    sync = subcommands.add_parser(
         "sync", help="send the MLflow writes that runs kept in the workspace while the tracking server was down",
         description="Send every run's MLflow outbox (<workspace>/mlflow-outbox/): the metrics, params, tags, "
         "artifacts, logged and registered models and end states that runs kept while their tracking server could "
@@ -586,9 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("--workspace", metavar="DIR",
                       help="the workspace of the runs (default: $GPTFLOW_HOME or ./.gptflow)")
-    sync.set_defaults(handler=_sync)
+    sync.set_defaults(handler=commands.run_sync)
 
-    train_node = commands.add_parser(
+    train_node = subcommands.add_parser(
         "train-node", help="join a `gptflow pretrain --nnodes N` training from another machine",
         description="Start this machine's training processes for the `gptflow pretrain --nnodes N ... --rdzv-endpoint "
         "HOST:PORT` that runs on the head node, and wait until the training ends. They take the training job from "
@@ -597,38 +243,26 @@ def _parser() -> argparse.ArgumentParser:
         "(examples/).",
     )
     _add_rendezvous_arguments(train_node, "this machine's processes join the head node's training there")
-    train_node.add_argument("--workspace", metavar=WORKSPACE_METAVAR,
+    train_node.add_argument("--workspace", metavar=WORKSPACE.metavar,
                             help="the head node's workspace: the same s3:// URL, or a folder shared by every node "
                             "(default: $GPTFLOW_HOME or ./.gptflow)")
-    train_node.set_defaults(handler=_train_node)
+    train_node.set_defaults(handler=commands.run_train_node)
 
-    presets = commands.add_parser(
+    presets = subcommands.add_parser(
         "presets", help="list the named configurations, with their parameter counts and memory per GPU",
         description="Each preset's settings, parameter count, and estimated memory per GPU while training, with ddp "
         "(every GPU holds the whole model) and with fsdp (weights, gradients and AdamW state sharded over the GPUs).")
     presets.add_argument("--gpus", type=int, default=8, metavar="N",
                          help="GPUs the fsdp estimate shards over (default 8)")
-    presets.set_defaults(handler=_presets)
-    return parser
+    presets.set_defaults(handler=commands.run_presets)
 
 
-def _add_pretrain_settings_arguments(parser: argparse.ArgumentParser, every_point: bool = False) -> None:
-    """--corpus, --preset, --config, --set and --workspace, as pretrain and sweep take them."""
-    parser.add_argument(
-        "--corpus", action="append", metavar="PATH[=WEIGHT]",
-        help="a file, folder or glob of .txt/.md/.py/.jsonl/.json/.parquet/.csv (gzip/zstd too), "
-        "an s3://bucket/prefix/ or s3:// glob (read in place), or hf:owner/name; repeatable. "
-        f"Default: {BUILTIN_CORPUS} (the Python standard library's source). "
-        "A =WEIGHT suffix on every --corpus (web/=0.7 --corpus code/=0.3) trains on a data mixture: each "
-        "source's share of the training windows is its share of the weights",
-    )
-    points = " of every point" if every_point else ""
-    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
-                        help=f"named configuration{points} (default: {DEFAULT_PRESET}); see `gptflow presets`")
-    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings, applied over the preset")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override one setting{points}, e.g. --set train.max_steps=200; repeatable")
-    parser.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
+def _add_nproc_argument(parser: argparse.ArgumentParser) -> None:
+    """--nproc: ``train.nproc``, for pretrain and finetune."""
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train data-parallel on N GPUs (or CPU processes) via torchrun, each taking "
+                        "train.micro_batch_size examples per micro-step; same as --set train.nproc=N "
+                        "(--set train.parallelism=fsdp shards the model)")
 
 
 def _add_rendezvous_arguments(parser: argparse.ArgumentParser, role: str) -> None:
@@ -642,44 +276,6 @@ def _add_rendezvous_arguments(parser: argparse.ArgumentParser, role: str) -> Non
     parser.add_argument("--rdzv-timeout", type=float, metavar="SECONDS",
                         help=f"how long to wait for every node to join before failing (default {DEFAULT_TIMEOUT_S:g}); "
                         "on the other nodes it must cover the head's data stages")
-
-
-def _add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --tokenizer and --workspace: a trained model as ``tasks.model_source.resolve_model`` takes it."""
-    parser.add_argument("--model", required=True, metavar="SOURCE",
-                        help="models:/name/version, runs:/<run id>/model, an MLflow run id, or a directory "
-                        "holding model.safetensors and config.json")
-    parser.add_argument("--tokenizer", metavar="PATH",
-                        help="the model's tokenizer.json, for a model directory without one beside or above it")
-    parser.add_argument("--workspace", metavar=WORKSPACE_METAVAR, help=WORKSPACE_HELP)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    return _whole_number(text, minimum=0)
-
-
-def _positive_int(text: str) -> int:
-    return _whole_number(text, minimum=1)
-
-
-def _whole_number(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-    return value
 
 
 if __name__ == "__main__":

@@ -16,16 +16,15 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from gptflow.data.finetune_inputs import check_data_file
 from gptflow.data.hashing import hash_file
-from gptflow.data.multiple_choice import read_multiple_choice
-from gptflow.data.sources import resolve_sources
+from gptflow.flows.arguments import NonNegativeInt, PositiveInt
+from gptflow.flows.checks import EvaluateInputs, check_evaluate
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
-from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import ConfigError, EvalSplit, EvaluateSettings, build_config
+from gptflow.tasks.settings import EvalSplit
 from gptflow.tasks.stages.classification import ClassificationReport, score_classifier
 from gptflow.tasks.stages.evaluation import LossReport, sample_model, samples_markdown, score_loss
 from gptflow.tasks.stages.ingest import ingest
@@ -36,7 +35,7 @@ from gptflow.tasks.stages.tagging import summary_line as tagging_summary
 from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_duration
-from gptflow.tasks.tracking.run import pipeline_run
+from gptflow.tasks.tracking.run import PipelineRun, pipeline_run
 
 ACC_NORM_DEFINITION = (
     "lm-evaluation-harness multiple_choice scoring: each ending scored as the continuation ' ' + ending; "
@@ -173,63 +172,58 @@ def evaluate(
     workspace: str | None = None,
     ray: str | None = None,
     lm_eval: list[str] | None = None,
-    lm_eval_limit: int | None = None,
-    lm_eval_num_fewshot: int | None = None,
+    lm_eval_limit: PositiveInt | None = None,
+    lm_eval_num_fewshot: NonNegativeInt | None = None,
     lm_eval_tasks_dir: str | None = None,
 ) -> EvaluateSummary:
     """Evaluate a trained gptflow model on a corpus split and/or a multiple-choice file.
 
     Args:
-        model: ``models:/name/version`` or ``runs:/<run id>/model``, an MLflow run id, or a
-            directory holding ``model.safetensors`` and ``config.json``.
-        corpus: files, folders, globs or ``hf:owner/name`` ids, tokenized with the model's own
-            tokenizer: loss, perplexity and bits per byte on ``split``.
-        split: ``val`` (default), ``train`` or ``all`` documents of the corpus (split by document
-            hash with ``data.val_fraction``, as pretraining splits them).
-        multiple_choice: a HellaSwag-format JSONL file: zero-shot acc and acc_norm.
-        classification: a JSONL, JSON, CSV or parquet file of text + label (fields ``data.text_field`` and
-            ``eval.label_field``) to score a fine-tuned classifier on: accuracy, macro-F1 and a
-            confusion matrix. Language models get sample generations instead.
-        tagging: a file of texts and spans (``{"text": ..., "spans": [[start, end, label], ...]}``
-            records, text field ``data.text_field``) or a CoNLL file to score a fine-tuned tagger
-            on: span precision, recall and F1 per label and a token confusion matrix.
-        tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
-        overrides: ``{"section.field": value}`` of the ``data``, ``tokenize``, ``eval`` and ``sampling`` sections,
-            e.g. ``{"eval.eval_tokens": 65536}``.
-        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
-        ray: a Ray cluster to run the corpus's per-file data units on, as in ``pretrain``.
-        lm_eval: lm-evaluation-harness task names (e.g. ``["hellaswag", "arc_easy"]``), run on the
-            model; metrics logged as ``lm_eval/<task>/<metric>``.
-        lm_eval_limit: examples per harness task (default all).
-        lm_eval_num_fewshot: few-shot examples per harness prompt (default: each task's own).
-        lm_eval_tasks_dir: a folder of the user's own harness task YAMLs.
+        model: models:/name/version, runs:/<run id>/model, an MLflow run id, or a directory holding
+            model.safetensors and config.json.
+        corpus: files, folders, globs, s3:// URLs or hf:owner/name datasets to measure loss,
+            perplexity and bits per byte on, read as pretrain reads its corpus and tokenized with the
+            model's own tokenizer.
+        split: the documents of the corpus to score: val (held out by document hash with
+            data.val_fraction, as pretraining holds them out), train, or all.
+        multiple_choice: a HellaSwag-format JSONL (or JSON, parquet) file, a record per example
+            {"ctx": ..., "endings": [...], "label": N}: zero-shot acc and acc_norm.
+        classification: for a fine-tuned classifier: a JSONL, JSON, CSV or parquet file of text +
+            label (fields data.text_field and eval.label_field): accuracy, macro-F1 and a confusion
+            matrix.
+        tagging: for a fine-tuned tagger: {"text": ..., "spans": [[start, end, label], ...]} records
+            (text field data.text_field) or a CoNLL file: span precision, recall and F1 per label
+            (exact match) and a token confusion matrix.
+        tokenizer: the model's tokenizer.json, for a model directory without one beside or above it.
+        overrides: data.*, tokenize.*, eval.* or sampling.* settings applied last:
+            eval.eval_tokens=65536 on the command line, ``{"eval.eval_tokens": 65536}`` as a flow
+            parameter.
+        workspace: the artifact store and MLflow database: a folder, or an S3 prefix mirrored in
+            $GPTFLOW_CACHE (default: $GPTFLOW_HOME or ./.gptflow).
+        ray: run the corpus's per-file data units on this Ray cluster, as pretrain does (auto,
+            HOST:PORT or ray://HOST:PORT; default $GPTFLOW_RAY_ADDRESS).
+        lm_eval: lm-evaluation-harness tasks to run on the model: hellaswag,arc_easy on the command
+            line, ``["hellaswag", "arc_easy"]`` as a flow parameter; metrics logged as
+            lm_eval/<task>/<metric> (pip install 'gptflow[lm-eval]').
+        lm_eval_limit: examples per ``lm_eval`` task (default: all).
+        lm_eval_num_fewshot: few-shot examples per ``lm_eval`` prompt (default: each task's own).
+        lm_eval_tasks_dir: a folder of your own lm-evaluation-harness task YAMLs, usable by name in
+            ``lm_eval``.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    config = build_config(EvaluateSettings, overrides=overrides)
-    if not corpus and not multiple_choice and not classification and not tagging and not lm_eval:
-        raise ConfigError("Nothing to evaluate: pass a corpus (--corpus PATH: loss, perplexity, bits per byte), "
-                          "a multiple-choice file (--multiple-choice FILE), lm-evaluation-harness tasks (--lm-eval "
-                          "TASKS) and/or, for a classifier, a labelled file (--classification FILE), for a tagger, "
-                          "a file of texts and spans (--tagging FILE).")
-    harness = HarnessSettings(lm_eval, lm_eval_limit, lm_eval_num_fewshot, lm_eval_tasks_dir) if lm_eval else None
     # Bad input fails here, before any model is fetched or corpus ingested.
-    sources = resolve_sources(corpus) if corpus else None
-    units = UnitRunner.from_setting(ray) if corpus else None
-    choice_file = Path(multiple_choice).expanduser().resolve() if multiple_choice else None
-    if choice_file:
-        read_multiple_choice(choice_file)
-    labelled_file = Path(classification).expanduser().resolve() if classification else None
-    spans_file = Path(tagging).expanduser().resolve() if tagging else None
-    for path in (labelled_file, spans_file):
-        if path:
-            check_data_file(path)
+    inputs = check_evaluate(corpus, multiple_choice, classification, tagging, overrides, ray, lm_eval,
+                            lm_eval_tasks_dir)
+    harness = HarnessSettings(lm_eval, lm_eval_limit, lm_eval_num_fewshot, lm_eval_tasks_dir) if lm_eval else None
     workspace_dir = Workspace.resolve(workspace)
     source = resolve_model(model, workspace_dir, tokenizer)
-    if labelled_file:
+    if inputs.classification:
         source.require_head("classification")
-    if spans_file:
+    if inputs.tagging:
         source.require_head("tagging")
+    if harness:
+        source.require_text_model("--lm-eval")
 
     tags = {
         "gptflow.flow": "evaluate",
@@ -237,72 +231,77 @@ def evaluate(
         "gptflow.model_weights_hash": source.weights_hash,
         "gptflow.tokenizer_hash": source.tokenizer_hash,
     }
-    choice_hash = hash_file(choice_file) if choice_file else None
+    choice_hash = hash_file(inputs.multiple_choice) if inputs.multiple_choice else None
     with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
             "model_source": model,
             "model_weights_hash": source.weights_hash,
             "tokenizer_hash": source.tokenizer_hash,
             **{f"model.{name}": value for name, value in asdict(source.config).items()},
-            **config.flatten(),
+            **inputs.config.flatten(),
             **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
-            **({"multiple_choice": str(choice_file), "multiple_choice_hash": choice_hash} if choice_file else {}),
-            **({"classification": str(labelled_file)} if labelled_file else {}),
-            **({"tagging": str(spans_file)} if spans_file else {}),
+            **({"multiple_choice": str(inputs.multiple_choice), "multiple_choice_hash": choice_hash}
+               if inputs.multiple_choice else {}),
+            **({"classification": str(inputs.classification)} if inputs.classification else {}),
+            **({"tagging": str(inputs.tagging)} if inputs.tagging else {}),
             **({"lm_eval": ",".join(lm_eval), "lm_eval_limit": lm_eval_limit or "",
                 "lm_eval_num_fewshot": "" if lm_eval_num_fewshot is None else lm_eval_num_fewshot}
                if lm_eval else {}),
         })
-        loss = data_fingerprint = choices = classes = spans = harness_report = None
-        if sources:
-            # The split scored must have documents; with "all", either one may be empty.
-            required_splits = () if split == "all" else (split,)
-            corpus_manifest = ingest(sources, config.data, workspace_dir, run, units, required_splits=required_splits)
-            data_fingerprint = corpus_manifest.fingerprint
-            run.set_tags({"gptflow.data_fingerprint": data_fingerprint})
-            tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace_dir, run, units)
-            log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="evaluation")
-            loss = score_loss(source, tokens, split, config.eval, workspace_dir, run)
-        if choice_file:
-            choices = score_multiple_choice(source, choice_file, choice_hash, workspace_dir, run)
-        if harness:
-            source.require_text_model("--lm-eval")
-            harness_report = run_harness(source, harness, workspace_dir, run, step=0)
-        if labelled_file:
-            classes = score_classifier(source, labelled_file, config.data.text_field, config.eval.label_field,
-                                       workspace_dir, run)
-        if spans_file:
-            spans = score_tagger(source, spans_file, config.data.text_field, workspace_dir, run)
-        # A classifier's trunk continues text it was never trained to write: only language models are sampled.
-        samples = ([] if source.head_objective else
-                   sample_model(source, config.eval.prompts, config.sampling, workspace_dir, run))
-
-        summary = EvaluateSummary(
-            model=model,
-            weights_hash=source.weights_hash,
-            tokenizer_hash=source.tokenizer_hash,
-            stages=dict(run.stage_statuses),
-            corpus=corpus,
-            data_fingerprint=data_fingerprint,
-            loss=loss,
-            multiple_choice_file=str(choice_file) if choice_file else None,
-            multiple_choice=choices,
-            classification_file=str(labelled_file) if labelled_file else None,
-            classification=classes,
-            tagging_file=str(spans_file) if spans_file else None,
-            tagging=spans,
-            lm_eval=harness_report,
-            prompts=config.eval.prompts,
-            samples=samples,
-            elapsed_s=time.monotonic() - started,
-            mlflow_run_id=run.run_id,
-            run_name=run.name,
-            mlflow_view=run.how_to_view(),
-        )
+        summary = _score(model, source, inputs, corpus, split, harness, choice_hash, workspace_dir, run, started)
         run.log_text(json.dumps(summary.report(), indent=2), "eval/report.json")
-        if samples:
-            run.log_text(samples_markdown(config.eval.prompts, samples), "eval/samples.md")
+        if summary.samples:
+            run.log_text(samples_markdown(summary.prompts, summary.samples), "eval/samples.md")
 
     create_markdown_artifact(key="evaluate-summary", markdown=summary.markdown(run.url),
                              description="What the model scored, and which stages ran")
     return summary
+
+
+def _score(model: str, source: ResolvedModel, inputs: EvaluateInputs, corpus: list[str] | None, split: EvalSplit,
+           harness: HarnessSettings | None, choice_hash: str | None, workspace: Workspace, run: PipelineRun,
+           started: float) -> EvaluateSummary:
+    """Run each scoring stage ``inputs`` ask for on the model of ``source`` in ``run``; what they measured."""
+    config = inputs.config
+    loss = data_fingerprint = None
+    if inputs.sources:
+        units = UnitRunner(inputs.ray_address)
+        # The split scored must have documents; with "all", either one may be empty.
+        required_splits = () if split == "all" else (split,)
+        corpus_manifest = ingest(inputs.sources, config.data, workspace, run, units, required_splits=required_splits)
+        data_fingerprint = corpus_manifest.fingerprint
+        run.set_tags({"gptflow.data_fingerprint": data_fingerprint})
+        tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace, run, units)
+        log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="evaluation")
+        loss = score_loss(source, tokens, split, config.eval, workspace, run)
+    choices = (score_multiple_choice(source, inputs.multiple_choice, choice_hash, workspace, run)
+               if inputs.multiple_choice else None)
+    harness_report = run_harness(source, harness, workspace, run, step=0) if harness else None
+    classes = (score_classifier(source, inputs.classification, config.data.text_field, config.eval.label_field,
+                                workspace, run) if inputs.classification else None)
+    spans = score_tagger(source, inputs.tagging, config.data.text_field, workspace, run) if inputs.tagging else None
+    # A classifier's trunk continues text it was never trained to write: only language models are sampled.
+    samples = ([] if source.head_objective
+               else sample_model(source, config.eval.prompts, config.sampling, workspace, run))
+    return EvaluateSummary(
+        model=model,
+        weights_hash=source.weights_hash,
+        tokenizer_hash=source.tokenizer_hash,
+        stages=dict(run.stage_statuses),
+        corpus=corpus,
+        data_fingerprint=data_fingerprint,
+        loss=loss,
+        multiple_choice_file=str(inputs.multiple_choice) if inputs.multiple_choice else None,
+        multiple_choice=choices,
+        classification_file=str(inputs.classification) if inputs.classification else None,
+        classification=classes,
+        tagging_file=str(inputs.tagging) if inputs.tagging else None,
+        tagging=spans,
+        lm_eval=harness_report,
+        prompts=config.eval.prompts,
+        samples=samples,
+        elapsed_s=time.monotonic() - started,
+        mlflow_run_id=run.run_id,
+        run_name=run.name,
+        mlflow_view=run.how_to_view(),
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -17,15 +16,18 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from gptflow.data.chat import ChatTemplate
-from gptflow.data.finetune_inputs import OBJECTIVES, check_data_file
-from gptflow.data.sources import BUILTIN_CORPUS
+from gptflow.data.finetune_inputs import OBJECTIVES
+from gptflow.flows.checks import check_finetune
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.finetune_config import FinetuneConfig
-from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import ConfigError, FinetuneSettings, build_config
+from gptflow.tasks.settings import ConfigError, FinetuneSettings
 from gptflow.tasks.stages.finetuning import (
+    FinetunedModel,
+    FinetuneReport,
+    PreparedData,
     default_base_model,
     demo_data,
     evaluate_finetuned,
@@ -36,7 +38,7 @@ from gptflow.tasks.stages.tagging import summary_line as tagging_summary
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_count, human_duration
 from gptflow.tasks.tracking.registry import is_pending
-from gptflow.tasks.tracking.run import pipeline_run
+from gptflow.tasks.tracking.run import PipelineRun, pipeline_run
 
 # A Literal, so a deployment's `objective` parameter is validated and offered as a choice in the Prefect UI.
 Objective = Literal[OBJECTIVES]
@@ -165,35 +167,41 @@ def finetune(
     ``tagging`` (token classification, e.g. named entities).
 
     Args:
-        objective: ``sft`` (prompt/response pairs or chats; loss on the responses only),
-            ``classification`` (texts with labels; a linear head on the last token) or ``tagging``
-            (texts with labelled character spans, or CoNLL files; a linear head on every token).
-        model: the base model: ``models:/name/version``, ``runs:/<run id>/model``, an MLflow run
-            id, or a directory with ``model.safetensors`` and ``config.json``. Default: the latest
-            version of ``gptflow-cpu`` (what ``gptflow pretrain`` registers).
-        data: a .jsonl, .json, .csv (``.gz``/``.zst`` too) or .parquet file, or for tagging a
-            CoNLL file (.conll, .iob, .bio). Default: the built-in demo of the objective, extracted
-            from the standard library's source.
-        val_data: a validation file in the same format; default: ``finetune.val_fraction`` of
+        objective: sft: prompt/response pairs or chats, loss on the responses; classification: texts
+            with labels, a linear head on the last token; tagging: texts with labelled character spans
+            (or CoNLL files), a linear head on every token.
+        model: the base model: models:/name/version, runs:/<run id>/model, an MLflow run id, or a
+            directory holding model.safetensors and config.json. Default: the latest registered
+            gptflow-cpu (what ``gptflow pretrain`` trains).
+        data: .jsonl, .json, .csv (gzip/zstd too) or .parquet. sft: {"prompt": ..., "response": ...}
+            or {"messages": [{"role": ..., "content": ...}, ...]} per record; classification: text and
+            label fields; tagging: {"text": ..., "spans": [[start, end, label], ...]} per record, or a
+            CoNLL file (.conll, .iob, .bio: a word and its tag per line). Default: the objective's
+            built-in demo, from the Python standard library's source (docstring → function; which
+            standard-library package a function is from; the Python token kind of each span of a
+            function).
+        val_data: validation examples in the same format; default: finetune.val_fraction of
             ``data``, chosen by record hash.
-        tokenizer: the ``tokenizer.json`` of a model directory that has none beside it.
-        config_file: a TOML/JSON file with ``finetune``, ``train`` and ``sampling`` tables.
-        overrides: ``{"section.field": value}`` applied last, e.g. ``{"finetune.lora_rank": 0}``
-            or ``{"train.max_steps": 300}``.
-        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
-        restart: fine-tune again from step 0, deleting the checkpoints an interrupted (or finished)
-            training at these exact settings left; by default such a training resumes from its
-            latest checkpoint.
+        tokenizer: the base model's tokenizer.json, for a model directory without one beside or above
+            it.
+        config_file: a TOML or JSON file with [finetune], [train] and [sampling] tables of settings.
+        overrides: finetune.*, train.* or sampling.* settings applied last: finetune.lora_rank=0 (a
+            full fine-tune) or train.max_steps=300 on the command line, ``{"finetune.lora_rank": 0}``
+            as a flow parameter.
+        workspace: the artifact store and MLflow database: a folder, or an S3 prefix mirrored in
+            $GPTFLOW_CACHE (default: $GPTFLOW_HOME or ./.gptflow).
+        restart: fine-tune from step 0, deleting the checkpoints of an earlier attempt at these exact
+            settings; without it, a fine-tuning that stopped early resumes from its latest checkpoint.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    settings = build_config(FinetuneSettings, None, config_file, overrides)
     # Bad input fails here, before a model is fetched.
-    train_file = None if data in (None, BUILTIN_CORPUS) else _data_file(data)
-    val_file = _data_file(val_data) if val_data else None
+    inputs = check_finetune(data, val_data, config_file, overrides)
+    train_file, val_file = inputs.train_file, inputs.val_file
     workspace_dir = Workspace.resolve(workspace)
     base = resolve_model(model or default_base_model(workspace_dir), workspace_dir, tokenizer)
-    settings = dataclasses.replace(settings, finetune=_with_max_length(settings.finetune, base.config.block_size))
+    settings = dataclasses.replace(inputs.settings,
+                                   finetune=_with_max_length(inputs.settings.finetune, base.config.block_size))
     # A model fine-tuned before keeps its conversation format.
     template = base.chat_template or ChatTemplate()
     data_description = str(train_file) if train_file else DEMO_DESCRIPTIONS[objective]
@@ -220,11 +228,21 @@ def finetune(
         tuned = finetune_model(objective, base, template, prepared, settings, workspace_dir, run, restart)
         report = evaluate_finetuned(tuned, prepared, settings, workspace_dir, run)
 
-    summary = FinetuneSummary(
+    summary = _summary(objective, base, data_description, settings, run, prepared, tuned, report,
+                       time.monotonic() - started)
+    create_markdown_artifact(key="finetune-summary", markdown=summary.markdown(run.url),
+                             description="Data, training, evaluation and the registered model of this run")
+    return summary
+
+
+def _summary(objective: str, base: ResolvedModel, data: str, settings: FinetuneSettings, run: PipelineRun,
+             prepared: PreparedData, tuned: FinetunedModel, report: FinetuneReport,
+             elapsed_s: float) -> FinetuneSummary:
+    return FinetuneSummary(
         objective=objective,
         base_model=base.source,
         base_weights_hash=base.weights_hash,
-        data=data_description,
+        data=data,
         stages=dict(run.stage_statuses),
         examples=prepared.examples,
         truncated=sum(prepared.truncated.values()),
@@ -237,21 +255,12 @@ def finetune(
         final_val_loss=tuned.final_val_loss,
         metrics=report.metrics,
         registered_model=tuned.registered_model,
-        elapsed_s=time.monotonic() - started,
+        elapsed_s=elapsed_s,
         mlflow_run_id=run.run_id,
         run_name=run.name,
         mlflow_view=run.how_to_view(),
         samples=report.samples,
     )
-    create_markdown_artifact(key="finetune-summary", markdown=summary.markdown(run.url),
-                             description="Data, training, evaluation and the registered model of this run")
-    return summary
-
-
-def _data_file(path: str) -> Path:
-    resolved = Path(path).expanduser().resolve()
-    check_data_file(resolved)
-    return resolved
 
 
 def _with_max_length(config: FinetuneConfig, block_size: int) -> FinetuneConfig:

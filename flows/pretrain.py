@@ -15,27 +15,31 @@ from prefect.runtime import flow_run
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest
-from gptflow.data.mixture import WeightedCorpus, mixture_parts, split_weight
-from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
+from gptflow.data.mixture import mixture_parts, split_weight
+from gptflow.data.sources import BUILTIN_CORPUS
+from gptflow.data.tokenize import TokenManifest
+from gptflow.data.tokenizer import TokenizerArtifact
+from gptflow.flows.checks import PretrainInputs, check_pretrain
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.config import ModelConfig
 from gptflow.model.memory import parameter_count
 from gptflow.tasks.lineage import Lineage, data_delta
-from gptflow.tasks.model_source import resolve_model
+from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
-from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
+from gptflow.tasks.runtime.rendezvous import Rendezvous
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import DEFAULT_PRESET, PresetName, PretrainSettings, build_config
-from gptflow.tasks.stages.evaluation import evaluate_model
+from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
+from gptflow.tasks.stages.evaluation import EvalReport, evaluate_model
 from gptflow.tasks.stages.ingest import ingest
 from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
 from gptflow.tasks.stages.tokenizer import prepare_tokenizer
 from gptflow.tasks.stages.training import InitialModel, train_model
+from gptflow.tasks.stages.training_job import TrainedModel
 from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_count, human_duration
-from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, pipeline_run
+from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, pipeline_run
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 """MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
@@ -141,45 +145,44 @@ def pretrain(
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
 
     Args:
-        corpus: files, folders, globs or ``hf:owner/name`` ids, each with a ``=WEIGHT`` suffix for a data
-            mixture (``web/=0.7``: training draws that share of its windows from the source; all or none weighted).
-        preset: a named configuration (``gptflow presets`` lists them).
-        config_file: a TOML/JSON file of settings applied over the preset.
-        overrides: ``{"section.field": value}`` applied last, e.g. ``{"train.max_steps": 200}``.
-        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
-        restart: train again from step 0, deleting the checkpoints an interrupted (or finished)
-            training at these exact settings left; by default such a training resumes from its
-            latest checkpoint.
+        corpus: files, folders or globs of .txt/.md/.py/.jsonl/.json/.parquet/.csv (gzip/zstd too),
+            s3://bucket/prefix/ or s3:// globs (read in place), or hf:owner/name datasets. Default:
+            builtin:python-stdlib, the Python standard library's source. A =WEIGHT suffix on every
+            source (web/=0.7, code/=0.3) trains on a data mixture: each source's share of the training
+            windows is its share of the weights.
+        preset: a named configuration; ``gptflow presets`` lists them.
+        config_file: a TOML or JSON file of settings, applied over the preset.
+        overrides: settings applied last, each named by section and field: train.max_steps=200 on the
+            command line, ``{"train.max_steps": 200}`` as a flow parameter.
+        workspace: the artifact store and MLflow database: a folder, or an S3 prefix mirrored in
+            $GPTFLOW_CACHE (default: $GPTFLOW_HOME or ./.gptflow).
+        restart: train from step 0, deleting the checkpoints of an earlier training at these exact
+            settings; without it, a training that stopped early resumes from its latest checkpoint.
         retrain_tokenizer: train a new tokenizer instead of keeping the one earlier runs over this
-            corpus used (which re-tokenizes every file).
+            corpus used (re-tokenizes every file).
         from_scratch: train a new model instead of continuing the latest compatible one of this
             corpus on the data added since.
-        ray: a Ray cluster to run the data stages' per-file units on (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
-            default ``$GPTFLOW_RAY_ADDRESS``, else the stage's own process.
+        ray: run the data stages' per-file units on this Ray cluster (auto, HOST:PORT or
+            ray://HOST:PORT; default $GPTFLOW_RAY_ADDRESS), each a Prefect task run; without it,
+            they run in the stage's process.
         rendezvous: train on several machines: this one runs every stage and its share of the
-            ``train.nproc`` ranks, the others join with ``gptflow train-node`` (``tasks.runtime.rendezvous``).
-        init_from: continue pretraining a model (an MLflow model URI, a run id or a model folder,
-            e.g. one ``gptflow import`` registered): its tokenizer (no tokenizer is trained), its
-            shape (the preset's ``model`` settings are not used) and its weights.
-        sweep: set by the ``sweep`` flow for each of its points: the MLflow run nests under the sweep's.
+            train.nproc ranks, the others join with ``gptflow train-node`` (``tasks.runtime.rendezvous``).
+        init_from: continue pretraining this model (models:/name/version, a run id or a model folder,
+            e.g. what ``gptflow import`` registered): its tokenizer, shape and weights; no tokenizer is
+            trained, and the preset's model.* settings are not used (nor may be set).
+        sweep: set by the sweep flow for each of its points: the MLflow run nests under the sweep's.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    config = build_config(PretrainSettings, preset, config_file, overrides)
-    if rendezvous is not None and rendezvous.world_size != config.train.nproc:
-        raise RendezvousError(f"{rendezvous.nnodes} nodes of {rendezvous.nproc_per_node} processes are "
-                              f"{rendezvous.world_size} ranks, but train.nproc is {config.train.nproc}: leave "
-                              "train.nproc unset with --nnodes (gptflow sets it to nodes x processes per node).")
+    inputs = check_pretrain(corpus, preset, config_file, overrides, ray, rendezvous, init_from)
+    config, corpus, weighted = inputs.config, inputs.corpus, inputs.weighted
     workspace_dir = Workspace.resolve(workspace)
     base = None
     if init_from is not None:
         base = resolve_model(init_from, workspace_dir)
         base.require_text_model("--init-from")
         config = dataclasses.replace(config, model=base.config)
-    corpus = corpus or [BUILTIN_CORPUS]
-    weighted = WeightedCorpus.parse(corpus)
-    sources = resolve_sources(weighted.sources)
-    units = UnitRunner.from_setting(ray)
+    units = UnitRunner(inputs.ray_address)
 
     tags = {
         "gptflow.flow": "pretrain",
@@ -196,23 +199,10 @@ def pretrain(
             **config.flatten(),
             **_mixture_params(weighted.weights),
         })
-        corpus_manifest = ingest(sources, config.data, workspace_dir, run, units)
-        run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
-        if base is None:
-            tokenizer = prepare_tokenizer(corpus_manifest, config.tokenizer, workspace_dir, run, lineage, units,
-                                          retrain_tokenizer)
-        else:
-            tokenizer = base.tokenizer
-            run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": f"of {init_from}"})
-        tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace_dir, run, units)
-        log_corpus_dataset(run, weighted.sources, corpus_manifest, tokens, context="training")
-        delta = data_delta(lineage.previous_corpus(workspace_dir.artifacts), corpus_manifest,
-                           lineage.previous_tokens(workspace_dir.artifacts), tokens)
-        if delta is not None:
-            run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}
-                         | {"gptflow.previous_run": lineage.last_mlflow_run_id})
+        corpus_manifest, tokenizer, tokens = _data_stages(inputs, base, init_from, retrain_tokenizer, workspace_dir,
+                                                          run, lineage, units)
         # Validation stays on every source's val split, whatever the weights.
-        mixture = (mixture_parts(weighted.weights, sources.named_by, tokens, config.model.block_size + 1)
+        mixture = (mixture_parts(weighted.weights, inputs.sources.named_by, tokens, config.model.block_size + 1)
                    if weighted.weights else None)
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
@@ -223,10 +213,42 @@ def pretrain(
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 
-    summary = PretrainSummary(
+    summary = _summary(run, config.data, corpus_manifest, tokens, trained, report, time.monotonic() - started)
+    create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
+                             description="Stages, data, training and evaluation of this run")
+    return summary
+
+
+def _data_stages(inputs: PretrainInputs, base: ResolvedModel | None, init_from: str | None, retrain_tokenizer: bool,
+                 workspace: Workspace, run: PipelineRun, lineage: Lineage, units: UnitRunner,
+                 ) -> tuple[CorpusManifest, TokenizerArtifact, TokenManifest]:
+    """Ingest the corpus, train its tokenizer (or take the ``base`` model's) and tokenize it; tag
+    ``run`` with what changed since the lineage's last run."""
+    config = inputs.config
+    corpus_manifest = ingest(inputs.sources, config.data, workspace, run, units)
+    run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
+    if base is None:
+        tokenizer = prepare_tokenizer(corpus_manifest, config.tokenizer, workspace, run, lineage, units,
+                                      retrain_tokenizer)
+    else:
+        tokenizer = base.tokenizer
+        run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": f"of {init_from}"})
+    tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace, run, units)
+    log_corpus_dataset(run, inputs.weighted.sources, corpus_manifest, tokens, context="training")
+    delta = data_delta(lineage.previous_corpus(workspace.artifacts), corpus_manifest,
+                       lineage.previous_tokens(workspace.artifacts), tokens)
+    if delta is not None:
+        run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}
+                     | {"gptflow.previous_run": lineage.last_mlflow_run_id})
+    return corpus_manifest, tokenizer, tokens
+
+
+def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManifest, tokens: TokenManifest,
+             trained: TrainedModel, report: EvalReport, elapsed_s: float) -> PretrainSummary:
+    return PretrainSummary(
         stages=dict(run.stage_statuses),
         documents=corpus_manifest.total_documents,
-        val_split=_describe_val_split(corpus_manifest, config.data),
+        val_split=_describe_val_split(corpus_manifest, data),
         train_tokens=tokens.total_tokens("train"),
         val_tokens=tokens.total_tokens("val"),
         steps=trained.steps,
@@ -238,16 +260,13 @@ def pretrain(
         unigram_loss=report.unigram_loss,
         bits_per_byte=report.bits_per_byte,
         perplexity=report.perplexity,
-        elapsed_s=time.monotonic() - started,
+        elapsed_s=elapsed_s,
         mlflow_run_id=run.run_id,
         trained_in_run=trained.trained_in_mlflow_run,
         run_name=run.name,
         mlflow_view=run.how_to_view(),
         samples=report.samples,
     )
-    create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
-                             description="Stages, data, training and evaluation of this run")
-    return summary
 
 
 def _mixture_params(weights: dict[str, float]) -> dict[str, float]:

@@ -21,13 +21,12 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from prefect.transactions import CommitMode, transaction
 
 from gptflow.data.errors import UserError
-from gptflow.data.mixture import WeightedCorpus
-from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
+from gptflow.flows.arguments import NonNegativeInt, PositiveFloat, PositiveInt
+from gptflow.flows.checks import check_sweep
 from gptflow.flows.pretrain import PretrainSummary, corpus_label
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.scaling_law import ScalingFitError
 from gptflow.tasks.runtime.caching import pipeline_code_version
-from gptflow.tasks.runtime.ray_address import resolve_ray_address
 from gptflow.tasks.runtime.unit_maps import workers_report_to_this_api
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
@@ -39,16 +38,12 @@ from gptflow.tasks.sweep_plan import (
     PointFailed,
     PointOutcome,
     ScalingReport,
-    SweepError,
     SweepMember,
     SweepPoint,
     best_point,
-    check_points,
-    check_scaling,
     csv_table,
     fit_scaling,
     markdown_table,
-    plan_points,
     plot_loss_against_settings,
     plot_loss_curves,
     plot_scaling_fit,
@@ -167,49 +162,50 @@ def sweep(
     preset: PresetName = DEFAULT_PRESET,
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,
-    random_points: int | None = None,
-    seed: int = 0,
-    max_parallel: int = 1,
+    random_points: PositiveInt | None = None,
+    seed: NonNegativeInt = 0,
+    max_parallel: PositiveInt = 1,
     scaling: bool = False,
-    compute_budget: float | None = None,
+    compute_budget: PositiveFloat | None = None,
     workspace: str | None = None,
     ray: str | None = None,
 ) -> SweepSummary:
     """Pretrain one model per point of ``grid`` and compare them.
 
     Args:
-        grid: the settings to sweep and their values, e.g. ``{"train.learning_rate": ["1e-3", "3e-3"],
-            "model.n_layer": [2, 4]}``: every combination is a point (or, with ``random_points``, a
-            value ``"LOW..HIGH"`` is a range to draw from).
-        corpus: as the pretrain flow takes it; the data stages run once for every point.
-        preset: the named configuration every point starts from.
-        config_file: a TOML/JSON file of settings applied over the preset.
-        overrides: ``{"section.field": value}`` for every point, e.g. ``{"train.max_steps": 200}``.
+        grid: the settings to sweep and their values; the points are every combination:
+            train.learning_rate=1e-3,3e-3,1e-2 on the command line, once per setting,
+            ``{"train.learning_rate": ["1e-3", "3e-3", "1e-2"]}`` as a flow parameter. With
+            ``random_points``, a value LOW..HIGH is a range to draw from: log-uniform for decimals
+            (1e-4..1e-2), uniform for whole numbers (2..8).
+        corpus: what every point trains on, as pretrain takes it (files, folders, globs, s3:// URLs or
+            hf:owner/name datasets, each with an optional =WEIGHT suffix for a data mixture; default:
+            the Python standard library's source); the data stages run once for all the points.
+        preset: the named configuration every point starts from; ``gptflow presets`` lists them.
+        config_file: a TOML or JSON file of settings, applied over the preset.
+        overrides: settings applied last to every point, each named by section and field:
+            train.max_steps=200 on the command line, ``{"train.max_steps": 200}`` as a flow parameter.
         random_points: train this many points drawn at random from the grid instead of all of them.
-        seed: the random draw's seed; the same seed draws the same points, and a larger
+        seed: seed of the random draw: the same seed draws the same points, and a larger
             ``random_points`` adds points to them.
-        max_parallel: points training at once: child processes on this machine (sharing its cores),
-            or tasks on the Ray cluster.
-        scaling: fit Chinchilla's law of the final val loss against parameters and training tokens
-            (sweep model sizes and steps) and log the compute-optimal size for ``compute_budget``.
-        compute_budget: training FLOPs (6 x parameters x tokens) to give the compute-optimal size for;
-            default: the costliest point's.
-        workspace: where artifacts and the MLflow store live (default ``$GPTFLOW_HOME`` or ``./.gptflow``).
-        ray: run the points as tasks on this Ray cluster (``auto``, ``HOST:PORT``), each node reaching the
-            workspace and the Prefect and MLflow servers; default ``$GPTFLOW_RAY_ADDRESS``, else this machine.
+        max_parallel: points training at once: worker processes sharing this machine's cores, or tasks
+            on the ``ray`` cluster.
+        scaling: fit Chinchilla's law L(N, D) = E + A/N^alpha + B/D^beta of the final val loss against
+            parameters N and training tokens D (sweep model.* sizes and train.max_steps), and log the
+            compute-optimal size for ``compute_budget``.
+        compute_budget: training FLOPs (6 x N x D) to give the compute-optimal model size for, e.g. 1e18
+            (default: the costliest point's).
+        workspace: the artifact store and MLflow database: a folder, or an S3 prefix mirrored in
+            $GPTFLOW_CACHE (default: $GPTFLOW_HOME or ./.gptflow).
+        ray: train the points as tasks on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; default
+            $GPTFLOW_RAY_ADDRESS): its nodes must reach the workspace and the Prefect and MLflow
+            servers; without it, the points train on this machine.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     overrides = dict(overrides or {})
-    points = plan_points(grid, random_points, seed)
-    configs = check_points(points, preset, config_file, overrides)
-    if scaling:
-        check_scaling(points, configs)
-    if max_parallel < 1:
-        raise SweepError(f"max_parallel must be at least 1, got {max_parallel}.")
-    corpus = corpus or [BUILTIN_CORPUS]
-    resolve_sources(WeightedCorpus.parse(corpus).sources)  # a missing path fails the sweep, not every point
-    ray_address = resolve_ray_address(ray)
+    inputs = check_sweep(grid, corpus, preset, config_file, overrides, random_points, seed, scaling, ray)
+    points, configs, corpus = inputs.points, inputs.configs, inputs.corpus
     workspace_dir = Workspace.resolve(workspace)
     swept = list(points[0].settings)
 
@@ -227,7 +223,7 @@ def sweep(
         # The workspace by its path: a Ray worker's $GPTFLOW_HOME is its own.
         common = {"corpus": corpus, "preset": preset, "config_file": config_file,
                   "workspace": workspace if workspace is not None else str(workspace_dir.root), "from_scratch": True}
-        outcomes = _train_points(points, common, overrides, run, max_parallel, ray_address)
+        outcomes = _train_points(points, common, overrides, run, max_parallel, inputs.ray_address)
         scaling_report, scaling_note = None, None
         if scaling:
             try:

@@ -42,7 +42,6 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 from gptflow.data.mirror import ObjectStoreMirror
 from gptflow.data.store import ArtifactStore
 from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, in_this_process
-from gptflow.tasks.runtime.ray_address import resolve_ray_address
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,6 @@ class UnitRunner:
     """How a flow runs data units: on the Ray cluster at ``ray_address`` (``--ray``), else here."""
 
     ray_address: str | None = None
-
-    @classmethod
-    def from_setting(cls, ray_address: str | None) -> UnitRunner:
-        """``ray_address``, else ``$GPTFLOW_RAY_ADDRESS``; checked at once, before any stage runs."""
-        return cls(resolve_ray_address(ray_address))
 
     def for_stage(self, stage: str, artifacts: ArtifactStore, label: Callable[[dict[str, Any]], str]) -> MapUnits:
         """The map that runs ``stage``'s units, which commit into ``artifacts``; ``label(call)``

@@ -123,12 +123,12 @@ def test_a_damaged_stack_file_is_one_line_naming_it(tmp_path):
 
 
 def test_an_error_gptflow_cannot_explain_keeps_its_traceback_in_the_workspace(tmp_path, monkeypatch, capsys):
-    from gptflow.flows import cli
+    from gptflow.flows import cli, commands
 
     def broken(args):  # a fault injected into the command itself: what is tested is how it is reported
         raise RuntimeError("something gptflow did not expect")
 
-    monkeypatch.setattr(cli, "_down", broken)
+    monkeypatch.setattr(commands, "run_down", broken)
     assert cli.main(["down", "--workspace", str(tmp_path)]) == 1
     first, second = capsys.readouterr().err.splitlines()
     assert first == "gptflow: error: RuntimeError: something gptflow did not expect"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptflow.flows.cli import _parser
+from gptflow.flows.cli import build_parser
 from gptflow.tasks.settings import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ SLURM_JOB = {"SLURM_JOB_NUM_NODES": "2", "HEAD_NODE": "node0"}
 def _strict_parser() -> argparse.ArgumentParser:
     """The command line's parser, refusing abbreviated flags: a flag renamed in the CLI must not
     still match the example's old name as a prefix of the new one."""
-    parser = _parser()
+    parser = build_parser()
     parser.allow_abbrev = False
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gptflow.data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from gptflow.flows.cli import SAMPLE_SEPARATOR, main
+from gptflow.flows.cli import main
+from gptflow.flows.commands import SAMPLE_SEPARATOR
 from gptflow.model.checkpoint import save_final
 from gptflow.model.config import ModelConfig, pad_vocab_size
 from gptflow.model.gpt import GPT

@@ -1,0 +1,261 @@
+"""What each ``gptflow`` command does with its parsed arguments (``flows.cli`` declares them).
+
+A command imports torch, Prefect or MLflow only once its input is checked: a flow's command runs
+the flow's own check (``flows.checks``) before it imports the flow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from gptflow.flows.checks import check_evaluate, check_finetune, check_pretrain, check_sweep
+from gptflow.flows.stack import down, keep_prefect_state_in, up, use_running_stack
+from gptflow.model.config import SamplingConfig
+from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
+from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.settings import DEFAULT_PRESET, PRESETS, PretrainSettings, build_config, parse_override_pairs
+
+if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
+    from gptflow.tasks.model_source import ResolvedModel
+
+SAMPLE_SEPARATOR = "-" * 40
+"""Printed between the samples of ``gptflow generate``, which may span many lines."""
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    parameters = _flow_parameters(args)
+    overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
+    rendezvous = parameters["rendezvous"] = Rendezvous.from_flags(args.nnodes, args.nproc_per_node,
+                                                                  args.rdzv_endpoint, args.rdzv_timeout)
+    if args.nproc is not None and args.nnodes is not None:
+        raise RendezvousError("--nproc counts processes on one machine: with --nnodes, give --nproc-per-node instead.")
+    if args.nproc is not None or args.nproc_per_node is not None:
+        overrides["train.nproc"] = (args.nnodes or 1) * (args.nproc or args.nproc_per_node)
+    check_pretrain(args.corpus, args.preset, args.config_file, overrides, args.ray, rendezvous, args.init_from)
+    _run_flow("pretrain", parameters)
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from gptflow.tasks.sweep_plan import parse_grid
+
+    parameters = _flow_parameters(args)
+    overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
+    grid = parameters["grid"] = parse_grid(args.grid or [])
+    check_sweep(grid, args.corpus, args.preset, args.config_file, overrides, args.random_points, args.seed,
+                args.scaling, args.ray)
+    summary = _run_flow("sweep", parameters)
+    if summary.failed:
+        print(f"gptflow: {len(summary.failed)} of {len(summary.outcomes)} sweep points failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    parameters = _flow_parameters(args)
+    overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
+    if args.nproc is not None:
+        overrides["train.nproc"] = args.nproc
+    check_finetune(args.data, args.val_data, args.config_file, overrides)
+    _run_flow("finetune", parameters)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    parameters = _flow_parameters(args)
+    overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
+    lm_eval = parameters["lm_eval"] = ([name.strip() for name in args.lm_eval.split(",") if name.strip()]
+                                       if args.lm_eval else None)
+    check_evaluate(args.corpus, args.multiple_choice, args.classification, args.tagging, overrides, args.ray, lm_eval,
+                   args.lm_eval_tasks_dir)
+    _run_flow("evaluate", parameters)
+    return 0
+
+
+def _flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The flow's parameters as the command line gave them (``flows.arguments.add_flow_options``)."""
+    return {name: getattr(args, name) for name in args.flow_parameters}
+
+
+def _run_flow(name: str, parameters: dict[str, Any]) -> Any:
+    """Run the flow ``name`` with ``parameters``, print its summary and return it. Its module imports Prefect,
+    so only once the input is known good; on the workspace's ``gptflow up`` stack, if one runs and
+    no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
+    # Prefect's temporary server would otherwise log an error on every start on offline machines.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    workspace = Workspace.resolve(parameters["workspace"])
+    stack = use_running_stack(workspace)
+    if stack is not None:
+        print(f"gptflow: using the servers `gptflow up` started for {stack.workspace}: Prefect "
+              f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
+              file=sys.stderr)
+    keep_prefect_state_in(workspace)
+    flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
+    summary = flow(**parameters)
+    print(summary.render())
+    return summary
+
+
+def run_train_node(args: argparse.Namespace) -> int:
+    """Join the head node's training: this machine's ranks, nothing logged or written here."""
+    import subprocess
+
+    rendezvous = Rendezvous.from_flags(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_timeout)
+    if rendezvous is None:
+        raise RendezvousError("gptflow train-node joins a training on several machines: --nnodes must be at least 2 "
+                              "(on one machine, gptflow pretrain --nproc N trains alone).")
+    Workspace.resolve(args.workspace)  # a missing bucket is refused now, not by every rank
+    command = [*rendezvous.torchrun_command(), "-m", "gptflow.tasks.stages.training_job", "--join",
+               *([args.workspace] if args.workspace else [])]
+    print(f"gptflow: joining the training at {rendezvous.endpoint} with {rendezvous.nproc_per_node} process(es); "
+          f"waiting up to {rendezvous.timeout_s:g} s for the head node", file=sys.stderr, flush=True)
+    environment = {**os.environ, "GPTFLOW_RDZV_TIMEOUT": str(rendezvous.timeout_s)}
+    output = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment) as ranks:
+        for line in ranks.stdout:
+            print(line, end="", flush=True)
+            output = [*output[-199:], line]
+    if ranks.returncode != 0:
+        raise rendezvous.failure("".join(output), ranks.returncode) or RuntimeError(
+            f"this node's training ranks failed (torchrun exit code {ranks.returncode}); their output is above")
+    print(f"gptflow: this node's share of the training at {rendezvous.endpoint} is done", file=sys.stderr)
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from gptflow.data.chat import Message
+    from gptflow.model.device import resolve_device
+    from gptflow.model.finetune import answer
+    from gptflow.model.generate import generate_texts
+
+    device = resolve_device(args.device)
+    source = _resolve_model(args)
+    source.require_text_model("gptflow generate")
+    model, tokenizer = source.load(device), source.load_tokenizer()
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    if args.prompts:
+        prompts = args.prompts
+    else:
+        if sys.stdin.isatty():
+            print("Type a prompt and press Enter; Ctrl-D ends.", file=sys.stderr)
+        prompts = (line.removesuffix("\n") for line in sys.stdin)  # each answered as soon as it is read
+    for index, prompt in enumerate(prompts):
+        # One prompt at a time, each seeded by --seed alone: a prompt's sample does not depend on
+        # the prompts before it.
+        if source.kind == "chat_model":  # its prompts are user messages of its chat template
+            (sample,) = answer(model, tokenizer, source.chat_template, [[Message("user", prompt)]], sampling)
+        else:
+            (sample,) = generate_texts(model, tokenizer, [prompt], sampling, device)
+        print(f"{SAMPLE_SEPARATOR}\n{sample}" if index else sample, flush=True)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from gptflow.model.export import export_to_transformers
+
+    source = _resolve_model(args)
+    source.require_text_model("gptflow export")
+    out = Path(args.out).expanduser()
+    architecture = export_to_transformers(source.load(), source.tokenizer_file, out)
+    print(f"exported {source.source} as {architecture} to {out}")
+    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+          f"AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from gptflow.tasks.stages.model_import import import_checkpoint
+
+    workspace = Workspace.resolve(args.workspace)
+    print(import_checkpoint(args.model, workspace, args.revision, args.block_size).render())
+    return 0
+
+
+def _resolve_model(args: argparse.Namespace) -> ResolvedModel:
+    """The model named by --model (with --tokenizer, --workspace)."""
+    from gptflow.tasks.model_source import resolve_model
+
+    return resolve_model(args.model, Workspace.resolve(args.workspace), args.tokenizer)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from gptflow.flows.deployments import serve_deployments
+
+    serve_deployments()
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    stack = up(Workspace.resolve(args.workspace), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+    print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
+    print(f"MLflow UI    {stack.mlflow_url}")
+    print(f"workspace    {stack.workspace} (databases, artifacts, logs/)")
+    print("\ngptflow pretrain, sweep, finetune and evaluate on this workspace use it while it runs. Point other "
+          "gptflow, prefect and mlflow commands at it:\n")
+    for name, value in stack.environment().items():
+        print(f"export {name}={value}")
+    print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/default' --watch)")
+    return 0
+
+
+def run_down(args: argparse.Namespace) -> int:
+    stopped = down(Workspace.resolve(args.workspace))
+    print(f"stopped: {', '.join(stopped)}" if stopped else "no gptflow stack was running for this workspace")
+    return 0
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    from gptflow.tasks.tracking.outbox import send_outboxes
+
+    workspace = Workspace.resolve(args.workspace)
+    reports = send_outboxes(workspace)
+    if not reports:
+        print(f"nothing to send: no run of {workspace.root} keeps MLflow writes")
+    for report in reports:
+        print(report)
+    return 1 if any(report.kept for report in reports) else 0
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from gptflow.model.config import pad_vocab_size
+    from gptflow.model.memory import training_memory
+
+    print(f"Memory per GPU while training, estimated: float32 weights and gradients, optimizer state, activations "
+          f"of one micro batch (bf16 autocast); CUDA context and fragmentation come on top. fsdp over {args.gpus} "
+          "GPUs (--gpus).\n")
+    for name, preset in PRESETS.items():
+        settings = build_config(PretrainSettings, name)
+        # The tokenizer may learn fewer tokens than asked; the model pads what it learned to a multiple of 128.
+        model = dataclasses.replace(settings.model, vocab_size=pad_vocab_size(settings.tokenizer.vocab_size))
+        ddp = training_memory(model, settings.train, "ddp")
+        fsdp = training_memory(model, settings.train, "fsdp", gpus=args.gpus)
+        marker = " (default)" if name == DEFAULT_PRESET else ""
+        print(f"{name}{marker}: {_count(ddp.parameters)} parameters; per GPU {_gib(ddp.total)} with ddp, "
+              f"{_gib(fsdp.total)} with fsdp on {args.gpus} (activations {_gib(ddp.activations)}, micro batch "
+              f"{settings.train.micro_batch_size} x {model.block_size}"
+              f"{', recomputed' if model.activation_checkpointing else ''}); trains with {settings.train.parallelism}")
+        for section, values in preset.items():
+            print(f"  {section}: {json.dumps(values)}")
+    return 0
+
+
+def _count(number: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if number >= scale:
+            return f"{number / scale:.3g}{suffix}"
+    return str(number)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
