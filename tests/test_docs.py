@@ -293,7 +293,7 @@ def check_settings(command: Command, args: argparse.Namespace) -> None:
             build_config(PretrainSettings, None if is_placeholder(args.preset) else args.preset, None, overrides)
         elif args.command == "sweep":
             grid = parse_grid([pair for pair in args.grid if not is_placeholder(pair)])
-            points = plan_points(grid, args.random, args.seed)
+            points = plan_points(grid, args.random_points, args.seed)
             configs = check_points(points, args.preset, None, overrides)
             if args.scaling and not command.inline:
                 check_scaling(points, configs)
