@@ -11,11 +11,28 @@ def require(condition: bool, message: str) -> None:
 
 
 @dataclass
-class IngestConfig:
+class RecordsConfig:
+    """How records are read and split, for every flow that reads them: a corpus's documents,
+    fine-tuning examples, labelled files to score."""
+
     text_field: str = "text"
-    """Field holding the document text in .jsonl/.json/.parquet/.csv sources."""
+    """Field (JSONL, JSON, parquet) or column (CSV) holding a record's text."""
+    label_field: str = "label"
+    """Field or column holding a labelled record's label (classification); corpora have none."""
     val_fraction: float = 0.05
-    """Share of segments held out for validation, chosen by each segment's hash (stable as data grows)."""
+    """Share held out for validation, chosen by each segment's or record's content hash (stable as
+    data grows); fine-tuning ignores it when a separate validation file is given."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.text_field), "data.text_field must be a non-empty field name")
+        require(bool(self.label_field), "data.label_field must be a non-empty field name")
+        require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class IngestConfig(RecordsConfig):
+    """How a corpus is read, split, cut and filtered into documents (the ingest stage)."""
+
     segment_chars: int = 4096
     """Documents longer than this are cut into segments of about this size at line ends, so that a
     corpus of one large file still has a val split."""
@@ -33,8 +50,7 @@ class IngestConfig:
     anything else reads it (``data.redact``); part of each file's unit key."""
 
     def __post_init__(self) -> None:
-        require(bool(self.text_field), "data.text_field must be a non-empty field name")
-        require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        super().__post_init__()
         require(self.segment_chars >= 256, f"data.segment_chars must be >= 256, got {self.segment_chars}")
         require(self.min_chars >= 1, f"data.min_chars must be >= 1, got {self.min_chars}")
         require(self.shard_bytes >= 1024, f"data.shard_bytes must be >= 1024, got {self.shard_bytes}")

@@ -206,18 +206,15 @@ def prepare_labelled(
     objective: str = "classification",
     text_field: str = "text",
     label_field: str = "label",
-    field_settings: str = "text_field and label_field",
     span_label_from: str = "",
 ) -> PreparedData:
     """Every usable record of a labelled file as the ``eval`` split, to score a trained classifier
     (or, ``objective="tagging"``, a tagger reading spans as ``span_label_from`` says) whose labels
     are ``labels``: texts are cut to ``max_length`` tokens (as the model's own inputs are), records
-    with a label it does not know are skipped and counted. ``field_settings`` names the caller's
-    settings for the fields, for error messages."""
+    with a label it does not know are skipped and counted."""
     skips = SkipReport()
     examples = []
-    for example in read_examples(objective, Path(path), EVAL_SPLIT, 0.0, text_field, label_field, skips,
-                                  field_settings):
+    for example in read_examples(objective, Path(path), EVAL_SPLIT, 0.0, text_field, label_field, skips):
         if objective == "tagging":
             if _spans_known(example, labels, SKIP_UNKNOWN_SPAN_LABEL, skips):
                 examples.append(example)

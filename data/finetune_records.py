@@ -61,16 +61,15 @@ def require_both_splits(examples: list[Example], train_file: Path, val_file: Pat
         raise FinetuneDataError(f"No usable training example in {train_file} ({skips.summary()}). Expected one "
                                 f"record per line or row, e.g. {SFT_FORMAT} for sft.")
     if not found["val"]:
-        where = str(val_file) if val_file else f"the val_fraction of {train_file} (raise finetune.val_fraction or pass a val file)"
+        where = str(val_file) if val_file else f"the val_fraction of {train_file} (raise data.val_fraction or pass a val file)"
         raise FinetuneDataError(f"No usable validation example in {where} ({skips.summary()}).")
 
 
 def read_examples(
     objective: str, path: Path, split: str | None, val_fraction: float, text_field: str, label_field: str,
-    skips: SkipReport, field_settings: str = "finetune.text_field and finetune.label_field",
+    skips: SkipReport,
 ) -> Iterator[Example]:
-    """Examples of one file; ``split`` None splits them by record hash. ``field_settings`` names
-    the settings that choose other fields, for the error when no record has them."""
+    """Examples of one file; ``split`` None splits them by record hash."""
     records = read_records(check_data_file(path), skips)
     seen_keys: set[str] = set()
     reasons: Counter[str] = Counter()
@@ -96,7 +95,7 @@ def read_examples(
             objective, f"fields {text_field!r} and {label_field!r}")
         raise FinetuneDataError(f"No record of {path} has the {objective} fields: expected {expected}; its records have "
                                 f"{', '.join(repr(key) for key in sorted(seen_keys))}. For classification and "
-                                f"tagging, {field_settings} name other fields.")
+                                "tagging, data.text_field and data.label_field name other fields.")
 
 
 def _sft_example(record: dict[str, Any], location: str) -> Example:

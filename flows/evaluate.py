@@ -189,7 +189,7 @@ def evaluate(
         multiple_choice: a HellaSwag-format JSONL (or JSON, parquet) file, a record per example
             {"ctx": ..., "endings": [...], "label": N}: zero-shot acc and acc_norm.
         classification: for a fine-tuned classifier: a JSONL, JSON, CSV or parquet file of text +
-            label (fields data.text_field and eval.label_field): accuracy, macro-F1 and a confusion
+            label (fields data.text_field and data.label_field): accuracy, macro-F1 and a confusion
             matrix.
         tagging: for a fine-tuned tagger: {"text": ..., "spans": [[start, end, label], ...]} records
             (text field data.text_field) or a CoNLL file: span precision, recall and F1 per label
@@ -277,7 +277,7 @@ def _score(model: str, source: ResolvedModel, inputs: EvaluateInputs, corpus: li
     choices = (score_multiple_choice(source, inputs.multiple_choice, choice_hash, workspace, run)
                if inputs.multiple_choice else None)
     harness_report = run_harness(source, harness, workspace, run, step=0) if harness else None
-    classes = (score_classifier(source, inputs.classification, config.data.text_field, config.eval.label_field,
+    classes = (score_classifier(source, inputs.classification, config.data.text_field, config.data.label_field,
                                 workspace, run) if inputs.classification else None)
     spans = score_tagger(source, inputs.tagging, config.data.text_field, workspace, run) if inputs.tagging else None
     # A classifier's trunk continues text it was never trained to write: only language models are sampled.

@@ -180,7 +180,7 @@ def finetune(
             built-in demo, from the Python standard library's source (docstring → function; which
             standard-library package a function is from; the Python token kind of each span of a
             function).
-        val_data: validation examples in the same format; default: finetune.val_fraction of
+        val_data: validation examples in the same format; default: data.val_fraction of
             ``data``, chosen by record hash.
         tokenizer: the base model's tokenizer.json, for a model directory without one beside or above
             it.
@@ -224,7 +224,7 @@ def finetune(
             **settings.flatten(),
         })
         train_file = train_file or demo_data(objective, workspace_dir, run)
-        prepared = prepare_data(objective, train_file, val_file, base, template, settings.finetune, workspace_dir, run)
+        prepared = prepare_data(objective, train_file, val_file, base, template, settings, workspace_dir, run)
         tuned = finetune_model(objective, base, template, prepared, settings, workspace_dir, run, restart)
         report = evaluate_finetuned(tuned, prepared, settings, workspace_dir, run)
 

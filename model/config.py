@@ -290,12 +290,9 @@ class EvalConfig:
     over the split (every token when the split is no longer)."""
     prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class Parser:\n    def "])
     """Prompts for sample generations (sampled with the ``sampling`` settings)."""
-    label_field: str = "label"
-    """The label field of a labelled file a classifier is scored on (its text field is ``data.text_field``)."""
 
     def __post_init__(self) -> None:
         require(self.eval_tokens > 0, f"eval.eval_tokens must be positive, got {self.eval_tokens}")
-        require(bool(self.label_field), "eval.label_field must name a field")
 
 
 @dataclass

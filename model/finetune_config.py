@@ -1,8 +1,9 @@
 """Settings of fine-tuning beyond the training loop's: LoRA, data preparation and evaluation.
 
 The loop's own settings (steps, batch, learning rate and schedule, validation interval, seed) are
-a ``TrainConfig``, as in pretraining, and sampling is a ``SamplingConfig``: the finetune flow
-composes the three. Kept apart from ``model.finetune`` so that reading and validating them (the
+a ``TrainConfig``, as in pretraining, sampling is a ``SamplingConfig``, and how records are read
+and split is ``data.config.RecordsConfig`` (``data.text_field``, ``data.label_field``,
+``data.val_fraction``), as for every flow: the finetune flow composes the four. Kept apart from ``model.finetune`` so that reading and validating them (the
 CLI does, before anything starts) needs no torch.
 """
 
@@ -17,12 +18,6 @@ from gptflow.data.tagging import SPAN_LABEL_FROM
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout")
 """Fields that shape the fine-tuned weights (with the ``TrainConfig``)."""
-DATA_FIELDS = ("max_length", "overlong", "val_fraction")
-"""Fields read by data preparation."""
-CLASSIFICATION_DATA_FIELDS = (*DATA_FIELDS, "text_field", "label_field")
-"""Fields read by data preparation for classification."""
-TAGGING_DATA_FIELDS = (*DATA_FIELDS, "text_field", "span_label_from")
-"""Fields read by data preparation for tagging: the head's tags follow from ``span_label_from``."""
 
 
 @dataclass
@@ -39,13 +34,6 @@ class FinetuneConfig:
     overlong: str = "truncate"
     """Examples longer than ``max_length``: ``truncate`` (keep the start; an sft example whose
     response would lose every token is skipped) or ``skip``. Both are counted and reported."""
-    val_fraction: float = 0.1
-    """Share of the examples held out for validation, chosen by record hash; ignored when a
-    separate validation file is given."""
-    text_field: str = "text"
-    """Classification: the field (JSONL, JSON, parquet) or column (CSV) holding the text."""
-    label_field: str = "label"
-    """Classification: the field or column holding the label."""
     span_label_from: str = "each_token"
     """Tagging: where a span's label is read. ``each_token``: IOB2 tags, each token's from its own
     hidden state (which has read only the text up to it); ``last_token``: span edges on every
@@ -62,15 +50,8 @@ class FinetuneConfig:
                 f"finetune.max_length must be at least 2 tokens, got {self.max_length}")
         require(self.overlong in OVERLONG_POLICIES,
                 f"finetune.overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {self.overlong!r}")
-        require(0.0 < self.val_fraction < 1.0, f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
-        require(bool(self.text_field) and bool(self.label_field), "finetune.text_field and label_field must be set")
         require(self.span_label_from in SPAN_LABEL_FROM,
                 f"finetune.span_label_from must be one of {', '.join(SPAN_LABEL_FROM)}, got {self.span_label_from!r}")
-
-    def data_settings(self, objective: str) -> dict[str, Any]:
-        """The fields that shape ``objective``'s prepared examples."""
-        names = {"classification": CLASSIFICATION_DATA_FIELDS, "tagging": TAGGING_DATA_FIELDS}.get(objective, DATA_FIELDS)
-        return {name: getattr(self, name) for name in names}
 
     def lora_settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in LORA_FIELDS}

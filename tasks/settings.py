@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import tomllib
 
-from gptflow.data.config import IngestConfig, TokenizeConfig, TokenizerConfig
+from gptflow.data.config import IngestConfig, RecordsConfig, TokenizeConfig, TokenizerConfig
 from gptflow.data.errors import UserError
 from gptflow.model.config import MODERN_RECIPE, EvalConfig, IncrementalConfig, ModelConfig, SamplingConfig, TrainConfig
 from gptflow.model.finetune_config import FinetuneConfig
@@ -60,6 +60,7 @@ class FinetuneSettings(Settings):
     # short fine-tune should stay close to the base model, and decay pulls weights to 0, not to it.
     # Answers sample cooler than pretraining's samples.
     DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "data": {"val_fraction": 0.1},
         "train": {"max_steps": 150, "micro_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 10,
                   "weight_decay": 0.0, "seed": 0, "log_interval": 10, "val_interval": 50, "checkpoint_interval": 50},
         "sampling": {"max_new_tokens": 128, "temperature": 0.7, "top_k": 20},
@@ -68,6 +69,7 @@ class FinetuneSettings(Settings):
         "optimizer": "fine-tuning trains with AdamW", "val_tokens": "fine-tuning validates on its whole val split",
     }
     """``train`` fields the fine-tuning loop does not read yet, and why: set, they are refused."""
+    data: RecordsConfig = field(default_factory=RecordsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -76,6 +78,20 @@ class FinetuneSettings(Settings):
         for name, reason in self.UNSUPPORTED_TRAIN.items():
             if getattr(self.train, name) != getattr(TrainConfig(), name):
                 raise ConfigError(f"train.{name} is not a fine-tuning setting ({reason}); leave it unset.")
+
+    def data_settings(self, objective: str) -> dict[str, Any]:
+        """The settings that shape ``objective``'s prepared examples (and the prepare stage's key):
+        their length and split, the fields a labelled or tagged record is read from, and for
+        tagging where a span's label is read."""
+        settings = {"max_length": self.finetune.max_length, "overlong": self.finetune.overlong,
+                    "val_fraction": self.data.val_fraction}
+        if objective in ("classification", "tagging"):
+            settings["text_field"] = self.data.text_field
+        if objective == "classification":
+            settings["label_field"] = self.data.label_field
+        if objective == "tagging":
+            settings["span_label_from"] = self.finetune.span_label_from
+        return settings
 
 
 @dataclass
@@ -208,6 +224,9 @@ def build_config(
     sections = {name: dataclasses.asdict(section_type()) for name, section_type in section_types.items()}
     for origin, layer in layers:
         for section, values in layer.items():
+            for name in values if isinstance(values, dict) else ():
+                if (renamed := RENAMED_SETTINGS.get(f"{section}.{name}")) is not None:
+                    raise ConfigError(f"{origin}: {section}.{name} is now {renamed}, the one name every flow uses.")
             if section not in sections:
                 model_note = ": the model's own settings come with the model" if section == "model" else ""
                 raise ConfigError(f"{origin}: {flow} takes {', '.join(f'{name}.*' for name in sections)} settings, "
@@ -221,6 +240,14 @@ def build_config(
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
+
+RENAMED_SETTINGS = {
+    "finetune.text_field": "data.text_field",
+    "finetune.label_field": "data.label_field",
+    "finetune.val_fraction": "data.val_fraction",
+    "eval.label_field": "data.label_field",
+}
+"""Settings that became another's: refused with a message naming the new one."""
 
 EvalSplit = Literal["train", "val", "all"]
 """Which documents of a corpus the evaluate flow scores: its train split, its val split, or both."""

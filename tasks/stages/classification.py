@@ -27,8 +27,6 @@ from gptflow.tasks.tracking.run import PipelineRun
 
 CONFUSION_PLOT = "confusion_matrix.png"
 PREDICTIONS_FILE = "predictions.jsonl"
-FIELD_SETTINGS = "data.text_field and eval.label_field"
-"""The evaluate flow's settings naming a labelled file's text and label fields."""
 
 
 @dataclass
@@ -85,8 +83,7 @@ def score_classifier_task(source: ResolvedModel, path: str, text_field: str, lab
     pad_id = source.tokenizer.pad_id
     with artifacts.commit(Path(out_dir)) as directory:
         prepared = prepare_labelled(Path(path), source.tokenizer_file, directory / "data", labels=classifier_model.labels,
-                                    max_length=max_length, text_field=text_field, label_field=label_field,
-                                    field_settings=FIELD_SETTINGS)
+                                    max_length=max_length, text_field=text_field, label_field=label_field)
         split = read_split(Path(prepared.directory), EVAL_SPLIT)
         majority = most_common_label(prepared.label_counts[EVAL_SPLIT])
         metrics, classes = classify_and_report(classifier_model, split, EVAL_SPLIT, classifier_model.labels, majority, pad_id,

@@ -124,13 +124,13 @@ def prepare_task(objective: str, train_file: str, val_file: str | None, tokenize
 
 def prepare_data(
     objective: str, train_file: Path, val_file: Path | None, base: ResolvedModel, template: ChatTemplate,
-    config: FinetuneConfig, workspace: Workspace, run: PipelineRun,
+    settings: FinetuneSettings, workspace: Workspace, run: PipelineRun,
 ) -> PreparedData:
     """The ``prepare`` stage: tokenized train and val examples; logs their counts and skips."""
-    settings = config.data_settings(objective)
+    data_settings = settings.data_settings(objective)
     key = stage_key(
         "finetune-prepare",
-        config={"objective": objective, **settings,
+        config={"objective": objective, **data_settings,
                 "template": dataclasses.asdict(template) if objective == "sft" else None},
         modules=(__name__,),
         inputs={"train": hash_file(train_file), "val": hash_file(val_file) if val_file else None,
@@ -139,7 +139,7 @@ def prepare_data(
     outcome = run_stage(
         prepare_task, key=key, workspace=workspace, is_valid=directory_is_complete,
         objective=objective, train_file=str(train_file), val_file=str(val_file) if val_file else None,
-        tokenizer_file=str(base.tokenizer_file), template=template, settings=settings,
+        tokenizer_file=str(base.tokenizer_file), template=template, settings=data_settings,
         out_dir=str(workspace.store / "finetune-data" / key), artifacts=workspace.artifacts,
     )
     prepared = outcome.result

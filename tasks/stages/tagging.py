@@ -29,9 +29,6 @@ from gptflow.tasks.stages.classification import CONFUSION_PLOT, PREDICTIONS_FILE
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.run import PipelineRun
 
-FIELD_SETTINGS = "data.text_field"
-"""The evaluate flow's setting naming a tagging file's text field."""
-
 
 @dataclass
 class TaggingReport:
@@ -109,7 +106,7 @@ def score_tagger_task(source: ResolvedModel, path: str, text_field: str, out_dir
     with artifacts.commit(Path(out_dir)) as directory:
         prepared = prepare_labelled(Path(path), source.tokenizer_file, directory / "data", objective="tagging",
                                     labels=tagger.labels, max_length=max_length, text_field=text_field,
-                                    field_settings=FIELD_SETTINGS, span_label_from=tagger.span_label_from)
+                                    span_label_from=tagger.span_label_from)
         split = read_split(Path(prepared.directory), EVAL_SPLIT)
         metrics, labels = tag_and_report(tagger, split, EVAL_SPLIT, source.tokenizer.pad_id, directory)
         skips = prepared.skip_report()

@@ -248,9 +248,11 @@ def test_conll_files_read_by_sentence_with_bad_tags_and_bytes_skipped_by_line(ti
 
 def test_the_head_tags_follow_the_setting_and_a_bad_setting_is_refused():
     from gptflow.model.finetune_config import FinetuneConfig
+    from gptflow.tasks.settings import FinetuneSettings
 
-    assert FinetuneConfig(span_label_from="last_token").data_settings("tagging")["span_label_from"] == "last_token"
-    assert "span_label_from" not in FinetuneConfig().data_settings("classification")
+    tagging = FinetuneSettings(finetune=FinetuneConfig(span_label_from="last_token"))
+    assert tagging.data_settings("tagging")["span_label_from"] == "last_token"
+    assert "span_label_from" not in FinetuneSettings().data_settings("classification")
     with pytest.raises(ValueError, match="finetune.span_label_from must be one of each_token, last_token"):
         FinetuneConfig(span_label_from="first_token")
     assert tag_names(["a"], "each_token") == ["O", "B-a", "I-a"]

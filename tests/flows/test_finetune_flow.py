@@ -207,7 +207,7 @@ def test_the_evaluate_flow_scores_a_registered_classifier_on_a_labelled_file(wor
     labelled = tmp_path / "labelled.csv"
     labelled.write_text("snippet,package\n" + "".join(f'"{text}",{label}\n' for text, label in rows)
                         + '"def other(): pass",no_such_package\n')
-    fields = {"data.text_field": "snippet", "eval.label_field": "package"}
+    fields = {"data.text_field": "snippet", "data.label_field": "package"}
 
     first = evaluate(model=uri, classification=str(labelled), overrides=fields, workspace=str(workspace))
     second = evaluate(model=uri, classification=str(labelled), overrides=fields, workspace=str(workspace))

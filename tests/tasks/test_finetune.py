@@ -29,9 +29,12 @@ def test_settings_compose_the_training_loop_and_sampling_with_finetune_defaults(
     assert settings.sampling.top_k == 5 and settings.sampling.temperature == 0.7  # file, then finetune's default
     assert settings.train.max_steps == 150 and settings.train.weight_decay == 0.0  # finetune's defaults
     assert TrainConfig().max_steps != 150  # ... not pretraining's
-    assert set(settings.finetune.data_settings("sft")) == {"max_length", "overlong", "val_fraction"}
-    assert set(settings.finetune.data_settings("classification")) == {"max_length", "overlong", "val_fraction",
-                                                                      "text_field", "label_field"}
+    assert settings.data.val_fraction == 0.1  # finetune's default, not pretraining's 0.05
+    assert set(settings.data_settings("sft")) == {"max_length", "overlong", "val_fraction"}
+    assert set(settings.data_settings("classification")) == {"max_length", "overlong", "val_fraction",
+                                                            "text_field", "label_field"}
+    assert set(settings.data_settings("tagging")) == {"max_length", "overlong", "val_fraction", "text_field",
+                                                     "span_label_from"}
     assert set(settings.finetune.lora_settings()) == {"lora_rank", "lora_alpha", "lora_dropout"}
     flat = settings.flatten()
     assert flat["train.learning_rate"] == 3e-4 and flat["sampling.top_k"] == 5 and flat["finetune.lora_rank"] == 0
@@ -39,7 +42,11 @@ def test_settings_compose_the_training_loop_and_sampling_with_finetune_defaults(
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"finetune.lr": "1"}, "finetune.lr is not a setting; finetune has: lora_rank"),
-    ({"model.n_layer": "1"}, "finetune takes finetune.*, train.*, sampling.* settings, not model.*: the model's own"),
+    ({"model.n_layer": "1"}, "finetune takes data.*, finetune.*, train.*, sampling.* settings, not model.*: the model's own"),
+    ({"data.segment_chars": "512"}, "data.segment_chars is not a setting; data has: text_field, label_field, val_fraction"),
+    ({"data.val_fraction": "0.6"}, "data.val_fraction must be in (0, 0.5)"),
+    ({"finetune.text_field": "review"}, "finetune.text_field is now data.text_field"),
+    ({"finetune.val_fraction": "0.2"}, "finetune.val_fraction is now data.val_fraction"),
     ({"finetune.overlong": "drop"}, "finetune.overlong must be one of truncate, skip"),
     ({"finetune.lora_dropout": "1.5"}, "finetune.lora_dropout must be in [0, 1)"),
     ({"train.optimizer": "muon"}, "train.optimizer is not a fine-tuning setting (fine-tuning trains with AdamW)"),
