@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 from gptflow.data.hashing import hash_file
 from gptflow.flows.arguments import NonNegativeInt, PositiveInt
 from gptflow.flows.checks import EvaluateInputs, check_evaluate
+from gptflow.flows.summaries import FlowSummary, sample_lines
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
@@ -34,7 +35,6 @@ from gptflow.tasks.stages.tagging import TaggingReport, score_tagger
 from gptflow.tasks.stages.tagging import summary_line as tagging_summary
 from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
 from gptflow.tasks.tracking.naming import run_name, source_label
-from gptflow.tasks.tracking.progress import human_duration
 from gptflow.tasks.tracking.run import PipelineRun, pipeline_run
 
 ACC_NORM_DEFINITION = (
@@ -45,7 +45,7 @@ ACC_NORM_DEFINITION = (
 
 
 @dataclass
-class EvaluateSummary:
+class EvaluateSummary(FlowSummary):
     """What one evaluate run measured; ``report()`` is its ``eval/report.json``."""
 
     model: str
@@ -64,11 +64,6 @@ class EvaluateSummary:
     lm_eval: HarnessReport | None
     prompts: list[str]
     samples: list[str]
-    elapsed_s: float
-    mlflow_run_id: str
-    run_name: str
-    mlflow_view: str
-    """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -105,14 +100,12 @@ class EvaluateSummary:
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: one row per metric, then where to look next."""
         rows = [
-            f"| run | {self.run_name} |",
             f"| model | `{self.model}` (weights {self.weights_hash[:12]}) |",
             *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
             *(f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value:,} |"
               for name, value in self.metrics().items()),
-            f"| MLflow run | {f'[{self.mlflow_run_id}]({mlflow_run_url})' if mlflow_run_url else self.mlflow_run_id} |",
         ]
-        return "\n".join(["# gptflow evaluate", "", "| | |", "|---|---|", *rows])
+        return self.table("evaluate", rows, mlflow_run_url)
 
     def render(self) -> str:
         lines = ["", f"stages      {', '.join(f'{name} {status}' for name, status in self.stages.items())}"]
@@ -142,10 +135,9 @@ class EvaluateSummary:
         if self.tagging:
             lines.append(f"tagging     {tagging_summary(self.tagging.metrics, 'eval')} of {self.tagging_file}; "
                          "per label and the token confusion matrix in the run's eval/tagging/")
-        lines += [f"wall time   {human_duration(self.elapsed_s)}", f"mlflow      run {self.mlflow_run_id}"]
-        lines.append(f"            {self.mlflow_view}")
+        lines += self.closing_lines()
         if self.samples:
-            lines.append("sample      " + "\n            ".join(self.samples[0].strip().splitlines()[:6]))
+            lines.append(sample_lines(self.samples[0]))
         return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from gptflow.data.chat import ChatTemplate
 from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.flows.checks import check_finetune
+from gptflow.flows.summaries import FlowSummary
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.model_source import ResolvedModel, resolve_model
@@ -36,7 +37,7 @@ from gptflow.tasks.stages.finetuning import (
 )
 from gptflow.tasks.stages.tagging import summary_line as tagging_summary
 from gptflow.tasks.tracking.naming import run_name, source_label
-from gptflow.tasks.tracking.progress import human_count, human_duration
+from gptflow.tasks.tracking.progress import human_count
 from gptflow.tasks.tracking.registry import is_pending
 from gptflow.tasks.tracking.run import PipelineRun, pipeline_run
 
@@ -50,7 +51,7 @@ DEMO_DESCRIPTIONS = {
 
 
 @dataclass
-class FinetuneSummary:
+class FinetuneSummary(FlowSummary):
     """What a user wants to read when the flow ends."""
 
     objective: str
@@ -70,11 +71,6 @@ class FinetuneSummary:
     final_val_loss: float
     metrics: dict[str, float]
     registered_model: str
-    elapsed_s: float
-    mlflow_run_id: str
-    run_name: str
-    mlflow_view: str
-    """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
     samples: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -84,7 +80,6 @@ class FinetuneSummary:
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it scored, where the model is."""
         rows = [
-            f"| run | {self.run_name} |",
             f"| objective | {self.objective} |",
             f"| base model | `{self.base_model}` (weights {self.base_weights_hash[:12]}) |",
             f"| data | {self.data} |",
@@ -96,9 +91,8 @@ class FinetuneSummary:
             # Overall figures; the per-label ones (eval/f1/<label>, ...) are in MLflow.
             *(f"| {name} | {value:.4f} |" for name, value in self.metrics.items() if name.count("/") == 1),
             f"| registered model | `{self.model_uri}` |",
-            f"| MLflow run | {f'[{self.mlflow_run_id}]({mlflow_run_url})' if mlflow_run_url else self.mlflow_run_id} |",
         ]
-        return "\n".join(["# gptflow finetune", "", "| | |", "|---|---|", *rows])
+        return self.table("finetune", rows, mlflow_run_url)
 
     def render(self) -> str:
         lines = [
@@ -127,10 +121,8 @@ class FinetuneSummary:
             f"model       {self.registered_model}: registered once the run's MLflow outbox is sent (see the warning)"
             if is_pending(self.registered_model) else
             f"model       {self.model_uri}: mlflow.pyfunc.load_model(\"{self.model_uri}\").predict([...])",
-            f"wall time   {human_duration(self.elapsed_s)}",
-            f"mlflow      run {self.mlflow_run_id}",
+            *self.closing_lines(),
         ]
-        lines.append(f"            {self.mlflow_view}")
         if self.samples:
             sample = self.samples[0]
             lines.append("sample      " + "\n            ".join(

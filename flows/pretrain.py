@@ -20,6 +20,7 @@ from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact
 from gptflow.flows.checks import PretrainInputs, check_pretrain
+from gptflow.flows.summaries import FlowSummary, sample_lines
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.config import ModelConfig
 from gptflow.model.memory import parameter_count
@@ -38,7 +39,7 @@ from gptflow.tasks.stages.training import InitialModel, train_model
 from gptflow.tasks.stages.training_job import TrainedModel
 from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tracking.naming import run_name, source_label
-from gptflow.tasks.tracking.progress import human_count, human_duration
+from gptflow.tasks.tracking.progress import human_count
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, pipeline_run
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
@@ -46,7 +47,7 @@ MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 
 
 @dataclass
-class PretrainSummary:
+class PretrainSummary(FlowSummary):
     """What a user wants to read when the flow ends."""
 
     stages: dict[str, str]
@@ -66,19 +67,13 @@ class PretrainSummary:
     unigram_loss: float
     bits_per_byte: float
     perplexity: float
-    elapsed_s: float
-    mlflow_run_id: str
     trained_in_run: str
     """The MLflow run that trained the model: this one, or an earlier one whose training is reused."""
-    run_name: str
-    mlflow_view: str
-    """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
     samples: list[str] = field(default_factory=list)
 
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it produced, where to look next."""
         rows = [
-            f"| run | {self.run_name} |",
             *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
             f"| documents | {self.documents:,} |",
             f"| val | {self.val_split} |",
@@ -87,9 +82,8 @@ class PretrainSummary:
             f"| val loss (nats/token) | {self.val_loss:.4f} (unigram baseline {self.unigram_loss:.4f}) |",
             f"| perplexity | {self.perplexity:.2f} |",
             f"| bits per byte | {self.bits_per_byte:.4f} |",
-            f"| MLflow run | {f'[{self.mlflow_run_id}]({mlflow_run_url})' if mlflow_run_url else self.mlflow_run_id} |",
         ]
-        return "\n".join(["# gptflow pretrain", "", "| | |", "|---|---|", *rows])
+        return self.table("pretrain", rows, mlflow_run_url)
 
     def render(self) -> str:
         stages = ", ".join(f"{name} {status}" for name, status in self.stages.items())
@@ -103,13 +97,10 @@ class PretrainSummary:
             + (f" (continues run {self.continues_run})" if self.continues_run else ""),
             f"val loss    {self.val_loss:.3f} nats/token (unigram baseline {self.unigram_loss:.3f}), "
             f"perplexity {self.perplexity:.1f}, {self.bits_per_byte:.3f} bits/byte",
-            f"wall time   {human_duration(self.elapsed_s)}",
-            f"mlflow      run {self.mlflow_run_id}",
+            *self.closing_lines(),
         ]
-        lines.append(f"            {self.mlflow_view}")
         if self.samples:
-            first_sample = self.samples[0].strip().splitlines()[:6]
-            lines.append("sample      " + "\n            ".join(first_sample))
+            lines.append(sample_lines(self.samples[0]))
         return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from gptflow.data.errors import UserError
 from gptflow.flows.arguments import NonNegativeInt, PositiveFloat, PositiveInt
 from gptflow.flows.checks import check_sweep
 from gptflow.flows.pretrain import PretrainSummary, corpus_label
+from gptflow.flows.summaries import FlowSummary
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.scaling_law import ScalingFitError
 from gptflow.tasks.runtime.caching import pipeline_code_version
@@ -50,21 +51,17 @@ from gptflow.tasks.sweep_plan import (
     table_rows,
     text_table,
 )
-from gptflow.tasks.tracking.progress import human_duration, run_logger
+from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, flow_run_tags, pipeline_run
 
 
 @dataclass
-class SweepSummary:
+class SweepSummary(FlowSummary):
     swept: list[str]
     outcomes: list[PointOutcome]
     scaling: ScalingReport | None
     scaling_note: str | None
     """Why a ``--scaling`` sweep has no fit (too few points completed, say)."""
-    elapsed_s: float
-    mlflow_run_id: str
-    run_name: str
-    mlflow_view: str
 
     @property
     def best(self) -> PointOutcome | None:
@@ -117,9 +114,7 @@ class SweepSummary:
             lines.append(f"scaling     {self.scaling.describe()}")
         elif self.scaling_note:
             lines.append(f"scaling     not fitted: {self.scaling_note}")
-        lines.append(f"wall time   {human_duration(self.elapsed_s)}")
-        lines.append(f"mlflow      run {self.mlflow_run_id} (the points are its nested runs)")
-        lines.append(f"            {self.mlflow_view}")
+        lines += self.closing_lines(" (the points are its nested runs)")
         return "\n".join(lines)
 
 

@@ -1,0 +1,37 @@
+"""What every flow's summary shares: the run it describes, how long it took, where to see it, and
+the forms a summary takes (the Prefect artifact's table, the lines printed at the end)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptflow.tasks.tracking.progress import human_duration
+
+INDENT = " " * 12
+"""Where a printed summary's values start, after their 12-character labels."""
+
+
+@dataclass
+class FlowSummary:
+    run_name: str
+    elapsed_s: float
+    mlflow_run_id: str
+    mlflow_view: str
+    """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
+
+    def table(self, flow: str, rows: list[str], mlflow_run_url: str | None) -> str:
+        """The flow run's Prefect artifact: a two-column table of the run's name, ``rows`` and its
+        MLflow run (a link when a tracking server serves it)."""
+        run = f"[{self.mlflow_run_id}]({mlflow_run_url})" if mlflow_run_url else self.mlflow_run_id
+        return "\n".join([f"# gptflow {flow}", "", "| | |", "|---|---|", f"| run | {self.run_name} |", *rows,
+                          f"| MLflow run | {run} |"])
+
+    def closing_lines(self, about_the_run: str = "") -> list[str]:
+        """The printed summary's last lines: the wall time and where to see the run."""
+        return [f"{'wall time':<12}{human_duration(self.elapsed_s)}",
+                f"{'mlflow':<12}run {self.mlflow_run_id}{about_the_run}", INDENT + self.mlflow_view]
+
+
+def sample_lines(sample: str, lines: int = 6) -> str:
+    """The first ``lines`` lines of a generated sample, as a printed summary shows it."""
+    return "sample      " + f"\n{INDENT}".join(sample.strip().splitlines()[:lines])
