@@ -89,16 +89,8 @@ class TokenWindows:
             remaining -= len(pieces[-1])
         return np.concatenate(pieces)
 
-    def sample_batch(
-        self,
-        seed: int,
-        step: int,
-        micro_step: int,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        pin_memory: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_batch(self, seed: int, step: int, micro_step: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, int64 of shape ``(batch_size, block_size)``, of random windows.
 
         The windows depend only on the arguments. With ``world_size`` ranks, one global batch of
@@ -154,16 +146,8 @@ class MixedWindows:
         self.probabilities = np.array([weight / total for _, weight in parts])
         self.block_size = self.parts[0].block_size
 
-    def sample_batch(
-        self,
-        seed: int,
-        step: int,
-        micro_step: int,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        pin_memory: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_batch(self, seed: int, step: int, micro_step: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([seed, step, micro_step])
         total = batch_size * world_size
         chosen = rng.choice(len(self.parts), size=total, p=self.probabilities)

@@ -136,15 +136,9 @@ class TokenManifest:
         return cls(units=[TokenUnit(**unit) for unit in value["units"]], **fields)
 
 
-def tokenize_corpus(
-    manifest: CorpusManifest,
-    tokenizer: TokenizerArtifact,
-    config: TokenizeConfig,
-    store_dir: Path,
-    progress: Progress | None = None,
-    map_units: MapUnits = in_this_process,
-    artifacts: ArtifactStore = LOCAL_STORE,
-) -> TokenManifest:
+def tokenize_corpus(manifest: CorpusManifest, tokenizer: TokenizerArtifact, config: TokenizeConfig, store_dir: Path,
+                    progress: Progress | None = None, map_units: MapUnits = in_this_process,
+                    artifacts: ArtifactStore = LOCAL_STORE) -> TokenManifest:
     """Tokenize every unit of ``manifest`` not already in the store (``artifacts``), in groups of
     consecutive units (``tokenize_units``, run through ``map_units``); ``progress(done, total)``
     counts segment bytes."""

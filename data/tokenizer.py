@@ -66,17 +66,12 @@ class TokenizerArtifact:
         return cls(**value)
 
 
-def train_tokenizer(
-    manifest: CorpusManifest,
-    config: TokenizerConfig,
-    store_dir: Path,
-    progress: Progress | None = None,
-    map_units: MapUnits = in_this_process,
-    artifacts: ArtifactStore = LOCAL_STORE,
-) -> TokenizerArtifact:
-    """Train (or reuse, when ``artifacts`` holds it) the tokenizer for ``manifest``, its sample drawn by per-file units run
-    through ``map_units`` (``sample_candidates``, then ``segment_texts``); ``progress(done, total)``
-    counts sample bytes."""
+def train_tokenizer(manifest: CorpusManifest, config: TokenizerConfig, store_dir: Path,
+                    progress: Progress | None = None, map_units: MapUnits = in_this_process,
+                    artifacts: ArtifactStore = LOCAL_STORE) -> TokenizerArtifact:
+    """Train (or reuse, when ``artifacts`` holds it) the tokenizer for ``manifest``, its sample
+    drawn by per-file units run through ``map_units`` (``sample_candidates``, then
+    ``segment_texts``); ``progress(done, total)`` counts sample bytes."""
     key = hash_json({
         "stage": "tokenizer",
         "code": code_version(__name__),

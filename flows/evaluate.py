@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from gptflow.data.hashing import hash_file
 from gptflow.flows.arguments import NonNegativeInt, PositiveInt
 from gptflow.flows.checks import EvaluateInputs, check_evaluate
-from gptflow.flows.summaries import FlowSummary, sample_lines
+from gptflow.flows.summaries import FlowSummary, of_run, sample_lines
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
@@ -292,8 +292,5 @@ def _score(model: str, source: ResolvedModel, inputs: EvaluateInputs, corpus: li
         lm_eval=harness_report,
         prompts=config.eval.prompts,
         samples=samples,
-        elapsed_s=time.monotonic() - started,
-        mlflow_run_id=run.run_id,
-        run_name=run.name,
-        mlflow_view=run.how_to_view(),
+        **of_run(run, time.monotonic() - started),
     )

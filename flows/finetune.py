@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from gptflow.data.chat import ChatTemplate
 from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.flows.checks import check_finetune
-from gptflow.flows.summaries import FlowSummary
+from gptflow.flows.summaries import FlowSummary, of_run
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.model_source import ResolvedModel, resolve_model
@@ -247,10 +247,7 @@ def _summary(objective: str, base: ResolvedModel, data: str, settings: FinetuneS
         final_val_loss=tuned.final_val_loss,
         metrics=report.metrics,
         registered_model=tuned.registered_model,
-        elapsed_s=elapsed_s,
-        mlflow_run_id=run.run_id,
-        run_name=run.name,
-        mlflow_view=run.how_to_view(),
+        **of_run(run, elapsed_s),
         samples=report.samples,
     )
 

@@ -20,7 +20,7 @@ from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact
 from gptflow.flows.checks import PretrainInputs, check_pretrain
-from gptflow.flows.summaries import FlowSummary, sample_lines
+from gptflow.flows.summaries import FlowSummary, of_run, sample_lines
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.config import ModelConfig
 from gptflow.model.memory import parameter_count
@@ -251,11 +251,8 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
         unigram_loss=report.unigram_loss,
         bits_per_byte=report.bits_per_byte,
         perplexity=report.perplexity,
-        elapsed_s=elapsed_s,
-        mlflow_run_id=run.run_id,
         trained_in_run=trained.trained_in_mlflow_run,
-        run_name=run.name,
-        mlflow_view=run.how_to_view(),
+        **of_run(run, elapsed_s),
         samples=report.samples,
     )
 

@@ -4,8 +4,10 @@ the forms a summary takes (the Prefect artifact's table, the lines printed at th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gptflow.tasks.tracking.progress import human_duration
+from gptflow.tasks.tracking.run import PipelineRun
 
 INDENT = " " * 12
 """Where a printed summary's values start, after their 12-character labels."""
@@ -30,6 +32,11 @@ class FlowSummary:
         """The printed summary's last lines: the wall time and where to see the run."""
         return [f"{'wall time':<12}{human_duration(self.elapsed_s)}",
                 f"{'mlflow':<12}run {self.mlflow_run_id}{about_the_run}", INDENT + self.mlflow_view]
+
+
+def of_run(run: PipelineRun, elapsed_s: float) -> dict[str, Any]:
+    """The ``FlowSummary`` fields of a flow's MLflow run, for its summary's constructor."""
+    return {"run_name": run.name, "elapsed_s": elapsed_s, "mlflow_run_id": run.run_id, "mlflow_view": run.how_to_view()}
 
 
 def sample_lines(sample: str, lines: int = 6) -> str:

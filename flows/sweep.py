@@ -24,7 +24,7 @@ from gptflow.data.errors import UserError
 from gptflow.flows.arguments import NonNegativeInt, PositiveFloat, PositiveInt
 from gptflow.flows.checks import check_sweep
 from gptflow.flows.pretrain import PretrainSummary, corpus_label
-from gptflow.flows.summaries import FlowSummary
+from gptflow.flows.summaries import FlowSummary, of_run
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.scaling_law import ScalingFitError
 from gptflow.tasks.runtime.caching import pipeline_code_version
@@ -228,8 +228,7 @@ def sweep(
                 run_logger().warning(f"sweep: the scaling law is not fitted: {error}")
         summary = SweepSummary(
             swept=swept, outcomes=outcomes, scaling=scaling_report,
-            scaling_note=scaling_note, elapsed_s=time.monotonic() - started, mlflow_run_id=run.run_id,
-            run_name=run.name, mlflow_view=run.how_to_view(),
+            scaling_note=scaling_note, **of_run(run, time.monotonic() - started),
         )
         _log_comparison(run, summary, workspace_dir)
     create_markdown_artifact(key="sweep-summary", markdown=summary.markdown(run.url),

@@ -150,14 +150,9 @@ class FinetuneObjective(TrainingObjective):
             save_head(Path(run_dir) / CLASSIFIER_DIR, model, self.max_length, artifacts)
 
 
-def run_finetuning(
-    objective: FinetuneObjective,
-    config: TrainConfig,
-    run_dir: Path,
-    callback: TrainingCallback | None = None,
-    resume: bool = False,
-    artifacts: ArtifactStore = LOCAL_STORE,
-) -> FinetuneResult:
+def run_finetuning(objective: FinetuneObjective, config: TrainConfig, run_dir: Path,
+                   callback: TrainingCallback | None = None, resume: bool = False,
+                   artifacts: ArtifactStore = LOCAL_STORE) -> FinetuneResult:
     """Train ``objective`` through the training loop (``model.train.train``: its optimizer,
     schedule, intervals, checkpoints and resume, as in pretraining), validating on the whole val
     split before the first step, every ``val_interval`` steps and after the last; then merge LoRA

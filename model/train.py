@@ -3,9 +3,10 @@ callback.
 
 What a run trains on and how it is scored is its ``TrainingObjective``:
 ``model.pretraining.PretrainObjective`` (next-token prediction on token shards) or
-``model.finetune.FinetuneObjective`` (sft, classification, tagging). Everything else is the same for both: the step (micro-steps with
-gradient accumulation, clipping, the learning-rate schedule), DDP or FSDP over ``torchrun``'s ranks,
-``torch.compile``, periodic checkpoints and resume, throughput and MFU.
+``model.finetune.FinetuneObjective`` (sft, classification, tagging). Everything else is the same
+for both: the step (micro-steps with gradient accumulation, clipping, the learning-rate schedule),
+DDP or FSDP over ``torchrun``'s ranks, ``torch.compile``, periodic checkpoints and resume,
+throughput and MFU.
 
 Every random stream is a function of ``(seed, step)``: initial weights come from ``seed``, batches
 from ``(seed, step, micro_step)`` (see ``data.loader`` and ``model.finetune.example_indices``),
@@ -68,14 +69,9 @@ from gptflow.model.optim import build_optimizer, learning_rate_at
 DROPOUT_STREAM = 0x64726F70
 
 
-def train(
-    objective: TrainingObjective,
-    train_config: TrainConfig,
-    run_dir: Path,
-    callback: TrainingCallback | None = None,
-    resume: bool = False,
-    artifacts: ArtifactStore = LOCAL_STORE,
-) -> TrainResult:
+def train(objective: TrainingObjective, train_config: TrainConfig, run_dir: Path,
+          callback: TrainingCallback | None = None, resume: bool = False,
+          artifacts: ArtifactStore = LOCAL_STORE) -> TrainResult:
     """Train ``objective``'s model as ``train_config`` says, checkpointing into ``run_dir``, and
     export it to ``run_dir/final``; checkpoints and export are read and committed through ``artifacts``.
 

@@ -154,15 +154,8 @@ def evaluate_model_task(
     gpt = load_model(Path(trained.final_dir), device=device, artifacts=artifacts)
     loss = measure_loss(gpt, tokens, "val", config.eval_tokens, device)
     samples = sample_texts(gpt, tokenizer, config.prompts, sampling, device)
-    report = EvalReport(
-        directory=out_dir,
-        val_loss=loss.loss,
-        val_tokens=loss.tokens,
-        perplexity=loss.perplexity,
-        bits_per_byte=loss.bits_per_byte,
-        unigram_loss=loss.unigram_loss,
-        samples=samples,
-    )
+    report = EvalReport(directory=out_dir, val_loss=loss.loss, val_tokens=loss.tokens, perplexity=loss.perplexity,
+                        bits_per_byte=loss.bits_per_byte, unigram_loss=loss.unigram_loss, samples=samples)
     with artifacts.commit(Path(out_dir)) as directory:
         write_report(directory, report)
         (directory / "samples.md").write_text(samples_markdown(config.prompts, samples))

@@ -127,18 +127,11 @@ class TrainingJob:
         artifacts.share(Path(self.run_dir) / TOKENIZER_FILE)
         registered_model = run.log_text_generator(result.final_dir, Path(self.tokenizer_file), self.registered_model_name)
         return TrainedModel(
-            run_dir=self.run_dir,
-            final_dir=str(result.final_dir),
-            report_dir=str(Path(self.run_dir) / REPORT_DIR),
-            weights_hash=read_contents_hash(result.final_dir),
-            model_config=self.model_config,
-            steps=result.steps,
-            tokens_seen=result.tokens_seen,
-            final_train_loss=result.final_train_loss,
-            final_val_loss=result.final_val_loss,
-            elapsed_s=result.elapsed_s,
-            trained_in_mlflow_run=self.mlflow_run_id,
-            registered_model=registered_model,
+            run_dir=self.run_dir, final_dir=str(result.final_dir), report_dir=str(Path(self.run_dir) / REPORT_DIR),
+            weights_hash=read_contents_hash(result.final_dir), model_config=self.model_config, steps=result.steps,
+            tokens_seen=result.tokens_seen, final_train_loss=result.final_train_loss,
+            final_val_loss=result.final_val_loss, elapsed_s=result.elapsed_s,
+            trained_in_mlflow_run=self.mlflow_run_id, registered_model=registered_model,
         )
 
     def _system_metrics(self, run: PipelineRun | None) -> contextlib.AbstractContextManager[None]:
@@ -170,8 +163,8 @@ class TrainingJob:
         job = cls(**store_paths(json.loads(published), workspace.store))
         checkpoint = [job.continuation["checkpoint"]] if job.continuation else []
         directories = sorted({*(str(Path(path).parent) for path in job.token_paths()), *checkpoint})
-        missing = [directory for directory, whole in zip(directories, workspace.artifacts.are_complete(map(Path, directories)))
-                   if not whole]
+        whole = workspace.artifacts.are_complete(map(Path, directories))
+        missing = [directory for directory, is_whole in zip(directories, whole) if not is_whole]
         if missing:
             raise RendezvousError(f"this node's workspace {workspace.url or workspace.root} lacks {missing[0]} (and "
                                   f"{len(missing) - 1} more) that the head node trains on: give train-node the head's "

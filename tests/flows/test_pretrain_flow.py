@@ -124,7 +124,7 @@ def test_editing_code_that_only_evaluation_reaches_reruns_evaluation_alone(cli_e
     # model/classifier.py: no stage module imports it; evaluation reaches it through the model
     # source (tasks/stages/evaluation.py → tasks/model_source.py → model/classifier.py), training does not.
     classifier = gptflow_copy / "gptflow" / "model" / "classifier.py"
-    classifier.write_text(classifier.read_text() + "\n# edited\n")
+    classifier.write_text(classifier.read_text() + "\n\nHEAD_EDITED = True\n")  # code: a comment would rerun nothing
     second = _gptflow(*args, env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     _, (first_run, second_run) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
