@@ -54,10 +54,6 @@ OFFLINE_RETRY_S = 30.0
 """While a run's writes wait in its outbox, how often it tries to send them."""
 
 
-class OutboxError(UserError):
-    """The tracking server refuses an operation an outbox kept; the message names it."""
-
-
 @dataclass(frozen=True)
 class Outbox:
     workspace: Workspace
@@ -158,6 +154,10 @@ class OutboxReport:
         if self.kept:
             line += f"; {self.kept} still kept: {self.problem}"
         return line
+
+
+class OutboxError(UserError):
+    """The tracking server refuses an operation an outbox kept; the message names it."""
 
 
 class OutboxedWriter:

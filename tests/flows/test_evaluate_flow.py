@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from gptflow.data.errors import CorpusError
@@ -24,17 +23,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(prefect_api_url, tiny_corpus_dir, tmp_path_factory):
+def trained(flows_run_here, tiny_corpus_dir, tmp_path_factory):
     """A tiny model trained in this process by the pretrain flow; its workspace and summary."""
     workspace = tmp_path_factory.mktemp("evaluate-flow")
-    threads = torch.get_num_threads()
-    # One thread: on a busy 2-core machine a second one slows tiny models by orders of magnitude.
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        env.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with flows_run_here():
         yield workspace, pretrain(preset="tiny", corpus=[str(tiny_corpus_dir)], workspace=str(workspace))
-    torch.set_num_threads(threads)
 
 
 def _evaluate(workspace: Path, model: str, corpus: Path, **options):

@@ -31,20 +31,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workspace(prefect_api_url, tiny_corpus_dir, tmp_path_factory):
+def workspace(flows_run_here, tiny_corpus_dir, tmp_path_factory):
     """A workspace holding a tiny model trained in this process by the pretrain flow (a context of
     128 tokens, so an instruction and its answer fit)."""
     root = tmp_path_factory.mktemp("finetune-flow")
-    threads = torch.get_num_threads()
-    # One thread: on a busy 2-core machine a second one slows tiny models by orders of magnitude.
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        env.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with flows_run_here():
         pretrain(preset="tiny", corpus=[str(tiny_corpus_dir)], workspace=str(root),
                  overrides={"model.block_size": 128, "train.max_steps": 10})
         yield root
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
