@@ -207,9 +207,9 @@ def _add_model_commands(subcommands: argparse._SubParsersAction) -> None:
 def _add_workspace_commands(subcommands: argparse._SubParsersAction) -> None:
     """serve, up, down, sync, train-node and presets: the servers, the outbox, the other nodes, the presets."""
     serve = subcommands.add_parser(
-        "serve", help="serve every deployment (pretrain/default, sweep/default, finetune/default, evaluate/default) "
-        "to a Prefect server until Ctrl-C",
-        description="Serve gptflow's deployments. Start runs with `prefect deployment run 'pretrain/default'`. "
+        "serve", help="serve every deployment (pretrain/train-gpt, sweep/compare-settings, finetune/tune-pretrained, "
+        "evaluate/score-model) to a Prefect server until Ctrl-C",
+        description="Serve gptflow's deployments. Start runs with `prefect deployment run 'pretrain/train-gpt'`. "
         "Needs PREFECT_API_URL pointing at a Prefect server (see `gptflow up`).",
     )
     serve.set_defaults(handler=commands.run_serve)

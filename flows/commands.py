@@ -202,7 +202,7 @@ def run_up(args: argparse.Namespace) -> int:
           "gptflow, prefect and mlflow commands at it:\n")
     for name, value in stack.environment().items():
         print(f"export {name}={value}")
-    print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/default' --watch)")
+    print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/train-gpt' --watch)")
     return 0
 
 

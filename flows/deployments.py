@@ -11,24 +11,26 @@ from gptflow.flows.finetune import finetune
 from gptflow.flows.pretrain import pretrain
 from gptflow.flows.sweep import sweep
 
-DEPLOYMENT_NAME = "default"
-FLOWS = (pretrain, sweep, finetune, evaluate)
+DEPLOYMENTS = ((pretrain, "train-gpt"), (sweep, "compare-settings"), (finetune, "tune-pretrained"),
+               (evaluate, "score-model"))
+"""Each flow and the name of its deployment, which says what a run of it does: runs start as
+``prefect deployment run 'pretrain/train-gpt'``."""
 
 
 def deployments() -> list[RunnerDeployment]:
-    """One deployment per flow, with the flow's own defaults: a pretrain run without parameters
+    """One deployment per flow, named as ``DEPLOYMENTS`` says, with the flow's own defaults: a pretrain run without parameters
     trains on the built-in corpus with the default preset; a finetune run without parameters
     tunes the latest registered ``gptflow-cpu`` on the built-in sft demo; a sweep run needs its
     ``grid`` and an evaluate run its ``model``."""
     return [
         flow.to_deployment(
-            name=DEPLOYMENT_NAME,
+            name=name,
             description=(flow.description or "").split("\n\n")[0],
             tags=["gptflow"],
             # By module, so the served runs import the installed package from any directory.
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
-        for flow in FLOWS
+        for flow, name in DEPLOYMENTS
     ]
 
 

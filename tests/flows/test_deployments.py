@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from gptflow.flows.deployments import DEPLOYMENT_NAME, FLOWS
+from gptflow.flows.deployments import DEPLOYMENTS
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def test_prefect_yaml_declares_the_served_deployments():
     declared = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-    served = {(flow.name, DEPLOYMENT_NAME) for flow in FLOWS}
+    served = {(flow.name, name) for flow, name in DEPLOYMENTS}
     assert {(d["entrypoint"].split(":")[1], d["name"]) for d in declared} == served
     for deployment in declared:
         path, function = deployment["entrypoint"].split(":")
@@ -86,13 +86,13 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
-        while subprocess.run([PREFECT, "deployment", "inspect", f"pretrain/{DEPLOYMENT_NAME}"], env=stack,
+        while subprocess.run([PREFECT, "deployment", "inspect", "pretrain/train-gpt"], env=stack,
                              capture_output=True).returncode != 0:
             assert time.monotonic() < deadline and serve.poll() is None, "the deployment was never served"
             time.sleep(1)
         parameters = {"preset": "tiny", "corpus": [str(tiny_corpus_dir)]}
         run = subprocess.run(
-            [PREFECT, "deployment", "run", f"pretrain/{DEPLOYMENT_NAME}", "--params", json.dumps(parameters), "--watch"],
+            [PREFECT, "deployment", "run", "pretrain/train-gpt", "--params", json.dumps(parameters), "--watch"],
             env=stack, capture_output=True, text=True, timeout=600,
         )
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
