@@ -8,6 +8,10 @@ importing them: a mistyped command is still refused at once. The names a signatu
 looked up as its module would (its imports, its top-level assignments), and each import is of a
 light module (settings, types).
 
+A parameter typed ``SkipJsonSchema[...]`` is set by gptflow itself (the sweep flow sets each
+point's ``sweep``; the command line's rendezvous options make ``rendezvous``): Prefect leaves it
+out of a deployment's parameter schema, and the command line offers no option for it either.
+
 Parameter types the command line reads: ``bool`` (a flag, off by default), ``str``, ``int`` and
 ``float``, these two bounded by ``annotated_types``' ``Ge`` and ``Gt`` (``PositiveInt``, ...:
 Prefect checks the bounds of a deployment's parameters too), ``Literal`` choices, ``list[str]``
@@ -23,7 +27,7 @@ import importlib
 import re
 import types
 import typing
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,14 +62,21 @@ class _Parameter:
     help: str
     """Its ``Args:`` entry, on one line."""
 
+    @property
+    def set_by_gptflow(self) -> bool:
+        """Typed ``SkipJsonSchema[...]``: no user gives it (the module docstring says who does)."""
+        return (isinstance(self.annotation, ast.Subscript) and isinstance(self.annotation.value, ast.Name)
+                and self.annotation.value.id == "SkipJsonSchema")
+
 
 def add_flow_options(parser: argparse.ArgumentParser, flow: str, options: dict[str, Option],
-                     only: Sequence[str] | None = None, leave_out: Collection[str] = ()) -> list[str]:
-    """Add an option to ``parser`` for each parameter of the flow ``gptflow.flows.<flow>.<flow>``
-    (those in ``only``, else all but ``leave_out``), spelled as ``options`` says; return their
-    names, which are also the options' destinations in the parsed arguments."""
+                     only: Sequence[str] | None = None) -> list[str]:
+    """Add an option to ``parser`` for each parameter a user gives to the flow
+    ``gptflow.flows.<flow>.<flow>`` (those in ``only``, else all), spelled as ``options`` says;
+    return their names, which are also the options' destinations in the parsed arguments."""
     parameters, names = _read_flow(flow)
-    chosen = list(only) if only is not None else [name for name in parameters if name not in leave_out]
+    chosen = list(only) if only is not None else [name for name, parameter in parameters.items()
+                                                  if not parameter.set_by_gptflow]
     flags = {name: options.get(name, Option()).flag or "--" + name.replace("_", "-") for name in chosen}
     for name in chosen:
         parameter, option = parameters[name], options.get(name, Option())

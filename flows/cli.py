@@ -97,7 +97,6 @@ def _add_flow_commands(subcommands: argparse._SubParsersAction) -> None:
     pretrain = _add_flow_command(
         subcommands, "pretrain", commands.run_pretrain,
         {**SETTINGS, "corpus": Option(metavar="PATH[=WEIGHT]"), "init_from": Option(metavar="SOURCE")},
-        leave_out=("rendezvous", "sweep"),  # from --nnodes and the other rendezvous options; set by the sweep flow
         help="ingest a corpus, train a tokenizer, tokenize, pretrain and evaluate",
         description="Run the pretrain flow locally. Every stage is cached: rerunning the same "
         "command executes nothing; changing a setting reruns that stage and those after it.",
@@ -143,11 +142,10 @@ def _add_flow_commands(subcommands: argparse._SubParsersAction) -> None:
 
 def _add_flow_command(subcommands: argparse._SubParsersAction, flow: str,
                       handler: Callable[[argparse.Namespace], int], options: dict[str, Option],
-                      leave_out: tuple[str, ...] = (), **parser: str) -> argparse.ArgumentParser:
-    """The command ``flow``: the flow's parameters but ``leave_out`` as options, spelled as ``options`` says."""
+                      **parser: str) -> argparse.ArgumentParser:
+    """The command ``flow``: the flow's parameters as options, spelled as ``options`` says."""
     command = subcommands.add_parser(flow, **parser)
-    command.set_defaults(handler=handler, flow_parameters=add_flow_options(command, flow, options,
-                                                                           leave_out=leave_out))
+    command.set_defaults(handler=handler, flow_parameters=add_flow_options(command, flow, options))
     return command
 
 

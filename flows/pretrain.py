@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from pydantic.json_schema import SkipJsonSchema
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest
@@ -129,9 +130,12 @@ def pretrain(
     retrain_tokenizer: bool = False,
     from_scratch: bool = False,
     ray: str | None = None,
-    rendezvous: Rendezvous | None = None,
+    # Set by gptflow itself, from the command line's --nnodes options and by the sweep flow for each
+    # point: SkipJsonSchema leaves them out of a deployment's parameter schema (its run form), and
+    # the command line makes no option of them (flows.arguments).
+    rendezvous: SkipJsonSchema[Rendezvous | None] = None,
     init_from: str | None = None,
-    sweep: SweepMember | None = None,
+    sweep: SkipJsonSchema[SweepMember | None] = None,
 ) -> PretrainSummary:
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
 

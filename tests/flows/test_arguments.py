@@ -14,8 +14,9 @@ from gptflow.flows.pretrain import pretrain
 from gptflow.flows.sweep import sweep
 
 FLOWS = {"pretrain": pretrain, "sweep": sweep, "finetune": finetune, "evaluate": evaluate}
-NOT_OPTIONS = {"pretrain": {"rendezvous", "sweep"}}
-"""Parameters the command line fills from other options (--nnodes, ...) or never (the sweep's)."""
+SET_BY_GPTFLOW = {"pretrain": {"rendezvous", "sweep"}}
+"""Parameters no user gives: the command line fills them from other options (--nnodes, ...), the
+sweep flow for each point; neither a deployment's run form nor the command line offers them."""
 READ_AS_TEXT = {"overrides", "grid", "lm_eval"}
 """Parameters the command line reads as text and its command turns into the flow's value."""
 REQUIRED = {"evaluate": ["--model", "m"]}
@@ -29,14 +30,16 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 @pytest.mark.parametrize("name", FLOWS)
 def test_each_flow_parameter_is_an_option_with_the_flows_default_and_its_docstring_entry_as_help(name):
     parameters = inspect.signature(FLOWS[name].fn).parameters
+    # The parameter schema of the flow's deployments: what their run form offers.
+    described = FLOWS[name].parameters.model_dump()["properties"]
+    assert set(described) == set(parameters) - SET_BY_GPTFLOW.get(name, set())
     args = build_parser().parse_args([name, *REQUIRED.get(name, [])])
-    assert set(args.flow_parameters) == set(parameters) - NOT_OPTIONS.get(name, set())
+    assert set(args.flow_parameters) == set(described)
     for parameter in args.flow_parameters:
         default = parameters[parameter].default
         if parameter not in READ_AS_TEXT and default is not inspect.Parameter.empty:
             assert getattr(args, parameter) == default, parameter
     # Prefect's UI describes each parameter with the same docstring entry.
-    described = FLOWS[name].parameters.model_dump()["properties"]
     options = {action.dest: action for action in _subparsers(build_parser())[name]._actions}
     for parameter in args.flow_parameters:
         assert options[parameter].help.split()[:2] == described[parameter]["description"].split()[:2], parameter
