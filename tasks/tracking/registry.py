@@ -5,9 +5,10 @@ whose training was cached finds the version that holds it."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,7 @@ def log_and_register(client: MlflowClient, run_id: str, operation: dict[str, Any
     experiment_id = client.get_run(run_id).info.experiment_id
     logged = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id, model_type="gptflow")
     try:
-        with reporting_out_of_space(local_path(logged.artifact_location)):
+        with reporting_out_of_space(local_path(logged.artifact_location)), _quiet(logging.getLogger("mlflow.pyfunc")):
             _save_pyfunc_model(
                 client, logged.model_id, operation["code_module"],
                 {name: Path(path) for name, path in operation["artifacts"].items()},
@@ -140,6 +141,19 @@ def _save_pyfunc_model(
                               for name in ("torch", "tokenizers", "safetensors", "pyarrow", "numpy", "mlflow")],
         )
         client.log_model_artifacts(model_id, str(saved))
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """``logger`` passes warnings and errors alone while the block runs: ``mlflow.pyfunc`` says
+    "Validating input example against model signature" at every model saved, in a log format of
+    its own amid a run's lines (gptflow's input examples are its own, and valid)."""
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _files_exist(source: str) -> bool:

@@ -37,6 +37,15 @@ def logged_model(tmp_path, monkeypatch, bpe_tokenizer_file):
     return workspace, run.run_id, registered, final
 
 
+def test_logging_a_model_prints_none_of_mlflow_s_info_lines(tmp_path, monkeypatch, bpe_tokenizer_file, capfd):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    final = save_final(tmp_path / "run", GPT(CONFIG))
+    tokenizer_file = shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
+    with pipeline_run(Workspace.resolve(tmp_path / "ws"), tags={}, name="quiet") as run:
+        run.log_text_generator(final, tokenizer_file, "gptflow-test")
+    assert "mlflow.pyfunc" not in capfd.readouterr().err
+
+
 def test_uri_run_id_and_directory_name_the_same_weights(logged_model):
     workspace, run_id, registered, final = logged_model
     by_version = resolve_model(f"models:/{registered}", workspace)
