@@ -3,6 +3,7 @@ metrics, console and Prefect progress, the loss history and its plot, the machin
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import importlib.util
 import json
@@ -26,17 +27,55 @@ PROGRESS_LINE: tuple[tuple[str, Callable[[float], str]], ...] = (
 """The metrics a training's progress line shows when a step reports them, in order, and how."""
 
 
+class TrainingEta:
+    """How long a training has left, from the wall-clock times of its progress reports: its
+    seconds per step over a window of its latest steps, times the steps left. The window spans
+    the longest interval seen between two validations, or between two checkpoints, so that it
+    holds their time in the share they take of the whole (a shorter one would swing with each);
+    until two of a kind are seen, it spans every step since the first report. Any longer, and a
+    change of speed (another job taking the machine's cores) would show late."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.steps: list[int] = []
+        self.times: list[float] = []
+        """When each of ``steps`` was reported, by the reporter's clock."""
+        self.pauses: dict[str, int] = {}
+        """``validation`` or ``checkpoint`` → the step it last came at."""
+        self.window_steps = 0
+
+    def pause(self, kind: str, step: int) -> None:
+        """A ``kind`` of pause in training (``validation``, ``checkpoint``) came at ``step``,
+        before that step's report."""
+        if kind in self.pauses:
+            self.window_steps = max(self.window_steps, step - self.pauses[kind])
+        self.pauses[kind] = step
+
+    def seconds_left(self, step: int, now: float) -> float | None:
+        """Record that ``step`` was reported at ``now``; the seconds left until ``max_steps``,
+        None at the first report."""
+        self.steps.append(step)
+        self.times.append(now)
+        start = max(bisect.bisect_right(self.steps, step - self.window_steps) - 1, 0) if self.window_steps else 0
+        if self.steps[start] == step:
+            return None
+        seconds_per_step = (now - self.times[start]) / (step - self.steps[start])
+        return seconds_per_step * (self.max_steps - step)
+
+
 class TrainingReporter:
     """The training loop's callback, for pretraining and fine-tuning alike: batched MLflow metrics,
-    console progress (lines begin with ``stage``), loss history."""
+    console progress (lines begin with ``stage``, and say the ``TrainingEta``), loss history.
+    ``clock`` gives the seconds of the progress lines' times (``time.monotonic``)."""
 
-    def __init__(self, run: PipelineRun, max_steps: int, prefect_progress: bool, stage: str = "pretrain") -> None:
+    def __init__(self, run: PipelineRun, max_steps: int, prefect_progress: bool, stage: str = "pretrain",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.metrics = BufferedMetrics(run)
         self.max_steps = max_steps
         self.stage = stage
         self.logger = run_logger()
-        self.started = time.monotonic()
-        self.first_step: int | None = None
+        self.clock = clock
+        self.eta = TrainingEta(max_steps)
         self.history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
         # A torchrun worker has no Prefect run to attach an artifact to; its lines reach the
         # Prefect logs through the task that launched it.
@@ -49,20 +88,20 @@ class TrainingReporter:
         for name, series in self.history.items():
             if name in metrics:
                 series.append((step, metrics[name]))
-        if self.first_step is None:
-            self.first_step, self.started = step, time.monotonic()
-            eta = ""
-        else:
-            seconds_per_step = (time.monotonic() - self.started) / (step - self.first_step)
-            eta = f" · ETA {human_duration(seconds_per_step * (self.max_steps - step))}"
+        if any(name.startswith("val/") for name in metrics):
+            self.eta.pause("validation", step)
+        seconds_left = self.eta.seconds_left(step, self.clock())
         parts = [f"step {step}/{self.max_steps}"]
         parts += [shown(metrics[name]) for name, shown in PROGRESS_LINE if name in metrics]
-        line = f"{self.stage}: " + " · ".join(parts) + eta
+        if seconds_left is not None:
+            parts.append(f"ETA {human_duration(seconds_left)}")
+        line = f"{self.stage}: " + " · ".join(parts)
         self.logger.info(line)
         if self.progress_artifact:
             update_progress_artifact(self.progress_artifact, progress=100.0 * step / self.max_steps, description=line)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        self.eta.pause("checkpoint", step)
         self.logger.info(f"{self.stage}: checkpoint of step {step} saved to {path}")
 
     def on_resume(self, step: int, path: Path) -> None:
