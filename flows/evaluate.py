@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from gptflow.data.hashing import hash_file
 from gptflow.flows.arguments import NonNegativeInt, PositiveInt
 from gptflow.flows.checks import EvaluateInputs, check_evaluate
-from gptflow.flows.summaries import FlowSummary, of_run, sample_lines
+from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run, sample_lines
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
@@ -107,7 +107,7 @@ class EvaluateSummary(FlowSummary):
         ]
         return self.table("evaluate", rows, mlflow_run_url)
 
-    def render(self) -> str:
+    def render(self, sample: bool = True) -> str:
         lines = ["", f"stages      {', '.join(f'{name} {status}' for name, status in self.stages.items())}"]
         if self.loss:
             baseline = f" (unigram baseline {self.loss.unigram_loss:.3f})" if self.loss.unigram_loss is not None else ""
@@ -135,10 +135,9 @@ class EvaluateSummary(FlowSummary):
         if self.tagging:
             lines.append(f"tagging     {tagging_summary(self.tagging.metrics, 'eval')} of {self.tagging_file}; "
                          "per label and the token confusion matrix in the run's eval/tagging/")
-        lines += self.closing_lines()
-        if self.samples:
+        if sample and self.samples:
             lines.append(sample_lines(self.samples[0]))
-        return "\n".join(lines)
+        return "\n".join(lines + self.closing_lines())
 
 
 def _flow_run_name() -> str:
@@ -247,6 +246,7 @@ def evaluate(
 
     create_markdown_artifact(key="evaluate-summary", markdown=summary.markdown(run.url),
                              description="What the model scored, and which stages ran")
+    end_log_of_deployment_run(summary.render(sample=False))
     return summary
 
 

@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from gptflow.data.chat import ChatTemplate
 from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.flows.checks import check_finetune
-from gptflow.flows.summaries import FlowSummary, of_run
+from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.model_source import ResolvedModel, resolve_model
@@ -94,7 +94,7 @@ class FinetuneSummary(FlowSummary):
         ]
         return self.table("finetune", rows, mlflow_run_url)
 
-    def render(self) -> str:
+    def render(self, sample: bool = True) -> str:
         lines = [
             "",
             f"stages      {', '.join(f'{name} {status}' for name, status in self.stages.items())}",
@@ -121,13 +121,12 @@ class FinetuneSummary(FlowSummary):
             f"model       {self.registered_model}: registered once the run's MLflow outbox is sent (see the warning)"
             if is_pending(self.registered_model) else
             f"model       {self.model_uri}: mlflow.pyfunc.load_model(\"{self.model_uri}\").predict([...])",
-            *self.closing_lines(),
         ]
-        if self.samples:
-            sample = self.samples[0]
+        if sample and self.samples:
+            prompt, response = self.samples[0]["prompt"], self.samples[0]["response"]
             lines.append("sample      " + "\n            ".join(
-                [*sample["prompt"].strip().splitlines()[-4:], *sample["response"].strip().splitlines()[:8]]))
-        return "\n".join(lines)
+                [*prompt.strip().splitlines()[-4:], *response.strip().splitlines()[:8]]))
+        return "\n".join(lines + self.closing_lines())
 
     def _method(self) -> str:
         trained = (f"{human_count(self.trainable_parameters)} of {human_count(self.total_parameters)} parameters "
@@ -224,6 +223,7 @@ def finetune(
                        time.monotonic() - started)
     create_markdown_artifact(key="finetune-summary", markdown=summary.markdown(run.url),
                              description="Data, training, evaluation and the registered model of this run")
+    end_log_of_deployment_run(summary.render(sample=False))
     return summary
 
 

@@ -21,7 +21,7 @@ from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact
 from gptflow.flows.checks import PretrainInputs, check_pretrain
-from gptflow.flows.summaries import FlowSummary, of_run, sample_lines
+from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run, sample_lines
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.config import ModelConfig
 from gptflow.model.memory import parameter_count
@@ -86,7 +86,7 @@ class PretrainSummary(FlowSummary):
         ]
         return self.table("pretrain", rows, mlflow_run_url)
 
-    def render(self) -> str:
+    def render(self, sample: bool = True) -> str:
         stages = ", ".join(f"{name} {status}" for name, status in self.stages.items())
         lines = [
             "",
@@ -98,11 +98,10 @@ class PretrainSummary(FlowSummary):
             + (f" (continues run {self.continues_run})" if self.continues_run else ""),
             f"val loss    {self.val_loss:.3f} nats/token (unigram baseline {self.unigram_loss:.3f}), "
             f"perplexity {self.perplexity:.1f}, {self.bits_per_byte:.3f} bits/byte",
-            *self.closing_lines(),
         ]
-        if self.samples:
+        if sample and self.samples:
             lines.append(sample_lines(self.samples[0]))
-        return "\n".join(lines)
+        return "\n".join(lines + self.closing_lines())
 
 
 def corpus_label(corpus: list[str] | None) -> str:
@@ -211,6 +210,7 @@ def pretrain(
     summary = _summary(run, config.data, corpus_manifest, tokens, trained, report, time.monotonic() - started)
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")
+    end_log_of_deployment_run(summary.render(sample=False))
     return summary
 
 

@@ -85,9 +85,13 @@ def up(workspace: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000) 
             "prefect",
             [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
             # The server's own database lives in the workspace, beside the runs it describes. Its UI
-            # must call the API on this port: by default it would call port 4200.
+            # must call the API on this port: by default it would call port 4200. It streams flow
+            # runs' logs, which `prefect deployment run --watch` prints (by default it would print
+            # state changes alone, and never the summary a run ends its log with).
             env={"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_UI_API_URL": f"http://{HOST}:{prefect_port}/api"},
+                 "PREFECT_UI_API_URL": f"http://{HOST}:{prefect_port}/api",
+                 "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+                 "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true"},
             url=f"http://{HOST}:{prefect_port}",
             health_path="/api/health",
             log=logs / "prefect-server.log",

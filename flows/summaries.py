@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gptflow.tasks.tracking.progress import human_duration
+from prefect.runtime import deployment
+
+from gptflow.tasks.tracking.progress import human_duration, run_logger
 from gptflow.tasks.tracking.run import PipelineRun
 
 INDENT = " " * 12
@@ -42,3 +44,13 @@ def of_run(run: PipelineRun, elapsed_s: float) -> dict[str, Any]:
 def sample_lines(sample: str, lines: int = 6) -> str:
     """The first ``lines`` lines of a generated sample, as a printed summary shows it."""
     return "sample      " + f"\n{INDENT}".join(sample.strip().splitlines()[:lines])
+
+
+def end_log_of_deployment_run(summary: str) -> None:
+    """End the flow run's log with its printed ``summary`` when a deployment started it: no
+    command prints the summary then, and this log is what ``prefect deployment run --watch``
+    shows (from a Prefect server that streams logs, as ``gptflow up``'s does) and the flow run's
+    page in the UI. Give the summary without generated samples: the watch prints each log line
+    as Rich markup, and a sample's stray closing tag (``[/a-z]``) would stop it."""
+    if deployment.id is not None:
+        run_logger().info(summary)

@@ -24,7 +24,7 @@ from gptflow.data.errors import UserError
 from gptflow.flows.arguments import NonNegativeInt, PositiveFloat, PositiveInt
 from gptflow.flows.checks import check_sweep
 from gptflow.flows.pretrain import PretrainSummary, corpus_label
-from gptflow.flows.summaries import FlowSummary, of_run
+from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.scaling_law import ScalingFitError
 from gptflow.tasks.runtime.caching import pipeline_code_version
@@ -233,6 +233,7 @@ def sweep(
         _log_comparison(run, summary, workspace_dir)
     create_markdown_artifact(key="sweep-summary", markdown=summary.markdown(run.url),
                              description="Every point of the sweep, its val loss and its MLflow run")
+    end_log_of_deployment_run(summary.render())
     return summary
 
 
