@@ -74,7 +74,7 @@ def up(workspace: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000) 
     if existing and all(_alive(service.pid) for service in existing.services):
         return existing
     for port, flag in ((prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")):
-        if _answers(f"http://{HOST}:{port}"):
+        if answers(f"http://{HOST}:{port}"):
             raise StackError(f"Port {port} on {HOST} is already in use. Stop what listens there, or pick "
                              f"another port with {flag}.")
     logs = workspace.root / "logs"
@@ -168,7 +168,7 @@ def keep_prefect_state_in(workspace: Workspace) -> None:
 def _running_stack(workspace: Workspace) -> Stack | None:
     """The stack ``gptflow up`` started for ``workspace``, if every server of it runs and answers."""
     stack = _read_stack(workspace)
-    if stack is None or not all(_alive(service.pid) and _answers(service.health_url) for service in stack.services):
+    if stack is None or not all(_alive(service.pid) and answers(service.health_url) for service in stack.services):
         return None
     return stack
 
@@ -186,7 +186,7 @@ def _start(name: str, command: list[str], env: dict[str, str], url: str, health_
 def _wait_until_healthy(service: Service) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if _answers(service.health_url):
+        if answers(service.health_url):
             return
         if not _alive(service.pid):
             raise StackError(f"The {service.name} server exited while starting; see {service.log}.")
@@ -221,7 +221,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether a server answers at ``url`` within 2 s, with whatever status."""
     try:
         with urllib.request.urlopen(url, timeout=2):
             return True
