@@ -194,7 +194,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    stack = up(Workspace.resolve(args.workspace), prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+    # On stderr: stdout holds the addresses and the variables, for scripts to read.
+    stack = up(Workspace.resolve(args.workspace), lambda line: print(f"gptflow: {line}", file=sys.stderr, flush=True),
+               prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
     print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
     print(f"MLflow UI    {stack.mlflow_url}")
     print(f"workspace    {stack.workspace} (databases, artifacts, logs/)")

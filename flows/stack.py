@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +29,10 @@ PREFECT_SERVER_HOME = "prefect-server"
 """In the workspace: the Prefect server's home (its database), for `gptflow up` and temporary servers alike."""
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
+SERVER_NAMES = {"prefect": "Prefect", "mlflow": "MLflow"}
+"""Each service's name as a message spells it."""
+WAITING_REPORT_EVERY_S = 10.0
+"""How often ``gptflow up`` says which server it still waits for."""
 
 
 class StackError(RuntimeError):
@@ -69,9 +74,14 @@ class Stack:
         return next(service for service in self.services if service.name == name)
 
 
-def up(workspace: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000) -> Stack:
+def up(workspace: Workspace, report: Callable[[str], None], prefect_port: int = 4200, mlflow_port: int = 5000,
+       ) -> Stack:
+    """Start the stack of ``workspace``, or find it running; ``report`` gets a line on each step
+    and, while a server does not answer yet, every ``WAITING_REPORT_EVERY_S``: a first start
+    creates the servers' databases, which takes a minute on a busy machine."""
     existing = _read_stack(workspace)
     if existing and all(_alive(service.pid) for service in existing.services):
+        report(f"the servers of {workspace.root} are running already")
         return existing
     for port, flag in ((prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")):
         if answers(f"http://{HOST}:{port}"):
@@ -80,6 +90,9 @@ def up(workspace: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000) 
     logs = workspace.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     prefect_home = workspace.root / PREFECT_SERVER_HOME
+    report(f"starting a Prefect server on port {prefect_port} and an MLflow server on port {mlflow_port} "
+           f"(their logs: {logs})")
+    started = time.monotonic()
     services = [
         _start(
             "prefect",
@@ -114,7 +127,7 @@ def up(workspace: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000) 
     (workspace.root / STACK_FILE).write_text(json.dumps(asdict(stack), indent=2))
     try:
         for service in services:
-            _wait_until_healthy(service)
+            _wait_until_healthy(service, started, report)
     except StackError:
         down(workspace)
         raise
@@ -183,15 +196,24 @@ def _start(name: str, command: list[str], env: dict[str, str], url: str, health_
     return Service(name=name, pid=process.pid, url=url, health_url=url + health_path, log=str(log))
 
 
-def _wait_until_healthy(service: Service) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def _wait_until_healthy(service: Service, started: float, report: Callable[[str], None]) -> None:
+    """Wait until ``service``, started at ``started`` (``time.monotonic``), answers; ``report``
+    how long that took, and every ``WAITING_REPORT_EVERY_S`` that it does not answer yet."""
+    name = SERVER_NAMES[service.name]
+    deadline = started + START_TIMEOUT_S
+    next_report = started + WAITING_REPORT_EVERY_S
     while time.monotonic() < deadline:
         if answers(service.health_url):
+            report(f"the {name} server answers at {service.url}, {time.monotonic() - started:.0f} s after its start")
             return
         if not _alive(service.pid):
-            raise StackError(f"The {service.name} server exited while starting; see {service.log}.")
+            raise StackError(f"The {name} server exited while starting; see {service.log}.")
+        if time.monotonic() >= next_report:
+            report(f"waiting for the {name} server to answer at {service.health_url}: "
+                   f"{time.monotonic() - started:.0f} s so far (its log: {service.log})")
+            next_report += WAITING_REPORT_EVERY_S
         time.sleep(0.5)
-    raise StackError(f"The {service.name} server did not answer at {service.health_url} within "
+    raise StackError(f"The {name} server did not answer at {service.health_url} within "
                      f"{START_TIMEOUT_S:.0f} s; see {service.log}.")
 
 

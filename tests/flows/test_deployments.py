@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,66 +46,111 @@ def _gptflow(*args: str, env: dict[str, str], **options) -> subprocess.Completed
                           capture_output=True, text=True, **options)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """A real Prefect server and MLflow server on free loopback ports, stopped even on failure."""
-    workspace = tmp_path_factory.mktemp("stack")
+@contextlib.contextmanager
+def _stack(workspace: Path) -> Iterator[dict[str, str]]:
+    """``gptflow up`` on free loopback ports: the environment of its exports; ``gptflow down`` on
+    leaving, even on failure (when the body has not stopped it already)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "PREFECT_"))}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     try:
         ports = [_free_port(), _free_port()]
     except OSError as error:
         pytest.skip(f"cannot bind a loopback port: {error}")
-    args = ("--workspace", str(workspace))
-    started = _gptflow("up", *args, "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1]),
-                       env=env, timeout=300)
+    started = _gptflow("up", "--workspace", str(workspace), "--prefect-port", str(ports[0]),
+                       "--mlflow-port", str(ports[1]), env=env, timeout=300)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
+        # What it waits for, as it waits (a first start may take a minute).
+        progress = started.stderr.splitlines()
+        assert progress[0] == (f"gptflow: starting a Prefect server on port {ports[0]} and an MLflow server on port "
+                               f"{ports[1]} (their logs: {workspace / 'logs'})")
+        for name, port in (("Prefect", ports[0]), ("MLflow", ports[1])):
+            assert any(line.startswith(f"gptflow: the {name} server answers at http://127.0.0.1:{port}, ")
+                       for line in progress), started.stderr
         exports = dict(line.removeprefix("export ").split("=", 1)
                        for line in started.stdout.splitlines() if line.startswith("export "))
         assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{ports[0]}/api"
         assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports[1]}"
-        # The Prefect UI served on this port calls the API on this port too (its default is 4200).
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/ui-settings", timeout=10) as answer:
-            assert json.load(answer)["api_url"] == exports["PREFECT_API_URL"]
         yield {**env, **exports}
     finally:
-        stopped = _gptflow("down", *args, env=env, timeout=120)
-        assert "prefect" in stopped.stdout and "mlflow" in stopped.stdout, stopped.stdout + stopped.stderr
+        _gptflow("down", "--workspace", str(workspace), env=env, timeout=120)
 
 
-def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_corpus_dir, tmp_path):
-    # To a file, not a pipe nobody reads: the served flow run's log lines would fill a pipe's buffer
-    # and block the process on its next write, so that it could not even exit.
-    serve_log = tmp_path / "serve.log"
-    with serve_log.open("w") as log:
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A real Prefect server and MLflow server, shared by this module's tests."""
+    with _stack(tmp_path_factory.mktemp("stack")) as env:
+        # The Prefect UI served on this port calls the API on this port too (its default is 4200).
+        ui = env["PREFECT_API_URL"].removesuffix("/api")
+        with urllib.request.urlopen(f"{ui}/ui-settings", timeout=10) as answer:
+            assert json.load(answer)["api_url"] == env["PREFECT_API_URL"]
+        yield env
+
+
+def _serve(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """``gptflow serve``, its output to ``log_path``: to a file, not a pipe nobody reads, whose full
+    buffer would block the process on its next write, so that it could not even exit."""
+    with log_path.open("w") as log:
         # As from a terminal, where Ctrl-C reaches it: a test run started in the background of a
         # non-interactive shell ignores SIGINT, and so would a process it starts (Python then
         # installs no KeyboardInterrupt handler).
         serve = subprocess.Popen([sys.executable, "-m", "gptflow.flows.cli", "serve"], cwd=ROOT,
-                                 env={**stack, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
+                                 env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True,
                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while subprocess.run([PREFECT, "deployment", "inspect", "pretrain/train-gpt"], env=env,
+                         capture_output=True).returncode != 0:
+        if time.monotonic() > deadline or serve.poll() is not None:
+            serve.kill()
+            raise AssertionError("the deployments were never served:\n" + log_path.read_text()[-3000:])
+        time.sleep(1)
+    return serve
+
+
+def _stop(serve: subprocess.Popen, how: signal.Signals, log_path: Path, within_s: float) -> str:
+    """Stop ``serve`` by the signal ``how``, as a terminal's Ctrl-C or a service manager does, and
+    return its output; fail if it takes over ``within_s``."""
+    os.killpg(serve.pid, how)
     try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([PREFECT, "deployment", "inspect", "pretrain/train-gpt"], env=stack,
-                             capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline and serve.poll() is None, "the deployment was never served"
-            time.sleep(1)
+        serve.wait(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        serve.kill()
+        raise AssertionError(f"gptflow serve did not stop on {how.name} within {within_s:g} s; its output:\n"
+                             + log_path.read_text()[-3000:]) from None
+    assert serve.returncode == 0, log_path.read_text()[-3000:]
+    return log_path.read_text()
+
+
+def test_the_deployments_are_named_for_what_they_do_and_offer_the_users_parameters_alone(stack, tmp_path):
+    serve = _serve(stack, tmp_path / "serve.log")
+    try:
+        listed = subprocess.run([PREFECT, "deployment", "ls"], env={**stack, "COLUMNS": "200"}, capture_output=True,
+                                text=True, timeout=120).stdout
+        assert {"pretrain/train-gpt", "sweep/compare-settings", "finetune/tune-pretrained",
+                "evaluate/score-model"} <= set(listed.split()), listed
+        inspected = subprocess.run([PREFECT, "deployment", "inspect", "pretrain/train-gpt", "--output", "json"],
+                                   env=stack, capture_output=True, text=True, timeout=120)
+        offered = json.loads(inspected.stdout)["parameter_openapi_schema"]["properties"]
+        # The run form's fields: what gptflow's own callers set (the rendezvous, a sweep's point) is not there.
+        assert {"corpus", "preset", "overrides", "init_from"} <= set(offered)
+        assert not {"rendezvous", "sweep"} & set(offered)
+    finally:
+        _stop(serve, signal.SIGINT, tmp_path / "serve.log", within_s=60)
+
+
+def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_corpus_dir, tmp_path):
+    serve = _serve(stack, tmp_path / "serve.log")
+    try:
         parameters = {"preset": "tiny", "corpus": [str(tiny_corpus_dir)]}
+        # Wide, so that the console prints each line whole (the MLflow address included).
         run = subprocess.run(
             [PREFECT, "deployment", "run", "pretrain/train-gpt", "--params", json.dumps(parameters), "--watch"],
-            env=stack, capture_output=True, text=True, timeout=600,
+            env={**stack, "COLUMNS": "400"}, capture_output=True, text=True, timeout=600,
         )
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            raise AssertionError("gptflow serve did not stop on SIGINT; its output:\n"
-                                 + serve_log.read_text()[-3000:]) from None
+        _stop(serve, signal.SIGINT, tmp_path / "serve.log", within_s=60)
 
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
     [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
@@ -115,6 +162,15 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
     assert mlflow_run.data.tags["mlflow.note.content"] == f"Prefect flow run: [{mlflow_run.info.run_name}]({flow_run_url})"
     assert mlflow_run.info.run_name.startswith("pretrain tiny ")
     assert mlflow_run.data.metrics["eval/val_loss"] > 0
+    # The watch prints the flow run's log as it comes, which ends with the summary: the val loss,
+    # then the MLflow run's address; after it only the run's end.
+    watched = run.stdout.splitlines()
+    [loss] = [index for index, line in enumerate(watched) if line.strip().startswith("val loss ")]
+    [link] = [index for index, line in enumerate(watched) if f"/runs/{mlflow_run.info.run_id}" in line]
+    assert f"{mlflow_run.data.metrics['eval/val_loss']:.3f} nats/token" in watched[loss]
+    assert loss < link and "pretrain: step 30/30" in run.stdout  # the progress lines, as they come
+    assert all(any(end in line for end in ("Finished in state", "prefect.flow-run.Completed", "finished successfully"))
+               for line in watched[link + 1:]), "\n".join(watched[loss:])
     assert len(client.get_metric_history(mlflow_run.info.run_id, "train/loss")) == 6
     top_level = {artifact.path for artifact in client.list_artifacts(mlflow_run.info.run_id)}
     assert {"data", "eval", "plots", "tokenizer"} <= top_level
@@ -156,3 +212,25 @@ def test_a_local_run_finds_the_running_stack_without_the_variables(stack, tiny_c
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["prefect.flow_run_url"].startswith(prefect_url)
     assert f"{stack['MLFLOW_TRACKING_URI']}/#/experiments/" in result.stdout
+
+
+def test_serve_stops_at_once_on_sigterm_when_the_servers_are_gone(tmp_path):
+    """``gptflow down`` while ``gptflow serve`` runs, then SIGTERM (a service manager stopping it):
+    one line each, no traceback, and serve ends in seconds rather than retrying the Prefect API."""
+    workspace = tmp_path / "workspace"
+    with _stack(workspace) as env:
+        serve = _serve(env, tmp_path / "serve.log")
+        try:
+            assert _gptflow("down", "--workspace", str(workspace), env=env, timeout=120).returncode == 0
+            deadline = time.monotonic() + 60
+            while "FlowRunCancellingObserver" not in (tmp_path / "serve.log").read_text():
+                assert time.monotonic() < deadline, "serve never noticed the Prefect server go away"
+                time.sleep(0.5)
+        except BaseException:
+            serve.kill()
+            raise
+        output = _stop(serve, signal.SIGTERM, tmp_path / "serve.log", within_s=15)
+    assert "Traceback" not in output
+    prefect_url = env["PREFECT_API_URL"].removesuffix("/api")
+    assert (f"gptflow serve: stopping; the Prefect server at {prefect_url} no longer answers, so its deployments "
+            "stay as they were") in output.splitlines()
