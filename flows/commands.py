@@ -7,10 +7,12 @@ the flow's own check (``flows.checks``) before it imports the flow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,7 @@ def _run_flow(name: str, parameters: dict[str, Any]) -> Any:
     """Run the flow ``name`` with ``parameters``, print its summary and return it. Its module imports Prefect,
     so only once the input is known good; on the workspace's ``gptflow up`` stack, if one runs and
     no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
+    started = time.monotonic()  # the command's start, less the interpreter's and reading its input (under a second)
     # Prefect's temporary server would otherwise log an error on every start on offline machines.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     workspace = Workspace.resolve(parameters["workspace"])
@@ -98,7 +101,7 @@ def _run_flow(name: str, parameters: dict[str, Any]) -> Any:
               file=sys.stderr)
     keep_prefect_state_in(workspace)
     flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
-    summary = flow(**parameters)
+    summary = dataclasses.replace(flow(**parameters), command_s=time.monotonic() - started)
     print(summary.render())
     return summary
 

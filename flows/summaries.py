@@ -3,7 +3,7 @@ the forms a summary takes (the Prefect artifact's table, the lines printed at th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect.runtime import deployment
@@ -19,9 +19,15 @@ INDENT = " " * 12
 class FlowSummary:
     run_name: str
     elapsed_s: float
+    """Seconds from the flow's start to its summary: the flow run, without what a command does
+    before it (importing torch and Prefect, starting Prefect's temporary server) or after."""
     mlflow_run_id: str
     mlflow_view: str
     """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
+    command_s: float | None = field(default=None, kw_only=True)
+    """Seconds from the start of the ``gptflow`` command that ran the flow to its summary (which
+    Prefect's temporary server, if it started one, then takes a few seconds to stop); None for a
+    flow run that no command runs (a deployment's)."""
 
     def table(self, flow: str, rows: list[str], mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: a two-column table of the run's name, ``rows`` and its
@@ -31,8 +37,12 @@ class FlowSummary:
                           f"| MLflow run | {run} |"])
 
     def closing_lines(self, about_the_run: str = "") -> list[str]:
-        """The printed summary's last lines: the wall time and where to see the run."""
-        return [f"{'wall time':<12}{human_duration(self.elapsed_s)}",
+        """The printed summary's last lines: the wall time, since the command began when one ran
+        the flow, and where to see the run."""
+        took = f"{human_duration(self.elapsed_s)} in the flow run"
+        if self.command_s is not None:
+            took = f"{human_duration(self.command_s)} since the command started, {took}"
+        return [f"{'wall time':<12}{took}",
                 f"{'mlflow':<12}run {self.mlflow_run_id}{about_the_run}", INDENT + self.mlflow_view]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -212,6 +213,7 @@ def test_a_local_run_finds_the_running_stack_without_the_variables(stack, tiny_c
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["prefect.flow_run_url"].startswith(prefect_url)
     assert f"{stack['MLFLOW_TRACKING_URI']}/#/experiments/" in result.stdout
+    assert re.search(r"^wall time   \S+ since the command started, \S+ in the flow run$", result.stdout, re.MULTILINE)
 
 
 def test_serve_stops_at_once_on_sigterm_when_the_servers_are_gone(tmp_path):
