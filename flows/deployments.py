@@ -23,6 +23,8 @@ DEPLOYMENTS = ((pretrain, "train-gpt"), (sweep, "compare-settings"), (finetune, 
                (evaluate, "score-model"))
 """Each flow and the name of its deployment, which says what a run of it does: runs start as
 ``prefect deployment run 'pretrain/train-gpt'``."""
+CANCELLATION_WATCH_LOGGER = "prefect.FlowRunCancellingObserver"
+"""The logger of the runner's watch for cancelled flow runs, a websocket to the Prefect server."""
 
 
 def deployments() -> list[RunnerDeployment]:
@@ -40,10 +42,6 @@ def deployments() -> list[RunnerDeployment]:
         )
         for flow, name in DEPLOYMENTS
     ]
-
-
-CANCELLATION_WATCH_LOGGER = "prefect.FlowRunCancellingObserver"
-"""The logger of the runner's watch for cancelled flow runs, a websocket to the Prefect server."""
 
 
 def serve_deployments() -> None:
@@ -68,7 +66,7 @@ def serve_deployments() -> None:
 class _DeploymentRunner(Runner):
     """Prefect's runner, which on SIGTERM pauses the deployments it serves through the Prefect
     server's API: with the server gone (``gptflow down`` before this), that retries for a minute
-    and then fails with a traceback. Such a runner stops at once instead, leaving them as they are."""
+    and then fails with a traceback. This one stops at once then, leaving them as they are."""
 
     def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
         if self.pause_on_shutdown and not answers(_prefect_api_url() + "/health"):
