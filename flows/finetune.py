@@ -204,7 +204,7 @@ def finetune(
         "gptflow.code_version": pipeline_code_version(),
         "gptflow.base_weights_hash": base.weights_hash,
     }
-    with pipeline_run(workspace_dir, tags=tags) as run:
+    with pipeline_run(workspace_dir, "finetune", tags=tags) as run:
         run.log_params({
             "objective": objective,
             "base_model": base.source,

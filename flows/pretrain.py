@@ -183,7 +183,7 @@ def pretrain(
     if sweep is not None:
         tags |= {MLFLOW_PARENT_RUN_TAG: sweep.parent_run_id, SWEEP_POINT_TAG: sweep.point}
     lineage = Lineage.load(workspace_dir, weighted.sources)
-    with pipeline_run(workspace_dir, tags=tags) as run:
+    with pipeline_run(workspace_dir, "pretrain", tags=tags) as run:
         run.log_params({
             "preset": preset, "corpus": " ".join(corpus), "restart": restart,
             "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, "init_from": init_from or "",

@@ -205,7 +205,7 @@ def sweep(
     swept = list(points[0].settings)
 
     tags = {"gptflow.flow": "sweep", "gptflow.preset": preset, "gptflow.code_version": pipeline_code_version()}
-    with pipeline_run(workspace_dir, tags=tags) as run:
+    with pipeline_run(workspace_dir, "pretrain", tags=tags) as run:  # beside its points, which nest under it
         # The swept settings' column shows the values swept (the children show one each).
         shared = configs[0].flatten() | {key: ",".join(str(value) for value in grid[key]) for key in swept}
         run.log_params({

@@ -106,7 +106,7 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
                                  + serve_log.read_text()[-3000:]) from None
 
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
-    [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow-pretrain").experiment_id])
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.params["preset"] == "tiny"
     flow_run_url = mlflow_run.data.tags["prefect.flow_run_url"]
@@ -141,7 +141,8 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
 
 
 def test_a_local_run_finds_the_running_stack_without_the_variables(stack, tiny_corpus_dir):
-    """Last in this file: the served run above is the stack's only run of the `gptflow` experiment."""
+    """Last in this file: the served run above is the stack's only run of the `gptflow-pretrain` experiment;
+    MLFLOW_EXPERIMENT_NAME names the experiments' prefix."""
     env = {key: value for key, value in stack.items() if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env["MLFLOW_EXPERIMENT_NAME"] = "gptflow-local"
     result = _gptflow("pretrain", "--preset", "tiny", "--corpus", str(tiny_corpus_dir), "--set", "train.max_steps=2",
@@ -152,7 +153,7 @@ def test_a_local_run_finds_the_running_stack_without_the_variables(stack, tiny_c
     assert "Starting temporary server" not in result.stderr
 
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
-    [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow-local").experiment_id])
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow-local-pretrain").experiment_id])
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["prefect.flow_run_url"].startswith(prefect_url)
     assert f"{stack['MLFLOW_TRACKING_URI']}/#/experiments/" in result.stdout

@@ -42,7 +42,7 @@ def cli_env(prefect_api_url, tmp_path) -> dict[str, str]:
 
 def _runs_oldest_first(workspace: Path) -> tuple[MlflowClient, list]:
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("gptflow")
+    experiment = client.get_experiment_by_name("gptflow-pretrain")
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 

@@ -32,7 +32,7 @@ def logged_model(tmp_path, monkeypatch, bpe_tokenizer_file):
     torch.manual_seed(0)
     final = save_final(tmp_path / "run", GPT(CONFIG))
     tokenizer_file = shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
-    with pipeline_run(workspace, tags={}, name="source-test") as run:
+    with pipeline_run(workspace, "pretrain", tags={}, name="source-test") as run:
         registered = run.log_text_generator(final, tokenizer_file, "gptflow-test")
     return workspace, run.run_id, registered, final
 
