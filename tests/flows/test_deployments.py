@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -63,6 +64,7 @@ def stack(tmp_path_factory):
                        for line in started.stdout.splitlines() if line.startswith("export "))
         assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{ports[0]}/api"
         assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports[1]}"
+        _assert_it_prints_each_experiment_s_runs_table(started.stdout, exports["MLFLOW_TRACKING_URI"])
         # The Prefect UI served on this port calls the API on this port too (its default is 4200).
         with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/ui-settings", timeout=10) as answer:
             assert json.load(answer)["api_url"] == exports["PREFECT_API_URL"]
@@ -70,6 +72,19 @@ def stack(tmp_path_factory):
     finally:
         stopped = _gptflow("down", *args, env=env, timeout=120)
         assert "prefect" in stopped.stdout and "mlflow" in stopped.stdout, stopped.stdout + stopped.stderr
+
+
+def _assert_it_prints_each_experiment_s_runs_table(output: str, mlflow_url: str) -> None:
+    """``gptflow up`` and ``serve`` print each kind of work's experiment and the address of its runs
+    table, in the machine-learning view with gptflow's saved view, which the experiment holds."""
+    tables = dict(re.findall(r"(gptflow-\w+)  (http://\S+)", output))
+    assert list(tables) == ["gptflow-pretrain", "gptflow-finetune", "gptflow-evaluate", "gptflow-import"], output
+    client = MlflowClient(mlflow_url)
+    for name, address in tables.items():
+        experiment = client.get_experiment_by_name(name)
+        assert address == f"{mlflow_url}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=gptflow" \
+                          "&workflowType=machine_learning"
+        assert "mlflow.sharedViewState.gptflow" in experiment.tags
 
 
 def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_corpus_dir, tmp_path):

@@ -53,6 +53,11 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     second = _gptflow(*args, env=cli_env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "unigram baseline" in second.stdout
+    # The run's page and its experiment's runs table, both in MLflow's machine-learning view.
+    addresses = re.findall(r"http://\S+/#/experiments/\S+", second.stdout)
+    assert len(addresses) == 2 and all(address.endswith("workflowType=machine_learning") for address in addresses)
+    assert re.search(r"^compare     gptflow-pretrain: http://\S+/runs\?viewStateShareKey=gptflow&", second.stdout,
+                     re.MULTILINE)
 
     workspace = Path(cli_env["GPTFLOW_HOME"])
     client, (first_run, second_run) = _runs_oldest_first(workspace)
