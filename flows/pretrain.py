@@ -41,6 +41,7 @@ from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_count
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, pipeline_run
+from gptflow.tasks.tracking.training_reporter import log_training_report
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 """MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
@@ -201,6 +202,7 @@ def pretrain(
             rendezvous=rendezvous,
             init_from=InitialModel(init_from, base.model_dir, base.weights_hash) if base is not None else None,
         )
+        log_training_report(run, Path(trained.report_dir))
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 

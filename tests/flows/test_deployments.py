@@ -132,7 +132,8 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
     assert mlflow_run.data.metrics["eval/val_loss"] > 0
     assert len(client.get_metric_history(mlflow_run.info.run_id, "train/loss")) == 6
     top_level = {artifact.path for artifact in client.list_artifacts(mlflow_run.info.run_id)}
-    assert {"data", "eval", "plots", "tokenizer"} <= top_level
+    assert {"data", "eval", "tokenizer", "loss_curve.png"} <= top_level  # the curve where MLflow's compare view finds it
+    _assert_it_prints_each_experiment_s_runs_table(serve_log.read_text(), stack["MLFLOW_TRACKING_URI"])
     [output] = mlflow_run.outputs.model_outputs  # the model: a logged model of the run, in MLflow's Models tab
     assert client.get_logged_model(output.model_id).name == "model"
 

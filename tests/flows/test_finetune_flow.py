@@ -101,7 +101,7 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
     artifacts = artifact_paths(client, first.mlflow_run_id)
     for expected in ("model/MLmodel", "model/artifacts/final/model.safetensors", "model/artifacts/tokenizer.json",
                      "model/artifacts/chat_template.json", "eval/report.json", "eval/samples.md",
-                     "plots/loss_curve.png", "data/prepared.json"):
+                     "loss_curve.png", "data/prepared.json"):
         assert expected in artifacts
     assert "model/MLmodel" not in artifact_paths(client, second.mlflow_run_id)
 

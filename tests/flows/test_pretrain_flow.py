@@ -96,7 +96,7 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     first_artifacts = artifact_paths(client, first_run.info.run_id)
     for expected in ("tokenizer/tokenizer.json", "model/MLmodel", "model/artifacts/final/model.safetensors",
                      "model/artifacts/final/config.json", "model/artifacts/tokenizer.json",
-                     "eval/report.json", "eval/samples.md", "plots/loss_curve.png"):
+                     "eval/report.json", "eval/samples.md", "loss_curve.png"):
         assert expected in first_artifacts
     assert any(path.startswith("data/corpus-") for path in first_artifacts)
     assert any(path.startswith("data/tokens-") for path in first_artifacts)
