@@ -263,8 +263,9 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
         for point in points:
             if len(in_flight) == max_parallel:
                 collect_one()
-            parameters = {**common, "overrides": {**overrides, **point.settings},
-                          "sweep": SweepMember(run.run_id, point.index)}
+            # The swept settings first, as run names show them (tasks.tracking.naming.run_name).
+            settings = point.settings | {key: value for key, value in overrides.items() if key not in point.settings}
+            parameters = {**common, "overrides": settings, "sweep": SweepMember(run.run_id, point.index)}
             named = train_point.with_options(task_run_name=f"point {point.index}: {point.label()}")
             in_flight[runner.submit(named, {"parameters": parameters, "torch_threads": torch_threads})] = point
         while in_flight:

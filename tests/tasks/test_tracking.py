@@ -20,6 +20,7 @@ from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import TrackingServerUnreachable
 from gptflow.tasks.tracking.killed_runs import HOST_TAG, KILLED_TAG, PID_TAG
+from gptflow.tasks.tracking.naming import run_name
 from gptflow.tasks.tracking.outbox import Outbox, send_outboxes
 from gptflow.tasks.tracking.run import BufferedMetrics, PipelineRun, pipeline_run
 from gptflow.tasks.tracking.server import server_unreachable
@@ -276,3 +277,10 @@ def test_a_run_cannot_start_on_a_server_that_is_away(workspace, nowhere, monkeyp
                        "Start it \\(`gptflow up`.*or unset MLFLOW_TRACKING_URI"):
         with pipeline_run(workspace, "pretrain", tags={}, name="never"):
             pass
+
+
+def test_a_run_name_leads_with_the_settings_in_the_order_given():
+    overrides = {"model.n_layer": 4, "train.learning_rate": "3e-3"}
+    assert run_name("pretrain", overrides, "tiny", None, "stdlib") == "n_layer=4 learning_rate=3e-3 · pretrain tiny stdlib"
+    assert run_name("pretrain", dict(reversed(overrides.items())), "tiny") == "learning_rate=3e-3 n_layer=4 · pretrain tiny"
+    assert run_name("evaluate", None, "gptflow-tiny/1") == "evaluate gptflow-tiny/1"
