@@ -175,7 +175,7 @@ class PipelineRun:
     def url(self) -> str | None:
         """Link to the run in a tracking server's UI, in its machine-learning view; None for a
         local SQLite store."""
-        return run_address(self.server, self.experiment_id, self.run_id) if self.server else None
+        return self.url_of(self.run_id)
 
     def url_of(self, run_id: str) -> str | None:
         """Link to another run of this run's experiment (a sweep's point), as ``url``."""
