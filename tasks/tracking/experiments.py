@@ -61,7 +61,7 @@ WORKFLOWS = {
     "pretrain": Workflow(
         "Pretraining and sweeps (gptflow pretrain, gptflow sweep); a sweep's points nest under its run.",
         RunsView("gptflow: lowest val loss first", ("eval/val_loss", "eval/bits_per_byte"),
-                 lowest_first="eval/val_loss")),
+                 attributes=("Models", "Dataset"), lowest_first="eval/val_loss")),
     "finetune": Workflow(
         "Fine-tuning (gptflow finetune). A loss is per response token (sft, chat) or per example "
         "(classification, tagging): compare runs of one objective.",
@@ -71,7 +71,7 @@ WORKFLOWS = {
         "Evaluations (gptflow evaluate); bits per byte compare models across tokenizers.",
         RunsView("gptflow: fewest bits per byte first",
                  ("eval/bits_per_byte", "eval/val_loss", "eval/mc_acc_norm", "eval/accuracy"),
-                 params=("model_source",), lowest_first="eval/bits_per_byte")),
+                 params=("model_source",), attributes=("Dataset",), lowest_first="eval/bits_per_byte")),
     "import": Workflow(
         "Imported checkpoints (gptflow import) of Hugging Face Transformers models.",
         RunsView("gptflow: newest first", (), params=("source", "architecture"))),

@@ -28,7 +28,6 @@ VIEW_KEY = "gptflow"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 """The experiment tag holding the saved view gptflow's addresses open (``VIEW_KEY`` in them)."""
 RUN_NAME_COLUMN = "attributes.`Run Name`"
-MODELS_COLUMN = "attributes.`Models`"
 RUN_NAME_WIDTH = 380
 """Pixels: wide enough for a run name's first differing settings, the flow and the preset
 (``tasks.tracking.naming.run_name``); MLflow's default, about 190, shows the first setting alone."""
@@ -38,12 +37,14 @@ VALUE_WIDTH = 150
 
 @dataclass(frozen=True)
 class RunsView:
-    """A runs table: ``metrics`` and ``params`` as columns, in that order, then the run's models;
-    sorted by ``lowest_first`` (a metric) when given, else newest first (MLflow's default)."""
+    """A runs table: ``params`` and ``metrics`` as columns, in that order, then MLflow's
+    ``attributes`` columns (``Models``: the run's logged and registered models; ``Dataset``: its
+    data); sorted by ``lowest_first`` (a metric) when given, else newest first (MLflow's default)."""
 
     name: str
     metrics: tuple[str, ...]
     params: tuple[str, ...] = ()
+    attributes: tuple[str, ...] = ("Models",)
     lowest_first: str | None = None
 
     def value_columns(self) -> list[str]:
@@ -54,7 +55,7 @@ class RunsView:
         right after the run's name and creation time (MLflow shows those two whatever a view
         selects); a width applies only to a column the order names."""
         sort = {"orderByKey": f"metrics.`{self.lowest_first}`", "orderByAsc": True} if self.lowest_first else {}
-        columns = [*self.value_columns(), MODELS_COLUMN]
+        columns = [*self.value_columns(), *(f"attributes.`{name}`" for name in self.attributes)]
         widths = {RUN_NAME_COLUMN: RUN_NAME_WIDTH, **dict.fromkeys(self.value_columns(), VALUE_WIDTH)}
         return {**sort, "selectedColumns": columns, "columnOrder": [RUN_NAME_COLUMN, *columns], "columnWidths": widths}
 
