@@ -77,7 +77,7 @@ def stack(tmp_path_factory):
 def _assert_it_prints_each_experiment_s_runs_table(output: str, mlflow_url: str) -> None:
     """``gptflow up`` and ``serve`` print each kind of work's experiment and the address of its runs
     table, in the machine-learning view with gptflow's saved view, which the experiment holds."""
-    tables = dict(re.findall(r"(gptflow-\w+)  (http://\S+)", output))
+    tables = dict(re.findall(r"(gptflow-\w+) +(http://\S+)", output))
     assert list(tables) == ["gptflow-pretrain", "gptflow-finetune", "gptflow-evaluate", "gptflow-import"], output
     client = MlflowClient(mlflow_url)
     for name, address in tables.items():
