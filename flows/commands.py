@@ -191,8 +191,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     server = os.environ.get("MLFLOW_TRACKING_URI", "")
     if server.startswith("http"):
+        tables = _runs_tables(server, Workspace.resolve())
         print("The served flows' MLflow runs, one experiment per kind of work:")
-        print("\n".join(f"  {line}" for line in _runs_tables(server, Workspace.resolve())))
+        print("\n".join(f"  {line}" for line in tables))
     serve_deployments()
     return 0
 

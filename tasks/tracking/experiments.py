@@ -44,8 +44,9 @@ from gptflow.tasks.tracking.server import server_unreachable
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_PREFIX = "gptflow"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-"""Tells MLflow 3's UI that the experiment holds trained models (its settings show it as machine
-learning); which view a page opens in is the address's ``ML_VIEW``."""
+"""The experiment's kind in MLflow 3: trained models, not GenAI apps. MLflow 3.17's UI opens its
+pages in the view the browser keeps or the address asks for (``tasks.tracking.runs_view.ML_VIEW``),
+not by this kind."""
 DESCRIPTION_TAG = "mlflow.note.content"
 
 
@@ -109,8 +110,8 @@ def runs_tables(client: MlflowClient, workspace: Workspace) -> dict[str, str]:
     of ``client``, the experiment found or created: where ``gptflow up`` and ``serve`` point."""
     tables = {}
     for workflow in WORKFLOWS:
-        tables[experiment_name(workflow)] = runs_table_address(client.tracking_uri,
-                                                               experiment_id(client, workspace, workflow))
+        experiment = experiment_id(client, workspace, workflow)
+        tables[experiment_name(workflow)] = runs_table_address(client.tracking_uri, experiment)
     return tables
 
 
