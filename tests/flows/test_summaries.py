@@ -32,7 +32,7 @@ def _sweep() -> SweepSummary:
 def test_the_sweep_artifact_links_each_point_s_run_by_the_start_of_its_id():
     markdown = _sweep().markdown(_address)
     assert f"MLflow run [{_run_id('c')}]({_address(_run_id('c'))}) nests a run per point." in markdown
-    rows = [line for line in markdown.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 (best) ")]
+    rows = [line for line in markdown.splitlines() if line.startswith(("| 1 ", "| 2 (best) "))]
     assert [row.rsplit("|", 2)[1].strip() for row in rows] == [f"[aaaaaaaa]({_address(_run_id('a'))})",
                                                                  f"[bbbbbbbb]({_address(_run_id('b'))})"]
 
