@@ -48,7 +48,7 @@ def data_stages(corpus: str, workspace: str) -> dict[str, object]:
     config = build_config(PretrainSettings, "cpu")
     lineage = Lineage.load(workspace_dir, [corpus])
     units = UnitRunner()  # in this process, as the CLI runs them without --ray
-    with pipeline_run(workspace_dir, tags={}, name="bench-data-stages") as run:
+    with pipeline_run(workspace_dir, "pretrain", tags={}, name="bench-data-stages") as run:
         manifest = ingest(resolve_sources([corpus]), config.data, workspace_dir, run, units)
         tokenizer = prepare_tokenizer(manifest, config.tokenizer, workspace_dir, run, lineage, units)
         tokens = tokenize(manifest, tokenizer, config.tokenize, workspace_dir, run, units)

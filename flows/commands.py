@@ -192,16 +192,26 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from gptflow.flows.deployments import serve_deployments
 
+    server = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if server.startswith("http"):
+        tables = _runs_tables(server, Workspace.resolve())
+        print("The served flows' MLflow runs, one experiment per kind of work:")
+        print("\n".join(f"  {line}" for line in tables))
     serve_deployments()
     return 0
 
 
 def run_up(args: argparse.Namespace) -> int:
+    workspace = Workspace.resolve(args.workspace)
     # On stderr: stdout holds the addresses and the variables, for scripts to read.
-    stack = up(Workspace.resolve(args.workspace), lambda line: print(f"gptflow: {line}", file=sys.stderr, flush=True),
+    stack = up(workspace, lambda line: print(f"gptflow: {line}", file=sys.stderr, flush=True),
                prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+    # The experiments are made as a flow on this workspace makes them while the stack runs.
+    os.environ.update(stack.environment())
+    first, *others = _runs_tables(stack.mlflow_url, workspace)
     print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
-    print(f"MLflow UI    {stack.mlflow_url}")
+    print(f"MLflow UI    {first}")
+    print("\n".join(f"             {line}" for line in others))
     print(f"workspace    {stack.workspace} (databases, artifacts, logs/)")
     print("\ngptflow pretrain, sweep, finetune and evaluate on this workspace use it while it runs. Point other "
           "gptflow, prefect and mlflow commands at it:\n")
@@ -209,6 +219,18 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"export {name}={value}")
     print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/train-gpt' --watch)")
     return 0
+
+
+def _runs_tables(server: str, workspace: Workspace) -> list[str]:
+    """A line per kind of work: its experiment on the MLflow server at ``server`` (created if new)
+    and the address of its runs table there."""
+    from mlflow import MlflowClient
+
+    from gptflow.tasks.tracking.experiments import runs_tables
+
+    tables = runs_tables(MlflowClient(server), workspace)
+    width = max(map(len, tables))
+    return [f"{name:<{width}}  {address}" for name, address in tables.items()]
 
 
 def run_down(args: argparse.Namespace) -> int:

@@ -223,7 +223,7 @@ def evaluate(
         "gptflow.tokenizer_hash": source.tokenizer_hash,
     }
     choice_hash = hash_file(inputs.multiple_choice) if inputs.multiple_choice else None
-    with pipeline_run(workspace_dir, tags=tags) as run:
+    with pipeline_run(workspace_dir, "evaluate", tags=tags) as run:
         run.log_params({
             "model_source": model,
             "model_weights_hash": source.weights_hash,

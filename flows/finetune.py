@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -40,6 +41,7 @@ from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_count
 from gptflow.tasks.tracking.registry import is_pending
 from gptflow.tasks.tracking.run import PipelineRun, pipeline_run
+from gptflow.tasks.tracking.training_reporter import log_training_report
 
 # A Literal, so a deployment's `objective` parameter is validated and offered as a choice in the Prefect UI.
 Objective = Literal[OBJECTIVES]
@@ -203,7 +205,7 @@ def finetune(
         "gptflow.code_version": pipeline_code_version(),
         "gptflow.base_weights_hash": base.weights_hash,
     }
-    with pipeline_run(workspace_dir, tags=tags) as run:
+    with pipeline_run(workspace_dir, "finetune", tags=tags) as run:
         run.log_params({
             "objective": objective,
             "base_model": base.source,
@@ -217,6 +219,7 @@ def finetune(
         train_file = train_file or demo_data(objective, workspace_dir, run)
         prepared = prepare_data(objective, train_file, val_file, base, template, settings, workspace_dir, run)
         tuned = finetune_model(objective, base, template, prepared, settings, workspace_dir, run, restart)
+        log_training_report(run, Path(tuned.report_dir))
         report = evaluate_finetuned(tuned, prepared, settings, workspace_dir, run)
 
     summary = _summary(objective, base, data_description, settings, run, prepared, tuned, report,

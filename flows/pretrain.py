@@ -42,6 +42,7 @@ from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_count
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, pipeline_run
+from gptflow.tasks.tracking.training_reporter import log_training_report
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 """MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
@@ -186,7 +187,7 @@ def pretrain(
     if sweep is not None:
         tags |= {MLFLOW_PARENT_RUN_TAG: sweep.parent_run_id, SWEEP_POINT_TAG: sweep.point}
     lineage = Lineage.load(workspace_dir, weighted.sources)
-    with pipeline_run(workspace_dir, tags=tags) as run:
+    with pipeline_run(workspace_dir, "pretrain", tags=tags) as run:
         run.log_params({
             "preset": preset, "corpus": " ".join(corpus), "restart": restart,
             "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, "init_from": init_from or "",
@@ -204,6 +205,7 @@ def pretrain(
             rendezvous=rendezvous,
             init_from=InitialModel(init_from, base.model_dir, base.weights_hash) if base is not None else None,
         )
+        log_training_report(run, Path(trained.report_dir))
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 

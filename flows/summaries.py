@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect.runtime import deployment
 
+from gptflow.tasks.tracking.experiments import experiment_name
 from gptflow.tasks.tracking.progress import human_duration, run_logger
 from gptflow.tasks.tracking.run import PipelineRun
 
@@ -24,31 +25,38 @@ class FlowSummary:
     mlflow_run_id: str
     mlflow_view: str
     """``PipelineRun.how_to_view``: the run's address, or the command that serves it."""
+    experiment: str
+    runs_table: str
+    """``PipelineRun.runs_table``: the address of the runs table of ``experiment``, where the run
+    compares with the others of its kind."""
     command_s: float | None = field(default=None, kw_only=True)
     """Seconds from the start of the ``gptflow`` command that ran the flow to its summary (which
     Prefect's temporary server, if it started one, then takes a few seconds to stop); None for a
     flow run that no command runs (a deployment's)."""
 
     def table(self, flow: str, rows: list[str], mlflow_run_url: str | None) -> str:
-        """The flow run's Prefect artifact: a two-column table of the run's name, ``rows`` and its
-        MLflow run (a link when a tracking server serves it)."""
+        """The flow run's Prefect artifact: a two-column table of the run's name, ``rows``, its
+        MLflow run and its experiment's runs table (links when a tracking server serves them)."""
         run = f"[{self.mlflow_run_id}]({mlflow_run_url})" if mlflow_run_url else self.mlflow_run_id
+        experiment = f"[{self.experiment}]({self.runs_table})" if mlflow_run_url else self.experiment
         return "\n".join([f"# gptflow {flow}", "", "| | |", "|---|---|", f"| run | {self.run_name} |", *rows,
-                          f"| MLflow run | {run} |"])
+                          f"| MLflow run | {run} |", f"| compare in | {experiment} |"])
 
     def closing_lines(self, about_the_run: str = "") -> list[str]:
         """The printed summary's last lines: the wall time, since the command began when one ran
-        the flow, and where to see the run."""
+        the flow, where to see the run and where to compare it."""
         took = f"{human_duration(self.elapsed_s)} in the flow run"
         if self.command_s is not None:
             took = f"{human_duration(self.command_s)} since the command started, {took}"
         return [f"{'wall time':<12}{took}",
-                f"{'mlflow':<12}run {self.mlflow_run_id}{about_the_run}", INDENT + self.mlflow_view]
+                f"{'mlflow':<12}run {self.mlflow_run_id}{about_the_run}", INDENT + self.mlflow_view,
+                f"{'compare':<12}{self.experiment}: {self.runs_table}"]
 
 
 def of_run(run: PipelineRun, elapsed_s: float) -> dict[str, Any]:
     """The ``FlowSummary`` fields of a flow's MLflow run, for its summary's constructor."""
-    return {"run_name": run.name, "elapsed_s": elapsed_s, "mlflow_run_id": run.run_id, "mlflow_view": run.how_to_view()}
+    return {"run_name": run.name, "elapsed_s": elapsed_s, "mlflow_run_id": run.run_id, "mlflow_view": run.how_to_view(),
+            "experiment": experiment_name(run.workflow), "runs_table": run.runs_table}
 
 
 def sample_lines(sample: str, lines: int = 6) -> str:

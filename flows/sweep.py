@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,9 @@ from gptflow.tasks.sweep_plan import (
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, flow_run_tags, pipeline_run
 
+SHORT_RUN_ID = 8
+"""Characters of a run id that name it in a table: enough to tell a sweep's points apart."""
+
 
 @dataclass
 class SweepSummary(FlowSummary):
@@ -79,11 +82,18 @@ class SweepSummary(FlowSummary):
         left_out = (*left_out, "point") + (() if self.failed else ("error",))
         return ["point", *self.swept, *(name for name in TABLE_COLUMNS if name not in left_out)]
 
-    def markdown(self, mlflow_run_url: str | None) -> str:
-        """The flow run's Prefect artifact: the points, each with its MLflow run."""
-        run = f"[{self.mlflow_run_id}]({mlflow_run_url})" if mlflow_run_url else self.mlflow_run_id
+    def markdown(self, run_url: Callable[[str], str | None]) -> str:
+        """The flow run's Prefect artifact: the points, each with its MLflow run, a link named by
+        the start of its id where ``run_url`` gives one (``PipelineRun.url_of``: a tracking server
+        serves it), since a whole id is wider than the column Prefect gives it."""
+        rows = self._rows()
+        for row in rows:
+            if row["MLflow run"] and (url := run_url(row["MLflow run"])):
+                row["MLflow run"] = f"[{row['MLflow run'][:SHORT_RUN_ID]}]({url})"
+        url = run_url(self.mlflow_run_id)
+        run = f"[{self.mlflow_run_id}]({url})" if url else self.mlflow_run_id
         return "\n".join(["# gptflow sweep", "", f"{self._counts()}; MLflow run {run} nests a run per point.", "",
-                          markdown_table(self._rows(), self._columns()), *self._scaling_lines()])
+                          markdown_table(rows, self._columns()), *self._scaling_lines()])
 
     def description(self) -> str:
         """The sweep's MLflow run's description: the points (nested under it, so without run ids)."""
@@ -205,7 +215,7 @@ def sweep(
     swept = list(points[0].settings)
 
     tags = {"gptflow.flow": "sweep", "gptflow.preset": preset, "gptflow.code_version": pipeline_code_version()}
-    with pipeline_run(workspace_dir, tags=tags) as run:
+    with pipeline_run(workspace_dir, "pretrain", tags=tags) as run:  # beside its points, which nest under it
         # The swept settings' column shows the values swept (the children show one each).
         shared = configs[0].flatten() | {key: ",".join(str(value) for value in grid[key]) for key in swept}
         run.log_params({
@@ -231,7 +241,7 @@ def sweep(
             scaling_note=scaling_note, **of_run(run, time.monotonic() - started),
         )
         _log_comparison(run, summary, workspace_dir)
-    create_markdown_artifact(key="sweep-summary", markdown=summary.markdown(run.url),
+    create_markdown_artifact(key="sweep-summary", markdown=summary.markdown(run.url_of),
                              description="Every point of the sweep, its val loss and its MLflow run")
     end_log_of_deployment_run(summary.render())
     return summary
@@ -264,8 +274,9 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
         for point in points:
             if len(in_flight) == max_parallel:
                 collect_one()
-            parameters = {**common, "overrides": {**overrides, **point.settings},
-                          "sweep": SweepMember(run.run_id, point.index)}
+            # The swept settings first, as run names show them (tasks.tracking.naming.run_name).
+            settings = point.settings | {key: value for key, value in overrides.items() if key not in point.settings}
+            parameters = {**common, "overrides": settings, "sweep": SweepMember(run.run_id, point.index)}
             named = train_point.with_options(task_run_name=f"point {point.index}: {point.label()}")
             in_flight[runner.submit(named, {"parameters": parameters, "torch_threads": torch_threads})] = point
         while in_flight:
@@ -321,7 +332,7 @@ def _log_comparison(run: PipelineRun, summary: SweepSummary, workspace: Workspac
     directory = workspace.store / "sweeps" / run.run_id
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "points.csv").write_text(csv_table(summary.outcomes))
-    (directory / "points.md").write_text(summary.markdown(None))
+    (directory / "points.md").write_text(summary.markdown(run.url_of))
     completed = [outcome for outcome in summary.outcomes if outcome.status == "completed"]
     if completed:
         plot_loss_against_settings(summary.outcomes, directory)

@@ -270,7 +270,6 @@ def finetune_model(
                         step=tuned.steps)
     run.log_params({"model.trainable_parameters": tuned.trainable_parameters,
                     "model.total_parameters": tuned.total_parameters})
-    run.log_artifact(Path(tuned.report_dir), "plots")
     return tuned
 
 

@@ -96,7 +96,7 @@ def import_checkpoint(source: str, workspace: Workspace, revision: str | None = 
     added = json.loads((run_dir / TOKENIZER_DIR / ADDED_TOKENS_FILE).read_text())
     final_dir, tokenizer_file = run_dir / FINAL_DIR, run_dir / TOKENIZER_FILE
     config = read_model_config(final_dir)
-    with pipeline_run(workspace, tags={"gptflow.flow": "import", "gptflow.import.source": source},
+    with pipeline_run(workspace, "import", tags={"gptflow.flow": "import", "gptflow.import.source": source},
                       name=f"import {_model_name(source)}") as run:
         run.log_params({"source": source, "revision": revision or "", "architecture": architecture,
                         "added_tokens": ",".join(added),

@@ -287,7 +287,6 @@ def _tag_training(run: PipelineRun, trained: TrainedModel, plan: TrainingPlan, i
     if init_from is not None:
         tags["gptflow.init_from"] = init_from.source
     run.set_tags(tags)
-    run.log_artifact(Path(trained.report_dir), "plots")
 
 
 def _run_tokenizer(trained: TrainedModel, artifacts: ArtifactStore) -> Path:

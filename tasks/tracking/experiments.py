@@ -1,22 +1,32 @@
-"""The MLflow experiment a run goes to: found or created, marked as holding trained models, and set
-aside when its store was copied from another workspace along with the workspace.
+"""The MLflow experiments runs go to, one per kind of work, so that runs compare with their own
+kind: found or created, described, given the runs table gptflow's addresses open, and set aside
+when their store was copied from another workspace along with the workspace.
 
-The experiment is ``gptflow`` (or ``$MLFLOW_EXPERIMENT_NAME``), tagged
-``mlflow.experimentKind=custom_model_development``; with the workspace's own SQLite store it keeps
-its artifacts in the workspace's ``mlartifacts/``. MLflow writes those locations as absolute
-paths, so when the experiment of the workspace's own store (``mlflow.db``, directly or through
-``gptflow up``'s server) keeps its artifacts in another workspace's ``mlartifacts/``, the store
-was copied: the first run on the copy renames that experiment ``gptflow (copied from
-<original>)`` (its runs stay comparable, their artifacts where they were) and creates a fresh
-``gptflow`` experiment in the copy. A registered version whose files lay in a folder since
-deleted counts as lost (``tasks.tracking.registry``): the next cached run logs and registers the
-model again from the copy's store. Every MLflow address gptflow prints carries ``ML_VIEW``, since
-MLflow 3 opens experiments on its GenAI pages otherwise.
+Each kind of work (``WORKFLOWS``) has its experiment, ``gptflow-<workflow>``: ``gptflow-pretrain``
+holds pretraining runs and sweeps (a sweep's points nest under its run, so they must share its
+experiment), ``gptflow-finetune``, ``gptflow-evaluate`` and ``gptflow-import`` the others. A
+fine-tune's losses are per example or per response token, a pretraining's per token: in one
+experiment, one kind's curves squash the other's. ``$MLFLOW_EXPERIMENT_NAME`` replaces the prefix
+``gptflow`` (``alice`` gives ``alice-pretrain``, ...), so that people sharing a tracking server
+keep their runs apart and each kind still has its own experiment.
+
+Each experiment is tagged ``mlflow.experimentKind=custom_model_development`` (trained models),
+described (the experiments list's *Description*), and holds gptflow's saved view of its runs
+table (``tasks.tracking.runs_view``), set when missing so that a view a user saved over it stays.
+With the workspace's own SQLite store an experiment keeps its artifacts in the workspace's
+``mlartifacts/``. MLflow writes those locations as absolute paths, so when an experiment of the
+workspace's own store (``mlflow.db``, directly or through ``gptflow up``'s server) keeps its
+artifacts in another workspace's ``mlartifacts/``, the store was copied: the first run on the copy
+renames that experiment ``<name> (copied from <original>)`` (its runs stay comparable, their
+artifacts where they were) and creates a fresh one of the name in the copy. A registered version
+whose files lay in a folder since deleted counts as lost (``tasks.tracking.registry``): the next
+cached run logs and registers the model again from the copy's store.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -28,26 +38,63 @@ from mlflow.exceptions import MlflowException
 from gptflow.data.errors import UserError
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.progress import run_logger
+from gptflow.tasks.tracking.runs_view import VIEW_TAG, RunsView, runs_table_address
 from gptflow.tasks.tracking.server import server_unreachable
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
-DEFAULT_EXPERIMENT = "gptflow"
+DEFAULT_PREFIX = "gptflow"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-"""Tells MLflow 3's UI that the experiment holds trained models: it opens on the runs, not on the
-GenAI traces page."""
-ML_VIEW = "workflowType=machine_learning"
-"""The query that opens an MLflow 3 UI page in its machine-learning view, for links gptflow prints."""
+"""The experiment's kind in MLflow 3: trained models, not GenAI apps. MLflow 3.17's UI opens its
+pages in the view the browser keeps or the address asks for (``tasks.tracking.runs_view.ML_VIEW``),
+not by this kind."""
+DESCRIPTION_TAG = "mlflow.note.content"
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A kind of work with its own experiment: what it holds, and how its runs table opens."""
+
+    description: str
+    view: RunsView
+
+
+WORKFLOWS = {
+    "pretrain": Workflow(
+        "Pretraining and sweeps (gptflow pretrain, gptflow sweep); a sweep's points nest under its run.",
+        RunsView("gptflow: lowest val loss first", ("eval/val_loss", "eval/bits_per_byte"),
+                 attributes=("Models", "Dataset"), lowest_first="eval/val_loss")),
+    "finetune": Workflow(
+        "Fine-tuning (gptflow finetune). A loss is per response token (sft, chat) or per example "
+        "(classification, tagging): compare runs of one objective.",
+        RunsView("gptflow: newest first", ("eval/val_loss", "eval/accuracy", "eval/macro_f1"),
+                 params=("objective", "base_model"))),
+    "evaluate": Workflow(
+        "Evaluations (gptflow evaluate); bits per byte compare models across tokenizers.",
+        RunsView("gptflow: fewest bits per byte first",
+                 ("eval/bits_per_byte", "eval/val_loss", "eval/mc_acc_norm", "eval/accuracy"),
+                 params=("model_source",), attributes=("Dataset",), lowest_first="eval/bits_per_byte")),
+    "import": Workflow(
+        "Imported checkpoints (gptflow import) of Hugging Face Transformers models.",
+        RunsView("gptflow: newest first", (), params=("source", "architecture"))),
+}
+"""Each kind of work: its experiment's description (what the experiments list shows, its start
+first) and its runs table."""
+
+
+def experiment_name(workflow: str) -> str:
+    """``gptflow-pretrain``, or ``<$MLFLOW_EXPERIMENT_NAME>-pretrain``."""
+    return f"{os.environ.get(EXPERIMENT_ENV) or DEFAULT_PREFIX}-{workflow}"
 
 
 class TrackingServerUnreachable(UserError):
     """The tracking server a run starts on cannot be reached; the message says what to do."""
 
 
-def experiment_id(client: MlflowClient, workspace: Workspace) -> str:
-    """The run's experiment; ``TrackingServerUnreachable`` at once when the server cannot be
-    reached, before anything is computed."""
+def experiment_id(client: MlflowClient, workspace: Workspace, workflow: str) -> str:
+    """The experiment of ``workflow`` (a key of ``WORKFLOWS``); ``TrackingServerUnreachable`` at
+    once when the server cannot be reached, before anything is computed."""
     try:
-        return _find_or_create_experiment(client, workspace)
+        return _find_or_create_experiment(client, workspace, workflow)
     except MlflowException as error:
         if not server_unreachable(error):
             raise
@@ -58,27 +105,45 @@ def experiment_id(client: MlflowClient, workspace: Workspace) -> str:
         ) from error
 
 
+def runs_tables(client: MlflowClient, workspace: Workspace) -> dict[str, str]:
+    """Each workflow's experiment name and the address of its runs table on the tracking server
+    of ``client``, the experiment found or created: where ``gptflow up`` and ``serve`` point."""
+    tables = {}
+    for workflow in WORKFLOWS:
+        experiment = experiment_id(client, workspace, workflow)
+        tables[experiment_name(workflow)] = runs_table_address(client.tracking_uri, experiment)
+    return tables
+
+
+def existing_experiment_ids(client: MlflowClient) -> list[str]:
+    """The ids of the workflows' experiments that exist."""
+    found = (client.get_experiment_by_name(experiment_name(workflow)) for workflow in WORKFLOWS)
+    return [experiment.experiment_id for experiment in found if experiment is not None]
+
+
 def local_path(uri: str) -> str:
     """The folder of a ``file:`` URI; any other URI as it is."""
     parsed = urlparse(uri)
     return url2pathname(parsed.path) if parsed.scheme == "file" else uri
 
 
-def _find_or_create_experiment(client: MlflowClient, workspace: Workspace) -> str:
-    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+def _find_or_create_experiment(client: MlflowClient, workspace: Workspace, workflow: str) -> str:
+    name = experiment_name(workflow)
+    tags = {**EXPERIMENT_KIND, DESCRIPTION_TAG: WORKFLOWS[workflow].description,
+            VIEW_TAG: WORKFLOWS[workflow].view.tag_value()}
     experiment = client.get_experiment_by_name(name)
     if experiment is not None and (original := _copied_from(experiment.artifact_location, workspace)):
         experiment = _set_aside(client, experiment, original)
     if experiment is not None:
-        for key, value in EXPERIMENT_KIND.items():
-            if experiment.tags.get(key) != value:  # an experiment made before gptflow set it
+        for key, value in tags.items():
+            if key not in experiment.tags:  # made before gptflow set it; what a user set stays
                 client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     # With the workspace's own SQLite store, keep artifacts in the workspace too (MLflow's
     # default would be ./mlruns under whatever directory the command ran from).
     location = workspace.mlflow_artifacts.as_uri() if workspace.uses_local_tracking else None
     try:
-        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        return client.create_experiment(name, artifact_location=location, tags=tags)
     except MlflowException:
         # A concurrent run created it first.
         return client.get_experiment_by_name(name).experiment_id

@@ -23,14 +23,14 @@ def process_tags() -> dict[str, str | int]:
     return {HOST_TAG: socket.gethostname(), PID_TAG: os.getpid()}
 
 
-def mark_runs_of_dead_processes_killed(client: MlflowClient, experiment_id: str, workspace: Workspace) -> None:
+def mark_runs_of_dead_processes_killed(client: MlflowClient, experiment_ids: list[str], workspace: Workspace) -> None:
     """A process killed outright (SIGKILL, out of memory, power loss) never ends its run: mark the
-    experiment's RUNNING runs of this host whose process is gone KILLED. Runs of other hosts are
+    experiments' RUNNING runs of this host whose process is gone KILLED. Runs of other hosts are
     left alone, since their processes cannot be seen from here, and so are runs whose end still
     waits in their outbox."""
     host = socket.gethostname()
     stranded = client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+        experiment_ids, filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
     )
     for stranded_run in stranded:
         run_id, pid = stranded_run.info.run_id, stranded_run.data.tags.get(PID_TAG, "")

@@ -10,10 +10,12 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def run_name(flow: str, overrides: dict[str, Any] | None, *context: str | None) -> str:
-    """``learning_rate=0.01 · pretrain cpu stdlib``: what was set differently first (tables and chart
-    legends cut names at the end), then the flow and what it ran on. Each flow names its Prefect
-    flow runs with it, and ``tasks.tracking.run.pipeline_run`` gives the MLflow run the same name."""
-    changed = " ".join(f"{key.rpartition('.')[2]}={value}" for key, value in sorted((overrides or {}).items()))
+    """``learning_rate=0.01 · pretrain cpu stdlib``: what was set differently first, in the order
+    given (a sweep gives its swept settings first), each by its field's name alone, since tables
+    and chart legends cut names at the end; then the flow and what it ran on. Each flow names its
+    Prefect flow runs with it, and ``tasks.tracking.run.pipeline_run`` gives the MLflow run the
+    same name."""
+    changed = " ".join(f"{key.rpartition('.')[2]}={value}" for key, value in (overrides or {}).items())
     described = " ".join([flow, *(part for part in context if part)])
     return f"{changed} · {described}" if changed else described
 

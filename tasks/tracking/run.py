@@ -33,12 +33,13 @@ from prefect.runtime import flow_run
 from gptflow.data.commits import read_contents_hash
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.tracking.experiments import ML_VIEW, experiment_id
+from gptflow.tasks.tracking.experiments import existing_experiment_ids, experiment_id
 from gptflow.tasks.tracking.killed_runs import mark_runs_of_dead_processes_killed, process_tags
 from gptflow.tasks.tracking.operations import OperationSender
 from gptflow.tasks.tracking.outbox import Outbox, OutboxedWriter, OutboxReport, send_outboxes
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.registry import GENERATOR_MODULE, PENDING_VERSION
+from gptflow.tasks.tracking.runs_view import run_address, runs_table_address
 
 STAGE_TAG_PREFIX = "gptflow.stage."
 MLFLOW_PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -46,18 +47,22 @@ MLFLOW_PARENT_RUN_TAG = "mlflow.parentRunId"
 # MLflow's log_batch limits: 100 params/tags and 1000 metrics per call.
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where ``mlflow ui`` serves the workspace's own store by default."""
 
 
 class PipelineRun:
     """The MLflow run of one flow run; the flow and its tasks log through it."""
 
     def __init__(self, client: MlflowClient, run_id: str, outbox: Outbox, name: str = "",
-                 experiment_id: str = "") -> None:
+                 experiment_id: str = "", workflow: str = "") -> None:
         self.client = client
         self.run_id = run_id
         self.outbox = outbox
         self.name = name
         self.experiment_id = experiment_id
+        self.workflow = workflow
+        """The kind of work (``tasks.tracking.experiments.WORKFLOWS``), whose experiment holds the run."""
         self.stage_statuses: dict[str, str] = {}
         self.tags: dict[str, str] = {}
         self.writer = OutboxedWriter(outbox, OperationSender(client, run_id))
@@ -152,16 +157,29 @@ class PipelineRun:
         if self.url:
             return self.url
         return (f"mlflow ui --backend-store-uri {self.client.tracking_uri}   then open "
-                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}?{ML_VIEW}")
+                f"{run_address(LOCAL_UI, self.experiment_id, self.run_id)}")
+
+    @property
+    def runs_table(self) -> str:
+        """Where a user compares this run with the others of its kind: its experiment's runs table
+        on the tracking server, or in the ``mlflow ui`` of ``how_to_view``."""
+        return runs_table_address(self.server or LOCAL_UI, self.experiment_id)
+
+    @property
+    def server(self) -> str | None:
+        """The tracking server's address; None for a local SQLite store."""
+        uri = self.client.tracking_uri
+        return uri if uri.startswith("http") else None
 
     @property
     def url(self) -> str | None:
         """Link to the run in a tracking server's UI, in its machine-learning view; None for a
         local SQLite store."""
-        uri = self.client.tracking_uri
-        if not uri.startswith("http"):
-            return None
-        return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}?{ML_VIEW}"
+        return self.url_of(self.run_id)
+
+    def url_of(self, run_id: str) -> str | None:
+        """Link to another run of this run's experiment (a sweep's point), as ``url``."""
+        return run_address(self.server, self.experiment_id, run_id) if self.server else None
 
 
 class BufferedMetrics:
@@ -199,26 +217,30 @@ def flow_run_tags() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def pipeline_run(workspace: Workspace, tags: dict[str, Any], name: str | None = None) -> Iterator[PipelineRun]:
-    """Open the flow run's MLflow run, named ``name`` or else as the Prefect flow run is, and
-    described by a link to that flow run when a Prefect UI serves it; it ends FINISHED, or FAILED
-    if the block raises. Writes that earlier runs of the workspace kept in their outboxes are
-    sent first; then runs of this machine that a killed process left RUNNING are marked KILLED."""
+def pipeline_run(workspace: Workspace, workflow: str, tags: dict[str, Any], name: str | None = None
+                 ) -> Iterator[PipelineRun]:
+    """Open the flow run's MLflow run in the experiment of ``workflow`` (a key of
+    ``tasks.tracking.experiments.WORKFLOWS``), named ``name`` or else as the Prefect flow run is,
+    and described by a link to that flow run when a Prefect UI serves it; it ends FINISHED, or
+    FAILED if the block raises. Writes that earlier runs of the workspace kept in their outboxes
+    are sent first; then runs of this machine that a killed process left RUNNING, in any
+    workflow's experiment, are marked KILLED."""
     run_name = name or flow_run.name
     # The first client of a SQLite store creates its tables; two runs starting at once must not
     # both migrate it.
     with workspace.lock("mlflow-store"):
         client = MlflowClient(workspace.tracking_uri)
-        experiment = experiment_id(client, workspace)
+        experiment = experiment_id(client, workspace, workflow)
     for report in send_outboxes(workspace):
         if report.kept:
             run_logger().warning(f"MLflow: {report}")
-    mark_runs_of_dead_processes_killed(client, experiment, workspace)
+    mark_runs_of_dead_processes_killed(client, existing_experiment_ids(client), workspace)
     tags = {**flow_run_tags(), **process_tags(), **tags}
     if "prefect.flow_run_url" in tags:
         tags["mlflow.note.content"] = f"Prefect flow run: [{run_name}]({tags['prefect.flow_run_url']})"
     created = client.create_run(experiment, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
-    run = PipelineRun(client, created.info.run_id, Outbox(workspace, created.info.run_id), run_name, experiment)
+    run = PipelineRun(client, created.info.run_id, Outbox(workspace, created.info.run_id), run_name, experiment,
+                      workflow)
     try:
         yield run
     except BaseException:

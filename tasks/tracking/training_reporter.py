@@ -25,6 +25,8 @@ PROGRESS_LINE: tuple[tuple[str, Callable[[float], str]], ...] = (
     ("train/mfu", lambda mfu: f"MFU {mfu:.1%}"),
 )
 """The metrics a training's progress line shows when a step reports them, in order, and how."""
+LOSS_CURVE_FILE = "loss_curve.png"
+HISTORY_FILE = "history.json"
 
 
 class TrainingEta:
@@ -113,8 +115,16 @@ class TrainingReporter:
         self.logger.warning(f"{self.stage}: cannot resume from checkpoint {path}, {instead}: {error}")
 
     def write_report(self, directory: Path, y_label: str = "cross-entropy (nats/token)") -> None:
-        (directory / "history.json").write_text(json.dumps(self.history, indent=1))
-        plot_loss_curve(self.history, directory / "loss_curve.png", y_label)
+        (directory / HISTORY_FILE).write_text(json.dumps(self.history, indent=1))
+        plot_loss_curve(self.history, directory / LOSS_CURVE_FILE, y_label)
+
+
+def log_training_report(run: PipelineRun, directory: Path) -> None:
+    """The loss curve and its history (``write_report``'s) at the root of ``run``'s artifacts:
+    MLflow's compare view offers only the files at the root that every compared run has, so there
+    two runs' curves show side by side."""
+    for name in (LOSS_CURVE_FILE, HISTORY_FILE):
+        run.log_artifact(directory / name)
 
 
 def plot_loss_curve(

@@ -72,9 +72,23 @@ def _stack(workspace: Path) -> Iterator[dict[str, str]]:
                        for line in started.stdout.splitlines() if line.startswith("export "))
         assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{ports[0]}/api"
         assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports[1]}"
+        _assert_it_prints_each_experiment_s_runs_table(started.stdout, exports["MLFLOW_TRACKING_URI"])
         yield {**env, **exports}
     finally:
         _gptflow("down", "--workspace", str(workspace), env=env, timeout=120)
+
+
+def _assert_it_prints_each_experiment_s_runs_table(output: str, mlflow_url: str) -> None:
+    """``gptflow up`` and ``serve`` print each kind of work's experiment and the address of its runs
+    table, in the machine-learning view with gptflow's saved view, which the experiment holds."""
+    tables = dict(re.findall(r"(gptflow-\w+) +(http://\S+)", output))
+    assert list(tables) == ["gptflow-pretrain", "gptflow-finetune", "gptflow-evaluate", "gptflow-import"], output
+    client = MlflowClient(mlflow_url)
+    for name, address in tables.items():
+        experiment = client.get_experiment_by_name(name)
+        assert address == f"{mlflow_url}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=gptflow" \
+                          "&workflowType=machine_learning"
+        assert "mlflow.sharedViewState.gptflow" in experiment.tags
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +168,7 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
         _stop(serve, signal.SIGINT, tmp_path / "serve.log", within_s=60)
 
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
-    [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow-pretrain").experiment_id])
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.params["preset"] == "tiny"
     flow_run_url = mlflow_run.data.tags["prefect.flow_run_url"]
@@ -164,17 +178,19 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
     assert mlflow_run.info.run_name.startswith("pretrain tiny ")
     assert mlflow_run.data.metrics["eval/val_loss"] > 0
     # The watch prints the flow run's log as it comes, which ends with the summary: the val loss,
-    # then the MLflow run's address; after it only the run's end.
+    # the MLflow run's address, then its experiment's runs table; after it only the run's end.
     watched = run.stdout.splitlines()
     [loss] = [index for index, line in enumerate(watched) if line.strip().startswith("val loss ")]
     [link] = [index for index, line in enumerate(watched) if f"/runs/{mlflow_run.info.run_id}" in line]
+    [table] = [index for index, line in enumerate(watched) if "compare     gptflow-pretrain: http" in line]
     assert f"{mlflow_run.data.metrics['eval/val_loss']:.3f} nats/token" in watched[loss]
-    assert loss < link and "pretrain: step 30/30" in run.stdout  # the progress lines, as they come
+    assert loss < link < table and "pretrain: step 30/30" in run.stdout  # the progress lines, as they come
     assert all(any(end in line for end in ("Finished in state", "prefect.flow-run.Completed", "finished successfully"))
-               for line in watched[link + 1:]), "\n".join(watched[loss:])
+               for line in watched[table + 1:]), "\n".join(watched[loss:])
     assert len(client.get_metric_history(mlflow_run.info.run_id, "train/loss")) == 6
     top_level = {artifact.path for artifact in client.list_artifacts(mlflow_run.info.run_id)}
-    assert {"data", "eval", "plots", "tokenizer"} <= top_level
+    assert {"data", "eval", "tokenizer", "loss_curve.png"} <= top_level  # the curve where MLflow's compare view finds it
+    _assert_it_prints_each_experiment_s_runs_table((tmp_path / "serve.log").read_text(), stack["MLFLOW_TRACKING_URI"])
     [output] = mlflow_run.outputs.model_outputs  # the model: a logged model of the run, in MLflow's Models tab
     assert client.get_logged_model(output.model_id).name == "model"
 
@@ -198,7 +214,8 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
 
 
 def test_a_local_run_finds_the_running_stack_without_the_variables(stack, tiny_corpus_dir):
-    """Last in this file: the served run above is the stack's only run of the `gptflow` experiment."""
+    """Last in this file: the served run above is the stack's only run of the `gptflow-pretrain` experiment;
+    MLFLOW_EXPERIMENT_NAME names the experiments' prefix."""
     env = {key: value for key, value in stack.items() if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env["MLFLOW_EXPERIMENT_NAME"] = "gptflow-local"
     result = _gptflow("pretrain", "--preset", "tiny", "--corpus", str(tiny_corpus_dir), "--set", "train.max_steps=2",
@@ -209,7 +226,7 @@ def test_a_local_run_finds_the_running_stack_without_the_variables(stack, tiny_c
     assert "Starting temporary server" not in result.stderr
 
     client = MlflowClient(stack["MLFLOW_TRACKING_URI"])
-    [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow-local").experiment_id])
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("gptflow-local-pretrain").experiment_id])
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["prefect.flow_run_url"].startswith(prefect_url)
     assert f"{stack['MLFLOW_TRACKING_URI']}/#/experiments/" in result.stdout

@@ -81,6 +81,12 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
     first_run, second_run = client.get_run(first.mlflow_run_id), client.get_run(second.mlflow_run_id)
     assert first_run.info.status == second_run.info.status == "FINISHED"
     assert first_run.data.tags["gptflow.flow"] == "finetune" and first_run.data.tags["gptflow.objective"] == "sft"
+    # Beside the fine-tunings, apart from the pretraining it started from: their losses are on other scales.
+    assert client.get_experiment(first_run.info.experiment_id).name == "gptflow-finetune"
+    assert client.search_runs([client.get_experiment_by_name("gptflow-pretrain").experiment_id],
+                              filter_string="tags.`gptflow.flow` = 'finetune'") == []
+    assert first.experiment == "gptflow-finetune" and "viewStateShareKey=gptflow&workflowType=machine_learning" \
+        in first.runs_table
     assert second_run.data.tags["gptflow.stage.finetune"] == "cached"
     assert second_run.data.tags["gptflow.trained_in_run"] == first.mlflow_run_id
     params = first_run.data.params
@@ -95,7 +101,7 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
     artifacts = artifact_paths(client, first.mlflow_run_id)
     for expected in ("model/MLmodel", "model/artifacts/final/model.safetensors", "model/artifacts/tokenizer.json",
                      "model/artifacts/chat_template.json", "eval/report.json", "eval/samples.md",
-                     "plots/loss_curve.png", "data/prepared.json"):
+                     "loss_curve.png", "data/prepared.json"):
         assert expected in artifacts
     assert "model/MLmodel" not in artifact_paths(client, second.mlflow_run_id)
 

@@ -220,7 +220,7 @@ def test_two_runs_at_once_on_one_workspace_both_finish_consistently(prefect_api_
     stage_lines = sorted(next(line for line in output.splitlines() if line.startswith("stages")) for output in outputs)
     assert "pretrain cached" in stage_lines[0] and "pretrain executed" in stage_lines[1]
     client = MlflowClient(f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}")
-    finished = client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
+    finished = client.search_runs([client.get_experiment_by_name("gptflow-pretrain").experiment_id])
     assert sorted(run.info.status for run in finished) == ["FINISHED", "FINISHED"]
     assert len(list((store / "runs").iterdir())) == 1
 
@@ -283,7 +283,7 @@ def test_a_killed_run_is_marked_killed_and_the_next_run_of_its_settings_resumes_
     [run_dir] = runs.iterdir()
     checkpoint = latest_checkpoint(run_dir)
     client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
-    [killed_run] = client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
+    [killed_run] = client.search_runs([client.get_experiment_by_name("gptflow-pretrain").experiment_id])
     assert killed_run.info.status == "RUNNING"
 
     other_settings = pretrain("killed", 20)
@@ -321,8 +321,8 @@ def test_a_copied_workspace_reads_and_writes_only_itself(run_pipeline, corpus, t
     assert [text for text in kept if str(original) in text] == []
     client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
     experiments = {experiment.name: experiment for experiment in client.search_experiments()}
-    assert experiments["gptflow"].artifact_location == (copy / "mlartifacts").as_uri()
-    assert f"gptflow (copied from {original})" in experiments  # the earlier runs, still to compare
+    assert experiments["gptflow-pretrain"].artifact_location == (copy / "mlartifacts").as_uri()
+    assert f"gptflow-pretrain (copied from {original})" in experiments  # the earlier runs, still to compare
     # The registered version's files were in the original: registered again, from the copy.
     name, version = tags["gptflow.registered_model"].split("/")
     assert version == "2"

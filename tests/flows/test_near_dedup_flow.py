@@ -44,7 +44,7 @@ def test_near_duplicate_removals_are_logged_per_source_and_the_setting_keys_the_
     pretrain()
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'workspace' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("gptflow")
+    experiment = client.get_experiment_by_name("gptflow-pretrain")
     near, off = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     assert near.data.params["data.near_dedup_threshold"] == "0.8"
     logged = json.loads(Path(client.download_artifacts(near.info.run_id, "data/near_duplicates.json",

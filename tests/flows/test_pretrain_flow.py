@@ -42,7 +42,7 @@ def cli_env(prefect_api_url, tmp_path) -> dict[str, str]:
 
 def _runs_oldest_first(workspace: Path) -> tuple[MlflowClient, list]:
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("gptflow")
+    experiment = client.get_experiment_by_name("gptflow-pretrain")
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
@@ -53,6 +53,11 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     second = _gptflow(*args, env=cli_env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "unigram baseline" in second.stdout
+    # The run's page and its experiment's runs table, both in MLflow's machine-learning view.
+    addresses = re.findall(r"http://\S+/#/experiments/\S+", second.stdout)
+    assert len(addresses) == 2 and all(address.endswith("workflowType=machine_learning") for address in addresses)
+    assert re.search(r"^compare     gptflow-pretrain: http://\S+/runs\?viewStateShareKey=gptflow&", second.stdout,
+                     re.MULTILINE)
 
     workspace = Path(cli_env["GPTFLOW_HOME"])
     client, (first_run, second_run) = _runs_oldest_first(workspace)
@@ -91,7 +96,7 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     first_artifacts = artifact_paths(client, first_run.info.run_id)
     for expected in ("tokenizer/tokenizer.json", "model/MLmodel", "model/artifacts/final/model.safetensors",
                      "model/artifacts/final/config.json", "model/artifacts/tokenizer.json",
-                     "eval/report.json", "eval/samples.md", "plots/loss_curve.png"):
+                     "eval/report.json", "eval/samples.md", "loss_curve.png"):
         assert expected in first_artifacts
     assert any(path.startswith("data/corpus-") for path in first_artifacts)
     assert any(path.startswith("data/tokens-") for path in first_artifacts)

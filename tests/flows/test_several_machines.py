@@ -50,7 +50,7 @@ def test_two_nodes_train_one_model_and_log_one_mlflow_run(cli_env, tiny_corpus_d
     assert "launching 1 of 2 processes here" in head_out + head_err
 
     client = MlflowClient(f"sqlite:///{Path(cli_env['GPTFLOW_HOME']) / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("gptflow")
+    experiment = client.get_experiment_by_name("gptflow-pretrain")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.nproc"] == "2"

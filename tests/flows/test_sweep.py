@@ -60,6 +60,9 @@ def test_a_sweep_nests_its_points_shares_the_data_stages_and_a_rerun_trains_only
     assert len(children) == 4
     assert {child.data.tags["gptflow.sweep.point"] for child in children} == {"1", "2", "3", "4"}
     assert {child.data.params["train.learning_rate"] for child in children} == {"0.001", "0.003", "0.01", "0.03"}
+    # Each point's name leads with its swept setting, before the shared ones (whatever their names).
+    assert sorted(child.info.run_name.split(" ")[0] for child in children) == sorted(
+        f"learning_rate={rate}" for rate in LEARNING_RATES)
     # The data stages ran in one point; the three others found them in the cache, even while
     # the first was still computing them (two points start at once).
     for stage in DATA_STAGES:

@@ -59,7 +59,7 @@ def _gptflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def _training_metrics_arrived(client: MlflowClient) -> bool:
-    experiment = client.get_experiment_by_name("gptflow")
+    experiment = client.get_experiment_by_name("gptflow-pretrain")
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     return any("train/loss" in run.data.metrics for run in runs)
 

@@ -74,7 +74,7 @@ def _register(workspace: Workspace, tmp_path, name: str) -> None:
     final = save_final(tmp_path / name, GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)))
     tokenizer_file = tmp_path / name / "tokenizer.json"
     Tokenizer(models.BPE()).save(str(tokenizer_file))
-    with pipeline_run(workspace, tags={}, name="register") as run:
+    with pipeline_run(workspace, "finetune", tags={}, name="register") as run:
         run.log_text_generator(final, tokenizer_file, name)
 
 

@@ -32,7 +32,7 @@ def logged_model(tmp_path, monkeypatch, bpe_tokenizer_file):
     torch.manual_seed(0)
     final = save_final(tmp_path / "run", GPT(CONFIG))
     tokenizer_file = shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
-    with pipeline_run(workspace, tags={}, name="source-test") as run:
+    with pipeline_run(workspace, "pretrain", tags={}, name="source-test") as run:
         registered = run.log_text_generator(final, tokenizer_file, "gptflow-test")
     return workspace, run.run_id, registered, final
 
@@ -41,7 +41,7 @@ def test_logging_a_model_prints_none_of_mlflow_s_info_lines(tmp_path, monkeypatc
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     final = save_final(tmp_path / "run", GPT(CONFIG))
     tokenizer_file = shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
-    with pipeline_run(Workspace.resolve(tmp_path / "ws"), tags={}, name="quiet") as run:
+    with pipeline_run(Workspace.resolve(tmp_path / "ws"), "pretrain", tags={}, name="quiet") as run:
         run.log_text_generator(final, tokenizer_file, "gptflow-test")
     assert "mlflow.pyfunc" not in capfd.readouterr().err
 

@@ -20,6 +20,7 @@ from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import TrackingServerUnreachable
 from gptflow.tasks.tracking.killed_runs import HOST_TAG, KILLED_TAG, PID_TAG
+from gptflow.tasks.tracking.naming import run_name
 from gptflow.tasks.tracking.outbox import Outbox, send_outboxes
 from gptflow.tasks.tracking.run import BufferedMetrics, PipelineRun, pipeline_run
 from gptflow.tasks.tracking.server import server_unreachable
@@ -35,7 +36,7 @@ def workspace(tmp_path, monkeypatch) -> Workspace:
 def test_run_logs_params_tags_stage_status_and_artifacts_into_the_workspace(workspace, tmp_path):
     report = tmp_path / "report.json"
     report.write_text("{}")
-    with pipeline_run(workspace, tags={"gptflow.flow": "pretrain"}, name="pretrain-test") as run:
+    with pipeline_run(workspace, "pretrain", tags={"gptflow.flow": "pretrain"}, name="pretrain-test") as run:
         run.log_params({f"section.field_{i}": i for i in range(150)})  # more than one batch
         run.record_stage("ingest", "cached")
         run.log_metrics({"eval/val_loss": 2.5}, step=7)
@@ -50,13 +51,13 @@ def test_run_logs_params_tags_stage_status_and_artifacts_into_the_workspace(work
 
 
 def test_run_is_marked_failed_when_the_flow_raises(workspace):
-    with pytest.raises(RuntimeError), pipeline_run(workspace, tags={}, name="doomed") as run:
+    with pytest.raises(RuntimeError), pipeline_run(workspace, "pretrain", tags={}, name="doomed") as run:
         raise RuntimeError("stage exploded")
     assert MlflowClient(workspace.tracking_uri).get_run(run.run_id).info.status == "FAILED"
 
 
 def test_buffered_metrics_send_every_step_in_few_batches(workspace):
-    with pipeline_run(workspace, tags={}, name="metrics") as run:
+    with pipeline_run(workspace, "pretrain", tags={}, name="metrics") as run:
         buffered = BufferedMetrics(run, flush_every_s=3600)
         for step in range(1, 601):
             buffered.add(step, {"train/loss": 10.0 / step, "train/lr": 1e-3})
@@ -69,7 +70,8 @@ def test_buffered_metrics_send_every_step_in_few_batches(workspace):
 
 
 def test_runs_this_host_left_running_in_a_process_now_gone_are_marked_killed(workspace):
-    with pipeline_run(workspace, tags={}, name="first") as first:
+    """In any workflow's experiment: here a fine-tune's, found by the next pretraining."""
+    with pipeline_run(workspace, "finetune", tags={}, name="first") as first:
         pass
     client = MlflowClient(workspace.tracking_uri)
     experiment_id = client.get_run(first.run_id).info.experiment_id
@@ -84,7 +86,7 @@ def test_runs_this_host_left_running_in_a_process_now_gone_are_marked_killed(wor
     alive = running("alive", host, os.getpid())
     elsewhere = running("elsewhere", "another-machine", ended.pid)
 
-    with pipeline_run(workspace, tags={}, name="next") as run:
+    with pipeline_run(workspace, "pretrain", tags={}, name="next") as run:
         assert client.get_run(gone).info.status == "KILLED"
     assert "ended without ending the run" in client.get_run(gone).data.tags[KILLED_TAG]
     assert client.get_run(alive).info.status == client.get_run(elsewhere).info.status == "RUNNING"
@@ -101,7 +103,7 @@ def test_an_artifact_that_does_not_fit_names_where_it_went_and_leaves_nothing(wo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("mlflow.store.artifact.local_artifact_repo.shutil.copyfileobj", copy_until_the_disk_is_full)
-    with pipeline_run(workspace, tags={}, name="full") as run, pytest.raises(OutOfSpaceError) as raised:
+    with pipeline_run(workspace, "pretrain", tags={}, name="full") as run, pytest.raises(OutOfSpaceError) as raised:
         run.log_artifact(report, "eval")
     artifacts = workspace.mlflow_artifacts / run.run_id / "artifacts"
     assert str(raised.value).startswith(f"out of space writing {artifacts}/eval: the disk is full")
@@ -263,7 +265,7 @@ def test_a_new_run_first_sends_what_earlier_runs_kept(workspace, nowhere):
     offline.end("FINISHED")
     _server_back_at(offline.outbox, workspace.tracking_uri)
 
-    with pipeline_run(workspace, tags={}, name="next"):
+    with pipeline_run(workspace, "pretrain", tags={}, name="next"):
         earlier = store.get_run(run_id)
         assert earlier.info.status == "FINISHED" and earlier.data.metrics["eval/val_loss"] == 2.5
     assert offline.outbox.is_empty()
@@ -273,5 +275,12 @@ def test_a_run_cannot_start_on_a_server_that_is_away(workspace, nowhere, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", nowhere)
     with pytest.raises(TrackingServerUnreachable, match=f"{nowhere} \\(MLFLOW_TRACKING_URI\\) cannot be reached. "
                        "Start it \\(`gptflow up`.*or unset MLFLOW_TRACKING_URI"):
-        with pipeline_run(workspace, tags={}, name="never"):
+        with pipeline_run(workspace, "pretrain", tags={}, name="never"):
             pass
+
+
+def test_a_run_name_leads_with_the_settings_in_the_order_given():
+    overrides = {"model.n_layer": 4, "train.learning_rate": "3e-3"}
+    assert run_name("pretrain", overrides, "tiny", None, "stdlib") == "n_layer=4 learning_rate=3e-3 · pretrain tiny stdlib"
+    assert run_name("pretrain", dict(reversed(overrides.items())), "tiny") == "learning_rate=3e-3 n_layer=4 · pretrain tiny"
+    assert run_name("evaluate", None, "gptflow-tiny/1") == "evaluate gptflow-tiny/1"

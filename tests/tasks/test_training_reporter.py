@@ -72,7 +72,7 @@ def progress_lines(tmp_path, monkeypatch, caplog) -> Callable[[Callable[[int], f
 
     def lines(step_s: Callable[[int], float]) -> tuple[list[str], dict[int, float]]:
         clock = Clock()
-        with pipeline_run(Workspace.resolve(tmp_path / "ws"), tags={}, name="eta") as run:
+        with pipeline_run(Workspace.resolve(tmp_path / "ws"), "pretrain", tags={}, name="eta") as run:
             reporter = TrainingReporter(run, MAX_STEPS, prefect_progress=False, clock=clock)
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="gptflow"):
