@@ -55,7 +55,10 @@ def test_registry_uri_then_run_id_score_the_same_model_and_the_rerun_is_cached(t
 
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     first_run, second_run = client.get_run(first.mlflow_run_id), client.get_run(second.mlflow_run_id)
-    assert first_run.info.experiment_id == client.get_run(pretrained.mlflow_run_id).info.experiment_id
+    pretrain_run = client.get_run(pretrained.mlflow_run_id)
+    # Evaluations compare with evaluations, in their own experiment.
+    assert client.get_experiment(first_run.info.experiment_id).name == "gptflow-evaluate"
+    assert client.get_experiment(pretrain_run.info.experiment_id).name == "gptflow-pretrain"
     assert first_run.info.status == second_run.info.status == "FINISHED"
     assert first_run.data.tags["gptflow.flow"] == "evaluate"
     assert first_run.data.tags["gptflow.stage.multiple_choice"] == "executed"
