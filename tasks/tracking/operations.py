@@ -12,6 +12,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from gptflow.data.commits import CONTENTS_FILE
 from gptflow.data.disk_space import reporting_out_of_space
 from gptflow.tasks.tracking.experiments import local_path
 from gptflow.tasks.tracking.registry import (
@@ -46,9 +47,11 @@ class OperationSender:
                 )
             case "log_artifact":
                 path, artifact_path = Path(operation["path"]), operation["artifact_path"]
-                log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
                 with reporting_out_of_space(f"{self.artifact_root}/{artifact_path}" if artifact_path else self.artifact_root):
-                    log(self.run_id, str(path), artifact_path)
+                    if path.is_dir():
+                        self._log_directory(path, artifact_path)
+                    else:
+                        self.client.log_artifact(self.run_id, str(path), artifact_path)
             case "log_text":
                 with reporting_out_of_space(f"{self.artifact_root}/{operation['artifact_file']}"):
                     self.client.log_text(self.run_id, operation["text"], operation["artifact_file"])
@@ -69,6 +72,15 @@ class OperationSender:
         """Where the run's artifacts go: a folder for a local store (the workspace's ``mlartifacts/``),
         named in the error when it runs out of space; else a URI."""
         return local_path(self.client.get_run(self.run_id).info.artifact_uri)
+
+    def _log_directory(self, directory: Path, artifact_path: str | None) -> None:
+        """The files of ``directory`` but a store directory's integrity record (``contents.json``,
+        bookkeeping of the store that a user browsing the run's artifacts has no use for)."""
+        for path in sorted(directory.rglob("*")):
+            if path.is_file() and path != directory / CONTENTS_FILE:
+                folder = path.parent.relative_to(directory).as_posix()
+                parts = [part for part in (artifact_path, folder) if part and part != "."]
+                self.client.log_artifact(self.run_id, str(path), "/".join(parts) or None)
 
     def _log_input(self, operation: dict[str, Any]) -> None:
         sources = operation["sources"]

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from gptflow.data.commits import CONTENTS_FILE
 from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import TrackingServerUnreachable
@@ -47,6 +48,19 @@ def test_run_logs_params_tags_stage_status_and_artifacts_into_the_workspace(work
     assert stored.data.metrics["eval/val_loss"] == 2.5
     assert stored.info.artifact_uri.startswith(workspace.mlflow_artifacts.as_uri())
     assert (workspace.mlflow_artifacts / run.run_id / "artifacts/eval/report.json").exists()
+
+
+def test_a_store_directory_is_logged_without_its_integrity_record(workspace):
+    with workspace.artifacts.commit(workspace.store / "eval" / "key") as directory:
+        (directory / "report.json").write_text("{}")
+        (directory / "plots").mkdir()
+        (directory / "plots" / "curve.png").write_bytes(b"png")
+    assert (workspace.store / "eval" / "key" / CONTENTS_FILE).is_file()
+    with pipeline_run(workspace, tags={}, name="artifacts") as run:
+        run.log_artifact(workspace.store / "eval" / "key", "eval")
+    logged = workspace.mlflow_artifacts / run.run_id / "artifacts" / "eval"
+    assert sorted(path.relative_to(logged).as_posix() for path in logged.rglob("*") if path.is_file()) == [
+        "plots/curve.png", "report.json"]
 
 
 def test_run_is_marked_failed_when_the_flow_raises(workspace):
