@@ -18,7 +18,7 @@ FLOWS = (pretrain, sweep, finetune, evaluate)
 def deployments() -> list[RunnerDeployment]:
     """One deployment per flow, with the flow's own defaults: a pretrain run without parameters
     trains on the built-in corpus with the default preset; a finetune run without parameters
-    tunes the latest registered ``gptflow-cpu`` on the built-in sft demo; a sweep run needs its
+    tunes the newest pretrained model on the built-in sft demo; a sweep run needs its
     ``grid`` and an evaluate run its ``model``."""
     return [
         flow.to_deployment(

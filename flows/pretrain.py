@@ -20,7 +20,7 @@ from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact
 from gptflow.flows.checks import PretrainInputs, check_pretrain
-from gptflow.flows.summaries import FlowSummary, of_run, sample_lines
+from gptflow.flows.summaries import FlowSummary, model_cell, model_line, of_run, sample_lines
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.config import ModelConfig
 from gptflow.model.memory import parameter_count
@@ -69,6 +69,8 @@ class PretrainSummary(FlowSummary):
     perplexity: float
     trained_in_run: str
     """The MLflow run that trained the model: this one, or an earlier one whose training is reused."""
+    registered_model: str
+    """``name/version`` of the model in the MLflow registry (``pending`` while the run's outbox keeps it)."""
     samples: list[str] = field(default_factory=list)
 
     def markdown(self, mlflow_run_url: str | None) -> str:
@@ -79,9 +81,11 @@ class PretrainSummary(FlowSummary):
             f"| val | {self.val_split} |",
             f"| train / val tokens | {self.train_tokens:,} / {self.val_tokens:,} |",
             f"| training | {self.steps} steps, {self.training.replace('_', ' ')} |",
-            f"| val loss (nats/token) | {self.val_loss:.4f} (unigram baseline {self.unigram_loss:.4f}) |",
+            f"| final val loss, eval/val_loss (nats/token) | {self.val_loss:.4f} "
+            f"(unigram baseline {self.unigram_loss:.4f}) |",
             f"| perplexity | {self.perplexity:.2f} |",
             f"| bits per byte | {self.bits_per_byte:.4f} |",
+            f"| registered model | {model_cell(self.registered_model, mlflow_run_url)} |",
         ]
         return self.table("pretrain", rows, mlflow_run_url)
 
@@ -95,8 +99,10 @@ class PretrainSummary(FlowSummary):
             f"val         {self.val_split}",
             f"training    {self.steps} steps, {self.training.replace('_', ' ')}"
             + (f" (continues run {self.continues_run})" if self.continues_run else ""),
-            f"val loss    {self.val_loss:.3f} nats/token (unigram baseline {self.unigram_loss:.3f}), "
+            f"val loss    {self.val_loss:.3f} nats/token (final eval/val_loss; unigram baseline "
+            f"{self.unigram_loss:.3f}), "
             f"perplexity {self.perplexity:.1f}, {self.bits_per_byte:.3f} bits/byte",
+            model_line(self.registered_model, "gptflow generate --model {uri}, or gptflow finetune --model {uri}"),
             *self.closing_lines(),
         ]
         if self.samples:
@@ -252,6 +258,7 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
         bits_per_byte=report.bits_per_byte,
         perplexity=report.perplexity,
         trained_in_run=trained.trained_in_mlflow_run,
+        registered_model=trained.registered_model,
         **of_run(run, elapsed_s),
         samples=report.samples,
     )

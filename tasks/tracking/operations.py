@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -38,9 +38,12 @@ class OperationSender:
             case "log_batch":
                 model_of_run = operation.get("model_of_run")
                 model_id = logged_model_id(self.client, model_of_run) if model_of_run else None
+                # What a model's metrics were measured on: its page lists it as a dataset it used.
+                dataset_name, dataset_digest = (operation.get("dataset") if model_id else None) or (None, None)
                 self.client.log_batch(
                     self.run_id,
-                    metrics=[Metric(key, value, timestamp, step, model_id=model_id)
+                    metrics=[Metric(key, value, timestamp, step, model_id=model_id, dataset_name=dataset_name,
+                                    dataset_digest=dataset_digest)
                              for key, value, timestamp, step in operation.get("metrics", [])],
                     params=[Param(key, value) for key, value in operation.get("params", [])],
                     tags=[RunTag(key, self._tag_value(key, value)) for key, value in operation.get("tags", [])],
@@ -57,6 +60,10 @@ class OperationSender:
                     self.client.log_text(self.run_id, operation["text"], operation["artifact_file"])
             case "log_input":
                 self._log_input(operation)
+            case "log_model_input":
+                model_id = logged_model_id(self.client, operation["model_of_run"])
+                if model_id is not None:  # a run logged before runs had logged models holds its model as artifacts
+                    self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
             case "set_terminated":
                 self.client.set_terminated(self.run_id, operation["status"], operation["end_time"])
             case "log_model":

@@ -1,5 +1,6 @@
 """What a training reports while it runs, for pretraining and fine-tuning alike: batched MLflow
-metrics, console and Prefect progress, the loss history and its plot, the machine's metrics."""
+metrics, console and Prefect progress, the loss history and its plot, the machine's metrics; and
+what a run whose training was cached shows of the training it reuses."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from gptflow.tasks.tracking.experiments import ML_VIEW
 from gptflow.tasks.tracking.progress import human_count, human_duration, run_logger
+from gptflow.tasks.tracking.registry import is_pending
 from gptflow.tasks.tracking.run import BufferedMetrics, PipelineRun
 
 PROGRESS_LINE: tuple[tuple[str, Callable[[float], str]], ...] = (
@@ -24,6 +27,8 @@ PROGRESS_LINE: tuple[tuple[str, Callable[[float], str]], ...] = (
     ("train/mfu", lambda mfu: f"MFU {mfu:.1%}"),
 )
 """The metrics a training's progress line shows when a step reports them, in order, and how."""
+HISTORY_FILE = "history.json"
+"""In a training's report folder: each curve's ``[step, value]`` points, by metric name."""
 
 
 class TrainingReporter:
@@ -74,7 +79,7 @@ class TrainingReporter:
         self.logger.warning(f"{self.stage}: cannot resume from checkpoint {path}, {instead}: {error}")
 
     def write_report(self, directory: Path, y_label: str = "cross-entropy (nats/token)") -> None:
-        (directory / "history.json").write_text(json.dumps(self.history, indent=1))
+        (directory / HISTORY_FILE).write_text(json.dumps(self.history, indent=1))
         plot_loss_curve(self.history, directory / "loss_curve.png", y_label)
 
 
@@ -99,6 +104,26 @@ def plot_loss_curve(
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def show_reused_training(run: PipelineRun, trained_in_run: str, registered_model: str, report_dir: Path) -> None:
+    """What a run whose training was cached shows of the training it reuses, so that its pages,
+    charts and a sweep's comparison read as whole as that training run's: the curves of the
+    training's history (in ``report_dir``), that run's model as this run's input (its Models
+    column), and a paragraph of its description linking both."""
+    history = json.loads((report_dir / HISTORY_FILE).read_text())
+    timestamp = int(time.time() * 1000)
+    run.log_metric_points([[name, value, timestamp, step]
+                           for name, series in history.items() for step, value in series])
+    run.log_reused_model(trained_in_run)
+    name, _, version = registered_model.rpartition("/")
+    model = (registered_model if is_pending(registered_model)
+             else f"[{registered_model}](#/models/{name}/versions/{version})")
+    run.add_to_description(
+        f"**Reused training**: run [{trained_in_run[:8]}](#/runs/{trained_in_run}?{ML_VIEW}) trained this model, "
+        f"{model}, on the same data and settings, so this run trained nothing; its loss curves are copied from that "
+        "run."
+    )
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ def logged_model(tmp_path, monkeypatch, bpe_tokenizer_file):
     final = save_final(tmp_path / "run", GPT(CONFIG))
     tokenizer_file = shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
     with pipeline_run(workspace, tags={}, name="source-test") as run:
-        registered = run.log_text_generator(final, tokenizer_file, "gptflow-test")
+        registered = run.log_text_generator(final, tokenizer_file, "gptflow-test", "A test model.")
     return workspace, run.run_id, registered, final
 
 
@@ -41,9 +41,11 @@ def test_uri_run_id_and_directory_name_the_same_weights(logged_model):
     workspace, run_id, registered, final = logged_model
     by_version = resolve_model(f"models:/{registered}", workspace)
     by_run = resolve_model(run_id, workspace)
-    by_run_uri = resolve_model(f"runs:/{run_id}/model", workspace)
+    by_name = resolve_model(f"runs:/{run_id}/gptflow-test", workspace)
+    by_earlier_name = resolve_model(f"runs:/{run_id}/model", workspace)  # every model's name before they had their own
     by_directory = resolve_model(str(final), workspace)
-    assert by_version.weights_hash == by_run.weights_hash == by_run_uri.weights_hash == by_directory.weights_hash
+    assert (by_version.weights_hash == by_run.weights_hash == by_name.weights_hash == by_earlier_name.weights_hash
+            == by_directory.weights_hash)
     assert by_directory.tokenizer_file == final.parent / "tokenizer.json"
     assert by_version.tokenizer_hash == by_directory.tokenizer_hash
     assert by_version.config == by_directory.config == CONFIG
