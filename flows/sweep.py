@@ -33,6 +33,7 @@ from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
 from gptflow.tasks.sweep_plan import (
     BEST_POINT_TAG,
+    FINAL_VAL_LOSS,
     SWEEP_POINT_TAG,
     TABLE_COLUMNS,
     VAL_LOSS_METRIC,
@@ -105,7 +106,8 @@ class SweepSummary(FlowSummary):
         lines += [f"point {outcome.point.index} failed: {outcome.error}" for outcome in self.failed]
         best = self.best
         if best is not None:
-            lines.append(f"best        point {best.point.index} ({best.point.label()}): val loss {best.val_loss:.4f}, "
+            lines.append(f"best        point {best.point.index} ({best.point.label()}): {FINAL_VAL_LOSS} "
+                         f"{best.val_loss:.4f}, "
                          f"MLflow run {best.mlflow_run_id}")
         if self.failed:
             lines.append(f"failed      {len(self.failed)} of {len(self.outcomes)} points (each one's MLflow run and "
@@ -232,7 +234,7 @@ def sweep(
         )
         _log_comparison(run, summary, workspace_dir)
     create_markdown_artifact(key="sweep-summary", markdown=summary.markdown(run.url),
-                             description="Every point of the sweep, its val loss and its MLflow run")
+                             description="Every point of the sweep, its final val loss and its MLflow run")
     return summary
 
 
@@ -254,7 +256,7 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
             result = error
         outcomes[point.index] = _outcome(point, result)
         outcome = outcomes[point.index]
-        result = (f"val loss {outcome.val_loss:.4f} ({outcome.training})" if outcome.status == "completed"
+        result = (f"{FINAL_VAL_LOSS} {outcome.val_loss:.4f} ({outcome.training})" if outcome.status == "completed"
                   else f"failed: {outcome.error}")
         run_logger().info(f"sweep: point {point.index} ({point.label()}) {result}; "
                           f"{len(outcomes)} of {len(points)} done")
