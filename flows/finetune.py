@@ -199,14 +199,10 @@ def finetune(
     template = base.chat_template or ChatTemplate()
     data_description = str(train_file) if train_file else DEMO_DESCRIPTIONS[objective]
 
-    tags = {
-        "gptflow.flow": "finetune",
-        "gptflow.objective": objective,
-        "gptflow.code_version": pipeline_code_version(),
-        "gptflow.base_weights_hash": base.weights_hash,
-    }
+    tags = {"gptflow.flow": "finetune", "gptflow.objective": objective}
     with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
+            "code_version": pipeline_code_version(),
             "objective": objective,
             "base_model": base.source,
             "base_weights_hash": base.weights_hash,

@@ -40,10 +40,14 @@ from gptflow.tasks.stages.training_job import TrainedModel
 from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_count
+from gptflow.tasks.tracking.registry import pretrained_model_name
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, pipeline_run
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 """MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
+DATA_CHANGE_TAG = "gptflow.data_change"
+"""On a run over a corpus an earlier run read, when its data changed since: what changed
+(``1 file added, 12.3K tokens added``); ``gptflow.previous_run`` names that run."""
 
 
 @dataclass
@@ -181,16 +185,13 @@ def pretrain(
         config = dataclasses.replace(config, model=base.config)
     units = UnitRunner(inputs.ray_address)
 
-    tags = {
-        "gptflow.flow": "pretrain",
-        "gptflow.preset": preset,
-        "gptflow.code_version": pipeline_code_version(),
-    }
+    tags = {"gptflow.flow": "pretrain", "gptflow.preset": preset}
     if sweep is not None:
         tags |= {MLFLOW_PARENT_RUN_TAG: sweep.parent_run_id, SWEEP_POINT_TAG: sweep.point}
     lineage = Lineage.load(workspace_dir, weighted.sources)
     with pipeline_run(workspace_dir, tags=tags) as run:
         run.log_params({
+            "code_version": pipeline_code_version(),
             "preset": preset, "corpus": " ".join(corpus), "restart": restart,
             "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, "init_from": init_from or "",
             **config.flatten(),
@@ -203,7 +204,8 @@ def pretrain(
                    if weighted.weights else None)
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
-            registered_model_name=f"gptflow-{preset}", restart=restart, from_scratch=from_scratch, mixture=mixture,
+            registered_model_name=pretrained_model_name(preset), restart=restart, from_scratch=from_scratch,
+            mixture=mixture,
             rendezvous=rendezvous,
             init_from=InitialModel(init_from, base.model_dir, base.weights_hash) if base is not None else None,
         )
@@ -223,21 +225,32 @@ def _data_stages(inputs: PretrainInputs, base: ResolvedModel | None, init_from: 
     ``run`` with what changed since the lineage's last run."""
     config = inputs.config
     corpus_manifest = ingest(inputs.sources, config.data, workspace, run, units)
-    run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
+    run.log_params({"data_fingerprint": corpus_manifest.fingerprint})
     if base is None:
         tokenizer = prepare_tokenizer(corpus_manifest, config.tokenizer, workspace, run, lineage, units,
                                       retrain_tokenizer)
     else:
         tokenizer = base.tokenizer
-        run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": f"of {init_from}"})
+        run.log_params({"tokenizer_hash": tokenizer.hash})
+        run.set_tags({"gptflow.tokenizer.origin": f"of {init_from}"})
     tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace, run, units)
     log_corpus_dataset(run, inputs.weighted.sources, corpus_manifest, tokens, context="training")
     delta = data_delta(lineage.previous_corpus(workspace.artifacts), corpus_manifest,
                        lineage.previous_tokens(workspace.artifacts), tokens)
-    if delta is not None:
-        run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}
-                     | {"gptflow.previous_run": lineage.last_mlflow_run_id})
+    if delta is not None and any(delta.values()):
+        run.set_tags({DATA_CHANGE_TAG: describe_delta(delta), "gptflow.previous_run": lineage.last_mlflow_run_id})
     return corpus_manifest, tokenizer, tokens
+
+
+def describe_delta(delta: dict[str, int]) -> str:
+    """``tasks.lineage.data_delta``'s counts as the ``DATA_CHANGE_TAG`` reads, leaving out what did not change."""
+    changes = [(delta[f"files_{change}"], change) for change in ("added", "changed", "removed")
+               if delta[f"files_{change}"]]
+    # "1 file added, 2 changed": the first count says what it counts.
+    files = [f"{count} {('file' if count == 1 else 'files') + ' ' if index == 0 else ''}{change}"
+             for index, (count, change) in enumerate(changes)]
+    tokens = [f"{human_count(delta['tokens_added'])} tokens added"] if delta["tokens_added"] else []
+    return ", ".join(files + tokens)
 
 
 def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManifest, tokens: TokenManifest,

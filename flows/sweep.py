@@ -206,12 +206,12 @@ def sweep(
     workspace_dir = Workspace.resolve(workspace)
     swept = list(points[0].settings)
 
-    tags = {"gptflow.flow": "sweep", "gptflow.preset": preset, "gptflow.code_version": pipeline_code_version()}
-    with pipeline_run(workspace_dir, tags=tags) as run:
+    with pipeline_run(workspace_dir, tags={"gptflow.flow": "sweep", "gptflow.preset": preset}) as run:
         # The swept settings' column shows the values swept (the children show one each).
         shared = configs[0].flatten() | {key: ",".join(str(value) for value in grid[key]) for key in swept}
         run.log_params({
-            "preset": preset, "corpus": " ".join(corpus), **shared, "sweep.points": len(points),
+            "code_version": pipeline_code_version(), "preset": preset, "corpus": " ".join(corpus), **shared,
+            "sweep.points": len(points),
             "sweep.max_parallel": max_parallel, "sweep.random_points": random_points or 0, "sweep.seed": seed,
             "sweep.scaling": scaling,
         })

@@ -136,8 +136,8 @@ def prepare_data(
         **{f"dataset.{split}_tokens": count for split, count in prepared.tokens.items()},
         **{f"dataset.{split}_truncated": count for split, count in prepared.truncated.items()},
         "dataset.skipped": skips.total,
+        "data_fingerprint": prepared.fingerprint,
     })
-    run.set_tags({"gptflow.data_fingerprint": prepared.fingerprint})
     if objective == "tagging":
         run.log_params({f"dataset.{split}_{name}_spans" if name != "total" else f"dataset.{split}_spans": count
                         for split, counts in prepared.spans.items() for name, count in counts.items()})

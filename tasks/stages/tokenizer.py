@@ -68,7 +68,8 @@ def prepare_tokenizer(
         )
     else:
         origin = "trained" if outcome.status == "executed" else "cached"
-    run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": origin})
+    run.log_params({"tokenizer_hash": tokenizer.hash})
+    run.set_tags({"gptflow.tokenizer.origin": origin})
     run.log_artifact(Path(tokenizer.path).parent, "tokenizer")
     lineage.keep_tokenizer(settings_key, {
         "stage_key": key,

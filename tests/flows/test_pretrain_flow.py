@@ -85,7 +85,7 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
         # The corpus as the run's dataset: its fingerprint, source and counts.
         [dataset_input] = run.inputs.dataset_inputs
         profile = json.loads(dataset_input.dataset.profile)
-        assert profile["fingerprint"] == run.data.tags["gptflow.data_fingerprint"]
+        assert profile["fingerprint"] == run.data.params["data_fingerprint"]
         assert dataset_input.dataset.digest == profile["fingerprint"][:8]
         assert json.loads(dataset_input.dataset.source) == {"uri": str(tiny_corpus_dir)}
         assert profile["train_tokens"] == int(run.data.params["dataset.train_tokens"])
@@ -166,7 +166,7 @@ def test_editing_code_that_only_evaluation_reaches_reruns_evaluation_alone(cli_e
     _, (first_run, second_run) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
     assert {stage: second_run.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {
         "ingest": "cached", "tokenizer": "cached", "tokenize": "cached", "pretrain": "cached", "evaluate": "executed"}
-    assert first_run.data.tags["gptflow.code_version"] != second_run.data.tags["gptflow.code_version"]
+    assert first_run.data.params["code_version"] != second_run.data.params["code_version"]
 
 
 def test_one_large_text_file_trains_and_validates_as_it_is(cli_env, tmp_path, stdlib_text):
@@ -296,7 +296,7 @@ def test_a_data_mixture_trains_logs_its_weights_and_another_mixture_reuses_the_d
     assert {stage: second.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {
         "ingest": "cached", "tokenizer": "cached", "tokenize": "cached", "pretrain": "executed", "evaluate": "executed"}
     assert second.data.tags["gptflow.training"] == "from_scratch"
-    assert second.data.tags["gptflow.trained_in_run"] == second.info.run_id
-    assert first.data.tags["gptflow.data_fingerprint"] == second.data.tags["gptflow.data_fingerprint"]
+    assert "gptflow.trained_in_run" not in second.data.tags
+    assert first.data.params["data_fingerprint"] == second.data.params["data_fingerprint"]
     [dataset_input] = first.inputs.dataset_inputs
     assert dataset_input.dataset.name == "a b"
