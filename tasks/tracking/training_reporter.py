@@ -118,9 +118,11 @@ def show_reused_training(run: PipelineRun, trained_in_run: str, registered_model
     run.log_reused_model(trained_in_run)
     name, _, version = registered_model.rpartition("/")
     model = (registered_model if is_pending(registered_model)
-             else f"[{registered_model}](#/models/{name}/versions/{version})")
+             else f"[{registered_model}](#/models/{name}/versions/{version}?{ML_VIEW})")
+    # A run of the same flow trained it, in this run's experiment; were it another's, MLflow shows it all the same.
+    trained_by = f"[{trained_in_run[:8]}](#/experiments/{run.experiment_id}/runs/{trained_in_run}?{ML_VIEW})"
     run.add_to_description(
-        f"**Reused training**: run [{trained_in_run[:8]}](#/runs/{trained_in_run}?{ML_VIEW}) trained this model, "
+        f"**Reused training**: run {trained_by} trained this model, "
         f"{model}, on the same data and settings, so this run trained nothing; its loss curves are copied from that "
         "run."
     )

@@ -98,7 +98,7 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
     assert second_run.data.metrics["val/loss"] == pytest.approx(first.final_val_loss)
     [model] = [client.get_logged_model(output.model_id) for output in first_run.outputs.model_outputs]
     assert [model_input.model_id for model_input in second_run.inputs.model_inputs] == [model.model_id]
-    assert f"(#/runs/{first.mlflow_run_id}?" in second_run.data.tags["mlflow.note.content"]
+    assert f"/runs/{first.mlflow_run_id}?" in second_run.data.tags["mlflow.note.content"]
     assert model.name == "gptflow-finetune-sft"
     assert model.tags["mlflow.note.content"] == (f"Chat model: {BASE} fine-tuned to answer prompts (LoRA rank 4, "
                                                  "6 steps).")

@@ -109,7 +109,7 @@ def test_added_file_is_ingested_and_tokenized_alone_and_training_continues(run_p
     files = len(before)
     assert tags["gptflow.ingest.files"] == f"1 ingested, {files} reused"
     assert tags["gptflow.tokenize.files"] == f"1 tokenized, {files} reused"
-    assert tags["gptflow.tokenizer.origin"] == f"reused from run {first.mlflow_run_id}"
+    assert tags["gptflow.tokenizer.origin"] == f"reused from run {first.mlflow_run_id[:8]}"
     assert re.fullmatch(r"1 file added, [\d.]+K tokens added", tags["gptflow.data_change"])
     assert tags["gptflow.previous_run"] == first.mlflow_run_id
     assert tags["gptflow.training"] == "continued" and tags["gptflow.continues_run"] == first.mlflow_run_id

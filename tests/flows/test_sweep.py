@@ -104,7 +104,7 @@ def test_a_sweep_nests_its_points_shares_the_data_stages_and_a_rerun_trains_only
     cached, trained_by = second.outcomes[0], first.outcomes[0].mlflow_run_id
     assert f"| cached: trained by run {trained_by[:8]} |" in second.markdown(None)
     cached_run = client.get_run(cached.mlflow_run_id)
-    assert f"(#/runs/{trained_by}?" in cached_run.data.tags["mlflow.note.content"]
+    assert f"/runs/{trained_by}?" in cached_run.data.tags["mlflow.note.content"]
     assert [model.model_id for model in cached_run.inputs.model_inputs] == [
         output.model_id for output in client.get_run(trained_by).outputs.model_outputs]
     assert ([point.value for point in client.get_metric_history(cached.mlflow_run_id, "val/loss")]

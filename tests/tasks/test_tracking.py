@@ -128,8 +128,9 @@ def test_a_run_that_reused_a_training_shows_its_model_curves_and_where_they_come
     assert [(point.step, point.value) for point in client.get_metric_history(cached.run_id, "train/loss")] == [
         (5, 6.1), (10, 5.4)]
     description = stored.data.tags["mlflow.note.content"]
-    assert description.startswith(f"**Reused training**: run [{trained.run_id[:8]}](#/runs/{trained.run_id}?")
-    assert "[gptflow-tiny/1](#/models/gptflow-tiny/versions/1)" in description
+    assert description.startswith(f"**Reused training**: run [{trained.run_id[:8]}]"
+                                  f"(#/experiments/{cached.experiment_id}/runs/{trained.run_id}?")
+    assert "[gptflow-tiny/1](#/models/gptflow-tiny/versions/1?" in description
 
 
 def test_run_is_marked_failed_when_the_flow_raises(workspace):
