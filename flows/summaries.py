@@ -48,10 +48,11 @@ def model_line(registered_model: str, how_to_use: str) -> str:
 
 def model_cell(registered_model: str, mlflow_run_url: str | None) -> str:
     """The registered version of the run's model in a Prefect artifact's table: its ``models:/``
-    URI, a link to its page when a tracking server serves it."""
-    uri = f"`models:/{registered_model}`"
+    URI, a link to its page when a tracking server serves it (as plain text: Prefect's UI shows the
+    backticks of code inside a link)."""
+    uri = f"models:/{registered_model}"
     if mlflow_run_url is None or is_pending(registered_model):
-        return uri
+        return f"`{uri}`"
     name, _, version = registered_model.rpartition("/")
     return f"[{uri}]({mlflow_run_url.partition('#')[0]}#/models/{name}/versions/{version}?{ML_VIEW})"
 
