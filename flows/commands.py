@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,18 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         overrides["train.nproc"] = args.nproc
     check_finetune(args.data, args.val_data, args.config_file, overrides)
-    _run_flow("finetune", parameters)
+    _run_flow("finetune", parameters, choose_defaults=_choose_base_model)
     return 0
+
+
+def _choose_base_model(parameters: dict[str, Any], workspace: Workspace) -> None:
+    """Without --model, the newest pretrained model, said on stderr: a workspace with none is
+    refused in one line before the flow starts (the flow would choose the same way)."""
+    if parameters["model"] is None:
+        from gptflow.tasks.tracking.registry import default_base_model
+
+        parameters["model"], choice = default_base_model(workspace)
+        print(f"gptflow: {choice}", file=sys.stderr)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -86,10 +97,12 @@ def _flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in args.flow_parameters}
 
 
-def _run_flow(name: str, parameters: dict[str, Any]) -> Any:
+def _run_flow(name: str, parameters: dict[str, Any],
+              choose_defaults: Callable[[dict[str, Any], Workspace], None] | None = None) -> Any:
     """Run the flow ``name`` with ``parameters``, print its summary and return it. Its module imports Prefect,
     so only once the input is known good; on the workspace's ``gptflow up`` stack, if one runs and
-    no Prefect server is set (``stack.use_running_stack``; said on stderr)."""
+    no Prefect server is set (``stack.use_running_stack``; said on stderr). ``choose_defaults`` fills
+    in parameters from the tracking store the flow will use, before the flow starts."""
     started = time.monotonic()  # the command's start, less the interpreter's and reading its input (under a second)
     # Prefect's temporary server would otherwise log an error on every start on offline machines.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -100,6 +113,8 @@ def _run_flow(name: str, parameters: dict[str, Any]) -> Any:
               f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
               file=sys.stderr)
     keep_prefect_state_in(workspace)
+    if choose_defaults is not None:
+        choose_defaults(parameters, workspace)
     flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
     summary = dataclasses.replace(flow(**parameters), command_s=time.monotonic() - started)
     print(summary.render())

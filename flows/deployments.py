@@ -30,8 +30,8 @@ CANCELLATION_WATCH_LOGGER = "prefect.FlowRunCancellingObserver"
 def deployments() -> list[RunnerDeployment]:
     """One deployment per flow, named as ``DEPLOYMENTS`` says, with the flow's own defaults: a
     pretrain run without parameters trains on the built-in corpus with the default preset; a
-    finetune run without parameters tunes the latest registered ``gptflow-cpu`` on the built-in
-    sft demo; a sweep run needs its ``grid`` and an evaluate run its ``model``."""
+    finetune run without parameters tunes the newest pretrained model on the built-in sft demo; a
+    sweep run needs its ``grid`` and an evaluate run its ``model``."""
     return [
         flow.to_deployment(
             name=name,

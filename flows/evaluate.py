@@ -216,15 +216,10 @@ def evaluate(
     if harness:
         source.require_text_model("--lm-eval")
 
-    tags = {
-        "gptflow.flow": "evaluate",
-        "gptflow.code_version": pipeline_code_version(),
-        "gptflow.model_weights_hash": source.weights_hash,
-        "gptflow.tokenizer_hash": source.tokenizer_hash,
-    }
     choice_hash = hash_file(inputs.multiple_choice) if inputs.multiple_choice else None
-    with pipeline_run(workspace_dir, "evaluate", tags=tags) as run:
+    with pipeline_run(workspace_dir, "evaluate", tags={"gptflow.flow": "evaluate"}) as run:
         run.log_params({
+            "code_version": pipeline_code_version(),
             "model_source": model,
             "model_weights_hash": source.weights_hash,
             "tokenizer_hash": source.tokenizer_hash,
@@ -262,7 +257,7 @@ def _score(model: str, source: ResolvedModel, inputs: EvaluateInputs, corpus: li
         required_splits = () if split == "all" else (split,)
         corpus_manifest = ingest(inputs.sources, config.data, workspace, run, units, required_splits=required_splits)
         data_fingerprint = corpus_manifest.fingerprint
-        run.set_tags({"gptflow.data_fingerprint": data_fingerprint})
+        run.log_params({"data_fingerprint": data_fingerprint})
         tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace, run, units)
         log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="evaluation")
         loss = score_loss(source, tokens, split, config.eval, workspace, run)

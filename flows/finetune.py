@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from gptflow.data.chat import ChatTemplate
 from gptflow.data.finetune_inputs import OBJECTIVES
 from gptflow.flows.checks import check_finetune
-from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run
+from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, model_cell, model_line, of_run
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.tasks.model_source import ResolvedModel, resolve_model
@@ -30,7 +30,6 @@ from gptflow.tasks.stages.finetuning import (
     FinetunedModel,
     FinetuneReport,
     PreparedData,
-    default_base_model,
     demo_data,
     evaluate_finetuned,
     finetune_model,
@@ -38,8 +37,8 @@ from gptflow.tasks.stages.finetuning import (
 )
 from gptflow.tasks.stages.tagging import summary_line as tagging_summary
 from gptflow.tasks.tracking.naming import run_name, source_label
-from gptflow.tasks.tracking.progress import human_count
-from gptflow.tasks.tracking.registry import is_pending
+from gptflow.tasks.tracking.progress import human_count, run_logger
+from gptflow.tasks.tracking.registry import default_base_model
 from gptflow.tasks.tracking.run import PipelineRun, pipeline_run
 from gptflow.tasks.tracking.training_reporter import log_training_report
 
@@ -92,7 +91,7 @@ class FinetuneSummary(FlowSummary):
             f"| val loss | {self.initial_val_loss:.4f} → {self.final_val_loss:.4f} |",
             # Overall figures; the per-label ones (eval/f1/<label>, ...) are in MLflow.
             *(f"| {name} | {value:.4f} |" for name, value in self.metrics.items() if name.count("/") == 1),
-            f"| registered model | `{self.model_uri}` |",
+            f"| registered model | {model_cell(self.registered_model, mlflow_run_url)} |",
         ]
         return self.table("finetune", rows, mlflow_run_url)
 
@@ -120,9 +119,7 @@ class FinetuneSummary(FlowSummary):
             lines.append(f"val loss    {self.initial_val_loss:.3f} (base model) → {self.final_val_loss:.3f} "
                          "nats/response token")
         lines += [
-            f"model       {self.registered_model}: registered once the run's MLflow outbox is sent (see the warning)"
-            if is_pending(self.registered_model) else
-            f"model       {self.model_uri}: mlflow.pyfunc.load_model(\"{self.model_uri}\").predict([...])",
+            model_line(self.registered_model, 'mlflow.pyfunc.load_model("{uri}").predict([...])'),
         ]
         if sample and self.samples:
             prompt, response = self.samples[0]["prompt"], self.samples[0]["response"]
@@ -164,8 +161,8 @@ def finetune(
             with labels, a linear head on the last token; tagging: texts with labelled character spans
             (or CoNLL files), a linear head on every token.
         model: the base model: models:/name/version, runs:/<run id>/model, an MLflow run id, or a
-            directory holding model.safetensors and config.json. Default: the latest registered
-            gptflow-cpu (what ``gptflow pretrain`` trains).
+            directory holding model.safetensors and config.json. Default: the newest version of any
+            model ``gptflow pretrain`` registered (gptflow-<preset>), named in the log.
         data: .jsonl, .json, .csv (gzip/zstd too) or .parquet. sft: {"prompt": ..., "response": ...}
             or {"messages": [{"role": ..., "content": ...}, ...]} per record; classification: text and
             label fields; tagging: {"text": ..., "spans": [[start, end, label], ...]} per record, or a
@@ -192,21 +189,20 @@ def finetune(
     inputs = check_finetune(data, val_data, config_file, overrides)
     train_file, val_file = inputs.train_file, inputs.val_file
     workspace_dir = Workspace.resolve(workspace)
-    base = resolve_model(model or default_base_model(workspace_dir), workspace_dir, tokenizer)
+    if model is None:
+        model, choice = default_base_model(workspace_dir)
+        run_logger().info(choice)
+    base = resolve_model(model, workspace_dir, tokenizer)
     settings = dataclasses.replace(inputs.settings,
                                    finetune=_with_max_length(inputs.settings.finetune, base.config.block_size))
     # A model fine-tuned before keeps its conversation format.
     template = base.chat_template or ChatTemplate()
     data_description = str(train_file) if train_file else DEMO_DESCRIPTIONS[objective]
 
-    tags = {
-        "gptflow.flow": "finetune",
-        "gptflow.objective": objective,
-        "gptflow.code_version": pipeline_code_version(),
-        "gptflow.base_weights_hash": base.weights_hash,
-    }
+    tags = {"gptflow.flow": "finetune", "gptflow.objective": objective}
     with pipeline_run(workspace_dir, "finetune", tags=tags) as run:
         run.log_params({
+            "code_version": pipeline_code_version(),
             "objective": objective,
             "base_model": base.source,
             "base_weights_hash": base.weights_hash,
@@ -218,6 +214,7 @@ def finetune(
         })
         train_file = train_file or demo_data(objective, workspace_dir, run)
         prepared = prepare_data(objective, train_file, val_file, base, template, settings, workspace_dir, run)
+        _log_dataset(run, objective, data, train_file, val_file, prepared)
         tuned = finetune_model(objective, base, template, prepared, settings, workspace_dir, run, restart)
         log_training_report(run, Path(tuned.report_dir))
         report = evaluate_finetuned(tuned, prepared, settings, workspace_dir, run)
@@ -228,6 +225,18 @@ def finetune(
                              description="Data, training, evaluation and the registered model of this run")
     end_log_of_deployment_run(summary.render(sample=False))
     return summary
+
+
+def _log_dataset(run: PipelineRun, objective: str, data: str | None, train_file: Path, val_file: Path | None,
+                 prepared: PreparedData) -> None:
+    """The fine-tuning data as the run's MLflow dataset (the runs table's Dataset column, and the
+    fine-tuned model's page): named after its file, its fingerprint's first eight characters as the digest."""
+    run.log_dataset(
+        name=source_label(data) if data else f"{objective} demo", digest=prepared.fingerprint[:8],
+        sources=[str(path) for path in (train_file, val_file) if path is not None], context="training",
+        profile={"fingerprint": prepared.fingerprint, "labels": len(prepared.labels),
+                 **{f"{split}_examples": count for split, count in prepared.examples.items()}},
+    )
 
 
 def _summary(objective: str, base: ResolvedModel, data: str, settings: FinetuneSettings, run: PipelineRun,

@@ -21,7 +21,7 @@ from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact
 from gptflow.flows.checks import PretrainInputs, check_pretrain
-from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run, sample_lines
+from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, model_cell, model_line, of_run, sample_lines
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.config import ModelConfig
 from gptflow.model.memory import parameter_count
@@ -41,11 +41,15 @@ from gptflow.tasks.stages.training_job import TrainedModel
 from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.progress import human_count
+from gptflow.tasks.tracking.registry import pretrained_model_name
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, pipeline_run
 from gptflow.tasks.tracking.training_reporter import log_training_report
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 """MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
+DATA_CHANGE_TAG = "gptflow.data_change"
+"""On a run over a corpus an earlier run read, when its data changed since: what changed
+(``1 file added, 12.3K tokens added``); ``gptflow.previous_run`` names that run."""
 
 
 @dataclass
@@ -71,6 +75,8 @@ class PretrainSummary(FlowSummary):
     perplexity: float
     trained_in_run: str
     """The MLflow run that trained the model: this one, or an earlier one whose training is reused."""
+    registered_model: str
+    """``name/version`` of the model in the MLflow registry (``pending`` while the run's outbox keeps it)."""
     samples: list[str] = field(default_factory=list)
 
     def markdown(self, mlflow_run_url: str | None) -> str:
@@ -81,9 +87,11 @@ class PretrainSummary(FlowSummary):
             f"| val | {self.val_split} |",
             f"| train / val tokens | {self.train_tokens:,} / {self.val_tokens:,} |",
             f"| training | {self.steps} steps, {self.training.replace('_', ' ')} |",
-            f"| val loss (nats/token) | {self.val_loss:.4f} (unigram baseline {self.unigram_loss:.4f}) |",
+            f"| final val loss, eval/val_loss (nats/token) | {self.val_loss:.4f} "
+            f"(unigram baseline {self.unigram_loss:.4f}) |",
             f"| perplexity | {self.perplexity:.2f} |",
             f"| bits per byte | {self.bits_per_byte:.4f} |",
+            f"| registered model | {model_cell(self.registered_model, mlflow_run_url)} |",
         ]
         return self.table("pretrain", rows, mlflow_run_url)
 
@@ -97,8 +105,10 @@ class PretrainSummary(FlowSummary):
             f"val         {self.val_split}",
             f"training    {self.steps} steps, {self.training.replace('_', ' ')}"
             + (f" (continues run {self.continues_run})" if self.continues_run else ""),
-            f"val loss    {self.val_loss:.3f} nats/token (unigram baseline {self.unigram_loss:.3f}), "
+            f"val loss    {self.val_loss:.3f} nats/token (final eval/val_loss; unigram baseline "
+            f"{self.unigram_loss:.3f}), "
             f"perplexity {self.perplexity:.1f}, {self.bits_per_byte:.3f} bits/byte",
+            model_line(self.registered_model, "gptflow generate --model {uri}, or gptflow finetune --model {uri}"),
         ]
         if sample and self.samples:
             lines.append(sample_lines(self.samples[0]))
@@ -179,16 +189,13 @@ def pretrain(
         config = dataclasses.replace(config, model=base.config)
     units = UnitRunner(inputs.ray_address)
 
-    tags = {
-        "gptflow.flow": "pretrain",
-        "gptflow.preset": preset,
-        "gptflow.code_version": pipeline_code_version(),
-    }
+    tags = {"gptflow.flow": "pretrain", "gptflow.preset": preset}
     if sweep is not None:
         tags |= {MLFLOW_PARENT_RUN_TAG: sweep.parent_run_id, SWEEP_POINT_TAG: sweep.point}
     lineage = Lineage.load(workspace_dir, weighted.sources)
     with pipeline_run(workspace_dir, "pretrain", tags=tags) as run:
         run.log_params({
+            "code_version": pipeline_code_version(),
             "preset": preset, "corpus": " ".join(corpus), "restart": restart,
             "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, "init_from": init_from or "",
             **config.flatten(),
@@ -201,7 +208,8 @@ def pretrain(
                    if weighted.weights else None)
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
-            registered_model_name=f"gptflow-{preset}", restart=restart, from_scratch=from_scratch, mixture=mixture,
+            registered_model_name=pretrained_model_name(preset), restart=restart, from_scratch=from_scratch,
+            mixture=mixture,
             rendezvous=rendezvous,
             init_from=InitialModel(init_from, base.model_dir, base.weights_hash) if base is not None else None,
         )
@@ -223,21 +231,32 @@ def _data_stages(inputs: PretrainInputs, base: ResolvedModel | None, init_from: 
     ``run`` with what changed since the lineage's last run."""
     config = inputs.config
     corpus_manifest = ingest(inputs.sources, config.data, workspace, run, units)
-    run.set_tags({"gptflow.data_fingerprint": corpus_manifest.fingerprint})
+    run.log_params({"data_fingerprint": corpus_manifest.fingerprint})
     if base is None:
         tokenizer = prepare_tokenizer(corpus_manifest, config.tokenizer, workspace, run, lineage, units,
                                       retrain_tokenizer)
     else:
         tokenizer = base.tokenizer
-        run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": f"of {init_from}"})
+        run.log_params({"tokenizer_hash": tokenizer.hash})
+        run.set_tags({"gptflow.tokenizer.origin": f"of {init_from}"})
     tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace, run, units)
     log_corpus_dataset(run, inputs.weighted.sources, corpus_manifest, tokens, context="training")
     delta = data_delta(lineage.previous_corpus(workspace.artifacts), corpus_manifest,
                        lineage.previous_tokens(workspace.artifacts), tokens)
-    if delta is not None:
-        run.set_tags({f"gptflow.delta.{name}": value for name, value in delta.items()}
-                     | {"gptflow.previous_run": lineage.last_mlflow_run_id})
+    if delta is not None and any(delta.values()):
+        run.set_tags({DATA_CHANGE_TAG: describe_delta(delta), "gptflow.previous_run": lineage.last_mlflow_run_id})
     return corpus_manifest, tokenizer, tokens
+
+
+def describe_delta(delta: dict[str, int]) -> str:
+    """``tasks.lineage.data_delta``'s counts as the ``DATA_CHANGE_TAG`` reads, leaving out what did not change."""
+    changes = [(delta[f"files_{change}"], change) for change in ("added", "changed", "removed")
+               if delta[f"files_{change}"]]
+    # "1 file added, 2 changed": the first count says what it counts.
+    files = [f"{count} {('file' if count == 1 else 'files') + ' ' if index == 0 else ''}{change}"
+             for index, (count, change) in enumerate(changes)]
+    tokens = [f"{human_count(delta['tokens_added'])} tokens added"] if delta["tokens_added"] else []
+    return ", ".join(files + tokens)
 
 
 def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManifest, tokens: TokenManifest,
@@ -258,6 +277,7 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
         bits_per_byte=report.bits_per_byte,
         perplexity=report.perplexity,
         trained_in_run=trained.trained_in_mlflow_run,
+        registered_model=trained.registered_model,
         **of_run(run, elapsed_s),
         samples=report.samples,
     )

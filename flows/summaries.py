@@ -10,7 +10,9 @@ from prefect.runtime import deployment
 
 from gptflow.tasks.tracking.experiments import experiment_name
 from gptflow.tasks.tracking.progress import human_duration, run_logger
+from gptflow.tasks.tracking.registry import is_pending
 from gptflow.tasks.tracking.run import PipelineRun
+from gptflow.tasks.tracking.runs_view import ML_VIEW
 
 INDENT = " " * 12
 """Where a printed summary's values start, after their 12-character labels."""
@@ -51,6 +53,27 @@ class FlowSummary:
         return [f"{'wall time':<12}{took}",
                 f"{'mlflow':<12}run {self.mlflow_run_id}{about_the_run}", INDENT + self.mlflow_view,
                 f"{'compare':<12}{self.experiment}: {self.runs_table}"]
+
+
+def model_line(registered_model: str, how_to_use: str) -> str:
+    """The printed summary's line naming the registered version of the run's model (``name/version``)
+    and ``how_to_use`` it (``{uri}`` stands for its ``models:/`` URI); or, while the run's outbox
+    keeps the model, when it will be registered."""
+    if is_pending(registered_model):
+        return f"{'model':<12}{registered_model}: registered once the run's MLflow outbox is sent (see the warning)"
+    uri = f"models:/{registered_model}"
+    return f"{'model':<12}{uri}: {how_to_use.format(uri=uri)}"
+
+
+def model_cell(registered_model: str, mlflow_run_url: str | None) -> str:
+    """The registered version of the run's model in a Prefect artifact's table: its ``models:/``
+    URI, a link to its page when a tracking server serves it (as plain text: Prefect's UI shows the
+    backticks of code inside a link)."""
+    uri = f"models:/{registered_model}"
+    if mlflow_run_url is None or is_pending(registered_model):
+        return f"`{uri}`"
+    name, _, version = registered_model.rpartition("/")
+    return f"[{uri}]({mlflow_run_url.partition('#')[0]}#/models/{name}/versions/{version}?{ML_VIEW})"
 
 
 def of_run(run: PipelineRun, elapsed_s: float) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
 from gptflow.tasks.sweep_plan import (
     BEST_POINT_TAG,
+    FINAL_VAL_LOSS,
     SWEEP_POINT_TAG,
     TABLE_COLUMNS,
     VAL_LOSS_METRIC,
@@ -115,7 +116,8 @@ class SweepSummary(FlowSummary):
         lines += [f"point {outcome.point.index} failed: {outcome.error}" for outcome in self.failed]
         best = self.best
         if best is not None:
-            lines.append(f"best        point {best.point.index} ({best.point.label()}): val loss {best.val_loss:.4f}, "
+            lines.append(f"best        point {best.point.index} ({best.point.label()}): {FINAL_VAL_LOSS} "
+                         f"{best.val_loss:.4f}, "
                          f"MLflow run {best.mlflow_run_id}")
         if self.failed:
             lines.append(f"failed      {len(self.failed)} of {len(self.outcomes)} points (each one's MLflow run and "
@@ -214,12 +216,13 @@ def sweep(
     workspace_dir = Workspace.resolve(workspace)
     swept = list(points[0].settings)
 
-    tags = {"gptflow.flow": "sweep", "gptflow.preset": preset, "gptflow.code_version": pipeline_code_version()}
+    tags = {"gptflow.flow": "sweep", "gptflow.preset": preset}
     with pipeline_run(workspace_dir, "pretrain", tags=tags) as run:  # beside its points, which nest under it
         # The swept settings' column shows the values swept (the children show one each).
         shared = configs[0].flatten() | {key: ",".join(str(value) for value in grid[key]) for key in swept}
         run.log_params({
-            "preset": preset, "corpus": " ".join(corpus), **shared, "sweep.points": len(points),
+            "code_version": pipeline_code_version(), "preset": preset, "corpus": " ".join(corpus), **shared,
+            "sweep.points": len(points),
             "sweep.max_parallel": max_parallel, "sweep.random_points": random_points or 0, "sweep.seed": seed,
             "sweep.scaling": scaling,
         })
@@ -242,7 +245,7 @@ def sweep(
         )
         _log_comparison(run, summary, workspace_dir)
     create_markdown_artifact(key="sweep-summary", markdown=summary.markdown(run.url_of),
-                             description="Every point of the sweep, its val loss and its MLflow run")
+                             description="Every point of the sweep, its final val loss and its MLflow run")
     end_log_of_deployment_run(summary.render())
     return summary
 
@@ -265,7 +268,7 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
             result = error
         outcomes[point.index] = _outcome(point, result)
         outcome = outcomes[point.index]
-        result = (f"val loss {outcome.val_loss:.4f} ({outcome.training})" if outcome.status == "completed"
+        result = (f"{FINAL_VAL_LOSS} {outcome.val_loss:.4f} ({outcome.training})" if outcome.status == "completed"
                   else f"failed: {outcome.error}")
         run_logger().info(f"sweep: point {point.index} ({point.label()}) {result}; "
                           f"{len(outcomes)} of {len(points)} done")

@@ -10,7 +10,8 @@ from the model. Its ``kind`` is ``language_model``, ``chat_model``, ``classifier
 ``load_tokenizer`` give the torch model and the ``tokenizers.Tokenizer``.
 
 An MLflow model is downloaded once into the workspace's ``downloads/`` (an alias every time),
-and ``runs:/<id>/model`` and run ids resolve through the run's logged model (MLflow 3), falling
+and ``runs:/<id>/<model name>``, ``runs:/<id>/model`` (whatever the model's name, as every model
+was named ``model`` before) and run ids resolve through the run's logged model (MLflow 3), falling
 back to a run's ``model/`` artifacts for runs logged before. A sharded checkpoint directory
 (``.metadata``, no ``model.safetensors``) is read whole once (``model.checkpoint.save_whole_model``)
 into ``store/whole-checkpoints/<checkpoint contents hash>/``, which is then its ``model_dir``; its
@@ -48,7 +49,7 @@ from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE,
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.tracking.registry import MODEL_NAME, logged_model_id
+from gptflow.tasks.tracking.registry import EARLIER_MODEL_NAME, logged_model_named
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PINNED_VERSION = re.compile(r"^models:/[^/@]+/\d+$")
@@ -230,7 +231,7 @@ def _model_uri_of_run(run_id: str, workspace: Workspace) -> str:
         raise ModelSourceError(f"No MLflow run {run_id} in {workspace.tracking_uri}.") from None
     # A run whose training was cached logged no model; the run that trained it did.
     trained_in = run.data.tags.get("gptflow.trained_in_run", run_id)
-    return f"runs:/{trained_in}/{MODEL_NAME}"
+    return f"runs:/{trained_in}/{EARLIER_MODEL_NAME}"
 
 
 def _artifact_location(uri: str, workspace: Workspace) -> str:
@@ -239,9 +240,10 @@ def _artifact_location(uri: str, workspace: Workspace) -> str:
     client = MlflowClient(workspace.tracking_uri, registry_uri=workspace.tracking_uri)
     if uri.startswith("runs:/"):
         run_id, _, path = uri.removeprefix("runs:/").partition("/")
-        # The run's logged model (MLflow 3); a run logged before gptflow used them holds it as artifacts.
-        model_id = logged_model_id(client, run_id) if path == MODEL_NAME else None
-        return client.get_logged_model(model_id).artifact_location if model_id else uri
+        # The run's logged model (MLflow 3) of that name, or whatever its name under the name every
+        # model had before; a run logged before gptflow used logged models holds it as artifacts.
+        model = logged_model_named(client, run_id, path)
+        return model.artifact_location if model is not None else uri
     name, _, version = uri.removeprefix("models:/").partition("/")
     if version:
         return client.get_model_version(name, version).source

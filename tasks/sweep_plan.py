@@ -42,6 +42,11 @@ RANGE_SEPARATOR = ".."
 DRAW_ATTEMPTS = 100
 """Draws a random sweep makes per point before it gives up finding a point it has not drawn."""
 VAL_LOSS_METRIC = "val/loss"
+"""The validation curve: measured during training on ``train.val_tokens`` tokens sampled over the
+whole val split. A point's table and plots of settings give its final evaluation instead,
+``eval/val_loss`` (``FINAL_VAL_LOSS``), on ``eval.eval_tokens`` tokens sampled alike, with which
+the curve's last point agrees within sampling noise (exactly, when both budgets cover the split)."""
+FINAL_VAL_LOSS = "eval/val_loss"
 SWEEP_POINT_TAG = "gptflow.sweep.point"
 BEST_POINT_TAG = "gptflow.sweep.best"
 
@@ -83,6 +88,7 @@ class PointOutcome:
     """``completed`` or ``failed``."""
     mlflow_run_id: str | None = None
     val_loss: float | None = None
+    """The final evaluation's ``eval/val_loss``."""
     perplexity: float | None = None
     parameters: int | None = None
     tokens: int | None = None
@@ -262,7 +268,7 @@ def fit_scaling(outcomes: list[PointOutcome], compute_budget: float | None) -> S
     return ScalingReport(law, budget)
 
 
-TABLE_COLUMNS = ("point", "status", "val loss", "perplexity", "parameters", "tokens", "training", "time",
+TABLE_COLUMNS = ("point", "status", FINAL_VAL_LOSS, "perplexity", "parameters", "tokens", "training", "time",
                  "MLflow run", "error")
 
 
@@ -275,11 +281,11 @@ def table_rows(outcomes: list[PointOutcome], best: PointOutcome | None) -> list[
         row = {"point": str(outcome.point.index) + (" (best)" if outcome is best else ""), **outcome.point.settings}
         row.update({
             "status": outcome.status,
-            "val loss": "" if outcome.val_loss is None else f"{outcome.val_loss:.4f}",
+            FINAL_VAL_LOSS: "" if outcome.val_loss is None else f"{outcome.val_loss:.4f}",
             "perplexity": "" if outcome.perplexity is None else f"{outcome.perplexity:.2f}",
             "parameters": "" if outcome.parameters is None else human_count(outcome.parameters),
             "tokens": "" if outcome.tokens is None else human_count(outcome.tokens),
-            "training": outcome.training or "",
+            "training": _training_cell(outcome),
             "time": "" if outcome.elapsed_s is None else (f"{outcome.elapsed_s:.1f}s" if outcome.elapsed_s < 60
                                                           else human_duration(outcome.elapsed_s)),
             "MLflow run": outcome.mlflow_run_id or "",
@@ -287,6 +293,13 @@ def table_rows(outcomes: list[PointOutcome], best: PointOutcome | None) -> list[
         })
         rows.append(row)
     return rows
+
+
+def _training_cell(outcome: PointOutcome) -> str:
+    """``executed``, or for a point whose training an earlier run did, ``cached`` and that run."""
+    if outcome.training == "cached" and outcome.trained_in_run and outcome.trained_in_run != outcome.mlflow_run_id:
+        return f"cached: trained by run {outcome.trained_in_run[:8]}"
+    return outcome.training or ""
 
 
 def markdown_table(rows: list[dict[str, str]], columns: Sequence[str]) -> str:
@@ -320,7 +333,8 @@ def csv_table(outcomes: list[PointOutcome]) -> str:
 
 
 def plot_loss_against_settings(outcomes: list[PointOutcome], directory: Path) -> list[Path]:
-    """``val_loss_vs_<setting>.png`` per swept setting: the completed points' val loss against its
+    """``val_loss_vs_<setting>.png`` per swept setting: the completed points' final val loss
+    (``eval/val_loss``) against its
     values, a line per combination of the other swept settings (log axis for numbers spanning 10x)."""
     plt = _pyplot()
     completed = [outcome for outcome in outcomes if outcome.status == "completed"]
@@ -347,7 +361,7 @@ def plot_loss_against_settings(outcomes: list[PointOutcome], directory: Path) ->
         elif all(_is_whole(value) for value in order):
             axes.set_xticks([float(value) for value in order], order)
         axes.set_xlabel(key)
-        axes.set_ylabel("val loss (nats/token)")
+        axes.set_ylabel(f"{FINAL_VAL_LOSS}, final evaluation (nats/token)")
         axes.grid(alpha=0.3)
         if others and groups:
             axes.legend(fontsize=8)
@@ -360,7 +374,8 @@ def plot_loss_against_settings(outcomes: list[PointOutcome], directory: Path) ->
 
 
 def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], best: str | None, path: Path) -> None:
-    """Each point's val-loss curve (label → (step, loss)) on one chart, the best one bold."""
+    """Each point's validation curve during training (``val/loss``, label → (step, loss)) on one
+    chart, the best one bold; its title says how the curve differs from the table's final ``eval/val_loss``."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=110)
     for label, series in curves.items():
@@ -369,7 +384,10 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], best: str | Non
             axes.plot(steps, losses, marker="o", markersize=3, label=label + (" (best)" if label == best else ""),
                       linewidth=2.5 if label == best else 1.2)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("val loss (nats/token)")
+    axes.set_ylabel(f"{VAL_LOSS_METRIC}, during training (nats/token)")
+    axes.set_title(f"{VAL_LOSS_METRIC}: train.val_tokens tokens sampled over the val split. The table's "
+                   f"{FINAL_VAL_LOSS} scores eval.eval_tokens\ntokens sampled alike after training: the last points "
+                   "agree with it within sampling noise", fontsize=8)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1)
     figure.tight_layout()
@@ -394,7 +412,7 @@ def plot_scaling_fit(outcomes: list[PointOutcome], report: ScalingReport, path: 
                      label=f"{human_count(parameters)} parameters", zorder=3)
     axes.set_xscale("log")
     axes.set_xlabel("training tokens")
-    axes.set_ylabel("val loss (nats/token)")
+    axes.set_ylabel(f"{FINAL_VAL_LOSS}, final evaluation (nats/token)")
     axes.set_title(report.law.describe().split(" (")[0], fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

@@ -90,12 +90,15 @@ def nothing_stored(result: Any, artifacts: ArtifactStore) -> bool:
 
 
 def record_unit_reuse(run: PipelineRun, stage: str, done: str, outcome: StageOutcome[UnitManifest]) -> None:
-    """Tag ``gptflow.<stage>.files_reused`` and ``gptflow.<stage>.files_<done>``: how many source
-    files' units a data stage reused and how many it computed."""
-    units = outcome.result.units
-    reused = len(units) if outcome.status == "cached" else sum(unit.reused for unit in units)
+    """Record the data stage's status, and when it executed, tag ``gptflow.<stage>.files``: how
+    many source files' units it computed and how many it reused (``1 ingested, 38 reused``). A
+    cached stage reused them all, as its status says."""
     run.record_stage(stage, outcome.status)
-    run.set_tags({f"gptflow.{stage}.files_reused": reused, f"gptflow.{stage}.files_{done}": len(units) - reused})
+    if outcome.status == "executed":
+        units = outcome.result.units
+        reused = sum(unit.reused for unit in units)
+        counts = f"{len(units) - reused} {done}" + (f", {reused} reused" if reused else "")
+        run.set_tags({f"gptflow.{stage}.files": counts})
 
 
 def run_stage(

@@ -7,18 +7,21 @@ settings; finetune on the base weights, the prepared data and the training setti
 the fine-tuned weights, the prepared data and the sampling settings. So the same base model, data
 and settings are a cache hit, and changing only the learning rate reprepares nothing.
 
-The base is any model ``tasks.model_source.resolve_model`` resolves (default: the latest version
-of ``gptflow-<default preset>``, ``default_base_model``), tuned with its own tokenizer and chat
-template. The finetune task runs a ``tasks.stages.finetune_job.FinetuneJob`` in its process or on
+The base is any model ``tasks.model_source.resolve_model`` resolves (default: the newest
+pretrained one, ``tasks.tracking.registry.default_base_model``), tuned with its own tokenizer and
+chat template. The finetune task runs a ``tasks.stages.finetune_job.FinetuneJob`` in its process or on
 ``train.nproc`` torchrun ranks of one machine (``train.parallelism=fsdp`` shards the frozen base
 with the adapters), with checkpoints under ``store/finetunes/<key>/checkpoints/`` that a rerun of
 the key resumes. It logs the objective's MLflow model from code (``MLFLOW_MODEL_MODULES``, its
 module part of the key) with ``final/``, the tokenizer, and the chat template or the
-``classifier/`` head, and registers it as ``REGISTERED_MODELS[objective]``; a cached run tags the
-run and version that did. The layout is a pretrained model's, so a fine-tuned model is itself a
-model source (evaluate it, export it, tune it again). Besides the settings, the run's params hold
-the data counts (``dataset.*``) and the parameter counts; its metrics are the loop's ``train/*``,
-``val/loss`` (step 0 = the base model), ``val/accuracy`` and the evaluation's ``eval/*``.
+``classifier/`` head, and registers it as ``REGISTERED_MODELS[objective]``, described by
+``tasks.tracking.registry.finetuned_description``; a cached run tags the run and version that did,
+and shows that run's curves and model (``tasks.tracking.training_reporter.show_reused_training``).
+The layout is a pretrained model's, so a fine-tuned model is itself a model source (evaluate it,
+export it, tune it again). Besides the settings, the run's params hold the data counts
+(``dataset.*``) and the parameter counts; its metrics are the loop's ``train/*``, ``val/loss``
+(step 0 = the base model), ``val/accuracy`` and the evaluation's ``eval/*``, which are the model's
+metrics too (its MLflow page shows them).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
 from prefect import task
 
 from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
@@ -48,18 +50,19 @@ from gptflow.model.device import resolve_device
 from gptflow.model.finetune import FinetuneOutcome, generate_response, score_examples
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
-from gptflow.tasks.model_source import ModelSourceError, ResolvedModel
+from gptflow.tasks.model_source import ResolvedModel
 from gptflow.tasks.runtime.caching import directory_is_complete, run_stage, stage_key
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import DEFAULT_PRESET, FinetuneSettings, build_config
+from gptflow.tasks.settings import FinetuneSettings, build_config
 from gptflow.tasks.stages.classification import classify_and_report, most_common_label
 from gptflow.tasks.stages.finetune_job import FinetuneJob
 from gptflow.tasks.stages.tagging import summary_line as tagging_summary
 from gptflow.tasks.stages.tagging import tag_and_report
 from gptflow.tasks.stages.training_job import REPORT_DIR
 from gptflow.tasks.tracking.progress import human_count, run_logger
-from gptflow.tasks.tracking.registry import REGISTERED_MODEL_TAG, version_holding
+from gptflow.tasks.tracking.registry import REGISTERED_MODEL_TAG, finetuned_description, version_holding
 from gptflow.tasks.tracking.run import PipelineRun
+from gptflow.tasks.tracking.training_reporter import show_reused_training
 
 REGISTERED_MODELS = {"sft": "gptflow-finetune-sft", "classification": "gptflow-finetune-classification",
                      "tagging": "gptflow-finetune-tagging"}
@@ -68,24 +71,6 @@ MLFLOW_MODEL_MODULES = {"sft": "gptflow.tasks.mlflow_models.chat_generator", "cl
                         "tagging": "gptflow.tasks.mlflow_models.span_tagger"}
 """Each objective's MLflow model from code: run from its file when the model loads, never imported here."""
 TOKENIZER_DIR = "tokenizer"
-
-
-def default_base_model(workspace: Workspace) -> str:
-    """The latest registered version of ``gptflow-<default preset>`` (what ``gptflow pretrain``
-    registers), as a ``models:/`` URI; a ``ModelSourceError`` saying what to do when there is none."""
-    name = f"gptflow-{DEFAULT_PRESET}"
-    client = MlflowClient(workspace.tracking_uri, registry_uri=workspace.tracking_uri)
-    versions = client.search_model_versions(f"name = '{name}'")
-    if versions:
-        return f"models:/{name}/{max(int(version.version) for version in versions)}"
-    others = sorted(registered.name for registered in client.search_registered_models()
-                    if registered.name.startswith("gptflow-") and registered.name not in REGISTERED_MODELS.values())
-    hint = f" Models registered there: {', '.join(others)} (e.g. --model models:/{others[0]}/1)." if others else ""
-    raise ModelSourceError(
-        f"No base model given and no {name} model is registered in {workspace.tracking_uri}. Train one first with "
-        f"`gptflow pretrain` (registers {name}; about 10 minutes on 2 CPU cores), or pass --model: an MLflow model "
-        f"URI, a run id or a model directory.{hint}"
-    )
 
 
 # --- demo data ------------------------------------------------------------------------------
@@ -151,8 +136,8 @@ def prepare_data(
         **{f"dataset.{split}_tokens": count for split, count in prepared.tokens.items()},
         **{f"dataset.{split}_truncated": count for split, count in prepared.truncated.items()},
         "dataset.skipped": skips.total,
+        "data_fingerprint": prepared.fingerprint,
     })
-    run.set_tags({"gptflow.data_fingerprint": prepared.fingerprint})
     if objective == "tagging":
         run.log_params({f"dataset.{split}_{name}_spans" if name != "total" else f"dataset.{split}_spans": count
                         for split, counts in prepared.spans.items() for name, count in counts.items()})
@@ -219,8 +204,9 @@ def train_task(
     if result.classifier_dir:
         weights_hash = hash_json([weights_hash, read_contents_hash(result.classifier_dir)])
     run = PipelineRun.attach(workspace_root, tracking_uri, mlflow_run_id)
+    description = finetuned_description(objective, base.source, prepared.labels, config.lora_rank, result.steps)
     registered_model = _log_model(run, objective, result.model_dir, result.classifier_dir, run_dir_path / TOKENIZER_DIR,
-                                  weights_hash)
+                                  weights_hash, description)
     return FinetunedModel(
         run_dir=run_dir, model_dir=str(result.model_dir),
         classifier_dir=str(result.classifier_dir) if result.classifier_dir else None,
@@ -259,34 +245,33 @@ def finetune_model(
     tuned = outcome.result
     run.record_stage("finetune", outcome.status)
     if outcome.status == "cached":
-        tuned = _registered_in_tracking_store(tuned, run)
-    run.set_tags({"gptflow.trained_in_run": tuned.trained_in_mlflow_run,
-                  REGISTERED_MODEL_TAG: tuned.registered_model})
-    if outcome.status == "cached":
-        # The training run logged the per-step curve; a cached run gets its end points.
-        run.log_metrics({"val/loss": tuned.initial_val_loss}, step=0)
-        run.log_metrics({"val/loss": tuned.final_val_loss,
-                         **({"train/loss": tuned.final_train_loss} if tuned.final_train_loss is not None else {})},
-                        step=tuned.steps)
+        description = finetuned_description(objective, base.source, prepared.labels, settings.finetune.lora_rank,
+                                            tuned.steps)
+        tuned = _registered_in_tracking_store(tuned, run, description)
+    run.set_tags({REGISTERED_MODEL_TAG: tuned.registered_model})
+    if tuned.trained_in_mlflow_run != run.run_id:
+        run.set_tags({"gptflow.trained_in_run": tuned.trained_in_mlflow_run})
+        show_reused_training(run, tuned.trained_in_mlflow_run, tuned.registered_model, Path(tuned.report_dir))
     run.log_params({"model.trainable_parameters": tuned.trainable_parameters,
                     "model.total_parameters": tuned.total_parameters})
     return tuned
 
 
-def _registered_in_tracking_store(tuned: FinetunedModel, run: PipelineRun) -> FinetunedModel:
+def _registered_in_tracking_store(tuned: FinetunedModel, run: PipelineRun, description: str) -> FinetunedModel:
     """``tuned`` with the run and registered version the tracking store holds it under (see
-    ``tasks.tracking.registry.version_holding``: a lost model is logged and registered again by ``run``)."""
+    ``tasks.tracking.registry.version_holding``: a lost model is logged and registered again by
+    ``run``, as ``description`` says)."""
     registered, trained_in = version_holding(
         run, REGISTERED_MODELS[tuned.objective], tuned.weights_hash, tuned.registered_model, tuned.trained_in_mlflow_run,
         log_again=lambda: _log_model(run, tuned.objective, Path(tuned.model_dir),
                                      Path(tuned.classifier_dir) if tuned.classifier_dir else None,
-                                     Path(tuned.tokenizer_dir), tuned.weights_hash),
+                                     Path(tuned.tokenizer_dir), tuned.weights_hash, description),
     )
     return dataclasses.replace(tuned, registered_model=registered, trained_in_mlflow_run=trained_in)
 
 
 def _log_model(run: PipelineRun, objective: str, model_dir: Path, classifier_dir: Path | None,
-               tokenizer_dir: Path, weights_hash: str) -> str:
+               tokenizer_dir: Path, weights_hash: str, description: str) -> str:
     artifacts = {"model": model_dir, "tokenizer": tokenizer_dir / TOKENIZER_FILE}
     if objective == "sft":
         artifacts["chat_template"] = tokenizer_dir / CHAT_TEMPLATE_FILE
@@ -302,7 +287,7 @@ def _log_model(run: PipelineRun, objective: str, model_dir: Path, classifier_dir
         artifacts["classifier"] = classifier_dir
         example = (["def parse(self, text):"], ["email"], None)
     return run.log_pyfunc_model(MLFLOW_MODEL_MODULES[objective], artifacts, *example, REGISTERED_MODELS[objective],
-                                weights_hash)
+                                weights_hash, description)
 
 
 # --- evaluate -------------------------------------------------------------------------------
@@ -374,7 +359,7 @@ def evaluate_finetuned(
     )
     report = outcome.result
     run.record_stage("evaluate", outcome.status)
-    run.log_metrics(report.metrics, step=tuned.steps)
+    run.log_metrics(report.metrics, step=tuned.steps, model_of_run=tuned.trained_in_mlflow_run)
     run.log_artifact(Path(report.directory), "eval")
     metrics = report.metrics
     if tuned.objective == "classification":

@@ -35,6 +35,7 @@ from gptflow.model.transformers_import import (
 )
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.progress import human_count
+from gptflow.tasks.tracking.registry import describe_gpt
 from gptflow.tasks.tracking.run import pipeline_run
 
 IMPORTS_DIR = "imports"
@@ -101,7 +102,8 @@ def import_checkpoint(source: str, workspace: Workspace, revision: str | None = 
         run.log_params({"source": source, "revision": revision or "", "architecture": architecture,
                         "added_tokens": ",".join(added),
                         **{f"model.{field}": value for field, value in asdict(config).items()}})
-        registered = run.log_text_generator(final_dir, tokenizer_file, f"gptflow-import-{_model_name(source)}")
+        registered = run.log_text_generator(final_dir, tokenizer_file, f"gptflow-import-{_model_name(source)}",
+                                            f"Text generator: {describe_gpt(config)}, imported from {source}.")
     return ImportedModel(source, str(run_dir), architecture, parameter_count(config), added, registered, run.run_id,
                          reused)
 

@@ -61,14 +61,15 @@ def prepare_tokenizer(
     tokenizer = outcome.result
     run.record_stage("tokenizer", outcome.status)
     if kept:
-        origin = f"reused from run {kept['mlflow_run_id']}"
+        origin = f"reused from run {kept['mlflow_run_id'][:8]}"  # readable whole on the run's page
         run_logger().info(
             f"tokenizer: keeping the tokenizer of run {kept['mlflow_run_id']} so unchanged files keep their "
             "token shards; pass --retrain-tokenizer to train one on the current corpus"
         )
     else:
         origin = "trained" if outcome.status == "executed" else "cached"
-    run.set_tags({"gptflow.tokenizer_hash": tokenizer.hash, "gptflow.tokenizer.origin": origin})
+    run.log_params({"tokenizer_hash": tokenizer.hash})
+    run.set_tags({"gptflow.tokenizer.origin": origin})
     run.log_artifact(Path(tokenizer.path).parent, "tokenizer")
     lineage.keep_tokenizer(settings_key, {
         "stage_key": key,

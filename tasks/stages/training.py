@@ -48,8 +48,14 @@ from gptflow.tasks.runtime.rendezvous import Rendezvous
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.stages.training_job import TrainedModel, TrainingJob
 from gptflow.tasks.tracking.progress import run_logger
-from gptflow.tasks.tracking.registry import GENERATOR_MODULE, REGISTERED_MODEL_TAG, version_holding
+from gptflow.tasks.tracking.registry import (
+    GENERATOR_MODULE,
+    REGISTERED_MODEL_TAG,
+    pretrained_description,
+    version_holding,
+)
 from gptflow.tasks.tracking.run import PipelineRun
+from gptflow.tasks.tracking.training_reporter import show_reused_training
 
 HASHED_SETTINGS = {
     "continuation": "another starting point (continued model or data it had seen)",
@@ -268,18 +274,17 @@ def _kept_model(kept: ModelRecord, registered_model_name: str, run: PipelineRun,
     """The lineage's model, kept as it is (no new training data since it was trained)."""
     trained = _registered_in_tracking_store(TrainedModel(**kept.trained), registered_model_name, run, artifacts)
     run.record_stage("pretrain", "cached")
-    run.set_tags({"gptflow.training": "kept", "gptflow.trained_in_run": trained.trained_in_mlflow_run,
-                  REGISTERED_MODEL_TAG: trained.registered_model})
+    run.set_tags({"gptflow.training": "kept", REGISTERED_MODEL_TAG: trained.registered_model})
+    _show_training_reused(run, trained)
     return trained
 
 
 def _tag_training(run: PipelineRun, trained: TrainedModel, plan: TrainingPlan, init_from: InitialModel | None) -> None:
-    """How the model was trained, by which run, and its registered version; and its loss curves.
-    The model itself was logged and registered by the run that trained it (the tags name it): a
-    cached run does not upload it again."""
+    """How the model was trained and its registered version; and its loss curves. The model
+    itself was logged and registered by the run that trained it: a cached run does not upload it
+    again, and shows the training it reused (``_show_training_reused``)."""
     tags = {
         "gptflow.training": "continued" if plan.continue_from else "initialized" if init_from else "from_scratch",
-        "gptflow.trained_in_run": trained.trained_in_mlflow_run,
         REGISTERED_MODEL_TAG: trained.registered_model,
     }
     if plan.continue_from is not None:
@@ -287,6 +292,15 @@ def _tag_training(run: PipelineRun, trained: TrainedModel, plan: TrainingPlan, i
     if init_from is not None:
         tags["gptflow.init_from"] = init_from.source
     run.set_tags(tags)
+    _show_training_reused(run, trained)
+
+
+def _show_training_reused(run: PipelineRun, trained: TrainedModel) -> None:
+    """A run whose model an earlier run trained: that run in ``gptflow.trained_in_run``, and in
+    MLflow's pages its model, curves and a line saying so (``show_reused_training``)."""
+    if trained.trained_in_mlflow_run != run.run_id:
+        run.set_tags({"gptflow.trained_in_run": trained.trained_in_mlflow_run})
+        show_reused_training(run, trained.trained_in_mlflow_run, trained.registered_model, Path(trained.report_dir))
 
 
 def _run_tokenizer(trained: TrainedModel, artifacts: ArtifactStore) -> Path:
@@ -302,7 +316,9 @@ def _registered_in_tracking_store(trained: TrainedModel, name: str, run: Pipelin
     ``tasks.tracking.registry.version_holding``: a lost model is logged and registered again by ``run``)."""
     registered, trained_in = version_holding(
         run, name, trained.weights_hash, trained.registered_model, trained.trained_in_mlflow_run,
-        log_again=lambda: run.log_text_generator(Path(trained.final_dir), _run_tokenizer(trained, artifacts), name),
+        log_again=lambda: run.log_text_generator(
+            Path(trained.final_dir), _run_tokenizer(trained, artifacts), name,
+            pretrained_description(ModelConfig(**trained.model_config), trained.steps, trained.tokens_seen)),
     )
     return dataclasses.replace(trained, registered_model=registered, trained_in_mlflow_run=trained_in)
 

@@ -38,6 +38,7 @@ from gptflow.model.pretraining import Continuation, run_pretraining
 from gptflow.tasks.runtime.rendezvous import RendezvousError
 from gptflow.tasks.runtime.torchrun import JOB_KEY, launch_ranks, number_from_head_node, rendezvous_store, run_rank
 from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.tracking.registry import pretrained_description
 from gptflow.tasks.tracking.run import PipelineRun
 from gptflow.tasks.tracking.training_reporter import TrainingReporter, system_metrics
 
@@ -125,7 +126,9 @@ class TrainingJob:
         # Beside checkpoints/ and final/, so a checkpoint directory alone names its tokenizer.
         copy_file_atomic(Path(self.tokenizer_file), Path(self.run_dir) / TOKENIZER_FILE)
         artifacts.share(Path(self.run_dir) / TOKENIZER_FILE)
-        registered_model = run.log_text_generator(result.final_dir, Path(self.tokenizer_file), self.registered_model_name)
+        description = pretrained_description(ModelConfig(**self.model_config), result.steps, result.tokens_seen)
+        registered_model = run.log_text_generator(result.final_dir, Path(self.tokenizer_file),
+                                                  self.registered_model_name, description)
         return TrainedModel(
             run_dir=self.run_dir, final_dir=str(result.final_dir), report_dir=str(Path(self.run_dir) / REPORT_DIR),
             weights_hash=read_contents_hash(result.final_dir), model_config=self.model_config, steps=result.steps,

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from gptflow.data.commits import CONTENTS_FILE
 from gptflow.data.disk_space import reporting_out_of_space
 from gptflow.tasks.tracking.experiments import local_path
 from gptflow.tasks.tracking.registry import (
@@ -37,23 +38,32 @@ class OperationSender:
             case "log_batch":
                 model_of_run = operation.get("model_of_run")
                 model_id = logged_model_id(self.client, model_of_run) if model_of_run else None
+                # What a model's metrics were measured on: its page lists it as a dataset it used.
+                dataset_name, dataset_digest = (operation.get("dataset") if model_id else None) or (None, None)
                 self.client.log_batch(
                     self.run_id,
-                    metrics=[Metric(key, value, timestamp, step, model_id=model_id)
+                    metrics=[Metric(key, value, timestamp, step, model_id=model_id, dataset_name=dataset_name,
+                                    dataset_digest=dataset_digest)
                              for key, value, timestamp, step in operation.get("metrics", [])],
                     params=[Param(key, value) for key, value in operation.get("params", [])],
                     tags=[RunTag(key, self._tag_value(key, value)) for key, value in operation.get("tags", [])],
                 )
             case "log_artifact":
                 path, artifact_path = Path(operation["path"]), operation["artifact_path"]
-                log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
                 with reporting_out_of_space(f"{self.artifact_root}/{artifact_path}" if artifact_path else self.artifact_root):
-                    log(self.run_id, str(path), artifact_path)
+                    if path.is_dir():
+                        self._log_directory(path, artifact_path)
+                    else:
+                        self.client.log_artifact(self.run_id, str(path), artifact_path)
             case "log_text":
                 with reporting_out_of_space(f"{self.artifact_root}/{operation['artifact_file']}"):
                     self.client.log_text(self.run_id, operation["text"], operation["artifact_file"])
             case "log_input":
                 self._log_input(operation)
+            case "log_model_input":
+                model_id = logged_model_id(self.client, operation["model_of_run"])
+                if model_id is not None:  # a run logged before runs had logged models holds its model as artifacts
+                    self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
             case "set_terminated":
                 self.client.set_terminated(self.run_id, operation["status"], operation["end_time"])
             case "log_model":
@@ -69,6 +79,15 @@ class OperationSender:
         """Where the run's artifacts go: a folder for a local store (the workspace's ``mlartifacts/``),
         named in the error when it runs out of space; else a URI."""
         return local_path(self.client.get_run(self.run_id).info.artifact_uri)
+
+    def _log_directory(self, directory: Path, artifact_path: str | None) -> None:
+        """The files of ``directory`` but a store directory's integrity record (``contents.json``,
+        bookkeeping of the store that a user browsing the run's artifacts has no use for)."""
+        for path in sorted(directory.rglob("*")):
+            if path.is_file() and path != directory / CONTENTS_FILE:
+                folder = path.parent.relative_to(directory).as_posix()
+                parts = [part for part in (artifact_path, folder) if part and part != "."]
+                self.client.log_artifact(self.run_id, str(path), "/".join(parts) or None)
 
     def _log_input(self, operation: dict[str, Any]) -> None:
         sources = operation["sources"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from prefect.runtime import flow_run
 
 from gptflow.data.commits import read_contents_hash
@@ -55,7 +56,7 @@ class PipelineRun:
     """The MLflow run of one flow run; the flow and its tasks log through it."""
 
     def __init__(self, client: MlflowClient, run_id: str, outbox: Outbox, name: str = "",
-                 experiment_id: str = "", workflow: str = "") -> None:
+                 experiment_id: str = "", workflow: str = "", description: str = "") -> None:
         self.client = client
         self.run_id = run_id
         self.outbox = outbox
@@ -63,6 +64,11 @@ class PipelineRun:
         self.experiment_id = experiment_id
         self.workflow = workflow
         """The kind of work (``tasks.tracking.experiments.WORKFLOWS``), whose experiment holds the run."""
+        self.description = description
+        """The run's description (markdown) as this object last set it."""
+        self.dataset: list[str] | None = None
+        """``[name, digest]`` of the dataset this run logged last (``log_dataset``): the metrics it
+        attaches to a model were measured on it, and the model's page lists it."""
         self.stage_statuses: dict[str, str] = {}
         self.tags: dict[str, str] = {}
         self.writer = OutboxedWriter(outbox, OperationSender(client, run_id))
@@ -89,15 +95,16 @@ class PipelineRun:
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, model_of_run: str | None = None) -> None:
         """``model_of_run``: the run whose logged model the metrics measure, so MLflow's Models tab
-        shows them too."""
+        and the model's page show them too, with the run's ``dataset`` they were measured on."""
         timestamp = _now_ms()
         self.log_metric_points([[key, float(value), timestamp, step] for key, value in metrics.items()], model_of_run)
 
     def log_metric_points(self, points: list[list[Any]], model_of_run: str | None = None) -> None:
         """``points``: ``[key, value, timestamp in ms, step]`` each."""
+        dataset = self.dataset if model_of_run else None
         for start in range(0, len(points), METRICS_PER_BATCH):
             self.writer.write({"kind": "log_batch", "metrics": points[start:start + METRICS_PER_BATCH],
-                               "model_of_run": model_of_run})
+                               "model_of_run": model_of_run, "dataset": dataset})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file or directory of the workspace, where it stays until it is sent."""
@@ -109,27 +116,40 @@ class PipelineRun:
         counts as ``profile``, and what the run did with it (``context``: training, evaluation)."""
         self.writer.write({"kind": "log_input", "name": name, "digest": digest, "sources": sources,
                            "profile": profile, "context": context})
+        self.dataset = [name, digest]
+
+    def log_reused_model(self, trained_in_run: str) -> None:
+        """The model the run ``trained_in_run`` logged, as this run's input: a run that reused an
+        earlier training (cached) shows the model it stands for in its Models column."""
+        self.writer.write({"kind": "log_model_input", "model_of_run": trained_in_run})
+
+    def add_to_description(self, paragraph: str) -> None:
+        """Add ``paragraph`` (markdown) to the run's description, the first thing its page shows."""
+        self.description = "\n\n".join(part for part in (self.description, paragraph) if part)
+        self.set_tags({MLFLOW_RUN_NOTE: self.description})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """``text`` as the artifact ``artifact_file`` (e.g. ``eval/report.json``)."""
         self.writer.write({"kind": "log_text", "text": text, "artifact_file": artifact_file})
 
-    def log_text_generator(self, model_dir: Path, tokenizer_file: Path, registered_name: str) -> str:
-        """Log a trained model as an MLflow pyfunc model at artifact path ``model`` and register
-        it as a new version of ``registered_name``; returns ``name/version``."""
+    def log_text_generator(self, model_dir: Path, tokenizer_file: Path, registered_name: str, description: str) -> str:
+        """Log a trained model as an MLflow pyfunc model that writes text, described by
+        ``description``, and register it as a new version of ``registered_name``; returns
+        ``name/version``."""
         return self.log_pyfunc_model(
             GENERATOR_MODULE, {"model": model_dir, "tokenizer": tokenizer_file}, ["def parse("], ["def parse(text):"],
-            dataclasses.asdict(SamplingConfig()), registered_name, read_contents_hash(model_dir),
+            dataclasses.asdict(SamplingConfig()), registered_name, read_contents_hash(model_dir), description,
         )
 
     def log_pyfunc_model(
         self, code_module: str, artifacts: dict[str, Path], example_input: list[str], example_output: list[str],
-        params: dict[str, Any] | None, registered_name: str, weights_hash: str,
+        params: dict[str, Any] | None, registered_name: str, weights_hash: str, description: str,
     ) -> str:
         """Log the module ``code_module`` (an MLflow model from code) with ``artifacts`` and gptflow's
-        pure packages as an MLflow logged model named ``model``, an output of this run (MLflow's
-        Models tab and the run's Models column show it; ``runs:/<run id>/model`` finds it), and
-        register it as a new version of ``registered_name``, tagged with ``weights_hash``
+        pure packages as an MLflow logged model named ``registered_name``, an output of this run
+        (MLflow's Models tab and the run's Models column show it; ``runs:/<run id>/<name>`` finds
+        it), with ``description`` and the settings that made it as params, and register it as a new
+        version of ``registered_name``, described alike and tagged with ``weights_hash``
         (``tasks.tracking.registry``); returns ``name/version``, whose version is ``pending`` while
         the outbox keeps the model (its replay registers it, and sets the version in the run's
         ``gptflow.registered_model`` tag). Its signature and input example come from
@@ -139,7 +159,7 @@ class PipelineRun:
             "kind": "log_model", "code_module": code_module,
             "artifacts": {name: str(path) for name, path in artifacts.items()},
             "example_input": example_input, "example_output": example_output, "params": params,
-            "registered_name": registered_name, "weights_hash": weights_hash,
+            "registered_name": registered_name, "weights_hash": weights_hash, "description": description,
         })
         return registered or f"{registered_name}/{PENDING_VERSION}"
 
@@ -237,10 +257,10 @@ def pipeline_run(workspace: Workspace, workflow: str, tags: dict[str, Any], name
     mark_runs_of_dead_processes_killed(client, existing_experiment_ids(client), workspace)
     tags = {**flow_run_tags(), **process_tags(), **tags}
     if "prefect.flow_run_url" in tags:
-        tags["mlflow.note.content"] = f"Prefect flow run: [{run_name}]({tags['prefect.flow_run_url']})"
+        tags[MLFLOW_RUN_NOTE] = f"Prefect flow run: [{run_name}]({tags['prefect.flow_run_url']})"
     created = client.create_run(experiment, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     run = PipelineRun(client, created.info.run_id, Outbox(workspace, created.info.run_id), run_name, experiment,
-                      workflow)
+                      workflow, tags.get(MLFLOW_RUN_NOTE, ""))
     try:
         yield run
     except BaseException:

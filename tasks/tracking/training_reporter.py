@@ -1,5 +1,6 @@
 """What a training reports while it runs, for pretraining and fine-tuning alike: batched MLflow
-metrics, console and Prefect progress, the loss history and its plot, the machine's metrics."""
+metrics, console and Prefect progress, the loss history and its plot, the machine's metrics; and
+what a run whose training was cached shows of the training it reuses."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pathlib import Path
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from gptflow.tasks.tracking.progress import human_count, human_duration, run_logger
+from gptflow.tasks.tracking.registry import is_pending
 from gptflow.tasks.tracking.run import BufferedMetrics, PipelineRun
+from gptflow.tasks.tracking.runs_view import ML_VIEW
 
 PROGRESS_LINE: tuple[tuple[str, Callable[[float], str]], ...] = (
     ("train/loss", lambda loss: f"loss {loss:.3f}"),
@@ -27,6 +30,7 @@ PROGRESS_LINE: tuple[tuple[str, Callable[[float], str]], ...] = (
 """The metrics a training's progress line shows when a step reports them, in order, and how."""
 LOSS_CURVE_FILE = "loss_curve.png"
 HISTORY_FILE = "history.json"
+"""In a training's report folder: each curve's ``[step, value]`` points, by metric name."""
 
 
 class TrainingEta:
@@ -148,6 +152,28 @@ def plot_loss_curve(
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def show_reused_training(run: PipelineRun, trained_in_run: str, registered_model: str, report_dir: Path) -> None:
+    """What a run whose training was cached shows of the training it reuses, so that its pages,
+    charts and a sweep's comparison read as whole as that training run's: the curves of the
+    training's history (in ``report_dir``), that run's model as this run's input (its Models
+    column), and a paragraph of its description linking both."""
+    history = json.loads((report_dir / HISTORY_FILE).read_text())
+    timestamp = int(time.time() * 1000)
+    run.log_metric_points([[name, value, timestamp, step]
+                           for name, series in history.items() for step, value in series])
+    run.log_reused_model(trained_in_run)
+    name, _, version = registered_model.rpartition("/")
+    model = (registered_model if is_pending(registered_model)
+             else f"[{registered_model}](#/models/{name}/versions/{version}?{ML_VIEW})")
+    # A run of the same flow trained it, in this run's experiment; were it another's, MLflow shows it all the same.
+    trained_by = f"[{trained_in_run[:8]}](#/experiments/{run.experiment_id}/runs/{trained_in_run}?{ML_VIEW})"
+    run.add_to_description(
+        f"**Reused training**: run {trained_by} trained this model, "
+        f"{model}, on the same data and settings, so this run trained nothing; its loss curves are copied from that "
+        "run."
+    )
 
 
 @contextlib.contextmanager

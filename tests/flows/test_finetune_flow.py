@@ -89,6 +89,7 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
         in first.runs_table
     assert second_run.data.tags["gptflow.stage.finetune"] == "cached"
     assert second_run.data.tags["gptflow.trained_in_run"] == first.mlflow_run_id
+    assert "gptflow.trained_in_run" not in first_run.data.tags  # it trained its model itself
     params = first_run.data.params
     assert params["base_model"] == BASE and params["base_weights_hash"] == first.base_weights_hash
     assert params["finetune.lora_rank"] == "4" and params["finetune.max_length"] == "128"
@@ -97,13 +98,31 @@ def test_sft_with_lora_is_logged_registered_and_cached_on_rerun(workspace, clien
     val_losses = client.get_metric_history(first.mlflow_run_id, "val/loss")
     assert [metric.step for metric in val_losses] == [0, 3, 6]
     assert [metric.step for metric in client.get_metric_history(first.mlflow_run_id, "train/loss")] == [2, 4, 6]
+    # The cached run shows the curves of the training it reused, and that training's model.
+    assert [(metric.step, metric.value) for metric in client.get_metric_history(second.mlflow_run_id, "val/loss")] == [
+        (metric.step, metric.value) for metric in val_losses]
     assert second_run.data.metrics["val/loss"] == pytest.approx(first.final_val_loss)
+    [model] = [client.get_logged_model(output.model_id) for output in first_run.outputs.model_outputs]
+    assert [model_input.model_id for model_input in second_run.inputs.model_inputs] == [model.model_id]
+    assert f"/runs/{first.mlflow_run_id}?" in second_run.data.tags["mlflow.note.content"]
+    assert model.name == "gptflow-finetune-sft"
+    assert model.tags["mlflow.note.content"] == (f"Chat model: {BASE} fine-tuned to answer prompts (LoRA rank 4, "
+                                                 "6 steps).")
+    assert model.params["finetune.lora_rank"] == "4" and model.params["base_model"] == BASE
+    assert {metric.key for metric in model.metrics} >= {"eval/val_loss", "eval/base_val_loss"}
+    [dataset_input] = first_run.inputs.dataset_inputs
+    digest = params["data_fingerprint"][:8]
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("instructions.jsonl", digest)
+    assert {(metric.dataset_name, metric.dataset_digest) for metric in model.metrics} == {
+        ("instructions.jsonl", digest)}
     artifacts = artifact_paths(client, first.mlflow_run_id)
-    for expected in ("model/MLmodel", "model/artifacts/final/model.safetensors", "model/artifacts/tokenizer.json",
-                     "model/artifacts/chat_template.json", "eval/report.json", "eval/samples.md",
+    model_files = ("MLmodel", "artifacts/final/model.safetensors", "artifacts/tokenizer.json",
+                   "artifacts/chat_template.json")
+    for expected in (*(f"gptflow-finetune-sft/{path}" for path in model_files), "eval/report.json", "eval/samples.md",
                      "loss_curve.png", "data/prepared.json"):
         assert expected in artifacts
-    assert "model/MLmodel" not in artifact_paths(client, second.mlflow_run_id)
+    assert not [path for path in artifacts if path.endswith("contents.json") and not path.startswith("gptflow-")]
+    assert not [path for path in artifact_paths(client, second.mlflow_run_id) if path.endswith("MLmodel")]
 
     chat = _load_registered(workspace, "models:/gptflow-finetune-sft/1")
     sampling = {"max_new_tokens": 4, "temperature": 0.7, "top_k": 20, "seed": 3}
@@ -185,9 +204,16 @@ def test_classification_demo_reports_accuracy_f1_and_a_confusion_matrix(workspac
     assert set(metrics) >= {f"eval/f1/{package}" for package in CLASSIFICATION_PACKAGES}
     run = client.get_run(summary.mlflow_run_id)
     assert run.data.metrics["eval/accuracy"] == metrics["eval/accuracy"]
+    # The accuracy is the classifier's own: its logged model's page shows it.
+    [model] = [client.get_logged_model(output.model_id) for output in run.outputs.model_outputs]
+    assert {metric.key: metric.value for metric in model.metrics}["eval/accuracy"] == metrics["eval/accuracy"]
+    assert model.name == "gptflow-finetune-classification"
+    description = model.tags["mlflow.note.content"]
+    assert description.startswith(f"Classifier into {len(CLASSIFICATION_PACKAGES)} labels (")
+    assert description.endswith(f"{BASE} fine-tuned with a linear head (LoRA rank 4, 6 steps).")
     artifacts = artifact_paths(client, summary.mlflow_run_id)
     assert {"eval/confusion_matrix.png", "eval/predictions.jsonl", "eval/report.json",
-            "model/artifacts/classifier/head.safetensors"} <= artifacts
+            "gptflow-finetune-classification/artifacts/classifier/head.safetensors"} <= artifacts
     report = json.loads(Path(client.download_artifacts(summary.mlflow_run_id, "eval/report.json")).read_text())
     assert report["classes"]["labels"] == sorted(CLASSIFICATION_PACKAGES)
     assert sum(map(sum, report["classes"]["confusion"])) == metrics["eval/val_examples"]
@@ -255,7 +281,7 @@ def test_tagging_demo_reports_span_scores_and_a_token_confusion_matrix(workspace
     assert int(run.data.params["dataset.val_spans"]) >= metrics["eval/val_spans"]  # less the spans cut by max_length
     artifacts = artifact_paths(client, summary.mlflow_run_id)
     assert {"eval/confusion_matrix.png", "eval/predictions.jsonl", "eval/report.json",
-            "model/artifacts/classifier/head.safetensors"} <= artifacts
+            "gptflow-finetune-tagging/artifacts/classifier/head.safetensors"} <= artifacts
     report = json.loads(Path(client.download_artifacts(summary.mlflow_run_id, "eval/report.json")).read_text())
     assert report["classes"]["token_labels"] == ["O", *sorted(TAG_KINDS)]
     assert sum(support["support"] for support in report["classes"]["per_label"].values()) == metrics["eval/val_spans"]
@@ -332,6 +358,14 @@ def _conll_char_spans(words: list[str], tags: list[str]) -> list[tuple[int, int,
     return [tuple(span) for span in spans]
 
 
+def test_without_a_model_the_newest_pretrained_model_is_tuned_and_named(workspace, capsys):
+    settings = [argument for name, value in QUICK.items() for argument in ("--set", f"{name}={value}")]
+    assert main(["finetune", "--objective", "classification", *settings, "--workspace", str(workspace)]) == 0
+    output = capsys.readouterr()
+    assert f'gptflow: no --model given: fine-tuning {BASE}, the newest pretrained model (run "' in output.err
+    assert f"base model  {BASE} (weights" in output.out
+
+
 def test_bad_data_and_a_missing_default_model_are_one_line(workspace, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": ""}\n{"prompt": "b"}\nnot json\n')
@@ -340,9 +374,11 @@ def test_bad_data_and_a_missing_default_model_are_one_line(workspace, tmp_path, 
     assert "Traceback" not in error
     assert f"No usable training example in {bad}" in error and f"{bad}:3" in error
 
-    assert main(["finetune", "--workspace", str(workspace)]) == 2
-    error = capsys.readouterr().err.splitlines()[-1]
-    assert "no gptflow-cpu model is registered" in error and "gptflow pretrain" in error and "gptflow-tiny" in error
+    # Refused before any flow starts: one line, not Prefect's report of a failed flow run as well.
+    assert main(["finetune", "--workspace", str(tmp_path / "empty")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("no pretrained model (gptflow-<preset>) is registered") == 1 and "gptflow pretrain" in error
+    assert "Flow run" not in error and "Traceback" not in error
 
     assert main(["finetune", "--model", BASE, "--set", "finetune.max_length=4096", "--workspace", str(workspace)]) == 2
     assert "exceeds the base model's context of 128" in capsys.readouterr().err

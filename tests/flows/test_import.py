@@ -113,7 +113,7 @@ def test_pretraining_continues_from_an_imported_model_with_its_tokenizer_shape_a
     run = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(summary.mlflow_run_id)
     assert run.data.tags["gptflow.init_from"] == source and run.data.params["model.n_kv_head"] == "2"
     resolved = resolve_model(source, Workspace.resolve(workspace))
-    assert run.data.tags["gptflow.tokenizer_hash"] == resolved.tokenizer.hash
+    assert run.data.params["tokenizer_hash"] == resolved.tokenizer.hash
     imported = load_file(resolved.model_dir / "model.safetensors")
     [trained_dir] = (workspace / "store" / "runs").iterdir()
     trained = load_file(trained_dir / "final" / "model.safetensors")

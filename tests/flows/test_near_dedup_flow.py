@@ -57,7 +57,7 @@ def test_near_duplicate_removals_are_logged_per_source_and_the_setting_keys_the_
     # Off, the stage runs again (another key) on every file's unit from the first run, and
     # tokenize sees one more segment: the near copy's.
     assert off.data.tags["gptflow.stage.ingest"] == "executed"
-    assert off.data.tags["gptflow.ingest.files_reused"] == str(len(logged["by_source"]))
+    assert off.data.tags["gptflow.ingest.files"] == f"0 ingested, {len(logged['by_source'])} reused"
     assert "dataset.near_duplicates" not in off.data.params
     assert int(off.data.params["dataset.segments"]) == int(near.data.params["dataset.segments"]) + logged["total"]
-    assert off.data.tags["gptflow.data_fingerprint"] != near.data.tags["gptflow.data_fingerprint"]
+    assert off.data.params["data_fingerprint"] != near.data.params["data_fingerprint"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from gptflow.data.commits import is_complete
 
@@ -58,6 +59,9 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     assert len(addresses) == 2 and all(address.endswith("workflowType=machine_learning") for address in addresses)
     assert re.search(r"^compare     gptflow-pretrain: http://\S+/runs\?viewStateShareKey=gptflow&", second.stdout,
                      re.MULTILINE)
+    # The model is named where the run ends, whether it trained it or reused it.
+    for output in (first.stdout, second.stdout):
+        assert "\nmodel       models:/gptflow-tiny/1: gptflow generate --model models:/gptflow-tiny/1" in output
 
     workspace = Path(cli_env["GPTFLOW_HOME"])
     client, (first_run, second_run) = _runs_oldest_first(workspace)
@@ -86,7 +90,7 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
         # The corpus as the run's dataset: its fingerprint, source and counts.
         [dataset_input] = run.inputs.dataset_inputs
         profile = json.loads(dataset_input.dataset.profile)
-        assert profile["fingerprint"] == run.data.tags["gptflow.data_fingerprint"]
+        assert profile["fingerprint"] == run.data.params["data_fingerprint"]
         assert dataset_input.dataset.digest == profile["fingerprint"][:8]
         assert json.loads(dataset_input.dataset.source) == {"uri": str(tiny_corpus_dir)}
         assert profile["train_tokens"] == int(run.data.params["dataset.train_tokens"])
@@ -94,15 +98,18 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     assert first_run.data.metrics["eval/val_loss"] == second_run.data.metrics["eval/val_loss"]
 
     first_artifacts = artifact_paths(client, first_run.info.run_id)
-    for expected in ("tokenizer/tokenizer.json", "model/MLmodel", "model/artifacts/final/model.safetensors",
-                     "model/artifacts/final/config.json", "model/artifacts/tokenizer.json",
+    model_files = ("MLmodel", "artifacts/final/model.safetensors", "artifacts/final/config.json",
+                   "artifacts/tokenizer.json")
+    for expected in ("tokenizer/tokenizer.json", *(f"gptflow-tiny/{path}" for path in model_files),
                      "eval/report.json", "eval/samples.md", "loss_curve.png"):
         assert expected in first_artifacts
+    # The store's integrity records stay in the store (the model keeps its own: it keys what is computed from it).
+    assert not [path for path in first_artifacts if path.endswith("contents.json") and not path.startswith("gptflow-")]
     assert any(path.startswith("data/corpus-") for path in first_artifacts)
     assert any(path.startswith("data/tokens-") for path in first_artifacts)
     # The cached run carries the small artifacts again but points to the first run for the weights.
     second_artifacts = artifact_paths(client, second_run.info.run_id)
-    assert "eval/report.json" in second_artifacts and "model/MLmodel" not in second_artifacts
+    assert "eval/report.json" in second_artifacts and "gptflow-tiny/MLmodel" not in second_artifacts
     assert first_run.data.tags["gptflow.registered_model"] == second_run.data.tags["gptflow.registered_model"]
     assert first_run.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"
     assert (workspace / "mlartifacts").is_dir()
@@ -112,13 +119,42 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     assert first_run.info.run_name == f"pretrain tiny {tiny_corpus_dir.name}"
     with get_client(sync_client=True) as prefect:
         assert prefect.read_flow_run(first_run.data.tags["prefect.flow_run_id"]).name == first_run.info.run_name
+        [summary] = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["pretrain-summary"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[first_run.data.tags["prefect.flow_run_id"]])))
+    assert "| registered model | `models:/gptflow-tiny/1` |" in summary.data
     experiment = client.get_experiment(first_run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    _assert_model_described(client, first_run, second_run)
+
+
+def _assert_model_described(client: MlflowClient, first_run, second_run) -> None:
+    """The model is a logged model of the run that trained it, named, described, with its
+    settings, metrics and dataset; the run that reused the training shows that model, that run
+    and its curves."""
     [output] = first_run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
-    assert model.source_run_id == first_run.info.run_id
+    assert model.source_run_id == first_run.info.run_id and model.name == "gptflow-tiny"
+    assert re.fullmatch(r"Text generator: a GPT of [\d.]+K parameters \(2 layers, 64 wide, 64-token context\), "
+                        r"pretrained for 30 steps on [\d.]+K tokens\.", model.tags["mlflow.note.content"])
+    assert client.get_model_version("gptflow-tiny", "1").description == model.tags["mlflow.note.content"]
+    assert {name: model.params[name] for name in ("preset", "model.n_layer", "train.max_steps")} == {
+        "preset": "tiny", "model.n_layer": "2", "train.max_steps": "30"}
+    assert model.params["weights_hash"] and not [name for name in model.params if name.startswith("eval.")]
     assert {metric.key for metric in model.metrics} >= {"eval/val_loss", "eval/perplexity"}  # in the Models tab
+    [dataset_input] = first_run.inputs.dataset_inputs
+    assert {(metric.dataset_name, metric.dataset_digest) for metric in model.metrics} == {
+        (dataset_input.dataset.name, dataset_input.dataset.digest)}  # the page's "Datasets used"
     assert not second_run.outputs.model_outputs
+    # search_runs leaves model inputs out: get_run has them.
+    reused = client.get_run(second_run.info.run_id).inputs.model_inputs
+    assert [model_input.model_id for model_input in reused] == [model.model_id]
+    trained_by = first_run.info.run_id
+    assert f"/runs/{trained_by}?" in second_run.data.tags["mlflow.note.content"]
+    assert "gptflow.trained_in_run" not in first_run.data.tags
+    curves = [[(point.step, point.value) for point in client.get_metric_history(run.info.run_id, "val/loss")]
+              for run in (first_run, second_run)]
+    assert curves[0] == curves[1] and len(curves[0]) == 2
 
 
 def test_editing_code_that_only_evaluation_reaches_reruns_evaluation_alone(cli_env, tiny_corpus_dir, gptflow_copy):
@@ -135,7 +171,7 @@ def test_editing_code_that_only_evaluation_reaches_reruns_evaluation_alone(cli_e
     _, (first_run, second_run) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
     assert {stage: second_run.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {
         "ingest": "cached", "tokenizer": "cached", "tokenize": "cached", "pretrain": "cached", "evaluate": "executed"}
-    assert first_run.data.tags["gptflow.code_version"] != second_run.data.tags["gptflow.code_version"]
+    assert first_run.data.params["code_version"] != second_run.data.params["code_version"]
 
 
 def test_one_large_text_file_trains_and_validates_as_it_is(cli_env, tmp_path, stdlib_text):
@@ -164,7 +200,7 @@ def test_a_lost_mlflow_store_gets_the_cached_model_logged_and_registered_again(c
     _, (run,) = _runs_oldest_first(workspace)
     assert {run.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {"cached"}
     # The run logged the model again and registered it: the registry serves it.
-    assert run.data.tags["gptflow.trained_in_run"] == run.info.run_id
+    assert "gptflow.trained_in_run" not in run.data.tags
     assert run.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"
     generated = _gptflow("generate", "--model", "models:/gptflow-tiny/1", "--prompt", "def ", "--max-new-tokens", "4",
                          env=cli_env)
@@ -265,7 +301,7 @@ def test_a_data_mixture_trains_logs_its_weights_and_another_mixture_reuses_the_d
     assert {stage: second.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {
         "ingest": "cached", "tokenizer": "cached", "tokenize": "cached", "pretrain": "executed", "evaluate": "executed"}
     assert second.data.tags["gptflow.training"] == "from_scratch"
-    assert second.data.tags["gptflow.trained_in_run"] == second.info.run_id
-    assert first.data.tags["gptflow.data_fingerprint"] == second.data.tags["gptflow.data_fingerprint"]
+    assert "gptflow.trained_in_run" not in second.data.tags
+    assert first.data.params["data_fingerprint"] == second.data.params["data_fingerprint"]
     [dataset_input] = first.inputs.dataset_inputs
     assert dataset_input.dataset.name == "a b"

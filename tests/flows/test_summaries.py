@@ -1,16 +1,18 @@
-"""What a flow's summary says about how long its run took and where to see and compare it, in the
-terminal and in its Prefect artifact, built from made-up outcomes (no flow runs)."""
+"""What a flow's summary says about how long its run took, where to see and compare it, and
+which registered version holds its model, in the terminal and in its Prefect artifact, built from
+made-up outcomes (no flow runs)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from gptflow.flows.summaries import FlowSummary
+from gptflow.flows.summaries import FlowSummary, model_cell, model_line
 from gptflow.flows.sweep import SweepSummary
 from gptflow.tasks.sweep_plan import PointOutcome, SweepPoint
 
 SERVER = "http://127.0.0.1:5000/#/experiments/1"
 TABLE = f"{SERVER}/runs?viewStateShareKey=gptflow&workflowType=machine_learning"
+RUN_URL = f"{SERVER}/runs/abc?workflowType=machine_learning"
 
 
 def _run_id(character: str) -> str:
@@ -68,3 +70,19 @@ def test_the_wall_time_says_what_it_measures():
     assert ran_by_command.closing_lines() == ["wall time   1m00s since the command started, 38s in the flow run",
                                               "mlflow      run abc", "            http://mlflow",
                                               f"compare     gptflow-pretrain: {TABLE}"]
+
+
+
+def test_the_model_line_names_the_version_and_how_to_use_it():
+    assert model_line("gptflow-tiny/3", "gptflow generate --model {uri}") == (
+        "model       models:/gptflow-tiny/3: gptflow generate --model models:/gptflow-tiny/3")
+    assert model_line("gptflow-tiny/pending", "unused {uri}").startswith(
+        "model       gptflow-tiny/pending: registered once the run's MLflow outbox is sent")
+
+
+def test_the_artifact_links_the_version_in_mlflow_s_model_training_view():
+    # Prefect's UI shows a link's text as it is: code backticks only where nothing links.
+    assert model_cell("gptflow-tiny/3", RUN_URL) == (
+        "[models:/gptflow-tiny/3](http://127.0.0.1:5000/#/models/gptflow-tiny/versions/3?workflowType=machine_learning)")
+    assert model_cell("gptflow-tiny/3", None) == "`models:/gptflow-tiny/3`"
+    assert model_cell("gptflow-tiny/pending", RUN_URL) == "`models:/gptflow-tiny/pending`"

@@ -81,7 +81,7 @@ def test_a_sweep_nests_its_points_shares_the_data_stages_and_a_rerun_trains_only
     assert parent.data.metrics["sweep/points_completed"] == 4
     assert parent.data.tags["gptflow.sweep.best_run"] == best.mlflow_run_id
     description = parent.data.tags["mlflow.note.content"]
-    assert "| point | train.learning_rate | status | val loss |" in description and "| error |" not in description
+    assert "| point | train.learning_rate | status | eval/val_loss |" in description and "| error |" not in description
     artifacts = artifact_paths(client, first.mlflow_run_id)
     assert {"sweep/points.csv", "sweep/points.md", "sweep/val_loss_vs_train.learning_rate.png",
             "sweep/val_loss_curves.png"} <= artifacts
@@ -102,6 +102,16 @@ def test_a_sweep_nests_its_points_shares_the_data_stages_and_a_rerun_trains_only
     assert trainings == {"1e-3": "cached", "3e-3": "cached", "1e-2": "cached", "3e-2": "cached", "1e-1": "executed"}
     assert [o.val_loss for o in second.outcomes[:4]] == [o.val_loss for o in first.outcomes]
     assert len(_children(workspace, second.mlflow_run_id)) == 5
+    # A cached point names the run that trained it, in the table and on its own run, whose
+    # curves and model are that run's.
+    cached, trained_by = second.outcomes[0], first.outcomes[0].mlflow_run_id
+    assert f"| cached: trained by run {trained_by[:8]} |" in second.markdown(None)
+    cached_run = client.get_run(cached.mlflow_run_id)
+    assert f"/runs/{trained_by}?" in cached_run.data.tags["mlflow.note.content"]
+    assert [model.model_id for model in cached_run.inputs.model_inputs] == [
+        output.model_id for output in client.get_run(trained_by).outputs.model_outputs]
+    assert ([point.value for point in client.get_metric_history(cached.mlflow_run_id, "val/loss")]
+            == [point.value for point in client.get_metric_history(trained_by, "val/loss")])
 
 
 def test_a_failing_point_is_reported_and_the_others_complete(sweep_workspace):

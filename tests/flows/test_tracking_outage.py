@@ -117,7 +117,10 @@ def test_training_outlives_its_tracking_server_and_sync_sends_what_it_kept(prefe
         [output_model] = run.outputs.model_outputs
         model = client.get_logged_model(output_model.model_id)
         # The final eval metrics, kept before the model had an id, measure it (MLflow's Models tab).
-        assert model.name == "model" and "eval/val_loss" in {metric.key for metric in model.metrics}
+        assert model.name == "gptflow-tiny" and "eval/val_loss" in {metric.key for metric in model.metrics}
+        # Described, with its settings, when the outbox logged it: as a run reaching its server would.
+        assert model.tags["mlflow.note.content"].startswith("Text generator: a GPT of ")
+        assert model.params["preset"] == "tiny" and model.params["train.max_steps"] == str(STEPS)
         [version] = client.search_model_versions("name='gptflow-tiny'")
         assert (version.version, version.run_id) == ("1", run_id)
         assert run.data.tags["gptflow.registered_model"] == "gptflow-tiny/1"

@@ -12,10 +12,9 @@ from gptflow.model.checkpoint import save_final
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.finetune_config import FinetuneConfig
 from gptflow.model.gpt import GPT
-from gptflow.tasks.model_source import ModelSourceError
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import ConfigError, FinetuneSettings, build_config
-from gptflow.tasks.stages.finetuning import default_base_model
+from gptflow.tasks.tracking.registry import NoPretrainedModel, default_base_model
 from gptflow.tasks.tracking.run import pipeline_run
 
 
@@ -74,17 +73,23 @@ def _register(workspace: Workspace, tmp_path, name: str) -> None:
     final = save_final(tmp_path / name, GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)))
     tokenizer_file = tmp_path / name / "tokenizer.json"
     Tokenizer(models.BPE()).save(str(tokenizer_file))
-    with pipeline_run(workspace, "finetune", tags={}, name="register") as run:
-        run.log_text_generator(final, tokenizer_file, name)
+    with pipeline_run(workspace, "finetune", tags={}, name=f"register {name}") as run:
+        run.log_text_generator(final, tokenizer_file, name, "A test model.")
 
 
-def test_the_default_base_model_is_the_latest_gptflow_cpu_version(workspace, tmp_path):
-    with pytest.raises(ModelSourceError, match="no gptflow-cpu model is registered.*gptflow pretrain") as error:
+def test_the_default_base_model_is_the_newest_pretrained_model_and_says_which(workspace, tmp_path):
+    with pytest.raises(NoPretrainedModel, match=r"no pretrained model \(gptflow-<preset>\) is registered.*gptflow "
+                       "pretrain") as error:
         default_base_model(workspace)
     assert "Models registered there" not in str(error.value)
-    _register(workspace, tmp_path, "gptflow-tiny")
-    with pytest.raises(ModelSourceError, match="Models registered there: gptflow-tiny"):
+    _register(workspace, tmp_path, "gptflow-import-other")
+    with pytest.raises(NoPretrainedModel, match="Models registered there: gptflow-import-other/1"):
         default_base_model(workspace)
+    _register(workspace, tmp_path, "gptflow-tiny")
     _register(workspace, tmp_path, "gptflow-cpu")
     _register(workspace, tmp_path, "gptflow-cpu")
-    assert default_base_model(workspace) == "models:/gptflow-cpu/2"
+    uri, choice = default_base_model(workspace)
+    assert uri == "models:/gptflow-cpu/2"
+    assert choice.startswith('no --model given: fine-tuning models:/gptflow-cpu/2, the newest pretrained model '
+                             '(run "register gptflow-cpu", registered ')
+    assert choice.endswith("; also registered: gptflow-tiny/1. --model picks another.")

@@ -33,7 +33,7 @@ def logged_model(tmp_path, monkeypatch, bpe_tokenizer_file):
     final = save_final(tmp_path / "run", GPT(CONFIG))
     tokenizer_file = shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
     with pipeline_run(workspace, "pretrain", tags={}, name="source-test") as run:
-        registered = run.log_text_generator(final, tokenizer_file, "gptflow-test")
+        registered = run.log_text_generator(final, tokenizer_file, "gptflow-test", "A test model.")
     return workspace, run.run_id, registered, final
 
 
@@ -42,7 +42,7 @@ def test_logging_a_model_prints_none_of_mlflow_s_info_lines(tmp_path, monkeypatc
     final = save_final(tmp_path / "run", GPT(CONFIG))
     tokenizer_file = shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
     with pipeline_run(Workspace.resolve(tmp_path / "ws"), "pretrain", tags={}, name="quiet") as run:
-        run.log_text_generator(final, tokenizer_file, "gptflow-test")
+        run.log_text_generator(final, tokenizer_file, "gptflow-test", "A test model.")
     assert "mlflow.pyfunc" not in capfd.readouterr().err
 
 
@@ -50,9 +50,11 @@ def test_uri_run_id_and_directory_name_the_same_weights(logged_model):
     workspace, run_id, registered, final = logged_model
     by_version = resolve_model(f"models:/{registered}", workspace)
     by_run = resolve_model(run_id, workspace)
-    by_run_uri = resolve_model(f"runs:/{run_id}/model", workspace)
+    by_name = resolve_model(f"runs:/{run_id}/gptflow-test", workspace)
+    by_earlier_name = resolve_model(f"runs:/{run_id}/model", workspace)  # every model's name before they had their own
     by_directory = resolve_model(str(final), workspace)
-    assert by_version.weights_hash == by_run.weights_hash == by_run_uri.weights_hash == by_directory.weights_hash
+    assert (by_version.weights_hash == by_run.weights_hash == by_name.weights_hash == by_earlier_name.weights_hash
+            == by_directory.weights_hash)
     assert by_directory.tokenizer_file == final.parent / "tokenizer.json"
     assert by_version.tokenizer_hash == by_directory.tokenizer_hash
     assert by_version.config == by_directory.config == CONFIG

@@ -131,10 +131,12 @@ def test_the_tables_name_every_point_its_outcome_and_the_best():
     assert best is outcomes[1]
     rows = table_rows(outcomes, best)
     assert [row["point"] for row in rows] == ["1", "2 (best)", "3"]
-    assert rows[1]["train.learning_rate"] == "3e-3" and rows[1]["training"] == "cached"
-    assert rows[2]["val loss"] == "" and rows[2]["status"] == "failed"
+    assert rows[0]["training"] == "executed"
+    # A point whose training an earlier run did names that run (its MLflow run links it).
+    assert rows[1]["train.learning_rate"] == "3e-3" and rows[1]["training"] == "cached: trained by run run-old"
+    assert rows[2]["eval/val_loss"] == "" and rows[2]["status"] == "failed"
     markdown = markdown_table(rows, list(rows[0])).splitlines()
-    assert markdown[0].startswith("| point | train.learning_rate | status | val loss |")
+    assert markdown[0].startswith("| point | train.learning_rate | status | eval/val_loss |")
     assert "too few tokens \\| for this" in markdown[4]  # a | in an error does not split its cell
     lines = csv_table(outcomes).splitlines()
     assert lines[0].split(",")[:5] == ["point", "train.learning_rate", "status", "mlflow_run_id", "val_loss"]

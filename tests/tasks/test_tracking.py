@@ -11,12 +11,18 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from gptflow.data.commits import CONTENTS_FILE, read_contents_hash
 from gptflow.data.disk_space import OutOfSpaceError
+from gptflow.model.checkpoint import save_final
+from gptflow.model.config import ModelConfig
+from gptflow.model.gpt import GPT
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import TrackingServerUnreachable
 from gptflow.tasks.tracking.killed_runs import HOST_TAG, KILLED_TAG, PID_TAG
@@ -24,6 +30,7 @@ from gptflow.tasks.tracking.naming import run_name
 from gptflow.tasks.tracking.outbox import Outbox, send_outboxes
 from gptflow.tasks.tracking.run import BufferedMetrics, PipelineRun, pipeline_run
 from gptflow.tasks.tracking.server import server_unreachable
+from gptflow.tasks.tracking.training_reporter import HISTORY_FILE, show_reused_training
 
 
 @pytest.fixture()
@@ -48,6 +55,83 @@ def test_run_logs_params_tags_stage_status_and_artifacts_into_the_workspace(work
     assert stored.data.metrics["eval/val_loss"] == 2.5
     assert stored.info.artifact_uri.startswith(workspace.mlflow_artifacts.as_uri())
     assert (workspace.mlflow_artifacts / run.run_id / "artifacts/eval/report.json").exists()
+
+
+def test_a_store_directory_is_logged_without_its_integrity_record(workspace):
+    with workspace.artifacts.commit(workspace.store / "eval" / "key") as directory:
+        (directory / "report.json").write_text("{}")
+        (directory / "plots").mkdir()
+        (directory / "plots" / "curve.png").write_bytes(b"png")
+    assert (workspace.store / "eval" / "key" / CONTENTS_FILE).is_file()
+    with pipeline_run(workspace, "pretrain", tags={}, name="artifacts") as run:
+        run.log_artifact(workspace.store / "eval" / "key", "eval")
+    logged = workspace.mlflow_artifacts / run.run_id / "artifacts" / "eval"
+    assert sorted(path.relative_to(logged).as_posix() for path in logged.rglob("*") if path.is_file()) == [
+        "plots/curve.png", "report.json"]
+
+
+def _tiny_model(tmp_path, bpe_tokenizer_file) -> tuple[Path, Path]:
+    """A saved GPT of a few hundred parameters and its tokenizer: what a training leaves to log."""
+    torch.manual_seed(0)
+    final = save_final(tmp_path / "run", GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=384)))
+    return final, Path(shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json"))
+
+
+def _log_described_model(run: PipelineRun, final: Path, tokenizer_file: Path) -> str:
+    run.log_params({"preset": "tiny", "model.n_layer": 1, "train.learning_rate": 0.003, "eval.eval_tokens": 100,
+                    "sampling.top_k": 5})
+    run.log_dataset("corpus", "abcd1234", ["corpus/"], {"documents": 3}, context="training")
+    registered = run.log_text_generator(final, tokenizer_file, "gptflow-tiny", "Text generator: a test model.")
+    run.log_metrics({"eval/val_loss": 2.5}, step=3, model_of_run=run.run_id)
+    return registered
+
+
+def _assert_described(client: MlflowClient, run_id: str, final: Path) -> None:
+    """The run's logged model is named as its registered model, described, with the settings that
+    made it as params and its evaluation's metric measured on the run's dataset."""
+    [output] = client.get_run(run_id).outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "gptflow-tiny" and model.tags["mlflow.note.content"] == "Text generator: a test model."
+    assert model.params == {"preset": "tiny", "model.n_layer": "1", "train.learning_rate": "0.003",
+                            "weights_hash": read_contents_hash(final)}
+    [metric] = model.metrics
+    assert (metric.key, metric.value, metric.step) == ("eval/val_loss", 2.5, 3)
+    assert (metric.dataset_name, metric.dataset_digest) == ("corpus", "abcd1234")  # the page's "Datasets used"
+    version = client.get_model_version("gptflow-tiny", "1")
+    assert version.description == "Text generator: a test model." and version.source == model.artifact_location
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "gptflow-tiny", "version": 1}]
+
+
+def test_a_logged_model_is_named_described_and_carries_its_settings_metrics_and_dataset(
+    workspace, tmp_path, bpe_tokenizer_file
+):
+    final, tokenizer_file = _tiny_model(tmp_path, bpe_tokenizer_file)
+    with pipeline_run(workspace, "pretrain", tags={}, name="model") as run:
+        assert _log_described_model(run, final, tokenizer_file) == "gptflow-tiny/1"
+    _assert_described(MlflowClient(workspace.tracking_uri), run.run_id, final)
+
+
+def test_a_run_that_reused_a_training_shows_its_model_curves_and_where_they_come_from(
+    workspace, tmp_path, bpe_tokenizer_file
+):
+    final, tokenizer_file = _tiny_model(tmp_path, bpe_tokenizer_file)
+    with pipeline_run(workspace, "pretrain", tags={}, name="trained") as trained:
+        trained.log_text_generator(final, tokenizer_file, "gptflow-tiny", "Text generator: a test model.")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / HISTORY_FILE).write_text(json.dumps({"train/loss": [[5, 6.1], [10, 5.4]], "val/loss": [[10, 5.5]]}))
+    with pipeline_run(workspace, "pretrain", tags={}, name="cached") as cached:
+        show_reused_training(cached, trained.run_id, "gptflow-tiny/1", report)
+    client = MlflowClient(workspace.tracking_uri)
+    stored = client.get_run(cached.run_id)
+    assert [model.model_id for model in stored.inputs.model_inputs] == [
+        output.model_id for output in client.get_run(trained.run_id).outputs.model_outputs]
+    assert [(point.step, point.value) for point in client.get_metric_history(cached.run_id, "train/loss")] == [
+        (5, 6.1), (10, 5.4)]
+    description = stored.data.tags["mlflow.note.content"]
+    assert description.startswith(f"**Reused training**: run [{trained.run_id[:8]}]"
+                                  f"(#/experiments/{cached.experiment_id}/runs/{trained.run_id}?")
+    assert "[gptflow-tiny/1](#/models/gptflow-tiny/versions/1?" in description
 
 
 def test_run_is_marked_failed_when_the_flow_raises(workspace):
@@ -200,6 +284,19 @@ def test_writes_wait_in_the_outbox_while_the_server_is_away_then_replay_in_order
     assert [metric.value for metric in store.get_metric_history(run_id, "train/loss")] == [3.0, 2.0]
     assert {artifact.path for artifact in store.list_artifacts(run_id)} == {"eval", "notes"}
     assert (workspace.mlflow_artifacts / run_id / "artifacts/notes/hello.txt").read_text() == "hello"
+
+
+def test_a_model_logged_while_the_server_is_away_is_described_and_measured_when_replayed(
+    workspace, tmp_path, nowhere, bpe_tokenizer_file
+):
+    store, run_id = _new_run(workspace)
+    final, tokenizer_file = _tiny_model(tmp_path, bpe_tokenizer_file)
+    offline = PipelineRun(MlflowClient(nowhere), run_id, Outbox(workspace, run_id))
+    assert _log_described_model(offline, final, tokenizer_file) == "gptflow-tiny/pending"
+    _server_back_at(offline.outbox, workspace.tracking_uri)
+    [report] = send_outboxes(workspace)
+    assert report.kept == 0
+    _assert_described(store, run_id, final)
 
 
 def test_a_replay_that_stops_halfway_goes_on_after_the_last_operation_it_sent(workspace):
