@@ -192,7 +192,7 @@ def test_a_served_deployment_trains_and_lands_in_the_mlflow_server(stack, tiny_c
     assert {"data", "eval", "tokenizer", "loss_curve.png"} <= top_level  # the curve where MLflow's compare view finds it
     _assert_it_prints_each_experiment_s_runs_table((tmp_path / "serve.log").read_text(), stack["MLFLOW_TRACKING_URI"])
     [output] = mlflow_run.outputs.model_outputs  # the model: a logged model of the run, in MLflow's Models tab
-    assert client.get_logged_model(output.model_id).name == "model"
+    assert client.get_logged_model(output.model_id).name == "gptflow-tiny"  # named as its registered model
 
     [version] = client.search_model_versions("name='gptflow-tiny'")
     assert version.run_id == mlflow_run.info.run_id
