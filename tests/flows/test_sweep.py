@@ -105,7 +105,7 @@ def test_a_sweep_nests_its_points_shares_the_data_stages_and_a_rerun_trains_only
     # A cached point names the run that trained it, in the table and on its own run, whose
     # curves and model are that run's.
     cached, trained_by = second.outcomes[0], first.outcomes[0].mlflow_run_id
-    assert f"| cached: trained by run {trained_by[:8]} |" in second.markdown(None)
+    assert f"| cached: trained by run {trained_by[:8]} |" in second.markdown(lambda run_id: None)
     cached_run = client.get_run(cached.mlflow_run_id)
     assert f"/runs/{trained_by}?" in cached_run.data.tags["mlflow.note.content"]
     assert [model.model_id for model in cached_run.inputs.model_inputs] == [
