@@ -60,7 +60,14 @@ from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
 from gptflow.data.readers import read_documents
 from gptflow.data.redact import redact
 from gptflow.data.shards import SPLITS, RawShardWriter, read_unit_file, write_unit_file
-from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution, open_source, source_stamp
+from gptflow.data.sources import (
+    HUB_FORMAT,
+    SKIP_READ_ERROR,
+    SourceFile,
+    SourceResolution,
+    open_source,
+    source_stamp,
+)
 from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
 from gptflow.data.units import MapUnits, Progress, in_this_process
 
@@ -209,9 +216,10 @@ def ingest_corpus(
     units: list[CorpusUnit] = []
     for call in calls:
         unit, unit_skips = next(computed) if id(call) in pending_ids else ingest_unit(**call, found_in_store=True)
-        content_hashes.remember(call["source"], unit.content_hash)
         skips.merge(unit_skips)
-        units.append(unit)
+        if unit is not None:
+            content_hashes.remember(call["source"], unit.content_hash)
+            units.append(unit)
         done_bytes += _source_bytes(call["source"])
         if progress:
             progress(done_bytes, total_bytes)
@@ -243,11 +251,20 @@ def _known_unit_directory(call: dict[str, Any]) -> Path:
 
 
 def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig, store_dir: Path,
-                artifacts: ArtifactStore, code: str, found_in_store: bool = False) -> tuple[CorpusUnit, SkipReport]:
+                artifacts: ArtifactStore, code: str,
+                found_in_store: bool = False) -> tuple[CorpusUnit | None, SkipReport]:
     """One source file's unit, reused when complete in the store, else written; with the file's
     skipped records. ``known_hash``: the file's content hash, if known without reading it;
-    ``found_in_store``: the caller found the unit complete under it just now."""
-    content_hash = known_hash or _content_hash(source)
+    ``found_in_store``: the caller found the unit complete under it just now. A local file whose
+    read fails with an I/O error has no unit (None): it is skipped, counted, and read again next run."""
+    try:
+        content_hash = known_hash or _content_hash(source)
+    except OSError as error:
+        if source.is_object:  # an object store that is away is no property of the object: not a skip
+            raise
+        skips = SkipReport()
+        skips.add(SKIP_READ_ERROR, f"{source.path} ({error.strerror or error})")
+        return None, skips
     key = _unit_key(source, content_hash, config, code)
     directory = store_dir / "raw" / key
     reused = found_in_store or artifacts.is_complete(directory)

@@ -16,7 +16,7 @@ from gptflow.data.hashing import hash_bytes, split_by_hash
 from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus
 from gptflow.data.readers import SKIP_BINARY, SKIP_TOO_SHORT
 from gptflow.data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
-from gptflow.data.sources import SKIP_UNSUPPORTED, resolve_sources
+from gptflow.data.sources import SKIP_READ_ERROR, SKIP_UNSUPPORTED, SourceFile, resolve_sources
 from gptflow.data.store import LOCAL_STORE
 
 CONFIG = IngestConfig(val_fraction=0.3)
@@ -197,6 +197,21 @@ def test_corpus_too_small_for_a_validation_split_is_an_error_saying_what_to_do(w
     message = str(raised.value)
     assert "val split is empty (documents: 1, segments: 1;" in message
     assert "lower --set data.segment_chars=<chars>" in message and "data.val_fraction" in message
+
+
+def test_a_file_whose_read_fails_after_listing_is_skipped_counted_and_leaves_no_unit(
+    write_corpus, store_dir, make_documents
+):
+    # The disk fails between listing and ingesting: /proc/self/mem opens, then its read fails with EIO.
+    folder = write_corpus({"a.jsonl": jsonl(make_documents(20))})
+    (folder / "failing.txt").symlink_to("/proc/self/mem")
+    listed = resolve_sources([str(folder)]).files + [SourceFile(folder / "failing.txt", "text")]
+    manifest = ingest_corpus(listed, CONFIG, store_dir)
+    assert [Path(unit.source).name for unit in manifest.units] == ["a.jsonl"]
+    assert manifest.skips.counts == {SKIP_READ_ERROR: 1}
+    assert manifest.skips.examples[SKIP_READ_ERROR] == [f"{folder / 'failing.txt'} (Input/output error)"]
+    assert len(list((store_dir / "raw").iterdir())) == 1
+    assert str(folder / "failing.txt") not in json.loads((store_dir / "file-hashes.json").read_text())
 
 
 def test_failed_file_leaves_no_unit_directory_behind(write_corpus, store_dir, make_documents):
