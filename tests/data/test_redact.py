@@ -42,6 +42,48 @@ NEGATIVES = [
 ]
 
 
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+# Secrets known by their context, whatever their vendor: each form as written, and as it must be stored.
+SECRETS_IN_CONTEXT = [
+    (f'AWS_SECRET_ACCESS_KEY = "{AWS_SECRET}"', 'AWS_SECRET_ACCESS_KEY = "<SECRET>"'),
+    (f"export AWS_SECRET_ACCESS_KEY={AWS_SECRET}", "export AWS_SECRET_ACCESS_KEY=<SECRET>"),
+    (f"[default]\naws_access_key_id = AKIAIOSFODNN7EXAMPLE\naws_secret_access_key = {AWS_SECRET}\n",
+     "[default]\naws_access_key_id = <SECRET>\naws_secret_access_key = <SECRET>\n"),
+    (f'{{"AccessKeyId": "ASIAIOSFODNN7EXAMPLE", "SecretAccessKey": "{AWS_SECRET}"}}',
+     '{"AccessKeyId": "<SECRET>", "SecretAccessKey": "<SECRET>"}'),
+    (f"secret_access_key: {AWS_SECRET}", "secret_access_key: <SECRET>"),
+    (f"User,Access key ID,Secret access key\nci,AKIAIOSFODNN7EXAMPLE,{AWS_SECRET}",
+     "User,Access key ID,Secret access key\nci,<SECRET>,<SECRET>"),
+    (f"aws configure set aws_secret_access_key {AWS_SECRET}", "aws configure set aws_secret_access_key <SECRET>"),
+    ("password = 'hunter2!'", "password = '<SECRET>'"),
+    ("DB_PASSWD=hunter2000", "DB_PASSWD=<SECRET>"),
+    ('client_secret: "Zq8xW1vT9u"', 'client_secret: "<SECRET>"'),
+    ("config.api_key := 'k3y-v4lue-xyz'", "config.api_key := '<SECRET>'"),
+    (":auth_token => 'b7c1d2e3f4a5'", ":auth_token => '<SECRET>'"),
+]
+# Assignments to a secret's name that hold no secret: code, variables, words, placeholders.
+NOT_SECRETS = [
+    "token = self.get_token()", "password = getpass.getpass()", "self.token = nextchar", "cache_token = current_token",
+    'api_key = os.environ["API_KEY"]', "AWS_SECRET_ACCESS_KEY=$AWS_SECRET", 'token_type = "Bearer"',
+    'password = "password"', "pwd = os.getcwd()", "secret = secrets.token_hex(16)", 'if password == "abc12345":',
+    "password: str = None", '"password": "%(password)s"', "Token: the next token of the stream",
+    "sha1 = 3f2a9c1b3f2a9c1b3f2a9c1b3f2a9c1b3f2a9c1b  # AWS release", f"{AWS_SECRET} alone on its line",
+    "monkey = 'Banana1234'", "ACCESS_KEY_ID_LENGTH = 'twenty20'",
+]
+
+
+@pytest.mark.parametrize(("text", "stored"), SECRETS_IN_CONTEXT, ids=[str(i) for i in range(len(SECRETS_IN_CONTEXT))])
+def test_secrets_are_found_by_their_context_and_only_the_value_is_replaced(text, stored):
+    redacted, counts = redact(text)
+    assert redacted == stored
+    assert counts == {"secret": stored.count("<SECRET>")}
+
+
+@pytest.mark.parametrize("text", NOT_SECRETS)
+def test_assignments_to_a_secret_s_name_that_hold_no_secret_are_left_alone(text):
+    assert redact(text) == (text, {})
+
+
 @pytest.mark.parametrize(("value", "kind"), POSITIVES, ids=[kind + str(i) for i, (_, kind) in enumerate(POSITIVES)])
 def test_each_kind_is_replaced_in_place_and_counted(value, kind):
     text = f"Contact: {value}. Thanks!"
