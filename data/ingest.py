@@ -58,7 +58,7 @@ from gptflow.data.exact_dedup import drop_cross_file_duplicates
 from gptflow.data.hashing import hash_bytes, hash_json, hash_stream, split_by_hash
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
 from gptflow.data.readers import read_documents
-from gptflow.data.redact import redact
+from gptflow.data.redact import redact, redact_path
 from gptflow.data.shards import SPLITS, RawShardWriter, read_unit_file, write_unit_file
 from gptflow.data.sources import (
     HUB_FORMAT,
@@ -196,7 +196,7 @@ def ingest_corpus(
         datasketch_version()  # missing: said now, not after ingesting every file
     skips = SkipReport()
     if isinstance(sources, SourceResolution):
-        skips.merge(sources.skipped)
+        skips.merge(sources.skipped.renamed(lambda location: source_name(location, config)))
         sources = sources.files
     files = sorted(sources, key=lambda source: str(source.path))
     content_hashes = _ContentHashes(store_dir / FILE_HASH_CACHE)
@@ -218,7 +218,8 @@ def ingest_corpus(
         unit, unit_skips = next(computed) if id(call) in pending_ids else ingest_unit(**call, found_in_store=True)
         skips.merge(unit_skips)
         if unit is not None:
-            content_hashes.remember(call["source"], unit.content_hash)
+            if unit.source == str(call["source"].path):  # a path that carries personal data is written nowhere
+                content_hashes.remember(call["source"], unit.content_hash)
             units.append(unit)
         done_bytes += _source_bytes(call["source"])
         if progress:
@@ -257,26 +258,34 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
     skipped records. ``known_hash``: the file's content hash, if known without reading it;
     ``found_in_store``: the caller found the unit complete under it just now. A local file whose
     read fails with an I/O error has no unit (None): it is skipped, counted, and read again next run."""
+    name = source_name(str(source.path), config)
     try:
         content_hash = known_hash or _content_hash(source)
     except OSError as error:
         if source.is_object:  # an object store that is away is no property of the object: not a skip
             raise
         skips = SkipReport()
-        skips.add(SKIP_READ_ERROR, f"{source.path} ({error.strerror or error})")
+        skips.add(SKIP_READ_ERROR, f"{name} ({error.strerror or error})")
         return None, skips
     key = _unit_key(source, content_hash, config, code)
     directory = store_dir / "raw" / key
     reused = found_in_store or artifacts.is_complete(directory)
-    written = read_unit_file(directory) if reused else _ingest_unit(source, content_hash, config, directory, artifacts)
+    written = (read_unit_file(directory) if reused
+               else _ingest_unit(source, name, content_hash, config, directory, artifacts))
     unit = CorpusUnit(
-        source=str(source.path), content_hash=content_hash, key=key, directory=str(directory),
+        source=name, content_hash=content_hash, key=key, directory=str(directory),
         documents=written["documents"], cut_documents=written["cut_documents"],
         cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
         drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
         redactions=written.get("redactions", {}),
     )
-    return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], str(source.path))
+    return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], name)
+
+
+def source_name(path: str, config: IngestConfig) -> str:
+    """How everything gptflow writes or logs names the source file at ``path`` (or a location in
+    it): as it is, or with the personal data in its names redacted under ``data.redact_pii``."""
+    return redact_path(path) if config.redact_pii else path
 
 
 def _content_hash(source: SourceFile) -> str:
@@ -317,7 +326,7 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
     })
 
 
-def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, directory: Path,
+def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: IngestConfig, directory: Path,
                  artifacts: ArtifactStore) -> dict[str, Any]:
     skips = SkipReport()
     seen: set[str] = set()
@@ -357,13 +366,13 @@ def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, di
                 counts["cut_documents"] += 1
                 counts["cut_segments"] += n_segments
         written = {
-            "source": str(source.path),
+            "source": name,
             "content_hash": content_hash,
             "shards": writer.close(),
             **counts,
             "segments": segments,
             "bytes": text_bytes,
-            "skips": skips.to_dict(),
+            "skips": skips.relocated(str(source.path), name).to_dict(),
             "redactions": dict(redactions),
         }
         write_unit_file(tmp, written)

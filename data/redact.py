@@ -41,9 +41,14 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+from gptflow.data.sources import COMPRESSION_BY_SUFFIX, FORMAT_BY_SUFFIX
 
 REDACTION_KINDS = ("private_key", "secret", "email", "credit_card", "phone", "ip_address")
 REPLACEMENTS = {kind: f"<{kind.upper()}>" for kind in REDACTION_KINDS}
+_FILE_EXTENSIONS = set(FORMAT_BY_SUFFIX) | set(COMPRESSION_BY_SUFFIX)
+"""Kept out of a file name's redaction: ``a@b.com.txt``'s ``.txt`` would read as its domain's end."""
 
 _PRIVATE_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?"
                           r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----", re.DOTALL)
@@ -114,6 +119,22 @@ def redact(text: str) -> tuple[str, Counter[str]]:
         text = _redact_emails(text, counts)
     text = _redact_numbers(text, counts)
     return text, +counts  # without the kinds of count 0
+
+
+def redact_path(path: str) -> str:
+    """``path`` (a file's path or an object's URL) with the personal data and secrets in its folder
+    and file names replaced, each name read on its own and the extensions of the formats gptflow
+    reads kept: ``/mail/jane.doe@example.com.jsonl.gz`` → ``/mail/<EMAIL>.jsonl.gz`` (another
+    extension could be the end of an address's domain, and goes with it). Two names differing only
+    in what is redacted read the same."""
+    return "/".join(_redact_name(name) for name in path.split("/"))
+
+
+def _redact_name(name: str) -> str:
+    stem, extensions = name, ""
+    while (suffix := PurePosixPath(stem).suffix.lower()) in _FILE_EXTENSIONS:
+        stem, extensions = stem[: -len(suffix)], stem[-len(suffix):] + extensions
+    return redact(stem)[0] + extensions
 
 
 def _whole_word(match: re.Match[str], kind: str, counts: Counter[str]) -> str:

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from gptflow.data.hashing import hash_file
+from gptflow.data.ingest import source_name
 from gptflow.flows.arguments import NonNegativeInt, PositiveInt
 from gptflow.flows.checks import EvaluateInputs, check_evaluate
 from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run, sample_lines
@@ -225,7 +226,8 @@ def evaluate(
             "tokenizer_hash": source.tokenizer_hash,
             **{f"model.{name}": value for name, value in asdict(source.config).items()},
             **inputs.config.flatten(),
-            **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
+            **({"corpus": " ".join(source_name(spec, inputs.config.data) for spec in corpus), "split": split}
+               if corpus else {}),
             **({"multiple_choice": str(inputs.multiple_choice), "multiple_choice_hash": choice_hash}
                if inputs.multiple_choice else {}),
             **({"classification": str(inputs.classification)} if inputs.classification else {}),
@@ -259,7 +261,8 @@ def _score(model: str, source: ResolvedModel, inputs: EvaluateInputs, corpus: li
         data_fingerprint = corpus_manifest.fingerprint
         run.log_params({"data_fingerprint": data_fingerprint})
         tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace, run, units)
-        log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="evaluation")
+        log_corpus_dataset(run, [source_name(spec, config.data) for spec in corpus], corpus_manifest, tokens,
+                           context="evaluation")
         loss = score_loss(source, tokens, split, config.eval, workspace, run)
     choices = (score_multiple_choice(source, inputs.multiple_choice, choice_hash, workspace, run)
                if inputs.multiple_choice else None)
