@@ -202,7 +202,7 @@ def _secret_name_ends(text: str, lowered: str | None) -> list[int]:
 def _is_secret_value(value: str, quoted: bool) -> bool:
     """A literal that can be a secret: mixing kinds of characters (a word such as ``"password"`` or
     ``bearer`` is none); unquoted, also holding a digit and a letter and not naming code
-    (``self.token``, ``next_token``), a variable (``$TOKEN``, ``%(pass)s``) or a placeholder."""
+    (``self.token``, ``next_token2``), a variable (``$TOKEN``, ``%(pass)s``) or a placeholder."""
     if value[0] in "$%{<":  # a variable, a format placeholder, or a value redacted already
         return False
     kinds = (any(char.islower() for char in value), any(char.isupper() for char in value),
@@ -211,8 +211,11 @@ def _is_secret_value(value: str, quoted: bool) -> bool:
         return False
     if quoted:
         return True
-    has_letter = kinds[0] or kinds[1]
-    return kinds[2] and has_letter and not (_IDENTIFIER.fullmatch(value) and ("." in value or "_" in value))
+    lower, upper, digit = kinds[:3]
+    if not digit or not (lower or upper):
+        return False
+    # A name in code (``token2``, ``next_token``, ``self.token``) rarely mixes both cases and digits; a key does.
+    return not (_IDENTIFIER.fullmatch(value) and ("." in value or "_" in value)) or (lower and upper)
 
 
 def _redact_aws_secret_keys(text: str, lowered: str | None, counts: Counter[str]) -> str:

@@ -56,14 +56,14 @@ SECRETS_IN_CONTEXT = [
      "User,Access key ID,Secret access key\nci,<SECRET>,<SECRET>"),
     (f"aws configure set aws_secret_access_key {AWS_SECRET}", "aws configure set aws_secret_access_key <SECRET>"),
     ("password = 'hunter2!'", "password = '<SECRET>'"),
-    ("DB_PASSWD=hunter2000", "DB_PASSWD=<SECRET>"),
+    ("DB_PASSWD=hunter2000", "DB_PASSWD=<SECRET>"), ("DB_PASSWORD=U0vntBQ9uB7_", "DB_PASSWORD=<SECRET>"),
     ('client_secret: "Zq8xW1vT9u"', 'client_secret: "<SECRET>"'),
     ("config.api_key := 'k3y-v4lue-xyz'", "config.api_key := '<SECRET>'"),
     (":auth_token => 'b7c1d2e3f4a5'", ":auth_token => '<SECRET>'"),
 ]
 # Assignments to a secret's name that hold no secret: code, variables, words, placeholders.
 NOT_SECRETS = [
-    "token = self.get_token()", "password = getpass.getpass()", "self.token = nextchar", "cache_token = current_token",
+    "token = self.get_token()", "token = next_token2", "password = getpass.getpass()", "self.token = nextchar", "cache_token = current_token",
     'api_key = os.environ["API_KEY"]', "AWS_SECRET_ACCESS_KEY=$AWS_SECRET", 'token_type = "Bearer"',
     'password = "password"', "pwd = os.getcwd()", "secret = secrets.token_hex(16)", 'if password == "abc12345":',
     "password: str = None", '"password": "%(password)s"', "Token: the next token of the stream",
