@@ -21,7 +21,10 @@ only) nor ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``
 counts: documents read (each once), documents cut and the segments they became, segments and
 bytes per split, duplicates dropped within the file, redactions, skips. Which files' hashes are
 known without reading them is remembered in ``file-hashes.json`` (``FILE_HASH_CACHE``, by
-``data.sources.source_stamp``), so a rerun hashes only new or changed files.
+``data.sources.source_stamp``), so a rerun hashes only new or changed files. With ``redact_pii``,
+what is written names a source as ``source_name`` does, its names' personal data redacted, and a
+file whose path carries some is left out of ``file-hashes.json``. A local file whose read fails
+(EIO: a failing disk, a stale mount) is a counted skip without a unit, read again next run.
 
 Segments (``cut_into_segments``): a document longer than ``data.segment_chars`` (default 4,096)
 is cut greedily from its start, each segment ending after the last non-space character of the
