@@ -218,6 +218,8 @@ def evaluate(
         source.require_text_model("--lm-eval")
 
     choice_hash = hash_file(inputs.multiple_choice) if inputs.multiple_choice else None
+    # As the run records the corpus: under data.redact_pii, without the personal data in its names.
+    corpus = [source_name(spec, inputs.config.data) for spec in corpus] if corpus else None
     with pipeline_run(workspace_dir, "evaluate", tags={"gptflow.flow": "evaluate"}) as run:
         run.log_params({
             "code_version": pipeline_code_version(),
@@ -226,8 +228,7 @@ def evaluate(
             "tokenizer_hash": source.tokenizer_hash,
             **{f"model.{name}": value for name, value in asdict(source.config).items()},
             **inputs.config.flatten(),
-            **({"corpus": " ".join(source_name(spec, inputs.config.data) for spec in corpus), "split": split}
-               if corpus else {}),
+            **({"corpus": " ".join(corpus), "split": split} if corpus else {}),
             **({"multiple_choice": str(inputs.multiple_choice), "multiple_choice_hash": choice_hash}
                if inputs.multiple_choice else {}),
             **({"classification": str(inputs.classification)} if inputs.classification else {}),
@@ -261,8 +262,7 @@ def _score(model: str, source: ResolvedModel, inputs: EvaluateInputs, corpus: li
         data_fingerprint = corpus_manifest.fingerprint
         run.log_params({"data_fingerprint": data_fingerprint})
         tokens = tokenize(corpus_manifest, source.tokenizer, config.tokenize, workspace, run, units)
-        log_corpus_dataset(run, [source_name(spec, config.data) for spec in corpus], corpus_manifest, tokens,
-                           context="evaluation")
+        log_corpus_dataset(run, corpus, corpus_manifest, tokens, context="evaluation")
         loss = score_loss(source, tokens, split, config.eval, workspace, run)
     choices = (score_multiple_choice(source, inputs.multiple_choice, choice_hash, workspace, run)
                if inputs.multiple_choice else None)
