@@ -66,7 +66,8 @@ _SECRET_NAME_WORDS = ("secret", "token", "passw", "pwd", "key")
 """The words that end a name a secret is assigned to (``passw`` as ``password`` or ``passwd``;
 ``secret`` may go on with ``_key`` or ``_access_key``): found with ``str.find`` in the lower-cased
 text, one pass each, many times faster than a regular expression's scan."""
-_KEY_QUALIFIERS = tuple(word + separator for word in ("api", "access", "private", "auth") for separator in ("", "_", "-"))
+_KEY_QUALIFIERS = tuple(word + separator for word in ("api", "access", "private", "auth")
+                        for separator in ("", "_", "-"))
 """What comes before ``key`` in a secret's name: ``api_key``, ``AccessKey``, ``private-key``."""
 _SECRET_NAME_ANY_CASE = re.compile(r"secret|token|passw(?:or)?d|pwd|(?:api|access|private|auth)[_-]?key", re.IGNORECASE)
 _SECRET_ASSIGNED = re.compile(

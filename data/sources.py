@@ -4,9 +4,9 @@ hub datasets) resolved into the sorted, de-duplicated list of files to ingest.
 A file or folder the user named explicitly must be readable, or resolution fails with a
 ``CorpusError``; files merely found inside a folder or by a glob that gptflow cannot read (unknown
 extension, hidden, no read permission, a read that fails with an I/O error, a pipe or device, a
-broken symlink) are skipped and counted, since folders of real data always hold some of those. Symlinked files and folders are followed:
-a file is listed once, at its target's path with the format of the name it was found by, and
-each real folder is walked once (so a symlink loop ends). Object-store URLs (``s3://bucket/raw/``)
+broken symlink) are skipped and counted, since folders of real data always hold some of those.
+Symlinked files and folders are followed: a file is listed once, at its target's path with the
+format of the name it was found by, and each real folder is walked once (so a symlink loop ends). Object-store URLs (``s3://bucket/raw/``)
 are listed the same way: ``data.object_sources``.
 
 A spec is a file, a folder (searched recursively), a glob (``**`` included), an object-store URL,

@@ -63,7 +63,8 @@ SECRETS_IN_CONTEXT = [
 ]
 # Assignments to a secret's name that hold no secret: code, variables, words, placeholders.
 NOT_SECRETS = [
-    "token = self.get_token()", "token = next_token2", "password = getpass.getpass()", "self.token = nextchar", "cache_token = current_token",
+    "token = self.get_token()", "token = next_token2", "password = getpass.getpass()", "self.token = nextchar",
+    "cache_token = current_token",
     'api_key = os.environ["API_KEY"]', "AWS_SECRET_ACCESS_KEY=$AWS_SECRET", 'token_type = "Bearer"',
     'password = "password"', "pwd = os.getcwd()", "secret = secrets.token_hex(16)", 'if password == "abc12345":',
     "password: str = None", '"password": "%(password)s"', "Token: the next token of the stream",

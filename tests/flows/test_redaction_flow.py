@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
 
-def test_redaction_counts_are_logged_per_kind_and_per_file_and_nothing_written_holds_a_secret_or_a_name_s_pii(prefect_api_url, tiny_corpus_dir, tmp_path, monkeypatch):
+def test_redaction_counts_are_logged_and_nothing_written_holds_the_secret_or_the_pii_of_a_file_name(
+    prefect_api_url, tiny_corpus_dir, tmp_path, monkeypatch
+):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     corpus = tmp_path / "corpus"
     shutil.copytree(tiny_corpus_dir, corpus)

@@ -178,7 +178,8 @@ def test_a_folder_put_together_by_hand_is_the_model_it_holds_committed_once_into
     folder = _assembled(final, final.parent / "tokenizer.json", tmp_path / "mine")
     resolved = resolve_model(str(folder), workspace)
     assert resolved.weights_hash == resolve_model(str(final), workspace).weights_hash
-    assert resolved.model_dir.parent == workspace.store / "model-folders" and resolved.tokenizer_file == folder / "tokenizer.json"
+    assert resolved.model_dir.parent == workspace.store / "model-folders"
+    assert resolved.tokenizer_file == folder / "tokenizer.json"
     assert torch.equal(resolved.load().lm_head.weight, load_model(final).lm_head.weight)
     assert resolve_model(str(folder), workspace).model_dir == resolved.model_dir  # copied once
     assert not (folder / "contents.json").exists()  # the user's folder is left as it was
@@ -203,10 +204,12 @@ def _write_weights(folder, how):
 
 
 @pytest.mark.parametrize(("how", "message"), [
-    ("truncated", r"model\.safetensors is truncated: its tensors end at byte [0-9,]+ of its data, which holds [0-9,]+\."),
+    ("truncated", r"model\.safetensors is truncated: its tensors end at byte [0-9,]+ of its data, which holds "
+                  r"[0-9,]+\."),
     ("a pickle", r"model\.safetensors is not a safetensors file \(it is a Python pickle\): its first 8 bytes give a "
                  r"header of [0-9,]+ bytes"),
-    ("a torch.save zip", r"model\.safetensors is not a safetensors file \(it is a zip archive, as torch\.save writes\)"),
+    ("a torch.save zip",
+     r"model\.safetensors is not a safetensors file \(it is a zip archive, as torch\.save writes\)"),
     ("another model size", r"model\.safetensors does not fit .*config\.json \(n_layer=1, n_embd=8, vocab_size=384\): "
                            r"lm_head\.weight is \[384, 16\] in the file, \[384, 8\] for the config"),
     ("another depth", r"model\.safetensors does not fit .*: 6 tensors no such GPT has \(transformer\.h\.1\."),
