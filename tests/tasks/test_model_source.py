@@ -201,6 +201,8 @@ def _write_weights(folder, how):
         shutil.copyfile(folder / "other" / "final" / "model.safetensors", weights)
     elif how == "empty":
         weights.write_bytes(b"")
+    elif how == "a config of no model":
+        (folder / "config.json").write_text('{"n_layers": 2}')
 
 
 @pytest.mark.parametrize(("how", "message"), [
@@ -214,6 +216,7 @@ def _write_weights(folder, how):
                            r"lm_head\.weight is \[384, 16\] in the file, \[384, 8\] for the config"),
     ("another depth", r"model\.safetensors does not fit .*: 6 tensors no such GPT has \(transformer\.h\.1\."),
     ("empty", r"model\.safetensors is not a safetensors file: it holds 0 bytes"),
+    ("a config of no model", r"config\.json of .* is not a gptflow model config: .*n_layers"),
 ])
 def test_a_folder_whose_weights_are_not_the_model_its_config_describes_is_one_line_naming_the_file(
     trained_run, tmp_path, how, message
@@ -223,5 +226,6 @@ def test_a_folder_whose_weights_are_not_the_model_its_config_describes_is_one_li
     _write_weights(folder, how)
     with pytest.raises(UserError, match=message) as raised:
         resolve_model(str(folder), workspace)
-    assert str(folder / "model.safetensors") in str(raised.value) and "\n" not in str(raised.value)
+    named = "config.json" if "config" in how else "model.safetensors"
+    assert str(folder / named) in str(raised.value) and "\n" not in str(raised.value)
     assert not (workspace.store / "model-folders").exists()  # nothing committed from it
