@@ -60,7 +60,7 @@ from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.exact_dedup import drop_cross_file_duplicates
 from gptflow.data.hashing import hash_bytes, hash_json, hash_stream, split_by_hash
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
-from gptflow.data.readers import read_documents
+from gptflow.data.readers import SourceReadError, read_documents
 from gptflow.data.redact import redact, redact_path
 from gptflow.data.shards import SPLITS, RawShardWriter, read_unit_file, write_unit_file
 from gptflow.data.sources import (
@@ -260,21 +260,20 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
     """One source file's unit, reused when complete in the store, else written; with the file's
     skipped records. ``known_hash``: the file's content hash, if known without reading it;
     ``found_in_store``: the caller found the unit complete under it just now. A local file whose
-    read fails with an I/O error has no unit (None): it is skipped, counted, and read again next run."""
+    read fails in the system (an I/O error, while hashing or reading it) has no unit (None): it is
+    skipped, counted, and read again next run."""
     name = source_name(str(source.path), config)
     try:
         content_hash = known_hash or _content_hash(source)
-    except OSError as error:
-        if source.is_object:  # an object store that is away is no property of the object: not a skip
-            raise
+        key = _unit_key(source, content_hash, config, code)
+        directory = store_dir / "raw" / key
+        reused = found_in_store or artifacts.is_complete(directory)
+        written = (read_unit_file(directory) if reused
+                   else _ingest_unit(source, name, content_hash, config, directory, artifacts))
+    except SourceReadError as error:  # the unit's directory, if begun, is removed: nothing half-read is kept
         skips = SkipReport()
-        skips.add(SKIP_READ_ERROR, f"{name} ({error.strerror or error})")
+        skips.add(SKIP_READ_ERROR, f"{name} ({error.strerror})")
         return None, skips
-    key = _unit_key(source, content_hash, config, code)
-    directory = store_dir / "raw" / key
-    reused = found_in_store or artifacts.is_complete(directory)
-    written = (read_unit_file(directory) if reused
-               else _ingest_unit(source, name, content_hash, config, directory, artifacts))
     unit = CorpusUnit(
         source=name, content_hash=content_hash, key=key, directory=str(directory),
         documents=written["documents"], cut_documents=written["cut_documents"],
@@ -292,8 +291,13 @@ def source_name(path: str, config: IngestConfig) -> str:
 
 
 def _content_hash(source: SourceFile) -> str:
-    with open_source(source) as stream:
-        return hash_stream(stream)
+    try:
+        with open_source(source) as stream:
+            return hash_stream(stream)
+    except OSError as error:
+        if source.is_object:  # an object store that is away is no property of the object: not a skip
+            raise
+        raise SourceReadError(error.errno, error.strerror or str(error), str(source.path)) from error
 
 
 def require_splits(manifest: CorpusManifest, splits: Collection[str], config: IngestConfig) -> None:
@@ -339,7 +343,7 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     redactions: Counter[str] = Counter()
     with artifacts.commit(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
-        for text in read_documents(source, config.text_field, skips, config.min_chars):
+        for text in read_documents(source, config.text_field, skips, config.min_chars, raise_read_errors=True):
             if config.redact_pii:  # before hashing: dedup and the split see the text as it is trained on
                 text, found = redact(text)
                 redactions.update(found)
