@@ -9,6 +9,10 @@
    phone numbers, IPs, payment card numbers (Luhn-valid) and keys, each set into a line of the
    standard library's source; and, as look-alikes that must stay, every version string, hex
    constant, float, date and dotted number of the standard library, each set into such a line.
+   Secrets come with a vendor prefix, or with only their context: an AWS secret access key or a
+   password assigned in Python, shell, INI, YAML or JSON, or after an access key id in a
+   credentials CSV. Their look-alikes are the standard library's own lines that assign to a name
+   ending in secret, token, password, key, ...: each one redacted is listed.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ def _luhn_complete(rng: random.Random, prefix: str, length: int) -> str:
     return next(body + str(check) for check in range(10) if luhn_valid(body + str(check)))
 
 
-def _positives(rng: random.Random) -> dict[str, list[str]]:
+def _positives(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """Per kind: (the text set into a line, the part of it that must go)."""
     def word(n: int, alphabet: str = string.ascii_lowercase) -> str:
         return "".join(rng.choice(alphabet) for _ in range(n))
 
@@ -83,16 +88,35 @@ def _positives(rng: random.Random) -> dict[str, list[str]]:
                            f"+49-30-{rng.randrange(100000, 999999)}"])
 
     alphanumeric = string.ascii_letters + string.digits
+
+    def prefixed_key() -> tuple[str, str]:
+        key = rng.choice(["AKIA" + word(16, string.ascii_uppercase + string.digits), "ghp_" + word(36, alphanumeric),
+                          "AIza" + word(35, alphanumeric + "-_"), "sk-" + word(48, alphanumeric)])
+        return key, key
+
+    def key_in_context() -> tuple[str, str]:
+        aws = word(40, alphanumeric + "/+")
+        password = word(10, alphanumeric) + rng.choice("0123456789") + rng.choice("!#%&*-_")
+        form = rng.choice([
+            f'AWS_SECRET_ACCESS_KEY = "{aws}"', f"export AWS_SECRET_ACCESS_KEY={aws}", f"aws_secret_access_key = {aws}",
+            f'"SecretAccessKey": "{aws}"', f"AKIA{word(16, string.ascii_uppercase + string.digits)},{aws}",
+            f"aws configure set aws_secret_access_key {aws}", f"password = '{password}'", f"DB_PASSWORD={password}",
+            f"api_token: {word(32, alphanumeric)}0", f'client_secret="{word(24, alphanumeric)}9"',
+        ])
+        return form, form.rsplit("=", 1)[-1].rsplit(" ", 1)[-1].rsplit(",", 1)[-1].strip("'\"")
+
+    def as_is(value: str) -> tuple[str, str]:
+        return value, value
+
     return {
-        "email": [f"{word(rng.randrange(3, 10))}.{word(5)}@{word(6)}.{rng.choice(['com', 'org', 'co.uk', 'io'])}"
+        "email": [as_is(f"{word(rng.randrange(3, 10))}.{word(5)}@{word(6)}.{rng.choice(['com', 'org', 'co.uk', 'io'])}")
                   for _ in range(SAMPLE_PER_KIND)],
-        "phone": [phone() for _ in range(SAMPLE_PER_KIND)],
-        "ip_address": [".".join(str(rng.randrange(10, 256)) for _ in range(2)) + "."
-                       + ".".join(str(rng.randrange(256)) for _ in range(2)) for _ in range(SAMPLE_PER_KIND)],
-        "credit_card": [card() for _ in range(SAMPLE_PER_KIND)],
-        "secret": [rng.choice(["AKIA" + word(16, string.ascii_uppercase + string.digits),
-                               "ghp_" + word(36, alphanumeric), "AIza" + word(35, alphanumeric + "-_"),
-                               "sk-" + word(48, alphanumeric)]) for _ in range(SAMPLE_PER_KIND)],
+        "phone": [as_is(phone()) for _ in range(SAMPLE_PER_KIND)],
+        "ip_address": [as_is(".".join(str(rng.randrange(10, 256)) for _ in range(2)) + "."
+                             + ".".join(str(rng.randrange(256)) for _ in range(2))) for _ in range(SAMPLE_PER_KIND)],
+        "credit_card": [as_is(card()) for _ in range(SAMPLE_PER_KIND)],
+        "secret": [prefixed_key() for _ in range(SAMPLE_PER_KIND // 2)]
+        + [key_in_context() for _ in range(SAMPLE_PER_KIND - SAMPLE_PER_KIND // 2)],
     }
 
 
@@ -112,14 +136,14 @@ def _look_alikes(text: str) -> tuple[list[str], int]:
 def precision(texts: list[str]) -> None:
     rng = random.Random(0)
     lines = [line for text in texts[:200] for line in text.splitlines() if 20 < len(line) < 100 and "@" not in line]
-    sample = [(kind, value) for kind, values in _positives(rng).items() for value in values]
+    sample = [(kind, value, secret) for kind, values in _positives(rng).items() for value, secret in values]
     negatives, quads = _look_alikes("\n".join(texts))
     false_positives, found = Counter(), Counter()
-    for kind, value in sample:
+    for kind, value, secret in sample:
         line = rng.choice(lines)
         cut = rng.randrange(len(line))
         redacted, counts = redact(f"{line[:cut]} {value} {line[cut:]}")
-        found[kind] += counts[kind] >= 1 and REPLACEMENTS[kind] in redacted and value not in redacted
+        found[kind] += counts[kind] >= 1 and REPLACEMENTS[kind] in redacted and secret not in redacted
     for value in negatives:
         line = rng.choice(lines)
         redacted, counts = redact(f"{line} # {value}")
@@ -133,6 +157,18 @@ def precision(texts: list[str]) -> None:
         total = SAMPLE_PER_KIND
         print(f"   {kind:12s} recall {found[kind] / total:6.1%}  false positives on the look-alikes: "
               f"{false_positives[kind]}")
+    assignments = _secret_assignments(texts)
+    taken = [line for line in assignments if redact(line)[1]["secret"]]
+    print(f"   {len(assignments):,} standard-library lines assign to a name ending in secret, token, password, key, "
+          f"...; {len(taken)} redacted:")
+    for line in taken:
+        print(f"     {line}")
+
+
+def _secret_assignments(texts: list[str]) -> list[str]:
+    """The lines that assign to a name a secret could have: as many chances for a false positive."""
+    assignment = re.compile(r"(?i)(?:secret|token|passw(?:or)?d|pwd|key)\w*[\"']?\s*(?:=(?!=)|:)")
+    return [line.strip() for text in texts for line in text.splitlines() if assignment.search(line)]
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ a million does not stop a run but is never silently lost either.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,12 @@ class SkipReport:
                 for reason, locations in self.examples.items()
             },
         )
+
+    def renamed(self, rename: Callable[[str], str]) -> SkipReport:
+        """The same report with each location passed through ``rename``."""
+        return SkipReport(counts=dict(self.counts),
+                          examples={reason: [rename(location) for location in locations]
+                                    for reason, locations in self.examples.items()})
 
     @property
     def total(self) -> int:

@@ -21,7 +21,10 @@ only) nor ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``
 counts: documents read (each once), documents cut and the segments they became, segments and
 bytes per split, duplicates dropped within the file, redactions, skips. Which files' hashes are
 known without reading them is remembered in ``file-hashes.json`` (``FILE_HASH_CACHE``, by
-``data.sources.source_stamp``), so a rerun hashes only new or changed files.
+``data.sources.source_stamp``), so a rerun hashes only new or changed files. With ``redact_pii``,
+what is written names a source as ``source_name`` does, its names' personal data redacted, and a
+file whose path carries some is left out of ``file-hashes.json``. A local file whose read fails
+(EIO: a failing disk, a stale mount) is a counted skip without a unit, read again next run.
 
 Segments (``cut_into_segments``): a document longer than ``data.segment_chars`` (default 4,096)
 is cut greedily from its start, each segment ending after the last non-space character of the
@@ -57,10 +60,17 @@ from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.exact_dedup import drop_cross_file_duplicates
 from gptflow.data.hashing import hash_bytes, hash_json, hash_stream, split_by_hash
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
-from gptflow.data.readers import read_documents
-from gptflow.data.redact import redact
+from gptflow.data.readers import SourceReadError, read_documents
+from gptflow.data.redact import redact, redact_path
 from gptflow.data.shards import SPLITS, RawShardWriter, read_unit_file, write_unit_file
-from gptflow.data.sources import HUB_FORMAT, SourceFile, SourceResolution, open_source, source_stamp
+from gptflow.data.sources import (
+    HUB_FORMAT,
+    SKIP_READ_ERROR,
+    SourceFile,
+    SourceResolution,
+    open_source,
+    source_stamp,
+)
 from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
 from gptflow.data.units import MapUnits, Progress, in_this_process
 
@@ -189,7 +199,7 @@ def ingest_corpus(
         datasketch_version()  # missing: said now, not after ingesting every file
     skips = SkipReport()
     if isinstance(sources, SourceResolution):
-        skips.merge(sources.skipped)
+        skips.merge(sources.skipped.renamed(lambda location: source_name(location, config)))
         sources = sources.files
     files = sorted(sources, key=lambda source: str(source.path))
     content_hashes = _ContentHashes(store_dir / FILE_HASH_CACHE)
@@ -209,9 +219,11 @@ def ingest_corpus(
     units: list[CorpusUnit] = []
     for call in calls:
         unit, unit_skips = next(computed) if id(call) in pending_ids else ingest_unit(**call, found_in_store=True)
-        content_hashes.remember(call["source"], unit.content_hash)
         skips.merge(unit_skips)
-        units.append(unit)
+        if unit is not None:
+            if unit.source == str(call["source"].path):  # a path that carries personal data is written nowhere
+                content_hashes.remember(call["source"], unit.content_hash)
+            units.append(unit)
         done_bytes += _source_bytes(call["source"])
         if progress:
             progress(done_bytes, total_bytes)
@@ -243,28 +255,49 @@ def _known_unit_directory(call: dict[str, Any]) -> Path:
 
 
 def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig, store_dir: Path,
-                artifacts: ArtifactStore, code: str, found_in_store: bool = False) -> tuple[CorpusUnit, SkipReport]:
+                artifacts: ArtifactStore, code: str,
+                found_in_store: bool = False) -> tuple[CorpusUnit | None, SkipReport]:
     """One source file's unit, reused when complete in the store, else written; with the file's
     skipped records. ``known_hash``: the file's content hash, if known without reading it;
-    ``found_in_store``: the caller found the unit complete under it just now."""
-    content_hash = known_hash or _content_hash(source)
-    key = _unit_key(source, content_hash, config, code)
-    directory = store_dir / "raw" / key
-    reused = found_in_store or artifacts.is_complete(directory)
-    written = read_unit_file(directory) if reused else _ingest_unit(source, content_hash, config, directory, artifacts)
+    ``found_in_store``: the caller found the unit complete under it just now. A local file whose
+    read fails in the system (an I/O error, while hashing or reading it) has no unit (None): it is
+    skipped, counted, and read again next run."""
+    name = source_name(str(source.path), config)
+    try:
+        content_hash = known_hash or _content_hash(source)
+        key = _unit_key(source, content_hash, config, code)
+        directory = store_dir / "raw" / key
+        reused = found_in_store or artifacts.is_complete(directory)
+        written = (read_unit_file(directory) if reused
+                   else _ingest_unit(source, name, content_hash, config, directory, artifacts))
+    except SourceReadError as error:  # the unit's directory, if begun, is removed: nothing half-read is kept
+        skips = SkipReport()
+        skips.add(SKIP_READ_ERROR, f"{name} ({error.strerror})")
+        return None, skips
     unit = CorpusUnit(
-        source=str(source.path), content_hash=content_hash, key=key, directory=str(directory),
+        source=name, content_hash=content_hash, key=key, directory=str(directory),
         documents=written["documents"], cut_documents=written["cut_documents"],
         cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
         drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
         redactions=written.get("redactions", {}),
     )
-    return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], str(source.path))
+    return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], name)
+
+
+def source_name(path: str, config: IngestConfig) -> str:
+    """How everything gptflow writes or logs names the source file at ``path`` (or a location in
+    it): as it is, or with the personal data in its names redacted under ``data.redact_pii``."""
+    return redact_path(path) if config.redact_pii else path
 
 
 def _content_hash(source: SourceFile) -> str:
-    with open_source(source) as stream:
-        return hash_stream(stream)
+    try:
+        with open_source(source) as stream:
+            return hash_stream(stream)
+    except OSError as error:
+        if source.is_object:  # an object store that is away is no property of the object: not a skip
+            raise
+        raise SourceReadError(error.errno, error.strerror or str(error), str(source.path)) from error
 
 
 def require_splits(manifest: CorpusManifest, splits: Collection[str], config: IngestConfig) -> None:
@@ -300,7 +333,7 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
     })
 
 
-def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, directory: Path,
+def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: IngestConfig, directory: Path,
                  artifacts: ArtifactStore) -> dict[str, Any]:
     skips = SkipReport()
     seen: set[str] = set()
@@ -310,7 +343,7 @@ def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, di
     redactions: Counter[str] = Counter()
     with artifacts.commit(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
-        for text in read_documents(source, config.text_field, skips, config.min_chars):
+        for text in read_documents(source, config.text_field, skips, config.min_chars, raise_read_errors=True):
             if config.redact_pii:  # before hashing: dedup and the split see the text as it is trained on
                 text, found = redact(text)
                 redactions.update(found)
@@ -340,13 +373,13 @@ def _ingest_unit(source: SourceFile, content_hash: str, config: IngestConfig, di
                 counts["cut_documents"] += 1
                 counts["cut_segments"] += n_segments
         written = {
-            "source": str(source.path),
+            "source": name,
             "content_hash": content_hash,
             "shards": writer.close(),
             **counts,
             "segments": segments,
             "bytes": text_bytes,
-            "skips": skips.to_dict(),
+            "skips": skips.relocated(str(source.path), name).to_dict(),
             "redactions": dict(redactions),
         }
         write_unit_file(tmp, written)

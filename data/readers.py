@@ -69,29 +69,41 @@ class MissingColumns(ValueError):
         self.columns = columns
 
 
-def read_records(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None = None) -> Iterator[Record]:
+class SourceReadError(OSError):
+    """Reading a source failed in the system (a failing disk, a stale mount: an ``OSError`` with an
+    errno), not in its format: the same file may read whole later, so nothing read from it is kept."""
+
+
+def read_records(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None = None,
+                 raise_read_errors: bool = False) -> Iterator[Record]:
     """The records of ``source`` in file order, bad input added to ``skips``.
 
     ``columns``: the fields the consumer reads. A parquet file then decodes only those columns
     (the others of a wide table are never read), and a CSV or parquet file that has none of them
     raises ``MissingColumns`` before any record is read: that is a setting to fix, not bad data.
+    ``raise_read_errors``: raise ``SourceReadError`` for a read the system fails, rather than
+    skipping the rest of the file, for a consumer that caches what it read.
     """
     try:
         yield from _READERS[source.format](source, skips, columns)
     except (OSError, EOFError, pa.ArrowException) as error:  # truncated archive, corrupt parquet
+        if raise_read_errors and isinstance(error, OSError) and error.errno is not None:
+            raise SourceReadError(error.errno, error.strerror, str(source.path)) from error
         skips.add(SKIP_UNREADABLE, f"{source.path} ({error})")
 
 
-def read_documents(source: SourceFile, text_field: str, skips: SkipReport, min_chars: int = 1) -> Iterator[str]:
+def read_documents(source: SourceFile, text_field: str, skips: SkipReport, min_chars: int = 1,
+                   raise_read_errors: bool = False) -> Iterator[str]:
     """Pretraining's documents of ``source`` in file order: the text of each record (a string
-    record, or its ``text_field``), normalised; records without usable text are skipped.
+    record, or its ``text_field``), normalised; records without usable text are skipped;
+    ``raise_read_errors`` as ``read_records`` takes it.
 
     Raises ``CorpusError`` when records exist but none has ``text_field``: that is a setting to
     fix, not bad data to skip.
     """
     field = _TextField(source, text_field, skips)
     try:
-        for location, record in read_records(source, skips, columns=[text_field]):
+        for location, record in read_records(source, skips, columns=[text_field], raise_read_errors=raise_read_errors):
             text = field.from_record(record, location)
             if text is None:
                 continue

@@ -1,7 +1,17 @@
 """Personal data and secrets redacted from documents before anything is trained on them
 (``data.redact_pii``): e-mail addresses, phone numbers, IP addresses, payment card numbers and
 secrets (cloud and API keys, private key blocks) become ``<EMAIL>``, ``<PHONE>``, ... in place,
-so the text keeps its shape.
+so the text keeps its shape. ``redact_path`` does the same to a file's path, for what gptflow
+writes and logs about its sources.
+
+Secrets are found two ways: by a vendor's prefix (``AKIA``, ``ghp_``, ...), and by their context
+whatever their vendor: the value assigned to a name that ends in ``secret``, ``token``,
+``password``, ``api_key``, ``access_key``, ... (``AWS_SECRET_ACCESS_KEY = "..."``, ``export
+TOKEN=...``, ``"SecretAccessKey": "..."``, ``password: ...``), and a 40-character AWS secret
+access key within 200 characters after a mention of AWS, a secret or an access key id (a
+credentials CSV, ``aws configure set``). An assigned value counts when it is a literal that mixes
+kinds of characters; code (``token = self.next()``, ``password = password_mgr``), variables
+(``$TOKEN``) and plain words (``token_type = "bearer"``) stay.
 
 Speed (``bench/redact.py``): Python's regular expressions scan fast for a literal and slowly for
 a class of characters or a lookbehind. So every rule starts from a literal: a secret from its
@@ -16,8 +26,9 @@ issuer prefix, length and Luhn checksum), and a dotted quad that starts with two
 (a version, ``2.7.18.1``) or follows a letter or a dot is not taken for an IP address, which also
 leaves ``8.8.4.4``-style public resolvers alone. Misses, by design: names and postal addresses (no
 shape to find), IPv6 addresses, phone numbers with neither separators nor a leading ``+``, card
-numbers of networks other than Visa, Mastercard, American Express and Discover, and secrets
-without a known prefix.
+numbers of networks other than Visa, Mastercard, American Express and Discover, and secrets with
+neither a known prefix nor a name that says what they are (a bare key on a line of its own), or
+whose value is a plain word or holds spaces.
 
 Ingest redacts each document as it is read, before it is cut, hashed and split
 (``data.ingest``), so dedup, the split and every later stage see the text as it is trained on;
@@ -29,9 +40,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+from gptflow.data.sources import COMPRESSION_BY_SUFFIX, FORMAT_BY_SUFFIX
 
 REDACTION_KINDS = ("private_key", "secret", "email", "credit_card", "phone", "ip_address")
 REPLACEMENTS = {kind: f"<{kind.upper()}>" for kind in REDACTION_KINDS}
+_FILE_EXTENSIONS = set(FORMAT_BY_SUFFIX) | set(COMPRESSION_BY_SUFFIX)
+"""Kept out of a file name's redaction: ``a@b.com.txt``'s ``.txt`` would read as its domain's end."""
 
 _PRIVATE_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?"
                           r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----", re.DOTALL)
@@ -45,6 +62,26 @@ _SECRET = re.compile(
     r"|sk-(?:proj-)?[A-Za-z0-9_-]{32,}"  # OpenAI-style secret keys
     r"|sk_live_[0-9A-Za-z]{24,}"  # Stripe live keys
 )
+_SECRET_NAME_WORDS = ("secret", "token", "passw", "pwd", "key")
+"""The words that end a name a secret is assigned to (``passw`` as ``password`` or ``passwd``;
+``secret`` may go on with ``_key`` or ``_access_key``): found with ``str.find`` in the lower-cased
+text, one pass each, many times faster than a regular expression's scan."""
+_KEY_QUALIFIERS = tuple(word + separator for word in ("api", "access", "private", "auth")
+                        for separator in ("", "_", "-"))
+"""What comes before ``key`` in a secret's name: ``api_key``, ``AccessKey``, ``private-key``."""
+_SECRET_NAME_ANY_CASE = re.compile(r"secret|token|passw(?:or)?d|pwd|(?:api|access|private|auth)[_-]?key", re.IGNORECASE)
+_SECRET_ASSIGNED = re.compile(
+    r"(?i:[_-]?(?:access[_-]?)?key)?(?![\w-])[\"']?[ \t]*(?:=>|:=|=(?!=)|:)[ \t]*"  # the name's end, = : := =>
+    r"(?:(?P<quote>[\"'`])(?P<quoted>[^\s\"'`]{8,512})(?P=quote)"  # a quoted literal, whole
+    r"|(?P<bare>[^\s\"'`,;(){}\[\]<>]{8,512})(?=[\s,;]|$))")  # or a bare value (env, INI, YAML), ending there
+"""What follows a secret's name: its value, assigned as in Python, shell, INI, YAML, JSON or Ruby."""
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_AWS_CONTEXT = ("aws", "secret")
+"""What an AWS secret access key follows (in lower case): a mention of AWS or a secret; an access
+key id, redacted before as ``<SECRET>``, is one too."""
+_AWS_CONTEXT_CHARS = 200
+"""How far after such a mention an AWS secret access key may start."""
+_AWS_SECRET_KEY = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 _EMAIL_AT = re.compile(r"@[A-Za-z0-9]")
 _EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}$")
 _EMAIL_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
@@ -78,10 +115,27 @@ def redact(text: str) -> tuple[str, Counter[str]]:
         text, counts["private_key"] = _PRIVATE_KEY.subn(REPLACEMENTS["private_key"], text)
     if any(prefix in text for prefix in _SECRET_PREFIXES):
         text = _SECRET.sub(lambda match: _whole_word(match, "secret", counts), text)
+    text = _redact_secrets_in_context(text, counts)
     if "@" in text:
         text = _redact_emails(text, counts)
     text = _redact_numbers(text, counts)
     return text, +counts  # without the kinds of count 0
+
+
+def redact_path(path: str) -> str:
+    """``path`` (a file's path or an object's URL) with the personal data and secrets in its folder
+    and file names replaced, each name read on its own and the extensions of the formats gptflow
+    reads kept: ``/mail/jane.doe@example.com.jsonl.gz`` → ``/mail/<EMAIL>.jsonl.gz`` (another
+    extension could be the end of an address's domain, and goes with it). Two names differing only
+    in what is redacted read the same."""
+    return "/".join(_redact_name(name) for name in path.split("/"))
+
+
+def _redact_name(name: str) -> str:
+    stem, extensions = name, ""
+    while (suffix := PurePosixPath(stem).suffix.lower()) in _FILE_EXTENSIONS:
+        stem, extensions = stem[: -len(suffix)], stem[-len(suffix):] + extensions
+    return redact(stem)[0] + extensions
 
 
 def _whole_word(match: re.Match[str], kind: str, counts: Counter[str]) -> str:
@@ -95,6 +149,112 @@ def _whole_word(match: re.Match[str], kind: str, counts: Counter[str]) -> str:
 
 def _is_word_char(char: str) -> bool:
     return char.isalnum() or char == "_"
+
+
+def _redact_secrets_in_context(text: str, counts: Counter[str]) -> str:
+    """AWS secret access keys after a mention, then values assigned to a secret's name. Both find
+    their words in the lower-cased text, at the text's positions: ``None`` where lower-casing
+    changes a character's length (then a regular expression finds them, slower)."""
+    lowered = _lower_case_aligned(text)
+    redacted = _redact_aws_secret_keys(text, lowered, counts)
+    if redacted is not text:
+        text, lowered = redacted, _lower_case_aligned(redacted)
+    return _redact_assigned_secrets(text, lowered, counts)
+
+
+def _lower_case_aligned(text: str) -> str | None:
+    lowered = text.lower()
+    return lowered if len(lowered) == len(text) else None
+
+
+def _redact_assigned_secrets(text: str, lowered: str | None, counts: Counter[str]) -> str:
+    """The value of each assignment to a name that ends in secret, token, password, api_key, ...:
+    a secret of any vendor, or none, is known by the name it is given."""
+    pieces, last = [], 0
+    for name_end in _secret_name_ends(text, lowered):
+        if name_end < last:
+            continue
+        assigned = _SECRET_ASSIGNED.match(text, name_end)
+        if assigned is None:
+            continue
+        group = "quoted" if assigned["quoted"] is not None else "bare"
+        if not _is_secret_value(assigned[group], quoted=group == "quoted"):
+            continue
+        pieces += [text[last:assigned.start(group)], REPLACEMENTS["secret"]]
+        last = assigned.end(group)
+        counts["secret"] += 1
+    return "".join([*pieces, text[last:]]) if pieces else text
+
+
+def _secret_name_ends(text: str, lowered: str | None) -> list[int]:
+    """Where each word that can end a secret's name ends, in order (any case)."""
+    if lowered is None:
+        return [name.end() for name in _SECRET_NAME_ANY_CASE.finditer(text)]
+    ends = []
+    for word in _SECRET_NAME_WORDS:
+        for position in _find_all(lowered, word):
+            if word == "passw":
+                ends += [position + len(full) for full in ("password", "passwd") if lowered.startswith(full, position)]
+            elif word != "key" or lowered.endswith(_KEY_QUALIFIERS, 0, position):
+                ends.append(position + len(word))
+    return sorted(ends)
+
+
+def _is_secret_value(value: str, quoted: bool) -> bool:
+    """A literal that can be a secret: mixing kinds of characters (a word such as ``"password"`` or
+    ``bearer`` is none); unquoted, also holding a digit and a letter and not naming code
+    (``self.token``, ``next_token2``), a variable (``$TOKEN``, ``%(pass)s``) or a placeholder."""
+    if value[0] in "$%{<":  # a variable, a format placeholder, or a value redacted already
+        return False
+    kinds = (any(char.islower() for char in value), any(char.isupper() for char in value),
+             any(char.isdigit() for char in value), any(not char.isalnum() for char in value))
+    if sum(kinds) < 2:
+        return False
+    if quoted:
+        return True
+    lower, upper, digit = kinds[:3]
+    if not digit or not (lower or upper):
+        return False
+    # A name in code (``token2``, ``next_token``, ``self.token``) rarely mixes both cases and digits; a key does.
+    return not (_IDENTIFIER.fullmatch(value) and ("." in value or "_" in value)) or (lower and upper)
+
+
+def _redact_aws_secret_keys(text: str, lowered: str | None, counts: Counter[str]) -> str:
+    """Each 40-character AWS secret access key (base64 mixing upper and lower case and digits)
+    starting within ``_AWS_CONTEXT_CHARS`` after a mention of AWS, a secret or an access key id: as
+    in a credentials CSV or ``aws configure set``. Only those stretches are scanned; ``text`` itself
+    when nothing was redacted."""
+    pieces, last = [], 0
+    for start, end in _aws_stretches(text if lowered is None else lowered):
+        for key in _AWS_SECRET_KEY.finditer(text, max(start, last), min(end, len(text))):
+            value = key.group()
+            if (any(char.isdigit() for char in value) and any(char.islower() for char in value)
+                    and any(char.isupper() for char in value)):  # a hex digest or a word run has one case
+                pieces += [text[last:key.start()], REPLACEMENTS["secret"]]
+                last = key.end()
+                counts["secret"] += 1
+    return "".join([*pieces, text[last:]]) if pieces else text
+
+
+def _aws_stretches(lowered: str) -> list[tuple[int, int]]:
+    """The stretches after each mention where a key may lie (a key's 40 characters and the one
+    after it, read by the lookahead), merged where they overlap."""
+    mentions = sorted(position for word in _AWS_CONTEXT for position in _find_all(lowered, word))
+    stretches: list[tuple[int, int]] = []
+    for position in mentions:
+        end = position + _AWS_CONTEXT_CHARS + 41
+        if stretches and position <= stretches[-1][1]:
+            stretches[-1] = (stretches[-1][0], end)
+        else:
+            stretches.append((position, end))
+    return stretches
+
+
+def _find_all(text: str, word: str) -> Iterator[int]:
+    position = text.find(word)
+    while position != -1:
+        yield position
+        position = text.find(word, position + 1)
 
 
 def _redact_emails(text: str, counts: Counter[str]) -> str:

@@ -3,10 +3,10 @@ hub datasets) resolved into the sorted, de-duplicated list of files to ingest.
 
 A file or folder the user named explicitly must be readable, or resolution fails with a
 ``CorpusError``; files merely found inside a folder or by a glob that gptflow cannot read (unknown
-extension, hidden, no read permission, a pipe or device, a broken symlink) are skipped and counted,
-since folders of real data always hold some of those. Symlinked files and folders are followed:
-a file is listed once, at its target's path with the format of the name it was found by, and
-each real folder is walked once (so a symlink loop ends). Object-store URLs (``s3://bucket/raw/``)
+extension, hidden, no read permission, a read that fails with an I/O error, a pipe or device, a
+broken symlink) are skipped and counted, since folders of real data always hold some of those.
+Symlinked files and folders are followed: a file is listed once, at its target's path with the
+format of the name it was found by, and each real folder is walked once (so a symlink loop ends). Object-store URLs (``s3://bucket/raw/``)
 are listed the same way: ``data.object_sources``.
 
 A spec is a file, a folder (searched recursively), a glob (``**`` included), an object-store URL,
@@ -52,6 +52,7 @@ SKIP_PERMISSION_DENIED = "unreadable file (permission denied)"
 SKIP_UNLISTABLE_FOLDER = "unlistable folder (permission denied)"
 SKIP_NOT_REGULAR = "not a regular file (pipe, socket or device)"
 SKIP_BROKEN_SYMLINK = "broken or looping symlink"
+SKIP_READ_ERROR = "read error (a failing disk or a stale network mount)"
 
 _STDLIB_TEST_FOLDERS = {"test", "tests", "idle_test"}
 _STDLIB_EXCLUDED_FOLDERS = _STDLIB_TEST_FOLDERS | {"site-packages", "__pycache__"}
@@ -187,6 +188,8 @@ def _explicit_file(path: Path, spec: str) -> SourceFile:
         SKIP_NOT_REGULAR: "is a pipe, socket or device, which ingest cannot read twice (to hash it, then "
                           "for its documents). Save its contents to a file and name that",
         SKIP_BROKEN_SYMLINK: "is a symlink whose target is missing or that links back to itself. Fix the link",
+        SKIP_READ_ERROR: "cannot be read: reading it fails with an I/O error (a failing disk or a stale network "
+                         "mount). Copy what can be read to a healthy disk and name that",
     }
     raise CorpusError(f"Corpus file '{spec}' {problems[usable]}, or leave it out of --corpus.")
 
@@ -215,12 +218,15 @@ def _usable_source(path: Path, real_path: Path | None = None) -> SourceFile | st
     detected = detect_format(path)
     if detected is None:
         return SKIP_UNSUPPORTED
-    # Opening is the only true test of readability (ACLs, root, network mounts); ingest opens it anyway.
+    # Opening and reading are the only true test of readability (ACLs, root, network mounts, failing
+    # disks); ingest reads the first byte anyway.
     try:
-        with open(path, "rb"):
-            pass
+        with open(path, "rb") as stream:
+            stream.read(1)
     except PermissionError:
         return SKIP_PERMISSION_DENIED
+    except OSError:  # EIO, ESTALE: the file lists and opens, but its bytes cannot be had
+        return SKIP_READ_ERROR
     return SourceFile(real_path or path.resolve(), *detected)
 
 

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from gptflow.data.hashing import hash_file
+from gptflow.data.ingest import source_name
 from gptflow.flows.arguments import NonNegativeInt, PositiveInt
 from gptflow.flows.checks import EvaluateInputs, check_evaluate
 from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run, sample_lines
@@ -217,6 +218,8 @@ def evaluate(
         source.require_text_model("--lm-eval")
 
     choice_hash = hash_file(inputs.multiple_choice) if inputs.multiple_choice else None
+    # As the run records the corpus: under data.redact_pii, without the personal data in its names.
+    corpus = [source_name(spec, inputs.config.data) for spec in corpus] if corpus else None
     with pipeline_run(workspace_dir, "evaluate", tags={"gptflow.flow": "evaluate"}) as run:
         run.log_params({
             "code_version": pipeline_code_version(),

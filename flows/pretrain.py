@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from pydantic.json_schema import SkipJsonSchema
 
 from gptflow.data.config import IngestConfig
-from gptflow.data.ingest import CorpusManifest
+from gptflow.data.ingest import CorpusManifest, source_name
 from gptflow.data.mixture import mixture_parts, split_weight
 from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.data.tokenize import TokenManifest
@@ -196,7 +196,7 @@ def pretrain(
     with pipeline_run(workspace_dir, "pretrain", tags=tags) as run:
         run.log_params({
             "code_version": pipeline_code_version(),
-            "preset": preset, "corpus": " ".join(corpus), "restart": restart,
+            "preset": preset, "corpus": " ".join(source_name(spec, config.data) for spec in corpus), "restart": restart,
             "retrain_tokenizer": retrain_tokenizer, "from_scratch": from_scratch, "init_from": init_from or "",
             **config.flatten(),
             **_mixture_params(weighted.weights),
@@ -204,7 +204,8 @@ def pretrain(
         corpus_manifest, tokenizer, tokens = _data_stages(inputs, base, init_from, retrain_tokenizer, workspace_dir,
                                                           run, lineage, units)
         # Validation stays on every source's val split, whatever the weights.
-        mixture = (mixture_parts(weighted.weights, inputs.sources.named_by, tokens, config.model.block_size + 1)
+        named_by = {source_name(path, config.data): spec for path, spec in inputs.sources.named_by.items()}
+        mixture = (mixture_parts(weighted.weights, named_by, tokens, config.model.block_size + 1)
                    if weighted.weights else None)
         trained = train_model(
             tokens, tokenizer, config.model, config.train, config.incremental, workspace_dir, run, lineage,
@@ -240,7 +241,8 @@ def _data_stages(inputs: PretrainInputs, base: ResolvedModel | None, init_from: 
         run.log_params({"tokenizer_hash": tokenizer.hash})
         run.set_tags({"gptflow.tokenizer.origin": f"of {init_from}"})
     tokens = tokenize(corpus_manifest, tokenizer, config.tokenize, workspace, run, units)
-    log_corpus_dataset(run, inputs.weighted.sources, corpus_manifest, tokens, context="training")
+    log_corpus_dataset(run, [source_name(spec, config.data) for spec in inputs.weighted.sources], corpus_manifest,
+                       tokens, context="training")
     delta = data_delta(lineage.previous_corpus(workspace.artifacts), corpus_manifest,
                        lineage.previous_tokens(workspace.artifacts), tokens)
     if delta is not None and any(delta.values()):

@@ -15,7 +15,10 @@ was named ``model`` before) and run ids resolve through the run's logged model (
 back to a run's ``model/`` artifacts for runs logged before. A sharded checkpoint directory
 (``.metadata``, no ``model.safetensors``) is read whole once (``model.checkpoint.save_whole_model``)
 into ``store/whole-checkpoints/<checkpoint contents hash>/``, which is then its ``model_dir``; its
-tokenizer and head are still looked for beside the checkpoint.
+tokenizer and head are still looked for beside the checkpoint. A folder without gptflow's
+``contents.json`` (``model.safetensors`` + ``config.json`` copied by hand), or whose files changed
+since gptflow wrote it, is checked by what it holds (``model.model_folder.check_model_folder``)
+and copied once into ``store/model-folders/<content hash>/``, its ``model_dir`` from then on.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from gptflow.model.checkpoint import (
 from gptflow.model.classifier import CLASSIFIER_DIR, CLASSIFIER_FILE, HEAD_FILE, read_head_settings
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
+from gptflow.model.model_folder import check_model_folder
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.registry import EARLIER_MODEL_NAME, logged_model_named
 
@@ -59,6 +63,8 @@ MLFLOW_MODEL_TOKENIZER = "artifacts/tokenizer.json"
 MLFLOW_MODEL_CLASSIFIER = f"artifacts/{CLASSIFIER_DIR}"
 WHOLE_CHECKPOINTS_DIR = "whole-checkpoints"
 """Under the store: the model of each sharded checkpoint used as a model source, in one file."""
+MODEL_FOLDERS_DIR = "model-folders"
+"""Under the store: each model folder put together by hand, checked and committed as gptflow's own."""
 
 
 class ModelSourceError(UserError):
@@ -175,6 +181,8 @@ def _from_directory(source: str, directory: Path, tokenizer: str | None, workspa
     elif not (directory / WEIGHTS_FILE).exists() or not (directory / CONFIG_FILE).exists():
         raise ModelSourceError(f"{directory} holds no {WEIGHTS_FILE} and {CONFIG_FILE}: point at a checkpoint "
                                "directory or a run's final/ directory.")
+    elif not is_complete(directory):  # put together by hand, or changed since gptflow wrote it
+        model_dir = _committed_model_folder(source, directory, workspace)
     if tokenizer is not None:
         tokenizer_file = Path(tokenizer).expanduser()
     else:
@@ -186,11 +194,29 @@ def _from_directory(source: str, directory: Path, tokenizer: str | None, workspa
     return _resolved(source, model_dir, tokenizer_file, directory.parent / CLASSIFIER_DIR)
 
 
-def _resolved(source: str, model_dir: Path, tokenizer_file: Path, classifier_dir: Path) -> ResolvedModel:
+def _committed_model_folder(source: str, directory: Path, workspace: Workspace) -> Path:
+    """A model folder without gptflow's ``contents.json`` (or whose files changed since), checked
+    by what it holds and copied into the store once per content, committed as gptflow commits its
+    own: everything that loads a model then reads it as it reads a run's ``final/``."""
+    check_model_folder(directory, _model_config(source, directory))
+    content = hash_json([hash_file(directory / WEIGHTS_FILE), hash_file(directory / CONFIG_FILE)])
+    model_dir = workspace.store / MODEL_FOLDERS_DIR / content
+    if not workspace.artifacts.is_complete(model_dir):
+        with workspace.artifacts.commit(model_dir) as tmp:
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                shutil.copyfile(directory / name, tmp / name)
+    return model_dir
+
+
+def _model_config(source: str, model_dir: Path) -> ModelConfig:
     try:
-        config = read_model_config(model_dir)
+        return read_model_config(model_dir)
     except (OSError, ValueError, TypeError) as error:
         raise ModelSourceError(f"{model_dir / CONFIG_FILE} of {source} is not a gptflow model config: {error}") from None
+
+
+def _resolved(source: str, model_dir: Path, tokenizer_file: Path, classifier_dir: Path) -> ResolvedModel:
+    config = _model_config(source, model_dir)
     try:
         tokenizer = describe_tokenizer(tokenizer_file)
     except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import task
 
 from gptflow.data.config import IngestConfig
-from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits
+from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits, source_name
 from gptflow.data.near_dedup import datasketch_version
 from gptflow.data.redact import REDACTION_KINDS
 from gptflow.data.shards import SPLITS
@@ -27,7 +27,8 @@ def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_di
                        units: UnitRunner) -> CorpusManifest:
     # Which splits must be non-empty depends on the flow, not on the documents: checked outside the
     # cached task, so a manifest cached for one flow is still checked for the next.
-    map_units = units.for_stage("ingest", artifacts, label=lambda call: call["source"].name)
+    map_units = units.for_stage("ingest", artifacts,
+                                label=lambda call: Path(source_name(str(call["source"].path), config)).name)
     # Its calls name a unit by its directory, raw/<key>, not by source file.
     map_signature_units = units.for_stage("near-dedup", artifacts, label=lambda call: Path(call["directory"]).name[:12])
     return ingest_corpus(sources, config, Path(store_dir), progress=StageProgress("ingest", "B"), required_splits=(),

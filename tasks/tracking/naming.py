@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from gptflow.data.redact import redact_path
+
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -21,7 +23,9 @@ def run_name(flow: str, overrides: dict[str, Any] | None, *context: str | None) 
 
 
 def source_label(source: str | None) -> str | None:
-    """A short name for a corpus path, model URI, run id or model directory, for run names."""
+    """A short name for a corpus path, model URI, run id or model directory, for run names; the
+    personal data in a file or folder name (an e-mail address) redacted, whatever
+    ``data.redact_pii``: a run's name is shown everywhere, and no address is needed to tell runs apart."""
     if source is None:
         return None
     if source.startswith(("models:/", "runs:/")):
@@ -29,4 +33,4 @@ def source_label(source: str | None) -> str | None:
     if RUN_ID.fullmatch(source):
         return source[:8]
     path = Path(source.rstrip("/"))
-    return "/".join(path.parts[-2:]) if path.name in ("final", "model") else (path.name or source)
+    return redact_path("/".join(path.parts[-2:]) if path.name in ("final", "model") else (path.name or source))

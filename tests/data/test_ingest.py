@@ -9,14 +9,15 @@ import pyarrow as pa
 import pytest
 
 from gptflow.data import exact_dedup
+from gptflow.data.code_version import code_version
 from gptflow.data.commits import CONTENTS_FILE, is_complete
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
 from gptflow.data.hashing import hash_bytes, split_by_hash
-from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus
+from gptflow.data.ingest import CorpusManifest, cut_into_segments, ingest_corpus, ingest_unit
 from gptflow.data.readers import SKIP_BINARY, SKIP_TOO_SHORT
 from gptflow.data.shards import RAW_SCHEMA, iter_raw_batches, raw_shard_paths
-from gptflow.data.sources import SKIP_UNSUPPORTED, resolve_sources
+from gptflow.data.sources import SKIP_READ_ERROR, SKIP_UNSUPPORTED, SourceFile, resolve_sources
 from gptflow.data.store import LOCAL_STORE
 
 CONFIG = IngestConfig(val_fraction=0.3)
@@ -197,6 +198,35 @@ def test_corpus_too_small_for_a_validation_split_is_an_error_saying_what_to_do(w
     message = str(raised.value)
     assert "val split is empty (documents: 1, segments: 1;" in message
     assert "lower --set data.segment_chars=<chars>" in message and "data.val_fraction" in message
+
+
+def test_a_file_whose_read_fails_after_listing_is_skipped_counted_and_leaves_no_unit(
+    write_corpus, store_dir, make_documents
+):
+    # The disk fails between listing and ingesting: /proc/self/mem opens, then its read fails with EIO.
+    folder = write_corpus({"a.jsonl": jsonl(make_documents(20))})
+    (folder / "failing.txt").symlink_to("/proc/self/mem")
+    listed = resolve_sources([str(folder)]).files + [SourceFile(folder / "failing.txt", "text")]
+    manifest = ingest_corpus(listed, CONFIG, store_dir)
+    assert [Path(unit.source).name for unit in manifest.units] == ["a.jsonl"]
+    assert manifest.skips.counts == {SKIP_READ_ERROR: 1}
+    assert manifest.skips.examples[SKIP_READ_ERROR] == [f"{folder / 'failing.txt'} (Input/output error)"]
+    assert len(list((store_dir / "raw").iterdir())) == 1
+    assert str(folder / "failing.txt") not in json.loads((store_dir / "file-hashes.json").read_text())
+
+
+def test_a_file_whose_read_fails_once_its_hash_is_known_leaves_no_unit_half_read(write_corpus, store_dir):
+    # Its content hash known from an earlier run (file-hashes.json), the file is only read for its
+    # documents, and that read fails: a unit of what was read so far would be reused as the file's.
+    (store_dir.parent / "corpus").mkdir()
+    failing = store_dir.parent / "corpus" / "failing.txt"
+    failing.symlink_to("/proc/self/mem")
+    unit, skips = ingest_unit(SourceFile(failing, "text"), "0" * 32, CONFIG, store_dir, LOCAL_STORE,
+                              code_version("gptflow.data.ingest"))
+    assert unit is None
+    [location] = skips.examples[SKIP_READ_ERROR]  # the kernel's error for the reader's read pattern: EIO or EINVAL
+    assert location.startswith(f"{failing} (") and skips.total == 1
+    assert not (store_dir / "raw").exists() or not list((store_dir / "raw").iterdir())
 
 
 def test_failed_file_leaves_no_unit_directory_behind(write_corpus, store_dir, make_documents):

@@ -12,6 +12,7 @@ from gptflow.data.sources import (
     SKIP_HIDDEN,
     SKIP_NOT_REGULAR,
     SKIP_PERMISSION_DENIED,
+    SKIP_READ_ERROR,
     SKIP_UNLISTABLE_FOLDER,
     SKIP_UNSUPPORTED,
     builtin_corpus_root,
@@ -245,3 +246,28 @@ def test_pipe_named_explicitly_is_an_error_naming_it_and_the_fix(tmp_path):
     message = str(raised.value)
     assert f"'{tmp_path / 'stream.jsonl'}' is a pipe, socket or device" in message
     assert "Save its contents to a file" in message
+
+
+# /proc/self/mem lists as a regular file and opens, but reading offset 0 (never mapped) fails with
+# EIO for any user, root included: as a failing disk or a stale network mount does.
+def _eio_file(folder: Path, name: str) -> Path:
+    (folder / name).symlink_to("/proc/self/mem")
+    return folder / name
+
+
+@folder_or_glob
+def test_a_file_whose_read_fails_with_an_io_error_is_skipped_and_counted(write_corpus, as_spec):
+    folder = write_corpus({"a.txt": "kept"})
+    _eio_file(folder, "failing.txt")
+    resolution = resolve_sources([as_spec(folder)])
+    assert [source.path.name for source in resolution.files] == ["a.txt"]
+    assert resolution.skipped.examples == {SKIP_READ_ERROR: [str(folder / "failing.txt")]}
+
+
+def test_a_file_whose_read_fails_named_explicitly_is_an_error_naming_it_and_the_fix(tmp_path):
+    failing = _eio_file(tmp_path, "failing.txt")
+    with pytest.raises(CorpusError) as raised:
+        resolve_sources([str(failing)])
+    message = str(raised.value)
+    assert f"'{failing}' cannot be read: reading it fails with an I/O error" in message
+    assert "leave it out of --corpus" in message and "\n" not in message

@@ -85,6 +85,17 @@ def test_bad_settings_and_paths_of_every_flow_are_refused_without_heavy_imports(
     assert imported == []
 
 
+def test_a_corpus_file_whose_read_fails_with_an_io_error_is_one_line_naming_it(tmp_path):
+    (tmp_path / "failing.txt").symlink_to("/proc/self/mem")  # opens, then read() fails with EIO
+    status, imported, stderr = _refuse("pretrain", "--corpus", str(tmp_path / "failing.txt"),
+                                       "--workspace", str(tmp_path / "ws"))
+    assert status == 2
+    [line] = stderr.splitlines()
+    assert line.startswith(f"gptflow: error: Corpus file '{tmp_path / 'failing.txt'}' cannot be read: reading it "
+                           "fails with an I/O error")
+    assert imported == []
+
+
 def test_a_workspace_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "taken").write_text("not a folder")
     status, _, stderr = _refuse("pretrain", "--preset", "tiny", "--workspace", str(tmp_path / "taken" / "ws"))

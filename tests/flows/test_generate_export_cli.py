@@ -54,6 +54,25 @@ def test_generate_refuses_a_tokenizer_larger_than_the_model(model_dir, tmp_path,
     assert "pass the tokenizer the model was trained with" in capsys.readouterr().err
 
 
+def test_a_model_folder_put_together_by_hand_generates_and_a_pickle_in_it_is_one_line(model_dir, tmp_path, capsys):
+    folder = tmp_path / "my-model"  # as the README describes one: weights, config and tokenizer, copied
+    folder.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copyfile(model_dir / name, folder / name)
+    shutil.copyfile(model_dir.parent / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+    arguments = ["generate", "--prompt", "def parse(", "--max-new-tokens", "6", "--workspace", str(tmp_path / "ws")]
+    assert main([*arguments, "--model", str(model_dir)]) == 0
+    from_run = capsys.readouterr().out
+    assert main([*arguments, "--model", str(folder)]) == 0
+    assert capsys.readouterr().out == from_run  # the same model, so the same sample
+
+    torch.save({"weights": torch.zeros(2)}, folder / "model.safetensors", _use_new_zipfile_serialization=False)
+    assert main([*arguments, "--model", str(folder)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"gptflow: error: {folder / 'model.safetensors'} is not a safetensors file (it is a "
+                           "Python pickle)")
+
+
 def test_export_writes_a_folder_once_and_names_its_architecture(model_dir, tmp_path, capsys):
     out, workspace = str(tmp_path / "hf"), str(tmp_path / "ws")
     arguments = ["export", "--model", str(model_dir), "--out", out, "--workspace", workspace]

@@ -3,7 +3,7 @@ it is (language model, chat model, classifier) and whether its tokenizer fits is
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 
 import pytest
@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, models
 
 from gptflow.data.chat import CHAT_TEMPLATE_FILE, ChatTemplate
+from gptflow.data.errors import UserError
 from gptflow.model.checkpoint import TrainerState, load_model, save_final, save_sharded_checkpoint
 from gptflow.model.classifier import GPTClassifier, GPTTagger, save_head
 from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size
@@ -141,9 +142,7 @@ def test_a_chat_template_beside_the_tokenizer_makes_a_chat_model(logged_model):
 
 def test_a_tokenizer_the_model_cannot_embed_or_parse_is_refused_once_at_resolution(logged_model, tmp_path):
     workspace, _, _, final = logged_model
-    small = shutil.copytree(final, tmp_path / "small" / "final")
-    config = json.loads((small / "config.json").read_text())
-    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 128}))
+    small = save_final(tmp_path / "small", GPT(dataclasses.replace(CONFIG, vocab_size=128)))
     with pytest.raises(ModelSourceError, match="has [0-9]+ tokens, more than the 128 embedding rows"):
         resolve_model(str(small), workspace, tokenizer=str(final.parent / "tokenizer.json"))
     broken = tmp_path / "broken.json"
@@ -154,3 +153,79 @@ def test_a_tokenizer_the_model_cannot_embed_or_parse_is_refused_once_at_resoluti
     Tokenizer(models.BPE()).save(str(bare))
     with pytest.raises(ModelSourceError, match="lacks the special tokens"):
         resolve_model(str(final), workspace, tokenizer=str(bare))
+
+
+@pytest.fixture()
+def trained_run(tmp_path, bpe_tokenizer_file):
+    """A workspace, and a run's final/ with the tokenizer beside it, as pretraining leaves them."""
+    torch.manual_seed(0)
+    final = save_final(tmp_path / "run", GPT(CONFIG))
+    shutil.copyfile(bpe_tokenizer_file, tmp_path / "run" / "tokenizer.json")
+    return Workspace.resolve(tmp_path / "ws"), final
+
+
+def _assembled(final, tokenizer_file, folder):
+    """A model folder as a user puts it together: the weights, the config and the tokenizer, copied."""
+    folder.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copyfile(final / name, folder / name)
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+    return folder
+
+
+def test_a_folder_put_together_by_hand_is_the_model_it_holds_committed_once_into_the_store(trained_run, tmp_path):
+    workspace, final = trained_run
+    folder = _assembled(final, final.parent / "tokenizer.json", tmp_path / "mine")
+    resolved = resolve_model(str(folder), workspace)
+    assert resolved.weights_hash == resolve_model(str(final), workspace).weights_hash
+    assert resolved.model_dir.parent == workspace.store / "model-folders"
+    assert resolved.tokenizer_file == folder / "tokenizer.json"
+    assert torch.equal(resolved.load().lm_head.weight, load_model(final).lm_head.weight)
+    assert resolve_model(str(folder), workspace).model_dir == resolved.model_dir  # copied once
+    assert not (folder / "contents.json").exists()  # the user's folder is left as it was
+
+
+def _write_weights(folder, how):
+    weights = folder / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif how == "a pickle":
+        torch.save(GPT(CONFIG).state_dict(), weights, _use_new_zipfile_serialization=False)
+    elif how == "a torch.save zip":
+        torch.save(GPT(CONFIG).state_dict(), weights)
+    elif how == "another model size":
+        save_final(folder / "other", GPT(dataclasses.replace(CONFIG, n_embd=16)))
+        shutil.copyfile(folder / "other" / "final" / "model.safetensors", weights)
+    elif how == "another depth":
+        save_final(folder / "other", GPT(dataclasses.replace(CONFIG, n_layer=2)))
+        shutil.copyfile(folder / "other" / "final" / "model.safetensors", weights)
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "a config of no model":
+        (folder / "config.json").write_text('{"n_layers": 2}')
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("truncated", r"model\.safetensors is truncated: its tensors end at byte [0-9,]+ of its data, which holds "
+                  r"[0-9,]+\."),
+    ("a pickle", r"model\.safetensors is not a safetensors file \(it is a Python pickle\): its first 8 bytes give a "
+                 r"header of [0-9,]+ bytes"),
+    ("a torch.save zip",
+     r"model\.safetensors is not a safetensors file \(it is a zip archive, as torch\.save writes\)"),
+    ("another model size", r"model\.safetensors does not fit .*config\.json \(n_layer=1, n_embd=8, vocab_size=384\): "
+                           r"lm_head\.weight is \[384, 16\] in the file, \[384, 8\] for the config"),
+    ("another depth", r"model\.safetensors does not fit .*: 6 tensors no such GPT has \(transformer\.h\.1\."),
+    ("empty", r"model\.safetensors is not a safetensors file: it holds 0 bytes"),
+    ("a config of no model", r"config\.json of .* is not a gptflow model config: .*n_layers"),
+])
+def test_a_folder_whose_weights_are_not_the_model_its_config_describes_is_one_line_naming_the_file(
+    trained_run, tmp_path, how, message
+):
+    workspace, final = trained_run
+    folder = _assembled(final, final.parent / "tokenizer.json", tmp_path / "mine")
+    _write_weights(folder, how)
+    with pytest.raises(UserError, match=message) as raised:
+        resolve_model(str(folder), workspace)
+    named = "config.json" if "config" in how else "model.safetensors"
+    assert str(folder / named) in str(raised.value) and "\n" not in str(raised.value)
+    assert not (workspace.store / "model-folders").exists()  # nothing committed from it

@@ -26,7 +26,7 @@ from gptflow.model.gpt import GPT
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import TrackingServerUnreachable
 from gptflow.tasks.tracking.killed_runs import HOST_TAG, KILLED_TAG, PID_TAG
-from gptflow.tasks.tracking.naming import run_name
+from gptflow.tasks.tracking.naming import run_name, source_label
 from gptflow.tasks.tracking.outbox import Outbox, send_outboxes
 from gptflow.tasks.tracking.run import BufferedMetrics, PipelineRun, pipeline_run
 from gptflow.tasks.tracking.server import server_unreachable
@@ -381,3 +381,8 @@ def test_a_run_name_leads_with_the_settings_in_the_order_given():
     assert run_name("pretrain", overrides, "tiny", None, "stdlib") == "n_layer=4 learning_rate=3e-3 · pretrain tiny stdlib"
     assert run_name("pretrain", dict(reversed(overrides.items())), "tiny") == "learning_rate=3e-3 n_layer=4 · pretrain tiny"
     assert run_name("evaluate", None, "gptflow-tiny/1") == "evaluate gptflow-tiny/1"
+
+
+def test_a_corpus_named_by_an_e_mail_address_is_labelled_without_it():
+    assert source_label("/mail/jane.doe@example.com.jsonl") == "<EMAIL>.jsonl"
+    assert source_label("/data/web/") == "web" and source_label("runs/abc/final") == "abc/final"
