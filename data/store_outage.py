@@ -170,8 +170,8 @@ class StoreOutage:
 
     def _kept_summary(self) -> str:
         names = [path.relative_to(self.local_root).as_posix() for path in self._kept]
-        newest = f"; the newest: {names[-1]}" if len(names) > 1 else ""
-        return f"{len(names)} file(s) and folder(s) in {self.local_root} ({names[0]}{newest})"
+        named = ", ".join(names if len(names) <= 4 else [names[0], "...", *names[-3:]])
+        return f"{len(names)} file(s) and folder(s) in {self.local_root} ({named})"
 
     def _stop_message(self, limit_s: float) -> str:
         return (f"The object store at {self.endpoint} did not answer within {limit_s:.0f} s ({WAIT_ENV}): "
