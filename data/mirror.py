@@ -55,8 +55,7 @@ from gptflow.data.commits import (
     write_json_atomic,
 )
 from gptflow.data.hashing import hash_file
-from gptflow.data.object_sources import object_store_filesystem
-from gptflow.data.store_outage import StoreAway, StoreOutage
+from gptflow.data.store_outage import StoreAway, StoreOutage, workspace_filesystem
 
 MIRROR_FILE = "mirror.json"
 """In the root of a workspace's local folder that mirrors an object store: ``{"url": ...}``, the
@@ -106,11 +105,11 @@ class ObjectStoreMirror:
 
     @property
     def fs(self) -> Any:
-        return object_store_filesystem(self.url)[0]
+        return workspace_filesystem(self.url)[0]
 
     def remote(self, path: Path) -> str:
         """The object name of the local ``path``."""
-        root = object_store_filesystem(self.url)[1].rstrip("/")
+        root = workspace_filesystem(self.url)[1].rstrip("/")
         return f"{root}/{Path(path).relative_to(self.local_root).as_posix()}"
 
     def holds(self, directory: Path) -> bool:
@@ -254,7 +253,7 @@ class ObjectStoreMirror:
     def _probe(self) -> None:
         """A request any answering store answers: listing the workspace's top folder."""
         with contextlib.suppress(FileNotFoundError):
-            self.fs.ls(object_store_filesystem(self.url)[1], detail=False)
+            self.fs.ls(workspace_filesystem(self.url)[1], detail=False)
 
     def _put(self, path: Path) -> None:
         if path.is_dir():

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from gptflow.data.errors import CorpusError, UserError
+from gptflow.data.errors import CorpusError
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _S3_SCHEMES = ("s3", "s3a")
@@ -102,13 +102,8 @@ def _filesystem(url: str) -> tuple[Any, str]:
                           f"Use a local path or an s3:// URL.") from None
 
 
-_CLIENT_SETTINGS = ("AWS_", "GOOGLE_", "GCS", "FSSPEC_", "GPTFLOW_OBJECT_STORE_TIMEOUT")
+_CLIENT_SETTINGS = ("AWS_", "GOOGLE_", "GCS", "FSSPEC_")
 """The environment a store's client reads when it is made: endpoints, credentials, profiles."""
-REQUEST_TIMEOUT_ENV = "GPTFLOW_OBJECT_STORE_TIMEOUT_S"
-DEFAULT_REQUEST_TIMEOUT_S = 20.0
-"""How long an S3 request waits for an answer before botocore tries it once more, then gives up:
-an endpoint that stops answering (paused, or its packets dropped) costs a request at most twice
-this, instead of botocore's 60 s times s3fs's and botocore's retries (minutes of silence)."""
 
 
 def object_store_filesystem(url: str) -> tuple[Any, str]:
@@ -125,26 +120,7 @@ def object_store_filesystem(url: str) -> tuple[Any, str]:
 def _client(scheme: str, environment: tuple[tuple[str, str], ...]) -> Any:
     import fsspec  # a dependency of datasets; only object stores need it
 
-    if scheme not in _S3_SCHEMES:
-        return fsspec.filesystem(scheme, use_listings_cache=False, skip_instance_cache=True)
-    timeout_s = request_timeout_s()
-    filesystem = fsspec.filesystem(scheme, use_listings_cache=False, skip_instance_cache=True, config_kwargs={
-        "connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 2, "mode": "standard"}})
-    filesystem.retries = 1  # s3fs would retry botocore's retries five times more
-    return filesystem
-
-
-def request_timeout_s() -> float:
-    """``$GPTFLOW_OBJECT_STORE_TIMEOUT_S`` (default 20): how long one S3 request waits for an answer."""
-    setting = os.environ.get(REQUEST_TIMEOUT_ENV)
-    try:
-        timeout_s = float(setting) if setting else DEFAULT_REQUEST_TIMEOUT_S
-    except ValueError:
-        timeout_s = 0.0
-    if not timeout_s > 0:
-        raise UserError(f"{REQUEST_TIMEOUT_ENV}={setting} is not a number of seconds: give how long an object store "
-                          "request may wait for an answer, e.g. 20.")
-    return timeout_s
+    return fsspec.filesystem(scheme, use_listings_cache=False, skip_instance_cache=True)
 
 
 def _one_line(error: BaseException) -> str:

@@ -2,7 +2,7 @@
 
 ``data.mirror.ObjectStoreMirror`` sends every request through its ``StoreOutage``. The first one
 that finds the endpoint away (refused, or no answer within the client's timeout:
-``data.object_sources.request_timeout_s``) logs one warning and starts a prober thread that asks the
+``request_timeout_s``) logs one warning and starts a prober thread that asks the
 store every ``PROBE_INTERVAL_S`` whether it answers again. Until then no request is sent: what the
 run commits (checkpoints, units, the export, shared files) is kept in the local copy, in the
 order written, as an outbox; reads use the local copy. Once the store answers, the prober publishes
@@ -20,17 +20,22 @@ and resumes training from the newest kept checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gptflow.data.errors import UserError
-from gptflow.data.object_sources import REQUEST_TIMEOUT_ENV, request_timeout_s
 
+REQUEST_TIMEOUT_ENV = "GPTFLOW_OBJECT_STORE_TIMEOUT_S"
+DEFAULT_REQUEST_TIMEOUT_S = 20.0
+"""How long an S3 request waits for an answer before botocore tries it once more, then gives up:
+an endpoint that stops answering (paused, or its packets dropped) costs a request at most twice
+this, instead of botocore's 60 s times its and s3fs's retries (minutes of silence)."""
 WAIT_ENV = "GPTFLOW_OBJECT_STORE_WAIT_S"
 DEFAULT_WAIT_S = 300.0
 """How long a barrier waits for an away object store to take what the run kept before it stops."""
@@ -63,6 +68,46 @@ def is_unreachable(error: BaseException) -> bool:
             return True
         link = link.__cause__ or link.__context__
     return False
+
+
+def workspace_filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem a workspace at ``url`` is reached through, and the path within it:
+    one client per scheme and environment, as ``data.object_sources.object_store_filesystem``'s
+    (whose clients read corpora), with every S3 request bounded by ``request_timeout_s``."""
+    scheme = url.split("://", 1)[0]
+    environment = tuple(sorted((name, value) for name, value in os.environ.items() if name.startswith(_CLIENT_SETTINGS)))
+    filesystem = _bounded_client(scheme, environment)
+    return filesystem, filesystem._strip_protocol(url)
+
+
+_CLIENT_SETTINGS = ("AWS_", "FSSPEC_", REQUEST_TIMEOUT_ENV)
+"""The environment a workspace's client reads when it is made: endpoint, credentials, its timeout."""
+
+
+@functools.lru_cache(maxsize=16)
+def _bounded_client(scheme: str, environment: tuple[tuple[str, str], ...]) -> Any:
+    import fsspec  # a dependency of datasets; only object stores need it
+
+    if scheme not in ("s3", "s3a"):
+        return fsspec.filesystem(scheme, use_listings_cache=False, skip_instance_cache=True)
+    timeout_s = request_timeout_s()
+    filesystem = fsspec.filesystem(scheme, use_listings_cache=False, skip_instance_cache=True, config_kwargs={
+        "connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 2, "mode": "standard"}})
+    filesystem.retries = 1  # s3fs would retry each of botocore's attempts five times more
+    return filesystem
+
+
+def request_timeout_s() -> float:
+    """``$GPTFLOW_OBJECT_STORE_TIMEOUT_S`` (default 20): how long one request to a workspace's store waits for an answer."""
+    setting = os.environ.get(REQUEST_TIMEOUT_ENV)
+    try:
+        timeout_s = float(setting) if setting else DEFAULT_REQUEST_TIMEOUT_S
+    except ValueError:
+        timeout_s = 0.0
+    if not timeout_s > 0:
+        raise UserError(f"{REQUEST_TIMEOUT_ENV}={setting} is not a number of seconds: give how long a request to a "
+                        "workspace's object store may wait for an answer, e.g. 20.")
+    return timeout_s
 
 
 def wait_limit_s() -> float:
