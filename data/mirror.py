@@ -55,7 +55,7 @@ from gptflow.data.commits import (
     write_json_atomic,
 )
 from gptflow.data.hashing import hash_file
-from gptflow.data.store_outage import StoreAway, StoreOutage, workspace_filesystem
+from gptflow.data.store_outage import OUTBOX_DIR, ObjectStoreAwayError, StoreAway, StoreOutage, workspace_filesystem
 
 MIRROR_FILE = "mirror.json"
 """In the root of a workspace's local folder that mirrors an object store: ``{"url": ...}``, the
@@ -81,6 +81,7 @@ class ObjectStoreMirror:
         self._pending: list[Future] = []
         self._lock = threading.Lock()
         self.outage = StoreOutage(endpoint_of(url), self.local_root, self._probe, self._put)
+        self._stopped_the_run = False  # wait_for_uploads gave up: the run's last line said what is kept
 
     def __reduce__(self) -> tuple[Any, ...]:
         # What another process needs: its own uploads start empty.
@@ -149,11 +150,12 @@ class ObjectStoreMirror:
         for _, size, directory in sorted(copies, key=lambda copy: copy[0]):
             if total <= limit_bytes:
                 break
-            if self._committed_listing(directory) is None:
-                continue  # never published (its publish failed): this copy is the only one
-            shutil.rmtree(directory, ignore_errors=True)
-            total -= size
-            evicted, evicted_bytes = evicted + 1, evicted_bytes + size
+            with contextlib.suppress(StoreAway):
+                if self._committed_listing(directory) is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    total -= size
+                    evicted, evicted_bytes = evicted + 1, evicted_bytes + size
+            # Else never published (its publish failed, the store is away): this copy is the only one.
         return evicted, evicted_bytes
 
     def publish_in_background(self, directory: Path) -> None:
@@ -167,6 +169,16 @@ class ObjectStoreMirror:
                 atexit.register(self._publish_before_exit)
             self._pending.append(self._uploads.submit(self._publish_or_keep, directory))
 
+    def publish_what_earlier_runs_kept(self) -> None:
+        """Publish, in the background, what runs on this machine kept while the store was away and
+        could not publish before they ended (their outbox lists, ``data.store_outage.OUTBOX_DIR``)."""
+        for outbox in sorted(self.local_root.joinpath(OUTBOX_DIR).glob("*.json")):
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                for name in json.loads(outbox.read_text()):
+                    if self.local_root.joinpath(name).exists():  # else deleted since (a pruned checkpoint)
+                        self.publish_in_background(self.local_root / name)
+            outbox.unlink(missing_ok=True)
+
     def wait_for_uploads(self) -> None:
         """Return once every directory ``publish_in_background`` was given, and every file and
         directory kept while the store was away, is in the object store; raise the error of an
@@ -176,23 +188,31 @@ class ObjectStoreMirror:
             pending, self._pending = self._pending, []
         for upload in pending:
             upload.result()
-        self.outage.wait_until_published()
+        try:
+            self.outage.wait_until_published()
+        except ObjectStoreAwayError:
+            self._stopped_the_run = True
+            raise
 
     def _publish_before_exit(self) -> None:
         """At exit: uploads still running finish; what the store did not take is named in one
         line, never a traceback (a run that stopped for it said so already)."""
+        if self._stopped_the_run:
+            return
         try:
             with self._lock:
                 pending, self._pending = self._pending, []
             for upload in pending:
                 upload.result()
-            if not self.outage.away:
+            if not self.outage.away:  # it is publishing what it kept: a bounded wait
                 self.outage.wait_until_published()
+        except ObjectStoreAwayError:
+            pass  # named below
         except Exception as error:
             logger.warning(f"An upload to the object store at {self.outage.endpoint} failed at exit "
                            f"({type(error).__name__}: {error}); the next run that uses it publishes it.")
         kept = self.outage.kept_summary()
-        if kept and not self.outage.stopped_the_run:
+        if kept:
             logger.warning(f"The object store at {self.outage.endpoint} does not answer: {kept} stay unpublished. "
                            "Rerun the same command once it answers: it publishes them and continues from them.")
 
@@ -251,9 +271,9 @@ class ObjectStoreMirror:
         return Path(path).relative_to(self.local_root).as_posix()
 
     def _probe(self) -> None:
-        """A request any answering store answers: listing the workspace's top folder."""
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.ls(workspace_filesystem(self.url)[1], detail=False)
+        """A request the store answers once it can take what was kept: its bucket's metadata (a
+        store back without the bucket raises ``FileNotFoundError``, and is asked again)."""
+        self.fs.info(workspace_filesystem(self.url)[1].split("/", 1)[0])
 
     def _put(self, path: Path) -> None:
         if path.is_dir():

@@ -5,7 +5,7 @@ that finds the endpoint away (refused, or no answer within the client's timeout:
 ``request_timeout_s``) logs one warning and starts a prober thread that asks the
 store every ``PROBE_INTERVAL_S`` whether it answers again. Until then no request is sent: what the
 run commits (checkpoints, units, the export, shared files) is kept in the local copy, in the
-order written, as an outbox; reads use the local copy. Once the store answers, the prober publishes
+order written, as an outbox, whose list is kept in ``OUTBOX_DIR`` too; reads use the local copy. Once the store answers, the prober publishes
 what was kept, oldest first (what the run deleted meanwhile, such as pruned checkpoints, is
 skipped), and says so.
 
@@ -14,7 +14,7 @@ is logged with what it is; a barrier that needs the store (``ObjectStoreMirror.w
 before a stage's record is shared) waits at most ``$GPTFLOW_OBJECT_STORE_WAIT_S``, logging what it
 waits for, then stops the run with one line (``ObjectStoreAwayError``) naming the endpoint, what is
 kept locally, and how to continue: rerun the same command once the store answers. The rerun
-publishes each committed local copy the store lacks as it meets it (``ObjectStoreMirror.holds``)
+publishes what the outbox lists as it starts (``ObjectStoreMirror.publish_what_earlier_runs_kept``)
 and resumes training from the newest kept checkpoint.
 """
 
@@ -23,12 +23,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gptflow.data.commits import write_json_atomic
 from gptflow.data.errors import UserError
 
 REQUEST_TIMEOUT_ENV = "GPTFLOW_OBJECT_STORE_TIMEOUT_S"
@@ -36,6 +39,9 @@ DEFAULT_REQUEST_TIMEOUT_S = 20.0
 """How long an S3 request waits for an answer before botocore tries it once more, then gives up:
 an endpoint that stops answering (paused, or its packets dropped) costs a request at most twice
 this, instead of botocore's 60 s times its and s3fs's retries (minutes of silence)."""
+OUTBOX_DIR = "object-store-outbox"
+"""In the local copy: one JSON list per process of what it keeps for the store (paths relative to
+the copy), so that what a run stopped or killed during an outage kept is published by the next."""
 WAIT_ENV = "GPTFLOW_OBJECT_STORE_WAIT_S"
 DEFAULT_WAIT_S = 300.0
 """How long a barrier waits for an away object store to take what the run kept before it stops."""
@@ -136,10 +142,9 @@ class StoreOutage:
         self._probe = probe
         self._publish = publish
         self._kept: dict[Path, None] = {}  # an ordered set: published oldest first
+        self._outbox = local_root / OUTBOX_DIR / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
         self._away_since: float | None = None
         self._changed = threading.Condition()
-        self.stopped_the_run = False
-        """Set once ``wait_until_published`` gave up: the run's last line said what is kept."""
 
     @property
     def away(self) -> bool:
@@ -173,6 +178,7 @@ class StoreOutage:
             if self._away_since is None:
                 return False
             self._kept[Path(path)] = None
+            self._save()
             return True
 
     def is_kept(self, path: Path) -> bool:
@@ -200,7 +206,6 @@ class StoreOutage:
             while self._kept:
                 now = time.monotonic()
                 if now >= deadline:
-                    self.stopped_the_run = True
                     raise ObjectStoreAwayError(self._stop_message(limit_s))
                 if now >= next_report:
                     logger.warning(f"Waiting up to {deadline - now:.0f} s for the object store at {self.endpoint} to "
@@ -224,14 +229,18 @@ class StoreOutage:
                 "answers: it publishes them and continues from them.")
 
     def _await_return(self) -> None:
+        reported = ""
         while True:
             time.sleep(PROBE_INTERVAL_S)
             try:
                 self._probe()
             except Exception as error:  # the store's own errors differ by client; an unreachable one is expected
-                if not is_unreachable(error):
-                    logger.warning(f"The object store at {self.endpoint} answers with an error "
-                                   f"({type(error).__name__}: {error}); asking again.")
+                answer = f"{type(error).__name__}: {error}"
+                if not is_unreachable(error) and answer != reported:
+                    logger.warning(f"The object store at {self.endpoint} answers, with an error ({answer}): "
+                                   f"what the run kept stays in {self.local_root}; asking again every "
+                                   f"{PROBE_INTERVAL_S:.0f} s.")
+                    reported = answer
                 continue
             break
         with self._changed:
@@ -260,4 +269,12 @@ class StoreOutage:
                                f"({type(error).__name__}: {error}); the next run that uses it publishes it.")
             with self._changed:
                 self._kept.pop(path, None)
+                self._save()
                 self._changed.notify_all()
+
+    def _save(self) -> None:
+        """Write the outbox's list (under ``_changed``); no file once nothing is kept."""
+        if self._kept:
+            write_json_atomic(self._outbox, [path.relative_to(self.local_root).as_posix() for path in self._kept])
+        else:
+            self._outbox.unlink(missing_ok=True)

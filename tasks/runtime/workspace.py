@@ -73,6 +73,7 @@ class Workspace:
         if url is not None:
             mirror = ObjectStoreMirror.attach(cls.locate(url), url)
             workspace = cls(mirror.local_root, url).checked()
+            workspace.artifacts.mirror.publish_what_earlier_runs_kept()
             # At the start of a run, not during one: nothing a run has fetched goes while it may still read it.
             mirror.evict_least_recently_used(cache_limit_bytes())
             return workspace

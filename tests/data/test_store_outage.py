@@ -17,7 +17,7 @@ import s3fs
 from gptflow.data.commits import CONTENTS_FILE
 from gptflow.data.mirror import ObjectStoreMirror
 from gptflow.data.store import ArtifactStore
-from gptflow.data.store_outage import ObjectStoreAwayError
+from gptflow.data.store_outage import OUTBOX_DIR, ObjectStoreAwayError
 
 BUCKET = "gptflow-test"
 URL = f"s3://{BUCKET}/team"
@@ -45,6 +45,17 @@ def _published(directory: Path, store: ArtifactStore) -> bool:
         directory / "weights.bin").read_bytes()
 
 
+def _outbox_once_it_lists(count: int, store: ArtifactStore) -> Path:
+    """The process's outbox file (what it keeps for the store), once it lists ``count`` paths."""
+    deadline = time.monotonic() + 30
+    while True:
+        outboxes = list(store.mirror.local_root.joinpath(OUTBOX_DIR).glob("*.json"))
+        if outboxes and len(json.loads(outboxes[0].read_text())) == count:
+            return outboxes[0]
+        assert time.monotonic() < deadline, outboxes
+        time.sleep(0.1)
+
+
 def _restart_empty(server) -> None:
     """Start the server again on its port; moto kept its objects in memory, so the bucket is made again."""
     server.start()
@@ -67,6 +78,8 @@ def test_commits_while_the_store_is_stopped_are_kept_locally_and_published_on_it
     store.remove_directory(kept[0])  # pruned while away: never published
     assert time.monotonic() - started < 15, "a run goes on while the store is away: nothing waits on it"
     assert f"The object store at http://127.0.0.1:{own_s3_server.port} ({URL}) does not answer" in caplog.text
+    outbox = _outbox_once_it_lists(3, store)  # every upload given up: none is under way when the store returns
+    assert json.loads(outbox.read_text()) == [f"store/runs/r/checkpoints/step-00000{step}" for step in (2, 3, 4)]
 
     _restart_empty(own_s3_server)
     store.wait_for_uploads()
@@ -87,18 +100,21 @@ def test_a_barrier_waits_for_a_stopped_store_a_bounded_time_then_names_what_is_k
     assert time.monotonic() - started < 30
     message = str(stopped.value)
     assert "\n" not in message
+    outbox = _outbox_once_it_lists(1, store)
     assert f"http://127.0.0.1:{own_s3_server.port}" in message and "GPTFLOW_OBJECT_STORE_WAIT_S" in message
     assert "store/runs/r/checkpoints/step-000007" in message and str(store.mirror.local_root) in message
     assert "Rerun the same command once it answers" in message
     assert "Waiting up to 3 s for the object store" in caplog.text, "the wait says what it waits for"
     assert (kept / "weights.bin").exists()
+    assert json.loads(outbox.read_text()) == ["store/runs/r/checkpoints/step-000007"], "listed for the next run"
 
-    # The rerun, a new process: it meets the kept copy and publishes it rather than computing it again.
+    # The rerun: it publishes what its outbox lists as it starts.
     _restart_empty(own_s3_server)
     rerun = ArtifactStore(ObjectStoreMirror(store.mirror.local_root, URL))
-    assert rerun.is_complete(kept)
+    rerun.mirror.publish_what_earlier_runs_kept()
     rerun.wait_for_uploads()
     assert _published(kept, rerun)
+    assert not outbox.exists()
 
 
 def test_a_paused_store_is_waited_for_a_bounded_time_saying_what_for(store, own_s3_server, caplog, monkeypatch):
