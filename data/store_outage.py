@@ -159,7 +159,7 @@ class StoreOutage:
         # Logged halfway to the request's timeout, so an endpoint that stopped answering is never silent.
         slow = threading.Timer(request_timeout_s() / 2, lambda: logger.warning(
             f"Waiting for the object store at {self.endpoint} to answer ({what}); a request gives up after "
-            f"twice {request_timeout_s():.0f} s ({REQUEST_TIMEOUT_ENV})."))
+            f"about three times {request_timeout_s():.0f} s ({REQUEST_TIMEOUT_ENV})."))
         slow.daemon = True
         slow.start()
         try:
