@@ -5,7 +5,7 @@ that finds the endpoint away (refused, or no answer within the client's timeout:
 ``request_timeout_s``) logs one warning and starts a prober thread that asks the
 store every ``PROBE_INTERVAL_S`` whether it answers again. Until then no request is sent: what the
 run commits (checkpoints, units, the export, shared files) is kept in the local copy, in the
-order written, as an outbox, whose list is kept in ``OUTBOX_DIR`` too; reads use the local copy. Once the store answers, the prober publishes
+order its uploads found the store away, as an outbox, whose list is kept in ``OUTBOX_DIR`` too; reads use the local copy. Once the store answers, the prober publishes
 what was kept, oldest first (what the run deleted meanwhile, such as pruned checkpoints, is
 skipped), and says so.
 
