@@ -9,7 +9,7 @@ is trusted. A copy is fetched into a temporary folder, each file checked against
 hash, then renamed into place with the commit's mtimes (so the local fast path of
 ``data.commits.is_complete`` holds on every machine). A file that does not hash to its commit, or
 an object the commit lists that is gone, makes the directory not exist: the stage computes and
-publishes it again.
+publishes it again, and a warning names the object.
 
 Each machine works in ``$GPTFLOW_CACHE/workspaces/<hash of the URL>/``, laid out as a local
 workspace, with ``mirror.json`` naming the URL, so the data layer finds the mirror from any path
@@ -20,6 +20,10 @@ sharing its record, so a record never names a unit not yet in the store. Checkpo
 from the store too (``names_in``), so a run resumes on another machine. Locks between machines
 are the workspace's (``tasks.runtime.workspace.ObjectStoreLease``); at the start of a run, local
 copies beyond ``GPTFLOW_CACHE_GB`` are evicted (``evict_least_recently_used``).
+
+Every request goes through the mirror's ``data.store_outage.StoreOutage``: while the store does not
+answer, what is committed is kept locally and published once it answers again, reads use the local
+copy, and the barriers wait for it a bounded time (see that module).
 
 Cost: one request per directory checked (``data.store.CHECKS_AT_ONCE`` at once), and per new
 source file its unit's lookup; uploads overlap computing (``bench/object_store.py`` measures it
@@ -33,6 +37,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -50,12 +55,14 @@ from gptflow.data.commits import (
     write_json_atomic,
 )
 from gptflow.data.hashing import hash_file
-from gptflow.data.object_sources import object_store_filesystem
+from gptflow.data.store_outage import OUTBOX_DIR, ObjectStoreAwayError, StoreAway, StoreOutage, workspace_filesystem
 
 MIRROR_FILE = "mirror.json"
 """In the root of a workspace's local folder that mirrors an object store: ``{"url": ...}``, the
 workspace's URL. Whatever lies under such a folder is mirrored."""
 UPLOADS_AT_ONCE = 8
+
+logger = logging.getLogger(__name__)
 
 
 class ObjectStoreMirror:
@@ -73,6 +80,8 @@ class ObjectStoreMirror:
         self._uploads: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._lock = threading.Lock()
+        self.outage = StoreOutage(endpoint_of(url), self.local_root, self._probe, self._put)
+        self._stopped_the_run = False  # wait_for_uploads gave up: the run's last line said what is kept
 
     def __reduce__(self) -> tuple[Any, ...]:
         # What another process needs: its own uploads start empty.
@@ -97,23 +106,27 @@ class ObjectStoreMirror:
 
     @property
     def fs(self) -> Any:
-        return object_store_filesystem(self.url)[0]
+        return workspace_filesystem(self.url)[0]
 
     def remote(self, path: Path) -> str:
         """The object name of the local ``path``."""
-        root = object_store_filesystem(self.url)[1].rstrip("/")
+        root = workspace_filesystem(self.url)[1].rstrip("/")
         return f"{root}/{Path(path).relative_to(self.local_root).as_posix()}"
 
     def holds(self, directory: Path) -> bool:
         """Whether the object store holds ``directory`` committed and whole, with a local copy
-        that matches it (fetched here when missing or stale)."""
-        committed = self._committed_listing(directory)
+        that matches it (fetched here when missing or stale). While the store is away: whether
+        the local copy is whole."""
+        try:
+            committed = self._committed_listing(directory)
+        except StoreAway:
+            return matches_listing(directory, read_listing(directory))
         if committed is None:
             if not matches_listing(directory, read_listing(directory)):
                 return False
-            # Committed here, and its upload cut short (the process was killed) or still under way:
-            # the copy is whole, so it is published now rather than computed again.
-            self.publish_directory(directory)
+            # Committed here, and its upload cut short (the process was killed, the store went
+            # away) or still under way: the copy is whole, so it is published rather than computed again.
+            self._publish_or_keep(directory)
             return True
         if read_listing(directory) == committed and matches_listing(directory, committed):
             # One request per check: an object lost under its commit is found by the next machine
@@ -137,28 +150,71 @@ class ObjectStoreMirror:
         for _, size, directory in sorted(copies, key=lambda copy: copy[0]):
             if total <= limit_bytes:
                 break
-            if self._committed_listing(directory) is None:
-                continue  # never published (its publish failed): this copy is the only one
-            shutil.rmtree(directory, ignore_errors=True)
-            total -= size
-            evicted, evicted_bytes = evicted + 1, evicted_bytes + size
+            with contextlib.suppress(StoreAway):
+                if self._committed_listing(directory) is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    total -= size
+                    evicted, evicted_bytes = evicted + 1, evicted_bytes + size
+            # Else never published (its publish failed, the store is away): this copy is the only one.
         return evicted, evicted_bytes
 
     def publish_in_background(self, directory: Path) -> None:
-        """``publish_directory`` on one of the mirror's upload threads."""
+        """``publish_directory`` on one of the mirror's upload threads; while the store is away,
+        the directory is kept until it answers."""
+        if self.outage.keep_if_away(directory):
+            return
         with self._lock:
             if self._uploads is None:
                 self._uploads = ThreadPoolExecutor(UPLOADS_AT_ONCE, thread_name_prefix="gptflow-publish")
-                atexit.register(self.wait_for_uploads)
-            self._pending.append(self._uploads.submit(self.publish_directory, directory))
+                atexit.register(self._publish_before_exit)
+            self._pending.append(self._uploads.submit(self._publish_or_keep, directory))
+
+    def publish_what_earlier_runs_kept(self) -> None:
+        """Publish, in the background, what runs on this machine kept while the store was away and
+        could not publish before they ended (their outbox lists, ``data.store_outage.OUTBOX_DIR``)."""
+        for outbox in sorted(self.local_root.joinpath(OUTBOX_DIR).glob("*.json")):
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                for name in json.loads(outbox.read_text()):
+                    if self.local_root.joinpath(name).exists():  # else deleted since (a pruned checkpoint)
+                        self.publish_in_background(self.local_root / name)
+            outbox.unlink(missing_ok=True)
 
     def wait_for_uploads(self) -> None:
-        """Return once every directory ``publish_in_background`` was given is in the object store;
-        raise the error of an upload that failed, in the stage that wrote it."""
+        """Return once every directory ``publish_in_background`` was given, and every file and
+        directory kept while the store was away, is in the object store; raise the error of an
+        upload that failed, in the stage that wrote it, and ``ObjectStoreAwayError`` once the store
+        has been away longer than a run waits (``data.store_outage.wait_limit_s``)."""
         with self._lock:
             pending, self._pending = self._pending, []
         for upload in pending:
             upload.result()
+        try:
+            self.outage.wait_until_published()
+        except ObjectStoreAwayError:
+            self._stopped_the_run = True
+            raise
+
+    def _publish_before_exit(self) -> None:
+        """At exit: uploads still running finish; what the store did not take is named in one
+        line, never a traceback (a run that stopped for it said so already)."""
+        if self._stopped_the_run:
+            return
+        try:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for upload in pending:
+                upload.result()
+            if not self.outage.away:  # it is publishing what it kept: a bounded wait
+                self.outage.wait_until_published()
+        except ObjectStoreAwayError:
+            pass  # named below
+        except Exception as error:
+            logger.warning(f"An upload to the object store at {self.outage.endpoint} failed at exit "
+                           f"({type(error).__name__}: {error}); the next run that uses it publishes it.")
+        kept = self.outage.kept_summary()
+        if kept:
+            logger.warning(f"The object store at {self.outage.endpoint} does not answer: {kept} stay unpublished. "
+                           "Rerun the same command once it answers: it publishes them and continues from them.")
 
     def publish_directory(self, directory: Path) -> None:
         """Put the local committed ``directory`` in the object store: its files at once, then its
@@ -169,14 +225,20 @@ class ObjectStoreMirror:
         self.fs.put_file(str(directory / CONTENTS_FILE), self.remote(directory / CONTENTS_FILE))
 
     def publish_file(self, path: Path) -> None:
-        """Put the local file ``path`` (a manifest, a lineage, a cache record) in the object store."""
-        self.fs.put_file(str(path), self.remote(path))
+        """Put the local file ``path`` (a manifest, a lineage, a cache record) in the object store;
+        while the store is away, it is kept until it answers."""
+        self._publish_or_keep(Path(path))
 
     def pull_file(self, path: Path) -> bool:
         """Make the local ``path`` the object store's copy of it; False (and no local copy) when
-        the store has none, since a file the store lost must not live on in one machine's cache."""
+        the store has none, since a file the store lost must not live on in one machine's cache.
+        While the store is away, or the local copy waits to be published, the local copy is it."""
+        if self.outage.is_kept(Path(path)):
+            return True
         try:
-            data = self.fs.cat_file(self.remote(path))
+            data = self.outage.request(f"reading {self._name(path)}", lambda: self.fs.cat_file(self.remote(path)))
+        except StoreAway:
+            return Path(path).exists()
         except FileNotFoundError:
             Path(path).unlink(missing_ok=True)
             return False
@@ -187,19 +249,54 @@ class ObjectStoreMirror:
     def names_in(self, folder: Path) -> set[str]:
         """The names the object store holds directly under the local ``folder``."""
         try:
-            return {name.rsplit("/", 1)[-1] for name in self.fs.ls(self.remote(folder), detail=False)}
-        except FileNotFoundError:
-            return set()
+            listed = self.outage.request(f"listing {self._name(folder)}",
+                                         lambda: self.fs.ls(self.remote(folder), detail=False))
+        except (FileNotFoundError, StoreAway):
+            return set()  # while the store is away, the local folder is all there is
+        return {name.rsplit("/", 1)[-1] for name in listed}
 
     def remove_directory(self, directory: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.remote(directory / CONTENTS_FILE))
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self.remote(directory), recursive=True)
+        """Delete ``directory`` from the object store, its commit first. While the store is away it
+        stays there: the next prune, or whoever computes it again, replaces it."""
+        def remove() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.remote(directory / CONTENTS_FILE))
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.remote(directory), recursive=True)
+
+        with contextlib.suppress(StoreAway):
+            self.outage.request(f"removing {self._name(directory)}", remove)
+
+    def _name(self, path: Path) -> str:
+        return Path(path).relative_to(self.local_root).as_posix()
+
+    def _probe(self) -> None:
+        """A request the store answers once it can take what was kept: its bucket's metadata (a
+        store back without the bucket raises ``FileNotFoundError``, and is asked again)."""
+        self.fs.info(workspace_filesystem(self.url)[1].split("/", 1)[0])
+
+    def _put(self, path: Path) -> None:
+        if path.is_dir():
+            self.publish_directory(path)
+        else:
+            self.fs.put_file(str(path), self.remote(path))
+
+    def _publish_or_keep(self, path: Path) -> None:
+        """Publish the committed directory or shared file ``path`` now, or keep it until the store answers."""
+        while not self.outage.keep_if_away(path):
+            try:
+                self.outage.request(f"publishing {self._name(path)}", lambda: self._put(path))
+                return
+            except StoreAway:
+                pass  # away now: kept by the loop's test
 
     def _committed_listing(self, directory: Path) -> dict[str, dict[str, Any]] | None:
+        """The files the object store's commit of ``directory`` lists; None if it has none;
+        ``StoreAway`` while the store is away."""
+        remote = self.remote(directory / CONTENTS_FILE)
         try:
-            return json.loads(self.fs.cat_file(self.remote(directory / CONTENTS_FILE)))["files"]
+            return json.loads(self.outage.request(f"reading {self._name(directory / CONTENTS_FILE)}",
+                                                  lambda: self.fs.cat_file(remote)))["files"]
         except FileNotFoundError:
             return None
         except (ValueError, KeyError):
@@ -212,15 +309,28 @@ class ObjectStoreMirror:
             names = list(committed)
             for name in names:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get([self.remote(directory / name) for name in names], [str(tmp / name) for name in names])
+            self.outage.request(f"fetching {self._name(directory)}", lambda: self.fs.get(
+                [self.remote(directory / name) for name in names], [str(tmp / name) for name in names]))
             for name, entry in committed.items():
                 if hash_file(tmp / name) != entry["hash"]:
-                    return False  # altered in the object store: the stage recomputes and publishes it again
+                    logger.warning(f"{self.url}/{self._name(directory / name)} in the object store does not hash to its commit "
+                                   f"(altered after it was published): {self._name(directory)} is computed again.")
+                    return False
                 os.utime(tmp / name, ns=(entry["mtime_ns"], entry["mtime_ns"]))
             write_json_atomic(tmp / CONTENTS_FILE, {"files": committed})
             commit_directory(tmp, directory)
             return True
         except FileNotFoundError:
-            return False  # an object the commit lists is gone
+            logger.warning(f"An object that {self.url}/{self._name(directory / CONTENTS_FILE)} lists is gone from the "
+                           f"object store: {self._name(directory)} is computed again.")
+            return False
+        except StoreAway:
+            return False  # only the store holds it, and it is away: computed again here
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def endpoint_of(url: str) -> str:
+    """The object store of the workspace ``url`` as messages name it: its endpoint, when one is set, and the URL."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f"{endpoint} ({url})" if endpoint else url

@@ -95,25 +95,66 @@ def ray_cluster(s3_server) -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+class MotoServer:
+    """A real S3 server on 127.0.0.1 (moto's standalone server, in its own process group) that a
+    test may stop, pause and start again on the same port; it keeps its objects in memory only."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.environment = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while not _answers(self.port):
+            assert self.process.poll() is None and time.monotonic() < deadline, "the moto S3 server did not start"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Kill it and wait until its port refuses connections."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGCONT)  # a paused server dies too
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def pause(self, paused: bool = True) -> None:
+        """SIGSTOP it (connections are accepted by the kernel, never answered), or SIGCONT it."""
+        os.killpg(self.process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[dict[str, str]]:
     """A real S3 server on 127.0.0.1 (moto's standalone server) for the whole session: the
     environment that points boto3 / s3fs at it, with dummy credentials. Stopped with its group."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    server = MotoServer()
+    server.start()
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(port):
-            assert server.poll() is None and time.monotonic() < deadline, "the moto S3 server did not start"
-            time.sleep(0.2)
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        yield server.environment
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.stop()
+
+
+@pytest.fixture()
+def own_s3_server(monkeypatch) -> Iterator[MotoServer]:
+    """A real S3 server of this test's own, to stop, pause and restart, with a bucket ``gptflow-test``;
+    this process's environment points at it."""
+    import s3fs
+
+    server = MotoServer()
+    server.start()
+    for name, value in server.environment.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("gptflow-test")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture()

@@ -35,6 +35,7 @@ from gptflow.data.errors import UserError
 from gptflow.data.hashing import hash_json
 from gptflow.data.mirror import ObjectStoreMirror
 from gptflow.data.store import ArtifactStore
+from gptflow.data.store_outage import is_unreachable
 
 WORKSPACE_ENV = "GPTFLOW_HOME"
 WORKSPACE_SERVER_ENV = "GPTFLOW_WORKSPACE_MLFLOW"
@@ -72,6 +73,7 @@ class Workspace:
         if url is not None:
             mirror = ObjectStoreMirror.attach(cls.locate(url), url)
             workspace = cls(mirror.local_root, url).checked()
+            workspace.artifacts.mirror.publish_what_earlier_runs_kept()
             # At the start of a run, not during one: nothing a run has fetched goes while it may still read it.
             mirror.evict_least_recently_used(cache_limit_bytes())
             return workspace
@@ -186,6 +188,8 @@ class ObjectStoreLease:
     def __init__(self, mirror: ObjectStoreMirror, local_lock: Path, on_wait: Callable[[], None] | None) -> None:
         self.fs = mirror.fs
         self.path = mirror.remote(local_lock)
+        self.endpoint = mirror.outage.endpoint
+        self.local_root = mirror.local_root
         self.on_wait = on_wait
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.etag: str | None = None
@@ -193,7 +197,7 @@ class ObjectStoreLease:
         self.renewer = threading.Thread(target=self._renew, name="gptflow-lease", daemon=True)
 
     def __enter__(self) -> ObjectStoreLease:
-        while not self._try_acquire():
+        while not self._acquired():
             if self.on_wait:
                 self.on_wait()
                 self.on_wait = None
@@ -204,9 +208,25 @@ class ObjectStoreLease:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop_renewing.set()
         self.renewer.join()
-        with contextlib.suppress(FileNotFoundError):
+        try:
             if self.fs.info(self.path)["ETag"] == self.etag:
                 self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+        except Exception as error:
+            if not is_unreachable(error):
+                raise
+            # The store went away: the lease is left to expire, after LEASE_SECONDS.
+
+    def _acquired(self) -> bool:
+        try:
+            return self._try_acquire()
+        except Exception as error:
+            if not is_unreachable(error):
+                raise
+            raise WorkspaceError(f"The object store at {self.endpoint} does not answer ({type(error).__name__}), so the "
+                                 f"lock {self.path} cannot be taken; what this run computed is kept in "
+                                 f"{self.local_root}. Rerun the same command once it answers.") from None
 
     def _body(self) -> bytes:
         return json.dumps({"holder": self.holder, "expires": time.time() + LEASE_SECONDS}).encode()
@@ -231,8 +251,12 @@ class ObjectStoreLease:
         try:
             self.etag = self.fs.pipe_file(self.path, self._body(), IfMatch=etag)["ETag"]
             return True
-        except (OSError, FileNotFoundError):
+        except OSError:  # changed since (a precondition failed), or gone
             return False
+        except Exception as error:
+            if is_unreachable(error):
+                return False  # the store is away: renewed on its return, if the lease has not expired
+            raise
 
     def _renew(self) -> None:
         while not self.stop_renewing.wait(LEASE_SECONDS / 3):

@@ -1,12 +1,13 @@
 """The pipeline on a workspace kept on S3 (a real moto server on 127.0.0.1), reading its corpus from
 S3, its data units on a real local Ray cluster: the artifacts of a local run, reused by a machine with an empty cache, which
 ingests only the file added to the bucket, an object
-altered in the store recomputed, two machines at once computing each stage once, and a run killed
+altered in the store recomputed and named, two machines at once computing each stage once, and a run killed
 mid-stage leaving no committed partial unit."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -85,7 +86,7 @@ def test_an_s3_workspace_holds_what_a_local_run_writes_and_an_empty_cache_reuses
 
 
 def test_an_object_altered_in_the_store_is_recomputed(prefect_api_url, s3_bucket, tiny_corpus_dir, tmp_path,
-                                                      monkeypatch):
+                                                      monkeypatch, caplog):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     corpus, url = [str(tiny_corpus_dir)], f"{s3_bucket}/team"
     _use_cache(monkeypatch, tmp_path / "machine-a")
@@ -98,7 +99,9 @@ def test_an_object_altered_in_the_store_is_recomputed(prefect_api_url, s3_bucket
     filesystem.pipe_file(shard, bytes(reversed(data)))  # same size, other bytes
 
     _use_cache(monkeypatch, tmp_path / "machine-b")
+    caplog.set_level(logging.WARNING, logger="gptflow.data")
     rerun = pretrain(corpus=corpus, preset="tiny", overrides=OVERRIDES, workspace=url)
+    assert f"{url}/store/{sorted(written)[0]} in the object store does not hash to its commit" in caplog.text
     assert rerun.stages["ingest"] == "cached" and rerun.stages["tokenizer"] == "cached"
     assert rerun.stages["tokenize"] == "executed"  # its record named a unit the store no longer holds whole
     assert _stored_shards(url) == written, "the unit was written again, byte for byte"
