@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except Exception as error:
         # Imported only now, and light: a refused command must not wait for torch, Prefect or MLflow.
-        from gptflow.flows.user_errors import user_error
+        from gptflow.flows.user_errors import one_line, user_error
         from gptflow.tasks.runtime.workspace import Workspace
 
         workspace = Workspace.locate(getattr(args, "workspace", None))
         reported = error if isinstance(error, StackError) else user_error(error, workspace)
         if reported is not None:
-            print(f"gptflow: error: {reported}", file=sys.stderr)
+            print(f"gptflow: error: {one_line(error, reported)}", file=sys.stderr)
             return 2
         if args.debug:
             raise

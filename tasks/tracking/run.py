@@ -32,12 +32,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from prefect.runtime import flow_run
 
 from gptflow.data.commits import read_contents_hash
+from gptflow.data.disk_space import out_of_space_errno
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import existing_experiment_ids, experiment_id
 from gptflow.tasks.tracking.killed_runs import mark_runs_of_dead_processes_killed, process_tags
 from gptflow.tasks.tracking.operations import OperationSender
-from gptflow.tasks.tracking.outbox import Outbox, OutboxedWriter, OutboxReport, send_outboxes
+from gptflow.tasks.tracking.outbox import Outbox, OutboxedWriter, OutboxReport, first_line, send_outboxes
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.registry import GENERATOR_MODULE, PENDING_VERSION
 from gptflow.tasks.tracking.runs_view import run_address, runs_table_address
@@ -263,10 +264,25 @@ def pipeline_run(workspace: Workspace, workflow: str, tags: dict[str, Any], name
                       workflow, tags.get(MLFLOW_RUN_NOTE, ""))
     try:
         yield run
-    except BaseException:
-        run.end("FAILED")
+    except BaseException as error:
+        _end_failed(run, error)
         raise
     run.end("FINISHED")
+
+
+def _end_failed(run: PipelineRun, error: BaseException) -> None:
+    """Mark ``run`` FAILED for ``error``. When even that cannot be written (the disk that holds the
+    store and the outbox is full), ``error`` stays what the user sees, with a note saying so."""
+    try:
+        run.end("FAILED")
+    except Exception as tracking_error:
+        if out_of_space_errno(tracking_error) is not None:
+            note = (f"MLflow run {run.run_id} is left RUNNING: the full disk holds its store and outbox too; the "
+                    "next gptflow run on this machine marks it KILLED.")
+        else:
+            note = f"MLflow run {run.run_id} could not be marked FAILED: {first_line(tracking_error)}"
+        # As BaseException.add_note (Python 3.11+) does; the command line prints the notes of its error.
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
 
 
 def _now_ms() -> int:

@@ -266,6 +266,35 @@ def test_a_full_disk_is_one_line_leaves_nothing_partial_and_the_rerun_reuses_com
     assert [path for path in (store / "runs").glob("*/final") if is_complete(path)]
 
 
+@pytest.mark.parametrize("small_tmpfs", [3 * 2**20], indirect=True)
+def test_a_full_tmpfs_holding_the_mlflow_store_is_one_line_that_says_what_became_of_the_run(
+    cli_env, tiny_corpus_dir, small_tmpfs
+):
+    # 3 MiB holds the MLflow store (~1 MB), the raw shards and the tokenizer (~1.4 MB), not the token
+    # shards too (~1.3 MB): tokenize fills the disk, and the MLflow store on it can no longer be written.
+    env = {**cli_env, "GPTFLOW_HOME": str(small_tmpfs)}
+    args = ("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny")
+    full = _gptflow(*args, env=env)
+    output = full.stdout + full.stderr
+    assert full.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "sqlite3" not in output and len(output.splitlines()) < 25, output[-5000:]
+    [error] = [line for line in full.stderr.splitlines() if line.startswith("gptflow: error:")]
+    assert error.startswith(f"gptflow: error: stage tokenize-corpus: out of space writing {small_tmpfs}/store/tokens/")
+    client, [failed] = _runs_oldest_first(small_tmpfs)
+    # How little space is left decides how far the run's end gets: the store, else the outbox (with a
+    # warning), else the error line says so.
+    kept = f"has no space left to store the run's end: 1 operations of run {failed.info.run_id}" in output
+    left_running = f"MLflow run {failed.info.run_id} is left RUNNING" in error
+    assert failed.info.status == ("RUNNING" if kept or left_running else "FAILED"), output[-3000:]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)  # space freed
+    rerun = _gptflow(*args, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert client.get_run(failed.info.run_id).info.status == ("KILLED" if left_running else "FAILED")
+    _, (_, completed_run) = _runs_oldest_first(small_tmpfs)
+    assert [completed_run.data.tags[f"gptflow.stage.{stage}"] for stage in ("ingest", "tokenizer")] == ["cached"] * 2
+
+
 def test_nproc_trains_data_parallel_through_torchrun(cli_env, tiny_corpus_dir):
     result = _gptflow("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny", "--nproc", "2", env=cli_env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
