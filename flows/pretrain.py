@@ -69,6 +69,8 @@ class PretrainSummary(FlowSummary):
     training: str
     """``from_scratch``, ``continued`` (from the run in ``continues_run``) or ``kept``."""
     continues_run: str | None
+    resumed_from_step: int | None
+    """The step from which this run's training resumed an interrupted attempt, if it did."""
     val_loss: float
     unigram_loss: float
     bits_per_byte: float
@@ -86,7 +88,7 @@ class PretrainSummary(FlowSummary):
             f"| documents | {self.documents:,} |",
             f"| val | {self.val_split} |",
             f"| train / val tokens | {self.train_tokens:,} / {self.val_tokens:,} |",
-            f"| training | {self.steps} steps, {self.training.replace('_', ' ')} |",
+            f"| training | {self.steps} steps, {self.how_trained} |",
             f"| final val loss, eval/val_loss (nats/token) | {self.val_loss:.4f} "
             f"(unigram baseline {self.unigram_loss:.4f}) |",
             f"| perplexity | {self.perplexity:.2f} |",
@@ -94,6 +96,15 @@ class PretrainSummary(FlowSummary):
             f"| registered model | {model_cell(self.registered_model, mlflow_run_url)} |",
         ]
         return self.table("pretrain", rows, mlflow_run_url)
+
+    @property
+    def how_trained(self) -> str:
+        """``from scratch``, ``continued``, ``kept``; ``resumed from step N`` for a training from
+        scratch that an interrupted attempt began."""
+        if self.resumed_from_step is None:
+            return self.training.replace("_", " ")
+        resumed = f"resumed from step {self.resumed_from_step}"
+        return resumed if self.training == "from_scratch" else f"{self.training}, {resumed}"
 
     def render(self, sample: bool = True) -> str:
         stages = ", ".join(f"{name} {status}" for name, status in self.stages.items())
@@ -103,7 +114,7 @@ class PretrainSummary(FlowSummary):
             f"data        {human_count(self.documents)} documents, {human_count(self.train_tokens)} train "
             f"tokens, {human_count(self.val_tokens)} val tokens",
             f"val         {self.val_split}",
-            f"training    {self.steps} steps, {self.training.replace('_', ' ')}"
+            f"training    {self.steps} steps, {self.how_trained}"
             + (f" (continues run {self.continues_run})" if self.continues_run else ""),
             f"val loss    {self.val_loss:.3f} nats/token (final eval/val_loss; unigram baseline "
             f"{self.unigram_loss:.3f}), "
@@ -272,6 +283,7 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
         parameters=parameter_count(ModelConfig(**trained.model_config)),
         training=run.tags["gptflow.training"],
         continues_run=run.tags.get("gptflow.continues_run"),
+        resumed_from_step=_resumed_from_step(run),
         val_loss=report.val_loss,
         unigram_loss=report.unigram_loss,
         bits_per_byte=report.bits_per_byte,
@@ -281,6 +293,20 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
         **of_run(run, elapsed_s),
         samples=report.samples,
     )
+
+
+RESUMED_FROM_STEP_TAG = "gptflow.resumed_from_step"
+"""The tag a training job sets on its run when it resumed an interrupted attempt (``tasks.stages.training_job``)."""
+
+
+def _resumed_from_step(run: PipelineRun) -> int | None:
+    """The step from which this run's training resumed an interrupted attempt, as the training job
+    (in this process or a torchrun rank) tagged the run; None for a training that ran whole, or was
+    cached (it reuses a model, not an attempt)."""
+    if run.stage_statuses["pretrain"] != "executed":
+        return None
+    step = run.stored_tag(RESUMED_FROM_STEP_TAG)
+    return None if step is None else int(step)
 
 
 def _mixture_params(weights: dict[str, float]) -> dict[str, float]:

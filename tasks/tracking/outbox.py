@@ -116,6 +116,11 @@ class Outbox:
         """How many operations of each kind wait to be sent."""
         return collections.Counter(operation["kind"] for operation in self._unsent())
 
+    def waiting_tags(self) -> dict[str, str]:
+        """The tags that wait to be sent, the last value of each."""
+        return {key: value for operation in self._unsent() if operation["kind"] == "log_batch"
+                for key, value in operation.get("tags", [])}
+
     def next_line(self) -> int:
         """The line number (from 1) of the first operation not sent yet."""
         return self._state()["sent"] + 1

@@ -90,6 +90,15 @@ class PipelineRun:
         for start in range(0, len(entries), PARAMS_PER_BATCH):
             self.writer.write({"kind": "log_batch", "tags": entries[start:start + PARAMS_PER_BATCH]})
 
+    def stored_tag(self, key: str) -> str | None:
+        """The tag ``key`` as the run holds it, whichever process set it (a training job tags the
+        run from its own): waiting in the outbox, else in the tracking store, which is not asked
+        while the outbox holds writes (its server is away)."""
+        with self.outbox.lock():
+            if not self.outbox.is_empty():
+                return self.outbox.waiting_tags().get(key)
+        return self.client.get_run(self.run_id).data.tags.get(key)
+
     def record_stage(self, stage: str, status: str) -> None:
         self.stage_statuses[stage] = status
         self.set_tags({f"{STAGE_TAG_PREFIX}{stage}": status})

@@ -381,3 +381,13 @@ def test_a_run_name_leads_with_the_settings_in_the_order_given():
     assert run_name("pretrain", overrides, "tiny", None, "stdlib") == "n_layer=4 learning_rate=3e-3 · pretrain tiny stdlib"
     assert run_name("pretrain", dict(reversed(overrides.items())), "tiny") == "learning_rate=3e-3 n_layer=4 · pretrain tiny"
     assert run_name("evaluate", None, "gptflow-tiny/1") == "evaluate gptflow-tiny/1"
+
+
+def test_a_tag_another_process_set_is_read_back_from_the_store_or_from_the_outbox(workspace, nowhere):
+    store, run_id = _new_run(workspace)
+    PipelineRun(store, run_id, Outbox(workspace, run_id)).set_tags({"gptflow.resumed_from_step": 15})
+    assert PipelineRun(store, run_id, Outbox(workspace, run_id)).stored_tag("gptflow.resumed_from_step") == "15"
+    offline = PipelineRun(MlflowClient(nowhere), run_id, Outbox(workspace, run_id))
+    offline.set_tags({"gptflow.resumed_from_step": 20})
+    assert offline.stored_tag("gptflow.resumed_from_step") == "20"  # without asking the server that is away
+    assert offline.stored_tag("gptflow.other") is None
