@@ -31,7 +31,7 @@ from gptflow.tasks.runtime.caching import pipeline_code_version
 from gptflow.tasks.runtime.rendezvous import Rendezvous
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
+from gptflow.tasks.settings import DEFAULT_PRESET, PresetName, PretrainSettings
 from gptflow.tasks.stages.evaluation import EvalReport, evaluate_model
 from gptflow.tasks.stages.ingest import ingest
 from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
@@ -40,7 +40,7 @@ from gptflow.tasks.stages.training import InitialModel, train_model
 from gptflow.tasks.stages.training_job import TrainedModel
 from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tracking.naming import run_name, source_label
-from gptflow.tasks.tracking.progress import human_count
+from gptflow.tasks.tracking.progress import human_count, run_logger
 from gptflow.tasks.tracking.registry import pretrained_model_name
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, pipeline_run
 from gptflow.tasks.tracking.training_reporter import log_training_report
@@ -80,6 +80,8 @@ class PretrainSummary(FlowSummary):
     registered_model: str
     """``name/version`` of the model in the MLflow registry (``pending`` while the run's outbox keeps it)."""
     samples: list[str] = field(default_factory=list)
+    val_warning: str = ""
+    """Why val is too small to measure the model by (``val_too_small``), if it is."""
 
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it produced, where to look next."""
@@ -87,6 +89,7 @@ class PretrainSummary(FlowSummary):
             *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
             f"| documents | {self.documents:,} |",
             f"| val | {self.val_split} |",
+            *([f"| warning | {self.val_warning} |"] if self.val_warning else []),
             f"| train / val tokens | {self.train_tokens:,} / {self.val_tokens:,} |",
             f"| training | {self.steps} steps, {self.how_trained} |",
             f"| final val loss, eval/val_loss (nats/token) | {self.val_loss:.4f} "
@@ -114,6 +117,7 @@ class PretrainSummary(FlowSummary):
             f"data        {human_count(self.documents)} documents, {human_count(self.train_tokens)} train "
             f"tokens, {human_count(self.val_tokens)} val tokens",
             f"val         {self.val_split}",
+            *([f"warning     {self.val_warning}"] if self.val_warning else []),
             f"training    {self.steps} steps, {self.how_trained}"
             + (f" (continues run {self.continues_run})" if self.continues_run else ""),
             f"val loss    {self.val_loss:.3f} nats/token (final eval/val_loss; unigram baseline "
@@ -214,6 +218,8 @@ def pretrain(
         })
         corpus_manifest, tokenizer, tokens = _data_stages(inputs, base, init_from, retrain_tokenizer, workspace_dir,
                                                           run, lineage, units)
+        if val_warning := val_too_small(tokens.total_tokens("val"), config):
+            run_logger().warning(f"pretrain: {val_warning}")
         # Validation stays on every source's val split, whatever the weights.
         mixture = (mixture_parts(weighted.weights, inputs.sources.named_by, tokens, config.model.block_size + 1)
                    if weighted.weights else None)
@@ -229,10 +235,24 @@ def pretrain(
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 
     summary = _summary(run, config.data, corpus_manifest, tokens, trained, report, time.monotonic() - started)
+    summary.val_warning = val_warning
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")
     end_log_of_deployment_run(summary.render(sample=False))
     return summary
+
+
+def val_too_small(val_tokens: int, config: PretrainSettings) -> str:
+    """Why a val split of ``val_tokens`` is too small to measure a model by: fewer tokens than one
+    batch of validation windows; "" when it is not."""
+    micro_batch, block = config.train.micro_batch_size, config.model.block_size
+    if val_tokens >= micro_batch * block:
+        return ""
+    return (f"val holds {val_tokens:,} tokens, fewer than one batch of validation windows "
+            f"(train.micro_batch_size x model.block_size = {micro_batch} x {block} = {micro_batch * block:,}), too "
+            "few for its loss to measure the model. Give val more text: raise --set data.val_fraction=<fraction> "
+            f"(now {config.data.val_fraction:g}), or lower --set data.segment_chars=<chars> (now "
+            f"{config.data.segment_chars:,}) so that long documents are cut into more segments to draw val from.")
 
 
 def _data_stages(inputs: PretrainInputs, base: ResolvedModel | None, init_from: str | None, retrain_tokenizer: bool,

@@ -186,6 +186,21 @@ def test_one_large_text_file_trains_and_validates_as_it_is(cli_env, tmp_path, st
     _, (run,) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
     assert run.data.params["dataset.documents"] == "1" and int(run.data.params["dataset.segments"]) > 100
     assert run.data.metrics["eval/val_loss"] > 0
+    assert "\nwarning " not in result.stdout  # ~10K val tokens: many batches of 8 windows of 64
+
+
+def test_a_val_split_under_one_batch_of_windows_is_warned_of_with_the_settings_that_fix_it(cli_env, tiny_corpus_dir):
+    # The tiny corpus's val split (~10K tokens) fills less than one batch of 8 windows of 2,048 tokens.
+    result = _gptflow("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny",
+                      "--set", "model.block_size=2048", "--set", "train.max_steps=2", env=cli_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    warning = re.search(r"^warning +val holds ([\d,]+) tokens, fewer than one batch of validation windows "
+                        r"\(train.micro_batch_size x model.block_size = 8 x 2048 = 16,384\), too few for its loss "
+                        r"to measure the model. Give val more text: raise --set data.val_fraction=<fraction> "
+                        r"\(now 0.05\), or lower --set data.segment_chars=<chars> \(now 4,096\)", result.stdout,
+                        re.MULTILINE)
+    assert warning and 0 < int(warning[1].replace(",", "")) < 16_384, result.stdout[-3000:]
+    assert f"pretrain: val holds {warning[1]} tokens" in result.stderr  # in the flow run's log too
 
 
 def test_a_lost_mlflow_store_gets_the_cached_model_logged_and_registered_again(cli_env, tiny_corpus_dir):
