@@ -47,6 +47,8 @@ from gptflow.tasks.tracking.training_reporter import log_training_report
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 """MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
+RUN_LINK_TAGS = ("gptflow.previous_run", "gptflow.continues_run")
+"""The tags of a pretraining run whose value is another run's id."""
 DATA_CHANGE_TAG = "gptflow.data_change"
 """On a run over a corpus an earlier run read, when its data changed since: what changed
 (``1 file added, 12.3K tokens added``); ``gptflow.previous_run`` names that run."""
@@ -216,6 +218,7 @@ def pretrain(
             **config.flatten(),
             **_mixture_params(weighted.weights),
         })
+        _relink_tokenizer_run(run, lineage)
         corpus_manifest, tokenizer, tokens = _data_stages(inputs, base, init_from, retrain_tokenizer, workspace_dir,
                                                           run, lineage, units)
         if val_warning := val_too_small(tokens.total_tokens("val"), config):
@@ -230,6 +233,7 @@ def pretrain(
             rendezvous=rendezvous,
             init_from=InitialModel(init_from, base.model_dir, base.weights_hash) if base is not None else None,
         )
+        _drop_links_to_lost_runs(run)
         log_training_report(run, Path(trained.report_dir))
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
@@ -240,6 +244,27 @@ def pretrain(
                              description="Stages, data, training and evaluation of this run")
     end_log_of_deployment_run(summary.render(sample=False))
     return summary
+
+
+def _relink_tokenizer_run(run: PipelineRun, lineage: Lineage) -> None:
+    """After the MLflow store was lost and made anew, the tokenizer kept for this corpus comes from
+    a run the store no longer holds: this run, which logs it again, stands for it from now on
+    (``gptflow.tokenizer.origin`` names it). A run the store cannot be asked about (its server
+    away) is left as named."""
+    for entry in lineage.tokenizers.values():
+        if run.store_holds_run(entry["mlflow_run_id"]) is False:
+            run_logger().warning(f"mlflow: the tokenizer kept for this corpus came from run {entry['mlflow_run_id']}, "
+                                 "which the MLflow store no longer holds; this run logs it and stands for it from "
+                                 "now on")
+            entry["mlflow_run_id"] = run.run_id
+
+
+def _drop_links_to_lost_runs(run: PipelineRun) -> None:
+    """Remove ``run``'s tags that name a run the MLflow store no longer holds (it was lost and made
+    anew): the previous run of the corpus, the run whose model this one continues."""
+    for key in RUN_LINK_TAGS:
+        if key in run.tags and run.store_holds_run(run.tags[key]) is False:
+            run.delete_tag(key)
 
 
 def val_too_small(val_tokens: int, config: PretrainSettings) -> str:

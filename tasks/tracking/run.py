@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from prefect.runtime import flow_run
 
@@ -42,6 +43,7 @@ from gptflow.tasks.tracking.outbox import Outbox, OutboxedWriter, OutboxReport, 
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.registry import GENERATOR_MODULE, PENDING_VERSION
 from gptflow.tasks.tracking.runs_view import run_address, runs_table_address
+from gptflow.tasks.tracking.server import server_unreachable
 
 STAGE_TAG_PREFIX = "gptflow.stage."
 MLFLOW_PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -98,6 +100,26 @@ class PipelineRun:
             if not self.outbox.is_empty():
                 return self.outbox.waiting_tags().get(key)
         return self.client.get_run(self.run_id).data.tags.get(key)
+
+    def store_holds_run(self, run_id: str) -> bool | None:
+        """Whether the tracking store holds the run ``run_id`` (a store lost and made anew holds
+        none of the runs before); None when it cannot be asked: this run's writes wait in its
+        outbox, or its server cannot be reached."""
+        if not self.outbox.is_empty():
+            return None
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            if server_unreachable(error):
+                return None
+            raise
+        return True
+
+    def delete_tag(self, key: str) -> None:
+        self.tags.pop(key, None)
+        self.writer.write({"kind": "delete_tag", "key": key})
 
     def record_stage(self, stage: str, status: str) -> None:
         self.stage_statuses[stage] = status

@@ -240,6 +240,34 @@ def test_without_a_prefect_server_its_state_stays_in_the_workspace(cli_env, tiny
     assert not (home / ".prefect" / "prefect.db").exists()
 
 
+def test_after_a_lost_mlflow_store_a_run_names_no_run_the_store_lost(cli_env, tiny_corpus_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus_dir, corpus)
+    workspace = Path(cli_env["GPTFLOW_HOME"])
+    args = ("pretrain", "--corpus", str(corpus), "--preset", "tiny")
+    first = _gptflow(*args, env=cli_env)
+    # Read from the summary: a client of the store in this process would keep reading the deleted file.
+    lost_run = re.search(r"^mlflow +run (\w+)$", first.stdout, re.MULTILINE)[1]
+    (workspace / "mlflow.db").unlink()
+    shutil.rmtree(workspace / "mlartifacts")
+    shutil.copy2(Path(shutil.__file__), corpus / "shutil.py")  # new data: the run names its previous run, if any
+
+    healed = _gptflow(*args, env=cli_env)
+    assert healed.returncode == 0, healed.stdout[-3000:] + healed.stderr[-3000:]
+    assert f"the tokenizer kept for this corpus came from run {lost_run}, which the MLflow store no longer " \
+           "holds" in healed.stdout + healed.stderr
+    client, (run,) = _runs_oldest_first(workspace)
+    assert run.data.tags["gptflow.data_change"].startswith("1 file added")
+    assert run.data.tags["gptflow.training"] == "continued", run.data.tags
+    assert "gptflow.previous_run" not in run.data.tags and "gptflow.continues_run" not in run.data.tags
+    assert run.data.tags["gptflow.tokenizer.origin"] == f"reused from run {run.info.run_id[:8]}"
+    assert lost_run[:8] not in " ".join(run.data.tags.values())
+
+    _gptflow(*args, env=cli_env)  # the next run links to the runs the new store holds
+    _, (_, after) = _runs_oldest_first(workspace)
+    assert after.data.tags["gptflow.tokenizer.origin"] == f"reused from run {run.info.run_id[:8]}"
+
+
 def test_missing_corpus_path_is_one_clear_line(cli_env, tmp_path):
     missing = tmp_path / "no-such-folder"
     result = _gptflow("pretrain", "--corpus", str(missing), "--preset", "tiny", env=cli_env)
