@@ -244,7 +244,8 @@ def test_after_a_lost_mlflow_store_a_run_names_no_run_the_store_lost(cli_env, ti
     corpus = tmp_path / "corpus"
     shutil.copytree(tiny_corpus_dir, corpus)
     workspace = Path(cli_env["GPTFLOW_HOME"])
-    args = ("pretrain", "--corpus", str(corpus), "--preset", "tiny")
+    # A short continuation on the new data: a few steps.
+    args = ("pretrain", "--corpus", str(corpus), "--preset", "tiny", "--set", "incremental.extra_tokens=2048")
     first = _gptflow(*args, env=cli_env)
     # Read from the summary: a client of the store in this process would keep reading the deleted file.
     lost_run = re.search(r"^mlflow +run (\w+)$", first.stdout, re.MULTILINE)[1]
