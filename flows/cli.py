@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from gptflow.flows import commands
 from gptflow.flows.arguments import NonNegativeInt, Option, PositiveFloat, PositiveInt, add_flow_options, number_type
@@ -46,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except Exception as error:
         # Imported only now, and light: a refused command must not wait for torch, Prefect or MLflow.
-        from gptflow.flows.user_errors import user_error
+        from gptflow.flows.user_errors import one_line, user_error
         from gptflow.tasks.runtime.workspace import Workspace
 
         workspace = Workspace.locate(getattr(args, "workspace", None))
         reported = error if isinstance(error, StackError) else user_error(error, workspace)
         if reported is not None:
-            print(f"gptflow: error: {reported}", file=sys.stderr)
+            print(f"gptflow: error: {one_line(error, reported)}", file=sys.stderr)
             return 2
         if args.debug:
             raise
@@ -76,9 +77,18 @@ def _keep_traceback(workspace: Path) -> str:
     return f"its traceback is in {path}"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Refuses a mistyped command (an unknown ``--preset``, option or command) in one line, as
+    gptflow refuses everything else, rather than after argparse's usage text; ``-h`` shows that.
+    Each command's parser is one too (``add_subparsers`` makes them of the parser's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"gptflow: error: {message}; `{self.prog} -h` lists what it takes.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every ``gptflow`` command; a command's ``handler`` runs it (``flows.commands``)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="gptflow",
         description="Train your own GPT as a cached, tracked pipeline (Prefect + MLflow).",
     )

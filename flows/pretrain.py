@@ -31,7 +31,7 @@ from gptflow.tasks.runtime.caching import pipeline_code_version
 from gptflow.tasks.runtime.rendezvous import Rendezvous
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
+from gptflow.tasks.settings import DEFAULT_PRESET, PresetName, PretrainSettings
 from gptflow.tasks.stages.evaluation import EvalReport, evaluate_model
 from gptflow.tasks.stages.ingest import ingest
 from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
@@ -40,13 +40,15 @@ from gptflow.tasks.stages.training import InitialModel, train_model
 from gptflow.tasks.stages.training_job import TrainedModel
 from gptflow.tasks.sweep_plan import SWEEP_POINT_TAG, SweepMember
 from gptflow.tasks.tracking.naming import run_name, source_label
-from gptflow.tasks.tracking.progress import human_count
+from gptflow.tasks.tracking.progress import human_count, run_logger
 from gptflow.tasks.tracking.registry import pretrained_model_name
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, pipeline_run
 from gptflow.tasks.tracking.training_reporter import log_training_report
 
 MLFLOW_REFUSED_IN_PARAM_NAMES = re.compile(r"[^\w.\- :/]")
 """MLflow param names hold letters, digits, ``_ - . / :`` and spaces only."""
+RUN_LINK_TAGS = ("gptflow.previous_run", "gptflow.continues_run")
+"""The tags of a pretraining run whose value is another run's id."""
 DATA_CHANGE_TAG = "gptflow.data_change"
 """On a run over a corpus an earlier run read, when its data changed since: what changed
 (``1 file added, 12.3K tokens added``); ``gptflow.previous_run`` names that run."""
@@ -69,6 +71,8 @@ class PretrainSummary(FlowSummary):
     training: str
     """``from_scratch``, ``continued`` (from the run in ``continues_run``) or ``kept``."""
     continues_run: str | None
+    resumed_from_step: int | None
+    """The step from which this run's training resumed an interrupted attempt, if it did."""
     val_loss: float
     unigram_loss: float
     bits_per_byte: float
@@ -78,6 +82,8 @@ class PretrainSummary(FlowSummary):
     registered_model: str
     """``name/version`` of the model in the MLflow registry (``pending`` while the run's outbox keeps it)."""
     samples: list[str] = field(default_factory=list)
+    val_warning: str = ""
+    """Why val is too small to measure the model by (``val_too_small``), if it is."""
 
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it produced, where to look next."""
@@ -85,8 +91,9 @@ class PretrainSummary(FlowSummary):
             *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
             f"| documents | {self.documents:,} |",
             f"| val | {self.val_split} |",
+            *([f"| warning | {self.val_warning} |"] if self.val_warning else []),
             f"| train / val tokens | {self.train_tokens:,} / {self.val_tokens:,} |",
-            f"| training | {self.steps} steps, {self.training.replace('_', ' ')} |",
+            f"| training | {self.steps} steps, {self.how_trained} |",
             f"| final val loss, eval/val_loss (nats/token) | {self.val_loss:.4f} "
             f"(unigram baseline {self.unigram_loss:.4f}) |",
             f"| perplexity | {self.perplexity:.2f} |",
@@ -94,6 +101,15 @@ class PretrainSummary(FlowSummary):
             f"| registered model | {model_cell(self.registered_model, mlflow_run_url)} |",
         ]
         return self.table("pretrain", rows, mlflow_run_url)
+
+    @property
+    def how_trained(self) -> str:
+        """``from scratch``, ``continued``, ``kept``; ``resumed from step N`` for a training from
+        scratch that an interrupted attempt began."""
+        if self.resumed_from_step is None:
+            return self.training.replace("_", " ")
+        resumed = f"resumed from step {self.resumed_from_step}"
+        return resumed if self.training == "from_scratch" else f"{self.training}, {resumed}"
 
     def render(self, sample: bool = True) -> str:
         stages = ", ".join(f"{name} {status}" for name, status in self.stages.items())
@@ -103,7 +119,8 @@ class PretrainSummary(FlowSummary):
             f"data        {human_count(self.documents)} documents, {human_count(self.train_tokens)} train "
             f"tokens, {human_count(self.val_tokens)} val tokens",
             f"val         {self.val_split}",
-            f"training    {self.steps} steps, {self.training.replace('_', ' ')}"
+            *([f"warning     {self.val_warning}"] if self.val_warning else []),
+            f"training    {self.steps} steps, {self.how_trained}"
             + (f" (continues run {self.continues_run})" if self.continues_run else ""),
             f"val loss    {self.val_loss:.3f} nats/token (final eval/val_loss; unigram baseline "
             f"{self.unigram_loss:.3f}), "
@@ -201,8 +218,11 @@ def pretrain(
             **config.flatten(),
             **_mixture_params(weighted.weights),
         })
+        _relink_tokenizer_run(run, lineage)
         corpus_manifest, tokenizer, tokens = _data_stages(inputs, base, init_from, retrain_tokenizer, workspace_dir,
                                                           run, lineage, units)
+        if val_warning := val_too_small(tokens.total_tokens("val"), config):
+            run_logger().warning(f"pretrain: {val_warning}")
         # Validation stays on every source's val split, whatever the weights.
         named_by = {source_name(path, config.data): spec for path, spec in inputs.sources.named_by.items()}
         mixture = (mixture_parts(weighted.weights, named_by, tokens, config.model.block_size + 1)
@@ -214,15 +234,51 @@ def pretrain(
             rendezvous=rendezvous,
             init_from=InitialModel(init_from, base.model_dir, base.weights_hash) if base is not None else None,
         )
+        _drop_links_to_lost_runs(run)
         log_training_report(run, Path(trained.report_dir))
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 
     summary = _summary(run, config.data, corpus_manifest, tokens, trained, report, time.monotonic() - started)
+    summary.val_warning = val_warning
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")
     end_log_of_deployment_run(summary.render(sample=False))
     return summary
+
+
+def _relink_tokenizer_run(run: PipelineRun, lineage: Lineage) -> None:
+    """After the MLflow store was lost and made anew, the tokenizer kept for this corpus comes from
+    a run the store no longer holds: this run, which logs it again, stands for it from now on
+    (``gptflow.tokenizer.origin`` names it). A run the store cannot be asked about (its server
+    away) is left as named."""
+    for entry in lineage.tokenizers.values():
+        if run.store_holds_run(entry["mlflow_run_id"]) is False:
+            run_logger().warning(f"mlflow: the tokenizer kept for this corpus came from run {entry['mlflow_run_id']}, "
+                                 "which the MLflow store no longer holds; this run logs it and stands for it from "
+                                 "now on")
+            entry["mlflow_run_id"] = run.run_id
+
+
+def _drop_links_to_lost_runs(run: PipelineRun) -> None:
+    """Remove ``run``'s tags that name a run the MLflow store no longer holds (it was lost and made
+    anew): the previous run of the corpus, the run whose model this one continues."""
+    for key in RUN_LINK_TAGS:
+        if key in run.tags and run.store_holds_run(run.tags[key]) is False:
+            run.delete_tag(key)
+
+
+def val_too_small(val_tokens: int, config: PretrainSettings) -> str:
+    """Why a val split of ``val_tokens`` is too small to measure a model by: fewer tokens than one
+    batch of validation windows; "" when it is not."""
+    micro_batch, block = config.train.micro_batch_size, config.model.block_size
+    if val_tokens >= micro_batch * block:
+        return ""
+    return (f"val holds {val_tokens:,} tokens, fewer than one batch of validation windows "
+            f"(train.micro_batch_size x model.block_size = {micro_batch} x {block} = {micro_batch * block:,}), too "
+            "few for its loss to measure the model. Give val more text: raise --set data.val_fraction=<fraction> "
+            f"(now {config.data.val_fraction:g}), or lower --set data.segment_chars=<chars> (now "
+            f"{config.data.segment_chars:,}) so that long documents are cut into more segments to draw val from.")
 
 
 def _data_stages(inputs: PretrainInputs, base: ResolvedModel | None, init_from: str | None, retrain_tokenizer: bool,
@@ -274,6 +330,7 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
         parameters=parameter_count(ModelConfig(**trained.model_config)),
         training=run.tags["gptflow.training"],
         continues_run=run.tags.get("gptflow.continues_run"),
+        resumed_from_step=_resumed_from_step(run),
         val_loss=report.val_loss,
         unigram_loss=report.unigram_loss,
         bits_per_byte=report.bits_per_byte,
@@ -283,6 +340,20 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
         **of_run(run, elapsed_s),
         samples=report.samples,
     )
+
+
+RESUMED_FROM_STEP_TAG = "gptflow.resumed_from_step"
+"""The tag a training job sets on its run when it resumed an interrupted attempt (``tasks.stages.training_job``)."""
+
+
+def _resumed_from_step(run: PipelineRun) -> int | None:
+    """The step from which this run's training resumed an interrupted attempt, as the training job
+    (in this process or a torchrun rank) tagged the run; None for a training that ran whole, or was
+    cached (it reuses a model, not an attempt)."""
+    if run.stage_statuses["pretrain"] != "executed":
+        return None
+    step = run.stored_tag(RESUMED_FROM_STEP_TAG)
+    return None if step is None else int(step)
 
 
 def _mixture_params(weights: dict[str, float]) -> dict[str, float]:

@@ -30,6 +30,14 @@ def user_error(error: Exception, workspace: Path) -> Exception | None:
     return reported or out_of_space_error(error, failed_write_path(error) or workspace)
 
 
+def one_line(error: BaseException, reported: BaseException) -> str:
+    """``reported`` (``user_error`` of ``error``) with the notes that ``error``, or an error it was
+    raised from or while handling, carries: what the run's tracking could not write
+    (``tasks.tracking.run.pipeline_run``)."""
+    notes = [note for link in (reported, *exception_chain(error)) for note in getattr(link, "__notes__", [])]
+    return " ".join([str(reported), *dict.fromkeys(notes)])
+
+
 class _DropUserErrorTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -43,10 +51,23 @@ class _DropUserErrorTracebacks(logging.Filter):
         return True
 
 
+class _DropOutOfSpaceStoreErrors(logging.Filter):
+    """MLflow's SQL store logs the traceback of every database error before it raises it; one of a
+    full disk is reported by gptflow in one line (the stage's, or the run's end kept in its outbox)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return out_of_space_errno(record.exc_info[1] if record.exc_info else None) is None
+
+
 _FILTER = _DropUserErrorTracebacks()
+_STORE_FILTER = _DropOutOfSpaceStoreErrors()
+# The logger through which MLflow's SQL store reports a database error, with its traceback.
+MLFLOW_STORE_LOGGER = "mlflow.store.db.utils"
 
 
 def hide_tracebacks_of_user_errors() -> None:
-    """Keep the one-line message Prefect logs for a user error, drop its traceback (idempotent)."""
+    """Keep the one-line message Prefect logs for a user error, drop its traceback, and drop MLflow's
+    store's report of a full disk (idempotent)."""
     for name in ENGINE_LOGGERS:
         logging.getLogger(name).addFilter(_FILTER)
+    logging.getLogger(MLFLOW_STORE_LOGGER).addFilter(_STORE_FILTER)

@@ -270,6 +270,21 @@ def file_size_limit() -> Callable[[int], Callable[[], None]]:
 
 
 @pytest.fixture
+def small_tmpfs(tmp_path, request) -> Iterator[Path]:
+    """A tmpfs of ``request.param`` bytes: a disk that really fills up (ENOSPC). Skipped where this
+    process may not mount (not root, or in a container without the capability)."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    # Lazily: an MLflow store on it stays open in MLflow's cached database engine of this process.
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+@pytest.fixture
 def one_rank_group(tmp_path):
     """A process group of this process alone: FSDP and sharded checkpoints work at world size 1."""
     import torch.distributed as dist

@@ -13,8 +13,9 @@ keep their runs apart and each kind still has its own experiment.
 Each experiment is tagged ``mlflow.experimentKind=custom_model_development`` (trained models),
 described (the experiments list's *Description*), and holds gptflow's saved view of its runs
 table (``tasks.tracking.runs_view``), set when missing so that a view a user saved over it stays.
-With the workspace's own SQLite store an experiment keeps its artifacts in the workspace's
-``mlartifacts/``. MLflow writes those locations as absolute paths, so when an experiment of the
+An experiment gptflow creates in a SQLite store keeps its artifacts in ``mlartifacts/`` beside
+the database: the workspace's own for ``mlflow.db``, never ``./mlruns`` of whatever folder a
+command started in (``artifacts_beside_store``). MLflow writes those locations as absolute paths, so when an experiment of the
 workspace's own store (``mlflow.db``, directly or through ``gptflow up``'s server) keeps its
 artifacts in another workspace's ``mlartifacts/``, the store was copied: the first run on the copy
 renames that experiment ``<name> (copied from <original>)`` (its runs stay comparable, their
@@ -139,14 +140,25 @@ def _find_or_create_experiment(client: MlflowClient, workspace: Workspace, workf
             if key not in experiment.tags:  # made before gptflow set it; what a user set stays
                 client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
-    # With the workspace's own SQLite store, keep artifacts in the workspace too (MLflow's
-    # default would be ./mlruns under whatever directory the command ran from).
-    location = workspace.mlflow_artifacts.as_uri() if workspace.uses_local_tracking else None
+    location = artifacts_beside_store(client.tracking_uri, workspace)
     try:
-        return client.create_experiment(name, artifact_location=location, tags=tags)
+        return client.create_experiment(name, artifact_location=location and location.as_uri(), tags=tags)
     except MlflowException:
         # A concurrent run created it first.
         return client.get_experiment_by_name(name).experiment_id
+
+
+def artifacts_beside_store(tracking_uri: str, workspace: Workspace) -> Path | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: the ``mlartifacts/`` folder
+    beside its database (the workspace's own, for its ``mlflow.db``), whatever folder a command
+    starts in; MLflow's default would be ``./mlruns`` of that folder. None for a tracking server or
+    a file store, whose artifacts have their place already."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = urlparse(tracking_uri).path.removeprefix("/")  # sqlite:///rel.db, sqlite:////abs/path.db
+    if database in ("", ":memory:"):
+        return None
+    return Path(database).resolve().parent / workspace.mlflow_artifacts.name
 
 
 def _copied_from(artifact_location: str, workspace: Workspace) -> Path | None:

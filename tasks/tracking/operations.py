@@ -64,6 +64,8 @@ class OperationSender:
                 model_id = logged_model_id(self.client, operation["model_of_run"])
                 if model_id is not None:  # a run logged before runs had logged models holds its model as artifacts
                     self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+            case "delete_tag":
+                self.client.delete_tag(self.run_id, operation["key"])
             case "set_terminated":
                 self.client.set_terminated(self.run_id, operation["status"], operation["end_time"])
             case "log_model":

@@ -25,7 +25,8 @@ one warning naming the file and ``gptflow sync`` (which sends every outbox, exit
 some are kept): the flow itself succeeds, its model in the workspace. An operation the server
 refuses when replayed (an artifact deleted since) is an ``OutboxError`` naming its line. A server
 that cannot be reached when a run starts is a ``TrackingServerUnreachable``
-(``tasks.tracking.experiments``), raised before anything is computed.
+(``tasks.tracking.experiments``), raised before anything is computed. A run's end that its store
+has no space for (a full disk) is kept the same way (``OutboxedWriter.write_last``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from gptflow.data.disk_space import out_of_space_errno, reporting_out_of_space
 from gptflow.data.errors import UserError
 from gptflow.data.store import store_paths, store_references
 from gptflow.tasks.runtime.workspace import Workspace
@@ -72,6 +74,10 @@ class Outbox:
     def _state_path(self) -> Path:
         return self.path.with_suffix(".json")
 
+    @property
+    def _partial_state_path(self) -> Path:
+        return self.path.with_suffix(".json.tmp")
+
     def lock(self) -> AbstractContextManager[None]:
         return self.workspace.lock(f"mlflow-outbox-{self.run_id}")
 
@@ -84,15 +90,36 @@ class Outbox:
         return self._state()["tracking_uri"]
 
     def append(self, operation: dict[str, Any], tracking_uri: str) -> None:
-        if self.is_empty():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_state({"tracking_uri": tracking_uri, "sent": 0})
-        with open(self.path, "a") as file:
-            file.write(json.dumps(store_references(operation, self.workspace.store)) + "\n")
+        """Add ``operation`` as the last line. A write that fails (a full disk) leaves the outbox as
+        it was: no half line, which no replay could read, and no outbox that holds nothing."""
+        line = memoryview((json.dumps(store_references(operation, self.workspace.store)) + "\n").encode())
+        created = self.is_empty()
+        try:
+            if created:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._write_state({"tracking_uri": tracking_uri, "sent": 0})
+            with open(self.path, "ab", buffering=0) as file:
+                start = file.tell()
+                try:
+                    while line:
+                        line = line[file.write(line):]
+                except OSError:
+                    file.truncate(start)
+                    raise
+        except OSError:
+            if created:
+                for path in (self.path, self._state_path, self._partial_state_path):
+                    path.unlink(missing_ok=True)
+            raise
 
     def waiting(self) -> collections.Counter[str]:
         """How many operations of each kind wait to be sent."""
         return collections.Counter(operation["kind"] for operation in self._unsent())
+
+    def waiting_tags(self) -> dict[str, str]:
+        """The tags that wait to be sent, the last value of each."""
+        return {key: value for operation in self._unsent() if operation["kind"] == "log_batch"
+                for key, value in operation.get("tags", [])}
 
     def next_line(self) -> int:
         """The line number (from 1) of the first operation not sent yet."""
@@ -129,9 +156,8 @@ class Outbox:
 
     def _write_state(self, state: dict[str, Any]) -> None:
         # Replaced whole, so a process killed while writing it leaves the previous count.
-        partial = self._state_path.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(state))
-        os.replace(partial, self._state_path)
+        self._partial_state_path.write_text(json.dumps(state))
+        os.replace(self._partial_state_path, self._state_path)
 
 
 @dataclass
@@ -193,16 +219,27 @@ class OutboxedWriter:
 
     def write_last(self, operation: dict[str, Any]) -> None:
         """Write the run's last operation, trying to send what waits whatever the timer says; if
-        the tracking server still cannot be reached, say what the outbox keeps and how to send it."""
+        the tracking server still cannot be reached, or its store lies on a disk that is full, say
+        what the outbox keeps and how to send it. An outbox that has no space either raises
+        ``OutOfSpaceError`` naming it."""
         self.next_replay = 0.0
-        self.write(operation)
+        problem, when = "still cannot be reached", "Once the server is back"
+        try:
+            self.write(operation)
+        except Exception as error:
+            if out_of_space_errno(error) is None:
+                raise
+            # A run's end must not be lost to a full disk: the next run, or `gptflow sync`, sends it.
+            problem, when = "has no space left to store the run's end", "Once there is space"
+            with self.outbox.lock(), reporting_out_of_space(self.outbox.path):
+                self.outbox.append(operation, self.tracking_uri)
         with self.outbox.lock():
             waiting = self.outbox.waiting()
         if waiting:
             model = " (the model's logging and registration among them)" if waiting["log_model"] else ""
             run_logger().warning(
-                f"MLflow: {self.tracking_uri} still cannot be reached: {waiting.total()} operations of run "
-                f"{self.outbox.run_id}{model} are kept in {self.outbox.path}. Once the server is back, send them "
+                f"MLflow: {self.tracking_uri} {problem}: {waiting.total()} operations of run "
+                f"{self.outbox.run_id}{model} are kept in {self.outbox.path}. {when}, send them "
                 f"with `gptflow sync --workspace {self.outbox.workspace.root}` (the next gptflow run on this "
                 "workspace sends them too)."
             )
@@ -227,7 +264,7 @@ class OutboxedWriter:
             if not server_unreachable(error):
                 raise OutboxError(
                     f"could not send operation {self.outbox.next_line()} of {self.outbox.path} to "
-                    f"{self.tracking_uri}: {_first_line(error)}. Remove the cause and run `gptflow sync` "
+                    f"{self.tracking_uri}: {first_line(error)}. Remove the cause and run `gptflow sync` "
                     "again, or delete that line to drop the operation."
                 ) from error
             self.next_replay = time.monotonic() + OFFLINE_RETRY_S
@@ -249,5 +286,5 @@ def send_outboxes(workspace: Workspace) -> list[OutboxReport]:
     return reports
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -28,19 +28,22 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from prefect.runtime import flow_run
 
 from gptflow.data.commits import read_contents_hash
+from gptflow.data.disk_space import out_of_space_errno
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import existing_experiment_ids, experiment_id
 from gptflow.tasks.tracking.killed_runs import mark_runs_of_dead_processes_killed, process_tags
 from gptflow.tasks.tracking.operations import OperationSender
-from gptflow.tasks.tracking.outbox import Outbox, OutboxedWriter, OutboxReport, send_outboxes
+from gptflow.tasks.tracking.outbox import Outbox, OutboxedWriter, OutboxReport, first_line, send_outboxes
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.registry import GENERATOR_MODULE, PENDING_VERSION
 from gptflow.tasks.tracking.runs_view import run_address, runs_table_address
+from gptflow.tasks.tracking.server import server_unreachable
 
 STAGE_TAG_PREFIX = "gptflow.stage."
 MLFLOW_PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -88,6 +91,35 @@ class PipelineRun:
         entries = [[key, str(value)] for key, value in tags.items()]
         for start in range(0, len(entries), PARAMS_PER_BATCH):
             self.writer.write({"kind": "log_batch", "tags": entries[start:start + PARAMS_PER_BATCH]})
+
+    def stored_tag(self, key: str) -> str | None:
+        """The tag ``key`` as the run holds it, whichever process set it (a training job tags the
+        run from its own): waiting in the outbox, else in the tracking store, which is not asked
+        while the outbox holds writes (its server is away)."""
+        with self.outbox.lock():
+            if not self.outbox.is_empty():
+                return self.outbox.waiting_tags().get(key)
+        return self.client.get_run(self.run_id).data.tags.get(key)
+
+    def store_holds_run(self, run_id: str) -> bool | None:
+        """Whether the tracking store holds the run ``run_id`` (a store lost and made anew holds
+        none of the runs before); None when it cannot be asked: this run's writes wait in its
+        outbox, or its server cannot be reached."""
+        if not self.outbox.is_empty():
+            return None
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            if server_unreachable(error):
+                return None
+            raise
+        return True
+
+    def delete_tag(self, key: str) -> None:
+        self.tags.pop(key, None)
+        self.writer.write({"kind": "delete_tag", "key": key})
 
     def record_stage(self, stage: str, status: str) -> None:
         self.stage_statuses[stage] = status
@@ -263,10 +295,25 @@ def pipeline_run(workspace: Workspace, workflow: str, tags: dict[str, Any], name
                       workflow, tags.get(MLFLOW_RUN_NOTE, ""))
     try:
         yield run
-    except BaseException:
-        run.end("FAILED")
+    except BaseException as error:
+        _end_failed(run, error)
         raise
     run.end("FINISHED")
+
+
+def _end_failed(run: PipelineRun, error: BaseException) -> None:
+    """Mark ``run`` FAILED for ``error``. When even that cannot be written (the disk that holds the
+    store and the outbox is full), ``error`` stays what the user sees, with a note saying so."""
+    try:
+        run.end("FAILED")
+    except Exception as tracking_error:
+        if out_of_space_errno(tracking_error) is not None:
+            note = (f"MLflow run {run.run_id} is left RUNNING: the full disk holds its store and outbox too; the "
+                    "next gptflow run on this machine marks it KILLED.")
+        else:
+            note = f"MLflow run {run.run_id} could not be marked FAILED: {first_line(tracking_error)}"
+        # As BaseException.add_note (Python 3.11+) does; the command line prints the notes of its error.
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
 
 
 def _now_ms() -> int:

@@ -94,6 +94,17 @@ def test_a_corpus_file_whose_read_fails_with_an_io_error_is_one_line_naming_it(t
     assert line.startswith(f"gptflow: error: Corpus file '{tmp_path / 'failing.txt'}' cannot be read: reading it "
                            "fails with an I/O error")
     assert imported == []
+def test_an_unknown_preset_option_or_command_is_one_line_without_the_usage_text():
+    for arguments, line in (
+        (["pretrain", "--preset", "hueg"], "argument --preset: invalid choice: 'hueg' (choose from 'tiny', 'cpu', "
+         "'cpu-modern', 'gpt2-124m', 'gpt2-124m-modern', 'gpt2-350m', 'gpt-1b'); `gptflow pretrain -h` lists what it "
+         "takes."),
+        (["pretrain", "--corpse", "texts/"], "unrecognized arguments: --corpse texts/; `gptflow -h` lists what it takes."),
+    ):
+        refused = subprocess.run([sys.executable, "-m", "gptflow.flows.cli", *arguments], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert refused.stderr.splitlines() == [f"gptflow: error: {line}"]
 
 
 def test_a_workspace_that_is_a_file_is_one_line(tmp_path):

@@ -248,6 +248,8 @@ def test_an_interrupted_training_resumes_from_its_latest_loadable_checkpoint_unl
             "does not hold the bytes written there") in caplog.text
     assert f"pretrain: resuming from step 15 (checkpoint {run_dir / 'checkpoints' / 'step-00000015'}," in caplog.text
     assert hash_file(run_dir / "final" / "model.safetensors") == weights
+    assert "\ntraining    30 steps, resumed from step 15\n" in resumed.render()
+    assert "training    30 steps, from scratch" in run_pipeline(corpus)[0].render()  # cached: reused, not resumed
 
     caplog.clear()
     restarted, tags = run_pipeline(corpus, restart=True)
@@ -255,6 +257,7 @@ def test_an_interrupted_training_resumes_from_its_latest_loadable_checkpoint_unl
     assert f"pretrain: --restart: training from step 0, deleting the checkpoints and model in {run_dir}" in caplog.text
     assert "resuming" not in caplog.text
     assert hash_file(run_dir / "final" / "model.safetensors") == weights
+    assert "training    30 steps, from scratch" in restarted.render()
 
 
 def test_a_killed_run_is_marked_killed_and_the_next_run_of_its_settings_resumes_it(

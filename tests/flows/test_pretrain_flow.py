@@ -186,6 +186,21 @@ def test_one_large_text_file_trains_and_validates_as_it_is(cli_env, tmp_path, st
     _, (run,) = _runs_oldest_first(Path(cli_env["GPTFLOW_HOME"]))
     assert run.data.params["dataset.documents"] == "1" and int(run.data.params["dataset.segments"]) > 100
     assert run.data.metrics["eval/val_loss"] > 0
+    assert "\nwarning " not in result.stdout  # ~10K val tokens: many batches of 8 windows of 64
+
+
+def test_a_val_split_under_one_batch_of_windows_is_warned_of_with_the_settings_that_fix_it(cli_env, tiny_corpus_dir):
+    # The tiny corpus's val split (~10K tokens) fills less than one batch of 8 windows of 2,048 tokens.
+    result = _gptflow("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny",
+                      "--set", "model.block_size=2048", "--set", "train.max_steps=2", env=cli_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    warning = re.search(r"^warning +val holds ([\d,]+) tokens, fewer than one batch of validation windows "
+                        r"\(train.micro_batch_size x model.block_size = 8 x 2048 = 16,384\), too few for its loss "
+                        r"to measure the model. Give val more text: raise --set data.val_fraction=<fraction> "
+                        r"\(now 0.05\), or lower --set data.segment_chars=<chars> \(now 4,096\)", result.stdout,
+                        re.MULTILINE)
+    assert warning and 0 < int(warning[1].replace(",", "")) < 16_384, result.stdout[-3000:]
+    assert f"pretrain: val holds {warning[1]} tokens" in result.stderr  # in the flow run's log too
 
 
 def test_a_lost_mlflow_store_gets_the_cached_model_logged_and_registered_again(cli_env, tiny_corpus_dir):
@@ -223,6 +238,35 @@ def test_without_a_prefect_server_its_state_stays_in_the_workspace(cli_env, tiny
         [(name,)] = connection.execute("select name from flow_run").fetchall()
     assert name == f"pretrain tiny {tiny_corpus_dir.name}"
     assert not (home / ".prefect" / "prefect.db").exists()
+
+
+def test_after_a_lost_mlflow_store_a_run_names_no_run_the_store_lost(cli_env, tiny_corpus_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus_dir, corpus)
+    workspace = Path(cli_env["GPTFLOW_HOME"])
+    # A short continuation on the new data: a few steps.
+    args = ("pretrain", "--corpus", str(corpus), "--preset", "tiny", "--set", "incremental.extra_tokens=2048")
+    first = _gptflow(*args, env=cli_env)
+    # Read from the summary: a client of the store in this process would keep reading the deleted file.
+    lost_run = re.search(r"^mlflow +run (\w+)$", first.stdout, re.MULTILINE)[1]
+    (workspace / "mlflow.db").unlink()
+    shutil.rmtree(workspace / "mlartifacts")
+    shutil.copy2(Path(shutil.__file__), corpus / "shutil.py")  # new data: the run names its previous run, if any
+
+    healed = _gptflow(*args, env=cli_env)
+    assert healed.returncode == 0, healed.stdout[-3000:] + healed.stderr[-3000:]
+    assert f"the tokenizer kept for this corpus came from run {lost_run}, which the MLflow store no longer " \
+           "holds" in healed.stdout + healed.stderr
+    client, (run,) = _runs_oldest_first(workspace)
+    assert run.data.tags["gptflow.data_change"].startswith("1 file added")
+    assert run.data.tags["gptflow.training"] == "continued", run.data.tags
+    assert "gptflow.previous_run" not in run.data.tags and "gptflow.continues_run" not in run.data.tags
+    assert run.data.tags["gptflow.tokenizer.origin"] == f"reused from run {run.info.run_id[:8]}"
+    assert lost_run[:8] not in " ".join(run.data.tags.values())
+
+    _gptflow(*args, env=cli_env)  # the next run links to the runs the new store holds
+    _, (_, after) = _runs_oldest_first(workspace)
+    assert after.data.tags["gptflow.tokenizer.origin"] == f"reused from run {run.info.run_id[:8]}"
 
 
 def test_missing_corpus_path_is_one_clear_line(cli_env, tmp_path):
@@ -264,6 +308,35 @@ def test_a_full_disk_is_one_line_leaves_nothing_partial_and_the_rerun_reuses_com
     assert {stage: completed_run.data.tags[f"gptflow.stage.{stage}"] for stage in STAGES} == {
         "ingest": "cached", "tokenizer": "cached", "tokenize": "cached", "pretrain": "executed", "evaluate": "executed"}
     assert [path for path in (store / "runs").glob("*/final") if is_complete(path)]
+
+
+@pytest.mark.parametrize("small_tmpfs", [3 * 2**20], indirect=True)
+def test_a_full_tmpfs_holding_the_mlflow_store_is_one_line_that_says_what_became_of_the_run(
+    cli_env, tiny_corpus_dir, small_tmpfs
+):
+    # 3 MiB holds the MLflow store (~1 MB), the raw shards and the tokenizer (~1.4 MB), not the token
+    # shards too (~1.3 MB): tokenize fills the disk, and the MLflow store on it can no longer be written.
+    env = {**cli_env, "GPTFLOW_HOME": str(small_tmpfs)}
+    args = ("pretrain", "--corpus", str(tiny_corpus_dir), "--preset", "tiny")
+    full = _gptflow(*args, env=env)
+    output = full.stdout + full.stderr
+    assert full.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "sqlite3" not in output and len(output.splitlines()) < 25, output[-5000:]
+    [error] = [line for line in full.stderr.splitlines() if line.startswith("gptflow: error:")]
+    assert error.startswith(f"gptflow: error: stage tokenize-corpus: out of space writing {small_tmpfs}/store/tokens/")
+    client, [failed] = _runs_oldest_first(small_tmpfs)
+    # How little space is left decides how far the run's end gets: the store, else the outbox (with a
+    # warning), else the error line says so.
+    kept = f"has no space left to store the run's end: 1 operations of run {failed.info.run_id}" in output
+    left_running = f"MLflow run {failed.info.run_id} is left RUNNING" in error
+    assert failed.info.status == ("RUNNING" if kept or left_running else "FAILED"), output[-3000:]
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)  # space freed
+    rerun = _gptflow(*args, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert client.get_run(failed.info.run_id).info.status == ("KILLED" if left_running else "FAILED")
+    _, (_, completed_run) = _runs_oldest_first(small_tmpfs)
+    assert [completed_run.data.tags[f"gptflow.stage.{stage}"] for stage in ("ingest", "tokenizer")] == ["cached"] * 2
 
 
 def test_nproc_trains_data_parallel_through_torchrun(cli_env, tiny_corpus_dir):

@@ -7,7 +7,7 @@ import logging
 
 from gptflow.data.disk_space import OutOfSpaceError
 from gptflow.data.errors import CorpusError
-from gptflow.flows.user_errors import hide_tracebacks_of_user_errors, user_error
+from gptflow.flows.user_errors import MLFLOW_STORE_LOGGER, hide_tracebacks_of_user_errors, one_line, user_error
 
 
 def _raised_while_handling(first: Exception, second: Exception) -> Exception:
@@ -51,3 +51,20 @@ def test_prefect_logs_a_user_error_or_a_full_disk_in_one_line(caplog):
     assert user.exc_info is None and disk_full.exc_info is None and bug.exc_info is not None
     assert disk_full.getMessage() == (
         "An error was encountered while committing transaction 'key': [Errno 28] No space left on device")
+
+
+def test_the_line_carries_the_notes_of_what_tracking_could_not_write(tmp_path):
+    stage_error = OutOfSpaceError("stage tokenize-corpus: out of space writing x", errno.ENOSPC)
+    stage_error.__notes__ = ["MLflow run r1 is left RUNNING."]
+    assert one_line(stage_error, user_error(stage_error, tmp_path)) == (
+        "stage tokenize-corpus: out of space writing x MLflow run r1 is left RUNNING.")
+
+
+def test_mlflow_s_store_reports_a_full_disk_through_gptflow_alone(caplog):
+    hide_tracebacks_of_user_errors()
+    logger = logging.getLogger(MLFLOW_STORE_LOGGER)
+    with caplog.at_level(logging.ERROR, logger=MLFLOW_STORE_LOGGER):
+        for cause in ("database or disk is full", "database is locked"):
+            _log_with_traceback(logger, "SQLAlchemy database error", Exception(f"(sqlite3.OperationalError) {cause}"))
+    [kept] = caplog.records
+    assert "locked" in str(kept.exc_info[1])

@@ -240,20 +240,6 @@ except OutOfSpaceError as error:
     assert list((run_dir / "checkpoints").iterdir()) == [] and latest_checkpoint(run_dir) is None
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path, request) -> Path:
-    """A tmpfs of ``request.param`` bytes: a disk that really fills up (ENOSPC). Skipped where this
-    process may not mount (not root, or in a container without the capability)."""
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
-
-
 @pytest.mark.parametrize("small_tmpfs", [160 * 1024], indirect=True)
 def test_a_checkpoint_on_a_full_disk_leaves_nothing_and_reports_the_space_left(small_tmpfs, tmp_path, tiny_config):
     model, optimizer = trained_pair(tiny_config)

@@ -125,3 +125,18 @@ def test_mlflow_s_ui_still_reads_the_view_and_the_query_gptflow_writes():
                       '["searchFilter","orderByKey","orderByAsc"', '["selectedColumns","columnOrder","columnWidths"',
                       '".`"'):  # a column's name: <type>.`<key>`
         assert relied_on in bundle, relied_on
+
+
+def test_a_sqlite_store_named_by_the_user_keeps_artifacts_beside_it_whatever_folder_the_command_starts_in(
+    workspace, tmp_path, monkeypatch
+):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for store in (workspace.root, tmp_path / "team-store"):  # the workspace's own store, and another one
+        store.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+        with pipeline_run(workspace, "evaluate", tags={}, name="deployment run") as run:
+            run.log_text("{}", "eval/report.json")
+        assert (store / "mlartifacts" / run.run_id / "artifacts" / "eval" / "report.json").read_text() == "{}"
+    assert list(elsewhere.iterdir()) == []  # no ./mlruns

@@ -386,3 +386,24 @@ def test_a_run_name_leads_with_the_settings_in_the_order_given():
 def test_a_corpus_named_by_an_e_mail_address_is_labelled_without_it():
     assert source_label("/mail/jane.doe@example.com.jsonl") == "<EMAIL>.jsonl"
     assert source_label("/data/web/") == "web" and source_label("runs/abc/final") == "abc/final"
+def test_a_tag_another_process_set_is_read_back_from_the_store_or_from_the_outbox(workspace, nowhere):
+    store, run_id = _new_run(workspace)
+    PipelineRun(store, run_id, Outbox(workspace, run_id)).set_tags({"gptflow.resumed_from_step": 15})
+    assert PipelineRun(store, run_id, Outbox(workspace, run_id)).stored_tag("gptflow.resumed_from_step") == "15"
+    offline = PipelineRun(MlflowClient(nowhere), run_id, Outbox(workspace, run_id))
+    offline.set_tags({"gptflow.resumed_from_step": 20})
+    assert offline.stored_tag("gptflow.resumed_from_step") == "20"  # without asking the server that is away
+    assert offline.stored_tag("gptflow.other") is None
+
+
+def test_whether_the_store_holds_a_run_and_a_tag_deleted_while_the_server_is_away(workspace, nowhere):
+    store, run_id = _new_run(workspace)
+    online = PipelineRun(store, run_id, Outbox(workspace, run_id))
+    assert online.store_holds_run(run_id) is True and online.store_holds_run("0" * 32) is False
+    online.set_tags({"gptflow.previous_run": "0" * 32})
+    offline = PipelineRun(MlflowClient(nowhere), run_id, Outbox(workspace, run_id))
+    offline.delete_tag("gptflow.previous_run")
+    assert offline.store_holds_run(run_id) is None  # not asked: its writes wait in the outbox
+    with offline.outbox.lock():
+        PipelineRun(store, run_id, offline.outbox).send_outbox()
+    assert "gptflow.previous_run" not in store.get_run(run_id).data.tags
