@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import secrets
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ TEAM_FOLDER = "team"
 ADMIN_USER = "admin"
 PERMISSIONS = {"none": "NO_PERMISSIONS", "read": "READ", "edit": "EDIT", "manage": "MANAGE"}
 """What ``gptflow user grant`` takes, and MLflow's name for it."""
+MLFLOW_DRIVER = "postgresql+psycopg2"
+"""Named: SQLAlchemy's default PostgreSQL driver changes between its versions."""
 DEFAULT_RETENTION_DAYS = 30
 """How long Prefect's server keeps finished flow runs, their logs and events (its database vacuum)."""
 
@@ -128,7 +131,7 @@ def prefect_environment(secrets_: TeamSecrets, database: Database, retention_day
             "PREFECT_SERVER_API_AUTH_STRING": secrets_.prefect_auth_string,
             "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
             "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": retention,
-            "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": retention}
+            "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": f"P{retention_days}D"}
 
 
 def mlflow_server(workspace_root: Path, secrets_: TeamSecrets, database: Database, options: TeamOptions,
@@ -138,13 +141,13 @@ def mlflow_server(workspace_root: Path, secrets_: TeamSecrets, database: Databas
     config = workspace_root / TEAM_FOLDER / "mlflow-auth.ini"
     # New users see nothing until granted: the team's runs are not open to every account.
     write_private(config, "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-                          f"database_uri = {database.url(DATABASES['mlflow_auth'])}\nadmin_username = {ADMIN_USER}\n"
+                          f"database_uri = {database.url(DATABASES['mlflow_auth'], MLFLOW_DRIVER)}\nadmin_username = {ADMIN_USER}\n"
                           "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     arguments = ["--app-name", "basic-auth", "--serve-artifacts",
                  "--artifacts-destination", options.artifacts_destination or default_destination]
     if options.allowed_hosts:
         arguments += ["--allowed-hosts", options.allowed_hosts]
-    environment = {"MLFLOW_BACKEND_STORE_URI": database.url(DATABASES["mlflow"]),
+    environment = {"MLFLOW_BACKEND_STORE_URI": database.url(DATABASES["mlflow"], MLFLOW_DRIVER),
                    "MLFLOW_AUTH_CONFIG_PATH": str(config),
                    "MLFLOW_AUTH_ADMIN_PASSWORD": secrets_.admin_password,  # read on the first start alone
                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets_.flask_secret_key}
@@ -158,7 +161,10 @@ def manage_user(tracking_uri: str, action: str, username: str, password: str | N
     was done, in a line."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-    from mlflow.server.auth.client import AuthServiceClient
+
+    with warnings.catch_warnings():  # it imports MLflow's server, which warns of Starlette's deprecations
+        warnings.simplefilter("ignore")
+        from mlflow.server.auth.client import AuthServiceClient
 
     from gptflow.tasks.tracking.experiments import WORKFLOWS, experiment_name
 
