@@ -46,6 +46,7 @@ def test_a_database_password_on_the_command_line_is_refused_in_one_line(tmp_path
     assert not secrets_file(tmp_path / "ws").exists()  # nothing half made
 
 
+@pytest.mark.slow  # starts PostgreSQL
 def test_an_existing_server_gets_gptflow_s_databases_once(postgresql, monkeypatch, tmp_path):
     import psycopg2
 
