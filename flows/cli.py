@@ -230,7 +230,7 @@ def _add_workspace_commands(subcommands: argparse._SubParsersAction) -> None:
     stack_down.add_argument("--workspace", metavar="DIR", help=workspace_help)
     stack_down.set_defaults(handler=commands.run_down)
 
-    _add_login_commands(subcommands, workspace_help)
+    _add_login_commands(subcommands)
 
     sync = subcommands.add_parser(
         "sync", help="send the MLflow writes that runs kept in the workspace while the tracking server was down",
@@ -286,8 +286,10 @@ def _add_team_arguments(stack_up: argparse.ArgumentParser) -> None:
                       f"{DEFAULT_RETENTION_DAYS})")
 
 
-def _add_login_commands(subcommands: argparse._SubParsersAction, workspace_help: str) -> None:
+def _add_login_commands(subcommands: argparse._SubParsersAction) -> None:
     """login, and user: a teammate's credentials, and the admin's management of users."""
+    from gptflow.flows.team import PERMISSIONS
+
     login = subcommands.add_parser(
         "login", help="log in to a team stack once; every gptflow command and the Prefect CLI then use it",
         description="Check the credentials against both servers and keep them, readable by you alone, in "
@@ -303,15 +305,20 @@ def _add_login_commands(subcommands: argparse._SubParsersAction, workspace_help:
         "user", help="add or remove a team member, or grant one access to experiments (as the admin)",
         description="Manage the MLflow users of a team stack, as its admin: on the machine where `gptflow up --team` "
         "runs, or logged in as admin. A new user sees nothing until granted.")
-    user.add_argument("--workspace", metavar="DIR", help=workspace_help)
+    # --workspace after the user name, where a command's options go.
+    on_workspace = argparse.ArgumentParser(add_help=False)
+    on_workspace.add_argument("--workspace", metavar="DIR|s3://BUCKET/PREFIX",
+                              help="the workspace of the running `gptflow up --team`, whose admin acts")
     actions = user.add_subparsers(dest="action", required=True)
-    add = actions.add_parser("add", help="add a user; the password is asked for (or GPTFLOW_NEW_USER_PASSWORD)")
+    add = actions.add_parser("add", parents=[on_workspace],
+                             help="add a user; the password is asked for (or GPTFLOW_NEW_USER_PASSWORD)")
     add.add_argument("username")
-    remove = actions.add_parser("remove", help="remove a user")
+    remove = actions.add_parser("remove", parents=[on_workspace], help="remove a user")
     remove.add_argument("username")
-    grant = actions.add_parser("grant", help="grant a user read, edit or manage (or none) on experiments")
+    grant = actions.add_parser("grant", parents=[on_workspace],
+                               help="grant a user read, edit or manage (or none) on experiments")
     grant.add_argument("username")
-    grant.add_argument("permission", choices=["none", "read", "edit", "manage"])
+    grant.add_argument("permission", choices=list(PERMISSIONS))
     grant.add_argument("--experiment", dest="experiments", action="append", metavar="NAME",
                        help="an experiment, repeatable; default: gptflow's four, and every registered model")
     user.set_defaults(handler=commands.run_user)

@@ -153,6 +153,7 @@ def _team_settings(workspace: Workspace, team: team_stack.TeamOptions, stack: St
                    report: Callable[[str], None]) -> tuple[dict[str, str], list[str], dict[str, str]]:
     """The team's database made ready (a local cluster initialised and started, recorded in
     ``stack``); the Prefect server's environment, the MLflow server's arguments and environment."""
+    team_stack.require_team_packages()
     secrets = team_stack.TeamSecrets.load_or_create(workspace.root, team)
     database = secrets.database_server(team)
     if secrets.database is None:
@@ -261,7 +262,8 @@ def _wait_until_healthy(service: Service, started: float, report: Callable[[str]
         if time.monotonic() >= next_report:
             report(f"waiting for the {name} server to answer at {service.health_url}: "
                    f"{time.monotonic() - started:.0f} s so far (its log: {service.log})")
-            next_report += WAITING_REPORT_EVERY_S
+            while next_report <= time.monotonic():  # once per period, also after waiting on another server
+                next_report += WAITING_REPORT_EVERY_S
         time.sleep(0.5)
     raise StackError(f"The {name} server did not answer at {service.health_url} within "
                      f"{START_TIMEOUT_S:.0f} s; see {service.log}.")

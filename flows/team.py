@@ -96,6 +96,16 @@ class TeamSecrets:
                 "MLFLOW_TRACKING_PASSWORD": self.admin_password}
 
 
+def require_team_packages() -> None:
+    """Refuse in one line before anything starts when the ``team`` extra is not installed."""
+    import importlib.util
+
+    missing = [name for name, module in (("psycopg2-binary", "psycopg2"), ("Flask-WTF", "flask_wtf"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise TeamError(f"The team stack needs {', '.join(missing)}: pip install 'gptflow[team]'.")
+
+
 def secrets_file(workspace_root: Path) -> Path:
     return workspace_root / TEAM_FOLDER / "secrets.json"
 

@@ -141,14 +141,12 @@ def _as(team: dict, username: str) -> dict[str, str]:
             "MLFLOW_TRACKING_PASSWORD": team["secrets"]["admin_password"] if username == "admin" else PASSWORDS[username]}
 
 
-def _add_user(team: dict, username: str, *grant: str) -> None:
+def _user(team: dict, action: str, username: str, *grant: str) -> None:
+    """``gptflow user ACTION USERNAME ...`` on the server's machine, as its admin."""
     env = {**team["env"], "GPTFLOW_NEW_USER_PASSWORD": PASSWORDS[username]}
-    workspace = team["arguments"][3]
-    for action in (("add", username), ("grant", username, *grant) if grant else None):
-        if action:
-            result = _gptflow("user", "--workspace", workspace, *action, env=env)
-            assert result.returncode == 0, result.stdout + result.stderr
-            assert PASSWORDS[username] not in result.stdout + result.stderr
+    result = _gptflow("user", action, username, *grant, "--workspace", team["arguments"][3], env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert PASSWORDS[username] not in result.stdout + result.stderr
 
 
 def test_a_user_without_permission_on_an_experiment_cannot_read_its_runs(team, monkeypatch):
@@ -161,13 +159,13 @@ def test_a_user_without_permission_on_an_experiment_cannot_read_its_runs(team, m
     experiment = client.create_experiment("team-private")
     run = client.create_run(experiment).info.run_id
     client.log_param(run, "secret_setting", "42")
-    _add_user(team, "bob")
+    _user(team, "add", "bob")
     for name, value in _as(team, "bob").items():
         monkeypatch.setenv(name, value)
     with pytest.raises(MlflowException, match="Permission denied"):
         client.get_run(run)
     assert client.search_runs([experiment]) == []  # searches leave out what the user may not read
-    _add_user(team, "bob", "read", "--experiment", "team-private")
+    _user(team, "grant", "bob", "read", "--experiment", "team-private")
     assert client.get_run(run).data.params == {"secret_setting": "42"}
     with pytest.raises(MlflowException, match="Permission denied"):
         client.log_param(run, "changed", "1")  # read, not edit
@@ -176,7 +174,8 @@ def test_a_user_without_permission_on_an_experiment_cannot_read_its_runs(team, m
 def test_a_logged_in_teammate_trains_with_artifacts_proxied_to_the_object_store(team, tmp_path):
     import s3fs
 
-    _add_user(team, "carol", "edit")
+    _user(team, "add", "carol")
+    _user(team, "grant", "carol", "edit")
     client = {**_clean_environment(), "GPTFLOW_LOGIN_FILE": str(tmp_path / "login.json"),
               "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     login = ["login", "--prefect", team["prefect"].removesuffix("/api"), "--mlflow", team["mlflow"], "--username",
