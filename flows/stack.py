@@ -94,13 +94,8 @@ def up(workspace: Workspace, report: Callable[[str], None], prefect_port: int = 
     if existing and all(_alive(service.pid) for service in existing.services):
         report(f"the servers of {workspace.root} are running already")
         return existing
-    ports = [(prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")]
-    if team is not None and team.database is None:
-        ports.append((team.postgres_port, "--postgres-port"))
-    for port, flag in ports:
-        if port_in_use(port):
-            raise StackError(f"Port {port} on {HOST} is already in use. Stop what listens there, or pick "
-                             f"another port with {flag}.")
+    for port, flag in ((prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")):
+        _check_free(port, flag)
     logs = workspace.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     client_host = HOST if host in ("0.0.0.0", "::") else host  # this machine's clients reach a wildcard here
@@ -157,6 +152,7 @@ def _team_settings(workspace: Workspace, team: team_stack.TeamOptions, stack: St
     secrets = team_stack.TeamSecrets.load_or_create(workspace.root, team)
     database = secrets.database_server(team)
     if secrets.database is None:
+        _check_free(team.postgres_port, "--postgres-port")
         cluster = team_stack.local_cluster(workspace.root)
         if not cluster.initialised:
             report(f"initialising a PostgreSQL cluster in {cluster.data}")
@@ -171,6 +167,12 @@ def _team_settings(workspace: Workspace, team: team_stack.TeamOptions, stack: St
     destination = f"{workspace.url.rstrip('/')}/mlartifacts" if workspace.url else workspace.mlflow_artifacts.as_uri()
     mlflow_arguments, mlflow_env = team_stack.mlflow_server(workspace.root, secrets, database, team, destination)
     return team_stack.prefect_environment(secrets, database, team.retention_days), mlflow_arguments, mlflow_env
+
+
+def _check_free(port: int, flag: str) -> None:
+    if port_in_use(port):
+        raise StackError(f"Port {port} on {HOST} is already in use. Stop what listens there, or pick another port "
+                         f"with {flag}.")
 
 
 def _add(workspace: Workspace, stack: Stack, service: Service) -> None:
