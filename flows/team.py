@@ -181,6 +181,9 @@ def manage_user(tracking_uri: str, action: str, username: str, password: str | N
     client = AuthServiceClient(tracking_uri)
     try:
         if action == "add":
+            if _user_exists(client, username):
+                raise TeamError(f"The user {username} exists already: `gptflow user remove {username}` first to "
+                                "make them anew.")
             client.create_user(username, password)
             return f"added {username}; they see nothing until granted (gptflow user grant {username} edit)"
         if action == "remove":
@@ -200,6 +203,18 @@ def manage_user(tracking_uri: str, action: str, username: str, password: str | N
     except MlflowException as error:
         raise TeamError(f"MLflow at {tracking_uri} refused to {action} {username}: {error.message.splitlines()[0]} "
                         "(run this as the admin: on the server, or after `gptflow login --username admin`).") from None
+
+
+def _user_exists(client, username: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_user(username)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def _grant(client, username: str, resource_type: str, resource_id: str, level: str) -> None:
