@@ -154,6 +154,8 @@ def test_a_user_without_permission_on_an_experiment_cannot_read_its_runs(team, m
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from gptflow.flows.team import TeamError, manage_user
+
     for name, value in _as(team, "admin").items():
         monkeypatch.setenv(name, value)
     client = MlflowClient(team["mlflow"])
@@ -161,6 +163,8 @@ def test_a_user_without_permission_on_an_experiment_cannot_read_its_runs(team, m
     run = client.create_run(experiment).info.run_id
     client.log_param(run, "secret_setting", "42")
     _user(team, "add", "bob")
+    with pytest.raises(TeamError, match="The user bob exists already"):
+        manage_user(team["mlflow"], "add", "bob", "another-password-1")
     for name, value in _as(team, "bob").items():
         monkeypatch.setenv(name, value)
     with pytest.raises(MlflowException, match="Permission denied"):
@@ -170,6 +174,13 @@ def test_a_user_without_permission_on_an_experiment_cannot_read_its_runs(team, m
     assert client.get_run(run).data.params == {"secret_setting": "42"}
     with pytest.raises(MlflowException, match="Permission denied"):
         client.log_param(run, "changed", "1")  # read, not edit
+    for name, value in _as(team, "admin").items():
+        monkeypatch.setenv(name, value)
+    manage_user(team["mlflow"], "grant", "bob", permission="none", experiments=["team-private"])
+    for name, value in _as(team, "bob").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(MlflowException, match="Permission denied"):
+        client.get_run(run)  # taken back
 
 
 def test_a_logged_in_teammate_trains_with_artifacts_proxied_to_the_object_store(team, tmp_path):
@@ -207,12 +218,15 @@ def test_a_logged_in_teammate_trains_with_artifacts_proxied_to_the_object_store(
 
     os.environ.update(_as(team, "admin"))  # what a teammate logged, the admin reads
     try:
-        assert MlflowClient(team["mlflow"]).list_artifacts(run_id)
+        admin = MlflowClient(team["mlflow"])
+        assert admin.list_artifacts(run_id)
+        run = admin.get_run(run_id).data
     finally:
         for name in _as(team, "admin"):
             os.environ.pop(name)
     for secret in (PASSWORDS["carol"], team["secrets"]["prefect_auth_string"]):
         assert secret not in trained.stdout + trained.stderr + logged_in.stdout + logged_in.stderr
+        assert all(secret not in value for value in [*run.params.values(), *run.tags.values()])
     # The Prefect CLI uses the login too (its profile): it lists the run.
     listed = subprocess.run([PREFECT, "flow-run", "ls"], env=client, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "pretrain" in listed.stdout, listed.stdout + listed.stderr
