@@ -281,6 +281,8 @@ def _add_team_arguments(stack_up: argparse.ArgumentParser) -> None:
                       help="where MLflow keeps artifacts (default: the workspace's s3:// bucket, under mlartifacts/)")
     team.add_argument("--allowed-hosts", metavar="HOSTS",
                       help="host names MLflow answers to, comma-separated (the reverse proxy's public name)")
+    team.add_argument("--prefect-public-url", metavar="URL",
+                      help="where browsers open Prefect's UI through the reverse proxy (its UI calls the API there)")
     team.add_argument("--retention-days", type=number_type(PositiveInt), default=DEFAULT_RETENTION_DAYS,
                       help=f"days Prefect keeps finished flow runs, their logs and events (default "
                       f"{DEFAULT_RETENTION_DAYS})")

@@ -222,7 +222,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_up(args: argparse.Namespace) -> int:
     workspace = Workspace.resolve(args.workspace)
     team = TeamOptions(args.database, args.postgres_port, args.artifacts_destination, args.allowed_hosts,
-                       args.retention_days) if args.team else None
+                       args.retention_days, args.prefect_public_url) if args.team else None
     # On stderr: stdout holds the addresses and the variables, for scripts to read.
     stack = up(workspace, lambda line: print(f"gptflow: {line}", file=sys.stderr, flush=True),
                prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, host=args.host, team=team)

@@ -120,7 +120,8 @@ def up(workspace: Workspace, report: Callable[[str], None], prefect_port: int = 
             # runs' logs, which `prefect deployment run --watch` prints (by default it would print
             # state changes alone, and never the summary a run ends its log with).
             env={**prefect_env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_UI_API_URL": f"http://{client_host}:{prefect_port}/api",
+                 "PREFECT_UI_API_URL": (f"{team.prefect_public_url.rstrip('/')}/api" if team and team.prefect_public_url
+                                        else f"http://{client_host}:{prefect_port}/api"),
                  "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
                  "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true"},
             url=f"http://{client_host}:{prefect_port}",

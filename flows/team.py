@@ -46,6 +46,8 @@ class TeamOptions:
     artifacts_destination: str | None = None
     allowed_hosts: str | None = None
     retention_days: int = DEFAULT_RETENTION_DAYS
+    prefect_public_url: str | None = None
+    """Where browsers reach Prefect through the reverse proxy: its UI calls the API there."""
 
 
 @dataclass(frozen=True)

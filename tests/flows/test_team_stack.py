@@ -62,7 +62,8 @@ def team(s3_server) -> Iterator[dict]:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_WORKERS": "1"}
     ports = {"prefect": _free_port(), "mlflow": _free_port(), "postgres": _free_port()}
     arguments = ["up", "--team", "--workspace", f"s3://{bucket}/team", "--prefect-port", str(ports["prefect"]),
-                 "--mlflow-port", str(ports["mlflow"]), "--postgres-port", str(ports["postgres"])]
+                 "--mlflow-port", str(ports["mlflow"]), "--postgres-port", str(ports["postgres"]),
+                 "--prefect-public-url", "https://prefect.team.example"]
     started = _gptflow(*arguments, env=env)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
@@ -128,6 +129,11 @@ def test_prefect_keeps_finished_runs_and_events_for_the_stated_retention(team):
     assert {"events", "flow_runs"} <= set(vacuum["enabled"]) and vacuum["retention_period"] in (2592000, "P30D")
     assert server["events"]["retention_period"] in ("P30D", 2592000)
     assert server["database"]["connection_url"] != team["secrets"]["database_password"]  # shown masked, if at all
+
+
+def test_prefect_s_ui_calls_its_api_at_the_public_address(team):
+    with urllib.request.urlopen(f"{team['prefect'].removesuffix('/api')}/ui-settings", timeout=30) as answer:
+        assert json.load(answer)["api_url"] == "https://prefect.team.example/api"
 
 
 def test_postgresql_runs_as_an_unprivileged_user(team):
