@@ -32,6 +32,8 @@ STACK_FILE = "stack.json"
 PREFECT_SERVER_HOME = "prefect-server"
 """In the workspace: the Prefect server's home (its database), for `gptflow up` and temporary servers alike."""
 START_TIMEOUT_S = 120.0
+TEAM_START_TIMEOUT_S = 300.0
+"""A team stack's first start migrates three PostgreSQL databases: minutes on a busy machine."""
 STOP_TIMEOUT_S = 20.0
 SERVER_NAMES = {"prefect": "Prefect", "mlflow": "MLflow", "postgres": "PostgreSQL"}
 """Each service's name as a message spells it."""
@@ -138,7 +140,7 @@ def up(workspace: Workspace, report: Callable[[str], None], prefect_port: int = 
         ))
         for service in stack.services:
             if service.name != "postgres":
-                _wait_until_healthy(service, started, report)
+                _wait_until_healthy(service, started, report, TEAM_START_TIMEOUT_S if team else START_TIMEOUT_S)
     except Exception:
         down(workspace)
         raise
@@ -250,11 +252,12 @@ def _start(name: str, command: list[str], env: dict[str, str], url: str, health_
                    leader_signal=leader_signal)
 
 
-def _wait_until_healthy(service: Service, started: float, report: Callable[[str], None]) -> None:
+def _wait_until_healthy(service: Service, started: float, report: Callable[[str], None],
+                        timeout_s: float = START_TIMEOUT_S) -> None:
     """Wait until ``service``, started at ``started`` (``time.monotonic``), answers; ``report``
     how long that took, and every ``WAITING_REPORT_EVERY_S`` that it does not answer yet."""
     name = SERVER_NAMES[service.name]
-    deadline = started + START_TIMEOUT_S
+    deadline = started + timeout_s
     next_report = started + WAITING_REPORT_EVERY_S
     while time.monotonic() < deadline:
         if _responds(service):
@@ -269,7 +272,7 @@ def _wait_until_healthy(service: Service, started: float, report: Callable[[str]
                 next_report += WAITING_REPORT_EVERY_S
         time.sleep(0.5)
     raise StackError(f"The {name} server did not answer at {service.health_url} within "
-                     f"{START_TIMEOUT_S:.0f} s; see {service.log}.")
+                     f"{timeout_s:.0f} s; see {service.log}.")
 
 
 def _stop(service: Service) -> None:
