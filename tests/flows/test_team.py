@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gptflow.flows.login import LOGIN_FILE_ENV, Login, apply_login, login_file
-from gptflow.flows.postgres import DATABASES, Database, DatabaseError
+from gptflow.flows.postgres import DATABASES, Database, DatabaseError, LocalCluster
 from gptflow.flows.team import TeamError, TeamOptions, TeamSecrets, check_binding, secrets_file, write_private
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +68,17 @@ def test_an_existing_server_gets_gptflow_s_databases_once(postgresql, monkeypatc
     wrong = Database(database.host, database.port, database.user, "not-the-password")
     with pytest.raises(DatabaseError, match="refused the password of tester: set the right one in PGPASSWORD"):
         wrong.create_databases()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a cluster runs as another user only when gptflow runs as root")
+def test_a_cluster_folder_its_unprivileged_user_cannot_reach_is_refused_in_one_line(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    cluster = LocalCluster(private / "team" / "postgres")
+    with pytest.raises(DatabaseError, match=rf"cannot reach {cluster.folder} \({private} lets no other user in\): "
+                                            rf"`chmod o\+x {private}`"):
+        cluster.initialise("a-password")
+    assert not cluster.initialised
 
 
 def test_a_kept_login_fills_in_only_what_the_environment_does_not_name(tmp_path, monkeypatch):
