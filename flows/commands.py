@@ -210,6 +210,7 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from gptflow.flows.deployments import serve_deployments
 
+    check_credentials(dict(os.environ))
     server = os.environ.get("MLFLOW_TRACKING_URI", "")
     if server.startswith("http"):
         tables = _runs_tables(server, Workspace.resolve())
@@ -301,6 +302,7 @@ def run_sync(args: argparse.Namespace) -> int:
     from gptflow.tasks.tracking.outbox import send_outboxes
 
     workspace = Workspace.resolve(args.workspace)
+    check_credentials(dict(os.environ))
     reports = send_outboxes(workspace)
     if not reports:
         print(f"nothing to send: no run of {workspace.root} keeps MLflow writes")
