@@ -211,6 +211,11 @@ def test_a_logged_in_teammate_trains_with_artifacts_proxied_to_the_object_store(
 
     corpus = tmp_path / "corpus"
     shutil.copytree(Path(json.__file__).parent, corpus, ignore=shutil.ignore_patterns("__pycache__"))
+    refused = _gptflow("pretrain", "--preset", "tiny", "--corpus", str(corpus), "--workspace", str(tmp_path / "ws"),
+                       env={**client, "PREFECT_API_AUTH_STRING": "gptflow:stale"})  # the variable wins over the login
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1] == (
+        f"gptflow: error: The Prefect server {team['prefect']} refused this auth string: run `gptflow login` (or set "
+        "PREFECT_API_AUTH_STRING) with the one its admin gave you."), refused.stderr
     # No variable names a server, a credential or the object store: the login does it all.
     trained = _gptflow("pretrain", "--preset", "tiny", "--corpus", str(corpus), "--workspace", str(tmp_path / "ws"),
                        env=client)
