@@ -193,7 +193,6 @@ def test_a_logged_in_teammate_trains_with_artifacts_proxied_to_the_object_store(
     import s3fs
 
     _user(team, "add", "carol")
-    _user(team, "grant", "carol", "edit")
     client = {**_clean_environment(), "GPTFLOW_LOGIN_FILE": str(tmp_path / "login.json"),
               "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     login = ["login", "--prefect", team["prefect"].removesuffix("/api"), "--mlflow", team["mlflow"], "--username",
@@ -216,6 +215,12 @@ def test_a_logged_in_teammate_trains_with_artifacts_proxied_to_the_object_store(
     assert refused.returncode == 2 and refused.stderr.splitlines()[-1] == (
         f"gptflow: error: The Prefect server {team['prefect']} refused this auth string: run `gptflow login` (or set "
         "PREFECT_API_AUTH_STRING) with the one its admin gave you."), refused.stderr
+    not_granted = _gptflow("pretrain", "--preset", "tiny", "--corpus", str(corpus), "--workspace",
+                           str(tmp_path / "ws"), env=client)
+    assert not_granted.returncode == 2 and not_granted.stderr.splitlines()[-1] == (
+        f"gptflow: error: The MLflow server {team['mlflow']} does not let carol run in the experiment gptflow-pretrain: "
+        "ask its admin for `gptflow user grant carol edit`."), not_granted.stderr[-3000:]
+    _user(team, "grant", "carol", "edit")
     # No variable names a server, a credential or the object store: the login does it all.
     trained = _gptflow("pretrain", "--preset", "tiny", "--corpus", str(corpus), "--workspace", str(tmp_path / "ws"),
                        env=client)
