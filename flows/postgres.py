@@ -179,15 +179,29 @@ def _as_user(user: pwd.struct_passwd | None) -> dict:
     return {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
 
+def reachable(folder: Path, user: pwd.struct_passwd) -> bool:
+    """Whether ``user`` can reach ``folder``: no folder above it that exists shuts others out."""
+    return _shut_folder(folder, user) is None
+
+
+def _shut_folder(folder: Path, user: pwd.struct_passwd) -> Path | None:
+    for parent in folder.resolve().parents:
+        if not parent.exists():
+            continue
+        mode = parent.stat()
+        if mode.st_uid != user.pw_uid and not mode.st_mode & stat.S_IXOTH:
+            return parent
+    return None
+
+
 def _check_reachable(folder: Path, user: pwd.struct_passwd) -> None:
     """Refuse a cluster folder that ``user`` cannot reach: every folder above it must let others
     (or that user) pass."""
-    for parent in folder.resolve().parents:
-        mode = parent.stat()
-        if mode.st_uid != user.pw_uid and not mode.st_mode & stat.S_IXOTH:
-            raise DatabaseError(f"PostgreSQL runs as the user {user.pw_name}, which cannot reach {folder} ({parent} "
-                                f"lets no other user in): `chmod o+x {parent}`, put the workspace elsewhere, or pass "
-                                "an existing server with --database postgresql://...")
+    shut = _shut_folder(folder, user)
+    if shut is not None:
+        raise DatabaseError(f"PostgreSQL runs as the user {user.pw_name}, which cannot reach {folder} ({shut} "
+                            f"lets no other user in): `chmod o+x {shut}`, put the workspace elsewhere, or pass "
+                            "an existing server with --database postgresql://...")
 
 
 def _major_version(path: str) -> int:

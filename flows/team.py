@@ -11,6 +11,7 @@ their permissions on experiments are MLflow's own (its basic-auth app), managed 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -20,9 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gptflow.data.errors import UserError
-from gptflow.flows.postgres import DATABASES, SUPERUSER, Database, LocalCluster
+from gptflow.flows.postgres import DATABASES, SUPERUSER, Database, LocalCluster, reachable, run_as
 
 TEAM_FOLDER = "team"
+SYSTEM_CLUSTERS = Path("/var/lib/gptflow/clusters")
+"""Where a cluster goes that its unprivileged user could not reach in the workspace."""
 ADMIN_USER = "admin"
 PERMISSIONS = {"none": "NO_PERMISSIONS", "read": "READ", "edit": "EDIT", "manage": "MANAGE"}
 """What ``gptflow user grant`` takes, and MLflow's name for it."""
@@ -113,7 +116,17 @@ def secrets_file(workspace_root: Path) -> Path:
 
 
 def local_cluster(workspace_root: Path) -> LocalCluster:
-    return LocalCluster(workspace_root / TEAM_FOLDER / "postgres")
+    """The workspace's cluster: in its ``team/postgres/``, unless gptflow runs as root and the
+    unprivileged user that runs PostgreSQL cannot reach it there (a workspace under ``/root``): then
+    in ``SYSTEM_CLUSTERS``, named for the workspace. Where one was made, it stays."""
+    in_workspace = LocalCluster(workspace_root / TEAM_FOLDER / "postgres")
+    user = run_as()
+    if user is None:
+        return in_workspace
+    elsewhere = LocalCluster(SYSTEM_CLUSTERS / hashlib.sha256(str(workspace_root).encode()).hexdigest()[:16])
+    if elsewhere.initialised or not (in_workspace.initialised or reachable(in_workspace.folder, user)):
+        return elsewhere
+    return in_workspace
 
 
 def write_private(path: Path, text: str) -> None:

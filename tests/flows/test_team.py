@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from gptflow.flows.login import LOGIN_FILE_ENV, Login, apply_login, login_file
 from gptflow.flows.postgres import DATABASES, Database, DatabaseError, LocalCluster
-from gptflow.flows.team import TeamError, TeamOptions, TeamSecrets, check_binding, secrets_file, write_private
+from gptflow.flows.team import (
+    SYSTEM_CLUSTERS,
+    TeamError,
+    TeamOptions,
+    TeamSecrets,
+    check_binding,
+    local_cluster,
+    secrets_file,
+    write_private,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,6 +90,22 @@ def test_a_cluster_folder_its_unprivileged_user_cannot_reach_is_refused_in_one_l
                                             rf"`chmod o\+x {private}`"):
         cluster.initialise("a-password")
     assert not cluster.initialised
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a cluster runs as another user only when gptflow runs as root")
+def test_a_cluster_goes_where_its_unprivileged_user_reaches_it(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)  # as /root is
+    elsewhere = local_cluster(private / "ws")
+    assert elsewhere.folder.parent == SYSTEM_CLUSTERS and not elsewhere.initialised
+    assert local_cluster(private / "ws").folder == elsewhere.folder  # the same workspace, the same cluster
+    assert local_cluster(private / "other").folder != elsewhere.folder
+    shared = Path(tempfile.mkdtemp(prefix="gptflow-team-reach-", dir="/tmp"))
+    try:
+        shared.chmod(0o711)
+        assert local_cluster(shared / "ws").folder == shared / "ws" / "team" / "postgres"
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_a_kept_login_fills_in_only_what_the_environment_does_not_name(tmp_path, monkeypatch):
