@@ -1,7 +1,8 @@
 """PostgreSQL for the team stack: a cluster gptflow initialises in the workspace, or a server the team runs.
 
-The local cluster lives in ``team/postgres/`` of the workspace, listens on 127.0.0.1 alone (no
-Unix socket) and asks every client for a password (scram-sha-256). PostgreSQL refuses to run as
+The local cluster lives in ``team/postgres/`` of the workspace (``flows.team.local_cluster`` says
+where else as root), listens on 127.0.0.1 alone (no Unix socket) and asks every client for a
+password (scram-sha-256). PostgreSQL refuses to run as
 root, so when gptflow runs as root, the cluster's folder belongs to an unprivileged OS user
 (``postgres`` where Debian's package made it, else ``nobody``), which runs ``initdb`` and the
 server. Prefect, MLflow and MLflow's user store each get a database of their own on it.
