@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     try:
+        if args.command != "login":  # which logs in anew
+            from gptflow.flows.login import apply_login
+
+            apply_login()
         return args.handler(args)
     except Exception as error:
         # Imported only now, and light: a refused command must not wait for torch, Prefect or MLflow.
@@ -223,14 +227,20 @@ def _add_workspace_commands(subcommands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=commands.run_serve)
 
     workspace_help = "workspace holding the servers' databases and artifacts (default: $GPTFLOW_HOME or ./.gptflow)"
-    stack_up = subcommands.add_parser("up", help="start a local Prefect server and MLflow server for this workspace")
-    stack_up.add_argument("--workspace", metavar="DIR", help=workspace_help)
+    stack_up = subcommands.add_parser("up", help="start a local Prefect server and MLflow server for this workspace, "
+                                      "or with --team a team's: on PostgreSQL, behind logins")
+    stack_up.add_argument("--workspace", metavar="DIR|s3://BUCKET/PREFIX", help=workspace_help)
     stack_up.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default 4200)")
     stack_up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default 5000)")
+    stack_up.add_argument("--host", default="127.0.0.1",
+                          help="address both servers listen on (default 127.0.0.1); any other needs --team")
+    _add_team_arguments(stack_up)
     stack_up.set_defaults(handler=commands.run_up)
     stack_down = subcommands.add_parser("down", help="stop the servers that `gptflow up` started")
     stack_down.add_argument("--workspace", metavar="DIR", help=workspace_help)
     stack_down.set_defaults(handler=commands.run_down)
+
+    _add_login_commands(subcommands)
 
     sync = subcommands.add_parser(
         "sync", help="send the MLflow writes that runs kept in the workspace while the tracking server was down",
@@ -263,6 +273,67 @@ def _add_workspace_commands(subcommands: argparse._SubParsersAction) -> None:
     presets.add_argument("--gpus", type=int, default=8, metavar="N",
                          help="GPUs the fsdp estimate shards over (default 8)")
     presets.set_defaults(handler=commands.run_presets)
+
+
+def _add_team_arguments(stack_up: argparse.ArgumentParser) -> None:
+    """``gptflow up --team``: PostgreSQL, logins, proxied artifacts (``flows.team.TeamOptions``)."""
+    from gptflow.flows.team import DEFAULT_RETENTION_DAYS
+
+    team = stack_up.add_argument_group("team stack")
+    team.add_argument("--team", action="store_true",
+                      help="run the servers on PostgreSQL with logins on (MLflow users, a Prefect auth string) and "
+                      "MLflow artifacts proxied to the object store")
+    team.add_argument("--database", metavar="postgresql://USER@HOST:PORT",
+                      help="an existing PostgreSQL server (its password in PGPASSWORD); default: a cluster gptflow "
+                      "initialises in the workspace's team/postgres/")
+    team.add_argument("--postgres-port", type=int, default=5432, help="the local cluster's port (default 5432)")
+    team.add_argument("--artifacts-destination", metavar="URI",
+                      help="where MLflow keeps artifacts (default: the workspace's s3:// bucket, under mlartifacts/)")
+    team.add_argument("--allowed-hosts", metavar="HOSTS",
+                      help="host names MLflow answers to, comma-separated (the reverse proxy's public name)")
+    team.add_argument("--prefect-public-url", metavar="URL",
+                      help="where browsers open Prefect's UI through the reverse proxy (its UI calls the API there)")
+    team.add_argument("--retention-days", type=number_type(PositiveInt), default=DEFAULT_RETENTION_DAYS,
+                      help=f"days Prefect keeps finished flow runs, their logs and events (default "
+                      f"{DEFAULT_RETENTION_DAYS})")
+
+
+def _add_login_commands(subcommands: argparse._SubParsersAction) -> None:
+    """login, and user: a teammate's credentials, and the admin's management of users."""
+    from gptflow.flows.team import PERMISSIONS
+
+    login = subcommands.add_parser(
+        "login", help="log in to a team stack once; every gptflow command and the Prefect CLI then use it",
+        description="Check the credentials against both servers and keep them, readable by you alone, in "
+        "~/.config/gptflow/login.json ($GPTFLOW_LOGIN_FILE) and the current Prefect profile. The Prefect auth string "
+        "and the MLflow password are asked for without echo, or read from PREFECT_API_AUTH_STRING and "
+        "MLFLOW_TRACKING_PASSWORD.")
+    login.add_argument("--prefect", required=True, metavar="URL", help="the team's Prefect server")
+    login.add_argument("--mlflow", required=True, metavar="URL", help="the team's MLflow server")
+    login.add_argument("--username", required=True, help="your MLflow user name")
+    login.set_defaults(handler=commands.run_login)
+
+    user = subcommands.add_parser(
+        "user", help="add or remove a team member, or grant one access to experiments (as the admin)",
+        description="Manage the MLflow users of a team stack, as its admin: on the machine where `gptflow up --team` "
+        "runs, or logged in as admin. A new user sees nothing until granted.")
+    # --workspace after the user name, where a command's options go.
+    on_workspace = argparse.ArgumentParser(add_help=False)
+    on_workspace.add_argument("--workspace", metavar="DIR|s3://BUCKET/PREFIX",
+                              help="the workspace of the running `gptflow up --team`, whose admin acts")
+    actions = user.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", parents=[on_workspace],
+                             help="add a user; the password is asked for (or GPTFLOW_NEW_USER_PASSWORD)")
+    add.add_argument("username")
+    remove = actions.add_parser("remove", parents=[on_workspace], help="remove a user")
+    remove.add_argument("username")
+    grant = actions.add_parser("grant", parents=[on_workspace],
+                               help="grant a user read, edit or manage (or none) on experiments")
+    grant.add_argument("username")
+    grant.add_argument("permission", choices=list(PERMISSIONS))
+    grant.add_argument("--experiment", dest="experiments", action="append", metavar="NAME",
+                       help="an experiment, repeatable; default: gptflow's four, and every registered model")
+    user.set_defaults(handler=commands.run_user)
 
 
 def _add_nproc_argument(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from gptflow.flows.checks import check_evaluate, check_finetune, check_pretrain, check_sweep
+from gptflow.flows.login import check_credentials
 from gptflow.flows.stack import down, keep_prefect_state_in, up, use_running_stack
+from gptflow.flows.team import ADMIN_USER, TeamError, TeamOptions, TeamSecrets, secrets_file
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
 from gptflow.tasks.runtime.workspace import Workspace
@@ -113,6 +115,7 @@ def _run_flow(name: str, parameters: dict[str, Any],
               f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
               file=sys.stderr)
     keep_prefect_state_in(workspace)
+    check_credentials(dict(os.environ))
     if choose_defaults is not None:
         choose_defaults(parameters, workspace)
     flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
@@ -207,6 +210,7 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from gptflow.flows.deployments import serve_deployments
 
+    check_credentials(dict(os.environ))
     server = os.environ.get("MLFLOW_TRACKING_URI", "")
     if server.startswith("http"):
         tables = _runs_tables(server, Workspace.resolve())
@@ -218,11 +222,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_up(args: argparse.Namespace) -> int:
     workspace = Workspace.resolve(args.workspace)
+    team = TeamOptions(args.database, args.postgres_port, args.artifacts_destination, args.allowed_hosts,
+                       args.retention_days, args.prefect_public_url) if args.team else None
     # On stderr: stdout holds the addresses and the variables, for scripts to read.
     stack = up(workspace, lambda line: print(f"gptflow: {line}", file=sys.stderr, flush=True),
-               prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+               prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, host=args.host, team=team)
     # The experiments are made as a flow on this workspace makes them while the stack runs.
     os.environ.update(stack.environment())
+    if stack.team:
+        os.environ.update(TeamSecrets.load(workspace.root).client_environment())
     first, *others = _runs_tables(stack.mlflow_url, workspace)
     print(f"Prefect UI   {stack.prefect_api_url.removesuffix('/api')}")
     print(f"MLflow UI    {first}")
@@ -232,7 +240,43 @@ def run_up(args: argparse.Namespace) -> int:
           "gptflow, prefect and mlflow commands at it:\n")
     for name, value in stack.environment().items():
         print(f"export {name}={value}")
+    if stack.team:
+        print(f"\nLogins are on. On this machine gptflow logs in as {ADMIN_USER} with the secrets in "
+              f"{secrets_file(workspace.root)} (mode 0600). Add teammates with `gptflow user add NAME` and `gptflow "
+              "user grant NAME edit`; they run `gptflow login` once.")
     print("\nThen: gptflow serve   (and, in another shell, prefect deployment run 'pretrain/train-gpt' --watch)")
+    return 0
+
+
+def run_login(args: argparse.Namespace) -> int:
+    import getpass
+
+    from gptflow.flows.login import Login, log_in
+
+    # From the variables when set (scripts), else asked for without echo: never on the command line.
+    auth_string = os.environ.get("PREFECT_API_AUTH_STRING") or getpass.getpass("Prefect auth string: ")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or getpass.getpass(f"MLflow password of {args.username}: ")
+    path = log_in(Login(args.prefect.rstrip("/") + ("" if args.prefect.rstrip("/").endswith("/api") else "/api"),
+                        auth_string, args.mlflow.rstrip("/"), args.username, password))
+    print(f"logged in to {args.prefect} and {args.mlflow} as {args.username}; kept in {path} (mode 0600) and the "
+          "current Prefect profile")
+    return 0
+
+
+def run_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from gptflow.flows.team import manage_user
+
+    use_running_stack(Workspace.resolve(args.workspace))  # on the server: as its admin
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not tracking_uri.startswith("http"):
+        raise TeamError("No team MLflow server: run this where `gptflow up --team` runs, or `gptflow login` as admin.")
+    password = None
+    if args.action == "add":
+        password = os.environ.get("GPTFLOW_NEW_USER_PASSWORD") or getpass.getpass(f"Password for {args.username}: ")
+    print(manage_user(tracking_uri, args.action, args.username, password, getattr(args, "permission", None),
+                      getattr(args, "experiments", None)))
     return 0
 
 
@@ -258,6 +302,7 @@ def run_sync(args: argparse.Namespace) -> int:
     from gptflow.tasks.tracking.outbox import send_outboxes
 
     workspace = Workspace.resolve(args.workspace)
+    check_credentials(dict(os.environ))
     reports = send_outboxes(workspace)
     if not reports:
         print(f"nothing to send: no run of {workspace.root} keeps MLflow writes")

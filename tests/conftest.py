@@ -172,6 +172,50 @@ def s3_bucket(s3_server, monkeypatch) -> Iterator[str]:
     filesystem.rm(bucket, recursive=True)
 
 
+@pytest.fixture(scope="session")
+def postgresql() -> Iterator[dict[str, str]]:
+    """A real PostgreSQL server (Debian's package) on 127.0.0.1 at a free port for the whole session,
+    initialised in a temporary folder and run as an unprivileged user when the tests run as root
+    (PostgreSQL refuses root): ``host``, ``port``, ``user`` and ``password`` of its superuser."""
+    import glob
+    import pwd
+    import secrets
+
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda path: int(Path(path).parent.name))
+    if not binaries:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    as_user = {}
+    folder = Path(tempfile.mkdtemp(prefix="gptflow-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres") if "postgres" in {entry.pw_name for entry in pwd.getpwall()} \
+            else pwd.getpwnam("nobody")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    password = secrets.token_urlsafe(16)
+    password_file = folder / "password"
+    password_file.write_text(password)
+    if as_user:
+        os.chown(password_file, as_user["user"], as_user["group"])
+    subprocess.run([f"{binaries[-1]}/initdb", "-D", str(folder / "data"), "-U", "tester", "--auth=scram-sha-256",
+                    f"--pwfile={password_file}", "--no-locale", "--no-instructions"],
+                   check=True, capture_output=True, **as_user)
+    port = _free_port()
+    server = subprocess.Popen(
+        [f"{binaries[-1]}/postgres", "-D", str(folder / "data"), "-c", "listen_addresses=127.0.0.1", "-c", f"port={port}",
+         "-c", "unix_socket_directories="], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        **as_user)
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(port):
+            assert server.poll() is None and time.monotonic() < deadline, "PostgreSQL did not start"
+            time.sleep(0.2)
+        yield {"host": "127.0.0.1", "port": str(port), "user": "tester", "password": password}
+    finally:
+        server.send_signal(signal.SIGINT)  # its fast shutdown
+        server.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -40,7 +40,7 @@ from gptflow.data.errors import UserError
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.runs_view import VIEW_TAG, RunsView, runs_table_address
-from gptflow.tasks.tracking.server import server_unreachable
+from gptflow.tasks.tracking.server import permission_denied, server_unreachable
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_PREFIX = "gptflow"
@@ -87,6 +87,10 @@ def experiment_name(workflow: str) -> str:
     return f"{os.environ.get(EXPERIMENT_ENV) or DEFAULT_PREFIX}-{workflow}"
 
 
+class TrackingPermissionDenied(UserError):
+    """The tracking server refuses this user the experiment a run goes to; the admin grants it."""
+
+
 class TrackingServerUnreachable(UserError):
     """The tracking server a run starts on cannot be reached; the message says what to do."""
 
@@ -97,6 +101,8 @@ def experiment_id(client: MlflowClient, workspace: Workspace, workflow: str) -> 
     try:
         return _find_or_create_experiment(client, workspace, workflow)
     except MlflowException as error:
+        if permission_denied(error):
+            raise refusal_of(client, workflow) from None
         if not server_unreachable(error):
             raise
         raise TrackingServerUnreachable(
@@ -104,6 +110,14 @@ def experiment_id(client: MlflowClient, workspace: Workspace, workflow: str) -> 
             "(`gptflow up` starts one for this workspace), or unset MLFLOW_TRACKING_URI to log to the workspace's "
             "own store."
         ) from error
+
+
+def refusal_of(client: MlflowClient, workflow: str) -> TrackingPermissionDenied:
+    """What a user is told whom the tracking server refuses the experiment of ``workflow``."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+    return TrackingPermissionDenied(f"The MLflow server {client.tracking_uri} does not let {user} run in the "
+                                    f"experiment {experiment_name(workflow)}: ask its admin for `gptflow user grant "
+                                    f"{user} edit`.")
 
 
 def runs_tables(client: MlflowClient, workspace: Workspace) -> dict[str, str]:

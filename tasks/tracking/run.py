@@ -36,14 +36,14 @@ from gptflow.data.commits import read_contents_hash
 from gptflow.data.disk_space import out_of_space_errno
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.workspace import Workspace
-from gptflow.tasks.tracking.experiments import existing_experiment_ids, experiment_id
+from gptflow.tasks.tracking.experiments import existing_experiment_ids, experiment_id, refusal_of
 from gptflow.tasks.tracking.killed_runs import mark_runs_of_dead_processes_killed, process_tags
 from gptflow.tasks.tracking.operations import OperationSender
 from gptflow.tasks.tracking.outbox import Outbox, OutboxedWriter, OutboxReport, first_line, send_outboxes
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.registry import GENERATOR_MODULE, PENDING_VERSION
 from gptflow.tasks.tracking.runs_view import run_address, runs_table_address
-from gptflow.tasks.tracking.server import server_unreachable
+from gptflow.tasks.tracking.server import permission_denied, server_unreachable
 
 STAGE_TAG_PREFIX = "gptflow.stage."
 MLFLOW_PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -290,7 +290,12 @@ def pipeline_run(workspace: Workspace, workflow: str, tags: dict[str, Any], name
     tags = {**flow_run_tags(), **process_tags(), **tags}
     if "prefect.flow_run_url" in tags:
         tags[MLFLOW_RUN_NOTE] = f"Prefect flow run: [{run_name}]({tags['prefect.flow_run_url']})"
-    created = client.create_run(experiment, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    try:
+        created = client.create_run(experiment, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    except MlflowException as error:
+        if permission_denied(error):  # a user who may read the experiment, not write to it
+            raise refusal_of(client, workflow) from None
+        raise
     run = PipelineRun(client, created.info.run_id, Outbox(workspace, created.info.run_id), run_name, experiment,
                       workflow, tags.get(MLFLOW_RUN_NOTE, ""))
     try:

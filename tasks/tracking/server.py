@@ -1,4 +1,4 @@
-"""Whether an MLflow error means the tracking server cannot be reached (rather than refusing)."""
+"""Whether an MLflow error means the tracking server cannot be reached, or refuses this user."""
 
 from __future__ import annotations
 
@@ -20,3 +20,8 @@ def server_unreachable(error: BaseException) -> bool:
         # MLflow raises its own exception while handling the requests one, without "from".
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def permission_denied(error: BaseException) -> bool:
+    """Whether ``error`` is a tracking server with logins refusing the logged-in user (HTTP 403)."""
+    return getattr(error, "error_code", None) == "PERMISSION_DENIED" or "error code 403" in str(error)
