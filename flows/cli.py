@@ -321,16 +321,16 @@ def _add_login_commands(subcommands: argparse._SubParsersAction) -> None:
     on_workspace = argparse.ArgumentParser(add_help=False)
     on_workspace.add_argument("--workspace", metavar="DIR|s3://BUCKET/PREFIX",
                               help="the workspace of the running `gptflow up --team`, whose admin acts")
-    actions = user.add_subparsers(dest="action", required=True)
+    actions = user.add_subparsers(dest="action", required=True, metavar="add|remove|grant", help="what to do")
     add = actions.add_parser("add", parents=[on_workspace],
                              help="add a user; the password is asked for (or GPTFLOW_NEW_USER_PASSWORD)")
-    add.add_argument("username")
+    add.add_argument("username", help="the login name to create")
     remove = actions.add_parser("remove", parents=[on_workspace], help="remove a user")
-    remove.add_argument("username")
+    remove.add_argument("username", help="the login name to remove")
     grant = actions.add_parser("grant", parents=[on_workspace],
                                help="grant a user read, edit or manage (or none) on experiments")
-    grant.add_argument("username")
-    grant.add_argument("permission", choices=list(PERMISSIONS))
+    grant.add_argument("username", help="the login name to grant to")
+    grant.add_argument("permission", choices=list(PERMISSIONS), metavar="PERMISSION", help="what the user may do: %(choices)s")
     grant.add_argument("--experiment", dest="experiments", action="append", metavar="NAME",
                        help="an experiment, repeatable; default: gptflow's four, and every registered model")
     user.set_defaults(handler=commands.run_user)
