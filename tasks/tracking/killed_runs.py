@@ -15,7 +15,7 @@ HOST_TAG = "gptflow.host"
 PID_TAG = "gptflow.pid"
 """The machine and process of a run: a RUNNING run whose process is gone was killed."""
 KILLED_TAG = "gptflow.killed"
-"""Why a run was marked KILLED by a later run."""
+"""Why a run is KILLED: stopped by SIGTERM or Ctrl-C, or found RUNNING by a later run after its process died."""
 
 
 def process_tags() -> dict[str, str | int]:
