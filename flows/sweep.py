@@ -18,7 +18,7 @@ from prefect.transactions import CommitMode, transaction
 
 from gptflow.data.errors import UserError
 from gptflow.flows.arguments import NonNegativeInt, PositiveFloat, PositiveInt
-from gptflow.flows.checks import check_sweep
+from gptflow.flows.checks import SweepInputs, check_sweep
 from gptflow.flows.pretrain import PretrainSummary, corpus_label
 from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
@@ -209,7 +209,7 @@ def sweep(
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     overrides = dict(overrides or {})
-    inputs = check_sweep(grid, corpus, preset, config_file, overrides, random_points, seed, scaling, ray)
+    inputs = check_sweep(grid, corpus, preset, config_file, overrides, random_points, seed, scaling, max_parallel, ray)
     points, configs, corpus = inputs.points, inputs.configs, inputs.corpus
     workspace_dir = Workspace.resolve(workspace)
     swept = list(points[0].settings)
@@ -229,7 +229,7 @@ def sweep(
         # The workspace by its path: a Ray worker's $GPTFLOW_HOME is its own.
         common = {"corpus": corpus, "preset": preset, "config_file": config_file,
                   "workspace": workspace if workspace is not None else str(workspace_dir.root), "from_scratch": True}
-        outcomes = _train_points(points, common, overrides, run, max_parallel, inputs.ray_address)
+        outcomes = _train_points(points, common, overrides, run, max_parallel, inputs)
         scaling_report, scaling_note = None, None
         if scaling:
             try:
@@ -249,7 +249,7 @@ def sweep(
 
 
 def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: dict[str, Any], run: PipelineRun,
-                  max_parallel: int, ray_address: str | None) -> list[PointOutcome]:
+                  max_parallel: int, inputs: SweepInputs) -> list[PointOutcome]:
     """Train every point, ``max_parallel`` at a time, in worker processes here or on the Ray
     cluster; a point that fails is an outcome like the others, and the rest go on."""
     outcomes: dict[int, PointOutcome] = {}
@@ -269,7 +269,7 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
         run_logger().info(f"sweep: point {point.index} ({point.label()}) {result}; "
                           f"{len(outcomes)} of {len(points)} done")
 
-    with workers_report_to_this_api(), point_runner(max_parallel, ray_address) as runner:
+    with workers_report_to_this_api(), point_runner(max_parallel, inputs.ray_address, inputs.machine_share) as runner:
         run_logger().info(f"sweep: {len(points)} points, {max_parallel} at a time {runner.where}")
         for point in points:
             if len(in_flight) == max_parallel:

@@ -32,17 +32,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_API_URL, get_current_settings
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from gptflow.data.errors import UserError
+from gptflow.tasks.runtime.gpu_share import GpuShare, share_gpus
 
-GPUS_VARIABLE = "GPTFLOW_SWEEP_GPUS"
-"""GPU ids (as ``CUDA_VISIBLE_DEVICES`` names them) that a sweep's worker processes share."""
 GPUS_TAG = "gptflow.cuda_visible_devices"
 """The tag of a run's ``CUDA_VISIBLE_DEVICES``: the GPUs that trained it (each sweep point its own)."""
 STOP_GRACE_S = 20.0
@@ -50,69 +47,6 @@ STOP_GRACE_S = 20.0
 PARENT_POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
 """prctl(2)'s option: the signal a process gets when the thread that started it ends."""
-
-
-class GpuShareError(UserError):
-    """``--max-parallel`` neither divides the GPUs nor is a multiple of them."""
-
-
-@dataclass(frozen=True)
-class GpuShare:
-    """How ``max_parallel`` points share ``gpus``."""
-
-    gpus: list[str]
-    max_parallel: int
-
-    @property
-    def per_point(self) -> float:
-        """GPUs each point trains on: a fraction where points share one (Ray's ``num_gpus``)."""
-        return len(self.gpus) / self.max_parallel
-
-    def worker_devices(self) -> list[str | None]:
-        """Each worker's ``CUDA_VISIBLE_DEVICES``; None for every worker without GPUs."""
-        count, workers = len(self.gpus), self.max_parallel
-        if count == 0:
-            return [None] * workers
-        if workers <= count:
-            each = count // workers
-            return [",".join(self.gpus[slot * each:(slot + 1) * each]) for slot in range(workers)]
-        return [self.gpus[slot % count] for slot in range(workers)]
-
-    def describe(self) -> str:
-        """The share, as the sweep's log line ends: empty without GPUs."""
-        count, workers = len(self.gpus), self.max_parallel
-        if count == 0:
-            return ""
-        if workers <= count:
-            return f", each on {count // workers} of the {count} GPUs"
-        return f", {workers // count} sharing each of the {count} GPUs"
-
-
-def share_gpus(gpus: list[str], max_parallel: int, where: str) -> GpuShare:
-    """The share of ``gpus`` (those of ``where``) among ``max_parallel`` points; ``GpuShareError``
-    when neither count divides the other, since some GPUs would then train more points than others."""
-    count = len(gpus)
-    if count and count % max_parallel and max_parallel % count:
-        divisors = [str(k) for k in range(1, count + 1) if count % k == 0]
-        listed = ", ".join(divisors[:-1]) + f" or {divisors[-1]}" if len(divisors) > 1 else divisors[0]
-        raise GpuShareError(f"--max-parallel {max_parallel} does not divide the {count} GPUs of {where}: use "
-                            f"{listed} (each point then trains on {count}/K of them) or a multiple of {count} "
-                            f"(K/{count} points then share each GPU)")
-    return GpuShare(list(gpus), max_parallel)
-
-
-def machine_gpus() -> list[str]:
-    """The GPUs of this machine that a sweep hands out: ``$GPTFLOW_SWEEP_GPUS``, else those torch
-    sees, by the names ``CUDA_VISIBLE_DEVICES`` gives them where it is set."""
-    listed = os.environ.get(GPUS_VARIABLE)
-    if listed is not None:
-        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
-    import torch
-
-    count = torch.cuda.device_count()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = [gpu.strip() for gpu in visible.split(",")] if visible else [str(index) for index in range(count)]
-    return names[:count]
 
 
 class PointRunner:
@@ -166,11 +100,12 @@ class _RayTasks(PointRunner):
 
 
 @contextlib.contextmanager
-def point_runner(max_parallel: int, ray_address: str | None) -> Iterator[PointRunner]:
-    """Run points, ``max_parallel`` at once, in worker processes here or on the Ray cluster at
-    ``ray_address``; whatever leaves the block early (SIGTERM, Ctrl-C, an error) stops them all
-    first. ``GpuShareError`` if ``max_parallel`` does not fit the GPUs."""
-    with _started_runner(max_parallel, ray_address) as points:
+def point_runner(max_parallel: int, ray_address: str | None, machine_share: GpuShare | None) -> Iterator[PointRunner]:
+    """Run points, ``max_parallel`` at once, in worker processes here, sharing GPUs as
+    ``machine_share`` says, or on the Ray cluster at ``ray_address`` (``GpuShareError`` if
+    ``max_parallel`` does not fit its GPUs); whatever leaves the block early (SIGTERM, Ctrl-C, an
+    error) stops every point first."""
+    with _started_runner(max_parallel, ray_address, machine_share) as points:
         try:
             yield points
         except BaseException:
@@ -179,9 +114,8 @@ def point_runner(max_parallel: int, ray_address: str | None) -> Iterator[PointRu
 
 
 @contextlib.contextmanager
-def _started_runner(max_parallel: int, ray_address: str | None) -> Iterator[PointRunner]:
+def _started_runner(max_parallel: int, ray_address: str | None, share: GpuShare | None) -> Iterator[PointRunner]:
     if ray_address is None:
-        share = share_gpus(machine_gpus(), max_parallel, "this machine")
         context = multiprocessing.get_context("spawn")  # Prefect's workers are spawned
         next_slot, pids = context.Value("i", 0), context.Array("i", max_parallel)
         initargs = (os.getpid(), next_slot, pids, share.worker_devices())
