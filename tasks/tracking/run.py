@@ -265,7 +265,8 @@ def pipeline_run(workspace: Workspace, workflow: str, tags: dict[str, Any], name
     try:
         yield run
     except (KeyboardInterrupt, TerminationSignal) as stopped:
-        run.set_tags({KILLED_TAG: f"stopped by {'SIGTERM' if isinstance(stopped, TerminationSignal) else 'Ctrl-C'}"})
+        run.set_tags({KILLED_TAG: "stopped by SIGTERM" if isinstance(stopped, TerminationSignal)
+                      else "interrupted (Ctrl-C, or a cancelled Ray task)"})
         run.end("KILLED")
         raise
     except BaseException:
