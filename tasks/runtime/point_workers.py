@@ -1,13 +1,9 @@
 """Where a sweep's points train: worker processes of this machine, or tasks on a Ray cluster, each
-point on its own GPUs, and none of them outliving the sweep.
+point on GPUs of its own, and none of them outliving the sweep.
 
-GPUs: the G GPUs of the machine (or of the Ray cluster) go to the K points training at once. K
-dividing G gives each point G/K of them; G dividing K puts K/G points on each GPU; any other K is
-refused before a point starts. A worker process gets its GPUs as ``CUDA_VISIBLE_DEVICES``, set as
-each point starts (Prefect gives every task the sweep's environment); a Ray task asks for
-``num_gpus`` and Ray sets ``CUDA_VISIBLE_DEVICES``. ``$GPTFLOW_SWEEP_GPUS`` lists the GPU ids the
-workers share instead of those torch sees: it keeps a sweep off some GPUs, and lets a machine
-without any show how they would be handed out.
+GPUs (shared as ``tasks.runtime.gpu_share`` says): a worker process gets its share as
+``CUDA_VISIBLE_DEVICES``, set as each point starts, over the sweep's environment that Prefect
+gives every task; a Ray task asks for ``num_gpus`` and Ray sets ``CUDA_VISIBLE_DEVICES``.
 
 Stopping: SIGTERM or Ctrl-C in the sweep (raised in its main thread) stops every point at once: a
 worker process gets SIGTERM, a Ray task is cancelled (a KeyboardInterrupt in it); either way the
@@ -23,6 +19,7 @@ died itself; their runs are marked KILLED by the next run on that machine
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ctypes
 import multiprocessing
@@ -49,21 +46,19 @@ PR_SET_PDEATHSIG = 1
 """prctl(2)'s option: the signal a process gets when the thread that started it ends."""
 
 
-class PointRunner:
-    """The task runner the points run on, the torch threads each takes (None: Ray's share) and
-    what ``stop`` needs to end them all."""
+class PointRunner(abc.ABC):
+    """The task runner the points run on, the torch threads each takes (None: Ray's share), where
+    that is (for the log), and how to stop every point."""
 
     def __init__(self, runner: Any, torch_threads: int | None, where: str):
         self.runner, self.torch_threads, self.where = runner, torch_threads, where
-        self.submitted: list[PrefectFuture] = []
 
     def submit(self, task: Any, parameters: dict[str, Any]) -> PrefectFuture:
-        future = self.runner.submit(task, parameters)
-        self.submitted.append(future)
-        return future
+        return self.runner.submit(task, parameters)
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """End every point now: each ends its runs KILLED, or is killed ``STOP_GRACE_S`` later."""
 
 
 class _WorkerProcesses(PointRunner):
@@ -83,6 +78,15 @@ class _WorkerProcesses(PointRunner):
 
 
 class _RayTasks(PointRunner):
+    def __init__(self, runner: Any, where: str):
+        super().__init__(runner, None, where)
+        self.submitted: list[PrefectFuture] = []
+
+    def submit(self, task: Any, parameters: dict[str, Any]) -> PrefectFuture:
+        future = super().submit(task, parameters)
+        self.submitted.append(future)
+        return future
+
     def stop(self) -> None:
         """Cancel every point's task (a KeyboardInterrupt in it); force those still running
         ``STOP_GRACE_S`` later (Ray kills their worker)."""
@@ -135,7 +139,7 @@ def _started_runner(max_parallel: int, ray_address: str | None, share: GpuShare 
         gpus = int(ray.cluster_resources().get("GPU", 0))
         share = share_gpus([str(index) for index in range(gpus)], max_parallel, f"the Ray cluster at {ray_address}")
         with remote_options(num_gpus=share.per_point) if gpus else contextlib.nullcontext():
-            yield _RayTasks(runner, None, f"on the Ray cluster at {ray_address}" + share.describe())
+            yield _RayTasks(runner, f"on the Ray cluster at {ray_address}" + share.describe())
 
 
 def _signal(pids: set[int], signal_number: int) -> None:

@@ -186,3 +186,13 @@ def test_each_worker_process_trains_its_points_on_gpus_of_its_own(sweep_workspac
     with pytest.raises(GpuShareError, match="--max-parallel 3 does not divide the 4 GPUs of this machine"):
         sweep(grid={"train.learning_rate": LEARNING_RATES}, corpus=[str(corpus)], preset="tiny", overrides=SHARED,
               workspace=str(workspace), max_parallel=3)
+
+
+def test_each_point_on_ray_asks_for_its_share_of_the_cluster_s_gpus(sweep_workspace, ray_cluster_with_gpus):
+    workspace, corpus = sweep_workspace
+    summary, _ = _sweep(workspace, corpus, {"train.learning_rate": LEARNING_RATES[:2]}, ray=ray_cluster_with_gpus)
+
+    assert [outcome.status for outcome in summary.outcomes] == ["completed"] * 2
+    # One GPU each (2 GPUs, 2 points at once): Ray gave each task its own.
+    children = _children(workspace, summary.mlflow_run_id)
+    assert sorted(child.data.tags[GPUS_TAG] for child in children) == ["0", "1"]
