@@ -142,10 +142,11 @@ def _started_runner(max_parallel: int, ray_address: str | None, share: GpuShare 
             yield _RayTasks(runner, f"on the Ray cluster at {ray_address}" + share.describe())
 
 
-def _signal(pids: set[int], signal_number: int) -> None:
-    for pid in pids:
+def _signal(workers: set[int], signal_number: int) -> None:
+    """Signal each worker's process group: the worker and what it started (torchrun and its ranks)."""
+    for pid in workers:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal_number)
+            os.killpg(pid, signal_number)
 
 
 def _living_children(pids: set[int]) -> set[int]:

@@ -105,6 +105,20 @@ def _holding(path: Path) -> set[int]:
     return holders
 
 
+def _processes_of(workspace: Path) -> set[int]:
+    """The processes whose environment names ``workspace``: the sweep's and all it started here
+    (workers, torchrun, its ranks), whatever their parent now."""
+    marker = f"GPTFLOW_HOME={workspace}".encode()
+    found = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0") and not _ended(int(environ.parent.name)):
+                found.add(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or another user's
+            continue
+    return found
+
+
 def _statuses(workspace: Path, runs: list[Run]) -> dict[str, str]:
     client = _client(workspace)
     return {run.info.run_id: client.get_run(run.info.run_id).info.status for run in runs}
@@ -112,8 +126,8 @@ def _statuses(workspace: Path, runs: list[Run]) -> dict[str, str]:
 
 def _assert_workers_end(workspace: Path, points: list[Run]) -> None:
     workers = {int(run.data.tags["gptflow.pid"]) for run in points}
-    _until(lambda: all(map(_ended, workers)), STOPPED_WITHIN_S,
-           lambda: f"workers {workers} outlived the sweep: {_log(workspace)[-3000:]}")
+    _until(lambda: all(map(_ended, workers)) and not _processes_of(workspace), STOPPED_WITHIN_S,
+           lambda: f"workers {workers} or {_processes_of(workspace)} outlived the sweep: {_log(workspace)[-3000:]}")
     assert not _holding(workspace / "mlflow.db") - {os.getpid()}, "a process of the sweep holds the MLflow store"
 
 
@@ -164,6 +178,20 @@ def test_sigterm_or_ctrl_c_stops_every_point_within_seconds_and_a_rerun_resumes_
     resumed = [run for run in client.search_runs([points[0].info.experiment_id], filter_string="attributes.status = 'FINISHED'")
                if "gptflow.sweep.point" in run.data.tags]
     assert len(resumed) == 2 and all("gptflow.resumed_from_step" in run.data.tags for run in resumed)
+
+
+def test_a_stopped_sweep_stops_the_torchrun_ranks_of_its_points(prefect_api_url, small_corpus, tmp_path):
+    workspace = tmp_path / "workspace"
+    sweep = _start_sweep(prefect_api_url, workspace, small_corpus, *ENDLESS, "--set", "train.nproc=2")
+    # Each point's torchrun and its two ranks, in its worker's process group.
+    _until(lambda: len(_processes_of(workspace)) >= 1 + 2 * 4 or sweep.poll() is not None, 600,
+           lambda: f"the ranks never started: {_log(workspace)[-3000:]}")
+    assert sweep.poll() is None, _log(workspace)[-3000:]
+
+    sweep.send_signal(signal.SIGTERM)
+    sweep.wait(timeout=STOPPED_WITHIN_S)
+    _until(lambda: not _processes_of(workspace), STOPPED_WITHIN_S,
+           lambda: f"{_processes_of(workspace)} outlived the sweep: {_log(workspace)[-3000:]}")
 
 
 def test_a_sweep_on_ray_stopped_by_sigterm_cancels_its_points(prefect_api_url, small_corpus, tmp_path, ray_cluster):
