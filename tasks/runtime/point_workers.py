@@ -135,7 +135,11 @@ def _started_runner(max_parallel: int, ray_address: str | None, share: GpuShare 
     # settings in their environment (a run's threads outside Prefect's context read only that).
     variables = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
     variables[PREFECT_API_URL.name] = get_current_settings().api.url
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     with RayTaskRunner(address=ray_address, init_kwargs={"runtime_env": {"env_vars": variables}}) as runner:
+        if threading.current_thread() is threading.main_thread():
+            # ray.init's handler exits the process (SystemExit): the flow's own says it was SIGTERM.
+            signal.signal(signal.SIGTERM, on_sigterm)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         share = share_gpus([str(index) for index in range(gpus)], max_parallel, f"the Ray cluster at {ray_address}")
         with remote_options(num_gpus=share.per_point) if gpus else contextlib.nullcontext():

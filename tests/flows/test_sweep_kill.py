@@ -203,9 +203,12 @@ def test_a_sweep_on_ray_stopped_by_sigterm_cancels_its_points(prefect_api_url, s
     sweep.wait(timeout=STOPPED_WITHIN_S)
     _assert_workers_end(workspace, points)
     # A cancelled task is interrupted in its main thread, as Ctrl-C interrupts a process.
-    for run in points:
-        stopped = _client(workspace).get_run(run.info.run_id)
-        assert stopped.info.status == "KILLED" and stopped.data.tags[KILLED_TAG].startswith("interrupted")
+    client = _client(workspace)
+    [sweep_run] = [run for run in client.search_runs([points[0].info.experiment_id])
+                   if run.data.tags.get("gptflow.flow") == "sweep"]
+    for run, why in [*((point, "interrupted") for point in points), (sweep_run, "stopped by SIGTERM")]:
+        stopped = client.get_run(run.info.run_id)
+        assert stopped.info.status == "KILLED" and stopped.data.tags[KILLED_TAG].startswith(why), run.info.run_name
 
 
 def test_a_sweep_on_ray_killed_outright_has_ray_end_its_points(prefect_api_url, small_corpus, tmp_path, ray_cluster):
