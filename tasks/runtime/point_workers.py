@@ -187,7 +187,9 @@ def use_worker_devices() -> None:
 
 
 def _sigterm_on_parent_death() -> bool:
-    """Ask Linux for SIGTERM when the sweep's process ends; False where it cannot be asked."""
+    """Ask Linux for SIGTERM when the sweep's process ends; False where it cannot be asked. (Linux
+    signals when the thread that started the worker ends: one of the task runner's submitting
+    threads, which live as long as the runner.)"""
     if not sys.platform.startswith("linux"):
         return False
     return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0
