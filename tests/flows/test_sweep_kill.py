@@ -175,8 +175,8 @@ def test_sigterm_or_ctrl_c_stops_every_point_within_seconds_and_a_rerun_resumes_
 
     rerun = _start_sweep(prefect_api_url, workspace, small_corpus, *steps)
     assert rerun.wait(timeout=600) == 0, _log(workspace)[-3000:]
-    resumed = [run for run in client.search_runs([points[0].info.experiment_id], filter_string="attributes.status = 'FINISHED'")
-               if "gptflow.sweep.point" in run.data.tags]
+    finished = client.search_runs([points[0].info.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    resumed = [run for run in finished if "gptflow.sweep.point" in run.data.tags]
     assert len(resumed) == 2 and all("gptflow.resumed_from_step" in run.data.tags for run in resumed)
 
 

@@ -53,8 +53,9 @@ def test_the_gpus_handed_out_can_be_named(monkeypatch):
 
 def test_the_sweep_command_refuses_such_a_max_parallel_in_one_line(tmp_path):
     env = {**os.environ, GPUS_VARIABLE: "0,1,2,3", "GPTFLOW_HOME": str(tmp_path / "workspace")}
-    refused = subprocess.run([sys.executable, "-m", "gptflow.flows.cli", "sweep", "--grid", "train.learning_rate=1e-3,3e-3",
-                              "--max-parallel", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "gptflow.flows.cli", "sweep", "--grid", "train.learning_rate=1e-3,3e-3",
+               "--max-parallel", "3"]
+    refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr.splitlines() == [
         "gptflow: error: --max-parallel 3 does not divide the 4 GPUs of this machine: use 1, 2 or 4 (each point then "
