@@ -13,6 +13,7 @@ from typing import Any
 from gptflow.data.finetune_inputs import check_data_file
 from gptflow.data.mixture import WeightedCorpus
 from gptflow.data.sources import BUILTIN_CORPUS, SourceResolution, resolve_sources
+from gptflow.tasks.runtime.gpu_share import GpuShare, share_machine_gpus
 from gptflow.tasks.runtime.ray_address import resolve_ray_address
 from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
 from gptflow.tasks.settings import ConfigError, EvaluateSettings, FinetuneSettings, PretrainSettings, build_config
@@ -54,13 +55,15 @@ class SweepInputs:
     corpus: list[str]
     """As given; the built-in corpus when none is."""
     ray_address: str | None
+    machine_share: GpuShare | None
+    """How the worker processes share this machine's GPUs; None on Ray (counted on connecting)."""
 
 
 def check_sweep(grid: dict[str, list[Any]], corpus: list[str] | None, preset: str, config_file: str | None,
                 overrides: dict[str, Any], random_points: int | None, seed: int, scaling: bool,
-                ray: str | None) -> SweepInputs:
+                max_parallel: int, ray: str | None) -> SweepInputs:
     """The sweep's points and their settings, its corpus (a missing path fails the sweep, not every
-    point) and its Ray cluster."""
+    point), its Ray cluster, and the share of this machine's GPUs (last: it may import torch)."""
     from gptflow.tasks.sweep_plan import check_points, check_scaling, plan_points
 
     points = plan_points(grid, random_points, seed)
@@ -69,7 +72,9 @@ def check_sweep(grid: dict[str, list[Any]], corpus: list[str] | None, preset: st
         check_scaling(points, configs)
     corpus = corpus or [BUILTIN_CORPUS]
     resolve_sources(WeightedCorpus.parse(corpus).sources)
-    return SweepInputs(points, configs, corpus, resolve_ray_address(ray))
+    ray_address = resolve_ray_address(ray)
+    machine_share = share_machine_gpus(max_parallel) if ray_address is None else None
+    return SweepInputs(points, configs, corpus, ray_address, machine_share)
 
 
 @dataclass(frozen=True)

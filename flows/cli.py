@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
             apply_login()
         return args.handler(args)
+    except KeyboardInterrupt:
+        # What was running has ended its runs KILLED; the traceback of where Ctrl-C landed says nothing.
+        print("gptflow: interrupted (Ctrl-C); its runs are marked KILLED, and the same command resumes a training "
+              "from its latest checkpoint", file=sys.stderr)
+        return 130
     except Exception as error:
         # Imported only now, and light: a refused command must not wait for torch, Prefect or MLflow.
         from gptflow.flows.user_errors import one_line, user_error

@@ -55,7 +55,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
     grid = parameters["grid"] = parse_grid(args.grid or [])
     check_sweep(grid, args.corpus, args.preset, args.config_file, overrides, args.random_points, args.seed,
-                args.scaling, args.ray)
+                args.scaling, args.max_parallel, args.ray)
     summary = _run_flow("sweep", parameters)
     if summary.failed:
         print(f"gptflow: {len(summary.failed)} of {len(summary.outcomes)} sweep points failed", file=sys.stderr)

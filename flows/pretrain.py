@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from gptflow.model.memory import parameter_count
 from gptflow.tasks.lineage import Lineage, data_delta
 from gptflow.tasks.model_source import ResolvedModel, resolve_model
 from gptflow.tasks.runtime.caching import pipeline_code_version
+from gptflow.tasks.runtime.point_workers import GPUS_TAG
 from gptflow.tasks.runtime.rendezvous import Rendezvous
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
@@ -209,6 +211,8 @@ def pretrain(
     tags = {"gptflow.flow": "pretrain", "gptflow.preset": preset}
     if sweep is not None:
         tags |= {MLFLOW_PARENT_RUN_TAG: sweep.parent_run_id, SWEEP_POINT_TAG: sweep.point}
+    if (devices := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        tags[GPUS_TAG] = devices
     lineage = Lineage.load(workspace_dir, weighted.sources)
     with pipeline_run(workspace_dir, "pretrain", tags=tags) as run:
         run.log_params({

@@ -3,10 +3,8 @@ once, nested under one MLflow run that compares them (docs/ARCHITECTURE.md, "Swe
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,18 +14,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_API_URL, get_current_settings
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from prefect.transactions import CommitMode, transaction
 
 from gptflow.data.errors import UserError
 from gptflow.flows.arguments import NonNegativeInt, PositiveFloat, PositiveInt
-from gptflow.flows.checks import check_sweep
+from gptflow.flows.checks import SweepInputs, check_sweep
 from gptflow.flows.pretrain import PretrainSummary, corpus_label
 from gptflow.flows.summaries import FlowSummary, end_log_of_deployment_run, of_run
 from gptflow.flows.user_errors import hide_tracebacks_of_user_errors
 from gptflow.model.scaling_law import ScalingFitError
 from gptflow.tasks.runtime.caching import pipeline_code_version
+from gptflow.tasks.runtime.point_workers import point_runner, use_worker_devices
 from gptflow.tasks.runtime.unit_maps import workers_report_to_this_api
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
@@ -138,6 +135,7 @@ def train_point(parameters: dict[str, Any], torch_threads: int | None) -> Pretra
     # Imported here: the task travels to its worker by value, and the flow must come from its module.
     from gptflow.flows.pretrain import pretrain
 
+    use_worker_devices()
     if torch_threads is not None:
         import torch
 
@@ -211,7 +209,7 @@ def sweep(
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     overrides = dict(overrides or {})
-    inputs = check_sweep(grid, corpus, preset, config_file, overrides, random_points, seed, scaling, ray)
+    inputs = check_sweep(grid, corpus, preset, config_file, overrides, random_points, seed, scaling, max_parallel, ray)
     points, configs, corpus = inputs.points, inputs.configs, inputs.corpus
     workspace_dir = Workspace.resolve(workspace)
     swept = list(points[0].settings)
@@ -231,7 +229,7 @@ def sweep(
         # The workspace by its path: a Ray worker's $GPTFLOW_HOME is its own.
         common = {"corpus": corpus, "preset": preset, "config_file": config_file,
                   "workspace": workspace if workspace is not None else str(workspace_dir.root), "from_scratch": True}
-        outcomes = _train_points(points, common, overrides, run, max_parallel, inputs.ray_address)
+        outcomes = _train_points(points, common, overrides, run, max_parallel, inputs)
         scaling_report, scaling_note = None, None
         if scaling:
             try:
@@ -251,11 +249,9 @@ def sweep(
 
 
 def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: dict[str, Any], run: PipelineRun,
-                  max_parallel: int, ray_address: str | None) -> list[PointOutcome]:
+                  max_parallel: int, inputs: SweepInputs) -> list[PointOutcome]:
     """Train every point, ``max_parallel`` at a time, in worker processes here or on the Ray
     cluster; a point that fails is an outcome like the others, and the rest go on."""
-    run_logger().info(f"sweep: {len(points)} points, {max_parallel} at a time "
-                      + (f"on the Ray cluster at {ray_address}" if ray_address else "in worker processes here"))
     outcomes: dict[int, PointOutcome] = {}
     in_flight: dict[PrefectFuture[PretrainSummary], SweepPoint] = {}
 
@@ -273,7 +269,8 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
         run_logger().info(f"sweep: point {point.index} ({point.label()}) {result}; "
                           f"{len(outcomes)} of {len(points)} done")
 
-    with workers_report_to_this_api(), _point_runner(ray_address, max_parallel) as (runner, torch_threads):
+    with workers_report_to_this_api(), point_runner(max_parallel, inputs.ray_address, inputs.machine_share) as runner:
+        run_logger().info(f"sweep: {len(points)} points, {max_parallel} at a time {runner.where}")
         for point in points:
             if len(in_flight) == max_parallel:
                 collect_one()
@@ -281,28 +278,11 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
             settings = point.settings | {key: value for key, value in overrides.items() if key not in point.settings}
             parameters = {**common, "overrides": settings, "sweep": SweepMember(run.run_id, point.index)}
             named = train_point.with_options(task_run_name=f"point {point.index}: {point.label()}")
-            in_flight[runner.submit(named, {"parameters": parameters, "torch_threads": torch_threads})] = point
+            in_flight[runner.submit(named, {"parameters": parameters, "torch_threads": runner.torch_threads})] = point
         while in_flight:
             collect_one()
     _name_failed_points_runs(run, outcomes)
     return [outcomes[point.index] for point in points]
-
-
-@contextlib.contextmanager
-def _point_runner(ray_address: str | None, max_parallel: int) -> Iterator[tuple[TaskRunner, int | None]]:
-    """The task runner the points run on, and the torch threads each takes (None: Ray's share)."""
-    if ray_address is None:
-        with ProcessPoolTaskRunner(max_workers=max_parallel) as runner:
-            yield runner, max(1, (os.cpu_count() or 1) // max_parallel)
-        return
-    from prefect_ray import RayTaskRunner  # an optional extra: imported only when asked for
-
-    # Ray's workers were not started from this process: they get the Prefect API and the MLflow
-    # settings in their environment (a run's threads outside Prefect's context read only that).
-    variables = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
-    variables[PREFECT_API_URL.name] = get_current_settings().api.url
-    with RayTaskRunner(address=ray_address, init_kwargs={"runtime_env": {"env_vars": variables}}) as runner:
-        yield runner, None
 
 
 def _outcome(point: SweepPoint, result: PretrainSummary | BaseException) -> PointOutcome:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -71,12 +72,26 @@ def ray_cluster(s3_server) -> Iterator[str]:
     dashboard) for the whole session; its address. Its workers reach the session's S3 server, as a
     cluster's nodes have the object store's credentials of their own. Stopped with its process
     group, so a Ray cluster the user runs beside it is left alone."""
+    with _ray_head(s3_server) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def ray_cluster_with_gpus(s3_server) -> Iterator[str]:
+    """Such a cluster, for one test module, that declares 2 GPUs it does not have: Ray hands them
+    out to the tasks that ask for them (``CUDA_VISIBLE_DEVICES``) as it would real ones."""
+    with _ray_head(s3_server, "--num-gpus", "2") as address:
+        yield address
+
+
+@contextlib.contextmanager
+def _ray_head(s3_server: dict[str, str], *options: str) -> Iterator[str]:
     temp_dir = tempfile.mkdtemp(prefix="gptflow-ray-", dir="/tmp")  # short: Ray puts sockets in it
     port = _free_port()
     head = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(port),
          "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", str(200 * 1024 * 1024),
-         "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp_dir],
+         "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp_dir, *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **s3_server},
     )
     try:

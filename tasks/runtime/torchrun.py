@@ -32,6 +32,8 @@ JOB_KEY = "gptflow/training_job"
 """The rendezvous store's key of the job (store references for paths), set by the head's first rank."""
 HEAD_NODE_KEY = "gptflow/head_node"
 """The rendezvous store's key of the head node's torchrun node rank (``GROUP_RANK``)."""
+STOP_GRACE_S = 10.0
+"""How long torchrun has to stop its ranks when the run is stopped."""
 OUTPUT_LINES_KEPT = 200
 """torchrun's last lines, read for the reason of a failed launch (a rendezvous that never met)."""
 
@@ -58,14 +60,27 @@ def launch_ranks(stage: str, job: Any, nproc: int, worker_module: str) -> dict[s
         command = [*launcher, "-m", worker_module, str(job_file), str(result_file)]
         last_lines: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as workers:
-            for line in workers.stdout:
-                logger.info(line.rstrip())
-                last_lines.append(line)
+            try:
+                for line in workers.stdout:
+                    logger.info(line.rstrip())
+                    last_lines.append(line)
+            except BaseException:  # SIGTERM, Ctrl-C: the ranks stop with the run instead of training on
+                _stop(workers)
+                raise
         if workers.returncode != 0 or not result_file.exists():
             if rendezvous and (error := rendezvous.failure("".join(last_lines), workers.returncode)):
                 raise error
             raise RuntimeError(f"torchrun training failed (exit code {workers.returncode}); its output is above")
         return json.loads(result_file.read_text())
+
+
+def _stop(torchrun: subprocess.Popen) -> None:
+    """SIGTERM to torchrun, which stops its ranks; SIGKILL if it is still there ``STOP_GRACE_S`` later."""
+    torchrun.terminate()
+    try:
+        torchrun.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        torchrun.kill()
 
 
 def run_rank(job_type: type, job_file: Path, result_file: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from mlflow import MlflowClient
 
@@ -15,7 +16,7 @@ HOST_TAG = "gptflow.host"
 PID_TAG = "gptflow.pid"
 """The machine and process of a run: a RUNNING run whose process is gone was killed."""
 KILLED_TAG = "gptflow.killed"
-"""Why a run was marked KILLED by a later run."""
+"""Why a run is KILLED: stopped by SIGTERM or Ctrl-C, or found RUNNING by a later run after its process died."""
 
 
 def process_tags() -> dict[str, str | int]:
@@ -50,4 +51,14 @@ def _process_exists(pid: int) -> bool:
         return False
     except PermissionError:  # it exists, under another user
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether the process ended and waits for its parent to reap it (an orphan's parent may never
+    do so), on a system that shows it in /proc."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return status.rpartition(")")[2].split()[0] == "Z"

@@ -30,6 +30,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from gptflow.data.commits import read_contents_hash
@@ -37,7 +38,7 @@ from gptflow.data.disk_space import out_of_space_errno
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.experiments import existing_experiment_ids, experiment_id, refusal_of
-from gptflow.tasks.tracking.killed_runs import mark_runs_of_dead_processes_killed, process_tags
+from gptflow.tasks.tracking.killed_runs import KILLED_TAG, mark_runs_of_dead_processes_killed, process_tags
 from gptflow.tasks.tracking.operations import OperationSender
 from gptflow.tasks.tracking.outbox import Outbox, OutboxedWriter, OutboxReport, first_line, send_outboxes
 from gptflow.tasks.tracking.progress import run_logger
@@ -276,7 +277,7 @@ def pipeline_run(workspace: Workspace, workflow: str, tags: dict[str, Any], name
     and described by a link to that flow run when a Prefect UI serves it; it ends FINISHED, or
     FAILED if the block raises. Writes that earlier runs of the workspace kept in their outboxes
     are sent first; then runs of this machine that a killed process left RUNNING, in any
-    workflow's experiment, are marked KILLED."""
+    workflow's experiment, are marked KILLED, as this one is when SIGTERM or Ctrl-C stops it."""
     run_name = name or flow_run.name
     # The first client of a SQLite store creates its tables; two runs starting at once must not
     # both migrate it.
@@ -300,6 +301,11 @@ def pipeline_run(workspace: Workspace, workflow: str, tags: dict[str, Any], name
                       workflow, tags.get(MLFLOW_RUN_NOTE, ""))
     try:
         yield run
+    except (KeyboardInterrupt, TerminationSignal) as stopped:
+        run.set_tags({KILLED_TAG: "stopped by SIGTERM" if isinstance(stopped, TerminationSignal)
+                      else "interrupted (Ctrl-C, or a cancelled Ray task)"})
+        run.end("KILLED")
+        raise
     except BaseException as error:
         _end_failed(run, error)
         raise

@@ -16,6 +16,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from gptflow.flows.sweep import sweep
+from gptflow.tasks.runtime.gpu_share import GPUS_VARIABLE, GpuShareError
+from gptflow.tasks.runtime.point_workers import GPUS_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -166,3 +168,31 @@ def test_points_run_as_tasks_on_a_ray_cluster(sweep_workspace, ray_cluster):
             assert prefect.read_task_run(child_flow_run.parent_task_run_id).flow_run_id == flow_run_id
     # Each point ran in a process of the cluster's, not in this one or a worker it started.
     assert {child.data.tags["gptflow.pid"] for child in children}.isdisjoint({str(os.getpid())})
+
+
+def test_each_worker_process_trains_its_points_on_gpus_of_its_own(sweep_workspace, monkeypatch):
+    workspace, corpus = sweep_workspace
+    # Four GPUs named as if the sweep were started with CUDA_VISIBLE_DEVICES set: each of the two
+    # workers sees its own two, whatever the sweep's environment says, which Prefect copies into tasks.
+    monkeypatch.setenv(GPUS_VARIABLE, "4,5,6,7")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    summary, _ = _sweep(workspace, corpus, {"train.learning_rate": LEARNING_RATES[:2]})
+
+    assert [outcome.status for outcome in summary.outcomes] == ["completed"] * 2
+    children = _children(workspace, summary.mlflow_run_id)
+    assert sorted(child.data.tags[GPUS_TAG] for child in children) == ["4,5", "6,7"]
+    assert len({child.data.tags["gptflow.pid"] for child in children} - {str(os.getpid())}) == 2
+
+    with pytest.raises(GpuShareError, match="--max-parallel 3 does not divide the 4 GPUs of this machine"):
+        sweep(grid={"train.learning_rate": LEARNING_RATES}, corpus=[str(corpus)], preset="tiny", overrides=SHARED,
+              workspace=str(workspace), max_parallel=3)
+
+
+def test_each_point_on_ray_asks_for_its_share_of_the_cluster_s_gpus(sweep_workspace, ray_cluster_with_gpus):
+    workspace, corpus = sweep_workspace
+    summary, _ = _sweep(workspace, corpus, {"train.learning_rate": LEARNING_RATES[:2]}, ray=ray_cluster_with_gpus)
+
+    assert [outcome.status for outcome in summary.outcomes] == ["completed"] * 2
+    # One GPU each (2 GPUs, 2 points at once): Ray gave each task its own.
+    children = _children(workspace, summary.mlflow_run_id)
+    assert sorted(child.data.tags[GPUS_TAG] for child in children) == ["0", "1"]

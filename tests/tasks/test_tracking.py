@@ -167,12 +167,18 @@ def test_runs_this_host_left_running_in_a_process_now_gone_are_marked_killed(wor
         return client.create_run(experiment_id, run_name=name, tags={HOST_TAG: host, PID_TAG: str(pid)}).info.run_id
 
     gone = running("gone", host, ended.pid)
+    unreaped = subprocess.Popen([sys.executable, "-c", "pass"])  # ends, and stays a zombie until waited for
+    while Path(f"/proc/{unreaped.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        time.sleep(0.05)
+    zombie = running("zombie", host, unreaped.pid)
     alive = running("alive", host, os.getpid())
     elsewhere = running("elsewhere", "another-machine", ended.pid)
 
     with pipeline_run(workspace, "pretrain", tags={}, name="next") as run:
         assert client.get_run(gone).info.status == "KILLED"
     assert "ended without ending the run" in client.get_run(gone).data.tags[KILLED_TAG]
+    assert client.get_run(zombie).info.status == "KILLED"
+    unreaped.wait()
     assert client.get_run(alive).info.status == client.get_run(elsewhere).info.status == "RUNNING"
     tags = client.get_run(run.run_id).data.tags
     assert (tags[HOST_TAG], tags[PID_TAG]) == (host, str(os.getpid()))
