@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gptflow.data.commits import write_json_atomic
+from gptflow.data.environment import number_from_environment
 from gptflow.data.errors import UserError
 
 REQUEST_TIMEOUT_ENV = "GPTFLOW_OBJECT_STORE_TIMEOUT_S"
@@ -106,28 +107,17 @@ def _bounded_client(scheme: str, environment: tuple[tuple[str, str], ...]) -> An
 
 def request_timeout_s() -> float:
     """``$GPTFLOW_OBJECT_STORE_TIMEOUT_S`` (default 20): how long one request to a workspace's store waits for an answer."""
-    setting = os.environ.get(REQUEST_TIMEOUT_ENV)
-    try:
-        timeout_s = float(setting) if setting else DEFAULT_REQUEST_TIMEOUT_S
-    except ValueError:
-        timeout_s = 0.0
-    if not timeout_s > 0:
-        raise UserError(f"{REQUEST_TIMEOUT_ENV}={setting} is not a number of seconds: give how long a request to a "
-                        "workspace's object store may wait for an answer, e.g. 20.")
-    return timeout_s
+    return number_from_environment(
+        REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT_S, zero_allowed=False,
+        wanted="a number of seconds: give how long a request to a workspace's object store may wait for an answer, "
+        "e.g. 20")
 
 
 def wait_limit_s() -> float:
     """``$GPTFLOW_OBJECT_STORE_WAIT_S`` (default 300)."""
-    setting = os.environ.get(WAIT_ENV)
-    try:
-        limit_s = float(setting) if setting else DEFAULT_WAIT_S
-    except ValueError:
-        limit_s = -1.0
-    if not limit_s >= 0:
-        raise UserError(f"{WAIT_ENV}={setting} is not a number of seconds: give how long a run waits for an object "
-                        "store that stopped answering, e.g. 300.")
-    return limit_s
+    return number_from_environment(
+        WAIT_ENV, DEFAULT_WAIT_S, zero_allowed=True,
+        wanted="a number of seconds: give how long a run waits for an object store that stopped answering, e.g. 300")
 
 
 class StoreOutage:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptflow.data.environment import number_from_environment
 from gptflow.data.errors import UserError
 from gptflow.data.hashing import hash_json
 from gptflow.data.mirror import ObjectStoreMirror
@@ -270,14 +271,9 @@ def cache_root() -> Path:
 
 def cache_limit_bytes() -> int:
     """``$GPTFLOW_CACHE_GB`` (default 100) in bytes: what a workspace's copy in the cache keeps between runs."""
-    setting = os.environ.get(CACHE_LIMIT_ENV)
-    try:
-        limit_gb = float(setting) if setting else DEFAULT_CACHE_LIMIT_GB
-    except ValueError:
-        limit_gb = -1.0
-    if not limit_gb >= 0:
-        raise WorkspaceError(f"{CACHE_LIMIT_ENV}={setting} is not a size: give the gigabytes the local cache of an "
-                             "object-store workspace may keep, e.g. 50.")
+    limit_gb = number_from_environment(
+        CACHE_LIMIT_ENV, DEFAULT_CACHE_LIMIT_GB, zero_allowed=True, error=WorkspaceError,
+        wanted="a size: give the gigabytes the local cache of an object-store workspace may keep, e.g. 50")
     return int(limit_gb * 2**30)
 
 
