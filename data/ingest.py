@@ -250,14 +250,23 @@ def ingest_corpus(
     )
     if manifest.total_documents == 0:
         raise CorpusError(
-            f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}). "
-            f"Fix or replace the files listed, or point --corpus at other data."
+            f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}"
+            f"{_language_drops_said(manifest, config)}). Fix or replace the files listed, or point --corpus at other data."
         )
     require_splits(manifest, required_splits, config)
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
     write_json_atomic(Path(manifest.path), store_references(manifest.to_dict(), store_dir))
     artifacts.share(Path(manifest.path))
     return manifest
+
+
+def _language_drops_said(manifest: CorpusManifest, config: IngestConfig) -> str:
+    drops = manifest.totals["language_drops"]
+    if not drops:
+        return ""
+    counts = ", ".join(f"{language} {count}" for language, count in sorted(drops.items()))
+    return (f"; data.languages={config.languages} dropped {sum(drops.values())} documents ({counts}) at "
+            f"data.language_threshold={config.language_threshold}")
 
 
 def _known_unit_directory(call: dict[str, Any]) -> Path:

@@ -14,7 +14,8 @@ change the ingest unit's key, never this one, so changing them re-reads extracte
 
 Bad input is skipped and counted as for every format, located ``path:record N`` (the WARC
 record's number, from 1): a record that cannot be parsed (the rest of the file with it, since a
-WARC reader cannot find the next record after a broken one), a page that is not UTF-8 or its
+WARC reader cannot find the next record after a broken one), a record cut short by the file's end
+(a truncated download: its page is not kept half), a page that is not UTF-8 or its
 declared encoding, and a page without main text. Records that are not HTML responses (requests,
 metadata, images) are no documents and are not counted.
 """
@@ -41,8 +42,10 @@ WEB_FORMATS = {"html", "warc"}
 PAGES_FILE = "pages.arrow"
 INSTALL_HINT = "pip install 'gptflow[web]'"
 PAGES_PER_BATCH = 256
+READ_CHUNK_BYTES = 1 << 16
 
 SKIP_MALFORMED_WARC = "malformed WARC record (the rest of the file)"
+SKIP_CUT_SHORT_WARC = "WARC record cut short (the file ends inside it)"
 SKIP_UNDECODABLE_PAGE = "page not in its declared encoding"
 SKIP_NO_MAIN_TEXT = "page without main text"
 
@@ -143,14 +146,16 @@ def _warc_pages(source: SourceFile, name: str, skips: SkipReport) -> Iterator[tu
     with pa.input_stream(open_source(source), compression="zstd" if source.compression == "zstd" else None) as stream:
         try:
             for number, record in enumerate(ArchiveIterator(stream), start=1):
-                if record.rec_type != "response" or record.http_headers is None:
-                    continue
-                content_type = record.http_headers.get_header("Content-Type") or ""
-                if "html" not in content_type.lower():
-                    continue
                 location = f"{name}:record {number}"
-                text = _main_text(record.content_stream().read(), _charset(content_type), location, skips)
-                if text is not None:
+                content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
+                is_page = record.rec_type == "response" and "html" in content_type.lower()
+                data = record.content_stream().read() if is_page else None
+                while record.raw_stream.read(READ_CHUNK_BYTES):  # the rest of what it declares: all there?
+                    pass
+                if record.raw_stream.limit > 0:
+                    skips.add(SKIP_CUT_SHORT_WARC, location)
+                    return
+                if data is not None and (text := _main_text(data, _charset(content_type), location, skips)) is not None:
                     yield f"record {number}", record.rec_headers.get_header("WARC-Target-URI") or "", text
         except (ArchiveLoadFailed, EOFError, zlib.error, ValueError) as error:
             skips.add(SKIP_MALFORMED_WARC, f"{name}:record {number + 1} ({_first_line(error)})")
