@@ -68,7 +68,8 @@ class IngestConfig(RecordsConfig):
             f"data.near_dedup_threshold must be a Jaccard similarity in (0, 1], e.g. 0.8, or none to keep "
             f"exact dedup only; got {self.near_dedup_threshold}",
         )
-        require(self.languages is None or all(_LANGUAGE_CODE.fullmatch(code.strip()) for code in self.languages.split(",")),
+        codes = self.languages.split(",") if self.languages is not None else []
+        require(all(_LANGUAGE_CODE.fullmatch(code.strip()) for code in codes),
                 f"data.languages must be comma-separated ISO 639 codes such as en,fr (or none), got {self.languages!r}")
         require(0.0 <= self.language_threshold < 1.0,
                 f"data.language_threshold must be a score in [0, 1), e.g. 0.65, got {self.language_threshold}")

@@ -251,7 +251,8 @@ def ingest_corpus(
     if manifest.total_documents == 0:
         raise CorpusError(
             f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}"
-            f"{_language_drops_said(manifest, config)}). Fix or replace the files listed, or point --corpus at other data."
+            f"{_language_drops_said(manifest, config)}). Fix or replace the files listed, or point --corpus at other "
+            f"data."
         )
     require_splits(manifest, required_splits, config)
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")

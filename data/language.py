@@ -33,7 +33,8 @@ def language_model_version() -> str:
     """The model's package and version (its model decides what is kept, so it keys the unit); a
     ``LanguageIdUnavailableError`` naming the install when missing."""
     try:
-        return f"{MODEL_PACKAGE} {metadata.version(MODEL_PACKAGE)}, fasttext-predict {metadata.version('fasttext-predict')}"
+        return f"{MODEL_PACKAGE} {metadata.version(MODEL_PACKAGE)}, " \
+               f"fasttext-predict {metadata.version('fasttext-predict')}"
     except metadata.PackageNotFoundError:
         raise LanguageIdUnavailableError(f"data.languages needs the language-ID model: {INSTALL_HINT} "
                                          f"(or leave data.languages unset).") from None

@@ -6,7 +6,8 @@ A record is ``(location, value)``: a string for a text file (``.txt .md .rst .py
 file), else a JSON value (a JSONL line, a JSON array item, or a whole JSON document), a CSV row
 keyed by its header (Python's ``csv`` over the decoded stream, ``surrogateescape`` marking
 undecodable bytes), a parquet or hub row, or a CoNLL sentence (``.conll .iob .bio``:
-``{"words", "tags", "lines"}``), or a web page's main text (``.html .htm .warc``: ``data.web``). ``.gz`` and ``.zst`` are read on any format but parquet. The
+``{"words", "tags", "lines"}``), or a web page's main text (``.html .htm .warc``: ``data.web``).
+``.gz`` and ``.zst`` are read on any format but parquet. The
 location is ``path:line`` for JSONL and CSV (a row's first line) and CoNLL, ``path:record N``
 for JSON arrays, parquet and hub rows, the path alone otherwise. Text is UTF-8, a leading BOM
 dropped.

@@ -29,7 +29,8 @@ def write_warc(path: Path, records: list[tuple[str, str, bytes]], gzipped: bool)
     with open(path, "wb") as stream:
         writer = WARCWriter(stream, gzip=gzipped)
         for url, content_type, body in records:
-            writer.write_record(writer.create_warc_record(url, "request", payload=io.BytesIO(b"GET / HTTP/1.1\r\n\r\n")))
+            request = io.BytesIO(b"GET / HTTP/1.1\r\n\r\n")
+            writer.write_record(writer.create_warc_record(url, "request", payload=request))
             headers = StatusAndHeaders("200 OK", [("Content-Type", content_type)], protocol="HTTP/1.1")
             writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
                                                           http_headers=headers))
