@@ -4,13 +4,10 @@ own writer, from the small real pages in tests/fixtures/web, ingested for real."
 from __future__ import annotations
 
 import gzip
-import io
 import json
 from pathlib import Path
 
 import pytest
-from warcio.statusandheaders import StatusAndHeaders
-from warcio.warcwriter import WARCWriter
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
@@ -24,36 +21,9 @@ FIXTURES = Path(__file__).parent.parent / "fixtures"
 PAGES = FIXTURES / "web"
 
 
-def write_warc(path: Path, records: list[tuple[str, str, bytes]], gzipped: bool) -> None:
-    """A WARC file of a request and a response record per ``(url, content_type, body)``."""
-    with open(path, "wb") as stream:
-        writer = WARCWriter(stream, gzip=gzipped)
-        for url, content_type, body in records:
-            request = io.BytesIO(b"GET / HTTP/1.1\r\n\r\n")
-            writer.write_record(writer.create_warc_record(url, "request", payload=request))
-            headers = StatusAndHeaders("200 OK", [("Content-Type", content_type)], protocol="HTTP/1.1")
-            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
-                                                          http_headers=headers))
-
-
 def stored_texts(manifest) -> list[str]:
     return [text for unit in manifest.units for batch in iter_raw_batches(Path(unit.directory), ["text"])
             for text in batch.column(0).to_pylist()]
-
-
-def crawl(tmp_path: Path, gzipped: bool = True) -> Path:
-    """A WARC of the three fixture pages, an image, and a page with no text."""
-    records = [
-        ("https://example.org/en", "text/html; charset=utf-8", (PAGES / "article_en.html").read_bytes()),
-        ("https://example.org/logo.png", "image/png", b"\x89PNG\r\n\x1a\n" + bytes(64)),
-        ("https://example.fr/", "text/html; charset=utf-8", (PAGES / "article_fr.html").read_bytes()),
-        ("https://example.de/", "text/html; charset=iso-8859-1", (PAGES / "article_de.htm").read_bytes()),
-        ("https://example.org/empty", "text/html", b"<html><body><nav><a href='/'>Home</a></nav></body></html>"),
-    ]
-    path = tmp_path / "crawl" / ("pages.warc.gz" if gzipped else "pages.warc")
-    path.parent.mkdir(exist_ok=True)
-    write_warc(path, records, gzipped)
-    return path
 
 
 def test_html_files_become_their_main_text_without_navigation_or_footer(tmp_path):
@@ -70,8 +40,8 @@ def test_html_files_become_their_main_text_without_navigation_or_footer(tmp_path
 
 
 @pytest.mark.parametrize("gzipped", [True, False])
-def test_a_warc_s_html_responses_are_documents_and_other_records_are_not(tmp_path, gzipped):
-    path = crawl(tmp_path, gzipped)
+def test_a_warc_s_html_responses_are_documents_and_other_records_are_not(tmp_path, gzipped, make_crawl):
+    path = make_crawl(tmp_path, gzipped)
 
     manifest = ingest_corpus(resolve_sources([str(path)]), IngestConfig(val_fraction=0.3), tmp_path / "store",
                              required_splits=())
@@ -84,8 +54,8 @@ def test_a_warc_s_html_responses_are_documents_and_other_records_are_not(tmp_pat
     assert manifest.skips.examples[SKIP_NO_MAIN_TEXT] == [f"{path}:record 10"]
 
 
-def test_extracted_pages_keep_their_urls(tmp_path):
-    path = crawl(tmp_path)
+def test_extracted_pages_keep_their_urls(tmp_path, make_crawl):
+    path = make_crawl(tmp_path)
     store = tmp_path / "store"
     ingest_corpus(resolve_sources([str(path)]), IngestConfig(val_fraction=0.3), store, required_splits=())
 
@@ -97,8 +67,8 @@ def test_extracted_pages_keep_their_urls(tmp_path):
     assert table.column("record").to_pylist() == ["record 2", "record 6", "record 8"]
 
 
-def test_a_broken_record_skips_the_rest_of_its_warc_located_and_counted(tmp_path):
-    path = crawl(tmp_path, gzipped=False)
+def test_a_broken_record_skips_the_rest_of_its_warc_located_and_counted(tmp_path, make_crawl):
+    path = make_crawl(tmp_path, gzipped=False)
     data = path.read_bytes()
     french_response = data.index(b"WARC/1.0", data.index(b"https://example.fr/") + 200)  # record 6
     path.write_bytes(data[:french_response] + b"GARBAGE!" + data[french_response + len(b"WARC/1.0"):])
@@ -112,7 +82,7 @@ def test_a_broken_record_skips_the_rest_of_its_warc_located_and_counted(tmp_path
     assert example.startswith(f"{path}:record 6 (") and "GARBAGE!" in example
 
 
-def test_a_page_that_is_not_in_its_declared_encoding_is_skipped_and_located(tmp_path):
+def test_a_page_that_is_not_in_its_declared_encoding_is_skipped_and_located(tmp_path, write_warc):
     path = tmp_path / "crawl" / "bad.warc"
     path.parent.mkdir()
     write_warc(path, [("https://example.org/a", "text/html; charset=utf-8", b"<p>caf\xe9 ferm\xe9</p>"),
@@ -127,8 +97,8 @@ def test_a_page_that_is_not_in_its_declared_encoding_is_skipped_and_located(tmp_
 
 
 @pytest.mark.parametrize("gzipped", [True, False])
-def test_a_truncated_warc_keeps_the_pages_before_the_break_and_not_the_half_page(tmp_path, gzipped):
-    path = crawl(tmp_path, gzipped)
+def test_a_truncated_warc_keeps_the_pages_before_the_break_and_not_the_half_page(tmp_path, gzipped, make_crawl):
+    path = make_crawl(tmp_path, gzipped)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 3 // 5])  # inside record 6, the French page
 
@@ -162,26 +132,25 @@ def test_languages_keep_only_those_and_count_the_dropped_per_language(tmp_path):
     assert not any(text.startswith("Dateien") for text in stored_texts(manifest))
 
 
-def test_a_threshold_above_every_score_drops_even_the_kept_languages(tmp_path):
-    manifest_config = IngestConfig(val_fraction=0.3, languages="en,fr,de", language_threshold=0.5)
-    kept = ingest_corpus(resolve_sources([str(PAGES)]), manifest_config, tmp_path / "store", required_splits=())
-    assert kept.total_documents == 3
-
-    corpus = tmp_path / "mixed"
+def test_a_document_scored_below_the_threshold_is_dropped_though_in_a_kept_language(tmp_path):
+    corpus = tmp_path / "corpus"
     corpus.mkdir()
-    # One sentence in each of two languages: no language scores high.
+    (corpus / "english.txt").write_text("She kept the old letters in a wooden box under the bed and read them "
+                                        "again every winter.\n")
+    # Half English, half French: English by a small margin, far below 0.9.
     (corpus / "mixed.txt").write_text("The cat sleeps on the warm window sill. Le chat dort sur le rebord chaud.\n")
-    (corpus / "english.txt").write_text((PAGES.parent / "language_sample.jsonl").read_text().split('"text": "')[1]
-                                        .split('"')[0] + "\n")
-    strict = ingest_corpus(resolve_sources([str(corpus)]), IngestConfig(val_fraction=0.3, languages="en",
-                                                                        language_threshold=0.9),
-                           tmp_path / "store", required_splits=())
-    assert strict.total_documents == 1
-    assert sum(strict.totals["language_drops"].values()) == 1
+    assert identify_language((corpus / "mixed.txt").read_text())[1] < 0.9
+
+    manifest = ingest_corpus(resolve_sources([str(corpus)]), IngestConfig(val_fraction=0.3, languages="en,fr",
+                                                                          language_threshold=0.9),
+                             tmp_path / "store", required_splits=())
+
+    assert stored_texts(manifest) == [(corpus / "english.txt").read_text()]
+    assert sum(manifest.totals["language_drops"].values()) == 1
 
 
-def test_changing_the_language_settings_refilters_without_re_extracting(tmp_path):
-    path = crawl(tmp_path)
+def test_changing_the_language_settings_refilters_without_re_extracting(tmp_path, make_crawl):
+    path = make_crawl(tmp_path)
     sources = resolve_sources([str(path)])
     store = tmp_path / "store"
 
@@ -205,8 +174,8 @@ def test_a_corpus_with_no_document_in_the_languages_asked_for_says_so(tmp_path):
                       tmp_path / "store", required_splits=())
 
 
-def test_a_moved_warc_reuses_its_extraction_and_reports_skips_at_its_new_path(tmp_path):
-    path = crawl(tmp_path)
+def test_a_moved_warc_reuses_its_extraction_and_reports_skips_at_its_new_path(tmp_path, make_crawl):
+    path = make_crawl(tmp_path)
     store = tmp_path / "store"
     ingest_corpus(resolve_sources([str(path)]), IngestConfig(val_fraction=0.3), store, required_splits=())
     moved = tmp_path / "elsewhere.warc.gz"
