@@ -16,6 +16,7 @@ from gptflow.data.redact import REDACTION_KINDS
 from gptflow.data.shards import SPLITS
 from gptflow.data.sources import SourceResolution
 from gptflow.data.store import ArtifactStore
+from gptflow.data.web import WEB_FORMATS, extractor_version
 from gptflow.tasks.runtime.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
@@ -55,6 +56,8 @@ def ingest(
         inputs["datasketch"] = datasketch_version()
     if config.languages is not None:
         inputs["language_model"] = language_model_version()  # its model decides what is kept
+    if any(source.format in WEB_FORMATS for source in sources.files):
+        inputs["extractor"] = extractor_version()  # it decides the text of every page
     key = stage_key("ingest", config=config, modules=(__name__,), inputs=inputs)
     outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
                         sources=sources, config=config, store_dir=str(workspace.store), artifacts=workspace.artifacts,
