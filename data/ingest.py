@@ -16,7 +16,8 @@ duplicates of kept segments then join the drop lists too (``near_dedup``).
 A unit's key (``_unit_key``) holds the code version of this module (with the reader, shards,
 sources and errors it imports), the file's content hash, format, compression, ``text_field``
 (structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars`` and
-``redact_pii``; not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
+``redact_pii``, ``languages`` (with its threshold and model, when set) and, for a web file, the
+extractor's version; not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
 only) nor ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s
 counts: documents read (each once), documents cut and the segments they became, segments and
 bytes per split, duplicates dropped within the file, redactions, skips. Which files' hashes are
@@ -97,7 +98,8 @@ class CorpusUnit:
     key: str
     directory: str
     documents: int
-    """Documents read from the file, each counted once however many segments it became."""
+    """Documents read from the file and kept by ``data.languages``, each counted once however many
+    segments it became."""
     cut_documents: int
     """Documents longer than ``segment_chars``, cut into several segments."""
     cut_segments: int
