@@ -15,12 +15,14 @@ duplicates of kept segments then join the drop lists too (``near_dedup``).
 
 A unit's key (``_unit_key``) holds the code version of this module (with the reader, shards,
 sources and errors it imports), the file's content hash, format, compression, ``text_field``
-(structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars`` and
+(structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars``,
 ``redact_pii``, ``languages`` (with its threshold and model, when set) and, for a web file, the
 extractor's version; not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
 only) nor ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s
 counts: documents read (each once), documents cut and the segments they became, segments and
-bytes per split, duplicates dropped within the file, redactions, skips. Which files' hashes are
+bytes per split, duplicates dropped within the file, redactions, documents kept and dropped per
+language, skips. A web file's documents come from its extraction unit (``data.web``), which no
+setting here invalidates. Which files' hashes are
 known without reading them is remembered in ``file-hashes.json`` (``FILE_HASH_CACHE``, by
 ``data.sources.source_stamp``), so a rerun hashes only new or changed files. With ``redact_pii``,
 what is written names a source as ``source_name`` does, its names' personal data redacted, and a
