@@ -372,11 +372,13 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     languages = LanguageFilter(config)
     documents = (web_documents(source, name, content_hash, config.min_chars, directory.parent.parent, artifacts, skips)
                  if source.format in WEB_FORMATS else
-                 read_documents(source, config.text_field, skips, config.min_chars, raise_read_errors=True))
+                 ((text, None) for text in read_documents(source, config.text_field, skips, config.min_chars,
+                                                          raise_read_errors=True)))
     with artifacts.commit(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
-        for text in documents:
-            if not languages.keeps(text):  # before redaction: placeholders are no language
+        for text, url in documents:
+            language = languages.identify(text)  # before redaction: placeholders are no language
+            if not languages.keeps(language):
                 continue
             if config.redact_pii:  # before hashing: dedup and the split see the text as it is trained on
                 text, found = redact(text)
@@ -398,7 +400,7 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
                     continue
                 seen.add(doc_hash)
                 split = split_by_hash(doc_hash, config.val_fraction)
-                writer.write(segment, doc_hash, split, continues, len(data))
+                writer.write(segment, doc_hash, split, continues, len(data), url, language)
                 continues = True
                 segments[split] += 1
                 text_bytes[split] += len(data)

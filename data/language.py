@@ -80,10 +80,15 @@ class LanguageFilter:
         self.kept: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
 
-    def keeps(self, text: str) -> bool:
-        if self.languages is None:
+    def identify(self, text: str) -> tuple[str, float] | None:
+        """``text``'s language and score, or None when ``data.languages`` is unset."""
+        return None if self.languages is None else identify_language(text)
+
+    def keeps(self, label: tuple[str, float] | None) -> bool:
+        """Whether a document so labelled (``identify``) is kept; counted either way."""
+        if label is None:
             return True
-        language, score = identify_language(text)
+        language, score = label
         kept = language in self.languages and score >= self.threshold
         (self.kept if kept else self.dropped)[language] += 1
         return kept

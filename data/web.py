@@ -67,15 +67,16 @@ def extractor_version() -> str:
 
 
 def web_documents(source: SourceFile, name: str, content_hash: str, min_chars: int, store_dir: Path,
-                  artifacts: ArtifactStore, skips: SkipReport) -> Iterator[str]:
-    """The documents of a web file for its ingest unit: the main text of its pages, from its
-    extraction unit (``store_dir/extracted/<key>/``), pages shorter than ``min_chars`` skipped."""
+                  artifacts: ArtifactStore, skips: SkipReport) -> Iterator[tuple[str, str | None]]:
+    """The documents of a web file for its ingest unit, ``(text, url)``: the main text of its pages
+    and their URLs (None for an HTML file), from its extraction unit (``store_dir/extracted/<key>/``),
+    pages shorter than ``min_chars`` skipped."""
     key = hash_json(extraction_key_fields(source, content_hash, code_version(__name__)))
-    for location, _, text in extracted_pages(source, name, store_dir / "extracted" / key, artifacts, skips):
+    for location, url, text in extracted_pages(source, name, store_dir / "extracted" / key, artifacts, skips):
         if len(text.strip()) < min_chars:
             skips.add(SKIP_TOO_SHORT, location)
         else:
-            yield text
+            yield text, url or None
 
 
 def extracted_pages(source: SourceFile, name: str, directory: Path, artifacts: ArtifactStore,

@@ -54,10 +54,11 @@ def test_a_warc_s_html_responses_are_documents_and_other_records_are_not(tmp_pat
     assert manifest.skips.examples[SKIP_NO_MAIN_TEXT] == [f"{path}:record 10"]
 
 
-def test_extracted_pages_keep_their_urls(tmp_path, make_crawl):
+def test_extracted_pages_keep_their_urls_and_so_do_their_segments(tmp_path, make_crawl):
     path = make_crawl(tmp_path)
     store = tmp_path / "store"
-    ingest_corpus(resolve_sources([str(path)]), IngestConfig(val_fraction=0.3), store, required_splits=())
+    manifest = ingest_corpus(resolve_sources([str(path)]), IngestConfig(val_fraction=0.3, segment_chars=256), store,
+                             required_splits=())
 
     [extracted] = (store / "extracted").iterdir()
     import pyarrow as pa
@@ -65,6 +66,13 @@ def test_extracted_pages_keep_their_urls(tmp_path, make_crawl):
         table = pa.ipc.open_file(stream).read_all()
     assert table.column("url").to_pylist() == ["https://example.org/en", "https://example.fr/", "https://example.de/"]
     assert table.column("record").to_pylist() == ["record 2", "record 6", "record 8"]
+    [unit] = manifest.units
+    rows = [row for batch in iter_raw_batches(Path(unit.directory), ["text", "url", "language"])
+            for row in batch.to_pylist()]
+    assert len(rows) > 3  # pages cut into segments, each with its page's URL
+    assert {row["url"] for row in rows} == {"https://example.org/en", "https://example.fr/", "https://example.de/"}
+    assert all(row["url"] == "https://example.fr/" for row in rows if "mémoire" in row["text"])
+    assert {row["language"] for row in rows} == {None}  # data.languages unset: nothing identified
 
 
 def test_a_broken_record_skips_the_rest_of_its_warc_located_and_counted(tmp_path, make_crawl):
@@ -129,7 +137,12 @@ def test_languages_keep_only_those_and_count_the_dropped_per_language(tmp_path):
     assert manifest.total_documents == 2
     assert manifest.totals["languages"] == {"en": 1, "fr": 1}
     assert manifest.totals["language_drops"] == {"de": 1}
-    assert not any(text.startswith("Dateien") for text in stored_texts(manifest))
+    rows = [row for unit in manifest.units
+            for batch in iter_raw_batches(Path(unit.directory), ["text", "url", "language", "language_score"])
+            for row in batch.to_pylist()]
+    assert {row["text"].split("\n")[0]: row["language"] for row in rows} == {
+        "Reading files line by line": "en", "Lire un fichier ligne par ligne": "fr"}
+    assert all(0.65 <= row["language_score"] <= 1.0 and row["url"] is None for row in rows)
 
 
 def test_a_document_scored_below_the_threshold_is_dropped_though_in_a_kept_language(tmp_path):
