@@ -16,7 +16,8 @@ Bad input is skipped and counted as for every format, located ``path:record N`` 
 record's number, from 1): a record that cannot be parsed (the rest of the file with it, since a
 WARC reader cannot find the next record after a broken one), a record cut short by the file's end
 (a truncated download: its page is not kept half), a page that is not UTF-8 or its
-declared encoding, and a page without main text. Records that are not HTML responses (requests,
+declared encoding, and a page without main text; as every reader does, a file that breaks off (a truncated ``.html.gz``)
+keeps what was read before, and a read the system fails is a ``SourceReadError``. Records that are not HTML responses (requests,
 metadata, images) are no documents and are not counted.
 """
 
@@ -33,7 +34,7 @@ import pyarrow as pa
 from gptflow.data.code_version import code_version
 from gptflow.data.errors import SkipReport, UserError
 from gptflow.data.hashing import hash_json
-from gptflow.data.readers import SKIP_TOO_SHORT
+from gptflow.data.readers import SKIP_TOO_SHORT, SKIP_UNREADABLE, SourceReadError
 from gptflow.data.shards import read_unit_file, write_unit_file
 from gptflow.data.sources import SourceFile, open_source
 from gptflow.data.store import ArtifactStore
@@ -102,12 +103,18 @@ def _write_extraction_unit(source: SourceFile, name: str, directory: Path, artif
     with artifacts.commit(directory) as tmp:
         with pa.ipc.new_file(str(tmp / PAGES_FILE), _PAGES_SCHEMA) as writer:
             batch: list[tuple[str, str, str]] = []
-            for page in _pages(source, name, skips):
-                batch.append(page)
-                pages += 1
-                if len(batch) == PAGES_PER_BATCH:
-                    writer.write_batch(_as_batch(batch))
-                    batch = []
+            try:
+                for page in _pages(source, name, skips):
+                    batch.append(page)
+                    pages += 1
+                    if len(batch) == PAGES_PER_BATCH:
+                        writer.write_batch(_as_batch(batch))
+                        batch = []
+            except (OSError, EOFError, pa.ArrowException) as error:  # as data.readers.read_records takes them
+                if isinstance(error, OSError) and error.errno is not None and not source.is_object:
+                    # The system failed the read (a failing disk): nothing of the file is kept.
+                    raise SourceReadError(error.errno, error.strerror, str(source.path)) from error
+                skips.add(SKIP_UNREADABLE, f"{name} ({_first_line(error)})")  # a broken archive: the rest of it
             writer.write_batch(_as_batch(batch))
         write_unit_file(tmp, {"source": name, "pages": pages, "skips": skips.to_dict()})
 

@@ -13,6 +13,7 @@ from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
 from gptflow.data.ingest import ingest_corpus
 from gptflow.data.language import identify_language
+from gptflow.data.readers import SKIP_UNREADABLE
 from gptflow.data.shards import iter_raw_batches
 from gptflow.data.sources import resolve_sources
 from gptflow.data.web import SKIP_CUT_SHORT_WARC, SKIP_MALFORMED_WARC, SKIP_NO_MAIN_TEXT, SKIP_UNDECODABLE_PAGE
@@ -210,3 +211,18 @@ def test_gzipped_html_files_are_read(tmp_path):
                              required_splits=())
 
     assert stored_texts(manifest)[0].startswith("Lire un fichier ligne par ligne")
+
+
+def test_a_truncated_gzipped_html_file_is_skipped_and_located(tmp_path):
+    corpus = tmp_path / "pages"
+    corpus.mkdir()
+    (corpus / "good.html").write_bytes((PAGES / "article_en.html").read_bytes())
+    broken = corpus / "broken.html.gz"
+    broken.write_bytes(gzip.compress((PAGES / "article_fr.html").read_bytes())[:200])
+
+    manifest = ingest_corpus(resolve_sources([str(corpus)]), IngestConfig(val_fraction=0.3), tmp_path / "store",
+                             required_splits=())
+
+    assert manifest.total_documents == 1
+    assert manifest.skips.counts == {SKIP_UNREADABLE: 1}
+    assert manifest.skips.examples[SKIP_UNREADABLE][0].startswith(f"{broken} (")
