@@ -15,10 +15,11 @@ change the ingest unit's key, never this one, so changing them re-reads extracte
 Bad input is skipped and counted as for every format, located ``path:record N`` (the WARC
 record's number, from 1): a record that cannot be parsed (the rest of the file with it, since a
 WARC reader cannot find the next record after a broken one), a record cut short by the file's end
-(a truncated download: its page is not kept half), a page that is not UTF-8 or its
-declared encoding, and a page without main text; as every reader does, a file that breaks off (a truncated ``.html.gz``)
-keeps what was read before, and a read the system fails is a ``SourceReadError``. Records that are not HTML responses (requests,
-metadata, images) are no documents and are not counted.
+(a truncated download: its page is not kept half), a page that is not in its declared or detected
+encoding, and a page without main text. As in every reader, a file that breaks off (a truncated
+``.html.gz``) keeps what was read before it, and a read the system fails is a
+``SourceReadError``. Records that are not HTML responses (requests, metadata, images) are no
+documents and are not counted.
 """
 
 from __future__ import annotations
