@@ -255,7 +255,7 @@ def ingest_corpus(
     if manifest.total_documents == 0:
         raise CorpusError(
             f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}"
-            f"{_language_drops_said(manifest, config)}). Fix or replace the files listed, or point --corpus at other "
+            f"{_language_drops_summary(manifest, config)}). Fix or replace the files listed, or point --corpus at other "
             f"data."
         )
     require_splits(manifest, required_splits, config)
@@ -265,7 +265,7 @@ def ingest_corpus(
     return manifest
 
 
-def _language_drops_said(manifest: CorpusManifest, config: IngestConfig) -> str:
+def _language_drops_summary(manifest: CorpusManifest, config: IngestConfig) -> str:
     drops = manifest.totals["language_drops"]
     if not drops:
         return ""
