@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}")
 
 
 def require(condition: bool, message: str) -> None:
@@ -48,6 +51,12 @@ class IngestConfig(RecordsConfig):
     """Replace e-mail addresses, phone numbers, IP addresses, payment card numbers and secrets
     (API keys, private key blocks) in every document with ``<EMAIL>``, ``<PHONE>``, ... before
     anything else reads it (``data.redact``); part of each file's unit key."""
+    languages: str | None = None
+    """Comma-separated ISO 639 codes, e.g. ``en,fr``: keep only documents identified as one of them
+    with a score of at least ``language_threshold`` (``data.language``); None keeps every language.
+    Needs ``pip install 'gptflow[web]'``."""
+    language_threshold: float = 0.65
+    """The language model's lowest score (a probability) for a kept document; FineWeb's 0.65."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,6 +68,11 @@ class IngestConfig(RecordsConfig):
             f"data.near_dedup_threshold must be a Jaccard similarity in (0, 1], e.g. 0.8, or none to keep "
             f"exact dedup only; got {self.near_dedup_threshold}",
         )
+        codes = self.languages.split(",") if self.languages is not None else []
+        require(all(_LANGUAGE_CODE.fullmatch(code.strip()) for code in codes),
+                f"data.languages must be comma-separated ISO 639 codes such as en,fr (or none), got {self.languages!r}")
+        require(0.0 <= self.language_threshold < 1.0,
+                f"data.language_threshold must be a score in [0, 1), e.g. 0.65, got {self.language_threshold}")
 
 
 @dataclass

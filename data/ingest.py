@@ -15,11 +15,14 @@ duplicates of kept segments then join the drop lists too (``near_dedup``).
 
 A unit's key (``_unit_key``) holds the code version of this module (with the reader, shards,
 sources and errors it imports), the file's content hash, format, compression, ``text_field``
-(structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars`` and
-``redact_pii``; not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
+(structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars``,
+``redact_pii``, ``languages`` (with its threshold and model, when set) and, for a web file, the
+extractor's version; not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
 only) nor ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s
 counts: documents read (each once), documents cut and the segments they became, segments and
-bytes per split, duplicates dropped within the file, redactions, skips. Which files' hashes are
+bytes per split, duplicates dropped within the file, redactions, documents kept and dropped per
+language, skips. A web file's documents come from its extraction unit (``data.web``), which no
+setting here invalidates. Which files' hashes are
 known without reading them is remembered in ``file-hashes.json`` (``FILE_HASH_CACHE``, by
 ``data.sources.source_stamp``), so a rerun hashes only new or changed files. With ``redact_pii``,
 what is written names a source as ``source_name`` does, its names' personal data redacted, and a
@@ -45,7 +48,6 @@ onto the cluster by partition.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
@@ -56,9 +58,11 @@ from typing import Any
 from gptflow.data.code_version import code_version
 from gptflow.data.commits import write_json_atomic
 from gptflow.data.config import IngestConfig
+from gptflow.data.content_hashes import ContentHashes
 from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.exact_dedup import drop_cross_file_duplicates
 from gptflow.data.hashing import hash_bytes, hash_json, hash_stream, split_by_hash
+from gptflow.data.language import LanguageFilter, language_key_fields, language_model_version
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
 from gptflow.data.readers import SourceReadError, read_documents
 from gptflow.data.redact import redact, redact_path
@@ -73,6 +77,7 @@ from gptflow.data.sources import (
 )
 from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
 from gptflow.data.units import MapUnits, Progress, in_this_process
+from gptflow.data.web import WEB_FORMATS, extractor_version, web_documents
 
 FILE_HASH_CACHE = "file-hashes.json"
 
@@ -95,7 +100,8 @@ class CorpusUnit:
     key: str
     directory: str
     documents: int
-    """Documents read from the file, each counted once however many segments it became."""
+    """Documents read from the file and kept by ``data.languages``, each counted once however many
+    segments it became."""
     cut_documents: int
     """Documents longer than ``segment_chars``, cut into several segments."""
     cut_segments: int
@@ -113,6 +119,9 @@ class CorpusUnit:
     """Segments dropped as near duplicates of earlier kept ones (``data.near_dedup_threshold``)."""
     redactions: dict[str, int] = field(default_factory=dict)
     """Replacements per kind of personal data or secret (``data.redact_pii``), kinds found only."""
+    languages: dict[str, int] = field(default_factory=dict)
+    language_drops: dict[str, int] = field(default_factory=dict)
+    """Documents kept (``languages``) and dropped per identified language, ``data.languages`` set."""
 
 
 @dataclass
@@ -139,6 +148,8 @@ class CorpusManifest:
             "duplicates": sum(unit.duplicates for unit in self.units),
             "near_duplicates": sum(unit.near_duplicates for unit in self.units),
             "redactions": dict(sum((Counter(unit.redactions) for unit in self.units), Counter())),
+            "languages": dict(sum((Counter(unit.languages) for unit in self.units), Counter())),
+            "language_drops": dict(sum((Counter(unit.language_drops) for unit in self.units), Counter())),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,12 +208,16 @@ def ingest_corpus(
     """
     if config.near_dedup_threshold is not None:
         datasketch_version()  # missing: said now, not after ingesting every file
+    if config.languages is not None:
+        language_model_version()
     skips = SkipReport()
     if isinstance(sources, SourceResolution):
         skips.merge(sources.skipped.renamed(lambda location: source_name(location, config)))
         sources = sources.files
     files = sorted(sources, key=lambda source: str(source.path))
-    content_hashes = _ContentHashes(store_dir / FILE_HASH_CACHE)
+    if any(source.format in WEB_FORMATS for source in files):
+        extractor_version()
+    content_hashes = ContentHashes(store_dir / FILE_HASH_CACHE)
     code = code_version(__name__)
     calls = [{"source": source, "known_hash": content_hashes.known(source), "config": config,
               "store_dir": store_dir, "artifacts": artifacts, "code": code} for source in files]
@@ -239,14 +254,24 @@ def ingest_corpus(
     )
     if manifest.total_documents == 0:
         raise CorpusError(
-            f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}). "
-            f"Fix or replace the files listed, or point --corpus at other data."
+            f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}"
+            f"{_language_drops_summary(manifest, config)}). Fix or replace the files listed, or point --corpus at other "
+            f"data."
         )
     require_splits(manifest, required_splits, config)
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
     write_json_atomic(Path(manifest.path), store_references(manifest.to_dict(), store_dir))
     artifacts.share(Path(manifest.path))
     return manifest
+
+
+def _language_drops_summary(manifest: CorpusManifest, config: IngestConfig) -> str:
+    drops = manifest.totals["language_drops"]
+    if not drops:
+        return ""
+    counts = ", ".join(f"{language} {count}" for language, count in sorted(drops.items()))
+    return (f"; data.languages={config.languages} dropped {sum(drops.values())} documents ({counts}) at "
+            f"data.language_threshold={config.language_threshold}")
 
 
 def _known_unit_directory(call: dict[str, Any]) -> Path:
@@ -279,7 +304,8 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
         documents=written["documents"], cut_documents=written["cut_documents"],
         cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
         drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
-        redactions=written.get("redactions", {}),
+        redactions=written.get("redactions", {}), languages=written.get("languages", {}),
+        language_drops=written.get("language_drops", {}),
     )
     return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], name)
 
@@ -330,6 +356,8 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
         "segment_chars": config.segment_chars,
         "min_chars": config.min_chars,
         "redact_pii": config.redact_pii,
+        **language_key_fields(config),
+        "extractor": extractor_version() if source.format in WEB_FORMATS else None,
     })
 
 
@@ -341,9 +369,17 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     segments = dict.fromkeys(SPLITS, 0)
     text_bytes = dict.fromkeys(SPLITS, 0)
     redactions: Counter[str] = Counter()
+    languages = LanguageFilter(config)
+    documents = (web_documents(source, name, content_hash, config.min_chars, directory.parent.parent, artifacts, skips)
+                 if source.format in WEB_FORMATS else
+                 ((text, None) for text in read_documents(source, config.text_field, skips, config.min_chars,
+                                                          raise_read_errors=True)))
     with artifacts.commit(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
-        for text in read_documents(source, config.text_field, skips, config.min_chars, raise_read_errors=True):
+        for text, url in documents:
+            language = languages.identify(text)  # before redaction: placeholders are no language
+            if not languages.keeps(language):
+                continue
             if config.redact_pii:  # before hashing: dedup and the split see the text as it is trained on
                 text, found = redact(text)
                 redactions.update(found)
@@ -364,7 +400,7 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
                     continue
                 seen.add(doc_hash)
                 split = split_by_hash(doc_hash, config.val_fraction)
-                writer.write(segment, doc_hash, split, continues, len(data))
+                writer.write(segment, doc_hash, split, continues, len(data), url, language)
                 continues = True
                 segments[split] += 1
                 text_bytes[split] += len(data)
@@ -381,6 +417,8 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
             "bytes": text_bytes,
             "skips": skips.relocated(str(source.path), name).to_dict(),
             "redactions": dict(redactions),
+            "languages": dict(languages.kept),
+            "language_drops": dict(languages.dropped),
         }
         write_unit_file(tmp, written)
     return written
@@ -388,44 +426,3 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
 
 def _source_bytes(source: SourceFile) -> int:
     return 0 if source.format == HUB_FORMAT else source_stamp(source)["size"]
-
-
-class _ContentHashes:
-    """Content hashes of source files, remembered by their ``source_stamp`` across runs.
-
-    A file whose size and mtime are unchanged is taken to have unchanged bytes (as make and git
-    do), and so is an object whose size and ETag are, so a rerun over a large corpus hashes (or
-    downloads) only new or changed files.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.entries: dict[str, dict[str, Any]] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}
-        self.stamps: dict[str, dict[str, Any]] = {}
-        self.changed = False
-
-    def known(self, source: SourceFile) -> str | None:
-        """The content hash of ``source`` if it is known without reading the file, else None; its
-        stamp now is what ``remember`` records."""
-        if source.format == HUB_FORMAT:
-            return hash_bytes(str(source.path).encode())  # the path pins the dataset revision
-        stamp = source_stamp(source)
-        self.stamps[str(source.path)] = stamp
-        entry = self.entries.get(str(source.path))
-        if entry and entry == {**stamp, "hash": entry["hash"]}:
-            return entry["hash"]
-        return None
-
-    def remember(self, source: SourceFile, content_hash: str) -> None:
-        """Record ``content_hash`` under the stamp ``known`` saw (the file read after it)."""
-        stamp = self.stamps.get(str(source.path))
-        if stamp is not None and self.entries.get(str(source.path)) != {**stamp, "hash": content_hash}:
-            self.entries[str(source.path)] = {**stamp, "hash": content_hash}
-            self.changed = True
-
-    def save(self) -> None:
-        if self.changed:
-            write_json_atomic(self.path, self.entries)

@@ -6,7 +6,8 @@ A record is ``(location, value)``: a string for a text file (``.txt .md .rst .py
 file), else a JSON value (a JSONL line, a JSON array item, or a whole JSON document), a CSV row
 keyed by its header (Python's ``csv`` over the decoded stream, ``surrogateescape`` marking
 undecodable bytes), a parquet or hub row, or a CoNLL sentence (``.conll .iob .bio``:
-``{"words", "tags", "lines"}``). ``.gz`` and ``.zst`` are read on any format but parquet. The
+``{"words", "tags", "lines"}``), or a web page's main text (``.html .htm .warc``: ``data.web``).
+``.gz`` and ``.zst`` are read on any format but parquet. The
 location is ``path:line`` for JSONL and CSV (a row's first line) and CoNLL, ``path:record N``
 for JSON arrays, parquet and hub rows, the path alone otherwise. Text is UTF-8, a leading BOM
 dropped.
@@ -303,6 +304,12 @@ def _read_hub(source: SourceFile, skips: SkipReport, columns: Sequence[str] | No
     yield from _numbered(source, datasets.load_dataset(name, split="train", streaming=True, revision=revision))
 
 
+def _read_web(source: SourceFile, skips: SkipReport, columns: Sequence[str] | None) -> Iterator[Record]:
+    from gptflow.data.web import read_pages  # it reads skip reasons from here
+
+    yield from read_pages(source, skips)
+
+
 def _numbered(source: SourceFile, records: Iterable[Any]) -> Iterator[Record]:
     """Records located as ``path:record N`` (1-based), for formats without lines."""
     for index, record in enumerate(records, start=1):
@@ -317,4 +324,6 @@ _READERS: dict[str, Callable[[SourceFile, SkipReport, Sequence[str] | None], Ite
     "parquet": _read_parquet,
     "conll": _read_conll,
     "hub": _read_hub,
+    "html": _read_web,
+    "warc": _read_web,
 }

@@ -4,7 +4,9 @@ the ``unit.json`` of counts each unit carries.
 Raw shard ``docs-00000.arrow``: one row per segment (a document, or a piece of a long one),
 columns ``text: large_string``, ``doc_hash: string``, ``split: string``, ``continues: bool``
 (the text goes straight on from the previous row's: the next segment of the same document, none
-dropped between), rows in file order, ``doc_hash`` the segment's ``data.hashing.hash_bytes``,
+dropped between), and the document's metadata, null where it has none: ``url: string`` (a WARC
+page's), ``language: string`` and ``language_score: float32`` (with ``data.languages`` set); rows
+in file order, ``doc_hash`` the segment's ``data.hashing.hash_bytes``,
 written in record batches of bounded size and rolled over to a new file every ``shard_bytes`` of
 text.
 
@@ -28,6 +30,7 @@ import pyarrow as pa
 UNIT_FILE = "unit.json"
 RAW_SCHEMA = pa.schema([
     ("text", pa.large_string()), ("doc_hash", pa.string()), ("split", pa.string()), ("continues", pa.bool_()),
+    ("url", pa.string()), ("language", pa.string()), ("language_score", pa.float32()),
 ])
 RAW_SHARD_PREFIX = "docs-"
 RAW_BATCH_BYTES = 4 << 20
@@ -66,12 +69,15 @@ class RawShardWriter:
         self.shard_names: list[str] = []
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._shard_text_bytes = 0
-        self._columns: tuple[list[str], list[str], list[str], list[bool]] = ([], [], [], [])
+        self._columns: list[list[Any]] = [[] for _ in RAW_SCHEMA]
         self._pending_bytes = 0
 
-    def write(self, text: str, doc_hash: str, split: str, continues: bool, n_bytes: int) -> None:
-        """Add one segment; ``n_bytes`` is its UTF-8 size, which the caller already knows."""
-        for column, value in zip(self._columns, (text, doc_hash, split, continues)):
+    def write(self, text: str, doc_hash: str, split: str, continues: bool, n_bytes: int,
+              url: str | None = None, language: tuple[str, float] | None = None) -> None:
+        """Add one segment; ``n_bytes`` is its UTF-8 size, which the caller already knows; ``url``
+        and ``language`` (code, score): its document's, if known."""
+        language_code, language_score = language or (None, None)
+        for column, value in zip(self._columns, (text, doc_hash, split, continues, url, language_code, language_score)):
             column.append(value)
         self._pending_bytes += n_bytes
         if self._pending_bytes >= min(RAW_BATCH_BYTES, self.shard_bytes):
@@ -92,9 +98,10 @@ class RawShardWriter:
             name = f"{RAW_SHARD_PREFIX}{len(self.shard_names):05d}.arrow"
             self.shard_names.append(name)
             self._writer = pa.ipc.new_file(str(self.directory / name), RAW_SCHEMA)
-        self._writer.write_batch(pa.record_batch([pa.array(column) for column in self._columns], schema=RAW_SCHEMA))
+        self._writer.write_batch(pa.record_batch([pa.array(column, field.type) for column, field in
+                                                  zip(self._columns, RAW_SCHEMA)], schema=RAW_SCHEMA))
         self._shard_text_bytes += self._pending_bytes
-        self._columns = ([], [], [], [])
+        self._columns = [[] for _ in RAW_SCHEMA]
         self._pending_bytes = 0
         if self._shard_text_bytes >= self.shard_bytes:
             self._writer.close()

@@ -38,6 +38,7 @@ HUB_PREFIX = "hf:"
 FORMAT_BY_SUFFIX = {
     ".txt": "text", ".md": "text", ".rst": "text", ".py": "text",
     ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+    ".html": "html", ".htm": "html", ".warc": "warc",
 }
 """File formats by extension; ``text`` is one document per file."""
 COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".zst": "zstd"}
@@ -68,7 +69,7 @@ class SourceFile:
     """A file's absolute path; an object's URL, as a string (a ``Path`` would merge the ``//`` of
     ``s3://bucket/key``); for hub datasets ``hf:owner/name@<revision>``."""
     format: str
-    """``text``, ``jsonl``, ``json``, ``parquet``, ``csv``, or ``hub``."""
+    """``text``, ``jsonl``, ``json``, ``parquet``, ``csv``, ``html``, ``warc``, or ``hub``."""
     compression: str | None = None
     """``gzip`` or ``zstd`` (from a ``.gz`` / ``.zst`` suffix), else None."""
     listed_stamp: tuple[int, str] | None = None

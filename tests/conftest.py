@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import resource
 import shutil
@@ -377,3 +378,48 @@ def run_at_once(tmp_path) -> Callable[..., list[tuple[int, str]]]:
         return [(process.returncode, log.read_text()) for process, log in zip(processes, logs)]
 
     return run
+
+
+WEB_PAGES = Path(__file__).parent / "fixtures" / "web"
+
+
+@pytest.fixture
+def write_warc() -> Callable[[Path, list[tuple[str, str, bytes]], bool], None]:
+    """``write_warc(path, records, gzipped)``: a WARC file written by warcio's own writer, a request
+    and a response record per ``(url, content_type, body)``."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    def write(path: Path, records: list[tuple[str, str, bytes]], gzipped: bool) -> None:
+        with open(path, "wb") as stream:
+            writer = WARCWriter(stream, gzip=gzipped)
+            for url, content_type, body in records:
+                request = io.BytesIO(b"GET / HTTP/1.1\r\n\r\n")
+                writer.write_record(writer.create_warc_record(url, "request", payload=request))
+                headers = StatusAndHeaders("200 OK", [("Content-Type", content_type)], protocol="HTTP/1.1")
+                writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
+                                                              http_headers=headers))
+
+    return write
+
+
+@pytest.fixture
+def make_crawl(write_warc) -> Callable[..., Path]:
+    """``make_crawl(folder, gzipped=True)``: ``folder/crawl/pages.warc[.gz]`` of the three pages in
+    tests/fixtures/web (English, French, German: records 2, 6 and 8), an image (record 4) and a
+    page with no main text (record 10)."""
+
+    def make(folder: Path, gzipped: bool = True) -> Path:
+        records = [
+            ("https://example.org/en", "text/html; charset=utf-8", (WEB_PAGES / "article_en.html").read_bytes()),
+            ("https://example.org/logo.png", "image/png", b"\x89PNG\r\n\x1a\n" + bytes(64)),
+            ("https://example.fr/", "text/html; charset=utf-8", (WEB_PAGES / "article_fr.html").read_bytes()),
+            ("https://example.de/", "text/html; charset=iso-8859-1", (WEB_PAGES / "article_de.htm").read_bytes()),
+            ("https://example.org/empty", "text/html", b"<html><body><nav><a href='/'>Home</a></nav></body></html>"),
+        ]
+        path = folder / "crawl" / ("pages.warc.gz" if gzipped else "pages.warc")
+        path.parent.mkdir(exist_ok=True)
+        write_warc(path, records, gzipped)
+        return path
+
+    return make

@@ -10,11 +10,13 @@ from prefect import task
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits, source_name
+from gptflow.data.language import language_model_version
 from gptflow.data.near_dedup import datasketch_version
 from gptflow.data.redact import REDACTION_KINDS
 from gptflow.data.shards import SPLITS
 from gptflow.data.sources import SourceResolution
 from gptflow.data.store import ArtifactStore
+from gptflow.data.web import WEB_FORMATS, extractor_version
 from gptflow.tasks.runtime.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
@@ -52,6 +54,10 @@ def ingest(
         # Its hashing decides which segments are near duplicates. Unset, it stays out of the key:
         # a run without the setting needs no datasketch.
         inputs["datasketch"] = datasketch_version()
+    if config.languages is not None:
+        inputs["language_model"] = language_model_version()  # its model decides what is kept
+    if any(source.format in WEB_FORMATS for source in sources.files):
+        inputs["extractor"] = extractor_version()  # it decides the text of every page
     key = stage_key("ingest", config=config, modules=(__name__,), inputs=inputs)
     outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
                         sources=sources, config=config, store_dir=str(workspace.store), artifacts=workspace.artifacts,
@@ -70,6 +76,8 @@ def ingest(
         _log_near_duplicates(run, manifest)
     if config.redact_pii:
         _log_redactions(run, manifest)
+    if config.languages is not None:
+        _log_languages(run, manifest, config)
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
     require_splits(manifest, required_splits, config)
@@ -95,3 +103,20 @@ def _log_redactions(run: PipelineRun, manifest: CorpusManifest) -> None:
     if totals:
         run_logger().info("ingest: redacted " + ", ".join(f"{count:,} {kind}" for kind, count in sorted(totals.items()))
                           + f" in {len(by_source):,} files")
+
+
+def _log_languages(run: PipelineRun, manifest: CorpusManifest, config: IngestConfig) -> None:
+    """``dataset.language_kept.<language>`` and ``dataset.language_dropped.<language>`` per
+    identified language, and the counts per source file as ``data/languages.json``."""
+    kept, dropped = manifest.totals["languages"], manifest.totals["language_drops"]
+    run.log_params({"dataset.language_dropped": sum(dropped.values()),
+                    **{f"dataset.language_kept.{language}": count for language, count in kept.items()},
+                    **{f"dataset.language_dropped.{language}": count for language, count in dropped.items()}})
+    by_source = {unit.source: {"kept": unit.languages, "dropped": unit.language_drops} for unit in manifest.units}
+    run.log_text(json.dumps({"kept": kept, "dropped": dropped, "by_source": by_source}, indent=2),
+                 "data/languages.json")
+    if dropped:
+        run_logger().info(f"ingest: data.languages={config.languages} dropped {sum(dropped.values()):,} documents ("
+                          + ", ".join(f"{language} {count:,}" for language, count in
+                                      sorted(dropped.items(), key=lambda item: -item[1]))
+                          + f") below data.language_threshold={config.language_threshold} or in other languages")

@@ -61,7 +61,7 @@ def test_each_file_becomes_a_committed_unit_of_hashed_split_documents(write_corp
 
     assert [Path(unit.source).name for unit in manifest.units] == ["a.jsonl", "b.txt"]
     assert all(is_complete(Path(unit.directory)) for unit in manifest.units)
-    assert next(iter_raw_batches(Path(manifest.units[0].directory), RAW_COLUMNS)).schema == RAW_SCHEMA
+    assert next(iter_raw_batches(Path(manifest.units[0].directory), RAW_SCHEMA.names)).schema == RAW_SCHEMA
     # Documents shorter than segment_chars stay whole: one row each, continuing nothing.
     written = rows(Path(manifest.units[0].directory))
     assert [text for text, _, _, _ in written] == texts[:30]

@@ -66,11 +66,19 @@ def test_override_values_are_coerced_to_the_field_type():
         ("train.compile=maybe", "is not a valid bool"),
         ("model.n_head=5", "divisible by model.n_head"),
         ("train.max_steps=0", "train.max_steps must be positive"),
+        ("data.languages=en;fr", "data.languages must be comma-separated ISO 639 codes such as en,fr"),
+        ("data.language_threshold=1.5", r"data.language_threshold must be a score in \[0, 1\)"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config(PretrainSettings, DEFAULT_PRESET, overrides=parse_override_pairs([override]))
+
+
+def test_languages_are_one_comma_separated_setting():
+    settings = build_config(PretrainSettings, DEFAULT_PRESET,
+                            overrides=parse_override_pairs(["data.languages=en,fr", "data.language_threshold=0.8"]))
+    assert (settings.data.languages, settings.data.language_threshold) == ("en,fr", 0.8)
 
 
 def test_evaluate_takes_only_the_settings_it_reads():

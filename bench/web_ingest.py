@@ -1,0 +1,74 @@
+"""Ingest of a WARC file, first with extraction, then with language settings changed (extraction
+reused from its unit), then cached: what each costs, on real pages (Python's HTML documentation,
+Debian's ``python3-doc``).
+
+    apt-get install -y python3-doc
+    python bench/web_ingest.py --pages 300
+
+Writes a ``.warc.gz`` of ``--pages`` random pages with warcio's writer into a temporary folder and
+prints, per ingest, its wall time and the documents kept and dropped per language.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from gptflow.data.config import IngestConfig
+from gptflow.data.ingest import ingest_corpus
+from gptflow.data.sources import resolve_sources
+
+DOC_ROOTS = sorted(Path("/usr/share/doc").glob("python3*/html"))
+
+
+def write_crawl(pages: list[Path], root: Path, path: Path) -> None:
+    with open(path, "wb") as stream:
+        writer = WARCWriter(stream, gzip=True)
+        for page in pages:
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(f"https://docs.python.org/3/{page.relative_to(root)}",
+                                                          "response", payload=io.BytesIO(page.read_bytes()),
+                                                          http_headers=headers))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not DOC_ROOTS:
+        raise SystemExit("No Python HTML documentation under /usr/share/doc: apt-get install -y python3-doc")
+    root = DOC_ROOTS[0]
+    pages = sorted(path for path in root.rglob("*.html") if "_static" not in path.parts)
+    random.Random(args.seed).shuffle(pages)
+    pages = pages[: args.pages]
+    with tempfile.TemporaryDirectory(prefix="gptflow-web-ingest-") as folder:
+        crawl = Path(folder) / "corpus" / "docs.warc.gz"
+        crawl.parent.mkdir()
+        write_crawl(pages, root, crawl)
+        print(f"{len(pages)} pages, {sum(page.stat().st_size for page in pages) / 1e6:.1f} MB of HTML, "
+              f"{crawl.stat().st_size / 1e6:.1f} MB of .warc.gz")
+        sources = resolve_sources([str(crawl.parent)])
+        steps = [
+            ("first ingest: extracts", IngestConfig()),
+            ("data.languages=en: re-filters the extracted text", IngestConfig(languages="en")),
+            ("data.languages=en,fr, threshold 0.8: re-filters", IngestConfig(languages="en,fr", language_threshold=0.8)),
+            ("the same again: every unit cached", IngestConfig(languages="en,fr", language_threshold=0.8)),
+        ]
+        for label, config in steps:
+            start = time.perf_counter()
+            manifest = ingest_corpus(sources, config, Path(folder) / "store", required_splits=())
+            seconds = time.perf_counter() - start
+            print(f"{label}: {seconds:.2f} s, {manifest.total_documents} documents, kept "
+                  f"{manifest.totals['languages']}, dropped {manifest.totals['language_drops']}")
+
+
+if __name__ == "__main__":
+    main()
