@@ -55,7 +55,10 @@ def start_worker(pool: str, name: str | None) -> NoReturn:
     print(f"gptflow worker: running the flow runs of the work pool {pool} on this machine until Ctrl-C; their "
           f"heartbeats every {os.environ['PREFECT_FLOWS_HEARTBEAT_FREQUENCY']} s, and a run silent for {SILENCE_S} s "
           "is marked Crashed", flush=True)
-    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    # prefect.yaml's pull step finds gptflow's folder with the `python` first on PATH: this one.
+    bin_folder = os.path.dirname(sys.executable)
+    os.environ["PATH"] = os.pathsep.join([bin_folder, os.environ.get("PATH", "")])
+    prefect = os.path.join(bin_folder, "prefect")
     command = [prefect, "worker", "start", "--pool", pool, "--type", "process"] + (["--name", name] if name else [])
     os.execv(prefect, command)  # its environment is this one: the login's credentials never in its arguments
 
