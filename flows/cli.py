@@ -238,8 +238,8 @@ def _add_workspace_commands(subcommands: argparse._SubParsersAction) -> None:
     worker.add_argument("--pool", default="gptflow", help="the work pool (default gptflow, as in prefect.yaml)")
     worker.add_argument("--name", help="the worker's name in Prefect's UI (default: Prefect's)")
     worker.add_argument("--workspace", metavar="DIR|s3://BUCKET/PREFIX",
-                        help="where the runs keep their data (default: $GPTFLOW_HOME or ./.gptflow of each run's "
-                        "directory); a `gptflow up` running for it is used when no Prefect server is set")
+                        help="where the runs keep their data (default: $GPTFLOW_HOME or ./.gptflow); a `gptflow up` "
+                        "running for it is used when no Prefect server is set")
     worker.set_defaults(handler=commands.run_worker)
 
     workspace_help = "workspace holding the servers' databases and artifacts (default: $GPTFLOW_HOME or ./.gptflow)"

@@ -223,10 +223,11 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_worker(args: argparse.Namespace) -> int:
     from gptflow.flows.worker import start_worker
 
-    if args.workspace:  # the runs' workspace: the worker's environment is theirs
-        workspace = Workspace.resolve(args.workspace)
-        os.environ[WORKSPACE_ENV] = workspace.url or str(workspace.root)
-        use_running_stack(workspace)
+    # The runs' workspace, named for them: they start in gptflow's own folder (prefect.yaml), whose
+    # ./.gptflow is no place for data.
+    workspace = Workspace.resolve(args.workspace)
+    os.environ[WORKSPACE_ENV] = workspace.url or str(workspace.root)
+    use_running_stack(workspace)
     check_credentials(dict(os.environ))
     start_worker(args.pool, args.name)
 

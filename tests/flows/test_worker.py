@@ -25,7 +25,6 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 CRASHED_WITHIN_S = 120
 """The issue's bound: a run whose worker was killed is Crashed within two minutes."""
 
-pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
@@ -69,6 +68,17 @@ def _flow_run_state(api_url: str, flow_run_id: str) -> str:
         return json.load(answer)["state"]["type"]
 
 
+def test_a_worker_without_a_prefect_server_says_how_to_name_one(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "PREFECT_", "GPTFLOW_"))}
+    env["GPTFLOW_LOGIN_FILE"] = str(tmp_path / "login.json")  # none kept
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")  # nor a Prefect profile naming a server
+    refused = _gptflow("worker", "--workspace", str(tmp_path / "workspace"), env=env)
+    assert refused.returncode == 2
+    assert refused.stderr == ("gptflow: error: A worker needs the team's Prefect server: run `gptflow login`, set "
+                              "PREFECT_API_URL, or run it where `gptflow up` runs for --workspace.\n")
+
+
+@pytest.mark.slow
 def test_a_bare_client_s_run_trains_on_a_worker_crashes_with_it_and_resumes_when_run_again(tiny_corpus_dir, tmp_path):
     workspace, laptop = tmp_path / "workspace", tmp_path / "laptop"
     laptop.mkdir()
