@@ -286,9 +286,11 @@ def test_a_teammate_s_deployment_run_trains_on_a_worker_and_its_model_downloads_
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)
-    [run_id] = set(re.findall(r"/runs/([0-9a-f]{32})", run.stdout))
-    download = ("import mlflow, pathlib, sys\n"
-                f"[version] = mlflow.MlflowClient().search_model_versions(\"run_id='{run_id}'\")\n"
+    # The run's summary links its MLflow run (and the runs it stands on): one of them registered the model.
+    run_ids = sorted(set(re.findall(r"/runs/([0-9a-f]{32})", run.stdout)))
+    download = ("import mlflow, pathlib\n"
+                f"[version] = [version for run_id in {run_ids!r} "
+                "for version in mlflow.MlflowClient().search_model_versions(f\"run_id='{run_id}'\")]\n"
                 "folder = mlflow.artifacts.download_artifacts(f'models:/{version.name}/{version.version}', "
                 "dst_path='model')\n"
                 "print(sorted(path.name for path in pathlib.Path(folder).rglob('*.safetensors')))\n")
