@@ -286,7 +286,7 @@ def test_a_teammate_s_deployment_run_trains_on_a_worker_and_its_model_downloads_
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)
-    # The run's summary links its MLflow run (and the runs it stands on): one of them registered the model.
+    # The watched log links MLflow runs, the training's among them: the one that registered a model.
     run_ids = sorted(set(re.findall(r"/runs/([0-9a-f]{32})", run.stdout)))
     download = ("import mlflow, pathlib\n"
                 f"[version] = [version for run_id in {run_ids!r} "
