@@ -230,6 +230,17 @@ def _add_workspace_commands(subcommands: argparse._SubParsersAction) -> None:
         "Needs PREFECT_API_URL pointing at a Prefect server (see `gptflow up`).",
     )
     serve.set_defaults(handler=commands.run_serve)
+    worker = subcommands.add_parser(
+        "worker", help="run the team's deployment runs on this machine: a worker of the Prefect work pool gptflow",
+        description="Create the process work pool and the automation that marks a flow run Crashed when its "
+        "heartbeats stop (unless they exist), then run `prefect worker start --pool POOL` with gptflow's login. "
+        "Runs start with `prefect deployment run 'pretrain/train-gpt'` once `prefect deploy --all` registered them.")
+    worker.add_argument("--pool", default="gptflow", help="the work pool (default gptflow, as in prefect.yaml)")
+    worker.add_argument("--name", help="the worker's name in Prefect's UI (default: Prefect's)")
+    worker.add_argument("--workspace", metavar="DIR|s3://BUCKET/PREFIX",
+                        help="where the runs keep their data (default: $GPTFLOW_HOME or ./.gptflow); a `gptflow up` "
+                        "running for it is used when no Prefect server is set")
+    worker.set_defaults(handler=commands.run_worker)
 
     workspace_help = "workspace holding the servers' databases and artifacts (default: $GPTFLOW_HOME or ./.gptflow)"
     stack_up = subcommands.add_parser("up", help="start a local Prefect server and MLflow server for this workspace, "

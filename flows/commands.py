@@ -24,7 +24,7 @@ from gptflow.flows.stack import down, keep_prefect_state_in, up, use_running_sta
 from gptflow.flows.team import ADMIN_USER, TeamError, TeamOptions, TeamSecrets, secrets_file
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
-from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.runtime.workspace import WORKSPACE_ENV, Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, PRESETS, PretrainSettings, build_config, parse_override_pairs
 
 if typing.TYPE_CHECKING:  # the command line imports torch and MLflow only for the commands that need them
@@ -218,6 +218,18 @@ def run_serve(args: argparse.Namespace) -> int:
         print("\n".join(f"  {line}" for line in tables))
     serve_deployments()
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from gptflow.flows.worker import start_worker
+
+    # The runs' workspace, named for them: they start in gptflow's own folder (prefect.yaml), whose
+    # ./.gptflow is no place for data.
+    workspace = Workspace.resolve(args.workspace)
+    os.environ[WORKSPACE_ENV] = workspace.url or str(workspace.root)
+    use_running_stack(workspace)
+    check_credentials(dict(os.environ))
+    start_worker(args.pool, args.name)
 
 
 def run_up(args: argparse.Namespace) -> int:

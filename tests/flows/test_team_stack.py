@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-PASSWORDS = {"bob": "bob-password-7Qx2", "carol": "carol-password-9Zk4"}
+PASSWORDS = {"bob": "bob-password-7Qx2", "carol": "carol-password-9Zk4", "dave": "dave-password-3Mv8"}
 """The teammates' passwords: secrets that must show nowhere either."""
 
 pytestmark = pytest.mark.slow
@@ -246,6 +248,55 @@ def test_a_logged_in_teammate_trains_with_artifacts_proxied_to_the_object_store(
     # The Prefect CLI uses the login too (its profile): it lists the run.
     listed = subprocess.run([PREFECT, "flow-run", "ls"], env=client, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "pretrain" in listed.stdout, listed.stdout + listed.stderr
+
+
+def test_a_teammate_s_deployment_run_trains_on_a_worker_and_its_model_downloads_through_the_proxy(
+        team, tiny_corpus_dir, tmp_path):
+    """The server's machine runs a worker (as the admin, from the secrets); dave's laptop holds his
+    login alone: no workspace, no S3 credentials, an empty cache."""
+    _user(team, "add", "dave")
+    _user(team, "grant", "dave", "edit")
+    server = {**team["env"], "PREFECT_API_URL": team["prefect"],
+              "PREFECT_API_AUTH_STRING": team["secrets"]["prefect_auth_string"]}
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "gptflow.flows.cli", "worker", "--workspace",
+                                   team["arguments"][3]], cwd=ROOT, env={**team["env"], "OMP_NUM_THREADS": "1"},
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "started!" not in log_path.read_text():  # Prefect's "Worker ... started!"
+            assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        deployed = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], cwd=ROOT, env=server,
+                                  capture_output=True, text=True, timeout=300)
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+
+        laptop = {**_clean_environment(), "GPTFLOW_LOGIN_FILE": str(tmp_path / "login.json"),
+                  "PREFECT_HOME": str(tmp_path / "prefect-home"), "GPTFLOW_CACHE": str(tmp_path / "empty-cache")}
+        logged_in = _gptflow("login", "--prefect", team["prefect"].removesuffix("/api"), "--mlflow", team["mlflow"],
+                             "--username", "dave", env={**laptop, "MLFLOW_TRACKING_PASSWORD": PASSWORDS["dave"],
+                                                        "PREFECT_API_AUTH_STRING": team["secrets"]["prefect_auth_string"]})
+        assert logged_in.returncode == 0, logged_in.stderr
+        parameters = {"preset": "tiny", "corpus": [str(tiny_corpus_dir)]}
+        run = subprocess.run([PREFECT, "deployment", "run", "pretrain/train-gpt", "--params", json.dumps(parameters),
+                              "--watch"], cwd=tmp_path, env={**laptop, "COLUMNS": "400"}, capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    # The watched log links MLflow runs, the training's among them: the one that registered a model.
+    run_ids = sorted(set(re.findall(r"/runs/([0-9a-f]{32})", run.stdout)))
+    download = ("import mlflow, pathlib\n"
+                f"[version] = [version for run_id in {run_ids!r} "
+                "for version in mlflow.MlflowClient().search_model_versions(f\"run_id='{run_id}'\")]\n"
+                "folder = mlflow.artifacts.download_artifacts(f'models:/{version.name}/{version.version}', "
+                "dst_path='model')\n"
+                "print(sorted(path.name for path in pathlib.Path(folder).rglob('*.safetensors')))\n")
+    downloaded = subprocess.run([sys.executable, "-c", download], cwd=tmp_path, capture_output=True, text=True,
+                                env={**laptop, **_as(team, "dave")}, timeout=300)
+    assert downloaded.returncode == 0 and "model.safetensors" in downloaded.stdout, downloaded.stderr[-3000:]
 
 
 def test_no_secret_shows_in_process_arguments_logs_or_output(team):
