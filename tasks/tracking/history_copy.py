@@ -96,8 +96,9 @@ class HistoryCopy:
         self.proxied_artifacts = proxied_artifacts
         self.run_ids: dict[str, str] = {}
         """Source run id to its copy's id."""
-        self.model_ids: dict[str, str] = {}
-        """Source logged model id to its copy's id."""
+        self.model_copies: dict[str, str] = {}
+        """A source logged model's id, and its files' location, to its copy's id: a version
+        registered from a logged model names it by either (a SQLite store keeps only the location)."""
         self.summary = CopySummary()
         self.copying = "the history"
         """What is being copied, for an error to name."""
@@ -201,7 +202,7 @@ class HistoryCopy:
                 self.destination.log_model_artifacts(copy.model_id, str(local))
             self.destination.finalize_logged_model(copy.model_id, model.status)
             self.destination.log_outputs(new_run_id, [LoggedModelOutput(copy.model_id, step=output.step)])
-            self.model_ids[model.model_id] = copy.model_id
+            self.model_copies[model.model_id] = self.model_copies[model.artifact_location] = copy.model_id
 
     def _copy_registered_model(self, name: str) -> None:
         model = self.source.get_registered_model(name)
@@ -236,7 +237,7 @@ class HistoryCopy:
     def _copy_version(self, version, key: str) -> str:
         """Register the copy of ``version`` on the copy of its run's model; its number."""
         new_run_id = self.run_ids[version.run_id]
-        model_id = self.model_ids.get(version.model_id or "")
+        model_id = self.model_copies.get(version.model_id or version.source)
         if model_id is not None:
             source = self.destination.get_logged_model(model_id).artifact_location
         else:  # registered from the run's artifacts, before runs logged models
