@@ -65,10 +65,11 @@ def copy_history(workspace_root: Path, destination: str, report: Callable[[str],
             raise HistoryCopyError(f"The MLflow server {destination} cannot be reached: check the address and that it "
                                    "runs, then run the same command again; it copies only what is not there yet.") from None
         if permission_denied(error):
-            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
-            raise HistoryCopyError(f"The MLflow server {destination} does not let {user} write {copy.copying}: its admin "
-                                   f"runs `gptflow user grant {user} edit --experiment NAME` (or for the model), then "
-                                   "run the same command again.") from None
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "NAME")
+            on = f" --experiment {copy.experiment}" if copy.experiment else ""
+            raise HistoryCopyError(f"The MLflow server {destination} does not let {user} write {copy.copying}: ask its "
+                                   f"admin for `gptflow user grant {user} edit{on}`, then run the same command again; "
+                                   "it copies only what is not there yet.") from None
         raise
 
 
@@ -102,6 +103,8 @@ class HistoryCopy:
         self.summary = CopySummary()
         self.copying = "the history"
         """What is being copied, for an error to name."""
+        self.experiment: str | None = None
+        """The experiment being copied, for an error to name; None while copying registered models."""
 
     def copy(self) -> CopySummary:
         for experiment in self.source.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=PAGE):
@@ -114,7 +117,7 @@ class HistoryCopy:
         runs = {run.info.run_id: run for run in self._runs(self.source, source_id)}
         if not runs:
             return
-        self.copying = f"the experiment {name}"
+        self.copying, self.experiment = f"the experiment {name}", name
         self.summary.experiments += 1
         destination_id = self._destination_experiment(name, tags)
         copied, half_written = self._copies_in(destination_id)
@@ -209,7 +212,7 @@ class HistoryCopy:
         versions = sorted(self._versions(self.source, name), key=lambda version: int(version.version))
         if not any(version.run_id in self.run_ids for version in versions):
             return
-        self.copying = f"the registered model {name}"
+        self.copying, self.experiment = f"the registered model {name}", None
         if self.destination.search_registered_models(f"name = '{_quoted(name)}'"):
             for key, value in model.tags.items():
                 self.destination.set_registered_model_tag(name, key, value)

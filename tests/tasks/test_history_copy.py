@@ -136,6 +136,7 @@ def _history(client: MlflowClient, root: Path) -> dict:
     return history
 
 
+@pytest.mark.slow  # starts an MLflow server
 def test_a_sweep_and_its_registered_models_round_trip_and_a_second_copy_copies_nothing(
         laptop, team_mlflow, tmp_path, capsys):
     assert main(["push-history", "--to", team_mlflow, "--workspace", str(laptop)]) == 0
@@ -162,6 +163,7 @@ def test_a_sweep_and_its_registered_models_round_trip_and_a_second_copy_copies_n
     assert len(team.search_model_versions(f"name = '{MODEL}'")) == 2
 
 
+@pytest.mark.slow  # starts an MLflow server
 def test_a_copy_a_stop_left_half_written_is_made_anew(laptop, team_mlflow):
     first = copy_history(laptop, team_mlflow, lambda line: None)
     team = MlflowClient(team_mlflow)
