@@ -56,7 +56,7 @@ def copy_history(workspace_root: Path, destination: str, report: Callable[[str],
         raise HistoryCopyError(f"{workspace_root} holds no MLflow history (no mlflow.db): give the workspace you "
                                "trained in with --workspace.")
     source_uri = f"sqlite:///{database}"
-    copy = HistoryCopy(MlflowClient(source_uri), MlflowClient(destination), source_store_name(source_uri),
+    copy = HistoryCopy(MlflowClient(source_uri), MlflowClient(destination), f"{socket.gethostname()}:{database}",
                        workspace_root / "mlartifacts", report)
     try:
         return copy.copy()
@@ -121,8 +121,9 @@ class HistoryCopy:
         self.summary.experiments += 1
         destination_id = self._destination_experiment(name, tags)
         copied, half_written = self._copies_in(destination_id)
-        for run_id in half_written:
-            self.destination.delete_run(run_id)
+        for run_id, source_id in half_written.items():
+            if source_id in runs:  # not a teammate's copy under way
+                self.destination.delete_run(run_id)
         before = self.summary.runs_copied
         for run in runs.values():
             self._copy_run(run, runs, copied, destination_id)
@@ -140,16 +141,17 @@ class HistoryCopy:
                 self.destination.set_experiment_tag(existing.experiment_id, key, value)
         return existing.experiment_id
 
-    def _copies_in(self, experiment_id: str) -> tuple[dict[str, str], list[str]]:
-        """The runs of the destination's experiment that are copies: complete ones by their source
-        run id, and the ids of those a stopped copy left half-written."""
+    def _copies_in(self, experiment_id: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The runs of the destination's experiment that are copies: the complete ones' ids by
+        their source run id, and the source run id of each that is half-written (by a copy that
+        stopped, or one under way) by its id."""
         complete: dict[str, str] = {}
-        half_written = []
+        half_written: dict[str, str] = {}
         for run in self._runs(self.destination, experiment_id, f"tags.`{COPIED_FROM_TAG}` LIKE '%'"):
             if run.data.tags.get(COPY_COMPLETE_TAG) == "true":
                 complete[run.data.tags[COPIED_FROM_TAG]] = run.info.run_id
             else:
-                half_written.append(run.info.run_id)
+                half_written[run.info.run_id] = run.data.tags[COPIED_FROM_TAG]
         return complete, half_written
 
     def _copy_run(self, run: Run, runs: dict[str, Run], copied: dict[str, str], experiment_id: str) -> str:
@@ -275,13 +277,6 @@ class HistoryCopy:
     @staticmethod
     def _versions(client: MlflowClient, name: str) -> list:
         return list(client.search_model_versions(f"name = '{_quoted(name)}'", max_results=PAGE))
-
-
-def source_store_name(tracking_uri: str) -> str:
-    """Where a copy came from, for people reading the tag: a local store's machine and path."""
-    if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
-        return f"{socket.gethostname()}:{tracking_uri}"
-    return tracking_uri
 
 
 def _path_in_run(source: str, run_id: str) -> str:

@@ -177,7 +177,7 @@ def test_a_copy_a_stop_left_half_written_is_made_anew(laptop, team_mlflow):
     active = team.search_runs([experiment], "attributes.run_name = 'learning_rate=0.001'")
     assert len(active) == 1 and active[0].info.run_id != point.info.run_id
     assert len(active[0].data.metrics) == 1
-    # Its model version points at the new copy; nothing was registered twice.
+    # The registry found its versions: nothing was registered twice.
     versions = team.search_model_versions(f"name = '{MODEL}'")
     assert len(versions) == 2
 
