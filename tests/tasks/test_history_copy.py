@@ -23,6 +23,7 @@ from gptflow.tasks.tracking.history_copy import COPIED_FROM_TAG, COPY_COMPLETE_T
 
 EXPERIMENT = "gptflow-pretrain"
 MODEL = "gptflow-tiny"
+SERVED_EXPERIMENT = "gptflow-evaluate"
 
 
 def _free_port() -> int:
@@ -61,7 +62,8 @@ def team_mlflow(tmp_path) -> Iterator[str]:
 @pytest.fixture
 def laptop(tmp_path) -> Path:
     """A workspace whose own store holds a sweep (a parent run, two nested points that each logged
-    a model) and a registered model with two versions, the newest aliased ``champion``."""
+    a model), a registered model with two versions, the newest aliased ``champion``, and a run
+    logged through `gptflow up`'s server (its artifacts in the workspace's mlartifacts/)."""
     workspace = tmp_path / "history-laptop"
     workspace.mkdir()
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -95,6 +97,13 @@ def laptop(tmp_path) -> Path:
         client.set_terminated(run_id, "FINISHED" if index == 1 else "FAILED", end_time=9_000 + index)
     client.set_registered_model_alias(MODEL, "champion", "2")
     client.set_terminated(sweep.info.run_id, "FINISHED", end_time=9_999)
+    # A run logged through `gptflow up`'s server, which keeps its artifacts in the workspace's mlartifacts/.
+    served = client.create_experiment(SERVED_EXPERIMENT, artifact_location="mlflow-artifacts:/7")
+    evaluation = client.create_run(served, run_name="evaluate").info.run_id
+    report = workspace / "mlartifacts" / "7" / evaluation / "artifacts" / "report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text('{"accuracy": 0.75}')
+    client.set_terminated(evaluation)
     return workspace
 
 
@@ -141,7 +150,7 @@ def test_a_sweep_and_its_registered_models_round_trip_and_a_second_copy_copies_n
         laptop, team_mlflow, tmp_path, capsys):
     assert main(["push-history", "--to", team_mlflow, "--workspace", str(laptop)]) == 0
     output = capsys.readouterr()
-    assert "3 runs copied, 0 already there; 2 model versions copied" in output.out
+    assert "2 experiments: 4 runs copied, 0 already there; 2 model versions copied" in output.out
     assert f"{EXPERIMENT}: 3 runs copied" in output.err
 
     team = MlflowClient(team_mlflow)
@@ -155,9 +164,12 @@ def test_a_sweep_and_its_registered_models_round_trip_and_a_second_copy_copies_n
     assert copied["registry"]["champion"] == "learning_rate=0.01"
     # The copies' files live on the team server, not in the laptop's folder.
     assert team.get_model_version_by_alias(MODEL, "champion").source.startswith("mlflow-artifacts:")
+    [evaluation] = team.search_runs([team.get_experiment_by_name(SERVED_EXPERIMENT).experiment_id])
+    report = team.download_artifacts(evaluation.info.run_id, "report.json", str(tmp_path / "history-report"))
+    assert Path(report).read_text() == '{"accuracy": 0.75}'
 
     assert main(["push-history", "--to", team_mlflow, "--workspace", str(laptop)]) == 0
-    assert "0 runs copied, 3 already there; 0 model versions copied, 2 already there" in capsys.readouterr().out
+    assert "0 runs copied, 4 already there; 0 model versions copied, 2 already there" in capsys.readouterr().out
     experiment = team.get_experiment_by_name(EXPERIMENT).experiment_id
     assert len(team.search_runs([experiment], run_view_type=ViewType.ALL)) == 3
     assert len(team.search_model_versions(f"name = '{MODEL}'")) == 2
@@ -173,7 +185,7 @@ def test_a_copy_a_stop_left_half_written_is_made_anew(laptop, team_mlflow):
 
     again = copy_history(laptop, team_mlflow, lambda line: None)
 
-    assert (first.runs_copied, again.runs_copied, again.runs_found) == (3, 1, 2)
+    assert (first.runs_copied, again.runs_copied, again.runs_found) == (4, 1, 3)
     active = team.search_runs([experiment], "attributes.run_name = 'learning_rate=0.001'")
     assert len(active) == 1 and active[0].info.run_id != point.info.run_id
     assert len(active[0].data.metrics) == 1
