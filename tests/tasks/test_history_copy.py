@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow.artifacts
@@ -24,39 +19,6 @@ from gptflow.tasks.tracking.history_copy import COPIED_FROM_TAG, COPY_COMPLETE_T
 EXPERIMENT = "gptflow-pretrain"
 MODEL = "gptflow-tiny"
 SERVED_EXPERIMENT = "gptflow-evaluate"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def team_mlflow(tmp_path) -> Iterator[str]:
-    """A real ``mlflow server`` on SQLite that serves its artifacts, as a team's is proxied."""
-    folder = tmp_path / "history-destination"
-    folder.mkdir()
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--serve-artifacts",
-         "--artifacts-destination", (folder / "artifacts").as_uri()],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
-            time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
 
 
 @pytest.fixture
@@ -147,13 +109,13 @@ def _history(client: MlflowClient, root: Path) -> dict:
 
 @pytest.mark.slow  # starts an MLflow server
 def test_a_sweep_and_its_registered_models_round_trip_and_a_second_copy_copies_nothing(
-        laptop, team_mlflow, tmp_path, capsys):
-    assert main(["push-history", "--to", team_mlflow, "--workspace", str(laptop)]) == 0
+        laptop, artifact_serving_mlflow, tmp_path, capsys):
+    assert main(["push-history", "--to", artifact_serving_mlflow, "--workspace", str(laptop)]) == 0
     output = capsys.readouterr()
     assert "2 experiments: 4 runs copied, 0 already there; 2 model versions copied" in output.out
     assert f"{EXPERIMENT}: 3 runs copied" in output.err
 
-    team = MlflowClient(team_mlflow)
+    team = MlflowClient(artifact_serving_mlflow)
     original = _history(MlflowClient(f"sqlite:///{laptop / 'mlflow.db'}"), tmp_path / "history-original")
     copied = _history(team, tmp_path / "history-copied")
     assert copied == original
@@ -168,7 +130,7 @@ def test_a_sweep_and_its_registered_models_round_trip_and_a_second_copy_copies_n
     report = team.download_artifacts(evaluation.info.run_id, "report.json", str(tmp_path / "history-report"))
     assert Path(report).read_text() == '{"accuracy": 0.75}'
 
-    assert main(["push-history", "--to", team_mlflow, "--workspace", str(laptop)]) == 0
+    assert main(["push-history", "--to", artifact_serving_mlflow, "--workspace", str(laptop)]) == 0
     assert "0 runs copied, 4 already there; 0 model versions copied, 2 already there" in capsys.readouterr().out
     experiment = team.get_experiment_by_name(EXPERIMENT).experiment_id
     assert len(team.search_runs([experiment], run_view_type=ViewType.ALL)) == 3
@@ -176,14 +138,14 @@ def test_a_sweep_and_its_registered_models_round_trip_and_a_second_copy_copies_n
 
 
 @pytest.mark.slow  # starts an MLflow server
-def test_a_copy_a_stop_left_half_written_is_made_anew(laptop, team_mlflow):
-    first = copy_history(laptop, team_mlflow, lambda line: None)
-    team = MlflowClient(team_mlflow)
+def test_a_copy_a_stop_left_half_written_is_made_anew(laptop, artifact_serving_mlflow):
+    first = copy_history(laptop, artifact_serving_mlflow, lambda line: None)
+    team = MlflowClient(artifact_serving_mlflow)
     experiment = team.get_experiment_by_name(EXPERIMENT).experiment_id
     point = team.search_runs([experiment], "attributes.run_name = 'learning_rate=0.001'")[0]
     team.delete_tag(point.info.run_id, COPY_COMPLETE_TAG)  # as if the copy stopped before its end
 
-    again = copy_history(laptop, team_mlflow, lambda line: None)
+    again = copy_history(laptop, artifact_serving_mlflow, lambda line: None)
 
     assert (first.runs_copied, again.runs_copied, again.runs_found) == (4, 1, 3)
     active = team.search_runs([experiment], "attributes.run_name = 'learning_rate=0.001'")
@@ -195,7 +157,10 @@ def test_a_copy_a_stop_left_half_written_is_made_anew(laptop, team_mlflow):
 
 
 def test_an_unreachable_server_and_a_missing_history_are_one_line(laptop, tmp_path, capsys):
-    assert main(["push-history", "--to", f"http://127.0.0.1:{_free_port()}", "--workspace", str(laptop)]) == 2
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    assert main(["push-history", "--to", f"http://127.0.0.1:{closed}", "--workspace", str(laptop)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "cannot be reached" in error[0] and "Traceback" not in error[0]
 
