@@ -219,9 +219,9 @@ def test_a_sweep_round_trips_through_push_history_into_a_team_server(sweep_works
         assert (copy.info.run_name, copy.info.status, copy.info.start_time, copy.info.end_time) == (
             original.info.run_name, original.info.status, original.info.start_time, original.info.end_time)
         assert copy.data.params == original.data.params and copy.data.metrics == original.data.metrics
-        history = [(m.step, m.value) for m in local.get_metric_history(original.info.run_id, "eval/val_loss")]
-        assert history and [(m.step, m.value) for m in team.get_metric_history(copy.info.run_id, "eval/val_loss")
-                            ] == history
+        for key in original.data.metrics:
+            history = [(m.step, m.value, m.timestamp) for m in local.get_metric_history(original.info.run_id, key)]
+            assert [(m.step, m.value, m.timestamp) for m in team.get_metric_history(copy.info.run_id, key)] == history
     for model in local.search_registered_models():
         versions = local.search_model_versions(f"name = '{model.name}'")
         assert len(team.search_model_versions(f"name = '{model.name}'")) == len(versions)
