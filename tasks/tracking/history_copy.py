@@ -22,11 +22,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, Param, Run, ViewType
+from mlflow.store.entities.paged_list import PagedList
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from gptflow.data.errors import UserError
@@ -62,8 +64,9 @@ def copy_history(workspace_root: Path, destination: str, report: Callable[[str],
         return copy.copy()
     except Exception as error:
         if server_unreachable(error):
-            raise HistoryCopyError(f"The MLflow server {destination} cannot be reached: check the address and that it "
-                                   "runs, then run the same command again; it copies only what is not there yet.") from None
+            raise HistoryCopyError(f"The MLflow server {destination} cannot be reached: check the address and that "
+                                   "it runs, then run the same command again; it copies only what is not there "
+                                   "yet.") from None
         if permission_denied(error):
             user = os.environ.get("MLFLOW_TRACKING_USERNAME", "NAME")
             on = f" --experiment {copy.experiment}" if copy.experiment else ""
@@ -107,9 +110,9 @@ class HistoryCopy:
         """The experiment being copied, for an error to name; None while copying registered models."""
 
     def copy(self) -> CopySummary:
-        for experiment in self.source.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=PAGE):
+        for experiment in _every(self.source.search_experiments, view_type=ViewType.ACTIVE_ONLY, max_results=PAGE):
             self._copy_experiment(experiment.experiment_id, experiment.name, experiment.tags)
-        for model in self.source.search_registered_models(max_results=PAGE):
+        for model in _every(self.source.search_registered_models, max_results=PAGE):
             self._copy_registered_model(model.name)
         return self.summary
 
@@ -121,8 +124,8 @@ class HistoryCopy:
         self.summary.experiments += 1
         destination_id = self._destination_experiment(name, tags)
         copied, half_written = self._copies_in(destination_id)
-        for run_id, source_id in half_written.items():
-            if source_id in runs:  # not a teammate's copy under way
+        for run_id, original_id in half_written.items():
+            if original_id in runs:  # not a teammate's copy under way
                 self.destination.delete_run(run_id)
         before = self.summary.runs_copied
         for run in runs.values():
@@ -220,7 +223,8 @@ class HistoryCopy:
                 self.destination.set_registered_model_tag(name, key, value)
         else:
             self.destination.create_registered_model(name, tags=model.tags, description=model.description)
-        found = {version.tags.get(COPIED_FROM_TAG): version.version for version in self._versions(self.destination, name)}
+        found = {version.tags.get(COPIED_FROM_TAG): version.version
+                 for version in self._versions(self.destination, name)}
         numbers: dict[str, str] = {}
         before = self.summary.versions_copied
         for version in versions:
@@ -265,18 +269,23 @@ class HistoryCopy:
 
     @staticmethod
     def _runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> Iterator[Run]:
-        token = None
-        while True:
-            page = client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY, PAGE,
-                                      order_by=["attributes.start_time ASC"], page_token=token)
-            yield from page
-            token = page.token
-            if not token:
-                return
+        return _every(client.search_runs, [experiment_id], filter_string, ViewType.ACTIVE_ONLY, PAGE,
+                      order_by=["attributes.start_time ASC"])
 
     @staticmethod
     def _versions(client: MlflowClient, name: str) -> list:
-        return list(client.search_model_versions(f"name = '{_quoted(name)}'", max_results=PAGE))
+        return list(_every(client.search_model_versions, f"name = '{_quoted(name)}'", max_results=PAGE))
+
+
+def _every(search: Callable[..., PagedList], *args: Any, **kwargs: Any) -> Iterator[Any]:
+    """Every result of one of the client's searches, page after page."""
+    token = None
+    while True:
+        page = search(*args, page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def _path_in_run(source: str, run_id: str) -> str:
