@@ -258,6 +258,17 @@ def _add_workspace_commands(subcommands: argparse._SubParsersAction) -> None:
 
     _add_login_commands(subcommands)
 
+    push_history = subcommands.add_parser(
+        "push-history", help="copy this workspace's MLflow history into a team's MLflow server",
+        description="Copy the experiments, runs (params, metric histories, tags, artifacts, logged models, sweeps "
+        "with their points nested) and registered models (versions and aliases) of the workspace's own MLflow store "
+        "into the MLflow server you logged in to (or --to), as the logged-in user. Running it again copies only "
+        "what is not there yet.")
+    push_history.add_argument("--to", metavar="URL", help="the MLflow server (default: the one of `gptflow login`)")
+    push_history.add_argument("--workspace", metavar="DIR", help="the workspace you trained in (default: "
+                              "$GPTFLOW_HOME or ./.gptflow)")
+    push_history.set_defaults(handler=commands.run_push_history)
+
     sync = subcommands.add_parser(
         "sync", help="send the MLflow writes that runs kept in the workspace while the tracking server was down",
         description="Send every run's MLflow outbox (<workspace>/mlflow-outbox/): the metrics, params, tags, "

@@ -304,6 +304,20 @@ def _runs_tables(server: str, workspace: Workspace) -> list[str]:
     return [f"{name:<{width}}  {address}" for name, address in tables.items()]
 
 
+def run_push_history(args: argparse.Namespace) -> int:
+    from gptflow.tasks.tracking.history_copy import HistoryCopyError, copy_history
+
+    destination = (args.to or os.environ.get("MLFLOW_TRACKING_URI", "")).rstrip("/")
+    if not destination.startswith("http"):
+        raise HistoryCopyError("No MLflow server to copy the history to: run `gptflow login` first, or give --to URL.")
+    os.environ["MLFLOW_TRACKING_URI"] = destination
+    check_credentials({name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")})
+    summary = copy_history(Workspace.resolve(args.workspace).root, destination,
+                           lambda line: print(f"gptflow: {line}", file=sys.stderr, flush=True))
+    print(f"copied to {destination}: {summary.line()}")
+    return 0
+
+
 def run_down(args: argparse.Namespace) -> int:
     stopped = down(Workspace.resolve(args.workspace))
     print(f"stopped: {', '.join(stopped)}" if stopped else "no gptflow stack was running for this workspace")

@@ -188,6 +188,28 @@ def s3_bucket(s3_server, monkeypatch) -> Iterator[str]:
     filesystem.rm(bucket, recursive=True)
 
 
+@pytest.fixture
+def artifact_serving_mlflow(tmp_path) -> Iterator[str]:
+    """The URL of a real ``mlflow server`` on SQLite that serves its artifacts, as a team's does."""
+    folder = tmp_path / "served-mlflow"
+    folder.mkdir()
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--serve-artifacts",
+         "--artifacts-destination", (folder / "artifacts").as_uri()],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not _answers(port):
+        assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+        time.sleep(0.5)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
 @pytest.fixture(scope="session")
 def postgresql() -> Iterator[dict[str, str]]:
     """A real PostgreSQL server (Debian's package) on 127.0.0.1 at a free port for the whole session,

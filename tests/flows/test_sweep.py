@@ -196,3 +196,37 @@ def test_each_point_on_ray_asks_for_its_share_of_the_cluster_s_gpus(sweep_worksp
     # One GPU each (2 GPUs, 2 points at once): Ray gave each task its own.
     children = _children(workspace, summary.mlflow_run_id)
     assert sorted(child.data.tags[GPUS_TAG] for child in children) == ["0", "1"]
+
+
+def test_a_sweep_round_trips_through_push_history_into_a_team_server(sweep_workspace, artifact_serving_mlflow):
+    from gptflow.tasks.tracking.history_copy import COPIED_FROM_TAG, copy_history
+
+    workspace, corpus = sweep_workspace
+    swept, _ = _sweep(workspace, corpus, {"train.learning_rate": LEARNING_RATES[:2]})  # cached after the first test
+    local = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    team = MlflowClient(artifact_serving_mlflow)
+
+    first = copy_history(workspace, artifact_serving_mlflow, lambda line: None)
+
+    [parent] = team.search_runs([team.get_experiment_by_name("gptflow-pretrain").experiment_id],
+                                f"tags.`{COPIED_FROM_TAG}` = '{swept.mlflow_run_id}'")
+    copied = {child.data.tags[COPIED_FROM_TAG]: child for child in team.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    originals = _children(workspace, swept.mlflow_run_id)
+    assert sorted(copied) == sorted(child.info.run_id for child in originals) and len(copied) == 2
+    for original in originals:
+        copy = copied[original.info.run_id]
+        assert (copy.info.run_name, copy.info.status, copy.info.start_time, copy.info.end_time) == (
+            original.info.run_name, original.info.status, original.info.start_time, original.info.end_time)
+        assert copy.data.params == original.data.params and copy.data.metrics == original.data.metrics
+        for key in original.data.metrics:
+            history = [(m.step, m.value, m.timestamp) for m in local.get_metric_history(original.info.run_id, key)]
+            assert [(m.step, m.value, m.timestamp) for m in team.get_metric_history(copy.info.run_id, key)] == history
+    for model in local.search_registered_models():
+        versions = local.search_model_versions(f"name = '{model.name}'")
+        assert len(team.search_model_versions(f"name = '{model.name}'")) == len(versions)
+        assert team.get_registered_model(model.name).aliases.keys() == model.aliases.keys()
+
+    again = copy_history(workspace, artifact_serving_mlflow, lambda line: None)
+    assert first.runs_copied > 0 and (again.runs_copied, again.versions_copied) == (0, 0)
+    assert again.runs_found == first.runs_copied

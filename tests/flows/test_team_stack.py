@@ -23,7 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-PASSWORDS = {"bob": "bob-password-7Qx2", "carol": "carol-password-9Zk4", "dave": "dave-password-3Mv8"}
+PASSWORDS = {"bob": "bob-password-7Qx2", "carol": "carol-password-9Zk4", "dave": "dave-password-3Mv8",
+             "erin": "erin-password-3Hw8"}
 """The teammates' passwords: secrets that must show nowhere either."""
 
 pytestmark = pytest.mark.slow
@@ -297,6 +298,51 @@ def test_a_teammate_s_deployment_run_trains_on_a_worker_and_its_model_downloads_
     downloaded = subprocess.run([sys.executable, "-c", download], cwd=tmp_path, capture_output=True, text=True,
                                 env={**laptop, **_as(team, "dave")}, timeout=300)
     assert downloaded.returncode == 0 and "model.safetensors" in downloaded.stdout, downloaded.stderr[-3000:]
+
+
+def test_a_teammate_pushes_a_laptop_s_history_once_when_granted_edit(team, tmp_path):
+    from mlflow import MlflowClient
+
+    laptop = tmp_path / "laptop"
+    laptop.mkdir()
+    local = MlflowClient(f"sqlite:///{laptop / 'mlflow.db'}")
+    experiment = local.create_experiment("gptflow-pretrain", artifact_location=(laptop / "mlartifacts").as_uri())
+    run = local.create_run(experiment, run_name="on the laptop").info.run_id
+    local.log_metric(run, "val_loss", 3.5, step=10)
+    (tmp_path / "notes.txt").write_text("trained alone")
+    local.log_artifact(run, str(tmp_path / "notes.txt"))
+    local.set_terminated(run)
+    _user(team, "add", "erin")
+    teammate = {**_clean_environment(), **_as(team, "erin"), "GPTFLOW_LOGIN_FILE": str(tmp_path / "no-login.json")}
+    push = ["push-history", "--workspace", str(laptop)]
+
+    wrong = _gptflow(*push, env={**teammate, "MLFLOW_TRACKING_PASSWORD": "not-his"})
+    assert wrong.returncode == 2 and len(wrong.stderr.splitlines()) == 1 and "gptflow login" in wrong.stderr
+    refused = _gptflow(*push, env=teammate)
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+        f"gptflow: error: The MLflow server {team['mlflow']} does not let erin write the experiment gptflow-pretrain: "
+        "ask its admin for `gptflow user grant erin edit --experiment gptflow-pretrain`, then run the same command "
+        "again; it copies only what is not there yet."]
+    _user(team, "grant", "erin", "edit")
+    pushed = _gptflow(*push, env=teammate)
+    assert pushed.returncode == 0 and "1 runs copied, 0 already there" in pushed.stdout, pushed.stderr[-3000:]
+    again = _gptflow(*push, env=teammate)
+    assert again.returncode == 0 and "0 runs copied, 1 already there" in again.stdout, again.stderr[-3000:]
+    assert PASSWORDS["erin"] not in pushed.stdout + pushed.stderr + refused.stdout + refused.stderr
+
+    os.environ.update(_as(team, "admin"))  # the admin, who sees every run, finds it once, with its files
+    try:
+        team_client = MlflowClient(team["mlflow"])
+        copies = team_client.search_runs([team_client.get_experiment_by_name("gptflow-pretrain").experiment_id],
+                                         f"tags.`gptflow.copied_from` = '{run}'")
+        assert [copy.info.run_name for copy in copies] == ["on the laptop"]
+        assert [(m.step, m.value) for m in team_client.get_metric_history(copies[0].info.run_id, "val_loss")] == [
+            (10, 3.5)]
+        downloaded = team_client.download_artifacts(copies[0].info.run_id, "notes.txt", str(tmp_path / "back"))
+        assert Path(downloaded).read_text() == "trained alone"
+    finally:
+        for name in _as(team, "admin"):
+            os.environ.pop(name)
 
 
 def test_no_secret_shows_in_process_arguments_logs_or_output(team):
