@@ -19,6 +19,16 @@ from pathlib import Path
 DOC_ROOTS = sorted(Path("/usr/share/doc").glob("python3*/html"))
 
 
+def python_doc_pages(count: int, seed: int) -> tuple[Path, list[Path]]:
+    """The folder of Debian's Python HTML documentation and ``count`` of its pages, drawn by ``seed``."""
+    if not DOC_ROOTS:
+        raise SystemExit("No Python HTML documentation under /usr/share/doc: apt-get install -y python3-doc")
+    root = DOC_ROOTS[0]
+    pages = sorted(path for path in root.rglob("*.html") if "_static" not in path.parts)
+    random.Random(seed).shuffle(pages)
+    return root, pages[:count]
+
+
 def extractors() -> dict[str, Callable[[str], str]]:
     import trafilatura
     from resiliparse.extract.html2text import extract_plain_text
@@ -35,12 +45,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", default="library/json.html", help="a page, relative to the docs' html folder")
     args = parser.parse_args()
-    if not DOC_ROOTS:
-        raise SystemExit("No Python HTML documentation under /usr/share/doc: apt-get install -y python3-doc")
-    root = DOC_ROOTS[0]
-    pages = sorted(path for path in root.rglob("*.html") if "_static" not in path.parts)
-    random.Random(args.seed).shuffle(pages)
-    htmls = [path.read_text(encoding="utf-8", errors="replace") for path in pages[: args.pages]]
+    root, pages = python_doc_pages(args.pages, args.seed)
+    htmls = [path.read_text(encoding="utf-8", errors="replace") for path in pages]
     megabytes = sum(len(html.encode()) for html in htmls) / 1e6
     print(f"{len(htmls)} pages of {root}, {megabytes:.1f} MB of HTML")
     print("| extractor | pages/s | MB/s | pages with text | mean characters kept |")

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import random
 import tempfile
 import time
 from pathlib import Path
 
+from html_extraction import python_doc_pages  # this folder's: both benches draw the same pages
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import ingest_corpus
 from gptflow.data.sources import resolve_sources
-
-DOC_ROOTS = sorted(Path("/usr/share/doc").glob("python3*/html"))
 
 
 def write_crawl(pages: list[Path], root: Path, path: Path) -> None:
@@ -43,12 +41,7 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not DOC_ROOTS:
-        raise SystemExit("No Python HTML documentation under /usr/share/doc: apt-get install -y python3-doc")
-    root = DOC_ROOTS[0]
-    pages = sorted(path for path in root.rglob("*.html") if "_static" not in path.parts)
-    random.Random(args.seed).shuffle(pages)
-    pages = pages[: args.pages]
+    root, pages = python_doc_pages(args.pages, args.seed)
     with tempfile.TemporaryDirectory(prefix="gptflow-web-ingest-") as folder:
         crawl = Path(folder) / "corpus" / "docs.warc.gz"
         crawl.parent.mkdir()
