@@ -23,8 +23,9 @@ from gptflow.tasks.tracking.killed_runs import KILLED_TAG, mark_runs_of_dead_pro
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-STOPPED_WITHIN_S = 60
-"""The issue asks for seconds; the bound is generous for a busy 2-core machine."""
+STOPPED_WITHIN_S = 120
+"""The issue asks for seconds (about 2 s measured on a quiet machine); the bound is generous because
+Prefect's flow teardown took over a minute on this 2-core machine running two suites at once."""
 ENDLESS = ["--set", "train.max_steps=100000", "--set", "train.val_interval=100000",
            "--set", "train.checkpoint_interval=100000", "--set", "train.log_interval=2"]
 
