@@ -45,7 +45,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
@@ -98,12 +98,24 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     path = checkpoint_path(run_dir, state.step)
     with artifacts.commit(path) as tmp:
         _save_model_files(model, tmp)
-        # Through a Python file: torch's own writer reports a failed write (a full disk) without its
-        # errno, while this one keeps the OSError as the context of torch's error.
         with open(tmp / OPTIMIZER_FILE, "wb") as file:
-            torch.save(optimizer.state_dict(), file)
+            save_to_file(optimizer.state_dict(), file)
         write_json_atomic(tmp / TRAINER_FILE, asdict(state))
     return path
+
+
+def save_to_file(state: dict[str, Any], file: BinaryIO) -> None:
+    """``torch.save`` through a Python file: torch's own writer reports a failed write (a full disk)
+    without its errno, while this one keeps the OSError as the context of torch's error. A SIGTERM
+    or Ctrl-C whose handler raises during a write becomes torch's RuntimeError as well: it is raised
+    again as itself, so that the run ends stopped (KILLED), not failed."""
+    try:
+        torch.save(state, file)
+    except RuntimeError as error:
+        interruption = error.__context__
+        if interruption is not None and not isinstance(interruption, Exception):
+            raise interruption from None
+        raise
 
 
 def save_sharded_checkpoint(

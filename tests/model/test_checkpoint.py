@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import os
 import pickle
 import shutil
@@ -26,6 +28,7 @@ from gptflow.model.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
     save_final,
+    save_to_file,
 )
 from gptflow.model.config import TrainConfig
 from gptflow.model.gpt import GPT
@@ -252,3 +255,29 @@ def test_a_checkpoint_on_a_full_disk_leaves_nothing_and_reports_the_space_left(s
         f"at {small_tmpfs}). Free space on {small_tmpfs} or point --workspace / GPTFLOW_HOME elsewhere"
     )
     assert list((small_tmpfs / "checkpoints").iterdir()) == []
+
+
+class _InterruptedFile(io.BytesIO):
+    """A file whose third write is interrupted, as a SIGTERM or Ctrl-C handler raises in the middle of one."""
+
+    def __init__(self, interruption: BaseException):
+        super().__init__()
+        self.interruption, self.writes = interruption, 0
+
+    def write(self, data) -> int:
+        self.writes += 1
+        if self.writes == 3:
+            raise self.interruption
+        return super().write(data)
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt(), SystemExit(143)])
+def test_an_interrupted_optimizer_write_raises_the_interruption_not_torch_s_error(interruption):
+    with pytest.raises(type(interruption)):
+        save_to_file({"weights": torch.ones(1000)}, _InterruptedFile(interruption))
+
+
+def test_a_failed_optimizer_write_keeps_its_os_error_beside_torch_s_error():
+    with pytest.raises(RuntimeError) as raised:
+        save_to_file({"weights": torch.ones(1000)}, _InterruptedFile(OSError(errno.ENOSPC, "No space left on device")))
+    assert isinstance(raised.value.__context__, OSError) and raised.value.__context__.errno == errno.ENOSPC
