@@ -69,6 +69,13 @@ class _WorkerProcesses(PointRunner):
 
     def stop(self) -> None:
         """SIGTERM to every worker; SIGKILL to those alive ``STOP_GRACE_S`` later."""
+        # A worker may end in the middle of a write to the queue that forwards its logs here: Prefect
+        # sends its SIGTERM again, to the default handler, once the point's flow has ended, and a
+        # SIGKILL lands anywhere. The queue's lock then stays held, and this process, which joins its
+        # own writer to that queue as it exits, would wait forever: it no longer waits for that writer.
+        forwarded_messages = getattr(self.runner, "_subprocess_message_queue", None)
+        if forwarded_messages is not None:
+            forwarded_messages.cancel_join_thread()
         workers = {pid for pid in self.pids if pid}
         _signal(workers, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S

@@ -169,7 +169,8 @@ def test_sigterm_or_ctrl_c_stops_every_point_within_seconds_and_a_rerun_resumes_
     # The sweep stops its points with SIGTERM, whatever stopped it.
     for run, why in [*((point, "stopped by SIGTERM") for point in points), (sweep_run, reason)]:
         stopped = client.get_run(run.info.run_id)
-        assert stopped.info.status == "KILLED" and stopped.data.tags[KILLED_TAG].startswith(why), run.info.run_name
+        assert stopped.info.status == "KILLED" and stopped.data.tags[KILLED_TAG].startswith(why), (
+            f"{run.info.run_name}: {_log(workspace)[-3000:]}")
     output = _log(workspace)
     assert "Traceback" not in output
     if signal_number == signal.SIGINT:
