@@ -33,6 +33,11 @@ MLFLOW_DRIVER = "postgresql+psycopg2"
 """Named: SQLAlchemy's default PostgreSQL driver changes between its versions."""
 DEFAULT_RETENTION_DAYS = 30
 """How long Prefect's server keeps finished flow runs, their logs and events (its database vacuum)."""
+CREDENTIAL_CACHE_S = 60
+"""How long MLflow's workers reuse a checked password (MLflow's ``auth_cache_ttl_seconds``): checking
+one (scrypt) costs ~0.1 s of CPU, on every request without it, which made the MLflow API's p95 latency
+seconds under bench/team_load.py's 8 clients. A removed user or changed password is refused at
+most this long after, on the workers that did not make the change."""
 
 
 class TeamError(UserError):
@@ -167,7 +172,8 @@ def mlflow_server(workspace_root: Path, secrets_: TeamSecrets, database: Databas
     # New users see nothing until granted: the team's runs are not open to every account.
     write_private(config, "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
                           f"database_uri = {database.url(DATABASES['mlflow_auth'], MLFLOW_DRIVER)}\nadmin_username = {ADMIN_USER}\n"
-                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                          f"auth_cache_ttl_seconds = {CREDENTIAL_CACHE_S}\n")
     arguments = ["--app-name", "basic-auth", "--serve-artifacts",
                  "--artifacts-destination", options.artifacts_destination or default_destination]
     if options.allowed_hosts:
@@ -203,7 +209,8 @@ def manage_user(tracking_uri: str, action: str, username: str, password: str | N
             return f"added {username}; they see nothing until granted (gptflow user grant {username} edit)"
         if action == "remove":
             client.delete_user(username)
-            return f"removed {username}"
+            return (f"removed {username}; the MLflow server refuses their password within {CREDENTIAL_CACHE_S} s "
+                    "(its workers cache a checked password that long)")
         level = PERMISSIONS[permission]
         names = experiments or [experiment_name(workflow) for workflow in WORKFLOWS]
         tracking = MlflowClient(tracking_uri)
