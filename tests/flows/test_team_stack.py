@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 PASSWORDS = {"bob": "bob-password-7Qx2", "carol": "carol-password-9Zk4", "dave": "dave-password-3Mv8",
-             "erin": "erin-password-3Hw8"}
+             "erin": "erin-password-3Hw8", "frank": "frank-password-5Jt6"}
 """The teammates' passwords: secrets that must show nowhere either."""
 
 pytestmark = pytest.mark.slow
@@ -190,6 +190,16 @@ def test_a_user_without_permission_on_an_experiment_cannot_read_its_runs(team, m
         monkeypatch.setenv(name, value)
     with pytest.raises(MlflowException, match="Permission denied"):
         client.get_run(run)  # taken back
+
+
+def test_a_removed_user_is_refused_though_the_server_cached_their_password(team):
+    search = f"{team['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
+    _user(team, "add", "frank")
+    assert _status(search, f"frank:{PASSWORDS['frank']}") == 200  # checked once, then cached
+    _user(team, "remove", "frank")
+    # The tests' server has one worker, the one that removed him: it forgets his password at once
+    # (others would within flows.team.CREDENTIAL_CACHE_S).
+    assert _status(search, f"frank:{PASSWORDS['frank']}") == 401
 
 
 def test_a_logged_in_teammate_trains_with_artifacts_proxied_to_the_object_store(team, tmp_path):
