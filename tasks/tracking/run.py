@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -302,14 +305,36 @@ def pipeline_run(workspace: Workspace, workflow: str, tags: dict[str, Any], name
     try:
         yield run
     except (KeyboardInterrupt, TerminationSignal) as stopped:
-        run.set_tags({KILLED_TAG: "stopped by SIGTERM" if isinstance(stopped, TerminationSignal)
-                      else "interrupted (Ctrl-C, or a cancelled Ray task)"})
-        run.end("KILLED")
+        # A second Ctrl-C (or SIGTERM) while the run is being marked would leave it RUNNING, its
+        # reason written and its end not: it takes effect once both are written.
+        with _signals_deferred():
+            run.set_tags({KILLED_TAG: "stopped by SIGTERM" if isinstance(stopped, TerminationSignal)
+                          else "interrupted (Ctrl-C, or a cancelled Ray task)"})
+            run.end("KILLED")
         raise
     except BaseException as error:
         _end_failed(run, error)
         raise
     run.end("FINISHED")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are delivered again as it ends, to the handlers
+    they had (signal handlers belong to the main thread: elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    handlers = {number: signal.signal(number, lambda received, _frame: arrived.append(received))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+        for number in dict.fromkeys(arrived):
+            os.kill(os.getpid(), number)
 
 
 def _end_failed(run: PipelineRun, error: BaseException) -> None:

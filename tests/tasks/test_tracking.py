@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -182,6 +183,22 @@ def test_runs_this_host_left_running_in_a_process_now_gone_are_marked_killed(wor
     assert client.get_run(alive).info.status == client.get_run(elsewhere).info.status == "RUNNING"
     tags = client.get_run(run.run_id).data.tags
     assert (tags[HOST_TAG], tags[PID_TAG]) == (host, str(os.getpid()))
+
+
+def test_a_second_ctrl_c_while_the_run_is_marked_still_leaves_it_killed(workspace, monkeypatch):
+    write_tags = PipelineRun.set_tags
+
+    def impatient_user(run: PipelineRun, tags: dict) -> None:
+        write_tags(run, tags)
+        if KILLED_TAG in tags:
+            os.kill(os.getpid(), signal.SIGINT)  # pressed again between the reason and the end
+
+    monkeypatch.setattr(PipelineRun, "set_tags", impatient_user)
+    with pytest.raises(KeyboardInterrupt), pipeline_run(workspace, "pretrain", tags={}, name="stopped") as run:
+        raise KeyboardInterrupt
+    stopped = MlflowClient(workspace.tracking_uri).get_run(run.run_id)
+    assert stopped.info.status == "KILLED" and stopped.data.tags[KILLED_TAG].startswith("interrupted")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_an_artifact_that_does_not_fit_names_where_it_went_and_leaves_nothing(workspace, tmp_path, monkeypatch):
