@@ -16,12 +16,13 @@ duplicates of kept segments then join the drop lists too (``near_dedup``).
 A unit's key (``_unit_key``) holds the code version of this module (with the reader, shards,
 sources and errors it imports), the file's content hash, format, compression, ``text_field``
 (structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars``,
-``redact_pii``, ``languages`` (with its threshold and model, when set) and, for a web file, the
-extractor's version; not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
+``redact_pii``, ``languages`` (with its threshold and model, when set), ``quality`` (its filters'
+thresholds and library, when set) and, for a web file, the extractor's version; a code file's key
+has neither language nor quality settings, which never judge code (``SourceFile.is_code``); not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
 only) nor ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s
 counts: documents read (each once), documents cut and the segments they became, segments and
 bytes per split, duplicates dropped within the file, redactions, documents kept and dropped per
-language, skips. A web file's documents come from its extraction unit (``data.web``), which no
+language, documents judged and dropped (with their bytes) per quality filter, skips. A web file's documents come from its extraction unit (``data.web``), which no
 setting here invalidates. Which files' hashes are
 known without reading them is remembered in ``file-hashes.json`` (``FILE_HASH_CACHE``, by
 ``data.sources.source_stamp``), so a rerun hashes only new or changed files. With ``redact_pii``,
@@ -62,8 +63,9 @@ from gptflow.data.content_hashes import ContentHashes
 from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.exact_dedup import drop_cross_file_duplicates
 from gptflow.data.hashing import hash_bytes, hash_json, hash_stream, split_by_hash
-from gptflow.data.language import LanguageFilter, language_key_fields, language_model_version
+from gptflow.data.language import LanguageFilter, language_drops_summary, language_key_fields, language_model_version
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
+from gptflow.data.quality import QualityFilters, quality_key_fields, quality_library_version, survival_summary
 from gptflow.data.readers import SourceReadError, read_documents
 from gptflow.data.redact import redact, redact_path
 from gptflow.data.shards import SPLITS, RawShardWriter, read_unit_file, write_unit_file
@@ -122,6 +124,12 @@ class CorpusUnit:
     languages: dict[str, int] = field(default_factory=dict)
     language_drops: dict[str, int] = field(default_factory=dict)
     """Documents kept (``languages``) and dropped per identified language, ``data.languages`` set."""
+    quality_judged: int = 0
+    """Documents ``data.quality``'s filters judged (those of prose files that ``data.languages`` kept)."""
+    quality_drops: dict[str, int] = field(default_factory=dict)
+    quality_drop_bytes: dict[str, int] = field(default_factory=dict)
+    quality_reasons: dict[str, int] = field(default_factory=dict)
+    """Documents and their UTF-8 bytes dropped per quality filter; documents per ``filter/rule``."""
 
 
 @dataclass
@@ -150,6 +158,9 @@ class CorpusManifest:
             "redactions": dict(sum((Counter(unit.redactions) for unit in self.units), Counter())),
             "languages": dict(sum((Counter(unit.languages) for unit in self.units), Counter())),
             "language_drops": dict(sum((Counter(unit.language_drops) for unit in self.units), Counter())),
+            "quality_judged": sum(unit.quality_judged for unit in self.units),
+            **{name: dict(sum((Counter(getattr(unit, name)) for unit in self.units), Counter()))
+               for name in ("quality_drops", "quality_drop_bytes", "quality_reasons")},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +221,8 @@ def ingest_corpus(
         datasketch_version()  # missing: said now, not after ingesting every file
     if config.languages is not None:
         language_model_version()
+    if config.quality != "none":
+        quality_library_version()
     skips = SkipReport()
     if isinstance(sources, SourceResolution):
         skips.merge(sources.skipped.renamed(lambda location: source_name(location, config)))
@@ -255,7 +268,7 @@ def ingest_corpus(
     if manifest.total_documents == 0:
         raise CorpusError(
             f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}"
-            f"{_language_drops_summary(manifest, config)}). Fix or replace the files listed, or point --corpus at other "
+            f"{_filter_drops_summary(manifest, config)}). Fix or replace the files listed, or point --corpus at other "
             f"data."
         )
     require_splits(manifest, required_splits, config)
@@ -265,13 +278,12 @@ def ingest_corpus(
     return manifest
 
 
-def _language_drops_summary(manifest: CorpusManifest, config: IngestConfig) -> str:
-    drops = manifest.totals["language_drops"]
-    if not drops:
-        return ""
-    counts = ", ".join(f"{language} {count}" for language, count in sorted(drops.items()))
-    return (f"; data.languages={config.languages} dropped {sum(drops.values())} documents ({counts}) at "
-            f"data.language_threshold={config.language_threshold}")
+def _filter_drops_summary(manifest: CorpusManifest, config: IngestConfig) -> str:
+    """What ``data.languages`` and ``data.quality`` dropped, for the line saying nothing is left."""
+    totals = manifest.totals
+    return language_drops_summary(totals["language_drops"], config) + (
+        "" if config.quality == "none" else "; " + survival_summary(config.quality, totals["quality_judged"],
+                                                                     totals["quality_drops"]))
 
 
 def _known_unit_directory(call: dict[str, Any]) -> Path:
@@ -305,7 +317,9 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
         cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
         drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
         redactions=written.get("redactions", {}), languages=written.get("languages", {}),
-        language_drops=written.get("language_drops", {}),
+        language_drops=written.get("language_drops", {}), quality_judged=written.get("quality_judged", 0),
+        quality_drops=written.get("quality_drops", {}), quality_drop_bytes=written.get("quality_drop_bytes", {}),
+        quality_reasons=written.get("quality_reasons", {}),
     )
     return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], name)
 
@@ -356,7 +370,8 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
         "segment_chars": config.segment_chars,
         "min_chars": config.min_chars,
         "redact_pii": config.redact_pii,
-        **language_key_fields(config),
+        **(language_key_fields(config) if not source.is_code else {"languages": None}),
+        **quality_key_fields(config, applies=not source.is_code),
         "extractor": extractor_version() if source.format in WEB_FORMATS else None,
     })
 
@@ -369,7 +384,9 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     segments = dict.fromkeys(SPLITS, 0)
     text_bytes = dict.fromkeys(SPLITS, 0)
     redactions: Counter[str] = Counter()
+    prose = not source.is_code  # code is judged by no prose heuristic
     languages = LanguageFilter(config)
+    quality = QualityFilters(config, applies=prose)
     documents = (web_documents(source, name, content_hash, config.min_chars, directory.parent.parent, artifacts, skips)
                  if source.format in WEB_FORMATS else
                  ((text, None) for text in read_documents(source, config.text_field, skips, config.min_chars,
@@ -377,8 +394,8 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     with artifacts.commit(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
         for text, url in documents:
-            language = languages.identify(text)  # before redaction: placeholders are no language
-            if not languages.keeps(language):
+            language = languages.identify(text) if prose else None  # before redaction: placeholders are no language
+            if not languages.keeps(language) or (text := quality.judge(text).text) is None:
                 continue
             if config.redact_pii:  # before hashing: dedup and the split see the text as it is trained on
                 text, found = redact(text)
@@ -419,6 +436,7 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
             "redactions": dict(redactions),
             "languages": dict(languages.kept),
             "language_drops": dict(languages.dropped),
+            **quality.counts(),
         }
         write_unit_file(tmp, written)
     return written
