@@ -89,7 +89,8 @@ class IngestConfig(RecordsConfig):
         require(self.quality in QUALITY_PRESETS,
                 f"data.quality must be one of {', '.join(QUALITY_PRESETS)}, got {self.quality!r}")
         for name in ("quality_line_punct", "quality_char_duplicates", "quality_short_lines"):
-            require(0.0 <= getattr(self, name) <= 1.0, f"data.{name} must be a share in [0, 1], got {getattr(self, name)}")
+            share = getattr(self, name)
+            require(0.0 <= share <= 1.0, f"data.{name} must be a share in [0, 1], got {share}")
 
 
 @dataclass

@@ -18,12 +18,13 @@ sources and errors it imports), the file's content hash, format, compression, ``
 (structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars``,
 ``redact_pii``, ``languages`` (with its threshold and model, when set), ``quality`` (its filters'
 thresholds and library, when set) and, for a web file, the extractor's version; a code file's key
-has neither language nor quality settings, which never judge code (``SourceFile.is_code``); not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
-only) nor ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s
-counts: documents read (each once), documents cut and the segments they became, segments and
-bytes per split, duplicates dropped within the file, redactions, documents kept and dropped per
-language, documents judged and dropped (with their bytes) per quality filter, skips. A web file's documents come from its extraction unit (``data.web``), which no
-setting here invalidates. Which files' hashes are
+has neither language nor quality settings, which never judge code (``SourceFile.is_code``). Not
+the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout only) nor
+``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s counts:
+documents read (each once), documents cut and the segments they became, segments and bytes per
+split, duplicates dropped within the file, redactions, documents kept and dropped per language,
+documents judged and dropped (and their bytes) per quality filter, skips. A web file's documents
+come from its extraction unit (``data.web``), which no setting here invalidates. Which files' hashes are
 known without reading them is remembered in ``file-hashes.json`` (``FILE_HASH_CACHE``, by
 ``data.sources.source_stamp``), so a rerun hashes only new or changed files. With ``redact_pii``,
 what is written names a source as ``source_name`` does, its names' personal data redacted, and a
@@ -49,6 +50,7 @@ onto the cluster by partition.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
@@ -65,7 +67,13 @@ from gptflow.data.exact_dedup import drop_cross_file_duplicates
 from gptflow.data.hashing import hash_bytes, hash_json, hash_stream, split_by_hash
 from gptflow.data.language import LanguageFilter, language_drops_summary, language_key_fields, language_model_version
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
-from gptflow.data.quality import QualityFilters, quality_key_fields, quality_library_version, survival_summary
+from gptflow.data.quality import (
+    QualityFilters,
+    add_quality_counts,
+    quality_key_fields,
+    quality_library_version,
+    survival_summary,
+)
 from gptflow.data.readers import SourceReadError, read_documents
 from gptflow.data.redact import redact, redact_path
 from gptflow.data.shards import SPLITS, RawShardWriter, read_unit_file, write_unit_file
@@ -124,12 +132,10 @@ class CorpusUnit:
     languages: dict[str, int] = field(default_factory=dict)
     language_drops: dict[str, int] = field(default_factory=dict)
     """Documents kept (``languages``) and dropped per identified language, ``data.languages`` set."""
-    quality_judged: int = 0
-    """Documents ``data.quality``'s filters judged (those of prose files that ``data.languages`` kept)."""
-    quality_drops: dict[str, int] = field(default_factory=dict)
-    quality_drop_bytes: dict[str, int] = field(default_factory=dict)
-    quality_reasons: dict[str, int] = field(default_factory=dict)
-    """Documents and their UTF-8 bytes dropped per quality filter; documents per ``filter/rule``."""
+    quality: dict[str, Any] = field(default_factory=dict)
+    """What ``data.quality``'s filters judged and dropped (``data.quality.QualityFilters.counts``)."""
+    text_hash: str = ""
+    """Hash of the segments written, in order, with their splits: the text that tokenize reads."""
 
 
 @dataclass
@@ -158,9 +164,7 @@ class CorpusManifest:
             "redactions": dict(sum((Counter(unit.redactions) for unit in self.units), Counter())),
             "languages": dict(sum((Counter(unit.languages) for unit in self.units), Counter())),
             "language_drops": dict(sum((Counter(unit.language_drops) for unit in self.units), Counter())),
-            "quality_judged": sum(unit.quality_judged for unit in self.units),
-            **{name: dict(sum((Counter(getattr(unit, name)) for unit in self.units), Counter()))
-               for name in ("quality_drops", "quality_drop_bytes", "quality_reasons")},
+            "quality": add_quality_counts(unit.quality for unit in self.units),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,8 +286,7 @@ def _filter_drops_summary(manifest: CorpusManifest, config: IngestConfig) -> str
     """What ``data.languages`` and ``data.quality`` dropped, for the line saying nothing is left."""
     totals = manifest.totals
     return language_drops_summary(totals["language_drops"], config) + (
-        "" if config.quality == "none" else "; " + survival_summary(config.quality, totals["quality_judged"],
-                                                                     totals["quality_drops"]))
+        "" if config.quality == "none" else "; " + survival_summary(config.quality, totals["quality"]))
 
 
 def _known_unit_directory(call: dict[str, Any]) -> Path:
@@ -317,9 +320,7 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
         cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
         drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
         redactions=written.get("redactions", {}), languages=written.get("languages", {}),
-        language_drops=written.get("language_drops", {}), quality_judged=written.get("quality_judged", 0),
-        quality_drops=written.get("quality_drops", {}), quality_drop_bytes=written.get("quality_drop_bytes", {}),
-        quality_reasons=written.get("quality_reasons", {}),
+        language_drops=written.get("language_drops", {}), quality=written["quality"], text_hash=written["text_hash"],
     )
     return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], name)
 
@@ -384,6 +385,7 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     segments = dict.fromkeys(SPLITS, 0)
     text_bytes = dict.fromkeys(SPLITS, 0)
     redactions: Counter[str] = Counter()
+    text_hash = hashlib.sha256()
     prose = not source.is_code  # code is judged by no prose heuristic
     languages = LanguageFilter(config)
     quality = QualityFilters(config, applies=prose)
@@ -418,6 +420,7 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
                 seen.add(doc_hash)
                 split = split_by_hash(doc_hash, config.val_fraction)
                 writer.write(segment, doc_hash, split, continues, len(data), url, language)
+                text_hash.update(f"{doc_hash} {split} {continues}\n".encode())
                 continues = True
                 segments[split] += 1
                 text_bytes[split] += len(data)
@@ -436,7 +439,8 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
             "redactions": dict(redactions),
             "languages": dict(languages.kept),
             "language_drops": dict(languages.dropped),
-            **quality.counts(),
+            "quality": quality.counts(),
+            "text_hash": text_hash.hexdigest(),
         }
         write_unit_file(tmp, written)
     return written

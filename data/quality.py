@@ -21,6 +21,7 @@ is built with ``applies=False`` for code files).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -132,18 +133,28 @@ class QualityFilters:
         return QualityVerdict(document.text)
 
     def counts(self) -> dict[str, Any]:
-        """What a unit records of the filters: ``quality_judged``, ``quality_drops``,
-        ``quality_drop_bytes``, ``quality_reasons``."""
-        return {"quality_judged": self.judged, "quality_drops": dict(self.dropped),
-                "quality_drop_bytes": dict(self.dropped_bytes), "quality_reasons": dict(self.reasons)}
+        """What a unit records of the filters: documents ``judged``; per filter, the documents
+        (``dropped``) and UTF-8 bytes (``dropped_bytes``) it dropped; documents per ``filter/rule``."""
+        return {"judged": self.judged, "dropped": dict(self.dropped), "dropped_bytes": dict(self.dropped_bytes),
+                "rules": dict(self.reasons)} if self.judged else {}
 
 
-def survival_summary(preset: str, judged: int, dropped: dict[str, int]) -> str:
-    """``data.quality=fineweb kept 219 of 1,497 documents judged: gopher_repetition 969 (65%) → ...``:
-    how many documents survived each filter, in order."""
+def add_quality_counts(counts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The sum of several units' ``QualityFilters.counts``."""
+    judged, totals = 0, {"dropped": Counter(), "dropped_bytes": Counter(), "rules": Counter()}
+    for unit in counts:
+        judged += unit.get("judged", 0)
+        for name, total in totals.items():
+            total.update(unit.get(name, {}))
+    return {"judged": judged, **{name: dict(total) for name, total in totals.items()}}
+
+
+def survival_summary(preset: str, totals: dict[str, Any]) -> str:
+    """``data.quality=fineweb kept 219 of 1,497 prose documents judged: gopher_repetition 969 (65%) →
+    ...``: how many documents survived each filter, in order (``totals``: ``add_quality_counts``)."""
+    judged = left = totals["judged"]
     steps = []
-    left = judged
     for name in FILTERS_BY_PRESET[preset]:
-        left -= dropped.get(name, 0)
+        left -= totals["dropped"].get(name, 0)
         steps.append(f"{name} {left:,} ({left / judged:.0%})" if judged else f"{name} 0")
     return f"data.quality={preset} kept {left:,} of {judged:,} prose documents judged: " + " → ".join(steps)
