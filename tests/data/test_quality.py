@@ -16,7 +16,7 @@ import pytest
 
 from gptflow.data.config import QUALITY_PRESETS, IngestConfig, TokenizeConfig
 from gptflow.data.errors import SkipReport
-from gptflow.data.ingest import ingest_corpus
+from gptflow.data.ingest import CorpusManifest, ingest_corpus
 from gptflow.data.language import identify_language
 from gptflow.data.quality import FILTERS_BY_PRESET, QualityFilters, survival_summary
 from gptflow.data.sources import BUILTIN_CORPUS, SourceFile, resolve_sources
@@ -194,13 +194,12 @@ def test_code_is_judged_by_no_prose_filter(tmp_path):
     judged_as_prose = IngestConfig(quality="fineweb", languages="fr")
     assert QualityFilters(judged_as_prose).judge(code).text is None  # what the exemption spares it
     assert identify_language(code)[0] != "fr"
-    store = tmp_path / "store"
 
-    plain = ingest_corpus(resolve_sources([str(corpus)]), IngestConfig(val_fraction=0.3), store, required_splits=())
-    quality = ingest_corpus(resolve_sources([str(corpus)]), IngestConfig(val_fraction=0.3, quality="fineweb"), store,
-                            required_splits=())
-    french = ingest_corpus(resolve_sources([str(corpus)]), IngestConfig(val_fraction=0.3, languages="fr"), store,
-                           required_splits=())
+    def ingest(name: str, **settings) -> CorpusManifest:  # a store each: every unit is computed
+        return ingest_corpus(resolve_sources([str(corpus)]), IngestConfig(val_fraction=0.3, **settings),
+                             tmp_path / name, required_splits=())
+
+    plain, quality, french = ingest("plain"), ingest("quality", quality="fineweb"), ingest("french", languages="fr")
 
     units = {name: {Path(unit.source).name: unit for unit in manifest.units}
              for name, manifest in (("plain", plain), ("quality", quality), ("french", french))}
