@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gptflow.data.config import QUALITY_PRESETS, IngestConfig, TokenizeConfig
-from gptflow.data.errors import SkipReport
+from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.ingest import CorpusManifest, ingest_corpus
 from gptflow.data.language import identify_language
 from gptflow.data.quality import FILTERS_BY_PRESET, QualityFilters, survival_summary
@@ -252,3 +252,16 @@ def test_a_threshold_change_refilters_without_re_extracting_and_retokenizes_only
     reused = {Path(unit.source).name: unit.reused for unit in second_tokens.units}
     assert reused == {"article.txt": True, crawl.name: False}
     assert not any(unit.reused for unit in first_tokens.units)
+
+
+def test_a_corpus_of_which_no_document_passes_says_how_many_survived_each_filter(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "menu.md").write_text("Home\nAbout us\nProducts\nContact\nSearch\n", encoding="utf-8")
+    (corpus / "letters.txt").write_text("\n\n".join([page_text(PAGES / "article_en.html")] * 4), encoding="utf-8")
+
+    with pytest.raises(CorpusError, match=r"^The corpus has no usable documents \(2 source files; nothing skipped; "
+                                          r"data\.quality=gopher kept 0 of 2 prose documents judged: "
+                                          r"gopher_repetition \d \(\d+%\) → gopher_quality 0 \(0%\)\)\. Fix"):
+        ingest_corpus(resolve_sources([str(corpus)]), IngestConfig(val_fraction=0.3, quality="gopher"),
+                      tmp_path / "store", required_splits=())
