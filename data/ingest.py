@@ -439,7 +439,7 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
             "redactions": dict(redactions),
             "languages": dict(languages.kept),
             "language_drops": dict(languages.dropped),
-            "quality": quality.counts(),
+            "quality": quality.counts(), "quality_samples": quality.samples,  # samples: unit.json only
             "text_hash": text_hash.hexdigest(),
         }
         write_unit_file(tmp, written)

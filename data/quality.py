@@ -41,6 +41,9 @@ FILTERS_BY_PRESET: dict[str, tuple[str, ...]] = {
     "fineweb": (GOPHER_REPETITION, GOPHER_QUALITY, C4, FINEWEB),
 }
 """``data.quality`` → the filters it runs, in order (each document stops at the first that drops it)."""
+SAMPLES_PER_UNIT = 3
+"""Documents a unit keeps per filter, of those the filter dropped, for the run's sample."""
+EXCERPT_CHARS = 400
 
 
 class QualityFiltersUnavailableError(UserError):
@@ -113,6 +116,8 @@ class QualityFilters:
         self.dropped_bytes: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         """Documents dropped per ``filter/reason``."""
+        self.samples: dict[str, list[dict[str, Any]]] = {}
+        """Per filter, the first ``SAMPLES_PER_UNIT`` documents it dropped: rule, bytes, excerpt."""
 
     def judge(self, text: str) -> QualityVerdict:
         """The document after every filter, or the first filter that dropped it and why; counted."""
@@ -129,6 +134,9 @@ class QualityFilters:
                 self.dropped[name] += 1
                 self.dropped_bytes[name] += len(text.encode())
                 self.reasons[f"{name}/{reason or 'dropped'}"] += 1
+                samples = self.samples.setdefault(name, [])
+                if len(samples) < SAMPLES_PER_UNIT:
+                    samples.append({"rule": reason, "bytes": len(text.encode()), "excerpt": text[:EXCERPT_CHARS]})
                 return QualityVerdict(None, name, reason)
         return QualityVerdict(document.text)
 

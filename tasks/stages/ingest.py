@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
@@ -14,7 +15,7 @@ from gptflow.data.language import language_model_version
 from gptflow.data.near_dedup import datasketch_version
 from gptflow.data.quality import FILTERS_BY_PRESET, quality_library_version, survival_summary
 from gptflow.data.redact import REDACTION_KINDS
-from gptflow.data.shards import SPLITS
+from gptflow.data.shards import SPLITS, read_unit_file
 from gptflow.data.sources import SourceResolution
 from gptflow.data.store import ArtifactStore
 from gptflow.data.web import WEB_FORMATS, extractor_version
@@ -23,6 +24,9 @@ from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.progress import StageProgress, run_logger
 from gptflow.tasks.tracking.run import PipelineRun
+
+SAMPLES_PER_FILTER = 30
+"""Dropped documents per quality filter in ``data/quality_samples.json``."""
 
 
 @task(name="ingest-corpus")
@@ -139,4 +143,19 @@ def _log_quality(run: PipelineRun, manifest: CorpusManifest, config: IngestConfi
                        for name in filters}})
     by_source = {unit.source: unit.quality for unit in manifest.units if unit.quality}
     run.log_text(json.dumps({**totals, "by_source": by_source}, indent=2), "data/quality.json")
+    run.log_text(json.dumps(_dropped_samples(manifest), indent=2), "data/quality_samples.json")
     run_logger().info("ingest: " + survival_summary(config.quality, totals))
+
+
+def _dropped_samples(manifest: CorpusManifest) -> dict[str, list[dict[str, Any]]]:
+    """Per filter, up to ``SAMPLES_PER_FILTER`` documents it dropped (source, rule, bytes, excerpt),
+    from the units' files in source order: a user reads what a threshold throws away."""
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for unit in manifest.units:
+        dropped = unit.quality.get("dropped", {})
+        if all(len(samples.get(name, [])) >= SAMPLES_PER_FILTER for name in dropped):
+            continue
+        for name, documents in read_unit_file(Path(unit.directory)).get("quality_samples", {}).items():
+            kept = samples.setdefault(name, [])
+            kept.extend({"source": unit.source, **document} for document in documents[:SAMPLES_PER_FILTER - len(kept)])
+    return samples

@@ -57,3 +57,7 @@ def test_documents_dropped_by_language_and_quality_are_logged_per_filter_and_per
         "dataset.quality_dropped_bytes.gopher_repetition": len(repeated.encode()),
         "dataset.quality_dropped_bytes.gopher_quality": 0, "dataset.quality_dropped_bytes.c4": 0,
         "dataset.quality_dropped_bytes.fineweb": 0}
+    samples = json.loads(Path(client.download_artifacts(summary.mlflow_run_id, "data/quality_samples.json",
+                                                        str(tmp_path))).read_text())
+    assert samples == {"gopher_repetition": [{"source": str(corpus / "letters.txt"), "rule": "dup_para_frac",
+                                              "bytes": len(repeated.encode()), "excerpt": repeated[:400]}]}
