@@ -81,7 +81,8 @@ def quality_key_fields(config: IngestConfig, applies: bool) -> dict[str, Any]:
     return {"quality": filter_settings(config), "quality_library": quality_library_version()}
 
 
-def _datatrove_filter(name: str, arguments: dict[str, Any]) -> Any:
+def datatrove_filter(name: str, arguments: dict[str, Any]) -> Any:
+    """The datatrove filter ``name`` (``GOPHER_QUALITY``, ...) built with ``arguments``."""
     from datatrove.pipeline.filters import (
         C4QualityFilter,
         FineWebQualityFilter,
@@ -110,7 +111,7 @@ class QualityFilters:
 
     def __init__(self, config: IngestConfig, applies: bool = True) -> None:
         settings = filter_settings(config) if applies else {}
-        self.filters = [(name, _datatrove_filter(name, arguments)) for name, arguments in settings.items()]
+        self.filters = [(name, datatrove_filter(name, arguments)) for name, arguments in settings.items()]
         self.judged = 0
         self.dropped: Counter[str] = Counter()
         self.dropped_bytes: Counter[str] = Counter()
