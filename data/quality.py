@@ -4,10 +4,9 @@ datatrove's own implementations with spaCy's blank English tokenizer: offline, n
 Why datatrove's and not gptflow's own: Gopher's filters and FineWeb's list-ratio rule count words as
 spaCy's tokenizer splits them (``don't`` is two words, ``well-known`` three), so a reimplementation
 agrees near the thresholds only by reproducing that tokenizer, and spaCy's word split is what
-limits the speed anyway. Measured on 1,497 real documents (Python's HTML docs, Debian manual
-pages, stdlib source; 18.7 MB) on one core: Gopher repetition 0.35 MB/s, Gopher quality 0.41 MB/s,
-C4 0.69 MB/s, FineWeb's 4.2 MB/s; the filters run inside the per-file ingest units, so ``--ray``
-spreads them over the cluster's cores.
+limits the speed anyway. Measured (``bench/quality_filters.py``, bench/RESULTS.md) on Python's HTML
+documentation, one core: ``fineweb`` 0.33 MB/s, ``gopher`` 0.38, ``c4`` 0.57; the filters run
+inside the per-file ingest units, so ``--ray`` spreads them over the cluster's cores.
 
 A preset names the filters and their order (``FILTERS_BY_PRESET``); each filter has datatrove's
 default thresholds, except FineWeb's three, which are settings (``data.quality_line_punct``,
