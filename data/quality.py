@@ -19,6 +19,7 @@ is built with ``applies=False`` for code files).
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class QualityFiltersUnavailableError(UserError):
     """``data.quality`` is set but datatrove or spaCy is not installed."""
 
 
+@functools.cache  # asked for every file's unit key
 def quality_library_version() -> str:
     """datatrove's and spaCy's versions (their code decides what is kept, so they key the unit); a
     ``QualityFiltersUnavailableError`` naming the install when missing."""

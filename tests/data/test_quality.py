@@ -109,7 +109,8 @@ def crafted_documents(sentences: list[str], rng: random.Random) -> list[str]:
                                                                     "with"}]
         documents.append(" ".join(stop_free[:60] + ["the", "of", "and"][: step % 4]))
         lines = prose(20)  # Gopher: bullets around 0.9, ellipses around 0.3, hashes around 0.1
-        documents.append("\n".join(("- " + line) if index < 15 + step % 6 else line for index, line in enumerate(lines)))
+        documents.append("\n".join(("- " + line) if index < 15 + step % 6 else line
+                                   for index, line in enumerate(lines)))
         documents.append("\n".join(line.rstrip(".") + "..." if index < 3 + step % 6 else line
                                    for index, line in enumerate(lines)))
         body = " ".join(prose(8))
@@ -208,7 +209,8 @@ def test_code_is_judged_by_no_prose_filter(tmp_path):
     assert units["french"]["encoder.py"].documents == 1 and units["french"]["encoder.py"].language_drops == {}
     assert units["quality"]["article.txt"].documents == 1
     assert units["quality"]["menu.md"].documents == 0
-    assert units["quality"]["menu.md"].quality["judged"] == sum(units["quality"]["menu.md"].quality["dropped"].values()) == 1
+    menu = units["quality"]["menu.md"].quality
+    assert menu["judged"] == sum(menu["dropped"].values()) == 1
     assert quality.totals["quality"]["judged"] == 2
     assert units["french"]["article.txt"].language_drops == {"en": 1}
 

@@ -61,6 +61,6 @@ def test_documents_dropped_by_language_and_quality_are_logged_per_filter_and_per
                                                         str(tmp_path))).read_text())
     assert samples == {"gopher_repetition": [{"source": str(corpus / "letters.txt"), "rule": "dup_para_frac",
                                               "bytes": len(repeated.encode()), "excerpt": repeated[:400]}]}
-    assert summary.filtered == ("data.quality=fineweb kept 1 of 2 prose documents judged: gopher_repetition 1 (50%) → "
-                                "gopher_quality 1 (50%) → c4 1 (50%) → fineweb 1 (50%)")
+    assert summary.filtered == ("data.quality=fineweb kept 1 of 2 prose documents judged: "
+                                "gopher_repetition 1 (50%) → gopher_quality 1 (50%) → c4 1 (50%) → fineweb 1 (50%)")
     assert f"filtered    {summary.filtered}" in summary.render()
