@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 
 _LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}")
+QUALITY_PRESETS = ("none", "gopher", "c4", "fineweb")
+"""The values of ``data.quality``; which filters each runs, in order: ``data.quality.FILTERS_BY_PRESET``."""
 
 
 def require(condition: bool, message: str) -> None:
@@ -57,6 +59,17 @@ class IngestConfig(RecordsConfig):
     Needs ``pip install 'gptflow[web]'``."""
     language_threshold: float = 0.65
     """The language model's lowest score (a probability) for a kept document; FineWeb's 0.65."""
+    quality: str = "none"
+    """Quality filters run on prose files' documents (``data.quality``): ``none``, ``gopher``
+    (Gopher repetition, then Gopher quality), ``c4`` (C4's line and document filters) or ``fineweb``
+    (FineWeb's order: Gopher repetition, Gopher quality, C4, FineWeb's own). Needs
+    ``pip install 'gptflow[quality]'``."""
+    quality_line_punct: float = 0.12
+    """FineWeb: a document's share of lines ending in terminal punctuation must be at least this."""
+    quality_char_duplicates: float = 0.01
+    """FineWeb: the share of its characters in lines seen before in it must be at most this."""
+    quality_short_lines: float = 0.67
+    """FineWeb: its share of lines of at most 30 characters must be at most this."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +86,11 @@ class IngestConfig(RecordsConfig):
                 f"data.languages must be comma-separated ISO 639 codes such as en,fr (or none), got {self.languages!r}")
         require(0.0 <= self.language_threshold < 1.0,
                 f"data.language_threshold must be a score in [0, 1), e.g. 0.65, got {self.language_threshold}")
+        require(self.quality in QUALITY_PRESETS,
+                f"data.quality must be one of {', '.join(QUALITY_PRESETS)}, got {self.quality!r}")
+        for name in ("quality_line_punct", "quality_char_duplicates", "quality_short_lines"):
+            share = getattr(self, name)
+            require(0.0 <= share <= 1.0, f"data.{name} must be a share in [0, 1], got {share}")
 
 
 @dataclass

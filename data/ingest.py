@@ -16,13 +16,15 @@ duplicates of kept segments then join the drop lists too (``near_dedup``).
 A unit's key (``_unit_key``) holds the code version of this module (with the reader, shards,
 sources and errors it imports), the file's content hash, format, compression, ``text_field``
 (structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars``,
-``redact_pii``, ``languages`` (with its threshold and model, when set) and, for a web file, the
-extractor's version; not the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout
-only) nor ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s
-counts: documents read (each once), documents cut and the segments they became, segments and
-bytes per split, duplicates dropped within the file, redactions, documents kept and dropped per
-language, skips. A web file's documents come from its extraction unit (``data.web``), which no
-setting here invalidates. Which files' hashes are
+``redact_pii``, ``languages`` (with its threshold and model, when set), ``quality`` (its filters'
+thresholds and library, when set) and, for a web file, the extractor's version; a code file's key
+has neither language nor quality settings, which never judge code (``SourceFile.is_code``). Not
+the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout only) nor
+``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s counts:
+documents read (each once), documents cut and the segments they became, segments and bytes per
+split, duplicates dropped within the file, redactions, documents kept and dropped per language,
+documents judged and dropped (and their bytes) per quality filter, skips. A web file's documents
+come from its extraction unit (``data.web``), which no setting here invalidates. Which files' hashes are
 known without reading them is remembered in ``file-hashes.json`` (``FILE_HASH_CACHE``, by
 ``data.sources.source_stamp``), so a rerun hashes only new or changed files. With ``redact_pii``,
 what is written names a source as ``source_name`` does, its names' personal data redacted, and a
@@ -48,6 +50,7 @@ onto the cluster by partition.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
@@ -62,8 +65,15 @@ from gptflow.data.content_hashes import ContentHashes
 from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.exact_dedup import drop_cross_file_duplicates
 from gptflow.data.hashing import hash_bytes, hash_json, hash_stream, split_by_hash
-from gptflow.data.language import LanguageFilter, language_key_fields, language_model_version
+from gptflow.data.language import LanguageFilter, language_drops_summary, language_key_fields, language_model_version
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
+from gptflow.data.quality import (
+    QualityFilters,
+    add_quality_counts,
+    quality_key_fields,
+    quality_library_version,
+    survival_summary,
+)
 from gptflow.data.readers import SourceReadError, read_documents
 from gptflow.data.redact import redact, redact_path
 from gptflow.data.shards import SPLITS, RawShardWriter, read_unit_file, write_unit_file
@@ -122,6 +132,10 @@ class CorpusUnit:
     languages: dict[str, int] = field(default_factory=dict)
     language_drops: dict[str, int] = field(default_factory=dict)
     """Documents kept (``languages``) and dropped per identified language, ``data.languages`` set."""
+    quality: dict[str, Any] = field(default_factory=dict)
+    """What ``data.quality``'s filters judged and dropped (``data.quality.QualityFilters.counts``)."""
+    text_hash: str = ""
+    """Hash of the segments written, in order, with their splits: the text that tokenize reads."""
 
 
 @dataclass
@@ -150,6 +164,7 @@ class CorpusManifest:
             "redactions": dict(sum((Counter(unit.redactions) for unit in self.units), Counter())),
             "languages": dict(sum((Counter(unit.languages) for unit in self.units), Counter())),
             "language_drops": dict(sum((Counter(unit.language_drops) for unit in self.units), Counter())),
+            "quality": add_quality_counts(unit.quality for unit in self.units),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +225,8 @@ def ingest_corpus(
         datasketch_version()  # missing: said now, not after ingesting every file
     if config.languages is not None:
         language_model_version()
+    if config.quality != "none":
+        quality_library_version()
     skips = SkipReport()
     if isinstance(sources, SourceResolution):
         skips.merge(sources.skipped.renamed(lambda location: source_name(location, config)))
@@ -255,7 +272,7 @@ def ingest_corpus(
     if manifest.total_documents == 0:
         raise CorpusError(
             f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}"
-            f"{_language_drops_summary(manifest, config)}). Fix or replace the files listed, or point --corpus at other "
+            f"{_filter_drops_summary(manifest, config)}). Fix or replace the files listed, or point --corpus at other "
             f"data."
         )
     require_splits(manifest, required_splits, config)
@@ -265,13 +282,11 @@ def ingest_corpus(
     return manifest
 
 
-def _language_drops_summary(manifest: CorpusManifest, config: IngestConfig) -> str:
-    drops = manifest.totals["language_drops"]
-    if not drops:
-        return ""
-    counts = ", ".join(f"{language} {count}" for language, count in sorted(drops.items()))
-    return (f"; data.languages={config.languages} dropped {sum(drops.values())} documents ({counts}) at "
-            f"data.language_threshold={config.language_threshold}")
+def _filter_drops_summary(manifest: CorpusManifest, config: IngestConfig) -> str:
+    """What ``data.languages`` and ``data.quality`` dropped, for the line saying nothing is left."""
+    totals = manifest.totals
+    return language_drops_summary(totals["language_drops"], config) + (
+        "" if config.quality == "none" else "; " + survival_summary(config.quality, totals["quality"]))
 
 
 def _known_unit_directory(call: dict[str, Any]) -> Path:
@@ -305,7 +320,7 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
         cut_segments=written["cut_segments"], segments=written["segments"], bytes=written["bytes"],
         drop_doc_hashes=[], duplicates=written["duplicates"], reused=reused,
         redactions=written.get("redactions", {}), languages=written.get("languages", {}),
-        language_drops=written.get("language_drops", {}),
+        language_drops=written.get("language_drops", {}), quality=written["quality"], text_hash=written["text_hash"],
     )
     return unit, SkipReport.from_dict(written["skips"]).relocated(written["source"], name)
 
@@ -356,7 +371,8 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
         "segment_chars": config.segment_chars,
         "min_chars": config.min_chars,
         "redact_pii": config.redact_pii,
-        **language_key_fields(config),
+        **(language_key_fields(config) if not source.is_code else {"languages": None}),
+        **quality_key_fields(config, applies=not source.is_code),
         "extractor": extractor_version() if source.format in WEB_FORMATS else None,
     })
 
@@ -369,7 +385,10 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     segments = dict.fromkeys(SPLITS, 0)
     text_bytes = dict.fromkeys(SPLITS, 0)
     redactions: Counter[str] = Counter()
+    text_hash = hashlib.sha256()
+    prose = not source.is_code  # code is judged by no prose heuristic
     languages = LanguageFilter(config)
+    quality = QualityFilters(config, applies=prose)
     documents = (web_documents(source, name, content_hash, config.min_chars, directory.parent.parent, artifacts, skips)
                  if source.format in WEB_FORMATS else
                  ((text, None) for text in read_documents(source, config.text_field, skips, config.min_chars,
@@ -377,8 +396,8 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     with artifacts.commit(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
         for text, url in documents:
-            language = languages.identify(text)  # before redaction: placeholders are no language
-            if not languages.keeps(language):
+            language = languages.identify(text) if prose else None  # before redaction: placeholders are no language
+            if not languages.keeps(language) or (text := quality.judge(text).text) is None:
                 continue
             if config.redact_pii:  # before hashing: dedup and the split see the text as it is trained on
                 text, found = redact(text)
@@ -401,6 +420,7 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
                 seen.add(doc_hash)
                 split = split_by_hash(doc_hash, config.val_fraction)
                 writer.write(segment, doc_hash, split, continues, len(data), url, language)
+                text_hash.update(f"{doc_hash} {split} {continues}\n".encode())
                 continues = True
                 segments[split] += 1
                 text_bytes[split] += len(data)
@@ -419,6 +439,8 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
             "redactions": dict(redactions),
             "languages": dict(languages.kept),
             "language_drops": dict(languages.dropped),
+            "quality": quality.counts(), "quality_samples": quality.samples,  # samples: unit.json only
+            "text_hash": text_hash.hexdigest(),
         }
         write_unit_file(tmp, written)
     return written

@@ -70,6 +70,16 @@ def language_key_fields(config: IngestConfig) -> dict[str, Any]:
             "language_model": language_model_version()}
 
 
+def language_drops_summary(drops: dict[str, int], config: IngestConfig) -> str:
+    """``; data.languages=en dropped 3 documents (de 2, fr 1) at data.language_threshold=0.65``, or
+    nothing when none was dropped."""
+    if not drops:
+        return ""
+    counts = ", ".join(f"{language} {count}" for language, count in sorted(drops.items()))
+    return (f"; data.languages={config.languages} dropped {sum(drops.values())} documents ({counts}) at "
+            f"data.language_threshold={config.language_threshold}")
+
+
 class LanguageFilter:
     """Keeps the documents in ``data.languages`` scored at least ``data.language_threshold``,
     counting kept and dropped documents per identified language; keeps all when unset."""

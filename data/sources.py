@@ -41,6 +41,9 @@ FORMAT_BY_SUFFIX = {
     ".html": "html", ".htm": "html", ".warc": "warc",
 }
 """File formats by extension; ``text`` is one document per file."""
+CODE_SUFFIXES = {".py"}
+"""Extensions of the files that are code, not prose: no prose heuristic (``data.languages``,
+``data.quality``) judges their documents."""
 COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".zst": "zstd"}
 """Outer compression by extension, named as pyarrow's codecs are."""
 UNCOMPRESSIBLE_FORMATS = {"parquet"}
@@ -85,6 +88,14 @@ class SourceFile:
     def name(self) -> str:
         """The file's or object's name, without its folders."""
         return PurePosixPath(str(self.path)).name
+
+    @property
+    def is_code(self) -> bool:
+        """Whether the file is source code (``CODE_SUFFIXES``, under its compression's suffix)."""
+        suffixes = [suffix.lower() for suffix in PurePosixPath(self.name).suffixes]
+        if suffixes and self.compression:
+            suffixes.pop()
+        return self.format == "text" and bool(suffixes) and suffixes[-1] in CODE_SUFFIXES
 
 
 @dataclass

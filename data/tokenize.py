@@ -3,7 +3,8 @@
 Each raw unit becomes ``tokens/<key>/``: ``train.arrow`` and ``val.arrow`` (each only if that split
 has tokens) and ``unit.json`` (tokens, bytes and segments per split; the bytes are the UTF-8 bytes
 of the segments encoded, for bits per byte). The key covers this code, the tokenizer's hash, the
-raw unit's key and its drop list, so a grown corpus re-tokenizes only its new files. A unit of
+raw unit's text (``CorpusUnit.text_hash``) and its drop list, so a grown corpus re-tokenizes only
+its new files, and a changed filter only the files whose kept text it changed. A unit of
 work (``tokenize_units``) is a group of consecutive files of about ``batch_bytes`` of text, so
 many small files share the tokenizer's batches; ``TokenManifest.paths(split)`` lists the shard
 files that exist, and the manifest is written as ``manifests/tokens-<fingerprint>.json``.
@@ -260,7 +261,8 @@ def _unit_key(unit: CorpusUnit, tokenizer: TokenizerArtifact, code: str) -> str:
         "stage": "tokenize",
         "code": code,
         "tokenizer": tokenizer.hash,
-        "raw": unit.key,
+        # The text tokenized, not its unit's key: a re-filter that keeps a file's text retokenizes nothing.
+        "raw": unit.text_hash,
         "drop": hash_json(sorted(unit.drop_doc_hashes)),
     })
 

@@ -18,6 +18,7 @@ from pydantic.json_schema import SkipJsonSchema
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, source_name
 from gptflow.data.mixture import mixture_parts, split_weight
+from gptflow.data.quality import survival_summary
 from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact
@@ -86,12 +87,15 @@ class PretrainSummary(FlowSummary):
     samples: list[str] = field(default_factory=list)
     val_warning: str = ""
     """Why val is too small to measure the model by (``val_too_small``), if it is."""
+    filtered: str = ""
+    """How many prose documents survived each ``data.quality`` filter, when it is set."""
 
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it produced, where to look next."""
         rows = [
             *(f"| stage: {name} | {status} |" for name, status in self.stages.items()),
             f"| documents | {self.documents:,} |",
+            *([f"| quality filters | {self.filtered} |"] if self.filtered else []),
             f"| val | {self.val_split} |",
             *([f"| warning | {self.val_warning} |"] if self.val_warning else []),
             f"| train / val tokens | {self.train_tokens:,} / {self.val_tokens:,} |",
@@ -120,6 +124,7 @@ class PretrainSummary(FlowSummary):
             f"stages      {stages}",
             f"data        {human_count(self.documents)} documents, {human_count(self.train_tokens)} train "
             f"tokens, {human_count(self.val_tokens)} val tokens",
+            *([f"filtered    {self.filtered}"] if self.filtered else []),
             f"val         {self.val_split}",
             *([f"warning     {self.val_warning}"] if self.val_warning else []),
             f"training    {self.steps} steps, {self.how_trained}"
@@ -326,6 +331,7 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
     return PretrainSummary(
         stages=dict(run.stage_statuses),
         documents=corpus_manifest.total_documents,
+        filtered="" if data.quality == "none" else survival_summary(data.quality, corpus_manifest.totals["quality"]),
         val_split=_describe_val_split(corpus_manifest, data),
         train_tokens=tokens.total_tokens("train"),
         val_tokens=tokens.total_tokens("val"),

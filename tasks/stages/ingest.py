@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
@@ -12,8 +13,9 @@ from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits, source_name
 from gptflow.data.language import language_model_version
 from gptflow.data.near_dedup import datasketch_version
+from gptflow.data.quality import FILTERS_BY_PRESET, quality_library_version, survival_summary
 from gptflow.data.redact import REDACTION_KINDS
-from gptflow.data.shards import SPLITS
+from gptflow.data.shards import SPLITS, read_unit_file
 from gptflow.data.sources import SourceResolution
 from gptflow.data.store import ArtifactStore
 from gptflow.data.web import WEB_FORMATS, extractor_version
@@ -22,6 +24,9 @@ from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.progress import StageProgress, run_logger
 from gptflow.tasks.tracking.run import PipelineRun
+
+SAMPLES_PER_FILTER = 30
+"""Dropped documents per quality filter in ``data/quality_samples.json``."""
 
 
 @task(name="ingest-corpus")
@@ -56,6 +61,8 @@ def ingest(
         inputs["datasketch"] = datasketch_version()
     if config.languages is not None:
         inputs["language_model"] = language_model_version()  # its model decides what is kept
+    if config.quality != "none":
+        inputs["quality_library"] = quality_library_version()  # its filters decide what is kept
     if any(source.format in WEB_FORMATS for source in sources.files):
         inputs["extractor"] = extractor_version()  # it decides the text of every page
     key = stage_key("ingest", config=config, modules=(__name__,), inputs=inputs)
@@ -78,6 +85,8 @@ def ingest(
         _log_redactions(run, manifest)
     if config.languages is not None:
         _log_languages(run, manifest, config)
+    if config.quality != "none":
+        _log_quality(run, manifest, config)
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
     require_splits(manifest, required_splits, config)
@@ -120,3 +129,33 @@ def _log_languages(run: PipelineRun, manifest: CorpusManifest, config: IngestCon
                           + ", ".join(f"{language} {count:,}" for language, count in
                                       sorted(dropped.items(), key=lambda item: -item[1]))
                           + f") below data.language_threshold={config.language_threshold} or in other languages")
+
+
+def _log_quality(run: PipelineRun, manifest: CorpusManifest, config: IngestConfig) -> None:
+    """``dataset.quality_dropped.<filter>`` (documents) and ``dataset.quality_dropped_bytes.<filter>``
+    for every filter of the preset (0 too), the counts per rule and per source file as
+    ``data/quality.json``, and how many documents survived each filter as a line."""
+    totals = manifest.totals["quality"]
+    filters = FILTERS_BY_PRESET[config.quality]
+    run.log_params({"dataset.quality_judged": totals["judged"],
+                    **{f"dataset.quality_dropped.{name}": totals["dropped"].get(name, 0) for name in filters},
+                    **{f"dataset.quality_dropped_bytes.{name}": totals["dropped_bytes"].get(name, 0)
+                       for name in filters}})
+    by_source = {unit.source: unit.quality for unit in manifest.units if unit.quality}
+    run.log_text(json.dumps({**totals, "by_source": by_source}, indent=2), "data/quality.json")
+    run.log_text(json.dumps(_dropped_samples(manifest), indent=2), "data/quality_samples.json")
+    run_logger().info("ingest: " + survival_summary(config.quality, totals))
+
+
+def _dropped_samples(manifest: CorpusManifest) -> dict[str, list[dict[str, Any]]]:
+    """Per filter, up to ``SAMPLES_PER_FILTER`` documents it dropped (source, rule, bytes, excerpt),
+    from the units' files in source order: a user reads what a threshold throws away."""
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for unit in manifest.units:
+        dropped = unit.quality.get("dropped", {})
+        if all(len(samples.get(name, [])) >= SAMPLES_PER_FILTER for name in dropped):
+            continue
+        for name, documents in read_unit_file(Path(unit.directory)).get("quality_samples", {}).items():
+            kept = samples.setdefault(name, [])
+            kept.extend({"source": unit.source, **document} for document in documents[:SAMPLES_PER_FILTER - len(kept)])
+    return samples

@@ -68,6 +68,8 @@ def test_override_values_are_coerced_to_the_field_type():
         ("train.max_steps=0", "train.max_steps must be positive"),
         ("data.languages=en;fr", "data.languages must be comma-separated ISO 639 codes such as en,fr"),
         ("data.language_threshold=1.5", r"data.language_threshold must be a score in \[0, 1\)"),
+        ("data.quality=fine-web", "data.quality must be one of none, gopher, c4, fineweb, got 'fine-web'"),
+        ("data.quality_short_lines=67", r"data.quality_short_lines must be a share in \[0, 1\], got 67"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -79,6 +81,14 @@ def test_languages_are_one_comma_separated_setting():
     settings = build_config(PretrainSettings, DEFAULT_PRESET,
                             overrides=parse_override_pairs(["data.languages=en,fr", "data.language_threshold=0.8"]))
     assert (settings.data.languages, settings.data.language_threshold) == ("en,fr", 0.8)
+
+
+def test_quality_is_one_preset_and_fineweb_s_thresholds_are_settings():
+    settings = build_config(PretrainSettings, DEFAULT_PRESET,
+                            overrides=parse_override_pairs(["data.quality=fineweb", "data.quality_line_punct=0.2"]))
+    assert (settings.data.quality, settings.data.quality_line_punct, settings.data.quality_short_lines) == (
+        "fineweb", 0.2, 0.67)
+    assert build_config(PretrainSettings, DEFAULT_PRESET).data.quality == "none"
 
 
 def test_evaluate_takes_only_the_settings_it_reads():
