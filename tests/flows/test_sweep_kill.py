@@ -151,9 +151,10 @@ def test_sigterm_or_ctrl_c_stops_every_point_within_seconds_and_a_rerun_resumes_
     prefect_api_url, small_corpus, tmp_path, signal_number, reason
 ):
     workspace = tmp_path / "workspace"
-    # Enough steps that the point that started first is still training once the other has a checkpoint,
-    # even when the second worker starts half a minute later on a busy machine (150 were not).
-    steps = ["--set", "train.max_steps=600", "--set", "train.checkpoint_interval=5", "--set", "train.log_interval=2",
+    # Enough steps that the point that started first is still training once the other has a checkpoint:
+    # the second starts once the first has made the data stages, half a minute later on a busy machine
+    # (150 steps were not enough there), and on a quiet one the first trained 600 steps meanwhile.
+    steps = ["--set", "train.max_steps=2000", "--set", "train.checkpoint_interval=5", "--set", "train.log_interval=2",
              "--set", "train.val_interval=1000"]
     sweep = _start_sweep(prefect_api_url, workspace, small_corpus, *steps)
     runs = workspace / "store" / "runs"
