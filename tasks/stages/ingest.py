@@ -152,15 +152,14 @@ def _log_quality(run: PipelineRun, manifest: CorpusManifest, config: IngestConfi
     run.log_text(json.dumps({**totals, "by_source": by_source}, indent=2), "data/quality.json")
     samples = _dropped_samples(manifest)
     run.log_text(json.dumps(samples, indent=2), "data/quality_samples.json")
-    create_table_artifact(
-        key="quality-dropped-samples", table=_samples_table(samples),
-        description=f"Documents dropped by each filter (up to {SAMPLES_PER_FILTER} per filter): "
-                    + survival_summary(config, totals))
-    run_logger().info("ingest: " + survival_summary(config, totals))
+    survival = survival_summary(config, totals)
+    create_table_artifact(key="quality-dropped-samples", table=_samples_table(samples, filters),
+                          description=f"Documents dropped, up to {SAMPLES_PER_FILTER} per filter: {survival}")
+    run_logger().info("ingest: " + survival)
 
 
 def _dropped_samples(manifest: CorpusManifest) -> dict[str, list[dict[str, Any]]]:
-    """Per filter, up to ``SAMPLES_PER_FILTER`` documents it dropped (source, rule, bytes, excerpt),
+    """Per filter, up to ``SAMPLES_PER_FILTER`` documents it dropped (source, rule, bytes, excerpt, URL),
     from the units' files in source order: a user reads what a threshold throws away."""
     samples: dict[str, list[dict[str, Any]]] = {}
     for unit in manifest.units:
@@ -173,10 +172,10 @@ def _dropped_samples(manifest: CorpusManifest) -> dict[str, list[dict[str, Any]]
     return samples
 
 
-def _samples_table(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """``_dropped_samples`` as the rows of a Prefect table, one per dropped document, excerpts cut
-    to ``TABLE_EXCERPT_CHARS`` on one line."""
+def _samples_table(samples: dict[str, list[dict[str, Any]]], filters: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``_dropped_samples`` as the rows of a Prefect table, one per dropped document, in the order of
+    ``filters``, excerpts cut to ``TABLE_EXCERPT_CHARS`` on one line."""
     return [{"filter": name, "rule": document["rule"], "bytes": document["bytes"], "source": document["source"],
              "url": document.get("url") or "",  # units written before URLs were sampled have none
              "excerpt": " ".join(document["excerpt"][:TABLE_EXCERPT_CHARS].split())}
-            for name, documents in samples.items() for document in documents]
+            for name in filters for document in samples.get(name, [])]
