@@ -145,11 +145,12 @@ class QualityFilters:
     def judge(self, text: str, url: str | None = None) -> QualityVerdict:
         """The document after every filter, or the first filter that dropped it and why; counted
         (with the pages ``blocks`` let through when there is a blocklist)."""
-        if not self.filters and self.blocklist is None:
+        if self.filters or self.blocklist is not None:
+            self.judged += 1
+        if not self.filters:  # a blocklist alone needs no quality library
             return QualityVerdict(text)
         from datatrove.data import Document
 
-        self.judged += 1
         document = Document(text=text, id="")
         for name, datatrove_filter in self.filters:
             outcome = datatrove_filter.filter(document)

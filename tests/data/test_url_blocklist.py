@@ -6,6 +6,7 @@ files written here with warcio, ingested for real."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,8 @@ def main_text(page: str) -> str:
     return text
 
 
-def test_pages_of_a_listed_domain_and_its_subdomains_are_dropped_and_others_kept(corpus, tmp_path):
+def test_pages_of_a_listed_domain_and_its_subdomains_are_dropped_and_others_kept(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datatrove.data", None)  # without data.quality, datatrove is not needed
     blocklist = write_list(tmp_path / "blocked.txt",
                            "# ad and spam hosts\n\nexample.com  # subdomains too\nads.example.org\n")
     # data.languages set too: a blocked page is dropped before it is identified, so it counts under no language.
