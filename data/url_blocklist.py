@@ -13,6 +13,7 @@ unit's call, so ``--ray`` workers need no copy of it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ class UrlBlocklist:
     path: str
     domains: frozenset[str]
 
-    @property
+    @functools.cached_property  # asked for every WARC file's unit key
     def digest(self) -> str:
         """The hash of its domains: what keys a WARC file's unit."""
         return hash_json(sorted(self.domains))
