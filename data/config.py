@@ -70,6 +70,9 @@ class IngestConfig(RecordsConfig):
     """FineWeb: the share of its characters in lines seen before in it must be at most this."""
     quality_short_lines: float = 0.67
     """FineWeb: its share of lines of at most 30 characters must be at most this."""
+    url_blocklist: str | None = None
+    """A text file of domains, one per line (``#`` comments): a WARC file's pages whose URL's host
+    is one of them or under one are dropped before any other filter (``data.url_blocklist``)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from gptflow.data.commits import write_json_atomic
-from gptflow.data.hashing import hash_bytes
-from gptflow.data.sources import HUB_FORMAT, SourceFile, source_stamp
+from gptflow.data.hashing import hash_bytes, hash_stream
+from gptflow.data.readers import SourceReadError
+from gptflow.data.sources import HUB_FORMAT, SourceFile, open_source, source_stamp
 
 
 class ContentHashes:
@@ -51,3 +52,15 @@ class ContentHashes:
     def save(self) -> None:
         if self.changed:
             write_json_atomic(self.path, self.entries)
+
+
+def hash_source_file(source: SourceFile) -> str:
+    """The hash of ``source``'s bytes, read now; a ``SourceReadError`` when the system fails the read
+    of a local file."""
+    try:
+        with open_source(source) as stream:
+            return hash_stream(stream)
+    except OSError as error:
+        if source.is_object:  # an object store that is away is no property of the object: not a skip
+            raise
+        raise SourceReadError(error.errno, error.strerror or str(error), str(source.path)) from error

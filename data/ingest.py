@@ -17,7 +17,8 @@ A unit's key (``_unit_key``) holds the code version of this module (with the rea
 sources and errors it imports), the file's content hash, format, compression, ``text_field``
 (structured formats only), ``val_fraction``, ``segment_chars``, ``min_chars``,
 ``redact_pii``, ``languages`` (with its threshold and model, when set), ``quality`` (its filters'
-thresholds and library, when set) and, for a web file, the extractor's version; a code file's key
+thresholds and library, when set), for a WARC file ``url_blocklist``'s domains (when set) and, for
+a web file, the extractor's version; a code file's key
 has neither language nor quality settings, which never judge code (``SourceFile.is_code``). Not
 the file's path (a moved file keeps its unit), nor ``shard_bytes`` (layout only) nor
 ``near_dedup_threshold`` (drop lists only). ``unit.json`` carries a ``CorpusUnit``'s counts:
@@ -61,18 +62,18 @@ from typing import Any
 from gptflow.data.code_version import code_version
 from gptflow.data.commits import write_json_atomic
 from gptflow.data.config import IngestConfig
-from gptflow.data.content_hashes import ContentHashes
+from gptflow.data.content_hashes import ContentHashes, hash_source_file
 from gptflow.data.errors import CorpusError, SkipReport
 from gptflow.data.exact_dedup import drop_cross_file_duplicates
-from gptflow.data.hashing import hash_bytes, hash_json, hash_stream, split_by_hash
-from gptflow.data.language import LanguageFilter, language_drops_summary, language_key_fields, language_model_version
+from gptflow.data.hashing import hash_bytes, hash_json, split_by_hash
+from gptflow.data.language import LanguageFilter, language_key_fields, language_model_version
 from gptflow.data.near_dedup import datasketch_version, drop_near_duplicates
 from gptflow.data.quality import (
     QualityFilters,
     add_quality_counts,
+    filter_drops_summary,
     quality_key_fields,
     quality_library_version,
-    survival_summary,
 )
 from gptflow.data.readers import SourceReadError, read_documents
 from gptflow.data.redact import redact, redact_path
@@ -82,11 +83,11 @@ from gptflow.data.sources import (
     SKIP_READ_ERROR,
     SourceFile,
     SourceResolution,
-    open_source,
     source_stamp,
 )
 from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
 from gptflow.data.units import MapUnits, Progress, in_this_process
+from gptflow.data.url_blocklist import UrlBlocklist, blocklist_for, blocklist_key_fields, load_url_blocklist
 from gptflow.data.web import WEB_FORMATS, extractor_version, web_documents
 
 FILE_HASH_CACHE = "file-hashes.json"
@@ -227,6 +228,7 @@ def ingest_corpus(
         language_model_version()
     if config.quality != "none":
         quality_library_version()
+    blocklist = load_url_blocklist(config.url_blocklist)  # read here once: its domains travel with each call
     skips = SkipReport()
     if isinstance(sources, SourceResolution):
         skips.merge(sources.skipped.renamed(lambda location: source_name(location, config)))
@@ -236,8 +238,9 @@ def ingest_corpus(
         extractor_version()
     content_hashes = ContentHashes(store_dir / FILE_HASH_CACHE)
     code = code_version(__name__)
-    calls = [{"source": source, "known_hash": content_hashes.known(source), "config": config,
-              "store_dir": store_dir, "artifacts": artifacts, "code": code} for source in files]
+    calls = [{"source": source, "known_hash": content_hashes.known(source), "config": config, "store_dir": store_dir,
+              "artifacts": artifacts, "code": code, "blocklist": blocklist_for(blocklist, source.format)}
+             for source in files]
     # A unit whose file's content hash is known without reading it is looked up here: reading it
     # back is cheaper than shipping the call anywhere.
     known = [call for call in calls if call["known_hash"] is not None]
@@ -272,8 +275,8 @@ def ingest_corpus(
     if manifest.total_documents == 0:
         raise CorpusError(
             f"The corpus has no usable documents ({len(files)} source files; {skips.summary()}"
-            f"{_filter_drops_summary(manifest, config)}). Fix or replace the files listed, or point --corpus at other "
-            f"data."
+            f"{filter_drops_summary(manifest.totals, config)}). Fix or replace the files listed, or point --corpus at "
+            f"other data."
         )
     require_splits(manifest, required_splits, config)
     manifest.path = str(store_dir / "manifests" / f"corpus-{manifest.fingerprint}.json")
@@ -282,21 +285,15 @@ def ingest_corpus(
     return manifest
 
 
-def _filter_drops_summary(manifest: CorpusManifest, config: IngestConfig) -> str:
-    """What ``data.languages`` and ``data.quality`` dropped, for the line saying nothing is left."""
-    totals = manifest.totals
-    return language_drops_summary(totals["language_drops"], config) + (
-        "" if config.quality == "none" else "; " + survival_summary(config.quality, totals["quality"]))
-
-
 def _known_unit_directory(call: dict[str, Any]) -> Path:
     """Where the unit of a call whose file's content hash is known lies in the store."""
-    return call["store_dir"] / "raw" / _unit_key(call["source"], call["known_hash"], call["config"], call["code"])
+    return call["store_dir"] / "raw" / _unit_key(call["source"], call["known_hash"], call["config"], call["code"],
+                                                 call["blocklist"])
 
 
 def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig, store_dir: Path,
-                artifacts: ArtifactStore, code: str,
-                found_in_store: bool = False) -> tuple[CorpusUnit | None, SkipReport]:
+                artifacts: ArtifactStore, code: str, found_in_store: bool = False,
+                blocklist: UrlBlocklist | None = None) -> tuple[CorpusUnit | None, SkipReport]:
     """One source file's unit, reused when complete in the store, else written; with the file's
     skipped records. ``known_hash``: the file's content hash, if known without reading it;
     ``found_in_store``: the caller found the unit complete under it just now. A local file whose
@@ -304,12 +301,12 @@ def ingest_unit(source: SourceFile, known_hash: str | None, config: IngestConfig
     skipped, counted, and read again next run."""
     name = source_name(str(source.path), config)
     try:
-        content_hash = known_hash or _content_hash(source)
-        key = _unit_key(source, content_hash, config, code)
+        content_hash = known_hash or hash_source_file(source)
+        key = _unit_key(source, content_hash, config, code, blocklist)
         directory = store_dir / "raw" / key
         reused = found_in_store or artifacts.is_complete(directory)
         written = (read_unit_file(directory) if reused
-                   else _ingest_unit(source, name, content_hash, config, directory, artifacts))
+                   else _ingest_unit(source, name, content_hash, config, directory, artifacts, blocklist))
     except SourceReadError as error:  # the unit's directory, if begun, is removed: nothing half-read is kept
         skips = SkipReport()
         skips.add(SKIP_READ_ERROR, f"{name} ({error.strerror})")
@@ -331,16 +328,6 @@ def source_name(path: str, config: IngestConfig) -> str:
     return redact_path(path) if config.redact_pii else path
 
 
-def _content_hash(source: SourceFile) -> str:
-    try:
-        with open_source(source) as stream:
-            return hash_stream(stream)
-    except OSError as error:
-        if source.is_object:  # an object store that is away is no property of the object: not a skip
-            raise
-        raise SourceReadError(error.errno, error.strerror or str(error), str(source.path)) from error
-
-
 def require_splits(manifest: CorpusManifest, splits: Collection[str], config: IngestConfig) -> None:
     """Raise ``CorpusError`` if a split in ``splits`` has no segments: training needs both, and
     evaluating a split needs that one; better to say so now than after training."""
@@ -356,7 +343,8 @@ def require_splits(manifest: CorpusManifest, splits: Collection[str], config: In
             )
 
 
-def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code: str) -> str:
+def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code: str,
+              blocklist: UrlBlocklist | None) -> str:
     # shard_bytes only changes how segments are laid out in files, not which, and
     # near_dedup_threshold only the drop lists given to units: left out, so changing them reuses
     # every unit.
@@ -373,12 +361,13 @@ def _unit_key(source: SourceFile, content_hash: str, config: IngestConfig, code:
         "redact_pii": config.redact_pii,
         **(language_key_fields(config) if not source.is_code else {"languages": None}),
         **quality_key_fields(config, applies=not source.is_code),
+        **blocklist_key_fields(blocklist),
         "extractor": extractor_version() if source.format in WEB_FORMATS else None,
     })
 
 
 def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: IngestConfig, directory: Path,
-                 artifacts: ArtifactStore) -> dict[str, Any]:
+                 artifacts: ArtifactStore, blocklist: UrlBlocklist | None) -> dict[str, Any]:
     skips = SkipReport()
     seen: set[str] = set()
     counts = {"documents": 0, "cut_documents": 0, "cut_segments": 0, "duplicates": 0}
@@ -388,7 +377,7 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     text_hash = hashlib.sha256()
     prose = not source.is_code  # code is judged by no prose heuristic
     languages = LanguageFilter(config)
-    quality = QualityFilters(config, applies=prose)
+    quality = QualityFilters(config, applies=prose, blocklist=blocklist)
     documents = (web_documents(source, name, content_hash, config.min_chars, directory.parent.parent, artifacts, skips)
                  if source.format in WEB_FORMATS else
                  ((text, None) for text in read_documents(source, config.text_field, skips, config.min_chars,
@@ -396,8 +385,10 @@ def _ingest_unit(source: SourceFile, name: str, content_hash: str, config: Inges
     with artifacts.commit(directory) as tmp:
         writer = RawShardWriter(tmp, config.shard_bytes)
         for text, url in documents:
+            if quality.blocks(text, url):  # first: a blocked page costs no language identification
+                continue
             language = languages.identify(text) if prose else None  # before redaction: placeholders are no language
-            if not languages.keeps(language) or (text := quality.judge(text).text) is None:
+            if not languages.keeps(language) or (text := quality.judge(text, url).text) is None:
                 continue
             if config.redact_pii:  # before hashing: dedup and the split see the text as it is trained on
                 text, found = redact(text)

@@ -14,7 +14,9 @@ default thresholds, except FineWeb's three, which are settings (``data.quality_l
 line without terminal punctuation, which FineWeb's pipeline turns off (FineWeb's own
 ``data.quality_line_punct`` judges that at document level instead). C4 drops lines as well as
 documents: a kept document's text is what C4 kept of it. Code is never judged (``QualityFilters``
-is built with ``applies=False`` for code files).
+is built with ``applies=False`` for code files). A WARC file's URL blocklist
+(``data.url_blocklist``) is counted here as the first filter, ``url_blocklist``, so its drops read
+like the others'.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import UserError
+from gptflow.data.language import language_drops_summary
+from gptflow.data.url_blocklist import LISTED_DOMAIN, URL_BLOCKLIST, UrlBlocklist
 
 INSTALL_HINT = "pip install 'gptflow[quality]'"
 GOPHER_REPETITION = "gopher_repetition"
@@ -59,6 +63,12 @@ def quality_library_version() -> str:
     except metadata.PackageNotFoundError:
         raise QualityFiltersUnavailableError(f"data.quality needs datatrove and spaCy: {INSTALL_HINT} "
                                              f"(or leave data.quality=none).") from None
+
+
+def filters_run(config: IngestConfig) -> tuple[str, ...]:
+    """The filters that ``config`` runs, in order: ``url_blocklist`` (on WARC pages), then the
+    preset's; empty when neither is set."""
+    return ((URL_BLOCKLIST,) if config.url_blocklist is not None else ()) + FILTERS_BY_PRESET[config.quality]
 
 
 def filter_settings(config: IngestConfig) -> dict[str, dict[str, Any]]:
@@ -107,40 +117,57 @@ class QualityVerdict:
 
 
 class QualityFilters:
-    """Runs ``data.quality``'s filters on each document, counting documents judged and, per filter,
-    the documents and UTF-8 bytes it dropped; with ``applies=False`` (code) it keeps everything."""
+    """Runs ``data.quality``'s filters on each document, and ``blocklist`` (a WARC file's) on its
+    URL, counting documents judged and, per filter, the documents and UTF-8 bytes it dropped; with
+    ``applies=False`` (code) it keeps everything."""
 
-    def __init__(self, config: IngestConfig, applies: bool = True) -> None:
+    def __init__(self, config: IngestConfig, applies: bool = True, blocklist: UrlBlocklist | None = None) -> None:
         settings = filter_settings(config) if applies else {}
         self.filters = [(name, datatrove_filter(name, arguments)) for name, arguments in settings.items()]
+        self.blocklist = blocklist if applies else None
         self.judged = 0
         self.dropped: Counter[str] = Counter()
         self.dropped_bytes: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         """Documents dropped per ``filter/reason``."""
         self.samples: dict[str, list[dict[str, Any]]] = {}
-        """Per filter, the first ``SAMPLES_PER_UNIT`` documents it dropped: rule, bytes, excerpt."""
+        """Per filter, the first ``SAMPLES_PER_UNIT`` documents it dropped: rule, bytes, excerpt, URL."""
 
-    def judge(self, text: str) -> QualityVerdict:
-        """The document after every filter, or the first filter that dropped it and why; counted."""
-        if not self.filters:
+    def blocks(self, text: str, url: str | None) -> bool:
+        """Whether the blocklist drops the page at ``url`` (counted as judged and dropped): asked
+        before anything else is done with a document."""
+        if self.blocklist is None or not self.blocklist.blocks(url):
+            return False
+        self.judged += 1
+        self._drop(URL_BLOCKLIST, LISTED_DOMAIN, text, url)
+        return True
+
+    def judge(self, text: str, url: str | None = None) -> QualityVerdict:
+        """The document after every filter, or the first filter that dropped it and why; counted
+        (with the pages ``blocks`` let through when there is a blocklist)."""
+        if self.filters or self.blocklist is not None:
+            self.judged += 1
+        if not self.filters:  # a blocklist alone needs no quality library
             return QualityVerdict(text)
         from datatrove.data import Document
 
-        self.judged += 1
         document = Document(text=text, id="")
         for name, datatrove_filter in self.filters:
             outcome = datatrove_filter.filter(document)
             kept, reason = outcome if isinstance(outcome, tuple) else (outcome, None)
             if not kept:
-                self.dropped[name] += 1
-                self.dropped_bytes[name] += len(text.encode())
-                self.reasons[f"{name}/{reason or 'dropped'}"] += 1
-                samples = self.samples.setdefault(name, [])
-                if len(samples) < SAMPLES_PER_UNIT:
-                    samples.append({"rule": reason, "bytes": len(text.encode()), "excerpt": text[:EXCERPT_CHARS]})
+                self._drop(name, reason, text, url)
                 return QualityVerdict(None, name, reason)
         return QualityVerdict(document.text)
+
+    def _drop(self, name: str, reason: str | None, text: str, url: str | None) -> None:
+        size = len(text.encode())
+        self.dropped[name] += 1
+        self.dropped_bytes[name] += size
+        self.reasons[f"{name}/{reason or 'dropped'}"] += 1
+        samples = self.samples.setdefault(name, [])
+        if len(samples) < SAMPLES_PER_UNIT:
+            samples.append({"rule": reason, "bytes": size, "excerpt": text[:EXCERPT_CHARS], "url": url})
 
     def counts(self) -> dict[str, Any]:
         """What a unit records of the filters: documents ``judged``; per filter, the documents
@@ -159,12 +186,22 @@ def add_quality_counts(counts: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return {"judged": judged, **{name: dict(total) for name, total in totals.items()}}
 
 
-def survival_summary(preset: str, totals: dict[str, Any]) -> str:
+def survival_summary(config: IngestConfig, totals: dict[str, Any]) -> str:
     """``data.quality=fineweb kept 219 of 1,497 prose documents judged: gopher_repetition 969 (65%) →
-    ...``: how many documents survived each filter, in order (``totals``: ``add_quality_counts``)."""
+    ...``: how many documents survived each filter, in order (``totals``: ``add_quality_counts``);
+    ``data.url_blocklist=blocked.txt, data.quality=...`` and ``url_blocklist`` first with a blocklist."""
     judged = left = totals["judged"]
     steps = []
-    for name in FILTERS_BY_PRESET[preset]:
+    for name in filters_run(config):
         left -= totals["dropped"].get(name, 0)
         steps.append(f"{name} {left:,} ({left / judged:.0%})" if judged else f"{name} 0")
-    return f"data.quality={preset} kept {left:,} of {judged:,} prose documents judged: " + " → ".join(steps)
+    settings = ([f"data.url_blocklist={config.url_blocklist}"] if config.url_blocklist is not None else []) + (
+        [f"data.quality={config.quality}"] if config.quality != "none" else [])
+    return f"{', '.join(settings)} kept {left:,} of {judged:,} prose documents judged: " + " → ".join(steps)
+
+
+def filter_drops_summary(totals: dict[str, Any], config: IngestConfig) -> str:
+    """What ``data.languages``, ``data.url_blocklist`` and ``data.quality`` dropped (``totals``: a
+    manifest's), for the line saying that no document is left."""
+    return language_drops_summary(totals["language_drops"], config) + (
+        "; " + survival_summary(config, totals["quality"]) if filters_run(config) else "")

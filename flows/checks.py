@@ -13,6 +13,7 @@ from typing import Any
 from gptflow.data.finetune_inputs import check_data_file
 from gptflow.data.mixture import WeightedCorpus
 from gptflow.data.sources import BUILTIN_CORPUS, SourceResolution, resolve_sources
+from gptflow.data.url_blocklist import load_url_blocklist
 from gptflow.tasks.runtime.gpu_share import GpuShare, share_machine_gpus
 from gptflow.tasks.runtime.ray_address import resolve_ray_address
 from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
@@ -38,6 +39,7 @@ def check_pretrain(corpus: list[str] | None, preset: str, config_file: str | Non
     if init_from is not None and (shaped := sorted(name for name in overrides or {} if name.startswith("model."))):
         raise ConfigError(f"--init-from trains its model as it is: {', '.join(shaped)} cannot be set with it.")
     config = build_config(PretrainSettings, preset, config_file, overrides)
+    load_url_blocklist(config.data.url_blocklist)
     if rendezvous is not None and rendezvous.world_size != config.train.nproc:
         raise RendezvousError(f"{rendezvous.nnodes} nodes of {rendezvous.nproc_per_node} processes are "
                               f"{rendezvous.world_size} ranks, but train.nproc is {config.train.nproc}: leave "
@@ -70,6 +72,8 @@ def check_sweep(grid: dict[str, list[Any]], corpus: list[str] | None, preset: st
     configs = check_points(points, preset, config_file, overrides)
     if scaling:
         check_scaling(points, configs)
+    for config in configs:
+        load_url_blocklist(config.data.url_blocklist)
     corpus = corpus or [BUILTIN_CORPUS]
     resolve_sources(WeightedCorpus.parse(corpus).sources)
     ray_address = resolve_ray_address(ray)
@@ -116,6 +120,8 @@ def check_evaluate(corpus: list[str] | None, multiple_choice: str | None, classi
                           "TASKS) and/or, for a classifier, a labelled file (--classification FILE), for a tagger, "
                           "a file of texts and spans (--tagging FILE).")
     sources = resolve_sources(corpus) if corpus else None
+    if corpus:
+        load_url_blocklist(config.data.url_blocklist)
     ray_address = resolve_ray_address(ray) if corpus else None
     choice_file, labelled_file, spans_file = (Path(path).expanduser().resolve() if path else None
                                               for path in (multiple_choice, classification, tagging))

@@ -18,7 +18,7 @@ from pydantic.json_schema import SkipJsonSchema
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, source_name
 from gptflow.data.mixture import mixture_parts, split_weight
-from gptflow.data.quality import survival_summary
+from gptflow.data.quality import filters_run, survival_summary
 from gptflow.data.sources import BUILTIN_CORPUS
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact
@@ -88,7 +88,7 @@ class PretrainSummary(FlowSummary):
     val_warning: str = ""
     """Why val is too small to measure the model by (``val_too_small``), if it is."""
     filtered: str = ""
-    """How many prose documents survived each ``data.quality`` filter, when it is set."""
+    """How many prose documents survived each filter (``data.url_blocklist``, ``data.quality``), when set."""
 
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it produced, where to look next."""
@@ -331,7 +331,7 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
     return PretrainSummary(
         stages=dict(run.stage_statuses),
         documents=corpus_manifest.total_documents,
-        filtered="" if data.quality == "none" else survival_summary(data.quality, corpus_manifest.totals["quality"]),
+        filtered=survival_summary(data, corpus_manifest.totals["quality"]) if filters_run(data) else "",
         val_split=_describe_val_split(corpus_manifest, data),
         train_tokens=tokens.total_tokens("train"),
         val_tokens=tokens.total_tokens("val"),

@@ -8,16 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_table_artifact
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits, source_name
 from gptflow.data.language import language_model_version
 from gptflow.data.near_dedup import datasketch_version
-from gptflow.data.quality import FILTERS_BY_PRESET, quality_library_version, survival_summary
+from gptflow.data.quality import filters_run, quality_library_version, survival_summary
 from gptflow.data.redact import REDACTION_KINDS
 from gptflow.data.shards import SPLITS, read_unit_file
 from gptflow.data.sources import SourceResolution
 from gptflow.data.store import ArtifactStore
+from gptflow.data.url_blocklist import load_url_blocklist
 from gptflow.data.web import WEB_FORMATS, extractor_version
 from gptflow.tasks.runtime.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
 from gptflow.tasks.runtime.unit_maps import UnitRunner
@@ -27,6 +29,8 @@ from gptflow.tasks.tracking.run import PipelineRun
 
 SAMPLES_PER_FILTER = 30
 """Dropped documents per quality filter in ``data/quality_samples.json``."""
+TABLE_EXCERPT_CHARS = 150
+"""A dropped document's excerpt in the Prefect table, short enough to read a row at a glance."""
 
 
 @task(name="ingest-corpus")
@@ -63,6 +67,8 @@ def ingest(
         inputs["language_model"] = language_model_version()  # its model decides what is kept
     if config.quality != "none":
         inputs["quality_library"] = quality_library_version()  # its filters decide what is kept
+    if (blocklist := load_url_blocklist(config.url_blocklist)) is not None:
+        inputs["url_blocklist"] = blocklist.digest  # its domains, not its path, decide what is kept
     if any(source.format in WEB_FORMATS for source in sources.files):
         inputs["extractor"] = extractor_version()  # it decides the text of every page
     key = stage_key("ingest", config=config, modules=(__name__,), inputs=inputs)
@@ -85,7 +91,7 @@ def ingest(
         _log_redactions(run, manifest)
     if config.languages is not None:
         _log_languages(run, manifest, config)
-    if config.quality != "none":
+    if filters_run(config):
         _log_quality(run, manifest, config)
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
@@ -133,22 +139,27 @@ def _log_languages(run: PipelineRun, manifest: CorpusManifest, config: IngestCon
 
 def _log_quality(run: PipelineRun, manifest: CorpusManifest, config: IngestConfig) -> None:
     """``dataset.quality_dropped.<filter>`` (documents) and ``dataset.quality_dropped_bytes.<filter>``
-    for every filter of the preset (0 too), the counts per rule and per source file as
-    ``data/quality.json``, and how many documents survived each filter as a line."""
+    for every filter run (0 too), the counts per rule and per source file as ``data/quality.json``,
+    the samples of dropped documents as ``data/quality_samples.json`` and as a Prefect table, and
+    how many documents survived each filter as a line."""
     totals = manifest.totals["quality"]
-    filters = FILTERS_BY_PRESET[config.quality]
+    filters = filters_run(config)
     run.log_params({"dataset.quality_judged": totals["judged"],
                     **{f"dataset.quality_dropped.{name}": totals["dropped"].get(name, 0) for name in filters},
                     **{f"dataset.quality_dropped_bytes.{name}": totals["dropped_bytes"].get(name, 0)
                        for name in filters}})
     by_source = {unit.source: unit.quality for unit in manifest.units if unit.quality}
     run.log_text(json.dumps({**totals, "by_source": by_source}, indent=2), "data/quality.json")
-    run.log_text(json.dumps(_dropped_samples(manifest), indent=2), "data/quality_samples.json")
-    run_logger().info("ingest: " + survival_summary(config.quality, totals))
+    samples = _dropped_samples(manifest)
+    run.log_text(json.dumps(samples, indent=2), "data/quality_samples.json")
+    survival = survival_summary(config, totals)
+    create_table_artifact(key="quality-dropped-samples", table=_samples_table(samples, filters),
+                          description=f"Documents dropped, up to {SAMPLES_PER_FILTER} per filter: {survival}")
+    run_logger().info("ingest: " + survival)
 
 
 def _dropped_samples(manifest: CorpusManifest) -> dict[str, list[dict[str, Any]]]:
-    """Per filter, up to ``SAMPLES_PER_FILTER`` documents it dropped (source, rule, bytes, excerpt),
+    """Per filter, up to ``SAMPLES_PER_FILTER`` documents it dropped (source, rule, bytes, excerpt, URL),
     from the units' files in source order: a user reads what a threshold throws away."""
     samples: dict[str, list[dict[str, Any]]] = {}
     for unit in manifest.units:
@@ -159,3 +170,12 @@ def _dropped_samples(manifest: CorpusManifest) -> dict[str, list[dict[str, Any]]
             kept = samples.setdefault(name, [])
             kept.extend({"source": unit.source, **document} for document in documents[:SAMPLES_PER_FILTER - len(kept)])
     return samples
+
+
+def _samples_table(samples: dict[str, list[dict[str, Any]]], filters: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``_dropped_samples`` as the rows of a Prefect table, one per dropped document, in the order of
+    ``filters``, excerpts cut to ``TABLE_EXCERPT_CHARS`` on one line."""
+    return [{"filter": name, "rule": document["rule"], "bytes": document["bytes"], "source": document["source"],
+             "url": document.get("url") or "",  # units written before URLs were sampled have none
+             "excerpt": " ".join(document["excerpt"][:TABLE_EXCERPT_CHARS].split())}
+            for name in filters for document in samples.get(name, [])]

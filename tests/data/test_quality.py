@@ -180,7 +180,7 @@ def test_c4_keeps_the_lines_it_keeps_and_the_first_filter_to_drop_a_document_is_
     assert filters.counts() == {"judged": 2, "dropped": {"gopher_repetition": 1},
                                 "dropped_bytes": {"gopher_repetition": len("\n\n".join([text] * 4).encode())},
                                 "rules": {"gopher_repetition/dup_para_frac": 1}}
-    assert survival_summary("fineweb", filters.counts()) == (
+    assert survival_summary(IngestConfig(quality="fineweb"), filters.counts()) == (
         "data.quality=fineweb kept 1 of 2 prose documents judged: gopher_repetition 1 (50%) → gopher_quality 1 (50%) "
         "→ c4 1 (50%) → fineweb 1 (50%)")
 

@@ -94,6 +94,23 @@ def test_a_corpus_file_whose_read_fails_with_an_io_error_is_one_line_naming_it(t
     assert line.startswith(f"gptflow: error: Corpus file '{tmp_path / 'failing.txt'}' cannot be read: reading it "
                            "fails with an I/O error")
     assert imported == []
+
+
+def test_a_missing_url_blocklist_is_one_line_naming_it_before_anything_starts(tmp_path):
+    missing = tmp_path / "blocked.txt"
+    (tmp_path / "notes.txt").write_text("A corpus of one file.\n", encoding="utf-8")
+    for command in (["pretrain"], ["sweep", "--grid", "train.learning_rate=1e-3,3e-3"],
+                    ["evaluate", "--model", "any", "--corpus", str(tmp_path / "notes.txt")]):
+        status, imported, stderr = _refuse(*command, "--set", f"data.url_blocklist={missing}",
+                                           "--workspace", str(tmp_path / "ws"))
+        assert status == 2
+        assert stderr.splitlines() == [f"gptflow: error: data.url_blocklist: cannot read {missing} (No such file or "
+                                       "directory). Give a UTF-8 text file of domains, one per line, or leave "
+                                       "data.url_blocklist unset."]
+        assert imported == []
+    assert not (tmp_path / "ws").exists()
+
+
 def test_an_unknown_preset_option_or_command_is_one_line_without_the_usage_text():
     for arguments, line in (
         (["pretrain", "--preset", "hueg"], "argument --preset: invalid choice: 'hueg' (choose from 'tiny', 'cpu', "

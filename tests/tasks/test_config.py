@@ -91,6 +91,15 @@ def test_quality_is_one_preset_and_fineweb_s_thresholds_are_settings():
     assert build_config(PretrainSettings, DEFAULT_PRESET).data.quality == "none"
 
 
+def test_url_blocklist_is_a_path_setting_unset_by_default():
+    settings = build_config(PretrainSettings, DEFAULT_PRESET,
+                            overrides=parse_override_pairs(["data.url_blocklist=lists/blocked.txt"]))
+    assert settings.data.url_blocklist == "lists/blocked.txt"
+    assert build_config(PretrainSettings, DEFAULT_PRESET).data.url_blocklist is None
+    assert build_config(PretrainSettings, DEFAULT_PRESET,
+                        overrides=parse_override_pairs(["data.url_blocklist=none"])).data.url_blocklist is None
+
+
 def test_evaluate_takes_only_the_settings_it_reads():
     settings = build_config(EvaluateSettings, overrides={"eval.eval_tokens": "4096", "sampling.temperature": "0.5"})
     assert settings.eval.eval_tokens == 4096 and settings.sampling.temperature == 0.5
