@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gptflow.data import ingest as ingest_module
+from gptflow.data import content_hashes as content_hashes_module
 from gptflow.data import readers as readers_module
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import CorpusError
@@ -71,7 +71,7 @@ def opened(monkeypatch) -> list[str]:
         calls.append(str(source.path))
         return open_source(source)
 
-    monkeypatch.setattr(ingest_module, "open_source", recording)
+    monkeypatch.setattr(content_hashes_module, "open_source", recording)
     monkeypatch.setattr(readers_module, "open_source", recording)
     return calls
 
