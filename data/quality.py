@@ -45,8 +45,9 @@ FILTERS_BY_PRESET: dict[str, tuple[str, ...]] = {
     "fineweb": (GOPHER_REPETITION, GOPHER_QUALITY, C4, FINEWEB),
 }
 """``data.quality`` → the filters it runs, in order (each document stops at the first that drops it)."""
-SAMPLES_PER_UNIT = 3
-"""Documents a unit keeps per filter, of those the filter dropped, for the run's sample."""
+SAMPLES_PER_UNIT = 10
+"""Documents a unit keeps per filter, of those the filter dropped, for the run's sample: a corpus of
+one large WARC file is one unit, and a user judging a threshold needs more than a handful."""
 EXCERPT_CHARS = 400
 
 

@@ -14,7 +14,7 @@ from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits, source_name
 from gptflow.data.language import language_model_version
 from gptflow.data.near_dedup import datasketch_version
-from gptflow.data.quality import filters_run, quality_library_version, survival_summary
+from gptflow.data.quality import SAMPLES_PER_UNIT, filters_run, quality_library_version, survival_summary
 from gptflow.data.redact import REDACTION_KINDS
 from gptflow.data.shards import SPLITS, read_unit_file
 from gptflow.data.sources import SourceResolution
@@ -154,7 +154,8 @@ def _log_quality(run: PipelineRun, manifest: CorpusManifest, config: IngestConfi
     run.log_text(json.dumps(samples, indent=2), "data/quality_samples.json")
     survival = survival_summary(config, totals)
     create_table_artifact(key="quality-dropped-samples", table=_samples_table(samples, filters),
-                          description=f"Documents dropped, up to {SAMPLES_PER_FILTER} per filter: {survival}")
+                          description=f"Documents dropped, up to {SAMPLES_PER_UNIT} per file and {SAMPLES_PER_FILTER} "
+                                      f"per filter: {survival}")
     run_logger().info("ingest: " + survival)
 
 
