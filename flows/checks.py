@@ -31,11 +31,14 @@ class PretrainInputs:
     weighted: WeightedCorpus
     sources: SourceResolution
     ray_address: str | None
+    eval_sources: SourceResolution | None = None
+    """The evaluation corpus's files (``--eval-corpus``); None without one."""
 
 
 def check_pretrain(corpus: list[str] | None, preset: str, config_file: str | None, overrides: dict[str, Any] | None,
-                   ray: str | None, rendezvous: Rendezvous | None, init_from: str | None) -> PretrainInputs:
-    """The pretrain flow's settings, corpus and Ray cluster."""
+                   ray: str | None, rendezvous: Rendezvous | None, init_from: str | None,
+                   eval_corpus: list[str] | None = None) -> PretrainInputs:
+    """The pretrain flow's settings, corpus, evaluation corpus and Ray cluster."""
     if init_from is not None and (shaped := sorted(name for name in overrides or {} if name.startswith("model."))):
         raise ConfigError(f"--init-from trains its model as it is: {', '.join(shaped)} cannot be set with it.")
     config = build_config(PretrainSettings, preset, config_file, overrides)
@@ -46,7 +49,8 @@ def check_pretrain(corpus: list[str] | None, preset: str, config_file: str | Non
                               "train.nproc unset with --nnodes (gptflow sets it to nodes x processes per node).")
     corpus = corpus or [BUILTIN_CORPUS]
     weighted = WeightedCorpus.parse(corpus)
-    return PretrainInputs(config, corpus, weighted, resolve_sources(weighted.sources), resolve_ray_address(ray))
+    return PretrainInputs(config, corpus, weighted, resolve_sources(weighted.sources), resolve_ray_address(ray),
+                          resolve_sources(eval_corpus) if eval_corpus else None)
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,10 @@ class SweepInputs:
 
 def check_sweep(grid: dict[str, list[Any]], corpus: list[str] | None, preset: str, config_file: str | None,
                 overrides: dict[str, Any], random_points: int | None, seed: int, scaling: bool,
-                max_parallel: int, ray: str | None) -> SweepInputs:
-    """The sweep's points and their settings, its corpus (a missing path fails the sweep, not every
-    point), its Ray cluster, and the share of this machine's GPUs (last: it may import torch)."""
+                max_parallel: int, ray: str | None, eval_corpus: list[str] | None = None) -> SweepInputs:
+    """The sweep's points and their settings, its corpus and evaluation corpus (a missing path
+    fails the sweep, not every point), its Ray cluster, and the share of this machine's GPUs (last:
+    it may import torch)."""
     from gptflow.tasks.sweep_plan import check_points, check_scaling, plan_points
 
     points = plan_points(grid, random_points, seed)
@@ -76,6 +81,8 @@ def check_sweep(grid: dict[str, list[Any]], corpus: list[str] | None, preset: st
         load_url_blocklist(config.data.url_blocklist)
     corpus = corpus or [BUILTIN_CORPUS]
     resolve_sources(WeightedCorpus.parse(corpus).sources)
+    if eval_corpus:
+        resolve_sources(eval_corpus)
     ray_address = resolve_ray_address(ray)
     machine_share = share_machine_gpus(max_parallel) if ray_address is None else None
     return SweepInputs(points, configs, corpus, ray_address, machine_share)

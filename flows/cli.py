@@ -115,7 +115,8 @@ def _add_flow_commands(subcommands: argparse._SubParsersAction) -> None:
     """pretrain, sweep, finetune and evaluate: an option per parameter of their flow."""
     pretrain = _add_flow_command(
         subcommands, "pretrain", commands.run_pretrain,
-        {**SETTINGS, "corpus": Option(metavar="PATH[=WEIGHT]"), "init_from": Option(metavar="SOURCE")},
+        {**SETTINGS, "corpus": Option(metavar="PATH[=WEIGHT]"), "init_from": Option(metavar="SOURCE"),
+         "eval_corpus": Option(metavar="PATH")},
         help="ingest a corpus, train a tokenizer, tokenize, pretrain and evaluate",
         description="Run the pretrain flow locally. Every stage is cached: rerunning the same "
         "command executes nothing; changing a setting reruns that stage and those after it.",
@@ -126,7 +127,7 @@ def _add_flow_commands(subcommands: argparse._SubParsersAction) -> None:
                               "each other machine")
     _add_flow_command(
         subcommands, "sweep", commands.run_sweep,
-        {**SETTINGS, "corpus": Option(metavar="PATH[=WEIGHT]"),
+        {**SETTINGS, "corpus": Option(metavar="PATH[=WEIGHT]"), "eval_corpus": Option(metavar="PATH"),
          "grid": Option(metavar="KEY=V1,V2,...", takes=list[str]),
          "random_points": Option("--random", metavar="N"), "seed": Option(metavar="S"),
          "max_parallel": Option(metavar="K"), "compute_budget": Option(metavar="FLOPS")},

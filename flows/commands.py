@@ -43,7 +43,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise RendezvousError("--nproc counts processes on one machine: with --nnodes, give --nproc-per-node instead.")
     if args.nproc is not None or args.nproc_per_node is not None:
         overrides["train.nproc"] = (args.nnodes or 1) * (args.nproc or args.nproc_per_node)
-    check_pretrain(args.corpus, args.preset, args.config_file, overrides, args.ray, rendezvous, args.init_from)
+    check_pretrain(args.corpus, args.preset, args.config_file, overrides, args.ray, rendezvous, args.init_from,
+                   args.eval_corpus)
     _run_flow("pretrain", parameters)
     return 0
 
@@ -55,7 +56,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     overrides = parameters["overrides"] = parse_override_pairs(args.overrides or [])
     grid = parameters["grid"] = parse_grid(args.grid or [])
     check_sweep(grid, args.corpus, args.preset, args.config_file, overrides, args.random_points, args.seed,
-                args.scaling, args.max_parallel, args.ray)
+                args.scaling, args.max_parallel, args.ray, args.eval_corpus)
     summary = _run_flow("sweep", parameters)
     if summary.failed:
         print(f"gptflow: {len(summary.failed)} of {len(summary.outcomes)} sweep points failed", file=sys.stderr)

@@ -35,6 +35,7 @@ from gptflow.tasks.runtime.rendezvous import Rendezvous
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, PresetName, PretrainSettings
+from gptflow.tasks.stages.eval_corpus import EVAL_CORPUS_BITS_PER_BYTE, EvalCorpusReport, score_eval_corpus
 from gptflow.tasks.stages.evaluation import EvalReport, evaluate_model
 from gptflow.tasks.stages.ingest import ingest
 from gptflow.tasks.stages.tokenize import log_corpus_dataset, tokenize
@@ -89,6 +90,8 @@ class PretrainSummary(FlowSummary):
     """Why val is too small to measure the model by (``val_too_small``), if it is."""
     filtered: str = ""
     """How many prose documents survived each filter (``data.url_blocklist``, ``data.quality``), when set."""
+    eval_corpus: EvalCorpusReport | None = None
+    """The score on ``--eval-corpus``, when given."""
 
     def markdown(self, mlflow_run_url: str | None) -> str:
         """The flow run's Prefect artifact: what ran, what it produced, where to look next."""
@@ -104,6 +107,8 @@ class PretrainSummary(FlowSummary):
             f"(unigram baseline {self.unigram_loss:.4f}) |",
             f"| perplexity | {self.perplexity:.2f} |",
             f"| bits per byte | {self.bits_per_byte:.4f} |",
+            *([f"| eval corpus, {EVAL_CORPUS_BITS_PER_BYTE} | {self.eval_corpus.loss.bits_per_byte:.4f} "
+               f"({' '.join(self.eval_corpus.corpus)}) |"] if self.eval_corpus else []),
             f"| registered model | {model_cell(self.registered_model, mlflow_run_url)} |",
         ]
         return self.table("pretrain", rows, mlflow_run_url)
@@ -132,6 +137,8 @@ class PretrainSummary(FlowSummary):
             f"val loss    {self.val_loss:.3f} nats/token (final eval/val_loss; unigram baseline "
             f"{self.unigram_loss:.3f}), "
             f"perplexity {self.perplexity:.1f}, {self.bits_per_byte:.3f} bits/byte",
+            *([f"eval corpus {self.eval_corpus.loss.bits_per_byte:.4f} bits/byte on "
+               f"{' '.join(self.eval_corpus.corpus)} ({EVAL_CORPUS_BITS_PER_BYTE})"] if self.eval_corpus else []),
             model_line(self.registered_model, "gptflow generate --model {uri}, or gptflow finetune --model {uri}"),
         ]
         if sample and self.samples:
@@ -169,6 +176,7 @@ def pretrain(
     # the command line makes no option of them (flows.arguments).
     rendezvous: SkipJsonSchema[Rendezvous | None] = None,
     init_from: str | None = None,
+    eval_corpus: list[str] | None = None,
     sweep: SkipJsonSchema[SweepMember | None] = None,
 ) -> PretrainSummary:
     """Train a GPT on ``corpus`` (default: the Python standard library's source).
@@ -199,11 +207,15 @@ def pretrain(
         init_from: continue pretraining this model (models:/name/version, a run id or a model folder,
             e.g. what ``gptflow import`` registered): its tokenizer, shape and weights; no tokenizer is
             trained, and the preset's model.* settings are not used (nor may be set).
+        eval_corpus: also score the trained model on every document of this corpus (files, folders,
+            globs, s3:// URLs or hf:owner/name datasets), read without the training data's filters, in
+            bits per byte (``eval_corpus/bits_per_byte``): the same text for every run, so runs that
+            read their own corpus differently (another data.quality, another mixture) compare by it.
         sweep: set by the sweep flow for each of its points: the MLflow run nests under the sweep's.
     """
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
-    inputs = check_pretrain(corpus, preset, config_file, overrides, ray, rendezvous, init_from)
+    inputs = check_pretrain(corpus, preset, config_file, overrides, ray, rendezvous, init_from, eval_corpus)
     config, corpus, weighted = inputs.config, inputs.corpus, inputs.weighted
     workspace_dir = Workspace.resolve(workspace)
     base = None
@@ -246,9 +258,12 @@ def pretrain(
         _drop_links_to_lost_runs(run)
         log_training_report(run, Path(trained.report_dir))
         report = evaluate_model(trained, tokens, tokenizer, config.eval, config.sampling, workspace_dir, run)
+        heldout = (score_eval_corpus(eval_corpus, inputs.eval_sources, trained, tokenizer, config.data, config.tokenize,
+                                     config.eval, workspace_dir, run, units) if eval_corpus else None)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 
     summary = _summary(run, config.data, corpus_manifest, tokens, trained, report, time.monotonic() - started)
+    summary.eval_corpus = heldout
     summary.val_warning = val_warning
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")

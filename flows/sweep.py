@@ -30,6 +30,7 @@ from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.settings import DEFAULT_PRESET, PresetName
 from gptflow.tasks.sweep_plan import (
     BEST_POINT_TAG,
+    EVAL_CORPUS_BITS_PER_BYTE,
     FINAL_VAL_LOSS,
     SWEEP_POINT_TAG,
     TABLE_COLUMNS,
@@ -46,6 +47,7 @@ from gptflow.tasks.sweep_plan import (
     plot_loss_against_settings,
     plot_loss_curves,
     plot_scaling_fit,
+    ranking_metric,
     table_rows,
     text_table,
 )
@@ -66,7 +68,7 @@ class SweepSummary(FlowSummary):
 
     @property
     def best(self) -> PointOutcome | None:
-        """The completed point of lowest val loss."""
+        """The completed point of lowest score: bits per byte on the evaluation corpus, or val loss."""
         return best_point(self.outcomes)
 
     @property
@@ -78,6 +80,8 @@ class SweepSummary(FlowSummary):
 
     def _columns(self, *left_out: str) -> list[str]:
         left_out = (*left_out, "point") + (() if self.failed else ("error",))
+        if ranking_metric(self.outcomes) != EVAL_CORPUS_BITS_PER_BYTE:
+            left_out += (EVAL_CORPUS_BITS_PER_BYTE,)
         return ["point", *self.swept, *(name for name in TABLE_COLUMNS if name not in left_out)]
 
     def markdown(self, run_url: Callable[[str], str | None]) -> str:
@@ -113,9 +117,8 @@ class SweepSummary(FlowSummary):
         lines += [f"point {outcome.point.index} failed: {outcome.error}" for outcome in self.failed]
         best = self.best
         if best is not None:
-            lines.append(f"best        point {best.point.index} ({best.point.label()}): {FINAL_VAL_LOSS} "
-                         f"{best.val_loss:.4f}, "
-                         f"MLflow run {best.mlflow_run_id}")
+            lines.append(f"best        point {best.point.index} ({best.point.label()}): "
+                         f"{ranking_metric(self.outcomes)} {best.score:.4f}, MLflow run {best.mlflow_run_id}")
         if self.failed:
             lines.append(f"failed      {len(self.failed)} of {len(self.outcomes)} points (each one's MLflow run and "
                          "Prefect flow run hold its log)")
@@ -172,6 +175,7 @@ def sweep(
     max_parallel: PositiveInt = 1,
     scaling: bool = False,
     compute_budget: PositiveFloat | None = None,
+    eval_corpus: list[str] | None = None,
     workspace: str | None = None,
     ray: str | None = None,
 ) -> SweepSummary:
@@ -200,6 +204,9 @@ def sweep(
             compute-optimal size for ``compute_budget``.
         compute_budget: training FLOPs (6 x N x D) to give the compute-optimal model size for, e.g. 1e18
             (default: the costliest point's).
+        eval_corpus: score every point on every document of this corpus too, in bits per byte, and rank
+            the points by it: the same text for every point, where each point's own val split differs
+            when the grid sweeps how the corpus is read (data.quality, say).
         workspace: the artifact store and MLflow database: a folder, or an S3 prefix mirrored in
             $GPTFLOW_CACHE (default: $GPTFLOW_HOME or ./.gptflow).
         ray: train the points as tasks on this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; default
@@ -209,7 +216,8 @@ def sweep(
     started = time.monotonic()
     hide_tracebacks_of_user_errors()
     overrides = dict(overrides or {})
-    inputs = check_sweep(grid, corpus, preset, config_file, overrides, random_points, seed, scaling, max_parallel, ray)
+    inputs = check_sweep(grid, corpus, preset, config_file, overrides, random_points, seed, scaling, max_parallel, ray,
+                         eval_corpus)
     points, configs, corpus = inputs.points, inputs.configs, inputs.corpus
     workspace_dir = Workspace.resolve(workspace)
     swept = list(points[0].settings)
@@ -222,13 +230,18 @@ def sweep(
             "code_version": pipeline_code_version(), "preset": preset, "corpus": " ".join(corpus), **shared,
             "sweep.points": len(points),
             "sweep.max_parallel": max_parallel, "sweep.random_points": random_points or 0, "sweep.seed": seed,
-            "sweep.scaling": scaling,
+            "sweep.scaling": scaling, **({"eval_corpus": " ".join(eval_corpus)} if eval_corpus else {}),
         })
+        if not eval_corpus and (data_keys := [key for key in swept if key.startswith(("data.", "tokenizer."))]):
+            run_logger().warning(f"sweep: {', '.join(data_keys)} changes what each point holds out as its val split, "
+                                 f"so their {FINAL_VAL_LOSS} do not compare: give --eval-corpus PATH, text scored "
+                                 "alike for every point")
         # A point's data stages run in its own process: computed once for the sweep, they gain little
         # from the cluster, and a point waiting on tasks of its own could hold the cluster's last CPU.
         # The workspace by its path: a Ray worker's $GPTFLOW_HOME is its own.
         common = {"corpus": corpus, "preset": preset, "config_file": config_file,
-                  "workspace": workspace if workspace is not None else str(workspace_dir.root), "from_scratch": True}
+                  "workspace": workspace if workspace is not None else str(workspace_dir.root), "from_scratch": True,
+                  "eval_corpus": eval_corpus}
         outcomes = _train_points(points, common, overrides, run, max_parallel, inputs)
         scaling_report, scaling_note = None, None
         if scaling:
@@ -264,8 +277,10 @@ def _train_points(points: list[SweepPoint], common: dict[str, Any], overrides: d
             result = error
         outcomes[point.index] = _outcome(point, result)
         outcome = outcomes[point.index]
-        result = (f"{FINAL_VAL_LOSS} {outcome.val_loss:.4f} ({outcome.training})" if outcome.status == "completed"
-                  else f"failed: {outcome.error}")
+        scores = (f"{EVAL_CORPUS_BITS_PER_BYTE} {outcome.eval_corpus_bits_per_byte:.4f}, "
+                  if outcome.eval_corpus_bits_per_byte is not None else "")
+        result = (f"{scores}{FINAL_VAL_LOSS} {outcome.val_loss:.4f} ({outcome.training})"
+                  if outcome.status == "completed" else f"failed: {outcome.error}")
         run_logger().info(f"sweep: point {point.index} ({point.label()}) {result}; "
                           f"{len(outcomes)} of {len(points)} done")
 
@@ -293,6 +308,7 @@ def _outcome(point: SweepPoint, result: PretrainSummary | BaseException) -> Poin
         point, "completed", mlflow_run_id=result.mlflow_run_id, val_loss=result.val_loss,
         perplexity=result.perplexity, parameters=result.parameters, tokens=result.tokens_seen, steps=result.steps,
         training=result.stages.get("pretrain"), trained_in_run=result.trained_in_run, elapsed_s=result.elapsed_s,
+        eval_corpus_bits_per_byte=result.eval_corpus.loss.bits_per_byte if result.eval_corpus else None,
     )
 
 
@@ -325,6 +341,8 @@ def _log_comparison(run: PipelineRun, summary: SweepSummary, workspace: Workspac
     best = summary.best
     if best is not None:
         metrics["sweep/best_val_loss"] = best.val_loss
+        if best.eval_corpus_bits_per_byte is not None:
+            metrics["sweep/best_eval_corpus_bits_per_byte"] = best.eval_corpus_bits_per_byte
         run.set_tags({"gptflow.sweep.best_run": best.mlflow_run_id, "gptflow.sweep.best_point": best.point.label()})
         PipelineRun.attach(str(workspace.root), workspace.tracking_uri, best.mlflow_run_id).set_tags(
             {BEST_POINT_TAG: "true"})

@@ -47,6 +47,10 @@ whole val split. A point's table and plots of settings give its final evaluation
 ``eval/val_loss`` (``FINAL_VAL_LOSS``), on ``eval.eval_tokens`` tokens sampled alike, with which
 the curve's last point agrees within sampling noise (exactly, when both budgets cover the split)."""
 FINAL_VAL_LOSS = "eval/val_loss"
+EVAL_CORPUS_BITS_PER_BYTE = "eval_corpus/bits_per_byte"
+"""A point's score on the sweep's ``--eval-corpus``: the same text for every point, so points that
+read their own corpus differently (a swept ``data.*`` setting: each holds out its own val split)
+compare by it; the sweep ranks its points by it when it has one, else by ``FINAL_VAL_LOSS``."""
 SWEEP_POINT_TAG = "gptflow.sweep.point"
 BEST_POINT_TAG = "gptflow.sweep.best"
 
@@ -99,6 +103,14 @@ class PointOutcome:
     """The MLflow run that trained the model, whose ``val/loss`` history is the point's curve."""
     elapsed_s: float | None = None
     error: str | None = None
+    eval_corpus_bits_per_byte: float | None = None
+    """``EVAL_CORPUS_BITS_PER_BYTE``, when the sweep has an evaluation corpus."""
+
+    @property
+    def score(self) -> float | None:
+        """What the sweep ranks the point by (lower is better): ``EVAL_CORPUS_BITS_PER_BYTE`` when
+        the sweep has an evaluation corpus, else ``FINAL_VAL_LOSS``."""
+        return self.val_loss if self.eval_corpus_bits_per_byte is None else self.eval_corpus_bits_per_byte
 
 
 @dataclass
@@ -252,9 +264,15 @@ def planned_tokens(config: PretrainSettings) -> int:
 
 
 def best_point(outcomes: list[PointOutcome]) -> PointOutcome | None:
-    """The completed point of lowest val loss."""
+    """The completed point of lowest score (``PointOutcome.score``)."""
     completed = [outcome for outcome in outcomes if outcome.status == "completed"]
-    return min(completed, key=lambda outcome: outcome.val_loss) if completed else None
+    return min(completed, key=lambda outcome: outcome.score) if completed else None
+
+
+def ranking_metric(outcomes: list[PointOutcome]) -> str:
+    """The metric the points' scores are: ``EVAL_CORPUS_BITS_PER_BYTE`` or ``FINAL_VAL_LOSS``."""
+    scored_on_eval_corpus = any(outcome.eval_corpus_bits_per_byte is not None for outcome in outcomes)
+    return EVAL_CORPUS_BITS_PER_BYTE if scored_on_eval_corpus else FINAL_VAL_LOSS
 
 
 def fit_scaling(outcomes: list[PointOutcome], compute_budget: float | None) -> ScalingReport:
@@ -268,7 +286,7 @@ def fit_scaling(outcomes: list[PointOutcome], compute_budget: float | None) -> S
     return ScalingReport(law, budget)
 
 
-TABLE_COLUMNS = ("point", "status", FINAL_VAL_LOSS, "perplexity", "parameters", "tokens", "training", "time",
+TABLE_COLUMNS = ("point", "status", EVAL_CORPUS_BITS_PER_BYTE, FINAL_VAL_LOSS, "perplexity", "parameters", "tokens", "training", "time",
                  "MLflow run", "error")
 
 
@@ -281,6 +299,8 @@ def table_rows(outcomes: list[PointOutcome], best: PointOutcome | None) -> list[
         row = {"point": str(outcome.point.index) + (" (best)" if outcome is best else ""), **outcome.point.settings}
         row.update({
             "status": outcome.status,
+            EVAL_CORPUS_BITS_PER_BYTE: ("" if outcome.eval_corpus_bits_per_byte is None
+                                        else f"{outcome.eval_corpus_bits_per_byte:.4f}"),
             FINAL_VAL_LOSS: "" if outcome.val_loss is None else f"{outcome.val_loss:.4f}",
             "perplexity": "" if outcome.perplexity is None else f"{outcome.perplexity:.2f}",
             "parameters": "" if outcome.parameters is None else human_count(outcome.parameters),
@@ -333,11 +353,12 @@ def csv_table(outcomes: list[PointOutcome]) -> str:
 
 
 def plot_loss_against_settings(outcomes: list[PointOutcome], directory: Path) -> list[Path]:
-    """``val_loss_vs_<setting>.png`` per swept setting: the completed points' final val loss
-    (``eval/val_loss``) against its
+    """``<metric>_vs_<setting>.png`` per swept setting: the completed points' score
+    (``ranking_metric``: bits per byte on the evaluation corpus, or the final val loss) against its
     values, a line per combination of the other swept settings (log axis for numbers spanning 10x)."""
     plt = _pyplot()
     completed = [outcome for outcome in outcomes if outcome.status == "completed"]
+    metric = ranking_metric(outcomes)
     swept = list(outcomes[0].point.settings)
     paths = []
     for key in swept:
@@ -353,7 +374,7 @@ def plot_loss_against_settings(outcomes: list[PointOutcome], directory: Path) ->
         for group, members in groups.items():
             members.sort(key=lambda outcome: order.index(outcome.point.settings[key]))
             xs = [float(m.point.settings[key]) if numeric else order.index(m.point.settings[key]) for m in members]
-            axes.plot(xs, [member.val_loss for member in members], marker="o", label=group or None)
+            axes.plot(xs, [member.score for member in members], marker="o", label=group or None)
         if numeric and order and float(order[0]) > 0 and float(order[-1]) >= 10 * float(order[0]):
             axes.set_xscale("log")
         if not numeric:
@@ -361,12 +382,13 @@ def plot_loss_against_settings(outcomes: list[PointOutcome], directory: Path) ->
         elif all(_is_whole(value) for value in order):
             axes.set_xticks([float(value) for value in order], order)
         axes.set_xlabel(key)
-        axes.set_ylabel(f"{FINAL_VAL_LOSS}, final evaluation (nats/token)")
+        axes.set_ylabel(f"{metric}, evaluation corpus (bits/byte)" if metric == EVAL_CORPUS_BITS_PER_BYTE
+                        else f"{FINAL_VAL_LOSS}, final evaluation (nats/token)")
         axes.grid(alpha=0.3)
         if others and groups:
             axes.legend(fontsize=8)
         figure.tight_layout()
-        path = directory / f"val_loss_vs_{key}.png"
+        path = directory / f"{metric.rpartition('/')[2]}_vs_{key}.png"
         figure.savefig(path)
         plt.close(figure)
         paths.append(path)

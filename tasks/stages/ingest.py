@@ -21,7 +21,13 @@ from gptflow.data.sources import SourceResolution
 from gptflow.data.store import ArtifactStore
 from gptflow.data.url_blocklist import load_url_blocklist
 from gptflow.data.web import WEB_FORMATS, extractor_version
-from gptflow.tasks.runtime.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
+from gptflow.tasks.runtime.caching import (
+    StageOutcome,
+    record_unit_reuse,
+    run_stage,
+    stage_key,
+    units_are_complete,
+)
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.progress import StageProgress, run_logger
@@ -46,16 +52,9 @@ def ingest_corpus_task(sources: SourceResolution, config: IngestConfig, store_di
                          map_units=map_units, map_signature_units=map_signature_units, artifacts=artifacts)
 
 
-def ingest(
-    sources: SourceResolution,
-    config: IngestConfig,
-    workspace: Workspace,
-    run: PipelineRun,
-    units: UnitRunner,
-    required_splits: Collection[str] = SPLITS,
-) -> CorpusManifest:
-    """Ingest (or find cached) ``sources``, its per-file units run by ``units``; a ``CorpusError``
-    if a split in ``required_splits`` is empty."""
+def ingested(sources: SourceResolution, config: IngestConfig, workspace: Workspace,
+             units: UnitRunner) -> StageOutcome[CorpusManifest]:
+    """The ingest stage's outcome for ``sources`` (computed, or found cached), logged nowhere."""
     # Size and mtime stand in for content here: a touched file re-runs the stage, whose per-file
     # units are then found by content hash and reused.
     inputs = {"sources": sources.fingerprint_inputs()}
@@ -72,9 +71,22 @@ def ingest(
     if any(source.format in WEB_FORMATS for source in sources.files):
         inputs["extractor"] = extractor_version()  # it decides the text of every page
     key = stage_key("ingest", config=config, modules=(__name__,), inputs=inputs)
-    outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
-                        sources=sources, config=config, store_dir=str(workspace.store), artifacts=workspace.artifacts,
-                        units=units)
+    return run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
+                     sources=sources, config=config, store_dir=str(workspace.store), artifacts=workspace.artifacts,
+                     units=units)
+
+
+def ingest(
+    sources: SourceResolution,
+    config: IngestConfig,
+    workspace: Workspace,
+    run: PipelineRun,
+    units: UnitRunner,
+    required_splits: Collection[str] = SPLITS,
+) -> CorpusManifest:
+    """Ingest (or find cached) ``sources``, its per-file units run by ``units``, logged to ``run``;
+    a ``CorpusError`` if a split in ``required_splits`` is empty."""
+    outcome = ingested(sources, config, workspace, units)
     manifest = outcome.result
     record_unit_reuse(run, "ingest", "ingested", outcome)
     # Counts, not measurements over time: params, so the run's charts start with its loss curves.

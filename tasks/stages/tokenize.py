@@ -11,7 +11,13 @@ from gptflow.data.ingest import CorpusManifest
 from gptflow.data.store import ArtifactStore
 from gptflow.data.tokenize import TokenManifest, tokenize_corpus
 from gptflow.data.tokenizer import TokenizerArtifact
-from gptflow.tasks.runtime.caching import record_unit_reuse, run_stage, stage_key, units_are_complete
+from gptflow.tasks.runtime.caching import (
+    StageOutcome,
+    record_unit_reuse,
+    run_stage,
+    stage_key,
+    units_are_complete,
+)
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
 from gptflow.tasks.tracking.naming import source_label
@@ -35,6 +41,18 @@ def unit_label(call: dict) -> str:
     return f"{first} (+{more} files)" if more else first
 
 
+def tokenized(corpus: CorpusManifest, tokenizer: TokenizerArtifact, config: TokenizeConfig, workspace: Workspace,
+              units: UnitRunner) -> StageOutcome[TokenManifest]:
+    """The tokenize stage's outcome for ``corpus`` (computed, or found cached), logged nowhere."""
+    # batch_bytes and workers change speed, not tokens: they stay out of the key.
+    key = stage_key(
+        "tokenize", config={}, modules=(__name__,), inputs={"corpus": corpus.fingerprint, "tokenizer": tokenizer.hash}
+    )
+    return run_stage(tokenize_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
+                     corpus=corpus, tokenizer=tokenizer, config=config, store_dir=str(workspace.store),
+                     artifacts=workspace.artifacts, units=units)
+
+
 def tokenize(
     corpus: CorpusManifest,
     tokenizer: TokenizerArtifact,
@@ -43,13 +61,8 @@ def tokenize(
     run: PipelineRun,
     units: UnitRunner,
 ) -> TokenManifest:
-    # batch_bytes and workers change speed, not tokens: they stay out of the key.
-    key = stage_key(
-        "tokenize", config={}, modules=(__name__,), inputs={"corpus": corpus.fingerprint, "tokenizer": tokenizer.hash}
-    )
-    outcome = run_stage(tokenize_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
-                        corpus=corpus, tokenizer=tokenizer, config=config, store_dir=str(workspace.store),
-                        artifacts=workspace.artifacts, units=units)
+    """Tokenize (or find cached) ``corpus``, logged to ``run``."""
+    outcome = tokenized(corpus, tokenizer, config, workspace, units)
     tokens = outcome.result
     record_unit_reuse(run, "tokenize", "tokenized", outcome)
     run.log_params({"dataset.train_tokens": tokens.total_tokens("train"), "dataset.val_tokens": tokens.total_tokens("val")})

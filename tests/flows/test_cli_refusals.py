@@ -42,6 +42,8 @@ def test_a_mistyped_set_is_refused_in_one_line_without_heavy_imports(tmp_path):
     [
         (["pretrain", "--corpus", "{missing}"], "does not exist"),
         (["pretrain", "--config", "{missing}.toml"], "does not exist"),
+        (["pretrain", "--eval-corpus", "{missing}"], "does not exist"),
+        (["sweep", "--grid", "data.quality=none,c4", "--eval-corpus", "{missing}"], "does not exist"),
         (["pretrain", "--set", "train.max_steps=many"], "train.max_steps='many' is not a valid int"),
         (["pretrain", "--corpus", "x/=abc"], "--corpus x/=abc: the weight 'abc' is not a number"),
         (["pretrain", "--corpus", "x/=-1"], "--corpus x/=-1: a weight must be a positive finite number"),
