@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from html_extraction import python_doc_pages  # this folder's: the benches draw the same pages
-from web_ingest import write_crawl
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.errors import SkipReport
@@ -30,6 +29,7 @@ from gptflow.data.ingest import ingest_corpus
 from gptflow.data.quality import FILTERS_BY_PRESET, QualityFilters, datatrove_filter, filter_settings
 from gptflow.data.sources import SourceFile, resolve_sources
 from gptflow.data.web import read_pages
+from gptflow.data.web_demo import write_crawl
 
 
 def datatrove_pipeline(config: IngestConfig) -> Callable[[str], str | None]:
@@ -103,7 +103,8 @@ def main() -> None:
     print("\n".join(speed_rows(texts)))
     with tempfile.TemporaryDirectory(prefix="gptflow-quality-bench-") as folder:
         crawl = Path(folder) / "pages.warc.gz"
-        write_crawl(pages, root, crawl)
+        write_crawl(crawl, ((f"https://docs.python.org/3/{page.relative_to(root)}", page.read_bytes())
+                            for page in pages))
         plain_s, plain_documents = ingest_seconds(crawl, "none")
         filtered_s, kept = ingest_seconds(crawl, "fineweb")
     print(f"ingest of the pages as one WARC: data.quality=none {plain_s:.1f} s ({plain_documents} documents), "

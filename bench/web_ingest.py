@@ -12,28 +12,16 @@ prints, per ingest, its wall time and the documents kept and dropped per languag
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from pathlib import Path
 
 from html_extraction import python_doc_pages  # this folder's: both benches draw the same pages
-from warcio.statusandheaders import StatusAndHeaders
-from warcio.warcwriter import WARCWriter
 
 from gptflow.data.config import IngestConfig
 from gptflow.data.ingest import ingest_corpus
 from gptflow.data.sources import resolve_sources
-
-
-def write_crawl(pages: list[Path], root: Path, path: Path) -> None:
-    with open(path, "wb") as stream:
-        writer = WARCWriter(stream, gzip=True)
-        for page in pages:
-            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
-            writer.write_record(writer.create_warc_record(f"https://docs.python.org/3/{page.relative_to(root)}",
-                                                          "response", payload=io.BytesIO(page.read_bytes()),
-                                                          http_headers=headers))
+from gptflow.data.web_demo import write_crawl
 
 
 def main() -> None:
@@ -45,7 +33,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gptflow-web-ingest-") as folder:
         crawl = Path(folder) / "corpus" / "docs.warc.gz"
         crawl.parent.mkdir()
-        write_crawl(pages, root, crawl)
+        write_crawl(crawl, ((f"https://docs.python.org/3/{page.relative_to(root)}", page.read_bytes())
+                            for page in pages))
         print(f"{len(pages)} pages, {sum(page.stat().st_size for page in pages) / 1e6:.1f} MB of HTML, "
               f"{crawl.stat().st_size / 1e6:.1f} MB of .warc.gz")
         sources = resolve_sources([str(crawl.parent)])
