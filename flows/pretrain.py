@@ -225,13 +225,8 @@ def pretrain(
         config = dataclasses.replace(config, model=base.config)
     units = UnitRunner(inputs.ray_address)
 
-    tags = {"gptflow.flow": "pretrain", "gptflow.preset": preset}
-    if sweep is not None:
-        tags |= {MLFLOW_PARENT_RUN_TAG: sweep.parent_run_id, SWEEP_POINT_TAG: sweep.point}
-    if (devices := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
-        tags[GPUS_TAG] = devices
     lineage = Lineage.load(workspace_dir, weighted.sources)
-    with pipeline_run(workspace_dir, "pretrain", tags=tags) as run:
+    with pipeline_run(workspace_dir, "pretrain", tags=_run_tags(preset, sweep)) as run:
         run.log_params({
             "code_version": pipeline_code_version(),
             "preset": preset, "corpus": " ".join(source_name(spec, config.data) for spec in corpus), "restart": restart,
@@ -263,12 +258,21 @@ def pretrain(
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 
     summary = _summary(run, config.data, corpus_manifest, tokens, trained, report, time.monotonic() - started)
-    summary.eval_corpus = heldout
-    summary.val_warning = val_warning
+    summary.eval_corpus, summary.val_warning = heldout, val_warning
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")
     end_log_of_deployment_run(summary.render(sample=False))
     return summary
+
+
+def _run_tags(preset: str, sweep: SweepMember | None) -> dict[str, str]:
+    """The flow and preset; the sweep a point belongs to; the GPUs a sweep's worker gave it."""
+    tags = {"gptflow.flow": "pretrain", "gptflow.preset": preset}
+    if sweep is not None:
+        tags |= {MLFLOW_PARENT_RUN_TAG: sweep.parent_run_id, SWEEP_POINT_TAG: sweep.point}
+    if (devices := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        tags[GPUS_TAG] = devices
+    return tags
 
 
 def _relink_tokenizer_run(run: PipelineRun, lineage: Lineage) -> None:

@@ -44,13 +44,11 @@ from gptflow.tasks.sweep_plan import (
     csv_table,
     fit_scaling,
     markdown_table,
-    plot_loss_against_settings,
-    plot_loss_curves,
-    plot_scaling_fit,
     ranking_metric,
     table_rows,
     text_table,
 )
+from gptflow.tasks.sweep_plots import plot_loss_against_settings, plot_loss_curves, plot_scaling_fit
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.run import MLFLOW_PARENT_RUN_TAG, PipelineRun, flow_run_tags, pipeline_run
 
