@@ -8,6 +8,7 @@ import pytest
 
 from gptflow.tasks.settings import PretrainSettings, build_config
 from gptflow.tasks.sweep_plan import (
+    EVAL_CORPUS_BITS_PER_BYTE,
     PointOutcome,
     SweepError,
     SweepPoint,
@@ -19,6 +20,7 @@ from gptflow.tasks.sweep_plan import (
     parse_grid,
     plan_points,
     planned_tokens,
+    ranking_metric,
     table_rows,
 )
 
@@ -136,13 +138,27 @@ def test_the_tables_name_every_point_its_outcome_and_the_best():
     assert rows[1]["train.learning_rate"] == "3e-3" and rows[1]["training"] == "cached: trained by run run-old"
     assert rows[2]["eval/val_loss"] == "" and rows[2]["status"] == "failed"
     markdown = markdown_table(rows, list(rows[0])).splitlines()
-    assert markdown[0].startswith("| point | train.learning_rate | status | eval/val_loss |")
+    assert markdown[0].startswith(
+        "| point | train.learning_rate | status | eval_corpus/bits_per_byte | eval/val_loss |")
     assert "too few tokens \\| for this" in markdown[4]  # a | in an error does not split its cell
     lines = csv_table(outcomes).splitlines()
     assert lines[0].split(",")[:5] == ["point", "train.learning_rate", "status", "mlflow_run_id", "val_loss"]
     assert lines[2].split(",")[:5] == ["2", "3e-3", "completed", "run-b", "4.9"]
     assert best_point([outcomes[2]]) is None
     assert math.isclose(float(lines[1].split(",")[4]), 5.2)
+    assert ranking_metric(outcomes) == "eval/val_loss"
+
+
+def test_with_an_evaluation_corpus_the_points_are_ranked_by_it_not_by_their_own_val_loss():
+    points = plan_points({"data.quality": ["none", "fineweb"]})
+    # Filtering left the fineweb point an easier val split of its own: a lower val loss, but more
+    # bits per byte on the text both were scored on.
+    outcomes = [PointOutcome(points[0], "completed", "run-a", val_loss=5.0, eval_corpus_bits_per_byte=1.9),
+                PointOutcome(points[1], "completed", "run-b", val_loss=4.1, eval_corpus_bits_per_byte=2.2)]
+    assert ranking_metric(outcomes) == EVAL_CORPUS_BITS_PER_BYTE
+    assert best_point(outcomes) is outcomes[0]
+    rows = table_rows(outcomes, best_point(outcomes))
+    assert [(row["point"], row[EVAL_CORPUS_BITS_PER_BYTE]) for row in rows] == [("1 (best)", "1.9000"), ("2", "2.2000")]
 
 
 def test_a_point_label_names_each_swept_setting_by_its_field():
