@@ -2,7 +2,9 @@
 
 A pretraining starts from random weights, from another model's weights (``initial_weights``), or
 continues an earlier model's checkpoint on a grown corpus (``Continuation``), mixing old and new
-shards; with a data mixture, each source's shards are drawn at its weight.
+shards; with a data mixture, each source's shards are drawn at its weight. The windows are those
+of ``data.loader``'s shuffled epochs: each global micro-batch takes the next positions of that
+order, and each rank every ``world_size``-th of them (``data.loader.rank_positions``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
+from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches, rank_positions
 from gptflow.data.mixture import MixturePart
 from gptflow.data.store import LOCAL_STORE, ArtifactStore
 from gptflow.model.checkpoint import load_checkpoint, load_model, save_final
@@ -63,11 +65,15 @@ class PretrainObjective(TrainingObjective):
     mixture: Sequence[MixturePart] = ()
     initial_weights: Path | None = None
     """A model directory (``final/``, an import) whose weights, not optimizer state, step 0 starts from."""
+    shard_store: ArtifactStore | None = None
+    """The store the shards were committed to, whose content hash each is checked against when
+    first read; None: shards written outside a store (tests, benchmarks)."""
 
     def __post_init__(self) -> None:
-        self.train_windows = training_windows(self.train_paths, self.continuation, self.mixture, self.model_config)
-        self.val_windows = (TokenWindows(self.val_paths, self.model_config.block_size, self.model_config.vocab_size)
-                            if self.val_paths else None)
+        self.train_windows = training_windows(self.train_paths, self.continuation, self.mixture, self.model_config,
+                                              self.shard_store)
+        self.val_windows = (TokenWindows(self.val_paths, self.model_config.block_size, self.model_config.vocab_size,
+                                         self.shard_store) if self.val_paths else None)
 
     def build_model(self) -> GPT:
         return GPT(self.model_config)
@@ -75,10 +81,12 @@ class PretrainObjective(TrainingObjective):
     def trunk(self, model: nn.Module) -> GPT:
         return model
 
-    def batches(self, seed: int, steps: range, accum_steps: int, micro_batch_size: int, ranks: Ranks,
-                pin_memory: bool) -> Iterator[Batch]:
-        for inputs, targets in prefetch_batches(self.train_windows, seed, steps, accum_steps, micro_batch_size,
-                                                ranks.rank, ranks.world_size, pin_memory=pin_memory):
+    def batches(self, seed: int, first_sequence: int, steps: range, accum_steps: int, micro_batch_size: int,
+                ranks: Ranks, pin_memory: bool) -> Iterator[Batch]:
+        global_micro_batch = micro_batch_size * ranks.world_size
+        positions = (rank_positions(first_sequence + index * global_micro_batch, micro_batch_size, ranks.rank,
+                                    ranks.world_size) for index in range(len(steps) * accum_steps))
+        for inputs, targets in prefetch_batches(self.train_windows, seed, positions, pin_memory=pin_memory):
             yield Batch(inputs, targets, inputs.numel())
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -118,6 +126,7 @@ def run_pretraining(
     mixture: Sequence[MixturePart] = (),
     initial_weights: Path | None = None,
     artifacts: ArtifactStore = LOCAL_STORE,
+    verify_shards: bool = False,
 ) -> TrainResult:
     """Train a GPT on the token shards ``train_paths`` (see ``train``), validating on up to
     ``val_tokens`` tokens in windows spread over all of ``val_paths`` (skipped when empty).
@@ -126,8 +135,11 @@ def run_pretraining(
     the optimizer starts afresh), or from ``continuation``'s checkpoint, sampling its new shards
     at its ``new_data_fraction``. With ``mixture`` (a data mixture, never with a
     continuation), each part's shards are drawn at its probability instead of ``train_paths`` as one stream.
+    ``verify_shards``: the shards are artifacts of ``artifacts``, each checked against its content
+    hash when first read (``CorruptArtifactError`` naming it when altered).
     """
-    objective = PretrainObjective(model_config, train_paths, val_paths, continuation, mixture, initial_weights)
+    objective = PretrainObjective(model_config, train_paths, val_paths, continuation, mixture, initial_weights,
+                                  artifacts if verify_shards else None)
     return train(objective, train_config, run_dir, callback, resume, artifacts)
 
 
@@ -136,17 +148,20 @@ def training_windows(
     continuation: Continuation | None,
     mixture: Sequence[MixturePart],
     model_config: ModelConfig,
+    shard_store: ArtifactStore | None = None,
 ) -> TokenWindows | MixedWindows:
+    """The training windows: one stream of ``train_paths``; with ``mixture``, each part's at its
+    weight; continuing, the old shards and the new at the continuation's fraction."""
     block_size, vocab_size = model_config.block_size, model_config.vocab_size
     if mixture:
         if continuation is not None:
             raise ValueError("a data mixture trains from scratch: continuing a model mixes old and new data instead")
-        return MixedWindows([(TokenWindows(part.train_paths, block_size, vocab_size), part.probability)
+        return MixedWindows([(TokenWindows(part.train_paths, block_size, vocab_size, shard_store), part.probability)
                              for part in mixture])
     if continuation is None or not continuation.new_train_paths:
-        return TokenWindows(train_paths, block_size, vocab_size)
-    new = TokenWindows(continuation.new_train_paths, block_size, vocab_size)
+        return TokenWindows(train_paths, block_size, vocab_size, shard_store)
+    new = TokenWindows(continuation.new_train_paths, block_size, vocab_size, shard_store)
     if not train_paths:
         return new
-    old = TokenWindows(train_paths, block_size, vocab_size)
+    old = TokenWindows(train_paths, block_size, vocab_size, shard_store)
     return MixedWindows([(old, 1.0 - continuation.new_data_fraction), (new, continuation.new_data_fraction)])

@@ -70,10 +70,9 @@ HASHED_SETTINGS = {
 
 @task(name="pretrain-model")
 def pretrain_model_task(job: TrainingJob) -> TrainedModel:
-    # Training reads every shard many times over, so re-hashing them first costs little, and it
-    # catches bytes altered behind an unchanged size and mtime, which the cache check (is_complete)
-    # lets through. Here, once, rather than in each torchrun rank.
-    Workspace(Path(job.workspace)).artifacts.verify_files(job.token_paths())
+    # Each rank checks each shard's content hash when it first reads it (job.run's verify_shards),
+    # which catches bytes altered behind an unchanged size and mtime that the cache check
+    # (is_complete) lets through, without reading the corpus before the first step.
     nproc = job.train_config["nproc"]
     return job.run(prefect_progress=True) if nproc == 1 else job.run_with_torchrun(nproc)
 

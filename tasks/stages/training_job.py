@@ -113,6 +113,7 @@ class TrainingJob:
                 [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=not self.restart,
                 continuation=continuation, mixture=mixture,
                 initial_weights=Path(self.initial_weights) if self.initial_weights else None, artifacts=artifacts,
+                verify_shards=True,
             )
         if reporter is None:
             return None
