@@ -52,8 +52,10 @@ TOKEN_COLUMN = "tokens"
 TOKEN_TYPES = (pa.uint16(), pa.uint32())
 PIECE_TOKENS = 1 << 20
 """About how many tokens a piece of the first shuffle level holds (rounded to whole windows)."""
-BUFFER_PIECES = 16
-"""Pieces whose windows are shuffled together: 16 Mi tokens of shuffle buffer by default."""
+BUFFER_PIECES = 256
+"""Pieces whose windows are shuffled together: 256 Mi tokens (512 MB of uint16 shards) by default.
+The buffer holds window ids, not tokens; what it bounds is how many pieces a stretch of training
+reads from (``bench/shuffle_quality.py`` measures what that costs the shuffle)."""
 MIX_BLOCK = 4096
 """Positions of a mixture whose parts are dealt out at exactly the parts' weights."""
 # Leading entropy words that keep the sampler's random streams apart.
@@ -143,23 +145,7 @@ class TokenWindows:
     def window_ids(self, seed: int, positions: np.ndarray, stream: int = 0) -> np.ndarray:
         """The window at each of ``positions`` (see the module docstring); ``stream`` tells apart
         the orders of streams that share a seed (a mixture's parts)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        ids = np.empty_like(positions)
-        epochs, offsets = np.divmod(positions, self.num_windows)
-        for epoch in np.unique(epochs):
-            in_epoch = epochs == epoch
-            buffer_ends = _buffer_ends(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream,
-                                       int(epoch))
-            buffers = np.searchsorted(buffer_ends, offsets[in_epoch], side="right")
-            found = np.empty(int(in_epoch.sum()), dtype=np.int64)
-            for buffer in np.unique(buffers):
-                mine = buffers == buffer
-                windows = _buffer_windows(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream,
-                                          int(epoch), int(buffer))
-                first = int(buffer_ends[buffer - 1]) if buffer else 0
-                found[mine] = windows[offsets[in_epoch][mine] - first]
-            ids[in_epoch] = found
-        return ids
+        return epoch_order(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, positions)
 
     def read_windows(self, ids: Iterable[int]) -> np.ndarray:
         """The windows ``ids`` of the tiling, as rows of ``block_size + 1`` tokens."""
@@ -243,6 +229,27 @@ class MixedWindows:
         return _to_inputs_and_targets(windows, pin_memory)
 
 
+def epoch_order(num_windows: int, piece_windows: int, buffer_pieces: int, seed: int, stream: int,
+                positions: np.ndarray) -> np.ndarray:
+    """The window id at each of ``positions`` of the endless sequence of shuffled epochs over
+    ``num_windows`` windows (see the module docstring): a pure function of its arguments."""
+    positions = np.asarray(positions, dtype=np.int64)
+    ids = np.empty_like(positions)
+    epochs, offsets = np.divmod(positions, num_windows)
+    for epoch in np.unique(epochs):
+        in_epoch = epochs == epoch
+        buffer_ends = _buffer_ends(num_windows, piece_windows, buffer_pieces, seed, stream, int(epoch))
+        buffers = np.searchsorted(buffer_ends, offsets[in_epoch], side="right")
+        found = np.empty(int(in_epoch.sum()), dtype=np.int64)
+        for buffer in np.unique(buffers):
+            mine = buffers == buffer
+            windows = _buffer_windows(num_windows, piece_windows, buffer_pieces, seed, stream, int(epoch), int(buffer))
+            first = int(buffer_ends[buffer - 1]) if buffer else 0
+            found[mine] = windows[offsets[in_epoch][mine] - first]
+        ids[in_epoch] = found
+    return ids
+
+
 def rank_positions(first: int, micro_batch_size: int, rank: int, world_size: int) -> np.ndarray:
     """The positions of ``rank``'s rows of the global micro-batch of ``micro_batch_size · world_size``
     windows that starts at position ``first``: every ``world_size``-th, from ``first + rank``."""
@@ -284,13 +291,14 @@ def _read_shard(chunks: list[np.ndarray], offset: int, length: int) -> np.ndarra
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-@functools.lru_cache(maxsize=4)
+# Two epochs' orders at most: the one being read and, across its end, the next.
+@functools.lru_cache(maxsize=2)
 def _piece_order(num_windows: int, piece_windows: int, seed: int, stream: int, epoch: int) -> np.ndarray:
     n_pieces = -(-num_windows // piece_windows)
     return np.random.default_rng([PIECE_STREAM, seed, stream, epoch]).permutation(n_pieces)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _buffer_ends(num_windows: int, piece_windows: int, buffer_pieces: int, seed: int, stream: int,
                  epoch: int) -> np.ndarray:
     """Where each shuffle buffer of the epoch ends, in positions of the epoch."""
