@@ -130,6 +130,9 @@ class TokenWindows:
         while length > 0:
             shard = self.shards[shard_index]
             offset = start - int(self.shard_starts[shard_index])
+            if offset == shard.num_tokens:  # an empty shard
+                shard_index += 1
+                continue
             taken = _read_shard(self._open(shard), offset, min(length, shard.num_tokens - offset))
             if len(taken) and int(taken.max()) >= self.vocab_size:
                 raise corrupt_artifact(shard.path, f"holds token id {int(taken.max())}, beyond the vocabulary of "

@@ -140,6 +140,16 @@ def test_shards_shorter_than_a_window_still_contribute_every_token(tmp_path, wri
     assert set(torch.cat([inputs, targets], dim=1).flatten().tolist()) == set(range(199))
 
 
+def test_an_empty_shard_between_two_is_passed_over(tmp_path, write_shard):
+    shards = [write_shard(tmp_path / "a.arrow", np.arange(0, 100, dtype=np.uint16)),
+              write_shard(tmp_path / "empty.arrow", np.arange(0, dtype=np.uint16)),
+              write_shard(tmp_path / "b.arrow", np.arange(100, 200, dtype=np.uint16))]
+    windows = TokenWindows(shards, block_size=9, vocab_size=VOCAB_SIZE)
+    inputs, targets = windows.batch(0, np.arange(windows.num_windows))
+    full = torch.cat([inputs, targets[:, -1:]], dim=1)
+    assert windows.num_windows == 22 and torch.all(full[:, 1:] - full[:, :-1] == 1)
+
+
 def test_a_shard_without_a_tokens_column_is_rejected(tmp_path):
     path = tmp_path / "text.arrow"
     schema = pa.schema([("text", pa.string())])
