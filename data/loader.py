@@ -340,9 +340,7 @@ def _mix_block(weights: tuple[float, ...], mix_block: int, seed: int, block: int
 def _mix_counts(weights: tuple[float, ...], mix_block: int, blocks: int) -> np.ndarray:
     """How many of the first ``blocks`` blocks' positions each part holds."""
     counts = np.floor(np.array(weights) * (blocks * mix_block)).astype(np.int64)
-    heaviest = int(np.argmax(weights))
-    counts[heaviest] = 0
-    counts[heaviest] = blocks * mix_block - counts.sum()
+    counts[int(np.argmax(weights))] += blocks * mix_block - counts.sum()  # the heaviest part takes the rest
     return counts
 
 
