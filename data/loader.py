@@ -15,7 +15,7 @@ the windows are cut into pieces of ``piece_windows`` consecutive windows, the pi
 random order, and the windows of each run of ``buffer_pieces`` consecutive pieces of that order
 (the shuffle buffer) are shuffled together. Any two windows of one buffer are equally likely
 neighbours; windows of different buffers never are. Bounded pieces and buffers keep what a
-stretch of training reads local (a few pieces), which is what lets a loader fetch only those.
+stretch of training reads to the pieces of one buffer, which a loader could fetch alone.
 
 Positions count windows from the start of training across epochs: position ``g`` is position
 ``g mod n`` of epoch ``g div n``. Training consumes them in order, ``global_batch_size`` per
