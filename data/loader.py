@@ -47,6 +47,7 @@ import torch
 from gptflow.data.commits import corrupt_artifact
 from gptflow.data.errors import CorpusError
 from gptflow.data.store import ArtifactStore
+from gptflow.data.streaming import ShardCache
 
 TOKEN_COLUMN = "tokens"
 TOKEN_TYPES = (pa.uint16(), pa.uint32())
@@ -63,13 +64,12 @@ PIECE_STREAM, BUFFER_STREAM, MIX_STREAM = 0x7069, 0x6275, 0x6D69
 
 
 class _Shard:
-    """One token shard: its token count from the footer; its tokens mapped when first read."""
+    """One token shard: its token count, given or from the footer; its tokens mapped when first read."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, num_tokens: int | None) -> None:
         self.path = path
         self.chunks: list[np.ndarray] | None = None
-        table = self._read_table()
-        self.num_tokens = table.num_rows
+        self.num_tokens = self._read_table().num_rows if num_tokens is None else num_tokens
 
     def _read_table(self) -> pa.Table:
         try:
@@ -90,7 +90,11 @@ class _Shard:
         if self.chunks is None:
             if store is not None:
                 store.verify_files([self.path])
-            column = self._read_table().column(TOKEN_COLUMN)
+            table = self._read_table()
+            if table.num_rows != self.num_tokens:
+                raise corrupt_artifact(self.path, f"holds {table.num_rows} tokens, not the {self.num_tokens} its "
+                                                  "manifest counts")
+            column = table.column(TOKEN_COLUMN)
             self.chunks = [chunk.to_numpy(zero_copy_only=True) for chunk in column.chunks if len(chunk)]
         return self.chunks
 
@@ -98,19 +102,27 @@ class _Shard:
 class TokenWindows:
     """The windows of ``block_size + 1`` tokens tiling the concatenation of token shards, whose ids
     must all be below ``vocab_size``. ``store``: the store the shards were committed to, whose
-    content hashes each shard is checked against when first read."""
+    content hashes each shard is checked against when first read. ``num_tokens``: each shard's
+    token count (the token manifest's), so that no shard is opened before it is read. ``cache``:
+    the shards stream from a workspace on an object store through it (``data.streaming``), and
+    ``store`` is its store."""
 
     def __init__(self, paths: Sequence[Path], block_size: int, vocab_size: int, store: ArtifactStore | None = None,
-                 piece_tokens: int = PIECE_TOKENS, buffer_pieces: int = BUFFER_PIECES) -> None:
+                 piece_tokens: int = PIECE_TOKENS, buffer_pieces: int = BUFFER_PIECES,
+                 num_tokens: Sequence[int] | None = None, cache: ShardCache | None = None) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if not paths:
             raise ValueError("TokenWindows needs at least one token shard, got none")
         self.block_size = block_size
         self.vocab_size = vocab_size
-        self.store = store
+        if num_tokens is not None and len(num_tokens) != len(paths):
+            raise ValueError(f"got {len(num_tokens)} token counts for {len(paths)} shards")
+        self.store = cache.store if cache is not None else store
+        self.cache = cache
         self.paths = [Path(path) for path in paths]
-        self.shards = [_Shard(path) for path in self.paths]
+        counts = [None] * len(self.paths) if num_tokens is None else num_tokens
+        self.shards = [_Shard(path, count) for path, count in zip(self.paths, counts)]
         self.shard_starts = np.cumsum([0, *(shard.num_tokens for shard in self.shards)])
         self.num_tokens = int(self.shard_starts[-1])
         if self.num_tokens < block_size + 1:
@@ -123,6 +135,7 @@ class TokenWindows:
         self.piece_windows = max(1, piece_tokens // block_size)
         self.buffer_pieces = buffer_pieces
         self._opening = threading.Lock()
+        self._buffer_read: tuple[int, ...] | None = None  # (seed, stream, epoch, buffer) last planned in the cache
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the stream, their ids checked against the vocabulary."""
@@ -133,7 +146,7 @@ class TokenWindows:
             if offset == shard.num_tokens:  # an empty shard
                 shard_index += 1
                 continue
-            taken = _read_shard(self._open(shard), offset, min(length, shard.num_tokens - offset))
+            taken = _read_shard(self._open(shard_index), offset, min(length, shard.num_tokens - offset))
             if len(taken) and int(taken.max()) >= self.vocab_size:
                 raise corrupt_artifact(shard.path, f"holds token id {int(taken.max())}, beyond the vocabulary of "
                                                    f"{self.vocab_size} ids")
@@ -141,14 +154,56 @@ class TokenWindows:
             start, length, shard_index = start + len(taken), length - len(taken), shard_index + 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _open(self, shard: _Shard) -> list[np.ndarray]:
+    def _open(self, shard_index: int) -> list[np.ndarray]:
+        shard = self.shards[shard_index]
+        if self.cache is not None and shard.chunks is None:
+            self.cache.wait_for(shard.path.parent)
         with self._opening:
             return shard.open(self.store)
 
     def window_ids(self, seed: int, positions: np.ndarray, stream: int = 0) -> np.ndarray:
         """The window at each of ``positions`` (see the module docstring); ``stream`` tells apart
-        the orders of streams that share a seed (a mixture's parts)."""
+        the orders of streams that share a seed (a mixture's parts). With a cache, the shards of
+        the buffer of the first position and of the next buffer are planned in it."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.cache is not None and len(positions):
+            self._plan_buffers(seed, stream, int(positions.min()))
         return epoch_order(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, positions)
+
+    def _plan_buffers(self, seed: int, stream: int, position: int) -> None:
+        """Plan the shards of ``position``'s buffer and the next in the cache, and unmap the others
+        (a mapping would keep an evicted copy's disk space)."""
+        epoch, offset = divmod(position, self.num_windows)
+        ends = _buffer_ends(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, epoch)
+        buffer = int(np.searchsorted(ends, offset, side="right"))
+        if self._buffer_read == (seed, stream, epoch, buffer):
+            return
+        self._buffer_read = (seed, stream, epoch, buffer)
+        following = (epoch, buffer + 1) if buffer + 1 < len(ends) else (epoch + 1, 0)
+        now = self._buffer_shards(seed, stream, epoch, buffer)
+        ahead = self._buffer_shards(seed, stream, *following)
+        planned = set(now) | set(ahead)
+        with self._opening:
+            for index, shard in enumerate(self.shards):
+                if index not in planned:
+                    shard.chunks = None
+        self.cache.plan([self.paths[index].parent for index in now],
+                        [self.paths[index].parent for index in ahead if index not in now])
+
+    def _buffer_shards(self, seed: int, stream: int, epoch: int, buffer: int) -> list[int]:
+        """The shards a buffer's windows read, in the order the epoch first reads them."""
+        windows = _buffer_windows(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, epoch, buffer)
+        first = np.searchsorted(self.shard_starts, windows * self.block_size, side="right") - 1
+        last = np.searchsorted(self.shard_starts, windows * self.block_size + self.block_size, side="right") - 1
+        visits, shards = [], []
+        for step in range(int((last - first).max()) + 1):  # a window may span several short shards
+            spanning = np.nonzero(first + step <= last)[0]
+            visits.append(spanning)
+            shards.append(first[spanning] + step)
+        visits, shards = np.concatenate(visits), np.concatenate(shards)
+        in_visit_order = np.argsort(visits, kind="stable")
+        found, first_visit = np.unique(shards[in_visit_order], return_index=True)
+        return [int(shard) for shard in found[np.argsort(first_visit)]]
 
     def read_windows(self, ids: Iterable[int]) -> np.ndarray:
         """The windows ``ids`` of the tiling, as rows of ``block_size + 1`` tokens."""

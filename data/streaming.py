@@ -1,0 +1,83 @@
+"""Token shards streamed from a workspace on an object store, within a disk cap.
+
+Training on an ``s3://`` workspace needs no shard on this machine before its first step: the
+loader (``data.loader.TokenWindows`` given a ``ShardCache``) knows each shard's token count from
+the token manifest, and reads a shard only once a window it trains on lies in it. The shards are
+fetched through the workspace's mirror (``data.mirror``), as the content-addressed local copies
+every other stage uses, each checked against its commit.
+
+The epoch's order bounds what a stretch of training reads: the shards of one shuffle buffer.
+When training enters a buffer, the loader plans the shards of that buffer and of the next one,
+in the order it will first read them; a background thread fetches them in that order, so the
+next buffer's shards arrive while this one's train. Before each fetch, local copies are evicted,
+least recently used first, until the new one fits in ``cap_bytes`` (``GPTFLOW_CACHE_GB``) beside
+the rest; the planned shards are never evicted. The ranks of one machine share its copy of the
+workspace, so each shard is fetched about once per machine and epoch: every rank reads from the
+same buffers, and the first to plan a shard fetches it while the others find it whole.
+
+A rank may find a shard it planned evicted by another rank (one a buffer ahead of it, at the
+turn of a buffer): reading it fetches it again, so the cost is bytes, never a wrong window.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from gptflow.data.commits import CONTENTS_FILE, CorruptArtifactError, read_listing
+from gptflow.data.mirror import listing_bytes
+from gptflow.data.store import ArtifactStore
+
+
+class ShardCache:
+    """This machine's copies of the shard directories of a workspace on an object store, held to
+    ``cap_bytes`` together with everything else the workspace's local copy holds."""
+
+    def __init__(self, store: ArtifactStore, cap_bytes: int) -> None:
+        if store.mirror is None:
+            raise ValueError("a ShardCache streams from a workspace on an object store; this one is local")
+        if cap_bytes <= 0:
+            raise ValueError(f"the cache's cap must be positive, got {cap_bytes} bytes")
+        self.store = store
+        self.cap_bytes = cap_bytes
+        self.fetched_bytes = 0
+        """Bytes this cache fetched from the object store (what a benchmark reports)."""
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptflow-shard-fetch")
+        self._fetches: dict[Path, Future] = {}
+        self._planned: frozenset[Path] = frozenset()
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return ShardCache, (self.store, self.cap_bytes)  # another process plans and fetches for itself
+
+    def plan(self, now: Sequence[Path], ahead: Sequence[Path]) -> None:
+        """The shard directories training reads now and next, each in the order it first reads
+        them: fetch them in that order, and keep them from eviction until the next plan."""
+        with self._lock:
+            self._planned = frozenset([*now, *ahead])
+            # A copy outside the plan may be evicted: the next plan that needs it fetches it again.
+            self._fetches = {directory: future for directory, future in self._fetches.items()
+                             if directory in self._planned}
+            for directory in [*now, *ahead]:
+                if directory not in self._fetches:
+                    self._fetches[directory] = self._fetcher.submit(self._fetch, directory)
+
+    def wait_for(self, directory: Path) -> None:
+        """Return once ``directory``'s local copy is whole (fetched now if no plan named it)."""
+        with self._lock:
+            future = self._fetches.get(directory)
+            if future is None:
+                future = self._fetches[directory] = self._fetcher.submit(self._fetch, directory)
+        future.result()
+
+    def _fetch(self, directory: Path) -> None:
+        already_here = (directory / CONTENTS_FILE).exists()
+        if not self.store.mirror.holds(directory, cap_bytes=self.cap_bytes, keep=self._planned):
+            raise CorruptArtifactError(
+                f"{directory} is not whole in the object store at {self.store.mirror.url} (an object of it was "
+                "altered or lost after it was published; the warning above names it): the next run computes it again."
+            )
+        if not already_here:
+            self.fetched_bytes += listing_bytes(read_listing(directory) or {})
