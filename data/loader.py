@@ -187,7 +187,7 @@ class TokenWindows:
             for index, shard in enumerate(self.shards):
                 if index not in planned:
                     shard.chunks = None
-        self.cache.plan([self.paths[index].parent for index in now],
+        self.cache.plan(self, [self.paths[index].parent for index in now],
                         [self.paths[index].parent for index in ahead if index not in now])
 
     def _buffer_shards(self, seed: int, stream: int, epoch: int, buffer: int) -> list[int]:
@@ -240,6 +240,16 @@ class TokenWindows:
         ids = (2 * np.arange(n_windows) + 1) * self.num_windows // (2 * n_windows)
         for first in range(0, n_windows, batch_size):
             yield _to_inputs_and_targets(self.read_windows(ids[first : first + batch_size]), pin_memory)
+            if self.cache is not None:  # read in stream order: the shards behind are done with
+                self._unmap_before(int(ids[min(first + batch_size, n_windows - 1)]) * self.block_size)
+
+    def _unmap_before(self, token: int) -> None:
+        """Drop the mappings of the shards that end before ``token`` of the stream, so that the
+        cache may evict their copies and free their disk space."""
+        with self._opening:
+            for index, shard in enumerate(self.shards):
+                if int(self.shard_starts[index + 1]) <= token:
+                    shard.chunks = None
 
 
 class MixedWindows:

@@ -38,30 +38,32 @@ class ShardCache:
     def __init__(self, store: ArtifactStore, cap_bytes: int) -> None:
         if store.mirror is None:
             raise ValueError("a ShardCache streams from a workspace on an object store; this one is local")
-        if cap_bytes <= 0:
-            raise ValueError(f"the cache's cap must be positive, got {cap_bytes} bytes")
+        if cap_bytes < 0:
+            raise ValueError(f"the cache's cap must be a number of bytes, got {cap_bytes}")
         self.store = store
         self.cap_bytes = cap_bytes
         self.fetched_bytes = 0
         """Bytes this cache fetched from the object store (what a benchmark reports)."""
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptflow-shard-fetch")
         self._fetches: dict[Path, Future] = {}
+        self._plans: dict[int, frozenset[Path]] = {}  # by reader: the streams of a mixture plan apart
         self._planned: frozenset[Path] = frozenset()
         self._lock = threading.Lock()
 
     def __reduce__(self) -> tuple[object, ...]:
         return ShardCache, (self.store, self.cap_bytes)  # another process plans and fetches for itself
 
-    def plan(self, now: Sequence[Path], ahead: Sequence[Path]) -> None:
-        """The shard directories training reads now and next, each in the order it first reads
-        them: fetch them in that order, and keep them from eviction until the next plan."""
+    def plan(self, reader: object, now: Sequence[Path], ahead: Sequence[Path]) -> None:
+        """The shard directories ``reader`` reads now and next, each in the order it first reads
+        them: fetch them in that order, and keep them from eviction until its next plan."""
         with self._lock:
-            self._planned = frozenset([*now, *ahead])
+            self._plans[id(reader)] = frozenset([*now, *ahead])
+            self._planned = frozenset().union(*self._plans.values())
             # A copy outside the plan may be evicted: the next plan that needs it fetches it again.
             self._fetches = {directory: future for directory, future in self._fetches.items()
                              if directory in self._planned}
             for directory in [*now, *ahead]:
-                if directory not in self._fetches:
+                if directory not in self._fetches:  # a directory two readers plan is fetched once
                     self._fetches[directory] = self._fetcher.submit(self._fetch, directory)
 
     def wait_for(self, directory: Path) -> None:

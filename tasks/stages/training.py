@@ -213,6 +213,7 @@ def train_model(
         rendezvous=None if rendezvous is None else dataclasses.asdict(rendezvous),
         initial_weights=str(init_from.model_dir) if init_from is not None else None,
     )
+    job.shard_tokens = _shard_tokens(tokens, job.token_paths())
     outcome = run_stage(
         pretrain_model_task,
         key=key,
@@ -329,6 +330,13 @@ def _mixture_setting(mixture: list[MixturePart] | None, tokens: TokenManifest) -
         return None
     unit_of_shard = {path: unit for unit, path in _train_shards(tokens)}
     return [[hash_json([unit_of_shard[path] for path in part.train_paths]), part.probability] for part in mixture]
+
+
+def _shard_tokens(tokens: TokenManifest, paths: list[str]) -> list[int]:
+    """The token count of each shard of ``paths``, as the manifest has it."""
+    counts = {str(Path(unit.directory) / f"{split}.arrow"): unit.n_tokens[split]
+              for unit in tokens.units for split in unit.n_tokens}
+    return [counts[path] for path in paths]
 
 
 def _train_shards(tokens: TokenManifest) -> list[tuple[str, Path]]:
