@@ -21,14 +21,21 @@ turn of a buffer): reading it fetches it again, so the cost is bytes, never a wr
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from gptflow.data.commits import CONTENTS_FILE, CorruptArtifactError, read_listing
 from gptflow.data.mirror import listing_bytes
 from gptflow.data.store import ArtifactStore
+
+logger = logging.getLogger(__name__)
+FETCH_LOCK = "locks/shard-fetch.lock"
+"""In the workspace's local folder: held while one process of the machine evicts and fetches."""
 
 
 class ShardCache:
@@ -49,6 +56,8 @@ class ShardCache:
         self._plans: dict[int, frozenset[Path]] = {}  # by reader: the streams of a mixture plan apart
         self._planned: frozenset[Path] = frozenset()
         self._lock = threading.Lock()
+        self._last_planned: Path | None = None  # once it is here, the whole plan is: is it over the cap?
+        self._said_over_cap = False
 
     def __reduce__(self) -> tuple[object, ...]:
         return ShardCache, (self.store, self.cap_bytes)  # another process plans and fetches for itself
@@ -59,6 +68,7 @@ class ShardCache:
         with self._lock:
             self._plans[id(reader)] = frozenset([*now, *ahead])
             self._planned = frozenset().union(*self._plans.values())
+            self._last_planned = [*now, *ahead][-1] if [*now, *ahead] else None
             # A copy outside the plan may be evicted: the next plan that needs it fetches it again.
             self._fetches = {directory: future for directory, future in self._fetches.items()
                              if directory in self._planned}
@@ -74,12 +84,40 @@ class ShardCache:
                 future = self._fetches[directory] = self._fetcher.submit(self._fetch, directory)
         future.result()
 
+    def close(self) -> None:
+        """Stop fetching ahead: fetches not yet started are dropped, the one under way finishes."""
+        self._fetcher.shutdown(wait=True, cancel_futures=True)
+
     def _fetch(self, directory: Path) -> None:
-        already_here = (directory / CONTENTS_FILE).exists()
-        if not self.store.mirror.holds(directory, cap_bytes=self.cap_bytes, keep=self._planned):
+        # One fetch at a time on the machine: two ranks fetching at once would each make room for
+        # their own copy only, and both fetch a directory they both plan.
+        with _machine_lock(self.store.mirror.local_root / FETCH_LOCK):
+            already_here = (directory / CONTENTS_FILE).exists()
+            whole = self.store.mirror.holds(directory, cap_bytes=self.cap_bytes, keep=self._planned)
+        if not whole:
             raise CorruptArtifactError(
                 f"{directory} is not whole in the object store at {self.store.mirror.url} (an object of it was "
                 "altered or lost after it was published; the warning above names it): the next run computes it again."
             )
-        if not already_here:
+        if not already_here:  # else another rank of this machine fetched it, or a plan before
             self.fetched_bytes += listing_bytes(read_listing(directory) or {})
+        if directory != self._last_planned or self._said_over_cap:
+            return
+        planned_bytes = sum(listing_bytes(read_listing(planned) or {}) for planned in self._planned)
+        if planned_bytes > self.cap_bytes:
+            self._said_over_cap = True
+            logger.warning(f"The shards training reads from its current and next shuffle buffer hold "
+                           f"{planned_bytes / 2**30:.2f} GB, more than the cache's cap of {self.cap_bytes / 2**30:.2f} "
+                           "GB: the cache goes over it by the difference. Raise GPTFLOW_CACHE_GB.")
+
+
+@contextlib.contextmanager
+def _machine_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``, which the kernel releases if the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)

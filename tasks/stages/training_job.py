@@ -110,18 +110,18 @@ class TrainingJob:
         mixture = [MixturePart.from_json(part) for part in self.mixture]
         is_main = Ranks.from_environment().is_main
         artifacts = Workspace(Path(self.workspace)).artifacts
-        shard_tokens = dict(zip(map(Path, self.token_paths()), self.shard_tokens, strict=True)) if self.shard_tokens else None
-        streaming = artifacts.mirror is not None and shard_tokens is not None
+        shard_tokens = (dict(zip(map(Path, self.token_paths()), self.shard_tokens, strict=True))
+                        if self.shard_tokens else None)
+        cache = ShardCache(artifacts, cache_limit_bytes()) if artifacts.mirror and shard_tokens else None
         run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id) if is_main else None
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress) if is_main else None
-        with self._system_metrics(run):
+        with self._system_metrics(run), contextlib.closing(cache) if cache else contextlib.nullcontext():
             result = run_pretraining(
                 ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
                 [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=not self.restart,
                 continuation=continuation, mixture=mixture,
                 initial_weights=Path(self.initial_weights) if self.initial_weights else None, artifacts=artifacts,
-                verify_shards=True, shard_tokens=shard_tokens,
-                shard_cache=ShardCache(artifacts, cache_limit_bytes()) if streaming else None,
+                verify_shards=True, shard_tokens=shard_tokens, shard_cache=cache,
             )
         if reporter is None:
             return None
