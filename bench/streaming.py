@@ -2,7 +2,7 @@
 tenth of the corpus, against the same training from local shards.
 
     python bench/streaming.py
-    python bench/streaming.py --shards 160 --shard-tokens 65536 --steps 30 --scales 1 4 16
+    python bench/streaming.py --shards 160 --shard-tokens 65536 --steps 20 --scales 1 4 16
 
 Starts its own moto S3 server on 127.0.0.1 (killed at the end) and commits ``--shards`` shards of
 random ids (uint16, ``--shard-tokens`` each) to an ``s3://`` workspace as the tokenize stage does.
@@ -25,6 +25,7 @@ No Prefect, no MLflow. The litdata / MosaicML streaming reference the issue asks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -83,12 +84,19 @@ def publish_corpus(url: str, root: Path, shards: int, shard_tokens: int) -> list
 
 
 def tree_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    total = 0
+    for parent, _, files in os.walk(folder):  # passes over folders evicted meanwhile, as rglob does not
+        for file in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += (Path(parent) / file).stat().st_size
+    return total
 
 
-def streamed(root: Path, url: str, names: list[str], shard_tokens: int, cap_bytes: int,
-             piece_tokens: int) -> TokenWindows:
+def streamed(root: Path, url: str, names: list[str], shard_tokens: int, cap_bytes: int, piece_tokens: int,
+             caches: contextlib.ExitStack) -> TokenWindows:
+    """Windows streamed into the local copy ``root``; their cache closes with ``caches``, before its folder goes."""
     cache = ShardCache(ArtifactStore(ObjectStoreMirror.attach(root, url)), cap_bytes)
+    caches.callback(cache.close)
     return TokenWindows([root / name for name in names], BLOCK_SIZE, VOCAB_SIZE, num_tokens=[shard_tokens] * len(names),
                         cache=cache, piece_tokens=piece_tokens, buffer_pieces=BUFFER_PIECES)
 
@@ -114,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=160)
     parser.add_argument("--shard-tokens", type=int, default=64 * 1024)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--base-shards", type=int, default=20)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
     args = parser.parse_args()
@@ -123,7 +131,7 @@ def main() -> None:
     try:
         import s3fs
 
-        with tempfile.TemporaryDirectory(prefix="gptflow-bench-cache-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="gptflow-bench-cache-") as tmp, contextlib.ExitStack() as caches:
             work = Path(tmp)
             url = f"s3://bench-cache-{uuid.uuid4().hex[:8]}"
             s3fs.S3FileSystem(skip_instance_cache=True).mkdir(url.removeprefix("s3://"))
@@ -136,23 +144,21 @@ def main() -> None:
             local = TokenWindows([work / "writer" / name for name in names], BLOCK_SIZE, VOCAB_SIZE,
                                  piece_tokens=args.shard_tokens, buffer_pieces=BUFFER_PIECES)
             local_first, local_rate = steps_per_second(local, args.steps)
-            stream = streamed(work / "reader", url, names, args.shard_tokens, cap, args.shard_tokens)
+            stream = streamed(work / "reader", url, names, args.shard_tokens, cap, args.shard_tokens, caches)
             stream_first, stream_rate = steps_per_second(stream, args.steps)
-            stream.cache.close()
             print(f"(a) local shards:  first step {local_first:.2f} s, {local_rate:.2f} steps/s")
             print(f"(a) streamed, 10%: first step {stream_first:.2f} s, {stream_rate:.2f} steps/s "
                   f"({stream_rate / local_rate:.2f} of local)")
 
             for piece_tokens in (args.shard_tokens, args.shard_tokens // 4):
                 root = work / f"epoch-{piece_tokens}"
-                epoch = streamed(root, url, names, args.shard_tokens, cap, piece_tokens)
+                epoch = streamed(root, url, names, args.shard_tokens, cap, piece_tokens, caches)
                 largest = 0
                 for first in range(0, epoch.num_windows, 64):
                     epoch.batch(1, np.arange(first, min(first + 64, epoch.num_windows)))
                     largest = max(largest, tree_bytes(root / "store"))
-                epoch.cache.close()
-                print(f"(b) one epoch, pieces of {piece_tokens} tokens: fetched {epoch.cache.fetched_bytes / 2**20:.1f} "
-                      f"MiB = {epoch.cache.fetched_bytes / corpus_bytes:.2f} x the corpus; largest local copy "
+                print(f"(b) one epoch, pieces of {piece_tokens} tokens: fetched "
+                      f"{epoch.cache.fetched_bytes / 2**20:.1f} MiB = {epoch.cache.fetched_bytes / corpus_bytes:.2f} x the corpus; largest local copy "
                       f"{largest / 2**20:.2f} MiB (cap {cap / 2**20:.2f})")
 
             for scale in args.scales:
@@ -161,10 +167,9 @@ def main() -> None:
                 scaled = publish_corpus(scaled_url, work / f"writer-x{scale}", args.base_shards * scale,
                                         args.shard_tokens)
                 start = time.perf_counter()
-                first = streamed(work / f"first-x{scale}", scaled_url, scaled, args.shard_tokens, cap, args.shard_tokens)
-                first.batch(0, np.arange(MICRO_BATCH))
+                streamed(work / f"first-x{scale}", scaled_url, scaled, args.shard_tokens, cap, args.shard_tokens,
+                         caches).batch(0, np.arange(MICRO_BATCH))
                 streaming_s = time.perf_counter() - start
-                first.cache.close()
                 start = time.perf_counter()
                 whole = ArtifactStore(ObjectStoreMirror.attach(work / f"whole-x{scale}", scaled_url))
                 whole.are_complete([work / f"whole-x{scale}" / Path(name).parent for name in scaled])

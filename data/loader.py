@@ -241,7 +241,8 @@ class TokenWindows:
         for first in range(0, n_windows, batch_size):
             yield _to_inputs_and_targets(self.read_windows(ids[first : first + batch_size]), pin_memory)
             if self.cache is not None:  # read in stream order: the shards behind are done with
-                self._unmap_before(int(ids[min(first + batch_size, n_windows - 1)]) * self.block_size)
+                following = first + batch_size
+                self._unmap_before(int(ids[following]) * self.block_size if following < n_windows else self.num_tokens)
 
     def _unmap_before(self, token: int) -> None:
         """Drop the mappings of the shards that end before ``token`` of the stream, so that the
