@@ -157,9 +157,10 @@ def main() -> None:
                 for first in range(0, epoch.num_windows, 64):
                     epoch.batch(1, np.arange(first, min(first + 64, epoch.num_windows)))
                     largest = max(largest, tree_bytes(root / "store"))
-                print(f"(b) one epoch, pieces of {piece_tokens} tokens: fetched "
-                      f"{epoch.cache.fetched_bytes / 2**20:.1f} MiB = {epoch.cache.fetched_bytes / corpus_bytes:.2f} x the corpus; largest local copy "
-                      f"{largest / 2**20:.2f} MiB (cap {cap / 2**20:.2f})")
+                fetched = epoch.cache.fetched_bytes
+                print(f"(b) one epoch, pieces of {piece_tokens} tokens: fetched {fetched / 2**20:.1f} MiB = "
+                      f"{fetched / corpus_bytes:.2f} x the corpus; largest local copy {largest / 2**20:.2f} MiB "
+                      f"(cap {cap / 2**20:.2f})")
 
             for scale in args.scales:
                 scaled_url = f"{url}-x{scale}"
