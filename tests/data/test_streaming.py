@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +97,18 @@ def test_two_ranks_sharing_one_cache_read_their_slices_of_the_order(published_sh
             positions = rank_positions(first, 32, rank, 2)
             assert np.array_equal(windows.batch(9, positions)[0].numpy(), alone.batch(9, positions)[0].numpy())
         assert _tree_bytes(tmp_path / "one-machine" / "store") <= cap
+
+
+def test_a_cap_below_two_buffers_of_shards_is_named_once_and_training_reads_on(published_shards, tmp_path, caplog,
+                                                                                caches):
+    url, names = published_shards
+    windows = _streamed_windows(tmp_path / "reader", url, names, 1, caches)
+    caplog.set_level(logging.WARNING, logger="gptflow.data")
+    for first in range(0, 256, 64):
+        windows.batch(0, np.arange(first, first + 64))
+    windows.cache.close()
+    [warning] = [record.getMessage() for record in caplog.records if "GPTFLOW_CACHE_GB" in record.getMessage()]
+    assert "more than the cache's cap" in warning
 
 
 def test_a_shard_altered_in_the_bucket_is_refused_by_name_and_never_read(published_shards, tmp_path, caplog, caches):
