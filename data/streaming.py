@@ -56,7 +56,6 @@ class ShardCache:
         self._plans: dict[int, frozenset[Path]] = {}  # by reader: the streams of a mixture plan apart
         self._planned: frozenset[Path] = frozenset()
         self._lock = threading.Lock()
-        self._last_planned: Path | None = None  # once it is here, the whole plan is: is it over the cap?
         self._said_over_cap = False
 
     def __reduce__(self) -> tuple[object, ...]:
@@ -68,13 +67,14 @@ class ShardCache:
         with self._lock:
             self._plans[id(reader)] = frozenset([*now, *ahead])
             self._planned = frozenset().union(*self._plans.values())
-            self._last_planned = [*now, *ahead][-1] if [*now, *ahead] else None
             # A copy outside the plan may be evicted: the next plan that needs it fetches it again.
             self._fetches = {directory: future for directory, future in self._fetches.items()
                              if directory in self._planned}
             for directory in [*now, *ahead]:
                 if directory not in self._fetches:  # a directory two readers plan is fetched once
                     self._fetches[directory] = self._fetcher.submit(self._fetch, directory)
+            if not self._said_over_cap:  # after the plan's fetches: the fetcher runs one task at a time
+                self._fetcher.submit(self._check_cap, self._planned)
 
     def wait_for(self, directory: Path) -> None:
         """Return once ``directory``'s local copy is whole (fetched now if no plan named it)."""
@@ -96,15 +96,16 @@ class ShardCache:
             whole = self.store.mirror.holds(directory, cap_bytes=self.cap_bytes, keep=self._planned)
         if not whole:
             raise CorruptArtifactError(
-                f"{directory} is not whole in the object store at {self.store.mirror.url} (an object of it was "
-                "altered or lost after it was published; the warning above names it): the next run computes it again."
+                f"{directory} could not be fetched whole from the object store at {self.store.mirror.url}: an object "
+                "of it was altered or lost after it was published, or the store does not answer (a warning above says "
+                "which). An altered or lost directory is computed again by the next run."
             )
         if not already_here:  # else another rank of this machine fetched it, or a plan before
             self.fetched_bytes += listing_bytes(read_listing(directory) or {})
-        if directory != self._last_planned or self._said_over_cap:
-            return
-        planned_bytes = sum(listing_bytes(read_listing(planned) or {}) for planned in self._planned)
-        if planned_bytes > self.cap_bytes:
+
+    def _check_cap(self, planned: frozenset[Path]) -> None:
+        planned_bytes = sum(listing_bytes(read_listing(directory) or {}) for directory in planned)
+        if planned_bytes > self.cap_bytes and not self._said_over_cap:
             self._said_over_cap = True
             logger.warning(f"The shards training reads from its current and next shuffle buffer hold "
                            f"{planned_bytes / 2**30:.2f} GB, more than the cache's cap of {self.cap_bytes / 2**30:.2f} "

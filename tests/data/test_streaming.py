@@ -119,7 +119,7 @@ def test_a_shard_altered_in_the_bucket_is_refused_by_name_and_never_read(publish
     filesystem.pipe_file(f"{url}/{altered}", original[:-8] + b"\x00" * 8)
     windows = _streamed_windows(tmp_path / "reader", url, names, 1 << 30, caches)
 
-    with pytest.raises(CorruptArtifactError, match=r"tokens/007 is not whole in the object store"):
+    with pytest.raises(CorruptArtifactError, match=r"tokens/007 could not be fetched whole from the object store"):
         windows.batch(0, np.arange(windows.num_windows))
     assert f"{altered.removeprefix('store/')}" in caplog.text or altered in caplog.text
     directory = tmp_path / "reader" / Path(altered).parent
