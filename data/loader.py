@@ -24,9 +24,11 @@ step; rank ``r`` of ``W`` takes every ``W``-th position of each micro-step, star
 nor the loader's threads, and a run resumed at position ``g`` (its checkpoint records it)
 continues it: no window repeated, none skipped.
 
-Opening a split reads only each shard's Arrow footer, never its tokens. A shard's bytes are
-checked when it is first read: against its commit's content hash when a store is given (the
-training stage's case), and, for every read, each window's ids against the vocabulary. The ids a
+Opening a split reads only each shard's Arrow footer, never its tokens; given the token manifest's
+counts, not even that, and through a ``data.streaming.ShardCache`` a shard on an object store is
+fetched only as training's buffers near it. A shard's bytes are checked when it is first read:
+against its commit's content hash when a store is given (the training stage's case), and, for
+every read, each window's ids against the vocabulary. The ids a
 shard holds are below its tokenizer's vocabulary by construction (``data.tokenize``), so either
 check fails only for bytes altered after the shard was written; the error names the shard.
 """
