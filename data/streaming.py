@@ -16,7 +16,9 @@ workspace, so each shard is fetched about once per machine and epoch: every rank
 same buffers, and the first to plan a shard fetches it while the others find it whole.
 
 A rank may find a shard it planned evicted by another rank (one a buffer ahead of it, at the
-turn of a buffer): reading it fetches it again, so the cost is bytes, never a wrong window.
+turn of a buffer): its content check fetches it again, one directory beside the cap, so the cost
+is bytes, never a wrong window. Not guarded: an eviction between that check and the mapping of
+the file, which stops training with an error naming the shard (no lock spans the two yet).
 """
 
 from __future__ import annotations
