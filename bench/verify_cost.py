@@ -9,8 +9,9 @@ for the built-in corpus (ingested and tokenized with the ``cpu`` preset's tokeni
 for ``--synthetic-mb`` of random ids in 2 MB shards. Timed, best of ``--repeats`` after an untimed
 run (so the page cache is warm, as it is right after tokenizing; a cold cache adds disk reads,
 which training pays for anyway since it maps every shard): (a) ``ArtifactStore.verify_files`` over every shard,
-what the pretrain task runs before training; (b) opening them as ``TokenWindows`` (mapping every
-file and checking its ids against the vocabulary), and that check alone (``max id``). Against the
+what the pretrain task ran before training until issue 27 (each rank now checks a shard when it
+first reads it); (b) opening them as ``TokenWindows`` (each file's footer; until issue 27 also a
+scan of every id against the vocabulary), and that scan alone (``max id``). Against the
 median of ``--steps`` training steps of the ``cpu`` preset on this machine (after one untimed
 step), and its ``max_steps`` of them (a run). Also (c) ``verify_contents`` of the preset's
 exported weights against ``load_model`` as a whole (which includes it). No Prefect, no MLflow.

@@ -1,118 +1,235 @@
-"""Training windows over memory-mapped token shards.
+"""Training windows over memory-mapped token shards, visited in shuffled epochs.
 
 The shards of a split are read as one token stream, in the order given. Every stretch of
 continuous text already ends with the end-of-text token, so a window that runs from the end of
 one shard into the next is no different from one that runs from one document into the next; and
-a corpus of many small files (shorter than a window each) still contributes every token. A window is ``block_size + 1``
-consecutive tokens: the model reads the first ``block_size`` and predicts the last ``block_size``.
+a corpus of many small files (shorter than a window each) still contributes every token.
 
-Random windows are a pure function of ``(seed, step, micro_step, rank, world_size)``, so a run
-resumed from a checkpoint at step ``s`` sees exactly the batches an uninterrupted run sees from
-step ``s`` on, with no sampler state to save.
+Windows tile the stream: window ``i`` is tokens ``[i·T, i·T + T + 1)`` for ``T = block_size``
+(the model reads the first ``T`` and predicts the last ``T``), so consecutive windows share one
+token and every token but the first is a target in exactly one window. An epoch visits each of
+the ``(num_tokens - 1) // T`` windows once.
+
+The order of an epoch is shuffled at two levels, a pure function of ``(seed, epoch, position)``:
+the windows are cut into pieces of ``piece_windows`` consecutive windows, the pieces are put in a
+random order, and the windows of each run of ``buffer_pieces`` consecutive pieces of that order
+(the shuffle buffer) are shuffled together. Any two windows of one buffer are equally likely
+neighbours; windows of different buffers never are. Bounded pieces and buffers keep what a
+stretch of training reads to the pieces of one buffer, which a loader could fetch alone.
+
+Positions count windows from the start of training across epochs: position ``g`` is position
+``g mod n`` of epoch ``g div n``. Training consumes them in order, ``global_batch_size`` per
+step; rank ``r`` of ``W`` takes every ``W``-th position of each micro-step, starting at ``r``
+(``rank_positions``). The global sequence of windows therefore depends on neither the world size
+nor the loader's threads, and a run resumed at position ``g`` (its checkpoint records it)
+continues it: no window repeated, none skipped.
+
+Opening a split reads only each shard's Arrow footer, never its tokens; given the token manifest's
+counts, not even that, and through a ``data.streaming.ShardCache`` a shard on an object store is
+fetched only as training's buffers near it. A shard's bytes are checked when it is first read:
+against its commit's content hash when a store is given (the training stage's case), and, for
+every read, each window's ids against the vocabulary. The ids a
+shard holds are below its tokenizer's vocabulary by construction (``data.tokenize``), so either
+check fails only for bytes altered after the shard was written; the error names the shard.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator, Sequence
+import functools
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from gptflow.data.commits import corrupt_artifact
 from gptflow.data.errors import CorpusError
+from gptflow.data.store import ArtifactStore
+from gptflow.data.streaming import ShardCache
 
 TOKEN_COLUMN = "tokens"
 TOKEN_TYPES = (pa.uint16(), pa.uint32())
+PIECE_TOKENS = 1 << 20
+"""About how many tokens a piece of the first shuffle level holds (rounded to whole windows)."""
+BUFFER_PIECES = 256
+"""Pieces whose windows are shuffled together: 256 Mi tokens (512 MB of uint16 shards) by default.
+The buffer holds window ids, not tokens; what it bounds is how many pieces a stretch of training
+reads from (``bench/shuffle_quality.py`` measures what that costs the shuffle)."""
+MIX_BLOCK = 4096
+"""Positions of a mixture whose parts are dealt out at exactly the parts' weights."""
+# Leading entropy words that keep the sampler's random streams apart.
+PIECE_STREAM, BUFFER_STREAM, MIX_STREAM = 0x7069, 0x6275, 0x6D69
 
 
-def _read_chunks(path: Path, vocab_size: int) -> list[np.ndarray]:
-    """Zero-copy views of one shard's memory-mapped record batches, every id checked to be below
-    ``vocab_size`` (an id beyond it would index past the embedding, or train on garbage)."""
-    # The table's buffers keep the mapping alive after the file is closed, so thousands of
-    # shards do not hold thousands of file descriptors.
-    with pa.memory_map(str(path)) as source:
-        table = pa.ipc.open_file(source).read_all()
-    if TOKEN_COLUMN not in table.column_names:
-        raise ValueError(f"{path}: expected a {TOKEN_COLUMN!r} column, found {table.column_names}")
-    column = table.column(TOKEN_COLUMN)
-    if column.type not in TOKEN_TYPES:
-        raise ValueError(f"{path}: column {TOKEN_COLUMN!r} has type {column.type}, expected uint16 or uint32")
-    largest = pc.max(column).as_py()
-    if largest is not None and largest >= vocab_size:
-        raise corrupt_artifact(path, f"holds token id {largest}, beyond the vocabulary of {vocab_size} ids")
-    return [chunk.to_numpy(zero_copy_only=True) for chunk in column.chunks if len(chunk)]
+class _Shard:
+    """One token shard: its token count, given or from the footer; its tokens mapped when first read."""
+
+    def __init__(self, path: Path, num_tokens: int | None) -> None:
+        self.path = path
+        self.chunks: list[np.ndarray] | None = None
+        self.num_tokens = self._read_table().num_rows if num_tokens is None else num_tokens
+
+    def _read_table(self) -> pa.Table:
+        try:
+            # Zero-copy: the table's buffers point into the mapping, which they keep alive after the
+            # file is closed, so thousands of shards do not hold thousands of file descriptors.
+            with pa.memory_map(str(self.path)) as source:
+                table = pa.ipc.open_file(source).read_all()
+        except (pa.ArrowInvalid, OSError) as error:
+            raise corrupt_artifact(self.path, f"is not a whole token shard ({error})") from error
+        if TOKEN_COLUMN not in table.column_names:
+            raise ValueError(f"{self.path}: expected a {TOKEN_COLUMN!r} column, found {table.column_names}")
+        if table.column(TOKEN_COLUMN).type not in TOKEN_TYPES:
+            raise ValueError(f"{self.path}: column {TOKEN_COLUMN!r} has type {table.column(TOKEN_COLUMN).type}, "
+                             "expected uint16 or uint32")
+        return table
+
+    def open(self, store: ArtifactStore | None) -> list[np.ndarray]:
+        if self.chunks is None:
+            if store is not None:
+                store.verify_files([self.path])
+            table = self._read_table()
+            if table.num_rows != self.num_tokens:
+                raise corrupt_artifact(self.path, f"holds {table.num_rows} tokens, not the {self.num_tokens} its "
+                                                  "manifest counts")
+            column = table.column(TOKEN_COLUMN)
+            self.chunks = [chunk.to_numpy(zero_copy_only=True) for chunk in column.chunks if len(chunk)]
+        return self.chunks
 
 
 class TokenWindows:
-    """Windows of ``block_size + 1`` tokens drawn from the concatenation of token shards, whose ids
-    must all be below ``vocab_size`` (refused with ``CorruptArtifactError`` when the shard opens)."""
+    """The windows of ``block_size + 1`` tokens tiling the concatenation of token shards, whose ids
+    must all be below ``vocab_size``. ``store``: the store the shards were committed to, whose
+    content hashes each shard is checked against when first read. ``num_tokens``: each shard's
+    token count (the token manifest's), so that no shard is opened before it is read. ``cache``:
+    the shards stream from a workspace on an object store through it (``data.streaming``), and
+    ``store`` is its store."""
 
-    def __init__(self, paths: Sequence[Path], block_size: int, vocab_size: int) -> None:
+    def __init__(self, paths: Sequence[Path], block_size: int, vocab_size: int, store: ArtifactStore | None = None,
+                 piece_tokens: int = PIECE_TOKENS, buffer_pieces: int = BUFFER_PIECES,
+                 num_tokens: Sequence[int] | None = None, cache: ShardCache | None = None) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if not paths:
             raise ValueError("TokenWindows needs at least one token shard, got none")
         self.block_size = block_size
+        self.vocab_size = vocab_size
+        if num_tokens is not None and len(num_tokens) != len(paths):
+            raise ValueError(f"got {len(num_tokens)} token counts for {len(paths)} shards")
+        self.store = cache.store if cache is not None else store
+        self.cache = cache
         self.paths = [Path(path) for path in paths]
-        self.chunks = [chunk for path in self.paths for chunk in _read_chunks(path, vocab_size)]
-        self.chunk_starts = np.cumsum([0, *(len(chunk) for chunk in self.chunks)])
-        self.num_tokens = int(self.chunk_starts[-1])
+        counts = [None] * len(self.paths) if num_tokens is None else num_tokens
+        self.shards = [_Shard(path, count) for path, count in zip(self.paths, counts)]
+        self.shard_starts = np.cumsum([0, *(shard.num_tokens for shard in self.shards)])
+        self.num_tokens = int(self.shard_starts[-1])
         if self.num_tokens < block_size + 1:
             raise CorpusError(
                 f"The token shards hold {self.num_tokens} tokens in all ({len(self.paths)} files, e.g. "
                 f"{self.paths[0]}), fewer than one window of block_size + 1 = {block_size + 1}. "
                 "Lower model.block_size or add more text to the corpus."
             )
-
-    @property
-    def num_window_starts(self) -> int:
-        """Distinct window positions that ``sample_batch`` draws from."""
-        return self.num_tokens - self.block_size
+        self.num_windows = (self.num_tokens - 1) // block_size
+        self.piece_windows = max(1, piece_tokens // block_size)
+        self.buffer_pieces = buffer_pieces
+        self._opening = threading.Lock()
+        self._buffer_read: tuple[int, ...] | None = None  # (seed, stream, epoch, buffer) last planned in the cache
 
     def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens ``[start, start + length)`` of the stream; a view when they lie in one chunk."""
-        index = int(np.searchsorted(self.chunk_starts, start, side="right")) - 1
-        offset = start - int(self.chunk_starts[index])
-        chunk = self.chunks[index]
-        if offset + length <= len(chunk):
-            return chunk[offset : offset + length]
-        pieces = [chunk[offset:]]
-        remaining = length - len(pieces[0])
-        while remaining > 0:
-            index += 1
-            pieces.append(self.chunks[index][:remaining])
-            remaining -= len(pieces[-1])
-        return np.concatenate(pieces)
+        """Tokens ``[start, start + length)`` of the stream, their ids checked against the vocabulary."""
+        parts, shard_index = [], int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        while length > 0:
+            shard = self.shards[shard_index]
+            offset = start - int(self.shard_starts[shard_index])
+            if offset == shard.num_tokens:  # an empty shard
+                shard_index += 1
+                continue
+            taken = _read_shard(self._open(shard_index), offset, min(length, shard.num_tokens - offset))
+            if len(taken) and int(taken.max()) >= self.vocab_size:
+                raise corrupt_artifact(shard.path, f"holds token id {int(taken.max())}, beyond the vocabulary of "
+                                                   f"{self.vocab_size} ids")
+            parts.append(taken)
+            start, length, shard_index = start + len(taken), length - len(taken), shard_index + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def sample_batch(self, seed: int, step: int, micro_step: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                     pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets, int64 of shape ``(batch_size, block_size)``, of random windows.
+    def _open(self, shard_index: int) -> list[np.ndarray]:
+        shard = self.shards[shard_index]
+        if self.cache is not None and shard.chunks is None:
+            self.cache.wait_for(shard.path.parent)
+        with self._opening:
+            return shard.open(self.store)
 
-        The windows depend only on the arguments. With ``world_size`` ranks, one global batch of
-        ``batch_size * world_size`` windows is drawn and ``rank`` takes its slice, so the ranks
-        together see exactly what one process with the whole batch would. ``pin_memory``
-        allocates page-locked tensors so the copy to a CUDA device can be asynchronous.
-        """
-        rng = np.random.default_rng([seed, step, micro_step])
-        starts = rng.integers(0, self.num_window_starts, size=batch_size * world_size)
-        mine = starts[rank * batch_size : (rank + 1) * batch_size]
-        windows = np.stack([self.read(int(start), self.block_size + 1) for start in mine])
-        return _to_inputs_and_targets(windows, pin_memory)
+    def window_ids(self, seed: int, positions: np.ndarray, stream: int = 0) -> np.ndarray:
+        """The window at each of ``positions`` (see the module docstring); ``stream`` tells apart
+        the orders of streams that share a seed (a mixture's parts). With a cache, the shards of
+        the buffer of the first position and of the next buffer are planned in it."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.cache is not None and len(positions):
+            self._plan_buffers(seed, stream, int(positions.min()))
+        return epoch_order(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, positions)
+
+    def _plan_buffers(self, seed: int, stream: int, position: int) -> None:
+        """Plan the shards of ``position``'s buffer and the next in the cache, and unmap the others
+        (a mapping would keep an evicted copy's disk space)."""
+        epoch, offset = divmod(position, self.num_windows)
+        ends = _buffer_ends(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, epoch)
+        buffer = int(np.searchsorted(ends, offset, side="right"))
+        if self._buffer_read == (seed, stream, epoch, buffer):
+            return
+        self._buffer_read = (seed, stream, epoch, buffer)
+        following = (epoch, buffer + 1) if buffer + 1 < len(ends) else (epoch + 1, 0)
+        now = self._buffer_shards(seed, stream, epoch, buffer)
+        ahead = self._buffer_shards(seed, stream, *following)
+        planned = set(now) | set(ahead)
+        with self._opening:
+            for index, shard in enumerate(self.shards):
+                if index not in planned:
+                    shard.chunks = None
+        self.cache.plan(self, [self.paths[index].parent for index in now],
+                        [self.paths[index].parent for index in ahead if index not in now])
+
+    def _buffer_shards(self, seed: int, stream: int, epoch: int, buffer: int) -> list[int]:
+        """The shards a buffer's windows read, in the order the epoch first reads them."""
+        windows = _buffer_windows(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, epoch, buffer)
+        first = np.searchsorted(self.shard_starts, windows * self.block_size, side="right") - 1
+        last = np.searchsorted(self.shard_starts, windows * self.block_size + self.block_size, side="right") - 1
+        visits, shards = [], []
+        for step in range(int((last - first).max()) + 1):  # a window may span several short shards
+            spanning = np.nonzero(first + step <= last)[0]
+            visits.append(spanning)
+            shards.append(first[spanning] + step)
+        visits, shards = np.concatenate(visits), np.concatenate(shards)
+        in_visit_order = np.argsort(visits, kind="stable")
+        found, first_visit = np.unique(shards[in_visit_order], return_index=True)
+        return [int(shard) for shard in found[np.argsort(first_visit)]]
+
+    def read_windows(self, ids: Iterable[int]) -> np.ndarray:
+        """The windows ``ids`` of the tiling, as rows of ``block_size + 1`` tokens."""
+        return np.stack([self.read(int(index) * self.block_size, self.block_size + 1) for index in ids])
+
+    def window_sources(self, seed: int, positions: np.ndarray) -> np.ndarray:
+        """``(part, window id)`` of each of ``positions``, as rows; a single stream is part 0."""
+        ids = self.window_ids(seed, positions)
+        return np.stack([np.zeros_like(ids), ids], axis=1)
+
+    def batch(self, seed: int, positions: np.ndarray, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, int64 of shape ``(len(positions), block_size)``, of the windows at
+        ``positions``. ``pin_memory`` allocates page-locked tensors for an asynchronous copy to CUDA."""
+        return _to_inputs_and_targets(self.read_windows(self.window_ids(seed, positions)), pin_memory)
 
     def evaluation_batches(
         self, batch_size: int, max_tokens: int, pin_memory: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Windows spread evenly over the whole stream, for evaluation: a pure function of the
-        shards and ``max_tokens``, every target token scored at most once.
+        shards and ``max_tokens``, every target token scored at most once, reading only the
+        shards that hold them.
 
-        The stream is cut into ``(num_tokens - 1) // block_size`` consecutive windows that do not
-        overlap, and ``max_tokens // block_size`` of them (at least one, at most all) are scored:
-        the middle window of each of as many equal runs, in stream order. Every budget thus
+        Of the tiling's windows, ``max_tokens // block_size`` (at least one, at most all) are
+        scored: the middle window of each of as many equal runs, in stream order. Every budget thus
         samples the same windows evenly, and its mean loss estimates the whole stream's, not
         that of its start (a split's first source or documents, which may differ from the rest);
         a budget that covers the stream scores every window. The last batch may hold fewer than
@@ -120,20 +237,35 @@ class TokenWindows:
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        n_tiles = (self.num_tokens - 1) // self.block_size
-        n_windows = min(max(1, max_tokens // self.block_size), n_tiles)
-        # Run i spans windows [i, i + 1) · n_tiles / n_windows; its middle is (i + 1/2) · n_tiles / n_windows.
-        tiles = (2 * np.arange(n_windows) + 1) * n_tiles // (2 * n_windows)
-        starts = tiles * self.block_size
+        n_windows = min(max(1, max_tokens // self.block_size), self.num_windows)
+        # Run i spans windows [i, i + 1) · num_windows / n_windows; its middle is (i + 1/2) · num_windows / n_windows.
+        ids = (2 * np.arange(n_windows) + 1) * self.num_windows // (2 * n_windows)
         for first in range(0, n_windows, batch_size):
-            batch = [self.read(int(start), self.block_size + 1) for start in starts[first : first + batch_size]]
-            yield _to_inputs_and_targets(np.stack(batch), pin_memory)
+            yield _to_inputs_and_targets(self.read_windows(ids[first : first + batch_size]), pin_memory)
+            if self.cache is not None:  # read in stream order: the shards behind are done with
+                following = first + batch_size
+                self._unmap_before(int(ids[following]) * self.block_size if following < n_windows else self.num_tokens)
+
+    def _unmap_before(self, token: int) -> None:
+        """Drop the mappings of the shards that end before ``token`` of the stream, so that the
+        cache may evict their copies and free their disk space."""
+        with self._opening:
+            for index, shard in enumerate(self.shards):
+                if int(self.shard_starts[index + 1]) <= token:
+                    shard.chunks = None
 
 
 class MixedWindows:
-    """Windows drawn from several ``TokenWindows`` with fixed probabilities, e.g. new data at
-    50% and the data a model was already trained on at 50% when training continues on a grown
-    corpus. Like ``TokenWindows.sample_batch``, a pure function of its arguments."""
+    """Windows from several ``TokenWindows`` at fixed weights, e.g. new data at 50% and the data a
+    model was already trained on at 50% when training continues on a grown corpus.
+
+    Each part runs through epochs of its own, in its own shuffled order: a part's epoch is one
+    visit of each of its windows, so a small part of a large weight repeats more often than a
+    large one. Positions are dealt to parts in blocks of ``MIX_BLOCK`` (at least the square of the
+    number of parts): the first ``b`` blocks hold ``floor(b · MIX_BLOCK · weight)`` positions of
+    each part but the heaviest, which takes the rest, and each block's share is shuffled by
+    ``(seed, block)``. Weights hold to within one window per part per block, and a part's own
+    position at any global position is known without counting the ones before it."""
 
     def __init__(self, parts: Sequence[tuple[TokenWindows, float]]) -> None:
         parts = [(windows, weight) for windows, weight in parts if weight > 0]
@@ -143,47 +275,141 @@ class MixedWindows:
             raise ValueError("every part of a MixedWindows must have the same block_size")
         self.parts = [windows for windows, _ in parts]
         total = sum(weight for _, weight in parts)
-        self.probabilities = np.array([weight / total for _, weight in parts])
+        self.weights = tuple(weight / total for _, weight in parts)
         self.block_size = self.parts[0].block_size
+        self.mix_block = max(MIX_BLOCK, len(self.parts) ** 2)
 
-    def sample_batch(self, seed: int, step: int, micro_step: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                     pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([seed, step, micro_step])
-        total = batch_size * world_size
-        chosen = rng.choice(len(self.parts), size=total, p=self.probabilities)
-        fractions = rng.random(total)  # a uniform draw per window, scaled to its part's range
-        windows = [
-            self.parts[part].read(int(fraction * self.parts[part].num_window_starts), self.block_size + 1)
-            for part, fraction in zip(chosen[rank * batch_size : (rank + 1) * batch_size],
-                                      fractions[rank * batch_size : (rank + 1) * batch_size])
-        ]
-        return _to_inputs_and_targets(np.stack(windows), pin_memory)
+    def window_sources(self, seed: int, positions: np.ndarray) -> np.ndarray:
+        """``(part, window id)`` of each of ``positions``, as rows (see the class docstring)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        blocks, offsets = np.divmod(positions, self.mix_block)
+        parts, local = np.empty_like(positions), np.empty_like(positions)
+        for block in np.unique(blocks):
+            in_block = blocks == block
+            block_parts, block_local = _mix_block(self.weights, self.mix_block, seed, int(block))
+            parts[in_block], local[in_block] = block_parts[offsets[in_block]], block_local[offsets[in_block]]
+        ids = np.empty_like(positions)
+        for part in np.unique(parts):
+            ids[parts == part] = self.parts[part].window_ids(seed, local[parts == part], stream=int(part) + 1)
+        return np.stack([parts, ids], axis=1)
+
+    def batch(self, seed: int, positions: np.ndarray, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``TokenWindows.batch``, each window from its part."""
+        sources = self.window_sources(seed, positions)
+        windows = np.stack([self.parts[part].read_windows([index])[0] for part, index in sources])
+        return _to_inputs_and_targets(windows, pin_memory)
+
+
+def epoch_order(num_windows: int, piece_windows: int, buffer_pieces: int, seed: int, stream: int,
+                positions: np.ndarray) -> np.ndarray:
+    """The window id at each of ``positions`` of the endless sequence of shuffled epochs over
+    ``num_windows`` windows (see the module docstring): a pure function of its arguments."""
+    positions = np.asarray(positions, dtype=np.int64)
+    ids = np.empty_like(positions)
+    epochs, offsets = np.divmod(positions, num_windows)
+    for epoch in np.unique(epochs):
+        in_epoch = epochs == epoch
+        buffer_ends = _buffer_ends(num_windows, piece_windows, buffer_pieces, seed, stream, int(epoch))
+        buffers = np.searchsorted(buffer_ends, offsets[in_epoch], side="right")
+        found = np.empty(int(in_epoch.sum()), dtype=np.int64)
+        for buffer in np.unique(buffers):
+            mine = buffers == buffer
+            windows = _buffer_windows(num_windows, piece_windows, buffer_pieces, seed, stream, int(epoch), int(buffer))
+            first = int(buffer_ends[buffer - 1]) if buffer else 0
+            found[mine] = windows[offsets[in_epoch][mine] - first]
+        ids[in_epoch] = found
+    return ids
+
+
+def rank_positions(first: int, micro_batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """The positions of ``rank``'s rows of the global micro-batch of ``micro_batch_size · world_size``
+    windows that starts at position ``first``: every ``world_size``-th, from ``first + rank``."""
+    return first + rank + world_size * np.arange(micro_batch_size, dtype=np.int64)
 
 
 def prefetch_batches(
     windows: TokenWindows | MixedWindows,
     seed: int,
-    steps: range,
-    accum_steps: int,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
+    positions: Iterable[np.ndarray],
     pin_memory: bool = False,
     depth: int = 2,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The batches of every (step, micro-step) in order, sampled ``depth`` ahead on a background
-    thread, so reading windows and pinning them overlaps the device's work. Batches are the same
-    as ``sample_batch`` gives: prefetching changes when they are made, not what they are."""
+    """The batch of each array of ``positions`` in order, read ``depth`` ahead on a background
+    thread, so reading windows (and a shard's first opening) overlaps the device's work. Batches
+    are those ``batch`` gives: prefetching changes when they are made, not what they are."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptflow-prefetch") as pool:
         pending: collections.deque[Future] = collections.deque()
-        for step in steps:
-            for micro_step in range(accum_steps):
-                pending.append(pool.submit(windows.sample_batch, seed, step, micro_step, batch_size,
-                                           rank, world_size, pin_memory))
-                if len(pending) > depth:
-                    yield pending.popleft().result()
+        for batch_positions in positions:
+            pending.append(pool.submit(windows.batch, seed, batch_positions, pin_memory))
+            if len(pending) > depth:
+                yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _read_shard(chunks: list[np.ndarray], offset: int, length: int) -> np.ndarray:
+    """Tokens ``[offset, offset + length)`` of one shard's chunks; a view when they lie in one."""
+    parts = []
+    for chunk in chunks:
+        if length <= 0:
+            break
+        if offset < len(chunk):
+            parts.append(chunk[offset : offset + length])
+            length -= len(parts[-1])
+            offset = 0
+        else:
+            offset -= len(chunk)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+# Two epochs' orders at most: the one being read and, across its end, the next.
+@functools.lru_cache(maxsize=2)
+def _piece_order(num_windows: int, piece_windows: int, seed: int, stream: int, epoch: int) -> np.ndarray:
+    n_pieces = -(-num_windows // piece_windows)
+    return np.random.default_rng([PIECE_STREAM, seed, stream, epoch]).permutation(n_pieces)
+
+
+@functools.lru_cache(maxsize=2)
+def _buffer_ends(num_windows: int, piece_windows: int, buffer_pieces: int, seed: int, stream: int,
+                 epoch: int) -> np.ndarray:
+    """Where each shuffle buffer of the epoch ends, in positions of the epoch."""
+    order = _piece_order(num_windows, piece_windows, seed, stream, epoch)
+    sizes = np.minimum(piece_windows, num_windows - order * piece_windows)
+    cumulative = np.cumsum(sizes)
+    # The last entry of each run of buffer_pieces pieces; the last run may be shorter.
+    return cumulative[np.minimum(np.arange(buffer_pieces - 1, len(order) + buffer_pieces - 1, buffer_pieces),
+                                 len(order) - 1)]
+
+
+@functools.lru_cache(maxsize=8)
+def _buffer_windows(num_windows: int, piece_windows: int, buffer_pieces: int, seed: int, stream: int, epoch: int,
+                    buffer: int) -> np.ndarray:
+    """The window ids of one shuffle buffer, in the order the epoch visits them."""
+    order = _piece_order(num_windows, piece_windows, seed, stream, epoch)
+    pieces = order[buffer * buffer_pieces : (buffer + 1) * buffer_pieces]
+    windows = np.concatenate([np.arange(piece * piece_windows, min((piece + 1) * piece_windows, num_windows))
+                              for piece in pieces])
+    return np.random.default_rng([BUFFER_STREAM, seed, stream, epoch, buffer]).permutation(windows)
+
+
+@functools.lru_cache(maxsize=4)
+def _mix_block(weights: tuple[float, ...], mix_block: int, seed: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each position of one mixture block: its part, and its position in that part's own stream."""
+    before, after = _mix_counts(weights, mix_block, block), _mix_counts(weights, mix_block, block + 1)
+    parts = np.random.default_rng([MIX_STREAM, seed, block]).permutation(np.repeat(np.arange(len(weights)),
+                                                                                   after - before))
+    local = np.empty(mix_block, dtype=np.int64)
+    for part in range(len(weights)):
+        mine = parts == part
+        local[mine] = before[part] + np.arange(int(mine.sum()))
+    return parts, local
+
+
+def _mix_counts(weights: tuple[float, ...], mix_block: int, blocks: int) -> np.ndarray:
+    """How many of the first ``blocks`` blocks' positions each part holds."""
+    counts = np.floor(np.array(weights) * (blocks * mix_block)).astype(np.int64)
+    counts[int(np.argmax(weights))] += blocks * mix_block - counts.sum()  # the heaviest part takes the rest
+    return counts
 
 
 def _to_inputs_and_targets(windows: np.ndarray, pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -113,10 +114,11 @@ class ObjectStoreMirror:
         root = workspace_filesystem(self.url)[1].rstrip("/")
         return f"{root}/{Path(path).relative_to(self.local_root).as_posix()}"
 
-    def holds(self, directory: Path) -> bool:
+    def holds(self, directory: Path, cap_bytes: int | None = None, keep: Collection[Path] = ()) -> bool:
         """Whether the object store holds ``directory`` committed and whole, with a local copy
         that matches it (fetched here when missing or stale). While the store is away: whether
-        the local copy is whole."""
+        the local copy is whole. ``cap_bytes``: before a fetch, local copies are evicted (least
+        recently used first, never those in ``keep``) until this one fits beside them in it."""
         try:
             committed = self._committed_listing(directory)
         except StoreAway:
@@ -133,23 +135,31 @@ class ObjectStoreMirror:
             # that fetches the directory, which then computes and publishes it again.
             os.utime(directory / CONTENTS_FILE)  # its last use, for evict_least_recently_used
             return True
+        if cap_bytes is not None:
+            self.evict_least_recently_used(cap_bytes - listing_bytes(committed), keep={*keep, Path(directory)})
         return self._fetch_directory(directory, committed)
 
-    def evict_least_recently_used(self, limit_bytes: int) -> tuple[int, int]:
-        """Delete local copies of committed directories, least recently used first, until those
-        left hold at most ``limit_bytes``; the object store keeps them, and the next use fetches them
-        again. Returns how many directories and bytes went."""
+    def evict_least_recently_used(self, limit_bytes: int, keep: Collection[Path] = ()) -> tuple[int, int]:
+        """Delete local copies of committed directories but those in ``keep``, least recently used
+        first, until those left hold at most ``limit_bytes`` (their files and commits); the object
+        store keeps them, and the next use fetches them again. Returns how many directories and bytes went."""
         copies = []
-        for contents in self.local_root.joinpath("store").rglob(CONTENTS_FILE):
-            if any(part.startswith(".tmp-") for part in contents.parts):
+        # os.walk, not rglob: it passes over folders that another process removes meanwhile.
+        for folder, subfolders, files in os.walk(self.local_root / "store"):
+            subfolders[:] = [name for name in subfolders if not name.startswith(".tmp-")]
+            contents = Path(folder) / CONTENTS_FILE
+            if CONTENTS_FILE not in files:
                 continue
-            listed = read_listing(contents.parent) or {}
-            copies.append((contents.stat().st_mtime_ns, sum(entry["size"] for entry in listed.values()), contents.parent))
+            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile by another process
+                size = listing_bytes(read_listing(contents.parent) or {}) + contents.stat().st_size
+                copies.append((contents.stat().st_mtime_ns, size, contents.parent))
         total = sum(size for _, size, _ in copies)
         evicted = evicted_bytes = 0
         for _, size, directory in sorted(copies, key=lambda copy: copy[0]):
             if total <= limit_bytes:
                 break
+            if directory in keep:
+                continue
             with contextlib.suppress(StoreAway):
                 if self._committed_listing(directory) is not None:
                     shutil.rmtree(directory, ignore_errors=True)
@@ -328,6 +338,11 @@ class ObjectStoreMirror:
             return False  # only the store holds it, and it is away: computed again here
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def listing_bytes(listed: dict[str, dict[str, Any]]) -> int:
+    """The bytes of the files a commit lists."""
+    return sum(entry["size"] for entry in listed.values())
 
 
 def endpoint_of(url: str) -> str:

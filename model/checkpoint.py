@@ -86,6 +86,10 @@ class TrainerState:
     train_config: dict[str, Any]
     initial_val: dict[str, float] = field(default_factory=dict)
     """Validation metrics before the first step, where the objective takes them (fine-tuning)."""
+    sequences_seen: int | None = None
+    """Sequences (training windows, examples) consumed over all ranks: the position in the data
+    that a resumed run continues from, at any world size. None in checkpoints written before it
+    was recorded: ``step`` global batches."""
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:

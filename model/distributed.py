@@ -3,7 +3,7 @@
 With ``train.parallelism=ddp`` every rank holds the whole model; with ``fsdp`` (``shard_model``)
 each holds a shard of every parameter, gradient and optimizer state, all-gathered per transformer
 block for its forward and backward. Either way, each micro-step, rank ``r`` trains on its slice
-of one global batch (see ``data.loader.TokenWindows.sample_batch``) and the gradients are
+of one global batch (see ``data.loader.rank_positions``) and the gradients are
 averaged over the ranks, so N processes with micro-batch B take the same steps as one process
 with micro-batch N·B. Rank 0 alone logs and commits checkpoints; the others wait for it at
 barriers (with fsdp, every rank writes its shards of a checkpoint and evaluates its part).

@@ -117,13 +117,14 @@ class FinetuneObjective(TrainingObjective):
     def trunk(self, model: nn.Module) -> GPT:
         return model.gpt if isinstance(model, (GPTClassifier, GPTTagger)) else model
 
-    def batches(self, seed: int, steps: range, accum_steps: int, micro_batch_size: int, ranks: Ranks,
-                pin_memory: bool) -> Iterator[Batch]:
+    def batches(self, seed: int, first_sequence: int, steps: range, accum_steps: int, micro_batch_size: int,
+                ranks: Ranks, pin_memory: bool) -> Iterator[Batch]:
+        # Rank r takes rows r·B .. (r+1)·B of each global micro-batch.
         global_batch = micro_batch_size * ranks.world_size
         for step in steps:
             for micro_step in range(accum_steps):
-                indices = example_indices(len(self.train.input_ids), seed,
-                                          (step * accum_steps + micro_step) * global_batch, global_batch)
+                first = first_sequence + ((step - steps.start) * accum_steps + micro_step) * global_batch
+                indices = example_indices(len(self.train.input_ids), seed, first, global_batch)
                 mine = slice(ranks.rank * micro_batch_size, (ranks.rank + 1) * micro_batch_size)
                 batch = make_batch(self.objective, self.train, indices[mine], self.pad_id)
                 if self.objective != "classification" and ranks.is_distributed:

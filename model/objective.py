@@ -62,10 +62,12 @@ class TrainingObjective(ABC):
         """The GPT in ``model``: its transformer blocks are FSDP's units, its FLOPs are MFU's."""
 
     @abstractmethod
-    def batches(self, seed: int, steps: range, accum_steps: int, micro_batch_size: int, ranks: Ranks,
-                pin_memory: bool) -> Iterator[Batch]:
-        """This rank's share of every micro-batch of ``steps``, in order: rank ``r`` of N takes rows
-        ``r·B .. (r+1)·B`` of the global micro-batch of N·B, a pure function of (seed, step, micro-step)."""
+    def batches(self, seed: int, first_sequence: int, steps: range, accum_steps: int, micro_batch_size: int,
+                ranks: Ranks, pin_memory: bool) -> Iterator[Batch]:
+        """This rank's share of every micro-batch of ``steps``, in order. The global micro-batches
+        (N·B sequences for N ranks) take consecutive positions of the objective's endless order of
+        sequences, the first from ``first_sequence``; each rank takes a fixed slice of each, so
+        the sequences of a step are a pure function of (seed, position) at any world size."""
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -2,12 +2,14 @@
 
 A pretraining starts from random weights, from another model's weights (``initial_weights``), or
 continues an earlier model's checkpoint on a grown corpus (``Continuation``), mixing old and new
-shards; with a data mixture, each source's shards are drawn at its weight.
+shards; with a data mixture, each source's shards are drawn at its weight. The windows are those
+of ``data.loader``'s shuffled epochs: each global micro-batch takes the next positions of that
+order, and each rank every ``world_size``-th of them (``data.loader.rank_positions``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,10 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches
+from gptflow.data.loader import MixedWindows, TokenWindows, prefetch_batches, rank_positions
 from gptflow.data.mixture import MixturePart
 from gptflow.data.store import LOCAL_STORE, ArtifactStore
+from gptflow.data.streaming import ShardCache
 from gptflow.model.checkpoint import load_checkpoint, load_model, save_final
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
@@ -63,11 +66,19 @@ class PretrainObjective(TrainingObjective):
     mixture: Sequence[MixturePart] = ()
     initial_weights: Path | None = None
     """A model directory (``final/``, an import) whose weights, not optimizer state, step 0 starts from."""
+    shard_store: ArtifactStore | None = None
+    """The store the shards were committed to, whose content hash each is checked against when
+    first read; None: shards written outside a store (tests, benchmarks)."""
+    shard_tokens: Mapping[Path, int] | None = None
+    """Each shard's token count (the token manifest's), so that none is opened before it is read."""
+    shard_cache: ShardCache | None = None
+    """The shards stream from ``shard_store``, a workspace on an object store, through it (``data.streaming``)."""
 
     def __post_init__(self) -> None:
-        self.train_windows = training_windows(self.train_paths, self.continuation, self.mixture, self.model_config)
-        self.val_windows = (TokenWindows(self.val_paths, self.model_config.block_size, self.model_config.vocab_size)
-                            if self.val_paths else None)
+        self.train_windows = training_windows(self.train_paths, self.continuation, self.mixture, self.model_config,
+                                              self.shard_store, self.shard_tokens, self.shard_cache)
+        self.val_windows = (_windows(self.val_paths, self.model_config, self.shard_store, self.shard_tokens,
+                                     self.shard_cache) if self.val_paths else None)
 
     def build_model(self) -> GPT:
         return GPT(self.model_config)
@@ -75,10 +86,12 @@ class PretrainObjective(TrainingObjective):
     def trunk(self, model: nn.Module) -> GPT:
         return model
 
-    def batches(self, seed: int, steps: range, accum_steps: int, micro_batch_size: int, ranks: Ranks,
-                pin_memory: bool) -> Iterator[Batch]:
-        for inputs, targets in prefetch_batches(self.train_windows, seed, steps, accum_steps, micro_batch_size,
-                                                ranks.rank, ranks.world_size, pin_memory=pin_memory):
+    def batches(self, seed: int, first_sequence: int, steps: range, accum_steps: int, micro_batch_size: int,
+                ranks: Ranks, pin_memory: bool) -> Iterator[Batch]:
+        global_micro_batch = micro_batch_size * ranks.world_size
+        positions = (rank_positions(first_sequence + index * global_micro_batch, micro_batch_size, ranks.rank,
+                                    ranks.world_size) for index in range(len(steps) * accum_steps))
+        for inputs, targets in prefetch_batches(self.train_windows, seed, positions, pin_memory=pin_memory):
             yield Batch(inputs, targets, inputs.numel())
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -118,6 +131,9 @@ def run_pretraining(
     mixture: Sequence[MixturePart] = (),
     initial_weights: Path | None = None,
     artifacts: ArtifactStore = LOCAL_STORE,
+    verify_shards: bool = False,
+    shard_tokens: Mapping[Path, int] | None = None,
+    shard_cache: ShardCache | None = None,
 ) -> TrainResult:
     """Train a GPT on the token shards ``train_paths`` (see ``train``), validating on up to
     ``val_tokens`` tokens in windows spread over all of ``val_paths`` (skipped when empty).
@@ -126,8 +142,12 @@ def run_pretraining(
     the optimizer starts afresh), or from ``continuation``'s checkpoint, sampling its new shards
     at its ``new_data_fraction``. With ``mixture`` (a data mixture, never with a
     continuation), each part's shards are drawn at its probability instead of ``train_paths`` as one stream.
+    ``verify_shards``: the shards are artifacts of ``artifacts``, each checked against its content
+    hash when first read (``CorruptArtifactError`` naming it when altered). ``shard_tokens``: each
+    shard's token count; ``shard_cache``: the shards stream from ``artifacts`` through it.
     """
-    objective = PretrainObjective(model_config, train_paths, val_paths, continuation, mixture, initial_weights)
+    objective = PretrainObjective(model_config, train_paths, val_paths, continuation, mixture, initial_weights,
+                                  artifacts if verify_shards else None, shard_tokens, shard_cache)
     return train(objective, train_config, run_dir, callback, resume, artifacts)
 
 
@@ -136,17 +156,30 @@ def training_windows(
     continuation: Continuation | None,
     mixture: Sequence[MixturePart],
     model_config: ModelConfig,
+    shard_store: ArtifactStore | None = None,
+    shard_tokens: Mapping[Path, int] | None = None,
+    shard_cache: ShardCache | None = None,
 ) -> TokenWindows | MixedWindows:
-    block_size, vocab_size = model_config.block_size, model_config.vocab_size
+    """The training windows: one stream of ``train_paths``; with ``mixture``, each part's at its
+    weight; continuing, the old shards and the new at the continuation's fraction."""
+    def stream(paths: Sequence[Path]) -> TokenWindows:
+        return _windows(paths, model_config, shard_store, shard_tokens, shard_cache)
+
     if mixture:
         if continuation is not None:
             raise ValueError("a data mixture trains from scratch: continuing a model mixes old and new data instead")
-        return MixedWindows([(TokenWindows(part.train_paths, block_size, vocab_size), part.probability)
-                             for part in mixture])
+        return MixedWindows([(stream(part.train_paths), part.probability) for part in mixture])
     if continuation is None or not continuation.new_train_paths:
-        return TokenWindows(train_paths, block_size, vocab_size)
-    new = TokenWindows(continuation.new_train_paths, block_size, vocab_size)
+        return stream(train_paths)
+    new = stream(continuation.new_train_paths)
     if not train_paths:
         return new
-    old = TokenWindows(train_paths, block_size, vocab_size)
+    old = stream(train_paths)
     return MixedWindows([(old, 1.0 - continuation.new_data_fraction), (new, continuation.new_data_fraction)])
+
+
+def _windows(paths: Sequence[Path], model_config: ModelConfig, shard_store: ArtifactStore | None,
+             shard_tokens: Mapping[Path, int] | None, shard_cache: ShardCache | None) -> TokenWindows:
+    counts = None if shard_tokens is None else [shard_tokens[Path(path)] for path in paths]
+    return TokenWindows(paths, model_config.block_size, model_config.vocab_size, shard_store, num_tokens=counts,
+                        cache=shard_cache)

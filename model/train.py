@@ -8,11 +8,12 @@ for both: the step (micro-steps with gradient accumulation, clipping, the learni
 DDP or FSDP over ``torchrun``'s ranks, ``torch.compile``, periodic checkpoints and resume,
 throughput and MFU.
 
-Every random stream is a function of ``(seed, step)``: initial weights come from ``seed``, batches
-from ``(seed, step, micro_step)`` (see ``data.loader`` and ``model.finetune.example_indices``),
-dropout from ``(seed, step)``. A checkpoint therefore needs only weights, optimizer state and the
-step to continue exactly, and on CPU a run killed at any moment and resumed ends with the same bits
-as an uninterrupted one.
+Every random stream is a pure function: initial weights of ``seed``, batches of ``(seed, position)``
+in the objective's endless order of sequences (see ``data.loader`` and
+``model.finetune.example_indices``), dropout of ``(seed, step)``. A checkpoint therefore needs
+only weights, optimizer state, the step and the sequences consumed (``TrainerState.sequences_seen``)
+to continue exactly, at the same or another world size, and on CPU a run killed at any moment and
+resumed ends with the same bits as an uninterrupted one.
 
 Each step is ``take_step``: the schedule's learning rate, dropout seeded from ``(seed, step)``,
 gradient accumulation with one all-reduce (DDP) or reduce-scatter (FSDP) per step, clipping, the
@@ -132,7 +133,9 @@ def _train(
     meter = _Meter(device, restored.tokens_seen if restored else 0,
                    objective.trunk(model).flops_per_token(), peak_flops(device))
     final_val: dict[str, float] = {}
-    batches = objective.batches(train_config.seed, range(start_step, train_config.max_steps),
+    global_batch = train_config.micro_batch_size * train_config.grad_accum_steps * ranks.world_size
+    first_sequence = _sequences_seen(restored, global_batch)
+    batches = objective.batches(train_config.seed, first_sequence, range(start_step, train_config.max_steps),
                                 train_config.grad_accum_steps, train_config.micro_batch_size, ranks,
                                 pin_memory=device.type == "cuda")
     model.train()
@@ -158,7 +161,7 @@ def _train(
                     metrics.update(_prefixed("val", final_val))
                 if checkpoint_now:
                     state = TrainerState(steps_done, meter.tokens_seen, train_config.seed, asdict(train_config),
-                                         initial_val)
+                                         initial_val, first_sequence + (steps_done - start_step) * global_batch)
                     _save_checkpoint(run_dir, model, optimizer, state, sharded, ranks, train_config, artifacts)
         if callback and metrics:
             callback.on_metrics(steps_done, metrics)
@@ -387,6 +390,13 @@ def _restore_latest_loadable(
             callback.on_resume(state.step, checkpoint)
         return state
     return None
+
+
+def _sequences_seen(restored: TrainerState | None, global_batch: int) -> int:
+    """Where in the data a run starts: where its checkpoint stopped, at whatever world size wrote it."""
+    if restored is None:
+        return 0
+    return restored.step * global_batch if restored.sequences_seen is None else restored.sequences_seen
 
 
 def _delete_checkpoints_and_export(run_dir: Path, ranks: Ranks) -> None:

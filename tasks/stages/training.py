@@ -70,10 +70,9 @@ HASHED_SETTINGS = {
 
 @task(name="pretrain-model")
 def pretrain_model_task(job: TrainingJob) -> TrainedModel:
-    # Training reads every shard many times over, so re-hashing them first costs little, and it
-    # catches bytes altered behind an unchanged size and mtime, which the cache check (is_complete)
-    # lets through. Here, once, rather than in each torchrun rank.
-    Workspace(Path(job.workspace)).artifacts.verify_files(job.token_paths())
+    # Each rank checks each shard's content hash when it first reads it (job.run's verify_shards),
+    # which catches bytes altered behind an unchanged size and mtime that the cache check
+    # (is_complete) lets through, without reading the corpus before the first step.
     nproc = job.train_config["nproc"]
     return job.run(prefect_progress=True) if nproc == 1 else job.run_with_torchrun(nproc)
 
@@ -214,6 +213,7 @@ def train_model(
         rendezvous=None if rendezvous is None else dataclasses.asdict(rendezvous),
         initial_weights=str(init_from.model_dir) if init_from is not None else None,
     )
+    job.shard_tokens = _shard_tokens(tokens, job.token_paths())
     outcome = run_stage(
         pretrain_model_task,
         key=key,
@@ -330,6 +330,13 @@ def _mixture_setting(mixture: list[MixturePart] | None, tokens: TokenManifest) -
         return None
     unit_of_shard = {path: unit for unit, path in _train_shards(tokens)}
     return [[hash_json([unit_of_shard[path] for path in part.train_paths]), part.probability] for part in mixture]
+
+
+def _shard_tokens(tokens: TokenManifest, paths: list[str]) -> list[int]:
+    """The token count of each shard of ``paths``, as the manifest has it."""
+    counts = {str(Path(unit.directory) / f"{split}.arrow"): unit.n_tokens[split]
+              for unit in tokens.units for split in unit.n_tokens}
+    return [counts[path] for path in paths]
 
 
 def _train_shards(tokens: TokenManifest) -> list[tuple[str, Path]]:

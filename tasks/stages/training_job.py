@@ -31,13 +31,14 @@ from typing import Any
 from gptflow.data.commits import copy_file_atomic, read_contents_hash
 from gptflow.data.mixture import MixturePart
 from gptflow.data.store import store_paths, store_references
+from gptflow.data.streaming import ShardCache
 from gptflow.data.tokenizer import TOKENIZER_FILE
 from gptflow.model.config import ModelConfig, TrainConfig
 from gptflow.model.distributed import Ranks
 from gptflow.model.pretraining import Continuation, run_pretraining
 from gptflow.tasks.runtime.rendezvous import RendezvousError
 from gptflow.tasks.runtime.torchrun import JOB_KEY, launch_ranks, number_from_head_node, rendezvous_store, run_rank
-from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace, cache_limit_bytes
 from gptflow.tasks.tracking.registry import pretrained_description
 from gptflow.tasks.tracking.run import PipelineRun
 from gptflow.tasks.tracking.training_reporter import TrainingReporter, system_metrics
@@ -92,6 +93,10 @@ class TrainingJob:
     training's key (how many machines hold the ``train.nproc`` ranks does not change the result)."""
     initial_weights: str | None = None
     """A model directory whose weights step 0 starts from (``--init-from``)."""
+    shard_tokens: list[int] = field(default_factory=list)
+    """The token count of each of ``token_paths()``, in order (the token manifest's): on an
+    object-store workspace, the ranks stream the shards (``data.streaming``), each fetched when
+    training nears it, within ``GPTFLOW_CACHE_GB``; empty: each shard's footer is read first."""
 
     def token_paths(self) -> list[str]:
         """Every token shard the job reads: old and new training shards, and validation shards."""
@@ -105,14 +110,18 @@ class TrainingJob:
         mixture = [MixturePart.from_json(part) for part in self.mixture]
         is_main = Ranks.from_environment().is_main
         artifacts = Workspace(Path(self.workspace)).artifacts
+        shard_tokens = (dict(zip(map(Path, self.token_paths()), self.shard_tokens, strict=True))
+                        if self.shard_tokens else None)
+        cache = ShardCache(artifacts, cache_limit_bytes()) if artifacts.mirror and shard_tokens else None
         run = PipelineRun.attach(self.workspace, self.tracking_uri, self.mlflow_run_id) if is_main else None
         reporter = TrainingReporter(run, train_config.max_steps, prefect_progress) if is_main else None
-        with self._system_metrics(run):
+        with self._system_metrics(run), contextlib.closing(cache) if cache else contextlib.nullcontext():
             result = run_pretraining(
                 ModelConfig(**self.model_config), train_config, [Path(p) for p in self.train_paths],
                 [Path(p) for p in self.val_paths], Path(self.run_dir), callback=reporter, resume=not self.restart,
                 continuation=continuation, mixture=mixture,
                 initial_weights=Path(self.initial_weights) if self.initial_weights else None, artifacts=artifacts,
+                verify_shards=True, shard_tokens=shard_tokens, shard_cache=cache,
             )
         if reporter is None:
             return None
@@ -162,10 +171,12 @@ class TrainingJob:
     @classmethod
     def joined(cls, published: str, workspace: Workspace) -> TrainingJob:
         """The head's job on this node: its paths in this node's copy of the workspace, and the
-        token shards and tokenizer there (fetched first on an object-store workspace)."""
+        token shards and tokenizer there (fetched first on an object-store workspace, but for
+        the shards the ranks stream: the first one's only, to tell a wrong workspace)."""
         job = cls(**store_paths(json.loads(published), workspace.store))
         checkpoint = [job.continuation["checkpoint"]] if job.continuation else []
-        directories = sorted({*(str(Path(path).parent) for path in job.token_paths()), *checkpoint})
+        shards = job.token_paths()[:1] if workspace.artifacts.mirror and job.shard_tokens else job.token_paths()
+        directories = sorted({*(str(Path(path).parent) for path in shards), *checkpoint})
         whole = workspace.artifacts.are_complete(map(Path, directories))
         missing = [directory for directory, is_whole in zip(directories, whole) if not is_whole]
         if missing:

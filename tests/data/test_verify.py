@@ -77,24 +77,45 @@ def test_verification_names_a_missing_or_unlisted_file(tokens, largest_train_sha
     assert not is_complete(unit)
 
 
-def test_a_shard_holding_an_id_beyond_the_vocabulary_is_refused_when_opened(tokens, largest_train_shard):
+def test_a_shard_holding_an_id_beyond_the_vocabulary_is_refused_when_read(tokens, largest_train_shard):
     shard = largest_train_shard
     # Same size, same mtime, one id past the vocabulary: before the check, training indexed past
     # the embedding (IndexError) or, within the padding rows, trained on garbage.
     overwrite_keeping_size_and_mtime(shard, token_offset(shard, 7), np.array([tokens.vocab_size], np.uint16).tobytes())
+    windows = TokenWindows(tokens.paths("train"), block_size=16, vocab_size=tokens.vocab_size)  # reads no token
+    first = int(windows.shard_starts[windows.paths.index(shard)])
     with pytest.raises(CorruptArtifactError) as error:
-        TokenWindows(tokens.paths("train"), block_size=16, vocab_size=tokens.vocab_size)
+        windows.read(first, 17)
     message = str(error.value)
     assert str(shard) in message and f"token id {tokens.vocab_size}" in message
     assert f"vocabulary of {tokens.vocab_size} ids" in message
     assert not is_complete(shard.parent)
 
 
+def test_a_shard_read_through_its_store_is_checked_against_its_hash_when_first_read(tokens, largest_train_shard):
+    shard = largest_train_shard
+    overwrite_keeping_size_and_mtime(shard, token_offset(shard, 7), np.array([3], np.uint16).tobytes())  # in range
+    windows = TokenWindows(tokens.paths("train"), block_size=16, vocab_size=tokens.vocab_size, store=LOCAL_STORE)
+    others = [index for index, path in enumerate(windows.paths) if path != shard]
+    windows.read(int(windows.shard_starts[others[0]]), 17)  # another shard reads
+    with pytest.raises(CorruptArtifactError, match=f"{shard} does not hold the bytes written there"):
+        windows.read(int(windows.shard_starts[windows.paths.index(shard)]), 17)
+    assert not is_complete(shard.parent)
+
+
+def test_a_truncated_shard_is_refused_and_named_when_the_split_opens(tokens, largest_train_shard):
+    with open(largest_train_shard, "r+b") as file:
+        file.truncate(largest_train_shard.stat().st_size // 2)
+    with pytest.raises(CorruptArtifactError, match=f"{largest_train_shard} is not a whole token shard"):
+        TokenWindows(tokens.paths("train"), block_size=16, vocab_size=tokens.vocab_size)
+    assert not is_complete(largest_train_shard.parent)
+
+
 def test_the_largest_id_of_the_vocabulary_is_accepted(tmp_path, write_shard):
     ids = np.arange(0, 512, dtype=np.uint16)
-    TokenWindows([write_shard(tmp_path / "all-ids.arrow", ids)], block_size=16, vocab_size=512)
+    TokenWindows([write_shard(tmp_path / "all-ids.arrow", ids)], block_size=16, vocab_size=512).read(0, 512)
     with pytest.raises(CorruptArtifactError, match="token id 511"):
-        TokenWindows([write_shard(tmp_path / "all-ids.arrow", ids)], block_size=16, vocab_size=511)
+        TokenWindows([write_shard(tmp_path / "all-ids.arrow", ids)], block_size=16, vocab_size=511).read(0, 512)
 
 
 def test_verification_rehashes_a_file_whose_mtime_did_not_move(tmp_path):

@@ -172,7 +172,7 @@ def test_a_token_shard_altered_behind_its_size_and_mtime_fails_training_then_is_
     _alter_behind_size_and_mtime(shard)
 
     # The cache check (size and mtime) keeps the tokenize stage cached; training, which the new
-    # learning rate reruns, re-hashes its shards and refuses this one.
+    # learning rate reruns, re-hashes each shard as it first reads it and refuses this one.
     retrain = {"train.learning_rate": 1e-3}
     with pytest.raises(CorruptArtifactError, match=f"{shard}.*altered after it was written.*next run recomputes"):
         run_pipeline(corpus, overrides=retrain)

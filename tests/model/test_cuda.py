@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,8 @@ def test_optimizer_is_fused_on_cuda(tiny_config):
 
 
 def test_batches_can_be_pinned(pattern_shards, tiny_config):
-    inputs, targets = TokenWindows(pattern_shards[0], tiny_config.block_size, tiny_config.vocab_size).sample_batch(0, 0, 0, 4, pin_memory=True)
+    windows = TokenWindows(pattern_shards[0], tiny_config.block_size, tiny_config.vocab_size)
+    inputs, targets = windows.batch(0, np.arange(4), pin_memory=True)
     assert inputs.is_pinned() and targets.is_pinned()
 
 

@@ -129,6 +129,7 @@ def test_reports_metrics_checkpoints_and_the_export(tmp_path, tiny_config, tiny_
     assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["step-00000020", "step-00000030"]
     trainer = json.loads((tmp_path / "run/checkpoints/step-00000030" / TRAINER_FILE).read_text())
     assert trainer["step"] == 30 and trainer["tokens_seen"] == 30 * tokens_per_step
+    assert trainer["sequences_seen"] == 30 * 4 * 2  # where in the data a resumed run goes on
     assert trainer["train_config"]["max_steps"] == 30
 
     assert result == TrainResult(
