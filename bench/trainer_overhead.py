@@ -23,7 +23,9 @@ Timed: steps ``warmup + 1 .. warmup + timed`` of each run, between two reports o
 waits for the device). Left out, and printed apart for (b): the model's construction, the first
 ``warmup`` steps, and after the window one more step with the only validation (none: no
 validation shards) and checkpoint of the run, and the export. Reference and gptflow runs
-alternate, ABBA, and the median of the pairs' ratios is the figure. Imports no Prefect or MLflow.
+alternate, ABBA; the figures are the medians of the pairs' ratios of tokens per second of wall
+time, and of the process's CPU time (every thread's: steadier on a machine other jobs share).
+Imports no Prefect or MLflow.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ SHARD_TOKENS = 4_000_000
 @dataclasses.dataclass
 class Timed:
     tokens_per_sec: float
+    tokens_per_cpu_sec: float
+    """Tokens per second of this process's CPU time, every thread's: on a shared machine, what the
+    loop itself costs, less moved by the other jobs' share of the cores than wall time."""
     model: torch.nn.Module | None = None
     """The model after the run's last step, when asked for (to compare the two loops' weights)."""
     tail_s: float = 0.0
@@ -73,10 +78,11 @@ class ReportClock:
     """A ``TrainingCallback`` that notes when each report of the loop arrives, nothing more."""
 
     def __init__(self) -> None:
-        self.report_times: dict[int, float] = {}
+        self.report_times: dict[int, tuple[float, float]] = {}
+        """Wall and CPU time (``time.perf_counter``, ``time.process_time``) of each report."""
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.report_times[step] = time.perf_counter()
+        self.report_times[step] = (time.perf_counter(), time.process_time())
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         pass
@@ -148,12 +154,13 @@ def run_reference(model_config: ModelConfig, train_config: TrainConfig, shard: P
     timed = train_config.max_steps - 1 - warmup
     steps(warmup, 0)
     wait_for(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     steps(timed, warmup)
     wait_for(device)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
     steps(1, warmup + timed)
-    return Timed(timed * _tokens_per_step(model_config, train_config) / elapsed, model if keep_model else None)
+    tokens = timed * _tokens_per_step(model_config, train_config)
+    return Timed(tokens / elapsed, tokens / cpu_elapsed, model if keep_model else None)
 
 
 def run_gptflow(model_config: ModelConfig, train_config: TrainConfig, shard: Path, run_dir: Path,
@@ -164,10 +171,10 @@ def run_gptflow(model_config: ModelConfig, train_config: TrainConfig, shard: Pat
     finished = time.perf_counter()
     last_in_window = train_config.max_steps - 1
     timed = last_in_window - warmup
-    elapsed = clock.report_times[last_in_window] - clock.report_times[warmup]
+    (started, cpu_started), (ended, cpu_ended) = clock.report_times[warmup], clock.report_times[last_in_window]
     model = load_model(run_dir / "final") if keep_model else None
-    return Timed(timed * _tokens_per_step(model_config, train_config) / elapsed, model,
-                 tail_s=finished - clock.report_times[last_in_window])
+    tokens = timed * _tokens_per_step(model_config, train_config)
+    return Timed(tokens / (ended - started), tokens / (cpu_ended - cpu_started), model, tail_s=finished - ended)
 
 
 def _tokens_per_step(model_config: ModelConfig, train_config: TrainConfig) -> int:
@@ -208,7 +215,8 @@ def main() -> None:
                     timed = run_gptflow(model_config, train_config, shard, Path(tmp) / f"run{pair}",
                                         args.warmup_steps, keep_model)
                 results[loop].append(timed)
-                print(f"pair {pair + 1}  {loop:<9}  {timed.tokens_per_sec:9,.0f} tokens/s", flush=True)
+                print(f"pair {pair + 1}  {loop:<9}  {timed.tokens_per_sec:9,.0f} tokens/s  "
+                      f"{timed.tokens_per_cpu_sec:9,.0f} tokens per CPU-s", flush=True)
             if keep_model:
                 same = same_weights(results["reference"][0].model, results["gptflow"][0].model)
                 print(f"same weights after {train_config.max_steps} steps: {'yes' if same else 'NO'}")
@@ -222,16 +230,18 @@ def _print_summary(results: dict[str, list[Timed]]) -> None:
     print()
     for loop, timings in results.items():
         rates = [timed.tokens_per_sec for timed in timings]
+        cpu_rates = [timed.tokens_per_cpu_sec for timed in timings]
         print(f"{loop:<9}  median {statistics.median(rates):9,.0f} tokens/s  (each: "
-              f"{', '.join(f'{rate:,.0f}' for rate in rates)})")
+              f"{', '.join(f'{rate:,.0f}' for rate in rates)}); {statistics.median(cpu_rates):,.0f} per CPU-s")
     if "gptflow" in results:
         tails = [timed.tail_s for timed in results["gptflow"]]
         print(f"gptflow's last step + checkpoint + export, left out: median {statistics.median(tails):.2f} s")
     if len(results) == 2:
-        ratios = [ours.tokens_per_sec / bare.tokens_per_sec
-                  for bare, ours in zip(results["reference"], results["gptflow"])]
-        print(f"ratio gptflow / reference: median {statistics.median(ratios):.3f}  (each pair: "
-              f"{', '.join(f'{ratio:.3f}' for ratio in ratios)})")
+        for measure, per in (("tokens_per_sec", "wall time"), ("tokens_per_cpu_sec", "CPU time")):
+            ratios = [getattr(ours, measure) / getattr(bare, measure)
+                      for bare, ours in zip(results["reference"], results["gptflow"])]
+            print(f"ratio gptflow / reference by {per}: median {statistics.median(ratios):.3f}  (each pair: "
+                  f"{', '.join(f'{ratio:.3f}' for ratio in ratios)})")
 
 
 def _load_average() -> str:
