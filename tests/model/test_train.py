@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -26,9 +27,10 @@ from gptflow.model.checkpoint import (
 )
 from gptflow.model.evaluate import evaluate_loss
 from gptflow.model.gpt import GPT
-from gptflow.model.objective import TrainResult
-from gptflow.model.optim import learning_rate_at
+from gptflow.model.objective import Batch, TrainResult
+from gptflow.model.optim import build_optimizer, learning_rate_at
 from gptflow.model.pretraining import Continuation, run_pretraining
+from gptflow.model.train import _dropout_seed, take_step
 
 TINY_TRAINING = Path(__file__).with_name("tiny_training.py")
 
@@ -306,3 +308,27 @@ def test_continuation_from_a_different_model_shape_is_refused(tmp_path, tiny_con
     with pytest.raises(ValueError, match="differs"):
         run_pretraining(wider, tiny_train_config, train, val, tmp_path / "wide",
                  continuation=Continuation(latest_checkpoint(tmp_path / "small"), train, new_data_fraction=0.5))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_steps_dropout_masks_come_from_its_seed_and_step_alone(device, tiny_config, tiny_train_config):
+    """take_step seeds dropout with (seed, step) whatever the global RNG held before: each step's
+    loss is the one its batch has under the masks ``torch.manual_seed(_dropout_seed(seed, step))`` draws."""
+    device = torch.device(device)
+    train_config = dataclasses.replace(tiny_train_config, grad_accum_steps=1)
+    torch.manual_seed(0)
+    model = GPT(tiny_config).to(device).train()
+    optimizer = build_optimizer(model, train_config, device)
+
+    def loss_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch.inputs, batch.targets, return_logits=False)[1]
+
+    for step in range(3):
+        # Drawing the batch also moves the global streams away from any seed.
+        tokens = torch.randint(tiny_config.vocab_size, (2, 4, tiny_config.block_size), device=device)
+        batch = Batch(tokens[0], tokens[1], tokens[0].numel())
+        before_step = copy.deepcopy(model)
+        taken = take_step(loss_of, model, model, model, optimizer, iter([batch]), step, train_config, device, None)
+        torch.manual_seed(_dropout_seed(train_config.seed, step))
+        assert torch.equal(taken.loss_sum, loss_of(before_step, batch).detach()), step
