@@ -22,6 +22,7 @@ from gptflow.flows.checks import check_evaluate, check_finetune, check_pretrain,
 from gptflow.flows.login import check_credentials
 from gptflow.flows.stack import down, keep_prefect_state_in, up, use_running_stack
 from gptflow.flows.team import ADMIN_USER, TeamError, TeamOptions, TeamSecrets, secrets_file
+from gptflow.flows.temporary_server import TemporaryPrefectServer
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
 from gptflow.tasks.runtime.workspace import WORKSPACE_ENV, Workspace
@@ -115,13 +116,24 @@ def _run_flow(name: str, parameters: dict[str, Any],
               f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
               file=sys.stderr)
     keep_prefect_state_in(workspace)
-    check_credentials(dict(os.environ))
-    if choose_defaults is not None:
-        choose_defaults(parameters, workspace)
-    flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
-    summary = dataclasses.replace(flow(**parameters), command_s=time.monotonic() - started)
-    print(summary.render())
-    return summary
+    # Without a server, one starts now, while the flow's imports run (flows.temporary_server).
+    server = None if "PREFECT_API_URL" in os.environ else TemporaryPrefectServer.start(workspace.root / "logs")
+    try:
+        check_credentials(dict(os.environ))
+        if choose_defaults is not None:
+            choose_defaults(parameters, workspace)
+        flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
+        if server is not None:
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+            server.wait_until_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(),
+                                    lambda waiting: print(f"gptflow: {waiting}", file=sys.stderr))
+        summary = dataclasses.replace(flow(**parameters), command_s=time.monotonic() - started)
+        print(summary.render())
+        return summary
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def run_train_node(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from gptflow.data.commits import is_complete
+from gptflow.flows.stack import answers
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate")
@@ -238,6 +239,9 @@ def test_without_a_prefect_server_its_state_stays_in_the_workspace(cli_env, tiny
         [(name,)] = connection.execute("select name from flow_run").fetchall()
     assert name == f"pretrain tiny {tiny_corpus_dir.name}"
     assert not (home / ".prefect" / "prefect.db").exists()
+    # The temporary server the command started (flows.temporary_server) ended with it.
+    [server] = set(re.findall(r"View at (http://127\.0\.0\.1:\d+)/", result.stdout + result.stderr))
+    assert not answers(f"{server}/api/health")
 
 
 def test_after_a_lost_mlflow_store_a_run_names_no_run_the_store_lost(cli_env, tiny_corpus_dir, tmp_path):
