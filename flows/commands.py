@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -248,6 +249,9 @@ def run_up(args: argparse.Namespace) -> int:
     workspace = Workspace.resolve(args.workspace)
     team = TeamOptions(args.database, args.postgres_port, args.artifacts_destination, args.allowed_hosts,
                        args.retention_days, args.prefect_public_url) if args.team else None
+    # What makes the experiments once the servers answer is imported while they start: seconds of
+    # MLflow's imports off the wait.
+    threading.Thread(target=importlib.import_module, args=("gptflow.tasks.tracking.experiments",), daemon=True).start()
     # On stderr: stdout holds the addresses and the variables, for scripts to read.
     stack = up(workspace, lambda line: print(f"gptflow: {line}", file=sys.stderr, flush=True),
                prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, host=args.host, team=team)
