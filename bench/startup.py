@@ -2,6 +2,7 @@
 
     python bench/startup.py                 # 5 refusals, 3 timed runs per Prefect setup
     python bench/startup.py --runs 1        # quicker, noisier
+    python bench/startup.py --before DIR    # and the same for the gptflow checkout in DIR/gptflow
 
 Every figure is a ``gptflow`` command run as a user runs it (a fresh process, ``python -m
 gptflow.flows.cli``), timed from its start:
@@ -17,6 +18,12 @@ gptflow.flows.cli``), timed from its start:
   (a) no Prefect server: Prefect starts a temporary one for the run; (b) the stack of ``gptflow
   up`` (on free ports), pointed at with the variables ``gptflow up`` prints; (c) the same stack,
   no variables set: what gptflow finds in the workspace's ``stack.json``.
+- up: ``gptflow up`` on a new workspace (both servers create their databases), until it exits,
+  ready: its servers answer and its experiments exist.
+
+With ``--before DIR``, each figure is measured for both checkouts (``PYTHONPATH=DIR`` runs the
+other), the temporary server's timed runs taking turns between them, so that both see the same
+kind of load on a shared machine.
 
 Prefect's home (its profile and its temporary server's database) is a scratch folder, and the
 ``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI`` and ``GPTFLOW_HOME`` of the calling shell are
