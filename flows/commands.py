@@ -253,8 +253,12 @@ def run_up(args: argparse.Namespace) -> int:
     # MLflow's imports off the wait.
     threading.Thread(target=importlib.import_module, args=("gptflow.tasks.tracking.experiments",), daemon=True).start()
     # On stderr: stdout holds the addresses and the variables, for scripts to read.
-    stack = up(workspace, lambda line: print(f"gptflow: {line}", file=sys.stderr, flush=True),
-               prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, host=args.host, team=team)
+    def report(line: str) -> None:
+        print(f"gptflow: {line}", file=sys.stderr, flush=True)
+
+    stack = up(workspace, report, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, host=args.host,
+               team=team)
+    report("finding or making the experiments on the MLflow server (seconds on a busy machine)")
     # The experiments are made as a flow on this workspace makes them while the stack runs.
     os.environ.update(stack.environment())
     if stack.team:
