@@ -117,24 +117,21 @@ def _run_flow(name: str, parameters: dict[str, Any],
               f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
               file=sys.stderr)
     keep_prefect_state_in(workspace)
-    # Without a server, one starts now, while the flow's imports run (flows.temporary_server).
-    server = None if "PREFECT_API_URL" in os.environ else TemporaryPrefectServer.start(workspace.root / "logs")
-    try:
-        check_credentials(dict(os.environ))
-        if choose_defaults is not None:
-            choose_defaults(parameters, workspace)
-        flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
-        if server is not None:
-            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+    server = None
+    if "PREFECT_API_URL" not in os.environ:  # one starts now, while the flow's imports run (flows.temporary_server)
+        server = TemporaryPrefectServer.start(workspace.root / "logs")
+    check_credentials(dict(os.environ))
+    if choose_defaults is not None:
+        choose_defaults(parameters, workspace)
+    flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
+    if server is not None:
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-            server.wait_until_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(),
-                                    lambda waiting: print(f"gptflow: {waiting}", file=sys.stderr))
-        summary = dataclasses.replace(flow(**parameters), command_s=time.monotonic() - started)
-        print(summary.render())
-        return summary
-    finally:
-        if server is not None:
-            server.stop()
+        server.wait_until_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(),
+                                lambda waiting: print(f"gptflow: {waiting}", file=sys.stderr))
+    summary = dataclasses.replace(flow(**parameters), command_s=time.monotonic() - started)
+    print(summary.render())
+    return summary
 
 
 def run_train_node(args: argparse.Namespace) -> int:

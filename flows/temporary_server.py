@@ -8,11 +8,12 @@ other. gptflow starts that same server, with Prefect's own command for it (uvico
 ``prefect.server.api.server:create_app`` in its ephemeral mode, without the UI) before importing
 anything heavy, so that its start overlaps the command's imports, and names it in
 ``PREFECT_API_URL``: the command then never imports Prefect's server itself. Its database is the
-one ``stack.keep_prefect_state_in`` set, and it stops when the command ends, as Prefect's does.
+one ``stack.keep_prefect_state_in`` set, and it stops as the command exits, as Prefect's does.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -59,7 +60,11 @@ class TemporaryPrefectServer:
             )
         api_url = f"http://{HOST}:{port}/api"
         os.environ["PREFECT_API_URL"] = api_url
-        return cls(process, api_url, log)
+        server = cls(process, api_url, log)
+        # At exit, as Prefect stops its own: registered before Prefect is imported, this runs after
+        # Prefect's workers have sent the run's last logs and events to the server.
+        atexit.register(server.stop)
+        return server
 
     def wait_until_ready(self, timeout_s: float, report: Callable[[str], None]) -> None:
         """Return once the server answers; ``report`` every ``WAITING_REPORT_EVERY_S`` that it does
