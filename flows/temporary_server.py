@@ -33,8 +33,8 @@ STOP_TIMEOUT_S = 5.0
 
 
 class TemporaryPrefectServer:
-    """A Prefect server for this command's run alone; ``start`` it, ``wait_until_ready`` before the
-    flow calls it, ``stop`` it when the command ends."""
+    """A Prefect server for this command's run alone: ``start`` it, ``wait_until_ready`` before the
+    flow calls it; it stops as the command exits."""
 
     def __init__(self, process: subprocess.Popen, api_url: str, log: Path) -> None:
         self.process = process
