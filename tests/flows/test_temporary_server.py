@@ -61,3 +61,16 @@ def test_a_server_that_cannot_start_is_one_line_naming_its_log(tmp_path, no_pref
 
     assert str(server.log) in str(raised.value) and "\n" not in str(raised.value)
     assert server.log.read_text().strip()  # the server's own account of why
+
+
+def test_a_server_that_does_not_answer_in_time_is_stopped_and_one_line_naming_the_setting(
+        tmp_path, no_prefect_server_set, monkeypatch):
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}")
+
+    server = TemporaryPrefectServer.start(tmp_path / "logs")
+    with pytest.raises(StackError, match="did not answer within 0 s") as raised:
+        server.wait_until_ready(0, lambda waiting: None)  # it takes seconds to import itself
+
+    message = str(raised.value)
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in message and str(server.log) in message
+    assert server.process.returncode is not None
