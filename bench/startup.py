@@ -2,6 +2,7 @@
 
     python bench/startup.py                 # 5 refusals, 3 timed runs per Prefect setup
     python bench/startup.py --runs 1        # quicker, noisier
+    python bench/startup.py --before DIR    # and the same for the gptflow checkout in DIR/gptflow
 
 Every figure is a ``gptflow`` command run as a user runs it (a fresh process, ``python -m
 gptflow.flows.cli``), timed from its start:
@@ -17,6 +18,12 @@ gptflow.flows.cli``), timed from its start:
   (a) no Prefect server: Prefect starts a temporary one for the run; (b) the stack of ``gptflow
   up`` (on free ports), pointed at with the variables ``gptflow up`` prints; (c) the same stack,
   no variables set: what gptflow finds in the workspace's ``stack.json``.
+- up: ``gptflow up`` on a new workspace (both servers create their databases), until it exits,
+  ready: its servers answer and its experiments exist.
+
+With ``--before DIR``, each figure is measured for both checkouts (``PYTHONPATH=DIR`` runs the
+other), the temporary server's timed runs taking turns between them, so that both see the same
+kind of load on a shared machine.
 
 Prefect's home (its profile and its temporary server's database) is a scratch folder, and the
 ``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI`` and ``GPTFLOW_HOME`` of the calling shell are
@@ -65,8 +72,11 @@ def main() -> None:
         scratch = Path(scratch_dir)
         env = {name: value for name, value in os.environ.items() if name not in OUTSIDE_SETTINGS}
         env |= {"PREFECT_HOME": str(scratch / "prefect-home"), "PYTHONUNBUFFERED": "1"}
+        versions = {"": env}
+        if args.before:
+            versions = {"before": env | {"PYTHONPATH": str(args.before.resolve())}, "after": env}
         corpus = _small_corpus(scratch / "corpus")
-        print(f"machine   {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start", flush=True)
+        print(f"machine   {os.cpu_count()} CPUs, load average {_load()} at the start", flush=True)
 
         refusals = [_refuse(env) for _ in range(args.refusals)]
         seconds = [wall_s for wall_s, _ in refusals]
@@ -75,29 +85,39 @@ def main() -> None:
               flush=True)
 
         seeds = iter(range(1, 10_000))
-        results = {"(a) temporary Prefect server": _time_runs(env, corpus, scratch / "ws-temporary", seeds, args.runs)}
-        stack_workspace = scratch / "ws-stack"
-        printed = _gptflow(env, "up", "--workspace", str(stack_workspace),
-                           "--prefect-port", str(_free_port()), "--mlflow-port", str(_free_port()))
-        try:
-            exported = dict(re.findall(r"^export (\w+)=(.*)$", printed, flags=re.MULTILINE))
-            stack_env = env | {name: exported[name] for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-            results["(b) gptflow up, variables exported"] = _time_runs(stack_env, corpus, stack_workspace, seeds,
-                                                                      args.runs)
-            results["(c) gptflow up, found in stack.json"] = _time_runs(env, corpus, stack_workspace, seeds, args.runs)
-        finally:
-            _gptflow(env, "down", "--workspace", str(stack_workspace))
+        results = {f"(a) temporary Prefect server {version}": timings for version, timings in zip(
+            versions, _time_runs_alternating(list(versions.values()), corpus, scratch, seeds, args.runs))}
+        for version, version_env in versions.items():
+            stack_workspace = scratch / f"ws-stack-{version}"
+            started = time.perf_counter()
+            printed = _gptflow(version_env, "up", "--workspace", str(stack_workspace),
+                               "--prefect-port", str(_free_port()), "--mlflow-port", str(_free_port()))
+            print(f"up        gptflow up {version}: ready in {time.perf_counter() - started:.1f} s on a new workspace "
+                  f"(load average {_load()})", flush=True)
+            try:
+                exported = dict(re.findall(r"^export (\w+)=(.*)$", printed, flags=re.MULTILINE))
+                stack_env = version_env | {name: exported[name] for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+                results[f"(b) gptflow up, variables exported {version}"] = _time_runs(
+                    stack_env, corpus, stack_workspace, seeds, args.runs)
+                results[f"(c) gptflow up, found in stack.json {version}"] = _time_runs(
+                    version_env, corpus, stack_workspace, seeds, args.runs)
+            finally:
+                _gptflow(version_env, "down", "--workspace", str(stack_workspace))
 
         print(f"\nto the first step of `gptflow pretrain --preset tiny` ({CORPUS_FILES} files), median of {args.runs}:")
         for setup, timings in results.items():
             if isinstance(timings, RunFailed):
-                print(f"  {setup:38s} failed, {timings}")
+                print(f"  {setup:45s} failed, {timings}")
                 continue
             first = [timing.first_step_s for timing in timings]
             flow = [timing.flow_started_s for timing in timings]
-            print(f"  {setup:38s} {statistics.median(first):5.1f} s   flow run began at "
+            print(f"  {setup:45s} {statistics.median(first):5.1f} s   flow run began at "
                   f"{statistics.median(flow):4.1f} s   (each run: {_listed(first)})")
-        print(f"machine   load average {os.getloadavg()[0]:.1f} at the end")
+        print(f"machine   load average {_load()} at the end")
+
+
+def _load() -> str:
+    return " ".join(f"{load:.1f}" for load in os.getloadavg())
 
 
 def _refuse(env: dict[str, str]) -> tuple[float, float]:
@@ -122,6 +142,25 @@ def _time_runs(
         return [_tiny_run(env, corpus, workspace, next(seeds)) for _ in range(runs)]
     except RunFailed as failure:
         return failure
+
+
+def _time_runs_alternating(
+    envs: list[dict[str, str]], corpus: Path, scratch: Path, seeds: Iterator[int], runs: int
+) -> list[list[RunTiming] | RunFailed]:
+    """``_time_runs`` for each environment, each on a workspace of its own, their runs taking
+    turns, so that each sees the same kind of load."""
+    workspaces = [scratch / f"ws-temporary-{index}" for index in range(len(envs))]
+    timings: list[list[RunTiming] | RunFailed] = []
+    for env, workspace in zip(envs, workspaces):
+        timings.append(_time_runs(env, corpus, workspace, seeds, 0))
+    for _ in range(runs):
+        for index, (env, workspace) in enumerate(zip(envs, workspaces)):
+            if isinstance(timings[index], list):
+                try:
+                    timings[index].append(_tiny_run(env, corpus, workspace, next(seeds)))
+                except RunFailed as failure:
+                    timings[index] = failure
+    return timings
 
 
 def _tiny_run(env: dict[str, str], corpus: Path, workspace: Path, seed: int) -> RunTiming:
@@ -173,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--refusals", type=int, default=5, help="timed refusals of a bad --set")
     parser.add_argument("--runs", type=int, default=3, help="timed tiny runs per Prefect setup")
+    parser.add_argument("--before", type=Path, help="a folder holding another checkout of gptflow as gptflow/ (a "
+                        "commit before a change: `git archive COMMIT | tar -x -C DIR/gptflow`): every setup is "
+                        "timed with it too, the temporary server's runs taking turns with this checkout's")
     return parser
 
 

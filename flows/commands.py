@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from gptflow.flows.checks import check_evaluate, check_finetune, check_pretrain,
 from gptflow.flows.login import check_credentials
 from gptflow.flows.stack import down, keep_prefect_state_in, up, use_running_stack
 from gptflow.flows.team import ADMIN_USER, TeamError, TeamOptions, TeamSecrets, secrets_file
+from gptflow.flows.temporary_server import TemporaryPrefectServer
 from gptflow.model.config import SamplingConfig
 from gptflow.tasks.runtime.rendezvous import Rendezvous, RendezvousError
 from gptflow.tasks.runtime.workspace import WORKSPACE_ENV, Workspace
@@ -116,10 +118,18 @@ def _run_flow(name: str, parameters: dict[str, Any],
               f"{stack.prefect_api_url.removesuffix('/api')}, MLflow {os.environ['MLFLOW_TRACKING_URI']}",
               file=sys.stderr)
     keep_prefect_state_in(workspace)
+    server = None
+    if "PREFECT_API_URL" not in os.environ:  # one starts now, while the flow's imports run (flows.temporary_server)
+        server = TemporaryPrefectServer.start(workspace.root / "logs")
     check_credentials(dict(os.environ))
     if choose_defaults is not None:
         choose_defaults(parameters, workspace)
     flow = getattr(importlib.import_module(f"gptflow.flows.{name}"), name)
+    if server is not None:
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        server.wait_until_ready(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(),
+                                lambda waiting: print(f"gptflow: {waiting}", file=sys.stderr))
     summary = dataclasses.replace(flow(**parameters), command_s=time.monotonic() - started)
     print(summary.render())
     return summary
@@ -237,9 +247,16 @@ def run_up(args: argparse.Namespace) -> int:
     workspace = Workspace.resolve(args.workspace)
     team = TeamOptions(args.database, args.postgres_port, args.artifacts_destination, args.allowed_hosts,
                        args.retention_days, args.prefect_public_url) if args.team else None
+    # What makes the experiments once the servers answer is imported while they start: seconds of
+    # MLflow's imports off the wait.
+    threading.Thread(target=importlib.import_module, args=("gptflow.tasks.tracking.experiments",), daemon=True).start()
     # On stderr: stdout holds the addresses and the variables, for scripts to read.
-    stack = up(workspace, lambda line: print(f"gptflow: {line}", file=sys.stderr, flush=True),
-               prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, host=args.host, team=team)
+    def report(line: str) -> None:
+        print(f"gptflow: {line}", file=sys.stderr, flush=True)
+
+    stack = up(workspace, report, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, host=args.host,
+               team=team)
+    report("finding or making the experiments on the MLflow server (seconds on a busy machine)")
     # The experiments are made as a flow on this workspace makes them while the stack runs.
     os.environ.update(stack.environment())
     if stack.team:

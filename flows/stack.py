@@ -106,8 +106,11 @@ def up(workspace: Workspace, report: Callable[[str], None], prefect_port: int = 
     try:
         if team is None:
             prefect_env = {"PREFECT_HOME": str(workspace.root / PREFECT_SERVER_HOME)}
+            # One worker process: MLflow's default of four, each importing MLflow, keeps a small
+            # machine's cores busy for most of a minute before the server answers; one user's runs and
+            # UI need one.
             mlflow_arguments = ["--backend-store-uri", f"sqlite:///{workspace.root / 'mlflow.db'}",
-                                "--artifacts-destination", workspace.mlflow_artifacts.as_uri()]
+                                "--artifacts-destination", workspace.mlflow_artifacts.as_uri(), "--workers", "1"]
             mlflow_env: dict[str, str] = {}
         else:
             prefect_env, mlflow_arguments, mlflow_env = _team_settings(workspace, team, stack, logs, report)

@@ -68,6 +68,8 @@ def _stack(workspace: Path) -> Iterator[dict[str, str]]:
         for name, port in (("Prefect", ports[0]), ("MLflow", ports[1])):
             assert any(line.startswith(f"gptflow: the {name} server answers at http://127.0.0.1:{port}, ")
                        for line in progress), started.stderr
+        # Then, not silent, what it does before it prints the tables.
+        assert "gptflow: finding or making the experiments on the MLflow server (seconds on a busy machine)" in progress
         exports = dict(line.removeprefix("export ").split("=", 1)
                        for line in started.stdout.splitlines() if line.startswith("export "))
         assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{ports[0]}/api"

@@ -18,6 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from gptflow.data.commits import is_complete
+from gptflow.flows.stack import answers
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "tokenizer", "tokenize", "pretrain", "evaluate")
@@ -236,8 +237,15 @@ def test_without_a_prefect_server_its_state_stays_in_the_workspace(cli_env, tiny
     database = Path(cli_env["GPTFLOW_HOME"]) / "prefect-server" / "prefect.db"
     with sqlite3.connect(database) as connection:
         [(name,)] = connection.execute("select name from flow_run").fetchall()
+        flow_run_log = [message for (message,) in connection.execute("select message from log where task_run_id "
+                                                                     "is null")]
     assert name == f"pretrain tiny {tiny_corpus_dir.name}"
+    # The server outlived the run's last log lines, which Prefect sends as the command exits.
+    assert any("Finished in state Completed()" in message for message in flow_run_log), flow_run_log[-5:]
     assert not (home / ".prefect" / "prefect.db").exists()
+    # The temporary server the command started (flows.temporary_server) ended with it.
+    [server] = set(re.findall(r"View at (http://127\.0\.0\.1:\d+)/", result.stdout + result.stderr))
+    assert not answers(f"{server}/api/health")
 
 
 def test_after_a_lost_mlflow_store_a_run_names_no_run_the_store_lost(cli_env, tiny_corpus_dir, tmp_path):
