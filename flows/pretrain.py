@@ -207,10 +207,8 @@ def pretrain(
         init_from: continue pretraining this model (models:/name/version, a run id or a model folder,
             e.g. what ``gptflow import`` registered): its tokenizer, shape and weights; no tokenizer is
             trained, and the preset's model.* settings are not used (nor may be set).
-        eval_corpus: also score the trained model on every document of this corpus (files, folders,
-            globs, s3:// URLs or hf:owner/name datasets), read without the training data's filters, in
-            bits per byte (``eval_corpus/bits_per_byte``): the same text for every run, so runs that
-            read their own corpus differently (another data.quality, another mixture) compare by it.
+        eval_corpus: also score the model on every document of this corpus, unfiltered, in bits per byte
+            (``eval_corpus/bits_per_byte``): runs that read their corpus differently (data.quality) compare by it.
         sweep: set by the sweep flow for each of its points: the MLflow run nests under the sweep's.
     """
     started = time.monotonic()
@@ -257,8 +255,8 @@ def pretrain(
                                      config.eval, workspace_dir, run, units) if eval_corpus else None)
         lineage.commit(workspace_dir, corpus_manifest.path, tokens.path, run.run_id)
 
-    summary = _summary(run, config.data, corpus_manifest, tokens, trained, report, time.monotonic() - started)
-    summary.eval_corpus, summary.val_warning = heldout, val_warning
+    summary = _summary(run, config.data, corpus_manifest, tokens, trained, report, heldout, val_warning,
+                       time.monotonic() - started)
     create_markdown_artifact(key="pretrain-summary", markdown=summary.markdown(run.url),
                              description="Stages, data, training and evaluation of this run")
     end_log_of_deployment_run(summary.render(sample=False))
@@ -346,7 +344,8 @@ def describe_delta(delta: dict[str, int]) -> str:
 
 
 def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManifest, tokens: TokenManifest,
-             trained: TrainedModel, report: EvalReport, elapsed_s: float) -> PretrainSummary:
+             trained: TrainedModel, report: EvalReport, heldout: EvalCorpusReport | None, val_warning: str,
+             elapsed_s: float) -> PretrainSummary:
     return PretrainSummary(
         stages=dict(run.stage_statuses),
         documents=corpus_manifest.total_documents,
@@ -368,6 +367,8 @@ def _summary(run: PipelineRun, data: IngestConfig, corpus_manifest: CorpusManife
         registered_model=trained.registered_model,
         **of_run(run, elapsed_s),
         samples=report.samples,
+        val_warning=val_warning,
+        eval_corpus=heldout,
     )
 
 
