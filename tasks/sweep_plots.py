@@ -47,7 +47,8 @@ def plot_loss_against_settings(outcomes: list[PointOutcome], directory: Path) ->
         elif all(is_whole_number(value) for value in order):
             axes.set_xticks([float(value) for value in order], order)
         axes.set_xlabel(key)
-        axes.set_ylabel(f"{metric}, evaluation corpus (bits/byte)" if metric == EVAL_CORPUS_BITS_PER_BYTE
+        # The metric's own name says bits per byte; the val loss's needs its unit.
+        axes.set_ylabel(metric if metric == EVAL_CORPUS_BITS_PER_BYTE
                         else f"{FINAL_VAL_LOSS}, final evaluation (nats/token)")
         axes.grid(alpha=0.3)
         if others and groups:
