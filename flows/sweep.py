@@ -338,9 +338,10 @@ def _log_comparison(run: PipelineRun, summary: SweepSummary, workspace: Workspac
     metrics = {"sweep/points_completed": len(completed), "sweep/points_failed": len(summary.failed)}
     best = summary.best
     if best is not None:
-        metrics["sweep/best_val_loss"] = best.val_loss
-        if best.eval_corpus_bits_per_byte is not None:
-            metrics["sweep/best_eval_corpus_bits_per_byte"] = best.eval_corpus_bits_per_byte
+        # The best point's score under the metric it was chosen by: with an evaluation corpus its val
+        # loss need not be the lowest, and a `best_val_loss` above another point's would mislead.
+        ranked_by_eval_corpus = best.eval_corpus_bits_per_byte is not None
+        metrics["sweep/best_eval_corpus_bits_per_byte" if ranked_by_eval_corpus else "sweep/best_val_loss"] = best.score
         run.set_tags({"gptflow.sweep.best_run": best.mlflow_run_id, "gptflow.sweep.best_point": best.point.label()})
         PipelineRun.attach(str(workspace.root), workspace.tracking_uri, best.mlflow_run_id).set_tags(
             {BEST_POINT_TAG: "true"})
