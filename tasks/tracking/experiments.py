@@ -62,7 +62,7 @@ class Workflow:
 WORKFLOWS = {
     "pretrain": Workflow(
         "Pretraining and sweeps (gptflow pretrain, gptflow sweep); a sweep's points nest under its run.",
-        RunsView("gptflow: lowest val loss first", ("eval/val_loss", "eval/bits_per_byte"),
+        RunsView("gptflow: lowest val loss first", ("eval/val_loss", "eval/bits_per_byte", "eval_corpus/bits_per_byte"),
                  attributes=("Models", "Dataset"), lowest_first="eval/val_loss")),
     "finetune": Workflow(
         "Fine-tuning (gptflow finetune). A loss is per response token (sft, chat) or per example "
