@@ -60,7 +60,8 @@ def test_every_experiment_holds_the_saved_view_of_its_runs_table(workspace):
         states[workflow] = json.loads(envelope["state"])
     pretrain = states["pretrain"]
     assert pretrain["selectedColumns"] == ["metrics.`eval/val_loss`", "metrics.`eval/bits_per_byte`",
-                                           "attributes.`Models`", "attributes.`Dataset`"]
+                                           "metrics.`eval_corpus/bits_per_byte`", "attributes.`Models`",
+                                           "attributes.`Dataset`"]
     assert pretrain["orderByKey"] == "metrics.`eval/val_loss`" and pretrain["orderByAsc"] is True
     # The columns right after the run's name, which is wide enough for the settings it starts with.
     assert pretrain["columnOrder"] == ["attributes.`Run Name`", *pretrain["selectedColumns"]]
