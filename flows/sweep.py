@@ -101,7 +101,8 @@ class SweepSummary(FlowSummary):
                           *self._scaling_lines()])
 
     def _counts(self) -> str:
-        return f"{len(self.outcomes)} points over {', '.join(self.swept)}, {len(self.failed)} failed"
+        return (f"{len(self.outcomes)} points over {', '.join(self.swept)}, {len(self.failed)} failed, ranked by "
+                f"{ranking_metric(self.outcomes)}")
 
     def _scaling_lines(self) -> list[str]:
         if self.scaling is not None:
@@ -254,7 +255,7 @@ def sweep(
         )
         _log_comparison(run, summary, workspace_dir)
     create_markdown_artifact(key="sweep-summary", markdown=summary.markdown(run.url_of),
-                             description="Every point of the sweep, its final val loss and its MLflow run")
+                             description="Every point of the sweep, its scores and its MLflow run")
     end_log_of_deployment_run(summary.render())
     return summary
 

@@ -70,6 +70,7 @@ def test_a_data_sweep_is_ranked_by_the_same_evaluation_text_for_every_point(
     assert parent.metrics["sweep/best_eval_corpus_bits_per_byte"] == pytest.approx(min(scores))
     assert "sweep/best_val_loss" not in parent.metrics  # the best point's val loss need not be the lowest
     assert f"| status | {EVAL_CORPUS_BITS_PER_BYTE} | eval/val_loss |" in parent.tags["mlflow.note.content"]
+    assert f"2 points over data.quality, 0 failed, ranked by {EVAL_CORPUS_BITS_PER_BYTE}" in first.description()
     assert "sweep/bits_per_byte_vs_data.quality.png" in artifact_paths(client, first.mlflow_run_id)
     assert "best        point" in first.render() and EVAL_CORPUS_BITS_PER_BYTE in first.render()
 
