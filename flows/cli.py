@@ -133,10 +133,11 @@ def _add_flow_commands(subcommands: argparse._SubParsersAction) -> None:
          "max_parallel": Option(metavar="K"), "compute_budget": Option(metavar="FLOPS")},
         help="pretrain one model per point of a grid of settings and compare them in MLflow",
         description="Run the sweep flow: one pretrain child flow run per point of the --grid (every combination of "
-        "the values, or --random N of them), up to --max-parallel at once. The data stages run once for all points, "
-        "and each point's training is cached: rerunning with one more value trains only the new points. MLflow "
-        "shows the sweep as one run with a nested run per point, a table of the points, val loss against each "
-        "swept setting and every point's val-loss curve.",
+        "the values, or --random N of them), up to --max-parallel at once. The data stages run once per distinct "
+        "data.* and tokenizer.* setting, and each point's training is cached: rerunning with one more value trains "
+        "only the new points. MLflow shows the sweep as one run with a nested run per point, a table of the points, "
+        "their score against each swept setting and every point's val-loss curve; --eval-corpus scores every point "
+        "on the same text.",
     )
     finetune = _add_flow_command(
         subcommands, "finetune", commands.run_finetune,
