@@ -188,7 +188,8 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (CUDA, then MPS, then CPU), or an explicit torch device string."""
     dtype: str = "auto"
-    """Autocast dtype: ``auto`` (bf16 on CUDA, float32 elsewhere), ``bfloat16`` or ``float32``."""
+    """Autocast dtype: ``auto`` (bf16 on CUDA, float32 elsewhere), ``bfloat16`` or ``float32``. A run
+    is tagged with what it used (``gptflow.precision``)."""
     compile: bool = False
     """Wrap the model in ``torch.compile`` (worth it on GPU for long runs)."""
     log_interval: int = 10

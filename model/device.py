@@ -39,6 +39,11 @@ def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How a run computes, as it is tagged: ``bfloat16`` (autocast) or ``float32``."""
+    return "bfloat16" if dtype == torch.bfloat16 else "float32"
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()

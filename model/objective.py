@@ -123,6 +123,8 @@ class TrainResult:
     """Peak CUDA memory allocated by tensors; None off CUDA."""
     trainable_parameters: int
     total_parameters: int
+    precision: str
+    """What the steps computed in: ``bfloat16`` (autocast) or ``float32`` (``model.device.precision_name``)."""
     initial_val: dict[str, float] = field(default_factory=dict)
     """Validation metrics before the first step, for objectives that take them."""
 

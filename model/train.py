@@ -61,7 +61,7 @@ from gptflow.model.checkpoint import (
     save_sharded_checkpoint,
 )
 from gptflow.model.config import TrainConfig
-from gptflow.model.device import autocast, peak_flops, resolve_autocast_dtype, resolve_device
+from gptflow.model.device import autocast, peak_flops, precision_name, resolve_autocast_dtype, resolve_device
 from gptflow.model.distributed import Ranks, clip_grad_norm_, gather_full_model, is_sharded, shard_model
 from gptflow.model.objective import Batch, TrainingCallback, TrainingObjective, TrainResult
 from gptflow.model.optim import build_optimizer, learning_rate_at
@@ -189,6 +189,7 @@ def _train(
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         trainable_parameters=trainable,
         total_parameters=total,
+        precision=precision_name(autocast_dtype),
         initial_val=initial_val,
     )
 

@@ -125,6 +125,7 @@ class TrainingJob:
             )
         if reporter is None:
             return None
+        run.set_tags({"gptflow.precision": result.precision})
         if result.resumed_from_step is not None:
             run.set_tags({"gptflow.resumed_from_step": result.resumed_from_step})
         if result.peak_memory_bytes is not None:

@@ -77,6 +77,7 @@ def test_pretrain_twice_in_two_processes_second_run_is_fully_cached(cli_env, tin
     assert params["model.n_layer"] == "2" and params["train.max_steps"] == "30"
     assert params["tokenizer.vocab_size"] == "512" and params["model.padded_vocab_size"] == "512"
     assert first_run.data.tags["prefect.flow_run_id"]
+    assert first_run.data.tags["gptflow.precision"] == "float32"  # train.dtype=auto, on a CPU
 
     train_loss = client.get_metric_history(first_run.info.run_id, "train/loss")
     assert [m.step for m in train_loss] == list(range(5, 31, 5))

@@ -145,6 +145,7 @@ def test_reports_metrics_checkpoints_and_the_export(tmp_path, tiny_config, tiny_
         peak_memory_bytes=None,
         trainable_parameters=GPT(tiny_config).num_parameters(),
         total_parameters=GPT(tiny_config).num_parameters(),
+        precision="float32",  # train.dtype=auto, on a CPU
     )
     assert TrainResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
     assert_same_weights(result.final_dir, tmp_path / "run/checkpoints/step-00000030")
