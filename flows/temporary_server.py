@@ -8,13 +8,17 @@ other. gptflow starts that same server, with Prefect's own command for it (uvico
 ``prefect.server.api.server:create_app`` in its ephemeral mode, without the UI) before importing
 anything heavy, so that its start overlaps the command's imports, and names it in
 ``PREFECT_API_URL``: the command then never imports Prefect's server itself. Its database is the
-one ``stack.keep_prefect_state_in`` set, and it stops as the command exits, as Prefect's does.
+one ``stack.keep_prefect_state_in`` set, and it stops as the command exits, as Prefect's does; on
+Linux also when the command is killed (SIGTERM, SIGKILL, the out-of-memory killer), which no exit
+handler sees: the kernel sends the server SIGTERM when the process that started it dies.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +30,8 @@ from pathlib import Path
 from gptflow.flows.stack import WAITING_REPORT_EVERY_S, StackError, answers
 
 HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1
+"""``prctl`` option (linux/prctl.h): the signal the calling process gets when its parent dies."""
 EPHEMERAL_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 """What Prefect's ``SubprocessASGIServer`` sets for its temporary server: no UI, the services of
 an ephemeral server only."""
@@ -57,6 +63,7 @@ class TemporaryPrefectServer:
                  "--log-level", "error", "--lifespan", "on"],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **EPHEMERAL_SERVER_ENV},
+                preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
             )
         api_url = f"http://{HOST}:{port}/api"
         os.environ["PREFECT_API_URL"] = api_url
@@ -98,6 +105,12 @@ class TemporaryPrefectServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _stop_with_parent() -> None:
+    """In the server's process before it runs uvicorn: SIGTERM when the command's process dies. (It
+    is tied to the thread that started the server: the main thread, at the command's start.)"""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:

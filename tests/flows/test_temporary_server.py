@@ -5,7 +5,12 @@ a server that cannot start is one line naming its log."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +49,36 @@ def test_the_server_answers_on_the_workspace_database_and_stops(tmp_path, no_pre
     assert server.process.returncode is not None
     assert not answers(f"{server.api_url}/health")
     assert all("waiting for Prefect's temporary server" in wait for wait in waits)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's parent-death signal is Linux's")
+def test_a_command_killed_outright_takes_its_server_with_it(tmp_path, no_prefect_server_set):
+    command = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from gptflow.flows.temporary_server import TemporaryPrefectServer; "
+         "print(TemporaryPrefectServer.start(Path(sys.argv[1])).process.pid, flush=True); time.sleep(600)",
+         str(tmp_path / "logs")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    server_pid = int(command.stdout.readline())
+    os.kill(command.pid, signal.SIGKILL)  # no exit handler runs
+    command.wait()
+    deadline = time.monotonic() + 30
+    while _is_running(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not _is_running(server_pid)
+    finally:
+        if _is_running(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+
+
+def _is_running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has: it waits for ``init`` to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_server_that_cannot_start_is_one_line_naming_its_log(tmp_path, no_prefect_server_set, monkeypatch):
