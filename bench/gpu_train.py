@@ -129,7 +129,7 @@ GPU = Settings(
     timed_steps=15,
     # The `cpu` preset's shape, so the recipes' settings are the ones tuned (and measured) on a CPU.
     # Learning rates: the best of each recipe's CPU sweep in bench/RESULTS.md (gpt2 2e-3 / 4e-3;
-    # modern AdamW 2e-3 / 4e-3 / 8e-3 with Muon 0.02 / 0.04), the same as the cpu-modern preset's.
+    # modern AdamW 2e-3 / 4e-3 / 8e-3 with Muon 0.02 / 0.04), the cpu preset uses the modern ones.
     learning_model=ModelConfig(n_layer=4, n_head=4, n_embd=192, block_size=256),
     learning_micro_batch=16, learning_epochs=1.0, tokenizer=TokenizerConfig(vocab_size=8192), sources=(BUILTIN_CORPUS,),
     baseline_learning_rate=4e-3, modern_learning_rate=8e-3, muon_learning_rate=0.02, evaluations=15,

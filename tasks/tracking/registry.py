@@ -109,7 +109,7 @@ def default_base_model(workspace: Workspace) -> tuple[str, str]:
         listed = f" Models registered there: {', '.join(newest_of_others)}." if newest_of_others else ""
         raise NoPretrainedModel(
             f"No --model given, and no pretrained model (gptflow-<preset>) is registered in {workspace.tracking_uri}. "
-            f"Train one first with `gptflow pretrain` (about 10 minutes on 2 CPU cores), or pass --model: an MLflow "
+            f"Train one first with `gptflow pretrain` (about 5 minutes on 2 CPU cores), or pass --model: an MLflow "
             f"model URI, a run id or a model directory.{listed}"
         )
     newest = max(pretrained, key=lambda version: (version.creation_timestamp, int(version.version)))

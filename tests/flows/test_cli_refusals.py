@@ -116,7 +116,7 @@ def test_a_missing_url_blocklist_is_one_line_naming_it_before_anything_starts(tm
 def test_an_unknown_preset_option_or_command_is_one_line_without_the_usage_text():
     for arguments, line in (
         (["pretrain", "--preset", "hueg"], "argument --preset: invalid choice: 'hueg' (choose from 'tiny', 'cpu', "
-         "'cpu-modern', 'gpt2-124m', 'gpt2-124m-modern', 'gpt2-350m', 'gpt-1b'); `gptflow pretrain -h` lists what it "
+         "'cpu-gpt2', 'gpt2-124m', 'gpt2-124m-modern', 'gpt2-350m', 'gpt-1b'); `gptflow pretrain -h` lists what it "
          "takes."),
         (["pretrain", "--corpse", "texts/"], "unrecognized arguments: --corpse texts/; `gptflow -h` lists what it takes."),
     ):
