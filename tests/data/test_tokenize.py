@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from tokenizers import Tokenizer
 
@@ -14,7 +15,10 @@ from gptflow.data.ingest import CorpusUnit, cut_into_segments, ingest_corpus
 from gptflow.data.shards import (
     SPLITS,
     TOKENS_PER_RECORD_BATCH,
+    BatchIndex,
     TokenShardWriter,
+    batch_index_path,
+    batch_tokens,
     iter_raw_batches,
     iter_token_arrays,
     token_dtype,
@@ -227,7 +231,7 @@ def test_cutting_at_token_boundaries_never_changes_the_tokens(tiny_manifest, tin
     assert cuts > len(texts)
 
 
-def test_token_shard_record_batches_hold_at_most_a_million_tokens(tmp_path):
+def test_token_shards_are_written_in_record_batches_beside_an_index_of_their_bytes(tmp_path):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 60_000, size=int(2.5 * TOKENS_PER_RECORD_BATCH), dtype=np.uint16)
     writer = TokenShardWriter(tmp_path / "train.arrow", np.dtype(np.uint16))
@@ -237,6 +241,13 @@ def test_token_shard_record_batches_hold_at_most_a_million_tokens(tmp_path):
     batches = list(iter_token_arrays(tmp_path / "train.arrow"))
     assert [len(batch) for batch in batches] == [TOKENS_PER_RECORD_BATCH] * 2 + [TOKENS_PER_RECORD_BATCH // 2]
     assert np.array_equal(np.concatenate(batches), tokens)
+    index = BatchIndex.from_json(json.loads(batch_index_path(tmp_path / "train.arrow").read_text()))
+    data = (tmp_path / "train.arrow").read_bytes()
+    ranges = [data[start : start + length] for start, length in zip(index.offsets, index.lengths)]
+    assert index.tokens == [len(batch) for batch in batches] and index.dtype == "uint16"
+    assert [hash_bytes(message) for message in ranges] == index.hashes
+    assert all(np.array_equal(batch_tokens(pa.py_buffer(message), index), batch)
+               for message, batch in zip(ranges, batches))
     with pytest.raises(TypeError):
         TokenShardWriter(tmp_path / "other.arrow", np.dtype(np.uint16)).write(tokens.astype(np.uint32))
 
