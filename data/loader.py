@@ -25,12 +25,15 @@ nor the loader's threads, and a run resumed at position ``g`` (its checkpoint re
 continues it: no window repeated, none skipped.
 
 Opening a split reads only each shard's Arrow footer, never its tokens; given the token manifest's
-counts, not even that, and through a ``data.streaming.ShardCache`` a shard on an object store is
-fetched only as training's buffers near it. A shard's bytes are checked when it is first read:
-against its commit's content hash when a store is given (the training stage's case), and, for
-every read, each window's ids against the vocabulary. The ids a
-shard holds are below its tokenizer's vocabulary by construction (``data.tokenize``), so either
-check fails only for bytes altered after the shard was written; the error names the shard.
+counts, not even that. Through a ``data.streaming.ShardCache``, a shard on an object store is read
+by the record batches holding the windows of training's current and next buffer (of validation's
+current and next batch), fetched as training nears them; a window that runs past a batch's or a
+shard's end plans the next one's too. A shard's bytes are checked when first read: each streamed
+batch against its shard's batch index, a whole shard against its commit's content hash when a
+store is given (the training stage's case), and, for every read, each window's ids against the
+vocabulary. The ids a shard holds are below its tokenizer's vocabulary by construction
+(``data.tokenize``), so each check fails only for bytes altered after the shard was written; the
+error names the shard.
 """
 
 from __future__ import annotations
