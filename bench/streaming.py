@@ -17,7 +17,8 @@ machine's view):
 (b) bytes fetched over one epoch (data only, no model) against the corpus's bytes, on a corpus of
     ``--epoch-shards`` shards of ``--epoch-shard-tokens`` (each several pieces long), with the
     default pieces (``PIECE_TOKENS``) and pieces of a quarter of that, buffers of two pieces and a
-    cache of 10%; and the bytes validation fetches for ``--val-windows`` windows spread over it;
+    cache of 10% (which must hold two buffers: 12 shards of 4 Mi tokens by default); and the bytes
+    validation fetches for ``--val-windows`` windows spread over it;
 (c) time to the first batch against corpus size (``--scales`` times ``--base-shards`` shards):
     streaming, and fetching the whole split first (what a rank did before streaming).
 
@@ -43,9 +44,9 @@ import torch
 
 from gptflow.data.loader import PIECE_TOKENS, TokenWindows, prefetch_batches
 from gptflow.data.mirror import RANGES_DIR, ObjectStoreMirror
-from gptflow.data.shards import TokenShardWriter
 from gptflow.data.store import ArtifactStore
 from gptflow.data.streaming import ShardCache
+from gptflow.data.token_shards import IndexedShardWriter
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
 
@@ -77,7 +78,7 @@ def publish_corpus(url: str, root: Path, shards: int, shard_tokens: int) -> list
     for index in range(shards):
         name = f"store/tokens/unit-{index:05d}/train.arrow"
         with writer.commit(root / Path(name).parent) as tmp:
-            shard = TokenShardWriter(tmp / "train.arrow", np.dtype(np.uint16))
+            shard = IndexedShardWriter(tmp / "train.arrow", np.dtype(np.uint16))
             shard.write(rng.integers(0, VOCAB_SIZE, shard_tokens, dtype=np.uint16))
             shard.close()
         names.append(name)
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--base-shards", type=int, default=20)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--epoch-shards", type=int, default=10)
+    parser.add_argument("--epoch-shards", type=int, default=12)
     parser.add_argument("--epoch-shard-tokens", type=int, default=4 * PIECE_TOKENS)
     parser.add_argument("--val-windows", type=int, default=256)
     args = parser.parse_args()

@@ -3,7 +3,7 @@
 Training on an ``s3://`` workspace needs no shard on this machine before its first step: the
 loader (``data.loader.TokenWindows`` given a ``ShardCache``) knows each shard's token count from
 the token manifest, and fetches only the record batches holding the windows it trains on. A token
-shard's batch index (``data.shards.BatchIndex``, written beside it by tokenize) gives each batch's
+shard's batch index (``data.token_shards.BatchIndex``, written beside it by tokenize) gives each batch's
 byte range in the file and its content hash; the index is fetched once per process and checked
 against the shard's commit, and each batch is fetched as one byte range of the shard's object
 (``ObjectStoreMirror.read_range``; consecutive batches in one request), checked against the
@@ -49,9 +49,9 @@ import pyarrow as pa
 from gptflow.data.commits import CorruptArtifactError, atomic_file
 from gptflow.data.hashing import hash_bytes
 from gptflow.data.mirror import RANGES_DIR, listing_bytes
-from gptflow.data.shards import BatchIndex, batch_index_path, batch_tokens
 from gptflow.data.store import ArtifactStore
 from gptflow.data.store_outage import StoreAway
+from gptflow.data.token_shards import BatchIndex, batch_index_path, batch_tokens
 
 logger = logging.getLogger(__name__)
 FETCH_LOCK = "locks/shard-fetch.lock"
@@ -320,7 +320,7 @@ class ShardCache:
         planned_bytes = sum(map(self._bytes, planned))
         if planned_bytes > self.cap_bytes and not self._said_over_cap:
             self._said_over_cap = True
-            logger.warning(f"The shards training reads from its current and next shuffle buffer hold "
+            logger.warning(f"What training reads from its current and next shuffle buffer holds "
                            f"{planned_bytes / 2**30:.2f} GB, more than the cache's cap of {self.cap_bytes / 2**30:.2f} "
                            "GB: the cache goes over it by the difference. Raise GPTFLOW_CACHE_GB.")
 

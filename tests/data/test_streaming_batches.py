@@ -17,9 +17,10 @@ import s3fs
 from gptflow.data.commits import CorruptArtifactError
 from gptflow.data.loader import TokenWindows
 from gptflow.data.mirror import RANGES_DIR, ObjectStoreMirror
-from gptflow.data.shards import BatchIndex, TokenShardWriter
+from gptflow.data.shards import TokenShardWriter
 from gptflow.data.store import ArtifactStore
 from gptflow.data.streaming import ShardCache
+from gptflow.data.token_shards import BatchIndex, IndexedShardWriter
 
 SHARDS, SHARD_TOKENS, BATCH_TOKENS, BLOCK_SIZE = 10, 1 << 16, 512, 16
 SMALL = {"piece_tokens": 8192, "buffer_pieces": 2}
@@ -48,7 +49,7 @@ def published_shards(s3_bucket, tmp_path) -> tuple[str, list[str]]:
     names = [f"store/tokens/{index:03d}/train.arrow" for index in range(SHARDS)]
     for index, name in enumerate(names):
         with writer.commit(tmp_path / "writer" / Path(name).parent) as directory:
-            shard = TokenShardWriter(directory / "train.arrow", np.dtype(np.uint32), batch_tokens=BATCH_TOKENS)
+            shard = IndexedShardWriter(directory / "train.arrow", np.dtype(np.uint32), tokens_per_batch=BATCH_TOKENS)
             shard.write(np.arange(index * SHARD_TOKENS, (index + 1) * SHARD_TOKENS, dtype=np.uint32))
             shard.close()
     writer.wait_for_uploads()
@@ -142,3 +143,27 @@ def test_a_local_copy_of_a_batch_altered_on_disk_is_fetched_again(published_shar
     assert np.array_equal(again.read_windows([0]), expected)
     index = again.cache.batch_index(tmp_path / "reader" / names[0])
     assert copy.read_bytes() == (tmp_path / "writer" / names[0]).read_bytes()[index.offsets[0] : index.offsets[1]]
+
+
+def test_shards_of_an_earlier_tokenize_without_a_batch_index_are_fetched_whole_beside_indexed_ones(
+        s3_bucket, tmp_path, caches):
+    writer = ArtifactStore(ObjectStoreMirror.attach(tmp_path / "writer", s3_bucket))
+    names = [f"store/tokens/{index:03d}/train.arrow" for index in range(4)]
+    for index, name in enumerate(names):
+        indexed = index % 2 == 1
+        with writer.commit(tmp_path / "writer" / Path(name).parent) as directory:
+            shard = (IndexedShardWriter(directory / "train.arrow", np.dtype(np.uint32), tokens_per_batch=BATCH_TOKENS)
+                     if indexed else TokenShardWriter(directory / "train.arrow", np.dtype(np.uint32)))
+            shard.write(np.arange(index * 4096, (index + 1) * 4096, dtype=np.uint32))
+            shard.close()
+    writer.wait_for_uploads()
+    root = tmp_path / "reader"
+    cache = ShardCache(ArtifactStore(ObjectStoreMirror.attach(root, s3_bucket)), 1 << 30)
+    caches.append(cache)
+    windows = TokenWindows([root / name for name in names], BLOCK_SIZE, 1 << 20, num_tokens=[4096] * 4, cache=cache,
+                           piece_tokens=1024, buffer_pieces=2)
+
+    inputs, _ = windows.batch(0, np.arange(windows.num_windows))
+    assert sorted(inputs[:, 0].tolist()) == list(range(0, windows.num_windows * BLOCK_SIZE, BLOCK_SIZE))
+    assert [(root / Path(name).parent / "contents.json").exists() for name in names] == [True, False, True, False]
+    assert [(root / RANGES_DIR / name).is_dir() for name in names] == [False, True, False, True]

@@ -15,16 +15,14 @@ from gptflow.data.ingest import CorpusUnit, cut_into_segments, ingest_corpus
 from gptflow.data.shards import (
     SPLITS,
     TOKENS_PER_RECORD_BATCH,
-    BatchIndex,
     TokenShardWriter,
-    batch_index_path,
-    batch_tokens,
     iter_raw_batches,
     iter_token_arrays,
     token_dtype,
 )
 from gptflow.data.sources import resolve_sources
 from gptflow.data.store import LOCAL_STORE
+from gptflow.data.token_shards import BATCH_TOKENS, BatchIndex, IndexedShardWriter, batch_index_path, batch_tokens
 from gptflow.data.tokenize import PIECE_CHARS, TokenManifest, cut_at_token_boundaries, tokenize_corpus
 from gptflow.data.tokenizer import load_tokenizer
 
@@ -231,7 +229,7 @@ def test_cutting_at_token_boundaries_never_changes_the_tokens(tiny_manifest, tin
     assert cuts > len(texts)
 
 
-def test_token_shards_are_written_in_record_batches_beside_an_index_of_their_bytes(tmp_path):
+def test_token_shard_record_batches_hold_at_most_a_million_tokens(tmp_path):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 60_000, size=int(2.5 * TOKENS_PER_RECORD_BATCH), dtype=np.uint16)
     writer = TokenShardWriter(tmp_path / "train.arrow", np.dtype(np.uint16))
@@ -241,6 +239,20 @@ def test_token_shards_are_written_in_record_batches_beside_an_index_of_their_byt
     batches = list(iter_token_arrays(tmp_path / "train.arrow"))
     assert [len(batch) for batch in batches] == [TOKENS_PER_RECORD_BATCH] * 2 + [TOKENS_PER_RECORD_BATCH // 2]
     assert np.array_equal(np.concatenate(batches), tokens)
+    with pytest.raises(TypeError):
+        TokenShardWriter(tmp_path / "other.arrow", np.dtype(np.uint16)).write(tokens.astype(np.uint32))
+
+
+def test_tokenize_writes_token_shards_in_record_batches_beside_an_index_of_their_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 60_000, size=int(2.5 * BATCH_TOKENS), dtype=np.uint16)
+    writer = IndexedShardWriter(tmp_path / "train.arrow", np.dtype(np.uint16))
+    for chunk in np.array_split(tokens, 37):
+        writer.write(chunk)
+    writer.close()
+    batches = list(iter_token_arrays(tmp_path / "train.arrow"))
+    assert [len(batch) for batch in batches] == [BATCH_TOKENS] * 2 + [BATCH_TOKENS // 2]
+    assert np.array_equal(np.concatenate(batches), tokens)
     index = BatchIndex.from_json(json.loads(batch_index_path(tmp_path / "train.arrow").read_text()))
     data = (tmp_path / "train.arrow").read_bytes()
     ranges = [data[start : start + length] for start, length in zip(index.offsets, index.lengths)]
@@ -249,5 +261,5 @@ def test_token_shards_are_written_in_record_batches_beside_an_index_of_their_byt
     assert all(np.array_equal(batch_tokens(pa.py_buffer(message), index), batch)
                for message, batch in zip(ranges, batches))
     with pytest.raises(TypeError):
-        TokenShardWriter(tmp_path / "other.arrow", np.dtype(np.uint16)).write(tokens.astype(np.uint32))
+        IndexedShardWriter(tmp_path / "other.arrow", np.dtype(np.uint16)).write(tokens.astype(np.uint32))
 
