@@ -56,6 +56,8 @@ from gptflow.data.token_shards import BatchIndex, batch_index_path, batch_tokens
 logger = logging.getLogger(__name__)
 FETCH_LOCK = "locks/shard-fetch.lock"
 """In the workspace's local folder: held while one process of the machine evicts and fetches."""
+INDEXES_AT_ONCE = 8
+"""Batch indexes a plan fetches at once: its first fetch waits for those of every shard it reads."""
 Span = tuple[Path, int, int]
 """A token shard, and the first and end token of what a reader reads of it."""
 
@@ -76,7 +78,8 @@ class ShardCache:
         self.fetched_bytes = 0
         """Bytes this cache fetched from the object store (what a benchmark reports)."""
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptflow-shard-fetch")
-        self._indexes: dict[Path, BatchIndex | None] = {}
+        self._indexes: dict[Path, Future] = {}  # of each shard's BatchIndex, or None
+        self._index_fetcher = ThreadPoolExecutor(max_workers=INDEXES_AT_ONCE, thread_name_prefix="gptflow-shard-index")
         self._listings: dict[Path, dict] = {}
         # A copy is a directory (a shard fetched whole) or (shard, batch). By reader: the streams of
         # a mixture, and validation, plan apart.
@@ -92,33 +95,33 @@ class ShardCache:
     def plan(self, reader: Hashable, now: Sequence[Span], ahead: Sequence[Span]) -> None:
         """The token spans ``reader`` reads now and next, each in the order it first reads them:
         fetch their batches in that order, and keep them from eviction until its next plan."""
-        resolved: Future = Future()
-        with self._lock:
-            self._resolving.append(resolved)
-        self._fetcher.submit(self._fetch_plan, reader, [*now, *ahead], resolved)
+        # Two steps, so that fetching the spans read now waits for no index of those read next.
+        for spans, extends in ((now, False), (ahead, True)):
+            resolved: Future = Future()
+            with self._lock:
+                self._resolving.append(resolved)
+            self._fetcher.submit(self._fetch_plan, reader, list(spans), extends, resolved)
 
     def batch_index(self, shard: Path) -> BatchIndex | None:
-        """``shard``'s batch index, fetched and checked against its commit when first asked for;
-        None for a shard without one (tokenized before it existed), which is fetched whole."""
+        """``shard``'s batch index, fetched and checked against its commit when first asked for
+        (once per process: a second caller waits for the first); None for a shard without one
+        (tokenized before it existed), which is fetched whole."""
         with self._lock:
-            if shard in self._indexes:
-                return self._indexes[shard]
-        listing = self._listing(shard.parent)
-        name = batch_index_path(shard).name
-        index = None
-        if name in listing:
-            data = self._request(shard.parent, lambda: self.mirror.read_range(shard.with_name(name)))
-            self._check(data, listing[name]["hash"], f"{self.mirror.url}/{self._name(shard.with_name(name))}", shard)
-            index = BatchIndex.from_json(json.loads(data))
-            self._count(len(data))
-        with self._lock:
-            self._indexes[shard] = index
-        return index
+            loading, first = self._indexes.get(shard), shard not in self._indexes
+            if first:
+                loading = self._indexes[shard] = Future()
+        if first:
+            try:
+                loading.set_result(self._fetch_index(shard))
+            except BaseException as error:
+                loading.set_exception(error)
+        return loading.result()
 
     def known_index(self, shard: Path) -> BatchIndex | None:
         """``shard``'s batch index if this process has it already (asking nothing of the store)."""
         with self._lock:
-            return self._indexes.get(shard)
+            loading = self._indexes.get(shard)
+        return loading.result() if loading is not None and loading.done() and not loading.exception() else None
 
     def read_batch(self, shard: Path, batch: int) -> np.ndarray:
         """The tokens of record batch ``batch`` of ``shard`` (a batch-indexed shard), from its local
@@ -152,13 +155,16 @@ class ShardCache:
     def close(self) -> None:
         """Stop fetching ahead: fetches not yet started are dropped, the one under way finishes."""
         self._fetcher.shutdown(wait=True, cancel_futures=True)
+        self._index_fetcher.shutdown(wait=True)
 
-    def _fetch_plan(self, reader: Hashable, spans: list[Span], resolved: Future) -> None:
-        """On the fetch thread: the copies ``spans`` read, planned for ``reader``, then fetched in order."""
+    def _fetch_plan(self, reader: Hashable, spans: list[Span], extends: bool, resolved: Future) -> None:
+        """On the fetch thread: the copies ``spans`` read, planned for ``reader`` (added to its plan
+        when ``extends``, else its plan anew), then fetched in order."""
         try:
+            list(self._index_fetcher.map(self.batch_index, dict.fromkeys(shard for shard, _, _ in spans)))
             copies = list(dict.fromkeys(copy for span in spans for copy in self._copies(span)))
             with self._lock:
-                self._plans[reader] = frozenset(copies)
+                self._plans[reader] = frozenset(copies) | (self._plans.get(reader, frozenset()) if extends else set())
                 planned = frozenset().union(*self._plans.values())
                 # A copy outside the plan may be evicted: the next plan that needs it fetches it again.
                 self._fetches = {copy: future for copy, future in self._fetches.items() if copy in planned}
@@ -187,6 +193,16 @@ class ShardCache:
             except BaseException as error:
                 for future in futures:
                     future.set_exception(error)
+
+    def _fetch_index(self, shard: Path) -> BatchIndex | None:
+        listing = self._listing(shard.parent)
+        name = batch_index_path(shard).name
+        if name not in listing:
+            return None
+        data = self._request(shard.parent, lambda: self.mirror.read_range(shard.with_name(name)))
+        self._check(data, listing[name]["hash"], f"{self.mirror.url}/{self._name(shard.with_name(name))}", shard)
+        self._count(len(data))
+        return BatchIndex.from_json(json.loads(data))
 
     def _copies(self, span: Span) -> list[Hashable]:
         """The copies holding tokens ``[first, end)`` of a shard: its batches, or its directory."""
