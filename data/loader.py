@@ -124,7 +124,7 @@ class TokenWindows:
     def _read_shard(self, shard: TokenShard, offset: int, length: int) -> np.ndarray:
         index = self.cache.batch_index(shard.path) if self.cache is not None else None
         if index is not None:
-            return shard.read_batches(self.cache, index, offset, length, self._opening)
+            return shard.read_batches(self.cache, index, offset, length)
         if self.cache is not None and shard.chunks is None:
             self.cache.wait_for(shard.path.parent)
         with self._opening:
@@ -162,16 +162,14 @@ class TokenWindows:
 
     def _plan(self, reader: object, now: Sequence[tuple[int, int]], ahead: Sequence[tuple[int, int]]) -> None:
         """Plan in the cache the token spans of the shards that the runs of windows ``now`` and
-        ``ahead`` read, and drop the mappings of what neither reads (a mapping would keep an evicted
-        copy's disk space)."""
+        ``ahead`` read, and unmap the shards read whole that neither reads (a mapping would keep an
+        evicted copy's disk space; the cache unmaps the record batches it maps itself)."""
         now_spans, ahead_spans = self._token_spans(now), self._token_spans(ahead)
-        by_shard: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
-        for index, first, end in [*now_spans, *ahead_spans]:
-            by_shard[index].append((first, end))
+        read = {index for index, _, _ in [*now_spans, *ahead_spans]}
         with self._opening:
             for index, shard in enumerate(self.shards):
-                known = self.cache.known_index(shard.path)
-                shard.release(known, by_shard.get(index, []))
+                if index not in read:
+                    shard.chunks = None
         self.cache.plan((id(self), reader), [(self.paths[index], first, end) for index, first, end in now_spans],
                         [(self.paths[index], first, end) for index, first, end in ahead_spans])
 

@@ -33,6 +33,7 @@ when the loader drops the mapping (at its next plan).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
@@ -56,6 +57,9 @@ from gptflow.data.token_shards import BatchIndex, batch_index_path, batch_tokens
 logger = logging.getLogger(__name__)
 FETCH_LOCK = "locks/shard-fetch.lock"
 """In the workspace's local folder: held while one process of the machine evicts and fetches."""
+MAPPED_BATCHES = 16384
+"""Record batches a process keeps mapped, least recently read unmapped first: 1 GiB of uint16 ids,
+about one default shuffle buffer's, and a quarter of Linux's default limit of mappings a process."""
 INDEXES_AT_ONCE = 8
 """Batch indexes a plan fetches at once: its first fetch waits for those of every shard it reads."""
 Span = tuple[Path, int, int]
@@ -86,6 +90,7 @@ class ShardCache:
         self._plans: dict[Hashable, frozenset[Hashable]] = {}
         self._resolving: list[Future] = []
         self._fetches: dict[Hashable, Future] = {}
+        self._mapped: collections.OrderedDict[tuple[Path, int], np.ndarray] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._said_over_cap = False
 
@@ -117,15 +122,23 @@ class ShardCache:
                 loading.set_exception(error)
         return loading.result()
 
-    def known_index(self, shard: Path) -> BatchIndex | None:
-        """``shard``'s batch index if this process has it already (asking nothing of the store)."""
-        with self._lock:
-            loading = self._indexes.get(shard)
-        return loading.result() if loading is not None and loading.done() and not loading.exception() else None
-
     def read_batch(self, shard: Path, batch: int) -> np.ndarray:
-        """The tokens of record batch ``batch`` of ``shard`` (a batch-indexed shard), from its local
-        copy, fetched first if need be; the copy's bytes are checked against the index's hash."""
+        """The tokens of record batch ``batch`` of ``shard`` (a batch-indexed shard), mapped from
+        its local copy (fetched first if need be) once its bytes match the index's hash, and kept
+        mapped while planned, up to ``MAPPED_BATCHES``."""
+        with self._lock:
+            tokens = self._mapped.get((shard, batch))
+            if tokens is not None:
+                self._mapped.move_to_end((shard, batch))
+                return tokens
+        tokens = self._map_batch(shard, batch)
+        with self._lock:
+            self._mapped[(shard, batch)] = tokens
+            while len(self._mapped) > MAPPED_BATCHES:
+                self._mapped.popitem(last=False)
+        return tokens
+
+    def _map_batch(self, shard: Path, batch: int) -> np.ndarray:
         index = self.batch_index(shard)
         path = self.batch_path(shard, batch)
         for _ in range(2):  # a copy evicted or altered since its fetch is fetched once more
@@ -168,6 +181,9 @@ class ShardCache:
                 planned = frozenset().union(*self._plans.values())
                 # A copy outside the plan may be evicted: the next plan that needs it fetches it again.
                 self._fetches = {copy: future for copy, future in self._fetches.items() if copy in planned}
+                # Unmapped, so that its disk space goes with it when it is evicted.
+                self._mapped = collections.OrderedDict(
+                    (copy, tokens) for copy, tokens in self._mapped.items() if copy in planned)
                 new = [copy for copy in copies if copy not in self._fetches]
                 for copy in new:
                     self._fetches[copy] = Future()

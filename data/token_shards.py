@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -141,8 +139,6 @@ class TokenShard:
         self.path = path
         self.chunks: list[np.ndarray] | None = None
         self.chunk_starts: np.ndarray | None = None
-        self.batches: dict[int, np.ndarray] = {}
-        """Of a shard streamed by its record batches: those mapped, by their number."""
         self.num_tokens = self._read_table().num_rows if num_tokens is None else num_tokens
 
     def _read_table(self) -> pa.Table:
@@ -177,39 +173,17 @@ class TokenShard:
         """Tokens ``[offset, offset + length)`` of the opened shard; a view when they lie in one chunk."""
         return _read_chunks(self.chunks, self.chunk_starts, offset, length)
 
-    def read_batches(self, cache: ShardCache, index: BatchIndex, offset: int, length: int,
-                     opening: threading.Lock) -> np.ndarray:
+    def read_batches(self, cache: ShardCache, index: BatchIndex, offset: int, length: int) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of a shard streamed by its record batches (``index``),
-        each batch mapped from the cache's copy when first read."""
+        each batch mapped from the cache's copy."""
         starts = index.token_starts
         if int(starts[-1]) != self.num_tokens:
             raise corrupt_artifact(self.path, f"holds {int(starts[-1])} tokens by its batch index, not the "
                                               f"{self.num_tokens} its manifest counts")
         first = int(np.searchsorted(starts, offset, side="right")) - 1
         last = int(np.searchsorted(starts, offset + length, side="left"))
-        arrays = []
-        for batch in range(first, last):
-            tokens = self.batches.get(batch)
-            if tokens is None:
-                tokens = cache.read_batch(self.path, batch)
-                with opening:
-                    self.batches[batch] = tokens
-            arrays.append(tokens)
+        arrays = [cache.read_batch(self.path, batch) for batch in range(first, last)]
         return _read_chunks(arrays, starts[first : last + 1] - starts[first], offset - int(starts[first]), length)
-
-    def release(self, index: BatchIndex | None, spans: Sequence[tuple[int, int]]) -> None:
-        """Drop the mappings outside the token ``spans`` still to be read, so that the cache may
-        evict their copies and free their disk space."""
-        if not spans:
-            self.chunks, self.batches = None, {}
-        if index is None or not spans:
-            return
-        starts = index.token_starts
-        kept = set()
-        for first, end in spans:
-            kept.update(range(int(np.searchsorted(starts, first, side="right")) - 1,
-                              int(np.searchsorted(starts, end, side="left"))))
-        self.batches = {batch: tokens for batch, tokens in self.batches.items() if batch in kept}
 
 
 def batch_index_path(shard: Path) -> Path:
