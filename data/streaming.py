@@ -234,9 +234,10 @@ class ShardCache:
     def _wait_for(self, copy: Hashable) -> None:
         with self._lock:
             future, resolving = self._fetches.get(copy), list(self._resolving)
-        if future is None and resolving:  # a plan that may name it is being resolved
-            for plan in resolving:
-                plan.result()
+        for plan in resolving:  # plans being resolved, in order: the first may name it
+            if future is not None:
+                break
+            plan.result()
             with self._lock:
                 future = self._fetches.get(copy)
         if future is None:

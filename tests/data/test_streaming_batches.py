@@ -15,7 +15,7 @@ import pytest
 import s3fs
 
 from gptflow.data.commits import CorruptArtifactError
-from gptflow.data.loader import TokenWindows
+from gptflow.data.loader import TokenWindows, rank_positions
 from gptflow.data.mirror import RANGES_DIR, ObjectStoreMirror
 from gptflow.data.shards import TokenShardWriter
 from gptflow.data.store import ArtifactStore
@@ -167,3 +167,15 @@ def test_shards_of_an_earlier_tokenize_without_a_batch_index_are_fetched_whole_b
     assert sorted(inputs[:, 0].tolist()) == list(range(0, windows.num_windows * BLOCK_SIZE, BLOCK_SIZE))
     assert [(root / Path(name).parent / "contents.json").exists() for name in names] == [True, False, True, False]
     assert [(root / RANGES_DIR / name).is_dir() for name in names] == [False, True, False, True]
+
+
+def test_two_ranks_sharing_one_machine_s_copy_read_their_slices_within_the_cap(published_shards, tmp_path, caches):
+    url, names = published_shards
+    cap = _tree_bytes(tmp_path / "writer" / "store") // 10
+    ranks = [_streamed(tmp_path / "one-machine", url, names, cap, caches) for _ in range(2)]
+    alone = TokenWindows([tmp_path / "writer" / name for name in names], BLOCK_SIZE, 1 << 20, **SMALL)
+    for first in range(0, alone.num_windows // 4, 2 * 128):
+        for rank, windows in enumerate(ranks):
+            positions = rank_positions(first, 128, rank, 2)
+            assert np.array_equal(windows.batch(2, positions)[0].numpy(), alone.batch(2, positions)[0].numpy())
+        assert _local_bytes(tmp_path / "one-machine") <= cap
