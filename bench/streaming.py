@@ -121,6 +121,14 @@ def steps_per_second(windows: TokenWindows, steps: int) -> tuple[float, float]:
     return first_step_s, steps / (time.perf_counter() - start)
 
 
+def read_ms(windows: TokenWindows, steps: int) -> float:
+    """Milliseconds to read one micro-batch of the ``steps`` after the first, again (no model, copies already here)."""
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        windows.batch(0, np.arange(step * MICRO_BATCH, (step + 1) * MICRO_BATCH))
+    return (time.perf_counter() - start) / steps * 1000
+
+
 def one_epoch(root: Path, url: str, names: list[str], shard_tokens: int, corpus_bytes: int, piece_tokens: int,
               caches: contextlib.ExitStack) -> None:
     """Read one epoch's windows streamed within a cap of a tenth of the corpus; print what it fetched."""
@@ -167,9 +175,11 @@ def main() -> None:
             local_first, local_rate = steps_per_second(local, args.steps)
             stream = streamed(work / "reader", url, names, args.shard_tokens, cap, args.shard_tokens, caches)
             stream_first, stream_rate = steps_per_second(stream, args.steps)
-            print(f"(a) local shards:  first step {local_first:.2f} s, {local_rate:.2f} steps/s")
+            print(f"(a) local shards:  first step {local_first:.2f} s, {local_rate:.2f} steps/s; reading alone "
+                  f"{read_ms(local, args.steps):.2f} ms a micro-batch")
             print(f"(a) streamed, 10%: first step {stream_first:.2f} s, {stream_rate:.2f} steps/s "
-                  f"({stream_rate / local_rate:.2f} of local)")
+                  f"({stream_rate / local_rate:.2f} of local); reading alone {read_ms(stream, args.steps):.2f} ms "
+                  "a micro-batch")
 
             epoch_url = f"{url}-epoch"
             s3fs.S3FileSystem(skip_instance_cache=True).mkdir(epoch_url.removeprefix("s3://"))
@@ -180,8 +190,8 @@ def main() -> None:
             for piece_tokens in (PIECE_TOKENS, PIECE_TOKENS // 4):
                 one_epoch(work / f"epoch-{piece_tokens}", epoch_url, epoch_names, args.epoch_shard_tokens, epoch_bytes,
                           piece_tokens, caches)
-            validation = streamed(work / "validation", epoch_url, epoch_names, args.epoch_shard_tokens, epoch_bytes // 10,
-                                  PIECE_TOKENS, caches)
+            validation = streamed(work / "validation", epoch_url, epoch_names, args.epoch_shard_tokens,
+                                  epoch_bytes // 10, PIECE_TOKENS, caches)
             for _ in validation.evaluation_batches(MICRO_BATCH, args.val_windows * BLOCK_SIZE):
                 pass
             fetched = validation.cache.fetched_bytes
