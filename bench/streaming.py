@@ -14,7 +14,8 @@ machine's view):
     ``ShardCache`` capped at 10% of the corpus (``--shards`` shards of ``--shard-tokens``); both
     with buffers of two pieces of one shard's tokens, so that two buffers fit in that cap (the
     default buffer, 256 Mi tokens, needs a corpus of some 5 Gi tokens for a 10% cache);
-(b) bytes fetched over one epoch (data only, no model) against the corpus's bytes, on a corpus of
+(b) bytes fetched per epoch (data only, no model; two epochs read, as an epoch's last buffer fetches
+    the next epoch's first ahead) against the corpus's bytes, on a corpus of
     ``--epoch-shards`` shards of ``--epoch-shard-tokens`` (each several pieces long), with the
     default pieces (``PIECE_TOKENS``) and pieces of a quarter of that, buffers of two pieces and a
     cache of 10% (which must hold two buffers: 12 shards of 4 Mi tokens by default); and the bytes
@@ -129,18 +130,19 @@ def read_ms(windows: TokenWindows, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1000
 
 
-def one_epoch(root: Path, url: str, names: list[str], shard_tokens: int, corpus_bytes: int, piece_tokens: int,
-              caches: contextlib.ExitStack) -> None:
-    """Read one epoch's windows streamed within a cap of a tenth of the corpus; print what it fetched."""
+def epochs(root: Path, url: str, names: list[str], shard_tokens: int, corpus_bytes: int, piece_tokens: int,
+           caches: contextlib.ExitStack) -> None:
+    """Read two epochs' windows streamed within a cap of a tenth of the corpus; print what each
+    fetched on average (an epoch's last buffer fetches the next epoch's first ahead)."""
     cap = corpus_bytes // 10
-    epoch = streamed(root, url, names, shard_tokens, cap, piece_tokens, caches)
+    stream = streamed(root, url, names, shard_tokens, cap, piece_tokens, caches)
     largest, read = 0, 0
-    for first in range(0, epoch.num_windows, 256):
-        read += len(epoch.batch(1, np.arange(first, min(first + 256, epoch.num_windows)))[0])
+    for first in range(0, 2 * stream.num_windows, 256):
+        read += len(stream.batch(1, np.arange(first, min(first + 256, 2 * stream.num_windows)))[0])
         largest = max(largest, tree_bytes(root / "store") + tree_bytes(root / RANGES_DIR))
-    fetched = epoch.cache.fetched_bytes
-    print(f"(b) one epoch ({read} windows), pieces of {piece_tokens} tokens: fetched {fetched / 2**20:.1f} MiB = "
-          f"{fetched / corpus_bytes:.3f} x the corpus; largest local copy {largest / 2**20:.2f} MiB "
+    fetched = stream.cache.fetched_bytes / 2
+    print(f"(b) an epoch ({read // 2} windows) of two, pieces of {piece_tokens} tokens: fetched {fetched / 2**20:.1f} "
+          f"MiB = {fetched / corpus_bytes:.3f} x the corpus; largest local copy {largest / 2**20:.2f} MiB "
           f"(cap {cap / 2**20:.2f})")
 
 
@@ -188,7 +190,7 @@ def main() -> None:
             print(f"(b) corpus: {args.epoch_shards} shards x {args.epoch_shard_tokens} tokens = "
                   f"{epoch_bytes / 2**20:.1f} MiB; cache cap {epoch_bytes / 10 / 2**20:.2f} MiB")
             for piece_tokens in (PIECE_TOKENS, PIECE_TOKENS // 4):
-                one_epoch(work / f"epoch-{piece_tokens}", epoch_url, epoch_names, args.epoch_shard_tokens, epoch_bytes,
+                epochs(work / f"epoch-{piece_tokens}", epoch_url, epoch_names, args.epoch_shard_tokens, epoch_bytes,
                           piece_tokens, caches)
             validation = streamed(work / "validation", epoch_url, epoch_names, args.epoch_shard_tokens,
                                   epoch_bytes // 10, PIECE_TOKENS, caches)
