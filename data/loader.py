@@ -50,9 +50,9 @@ import torch
 
 from gptflow.data.commits import corrupt_artifact
 from gptflow.data.errors import CorpusError
+from gptflow.data.shard_reader import TokenShard
 from gptflow.data.store import ArtifactStore
 from gptflow.data.streaming import ShardCache
-from gptflow.data.token_shards import TokenShard
 
 PIECE_TOKENS = 1 << 20
 """About how many tokens a piece of the first shuffle level holds (rounded to whole windows)."""

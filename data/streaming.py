@@ -21,14 +21,17 @@ record batches and fetches them in that order, so the next buffer's batches arri
 one's train. Before a plan's fetches, local copies are evicted, least recently used first, until
 the plan's missing bytes fit in ``cap_bytes`` (``GPTFLOW_CACHE_GB``) beside the rest; planned
 copies are never evicted. Each byte of the corpus is thus fetched about once per epoch per
-machine: a piece's batches once, plus the batch at either end it shares with the neighbouring
-pieces (``bench/streaming.py`` measures it). The ranks of one machine share its copy: every rank
-reads from the same buffers, and the first to plan a batch fetches it while the others find it.
+machine: a piece's batches once, plus at most the batch at either end that it shares with the
+neighbouring pieces (``bench/streaming.py`` measures it). The ranks of one machine share its copy:
+every rank reads from the same buffers, and the first to plan a batch fetches it while the others
+find it.
 
 A rank may find a batch it planned evicted by another rank (one a buffer ahead of it, at the
 turn of a buffer): it fetches it again, beside the cap, so the cost is bytes, never a wrong window.
-A batch is mapped once its file is open, so an eviction after that frees its disk space only
-when the loader drops the mapping (at its next plan).
+The cache maps each batch it reads, and unmaps it once no plan holds it (or beyond
+``MAPPED_BATCHES``): an eviction before that frees its disk space only then. Not guarded, as
+before: a shard fetched whole and evicted between its check and its mapping stops training with
+an error naming the shard.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from gptflow.data.commits import CorruptArtifactError, atomic_file
+from gptflow.data.commits import CONTENTS_FILE, CorruptArtifactError, atomic_file
 from gptflow.data.hashing import hash_bytes
 from gptflow.data.mirror import RANGES_DIR, listing_bytes
 from gptflow.data.store import ArtifactStore
@@ -271,7 +274,8 @@ class ShardCache:
 
     def _fetch_directory(self, directory: Path) -> None:
         already_here = self._is_here(directory)
-        if not self.mirror.holds(directory, cap_bytes=self.cap_bytes, keep={self._local(copy) for copy in self._planned()}):
+        keep = {self._local(copy) for copy in self._planned()}
+        if not self.mirror.holds(directory, cap_bytes=self.cap_bytes, keep=keep):
             raise CorruptArtifactError(
                 f"{directory} could not be fetched whole from the object store at {self.mirror.url}: an object "
                 "of it was altered or lost after it was published, or the store does not answer (a warning above says "
@@ -330,7 +334,7 @@ class ShardCache:
         return copy if isinstance(copy, Path) else self.batch_path(*copy)
 
     def _is_here(self, copy: Hashable) -> bool:
-        return (copy / "contents.json" if isinstance(copy, Path) else self.batch_path(*copy)).exists()
+        return (copy / CONTENTS_FILE if isinstance(copy, Path) else self.batch_path(*copy)).exists()
 
     def _bytes(self, copy: Hashable) -> int:
         if isinstance(copy, Path):
