@@ -26,9 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gptflow.data.commits import atomic_directory
-from gptflow.data.loader import TOKEN_COLUMN, TokenWindows
-from gptflow.data.shards import TokenShardWriter
+from gptflow.data.loader import TokenWindows
+from gptflow.data.shards import TOKEN_COLUMN
 from gptflow.data.store import LOCAL_STORE
+from gptflow.data.token_shards import IndexedShardWriter
 
 BLOCK_SIZE, VOCAB_SIZE, GLOBAL_BATCH = 256, 8192, 64
 
@@ -38,7 +39,7 @@ def write_shards(store: Path, count: int, tokens_per_shard: int, first: int) -> 
     paths = []
     for index in range(first, first + count):
         with atomic_directory(store / "tokens" / f"unit-{index:05d}") as tmp:
-            writer = TokenShardWriter(tmp / "train.arrow", np.dtype(np.uint16))
+            writer = IndexedShardWriter(tmp / "train.arrow", np.dtype(np.uint16))
             writer.write(rng.integers(0, VOCAB_SIZE, tokens_per_shard, dtype=np.uint16))
             writer.close()
         paths.append(store / "tokens" / f"unit-{index:05d}" / "train.arrow")

@@ -4,18 +4,22 @@ tenth of the corpus, against the same training from local shards.
     python bench/streaming.py
     python bench/streaming.py --shards 160 --shard-tokens 65536 --steps 20 --scales 1 4 16
 
-Starts its own moto S3 server on 127.0.0.1 (killed at the end) and commits ``--shards`` shards of
-random ids (uint16, ``--shard-tokens`` each) to an ``s3://`` workspace as the tokenize stage does.
-Measured, each on a fresh local copy (another machine's view):
+Starts its own moto S3 server on 127.0.0.1 (killed at the end) and commits shards of random ids
+(uint16) to an ``s3://`` workspace as the tokenize stage writes them (record batches of
+``TOKENS_PER_RECORD_BATCH`` and their batch index). Measured, each on a fresh local copy (another
+machine's view):
 
 (a) steps/s of the ``cpu`` preset's model and micro-batch (forward, backward, AdamW step) reading
     its windows through ``prefetch_batches``: from the local shards, and streamed through a
-    ``ShardCache`` capped at 10% of the corpus; both with buffers of two pieces of one shard's
-    tokens, so that two buffers' shards fit in that cap (the default buffer, 256 Mi tokens, needs
-    a corpus of some 5 Gi tokens for a 10% cache);
-(b) bytes fetched over one epoch (data only, no model) against the corpus's bytes, with pieces of
-    one shard's tokens and of a quarter of them (a shard is fetched whole for each piece of it
-    that a buffer reads, unless it is still in the cache);
+    ``ShardCache`` capped at 10% of the corpus (``--shards`` shards of ``--shard-tokens``); both
+    with buffers of two pieces of one shard's tokens, so that two buffers fit in that cap (the
+    default buffer, 256 Mi tokens, needs a corpus of some 5 Gi tokens for a 10% cache);
+(b) bytes fetched per epoch (data only, no model; two epochs read, as an epoch's last buffer fetches
+    the next epoch's first ahead) against the corpus's bytes, on a corpus of
+    ``--epoch-shards`` shards of ``--epoch-shard-tokens`` (each several pieces long), with the
+    default pieces (``PIECE_TOKENS``) and pieces of a quarter of that, buffers of two pieces and a
+    cache of 10% (which must hold two buffers: 12 shards of 4 Mi tokens by default); and the bytes
+    validation fetches for ``--val-windows`` windows spread over it;
 (c) time to the first batch against corpus size (``--scales`` times ``--base-shards`` shards):
     streaming, and fetching the whole split first (what a rank did before streaming).
 
@@ -39,11 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptflow.data.loader import TokenWindows, prefetch_batches
-from gptflow.data.mirror import ObjectStoreMirror
-from gptflow.data.shards import TokenShardWriter
+from gptflow.data.loader import PIECE_TOKENS, TokenWindows, prefetch_batches
+from gptflow.data.mirror import RANGES_DIR, ObjectStoreMirror
 from gptflow.data.store import ArtifactStore
 from gptflow.data.streaming import ShardCache
+from gptflow.data.token_shards import IndexedShardWriter
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
 
@@ -75,7 +79,7 @@ def publish_corpus(url: str, root: Path, shards: int, shard_tokens: int) -> list
     for index in range(shards):
         name = f"store/tokens/unit-{index:05d}/train.arrow"
         with writer.commit(root / Path(name).parent) as tmp:
-            shard = TokenShardWriter(tmp / "train.arrow", np.dtype(np.uint16))
+            shard = IndexedShardWriter(tmp / "train.arrow", np.dtype(np.uint16))
             shard.write(rng.integers(0, VOCAB_SIZE, shard_tokens, dtype=np.uint16))
             shard.close()
         names.append(name)
@@ -118,6 +122,30 @@ def steps_per_second(windows: TokenWindows, steps: int) -> tuple[float, float]:
     return first_step_s, steps / (time.perf_counter() - start)
 
 
+def read_ms(windows: TokenWindows, steps: int) -> float:
+    """Milliseconds to read one micro-batch of the ``steps`` after the first, again (no model, copies already here)."""
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        windows.batch(0, np.arange(step * MICRO_BATCH, (step + 1) * MICRO_BATCH))
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def epochs(root: Path, url: str, names: list[str], shard_tokens: int, corpus_bytes: int, piece_tokens: int,
+           caches: contextlib.ExitStack) -> None:
+    """Read two epochs' windows streamed within a cap of a tenth of the corpus; print what each
+    fetched on average (an epoch's last buffer fetches the next epoch's first ahead)."""
+    cap = corpus_bytes // 10
+    stream = streamed(root, url, names, shard_tokens, cap, piece_tokens, caches)
+    largest, read = 0, 0
+    for first in range(0, 2 * stream.num_windows, 256):
+        read += len(stream.batch(1, np.arange(first, min(first + 256, 2 * stream.num_windows)))[0])
+        largest = max(largest, tree_bytes(root / "store") + tree_bytes(root / RANGES_DIR))
+    fetched = stream.cache.fetched_bytes / 2
+    print(f"(b) an epoch ({read // 2} windows) of two, pieces of {piece_tokens} tokens: fetched {fetched / 2**20:.1f} "
+          f"MiB = {fetched / corpus_bytes:.3f} x the corpus; largest local copy {largest / 2**20:.2f} MiB "
+          f"(cap {cap / 2**20:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=160)
@@ -125,6 +153,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--base-shards", type=int, default=20)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--epoch-shards", type=int, default=12)
+    parser.add_argument("--epoch-shard-tokens", type=int, default=4 * PIECE_TOKENS)
+    parser.add_argument("--val-windows", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(2)
     server, _ = start_moto()
@@ -146,21 +177,28 @@ def main() -> None:
             local_first, local_rate = steps_per_second(local, args.steps)
             stream = streamed(work / "reader", url, names, args.shard_tokens, cap, args.shard_tokens, caches)
             stream_first, stream_rate = steps_per_second(stream, args.steps)
-            print(f"(a) local shards:  first step {local_first:.2f} s, {local_rate:.2f} steps/s")
+            print(f"(a) local shards:  first step {local_first:.2f} s, {local_rate:.2f} steps/s; reading alone "
+                  f"{read_ms(local, args.steps):.2f} ms a micro-batch")
             print(f"(a) streamed, 10%: first step {stream_first:.2f} s, {stream_rate:.2f} steps/s "
-                  f"({stream_rate / local_rate:.2f} of local)")
+                  f"({stream_rate / local_rate:.2f} of local); reading alone {read_ms(stream, args.steps):.2f} ms "
+                  "a micro-batch")
 
-            for piece_tokens in (args.shard_tokens, args.shard_tokens // 4):
-                root = work / f"epoch-{piece_tokens}"
-                epoch = streamed(root, url, names, args.shard_tokens, cap, piece_tokens, caches)
-                largest = 0
-                for first in range(0, epoch.num_windows, 64):
-                    epoch.batch(1, np.arange(first, min(first + 64, epoch.num_windows)))
-                    largest = max(largest, tree_bytes(root / "store"))
-                fetched = epoch.cache.fetched_bytes
-                print(f"(b) one epoch, pieces of {piece_tokens} tokens: fetched {fetched / 2**20:.1f} MiB = "
-                      f"{fetched / corpus_bytes:.2f} x the corpus; largest local copy {largest / 2**20:.2f} MiB "
-                      f"(cap {cap / 2**20:.2f})")
+            epoch_url = f"{url}-epoch"
+            s3fs.S3FileSystem(skip_instance_cache=True).mkdir(epoch_url.removeprefix("s3://"))
+            epoch_names = publish_corpus(epoch_url, work / "writer-epoch", args.epoch_shards, args.epoch_shard_tokens)
+            epoch_bytes = tree_bytes(work / "writer-epoch" / "store")
+            print(f"(b) corpus: {args.epoch_shards} shards x {args.epoch_shard_tokens} tokens = "
+                  f"{epoch_bytes / 2**20:.1f} MiB; cache cap {epoch_bytes / 10 / 2**20:.2f} MiB")
+            for piece_tokens in (PIECE_TOKENS, PIECE_TOKENS // 4):
+                epochs(work / f"epoch-{piece_tokens}", epoch_url, epoch_names, args.epoch_shard_tokens, epoch_bytes,
+                          piece_tokens, caches)
+            validation = streamed(work / "validation", epoch_url, epoch_names, args.epoch_shard_tokens,
+                                  epoch_bytes // 10, PIECE_TOKENS, caches)
+            for _ in validation.evaluation_batches(MICRO_BATCH, args.val_windows * BLOCK_SIZE):
+                pass
+            fetched = validation.cache.fetched_bytes
+            print(f"(b) validation of {args.val_windows} windows spread over it: fetched {fetched / 2**20:.2f} MiB = "
+                  f"{fetched / epoch_bytes:.4f} x the corpus")
 
             for scale in args.scales:
                 scaled_url = f"{url}-x{scale}"

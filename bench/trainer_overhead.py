@@ -16,7 +16,7 @@ and batches, in one process (issue 28).
 
 Both build the ``cpu`` preset's model and ``TrainConfig`` (``tasks.settings``, which imports no
 Prefect) through ``model.optim.build_optimizer``, on a synthetic token shard (uniform random ids,
-written with ``data.shards.TokenShardWriter`` to a temporary directory), and take the same steps
+written with ``data.token_shards.TokenShardWriter`` to a temporary directory), and take the same steps
 from the same seed: the first pair checks that both end with the same weights.
 
 Timed: steps ``warmup + 1 .. warmup + timed`` of each run, between two reports of (b) (a report
@@ -50,7 +50,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gptflow.data.loader import TokenWindows  # noqa: E402
-from gptflow.data.shards import TokenShardWriter, token_dtype  # noqa: E402
+from gptflow.data.shards import token_dtype  # noqa: E402
+from gptflow.data.token_shards import IndexedShardWriter  # noqa: E402
 from gptflow.model.checkpoint import load_model  # noqa: E402
 from gptflow.model.config import ModelConfig, TrainConfig, pad_vocab_size  # noqa: E402
 from gptflow.model.device import autocast, resolve_autocast_dtype, resolve_device  # noqa: E402
@@ -110,7 +111,7 @@ def cpu_preset(device: torch.device, warmup: int, timed: int) -> tuple[ModelConf
 
 def write_synthetic_shard(directory: Path, vocab_size: int) -> Path:
     path = directory / "train.arrow"
-    writer = TokenShardWriter(path, token_dtype(vocab_size))
+    writer = IndexedShardWriter(path, token_dtype(vocab_size))
     writer.write(np.random.default_rng(0).integers(0, vocab_size, SHARD_TOKENS).astype(token_dtype(vocab_size)))
     writer.close()
     return path

@@ -37,9 +37,10 @@ from gptflow.data.commits import atomic_directory, verify_contents
 from gptflow.data.config import IngestConfig, TokenizeConfig
 from gptflow.data.ingest import ingest_corpus
 from gptflow.data.loader import TokenWindows
-from gptflow.data.shards import TokenShardWriter, token_dtype
+from gptflow.data.shards import token_dtype
 from gptflow.data.sources import BUILTIN_CORPUS, resolve_sources
 from gptflow.data.store import LOCAL_STORE
+from gptflow.data.token_shards import IndexedShardWriter
 from gptflow.data.tokenize import tokenize_corpus
 from gptflow.data.tokenizer import train_tokenizer
 from gptflow.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, save_final
@@ -105,7 +106,7 @@ def _synthetic_shards(root: Path, total_bytes: int, vocab_size: int) -> list[Pat
     paths = []
     for index in range(math.ceil(total_bytes / SYNTHETIC_SHARD_BYTES)):
         with atomic_directory(root / f"unit-{index:05d}") as tmp:
-            writer = TokenShardWriter(tmp / "train.arrow", dtype)
+            writer = IndexedShardWriter(tmp / "train.arrow", dtype)
             writer.write(rng.integers(0, vocab_size, SYNTHETIC_SHARD_BYTES // dtype.itemsize, dtype=dtype))
             writer.close()
         paths.append(root / f"unit-{index:05d}" / "train.arrow")

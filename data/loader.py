@@ -25,12 +25,15 @@ nor the loader's threads, and a run resumed at position ``g`` (its checkpoint re
 continues it: no window repeated, none skipped.
 
 Opening a split reads only each shard's Arrow footer, never its tokens; given the token manifest's
-counts, not even that, and through a ``data.streaming.ShardCache`` a shard on an object store is
-fetched only as training's buffers near it. A shard's bytes are checked when it is first read:
-against its commit's content hash when a store is given (the training stage's case), and, for
-every read, each window's ids against the vocabulary. The ids a
-shard holds are below its tokenizer's vocabulary by construction (``data.tokenize``), so either
-check fails only for bytes altered after the shard was written; the error names the shard.
+counts, not even that. Through a ``data.streaming.ShardCache``, a shard on an object store is read
+by the record batches holding the windows of training's current and next buffer (of validation's
+current and next batch), fetched as training nears them; a window that runs past a batch's or a
+shard's end plans the next one's too. A shard's bytes are checked when first read: each streamed
+batch against its shard's batch index, a whole shard against its commit's content hash when a
+store is given (the training stage's case), and, for every read, each window's ids against the
+vocabulary. The ids a shard holds are below its tokenizer's vocabulary by construction
+(``data.tokenize``), so each check fails only for bytes altered after the shard was written; the
+error names the shard.
 """
 
 from __future__ import annotations
@@ -43,16 +46,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from gptflow.data.commits import corrupt_artifact
 from gptflow.data.errors import CorpusError
+from gptflow.data.shard_reader import TokenShard
 from gptflow.data.store import ArtifactStore
 from gptflow.data.streaming import ShardCache
 
-TOKEN_COLUMN = "tokens"
-TOKEN_TYPES = (pa.uint16(), pa.uint32())
 PIECE_TOKENS = 1 << 20
 """About how many tokens a piece of the first shuffle level holds (rounded to whole windows)."""
 BUFFER_PIECES = 256
@@ -63,42 +64,6 @@ MIX_BLOCK = 4096
 """Positions of a mixture whose parts are dealt out at exactly the parts' weights."""
 # Leading entropy words that keep the sampler's random streams apart.
 PIECE_STREAM, BUFFER_STREAM, MIX_STREAM = 0x7069, 0x6275, 0x6D69
-
-
-class _Shard:
-    """One token shard: its token count, given or from the footer; its tokens mapped when first read."""
-
-    def __init__(self, path: Path, num_tokens: int | None) -> None:
-        self.path = path
-        self.chunks: list[np.ndarray] | None = None
-        self.num_tokens = self._read_table().num_rows if num_tokens is None else num_tokens
-
-    def _read_table(self) -> pa.Table:
-        try:
-            # Zero-copy: the table's buffers point into the mapping, which they keep alive after the
-            # file is closed, so thousands of shards do not hold thousands of file descriptors.
-            with pa.memory_map(str(self.path)) as source:
-                table = pa.ipc.open_file(source).read_all()
-        except (pa.ArrowInvalid, OSError) as error:
-            raise corrupt_artifact(self.path, f"is not a whole token shard ({error})") from error
-        if TOKEN_COLUMN not in table.column_names:
-            raise ValueError(f"{self.path}: expected a {TOKEN_COLUMN!r} column, found {table.column_names}")
-        if table.column(TOKEN_COLUMN).type not in TOKEN_TYPES:
-            raise ValueError(f"{self.path}: column {TOKEN_COLUMN!r} has type {table.column(TOKEN_COLUMN).type}, "
-                             "expected uint16 or uint32")
-        return table
-
-    def open(self, store: ArtifactStore | None) -> list[np.ndarray]:
-        if self.chunks is None:
-            if store is not None:
-                store.verify_files([self.path])
-            table = self._read_table()
-            if table.num_rows != self.num_tokens:
-                raise corrupt_artifact(self.path, f"holds {table.num_rows} tokens, not the {self.num_tokens} its "
-                                                  "manifest counts")
-            column = table.column(TOKEN_COLUMN)
-            self.chunks = [chunk.to_numpy(zero_copy_only=True) for chunk in column.chunks if len(chunk)]
-        return self.chunks
 
 
 class TokenWindows:
@@ -124,7 +89,7 @@ class TokenWindows:
         self.cache = cache
         self.paths = [Path(path) for path in paths]
         counts = [None] * len(self.paths) if num_tokens is None else num_tokens
-        self.shards = [_Shard(path, count) for path, count in zip(self.paths, counts)]
+        self.shards = [TokenShard(path, count) for path, count in zip(self.paths, counts)]
         self.shard_starts = np.cumsum([0, *(shard.num_tokens for shard in self.shards)])
         self.num_tokens = int(self.shard_starts[-1])
         if self.num_tokens < block_size + 1:
@@ -148,7 +113,7 @@ class TokenWindows:
             if offset == shard.num_tokens:  # an empty shard
                 shard_index += 1
                 continue
-            taken = _read_shard(self._open(shard_index), offset, min(length, shard.num_tokens - offset))
+            taken = self._read_shard(shard, offset, min(length, shard.num_tokens - offset))
             if len(taken) and int(taken.max()) >= self.vocab_size:
                 raise corrupt_artifact(shard.path, f"holds token id {int(taken.max())}, beyond the vocabulary of "
                                                    f"{self.vocab_size} ids")
@@ -156,12 +121,15 @@ class TokenWindows:
             start, length, shard_index = start + len(taken), length - len(taken), shard_index + 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _open(self, shard_index: int) -> list[np.ndarray]:
-        shard = self.shards[shard_index]
+    def _read_shard(self, shard: TokenShard, offset: int, length: int) -> np.ndarray:
+        index = self.cache.batch_index(shard.path) if self.cache is not None else None
+        if index is not None:
+            return shard.read_batches(self.cache, index, offset, length)
         if self.cache is not None and shard.chunks is None:
             self.cache.wait_for(shard.path.parent)
         with self._opening:
-            return shard.open(self.store)
+            shard.open(self.store)
+        return shard.read(offset, length)
 
     def window_ids(self, seed: int, positions: np.ndarray, stream: int = 0) -> np.ndarray:
         """The window at each of ``positions`` (see the module docstring); ``stream`` tells apart
@@ -173,8 +141,7 @@ class TokenWindows:
         return epoch_order(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, positions)
 
     def _plan_buffers(self, seed: int, stream: int, position: int) -> None:
-        """Plan the shards of ``position``'s buffer and the next in the cache, and unmap the others
-        (a mapping would keep an evicted copy's disk space)."""
+        """Plan the token spans of ``position``'s buffer and the next in the cache."""
         epoch, offset = divmod(position, self.num_windows)
         ends = _buffer_ends(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, epoch)
         buffer = int(np.searchsorted(ends, offset, side="right"))
@@ -182,30 +149,44 @@ class TokenWindows:
             return
         self._buffer_read = (seed, stream, epoch, buffer)
         following = (epoch, buffer + 1) if buffer + 1 < len(ends) else (epoch + 1, 0)
-        now = self._buffer_shards(seed, stream, epoch, buffer)
-        ahead = self._buffer_shards(seed, stream, *following)
-        planned = set(now) | set(ahead)
+        self._plan(("train", stream), self._buffer_windows(seed, stream, epoch, buffer),
+                   self._buffer_windows(seed, stream, *following))
+
+    def _buffer_windows(self, seed: int, stream: int, epoch: int, buffer: int) -> list[tuple[int, int]]:
+        """The windows of a buffer's pieces, as runs ``[first, end)`` of window ids, in the order
+        the epoch first reads each piece."""
+        windows = _buffer_windows(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, epoch, buffer)
+        pieces, first_visit = np.unique(windows // self.piece_windows, return_index=True)
+        return [(int(piece) * self.piece_windows, min((int(piece) + 1) * self.piece_windows, self.num_windows))
+                for piece in pieces[np.argsort(first_visit)]]
+
+    def _plan(self, reader: object, now: Sequence[tuple[int, int]], ahead: Sequence[tuple[int, int]]) -> None:
+        """Plan in the cache the token spans of the shards that the runs of windows ``now`` and
+        ``ahead`` read, and unmap the shards read whole that neither reads (a mapping would keep an
+        evicted copy's disk space; the cache unmaps the record batches it maps itself)."""
+        now_spans, ahead_spans = self._token_spans(now), self._token_spans(ahead)
+        read = {index for index, _, _ in [*now_spans, *ahead_spans]}
         with self._opening:
             for index, shard in enumerate(self.shards):
-                if index not in planned:
+                if index not in read:
                     shard.chunks = None
-        self.cache.plan(self, [self.paths[index].parent for index in now],
-                        [self.paths[index].parent for index in ahead if index not in now])
+        self.cache.plan((id(self), reader), [(self.paths[index], first, end) for index, first, end in now_spans],
+                        [(self.paths[index], first, end) for index, first, end in ahead_spans])
 
-    def _buffer_shards(self, seed: int, stream: int, epoch: int, buffer: int) -> list[int]:
-        """The shards a buffer's windows read, in the order the epoch first reads them."""
-        windows = _buffer_windows(self.num_windows, self.piece_windows, self.buffer_pieces, seed, stream, epoch, buffer)
-        first = np.searchsorted(self.shard_starts, windows * self.block_size, side="right") - 1
-        last = np.searchsorted(self.shard_starts, windows * self.block_size + self.block_size, side="right") - 1
-        visits, shards = [], []
-        for step in range(int((last - first).max()) + 1):  # a window may span several short shards
-            spanning = np.nonzero(first + step <= last)[0]
-            visits.append(spanning)
-            shards.append(first[spanning] + step)
-        visits, shards = np.concatenate(visits), np.concatenate(shards)
-        in_visit_order = np.argsort(visits, kind="stable")
-        found, first_visit = np.unique(shards[in_visit_order], return_index=True)
-        return [int(shard) for shard in found[np.argsort(first_visit)]]
+    def _token_spans(self, runs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """``(shard, first token, end token)`` of what the runs of windows ``[first, end)`` read, in order."""
+        spans = []
+        for first_window, end_window in runs:
+            start, stop = first_window * self.block_size, end_window * self.block_size + 1
+            shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+            while start < stop and shard < len(self.shards):
+                shard_end = int(self.shard_starts[shard + 1])
+                if start < shard_end:
+                    offset = int(self.shard_starts[shard])
+                    spans.append((shard, start - offset, min(stop, shard_end) - offset))
+                    start = min(stop, shard_end)
+                shard += 1
+        return spans
 
     def read_windows(self, ids: Iterable[int]) -> np.ndarray:
         """The windows ``ids`` of the tiling, as rows of ``block_size + 1`` tokens."""
@@ -241,18 +222,10 @@ class TokenWindows:
         # Run i spans windows [i, i + 1) · num_windows / n_windows; its middle is (i + 1/2) · num_windows / n_windows.
         ids = (2 * np.arange(n_windows) + 1) * self.num_windows // (2 * n_windows)
         for first in range(0, n_windows, batch_size):
+            if self.cache is not None:  # the batches of this evaluation batch's windows and the next's
+                self._plan("evaluation", [(int(i), int(i) + 1) for i in ids[first : first + batch_size]],
+                           [(int(i), int(i) + 1) for i in ids[first + batch_size : first + 2 * batch_size]])
             yield _to_inputs_and_targets(self.read_windows(ids[first : first + batch_size]), pin_memory)
-            if self.cache is not None:  # read in stream order: the shards behind are done with
-                following = first + batch_size
-                self._unmap_before(int(ids[following]) * self.block_size if following < n_windows else self.num_tokens)
-
-    def _unmap_before(self, token: int) -> None:
-        """Drop the mappings of the shards that end before ``token`` of the stream, so that the
-        cache may evict their copies and free their disk space."""
-        with self._opening:
-            for index, shard in enumerate(self.shards):
-                if int(self.shard_starts[index + 1]) <= token:
-                    shard.chunks = None
 
 
 class MixedWindows:
@@ -345,21 +318,6 @@ def prefetch_batches(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-def _read_shard(chunks: list[np.ndarray], offset: int, length: int) -> np.ndarray:
-    """Tokens ``[offset, offset + length)`` of one shard's chunks; a view when they lie in one."""
-    parts = []
-    for chunk in chunks:
-        if length <= 0:
-            break
-        if offset < len(chunk):
-            parts.append(chunk[offset : offset + length])
-            length -= len(parts[-1])
-            offset = 0
-        else:
-            offset -= len(chunk)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 # Two epochs' orders at most: the one being read and, across its end, the next.

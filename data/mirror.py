@@ -27,9 +27,10 @@ copy, and the barriers wait for it a bounded time (see that module).
 
 Cost: one request per directory checked (``data.store.CHECKS_AT_ONCE`` at once), and per new
 source file its unit's lookup; uploads overlap computing (``bench/object_store.py`` measures it
-against a local workspace). Not built: ``gs://`` workspaces (the lease relies on S3's conditional
-writes; gcsfs's generation preconditions would do the same), a store-side garbage collector for
-units no manifest names, and fetching only the byte ranges training reads.
+against a local workspace). Training fetches the record batches of token shards it reads as byte
+ranges (``read_range``), kept under ``RANGES_DIR`` (``data.streaming``). Not built: ``gs://``
+workspaces (the lease relies on S3's conditional writes; gcsfs's generation preconditions would do
+the same), and a store-side garbage collector for units no manifest names.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ from gptflow.data.store_outage import OUTBOX_DIR, ObjectStoreAwayError, StoreAwa
 MIRROR_FILE = "mirror.json"
 """In the root of a workspace's local folder that mirrors an object store: ``{"url": ...}``, the
 workspace's URL. Whatever lies under such a folder is mirrored."""
+RANGES_DIR = "ranges"
+"""In the root of a workspace's local folder: byte ranges of committed files fetched alone (the record
+batches of token shards, ``data.streaming``), each checked against its hash before it was kept."""
 UPLOADS_AT_ONCE = 8
 
 logger = logging.getLogger(__name__)
@@ -120,7 +124,7 @@ class ObjectStoreMirror:
         the local copy is whole. ``cap_bytes``: before a fetch, local copies are evicted (least
         recently used first, never those in ``keep``) until this one fits beside them in it."""
         try:
-            committed = self._committed_listing(directory)
+            committed = self.committed_listing(directory)
         except StoreAway:
             return matches_listing(directory, read_listing(directory))
         if committed is None:
@@ -140,9 +144,10 @@ class ObjectStoreMirror:
         return self._fetch_directory(directory, committed)
 
     def evict_least_recently_used(self, limit_bytes: int, keep: Collection[Path] = ()) -> tuple[int, int]:
-        """Delete local copies of committed directories but those in ``keep``, least recently used
-        first, until those left hold at most ``limit_bytes`` (their files and commits); the object
-        store keeps them, and the next use fetches them again. Returns how many directories and bytes went."""
+        """Delete local copies of committed directories and fetched ranges (``RANGES_DIR``) but those
+        in ``keep``, least recently used first, until those left hold at most ``limit_bytes`` (their
+        files and commits); the object store keeps them, and the next use fetches them again.
+        Returns how many copies and bytes went."""
         copies = []
         # os.walk, not rglob: it passes over folders that another process removes meanwhile.
         for folder, subfolders, files in os.walk(self.local_root / "store"):
@@ -153,19 +158,26 @@ class ObjectStoreMirror:
             with contextlib.suppress(FileNotFoundError):  # evicted meanwhile by another process
                 size = listing_bytes(read_listing(contents.parent) or {}) + contents.stat().st_size
                 copies.append((contents.stat().st_mtime_ns, size, contents.parent))
+        for folder, _, files in os.walk(self.local_root / RANGES_DIR):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    stat = (Path(folder) / name).stat()
+                    copies.append((stat.st_mtime_ns, stat.st_size, Path(folder) / name))
         total = sum(size for _, size, _ in copies)
         evicted = evicted_bytes = 0
-        for _, size, directory in sorted(copies, key=lambda copy: copy[0]):
+        for _, size, copy in sorted(copies, key=lambda copy: copy[0]):
             if total <= limit_bytes:
                 break
-            if directory in keep:
+            if copy in keep:
                 continue
-            with contextlib.suppress(StoreAway):
-                if self._committed_listing(directory) is not None:
-                    shutil.rmtree(directory, ignore_errors=True)
-                    total -= size
-                    evicted, evicted_bytes = evicted + 1, evicted_bytes + size
-            # Else never published (its publish failed, the store is away): this copy is the only one.
+            if copy.is_relative_to(self.local_root / RANGES_DIR):  # fetched from the store, which holds it
+                copy.unlink(missing_ok=True)
+            elif self._is_published(copy):  # else this copy is the only one
+                shutil.rmtree(copy, ignore_errors=True)
+            else:
+                continue
+            total -= size
+            evicted, evicted_bytes = evicted + 1, evicted_bytes + size
         return evicted, evicted_bytes
 
     def publish_in_background(self, directory: Path) -> None:
@@ -256,6 +268,12 @@ class ObjectStoreMirror:
             tmp.write_bytes(data)
         return True
 
+    def read_range(self, path: Path, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of the object of the local ``path`` (all of it by default): one
+        request; ``StoreAway`` while the store is away, ``FileNotFoundError`` when it has none."""
+        return self.outage.request(f"reading {self._name(path)}",
+                                   lambda: self.fs.cat_file(self.remote(path), start=start, end=end))
+
     def names_in(self, folder: Path) -> set[str]:
         """The names the object store holds directly under the local ``folder``."""
         try:
@@ -300,7 +318,15 @@ class ObjectStoreMirror:
             except StoreAway:
                 pass  # away now: kept by the loop's test
 
-    def _committed_listing(self, directory: Path) -> dict[str, dict[str, Any]] | None:
+    def _is_published(self, directory: Path) -> bool:
+        """Whether the object store holds a commit of ``directory``; False while it is away, or
+        when its publish failed."""
+        try:
+            return self.committed_listing(directory) is not None
+        except StoreAway:
+            return False
+
+    def committed_listing(self, directory: Path) -> dict[str, dict[str, Any]] | None:
         """The files the object store's commit of ``directory`` lists; None if it has none;
         ``StoreAway`` while the store is away."""
         remote = self.remote(directory / CONTENTS_FILE)

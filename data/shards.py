@@ -11,9 +11,15 @@ written in record batches of bounded size and rolled over to a new file every ``
 text.
 
 Token shard ``{train,val}.arrow``: one column ``tokens`` (uint16 when the vocabulary has at most
-65,536 ids, else uint32) in record batches of at most ``TOKENS_PER_RECORD_BATCH``, written only
-if it gets tokens. Both are uncompressed Arrow IPC
-files, so readers can memory-map them and touch only the columns they ask for.
+65,536 ids, else uint32), written only if it gets tokens. Tokenize writes it in record batches
+of ``data.token_shards.BATCH_TOKENS``, beside its batch index (``data.token_shards``); tokenize
+stages before the index wrote batches of ``TOKENS_PER_RECORD_BATCH`` and no index
+(``TokenShardWriter``). Both are uncompressed Arrow IPC files, so readers can memory-map them and
+touch only the columns they ask for.
+
+This module's code stays as it is while only documentation changes: the code version of nearly
+every stage covers it (through ``data.tokenizer``), so a change here reruns them all and trains
+every kept tokenizer again. New token shard code goes in ``data.token_shards``.
 """
 
 from __future__ import annotations
@@ -134,8 +140,11 @@ def _open_ipc_file(path: Path) -> pa.ipc.RecordBatchFileReader:
 
 
 class TokenShardWriter:
-    """Streams token arrays into one token shard, re-batched into record batches of at most
-    ``TOKENS_PER_RECORD_BATCH`` tokens whatever sizes the arrays come in.
+    """Streams token arrays into one token shard as tokenize wrote them before the batch index
+    (``data.token_shards.IndexedShardWriter`` writes them now): re-batched into record batches of
+    at most ``TOKENS_PER_RECORD_BATCH`` tokens whatever sizes the arrays come in, with no index, so
+    that a streaming reader fetches the shard whole. Kept for tests of such shards, and as the
+    module's code (see its docstring).
 
     The file is created with the first tokens: a shard that would be empty is not written at all
     (most small source files have no validation documents, and file creation is not free).

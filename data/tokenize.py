@@ -52,15 +52,9 @@ from gptflow.data.commits import write_json_atomic
 from gptflow.data.config import TokenizeConfig
 from gptflow.data.hashing import hash_json
 from gptflow.data.ingest import CorpusManifest, CorpusUnit
-from gptflow.data.shards import (
-    SPLITS,
-    TokenShardWriter,
-    iter_raw_batches,
-    read_unit_file,
-    token_dtype,
-    write_unit_file,
-)
+from gptflow.data.shards import SPLITS, iter_raw_batches, read_unit_file, token_dtype, write_unit_file
 from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
+from gptflow.data.token_shards import IndexedShardWriter
 from gptflow.data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
 from gptflow.data.units import PROGRESS_ARGUMENT, MapUnits, Progress, in_this_process
 
@@ -215,7 +209,7 @@ def tokenize_units(
         for index, (unit, directory) in enumerate(zip(units, directories)):
             counts = {name: dict.fromkeys(SPLITS, 0) for name in ("n_tokens", "n_bytes", "n_segments")}
             with artifacts.commit(directory) as tmp:
-                writers = {split: TokenShardWriter(tmp / f"{split}.arrow", dtype) for split in SPLITS}
+                writers = {split: IndexedShardWriter(tmp / f"{split}.arrow", dtype) for split in SPLITS}
                 while current is not None and current[0].unit == index:
                     piece, tokens = current
                     writers[piece.split].write(tokens)

@@ -95,8 +95,9 @@ class TrainingJob:
     """A model directory whose weights step 0 starts from (``--init-from``)."""
     shard_tokens: list[int] = field(default_factory=list)
     """The token count of each of ``token_paths()``, in order (the token manifest's): on an
-    object-store workspace, the ranks stream the shards (``data.streaming``), each fetched when
-    training nears it, within ``GPTFLOW_CACHE_GB``; empty: each shard's footer is read first."""
+    object-store workspace, the ranks stream the record batches of the shards they read
+    (``data.streaming``), each fetched as training nears it, within ``GPTFLOW_CACHE_GB``; empty:
+    each shard's footer is read first."""
 
     def token_paths(self) -> list[str]:
         """Every token shard the job reads: old and new training shards, and validation shards."""

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from gptflow.data.shards import TokenShardWriter
 from gptflow.data.stats import token_counts, unigram_cross_entropy
+from gptflow.data.token_shards import IndexedShardWriter
 
 VOCAB = 512
 
@@ -14,7 +14,7 @@ VOCAB = 512
 def write_shards(directory, name: str, tokens: np.ndarray, n_shards: int = 3) -> list:
     paths = []
     for index, chunk in enumerate(np.array_split(tokens.astype(np.uint16), n_shards)):
-        writer = TokenShardWriter(directory / f"{name}-{index}.arrow", np.dtype(np.uint16))
+        writer = IndexedShardWriter(directory / f"{name}-{index}.arrow", np.dtype(np.uint16))
         writer.write(chunk)
         writer.close()
         paths.append(directory / f"{name}-{index}.arrow")

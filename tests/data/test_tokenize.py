@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from tokenizers import Tokenizer
 
@@ -21,6 +22,7 @@ from gptflow.data.shards import (
 )
 from gptflow.data.sources import resolve_sources
 from gptflow.data.store import LOCAL_STORE
+from gptflow.data.token_shards import BATCH_TOKENS, BatchIndex, IndexedShardWriter, batch_index_path, batch_tokens
 from gptflow.data.tokenize import PIECE_CHARS, TokenManifest, cut_at_token_boundaries, tokenize_corpus
 from gptflow.data.tokenizer import load_tokenizer
 
@@ -239,4 +241,25 @@ def test_token_shard_record_batches_hold_at_most_a_million_tokens(tmp_path):
     assert np.array_equal(np.concatenate(batches), tokens)
     with pytest.raises(TypeError):
         TokenShardWriter(tmp_path / "other.arrow", np.dtype(np.uint16)).write(tokens.astype(np.uint32))
+
+
+def test_tokenize_writes_token_shards_in_record_batches_beside_an_index_of_their_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 60_000, size=int(2.5 * BATCH_TOKENS), dtype=np.uint16)
+    writer = IndexedShardWriter(tmp_path / "train.arrow", np.dtype(np.uint16))
+    for chunk in np.array_split(tokens, 37):
+        writer.write(chunk)
+    writer.close()
+    batches = list(iter_token_arrays(tmp_path / "train.arrow"))
+    assert [len(batch) for batch in batches] == [BATCH_TOKENS] * 2 + [BATCH_TOKENS // 2]
+    assert np.array_equal(np.concatenate(batches), tokens)
+    index = BatchIndex.from_json(json.loads(batch_index_path(tmp_path / "train.arrow").read_text()))
+    data = (tmp_path / "train.arrow").read_bytes()
+    ranges = [data[start : start + length] for start, length in zip(index.offsets, index.lengths)]
+    assert index.tokens == [len(batch) for batch in batches] and index.dtype == "uint16"
+    assert [hash_bytes(message) for message in ranges] == index.hashes
+    assert all(np.array_equal(batch_tokens(pa.py_buffer(message), index), batch)
+               for message, batch in zip(ranges, batches))
+    with pytest.raises(TypeError):
+        IndexedShardWriter(tmp_path / "other.arrow", np.dtype(np.uint16)).write(tokens.astype(np.uint32))
 
