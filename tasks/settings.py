@@ -131,7 +131,7 @@ _CPU_SHAPE = {
     "eval": {"eval_tokens": 131072},
 }
 # The default: the modern recipe without the logit soft-cap, whose tanh over 16 x 256 x 8192 logits
-# costs a CPU a third of its step for 0.02 nats at this size. 250 steps (1.0M tokens, a third of the
+# costs a CPU 40% of each step for 0.02 nats at this size. 250 steps (1.0M tokens, a third of the
 # built-in corpus) end at a lower val loss than GPT-2's recipe did in 700, in less than half the
 # time (bench/default_job.py). AdamW (embeddings, untied head, norms) at 8e-3 and Muon at 0.02:
 # the best of the CPU sweep in bench/RESULTS.md.
