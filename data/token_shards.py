@@ -1,5 +1,5 @@
-"""Token shards, tokenize's output: ``{train,val}.arrow`` in each ``tokens/<key>/`` unit directory,
-and how the loader reads them.
+"""Token shards as tokenize writes them: ``{train,val}.arrow`` in each ``tokens/<key>/`` unit
+directory, with their batch indexes (the loader reads them through ``data.shard_reader``).
 
 A token shard is an uncompressed Arrow IPC file of one column ``tokens`` (uint16 when the
 vocabulary has at most 65,536 ids, else uint32) in record batches of ``BATCH_TOKENS``
