@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from gptflow.data.errors import SkipReport
 from gptflow.data.ingest import CorpusManifest, ingest_corpus
 from gptflow.data.readers import read_documents
 from gptflow.data.sources import SourceFile, detect_format, resolve_sources
+from gptflow.data.streaming import ShardCache
 from gptflow.data.tokenizer import TokenizerArtifact, train_tokenizer
 
 TEST_VOCAB_SIZE = 512
@@ -79,3 +80,12 @@ def tiny_manifest(tmp_path_factory, tiny_corpus_dir) -> CorpusManifest:
 def tiny_tokenizer(tiny_manifest) -> TokenizerArtifact:
     store = Path(tiny_manifest.path).parent.parent
     return train_tokenizer(tiny_manifest, TokenizerConfig(vocab_size=TEST_VOCAB_SIZE), store)
+
+
+@pytest.fixture
+def caches() -> Iterator[list[ShardCache]]:
+    """The caches a test makes, closed before its bucket goes (they fetch ahead)."""
+    made: list[ShardCache] = []
+    yield made
+    for cache in made:
+        cache.close()

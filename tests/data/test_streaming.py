@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +46,6 @@ def published_shards(s3_bucket, tmp_path, write_shard) -> tuple[str, list[str]]:
             write_shard(directory / "train.arrow", tokens)
     writer.wait_for_uploads()
     return s3_bucket, names
-
-
-@pytest.fixture
-def caches() -> Iterator[list[ShardCache]]:
-    """The caches a test makes, closed before its bucket goes (they fetch ahead)."""
-    made: list[ShardCache] = []
-    yield made
-    for cache in made:
-        cache.close()
 
 
 def _streamed_windows(root: Path, url: str, names: list[str], cap_bytes: int, caches: list[ShardCache]) -> TokenWindows:

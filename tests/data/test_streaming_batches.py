@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +53,6 @@ def published_shards(s3_bucket, tmp_path) -> tuple[str, list[str]]:
             shard.close()
     writer.wait_for_uploads()
     return s3_bucket, names
-
-
-@pytest.fixture
-def caches() -> Iterator[list[ShardCache]]:
-    """The caches a test makes, closed before its bucket goes (they fetch ahead)."""
-    made: list[ShardCache] = []
-    yield made
-    for cache in made:
-        cache.close()
 
 
 def _streamed(root: Path, url: str, names: list[str], cap_bytes: int, caches: list[ShardCache]) -> TokenWindows:
