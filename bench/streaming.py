@@ -87,6 +87,11 @@ def publish_corpus(url: str, root: Path, shards: int, shard_tokens: int) -> list
     return names
 
 
+def shard_bytes(folder: Path) -> int:
+    """Bytes of the token shards under ``folder``: the corpus that training streams."""
+    return sum(path.stat().st_size for path in folder.rglob("*.arrow"))
+
+
 def tree_bytes(folder: Path) -> int:
     total = 0
     for parent, _, files in os.walk(folder):  # passes over folders evicted meanwhile, as rglob does not
@@ -167,7 +172,7 @@ def main() -> None:
             url = f"s3://bench-cache-{uuid.uuid4().hex[:8]}"
             s3fs.S3FileSystem(skip_instance_cache=True).mkdir(url.removeprefix("s3://"))
             names = publish_corpus(url, work / "writer", args.shards, args.shard_tokens)
-            corpus_bytes = tree_bytes(work / "writer" / "store")
+            corpus_bytes = shard_bytes(work / "writer" / "store")
             cap = corpus_bytes // 10
             print(f"corpus: {args.shards} shards x {args.shard_tokens} tokens = {corpus_bytes / 2**20:.1f} MiB; "
                   f"cache cap {cap / 2**20:.2f} MiB")
@@ -186,7 +191,7 @@ def main() -> None:
             epoch_url = f"{url}-epoch"
             s3fs.S3FileSystem(skip_instance_cache=True).mkdir(epoch_url.removeprefix("s3://"))
             epoch_names = publish_corpus(epoch_url, work / "writer-epoch", args.epoch_shards, args.epoch_shard_tokens)
-            epoch_bytes = tree_bytes(work / "writer-epoch" / "store")
+            epoch_bytes = shard_bytes(work / "writer-epoch" / "store")
             print(f"(b) corpus: {args.epoch_shards} shards x {args.epoch_shard_tokens} tokens = "
                   f"{epoch_bytes / 2**20:.1f} MiB; cache cap {epoch_bytes / 10 / 2**20:.2f} MiB")
             for piece_tokens in (PIECE_TOKENS, PIECE_TOKENS // 4):

@@ -7,8 +7,8 @@ directly or through one another, found from the imports (never listed by hand), 
   formatting left out (``normalised_source``). Editing documentation reruns nothing.
 - Code that only reports, tracks, launches, locks or moves bytes between machines is left out,
   and so is everything it imports: the packages in ``OUTSIDE_CODE_VERSIONS``. Editing MLflow
-  logging, the outbox, progress lines, the CLI, torchrun launching or the object-store mirror
-  reruns nothing. Code that decides what bytes a stage writes belongs anywhere else.
+  logging, the outbox, progress lines, the CLI, torchrun launching, the artifact store's checks and
+  fetches or the object-store mirror reruns nothing. Code that decides what bytes a stage writes belongs anywhere else.
 
 The versions of the ``OUTPUT_LIBRARIES`` the covered modules import are part of it too.
 """
@@ -32,6 +32,7 @@ OUTSIDE_CODE_VERSIONS = (
     f"{PACKAGE}.tasks.tracking",  # MLflow runs, the outbox, the registry, progress, training reports
     f"{PACKAGE}.tasks.runtime",   # the stage cache and its records, locks, torchrun, rendezvous, Ray
     f"{PACKAGE}.data.mirror",     # uploads to and downloads from a workspace's object store
+    f"{PACKAGE}.data.store",      # checks, commits and fetches of store directories, as stages call them
 )
 """The modules and packages no code version covers: what they do never changes a stage's output."""
 
@@ -115,7 +116,7 @@ def _find_module_file(name: str) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_module(path: Path, mtime_ns: int) -> tuple[str, tuple[str, ...], frozenset[str]]:
     """The hash of a source file's normalised code, the gptflow modules it imports and the
     ``OUTPUT_LIBRARIES`` it imports (cached per version of the file: ``mtime_ns`` is part of the

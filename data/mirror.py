@@ -56,7 +56,7 @@ from gptflow.data.commits import (
     read_listing,
     write_json_atomic,
 )
-from gptflow.data.hashing import hash_file
+from gptflow.data.hashing import hash_bytes, hash_file
 from gptflow.data.store_outage import OUTBOX_DIR, ObjectStoreAwayError, StoreAway, StoreOutage, workspace_filesystem
 
 MIRROR_FILE = "mirror.json"
@@ -118,11 +118,14 @@ class ObjectStoreMirror:
         root = workspace_filesystem(self.url)[1].rstrip("/")
         return f"{root}/{Path(path).relative_to(self.local_root).as_posix()}"
 
-    def holds(self, directory: Path, cap_bytes: int | None = None, keep: Collection[Path] = ()) -> bool:
+    def holds(self, directory: Path, cap_bytes: int | None = None, keep: Collection[Path] = (),
+              fetch: bool = True) -> bool:
         """Whether the object store holds ``directory`` committed and whole, with a local copy
         that matches it (fetched here when missing or stale). While the store is away: whether
         the local copy is whole. ``cap_bytes``: before a fetch, local copies are evicted (least
-        recently used first, never those in ``keep``) until this one fits beside them in it."""
+        recently used first, never those in ``keep``) until this one fits beside them in it.
+        ``fetch=False``: whether the store holds its commit, with no local copy made (one
+        request): for a check whose readers fetch what they read as they read it."""
         try:
             committed = self.committed_listing(directory)
         except StoreAway:
@@ -133,6 +136,8 @@ class ObjectStoreMirror:
             # Committed here, and its upload cut short (the process was killed, the store went
             # away) or still under way: the copy is whole, so it is published rather than computed again.
             self._publish_or_keep(directory)
+            return True
+        if not fetch:
             return True
         if read_listing(directory) == committed and matches_listing(directory, committed):
             # One request per check: an object lost under its commit is found by the next machine
@@ -274,6 +279,62 @@ class ObjectStoreMirror:
         return self.outage.request(f"reading {self._name(path)}",
                                    lambda: self.fs.cat_file(self.remote(path), start=start, end=end))
 
+    def read_committed_file(self, path: Path, committed: dict[str, dict[str, Any]] | None = None) -> bytes | None:
+        """The bytes of ``path``, one file of a committed directory, with nothing else of it fetched:
+        this machine's copy when it hashes to the commit's, else its object's (one request), checked
+        against it. ``committed``: the directory's commit listing, when the caller has it. None when
+        the directory is not committed (nor, while the store is away, whole here), or its commit
+        lists no such file; None too, with a warning naming the object, when the object is gone or
+        altered, and then the commit is withdrawn (``withdraw_commit``)."""
+        directory = Path(path).parent
+        if committed is None:
+            try:
+                committed = self.committed_listing(directory)
+            except StoreAway:
+                return self._read_whole_copy(path)
+            if committed is None:
+                found = self._read_whole_copy(path)
+                if found is not None:  # its upload was cut short: published, as ``holds`` does
+                    self._publish_or_keep(directory)
+                return found
+        entry = committed.get(Path(path).name)
+        if entry is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            data = Path(path).read_bytes()
+            if hash_bytes(data) == entry["hash"]:
+                return data
+        try:
+            data = self.read_range(Path(path))
+        except StoreAway:
+            return None
+        except FileNotFoundError:
+            data = None
+        if data is not None and hash_bytes(data) == entry["hash"]:
+            return data
+        problem = "is gone" if data is None else "does not hash to its commit (altered after it was published)"
+        logger.warning(f"{self.url}/{self._name(path)} in the object store {problem}: {self._name(directory)} is "
+                       "computed again.")
+        self.withdraw_commit(directory, committed)
+        return None
+
+    @staticmethod
+    def _read_whole_copy(path: Path) -> bytes | None:
+        """``path``'s bytes, when this machine's copy of its directory is whole and lists it."""
+        local = read_listing(Path(path).parent)
+        if local is None or Path(path).name not in local or not matches_listing(Path(path).parent, local):
+            return None
+        return Path(path).read_bytes()
+
+    def withdraw_commit(self, directory: Path, committed: dict[str, dict[str, Any]]) -> None:
+        """Delete the commit of ``directory``, one of whose objects a reader found gone or altered,
+        if it is still ``committed`` (a directory published anew since keeps its new commit): every
+        check then finds it not there, and the next run that needs it computes and publishes it again."""
+        with contextlib.suppress(StoreAway, FileNotFoundError):
+            if self.committed_listing(directory) == committed:
+                self.outage.request(f"withdrawing {self._name(directory / CONTENTS_FILE)}",
+                                    lambda: self.fs.rm_file(self.remote(directory / CONTENTS_FILE)))
+
     def names_in(self, folder: Path) -> set[str]:
         """The names the object store holds directly under the local ``folder``."""
         try:
@@ -351,6 +412,7 @@ class ObjectStoreMirror:
                 if hash_file(tmp / name) != entry["hash"]:
                     logger.warning(f"{self.url}/{self._name(directory / name)} in the object store does not hash to its commit "
                                    f"(altered after it was published): {self._name(directory)} is computed again.")
+                    self.withdraw_commit(directory, committed)
                     return False
                 os.utime(tmp / name, ns=(entry["mtime_ns"], entry["mtime_ns"]))
             write_json_atomic(tmp / CONTENTS_FILE, {"files": committed})
@@ -359,6 +421,7 @@ class ObjectStoreMirror:
         except FileNotFoundError:
             logger.warning(f"An object that {self.url}/{self._name(directory / CONTENTS_FILE)} lists is gone from the "
                            f"object store: {self._name(directory)} is computed again.")
+            self.withdraw_commit(directory, committed)
             return False
         except StoreAway:
             return False  # only the store holds it, and it is away: computed again here

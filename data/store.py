@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gptflow.data import commits
-from gptflow.data.commits import CONTENTS_FILE
+from gptflow.data.commits import CONTENTS_FILE, CorruptArtifactError
 from gptflow.data.mirror import ObjectStoreMirror
 
 CHECKS_AT_ONCE = 16
@@ -73,6 +73,47 @@ class ArtifactStore:
         """Mirrored: ``is_complete`` of each directory, checked side by side."""
         with ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="gptflow-check") as pool:
             return list(pool.map(self.is_complete, directories))
+
+    def is_committed(self, directory: Path) -> bool:
+        """Mirrored: whether ``directory`` was committed; in a mirrored workspace, when the object
+        store holds its commit, with nothing fetched (one request). The check of a stage whose
+        readers fetch what they read as they read it (``fetch_whole``, ``read_files``, streaming)."""
+        if self.mirror is not None:
+            return self.mirror.holds(Path(directory), fetch=False)
+        return commits.is_complete(Path(directory))
+
+    def are_committed(self, directories: Iterable[Path]) -> list[bool]:
+        """Mirrored: ``is_committed`` of each directory, checked side by side."""
+        with ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="gptflow-check") as pool:
+            return list(pool.map(self.is_committed, directories))
+
+    def fetch_whole(self, directories: Iterable[Path], reader: str) -> None:
+        """Mirrored: make each of ``directories`` whole on this machine (``is_complete``), before
+        ``reader`` (what reads them, as an error names it) reads them; ``CorruptArtifactError``
+        naming the first that is not."""
+        directories = list(map(Path, directories))
+        missing = [directory for directory, whole in zip(directories, self.are_complete(directories)) if not whole]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CorruptArtifactError(
+                f"{missing[0]}{more}, which {reader} reads, is not in the store whole: it was "
+                "altered or removed after it was committed (a warning above names the object). Run the command again: "
+                "the stage that writes it computes it again.")
+
+    def read_files(self, paths: Iterable[Path]) -> list[bytes | None]:
+        """Mirrored: the bytes of each of ``paths``, each one file of a committed store directory,
+        read side by side with nothing else of their directories fetched
+        (``ObjectStoreMirror.read_committed_file``); None for one whose directory is not committed
+        whole or lists no such file."""
+        with ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="gptflow-read") as pool:
+            return list(pool.map(self._read_file, map(Path, paths)))
+
+    def _read_file(self, path: Path) -> bytes | None:
+        if self.mirror is not None:
+            return self.mirror.read_committed_file(path)
+        if not commits.is_complete(path.parent) or path.name not in (commits.read_listing(path.parent) or {}):
+            return None
+        return path.read_bytes()
 
     @contextlib.contextmanager
     def commit(self, directory: Path) -> Iterator[Path]:

@@ -9,8 +9,9 @@ against the shard's commit, and each batch is fetched as one byte range of the s
 (``ObjectStoreMirror.read_range``; consecutive batches in one request), checked against the
 index's hash, and only then kept, as one file per batch under the workspace's ``ranges/`` folder
 that pyarrow reads as the IPC message it is. A batch whose bytes are not the index's is refused
-with a warning naming the object and its byte range, and nothing of it is kept; a local copy
-altered since is fetched again. Shards tokenized before the index existed have none, and are
+with a warning naming the object and its byte range, and nothing of it is kept; the shard's
+commit is withdrawn (``ObjectStoreMirror.withdraw_commit``), so the next run's tokenize stage,
+which checks commits only, computes it again. A local copy altered since is fetched again. Shards tokenized before the index existed have none, and are
 fetched whole, as every other stage's store directories (``data.mirror``), checked against their
 commit.
 
@@ -218,8 +219,12 @@ class ShardCache:
         name = batch_index_path(shard).name
         if name not in listing:
             return None
-        data = self._request(shard.parent, lambda: self.mirror.read_range(shard.with_name(name)))
-        self._check(data, listing[name]["hash"], f"{self.mirror.url}/{self._name(shard.with_name(name))}", shard)
+        data = self.mirror.read_committed_file(shard.with_name(name), listing)
+        if data is None:
+            raise CorruptArtifactError(
+                f"{shard} could not be fetched from the object store at {self.mirror.url}: its batch index {name} was "
+                "altered or lost after it was published, or the store does not answer (a warning above says which). "
+                "An altered or lost directory is computed again by the next run.")
         self._count(len(data))
         return BatchIndex.from_json(json.loads(data))
 
@@ -303,6 +308,7 @@ class ShardCache:
         if hash_bytes(data) != expected:
             logger.warning(f"{name} in the object store does not hash to its commit (altered after it was "
                            f"published): {self._name(shard.parent)} is computed again.")
+            self.mirror.withdraw_commit(shard.parent, self._listing(shard.parent))
             raise CorruptArtifactError(
                 f"{shard} could not be fetched from the object store at {self.mirror.url}: {name} was altered after "
                 "it was published, and nothing of it was kept or trained on. An altered directory is computed again "
@@ -313,6 +319,8 @@ class ShardCache:
             return read()
         except (FileNotFoundError, StoreAway) as error:
             gone = isinstance(error, FileNotFoundError)
+            if gone:
+                self.mirror.withdraw_commit(directory, self._listing(directory))
             raise CorruptArtifactError(
                 f"{directory} could not be fetched from the object store at {self.mirror.url}: "
                 f"{'an object of it is gone' if gone else 'the store does not answer'}. An altered or lost directory "

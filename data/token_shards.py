@@ -7,6 +7,10 @@ vocabulary has at most 65,536 ids, else uint32) in record batches of ``BATCH_TOK
 ``{train,val}.batches.json`` (``BatchIndex``): each batch's byte range in the file, token count
 and content hash, so that a reader on an object store fetches and checks only the batches it
 reads (``data.streaming``), and reads each as the Arrow IPC message it is (``batch_tokens``).
+Beside them, ``{train,val}.token_counts.npz`` holds how often each id occurs in the shard (arrays
+``ids``, those that occur, and ``counts``, each in the narrowest dtype that holds it: at most a few
+bytes per distinct id), so that statistics over a split (the unigram baseline, ``data.stats``)
+read kilobytes per shard, not the shard.
 Shards tokenized by versions before the index have none (and record batches of 1 Mi tokens): they
 are fetched whole, and read as every local shard is, memory-mapped (``data.shard_reader``).
 
@@ -30,6 +34,7 @@ BATCH_TOKENS = 1 << 15
 """The unit a streamed shard is fetched and checked in (64 KB of uint16 ids): a piece of training's
 order (``data.loader.PIECE_TOKENS``, 32 batches) fetches at most the batch at either end beyond it."""
 BATCH_INDEX_SUFFIX = ".batches.json"
+TOKEN_COUNTS_SUFFIX = ".token_counts.npz"
 
 
 class IndexedShardWriter:
@@ -54,12 +59,17 @@ class IndexedShardWriter:
         self._batch_ends: list[int] = []
         self._batch_tokens: list[int] = []
         self._first_batch_bytes = 0
+        self._id_counts = np.zeros(0, dtype=np.int64)
 
     def write(self, tokens: np.ndarray) -> None:
         if tokens.dtype != self.dtype:
             raise TypeError(f"token shard holds {self.dtype}, got {tokens.dtype}")
         self._pending.append(tokens)
         self._pending_tokens += len(tokens)
+        counts = np.bincount(tokens)
+        if len(counts) > len(self._id_counts):
+            self._id_counts = np.pad(self._id_counts, (0, len(counts) - len(self._id_counts)))
+        self._id_counts[: len(counts)] += counts
         self.n_tokens += len(tokens)
         if self._pending_tokens >= self.tokens_per_batch:
             self._flush(keep_remainder=True)
@@ -78,6 +88,10 @@ class IndexedShardWriter:
             hashes = [hash_bytes(_read_at(shard, start, length)) for start, length in zip(offsets, lengths)]
         index = BatchIndex(self.dtype.name, offsets, lengths, self._batch_tokens, hashes)
         batch_index_path(self.path).write_text(json.dumps(index.to_json()))
+        ids = np.flatnonzero(self._id_counts)
+        counts = self._id_counts[ids]
+        np.savez(token_counts_path(self.path), ids=ids.astype(np.min_scalar_type(ids[-1])),
+                 counts=counts.astype(np.min_scalar_type(counts.max())))
 
     def _flush(self, keep_remainder: bool) -> None:
         if not self._pending:
@@ -129,6 +143,11 @@ class BatchIndex:
 def batch_index_path(shard: Path) -> Path:
     """Where the ``BatchIndex`` of the token shard ``shard`` lies: ``train.batches.json`` beside ``train.arrow``."""
     return shard.with_name(shard.stem + BATCH_INDEX_SUFFIX)
+
+
+def token_counts_path(shard: Path) -> Path:
+    """Where the id counts of the token shard ``shard`` lie: ``train.token_counts.npz`` beside ``train.arrow``."""
+    return shard.with_name(shard.stem + TOKEN_COUNTS_SUFFIX)
 
 
 def batch_tokens(message: pa.Buffer, index: BatchIndex) -> np.ndarray:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -52,7 +53,7 @@ from gptflow.data.commits import write_json_atomic
 from gptflow.data.config import TokenizeConfig
 from gptflow.data.hashing import hash_json
 from gptflow.data.ingest import CorpusManifest, CorpusUnit
-from gptflow.data.shards import SPLITS, iter_raw_batches, read_unit_file, token_dtype, write_unit_file
+from gptflow.data.shards import SPLITS, UNIT_FILE, iter_raw_batches, token_dtype, write_unit_file
 from gptflow.data.store import LOCAL_STORE, ArtifactStore, store_references
 from gptflow.data.token_shards import IndexedShardWriter
 from gptflow.data.tokenizer import EOT_TOKEN, TokenizerArtifact, load_tokenizer
@@ -105,6 +106,10 @@ class TokenManifest:
         """The token shards holding ``split`` tokens, in source order (empty shards left out)."""
         return [Path(unit.directory) / f"{split}.arrow" for unit in self.units if unit.n_tokens[split]]
 
+    def shard_tokens(self, split: str) -> list[int]:
+        """The token count of each of ``paths(split)``, in order."""
+        return [unit.n_tokens[split] for unit in self.units if unit.n_tokens[split]]
+
     def total_tokens(self, split: str) -> int:
         return sum(unit.n_tokens[split] for unit in self.units)
 
@@ -140,9 +145,11 @@ def tokenize_corpus(manifest: CorpusManifest, tokenizer: TokenizerArtifact, conf
     code = code_version(__name__)
     keys = [_unit_key(unit, tokenizer, code) for unit in manifest.units]
     directories = [store_dir / "tokens" / key for key in keys]
-    reused = {index for index, complete in enumerate(artifacts.are_complete(directories)) if complete}
+    # A unit in the store is reused by its counts alone: its shards stay where they are until read.
+    unit_files = artifacts.read_files(directory / UNIT_FILE for directory in directories)
+    counts = {index: json.loads(found) for index, found in enumerate(unit_files) if found is not None}
+    reused = set(counts)
     pending = [index for index in range(len(directories)) if index not in reused]
-    counts = {index: read_unit_file(directories[index]) for index in reused}
 
     total_bytes = sum(_unit_bytes(unit) for unit in manifest.units)
     done_bytes = total_bytes - sum(_unit_bytes(manifest.units[index]) for index in pending)
@@ -201,6 +208,7 @@ def tokenize_units(
     if config.workers:
         # Read when the tokenizer first starts its thread pool; a pool already running keeps its size.
         os.environ["RAYON_NUM_THREADS"] = str(config.workers)
+    artifacts.fetch_whole((Path(unit.directory) for unit in units), "tokenize")
     dtype = token_dtype(tokenizer.vocab_size)
     written = []
     encoded = _encoded(_batches(_pieces(units), config.batch_bytes), load_tokenizer(tokenizer), dtype)

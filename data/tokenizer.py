@@ -81,7 +81,7 @@ def train_tokenizer(manifest: CorpusManifest, config: TokenizerConfig, store_dir
     directory = store_dir / "tokenizers" / key
     reused = artifacts.is_complete(directory)
     if not reused:
-        sample = _training_sample(manifest, config.sample_bytes, map_units)
+        sample = _training_sample(manifest, config.sample_bytes, map_units, artifacts)
         tokenizer = _untrained_tokenizer()
         trainer = trainers.BpeTrainer(
             vocab_size=config.vocab_size,
@@ -137,13 +137,14 @@ def describe_tokenizer(path: Path, reused: bool = True) -> TokenizerArtifact:
     )
 
 
-def _training_sample(manifest: CorpusManifest, sample_bytes: int, map_units: MapUnits) -> list[str]:
+def _training_sample(manifest: CorpusManifest, sample_bytes: int, map_units: MapUnits,
+                     artifacts: ArtifactStore) -> list[str]:
     """The train segments with the smallest hashes, ``sample_bytes`` of them in all (the last one
     cut short), in hash order. Each unit offers its own smallest ones covering ``sample_bytes``
     (those hold every segment of the corpus's choice: a segment chosen overall is chosen within its
     file, where fewer bytes precede it); the smallest of the offers are chosen, and their texts
     read by the units that hold them. Memory scales with the sample, not the corpus."""
-    calls = [{"unit": unit, "unit_index": index, "sample_bytes": sample_bytes}
+    calls = [{"unit": unit, "unit_index": index, "sample_bytes": sample_bytes, "artifacts": artifacts}
              for index, unit in enumerate(manifest.units)]
     chosen = _smallest_covering(
         (candidate for offered in map_units(sample_candidates, calls) for candidate in offered), sample_bytes)
@@ -151,8 +152,8 @@ def _training_sample(manifest: CorpusManifest, sample_bytes: int, map_units: Map
     for doc_hash, _, unit_index in chosen:
         by_unit.setdefault(unit_index, []).append(doc_hash)
     texts: dict[str, str] = {}
-    for found in map_units(segment_texts, [{"unit": manifest.units[index], "doc_hashes": sorted(hashes)}
-                                           for index, hashes in sorted(by_unit.items())]):
+    for found in map_units(segment_texts, [{"unit": manifest.units[index], "doc_hashes": sorted(hashes),
+                                            "artifacts": artifacts} for index, hashes in sorted(by_unit.items())]):
         texts.update(found)
     sample = []
     remaining = sample_bytes
@@ -163,9 +164,11 @@ def _training_sample(manifest: CorpusManifest, sample_bytes: int, map_units: Map
     return sample
 
 
-def sample_candidates(unit: CorpusUnit, unit_index: int, sample_bytes: int) -> list[tuple[str, int, int]]:
+def sample_candidates(unit: CorpusUnit, unit_index: int, sample_bytes: int,
+                      artifacts: ArtifactStore) -> list[tuple[str, int, int]]:
     """``(doc_hash, bytes, unit_index)`` of the unit's kept train segments with the smallest hashes,
-    as many as first reach ``sample_bytes``."""
+    as many as first reach ``sample_bytes``; the unit fetched from ``artifacts`` first."""
+    artifacts.fetch_whole([Path(unit.directory)], "the tokenizer's sample")
     dropped = set(unit.drop_doc_hashes)
 
     def train_segments() -> Iterator[tuple[str, int, int]]:
@@ -179,8 +182,9 @@ def sample_candidates(unit: CorpusUnit, unit_index: int, sample_bytes: int) -> l
     return _smallest_covering(train_segments(), sample_bytes)
 
 
-def segment_texts(unit: CorpusUnit, doc_hashes: list[str]) -> dict[str, str]:
-    """doc_hash → text of the unit's segments among ``doc_hashes``."""
+def segment_texts(unit: CorpusUnit, doc_hashes: list[str], artifacts: ArtifactStore) -> dict[str, str]:
+    """doc_hash → text of the unit's segments among ``doc_hashes``; the unit fetched from ``artifacts`` first."""
+    artifacts.fetch_whole([Path(unit.directory)], "the tokenizer's sample")
     wanted = set(doc_hashes)
     return {doc_hash: text
             for batch in iter_raw_batches(Path(unit.directory), ["text", "doc_hash"])

@@ -73,10 +73,12 @@ class UnitManifest(Protocol):
     units: Sequence[Any]
 
 
-def units_are_complete(manifest: UnitManifest, artifacts: ArtifactStore) -> bool:
-    """The ``is_valid`` of a data stage: its manifest and every unit it lists are still in ``artifacts``, whole."""
+def units_are_committed(manifest: UnitManifest, artifacts: ArtifactStore) -> bool:
+    """The ``is_valid`` of a data stage: its manifest and every unit it lists are still committed in
+    ``artifacts``. Nothing is fetched: whoever reads a unit fetches what it reads, on the machine
+    that reads it, so a cached stage copies no corpus to the flow's machine."""
     return artifacts.pull(Path(manifest.path)) and all(
-        artifacts.are_complete(Path(unit.directory) for unit in manifest.units))
+        artifacts.are_committed(Path(unit.directory) for unit in manifest.units))
 
 
 def directory_is_complete(result: Any, artifacts: ArtifactStore) -> bool:

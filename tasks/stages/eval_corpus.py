@@ -63,7 +63,7 @@ def eval_corpus_loss_task(final_dir: str, tokens: TokenManifest, eval_tokens: in
                           artifacts: ArtifactStore) -> LossReport:
     device = resolve_device("auto")
     return measure_loss(load_model(Path(final_dir), device=device, artifacts=artifacts), tokens, "all",
-                        eval_tokens, device)
+                        eval_tokens, device, artifacts)
 
 
 def score_eval_corpus(corpus: list[str], sources: SourceResolution, trained: TrainedModel,

@@ -16,6 +16,7 @@ record; the others write files under ``store/eval/<key>/`` (``store/lm-eval/<key
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from gptflow.data.errors import CorpusError
 from gptflow.data.loader import TokenWindows
 from gptflow.data.stats import unigram_cross_entropy
 from gptflow.data.store import ArtifactStore
+from gptflow.data.streaming import ShardCache
 from gptflow.data.tokenize import TokenManifest
 from gptflow.data.tokenizer import TokenizerArtifact, load_tokenizer
 from gptflow.model.checkpoint import load_model
@@ -38,7 +40,7 @@ from gptflow.model.generate import generate_texts
 from gptflow.model.gpt import GPT
 from gptflow.tasks.model_source import ResolvedModel
 from gptflow.tasks.runtime.caching import directory_is_complete, nothing_stored, run_stage, stage_key
-from gptflow.tasks.runtime.workspace import Workspace
+from gptflow.tasks.runtime.workspace import Workspace, cache_limit_bytes
 from gptflow.tasks.stages.training_job import TrainedModel
 from gptflow.tasks.tracking.progress import run_logger
 from gptflow.tasks.tracking.run import PipelineRun
@@ -78,8 +80,11 @@ class LossReport:
         return metrics
 
 
-def measure_loss(gpt: GPT, tokens: TokenManifest, split: str, eval_tokens: int, device: torch.device) -> LossReport:
-    """Loss of ``gpt`` on up to ``eval_tokens`` tokens of ``split``, in windows spread evenly over all its shards."""
+def measure_loss(gpt: GPT, tokens: TokenManifest, split: str, eval_tokens: int, device: torch.device,
+                 artifacts: ArtifactStore) -> LossReport:
+    """Loss of ``gpt`` on up to ``eval_tokens`` tokens of ``split``, in windows spread evenly over all
+    its shards. In a workspace on an object store, only the record batches of those windows are
+    fetched (``data.streaming``), and the unigram baseline reads the shards' id counts, never a shard."""
     splits = SPLITS_OF[split]
     paths = [path for name in splits for path in tokens.paths(name)]
     n_tokens = sum(tokens.total_tokens(name) for name in splits)
@@ -88,10 +93,14 @@ def measure_loss(gpt: GPT, tokens: TokenManifest, split: str, eval_tokens: int, 
             f"The corpus's {split} split holds {n_tokens} tokens, fewer than one window of the model's context "
             f"(block_size + 1 = {gpt.config.block_size + 1}). Evaluate on more text, or on --split all."
         )
-    windows = TokenWindows(paths, gpt.config.block_size, tokens.vocab_size)
-    loss, scored = evaluate_loss(gpt, windows, eval_tokens, LOSS_BATCH_SEQUENCES, device)
+    cache = ShardCache(artifacts, cache_limit_bytes()) if artifacts.mirror else None
+    with contextlib.closing(cache) if cache else contextlib.nullcontext():
+        windows = TokenWindows(paths, gpt.config.block_size, tokens.vocab_size, cache=cache,
+                               num_tokens=[count for name in splits for count in tokens.shard_tokens(name)])
+        loss, scored = evaluate_loss(gpt, windows, eval_tokens, LOSS_BATCH_SEQUENCES, device)
     train_paths = tokens.paths("train")
-    unigram = unigram_cross_entropy(train_paths, paths, tokens.vocab_size) if split == "val" and train_paths else None
+    unigram = (unigram_cross_entropy(train_paths, paths, tokens.vocab_size, artifacts)
+               if split == "val" and train_paths else None)
     return LossReport(
         split=split,
         loss=loss,
@@ -152,7 +161,7 @@ def evaluate_model_task(
 ) -> EvalReport:
     device = resolve_device("auto")
     gpt = load_model(Path(trained.final_dir), device=device, artifacts=artifacts)
-    loss = measure_loss(gpt, tokens, "val", config.eval_tokens, device)
+    loss = measure_loss(gpt, tokens, "val", config.eval_tokens, device, artifacts)
     samples = sample_texts(gpt, tokenizer, config.prompts, sampling, device)
     report = EvalReport(directory=out_dir, val_loss=loss.loss, val_tokens=loss.tokens, perplexity=loss.perplexity,
                         bits_per_byte=loss.bits_per_byte, unigram_loss=loss.unigram_loss, samples=samples)
@@ -198,9 +207,10 @@ def evaluate_model(
 
 
 @task(name="evaluate-loss")
-def evaluate_loss_task(source: ResolvedModel, tokens: TokenManifest, split: str, eval_tokens: int) -> LossReport:
+def evaluate_loss_task(source: ResolvedModel, tokens: TokenManifest, split: str, eval_tokens: int,
+                       artifacts: ArtifactStore) -> LossReport:
     device = resolve_device("auto")
-    return measure_loss(source.load(device), tokens, split, eval_tokens, device)
+    return measure_loss(source.load(device), tokens, split, eval_tokens, device, artifacts)
 
 
 def score_loss(
@@ -220,7 +230,7 @@ def score_loss(
     )
     outcome = run_stage(
         evaluate_loss_task, key=key, workspace=workspace, is_valid=nothing_stored,
-        source=source, tokens=tokens, split=split, eval_tokens=config.eval_tokens,
+        source=source, tokens=tokens, split=split, eval_tokens=config.eval_tokens, artifacts=workspace.artifacts,
     )
     report = outcome.result
     run.record_stage("loss", outcome.status)

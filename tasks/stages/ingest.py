@@ -10,13 +10,14 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
+from gptflow.data.commits import CorruptArtifactError
 from gptflow.data.config import IngestConfig
-from gptflow.data.ingest import CorpusManifest, ingest_corpus, require_splits, source_name
+from gptflow.data.ingest import CorpusManifest, CorpusUnit, ingest_corpus, require_splits, source_name
 from gptflow.data.language import language_model_version
 from gptflow.data.near_dedup import datasketch_version
 from gptflow.data.quality import SAMPLES_PER_UNIT, filters_run, quality_library_version, survival_summary
 from gptflow.data.redact import REDACTION_KINDS
-from gptflow.data.shards import SPLITS, read_unit_file
+from gptflow.data.shards import SPLITS, UNIT_FILE
 from gptflow.data.sources import SourceResolution
 from gptflow.data.store import ArtifactStore
 from gptflow.data.url_blocklist import load_url_blocklist
@@ -26,7 +27,7 @@ from gptflow.tasks.runtime.caching import (
     record_unit_reuse,
     run_stage,
     stage_key,
-    units_are_complete,
+    units_are_committed,
 )
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
@@ -35,6 +36,8 @@ from gptflow.tasks.tracking.run import PipelineRun
 
 SAMPLES_PER_FILTER = 30
 """Dropped documents per quality filter in ``data/quality_samples.json``."""
+SAMPLE_FILES_AT_ONCE = 64
+"""Units whose files ``_dropped_samples`` reads side by side before it checks whether it has enough."""
 TABLE_EXCERPT_CHARS = 150
 """A dropped document's excerpt in the Prefect table, short enough to read a row at a glance."""
 
@@ -71,7 +74,7 @@ def ingested(sources: SourceResolution, config: IngestConfig, workspace: Workspa
     if any(source.format in WEB_FORMATS for source in sources.files):
         inputs["extractor"] = extractor_version()  # it decides the text of every page
     key = stage_key("ingest", config=config, modules=(__name__,), inputs=inputs)
-    return run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
+    return run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_committed,
                      sources=sources, config=config, store_dir=str(workspace.store), artifacts=workspace.artifacts,
                      units=units)
 
@@ -104,7 +107,7 @@ def ingest(
     if config.languages is not None:
         _log_languages(run, manifest, config)
     if filters_run(config):
-        _log_quality(run, manifest, config)
+        _log_quality(run, manifest, config, workspace.artifacts)
     if manifest.skips.total:
         run_logger().warning(manifest.skips.summary())
     require_splits(manifest, required_splits, config)
@@ -149,7 +152,7 @@ def _log_languages(run: PipelineRun, manifest: CorpusManifest, config: IngestCon
                           + f") below data.language_threshold={config.language_threshold} or in other languages")
 
 
-def _log_quality(run: PipelineRun, manifest: CorpusManifest, config: IngestConfig) -> None:
+def _log_quality(run: PipelineRun, manifest: CorpusManifest, config: IngestConfig, artifacts: ArtifactStore) -> None:
     """``dataset.quality_dropped.<filter>`` (documents) and ``dataset.quality_dropped_bytes.<filter>``
     for every filter run (0 too), the counts per rule and per source file as ``data/quality.json``,
     the samples of dropped documents as ``data/quality_samples.json`` and as a Prefect table, and
@@ -162,7 +165,7 @@ def _log_quality(run: PipelineRun, manifest: CorpusManifest, config: IngestConfi
                        for name in filters}})
     by_source = {unit.source: unit.quality for unit in manifest.units if unit.quality}
     run.log_text(json.dumps({**totals, "by_source": by_source}, indent=2), "data/quality.json")
-    samples = _dropped_samples(manifest)
+    samples = _dropped_samples(manifest, artifacts)
     run.log_text(json.dumps(samples, indent=2), "data/quality_samples.json")
     survival = survival_summary(config, totals)
     create_table_artifact(key="quality-dropped-samples", table=_samples_table(samples, filters),
@@ -171,17 +174,26 @@ def _log_quality(run: PipelineRun, manifest: CorpusManifest, config: IngestConfi
     run_logger().info("ingest: " + survival)
 
 
-def _dropped_samples(manifest: CorpusManifest) -> dict[str, list[dict[str, Any]]]:
+def _dropped_samples(manifest: CorpusManifest, artifacts: ArtifactStore) -> dict[str, list[dict[str, Any]]]:
     """Per filter, up to ``SAMPLES_PER_FILTER`` documents it dropped (source, rule, bytes, excerpt, URL),
-    from the units' files in source order: a user reads what a threshold throws away."""
+    from the units' files in source order (read from ``artifacts`` a few at a time, without the
+    units' shards, until every filter has its samples): a user reads what a threshold throws away."""
     samples: dict[str, list[dict[str, Any]]] = {}
-    for unit in manifest.units:
-        dropped = unit.quality.get("dropped", {})
-        if all(len(samples.get(name, [])) >= SAMPLES_PER_FILTER for name in dropped):
-            continue
-        for name, documents in read_unit_file(Path(unit.directory)).get("quality_samples", {}).items():
-            kept = samples.setdefault(name, [])
-            kept.extend({"source": unit.source, **document} for document in documents[:SAMPLES_PER_FILTER - len(kept)])
+
+    def wanted(unit: CorpusUnit) -> bool:
+        return any(len(samples.get(name, [])) < SAMPLES_PER_FILTER for name in unit.quality.get("dropped", {}))
+
+    for first in range(0, len(manifest.units), SAMPLE_FILES_AT_ONCE):
+        units = [unit for unit in manifest.units[first : first + SAMPLE_FILES_AT_ONCE] if wanted(unit)]
+        for unit, found in zip(units, artifacts.read_files(Path(unit.directory) / UNIT_FILE for unit in units)):
+            if found is None:
+                raise CorruptArtifactError(
+                    f"{Path(unit.directory) / UNIT_FILE} is not in the store: the unit was altered or removed after it "
+                    "was committed. Run the command again: ingest computes it again.")
+            for name, documents in json.loads(found).get("quality_samples", {}).items():
+                kept = samples.setdefault(name, [])
+                kept.extend({"source": unit.source, **document}
+                            for document in documents[:SAMPLES_PER_FILTER - len(kept)])
     return samples
 
 

@@ -16,7 +16,7 @@ from gptflow.tasks.runtime.caching import (
     record_unit_reuse,
     run_stage,
     stage_key,
-    units_are_complete,
+    units_are_committed,
 )
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
@@ -48,7 +48,7 @@ def tokenized(corpus: CorpusManifest, tokenizer: TokenizerArtifact, config: Toke
     key = stage_key(
         "tokenize", config={}, modules=(__name__,), inputs={"corpus": corpus.fingerprint, "tokenizer": tokenizer.hash}
     )
-    return run_stage(tokenize_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
+    return run_stage(tokenize_corpus_task, key=key, workspace=workspace, is_valid=units_are_committed,
                      corpus=corpus, tokenizer=tokenizer, config=config, store_dir=str(workspace.store),
                      artifacts=workspace.artifacts, units=units)
 

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from gptflow.data.commits import CorruptArtifactError, atomic_directory
 from gptflow.data.stats import token_counts, unigram_cross_entropy
 from gptflow.data.token_shards import IndexedShardWriter
 
@@ -12,12 +13,15 @@ VOCAB = 512
 
 
 def write_shards(directory, name: str, tokens: np.ndarray, n_shards: int = 3) -> list:
+    """``tokens`` in ``n_shards`` shards, each in a committed unit directory of its own, as tokenize writes them."""
     paths = []
     for index, chunk in enumerate(np.array_split(tokens.astype(np.uint16), n_shards)):
-        writer = IndexedShardWriter(directory / f"{name}-{index}.arrow", np.dtype(np.uint16))
-        writer.write(chunk)
-        writer.close()
-        paths.append(directory / f"{name}-{index}.arrow")
+        with atomic_directory(directory / f"{name}-{index}") as tmp:
+            writer = IndexedShardWriter(tmp / "train.arrow", np.dtype(np.uint16))
+            for part in np.array_split(chunk, 2):  # counts add up over the writer's calls
+                writer.write(part)
+            writer.close()
+        paths.append(directory / f"{name}-{index}" / "train.arrow")
     return paths
 
 
@@ -58,3 +62,20 @@ def test_no_validation_tokens_is_a_clear_error(tmp_path):
     train = write_shards(tmp_path, "train", np.array([1, 2, 3]), n_shards=1)
     with pytest.raises(ValueError, match="No validation tokens"):
         unigram_cross_entropy(train, [], VOCAB)
+
+
+def test_a_shard_without_its_counts_is_named(tmp_path):
+    train = write_shards(tmp_path, "train", np.array([1, 2, 3]), n_shards=1)
+    uncommitted = tmp_path / "loose" / "train.arrow"
+    uncommitted.parent.mkdir()
+    writer = IndexedShardWriter(uncommitted, np.dtype(np.uint16))
+    writer.write(np.array([4, 5], dtype=np.uint16))
+    writer.close()
+    with pytest.raises(CorruptArtifactError, match=r"loose/train.token_counts.npz is not in the store"):
+        token_counts([*train, uncommitted], VOCAB)
+
+
+def test_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    paths = write_shards(tmp_path, "train", np.array([1, 600]), n_shards=1)
+    with pytest.raises(CorruptArtifactError, match="beyond the vocabulary of 512"):
+        token_counts(paths, VOCAB)

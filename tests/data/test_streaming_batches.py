@@ -35,6 +35,11 @@ def _tree_bytes(folder: Path) -> int:
     return total
 
 
+def _shard_bytes(folder: Path) -> int:
+    """Bytes of the token shards under ``folder``: the corpus that training streams."""
+    return sum(path.stat().st_size for path in folder.rglob("*.arrow"))
+
+
 def _local_bytes(root: Path) -> int:
     """What a reader's copy of the workspace holds: whole directories and fetched batches."""
     return _tree_bytes(root / "store") + _tree_bytes(root / RANGES_DIR)
@@ -65,7 +70,7 @@ def _streamed(root: Path, url: str, names: list[str], cap_bytes: int, caches: li
 def test_an_epoch_over_shards_larger_than_a_piece_fetches_the_corpus_about_once_within_a_tenth(
         published_shards, tmp_path, caches):
     url, names = published_shards
-    corpus_bytes = _tree_bytes(tmp_path / "writer" / "store")
+    corpus_bytes = _shard_bytes(tmp_path / "writer" / "store")
     cap = corpus_bytes // 10
     windows = _streamed(tmp_path / "reader", url, names, cap, caches)
 
@@ -96,7 +101,7 @@ def test_validation_fetches_only_the_batches_of_the_windows_it_scores(published_
               for token in (first, first + BLOCK_SIZE)}
     assert {(int(path.parent.parent.name), int(path.name)) for path in kept} == needed
     assert len(shard_of) == SHARDS
-    assert windows.cache.fetched_bytes < _tree_bytes(tmp_path / "writer" / "store") / 20
+    assert windows.cache.fetched_bytes < _shard_bytes(tmp_path / "writer" / "store") / 20
 
 
 def test_a_record_batch_altered_in_the_bucket_is_refused_by_name_and_nothing_of_it_kept(
@@ -161,7 +166,7 @@ def test_shards_of_an_earlier_tokenize_without_a_batch_index_are_fetched_whole_b
 
 def test_two_ranks_sharing_one_machine_s_copy_read_their_slices_within_the_cap(published_shards, tmp_path, caches):
     url, names = published_shards
-    cap = _tree_bytes(tmp_path / "writer" / "store") // 10
+    cap = _shard_bytes(tmp_path / "writer" / "store") // 10
     ranks = [_streamed(tmp_path / "one-machine", url, names, cap, caches) for _ in range(2)]
     alone = TokenWindows([tmp_path / "writer" / name for name in names], BLOCK_SIZE, 1 << 20, **SMALL)
     for first in range(0, alone.num_windows // 4, 2 * 128):

@@ -12,6 +12,7 @@ from gptflow.data.hashing import hash_bytes
 from gptflow.data.ingest import ingest_corpus
 from gptflow.data.shards import iter_raw_batches
 from gptflow.data.sources import resolve_sources
+from gptflow.data.store import LOCAL_STORE
 from gptflow.data.tokenizer import (
     EOT_TOKEN,
     META_FILE,
@@ -78,10 +79,10 @@ def test_sample_is_bounded_train_only_and_drawn_from_the_whole_corpus(write_corp
     manifest = ingest_corpus(resolve_sources([str(write_corpus(files))]), IngestConfig(val_fraction=0.2), store_dir)
     budget = manifest.totals["bytes"]["train"] // 4
 
-    sample = _training_sample(manifest, budget, in_this_process)
+    sample = _training_sample(manifest, budget, in_this_process, LOCAL_STORE)
     sampled_bytes = sum(len(text.encode()) for text in sample)
     assert budget - 100 < sampled_bytes <= budget
-    assert _training_sample(manifest, budget, in_this_process) == sample
+    assert _training_sample(manifest, budget, in_this_process, LOCAL_STORE) == sample
     # The units' offers hold the corpus's choice: the same sample as ranking every train segment at once.
     ranked = sorted((doc_hash, text) for unit in manifest.units
                     for text, doc_hash, split in _rows(unit.directory)
@@ -106,7 +107,7 @@ def test_sample_is_bounded_train_only_and_drawn_from_the_whole_corpus(write_corp
 def test_a_document_larger_than_the_budget_is_cut_to_it(write_corpus, store_dir):
     books = {f"book-{index}.txt": f"book {index} " + "word " * 1_000 for index in range(12)}
     manifest = ingest_corpus(resolve_sources([str(write_corpus(books))]), IngestConfig(val_fraction=0.45), store_dir)
-    (sample,) = _training_sample(manifest, 2048, in_this_process)
+    (sample,) = _training_sample(manifest, 2048, in_this_process, LOCAL_STORE)
     assert len(sample.encode()) == 2048
     assert any(book.startswith(sample) for book in books.values())
 

@@ -26,7 +26,7 @@ from gptflow.data.tokenize import tokenize_corpus
 from gptflow.data.tokenizer import train_tokenizer
 from gptflow.model.config import ModelConfig
 from gptflow.tasks import stages
-from gptflow.tasks.runtime.caching import run_stage, stage_key, units_are_complete
+from gptflow.tasks.runtime.caching import run_stage, stage_key, units_are_committed
 from gptflow.tasks.runtime.records import PLAIN_JSON, RECORD_SERIALIZER, RESULT_TYPES, RecordSerializer, read_record
 from gptflow.tasks.runtime.unit_maps import UnitRunner
 from gptflow.tasks.runtime.workspace import Workspace
@@ -48,7 +48,7 @@ def run_ingest(workspace_root: str, corpus: str) -> tuple[str, str, str]:
     config = IngestConfig()
     key = stage_key("ingest", config=config, modules=["gptflow.tasks.stages.ingest"],
                     inputs={"sources": sources.fingerprint_inputs()})
-    outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_complete,
+    outcome = run_stage(ingest_corpus_task, key=key, workspace=workspace, is_valid=units_are_committed,
                         sources=sources, config=config, store_dir=str(workspace.store),
                         artifacts=workspace.artifacts, units=UnitRunner())
     return outcome.status, str(workspace.prefect_results / key), outcome.result.fingerprint
