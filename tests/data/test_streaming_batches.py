@@ -125,6 +125,10 @@ def test_a_record_batch_altered_in_the_bucket_is_refused_by_name_and_nothing_of_
     assert not (kept / f"{batch:06d}").exists()
     assert not list(kept.glob(".tmp-*"))  # nothing half-fetched is left to be taken for whole
     assert (kept / f"{batch - 1:06d}").exists()  # the batches before it were whole, and are kept
+    reader = windows.cache.mirror
+    assert not reader.holds(reader.local_root / Path(altered).parent, fetch=False), (
+        "its commit is withdrawn: the next run's tokenize stage computes the unit again")
+    assert reader.holds(reader.local_root / Path(names[4]).parent, fetch=False)
 
 
 def test_a_local_copy_of_a_batch_altered_on_disk_is_fetched_again(published_shards, tmp_path, caches):

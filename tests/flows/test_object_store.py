@@ -1,7 +1,8 @@
 """The pipeline on a workspace kept on S3 (a real moto server on 127.0.0.1), reading its corpus from
 S3, its data units on a real local Ray cluster: the artifacts of a local run, reused by a machine with an empty cache, which
-ingests only the file added to the bucket, an object
-altered in the store recomputed and named, two machines at once computing each stage once, and a run killed
+ingests only the file added to the bucket (a machine that finds every stage cached copies no
+corpus; training and evaluation stream what they read), an object altered in the store refused
+and named by its reader and recomputed by the next run, two machines at once computing each stage once, and a run killed
 mid-stage leaving no committed partial unit."""
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def test_an_s3_workspace_holds_what_a_local_run_writes_and_an_empty_cache_reuses
     assert set(elsewhere.stages.values()) == {"cached"}, elsewhere.stages
     assert elsewhere.val_loss == on_s3.val_loss
     [copy] = (tmp_path / "machine-b" / "workspaces").iterdir()
-    assert _local_shards(copy) == _local_shards(tmp_path / "local"), "training read the shards the store holds"
+    assert _local_shards(copy) == {}, "a cached stage checks its units' commits: no corpus is copied"
+    assert not list(copy.glob("store/raw/*/docs-*"))
 
     files = len(list(tiny_corpus_dir.iterdir()))
     s3fs.S3FileSystem(skip_instance_cache=True).pipe_file(  # new data arrives in the bucket
@@ -83,10 +85,14 @@ def test_an_s3_workspace_holds_what_a_local_run_writes_and_an_empty_cache_reuses
     tags = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_run(grown.mlflow_run_id).data.tags
     assert tags["gptflow.ingest.files"] == f"1 ingested, {files} reused"
     assert tags["gptflow.tokenize.files"] == f"1 tokenized, {files} reused"
+    assert grown.stages["pretrain"] == grown.stages["evaluate"] == "executed"
+    # Training and evaluation streamed the record batches they read: the one unit on this disk is the new file's.
+    assert len({Path(name).parent for name in _local_shards(copy)}) == 1
+    assert set(_local_shards(copy).items()) <= set(_stored_shards(url).items())
 
 
-def test_an_object_altered_in_the_store_is_recomputed(prefect_api_url, s3_bucket, tiny_corpus_dir, tmp_path,
-                                                      monkeypatch, caplog):
+def test_an_object_altered_in_the_store_is_refused_by_its_reader_and_recomputed_by_the_next_run(
+        prefect_api_url, s3_bucket, tiny_corpus_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     corpus, url = [str(tiny_corpus_dir)], f"{s3_bucket}/team"
     _use_cache(monkeypatch, tmp_path / "machine-a")
@@ -94,18 +100,23 @@ def test_an_object_altered_in_the_store_is_recomputed(prefect_api_url, s3_bucket
     written = _stored_shards(url)
 
     filesystem = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-    shard = f"{url.removeprefix('s3://')}/store/{sorted(written)[0]}"
-    data = filesystem.cat_file(shard)
-    filesystem.pipe_file(shard, bytes(reversed(data)))  # same size, other bytes
+    index = f"{url.removeprefix('s3://')}/store/{sorted(written)[0].replace('.arrow', '.batches.json')}"
+    data = filesystem.cat_file(index)
+    filesystem.pipe_file(index, data.replace(b"[", b" [", 1)[:len(data)])  # same size, other bytes
 
     _use_cache(monkeypatch, tmp_path / "machine-b")
     caplog.set_level(logging.WARNING, logger="gptflow.data")
-    rerun = pretrain(corpus=corpus, preset="tiny", overrides=OVERRIDES, workspace=url)
-    assert f"{url}/store/{sorted(written)[0]} in the object store does not hash to its commit" in caplog.text
+    longer = {**OVERRIDES, "train.max_steps": 5}  # a new training: it reads the shards, every batch index first
+    with pytest.raises(Exception, match="could not be fetched from the object store"):
+        pretrain(corpus=corpus, preset="tiny", overrides=longer, workspace=url)
+    assert f"{index.rsplit('/store/', 1)[1]} in the object store does not hash to its commit" in caplog.text
+
+    rerun = pretrain(corpus=corpus, preset="tiny", overrides=longer, workspace=url)
     assert rerun.stages["ingest"] == "cached" and rerun.stages["tokenizer"] == "cached"
-    assert rerun.stages["tokenize"] == "executed"  # its record named a unit the store no longer holds whole
+    assert rerun.stages["tokenize"] == "executed"  # the reader withdrew the altered unit's commit
     assert _stored_shards(url) == written, "the unit was written again, byte for byte"
-    assert rerun.stages["pretrain"] == "cached", "the same tokens: training is reused"
+    assert filesystem.cat_file(index) == data
+    assert rerun.stages["pretrain"] == "executed"
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
