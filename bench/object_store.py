@@ -10,7 +10,9 @@ ways, each into a fresh workspace: local workspace and corpus; the workspace on 
 its local cache fresh too); the workspace and the corpus on S3. Then it reruns each twice, every
 stage cached (what checking a workspace costs): on the same machine, and with an empty local
 cache for the S3 ones, as another machine would. An untimed run first starts Prefect's temporary
-server. Prints wall seconds and the ratio to the local run.
+server. Prints wall seconds and the ratio to the local run, and what the rerun on another machine
+copied into its empty cache (the store's directories and fetched ranges: the corpus, when a
+cached stage's check fetches its units).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import s3fs
 
 from gptflow.flows.pretrain import pretrain
+from gptflow.flows.temporary_server import stop_with_parent
 
 
 def _free_port() -> int:
@@ -41,7 +44,8 @@ def _free_port() -> int:
 def _start_moto() -> subprocess.Popen:
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              preexec_fn=stop_with_parent)  # a killed bench leaves no server behind
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     deadline = time.monotonic() + 60
@@ -92,7 +96,7 @@ def main() -> None:
             "S3 workspace, S3 corpus": ("s3://bench/raw/", "s3://bench/ws-s3-corpus"),
         }
         warm_up(str(corpus), scratch)
-        first, same_machine, new_machine = {}, {}, {}
+        first, same_machine, new_machine, copied = {}, {}, {}, {}
         print("first runs (every stage computed):")
         for index, (name, (corpus_spec, workspace)) in enumerate(ways.items()):
             first[name] = _timed_run(corpus_spec, workspace, args.steps, scratch / f"cache-{index}")
@@ -102,6 +106,7 @@ def main() -> None:
         print("reruns on another machine (every stage cached, an empty local cache for the S3 workspaces):")
         for index, (name, (corpus_spec, workspace)) in enumerate(ways.items()):
             new_machine[name] = _timed_run(corpus_spec, workspace, args.steps, scratch / f"cache-new-{index}")
+            copied[name] = _copied_bytes(scratch / f"cache-new-{index}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait()
@@ -109,11 +114,18 @@ def main() -> None:
 
     baseline = "local workspace, local corpus"
     print("\n| way | first run (s) | vs local | rerun, same machine (s) | vs local | rerun, another machine (s) "
-          "| vs local |\n|---|---|---|---|---|---|---|")
+          "| vs local | copied there (MiB) |\n|---|---|---|---|---|---|---|---|")
     for name in ways:
+        copied_there = "(its own disk)" if name == baseline else f"{copied[name] / 2**20:.2f}"
         print(f"| {name} | {first[name]:.1f} | {first[name] / first[baseline]:.2f}x | {same_machine[name]:.1f} | "
               f"{same_machine[name] / same_machine[baseline]:.2f}x | {new_machine[name]:.1f} | "
-              f"{new_machine[name] / new_machine[baseline]:.2f}x |")
+              f"{new_machine[name] / new_machine[baseline]:.2f}x | {copied_there} |")
+
+
+def _copied_bytes(cache: Path) -> int:
+    """Bytes of store directories and fetched ranges in the local copies under the cache ``cache``."""
+    return sum(path.stat().st_size for folder in ("store", "ranges") for path in cache.glob(f"workspaces/*/{folder}/**/*")
+               if path.is_file())
 
 
 def _stdlib_corpus(folder: Path, files: int) -> Path:

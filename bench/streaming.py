@@ -48,6 +48,7 @@ from gptflow.data.mirror import RANGES_DIR, ObjectStoreMirror
 from gptflow.data.store import ArtifactStore
 from gptflow.data.streaming import ShardCache
 from gptflow.data.token_shards import IndexedShardWriter
+from gptflow.flows.temporary_server import stop_with_parent
 from gptflow.model.config import ModelConfig
 from gptflow.model.gpt import GPT
 
@@ -60,7 +61,8 @@ def start_moto() -> tuple[subprocess.Popen, dict[str, str]]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              preexec_fn=stop_with_parent)  # a killed bench leaves no server behind
     environment = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(environment)

@@ -27,8 +27,12 @@ copy, and the barriers wait for it a bounded time (see that module).
 
 Cost: one request per directory checked (``data.store.CHECKS_AT_ONCE`` at once), and per new
 source file its unit's lookup; uploads overlap computing (``bench/object_store.py`` measures it
-against a local workspace). Training fetches the record batches of token shards it reads as byte
-ranges (``read_range``), kept under ``RANGES_DIR`` (``data.streaming``). Not built: ``gs://``
+against a local workspace). A data stage's cache check asks for commits only (``holds`` with
+``fetch=False``), and each reader fetches what it reads: a directory whole (``holds``), one file of
+it (``read_committed_file``: a unit's counts), or the record batches of token shards as byte ranges
+(``read_range``), kept under ``RANGES_DIR`` (``data.streaming``). A reader that finds an object
+gone or altered withdraws its directory's commit (``withdraw_commit``), so that every later check
+computes it again, as a local store discards a directory found altered. Not built: ``gs://``
 workspaces (the lease relies on S3's conditional writes; gcsfs's generation preconditions would do
 the same), and a store-side garbage collector for units no manifest names.
 """

@@ -63,7 +63,7 @@ class TemporaryPrefectServer:
                  "--log-level", "error", "--lifespan", "on"],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **EPHEMERAL_SERVER_ENV},
-                preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
+                preexec_fn=stop_with_parent if sys.platform == "linux" else None,
             )
         api_url = f"http://{HOST}:{port}/api"
         os.environ["PREFECT_API_URL"] = api_url
@@ -107,9 +107,11 @@ class TemporaryPrefectServer:
                 self.process.wait()
 
 
-def _stop_with_parent() -> None:
-    """In the server's process before it runs uvicorn: SIGTERM when the command's process dies. (It
-    is tied to the thread that started the server: the main thread, at the command's start.)"""
+def stop_with_parent() -> None:
+    """A ``preexec_fn`` (Linux): the child gets SIGTERM when the process that started it dies, so a
+    server outlives no killed command (here the temporary Prefect server, before it runs uvicorn;
+    the benchmarks' S3 servers too). It is tied to the thread that started the child: start it
+    from the main thread."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
