@@ -21,6 +21,7 @@ from gptflow.data.shards import (
     token_dtype,
 )
 from gptflow.data.sources import resolve_sources
+from gptflow.data.stats import token_counts
 from gptflow.data.store import LOCAL_STORE
 from gptflow.data.token_shards import BATCH_TOKENS, BatchIndex, IndexedShardWriter, batch_index_path, batch_tokens
 from gptflow.data.tokenize import PIECE_CHARS, TokenManifest, cut_at_token_boundaries, tokenize_corpus
@@ -103,6 +104,11 @@ def test_manifest_totals_paths_and_round_trip(tiny_manifest, tiny_tokens):
         assert tiny_tokens.total_segments(split) == tiny_manifest.totals["segments"][split]
         assert tiny_tokens.total_bytes(split) == tiny_manifest.totals["bytes"][split]
         assert sum(len(read_tokens(path)) for path in tiny_tokens.paths(split)) == tiny_tokens.total_tokens(split)
+        assert tiny_tokens.shard_tokens(split) == [len(read_tokens(path)) for path in tiny_tokens.paths(split)]
+        # Beside each shard, how often each id occurs in it: what the unigram baseline reads.
+        every_id = np.concatenate([read_tokens(path) for path in tiny_tokens.paths(split)])
+        assert np.array_equal(token_counts(tiny_tokens.paths(split), tiny_tokens.vocab_size),
+                              np.bincount(every_id, minlength=tiny_tokens.vocab_size))
     # Most small files have no val document: their units hold no val file and are not listed.
     without_val = [unit for unit in tiny_tokens.units if unit.n_tokens["val"] == 0]
     assert without_val and not any((Path(unit.directory) / "val.arrow").exists() for unit in without_val)
