@@ -52,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from gptflow.data.commits import CONTENTS_FILE, CorruptArtifactError, atomic_file
+from gptflow.data.disk_space import human_bytes
 from gptflow.data.hashing import hash_bytes
 from gptflow.data.mirror import RANGES_DIR, listing_bytes
 from gptflow.data.store import ArtifactStore
@@ -366,8 +367,8 @@ class ShardCache:
         if planned_bytes > self.cap_bytes and not self._said_over_cap:
             self._said_over_cap = True
             logger.warning(f"What training reads from its current and next shuffle buffer holds "
-                           f"{planned_bytes / 2**30:.2f} GB, more than the cache's cap of {self.cap_bytes / 2**30:.2f} "
-                           "GB: the cache goes over it by the difference. Raise GPTFLOW_CACHE_GB.")
+                           f"{human_bytes(planned_bytes)}, more than the cache's cap of {human_bytes(self.cap_bytes)}: "
+                           "the cache goes over it by the difference. Raise GPTFLOW_CACHE_GB.")
 
 
 def _runs(copies: list[Hashable]) -> list[list[Hashable]]:
