@@ -11,7 +11,9 @@ index's hash, and only then kept, as one file per batch under the workspace's ``
 that pyarrow reads as the IPC message it is. A batch whose bytes are not the index's is refused
 with a warning naming the object and its byte range, and nothing of it is kept; the shard's
 commit is withdrawn (``ObjectStoreMirror.withdraw_commit``), so the next run's tokenize stage,
-which checks commits only, computes it again. A local copy altered since is fetched again. Shards tokenized before the index existed have none, and are
+which checks commits only, computes it again. A local copy altered since is fetched again. A machine
+that holds a shard's directory whole, as committed (the one that tokenized it), reads the shard's
+batches from it, each checked against the index's hash as it is read, and fetches none. Shards tokenized before the index existed have none, and are
 fetched whole, as every other stage's store directories (``data.mirror``), checked against their
 commit.
 
@@ -51,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from gptflow.data.commits import CONTENTS_FILE, CorruptArtifactError, atomic_file
+from gptflow.data.commits import CONTENTS_FILE, CorruptArtifactError, atomic_file, matches_listing, read_listing
 from gptflow.data.disk_space import human_bytes
 from gptflow.data.hashing import hash_bytes
 from gptflow.data.mirror import RANGES_DIR, listing_bytes
@@ -90,6 +92,7 @@ class ShardCache:
         self._indexes: dict[Path, Future] = {}  # of each shard's BatchIndex, or None
         self._index_fetcher = ThreadPoolExecutor(max_workers=INDEXES_AT_ONCE, thread_name_prefix="gptflow-shard-index")
         self._listings: dict[Path, dict] = {}
+        self._whole: dict[Path, bool] = {}  # of each shard: held whole here, its batches read from it
         # A copy is a directory (a shard fetched whole) or (shard, batch). By reader: the streams of
         # a mixture, and validation, plan apart.
         self._plans: dict[Hashable, frozenset[Hashable]] = {}
@@ -148,16 +151,17 @@ class ShardCache:
         path = self.batch_path(shard, batch)
         for _ in range(2):  # a copy evicted or altered since its fetch is fetched once more
             self._wait_for((shard, batch))
+            whole = self._whole_here(shard)
             try:
-                with pa.memory_map(str(path)) as source:
-                    message = source.read_buffer()
-            except FileNotFoundError:
-                self._forget((shard, batch))
+                message = _read_range(shard, index.offsets[batch], index.lengths[batch]) if whole else _map(path)
+            except FileNotFoundError:  # evicted since
+                self._forget_copy(shard, batch, whole)
                 continue
             if len(message) == index.lengths[batch] and hash_bytes(message) == index.hashes[batch]:
                 return batch_tokens(message, index)
-            path.unlink(missing_ok=True)
-            self._forget((shard, batch))
+            if not whole:
+                path.unlink(missing_ok=True)
+            self._forget_copy(shard, batch, whole)
         raise CorruptArtifactError(f"{shard}: record batch {batch} was lost or altered on this machine as soon as it "
                                    f"was fetched again into {path}; check the disk and what else writes there.")
 
@@ -260,10 +264,6 @@ class ShardCache:
                 self._fetches.setdefault(copy, future)
         future.result()
 
-    def _forget(self, copy: Hashable) -> None:
-        with self._lock:
-            self._fetches.pop(copy, None)
-
     def _fetch(self, run: list[Hashable]) -> None:
         """Make the local copies ``run`` whole: a directory through the mirror, or consecutive
         batches of one shard, those missing as one byte range."""
@@ -273,8 +273,10 @@ class ShardCache:
             if isinstance(run[0], Path):
                 self._fetch_directory(run[0])
                 return
-            for copy in filter(self._is_here, run):
-                os.utime(self._local(copy))  # its last use, for evict_least_recently_used
+            for local in {self._local(copy) for copy in filter(self._is_here, run)}:
+                # Its last use, for evict_least_recently_used (a directory's is its commit's).
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(local / CONTENTS_FILE if local.is_dir() else local)
             for missing in _runs([copy for copy in run if not self._is_here(copy)]):
                 self._fetch_batches(missing[0][0], [batch for _, batch in missing])
 
@@ -339,11 +341,35 @@ class ShardCache:
         with self._lock:
             return self._listings.setdefault(directory, listing)
 
+    def _whole_here(self, shard: Path) -> bool:
+        """Whether this machine holds ``shard``'s directory whole, as committed (the machine that
+        tokenized it, or one that fetched it whole): its batches are then read from the shard
+        itself, never fetched. Asked once per process, until a read finds it evicted or altered."""
+        with self._lock:
+            if shard in self._whole:
+                return self._whole[shard]
+        listing = self._listing(shard.parent)
+        whole = bool(listing) and read_listing(shard.parent) == listing and matches_listing(shard.parent, listing)
+        with self._lock:
+            return self._whole.setdefault(shard, whole)
+
+    def _forget_copy(self, shard: Path, batch: int, whole: bool) -> None:
+        """The copy of ``batch`` just read is gone or altered: fetch it again, as a byte range."""
+        with self._lock:
+            if whole:
+                self._whole[shard] = False
+            self._fetches.pop((shard, batch), None)
+
     def _local(self, copy: Hashable) -> Path:
-        return copy if isinstance(copy, Path) else self.batch_path(*copy)
+        """What eviction knows ``copy`` by: a directory, or a fetched batch (or the shard's directory, held whole)."""
+        if isinstance(copy, Path):
+            return copy
+        return copy[0].parent if self._whole_here(copy[0]) else self.batch_path(*copy)
 
     def _is_here(self, copy: Hashable) -> bool:
-        return (copy / CONTENTS_FILE if isinstance(copy, Path) else self.batch_path(*copy)).exists()
+        if isinstance(copy, Path):
+            return (copy / CONTENTS_FILE).exists()
+        return self._whole_here(copy[0]) or self.batch_path(*copy).exists()
 
     def _bytes(self, copy: Hashable) -> int:
         if isinstance(copy, Path):
@@ -369,6 +395,20 @@ class ShardCache:
             logger.warning(f"What training reads from its current and next shuffle buffer holds "
                            f"{human_bytes(planned_bytes)}, more than the cache's cap of {human_bytes(self.cap_bytes)}: "
                            "the cache goes over it by the difference. Raise GPTFLOW_CACHE_GB.")
+
+
+def _map(path: Path) -> pa.Buffer:
+    """The bytes of the file ``path``, mapped."""
+    with pa.memory_map(str(path)) as source:
+        return source.read_buffer()
+
+
+def _read_range(path: Path, start: int, length: int) -> pa.Buffer:
+    """Bytes ``[start, start + length)`` of the file ``path``, read (a mapping of a whole shard per
+    batch would hold one mapping of the file for each batch kept)."""
+    with open(path, "rb") as file:
+        file.seek(start)
+        return pa.py_buffer(file.read(length))
 
 
 def _runs(copies: list[Hashable]) -> list[list[Hashable]]:

@@ -144,6 +144,36 @@ def test_a_local_copy_of_a_batch_altered_on_disk_is_fetched_again(published_shar
     assert copy.read_bytes() == (tmp_path / "writer" / names[0]).read_bytes()[index.offsets[0] : index.offsets[1]]
 
 
+def test_the_machine_that_holds_the_shards_whole_reads_them_without_fetching_a_batch(
+        published_shards, tmp_path, caches):
+    url, names = published_shards
+    windows = _streamed(tmp_path / "writer", url, names, 1 << 30, caches)  # the machine that tokenized them
+    alone = TokenWindows([tmp_path / "writer" / name for name in names], BLOCK_SIZE, 1 << 20, **SMALL)
+    positions = np.arange(0, alone.num_windows, 7)
+    assert np.array_equal(windows.batch(3, positions)[0].numpy(), alone.batch(3, positions)[0].numpy())
+    assert not (tmp_path / "writer" / RANGES_DIR).exists()
+    assert windows.cache.fetched_bytes < 20_000 * SHARDS, "the batch indexes only"
+
+    # Batches of a shard altered on this disk behind the cache's back: each is found out as it is
+    # read and fetched from the store instead; a new cache no longer takes that shard for whole.
+    fresh = _streamed(tmp_path / "writer", url, names, 1 << 30, caches)
+    windows_of_shard_2 = 2 * SHARD_TOKENS // BLOCK_SIZE + np.arange(0, SHARD_TOKENS // BLOCK_SIZE - 1, 50)
+    fresh.read_windows(windows_of_shard_2[:1])  # its first batch, read from the shard itself
+    altered = tmp_path / "writer" / names[2]
+    index = BatchIndex.from_json(json.loads(altered.with_name("train.batches.json").read_text()))
+    data = bytearray(altered.read_bytes())
+    for batch in range(1, len(index.offsets)):  # every later batch's tokens: same size, other bytes
+        middle = index.offsets[batch] + index.lengths[batch] // 2
+        data[middle : middle + 8] = b"\xff" * 8
+    altered.write_bytes(bytes(data))
+    expected = (windows_of_shard_2[:, None] * BLOCK_SIZE + np.arange(BLOCK_SIZE + 1)).astype(np.uint32)
+    assert np.array_equal(fresh.read_windows(windows_of_shard_2), expected)
+    fetched = [path for path in (tmp_path / "writer" / RANGES_DIR).rglob("*") if path.is_file()]
+    assert fetched and {path.parent.parent.name for path in fetched} == {Path(names[2]).parent.name}
+    again = _streamed(tmp_path / "writer", url, names, 1 << 30, caches)
+    assert np.array_equal(again.batch(3, positions)[0].numpy(), windows.batch(3, positions)[0].numpy())
+
+
 def test_shards_of_an_earlier_tokenize_without_a_batch_index_are_fetched_whole_beside_indexed_ones(
         s3_bucket, tmp_path, caches):
     writer = ArtifactStore(ObjectStoreMirror.attach(tmp_path / "writer", s3_bucket))
