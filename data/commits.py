@@ -104,6 +104,15 @@ def is_complete(directory: Path) -> bool:
     return matches_listing(directory, read_listing(directory))
 
 
+def read_committed_file(path: Path) -> bytes | None:
+    """The bytes of ``path`` when the directory holding it is complete (``is_complete``) and lists
+    it; None otherwise."""
+    listed = read_listing(Path(path).parent)
+    if listed is None or Path(path).name not in listed or not matches_listing(Path(path).parent, listed):
+        return None
+    return Path(path).read_bytes()
+
+
 def read_listing(directory: Path) -> dict[str, dict[str, Any]] | None:
     """The files ``contents.json`` lists (name → size, mtime, hash); None when there is none to read."""
     try:

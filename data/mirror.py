@@ -57,6 +57,7 @@ from gptflow.data.commits import (
     atomic_file,
     commit_directory,
     matches_listing,
+    read_committed_file,
     read_listing,
     write_json_atomic,
 )
@@ -295,9 +296,9 @@ class ObjectStoreMirror:
             try:
                 committed = self.committed_listing(directory)
             except StoreAway:
-                return self._read_whole_copy(path)
+                return read_committed_file(path)
             if committed is None:
-                found = self._read_whole_copy(path)
+                found = read_committed_file(path)
                 if found is not None:  # its upload was cut short: published, as ``holds`` does
                     self._publish_or_keep(directory)
                 return found
@@ -321,14 +322,6 @@ class ObjectStoreMirror:
                        "computed again.")
         self.withdraw_commit(directory, committed)
         return None
-
-    @staticmethod
-    def _read_whole_copy(path: Path) -> bytes | None:
-        """``path``'s bytes, when this machine's copy of its directory is whole and lists it."""
-        local = read_listing(Path(path).parent)
-        if local is None or Path(path).name not in local or not matches_listing(Path(path).parent, local):
-            return None
-        return Path(path).read_bytes()
 
     def withdraw_commit(self, directory: Path, committed: dict[str, dict[str, Any]]) -> None:
         """Delete the commit of ``directory``, one of whose objects a reader found gone or altered,

@@ -71,8 +71,7 @@ class ArtifactStore:
 
     def are_complete(self, directories: Iterable[Path]) -> list[bool]:
         """Mirrored: ``is_complete`` of each directory, checked side by side."""
-        with ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="gptflow-check") as pool:
-            return list(pool.map(self.is_complete, directories))
+        return _side_by_side(self.is_complete, directories)
 
     def is_committed(self, directory: Path) -> bool:
         """Mirrored: whether ``directory`` was committed; in a mirrored workspace, when the object
@@ -84,8 +83,7 @@ class ArtifactStore:
 
     def are_committed(self, directories: Iterable[Path]) -> list[bool]:
         """Mirrored: ``is_committed`` of each directory, checked side by side."""
-        with ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="gptflow-check") as pool:
-            return list(pool.map(self.is_committed, directories))
+        return _side_by_side(self.is_committed, directories)
 
     def fetch_whole(self, directories: Iterable[Path], reader: str) -> None:
         """Mirrored: make each of ``directories`` whole on this machine (``is_complete``), before
@@ -105,15 +103,8 @@ class ArtifactStore:
         read side by side with nothing else of their directories fetched
         (``ObjectStoreMirror.read_committed_file``); None for one whose directory is not committed
         whole or lists no such file."""
-        with ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="gptflow-read") as pool:
-            return list(pool.map(self._read_file, map(Path, paths)))
-
-    def _read_file(self, path: Path) -> bytes | None:
-        if self.mirror is not None:
-            return self.mirror.read_committed_file(path)
-        if not commits.is_complete(path.parent) or path.name not in (commits.read_listing(path.parent) or {}):
-            return None
-        return path.read_bytes()
+        read = self.mirror.read_committed_file if self.mirror is not None else commits.read_committed_file
+        return _side_by_side(read, map(Path, paths))
 
     @contextlib.contextmanager
     def commit(self, directory: Path) -> Iterator[Path]:
@@ -192,6 +183,12 @@ class ArtifactStore:
 
 LOCAL_STORE = ArtifactStore(None)
 """The store of a workspace on this machine's disk only (tests, benchmarks, a bare GPU box)."""
+
+
+def _side_by_side(request: Any, items: Iterable[Any]) -> list[Any]:
+    """``request`` of each of ``items``, ``CHECKS_AT_ONCE`` at once (on an object store each waits on requests)."""
+    with ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="gptflow-check") as pool:
+        return list(pool.map(request, items))
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,11 +11,11 @@ index's hash, and only then kept, as one file per batch under the workspace's ``
 that pyarrow reads as the IPC message it is. A batch whose bytes are not the index's is refused
 with a warning naming the object and its byte range, and nothing of it is kept; the shard's
 commit is withdrawn (``ObjectStoreMirror.withdraw_commit``), so the next run's tokenize stage,
-which checks commits only, computes it again. A local copy altered since is fetched again. A machine
-that holds a shard's directory whole, as committed (the one that tokenized it), reads the shard's
-batches from it, each checked against the index's hash as it is read, and fetches none. Shards tokenized before the index existed have none, and are
-fetched whole, as every other stage's store directories (``data.mirror``), checked against their
-commit.
+which checks commits only, computes it again. A local copy altered since is fetched again. A
+machine that holds a shard's directory whole, as committed (the one that tokenized it), reads the
+shard's batches from it, each checked against the index's hash as it is read, and fetches none.
+Shards tokenized before the index existed have none, and are fetched whole, as every other
+stage's store directories (``data.mirror``), checked against their commit.
 
 The epoch's order bounds what a stretch of training reads: the pieces of one shuffle buffer.
 When training enters a buffer, the loader plans the token spans of that buffer's pieces and of
@@ -59,7 +59,7 @@ from gptflow.data.hashing import hash_bytes
 from gptflow.data.mirror import RANGES_DIR, listing_bytes
 from gptflow.data.store import ArtifactStore
 from gptflow.data.store_outage import StoreAway
-from gptflow.data.token_shards import BatchIndex, batch_index_path, batch_tokens
+from gptflow.data.token_shards import BatchIndex, batch_index_path, batch_tokens, read_at
 
 logger = logging.getLogger(__name__)
 FETCH_LOCK = "locks/shard-fetch.lock"
@@ -153,7 +153,7 @@ class ShardCache:
             self._wait_for((shard, batch))
             whole = self._whole_here(shard)
             try:
-                message = _read_range(shard, index.offsets[batch], index.lengths[batch]) if whole else _map(path)
+                message = _read_batch(shard, index, batch) if whole else _map(path)
             except FileNotFoundError:  # evicted since
                 self._forget_copy(shard, batch, whole)
                 continue
@@ -403,12 +403,11 @@ def _map(path: Path) -> pa.Buffer:
         return source.read_buffer()
 
 
-def _read_range(path: Path, start: int, length: int) -> pa.Buffer:
-    """Bytes ``[start, start + length)`` of the file ``path``, read (a mapping of a whole shard per
-    batch would hold one mapping of the file for each batch kept)."""
-    with open(path, "rb") as file:
-        file.seek(start)
-        return pa.py_buffer(file.read(length))
+def _read_batch(shard: Path, index: BatchIndex, batch: int) -> pa.Buffer:
+    """The bytes of record batch ``batch`` of the whole local ``shard``, read (a mapping of the
+    whole shard per batch would hold one mapping of the file for each batch kept)."""
+    with open(shard, "rb") as file:
+        return pa.py_buffer(read_at(file, index.offsets[batch], index.lengths[batch]))
 
 
 def _runs(copies: list[Hashable]) -> list[list[Hashable]]:

@@ -85,7 +85,7 @@ class IndexedShardWriter:
         offsets = [first, *self._batch_ends[:-1]]
         lengths = [end - start for start, end in zip(offsets, self._batch_ends)]
         with open(self.path, "rb") as shard:
-            hashes = [hash_bytes(_read_at(shard, start, length)) for start, length in zip(offsets, lengths)]
+            hashes = [hash_bytes(read_at(shard, start, length)) for start, length in zip(offsets, lengths)]
         index = BatchIndex(self.dtype.name, offsets, lengths, self._batch_tokens, hashes)
         batch_index_path(self.path).write_text(json.dumps(index.to_json()))
         ids = np.flatnonzero(self._id_counts)
@@ -156,6 +156,7 @@ def batch_tokens(message: pa.Buffer, index: BatchIndex) -> np.ndarray:
     return batch.column(0).to_numpy(zero_copy_only=True)
 
 
-def _read_at(file: object, start: int, length: int) -> bytes:
+def read_at(file: object, start: int, length: int) -> bytes:
+    """Bytes ``[start, start + length)`` of the open binary ``file``: a record batch of a shard."""
     file.seek(start)
     return file.read(length)
